@@ -1,0 +1,2 @@
+//! Block nodes, image drivers and named dirty bitmaps.
+#![forbid(unsafe_code)]

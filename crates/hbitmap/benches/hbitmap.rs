@@ -1,0 +1,2 @@
+//! Criterion benchmarks for hbitmap (written with the implementation).
+fn main() {}

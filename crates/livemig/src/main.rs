@@ -1,0 +1,2 @@
+//! livemig command line.
+fn main() {}

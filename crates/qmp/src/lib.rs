@@ -1,0 +1,2 @@
+//! QEMU Machine Protocol server: framing, negotiation, dispatch, errors, events.
+#![forbid(unsafe_code)]

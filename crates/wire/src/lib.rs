@@ -1,0 +1,2 @@
+//! QEMU migration stream format: framing, sections, vmstate encodings.
+#![forbid(unsafe_code)]
