@@ -1,0 +1,225 @@
+//! Migration capabilities: the on/off switches of `migrate-set-capabilities`.
+//!
+//! livemig lists every capability QEMU 7.2 lists, in QEMU's order, so that tools which query
+//! them all keep working. Enabling one whose feature livemig does not implement is refused with
+//! a clear error rather than accepted and ignored: an operator who asks for `xbzrle` must learn
+//! that it is not there.
+
+use crate::error::MigrationError;
+use std::fmt;
+
+/// One migration capability.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Capability {
+    /// XBZRLE delta compression (not implemented).
+    Xbzrle,
+    /// RDMA pinning (not implemented).
+    RdmaPinAll,
+    /// vCPU throttling when migration does not converge (not implemented).
+    AutoConverge,
+    /// Removed block-migration zero detection (not implemented).
+    ZeroBlocks,
+    /// Removed multi-thread compression (not implemented).
+    Compress,
+    /// Emit `MIGRATION` and `MIGRATION_PASS` events.
+    Events,
+    /// Postcopy of RAM (not implemented).
+    PostcopyRam,
+    /// COLO (not implemented).
+    XColo,
+    /// Release RAM during postcopy (not implemented).
+    ReleaseRam,
+    /// Removed block migration (not implemented).
+    Block,
+    /// Open the destination-to-source return path in precopy.
+    ReturnPath,
+    /// Pause in `pre-switchover` until `migrate-continue`.
+    PauseBeforeSwitchover,
+    /// Several channels for RAM (not implemented).
+    Multifd,
+    /// Migrate named dirty bitmaps.
+    DirtyBitmaps,
+    /// Postcopy blocktime statistics (not implemented).
+    PostcopyBlocktime,
+    /// Historical; the destination always activates disks late. Accepted.
+    LateBlockActivate,
+    /// Skip shared memory (not implemented).
+    XIgnoreShared,
+    /// Send and check the VM UUID (not implemented).
+    ValidateUuid,
+    /// Snapshot via write protection (not implemented).
+    BackgroundSnapshot,
+    /// MSG_ZEROCOPY for multifd (not implemented).
+    ZeroCopySend,
+    /// Postcopy preempt channel (not implemented).
+    PostcopyPreempt,
+}
+
+impl Capability {
+    /// Every capability, in the order QEMU 7.2's `query-migrate-capabilities` lists them.
+    pub const ALL: [Capability; 21] = [
+        Capability::Xbzrle,
+        Capability::RdmaPinAll,
+        Capability::AutoConverge,
+        Capability::ZeroBlocks,
+        Capability::Compress,
+        Capability::Events,
+        Capability::PostcopyRam,
+        Capability::XColo,
+        Capability::ReleaseRam,
+        Capability::Block,
+        Capability::ReturnPath,
+        Capability::PauseBeforeSwitchover,
+        Capability::Multifd,
+        Capability::DirtyBitmaps,
+        Capability::PostcopyBlocktime,
+        Capability::LateBlockActivate,
+        Capability::XIgnoreShared,
+        Capability::ValidateUuid,
+        Capability::BackgroundSnapshot,
+        Capability::ZeroCopySend,
+        Capability::PostcopyPreempt,
+    ];
+
+    /// QEMU's name of the capability.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Capability::Xbzrle => "xbzrle",
+            Capability::RdmaPinAll => "rdma-pin-all",
+            Capability::AutoConverge => "auto-converge",
+            Capability::ZeroBlocks => "zero-blocks",
+            Capability::Compress => "compress",
+            Capability::Events => "events",
+            Capability::PostcopyRam => "postcopy-ram",
+            Capability::XColo => "x-colo",
+            Capability::ReleaseRam => "release-ram",
+            Capability::Block => "block",
+            Capability::ReturnPath => "return-path",
+            Capability::PauseBeforeSwitchover => "pause-before-switchover",
+            Capability::Multifd => "multifd",
+            Capability::DirtyBitmaps => "dirty-bitmaps",
+            Capability::PostcopyBlocktime => "postcopy-blocktime",
+            Capability::LateBlockActivate => "late-block-activate",
+            Capability::XIgnoreShared => "x-ignore-shared",
+            Capability::ValidateUuid => "validate-uuid",
+            Capability::BackgroundSnapshot => "background-snapshot",
+            Capability::ZeroCopySend => "zero-copy-send",
+            Capability::PostcopyPreempt => "postcopy-preempt",
+        }
+    }
+
+    /// Parses a capability name, with QEMU's message for an unknown one.
+    pub fn parse(s: &str) -> Result<Capability, MigrationError> {
+        Self::ALL
+            .iter()
+            .copied()
+            .find(|c| c.as_str() == s)
+            .ok_or_else(|| {
+                MigrationError::InvalidParameter(format!(
+                    "Parameter 'capability' does not accept value '{s}'"
+                ))
+            })
+    }
+
+    /// Whether livemig implements what the capability asks for.
+    pub fn is_supported(self) -> bool {
+        matches!(
+            self,
+            Capability::Events
+                | Capability::ReturnPath
+                | Capability::PauseBeforeSwitchover
+                | Capability::DirtyBitmaps
+                | Capability::LateBlockActivate
+        )
+    }
+}
+
+impl fmt::Display for Capability {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The set of enabled capabilities.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Capabilities {
+    on: Vec<Capability>,
+}
+
+impl Capabilities {
+    /// Whether `cap` is on.
+    pub fn has(&self, cap: Capability) -> bool {
+        self.on.contains(&cap)
+    }
+
+    /// `[(capability, state)]` for every capability, in QEMU's order.
+    pub fn list(&self) -> Vec<(Capability, bool)> {
+        Capability::ALL.iter().map(|c| (*c, self.has(*c))).collect()
+    }
+
+    /// Applies a `migrate-set-capabilities` request: all of it, or none of it when any entry is
+    /// refused.
+    pub fn apply(&mut self, changes: &[(Capability, bool)]) -> Result<(), MigrationError> {
+        let mut next = self.clone();
+        for (cap, state) in changes {
+            next.on.retain(|c| c != cap);
+            if *state {
+                next.on.push(*cap);
+            }
+        }
+        next.on.sort();
+        next.check()?;
+        *self = next;
+        Ok(())
+    }
+
+    /// QEMU's compatibility checks, limited to what can be enabled here.
+    fn check(&self) -> Result<(), MigrationError> {
+        if let Some(c) = self.on.iter().find(|c| !c.is_supported()) {
+            return Err(MigrationError::InvalidParameter(format!(
+                "Capability '{c}' is not supported by livemig"
+            )));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn list_has_qemu_72_order() {
+        let names: Vec<&str> = Capabilities::default()
+            .list()
+            .iter()
+            .map(|(c, _)| c.as_str())
+            .collect();
+        assert_eq!(names.first(), Some(&"xbzrle"));
+        assert_eq!(names.last(), Some(&"postcopy-preempt"));
+        assert_eq!(names.len(), 21);
+    }
+
+    #[test]
+    fn unknown_capability_has_qemu_message() {
+        let e = Capability::parse("foo").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "Parameter 'capability' does not accept value 'foo'"
+        );
+    }
+
+    #[test]
+    fn apply_is_all_or_nothing() {
+        let mut caps = Capabilities::default();
+        caps.apply(&[(Capability::Events, true)]).unwrap();
+        let e = caps
+            .apply(&[(Capability::DirtyBitmaps, true), (Capability::Xbzrle, true)])
+            .unwrap_err();
+        assert!(e.to_string().contains("xbzrle"), "{e}");
+        assert!(caps.has(Capability::Events));
+        assert!(!caps.has(Capability::DirtyBitmaps));
+        caps.apply(&[(Capability::Events, false)]).unwrap();
+        assert!(!caps.has(Capability::Events));
+    }
+}

@@ -1,0 +1,535 @@
+//! Transports: the URIs `migrate` and `-incoming` accept, and the byte channels behind them.
+//!
+//! A connection is a plain blocking reader and writer plus a handle that can shut the channel
+//! down from another thread. That handle is how `migrate_cancel` unblocks a migration thread
+//! stuck in a write to a dead peer, without any lock being held across the write.
+//!
+//! | URI | outgoing | incoming | return path |
+//! |---|---|---|---|
+//! | `tcp:HOST:PORT` | connect | listen, accept one | yes |
+//! | `unix:PATH` | connect | listen, accept one | yes |
+//! | `exec:CMD` | `sh -c CMD`, stream on its stdin | `sh -c CMD`, stream from its stdout | no |
+//! | `file:PATH[,offset=N]` | write the file | read the file | no |
+
+use crate::error::MigrationError;
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::net::{Shutdown, TcpListener, TcpStream, ToSocketAddrs};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+
+/// A parsed migration address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MigrationUri {
+    /// `tcp:HOST:PORT`; the host may be a bracketed IPv6 address.
+    Tcp {
+        /// Host name or address, without brackets.
+        host: String,
+        /// Port; 0 for "any" when listening.
+        port: u16,
+    },
+    /// `unix:PATH`.
+    Unix(String),
+    /// `exec:COMMAND LINE`, run with `sh -c`.
+    Exec(String),
+    /// `file:PATH[,offset=N]`.
+    File {
+        /// The file.
+        path: String,
+        /// Where the stream starts in the file.
+        offset: u64,
+    },
+}
+
+impl MigrationUri {
+    /// Parses a URI, with QEMU's message for one it does not know.
+    pub fn parse(uri: &str) -> Result<Self, MigrationError> {
+        let invalid = || {
+            MigrationError::InvalidParameter(
+                "Parameter 'uri' expects a valid migration protocol".into(),
+            )
+        };
+        if let Some(rest) = uri.strip_prefix("tcp:") {
+            let (host, port) = if let Some(r) = rest.strip_prefix('[') {
+                let (h, p) = r.split_once("]:").ok_or_else(invalid)?;
+                (h.to_string(), p)
+            } else {
+                let (h, p) = rest.rsplit_once(':').ok_or_else(invalid)?;
+                (h.to_string(), p)
+            };
+            // QEMU accepts options after the port (",ipv4" ...); livemig takes the port only.
+            let port = port.split(',').next().unwrap_or_default();
+            let port: u16 = port.parse().map_err(|_| {
+                MigrationError::InvalidParameter(format!("Invalid port '{port}' in URI '{uri}'"))
+            })?;
+            return Ok(MigrationUri::Tcp { host, port });
+        }
+        if let Some(path) = uri.strip_prefix("unix:") {
+            if path.is_empty() {
+                return Err(invalid());
+            }
+            return Ok(MigrationUri::Unix(path.to_string()));
+        }
+        if let Some(cmd) = uri.strip_prefix("exec:") {
+            if cmd.trim().is_empty() {
+                return Err(invalid());
+            }
+            return Ok(MigrationUri::Exec(cmd.to_string()));
+        }
+        if let Some(rest) = uri.strip_prefix("file:") {
+            let (path, offset) = match rest.rsplit_once(",offset=") {
+                Some((p, o)) => {
+                    let off = parse_size(o).ok_or_else(|| {
+                        MigrationError::InvalidParameter(format!(
+                            "file URI has an invalid offset '{o}'"
+                        ))
+                    })?;
+                    (p, off)
+                }
+                None => (rest, 0),
+            };
+            if path.is_empty() {
+                return Err(invalid());
+            }
+            return Ok(MigrationUri::File {
+                path: path.to_string(),
+                offset,
+            });
+        }
+        Err(invalid())
+    }
+
+    /// Whether a connection over this transport can carry a return path.
+    pub fn has_return_path(&self) -> bool {
+        matches!(self, MigrationUri::Tcp { .. } | MigrationUri::Unix(_))
+    }
+}
+
+fn parse_size(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let (num, mult) = match s.char_indices().last()? {
+        (i, 'k' | 'K') => (&s[..i], 1u64 << 10),
+        (i, 'm' | 'M') => (&s[..i], 1 << 20),
+        (i, 'g' | 'G') => (&s[..i], 1 << 30),
+        _ => (s, 1),
+    };
+    num.parse::<u64>().ok()?.checked_mul(mult)
+}
+
+/// Shuts a channel down from another thread, so blocked reads and writes on it return.
+#[derive(Clone, Default)]
+pub struct ShutdownHandle {
+    inner: Arc<Mutex<ShutdownTarget>>,
+}
+
+#[derive(Default)]
+enum ShutdownTarget {
+    #[default]
+    Nothing,
+    Tcp(TcpStream),
+    Unix(UnixStream),
+    Child(Arc<Mutex<Child>>),
+}
+
+impl ShutdownHandle {
+    fn new(t: ShutdownTarget) -> Self {
+        ShutdownHandle {
+            inner: Arc::new(Mutex::new(t)),
+        }
+    }
+
+    /// Shuts the channel down (idempotent).
+    pub fn shutdown(&self) {
+        let guard = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        match &*guard {
+            ShutdownTarget::Nothing => {}
+            ShutdownTarget::Tcp(s) => {
+                let _ = s.shutdown(Shutdown::Both);
+            }
+            ShutdownTarget::Unix(s) => {
+                let _ = s.shutdown(Shutdown::Both);
+            }
+            ShutdownTarget::Child(c) => {
+                if let Ok(mut c) = c.lock() {
+                    let _ = c.kill();
+                }
+            }
+        }
+    }
+
+    /// Half-closes the sending direction of a socket (after the stream has been written), so
+    /// a peer waiting for more data sees the end.
+    pub fn shutdown_write(&self) {
+        let guard = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        match &*guard {
+            ShutdownTarget::Tcp(s) => {
+                let _ = s.shutdown(Shutdown::Write);
+            }
+            ShutdownTarget::Unix(s) => {
+                let _ = s.shutdown(Shutdown::Write);
+            }
+            _ => {}
+        }
+    }
+}
+
+/// The byte type every transport's reader is boxed as.
+pub type BoxRead = Box<dyn Read + Send>;
+/// The byte type every transport's writer is boxed as.
+pub type BoxWrite = Box<dyn Write + Send>;
+
+/// One migration channel.
+pub struct Connection {
+    /// The direction in which the stream flows away from this side (source: the stream;
+    /// destination: the return path, when the transport has one).
+    pub writer: Option<BoxWrite>,
+    /// The direction towards this side (source: the return path; destination: the stream).
+    pub reader: Option<BoxRead>,
+    /// Unblocks both directions from another thread.
+    pub shutdown: ShutdownHandle,
+    /// The `exec:` child, waited for when the stream is done.
+    pub child: Option<Arc<Mutex<Child>>>,
+}
+
+impl Connection {
+    /// Waits for an `exec:` child to exit and reports a failure exit status.
+    pub fn finish(&mut self) -> Result<(), MigrationError> {
+        if let Some(child) = self.child.take() {
+            let status = child
+                .lock()
+                .map_err(|_| MigrationError::Other("exec child lock poisoned".into()))?
+                .wait()
+                .map_err(|e| MigrationError::io("Failed to wait for the exec command", e))?;
+            if !status.success() {
+                return Err(MigrationError::Other(format!(
+                    "The exec command exited with {status}"
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn tcp_addrs(host: &str, port: u16) -> Result<Vec<std::net::SocketAddr>, MigrationError> {
+    (host, port)
+        .to_socket_addrs()
+        .map(|a| a.collect())
+        .map_err(|e| MigrationError::io(format!("address resolution failed for {host}:{port}"), e))
+}
+
+/// Opens the outgoing channel for `migrate`.
+pub fn connect(uri: &MigrationUri) -> Result<Connection, MigrationError> {
+    match uri {
+        MigrationUri::Tcp { host, port } => {
+            let shown = format!("{host}:{port}");
+            let addrs = tcp_addrs(host, *port)?;
+            let mut last = std::io::Error::new(std::io::ErrorKind::NotFound, "no address");
+            for a in addrs {
+                match TcpStream::connect(a) {
+                    Ok(s) => {
+                        let _ = s.set_nodelay(true);
+                        let r = s.try_clone().map_err(|e| MigrationError::io("socket", e))?;
+                        let h = s.try_clone().map_err(|e| MigrationError::io("socket", e))?;
+                        return Ok(Connection {
+                            writer: Some(Box::new(s)),
+                            reader: Some(Box::new(r)),
+                            shutdown: ShutdownHandle::new(ShutdownTarget::Tcp(h)),
+                            child: None,
+                        });
+                    }
+                    Err(e) => last = e,
+                }
+            }
+            Err(MigrationError::io(
+                format!("Failed to connect to '{shown}'"),
+                last,
+            ))
+        }
+        MigrationUri::Unix(path) => {
+            let s = UnixStream::connect(path)
+                .map_err(|e| MigrationError::io(format!("Failed to connect to '{path}'"), e))?;
+            let r = s.try_clone().map_err(|e| MigrationError::io("socket", e))?;
+            let h = s.try_clone().map_err(|e| MigrationError::io("socket", e))?;
+            Ok(Connection {
+                writer: Some(Box::new(s)),
+                reader: Some(Box::new(r)),
+                shutdown: ShutdownHandle::new(ShutdownTarget::Unix(h)),
+                child: None,
+            })
+        }
+        MigrationUri::Exec(cmd) => {
+            let mut child = Command::new("/bin/sh")
+                .arg("-c")
+                .arg(cmd)
+                .stdin(Stdio::piped())
+                .spawn()
+                .map_err(|e| MigrationError::io(format!("Failed to run '{cmd}'"), e))?;
+            let stdin = child
+                .stdin
+                .take()
+                .ok_or_else(|| MigrationError::Other("exec child has no stdin".into()))?;
+            let child = Arc::new(Mutex::new(child));
+            Ok(Connection {
+                writer: Some(Box::new(stdin)),
+                reader: None,
+                shutdown: ShutdownHandle::new(ShutdownTarget::Child(child.clone())),
+                child: Some(child),
+            })
+        }
+        MigrationUri::File { path, offset } => {
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(*offset == 0)
+                .open(path)
+                .map_err(|e| MigrationError::io(format!("Failed to open file '{path}'"), e))?;
+            if *offset > 0 {
+                f.set_len(*offset)
+                    .and_then(|_| f.seek(SeekFrom::Start(*offset)).map(|_| ()))
+                    .map_err(|e| MigrationError::io(format!("Failed to seek in '{path}'"), e))?;
+            }
+            Ok(Connection {
+                writer: Some(Box::new(f)),
+                reader: None,
+                shutdown: ShutdownHandle::default(),
+                child: None,
+            })
+        }
+    }
+}
+
+/// A bound incoming address, waiting for its one connection.
+pub enum Listener {
+    /// A TCP listener.
+    Tcp(TcpListener),
+    /// A unix socket listener; the path is removed when it is dropped.
+    Unix(UnixListener, String),
+    /// An `exec:` command whose stdout is the stream.
+    Exec(String),
+    /// A file holding the stream.
+    File(String, u64),
+}
+
+impl Listener {
+    /// Binds the address now, so the source can connect as soon as this returns.
+    pub fn bind(uri: &MigrationUri) -> Result<Self, MigrationError> {
+        match uri {
+            MigrationUri::Tcp { host, port } => {
+                let addrs = tcp_addrs(host, *port)?;
+                let l = TcpListener::bind(&addrs[..])
+                    .map_err(|e| MigrationError::io("Failed to bind socket", e))?;
+                Ok(Listener::Tcp(l))
+            }
+            MigrationUri::Unix(path) => {
+                let _ = std::fs::remove_file(path);
+                let l = UnixListener::bind(path).map_err(|e| {
+                    MigrationError::io(format!("Failed to bind socket to {path}"), e)
+                })?;
+                Ok(Listener::Unix(l, path.clone()))
+            }
+            MigrationUri::Exec(cmd) => Ok(Listener::Exec(cmd.clone())),
+            MigrationUri::File { path, offset } => Ok(Listener::File(path.clone(), *offset)),
+        }
+    }
+
+    /// The real address of a TCP listener (for `query-migrate`'s `socket-address`, and for
+    /// port 0).
+    pub fn local_port(&self) -> Option<u16> {
+        match self {
+            Listener::Tcp(l) => l.local_addr().ok().map(|a| a.port()),
+            _ => None,
+        }
+    }
+
+    /// Waits for the source and returns the channel.
+    pub fn accept(&self) -> Result<Connection, MigrationError> {
+        match self {
+            Listener::Tcp(l) => {
+                let (s, _) = l
+                    .accept()
+                    .map_err(|e| MigrationError::io("accept failed", e))?;
+                let _ = s.set_nodelay(true);
+                let w = s.try_clone().map_err(|e| MigrationError::io("socket", e))?;
+                let h = s.try_clone().map_err(|e| MigrationError::io("socket", e))?;
+                Ok(Connection {
+                    writer: Some(Box::new(w)),
+                    reader: Some(Box::new(s)),
+                    shutdown: ShutdownHandle::new(ShutdownTarget::Tcp(h)),
+                    child: None,
+                })
+            }
+            Listener::Unix(l, _) => {
+                let (s, _) = l
+                    .accept()
+                    .map_err(|e| MigrationError::io("accept failed", e))?;
+                let w = s.try_clone().map_err(|e| MigrationError::io("socket", e))?;
+                let h = s.try_clone().map_err(|e| MigrationError::io("socket", e))?;
+                Ok(Connection {
+                    writer: Some(Box::new(w)),
+                    reader: Some(Box::new(s)),
+                    shutdown: ShutdownHandle::new(ShutdownTarget::Unix(h)),
+                    child: None,
+                })
+            }
+            Listener::Exec(cmd) => {
+                let mut child = Command::new("/bin/sh")
+                    .arg("-c")
+                    .arg(cmd)
+                    .stdout(Stdio::piped())
+                    .spawn()
+                    .map_err(|e| MigrationError::io(format!("Failed to run '{cmd}'"), e))?;
+                let stdout = child
+                    .stdout
+                    .take()
+                    .ok_or_else(|| MigrationError::Other("exec child has no stdout".into()))?;
+                let child = Arc::new(Mutex::new(child));
+                Ok(Connection {
+                    writer: None,
+                    reader: Some(Box::new(stdout)),
+                    shutdown: ShutdownHandle::new(ShutdownTarget::Child(child.clone())),
+                    child: Some(child),
+                })
+            }
+            Listener::File(path, offset) => {
+                let mut f = File::open(path)
+                    .map_err(|e| MigrationError::io(format!("Failed to open file '{path}'"), e))?;
+                if *offset > 0 {
+                    f.seek(SeekFrom::Start(*offset)).map_err(|e| {
+                        MigrationError::io(format!("Failed to seek in '{path}'"), e)
+                    })?;
+                }
+                Ok(Connection {
+                    writer: None,
+                    reader: Some(Box::new(f)),
+                    shutdown: ShutdownHandle::default(),
+                    child: None,
+                })
+            }
+        }
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        if let Listener::Unix(_, path) = self {
+            let _ = std::fs::remove_file(path.as_str());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_every_form() {
+        assert_eq!(
+            MigrationUri::parse("tcp:127.0.0.1:4446").unwrap(),
+            MigrationUri::Tcp {
+                host: "127.0.0.1".into(),
+                port: 4446
+            }
+        );
+        assert_eq!(
+            MigrationUri::parse("tcp:[::1]:0").unwrap(),
+            MigrationUri::Tcp {
+                host: "::1".into(),
+                port: 0
+            }
+        );
+        assert_eq!(
+            MigrationUri::parse("unix:/tmp/m.sock").unwrap(),
+            MigrationUri::Unix("/tmp/m.sock".into())
+        );
+        assert_eq!(
+            MigrationUri::parse("exec:cat > /tmp/x").unwrap(),
+            MigrationUri::Exec("cat > /tmp/x".into())
+        );
+        assert_eq!(
+            MigrationUri::parse("file:/tmp/f,offset=4k").unwrap(),
+            MigrationUri::File {
+                path: "/tmp/f".into(),
+                offset: 4096
+            }
+        );
+    }
+
+    #[test]
+    fn unknown_protocol_has_qemu_message() {
+        for bad in ["foo:bar", "", "unix:", "exec:", "tcp:host"] {
+            let e = MigrationUri::parse(bad).unwrap_err();
+            assert_eq!(
+                e.to_string(),
+                "Parameter 'uri' expects a valid migration protocol",
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn refused_connect_names_the_address() {
+        let port = {
+            let l = TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let e = connect(&MigrationUri::parse(&format!("tcp:127.0.0.1:{port}")).unwrap())
+            .err()
+            .unwrap();
+        assert_eq!(
+            e.to_string(),
+            format!("Failed to connect to '127.0.0.1:{port}': Connection refused")
+        );
+    }
+
+    #[test]
+    fn unix_round_trip_and_shutdown_unblocks_reader() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s").display().to_string();
+        let uri = MigrationUri::Unix(path);
+        let l = Listener::bind(&uri).unwrap();
+        let t = std::thread::spawn(move || {
+            let mut c = l.accept().unwrap();
+            let mut buf = [0u8; 5];
+            c.reader.as_mut().unwrap().read_exact(&mut buf).unwrap();
+            assert_eq!(&buf, b"hello");
+            // Now block until the peer shuts the channel down.
+            let mut rest = Vec::new();
+            c.reader.as_mut().unwrap().read_to_end(&mut rest).unwrap();
+            rest
+        });
+        let mut c = loop {
+            match connect(&uri) {
+                Ok(c) => break c,
+                Err(_) => std::thread::sleep(std::time::Duration::from_millis(5)),
+            }
+        };
+        c.writer.as_mut().unwrap().write_all(b"hello").unwrap();
+        c.shutdown.shutdown();
+        assert!(t.join().unwrap().is_empty());
+    }
+
+    #[test]
+    fn exec_and_file_carry_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("stream");
+        let uri = MigrationUri::parse(&format!("exec:cat > {}", f.display())).unwrap();
+        let mut c = connect(&uri).unwrap();
+        c.writer.as_mut().unwrap().write_all(b"QEVM").unwrap();
+        c.writer = None;
+        c.finish().unwrap();
+        let l = Listener::bind(&MigrationUri::parse(&format!("file:{}", f.display())).unwrap())
+            .unwrap();
+        let mut c = l.accept().unwrap();
+        let mut s = String::new();
+        c.reader.as_mut().unwrap().read_to_string(&mut s).unwrap();
+        assert_eq!(s, "QEVM");
+        let l = Listener::bind(&MigrationUri::parse(&format!("exec:cat {}", f.display())).unwrap())
+            .unwrap();
+        let mut c = l.accept().unwrap();
+        let mut s = String::new();
+        c.reader.as_mut().unwrap().read_to_string(&mut s).unwrap();
+        assert_eq!(s, "QEVM");
+        c.finish().unwrap();
+    }
+}
