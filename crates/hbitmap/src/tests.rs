@@ -509,3 +509,25 @@ fn summary_and_count_stay_exact_across_chunk_states() {
     );
     assert_eq!(hb.recount(), CHUNK_BITS - 5 + 3);
 }
+
+#[test]
+fn granularity_63_single_bit_bitmap() {
+    let mut hb = HBitmap::new(I64MAX, 63).expect("valid");
+    assert_eq!(hb.size(), 1);
+    hb.set(I64MAX - 1, 1).expect("in range");
+    assert_eq!(hb.count(), 1 << 63);
+    assert_eq!(hb.next_dirty(5, I64MAX), Some(5));
+    assert_eq!(hb.next_zero(0, I64MAX), None);
+    assert_eq!(
+        hb.next_dirty_area(7, u64::MAX, u64::MAX),
+        Some((7, I64MAX - 7))
+    );
+    assert_eq!(collect(&hb, 12345), [0]);
+    assert!(matches!(
+        hb.reset(0, 1),
+        Err(HBitmapError::UnalignedReset { .. })
+    ));
+    hb.reset(0, I64MAX).expect("reaches orig_size");
+    assert!(hb.is_empty());
+    assert_eq!(hb.next_zero(3, 1), Some(3));
+}
