@@ -398,7 +398,7 @@ impl Pick {
         let align = 64u64 << m.g;
         let chunks = m.size().div_ceil(64);
         let start = match self.0 % 4 {
-            0 | 1 | 2 => (self.1 % (chunks + 1)) * align,
+            0..=2 => (self.1 % (chunks + 1)) * align,
             _ => self.item(m),
         };
         let count = match other.0 % 5 {
