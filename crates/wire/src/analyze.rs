@@ -19,6 +19,8 @@ use crate::ram::{
 use crate::reader::{ReaderOptions, StreamReader};
 use crate::section::{
     read_file_header, read_footer, read_item, read_vmdesc, Item, SectionHeader, Trailer,
+    QEMU_VM_COMMAND, QEMU_VM_EOF, QEMU_VM_SECTION_END, QEMU_VM_SECTION_FULL, QEMU_VM_SECTION_PART,
+    QEMU_VM_SECTION_START, QEMU_VM_VMDESCRIPTION,
 };
 use crate::vmstate::{decode_body, VmsdDesc};
 use serde_json::{json, Map, Value};
@@ -410,7 +412,7 @@ impl Analyzer<'_> {
             DIRTY_BITMAP_IDSTR => self.bitmap_body(r)?,
             _ => {
                 let keep = matches!(h, SectionHeader::Full(_));
-                let (size, body) = self.opaque_body(r, &idstr, id, keep)?;
+                let (size, body) = self.opaque_body(r, &idstr, id, keep, depth)?;
                 if let (SectionHeader::Full(s), true) = (&h, keep) {
                     self.summary.devices.push(DeviceSummary {
                         offset: at,
@@ -653,6 +655,7 @@ impl Analyzer<'_> {
         idstr: &str,
         id: u32,
         keep: bool,
+        depth: usize,
     ) -> Res<(u64, Option<Vec<u8>>)> {
         if !r.options().section_footer {
             return Err(r.error(WireErrorKind::UndecodableSection {
@@ -685,16 +688,13 @@ impl Analyzer<'_> {
                 if win.get(i..i + footer.len()) != Some(&footer[..]) {
                     continue;
                 }
-                match win.get(i + footer.len()) {
-                    Some(0..=4 | 8) => {
+                let after = win.get(i + footer.len()..).unwrap_or(&[]);
+                match self.plausible_next(after, at_end, depth) {
+                    Some(true) => {
                         found = Some(i);
                         break;
                     }
-                    Some(_) => {}
-                    None if at_end => {
-                        found = Some(i);
-                        break;
-                    }
+                    Some(false) => {}
                     None => {
                         need_more_at = Some(i);
                         break;
@@ -703,7 +703,7 @@ impl Analyzer<'_> {
             }
             let take = match (found, need_more_at) {
                 (Some(i), _) => i,
-                (None, Some(i)) => i,
+                (None, Some(i)) => i.max(1),
                 (None, None) if at_end => {
                     return Err(r.error(WireErrorKind::Truncated {
                         what: "section footer",
@@ -724,6 +724,68 @@ impl Analyzer<'_> {
             if found.is_some() {
                 return Ok((size, body));
             }
+        }
+    }
+
+    /// Whether `after` (the bytes following a candidate footer) starts like the next item of
+    /// a stream: `Some(true)`/`Some(false)`, or `None` when more lookahead is needed. This is
+    /// what keeps a `7E id` pattern inside device data from ending a section early.
+    fn plausible_next(&self, after: &[u8], at_end: bool, depth: usize) -> Option<bool> {
+        // Decides on `after[..need]`, or asks for more (or says no at the end of the input).
+        let have = |need: usize| -> Option<bool> {
+            if after.len() >= need {
+                Some(true)
+            } else if at_end {
+                Some(false)
+            } else {
+                None
+            }
+        };
+        let be32 = |at: usize| -> Option<u32> {
+            let b = after.get(at..at + 4)?;
+            Some(u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+        };
+        let Some(&ty) = after.first() else {
+            return if at_end { Some(true) } else { None };
+        };
+        match ty {
+            QEMU_VM_EOF => {
+                if depth > 0 {
+                    return Some(true);
+                }
+                match after.get(1) {
+                    None => Some(at_end),
+                    Some(&next) => Some(next == QEMU_VM_VMDESCRIPTION),
+                }
+            }
+            QEMU_VM_SECTION_PART | QEMU_VM_SECTION_END => match have(5)? {
+                false => Some(false),
+                true => Some(be32(1).is_some_and(|id| self.sections.contains_key(&id))),
+            },
+            QEMU_VM_SECTION_START | QEMU_VM_SECTION_FULL => {
+                if !have(6)? {
+                    return Some(false);
+                }
+                let len = usize::from(after.get(5).copied().unwrap_or(0));
+                if len == 0 || !have(6 + len + 8)? {
+                    return Some(false);
+                }
+                let name = after.get(6..6 + len).unwrap_or(&[]);
+                Some(name.iter().all(u8::is_ascii_graphic))
+            }
+            QEMU_VM_COMMAND => {
+                if !have(5)? {
+                    return Some(false);
+                }
+                let cmd = u16::from_be_bytes([after.get(1).copied()?, after.get(2).copied()?]);
+                let len = u16::from_be_bytes([after.get(3).copied()?, after.get(4).copied()?]);
+                Some(match crate::command::command_info(cmd) {
+                    Some((_, Some(fixed))) => fixed == len,
+                    Some((_, None)) => true,
+                    None => false,
+                })
+            }
+            _ => Some(false),
         }
     }
 
@@ -862,16 +924,16 @@ fn ram_detail(t: &RamTally) -> String {
             if n == 1 { "" } else { "s" }
         ));
     }
-    for (n, what) in [
-        (t.normal, "normal pages"),
-        (t.zero, "zero pages"),
-        (t.xbzrle, "XBZRLE pages"),
-        (t.compressed, "compressed pages"),
-        (t.flush, "MULTIFD_FLUSH"),
-        (t.hook, "HOOK"),
+    for (n, one, many) in [
+        (t.normal, "normal page", "normal pages"),
+        (t.zero, "zero page", "zero pages"),
+        (t.xbzrle, "XBZRLE page", "XBZRLE pages"),
+        (t.compressed, "compressed page", "compressed pages"),
+        (t.flush, "MULTIFD_FLUSH", "MULTIFD_FLUSH"),
+        (t.hook, "HOOK", "HOOK"),
     ] {
         if n > 0 {
-            parts.push(format!("{n} {what}"));
+            parts.push(plural(n, one, many));
         }
     }
     if parts.is_empty() {
@@ -884,22 +946,44 @@ fn ram_detail(t: &RamTally) -> String {
 fn value_text(v: &Value) -> String {
     match v {
         Value::String(s) if s.len() > 64 => {
-            // Hex buffers: show the meaningful head (trailing zero bytes elided).
-            let trimmed = s.trim_end_matches('0');
-            let keep = trimmed.len().div_ceil(2) * 2;
-            if keep <= 64 {
+            let bytes: Vec<u8> = (0..s.len() / 2)
+                .filter_map(|i| {
+                    s.get(2 * i..2 * i + 2)
+                        .and_then(|h| u8::from_str_radix(h, 16).ok())
+                })
+                .collect();
+            let text_len = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
+            let (text, rest) = bytes.split_at(text_len);
+            if !text.is_empty()
+                && text.iter().all(|b| b.is_ascii_graphic() || *b == b' ')
+                && rest.iter().all(|&b| b == 0)
+            {
+                // NUL-padded strings (e.g. globalstate's runstate).
                 format!(
-                    "{}… ({} bytes, rest zero)",
-                    s.get(..keep.max(2)).unwrap_or(""),
-                    s.len() / 2
+                    "{:?} ({} bytes, NUL-padded)",
+                    String::from_utf8_lossy(text),
+                    bytes.len()
                 )
             } else {
-                format!("{}… ({} bytes)", s.get(..64).unwrap_or(""), s.len() / 2)
+                let used = bytes.iter().rposition(|&b| b != 0).map_or(0, |i| i + 1);
+                if used <= 32 {
+                    format!(
+                        "{}… ({} bytes, rest zero)",
+                        s.get(..(used.max(1) * 2)).unwrap_or(""),
+                        bytes.len()
+                    )
+                } else {
+                    format!("{}… ({} bytes)", s.get(..64).unwrap_or(""), bytes.len())
+                }
             }
         }
         Value::String(s) => s.clone(),
         other => other.to_string(),
     }
+}
+
+fn plural(n: u64, one: &str, many: &str) -> String {
+    format!("{n} {}", if n == 1 { one } else { many })
 }
 
 impl Summary {
