@@ -231,8 +231,8 @@ impl Dispatcher for CommandTable {
 pub trait QapiInt: Sized + Copy {
     /// The C type name used in `Parameter 'x' expects <name>`.
     const C_NAME: &'static str;
-    /// Converts a JSON value, or explains why not (`Err(None)`: not an integer at all;
-    /// `Err(Some(_))`: an integer out of range).
+    /// Converts a JSON value, or says why not: `Err(false)` for something that is not an
+    /// integer at all, `Err(true)` for an integer out of range.
     #[doc(hidden)]
     fn from_json(v: &Value) -> Result<Self, bool>;
     /// Whether the type is unsigned (its type errors read `expects uint64`).

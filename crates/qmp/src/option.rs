@@ -34,7 +34,8 @@ pub struct QmpOption {
     pub server: bool,
     /// With `server`, wait for the first client before going on.
     pub wait: bool,
-    /// Set `TCP_NODELAY` on TCP connections.
+    /// QEMU's `nodelay`. Accepted for compatibility; the server always sets `TCP_NODELAY`, since
+    /// it writes whole messages.
     pub nodelay: bool,
 }
 

@@ -561,11 +561,7 @@ impl Server {
             (QmpAddress::Unix(path), false) => self.serve_unix(UnixStream::connect(path)?),
             (QmpAddress::Tcp { host, port }, false) => {
                 let host = if host.is_empty() { "localhost" } else { host };
-                let stream = TcpStream::connect((host, *port))?;
-                if opt.nodelay {
-                    stream.set_nodelay(true)?;
-                }
-                self.serve_tcp(stream)
+                self.serve_tcp(TcpStream::connect((host, *port))?)
             }
         }
     }
@@ -698,7 +694,11 @@ impl Server {
         }
         match &stream {
             Stream::Unix(s) => s.set_nonblocking(false)?,
-            Stream::Tcp(s) => s.set_nonblocking(false)?,
+            Stream::Tcp(s) => {
+                s.set_nonblocking(false)?;
+                // Every write is a whole message; waiting to coalesce only adds latency.
+                s.set_nodelay(true)?;
+            }
         }
         let session = Session::new(inner.shared.clone());
         let id = inner.hub.next_id.fetch_add(1, Ordering::Relaxed);
