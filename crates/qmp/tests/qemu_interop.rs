@@ -146,6 +146,25 @@ const COMMAND_CASES: &[&[u8]] = &[
     b"{\"execute\":\"query-version\",\"id\":[18446744073709551615,-9223372036854775808,1.5,-0,true,null]}",
 ];
 
+/// The raw lines QEMU sends for `stop`: its `STOP` event then its reply, with digits masked.
+fn stop_lines(path: &Path) -> Vec<String> {
+    let mut c = Client::connect(path);
+    c.writer
+        .write_all(b"{\"execute\":\"qmp_capabilities\"}")
+        .unwrap();
+    c.read();
+    c.writer.write_all(b"{\"execute\":\"stop\"}").unwrap();
+    (0..2)
+        .map(|_| {
+            let mut line = String::new();
+            c.reader.read_line(&mut line).unwrap();
+            line.chars()
+                .map(|ch| if ch.is_ascii_digit() { '9' } else { ch })
+                .collect()
+        })
+        .collect()
+}
+
 fn transcript(path: &Path) -> Vec<(String, Vec<Value>)> {
     let mut c = Client::connect(path);
     let mut out = Vec::new();
@@ -184,14 +203,32 @@ fn replies_match_qemu_7_2() {
         .expect("start QEMU");
     let theirs = transcript(&qemu.qmp_path);
 
-    let server = Server::new(Arc::new(CommandTable::new()));
+    let theirs_stop = stop_lines(&qemu.qmp_path);
+
+    let mut table = CommandTable::new();
+    let events: Arc<std::sync::OnceLock<qmp::EventSink>> = Arc::default();
+    let sink = events.clone();
+    table.register("stop", move |args: qmp::Args| {
+        args.finish()?;
+        if let Some(s) = sink.get() {
+            s.emit("STOP", None);
+        }
+        Ok::<_, qmp::QmpError>(json!({}))
+    });
+    let server = Server::new(Arc::new(table));
+    let _ = events.set(server.events());
     let ours_path = dir.path().join("ours.qmp");
     server.listen_unix(&ours_path).unwrap();
     let ours = transcript(&ours_path);
+    assert_eq!(stop_lines(&ours_path), theirs_stop);
 
     assert_eq!(ours.len(), theirs.len());
     let answered = theirs.iter().filter(|(_, r)| !r.is_empty()).count();
-    assert_eq!(answered, theirs.len(), "every case should draw a reply from QEMU");
+    assert_eq!(
+        answered,
+        theirs.len(),
+        "every case should draw a reply from QEMU"
+    );
     for ((input, mine), (_, qemus)) in ours.iter().zip(&theirs) {
         assert_eq!(mine, qemus, "replies differ for input {input:?}");
     }

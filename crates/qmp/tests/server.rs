@@ -586,3 +586,65 @@ fn quit_exits_the_process() {
     assert_eq!(status.code(), Some(0));
     assert!(!path.exists());
 }
+
+#[test]
+fn handles_are_shareable_across_threads() {
+    fn shareable<T: Send + Sync + Clone + 'static>() {}
+    shareable::<Server>();
+    shareable::<EventSink>();
+}
+
+#[test]
+fn wait_on_blocks_until_the_first_client() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("wait.sock");
+    let server = Server::new(Arc::new(CommandTable::new()));
+    let opt: qmp::QmpOption = format!("unix:{},server=on", path.display())
+        .parse()
+        .unwrap();
+    assert!(opt.wait);
+    let started = Arc::new(AtomicBool::new(false));
+    let (s, flag) = (server.clone(), started.clone());
+    let t = std::thread::spawn(move || {
+        s.start(&opt).unwrap();
+        flag.store(true, Ordering::SeqCst);
+    });
+    wait_until("the socket", || path.exists());
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(
+        !started.load(Ordering::SeqCst),
+        "start returned before any client connected"
+    );
+    let mut first = Raw::connect(&path);
+    first.negotiate(false);
+    t.join().unwrap();
+    assert!(started.load(Ordering::SeqCst));
+    // Later clients are accepted in the background.
+    let mut second = Raw::connect(&path);
+    second.negotiate(false);
+    server.close(Duration::from_secs(5));
+    first.expect_eof();
+    second.expect_eof();
+}
+
+#[test]
+fn client_mode_connects_out() {
+    // `-qmp unix:PATH` without `server`: the monitor connects to a listening client.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("client-mode.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    let server = Server::new(Arc::new(CommandTable::new()));
+    server
+        .start(&format!("unix:{}", path.display()).parse().unwrap())
+        .unwrap();
+    let (stream, _) = listener.accept().unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let mut c = Raw {
+        writer: stream.try_clone().unwrap(),
+        reader: BufReader::new(stream),
+    };
+    c.negotiate(false);
+    assert_eq!(server.connection_count(), 1);
+}
