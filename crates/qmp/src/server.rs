@@ -338,7 +338,7 @@ impl Conn {
                 return None;
             }
             if let Some(item) = q.items.pop_front() {
-                q.bytes -= item.payload.bytes().len();
+                q.bytes = q.bytes.saturating_sub(item.payload.bytes().len());
                 self.changed.notify_all();
                 return Some(item);
             }

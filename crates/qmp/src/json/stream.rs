@@ -391,7 +391,7 @@ impl JsonStream {
             self.discard = false;
             return;
         }
-        let len = self.text.len() - self.tok_start;
+        let len = self.text.len().saturating_sub(self.tok_start);
         let token = Token {
             kind,
             start: self.tok_start as u32,
@@ -431,7 +431,7 @@ impl JsonStream {
         if self.tokens.is_empty() {
             self.msg_pos = self.tok_pos;
         }
-        token.rel = u32::try_from(self.tok_pos - self.msg_pos).unwrap_or(u32::MAX);
+        token.rel = u32::try_from(self.tok_pos.saturating_sub(self.msg_pos)).unwrap_or(u32::MAX);
         if token.len == 0 {
             if self.text.len() + self.structural + 1 > self.limits.max_message_bytes {
                 return self.fail(JsonError::TooLarge {
