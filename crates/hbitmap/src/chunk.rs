@@ -95,9 +95,7 @@ impl Chunk {
         for k in klo..=khi {
             let mut m = 0u64;
             for (j, w) in self.words.iter().skip(k * 64).take(64).enumerate() {
-                if *w != 0 {
-                    m |= 1u64 << j;
-                }
+                m |= u64::from(*w != 0) << j;
             }
             self.nz.set_leaf_word(k, m);
         }
@@ -118,7 +116,11 @@ impl Chunk {
             *w |= m;
         }
         self.ones += added;
-        self.nz.set_range(w0 as u64, w1 as u64 + 1);
+        if w0 == w1 {
+            self.nz.set(w0 as u64);
+        } else {
+            self.nz.set_range(w0 as u64, w1 as u64 + 1);
+        }
         added
     }
 
@@ -136,8 +138,15 @@ impl Chunk {
             *w &= !m;
         }
         self.ones -= removed.min(self.ones);
-        // Only the end words can still be non-zero; the summary is recomputed from the words.
-        self.refresh_nz(w0, w1 + 1);
+        // The words strictly inside are now zero; only the end words may still hold bits.
+        if w1 > w0 + 1 {
+            self.nz.clear_range(w0 as u64 + 1, w1 as u64);
+        }
+        for w in [w0, w1] {
+            if self.words.get(w).is_some_and(|&x| x == 0) {
+                self.nz.clear(w as u64);
+            }
+        }
         removed
     }
 

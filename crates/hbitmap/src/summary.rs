@@ -171,6 +171,18 @@ impl Summary {
         }
     }
 
+    /// Unmarks items `lo..hi`.
+    pub(crate) fn clear_range(&mut self, lo: u64, hi: u64) {
+        let hi = hi.min(self.len);
+        if lo >= hi {
+            return;
+        }
+        if let Some(leaf) = self.levels.first_mut() {
+            bits_clear(leaf, lo, hi);
+        }
+        self.refresh_up((lo / W) as usize, ((hi - 1) / W) as usize);
+    }
+
     /// Replaces leaf word `k` with `m` (bits past `len` are dropped). Call
     /// [`Summary::refresh_up`] afterwards for the words changed.
     pub(crate) fn set_leaf_word(&mut self, k: usize, m: u64) {
@@ -287,6 +299,10 @@ mod tests {
         s.set_leaf_word(250_000 / 64, 0);
         s.refresh_up(250_000 / 64, 250_000 / 64);
         assert_eq!(s.next_set(200_000), None);
+        s.clear_range(0, 199_999);
+        assert_eq!(s.next_set(0), Some(199_999));
+        s.clear_range(199_999, 200_000);
+        assert_eq!(s.next_set(0), None);
         assert_eq!(bits_next_clear(&[u64::MAX, 0b1011], 0, 128), Some(66));
         assert_eq!(bits_next_clear(&[u64::MAX, 0b1011], 0, 66), None);
     }
