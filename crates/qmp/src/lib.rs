@@ -20,6 +20,7 @@
 //! commands and argument checking), [`server`] (sockets, threads, events, shutdown),
 //! [`option`] (QEMU's `-qmp` option syntax), [`error`] (QMP error classes).
 #![forbid(unsafe_code)]
+#![deny(missing_docs)]
 
 pub mod dispatch;
 pub mod error;
