@@ -12,10 +12,22 @@ fn check_bitmap(sum: &wire::Summary) {
     assert_eq!(sum.bitmaps.len(), 1);
     let b = &sum.bitmaps[0];
     assert_eq!((b.node.as_str(), b.bitmap.as_str()), ("node0", "bitmap0"));
-    assert_eq!((b.granularity, b.start_flags, b.complete), (Some(65536), Some(1), true));
+    assert_eq!(
+        (b.granularity, b.start_flags, b.complete),
+        (Some(65536), Some(1), true)
+    );
     assert_eq!(b.chunks.len(), 1);
     let c = &b.chunks[0];
-    assert_eq!((c.start_sector, c.nr_sectors, c.zeroes, c.buf_size, c.set_bits), (0, 131072, false, 128, 3));
+    assert_eq!(
+        (
+            c.start_sector,
+            c.nr_sectors,
+            c.zeroes,
+            c.buf_size,
+            c.set_bits
+        ),
+        (0, 131072, false, 128, 3)
+    );
 }
 
 fn check_common(a: &wire::Analysis, len: usize) {
@@ -32,10 +44,19 @@ fn check_common(a: &wire::Analysis, len: usize) {
     check_bitmap(sum);
     let names: Vec<&str> = sum.devices.iter().map(|d| d.idstr.as_str()).collect();
     assert_eq!(names, ["timer", "globalstate"]);
-    let gs = sum.devices[1].fields.as_ref().expect("globalstate decoded with the trailer");
+    let gs = sum.devices[1]
+        .fields
+        .as_ref()
+        .expect("globalstate decoded with the trailer");
     assert_eq!(gs[0], ("size".to_string(), serde_json::json!(8)));
-    assert!(gs[1].1.as_str().unwrap().starts_with("72756e6e696e6700"), "runstate 'running'");
-    assert!(matches!(&sum.trailer, TrailerSummary::Json { len: 486, .. }));
+    assert!(
+        gs[1].1.as_str().unwrap().starts_with("72756e6e696e6700"),
+        "runstate 'running'"
+    );
+    assert!(matches!(
+        &sum.trailer,
+        TrailerSummary::Json { len: 486, .. }
+    ));
     assert_eq!(sum.items.first().unwrap().name, "POSTCOPY_ADVISE");
     assert_eq!(sum.items.last().unwrap().kind, "EOF");
 }
@@ -47,7 +68,12 @@ fn zero_ram_capture() {
     check_common(&a, data.len());
     assert_eq!(a.summary.ram.blocks[0].zero, 1024);
     // The empty PART sections collapse into one run.
-    let empty: Vec<_> = a.summary.items.iter().filter(|i| i.kind == "PART" && i.detail == "empty").collect();
+    let empty: Vec<_> = a
+        .summary
+        .items
+        .iter()
+        .filter(|i| i.kind == "PART" && i.detail == "empty")
+        .collect();
     assert_eq!(empty.len(), 1);
     assert!(empty[0].count > 1);
     assert_eq!(empty[0].bytes, empty[0].count * 18);
@@ -58,10 +84,21 @@ fn pages_capture() {
     let data = load("none-4m-pages-bitmap.mig");
     let a = wire::analyze(&data[..]);
     check_common(&a, data.len());
-    assert_eq!((a.summary.ram.blocks[0].normal, a.summary.ram.blocks[0].zero), (3, 1021));
+    assert_eq!(
+        (a.summary.ram.blocks[0].normal, a.summary.ram.blocks[0].zero),
+        (3, 1021)
+    );
     let text = a.to_string();
-    assert!(text.contains("block 'ram' 0x400000 (1024 pages): 3 normal, 1021 zero"), "{text}");
-    assert!(text.contains("node0/bitmap0: granularity 65536, flags 0x1 (enabled), 3 bits set, complete"), "{text}");
+    assert!(
+        text.contains("block 'ram' 0x400000 (1024 pages): 3 normal, 1021 zero"),
+        "{text}"
+    );
+    assert!(
+        text.contains(
+            "node0/bitmap0: granularity 65536, flags 0x1 (enabled), 3 bits set, complete"
+        ),
+        "{text}"
+    );
     let j = a.to_json();
     assert_eq!(j["ram"]["blocks"][0]["normal"], 3);
     assert_eq!(j["dirty_bitmaps"][0]["set_bits"], 3);
@@ -88,7 +125,10 @@ fn page_contents_land_in_guest_memory() {
                     ids.insert(s.section_id, s.idstr.clone());
                 }
                 let idstr = ids[&h.section_id()].clone();
-                r.set_section(Some(wire::SectionContext::new(idstr.clone(), h.section_id())));
+                r.set_section(Some(wire::SectionContext::new(
+                    idstr.clone(),
+                    h.section_id(),
+                )));
                 match idstr.as_str() {
                     "ram" => loop {
                         match read_ram_record(&mut r).unwrap() {
@@ -96,7 +136,11 @@ fn page_contents_land_in_guest_memory() {
                             RamRecord::MemSize { total } => {
                                 read_mem_blocks(&mut r, total, |_| Default::default()).unwrap();
                             }
-                            RamRecord::Zero { block, offset, fill } => {
+                            RamRecord::Zero {
+                                block,
+                                offset,
+                                fill,
+                            } => {
                                 blocks.resolve(block.as_deref()).unwrap();
                                 let o = offset as usize;
                                 guest[o..o + 4096].fill(fill);
