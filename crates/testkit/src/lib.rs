@@ -262,10 +262,12 @@ impl VmProcess {
         Ok(VmProcess { child, qmp_path, log_path })
     }
 
-    /// Starts QEMU 7.2's `-M none` machine under the qtest accelerator (so RAM can be written
-    /// through a qtest socket), with `extra` arguments appended.
+    /// Starts QEMU 7.2's `-M none` machine (RAM and disks, no CPU) with `extra` arguments
+    /// appended. Debian's QEMU 7.2 has no qtest accelerator, and qtest memory writes need a CPU
+    /// that `-M none` cannot have on x86, so tests put data into QEMU's RAM with `-device
+    /// loader` (applied at start-up and again by `system_reset`) or by migrating it in.
     pub fn qemu_none(dir: &Path, name: &str, extra: &[String]) -> std::io::Result<Self> {
-        let mut args: Vec<String> = ["-M", "none", "-nodefaults", "-display", "none", "-accel", "qtest"]
+        let mut args: Vec<String> = ["-M", "none", "-nodefaults", "-display", "none", "-accel", "tcg"]
             .iter()
             .map(|s| s.to_string())
             .collect();
