@@ -71,7 +71,9 @@ fn bench(c: &mut Criterion) {
     let zeros = w.into_inner().unwrap();
     let mut g = c.benchmark_group("analyze");
     g.throughput(Throughput::Elements(8192));
-    g.bench_function("zero_pages_8192", |b| b.iter(|| black_box(wire::analyze(&zeros[..]).summary.items.len())));
+    g.bench_function("zero_pages_8192", |b| {
+        b.iter(|| black_box(wire::analyze(&zeros[..]).summary.items.len()))
+    });
     g.finish();
 }
 

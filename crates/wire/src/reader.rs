@@ -15,6 +15,10 @@ pub const DEFAULT_BUFFER_SIZE: usize = 64 * 1024;
 /// (type byte, length byte, 255 name bytes, be32 version).
 pub const MIN_BUFFER_SIZE: usize = 512;
 
+/// [`StreamReader::bytes`] allocates at most this much (or double what it already holds)
+/// ahead of the data actually read.
+const GROW_STEP: usize = 1024 * 1024;
+
 /// Reads below this size go through the lookahead buffer; larger ones use a vectored read
 /// straight into the destination.
 const DIRECT_READ_THRESHOLD: usize = 1024;
@@ -324,8 +328,17 @@ impl<R: Read> StreamReader<R> {
                 limit: usize::MAX as u64,
             })
         })?;
-        let mut v = vec![0u8; n];
-        self.read_into(&mut v)?;
+        // Allocate as the bytes arrive, so a length that is within the limit but larger than
+        // the stream costs no more memory than the stream itself.
+        let mut v = Vec::with_capacity(n.min(GROW_STEP));
+        while v.len() < n {
+            let old = v.len();
+            let step = (n - old).min(GROW_STEP.max(old));
+            v.resize(old + step, 0);
+            if let Some(tail) = v.get_mut(old..) {
+                self.read_into(tail)?;
+            }
+        }
         Ok(v)
     }
 
@@ -554,6 +567,20 @@ mod tests {
         r.skip(3).unwrap();
         assert_eq!(r.peek_u8().unwrap(), None);
         assert!(r.skip(1).unwrap_err().is_truncated());
+    }
+
+    #[test]
+    fn large_lengths_allocate_as_data_arrives() {
+        let data = vec![9u8; 3 * 1024 * 1024 + 5];
+        let mut r = StreamReader::new(&data[..]);
+        let v = r.bytes(data.len() as u64, u64::MAX, "x").unwrap();
+        assert_eq!(v, data);
+        // 200 MiB announced, 10 bytes present: a truncation error, not a 200 MiB buffer.
+        let mut r = StreamReader::new(&data[..10]);
+        assert!(r
+            .bytes(200 << 20, 256 << 20, "PACKAGED data")
+            .unwrap_err()
+            .is_truncated());
     }
 
     #[test]

@@ -166,3 +166,68 @@ fn page_contents_land_in_guest_memory() {
     assert_eq!(&guest[0x3ff000..0x3ff004], &[0xff; 4]);
     assert_eq!(guest.iter().filter(|&&b| b != 0).count(), 12);
 }
+
+#[test]
+fn analyzer_reads_from_a_child_process_pipe() {
+    if !testkit::require(
+        "analyzer_reads_from_a_child_process_pipe",
+        testkit::programs(&["cat"]),
+    ) {
+        return;
+    }
+    let path = format!(
+        "{}/tests/data/none-4m-pages-bitmap.mig",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let mut child = std::process::Command::new("cat")
+        .arg(&path)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let a = wire::analyze(child.stdout.take().unwrap());
+    child.wait().unwrap();
+    assert!(a.error.is_none(), "{a}");
+    assert_eq!(a.summary.ram.blocks[0].normal, 3);
+}
+
+#[test]
+fn pages_cross_a_unix_socket_with_vectored_io() {
+    use std::os::unix::net::UnixStream;
+    use wire::ram::{read_ram_record, write_eos, write_page, BlockTracker, RamRecord};
+    let (tx, rx) = UnixStream::pair().unwrap();
+    let pages: Vec<Vec<u8>> = (0..64u8)
+        .map(|i| vec![i.wrapping_mul(7) | 1; 4096])
+        .collect();
+    let sent = pages.clone();
+    let writer = std::thread::spawn(move || {
+        let mut w = wire::StreamWriter::new(tx);
+        let mut t = BlockTracker::new();
+        for (i, p) in sent.iter().enumerate() {
+            write_page(&mut w, t.encode("pc.ram"), i as u64 * 4096, p).unwrap();
+        }
+        write_eos(&mut w).unwrap();
+        w.flush().unwrap();
+        w.bytes_written()
+    });
+    let mut r = wire::StreamReader::with_capacity(rx, 512);
+    let mut guest = vec![0u8; 64 * 4096];
+    let mut n = 0;
+    loop {
+        match read_ram_record(&mut r).unwrap() {
+            RamRecord::Page { offset, .. } => {
+                let o = offset as usize;
+                r.read_into(&mut guest[o..o + 4096]).unwrap();
+                n += 1;
+            }
+            RamRecord::Eos => break,
+            other => panic!("{other:?}"),
+        }
+    }
+    let written = writer.join().unwrap();
+    assert_eq!(n, 64);
+    assert_eq!(r.offset(), written);
+    for (i, p) in pages.iter().enumerate() {
+        assert_eq!(&guest[i * 4096..(i + 1) * 4096], &p[..]);
+    }
+    assert!(r.is_at_eof().unwrap());
+}
