@@ -42,14 +42,9 @@ fn bench(c: &mut Criterion) {
         let mut dst = vec![0u8; guest.len()];
         b.iter(|| {
             let mut r = StreamReader::new(&stream[..]);
-            loop {
-                match read_ram_record(&mut r).unwrap() {
-                    RamRecord::Page { offset, .. } => {
-                        let o = offset as usize;
-                        r.read_into(&mut dst[o..o + 4096]).unwrap();
-                    }
-                    _ => break,
-                }
+            while let RamRecord::Page { offset, .. } = read_ram_record(&mut r).unwrap() {
+                let o = offset as usize;
+                r.read_into(&mut dst[o..o + 4096]).unwrap();
             }
             black_box(&dst);
         })
