@@ -29,6 +29,27 @@ pub(crate) struct Chunk {
     pub(crate) bits: u64,
 }
 
+/// Bit `j` set iff `block[j]` is non-zero, for the first 64 words of `block`.
+#[inline]
+fn nonzero_mask(block: &[u64]) -> u64 {
+    let mut m = 0u64;
+    // Groups of eight with constant shifts: several times faster than one variable shift a word.
+    for (i, oct) in block.chunks(8).take(8).enumerate() {
+        let mut b = 0u64;
+        if let Ok(o) = <&[u64; 8]>::try_from(oct) {
+            for (j, w) in o.iter().enumerate() {
+                b |= u64::from(*w != 0) << j;
+            }
+        } else {
+            for (j, w) in oct.iter().enumerate() {
+                b |= u64::from(*w != 0) << j;
+            }
+        }
+        m |= b << (8 * i);
+    }
+    m
+}
+
 /// Popcount of a slice, as a u64.
 #[inline]
 pub(crate) fn popcount(words: &[u64]) -> u64 {
@@ -93,11 +114,8 @@ impl Chunk {
         }
         let (klo, khi) = (lo / 64, (hi - 1) / 64);
         for k in klo..=khi {
-            let mut m = 0u64;
-            for (j, w) in self.words.iter().skip(k * 64).take(64).enumerate() {
-                m |= u64::from(*w != 0) << j;
-            }
-            self.nz.set_leaf_word(k, m);
+            let block = self.words.get(k * 64..).unwrap_or_default();
+            self.nz.set_leaf_word(k, nonzero_mask(block));
         }
         self.nz.refresh_up(klo, khi);
     }

@@ -16,7 +16,7 @@
 //!
 //! QEMU keeps seven dense levels. Up to [`MAX_BITS`] (2^41) bits that would be 256 GiB, so here
 //! the bottom level is cut into chunks of 2^20 bits: a chunk that is all clear or all set is not
-//! allocated, and a mixed chunk carries its own two summary levels (which words are non-zero). A
+//! allocated, and a mixed chunk carries its own summary levels (which words are non-zero). A
 //! dense summary over chunks sits on top. Searches for set bits therefore skip empty regions in
 //! O(levels), and range operations, scans and (de)serialization work a word at a time.
 //!
