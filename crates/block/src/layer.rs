@@ -1,0 +1,739 @@
+//! The block layer: the graph of nodes, `blockdev-add` / `blockdev-del`, the devices attached
+//! to nodes, activation, the QMP-shaped bitmap commands and the `query-*` replies.
+//!
+//! # Locking
+//!
+//! * The **graph** (which nodes exist, who owns them, which device uses which) is one
+//!   `RwLock`. It is held for lookups and for `blockdev-add` / `blockdev-del` (which open or
+//!   close host files — host calls that never wait for another thread), never across a wait for
+//!   another thread. Guest I/O does not touch it: a device keeps the `Arc<BlockNode>` that
+//!   [`BlockLayer::attach_device`] returned.
+//! * Each **node's state** (flags and bitmaps) is its own mutex (see [`crate::node`]).
+//! * Order: graph before node states; several node states in **descending node id**. A node's
+//!   id is larger than its children's (children are opened first, references can only name
+//!   existing nodes), so this is also "parents before children", the order in which a format
+//!   driver holding its node's state may write to its child.
+//! * [`BlockLayer::inactivate_all`] and [`BlockLayer::activate_all`] take a snapshot of the
+//!   graph and release it before touching nodes, because inactivation waits for writes in
+//!   flight.
+
+use crate::bitmap::{granularity_shift, merge_into, BitmapCheck};
+use crate::driver::file::FileDriver;
+use crate::driver::null::NullDriver;
+use crate::driver::raw::RawDriver;
+use crate::driver::BlockDriver;
+use crate::error::BlockError;
+use crate::node::{BlockNode, NodeFlags};
+use crate::options::{id_wellformed, BlockdevOptions, BlockdevRef, DriverOptions, MAX_NODE_NAME};
+use serde_json::{json, Map, Value};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+/// A guest device attached to a node (what `query-block` lists).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Device {
+    /// The BlockBackend name (`device` in `query-block`); empty for `-device ...,drive=<node>`.
+    pub id: String,
+    /// The device's QOM path (`qdev`), e.g. `/machine/peripheral/vd0/virtio-backend`.
+    pub qdev: String,
+}
+
+/// A source of `block-dirty-bitmap-merge` (QAPI `BlockDirtyBitmapOrStr`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MergeSource {
+    /// A bitmap on the target's node.
+    Local(String),
+    /// A bitmap on any node.
+    External {
+        /// Node (or device) name.
+        node: String,
+        /// Bitmap name.
+        name: String,
+    },
+}
+
+struct Entry {
+    node: Arc<BlockNode>,
+    monitor_owned: bool,
+    device: Option<Device>,
+}
+
+#[derive(Default)]
+struct Graph {
+    /// In creation order.
+    entries: Vec<Entry>,
+    auto_names: u64,
+}
+
+impl Graph {
+    fn entry(&self, node_name: &str) -> Option<&Entry> {
+        self.entries.iter().find(|e| e.node.name() == node_name)
+    }
+    fn device(&self, id: &str) -> Option<&Entry> {
+        if id.is_empty() {
+            return None;
+        }
+        self.entries
+            .iter()
+            .find(|e| e.device.as_ref().is_some_and(|d| d.id == id))
+    }
+    fn parents_of(&self, node: &BlockNode) -> usize {
+        self.entries
+            .iter()
+            .filter(|e| {
+                e.node
+                    .driver()
+                    .children()
+                    .iter()
+                    .any(|(_, c)| c.id() == node.id())
+            })
+            .count()
+    }
+}
+
+/// Inherited options for implicitly created children.
+#[derive(Clone, Copy, Default)]
+struct Inherit {
+    read_only: Option<bool>,
+    discard_unmap: Option<bool>,
+    no_flush: Option<bool>,
+}
+
+/// All block nodes of one VM process.
+pub struct BlockLayer {
+    graph: RwLock<Graph>,
+    next_id: AtomicU64,
+    incoming: AtomicBool,
+}
+
+impl Default for BlockLayer {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+fn non_negative(v: Option<i64>, name: &str) -> Result<Option<u64>, BlockError> {
+    match v {
+        None => Ok(None),
+        Some(x) => u64::try_from(x)
+            .map(Some)
+            .map_err(|_| BlockError::InvalidParameterValue {
+                name: name.to_string(),
+                expected: "a non-negative number below 2^64".to_string(),
+            }),
+    }
+}
+
+impl BlockLayer {
+    /// An empty layer.
+    pub fn new() -> Self {
+        BlockLayer {
+            graph: RwLock::new(Graph::default()),
+            next_id: AtomicU64::new(1),
+            incoming: AtomicBool::new(false),
+        }
+    }
+
+    fn read(&self) -> RwLockReadGuard<'_, Graph> {
+        self.graph.read().unwrap_or_else(PoisonError::into_inner)
+    }
+    fn write(&self) -> RwLockWriteGuard<'_, Graph> {
+        self.graph.write().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// While set, nodes are opened inactive (QEMU opens images inactive under `-incoming`
+    /// until the migration completes and `activate_all` runs).
+    pub fn set_incoming(&self, incoming: bool) {
+        self.incoming.store(incoming, Ordering::SeqCst);
+    }
+
+    // ---- blockdev-add / blockdev-del --------------------------------------------------------
+
+    /// `blockdev-add`: opens the node (and any child defined inline) described by QEMU's
+    /// `BlockdevOptions` JSON. Errors are QEMU's.
+    pub fn blockdev_add(&self, options: &Value) -> Result<Arc<BlockNode>, BlockError> {
+        let opts = BlockdevOptions::from_json(options)?;
+        if opts.node_name.is_none() {
+            return Err(BlockError::RootNodeNameRequired);
+        }
+        opts.check_supported()?;
+        let mut g = self.write();
+        let mut pending = Vec::new();
+        let node = self.open_node(&mut g, &mut pending, &opts, Inherit::default(), true)?;
+        g.entries.extend(pending);
+        Ok(node)
+    }
+
+    fn assign_name(
+        &self,
+        g: &mut Graph,
+        pending: &[Entry],
+        name: Option<&str>,
+    ) -> Result<String, BlockError> {
+        let Some(n) = name else {
+            loop {
+                g.auto_names += 1;
+                let candidate = format!("#block{:03}", g.auto_names);
+                if g.entry(&candidate).is_none() {
+                    return Ok(candidate);
+                }
+            }
+        };
+        if !id_wellformed(n) {
+            return Err(BlockError::InvalidNodeName(n.to_string()));
+        }
+        if g.device(n).is_some() {
+            return Err(BlockError::NodeNameConflictsWithDevice(n.to_string()));
+        }
+        if g.entry(n).is_some() || pending.iter().any(|e| e.node.name() == n) {
+            return Err(BlockError::DuplicateNode(n.to_string()));
+        }
+        if n.len() > MAX_NODE_NAME {
+            return Err(BlockError::NodeNameTooLong);
+        }
+        Ok(n.to_string())
+    }
+
+    fn open_node(
+        &self,
+        g: &mut Graph,
+        pending: &mut Vec<Entry>,
+        opts: &BlockdevOptions,
+        inherit: Inherit,
+        monitor_owned: bool,
+    ) -> Result<Arc<BlockNode>, BlockError> {
+        let flags = NodeFlags {
+            read_only: opts.read_only.or(inherit.read_only).unwrap_or(false),
+            discard_unmap: opts
+                .discard_unmap
+                .or(inherit.discard_unmap)
+                .unwrap_or(false),
+            no_flush: opts.cache_no_flush.or(inherit.no_flush).unwrap_or(false),
+            inactive: self.incoming.load(Ordering::SeqCst),
+        };
+        // Children first, as QEMU opens them before its own node.
+        let child = match &opts.driver_options {
+            DriverOptions::Raw { file, .. } => Some(match file {
+                BlockdevRef::Reference(name) => {
+                    let c = Self::find(g, name).ok_or_else(|| BlockError::CannotFind {
+                        device: name.clone(),
+                        node: name.clone(),
+                    })?;
+                    if !flags.read_only && c.read_only() {
+                        return Err(BlockError::ReadOnlyNode);
+                    }
+                    c
+                }
+                BlockdevRef::Definition(c) => {
+                    let inherit = Inherit {
+                        read_only: Some(flags.read_only),
+                        discard_unmap: Some(flags.discard_unmap),
+                        no_flush: Some(flags.no_flush),
+                    };
+                    self.open_node(g, pending, c, inherit, false)?
+                }
+            }),
+            _ => None,
+        };
+        let name = self.assign_name(g, pending, opts.node_name.as_deref())?;
+        let driver: Box<dyn BlockDriver> = match (&opts.driver_options, child) {
+            (DriverOptions::Raw { offset, size, .. }, Some(child)) => Box::new(RawDriver::open(
+                child,
+                non_negative(*offset, "offset")?,
+                non_negative(*size, "size")?,
+            )?),
+            (DriverOptions::File { filename, .. }, _) => {
+                Box::new(FileDriver::open(filename, flags.read_only)?)
+            }
+            (
+                DriverOptions::Null {
+                    size,
+                    latency_ns,
+                    read_zeroes,
+                },
+                _,
+            ) => Box::new(NullDriver::new(
+                non_negative(*size, "size")?,
+                *read_zeroes,
+                *latency_ns,
+            )),
+            (DriverOptions::Raw { .. }, None) => {
+                return Err(BlockError::MissingParameter("file".into()))
+            }
+        };
+        let id = self.next_id.fetch_add(1, Ordering::SeqCst);
+        let node = Arc::new(BlockNode::new(id, &name, driver, flags)?);
+        pending.push(Entry {
+            node: node.clone(),
+            monitor_owned,
+            device: None,
+        });
+        Ok(node)
+    }
+
+    /// `blockdev-del`: removes a node the monitor created, with QEMU's refusals (attached to a
+    /// device, created implicitly, used by another node). A node with a busy bitmap (a
+    /// migration holds it) counts as used. Implicitly created children go with it. Each removed
+    /// node is closed like an inactivation: flushed, persistent bitmaps stored.
+    pub fn blockdev_del(&self, node_name: &str) -> Result<(), BlockError> {
+        let removed = {
+            let mut g = self.write();
+            let e = g
+                .entry(node_name)
+                .ok_or_else(|| BlockError::DelNodeNotFound(node_name.to_string()))?;
+            if e.device.is_some() {
+                return Err(BlockError::NodeInUse(node_name.to_string()));
+            }
+            if !e.monitor_owned {
+                return Err(BlockError::NotMonitorOwned(node_name.to_string()));
+            }
+            if g.parents_of(&e.node) > 0 || e.node.bitmaps().iter().any(|b| b.busy()) {
+                return Err(BlockError::BlockDeviceInUse(node_name.to_string()));
+            }
+            let mut removed = Vec::new();
+            let mut victims = vec![node_name.to_string()];
+            while let Some(name) = victims.pop() {
+                let Some(i) = g.entries.iter().position(|e| e.node.name() == name) else {
+                    continue;
+                };
+                let e = g.entries.remove(i);
+                for (_, child) in e.node.driver().children() {
+                    let orphan = g.entry(child.name()).is_some_and(|c| !c.monitor_owned)
+                        && g.parents_of(&child) == 0;
+                    if orphan {
+                        victims.push(child.name().to_string());
+                    }
+                }
+                removed.push(e.node);
+            }
+            removed
+        };
+        for n in removed {
+            // Closing cannot be refused; QEMU only warns when storing bitmaps fails here.
+            let _ = n.inactivate();
+        }
+        Ok(())
+    }
+
+    // ---- lookups ----------------------------------------------------------------------------
+
+    fn find(g: &Graph, name: &str) -> Option<Arc<BlockNode>> {
+        g.device(name)
+            .or_else(|| g.entry(name))
+            .map(|e| e.node.clone())
+    }
+
+    /// The node called `node_name`.
+    pub fn node(&self, node_name: &str) -> Option<Arc<BlockNode>> {
+        self.read().entry(node_name).map(|e| e.node.clone())
+    }
+
+    /// All nodes in creation order (QEMU's `bdrv_next_all_states`), implicit children
+    /// included.
+    pub fn nodes(&self) -> Vec<Arc<BlockNode>> {
+        self.read().entries.iter().map(|e| e.node.clone()).collect()
+    }
+
+    /// QEMU's `bdrv_lookup_bs(device, node)`: by device name, then by node name; else
+    /// `Cannot find device='<device>' nor node-name='<node>'`.
+    pub fn lookup_bs(
+        &self,
+        device: Option<&str>,
+        node: Option<&str>,
+    ) -> Result<Arc<BlockNode>, BlockError> {
+        let g = self.read();
+        if let Some(e) = device.and_then(|d| g.device(d)) {
+            return Ok(e.node.clone());
+        }
+        if let Some(e) = node.and_then(|n| g.entry(n)) {
+            return Ok(e.node.clone());
+        }
+        Err(BlockError::CannotFind {
+            device: device.unwrap_or_default().to_string(),
+            node: node.unwrap_or_default().to_string(),
+        })
+    }
+
+    /// QEMU's `bdrv_get_device_or_node_name`: the attached device's name if it has one, else
+    /// the node name.
+    pub fn device_or_node_name(&self, node: &BlockNode) -> String {
+        self.read()
+            .entries
+            .iter()
+            .find(|e| e.node.id() == node.id())
+            .and_then(|e| e.device.as_ref())
+            .filter(|d| !d.id.is_empty())
+            .map(|d| d.id.clone())
+            .unwrap_or_else(|| node.name().to_string())
+    }
+
+    // ---- devices ----------------------------------------------------------------------------
+
+    /// Attaches a guest device to a node and returns the node for its I/O. `device_id` is the
+    /// BlockBackend name (empty for `-device ...,drive=<node-name>`).
+    pub fn attach_device(
+        &self,
+        node_name: &str,
+        device_id: &str,
+        qdev: &str,
+    ) -> Result<Arc<BlockNode>, BlockError> {
+        let mut g = self.write();
+        if !device_id.is_empty() {
+            if g.device(device_id).is_some() {
+                return Err(BlockError::DuplicateDevice(device_id.to_string()));
+            }
+            if g.entry(device_id).is_some() {
+                return Err(BlockError::DeviceNameConflictsWithNode(
+                    device_id.to_string(),
+                ));
+            }
+        }
+        let e = g
+            .entries
+            .iter_mut()
+            .find(|e| e.node.name() == node_name)
+            .ok_or_else(|| BlockError::CannotFind {
+                device: String::new(),
+                node: node_name.to_string(),
+            })?;
+        if let Some(d) = &e.device {
+            return Err(BlockError::AlreadyAttached {
+                node: node_name.to_string(),
+                device: d.qdev.clone(),
+            });
+        }
+        e.device = Some(Device {
+            id: device_id.to_string(),
+            qdev: qdev.to_string(),
+        });
+        Ok(e.node.clone())
+    }
+
+    /// Detaches the device with this QOM path; returns whether one was attached.
+    pub fn detach_device(&self, qdev: &str) -> bool {
+        let mut g = self.write();
+        for e in &mut g.entries {
+            if e.device.as_ref().is_some_and(|d| d.qdev == qdev) {
+                e.device = None;
+                return true;
+            }
+        }
+        false
+    }
+
+    // ---- activation -------------------------------------------------------------------------
+
+    /// Inactivates every node, parents before children (QEMU's `bdrv_inactivate_all`). If one
+    /// fails, the nodes inactivated so far are activated again and the error is returned.
+    pub fn inactivate_all(&self) -> Result<(), BlockError> {
+        let mut nodes = self.nodes();
+        nodes.sort_by_key(|n| std::cmp::Reverse(n.id()));
+        let mut done: Vec<Arc<BlockNode>> = Vec::new();
+        for n in nodes {
+            let was_active = !n.is_inactive();
+            if let Err(e) = n.inactivate() {
+                for d in done.iter().rev() {
+                    let _ = d.activate();
+                }
+                return Err(e);
+            }
+            if was_active {
+                done.push(n);
+            }
+        }
+        Ok(())
+    }
+
+    /// Activates every node, children before parents (QEMU's `bdrv_activate_all`), and stops
+    /// opening new nodes inactive.
+    pub fn activate_all(&self) -> Result<(), BlockError> {
+        self.set_incoming(false);
+        let mut nodes = self.nodes();
+        nodes.sort_by_key(|n| n.id());
+        for n in nodes {
+            n.activate()?;
+        }
+        Ok(())
+    }
+
+    // ---- QMP bitmap commands ----------------------------------------------------------------
+
+    /// `block_dirty_bitmap_lookup`'s node step: `Node '<node>' not found`.
+    fn bitmap_node(&self, node: &str) -> Result<Arc<BlockNode>, BlockError> {
+        let g = self.read();
+        Self::find(&g, node).ok_or_else(|| BlockError::NodeNotFound(node.to_string()))
+    }
+
+    /// `block-dirty-bitmap-add`, with QEMU's checks in QEMU's order (§3.3). A persistent
+    /// bitmap on a read-only node is refused here (QEMU accepts it and loses it at shutdown).
+    pub fn block_dirty_bitmap_add(
+        &self,
+        node: &str,
+        name: &str,
+        granularity: Option<u32>,
+        persistent: Option<bool>,
+        disabled: Option<bool>,
+    ) -> Result<(), BlockError> {
+        if name.is_empty() {
+            return Err(BlockError::BitmapNameEmpty);
+        }
+        let bs = self.lookup_bs(Some(node), Some(node))?;
+        let granularity = match granularity {
+            Some(g) => {
+                granularity_shift(g)?;
+                g
+            }
+            None => bs.default_bitmap_granularity(),
+        };
+        let persistent = persistent.unwrap_or(false);
+        if persistent {
+            match bs.driver().bitmap_store() {
+                None => {
+                    return Err(BlockError::CannotStorePersistent(
+                        self.device_or_node_name(&bs),
+                    ))
+                }
+                Some(store) => {
+                    store.can_store_new(bs.name(), name, granularity)?;
+                    if bs.read_only() {
+                        return Err(BlockError::Driver(format!(
+                            "Can't make bitmap '{name}' persistent in '{}': No write access",
+                            bs.name()
+                        )));
+                    }
+                }
+            }
+        }
+        bs.with_bitmaps(|l| {
+            let id = l.create(granularity, Some(name))?;
+            if let Some(b) = l.get_mut(id) {
+                b.set_disabled(disabled.unwrap_or(false));
+                b.set_persistent(persistent);
+            }
+            Ok(())
+        })
+    }
+
+    /// `block-dirty-bitmap-remove`: refused for busy or readonly bitmaps (an inconsistent one
+    /// may go); a bitmap whose persistence holds is removed from the image first.
+    pub fn block_dirty_bitmap_remove(&self, node: &str, name: &str) -> Result<(), BlockError> {
+        let bs = self.bitmap_node(node)?;
+        bs.with_bitmaps(|l| {
+            let b = l.lookup(name)?;
+            b.check(BitmapCheck::BUSY | BitmapCheck::RO)?;
+            let id = b.id();
+            if b.get_persistence() {
+                if let Some(store) = bs.driver().bitmap_store() {
+                    store.remove(bs.name(), name)?;
+                }
+            }
+            l.release(id).map(drop)
+        })
+    }
+
+    /// `block-dirty-bitmap-clear`: refused for busy, readonly or inconsistent bitmaps.
+    pub fn block_dirty_bitmap_clear(&self, node: &str, name: &str) -> Result<(), BlockError> {
+        let bs = self.bitmap_node(node)?;
+        bs.with_bitmaps(|l| {
+            let b = l.lookup_mut(name)?;
+            b.check(BitmapCheck::DEFAULT)?;
+            b.clear()
+        })
+    }
+
+    /// `block-dirty-bitmap-enable`: refused for busy or inconsistent bitmaps; allowed on
+    /// readonly ones, as in QEMU.
+    pub fn block_dirty_bitmap_enable(&self, node: &str, name: &str) -> Result<(), BlockError> {
+        self.set_disabled(node, name, false)
+    }
+
+    /// `block-dirty-bitmap-disable`: as enable.
+    pub fn block_dirty_bitmap_disable(&self, node: &str, name: &str) -> Result<(), BlockError> {
+        self.set_disabled(node, name, true)
+    }
+
+    fn set_disabled(&self, node: &str, name: &str, disabled: bool) -> Result<(), BlockError> {
+        let bs = self.bitmap_node(node)?;
+        bs.with_bitmaps(|l| {
+            let b = l.lookup_mut(name)?;
+            b.check(BitmapCheck::ALLOW_RO)?;
+            b.set_disabled(disabled);
+            Ok(())
+        })
+    }
+
+    /// `block-dirty-bitmap-merge`: ORs every source into `target`, in order; on any error the
+    /// target is restored to its bits before the first merge, so it is all or nothing.
+    ///
+    /// An **empty** source list succeeds and changes nothing (QEMU 7.2 crashes on it, §5.4).
+    pub fn block_dirty_bitmap_merge(
+        &self,
+        node: &str,
+        target: &str,
+        sources: &[MergeSource],
+    ) -> Result<(), BlockError> {
+        let dst_node = self.bitmap_node(node)?;
+        // Resolve source nodes now (graph lock), report their errors in order later.
+        let src_nodes: Vec<Result<Arc<BlockNode>, BlockError>> = {
+            let g = self.read();
+            sources
+                .iter()
+                .map(|s| match s {
+                    MergeSource::Local(_) => Ok(dst_node.clone()),
+                    MergeSource::External { node, .. } => {
+                        Self::find(&g, node).ok_or_else(|| BlockError::NodeNotFound(node.clone()))
+                    }
+                })
+                .collect()
+        };
+        let mut locked: Vec<Arc<BlockNode>> = vec![dst_node.clone()];
+        for n in src_nodes.iter().flatten() {
+            if !locked.iter().any(|l| l.id() == n.id()) {
+                locked.push(n.clone());
+            }
+        }
+        locked.sort_by_key(|n| std::cmp::Reverse(n.id()));
+        let mut guards: Vec<_> = locked.iter().map(|n| (n.id(), n.bitmaps())).collect();
+        let di = guards
+            .iter()
+            .position(|(id, _)| *id == dst_node.id())
+            .ok_or_else(|| BlockError::NodeNotFound(node.to_string()))?;
+        let dst_id = {
+            let (_, g) = guards
+                .get(di)
+                .ok_or_else(|| BlockError::NodeNotFound(node.to_string()))?;
+            g.lookup(target)?.id()
+        };
+        let mut backup = None;
+        let mut result = Ok(());
+        for (src, src_node) in sources.iter().zip(&src_nodes) {
+            let step = (|| {
+                let src_node = src_node.clone()?;
+                let src_name = match src {
+                    MergeSource::Local(n) => n,
+                    MergeSource::External { name, .. } => name,
+                };
+                let si = guards
+                    .iter()
+                    .position(|(id, _)| *id == src_node.id())
+                    .ok_or_else(|| BlockError::NodeNotFound(src_node.name().to_string()))?;
+                if si == di {
+                    let (_, g) = guards
+                        .get_mut(di)
+                        .ok_or_else(|| BlockError::NodeNotFound(node.to_string()))?;
+                    let sid = g.lookup(src_name)?.id();
+                    return g.merge(dst_id, sid, &mut backup);
+                }
+                let (dg, sg) = if di < si {
+                    let (l, r) = guards.split_at_mut(si);
+                    (l.get_mut(di), r.first())
+                } else {
+                    let (l, r) = guards.split_at_mut(di);
+                    (r.first_mut(), l.get(si))
+                };
+                let (Some((_, dg)), Some((_, sg))) = (dg, sg) else {
+                    return Err(BlockError::NodeNotFound(node.to_string()));
+                };
+                let s = sg.lookup(src_name)?;
+                let d = dg
+                    .get_mut(dst_id)
+                    .ok_or_else(|| BlockError::BitmapNotFound(target.to_string()))?;
+                merge_into(d, s, &mut backup)
+            })();
+            if let Err(e) = step {
+                result = Err(e);
+                break;
+            }
+        }
+        if result.is_err() {
+            if let (Some(b), Some((_, g))) = (backup, guards.get_mut(di)) {
+                if let Some(d) = g.get_mut(dst_id) {
+                    d.restore(b);
+                }
+            }
+        }
+        result
+    }
+
+    /// `x-debug-block-dirty-bitmap-sha256`: the hex SHA-256 of the bits; no state checks.
+    pub fn x_debug_block_dirty_bitmap_sha256(
+        &self,
+        node: &str,
+        name: &str,
+    ) -> Result<String, BlockError> {
+        let bs = self.bitmap_node(node)?;
+        let l = bs.bitmaps();
+        Ok(l.lookup(name)?.sha256_hex())
+    }
+
+    // ---- queries ----------------------------------------------------------------------------
+
+    /// `query-named-block-nodes`: `BlockDeviceInfo` for every node, newest first (as QEMU 7.2
+    /// lists them). `flat` changes nothing here, since no node has a backing chain.
+    pub fn query_named_block_nodes(&self, _flat: bool) -> Value {
+        let nodes = self.nodes();
+        Value::Array(nodes.iter().rev().map(|n| block_device_info(n)).collect())
+    }
+
+    /// `query-block`: a `BlockInfo` for every attached device, in attach order of the nodes.
+    pub fn query_block(&self) -> Value {
+        let devices: Vec<(Device, Arc<BlockNode>)> = self
+            .read()
+            .entries
+            .iter()
+            .filter_map(|e| e.device.clone().map(|d| (d, e.node.clone())))
+            .collect();
+        Value::Array(
+            devices
+                .iter()
+                .map(|(d, n)| {
+                    json!({
+                        "device": d.id,
+                        "qdev": d.qdev,
+                        "locked": false,
+                        "removable": false,
+                        "type": "unknown",
+                        "io-status": "ok",
+                        "inserted": block_device_info(n),
+                    })
+                })
+                .collect(),
+        )
+    }
+}
+
+/// QEMU 7.2's `BlockDeviceInfo` for a node, with the fields a client looks at.
+pub fn block_device_info(n: &BlockNode) -> Value {
+    let filename = n.filename();
+    let size = n.size().unwrap_or(0);
+    let mut image = Map::new();
+    image.insert("filename".into(), json!(filename));
+    image.insert("format".into(), json!(n.driver_name()));
+    image.insert("virtual-size".into(), json!(size));
+    image.insert("actual-size".into(), json!(n.driver().allocated_size()));
+    if let Some(info) = n.driver().info() {
+        image.insert("dirty-flag".into(), json!(info.dirty));
+    }
+    let mut m = Map::new();
+    m.insert("file".into(), json!(filename));
+    m.insert("node-name".into(), json!(n.name()));
+    m.insert("ro".into(), json!(n.read_only()));
+    m.insert("drv".into(), json!(n.driver_name()));
+    m.insert("backing_file_depth".into(), json!(0));
+    m.insert("encrypted".into(), json!(false));
+    m.insert("detect_zeroes".into(), json!("off"));
+    for k in ["bps", "bps_rd", "bps_wr", "iops", "iops_rd", "iops_wr"] {
+        m.insert(k.into(), json!(0));
+    }
+    m.insert("image".into(), Value::Object(image));
+    m.insert(
+        "cache".into(),
+        json!({"writeback": true, "direct": false, "no-flush": n.flags().no_flush}),
+    );
+    m.insert("write_threshold".into(), json!(0));
+    let bitmaps = n.bitmap_info();
+    if !bitmaps.is_empty() {
+        m.insert("dirty-bitmaps".into(), Value::Array(bitmaps));
+    }
+    Value::Object(m)
+}

@@ -1,0 +1,592 @@
+//! A block node: one driver instance with its name, flags and dirty bitmaps, and the data path
+//! that keeps the bitmaps in step with writes.
+//!
+//! # Requests
+//!
+//! [`BlockNode::read_at`], [`BlockNode::write_at`], [`BlockNode::write_zeroes`] and
+//! [`BlockNode::discard`] are what a guest device or `qemu-io` uses (QEMU's BlockBackend
+//! checks): a request reaching past the node's size fails with `EIO`. A format driver talks to
+//! its child with the `child_*` variants, which may reach past the child's end (QEMU's
+//! node-level requests: reads there are zeroes, writes grow a file, and grow its bitmaps).
+//!
+//! Every write, write-zeroes and (effective) discard marks the node's **enabled** bitmaps over
+//! the request's range, rounded outward to each bitmap's granularity (QEMU's `bdrv_set_dirty`),
+//! once the driver has finished — whatever the driver's result, as QEMU does. A node carrying a
+//! readonly bitmap refuses writes with `EPERM`; an inactive node refuses them with `EPERM`; a
+//! read-only node with "Block node is read-only". Discards do nothing — and mark nothing —
+//! unless the node was opened with `discard=unmap` and its driver can discard (QEMU's default
+//! is `discard=ignore`; `null-co` has no discard).
+//!
+//! # Locking
+//!
+//! The node's mutable state (inactive flag, in-flight count, bitmaps) sits behind one mutex that
+//! is held only for short, non-blocking steps: checking flags before a request, marking bitmaps
+//! after it. The driver's I/O runs without it, so vCPU threads writing to the same node do not
+//! serialize on I/O, and the QMP or migration thread reading bitmaps never waits for a disk.
+//! [`BlockNode::inactivate`] waits for in-flight writes on a condition variable, which releases
+//! the mutex while it waits; the writers it waits for never wait for anything themselves.
+
+use crate::bitmap::{default_granularity, BitmapId, DirtyBitmaps};
+use crate::driver::{display_filename, BlockDriver, StoredBitmap};
+use crate::error::BlockError;
+use nix::errno::Errno;
+use serde_json::Value;
+use std::ops::{Deref, DerefMut};
+use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
+
+/// `BDRV_SECTOR_SIZE`: node sizes are whole sectors.
+pub const SECTOR_SIZE: u64 = 512;
+
+/// Largest piece a request is split into when the node has to allocate a buffer.
+const IO_CHUNK: u64 = 1 << 20;
+
+/// How a node is opened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct NodeFlags {
+    /// `read-only`.
+    pub read_only: bool,
+    /// `discard=unmap`.
+    pub discard_unmap: bool,
+    /// `cache.no-flush`.
+    pub no_flush: bool,
+    /// Open inactive (an incoming migration's destination).
+    pub inactive: bool,
+}
+
+struct NodeState {
+    inactive: bool,
+    in_flight: u64,
+    bitmaps: DirtyBitmaps,
+}
+
+/// A block node (QEMU's `BlockDriverState`).
+pub struct BlockNode {
+    id: u64,
+    name: String,
+    driver: Box<dyn BlockDriver>,
+    flags: NodeFlags,
+    state: Mutex<NodeState>,
+    idle: Condvar,
+}
+
+impl std::fmt::Debug for BlockNode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BlockNode")
+            .field("name", &self.name)
+            .field("driver", &self.driver.format_name())
+            .field("flags", &self.flags)
+            .finish()
+    }
+}
+
+/// Exclusive access to a node's bitmaps. Hold it briefly: while it is held, writes to the node
+/// wait to mark their bitmaps, and a write from the holding thread would deadlock.
+pub struct BitmapsGuard<'a>(MutexGuard<'a, NodeState>);
+
+impl Deref for BitmapsGuard<'_> {
+    type Target = DirtyBitmaps;
+    fn deref(&self) -> &DirtyBitmaps {
+        &self.0.bitmaps
+    }
+}
+
+impl DerefMut for BitmapsGuard<'_> {
+    fn deref_mut(&mut self) -> &mut DirtyBitmaps {
+        &mut self.0.bitmaps
+    }
+}
+
+/// Rounds a driver length up to whole sectors (QEMU's `bdrv_getlength`).
+fn round_to_sectors(len: u64) -> Result<u64, BlockError> {
+    len.checked_next_multiple_of(SECTOR_SIZE)
+        .filter(|&l| l <= i64::MAX as u64)
+        .ok_or(BlockError::Io(Errno::EFBIG))
+}
+
+impl BlockNode {
+    /// Wraps an opened driver as node `name`. `id` orders nodes for locking: a node's id must
+    /// be larger than its children's (the layer hands out increasing ids, and children are
+    /// opened first). Loads the driver's persistent bitmaps.
+    pub fn new(
+        id: u64,
+        name: &str,
+        driver: Box<dyn BlockDriver>,
+        flags: NodeFlags,
+    ) -> Result<Self, BlockError> {
+        let size = round_to_sectors(driver.length()?)?;
+        let mut bitmaps = DirtyBitmaps::new(name, size);
+        if let Some(store) = driver.bitmap_store() {
+            for lb in store.load(size)? {
+                bitmaps.insert_loaded(lb, flags.read_only)?;
+            }
+        }
+        Ok(BlockNode {
+            id,
+            name: name.to_string(),
+            driver,
+            flags,
+            state: Mutex::new(NodeState {
+                inactive: flags.inactive,
+                in_flight: 0,
+                bitmaps,
+            }),
+            idle: Condvar::new(),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, NodeState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Lock-ordering key (see the crate documentation).
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+    /// The node name (`#block…` when generated).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+    /// Whether the name was generated (such nodes cannot migrate bitmaps).
+    pub fn auto_named(&self) -> bool {
+        self.name.starts_with('#')
+    }
+    /// The driver name (`drv`).
+    pub fn driver_name(&self) -> &'static str {
+        self.driver.format_name()
+    }
+    /// The driver.
+    pub fn driver(&self) -> &dyn BlockDriver {
+        self.driver.as_ref()
+    }
+    /// The flags the node was opened with.
+    pub fn flags(&self) -> NodeFlags {
+        self.flags
+    }
+    /// `read-only`.
+    pub fn read_only(&self) -> bool {
+        self.flags.read_only
+    }
+    /// Whether the node is inactive (handed over to a migration destination, or not yet
+    /// received from a source).
+    pub fn is_inactive(&self) -> bool {
+        self.lock().inactive
+    }
+    /// Writes currently between their flag check and their bitmap marking.
+    pub fn in_flight(&self) -> u64 {
+        self.lock().in_flight
+    }
+    /// Size in bytes: the driver's length rounded up to whole sectors, as QEMU reports it.
+    pub fn size(&self) -> Result<u64, BlockError> {
+        round_to_sectors(self.driver.length()?)
+    }
+    /// The driver's cluster size, if it reports one.
+    pub fn cluster_size(&self) -> Option<u64> {
+        self.driver.cluster_size()
+    }
+    /// Granularity a bitmap gets when `block-dirty-bitmap-add` gives none.
+    pub fn default_bitmap_granularity(&self) -> u32 {
+        default_granularity(self.driver.cluster_size())
+    }
+    /// Whether the driver can store persistent bitmaps.
+    pub fn can_store_persistent_bitmaps(&self) -> bool {
+        self.driver.can_store_persistent_bitmaps()
+    }
+    /// The filename `query-block` shows.
+    pub fn filename(&self) -> String {
+        display_filename(&self.driver.filename())
+    }
+
+    // ---- requests -------------------------------------------------------------------------
+
+    fn check_request(&self, offset: u64, len: u64) -> Result<(), BlockError> {
+        let size = self.size()?;
+        if offset > size || len > size - offset {
+            return Err(BlockError::Io(Errno::EIO));
+        }
+        Ok(())
+    }
+
+    fn check_writable(&self, st: &NodeState) -> Result<(), BlockError> {
+        if self.flags.read_only {
+            return Err(BlockError::ReadOnlyNode);
+        }
+        if st.inactive || st.bitmaps.has_readonly() {
+            return Err(BlockError::Io(Errno::EPERM));
+        }
+        Ok(())
+    }
+
+    fn begin_write(&self) -> Result<(), BlockError> {
+        let mut st = self.lock();
+        self.check_writable(&st)?;
+        st.in_flight += 1;
+        Ok(())
+    }
+
+    fn end_write(&self, offset: u64, len: u64, may_grow: bool) {
+        let grown = if may_grow && offset.saturating_add(len) > self.lock().bitmaps.size() {
+            self.size().ok()
+        } else {
+            None
+        };
+        let mut st = self.lock();
+        if let Some(size) = grown {
+            st.bitmaps.grow(size);
+        }
+        st.bitmaps.mark(offset, len);
+        st.in_flight = st.in_flight.saturating_sub(1);
+        if st.in_flight == 0 {
+            self.idle.notify_all();
+        }
+    }
+
+    fn write_inner(
+        &self,
+        offset: u64,
+        len: u64,
+        may_grow: bool,
+        io: impl FnOnce() -> Result<(), BlockError>,
+    ) -> Result<(), BlockError> {
+        self.begin_write()?;
+        let r = io();
+        self.end_write(offset, len, may_grow);
+        r
+    }
+
+    fn discard_inner(&self, offset: u64, len: u64) -> Result<(), BlockError> {
+        self.check_writable(&self.lock())?;
+        if !self.flags.discard_unmap || !self.driver.supports_discard() {
+            return Ok(());
+        }
+        self.write_inner(offset, len, false, || self.driver.discard(offset, len))
+    }
+
+    /// Reads `buf.len()` bytes at `offset` (`EIO` past the end).
+    pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), BlockError> {
+        self.check_request(offset, buf.len() as u64)?;
+        self.driver.read_at(offset, buf)
+    }
+
+    /// Writes `buf` at `offset` and marks the enabled bitmaps.
+    pub fn write_at(&self, offset: u64, buf: &[u8]) -> Result<(), BlockError> {
+        let len = buf.len() as u64;
+        self.check_request(offset, len)?;
+        self.write_inner(offset, len, false, || self.driver.write_at(offset, buf))
+    }
+
+    /// Zeroes `[offset, offset+len)` (deallocating if `may_unmap` and the node has
+    /// `discard=unmap`) and marks the enabled bitmaps.
+    pub fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> Result<(), BlockError> {
+        self.check_request(offset, len)?;
+        let unmap = may_unmap && self.flags.discard_unmap;
+        self.write_inner(offset, len, false, || {
+            self.driver.write_zeroes(offset, len, unmap)
+        })
+    }
+
+    /// Discards `[offset, offset+len)`; marks the enabled bitmaps when the discard is passed to
+    /// the driver (see the module documentation).
+    pub fn discard(&self, offset: u64, len: u64) -> Result<(), BlockError> {
+        self.check_request(offset, len)?;
+        self.discard_inner(offset, len)
+    }
+
+    /// Makes written data durable (a no-op with `cache.no-flush`).
+    pub fn flush(&self) -> Result<(), BlockError> {
+        if self.flags.no_flush {
+            return Ok(());
+        }
+        self.driver.flush()
+    }
+
+    /// A format driver's read of its child: past the end reads zeroes.
+    pub fn child_read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), BlockError> {
+        offset
+            .checked_add(buf.len() as u64)
+            .ok_or(BlockError::Io(Errno::EINVAL))?;
+        self.driver.read_at(offset, buf)
+    }
+
+    /// A format driver's write to its child: may grow it (and its bitmaps).
+    pub fn child_write_at(&self, offset: u64, buf: &[u8]) -> Result<(), BlockError> {
+        let len = buf.len() as u64;
+        offset
+            .checked_add(len)
+            .ok_or(BlockError::Io(Errno::EINVAL))?;
+        self.write_inner(offset, len, true, || self.driver.write_at(offset, buf))
+    }
+
+    /// A format driver's write-zeroes on its child.
+    pub fn child_write_zeroes(
+        &self,
+        offset: u64,
+        len: u64,
+        may_unmap: bool,
+    ) -> Result<(), BlockError> {
+        offset
+            .checked_add(len)
+            .ok_or(BlockError::Io(Errno::EINVAL))?;
+        let unmap = may_unmap && self.flags.discard_unmap;
+        self.write_inner(offset, len, true, || {
+            self.driver.write_zeroes(offset, len, unmap)
+        })
+    }
+
+    /// A format driver's discard on its child.
+    pub fn child_discard(&self, offset: u64, len: u64) -> Result<(), BlockError> {
+        offset
+            .checked_add(len)
+            .ok_or(BlockError::Io(Errno::EINVAL))?;
+        self.discard_inner(offset, len)
+    }
+
+    /// Resizes the node and all its bitmaps. Refused while a bitmap is busy or has a
+    /// successor (QEMU asserts), on read-only and on inactive nodes.
+    ///
+    /// The driver call runs with the node's state locked, so no bitmap can become busy halfway;
+    /// it is a host call that never waits for another thread.
+    pub fn truncate(&self, size: u64) -> Result<(), BlockError> {
+        if self.flags.read_only {
+            return Err(BlockError::ReadOnlyNode);
+        }
+        let mut st = self.lock();
+        if st.inactive {
+            return Err(BlockError::Io(Errno::EPERM));
+        }
+        st.bitmaps.check_truncatable()?;
+        self.driver.truncate(size)?;
+        let new_size = self.size()?;
+        st.bitmaps.truncate(new_size)
+    }
+
+    // ---- activation -----------------------------------------------------------------------
+
+    /// Inactivates this node (not its children): refuses new writes, waits for writes in
+    /// flight, flushes, stores the bitmaps whose persistence holds (`persistent &&
+    /// !skip_store`) through the driver and drops them from memory, then lets the driver
+    /// release the image. Bitmaps with `skip_store` stay in memory. If a step fails the node is
+    /// active again, so a source whose hand-over failed keeps running.
+    pub fn inactivate(&self) -> Result<(), BlockError> {
+        {
+            let mut st = self.lock();
+            if st.inactive {
+                return Ok(());
+            }
+            st.inactive = true;
+            while st.in_flight > 0 {
+                st = self.idle.wait(st).unwrap_or_else(PoisonError::into_inner);
+            }
+        }
+        let r = self
+            .flush()
+            .and_then(|()| self.store_bitmaps())
+            .and_then(|()| self.driver.inactivate());
+        if r.is_err() {
+            self.lock().inactive = false;
+        }
+        r
+    }
+
+    fn store_bitmaps(&self) -> Result<(), BlockError> {
+        let Some(store) = self.driver.bitmap_store() else {
+            return Ok(());
+        };
+        let mut st = self.lock();
+        let list = &st.bitmaps;
+        let chosen: Vec<_> = list
+            .named()
+            .filter(|b| b.get_persistence() && !b.readonly() && !b.inconsistent())
+            .collect();
+        if chosen.is_empty() {
+            return Ok(());
+        }
+        let stored: Vec<StoredBitmap<'_>> = chosen
+            .iter()
+            .map(|b| StoredBitmap {
+                name: b.name().unwrap_or_default(),
+                granularity: b.granularity(),
+                enabled: list.recording(b.id()),
+                bitmap: b.hbitmap(),
+            })
+            .collect();
+        store.store(&stored)?;
+        let ids: Vec<BitmapId> = chosen
+            .iter()
+            .filter(|b| !b.busy() && b.successor().is_none())
+            .map(|b| b.id())
+            .collect();
+        for id in ids {
+            let _ = st.bitmaps.release(id);
+        }
+        Ok(())
+    }
+
+    /// Activates this node (not its children): the driver takes the image back, persistent
+    /// bitmaps are loaded again (names already in memory are kept as they are), and every
+    /// bitmap's `skip_store` is reset — QEMU's `bdrv_activate`, which does this only for nodes
+    /// that were inactive.
+    pub fn activate(&self) -> Result<(), BlockError> {
+        let mut st = self.lock();
+        if !st.inactive {
+            return Ok(());
+        }
+        self.driver.activate()?;
+        if let Some(store) = self.driver.bitmap_store() {
+            let size = st.bitmaps.size();
+            for lb in store.load(size)? {
+                st.bitmaps.insert_loaded(lb, self.flags.read_only)?;
+            }
+        }
+        for b in st.bitmaps.iter_mut() {
+            b.set_skip_store(false);
+        }
+        st.inactive = false;
+        Ok(())
+    }
+
+    // ---- bitmaps --------------------------------------------------------------------------
+
+    /// Locks the node's bitmaps. See [`BitmapsGuard`] for how long to hold it.
+    pub fn bitmaps(&self) -> BitmapsGuard<'_> {
+        BitmapsGuard(self.lock())
+    }
+
+    /// Runs `f` on the node's bitmaps with the lock held.
+    pub fn with_bitmaps<R>(&self, f: impl FnOnce(&mut DirtyBitmaps) -> R) -> R {
+        f(&mut self.lock().bitmaps)
+    }
+
+    /// Creates a bitmap of `granularity` bytes (an error, never an assertion, for a bad one).
+    pub fn create_bitmap(
+        &self,
+        granularity: u32,
+        name: Option<&str>,
+    ) -> Result<BitmapId, BlockError> {
+        self.with_bitmaps(|l| l.create(granularity, name))
+    }
+
+    /// `dirty-bitmaps` entries for queries, newest first.
+    pub fn bitmap_info(&self) -> Vec<Value> {
+        self.lock().bitmaps.info()
+    }
+}
+
+/// Runs `io` over `[offset, offset+len)` in pieces of at most 1 MiB, for callers that need a
+/// buffer per piece.
+pub(crate) fn for_each_piece(
+    offset: u64,
+    len: u64,
+    mut io: impl FnMut(u64, usize) -> Result<(), BlockError>,
+) -> Result<(), BlockError> {
+    let mut done = 0u64;
+    while done < len {
+        let n = (len - done).min(IO_CHUNK);
+        io(offset + done, n as usize)?;
+        done += n;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::driver::null::NullDriver;
+
+    fn null_node(size: u64, flags: NodeFlags) -> BlockNode {
+        BlockNode::new(
+            1,
+            "n0",
+            Box::new(NullDriver::new(Some(size), Some(true), None)),
+            flags,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn size_rounds_up_to_sectors() {
+        let n = null_node(1_000_000, NodeFlags::default());
+        assert_eq!(n.size().unwrap(), 1_000_448);
+        assert_eq!(n.bitmaps().size(), 1_000_448);
+    }
+
+    #[test]
+    fn writes_mark_enabled_bitmaps_only() {
+        let n = null_node(1_000_000, NodeFlags::default());
+        let on = n.create_bitmap(65536, Some("on")).unwrap();
+        let off = n.create_bitmap(512, Some("off")).unwrap();
+        n.with_bitmaps(|l| l.get_mut(off).unwrap().set_disabled(true));
+        n.write_zeroes(200_000, 1, false).unwrap();
+        n.write_at(999_999, &[0u8; 449]).unwrap();
+        assert_eq!(
+            n.write_at(999_999, &[0u8; 450]),
+            Err(BlockError::Io(Errno::EIO))
+        );
+        let l = n.bitmaps();
+        assert_eq!(l.get(on).unwrap().count(), 131072);
+        assert_eq!(l.get(off).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn qemu_sha_after_write_zeroes() {
+        // QEMU 7.2: null-co size=1000000, bitmap b0 granularity 65536, `write -z 200000 1`.
+        let n = null_node(1_000_000, NodeFlags::default());
+        let id = n.create_bitmap(65536, Some("b0")).unwrap();
+        n.discard(70000, 1).unwrap();
+        n.write_zeroes(200_000, 1, false).unwrap();
+        assert_eq!(
+            n.bitmaps().get(id).unwrap().sha256_hex(),
+            "6cc16abd70eefb90dc0ba0d14fb088630873b2c6ad943f7442356735984c35a3"
+        );
+    }
+
+    #[test]
+    fn readonly_bitmap_inactive_and_readonly_node_refuse_writes() {
+        let n = null_node(1 << 20, NodeFlags::default());
+        let id = n.create_bitmap(65536, Some("b")).unwrap();
+        n.with_bitmaps(|l| l.get_mut(id).unwrap().set_readonly(true));
+        assert_eq!(n.write_at(0, &[1]), Err(BlockError::Io(Errno::EPERM)));
+        assert_eq!(n.discard(0, 512), Err(BlockError::Io(Errno::EPERM)));
+        n.with_bitmaps(|l| l.get_mut(id).unwrap().set_readonly(false));
+        n.inactivate().unwrap();
+        assert!(n.is_inactive());
+        assert_eq!(n.write_at(0, &[1]), Err(BlockError::Io(Errno::EPERM)));
+        let mut b = [0u8; 4];
+        n.read_at(0, &mut b).unwrap();
+        n.activate().unwrap();
+        n.write_at(0, &[1]).unwrap();
+        let ro = null_node(
+            1 << 20,
+            NodeFlags {
+                read_only: true,
+                ..Default::default()
+            },
+        );
+        assert_eq!(ro.write_at(0, &[1]), Err(BlockError::ReadOnlyNode));
+    }
+
+    #[test]
+    fn inactivate_waits_for_writes_in_flight() {
+        use std::sync::Arc;
+        let n = Arc::new(
+            BlockNode::new(
+                1,
+                "slow",
+                Box::new(NullDriver::new(Some(1 << 20), None, Some(50_000_000))),
+                NodeFlags::default(),
+            )
+            .unwrap(),
+        );
+        let id = n.create_bitmap(65536, Some("b")).unwrap();
+        let w = {
+            let n = n.clone();
+            std::thread::spawn(move || n.write_at(0, &[1u8; 512]))
+        };
+        while n.in_flight() == 0 {
+            std::thread::yield_now();
+        }
+        n.inactivate().unwrap();
+        // The write that was in flight finished, and marked, before inactivation completed.
+        assert_eq!(n.bitmaps().get(id).unwrap().count(), 65536);
+        assert!(w.join().unwrap().is_ok());
+    }
+}
