@@ -44,6 +44,12 @@ pub enum MigrationError {
         #[source]
         source: std::io::Error,
     },
+    /// The stream could not be read or written.
+    #[error("{0}")]
+    Wire(#[from] wire::WireError),
+    /// The block layer refused an operation (its message is QEMU's).
+    #[error("{0}")]
+    Block(#[from] block::BlockError),
     /// The incoming stream was well-formed but could not be applied to this VM.
     #[error("{0}")]
     Load(String),

@@ -2,16 +2,37 @@
 //!
 //! It moves a VM's RAM, device state and block dirty bitmaps over QEMU's migration stream, with
 //! QEMU's state machine, capabilities and parameters. A VMM embeds it by implementing a few
-//! traits — its guest memory ([`guest::RamBlock`]), its devices and its run state — and gets
-//! precopy migration to and from livemig or QEMU.
+//! traits — its guest memory ([`guest::RamBlock`]), its devices ([`machine::DeviceState`]) and
+//! the machine itself ([`machine::Machine`]) — and gets precopy migration to and from livemig
+//! or QEMU, driven through [`Migration`] with QMP's semantics.
+//!
+//! | module | owns |
+//! |---|---|
+//! | [`engine`] | the [`Migration`] object: capabilities, parameters, state, QMP-shaped operations |
+//! | [`outgoing`] / [`incoming`] | the source's migration thread / the destination's loader |
+//! | [`ram`] | the `ram` section |
+//! | [`bitmaps`] | the `dirty-bitmap` section |
+//! | [`globalstate`] | the `globalstate` section |
+//! | [`guest`] | the seam to guest memory (the crate's only `unsafe`) |
+//! | [`transport`] | `tcp:`, `unix:`, `exec:`, `file:` |
 #![deny(unsafe_code)]
 
+pub mod bitmaps;
 pub mod caps;
+pub mod engine;
 pub mod error;
+pub mod events;
+pub mod globalstate;
 pub mod guest;
+pub mod incoming;
+pub mod machine;
+pub mod outgoing;
 pub mod params;
+pub mod ram;
+pub mod runstate;
 pub mod status;
 pub mod transport;
 
+pub use engine::{Migration, MigrationOptions};
 pub use error::MigrationError;
 pub use status::MigrationStatus;

@@ -1,6 +1,14 @@
-//! The reference VM: guest memory, dirty tracking, vCPU workload, devices.
+//! The reference VM: guest memory and dirty tracking, vCPUs running a deterministic workload,
+//! a clock, a serial console, a memory map, and its implementation of the migration engine's
+//! `Machine` trait.
 #![deny(unsafe_code)]
 
+pub mod clock;
+pub mod devices;
+pub mod machine;
 pub mod memmap;
 pub mod memory;
+pub mod runctl;
 pub mod workload;
+
+pub use machine::{MachineType, RamReport, Vm, VmConfig};

@@ -43,7 +43,7 @@ pub enum MemoryError {
 impl GuestRam {
     /// Maps `size` bytes of zeroed guest RAM named `name`.
     pub fn new(name: &str, size: u64) -> Result<Self, MemoryError> {
-        if size == 0 || size % PAGE_SIZE != 0 {
+        if size == 0 || !size.is_multiple_of(PAGE_SIZE) {
             return Err(MemoryError::BadSize(size));
         }
         let len = usize::try_from(size).map_err(|_| MemoryError::BadSize(size))?;

@@ -239,7 +239,7 @@ impl VcpuState {
             offset: page_no * PAGE_SIZE,
             data,
         };
-        let effect = if cfg.disk_every != 0 && self.steps % cfg.disk_every == 0 {
+        let effect = if cfg.disk_every != 0 && self.steps.is_multiple_of(cfg.disk_every) {
             self.disk_writes += 1;
             let offset = (xorshift(&mut self.rng) >> 16) * PAGE_SIZE;
             let mut block = Box::new([0u8; PAGE_SIZE as usize]);
@@ -248,7 +248,10 @@ impl VcpuState {
                 offset,
                 data: block,
             }
-        } else if cfg.serial_every != 0 && self.id == 0 && self.steps % cfg.serial_every == 0 {
+        } else if cfg.serial_every != 0
+            && self.id == 0
+            && self.steps.is_multiple_of(cfg.serial_every)
+        {
             SideEffect::Serial(format!("vcpu{} steps={}\n", self.id, self.steps))
         } else {
             SideEffect::None

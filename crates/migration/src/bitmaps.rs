@@ -1,0 +1,682 @@
+//! The `dirty-bitmap` section (version 1): named block dirty bitmaps, byte for byte as QEMU
+//! writes them (`shared/reference/dirty-bitmaps.md` §4).
+//!
+//! Source. Setup selects the bitmaps (all named ones, or those `block-bitmap-mapping` maps),
+//! refuses busy, readonly and inconsistent ones with QEMU's messages, marks the selected ones
+//! busy and `skip_store`, and sends a START chunk for each. In precopy the data goes at
+//! switchover, in the END section: BITS chunks of 1 KiB of bitmap (8192 granules) per chunk,
+//! ZEROES for all-clear chunks, then COMPLETE for each bitmap. Cleanup releases them; after a
+//! failure or cancel it also clears `skip_store`, so a persistent bitmap is never lost from
+//! its image (QEMU leaves it set and loses the bitmap at the next shutdown).
+//!
+//! Destination. QEMU trusts the stream here and aborts on a bitmap whose node is smaller than
+//! the source's (seed 000), on a bad granularity, or on a misaligned chunk. livemig checks
+//! every chunk against the destination node before it touches the bitmap:
+//! - granularity must be a power of two in [512, 2^31];
+//! - every BITS range must lie inside the destination node and start on a 64-granule
+//!   boundary;
+//! - the source's size — the end of its last chunk, since every chunk is always sent — must
+//!   equal the destination node's size.
+//!
+//! A bitmap failing any check is dropped with an error naming the bitmap, the node and the
+//! reason; the rest of the migration, other bitmaps included, carries on. (QEMU's own
+//! "cancel" drops *every* incoming bitmap on the first problem; livemig drops only the
+//! offending one.) Where QEMU fails the whole migration — reserved START flags, a bitmap name
+//! that already exists on the destination, an unreadable alias — livemig fails it too,
+//! cleanly, and removes the bitmaps it had created.
+
+use crate::error::MigrationError;
+use crate::machine::{Reader, Writer};
+use crate::params::BitmapMapping;
+use block::bitmap::{BitmapCheck, BitmapId};
+use block::node::{BlockNode, SECTOR_SIZE};
+use block::BlockLayer;
+use std::sync::Arc;
+use wire::bitmap::{
+    buffer_size, pad_buffer, read_chunk, write_chunk, BitsData, Chunk, ChunkPayload, NameTracker,
+    CHUNK_SIZE, START_FLAG_ENABLED, START_FLAG_PERSISTENT, START_FLAG_RESERVED_MASK,
+};
+
+/// The section's idstr.
+pub const BITMAP_IDSTR: &str = wire::bitmap::DIRTY_BITMAP_IDSTR;
+/// The section's version; QEMU accepts exactly this one.
+pub const BITMAP_VERSION: u32 = wire::bitmap::DIRTY_BITMAP_VERSION;
+
+/// Sectors of disk covered by one BITS chunk of a bitmap of `granularity` bytes: 8192
+/// granules (1 KiB of bitmap), kept within the be32 count and on a 64-granule boundary.
+fn sectors_per_chunk(granularity: u32) -> u64 {
+    let per = CHUNK_SIZE * 8 * (u64::from(granularity) >> 9);
+    let align = 64 * (u64::from(granularity) >> 9);
+    if per <= u64::from(u32::MAX) {
+        per
+    } else {
+        (u64::from(u32::MAX) / align) * align
+    }
+}
+
+struct OutBitmap {
+    node: Arc<BlockNode>,
+    id: BitmapId,
+    node_alias: String,
+    alias: String,
+    granularity: u32,
+    start_flags: u8,
+    /// Node size in bytes.
+    size: u64,
+}
+
+/// The source side.
+pub struct BitmapSaver {
+    bitmaps: Vec<OutBitmap>,
+    names: NameTracker,
+}
+
+impl BitmapSaver {
+    /// Selects the bitmaps to migrate and marks them busy, or refuses with QEMU's message and
+    /// changes nothing.
+    pub fn setup(
+        layer: Arc<BlockLayer>,
+        mapping: Option<&BitmapMapping>,
+    ) -> Result<Self, MigrationError> {
+        let mut selected = Vec::new();
+        for node in layer.nodes() {
+            let node_alias = match mapping {
+                Some(m) => match m.node_alias(node.name()) {
+                    Some(n) => Some(n),
+                    None => continue,
+                },
+                None => None,
+            };
+            let alias = node_alias
+                .map(|n| n.alias.clone())
+                .unwrap_or_else(|| layer.device_or_node_name(&node));
+            let size = node.size()?;
+            let picked = node.with_bitmaps(|list| -> Result<Vec<OutBitmap>, MigrationError> {
+                let mut v = Vec::new();
+                for bm in list.named() {
+                    let name = bm.name().unwrap_or_default();
+                    let (balias, persistent_override) = match node_alias {
+                        Some(n) => match n.bitmaps.iter().find(|b| b.name == name) {
+                            Some(b) => (b.alias.clone(), b.persistent),
+                            None => continue,
+                        },
+                        None => (name.to_string(), None),
+                    };
+                    if node.auto_named() && node_alias.is_none() {
+                        return Err(MigrationError::Other(format!(
+                            "Bitmap '{name}' in a node with auto-generated name '{}' can't be migrated",
+                            node.name()
+                        )));
+                    }
+                    if node_alias.is_none() && name.len() > 255 {
+                        return Err(MigrationError::Other(format!(
+                            "Cannot migrate bitmap '{name}' on node '{}': Name is longer than 255 bytes",
+                            node.name()
+                        )));
+                    }
+                    bm.check(BitmapCheck::DEFAULT)?;
+                    let mut flags = 0;
+                    if bm.enabled() {
+                        flags |= START_FLAG_ENABLED;
+                    }
+                    if persistent_override.unwrap_or(bm.persistent()) {
+                        flags |= START_FLAG_PERSISTENT;
+                    }
+                    v.push(OutBitmap {
+                        node: node.clone(),
+                        id: bm.id(),
+                        node_alias: alias.clone(),
+                        alias: balias,
+                        granularity: bm.granularity(),
+                        start_flags: flags,
+                        size,
+                    });
+                }
+                Ok(v)
+            })?;
+            selected.extend(picked);
+        }
+        for b in &selected {
+            b.node.with_bitmaps(|list| {
+                if let Some(bm) = list.get_mut(b.id) {
+                    bm.set_busy(true);
+                    bm.set_skip_store(true);
+                }
+            });
+        }
+        Ok(BitmapSaver {
+            bitmaps: selected,
+            names: NameTracker::new(),
+        })
+    }
+
+    /// Whether there is anything to send.
+    pub fn is_active(&self) -> bool {
+        !self.bitmaps.is_empty()
+    }
+
+    /// Bytes the END section will carry (sent inside the downtime in precopy).
+    pub fn pending_bytes(&self) -> u64 {
+        self.bitmaps
+            .iter()
+            .map(|b| {
+                let per = sectors_per_chunk(b.granularity);
+                let sectors = b.size.div_ceil(SECTOR_SIZE);
+                let chunks = sectors.div_ceil(per).max(1);
+                let granules = b.size.div_ceil(u64::from(b.granularity));
+                chunks * 21 + buffer_size(granules) + 2
+            })
+            .sum()
+    }
+
+    fn chunk(&mut self, b_index: usize, payload: ChunkPayload) -> Chunk {
+        let b = &self.bitmaps[b_index];
+        let (node, mut bitmap) = self.names.encode(&b.node_alias, &b.alias);
+        // QEMU compares bitmap objects, not names: a new node always names its bitmap too.
+        if node.is_some() && bitmap.is_none() {
+            bitmap = Some(b.alias.clone());
+        }
+        Chunk {
+            node,
+            bitmap,
+            payload,
+            eos: false,
+        }
+    }
+
+    /// The START section's body: a START chunk per bitmap, then EOS.
+    pub fn save_setup(&mut self, w: &mut Writer) -> Result<(), MigrationError> {
+        for i in 0..self.bitmaps.len() {
+            let (granularity, flags) = (self.bitmaps[i].granularity, self.bitmaps[i].start_flags);
+            let c = self.chunk(i, ChunkPayload::Start { granularity, flags });
+            write_chunk(w, &c)?;
+        }
+        write_chunk(w, &Chunk::eos())?;
+        Ok(())
+    }
+
+    /// The END section's body: every chunk of every bitmap, COMPLETE for each, EOS.
+    pub fn save_complete(&mut self, w: &mut Writer) -> Result<(), MigrationError> {
+        let mut buf = Vec::new();
+        for i in 0..self.bitmaps.len() {
+            let (node, id, size, gran) = {
+                let b = &self.bitmaps[i];
+                (b.node.clone(), b.id, b.size, b.granularity)
+            };
+            let total_sectors = size.div_ceil(SECTOR_SIZE);
+            let per = sectors_per_chunk(gran);
+            let mut sector = 0u64;
+            while sector < total_sectors {
+                let nr = per.min(total_sectors - sector);
+                let (off, len) = (
+                    sector * SECTOR_SIZE,
+                    (nr * SECTOR_SIZE).min(size - sector * SECTOR_SIZE),
+                );
+                buf.clear();
+                let all_zero = node.with_bitmaps(|list| -> Result<bool, MigrationError> {
+                    let bm = list.get(id).ok_or_else(|| {
+                        MigrationError::Other("a migrating bitmap disappeared".into())
+                    })?;
+                    let n = bm.serialization_size(off, len)?;
+                    buf.resize(n as usize, 0);
+                    bm.serialize_part(&mut buf, off, len)?;
+                    Ok(bm.hbitmap().next_dirty(off, len).is_none())
+                })?;
+                let data = if all_zero {
+                    BitsData::Zeroes
+                } else {
+                    pad_buffer(&mut buf);
+                    BitsData::Buffer(std::mem::take(&mut buf))
+                };
+                let c = self.chunk(
+                    i,
+                    ChunkPayload::Bits {
+                        start_sector: sector,
+                        nr_sectors: nr as u32,
+                        data,
+                    },
+                );
+                write_chunk(w, &c)?;
+                if let ChunkPayload::Bits {
+                    data: BitsData::Buffer(b),
+                    ..
+                } = c.payload
+                {
+                    buf = b;
+                }
+                sector += nr;
+            }
+        }
+        for i in 0..self.bitmaps.len() {
+            let c = self.chunk(i, ChunkPayload::Complete);
+            write_chunk(w, &c)?;
+        }
+        write_chunk(w, &Chunk::eos())?;
+        Ok(())
+    }
+
+    /// Releases the bitmaps. After a failed or cancelled migration the source keeps them as
+    /// they were, persistence included; after a successful one they stay un-stored, because
+    /// the destination owns them now (QEMU's behaviour, kept by design).
+    pub fn cleanup(self, success: bool) {
+        for b in &self.bitmaps {
+            b.node.with_bitmaps(|list| {
+                if let Some(bm) = list.get_mut(b.id) {
+                    bm.set_busy(false);
+                    if !success {
+                        bm.set_skip_store(false);
+                    }
+                }
+            });
+        }
+    }
+}
+
+struct InBitmap {
+    node: Arc<BlockNode>,
+    node_alias: String,
+    alias: String,
+    name: String,
+    id: BitmapId,
+    enable: bool,
+    /// One past the last byte covered by BITS chunks so far.
+    covered: u64,
+    completed: bool,
+}
+
+/// The destination side.
+pub struct BitmapLoader {
+    layer: Arc<BlockLayer>,
+    mapping: Option<BitmapMapping>,
+    names: NameTracker,
+    bitmaps: Vec<InBitmap>,
+    /// (node alias, bitmap alias) pairs whose chunks are ignored from now on.
+    dropped: Vec<(String, String)>,
+    /// Errors about dropped bitmaps, for the operator.
+    pub errors: Vec<String>,
+}
+
+enum Step {
+    Continue,
+    End,
+}
+
+impl BitmapLoader {
+    /// A loader creating bitmaps in `layer`, resolving aliases through `mapping` if set.
+    pub fn new(layer: Arc<BlockLayer>, mapping: Option<BitmapMapping>) -> Self {
+        BitmapLoader {
+            layer,
+            mapping,
+            names: NameTracker::new(),
+            bitmaps: Vec::new(),
+            dropped: Vec::new(),
+            errors: Vec::new(),
+        }
+    }
+
+    /// Loads one section body: chunks up to the one with EOS.
+    pub fn load(&mut self, r: &mut Reader) -> Result<(), MigrationError> {
+        loop {
+            let c = read_chunk(r)?;
+            if let Step::End = self.chunk(c)? {
+                return Ok(());
+            }
+        }
+    }
+
+    fn drop_bitmap(&mut self, node_alias: &str, alias: &str, error: String) {
+        eprintln!("livemig: dirty bitmap migration: {error}");
+        self.errors.push(error);
+        if let Some(i) = self
+            .bitmaps
+            .iter()
+            .position(|b| b.node_alias == node_alias && b.alias == alias)
+        {
+            let b = self.bitmaps.remove(i);
+            release(&b);
+        }
+        self.dropped
+            .push((node_alias.to_string(), alias.to_string()));
+    }
+
+    fn chunk(&mut self, c: Chunk) -> Result<Step, MigrationError> {
+        let end = c.eos;
+        let (node_alias, alias) = self.names.resolve(&c);
+        let (node_alias, alias) = (node_alias.map(str::to_string), alias.map(str::to_string));
+        if matches!(c.payload, ChunkPayload::None) {
+            return Ok(if end { Step::End } else { Step::Continue });
+        }
+        let Some(node_alias) = node_alias else {
+            self.errors
+                .push("Error: block device name is not set".into());
+            return Ok(if end { Step::End } else { Step::Continue });
+        };
+        let Some(alias) = alias else {
+            self.errors.push(format!(
+                "Error: bitmap name is not set for node '{node_alias}'"
+            ));
+            return Ok(if end { Step::End } else { Step::Continue });
+        };
+        if self
+            .dropped
+            .iter()
+            .any(|(n, b)| *n == node_alias && *b == alias)
+        {
+            return Ok(if end { Step::End } else { Step::Continue });
+        }
+        match c.payload {
+            ChunkPayload::Start { granularity, flags } => {
+                self.start(&node_alias, &alias, granularity, flags)?
+            }
+            ChunkPayload::Bits {
+                start_sector,
+                nr_sectors,
+                data,
+            } => self.bits(&node_alias, &alias, start_sector, nr_sectors, data),
+            ChunkPayload::Complete => self.complete(&node_alias, &alias),
+            ChunkPayload::None => {}
+        }
+        Ok(if end { Step::End } else { Step::Continue })
+    }
+
+    /// Resolves wire aliases to (node, bitmap name), or the reason they do not resolve.
+    fn resolve(&self, node_alias: &str, alias: &str) -> Result<(Arc<BlockNode>, String), String> {
+        match &self.mapping {
+            Some(m) => {
+                let n = m
+                    .node_by_alias(node_alias)
+                    .ok_or_else(|| format!("Error: Unknown node alias '{node_alias}'"))?;
+                let node = self
+                    .layer
+                    .lookup_bs(None, Some(&n.node_name))
+                    .map_err(|e| e.to_string())?;
+                let b = n.bitmaps.iter().find(|b| b.alias == alias).ok_or_else(|| {
+                    format!(
+                        "Error: Unknown bitmap alias '{alias}' on node '{}' (alias '{node_alias}')",
+                        n.node_name
+                    )
+                })?;
+                Ok((node, b.name.clone()))
+            }
+            None => {
+                let node = self
+                    .layer
+                    .lookup_bs(Some(node_alias), Some(node_alias))
+                    .map_err(|e| e.to_string())?;
+                Ok((node, alias.to_string()))
+            }
+        }
+    }
+
+    fn start(
+        &mut self,
+        node_alias: &str,
+        alias: &str,
+        granularity: u32,
+        flags: u8,
+    ) -> Result<(), MigrationError> {
+        // Checked before anything is created (QEMU checks after, and fails all the same).
+        if flags & START_FLAG_RESERVED_MASK != 0 {
+            return Err(MigrationError::Load(format!(
+                "Unknown flags in migrated dirty bitmap header: {:x}",
+                flags & START_FLAG_RESERVED_MASK
+            )));
+        }
+        let (node, name) = match self.resolve(node_alias, alias) {
+            Ok(x) => x,
+            Err(e) => {
+                self.drop_bitmap(node_alias, alias, e);
+                return Ok(());
+            }
+        };
+        if !granularity.is_power_of_two() || granularity < 512 {
+            let e = format!(
+                "Bitmap '{name}' on node '{}' cannot be migrated: granularity {granularity} is not a power of two of at least 512",
+                node.name()
+            );
+            self.drop_bitmap(node_alias, alias, e);
+            return Ok(());
+        }
+        let persistent = self
+            .mapping
+            .as_ref()
+            .and_then(|m| m.node_by_alias(node_alias))
+            .and_then(|n| n.bitmaps.iter().find(|b| b.alias == alias))
+            .and_then(|b| b.persistent)
+            .unwrap_or(flags & START_FLAG_PERSISTENT != 0);
+        let enable = flags & START_FLAG_ENABLED != 0;
+        let created = node.with_bitmaps(|list| -> Result<BitmapId, String> {
+            if list.find(&name).is_some() {
+                return Err(format!(
+                    "Bitmap with the same name ('{name}') already exists on destination"
+                ));
+            }
+            let id = list
+                .create(granularity, Some(&name))
+                .map_err(|e| e.to_string())?;
+            if let Some(bm) = list.get_mut(id) {
+                bm.set_persistent(persistent);
+                bm.set_disabled(true);
+            }
+            if enable {
+                list.create_successor(id).map_err(|e| e.to_string())?;
+            } else if let Some(bm) = list.get_mut(id) {
+                bm.set_busy(true);
+            }
+            Ok(id)
+        });
+        match created {
+            Ok(id) => {
+                self.bitmaps.push(InBitmap {
+                    node,
+                    node_alias: node_alias.to_string(),
+                    alias: alias.to_string(),
+                    name,
+                    id,
+                    enable,
+                    covered: 0,
+                    completed: false,
+                });
+                Ok(())
+            }
+            Err(e) if e.contains("already exists on destination") => Err(MigrationError::Load(e)),
+            Err(e) => {
+                self.drop_bitmap(
+                    node_alias,
+                    alias,
+                    format!("Bitmap '{name}' on node '{}': {e}", node.name()),
+                );
+                Ok(())
+            }
+        }
+    }
+
+    fn bits(
+        &mut self,
+        node_alias: &str,
+        alias: &str,
+        start_sector: u64,
+        nr_sectors: u32,
+        data: BitsData,
+    ) {
+        let Some(i) = self
+            .bitmaps
+            .iter()
+            .position(|b| b.node_alias == node_alias && b.alias == alias)
+        else {
+            let e =
+                format!("Error: unknown dirty bitmap '{alias}' for block device '{node_alias}'");
+            self.drop_bitmap(node_alias, alias, e);
+            return;
+        };
+        let b = &self.bitmaps[i];
+        let describe = |why: String| {
+            format!(
+                "Bitmap '{}' on node '{}' dropped: {why}",
+                b.name,
+                b.node.name()
+            )
+        };
+        let size = match b.node.size() {
+            Ok(s) => s,
+            Err(e) => {
+                let e = describe(e.to_string());
+                self.drop_bitmap(node_alias, alias, e);
+                return;
+            }
+        };
+        let start = start_sector.checked_mul(SECTOR_SIZE);
+        let len = u64::from(nr_sectors) * SECTOR_SIZE;
+        let end = start.and_then(|s| s.checked_add(len));
+        let (Some(start), Some(end)) = (start, end) else {
+            let e = describe(format!("chunk at sector {start_sector} is out of range"));
+            self.drop_bitmap(node_alias, alias, e);
+            return;
+        };
+        let result = b.node.with_bitmaps(|list| -> Result<(), String> {
+            let bm = list.get_mut(b.id).ok_or("the bitmap disappeared")?;
+            let align = bm.serialization_align();
+            if end > size.next_multiple_of(SECTOR_SIZE) {
+                return Err(format!(
+                    "the source sent bits for bytes [{start}, {end}) but node '{}' is only {size} bytes: the source's node is larger than the destination's",
+                    b.node.name()
+                ));
+            }
+            if start % align != 0 {
+                return Err(format!("chunk start {start} is not aligned to {align} bytes (64 granules): malformed stream"));
+            }
+            // Clamp to the node: the last sector may extend past a size that is not a whole
+            // number of granules; QEMU's serialization clamps the same way.
+            let len = end.min(size) - start;
+            if end < size && len % align != 0 {
+                return Err(format!(
+                    "the source's node ends at byte {end} but node '{}' is {size} bytes: the nodes differ in size",
+                    b.node.name()
+                ));
+            }
+            if start != b.covered {
+                return Err(format!(
+                    "chunk starts at byte {start} but the previous one ended at {}: malformed stream",
+                    b.covered
+                ));
+            }
+            match data {
+                BitsData::Zeroes => bm.deserialize_zeroes(start, len, false).map_err(|e| e.to_string()),
+                BitsData::Buffer(buf) => {
+                    let needed = bm.serialization_size(start, len).map_err(|e| e.to_string())?;
+                    let Some(part) = buf.get(..needed as usize) else {
+                        return Err(format!(
+                            "Migrated bitmap granularity doesn't match the destination bitmap '{}' granularity (buffer of {} bytes, {needed} needed)",
+                            b.name,
+                            buf.len()
+                        ));
+                    };
+                    bm.deserialize_part(part, start, len, false).map_err(|e| e.to_string())
+                }
+            }
+        });
+        match result {
+            Ok(()) => self.bitmaps[i].covered = end.min(size),
+            Err(why) => {
+                let e = describe(why);
+                self.drop_bitmap(node_alias, alias, e);
+            }
+        }
+    }
+
+    fn complete(&mut self, node_alias: &str, alias: &str) {
+        let Some(i) = self
+            .bitmaps
+            .iter()
+            .position(|b| b.node_alias == node_alias && b.alias == alias)
+        else {
+            let e =
+                format!("Error: unknown dirty bitmap '{alias}' for block device '{node_alias}'");
+            self.drop_bitmap(node_alias, alias, e);
+            return;
+        };
+        let b = &self.bitmaps[i];
+        let size = b.node.size().unwrap_or(0);
+        if b.covered != size {
+            let e = format!(
+                "Bitmap '{}' on node '{}' dropped: the source's node is {} bytes, the destination's {size}: the nodes differ in size",
+                b.name,
+                b.node.name(),
+                b.covered
+            );
+            self.drop_bitmap(node_alias, alias, e);
+            return;
+        }
+        let r = b.node.with_bitmaps(|list| -> Result<(), String> {
+            let bm = list.get_mut(b.id).ok_or("the bitmap disappeared")?;
+            bm.deserialize_finish();
+            if bm.successor().is_some() {
+                list.reclaim(b.id).map_err(|e| e.to_string())
+            } else {
+                bm.set_busy(false);
+                Ok(())
+            }
+        });
+        match r {
+            Ok(()) => self.bitmaps[i].completed = true,
+            Err(why) => {
+                let e = format!(
+                    "Bitmap '{}' on node '{}' dropped: {why}",
+                    b.name,
+                    b.node.name()
+                );
+                self.drop_bitmap(node_alias, alias, e);
+            }
+        }
+    }
+
+    /// Just before the destination's guest starts: enables the migrated bitmaps that were
+    /// enabled on the source, and drops any that never completed. Returns warnings.
+    pub fn before_vm_start(&mut self) -> Vec<String> {
+        let mut warnings = std::mem::take(&mut self.errors);
+        for b in std::mem::take(&mut self.bitmaps) {
+            if !b.completed {
+                warnings.push(format!(
+                    "Bitmap '{}' on node '{}' dropped: the stream ended before it was complete",
+                    b.name,
+                    b.node.name()
+                ));
+                release(&b);
+                continue;
+            }
+            if b.enable {
+                b.node.with_bitmaps(|list| {
+                    if let Some(bm) = list.get_mut(b.id) {
+                        bm.set_disabled(false);
+                    }
+                });
+            }
+        }
+        warnings
+    }
+
+    /// Drops every bitmap still being received (the incoming migration failed).
+    pub fn cancel(&mut self, why: &str) {
+        for b in std::mem::take(&mut self.bitmaps) {
+            self.errors.push(format!(
+                "Bitmap '{}' on node '{}' dropped: {why}",
+                b.name,
+                b.node.name()
+            ));
+            release(&b);
+        }
+    }
+}
+
+/// Removes an incoming bitmap from its node (its successor, if any, goes with it).
+fn release(b: &InBitmap) {
+    b.node.with_bitmaps(|list| {
+        if list.get(b.id).and_then(|bm| bm.successor()).is_some() {
+            let _ = list.reclaim(b.id);
+        }
+        if let Some(bm) = list.get_mut(b.id) {
+            bm.set_busy(false);
+        }
+        let _ = list.release(b.id);
+    });
+}

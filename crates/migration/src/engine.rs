@@ -1,0 +1,563 @@
+//! The migration object a VMM holds: capabilities, parameters, the state of the outgoing and
+//! incoming migrations, and the QMP-shaped operations on them (`migrate`, `migrate_cancel`,
+//! `migrate-continue`, `migrate-incoming`, `query-migrate`...).
+//!
+//! Threads and locks. Each migration runs on its own thread. The only lock is the mutex around
+//! [`Shared`]'s state, held for short bookkeeping only — never across I/O, never while waiting
+//! for the migration thread, and never while calling into the VMM. The migration thread waits
+//! for `migrate-continue` (or a cancel) on a condition variable that releases the mutex.
+//! `migrate_cancel` never waits for the migration thread: it flips the state to `cancelling`,
+//! shuts the channel down so a blocked write returns, and wakes any wait; the thread then
+//! cleans up and reports `cancelled`.
+
+use crate::caps::{Capabilities, Capability};
+use crate::error::MigrationError;
+use crate::events::EventSink;
+use crate::incoming;
+use crate::machine::Machine;
+use crate::outgoing;
+use crate::params::Parameters;
+use crate::ram::RamCounters;
+use crate::status::{MigrationStatus, ParsedStatus};
+use crate::transport::{Listener, MigrationUri, ShutdownHandle};
+use serde_json::{json, Map, Value};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+/// Statistics of one outgoing migration, as `query-migrate` reports them.
+#[derive(Debug, Default)]
+pub struct OutgoingStats {
+    /// RAM record counters.
+    pub ram: Arc<RamCounters>,
+    /// Bytes written to the channel (`ram.transferred`).
+    pub transferred: AtomicU64,
+    /// Bytes written before the guest stopped (`precopy-bytes`).
+    pub precopy_bytes: AtomicU64,
+    /// Bytes written while the guest was stopped (`downtime-bytes`).
+    pub downtime_bytes: AtomicU64,
+    /// Total guest RAM in bytes (`ram.total`).
+    pub total: AtomicU64,
+    /// Throughput of the last measurement window, bits per second.
+    pub bits_per_second: AtomicU64,
+    /// Pages per second in the last measurement window.
+    pub pages_per_second: AtomicU64,
+    /// Pages dirtied per second, measured between the last two syncs.
+    pub dirty_pages_rate: AtomicU64,
+    /// Expected downtime in ms from the last estimate.
+    pub expected_downtime_ms: AtomicU64,
+    /// Bytes of dirty bitmaps still to send at switchover.
+    pub bitmap_bytes: AtomicU64,
+}
+
+/// State of the outgoing side.
+pub(crate) struct OutState {
+    pub status: MigrationStatus,
+    pub error: Option<String>,
+    pub started: Option<Instant>,
+    pub setup_ms: Option<u64>,
+    pub total_ms: Option<u64>,
+    pub downtime_ms: Option<u64>,
+    pub stats: Arc<OutgoingStats>,
+    pub shutdown: Option<ShutdownHandle>,
+    pub cancel: bool,
+    pub continue_requested: bool,
+    pub generation: u64,
+}
+
+/// How this VM was told to expect an incoming migration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IncomingMode {
+    /// Not a destination.
+    None,
+    /// `-incoming defer`: waits for `migrate-incoming`.
+    Deferred,
+    /// Listening or loading (`-incoming URI` or after `migrate-incoming`).
+    Started,
+}
+
+/// State of the incoming side.
+pub(crate) struct InState {
+    pub mode: IncomingMode,
+    pub status: MigrationStatus,
+    pub error: Option<String>,
+    pub started: Option<Instant>,
+    pub total_ms: Option<u64>,
+    pub port: Option<(String, u16)>,
+    pub pages_loaded: u64,
+    pub shutdown: Option<ShutdownHandle>,
+    /// What the loader reported without failing (dropped bitmaps, a missing trailer).
+    pub warnings: Vec<String>,
+}
+
+pub(crate) struct Inner {
+    /// Start the guest when an incoming migration completes (false with `-S`, until `cont`).
+    pub autostart: bool,
+    pub caps: Capabilities,
+    pub params: Parameters,
+    pub out: OutState,
+    pub inc: InState,
+}
+
+/// State shared between the QMP-facing API and the migration threads.
+pub struct Shared {
+    pub(crate) inner: Mutex<Inner>,
+    pub(crate) cond: Condvar,
+    pub(crate) events: Arc<dyn EventSink>,
+}
+
+impl Shared {
+    pub(crate) fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Emits a `MIGRATION` event if capability `events` is on. Called with the lock held so
+    /// events come out in the order the states were entered; the sink does not block.
+    pub(crate) fn emit_status(&self, inner: &Inner, status: MigrationStatus) {
+        if inner.caps.has(Capability::Events) {
+            self.events
+                .emit("MIGRATION", Some(json!({ "status": status.as_str() })));
+        }
+    }
+
+    /// Moves the outgoing migration to `status` unless a cancel got there first (the
+    /// migration thread's transitions never override `cancelling`). Returns false when the
+    /// migration is being cancelled.
+    pub(crate) fn set_out_status(&self, status: MigrationStatus) -> bool {
+        let mut inner = self.lock();
+        if inner.out.cancel && status != MigrationStatus::Cancelled {
+            return false;
+        }
+        if inner.out.status != status {
+            inner.out.status = status;
+            self.emit_status(&inner, status);
+            self.cond.notify_all();
+        }
+        true
+    }
+
+    /// Moves the incoming migration to `status`.
+    pub(crate) fn set_in_status(&self, status: MigrationStatus) {
+        let mut inner = self.lock();
+        if inner.inc.status != status {
+            inner.inc.status = status;
+            self.emit_status(&inner, status);
+            self.cond.notify_all();
+        }
+    }
+
+    /// Whether the outgoing migration is being cancelled.
+    pub(crate) fn out_cancelled(&self) -> bool {
+        self.lock().out.cancel
+    }
+
+    /// Waits up to `d`, returning early on a cancel. Returns true if cancelled.
+    pub(crate) fn sleep_unless_cancelled(&self, d: Duration) -> bool {
+        let deadline = Instant::now() + d;
+        let mut inner = self.lock();
+        while !inner.out.cancel {
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            inner = self
+                .cond
+                .wait_timeout(inner, deadline - now)
+                .map(|(g, _)| g)
+                .unwrap_or_else(|p| p.into_inner().0);
+        }
+        true
+    }
+}
+
+/// Options a VMM fixes when it creates the migration object.
+#[derive(Debug, Clone)]
+pub struct MigrationOptions {
+    /// Start the guest after an incoming migration completes (false with `-S`).
+    pub autostart: bool,
+}
+
+impl Default for MigrationOptions {
+    fn default() -> Self {
+        MigrationOptions { autostart: true }
+    }
+}
+
+/// The migration subsystem of one VM.
+pub struct Migration {
+    machine: Arc<dyn Machine>,
+    shared: Arc<Shared>,
+}
+
+impl Migration {
+    /// Creates the migration object of `machine`, reporting events to `events`.
+    pub fn new(
+        machine: Arc<dyn Machine>,
+        events: Arc<dyn EventSink>,
+        options: MigrationOptions,
+    ) -> Self {
+        let shared = Arc::new(Shared {
+            inner: Mutex::new(Inner {
+                autostart: options.autostart,
+                caps: Capabilities::default(),
+                params: Parameters::default(),
+                out: OutState {
+                    status: MigrationStatus::None,
+                    error: None,
+                    started: None,
+                    setup_ms: None,
+                    total_ms: None,
+                    downtime_ms: None,
+                    stats: Arc::default(),
+                    shutdown: None,
+                    cancel: false,
+                    continue_requested: false,
+                    generation: 0,
+                },
+                inc: InState {
+                    mode: IncomingMode::None,
+                    status: MigrationStatus::None,
+                    error: None,
+                    started: None,
+                    total_ms: None,
+                    port: None,
+                    pages_loaded: 0,
+                    shutdown: None,
+                    warnings: Vec::new(),
+                },
+            }),
+            cond: Condvar::new(),
+            events,
+        });
+        Migration { machine, shared }
+    }
+
+    /// Whether the guest starts when an incoming migration completes; `cont` during
+    /// `inmigrate` turns it on (QEMU's `autostart`).
+    pub fn set_autostart(&self, on: bool) {
+        self.shared.lock().autostart = on;
+    }
+
+    /// `migrate-set-capabilities`.
+    pub fn set_capabilities(&self, changes: &[(Capability, bool)]) -> Result<(), MigrationError> {
+        let mut inner = self.shared.lock();
+        if inner.out.status.is_running() || inner.inc.status.is_running() {
+            return Err(MigrationError::InProgress);
+        }
+        inner.caps.apply(changes)
+    }
+
+    /// `query-migrate-capabilities`.
+    pub fn capabilities(&self) -> Vec<(Capability, bool)> {
+        self.shared.lock().caps.list()
+    }
+
+    /// Whether a capability is on.
+    pub fn has_capability(&self, cap: Capability) -> bool {
+        self.shared.lock().caps.has(cap)
+    }
+
+    /// `migrate-set-parameters` (allowed during a migration; bandwidth changes take effect at
+    /// once).
+    pub fn set_parameters(&self, args: &Map<String, Value>) -> Result<(), MigrationError> {
+        let mut inner = self.shared.lock();
+        inner.params.apply(args)?;
+        self.shared.cond.notify_all();
+        Ok(())
+    }
+
+    /// `query-migrate-parameters`.
+    pub fn parameters(&self) -> Value {
+        self.shared.lock().params.to_json()
+    }
+
+    /// `migrate`: checks the request and starts the migration thread.
+    pub fn migrate(&self, uri: &str) -> Result<(), MigrationError> {
+        let parsed = MigrationUri::parse(uri)?;
+        let mut inner = self.shared.lock();
+        if inner.out.status.is_running() || inner.inc.status.is_running() {
+            return Err(MigrationError::InProgress);
+        }
+        if inner.inc.mode != IncomingMode::None && inner.inc.status != MigrationStatus::Completed {
+            return Err(MigrationError::WaitingForIncoming);
+        }
+        if self.machine.runstate() == crate::runstate::RunState::PostMigrate {
+            return Err(MigrationError::PausedAfterMigration);
+        }
+        let generation = inner.out.generation + 1;
+        inner.out = OutState {
+            status: MigrationStatus::Setup,
+            error: None,
+            started: Some(Instant::now()),
+            setup_ms: None,
+            total_ms: None,
+            downtime_ms: None,
+            stats: Arc::default(),
+            shutdown: None,
+            cancel: false,
+            continue_requested: false,
+            generation,
+        };
+        self.shared.emit_status(&inner, MigrationStatus::Setup);
+        let job = outgoing::Job {
+            shared: self.shared.clone(),
+            machine: self.machine.clone(),
+            caps: inner.caps.clone(),
+            uri: parsed,
+            stats: inner.out.stats.clone(),
+        };
+        drop(inner);
+        std::thread::Builder::new()
+            .name("migration-out".into())
+            .spawn(move || outgoing::run(job))
+            .map_err(|e| MigrationError::io("cannot start the migration thread", e))?;
+        Ok(())
+    }
+
+    /// `migrate_cancel`: cancels a running outgoing migration; a no-op otherwise.
+    pub fn cancel(&self) -> Result<(), MigrationError> {
+        let mut inner = self.shared.lock();
+        let st = inner.out.status;
+        if st == MigrationStatus::PostcopyActive {
+            return Err(MigrationError::Other(
+                "Postcopy migration in progress, cannot cancel.".into(),
+            ));
+        }
+        if !st.is_running() || inner.out.cancel {
+            return Ok(());
+        }
+        inner.out.cancel = true;
+        inner.out.status = MigrationStatus::Cancelling;
+        self.shared.emit_status(&inner, MigrationStatus::Cancelling);
+        if let Some(h) = &inner.out.shutdown {
+            h.shutdown();
+        }
+        self.shared.cond.notify_all();
+        Ok(())
+    }
+
+    /// `migrate-continue`: leaves `pre-switchover` when `state` names the current state.
+    pub fn continue_(&self, state: &str) -> Result<(), MigrationError> {
+        let parsed = MigrationStatus::parse(state).ok_or_else(|| {
+            MigrationError::InvalidParameter(format!(
+                "Parameter 'state' does not accept value '{state}'"
+            ))
+        })?;
+        let mut inner = self.shared.lock();
+        let current = inner.out.status;
+        if parsed != ParsedStatus::Known(current) {
+            return Err(MigrationError::NotInExpectedState(current));
+        }
+        inner.out.continue_requested = true;
+        self.shared.cond.notify_all();
+        Ok(())
+    }
+
+    /// Marks this VM as a destination started with `-incoming defer`.
+    pub fn incoming_defer(&self) {
+        self.shared.lock().inc.mode = IncomingMode::Deferred;
+    }
+
+    /// `-incoming URI` at start-up, or `migrate-incoming` after `-incoming defer`: binds the
+    /// address now and loads the stream on a thread.
+    pub fn incoming(&self, uri: &str, from_qmp: bool) -> Result<(), MigrationError> {
+        let parsed = MigrationUri::parse(uri)?;
+        let mut inner = self.shared.lock();
+        if from_qmp {
+            match inner.inc.mode {
+                IncomingMode::None => return Err(MigrationError::NoIncoming),
+                IncomingMode::Started => return Err(MigrationError::IncomingAlreadyStarted),
+                IncomingMode::Deferred => {}
+            }
+        }
+        let listener = Listener::bind(&parsed)?;
+        if let (MigrationUri::Tcp { host, .. }, Some(port)) = (&parsed, listener.local_port()) {
+            inner.inc.port = Some((host.clone(), port));
+        }
+        inner.inc.mode = IncomingMode::Started;
+        let job = incoming::Job {
+            shared: self.shared.clone(),
+            machine: self.machine.clone(),
+            caps: inner.caps.clone(),
+            params: inner.params.clone(),
+            listener,
+        };
+        drop(inner);
+        std::thread::Builder::new()
+            .name("migration-in".into())
+            .spawn(move || incoming::run(job))
+            .map_err(|e| MigrationError::io("cannot start the incoming migration thread", e))?;
+        Ok(())
+    }
+
+    /// The TCP port an incoming migration listens on (useful with port 0).
+    pub fn incoming_port(&self) -> Option<u16> {
+        self.shared.lock().inc.port.as_ref().map(|(_, p)| *p)
+    }
+
+    /// Whether this VM waits for (or is loading) an incoming migration.
+    pub fn is_incoming(&self) -> bool {
+        let inner = self.shared.lock();
+        inner.inc.mode != IncomingMode::None && !inner.inc.status.is_finished()
+    }
+
+    /// Status of the outgoing migration.
+    pub fn outgoing_status(&self) -> MigrationStatus {
+        self.shared.lock().out.status
+    }
+
+    /// Status of the incoming migration.
+    pub fn incoming_status(&self) -> MigrationStatus {
+        self.shared.lock().inc.status
+    }
+
+    /// Waits until the outgoing migration reaches one of `statuses`, or `timeout` passes.
+    pub fn wait_outgoing(
+        &self,
+        statuses: &[MigrationStatus],
+        timeout: Duration,
+    ) -> MigrationStatus {
+        let deadline = Instant::now() + timeout;
+        let mut inner = self.shared.lock();
+        loop {
+            if statuses.contains(&inner.out.status) || Instant::now() >= deadline {
+                return inner.out.status;
+            }
+            inner = self
+                .shared
+                .cond
+                .wait_timeout(inner, deadline.saturating_duration_since(Instant::now()))
+                .map(|(g, _)| g)
+                .unwrap_or_else(|p| p.into_inner().0);
+        }
+    }
+
+    /// Waits until the incoming migration reaches one of `statuses`, or `timeout` passes.
+    pub fn wait_incoming(
+        &self,
+        statuses: &[MigrationStatus],
+        timeout: Duration,
+    ) -> MigrationStatus {
+        let deadline = Instant::now() + timeout;
+        let mut inner = self.shared.lock();
+        loop {
+            if statuses.contains(&inner.inc.status) || Instant::now() >= deadline {
+                return inner.inc.status;
+            }
+            inner = self
+                .shared
+                .cond
+                .wait_timeout(inner, deadline.saturating_duration_since(Instant::now()))
+                .map(|(g, _)| g)
+                .unwrap_or_else(|p| p.into_inner().0);
+        }
+    }
+
+    /// `query-migrate`'s `MigrationInfo`: the outgoing migration once one was started,
+    /// otherwise the incoming one, otherwise `{}`.
+    pub fn query(&self) -> Value {
+        let inner = self.shared.lock();
+        let mut m = Map::new();
+        if inner.out.status != MigrationStatus::None {
+            let o = &inner.out;
+            let st = o.status;
+            m.insert("status".into(), json!(st.as_str()));
+            let with_ram = matches!(
+                st,
+                MigrationStatus::Active
+                    | MigrationStatus::Cancelling
+                    | MigrationStatus::PreSwitchover
+                    | MigrationStatus::Device
+                    | MigrationStatus::Completed
+                    | MigrationStatus::PostcopyActive
+            );
+            let elapsed = o
+                .total_ms
+                .or_else(|| o.started.map(|s| s.elapsed().as_millis() as u64))
+                .unwrap_or(0);
+            if with_ram {
+                let s = &o.stats;
+                let normal = s.ram.normal_pages.load(Ordering::Relaxed);
+                let remaining =
+                    s.ram.remaining_pages.load(Ordering::Relaxed) * crate::guest::PAGE_SIZE;
+                m.insert(
+                    "ram".into(),
+                    json!({
+                        "transferred": s.transferred.load(Ordering::Relaxed),
+                        "remaining": remaining,
+                        "total": s.total.load(Ordering::Relaxed),
+                        "duplicate": s.ram.zero_pages.load(Ordering::Relaxed),
+                        "skipped": 0,
+                        "normal": normal,
+                        "normal-bytes": normal * crate::guest::PAGE_SIZE,
+                        "dirty-pages-rate": s.dirty_pages_rate.load(Ordering::Relaxed),
+                        "mbps": s.bits_per_second.load(Ordering::Relaxed) as f64 / 1e6,
+                        "dirty-sync-count": s.ram.dirty_syncs.load(Ordering::Relaxed),
+                        "postcopy-requests": 0,
+                        "page-size": crate::guest::PAGE_SIZE,
+                        "multifd-bytes": 0,
+                        "pages-per-second": s.pages_per_second.load(Ordering::Relaxed),
+                        "precopy-bytes": s.precopy_bytes.load(Ordering::Relaxed),
+                        "downtime-bytes": s.downtime_bytes.load(Ordering::Relaxed),
+                        "postcopy-bytes": 0,
+                        "dirty-sync-missed-zero-copy": 0,
+                    }),
+                );
+                m.insert("total-time".into(), json!(elapsed));
+                if st == MigrationStatus::Completed {
+                    if let Some(d) = o.downtime_ms {
+                        m.insert("downtime".into(), json!(d));
+                    }
+                } else {
+                    m.insert(
+                        "expected-downtime".into(),
+                        json!(s.expected_downtime_ms.load(Ordering::Relaxed)),
+                    );
+                }
+            } else if st.is_finished() {
+                m.insert("total-time".into(), json!(elapsed));
+            }
+            if let Some(t) = o.setup_ms {
+                m.insert("setup-time".into(), json!(t));
+            }
+            if let Some(e) = &o.error {
+                if st == MigrationStatus::Failed {
+                    m.insert("error-desc".into(), json!(e));
+                }
+            }
+        } else if inner.inc.status != MigrationStatus::None || inner.inc.mode != IncomingMode::None
+        {
+            let i = &inner.inc;
+            if i.status != MigrationStatus::None {
+                m.insert("status".into(), json!(i.status.as_str()));
+            }
+            if let Some((host, port)) = &i.port {
+                m.insert(
+                    "socket-address".into(),
+                    json!([{ "type": "inet", "host": host, "port": port.to_string() }]),
+                );
+            }
+            if let Some(t) = i.total_ms {
+                m.insert("total-time".into(), json!(t));
+            }
+            if let (Some(e), MigrationStatus::Failed) = (&i.error, i.status) {
+                m.insert("error-desc".into(), json!(e));
+            }
+            if !i.warnings.is_empty() {
+                m.insert("x-livemig-warnings".into(), json!(i.warnings));
+            }
+        }
+        Value::Object(m)
+    }
+
+    /// The error of the last failed migration, outgoing or incoming.
+    pub fn last_error(&self) -> Option<String> {
+        let inner = self.shared.lock();
+        inner.out.error.clone().or_else(|| inner.inc.error.clone())
+    }
+
+    /// The machine this object migrates.
+    pub fn machine(&self) -> &Arc<dyn Machine> {
+        &self.machine
+    }
+}

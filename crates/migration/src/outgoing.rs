@@ -1,0 +1,530 @@
+//! The source side: the migration thread.
+//!
+//! Order of work, and why:
+//! 1. Connect the channel first, holding nothing (seed 004): a connect that waits for the
+//!    network must not block anyone else, and `migrate_cancel` can still interrupt it.
+//! 2. Setup with the guest running: header, configuration, START sections. Dirty logging
+//!    starts here, before the first page is read, so every later write is caught.
+//! 3. Precopy rounds while the guest runs: each round sends dirty pages for at most 50 ms or the
+//!    bandwidth budget, inside a PART section. When a pass over RAM ends (or little is left),
+//!    the dirty log is synchronised and the engine decides whether what remains fits
+//!    `bandwidth × downtime-limit`.
+//! 4. Switchover: stop the guest, optionally wait in `pre-switchover` for `migrate-continue`,
+//!    enter `device`, inactivate disks, send the END sections (the last dirty pages and the
+//!    bitmaps), the device state, EOF and the vmdesc trailer.
+//! 5. With a return path, wait for the destination's SHUT before calling it completed.
+//!
+//! Whatever happens after step 1, cleanup puts the source back: dirty logging stops, bitmaps
+//! are released, and after a failure or cancel the disks are reactivated and the guest resumes
+//! if it was running. Nothing is lost on the source.
+
+use crate::bitmaps::BitmapSaver;
+use crate::caps::{Capabilities, Capability};
+use crate::engine::{OutgoingStats, Shared};
+use crate::error::MigrationError;
+use crate::globalstate::GlobalState;
+use crate::machine::{DeviceState, Machine, Writer};
+use crate::ram::{RamSaver, SendOutcome, RAM_IDSTR, RAM_VERSION};
+use crate::runstate::RunState;
+use crate::status::MigrationStatus;
+use crate::transport::{connect, BoxRead, MigrationUri};
+use serde_json::json;
+use std::sync::atomic::Ordering;
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use wire::command::{write_command, Command};
+use wire::config::{write_configuration, Configuration};
+use wire::return_path::{read_rp_message, RpMessage};
+use wire::section::{
+    write_end, write_eof, write_file_header, write_footer, write_full, write_part, write_start,
+    write_vmdesc,
+};
+use wire::vmstate::{vmdesc_json, DeviceDesc};
+use wire::{StreamReader, StreamWriter};
+
+/// Longest a precopy round runs before the engine looks at the state again.
+const ROUND: Duration = Duration::from_millis(50);
+/// Bandwidth is measured and budgeted over windows of this length.
+const WINDOW: Duration = Duration::from_millis(100);
+/// Section ids: `ram` and `dirty-bitmap` as QEMU 7.2's `-M none`; devices follow.
+const RAM_SECTION_ID: u32 = 2;
+const BITMAP_SECTION_ID: u32 = 3;
+const FIRST_DEVICE_SECTION_ID: u32 = 4;
+
+/// Everything the migration thread needs.
+pub(crate) struct Job {
+    pub shared: Arc<Shared>,
+    pub machine: Arc<dyn Machine>,
+    pub caps: Capabilities,
+    pub uri: MigrationUri,
+    pub stats: Arc<OutgoingStats>,
+}
+
+/// What the switchover changed, so cleanup knows what to undo.
+#[derive(Default)]
+struct Undo {
+    /// The guest was running when the engine stopped it.
+    stopped_running_guest: bool,
+    /// The guest was stopped by the engine at all.
+    stopped: bool,
+    /// Disks were inactivated.
+    inactivated: bool,
+}
+
+/// Bandwidth accounting over [`WINDOW`]s.
+struct Meter {
+    window_start: Instant,
+    window_bytes_start: u64,
+    window_pages_start: u64,
+    /// Last measured throughput in bytes per second (0 before the first window closes).
+    bytes_per_sec: f64,
+}
+
+impl Meter {
+    fn new(bytes: u64) -> Self {
+        Meter {
+            window_start: Instant::now(),
+            window_bytes_start: bytes,
+            window_pages_start: 0,
+            bytes_per_sec: 0.0,
+        }
+    }
+
+    /// Closes the window if it is over, updating the statistics.
+    fn tick(&mut self, bytes: u64, pages: u64, stats: &OutgoingStats) {
+        let el = self.window_start.elapsed();
+        if el < WINDOW {
+            return;
+        }
+        let secs = el.as_secs_f64();
+        self.bytes_per_sec = (bytes - self.window_bytes_start) as f64 / secs;
+        stats
+            .bits_per_second
+            .store((self.bytes_per_sec * 8.0) as u64, Ordering::Relaxed);
+        stats.pages_per_second.store(
+            ((pages.saturating_sub(self.window_pages_start)) as f64 / secs) as u64,
+            Ordering::Relaxed,
+        );
+        self.window_start = Instant::now();
+        self.window_bytes_start = bytes;
+        self.window_pages_start = pages;
+    }
+
+    /// Bytes that may still be sent in this window under `max_bandwidth` (bytes/s, 0 = none).
+    fn allowance(&self, bytes: u64, max_bandwidth: u64) -> u64 {
+        if max_bandwidth == 0 {
+            return u64::MAX;
+        }
+        let per_window = (max_bandwidth as f64 * WINDOW.as_secs_f64()) as u64;
+        per_window.saturating_sub(bytes - self.window_bytes_start)
+    }
+
+    fn window_left(&self) -> Duration {
+        WINDOW.saturating_sub(self.window_start.elapsed())
+    }
+}
+
+/// Runs one outgoing migration to its end.
+pub(crate) fn run(job: Job) {
+    let mut undo = Undo::default();
+    let mut bitmaps: Option<BitmapSaver> = None;
+    let mut ram: Option<RamSaver> = None;
+    let result = migrate(&job, &mut undo, &mut ram, &mut bitmaps);
+    finish(&job, result, undo, ram, bitmaps);
+}
+
+fn migrate(
+    job: &Job,
+    undo: &mut Undo,
+    ram_slot: &mut Option<RamSaver>,
+    bitmaps_slot: &mut Option<BitmapSaver>,
+) -> Result<(), MigrationError> {
+    let shared = &job.shared;
+    let machine = &job.machine;
+
+    // 1. Connect, holding nothing.
+    let mut conn = connect(&job.uri)?;
+    {
+        let mut inner = shared.lock();
+        if inner.out.cancel {
+            conn.shutdown.shutdown();
+            return Err(MigrationError::Cancelled);
+        }
+        inner.out.shutdown = Some(conn.shutdown.clone());
+    }
+    let stream = conn
+        .writer
+        .take()
+        .ok_or_else(|| MigrationError::Other("the transport has no outgoing direction".into()))?;
+    let mut w: Writer = StreamWriter::with_capacity(stream, 256 * 1024);
+    let use_rp = job.caps.has(Capability::ReturnPath) && job.uri.has_return_path();
+    let rp = if use_rp {
+        let reader = conn
+            .reader
+            .take()
+            .ok_or_else(|| MigrationError::Other("the transport has no return path".into()))?;
+        Some(spawn_return_path(reader)?)
+    } else {
+        None
+    };
+
+    // 2. Setup.
+    let setup_start = Instant::now();
+    write_file_header(&mut w)?;
+    write_configuration(&mut w, &Configuration::new(machine.machine_type()))?;
+    if rp.is_some() {
+        write_command(&mut w, &Command::OpenReturnPath)?;
+        write_command(&mut w, &Command::Ping(1))?;
+    }
+    if job.caps.has(Capability::DirtyBitmaps) {
+        // QEMU sends this whenever dirty-bitmaps is on (bitmaps are postcopiable); a QEMU
+        // destination expects the 0-byte form.
+        write_command(&mut w, &Command::PostcopyAdvise(None))?;
+    }
+    let mut ram = RamSaver::new(machine.ram_blocks(), job.stats.ram.clone());
+    job.stats.total.store(ram.total_bytes(), Ordering::Relaxed);
+    write_start(&mut w, RAM_SECTION_ID, RAM_IDSTR, 0, RAM_VERSION)?;
+    ram.setup(&mut w)?;
+    write_footer(&mut w, RAM_SECTION_ID)?;
+    *ram_slot = Some(ram);
+    let ram = ram_slot
+        .as_mut()
+        .ok_or_else(|| MigrationError::Other("ram saver vanished".into()))?;
+    if job.caps.has(Capability::DirtyBitmaps) {
+        if let Some(layer) = machine.block_layer() {
+            let mapping = shared.lock().params.block_bitmap_mapping.clone();
+            let saver = BitmapSaver::setup(layer, mapping.as_ref())?;
+            if saver.is_active() {
+                write_start(
+                    &mut w,
+                    BITMAP_SECTION_ID,
+                    crate::bitmaps::BITMAP_IDSTR,
+                    0,
+                    crate::bitmaps::BITMAP_VERSION,
+                )?;
+                *bitmaps_slot = Some(saver);
+                if let Some(b) = bitmaps_slot.as_mut() {
+                    b.save_setup(&mut w)?;
+                }
+                write_footer(&mut w, BITMAP_SECTION_ID)?;
+            } else {
+                saver.cleanup(false);
+            }
+        }
+    }
+    if job.caps.has(Capability::Events) {
+        shared
+            .events
+            .emit("MIGRATION_PASS", Some(json!({ "pass": 1 })));
+    }
+    job.stats.ram.dirty_syncs.store(1, Ordering::Relaxed);
+    w.flush()?;
+    shared.lock().out.setup_ms = Some(setup_start.elapsed().as_millis() as u64);
+    if !shared.set_out_status(MigrationStatus::Active) {
+        return Err(MigrationError::Cancelled);
+    }
+
+    // 3. Precopy rounds.
+    let mut meter = Meter::new(w.bytes_written());
+    let mut last_sync = Instant::now();
+    loop {
+        if shared.out_cancelled() {
+            return Err(MigrationError::Cancelled);
+        }
+        let (max_bw, downtime_ms) = {
+            let inner = shared.lock();
+            (
+                inner.params.max_bandwidth(),
+                inner.params.downtime_limit_ms(),
+            )
+        };
+        let allowance = meter.allowance(w.bytes_written(), max_bw);
+        if allowance == 0 {
+            if shared.sleep_unless_cancelled(meter.window_left()) {
+                return Err(MigrationError::Cancelled);
+            }
+            meter.tick(w.bytes_written(), sent_pages(&job.stats), &job.stats);
+            continue;
+        }
+        write_part(&mut w, RAM_SECTION_ID)?;
+        let outcome = ram.send(&mut w, allowance, Some(Instant::now() + ROUND))?;
+        wire::ram::write_eos(&mut w)?;
+        write_footer(&mut w, RAM_SECTION_ID)?;
+        w.flush()?;
+        job.stats
+            .transferred
+            .store(w.bytes_written(), Ordering::Relaxed);
+        meter.tick(w.bytes_written(), sent_pages(&job.stats), &job.stats);
+
+        // Bandwidth for the switchover decision: the measured rate, or the cap before the
+        // first window closes.
+        let bw = if meter.bytes_per_sec > 0.0 {
+            meter.bytes_per_sec
+        } else if max_bw > 0 {
+            max_bw as f64
+        } else {
+            1e9
+        };
+        let threshold = bw * downtime_ms as f64 / 1000.0;
+        let bitmap_bytes = bitmaps_slot.as_ref().map_or(0, |b| b.pending_bytes());
+        job.stats
+            .bitmap_bytes
+            .store(bitmap_bytes, Ordering::Relaxed);
+        let pending = (ram.remaining_pages() * crate::guest::PAGE_SIZE + bitmap_bytes) as f64;
+        job.stats
+            .expected_downtime_ms
+            .store((pending / bw * 1000.0) as u64, Ordering::Relaxed);
+        if outcome == SendOutcome::PassDone || pending <= threshold {
+            let dirty = ram.sync();
+            let el = last_sync.elapsed().as_secs_f64().max(1e-3);
+            let new_dirty = job.stats.ram.last_sync_dirty.load(Ordering::Relaxed);
+            job.stats
+                .dirty_pages_rate
+                .store((new_dirty as f64 / el) as u64, Ordering::Relaxed);
+            last_sync = Instant::now();
+            if job.caps.has(Capability::Events) {
+                let pass = job.stats.ram.dirty_syncs.load(Ordering::Relaxed);
+                shared
+                    .events
+                    .emit("MIGRATION_PASS", Some(json!({ "pass": pass })));
+            }
+            let pending = (dirty * crate::guest::PAGE_SIZE + bitmap_bytes) as f64;
+            job.stats
+                .expected_downtime_ms
+                .store((pending / bw * 1000.0) as u64, Ordering::Relaxed);
+            if pending <= threshold {
+                break;
+            }
+        }
+    }
+
+    // 4. Switchover.
+    job.stats
+        .precopy_bytes
+        .store(w.bytes_written(), Ordering::Relaxed);
+    let before = machine.runstate();
+    undo.stopped_running_guest = before.is_running();
+    let globalstate = Arc::new(GlobalState::default());
+    globalstate.store(if before.is_running() {
+        RunState::Running
+    } else {
+        before
+    });
+    machine.stop(RunState::FinishMigrate);
+    undo.stopped = true;
+    let downtime_start = Instant::now();
+    let downtime_bytes_start = w.bytes_written();
+
+    if job.caps.has(Capability::PauseBeforeSwitchover) {
+        wait_for_continue(shared)?;
+    }
+    if !shared.set_out_status(MigrationStatus::Device) {
+        return Err(MigrationError::Cancelled);
+    }
+    machine.inactivate_disks().map_err(|e| {
+        MigrationError::Other(format!("Block inactivate failed during switchover: {e}"))
+    })?;
+    undo.inactivated = true;
+
+    write_end(&mut w, RAM_SECTION_ID)?;
+    ram.sync();
+    ram.send(&mut w, u64::MAX, None)?;
+    wire::ram::write_eos(&mut w)?;
+    write_footer(&mut w, RAM_SECTION_ID)?;
+    if let Some(b) = bitmaps_slot.as_mut() {
+        write_end(&mut w, BITMAP_SECTION_ID)?;
+        b.save_complete(&mut w)?;
+        write_footer(&mut w, BITMAP_SECTION_ID)?;
+    }
+    let mut devices: Vec<Arc<dyn DeviceState>> = machine.devices();
+    devices.push(globalstate);
+    let mut described = Vec::new();
+    for (i, d) in devices.iter().filter(|d| d.needed()).enumerate() {
+        let id = FIRST_DEVICE_SECTION_ID + i as u32;
+        let vmsd = d.vmsd();
+        write_full(&mut w, id, &d.idstr(), d.instance_id(), vmsd.version_id)?;
+        d.save(&mut w)?;
+        write_footer(&mut w, id)?;
+        described.push(DeviceDesc {
+            idstr: d.idstr(),
+            instance_id: d.instance_id(),
+            vmsd,
+        });
+    }
+    write_eof(&mut w)?;
+    write_vmdesc(
+        &mut w,
+        vmdesc_json(crate::guest::PAGE_SIZE, &described, None).as_bytes(),
+    )?;
+    w.flush()?;
+    let total = w.bytes_written();
+    job.stats.transferred.store(total, Ordering::Relaxed);
+    job.stats
+        .downtime_bytes
+        .store(total - downtime_bytes_start, Ordering::Relaxed);
+    drop(w);
+    conn.shutdown.shutdown_write();
+
+    // 5. The destination's verdict, when there is a return path.
+    if let Some(rp) = rp {
+        wait_for_shut(shared, &rp)?;
+    }
+    conn.finish()?;
+    let downtime = downtime_start.elapsed().as_millis() as u64;
+    // Throughput over the whole transfer, as QEMU reports it once completed.
+    let secs = shared
+        .lock()
+        .out
+        .started
+        .map_or(0.0, |s| s.elapsed().as_secs_f64())
+        .max(1e-6);
+    job.stats
+        .bits_per_second
+        .store((total as f64 * 8.0 / secs) as u64, Ordering::Relaxed);
+    machine.set_runstate(RunState::PostMigrate);
+    let mut inner = shared.lock();
+    inner.out.downtime_ms = Some(downtime);
+    Ok(())
+}
+
+fn sent_pages(stats: &OutgoingStats) -> u64 {
+    stats.ram.normal_pages.load(Ordering::Relaxed) + stats.ram.zero_pages.load(Ordering::Relaxed)
+}
+
+/// Waits in `pre-switchover` until `migrate-continue` or a cancel.
+fn wait_for_continue(shared: &Shared) -> Result<(), MigrationError> {
+    let mut inner = shared.lock();
+    if inner.out.cancel {
+        return Err(MigrationError::SwitchoverInterrupted);
+    }
+    // A `migrate-continue` that arrived before the pause must not skip it (QEMU resets the
+    // event just before entering pre-switchover).
+    inner.out.continue_requested = false;
+    inner.out.status = MigrationStatus::PreSwitchover;
+    shared.emit_status(&inner, MigrationStatus::PreSwitchover);
+    shared.cond.notify_all();
+    while !inner.out.continue_requested && !inner.out.cancel {
+        inner = shared.cond.wait(inner).unwrap_or_else(|p| p.into_inner());
+    }
+    if inner.out.cancel {
+        return Err(MigrationError::SwitchoverInterrupted);
+    }
+    Ok(())
+}
+
+/// Messages from the return-path thread.
+enum RpEvent {
+    Shut(u32),
+    Closed(String),
+}
+
+fn spawn_return_path(reader: BoxRead) -> Result<mpsc::Receiver<RpEvent>, MigrationError> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::Builder::new()
+        .name("migration-rp".into())
+        .spawn(move || {
+            let mut r = StreamReader::new(reader);
+            loop {
+                match read_rp_message(&mut r) {
+                    Ok(RpMessage::Shut(st)) => {
+                        let _ = tx.send(RpEvent::Shut(st));
+                        return;
+                    }
+                    Ok(RpMessage::Pong(_)) | Ok(RpMessage::SwitchoverAck) => {}
+                    Ok(other) => {
+                        let _ = tx.send(RpEvent::Closed(format!(
+                            "RP: unexpected message {} in precopy",
+                            other.name()
+                        )));
+                        return;
+                    }
+                    Err(e) => {
+                        let _ = tx.send(RpEvent::Closed(format!("RP: {e}")));
+                        return;
+                    }
+                }
+            }
+        })
+        .map_err(|e| MigrationError::io("cannot start the return-path thread", e))?;
+    Ok(rx)
+}
+
+fn wait_for_shut(shared: &Shared, rp: &mpsc::Receiver<RpEvent>) -> Result<(), MigrationError> {
+    loop {
+        if shared.out_cancelled() {
+            return Err(MigrationError::Cancelled);
+        }
+        match rp.recv_timeout(Duration::from_millis(50)) {
+            Ok(RpEvent::Shut(0)) => return Ok(()),
+            Ok(RpEvent::Shut(n)) => return Err(MigrationError::SiblingError(n)),
+            Ok(RpEvent::Closed(why)) => {
+                return Err(MigrationError::Other(format!(
+                    "the destination closed the return path before reporting success ({why})"
+                )))
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                return Err(MigrationError::Other(
+                    "the return path ended before the destination reported success".into(),
+                ))
+            }
+        }
+    }
+}
+
+/// Ends the migration: final state, and on failure or cancel, the source put back as it was.
+fn finish(
+    job: &Job,
+    result: Result<(), MigrationError>,
+    undo: Undo,
+    ram: Option<RamSaver>,
+    bitmaps: Option<BitmapSaver>,
+) {
+    let shared = &job.shared;
+    if let Some(ram) = &ram {
+        ram.stop();
+    }
+    let ok = result.is_ok();
+    if let Some(b) = bitmaps {
+        b.cleanup(ok);
+    }
+    // A cancel that arrives after the whole stream went out (and, with a return path, after
+    // the destination confirmed it) is too late: the destination may be running the guest, so
+    // the source must not resume. QEMU would resume it; livemig reports `completed`.
+    let cancelled = !ok && shared.out_cancelled();
+    if !ok {
+        // Put the source back: disks first (the guest needs them), then the guest.
+        let mut reactivated = true;
+        if undo.inactivated {
+            reactivated = job.machine.activate_disks().is_ok();
+        }
+        if undo.stopped {
+            if undo.stopped_running_guest && reactivated {
+                job.machine.start();
+            } else {
+                // Not running before, or the disks could not be taken back (the destination
+                // may hold them): stay stopped and let management decide.
+                job.machine.set_runstate(RunState::Paused);
+            }
+        }
+    }
+    let mut inner = shared.lock();
+    if let Some(s) = inner.out.shutdown.take() {
+        if !ok {
+            s.shutdown();
+        }
+    }
+    inner.out.total_ms = inner.out.started.map(|s| s.elapsed().as_millis() as u64);
+    let status = match &result {
+        Ok(()) => MigrationStatus::Completed,
+        Err(_) if cancelled => MigrationStatus::Cancelled,
+        Err(e) => {
+            inner.out.error = Some(e.to_string());
+            MigrationStatus::Failed
+        }
+    };
+    inner.out.status = status;
+    shared.emit_status(&inner, status);
+    shared.cond.notify_all();
+}

@@ -1,0 +1,372 @@
+//! The `ram` section (QEMU's format, version 4): the source walks a dirty bitmap per RAM block
+//! and sends each dirty page as a ZERO or PAGE record; the destination puts each page straight
+//! into guest memory.
+//!
+//! Data path: a batch of up to [`BATCH`] records goes out in one vectored write whose slices
+//! alternate record headers (built on a reused arena, no per-page allocation) and the guest
+//! pages themselves, so a page is copied once, by the kernel. The bitmap is scanned a word at a
+//! time. On the destination, each PAGE record's payload is read with `read_into` directly into
+//! the guest mapping; a ZERO record for a page that is already zero touches nothing (a fresh
+//! destination's untouched RAM stays unallocated).
+
+use crate::error::MigrationError;
+use crate::guest::{GuestRegion, RamBlock, PAGE_SIZE};
+use crate::machine::{Reader, Writer};
+use std::collections::HashMap;
+use std::io::IoSlice;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+use wire::ram::{
+    read_mem_blocks, read_ram_record, write_eos, write_mem_block, write_mem_size, BlockTracker,
+    MemBlock, MemBlockFields, PageHeader, RamRecord, RAM_SAVE_FLAG_PAGE, RAM_SAVE_FLAG_ZERO,
+};
+
+/// The section's idstr.
+pub const RAM_IDSTR: &str = "ram";
+/// The section's version; QEMU accepts exactly this one.
+pub const RAM_VERSION: u32 = 4;
+/// Records per vectored write.
+pub const BATCH: usize = 64;
+
+/// Counters shared with `query-migrate` (updated by the migration thread, read by anyone).
+#[derive(Default, Debug)]
+pub struct RamCounters {
+    /// Zero pages sent (`duplicate`).
+    pub zero_pages: AtomicU64,
+    /// Normal pages sent (`normal`).
+    pub normal_pages: AtomicU64,
+    /// Dirty pages still to send (`remaining` / 4096).
+    pub remaining_pages: AtomicU64,
+    /// Dirty-log synchronisations (`dirty-sync-count`).
+    pub dirty_syncs: AtomicU64,
+    /// Pages found dirty by the last synchronisation.
+    pub last_sync_dirty: AtomicU64,
+}
+
+struct BlockState {
+    block: Arc<dyn RamBlock>,
+    region: GuestRegion,
+    pages: u64,
+    /// Pages still to send in this pass, one bit each.
+    dirty: Vec<u64>,
+    /// Word index where the scan resumes.
+    cursor: usize,
+}
+
+/// Why [`RamSaver::send`] returned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SendOutcome {
+    /// Every page of the current pass has been sent.
+    PassDone,
+    /// The byte or time budget ran out first.
+    Budget,
+}
+
+/// The source side of the `ram` section.
+pub struct RamSaver {
+    blocks: Vec<BlockState>,
+    tracker: BlockTracker,
+    headers: Vec<PageHeader>,
+    counters: Arc<RamCounters>,
+}
+
+fn bitmap_words(pages: u64) -> usize {
+    pages.div_ceil(64) as usize
+}
+
+impl RamSaver {
+    /// Prepares to send `blocks`; every page starts dirty (the first pass sends all RAM).
+    pub fn new(blocks: Vec<Arc<dyn RamBlock>>, counters: Arc<RamCounters>) -> Self {
+        let blocks = blocks
+            .into_iter()
+            .map(|block| {
+                let region = block.region();
+                let pages = region.len() as u64 / PAGE_SIZE;
+                let mut dirty = vec![u64::MAX; bitmap_words(pages)];
+                if !pages.is_multiple_of(64) {
+                    if let Some(last) = dirty.last_mut() {
+                        *last = (1u64 << (pages % 64)) - 1;
+                    }
+                }
+                BlockState {
+                    block,
+                    region,
+                    pages,
+                    dirty,
+                    cursor: 0,
+                }
+            })
+            .collect::<Vec<_>>();
+        let total: u64 = blocks.iter().map(|b| b.pages).sum();
+        counters.remaining_pages.store(total, Ordering::Relaxed);
+        RamSaver {
+            blocks,
+            tracker: BlockTracker::new(),
+            headers: Vec::with_capacity(BATCH),
+            counters,
+        }
+    }
+
+    /// Total RAM in bytes.
+    pub fn total_bytes(&self) -> u64 {
+        self.blocks.iter().map(|b| b.pages * PAGE_SIZE).sum()
+    }
+
+    /// Dirty pages not yet sent.
+    pub fn remaining_pages(&self) -> u64 {
+        self.counters.remaining_pages.load(Ordering::Relaxed)
+    }
+
+    /// Writes the START body: the MEM_SIZE record with the block list, then EOS; and starts
+    /// the dirty logs, so every write from now on is caught.
+    pub fn setup(&mut self, w: &mut Writer) -> Result<(), MigrationError> {
+        write_mem_size(w, self.total_bytes())?;
+        for b in &self.blocks {
+            write_mem_block(
+                w,
+                &MemBlock {
+                    name: b.block.name().to_string(),
+                    used_length: b.pages * PAGE_SIZE,
+                    page_size: None,
+                    addr: None,
+                },
+            )?;
+            b.block.start_dirty_log();
+        }
+        write_eos(w)?;
+        Ok(())
+    }
+
+    /// Pulls the pages dirtied since the last sync into the bitmaps and restarts the pass.
+    /// Returns how many pages are dirty now.
+    pub fn sync(&mut self) -> u64 {
+        let before = self.remaining_pages();
+        let mut total = 0;
+        for b in &mut self.blocks {
+            b.block.sync_dirty_log(&mut b.dirty);
+            b.cursor = 0;
+            total += b
+                .dirty
+                .iter()
+                .map(|w| u64::from(w.count_ones()))
+                .sum::<u64>();
+        }
+        self.counters
+            .remaining_pages
+            .store(total, Ordering::Relaxed);
+        self.counters.dirty_syncs.fetch_add(1, Ordering::Relaxed);
+        self.counters
+            .last_sync_dirty
+            .store(total.saturating_sub(before), Ordering::Relaxed);
+        total
+    }
+
+    /// Sends dirty pages until the pass is done, `max_bytes` more bytes have been written, or
+    /// `deadline` passes (checked once per batch).
+    pub fn send(
+        &mut self,
+        w: &mut Writer,
+        max_bytes: u64,
+        deadline: Option<Instant>,
+    ) -> Result<SendOutcome, MigrationError> {
+        let start_bytes = w.bytes_written();
+        // (block index, page) of the records in the current batch.
+        let mut batch: Vec<(usize, u64, bool)> = Vec::with_capacity(BATCH);
+        let nblocks = self.blocks.len();
+        for bi in 0..nblocks {
+            loop {
+                // Collect up to BATCH dirty pages of this block, clearing their bits.
+                batch.clear();
+                {
+                    let b = &mut self.blocks[bi];
+                    while batch.len() < BATCH && b.cursor < b.dirty.len() {
+                        let word = b.dirty[b.cursor];
+                        if word == 0 {
+                            b.cursor += 1;
+                            continue;
+                        }
+                        let bit = u64::from(word.trailing_zeros());
+                        b.dirty[b.cursor] &= !(1u64 << bit);
+                        let page = b.cursor as u64 * 64 + bit;
+                        if page < b.pages {
+                            let zero = b.region.is_zero(page * PAGE_SIZE, PAGE_SIZE as usize);
+                            batch.push((bi, page, zero));
+                        }
+                    }
+                }
+                if batch.is_empty() {
+                    break;
+                }
+                self.write_batch(w, &batch)?;
+                let sent = w.bytes_written() - start_bytes;
+                if sent >= max_bytes || deadline.is_some_and(|d| Instant::now() >= d) {
+                    return Ok(SendOutcome::Budget);
+                }
+            }
+        }
+        Ok(SendOutcome::PassDone)
+    }
+
+    fn write_batch(
+        &mut self,
+        w: &mut Writer,
+        batch: &[(usize, u64, bool)],
+    ) -> Result<(), MigrationError> {
+        const FILL: [u8; 1] = [0];
+        self.headers.clear();
+        let (mut zeros, mut normals) = (0u64, 0u64);
+        for &(bi, page, zero) in batch {
+            let name = self.blocks[bi].block.name();
+            let wire_name = self.tracker.encode(name);
+            let flags = if zero {
+                RAM_SAVE_FLAG_ZERO
+            } else {
+                RAM_SAVE_FLAG_PAGE
+            };
+            let h = PageHeader::new(wire_name, page * PAGE_SIZE, flags)
+                .map_err(|k| MigrationError::Wire(w.error(k)))?;
+            self.headers.push(h);
+            if zero {
+                zeros += 1;
+            } else {
+                normals += 1;
+            }
+        }
+        let mut iov = [IoSlice::new(&[]); 2 * BATCH];
+        let mut n = 0;
+        for (h, &(bi, page, zero)) in self.headers.iter().zip(batch) {
+            iov[n] = IoSlice::new(h.as_bytes());
+            iov[n + 1] = if zero {
+                IoSlice::new(&FILL)
+            } else {
+                self.blocks[bi]
+                    .region
+                    .io_slice(page * PAGE_SIZE, PAGE_SIZE as usize)
+                    .ok_or_else(|| {
+                        MigrationError::Other(format!("page {page} outside RAM block"))
+                    })?
+            };
+            n += 2;
+        }
+        w.write_vectored_all(&mut iov[..n])?;
+        self.counters.zero_pages.fetch_add(zeros, Ordering::Relaxed);
+        self.counters
+            .normal_pages
+            .fetch_add(normals, Ordering::Relaxed);
+        let _ =
+            self.counters
+                .remaining_pages
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |r| {
+                    Some(r.saturating_sub(zeros + normals))
+                });
+        Ok(())
+    }
+
+    /// Stops the dirty logs (at the end of the migration, whatever its outcome).
+    pub fn stop(&self) {
+        for b in &self.blocks {
+            b.block.stop_dirty_log();
+        }
+    }
+}
+
+/// The destination side of the `ram` section.
+pub struct RamLoader {
+    blocks: HashMap<String, (Arc<dyn RamBlock>, GuestRegion)>,
+    tracker: BlockTracker,
+    /// Pages loaded (normal and zero), for statistics.
+    pub pages_loaded: u64,
+}
+
+impl RamLoader {
+    /// A loader for this VM's RAM blocks.
+    pub fn new(blocks: Vec<Arc<dyn RamBlock>>) -> Self {
+        let blocks = blocks
+            .into_iter()
+            .map(|b| {
+                let r = b.region();
+                (b.name().to_string(), (b, r))
+            })
+            .collect();
+        RamLoader {
+            blocks,
+            tracker: BlockTracker::new(),
+            pages_loaded: 0,
+        }
+    }
+
+    fn region(
+        &mut self,
+        r: &Reader,
+        block: Option<&str>,
+        offset: u64,
+    ) -> Result<GuestRegion, MigrationError> {
+        let name = self
+            .tracker
+            .resolve(block)
+            .map_err(|k| MigrationError::Wire(r.error(k)))?;
+        let Some((_, region)) = self.blocks.get(name) else {
+            return Err(MigrationError::Load(format!(
+                "Can't find block {name}: Illegal RAM offset {offset:x}"
+            )));
+        };
+        if offset
+            .checked_add(PAGE_SIZE)
+            .is_none_or(|end| end > region.len() as u64)
+        {
+            return Err(MigrationError::Load(format!(
+                "Illegal RAM offset {offset:x}"
+            )));
+        }
+        Ok(*region)
+    }
+
+    /// Loads one section body (START, PART or END): records up to EOS.
+    pub fn load(&mut self, r: &mut Reader) -> Result<(), MigrationError> {
+        loop {
+            match read_ram_record(r)? {
+                RamRecord::Eos => return Ok(()),
+                RamRecord::MemSize { total } => {
+                    let list = read_mem_blocks(r, total, |_| MemBlockFields::default())?;
+                    for mb in list {
+                        let Some((_, region)) = self.blocks.get(&mb.name) else {
+                            return Err(MigrationError::Load(format!(
+                                "Unknown ramblock \"{}\", cannot accept migration",
+                                mb.name
+                            )));
+                        };
+                        let local = region.len() as u64;
+                        if mb.used_length != local {
+                            return Err(MigrationError::Load(format!(
+                                "Size mismatch: {}: {:#x} != {:#x}: Invalid argument",
+                                mb.name, mb.used_length, local
+                            )));
+                        }
+                    }
+                }
+                RamRecord::Zero { block, offset, fill } => {
+                    let region = self.region(r, block.as_deref(), offset)?;
+                    if fill != 0 || !region.is_zero(offset, PAGE_SIZE as usize) {
+                        region.with_slice_mut(offset, PAGE_SIZE as usize, |s| s.fill(fill));
+                    }
+                    self.pages_loaded += 1;
+                }
+                RamRecord::Page { block, offset } => {
+                    let region = self.region(r, block.as_deref(), offset)?;
+                    region
+                        .with_slice_mut(offset, PAGE_SIZE as usize, |s| r.read_into(s))
+                        .ok_or_else(|| MigrationError::Load(format!("Illegal RAM offset {offset:x}")))??;
+                    self.pages_loaded += 1;
+                }
+                // Without multifd channels there is nothing to synchronise with.
+                RamRecord::MultifdFlush => {}
+                other => {
+                    return Err(MigrationError::Load(format!(
+                        "RAM record {other:?} is not supported (xbzrle, compression and RDMA are not implemented)"
+                    )))
+                }
+            }
+        }
+    }
+}

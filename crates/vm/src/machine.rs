@@ -1,0 +1,455 @@
+//! The reference VM: guest RAM, vCPU threads running the workload, a clock, a serial console,
+//! a memory map with MMIO windows, and disks — and its implementation of the engine's
+//! [`Machine`] trait.
+//!
+//! Two machine types:
+//! - `none`: QEMU's `-M none` — RAM and disks, no vCPU, and only the sections QEMU's `-M none`
+//!   has (`timer`; the engine adds `ram`, `dirty-bitmap` and `globalstate`). Streams are
+//!   interchangeable with QEMU 7.2's.
+//! - `livemig` (default): adds vCPUs running the deterministic workload, whose state migrates in
+//!   `livemig-vcpu` sections, the workload configuration, the serial console and the MMIO
+//!   windows.
+
+use crate::clock::VmClock;
+use crate::devices;
+use crate::memmap::{MemoryMap, Region, RegionKind};
+use crate::memory::GuestRam;
+use crate::runctl::{Gate, RunControl};
+use crate::workload::{check_page, PageCheck, Share, SideEffect, VcpuState, WorkloadConfig};
+use migration::events::EventSink;
+use migration::guest::{RamBlock, PAGE_SIZE};
+use migration::machine::{DeviceState, Machine};
+use migration::runstate::RunState;
+use migration::MigrationError;
+use std::fs::File;
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// Machine types.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MachineType {
+    /// QEMU's `none`.
+    None,
+    /// livemig's reference machine.
+    Livemig,
+}
+
+impl MachineType {
+    /// Parses `-M` (QEMU's `none`, or `livemig`; suboptions after a comma are ignored).
+    pub fn parse(s: &str) -> Option<MachineType> {
+        match s.split(',').next().unwrap_or("") {
+            "none" => Some(MachineType::None),
+            "livemig" => Some(MachineType::Livemig),
+            _ => None,
+        }
+    }
+
+    /// The name sent in the configuration section.
+    pub fn wire_name(self) -> &'static str {
+        match self {
+            MachineType::None => "none",
+            MachineType::Livemig => "livemig-1.0",
+        }
+    }
+}
+
+/// Number of MMIO windows of the `livemig` machine.
+pub const WINDOWS: u32 = 8;
+/// Where the first window is mapped at boot (above any RAM size the tests use).
+pub const WINDOW_BASE: u64 = 0xfe00_0000_0000;
+
+/// How to build a VM.
+#[derive(Debug, Clone)]
+pub struct VmConfig {
+    /// `-name`.
+    pub name: String,
+    /// `-M`.
+    pub machine: MachineType,
+    /// `-m`, bytes.
+    pub ram_size: u64,
+    /// `-smp` (ignored for `none`, which has no vCPU).
+    pub vcpus: u32,
+    /// The workload (ignored for `none`).
+    pub workload: WorkloadConfig,
+    /// The disk node the workload writes to, if any.
+    pub workload_disk: Option<String>,
+    /// `-serial file:PATH`.
+    pub serial: Option<PathBuf>,
+    /// Started with `-incoming`: RAM and device state come from a migration.
+    pub incoming: bool,
+    /// `-S`: do not start the vCPUs.
+    pub start_paused: bool,
+}
+
+impl Default for VmConfig {
+    fn default() -> Self {
+        VmConfig {
+            name: String::new(),
+            machine: MachineType::Livemig,
+            ram_size: 128 << 20,
+            vcpus: 1,
+            workload: WorkloadConfig::default(),
+            workload_disk: None,
+            serial: None,
+            incoming: false,
+            start_paused: false,
+        }
+    }
+}
+
+/// The serial console: lines the guest prints, appended to a file.
+pub struct Serial {
+    file: Mutex<Option<File>>,
+    /// Bytes the guest has written since boot (migrates).
+    pub bytes: AtomicU64,
+}
+
+impl Serial {
+    fn write(&self, text: &str) {
+        self.bytes.fetch_add(text.len() as u64, Ordering::Relaxed);
+        if let Some(f) = self.file.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
+            let _ = f.write_all(text.as_bytes());
+        }
+    }
+}
+
+/// Shared parts of the VM, reachable from vCPU threads and device sections.
+pub struct VmCore {
+    /// Configuration given at start.
+    pub config: VmConfig,
+    /// The workload configuration in force (a destination adopts the source's).
+    pub workload: Mutex<WorkloadConfig>,
+    /// Guest RAM.
+    pub ram: Arc<GuestRam>,
+    /// Run state and vCPU gate.
+    pub run: RunControl,
+    /// Guest clock.
+    pub clock: VmClock,
+    /// vCPU states.
+    pub vcpus: Vec<Mutex<VcpuState>>,
+    /// Serial console.
+    pub serial: Serial,
+    /// Memory map.
+    pub memmap: MemoryMap,
+    /// Disks.
+    pub block: Arc<block::BlockLayer>,
+    /// Where STOP/RESUME go.
+    pub events: Arc<dyn EventSink>,
+    /// Pages the workload has written since this process started.
+    pub pages_written: AtomicU64,
+}
+
+/// A running reference VM.
+pub struct Vm {
+    core: Arc<VmCore>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+}
+
+/// What `verify_ram` found.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RamReport {
+    /// Pages never written (all zero).
+    pub zero: u64,
+    /// Complete workload pages.
+    pub valid: u64,
+    /// Pages that are neither: the first few page numbers.
+    pub corrupt: Vec<u64>,
+    /// Number of corrupt pages.
+    pub corrupt_count: u64,
+}
+
+impl Vm {
+    /// Builds a VM: maps RAM, creates vCPU threads (stopped), maps the MMIO windows.
+    pub fn new(
+        config: VmConfig,
+        block: Arc<block::BlockLayer>,
+        events: Arc<dyn EventSink>,
+    ) -> Result<Arc<Vm>, String> {
+        let ram = Arc::new(GuestRam::new("ram", config.ram_size).map_err(|e| e.to_string())?);
+        let nvcpus = match config.machine {
+            MachineType::None => 0,
+            MachineType::Livemig => config.vcpus.max(1),
+        };
+        let initial = if config.incoming {
+            RunState::InMigrate
+        } else {
+            RunState::Prelaunch
+        };
+        let serial_file = match &config.serial {
+            Some(p) => Some(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(p)
+                    .map_err(|e| format!("cannot open serial file {}: {e}", p.display()))?,
+            ),
+            None => None,
+        };
+        let memmap = MemoryMap::default();
+        memmap.add(Region {
+            name: "ram".into(),
+            gpa: Some(0),
+            size: config.ram_size,
+            priority: 0,
+            kind: RegionKind::Ram { offset: 0 },
+        });
+        if config.machine == MachineType::Livemig {
+            for i in 0..WINDOWS {
+                memmap.add(Region {
+                    name: format!("window{i}"),
+                    // Firmware maps the windows at boot; an incoming VM gets them from the
+                    // source's device state.
+                    gpa: (!config.incoming).then(|| WINDOW_BASE + u64::from(i) * PAGE_SIZE),
+                    size: PAGE_SIZE,
+                    priority: 1,
+                    kind: RegionKind::Mmio,
+                });
+            }
+        }
+        let core = Arc::new(VmCore {
+            workload: Mutex::new(config.workload.clone()),
+            vcpus: (0..nvcpus)
+                .map(|i| Mutex::new(VcpuState::boot(&config.workload, i)))
+                .collect(),
+            run: RunControl::new(initial, nvcpus as usize),
+            clock: VmClock::default(),
+            serial: Serial {
+                file: Mutex::new(serial_file),
+                bytes: AtomicU64::new(0),
+            },
+            memmap,
+            block,
+            events,
+            pages_written: AtomicU64::new(0),
+            ram,
+            config,
+        });
+        let mut threads = Vec::new();
+        for id in 0..nvcpus {
+            let c = core.clone();
+            threads.push(
+                std::thread::Builder::new()
+                    .name(format!("vcpu{id}"))
+                    .spawn(move || vcpu_thread(&c, id))
+                    .map_err(|e| format!("cannot start vCPU thread: {e}"))?,
+            );
+        }
+        Ok(Arc::new(Vm {
+            core,
+            threads: Mutex::new(threads),
+        }))
+    }
+
+    /// The shared core (for QMP commands and tests).
+    pub fn core(&self) -> &Arc<VmCore> {
+        &self.core
+    }
+
+    /// Stops the vCPU threads for good and waits for them (process exit).
+    pub fn shutdown(&self) {
+        self.core.run.quit();
+        let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|p| p.into_inner()));
+        for t in threads {
+            let _ = t.join();
+        }
+    }
+
+    /// Steps taken by each vCPU.
+    pub fn vcpu_steps(&self) -> Vec<u64> {
+        self.core
+            .vcpus
+            .iter()
+            .map(|v| v.lock().unwrap_or_else(|p| p.into_inner()).steps)
+            .collect()
+    }
+
+    /// A 128-bit hash of all guest RAM, as hex (compare source and destination with the guest
+    /// stopped).
+    pub fn ram_checksum(&self) -> String {
+        let region = self.core.ram.guest_region();
+        let mut h = xxhash_rust::xxh3::Xxh3::new();
+        let mut buf = vec![0u8; 1 << 20];
+        let mut off = 0u64;
+        let size = self.core.ram.size();
+        while off < size {
+            let n = (size - off).min(buf.len() as u64) as usize;
+            region.read(off, &mut buf[..n]);
+            h.update(&buf[..n]);
+            off += n as u64;
+        }
+        format!("{:032x}", h.digest128())
+    }
+
+    /// Checks every page of RAM: zero, or a complete workload page at its own address.
+    pub fn verify_ram(&self) -> RamReport {
+        let region = self.core.ram.guest_region();
+        let mut report = RamReport::default();
+        let mut page = vec![0u8; PAGE_SIZE as usize];
+        for p in 0..self.core.ram.pages() {
+            region.read(p * PAGE_SIZE, &mut page);
+            match check_page(&page, p) {
+                PageCheck::Zero => report.zero += 1,
+                PageCheck::Valid { .. } => report.valid += 1,
+                PageCheck::Corrupt => {
+                    report.corrupt_count += 1;
+                    if report.corrupt.len() < 16 {
+                        report.corrupt.push(p);
+                    }
+                }
+            }
+        }
+        report
+    }
+
+    /// Bytes written to the serial console since boot.
+    pub fn serial_bytes(&self) -> u64 {
+        self.core.serial.bytes.load(Ordering::Relaxed)
+    }
+}
+
+fn vcpu_thread(core: &VmCore, id: u32) {
+    if core.run.gate() == Gate::Quit {
+        return;
+    }
+    let nvcpus = core.vcpus.len() as u32;
+    let Some(slot) = core.vcpus.get(id as usize) else {
+        return;
+    };
+    let mut window_start = Instant::now();
+    let mut window_pages = 0u64;
+    loop {
+        if !core.run.is_running() {
+            if core.run.park() == Gate::Quit {
+                return;
+            }
+            window_start = Instant::now();
+            window_pages = 0;
+        }
+        let cfg = core
+            .workload
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let share = Share::of(&cfg, core.ram.pages(), id, nvcpus);
+        let mut idle = false;
+        {
+            let mut st = slot.lock().unwrap_or_else(|p| p.into_inner());
+            for _ in 0..64 {
+                if st.is_idle(&share) {
+                    idle = true;
+                    break;
+                }
+                let (write, effect) = st.step(&cfg, &share);
+                if let Some(w) = write {
+                    core.ram.write(w.offset, &w.data);
+                    core.pages_written.fetch_add(1, Ordering::Relaxed);
+                    window_pages += 1;
+                }
+                match effect {
+                    SideEffect::None => {}
+                    SideEffect::Serial(line) => core.serial.write(&line),
+                    SideEffect::Disk { offset, data } => {
+                        if let Some(node) = &core.config.workload_disk {
+                            disk_write(core, node, offset, &data[..]);
+                        }
+                    }
+                }
+            }
+        }
+        if idle {
+            core.run.pause_while_running(Duration::from_millis(20));
+            continue;
+        }
+        if cfg.dirty_rate > 0 {
+            // Per-vCPU share of the cap, enforced over one-second windows.
+            let per_vcpu = (cfg.dirty_rate / u64::from(nvcpus.max(1))).max(1);
+            let el = window_start.elapsed().as_secs_f64();
+            let allowed = per_vcpu as f64 * el;
+            if window_pages as f64 > allowed {
+                let wait = (window_pages as f64 - allowed) / per_vcpu as f64;
+                core.run
+                    .pause_while_running(Duration::from_secs_f64(wait.min(0.05)));
+            }
+            if el > 1.0 {
+                window_start = Instant::now();
+                window_pages = 0;
+            }
+        }
+    }
+}
+
+/// The workload's disk write: one page at `offset` reduced into the disk.
+fn disk_write(core: &VmCore, node: &str, offset: u64, data: &[u8]) {
+    // A failed write (node removed, image inactive) is the guest's I/O error; the workload
+    // carries on, as a guest would.
+    if let Some(n) = core.block.node(node) {
+        let blocks = n.size().unwrap_or(0) / PAGE_SIZE;
+        if blocks > 0 {
+            let off = (offset / PAGE_SIZE % blocks) * PAGE_SIZE;
+            let _ = n.write_at(off, data);
+        }
+    }
+}
+
+impl Machine for Vm {
+    fn machine_type(&self) -> String {
+        self.core.config.machine.wire_name().into()
+    }
+
+    fn ram_blocks(&self) -> Vec<Arc<dyn RamBlock>> {
+        vec![self.core.ram.clone()]
+    }
+
+    fn devices(&self) -> Vec<Arc<dyn DeviceState>> {
+        devices::all(&self.core)
+    }
+
+    fn block_layer(&self) -> Option<Arc<block::BlockLayer>> {
+        Some(self.core.block.clone())
+    }
+
+    fn runstate(&self) -> RunState {
+        self.core.run.state()
+    }
+
+    fn stop(&self, state: RunState) {
+        if self.core.run.stop(state) {
+            self.core.clock.pause();
+            self.core.events.emit("STOP", None);
+        }
+    }
+
+    fn start(&self) {
+        if self.core.run.start() {
+            self.core.clock.resume();
+            self.core.events.emit("RESUME", None);
+        }
+    }
+
+    fn set_runstate(&self, state: RunState) {
+        self.core.run.set_state(state);
+    }
+
+    fn inactivate_disks(&self) -> Result<(), MigrationError> {
+        self.core
+            .block
+            .inactivate_all()
+            .map_err(MigrationError::from)
+    }
+
+    fn activate_disks(&self) -> Result<(), MigrationError> {
+        self.core.block.activate_all().map_err(MigrationError::from)
+    }
+
+    fn begin_device_load(&self) {
+        self.core.memmap.begin();
+    }
+
+    fn end_device_load(&self) {
+        self.core.memmap.commit();
+    }
+}

@@ -1,0 +1,272 @@
+//! End-to-end migrations between two reference VMs in one process: RAM, vCPU state, the
+//! clock, the memory map and dirty bitmaps arrive intact over every transport, and cancel or
+//! failure leaves the source as it was.
+
+use block::BlockLayer;
+use migration::caps::Capability;
+use migration::events::RecordedEvents;
+use migration::runstate::RunState;
+use migration::{Migration, MigrationOptions, MigrationStatus};
+use serde_json::json;
+use std::sync::Arc;
+use std::time::Duration;
+use vm::workload::WorkloadConfig;
+use vm::{MachineType, Vm, VmConfig};
+
+const DISK: u64 = 64 << 20;
+
+struct Side {
+    vm: Arc<Vm>,
+    mig: Migration,
+    block: Arc<BlockLayer>,
+    events: Arc<RecordedEvents>,
+}
+
+fn side(incoming: bool, machine: MachineType, workload: WorkloadConfig) -> Side {
+    let block = Arc::new(BlockLayer::new());
+    block.set_incoming(incoming);
+    block
+        .blockdev_add(&json!({"driver": "null-co", "node-name": "d0", "size": DISK}))
+        .unwrap();
+    let events = Arc::new(RecordedEvents::default());
+    let vm = Vm::new(
+        VmConfig {
+            machine,
+            ram_size: 32 << 20,
+            vcpus: 2,
+            workload,
+            workload_disk: Some("d0".into()),
+            incoming,
+            ..Default::default()
+        },
+        block.clone(),
+        events.clone(),
+    )
+    .unwrap();
+    let mig = Migration::new(
+        vm.clone(),
+        events.clone(),
+        MigrationOptions { autostart: false },
+    );
+    mig.set_capabilities(&[(Capability::Events, true), (Capability::DirtyBitmaps, true)])
+        .unwrap();
+    Side {
+        vm,
+        mig,
+        block,
+        events,
+    }
+}
+
+fn busy_workload() -> WorkloadConfig {
+    WorkloadConfig {
+        fill: 16 << 20,
+        hot: 2 << 20,
+        disk_every: 16,
+        dirty_rate: 20_000,
+        ..Default::default()
+    }
+}
+
+fn sha(b: &BlockLayer, name: &str) -> String {
+    b.x_debug_block_dirty_bitmap_sha256("d0", name).unwrap()
+}
+
+/// Migrates `src` to `dst` over `uri` (the destination listens on `listen`) and checks what a
+/// user would check: both ends completed, RAM and bitmaps identical at the stop point, the
+/// vCPUs' state carried over, and the destination's guest carrying on from there.
+fn migrate_and_check(src: &Side, dst: &Side, listen: &str, uri: &str) {
+    src.block
+        .block_dirty_bitmap_add("d0", "b0", Some(65536), None, None)
+        .unwrap();
+    src.vm.as_ref().start_for_test();
+    std::thread::sleep(Duration::from_millis(100));
+    dst.mig.incoming(listen, false).unwrap();
+    let uri = match dst.mig.incoming_port() {
+        Some(p) => uri.replace("PORT", &p.to_string()),
+        None => uri.to_string(),
+    };
+    src.mig.migrate(&uri).unwrap();
+    let st = src.mig.wait_outgoing(
+        &[
+            MigrationStatus::Completed,
+            MigrationStatus::Failed,
+            MigrationStatus::Cancelled,
+        ],
+        Duration::from_secs(60),
+    );
+    assert_eq!(
+        st,
+        MigrationStatus::Completed,
+        "source: {:?}",
+        src.mig.query()
+    );
+    let st = dst.mig.wait_incoming(
+        &[MigrationStatus::Completed, MigrationStatus::Failed],
+        Duration::from_secs(60),
+    );
+    assert_eq!(
+        st,
+        MigrationStatus::Completed,
+        "destination: {:?}",
+        dst.mig.query()
+    );
+
+    assert_eq!(src.vm.as_ref().runstate_for_test(), RunState::PostMigrate);
+    // -S on the destination: paused, so the stop point can be compared.
+    assert_eq!(dst.vm.as_ref().runstate_for_test(), RunState::Paused);
+    assert_eq!(src.vm.ram_checksum(), dst.vm.ram_checksum(), "RAM differs");
+    let report = dst.vm.verify_ram();
+    assert_eq!(report.corrupt_count, 0, "{report:?}");
+    assert!(report.valid > 0, "{report:?}");
+    assert_eq!(report, src.vm.verify_ram());
+    assert_eq!(src.vm.vcpu_steps(), dst.vm.vcpu_steps());
+    assert_eq!(
+        sha(&src.block, "b0"),
+        sha(&dst.block, "b0"),
+        "bitmap differs"
+    );
+    let q = src.mig.query();
+    assert_eq!(q["status"], "completed");
+    assert!(q["downtime"].as_u64().is_some(), "{q}");
+    assert!(q["ram"]["normal"].as_u64().unwrap() > 0, "{q}");
+    assert!(q["ram"]["mbps"].as_f64().unwrap() > 0.0, "{q}");
+
+    // The guest carries on at the destination from where it stopped.
+    let before = dst.vm.vcpu_steps();
+    dst.vm.as_ref().start_for_test();
+    std::thread::sleep(Duration::from_millis(100));
+    let after = dst.vm.vcpu_steps();
+    assert!(
+        after.iter().zip(&before).all(|(a, b)| a > b),
+        "{before:?} -> {after:?}"
+    );
+    dst.vm.shutdown();
+    src.vm.shutdown();
+}
+
+trait TestControl {
+    fn start_for_test(&self);
+    fn runstate_for_test(&self) -> RunState;
+}
+
+impl TestControl for Vm {
+    fn start_for_test(&self) {
+        migration::machine::Machine::start(self);
+    }
+    fn runstate_for_test(&self) -> RunState {
+        migration::machine::Machine::runstate(self)
+    }
+}
+
+#[test]
+fn migrates_over_unix_socket() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("m.sock").display().to_string();
+    let src = side(false, MachineType::Livemig, busy_workload());
+    let dst = side(true, MachineType::Livemig, WorkloadConfig::default());
+    migrate_and_check(&src, &dst, &format!("unix:{path}"), &format!("unix:{path}"));
+    let names: Vec<String> = src
+        .events
+        .snapshot()
+        .into_iter()
+        .map(|(n, d)| format!("{n} {}", d.unwrap_or_default()))
+        .collect();
+    for want in [
+        "MIGRATION {\"status\":\"setup\"}",
+        "MIGRATION {\"status\":\"active\"}",
+        "STOP null",
+        "MIGRATION {\"status\":\"device\"}",
+        "MIGRATION {\"status\":\"completed\"}",
+    ] {
+        assert!(
+            names.iter().any(|n| n == want),
+            "missing {want} in {names:?}"
+        );
+    }
+    assert!(
+        names.iter().any(|n| n.starts_with("MIGRATION_PASS")),
+        "{names:?}"
+    );
+}
+
+#[test]
+fn migrates_over_tcp() {
+    let src = side(false, MachineType::Livemig, busy_workload());
+    let dst = side(true, MachineType::Livemig, WorkloadConfig::default());
+    migrate_and_check(&src, &dst, "tcp:127.0.0.1:0", "tcp:127.0.0.1:PORT");
+}
+
+#[test]
+fn migrates_over_exec_and_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("stream").display().to_string();
+    // Source writes the whole stream to a file through `exec:`; then the destination reads it.
+    let src = side(false, MachineType::Livemig, busy_workload());
+    src.block
+        .block_dirty_bitmap_add("d0", "b0", Some(65536), None, None)
+        .unwrap();
+    migration::machine::Machine::start(src.vm.as_ref());
+    std::thread::sleep(Duration::from_millis(50));
+    src.mig.migrate(&format!("exec:cat > {f}")).unwrap();
+    let st = src.mig.wait_outgoing(
+        &[MigrationStatus::Completed, MigrationStatus::Failed],
+        Duration::from_secs(60),
+    );
+    assert_eq!(st, MigrationStatus::Completed, "{:?}", src.mig.query());
+    for listen in [format!("file:{f}"), format!("exec:cat {f}")] {
+        let dst = side(true, MachineType::Livemig, WorkloadConfig::default());
+        dst.mig.incoming(&listen, false).unwrap();
+        let st = dst.mig.wait_incoming(
+            &[MigrationStatus::Completed, MigrationStatus::Failed],
+            Duration::from_secs(60),
+        );
+        assert_eq!(
+            st,
+            MigrationStatus::Completed,
+            "{listen}: {:?}",
+            dst.mig.query()
+        );
+        assert_eq!(src.vm.ram_checksum(), dst.vm.ram_checksum(), "{listen}");
+        assert_eq!(sha(&src.block, "b0"), sha(&dst.block, "b0"), "{listen}");
+        assert_eq!(src.vm.vcpu_steps(), dst.vm.vcpu_steps(), "{listen}");
+        dst.vm.shutdown();
+    }
+    src.vm.shutdown();
+}
+
+#[test]
+fn m_none_machine_migrates_ram_and_bitmaps() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("m.sock").display().to_string();
+    let src = side(false, MachineType::None, WorkloadConfig::default());
+    let dst = side(true, MachineType::None, WorkloadConfig::default());
+    src.block
+        .block_dirty_bitmap_add("d0", "b0", Some(65536), None, None)
+        .unwrap();
+    block::qemu_io::run(&src.block, "d0", "write 0 64k").unwrap();
+    block::qemu_io::run(&src.block, "d0", "write 1M 4k").unwrap();
+    dst.mig.incoming(&format!("unix:{path}"), false).unwrap();
+    src.mig.migrate(&format!("unix:{path}")).unwrap();
+    assert_eq!(
+        src.mig.wait_outgoing(
+            &[MigrationStatus::Completed, MigrationStatus::Failed],
+            Duration::from_secs(30)
+        ),
+        MigrationStatus::Completed,
+        "{:?}",
+        src.mig.query()
+    );
+    assert_eq!(
+        dst.mig.wait_incoming(
+            &[MigrationStatus::Completed, MigrationStatus::Failed],
+            Duration::from_secs(30)
+        ),
+        MigrationStatus::Completed,
+        "{:?}",
+        dst.mig.query()
+    );
+    assert_eq!(sha(&src.block, "b0"), sha(&dst.block, "b0"));
+    let info = dst.block.query_named_block_nodes(false);
+    assert!(info.to_string().contains("\"count\":131072"), "{info}");
+}
