@@ -24,6 +24,7 @@
 //! `deserialize_*` calls with `finish == false`; [`HBitmap::deserialize_finish`] has nothing left
 //! to do.
 #![forbid(unsafe_code)]
+#![deny(missing_docs)]
 #![cfg_attr(
     not(test),
     deny(
