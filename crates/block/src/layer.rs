@@ -164,6 +164,32 @@ impl BlockLayer {
         Ok(node)
     }
 
+    /// Adds a node over a driver the embedding VMM built itself (a driver of its own, or one
+    /// of this crate's opened directly), owned by the monitor like a `blockdev-add` node. The
+    /// name is checked as `blockdev-add` checks it. Children the driver holds must already be
+    /// in the layer.
+    pub fn insert_node(
+        &self,
+        node_name: &str,
+        driver: Box<dyn BlockDriver>,
+        flags: NodeFlags,
+    ) -> Result<Arc<BlockNode>, BlockError> {
+        let mut g = self.write();
+        let name = self.assign_name(&mut g, &[], Some(node_name))?;
+        let flags = NodeFlags {
+            inactive: flags.inactive || self.incoming.load(Ordering::SeqCst),
+            ..flags
+        };
+        let id = self.next_id.fetch_add(1, Ordering::SeqCst);
+        let node = Arc::new(BlockNode::new(id, &name, driver, flags)?);
+        g.entries.push(Entry {
+            node: node.clone(),
+            monitor_owned: true,
+            device: None,
+        });
+        Ok(node)
+    }
+
     fn assign_name(
         &self,
         g: &mut Graph,
@@ -215,14 +241,10 @@ impl BlockLayer {
         let child = match &opts.driver_options {
             DriverOptions::Raw { file, .. } => Some(match file {
                 BlockdevRef::Reference(name) => {
-                    let c = Self::find(g, name).ok_or_else(|| BlockError::CannotFind {
+                    Self::find(g, name).ok_or_else(|| BlockError::CannotFind {
                         device: name.clone(),
                         node: name.clone(),
-                    })?;
-                    if !flags.read_only && c.read_only() {
-                        return Err(BlockError::ReadOnlyNode);
-                    }
-                    c
+                    })?
                 }
                 BlockdevRef::Definition(c) => {
                     let inherit = Inherit {
@@ -495,7 +517,7 @@ impl BlockLayer {
                 }
                 Some(store) => {
                     store.can_store_new(bs.name(), name, granularity)?;
-                    if bs.read_only() {
+                    if !bs.writable() {
                         return Err(BlockError::Driver(format!(
                             "Can't make bitmap '{name}' persistent in '{}': No write access",
                             bs.name()

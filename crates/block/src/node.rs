@@ -65,6 +65,8 @@ pub struct BlockNode {
     name: String,
     driver: Box<dyn BlockDriver>,
     flags: NodeFlags,
+    /// Not read-only, and neither is any child (QEMU cannot grant write permission then).
+    writable: bool,
     state: Mutex<NodeState>,
     idle: Condvar,
 }
@@ -120,11 +122,13 @@ impl BlockNode {
                 bitmaps.insert_loaded(lb, flags.read_only)?;
             }
         }
+        let writable = !flags.read_only && driver.children().iter().all(|(_, c)| c.writable());
         Ok(BlockNode {
             id,
             name: name.to_string(),
             driver,
             flags,
+            writable,
             state: Mutex::new(NodeState {
                 inactive: flags.inactive,
                 in_flight: 0,
@@ -165,6 +169,11 @@ impl BlockNode {
     /// `read-only`.
     pub fn read_only(&self) -> bool {
         self.flags.read_only
+    }
+    /// Whether guests and qemu-io may write: the node is not read-only and neither is any
+    /// child (a read-write raw node over a read-only file node is not writable, as in QEMU).
+    pub fn writable(&self) -> bool {
+        self.writable
     }
     /// Whether the node is inactive (handed over to a migration destination, or not yet
     /// received from a source).
@@ -207,7 +216,7 @@ impl BlockNode {
     }
 
     fn check_writable(&self, st: &NodeState) -> Result<(), BlockError> {
-        if self.flags.read_only {
+        if !self.writable {
             return Err(BlockError::ReadOnlyNode);
         }
         if st.inactive || st.bitmaps.has_readonly() {
@@ -346,7 +355,7 @@ impl BlockNode {
     /// The driver call runs with the node's state locked, so no bitmap can become busy halfway;
     /// it is a host call that never waits for another thread.
     pub fn truncate(&self, size: u64) -> Result<(), BlockError> {
-        if self.flags.read_only {
+        if !self.writable {
             return Err(BlockError::ReadOnlyNode);
         }
         let mut st = self.lock();

@@ -305,7 +305,7 @@ pub fn run_on(node: &BlockNode, cmdline: &str) -> String {
             args.len()
         );
     }
-    if writes && node.read_only() {
+    if writes && !node.writable() {
         return "Block node is read-only\n".to_string();
     }
     let r = match name {

@@ -1,0 +1,410 @@
+//! Against QEMU 7.2 itself: the same seeded sequence of qemu-io writes, write-zeroes and
+//! discards, sent to QEMU through `human-monitor-command` and to our layer through
+//! [`block::qemu_io::run`], must leave bitmaps with the same `x-debug-block-dirty-bitmap-sha256`
+//! and the same `count`; qemu-io must print the same first lines; and bad requests must get the
+//! same error texts.
+//!
+//! QEMU runs as `-M none -nodefaults -display none -accel tcg` (this QEMU build has no `qtest`
+//! accelerator, so `testkit::VmProcess::qemu_none` cannot start it).
+
+use block::qmp::dispatch;
+use block::BlockLayer;
+use serde_json::{json, Value};
+use std::time::Duration;
+use testkit::{QmpClient, VmProcess};
+
+/// splitmix64: a small seeded generator, so a failing seed can be replayed.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        if n == 0 {
+            0
+        } else {
+            self.next() % n
+        }
+    }
+}
+
+fn start_qemu(dir: &std::path::Path, name: &str, blockdevs: &[String]) -> (VmProcess, QmpClient) {
+    let mut args: Vec<String> = [
+        "-M",
+        "none",
+        "-nodefaults",
+        "-display",
+        "none",
+        "-accel",
+        "tcg",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    for b in blockdevs {
+        args.push("-blockdev".into());
+        args.push(b.clone());
+    }
+    let vm = VmProcess::spawn("qemu-system-x86_64", &args, dir, name).expect("spawn qemu");
+    let qmp = vm.qmp();
+    (vm, qmp)
+}
+
+fn bitmap_count(nodes: &Value, node: &str, bitmap: &str) -> u64 {
+    nodes
+        .as_array()
+        .and_then(|a| a.iter().find(|n| n["node-name"] == node))
+        .and_then(|n| n["dirty-bitmaps"].as_array())
+        .and_then(|b| b.iter().find(|b| b["name"] == bitmap))
+        .and_then(|b| b["count"].as_u64())
+        .unwrap_or_else(|| panic!("no bitmap {node}/{bitmap} in {nodes}"))
+}
+
+/// One random qemu-io command within (and now and then just past) a node of `size` bytes.
+fn random_op(rng: &mut Rng, size: u64, with_discard: bool) -> String {
+    let off = match rng.below(6) {
+        0 => 0,
+        1 => size.saturating_sub(rng.below(4096) + 1),
+        _ => rng.below(size),
+    };
+    let len = match rng.below(5) {
+        0 => 0,
+        1 => size - off,
+        2 => rng.below(4096) + 1,
+        _ => rng.below((size - off).min(3 << 20)) + 1,
+    };
+    // Now and then a request past the end, which fails the same way on both sides.
+    let len = if rng.below(15) == 0 { len + 512 } else { len };
+    match rng.below(if with_discard { 4 } else { 3 }) {
+        0 => format!("write -z {off} {len}"),
+        1 => format!("write -P 0x{:x} {off} {len}", rng.below(256)),
+        2 => format!("write {off} {len}"),
+        _ => format!("discard {off} {len}"),
+    }
+}
+
+struct Case {
+    node: &'static str,
+    bitmap: String,
+    granularity: u32,
+}
+
+#[test]
+fn same_ops_give_same_bitmaps_as_qemu() {
+    if !testkit::require("same_ops_give_same_bitmaps_as_qemu", testkit::qemu()) {
+        return;
+    }
+    let dir = testkit::tempdir();
+    // Sizes: a multiple of every granularity, one that is not even a sector multiple, one a
+    // little over a 2 MiB boundary.
+    let nodes: [(&str, u64); 3] = [
+        ("node0", 64 << 20),
+        ("node1", 1_000_000),
+        ("node2", (3 << 20) + 1234),
+    ];
+    // File-backed raw nodes with discard=unmap: there discards reach the driver and mark.
+    let fsize: u64 = (5 << 20) + 4608;
+    let mut blockdevs: Vec<String> = nodes
+        .iter()
+        .map(|(n, s)| format!("driver=null-co,node-name={n},size={s}"))
+        .collect();
+    let qemu_img = dir.path().join("qemu.raw");
+    let our_img = dir.path().join("ours.raw");
+    for p in [&qemu_img, &our_img] {
+        std::fs::File::create(p).unwrap().set_len(fsize).unwrap();
+    }
+    blockdevs.push(format!(
+        "driver=raw,node-name=fnode,discard=unmap,file.driver=file,file.filename={}",
+        qemu_img.display()
+    ));
+    let (mut vm, mut qmp) = start_qemu(dir.path(), "interop", &blockdevs);
+
+    let ours = BlockLayer::new();
+    for (n, s) in nodes {
+        ours.blockdev_add(
+            &block::parse_blockdev_keyval(&format!("driver=null-co,node-name={n},size={s}"))
+                .unwrap(),
+        )
+        .unwrap();
+    }
+    ours.blockdev_add(
+        &block::parse_blockdev_keyval(&format!(
+            "driver=raw,node-name=fnode,discard=unmap,file.driver=file,file.filename={}",
+            our_img.display()
+        ))
+        .unwrap(),
+    )
+    .unwrap();
+
+    let grans = [512u32, 4096, 65536, 1 << 21];
+    let mut cases = Vec::new();
+    for (node, _) in nodes.iter().chain([("fnode", fsize)].iter()) {
+        for g in grans {
+            cases.push(Case {
+                node,
+                bitmap: format!("g{g}"),
+                granularity: g,
+            });
+        }
+    }
+    for c in &cases {
+        let args = json!({"node": c.node, "name": c.bitmap, "granularity": c.granularity});
+        qmp.ok("block-dirty-bitmap-add", args.clone());
+        dispatch(&ours, "block-dirty-bitmap-add", &args)
+            .unwrap()
+            .unwrap();
+    }
+
+    let mut our_lines = Vec::new();
+    for (seed, (node, size)) in [
+        (1u64, nodes[0]),
+        (2, nodes[1]),
+        (3, nodes[2]),
+        (4, ("fnode", fsize)),
+        (5, nodes[1]),
+    ] {
+        let mut rng = Rng(seed);
+        let with_discard = node == "fnode" || seed == 5;
+        for i in 0..12 {
+            // Toggle one bitmap now and then, so disabled bitmaps are exercised too.
+            if i == 4 || i == 8 {
+                let b = format!("g{}", grans[rng.below(4) as usize]);
+                let cmd = if i == 4 {
+                    "block-dirty-bitmap-disable"
+                } else {
+                    "block-dirty-bitmap-enable"
+                };
+                let args = json!({"node": node, "name": b});
+                qmp.ok(cmd, args.clone());
+                dispatch(&ours, cmd, &args).unwrap().unwrap();
+            }
+            let op = random_op(&mut rng, size, with_discard);
+            let reply = qmp.hmp(&format!("qemu-io {node} \"{op}\""));
+            assert_eq!(reply, "", "QEMU's HMP reply to {op}");
+            let out = block::qemu_io::run(&ours, node, &op).unwrap();
+            our_lines.push(out.lines().next().unwrap_or("").to_string());
+        }
+    }
+
+    let qemu_nodes = qmp.ok("query-named-block-nodes", json!({}));
+    let our_nodes = ours.query_named_block_nodes(false);
+    for c in &cases {
+        let args = json!({"node": c.node, "name": c.bitmap});
+        let theirs = qmp.ok("x-debug-block-dirty-bitmap-sha256", args.clone());
+        let mine = dispatch(&ours, "x-debug-block-dirty-bitmap-sha256", &args)
+            .unwrap()
+            .unwrap();
+        assert_eq!(mine, theirs, "sha256 of {}/{}", c.node, c.bitmap);
+        assert_eq!(
+            bitmap_count(&our_nodes, c.node, &c.bitmap),
+            bitmap_count(&qemu_nodes, c.node, &c.bitmap),
+            "count of {}/{}",
+            c.node,
+            c.bitmap
+        );
+    }
+    // The sequences did dirty something.
+    assert!(bitmap_count(&our_nodes, "fnode", "g512") > 0);
+
+    // qemu-io prints to QEMU's stdout, which reaches the log when QEMU exits.
+    qmp.ok("quit", json!({}));
+    vm.wait_exit(Duration::from_secs(10));
+    let log = vm.log();
+    let qemu_lines: Vec<&str> = log
+        .lines()
+        .filter(|l| {
+            ["wrote ", "discard ", "write failed", "discard failed"]
+                .iter()
+                .any(|p| l.starts_with(p))
+        })
+        .collect();
+    assert_eq!(qemu_lines, our_lines, "qemu-io's first lines");
+}
+
+#[test]
+fn error_replies_match_qemu() {
+    if !testkit::require("error_replies_match_qemu", testkit::qemu()) {
+        return;
+    }
+    let dir = testkit::tempdir();
+    let img = dir.path().join("img.raw");
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    let blockdevs = [
+        "driver=null-co,node-name=node0,size=1000000".to_string(),
+        "driver=null-co,node-name=n2,size=2000000".to_string(),
+    ];
+    let (_vm, mut qmp) = start_qemu(dir.path(), "errors", &blockdevs);
+    let ours = BlockLayer::new();
+    for b in &blockdevs {
+        ours.blockdev_add(&block::parse_blockdev_keyval(b).unwrap())
+            .unwrap();
+    }
+    let long = "x".repeat(1024);
+    let setup = [
+        (
+            "block-dirty-bitmap-add",
+            json!({"node": "node0", "name": "b0"}),
+        ),
+        ("block-dirty-bitmap-add", json!({"node": "n2", "name": "c"})),
+        (
+            "blockdev-add",
+            json!({"driver": "raw", "node-name": "r1", "file": {"driver": "file", "filename": img, "node-name": "f1"}}),
+        ),
+        (
+            "blockdev-add",
+            json!({"driver": "raw", "node-name": "r2", "file": "r1"}),
+        ),
+    ];
+    for (cmd, args) in setup {
+        qmp.ok(cmd, args.clone());
+        dispatch(&ours, cmd, &args).unwrap().unwrap();
+    }
+    let bad = [
+        (
+            "block-dirty-bitmap-add",
+            json!({"node": "node0", "name": "x", "granularity": 1000}),
+        ),
+        (
+            "block-dirty-bitmap-add",
+            json!({"node": "node0", "name": "x", "granularity": 0}),
+        ),
+        (
+            "block-dirty-bitmap-add",
+            json!({"node": "node0", "name": "x", "granularity": 256}),
+        ),
+        (
+            "block-dirty-bitmap-add",
+            json!({"node": "node0", "name": "x", "granularity": -1}),
+        ),
+        (
+            "block-dirty-bitmap-add",
+            json!({"node": "node0", "name": "x", "granularity": 4294967296u64}),
+        ),
+        (
+            "block-dirty-bitmap-add",
+            json!({"node": "node0", "name": "x", "granularity": "4096"}),
+        ),
+        (
+            "block-dirty-bitmap-add",
+            json!({"node": "node0", "name": "b0"}),
+        ),
+        (
+            "block-dirty-bitmap-add",
+            json!({"node": "node0", "name": ""}),
+        ),
+        ("block-dirty-bitmap-add", json!({"node": "zz", "name": "x"})),
+        (
+            "block-dirty-bitmap-add",
+            json!({"node": "node0", "name": "x", "persistent": true}),
+        ),
+        (
+            "block-dirty-bitmap-add",
+            json!({"node": "node0", "name": long}),
+        ),
+        ("block-dirty-bitmap-add", json!({"node": "node0"})),
+        (
+            "block-dirty-bitmap-add",
+            json!({"node": "node0", "name": "q", "extra": 1}),
+        ),
+        (
+            "block-dirty-bitmap-remove",
+            json!({"node": "node0", "name": "nope"}),
+        ),
+        (
+            "block-dirty-bitmap-remove",
+            json!({"node": "zz", "name": "nope"}),
+        ),
+        (
+            "block-dirty-bitmap-clear",
+            json!({"node": "node0", "name": "nope"}),
+        ),
+        (
+            "block-dirty-bitmap-enable",
+            json!({"node": "zz", "name": "b0"}),
+        ),
+        (
+            "block-dirty-bitmap-disable",
+            json!({"node": "node0", "name": "nope"}),
+        ),
+        (
+            "x-debug-block-dirty-bitmap-sha256",
+            json!({"node": "node0", "name": "nope"}),
+        ),
+        (
+            "block-dirty-bitmap-merge",
+            json!({"node": "node0", "target": "b0", "bitmaps": ["nope"]}),
+        ),
+        (
+            "block-dirty-bitmap-merge",
+            json!({"node": "node0", "target": "nope", "bitmaps": ["b0"]}),
+        ),
+        (
+            "block-dirty-bitmap-merge",
+            json!({"node": "node0", "target": "b0", "bitmaps": [{"node": "zz", "name": "b1"}]}),
+        ),
+        (
+            "block-dirty-bitmap-merge",
+            json!({"node": "node0", "target": "b0", "bitmaps": [{"node": "n2", "name": "c"}]}),
+        ),
+        (
+            "block-dirty-bitmap-merge",
+            json!({"node": "node0", "target": "b0", "bitmaps": [{"node": "n2"}]}),
+        ),
+        (
+            "blockdev-add",
+            json!({"driver": "null-co", "node-name": "node0"}),
+        ),
+        (
+            "blockdev-add",
+            json!({"driver": "null-co", "node-name": "1abc"}),
+        ),
+        (
+            "blockdev-add",
+            json!({"driver": "null-co", "node-name": "abcdefghijabcdefghijabcdefghij12"}),
+        ),
+        ("blockdev-add", json!({"driver": "null-co"})),
+        ("blockdev-add", json!({"node-name": "q"})),
+        (
+            "blockdev-add",
+            json!({"driver": "null-co", "node-name": "q", "bogus": 1}),
+        ),
+        (
+            "blockdev-add",
+            json!({"driver": "raw", "node-name": "q", "file": "nope"}),
+        ),
+        (
+            "blockdev-add",
+            json!({"driver": "raw", "node-name": "q", "file": "node0", "size": 1000}),
+        ),
+        (
+            "blockdev-add",
+            json!({"driver": "raw", "node-name": "q", "file": "node0", "offset": 2000000}),
+        ),
+        ("blockdev-del", json!({"node-name": "nope"})),
+        ("blockdev-del", json!({"node-name": "r1"})),
+        ("blockdev-del", json!({"node-name": "f1"})),
+    ];
+    for (cmd, args) in bad {
+        let theirs = qmp.err(cmd, args.clone());
+        let mine = match dispatch(&ours, cmd, &args) {
+            Some(Err(e)) => e.to_string(),
+            other => panic!("{cmd} {args}: expected an error, got {other:?}"),
+        };
+        assert_eq!(mine, theirs, "{cmd} {args}");
+    }
+    // qemu-io on a missing node: HMP shows "Error: <desc>".
+    let theirs = qmp.hmp("qemu-io zz \"write 0 512\"");
+    let mine = format!(
+        "Error: {}\r\n",
+        block::qemu_io::run(&ours, "zz", "write 0 512").unwrap_err()
+    );
+    assert_eq!(mine, theirs);
+}
