@@ -51,6 +51,18 @@
 //!   end with `abdicate` or `reclaim`; they attach to nodes like devices do.
 //! * **Transactions**: `clear_with_backup` / `restore` and the merge backup are the undo steps.
 #![forbid(unsafe_code)]
+// Requests, QMP arguments and command lines are untrusted input: nothing here may panic on
+// them (house rule), so the panicking shortcuts are refused outside tests.
+#![cfg_attr(
+    not(test),
+    deny(
+        clippy::indexing_slicing,
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::panic
+    )
+)]
+#![deny(missing_docs)]
 
 pub mod bitmap;
 pub mod driver;

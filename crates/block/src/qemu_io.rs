@@ -10,7 +10,7 @@
 //! [`run`] returns everything qemu-io would print, including its own failures ("write failed:
 //! Input/output error", parse errors, "Block node is read-only"); it is an `Err` only when the
 //! node does not exist, which QEMU's HMP reports as `Error: <desc>`. The timing line has
-//! qemu-io's shape with our own measurement.
+//! qemu-io's shape with our own measurement. `read -v` dumps at most the first 1 MiB.
 
 use crate::error::BlockError;
 use crate::layer::BlockLayer;
@@ -22,6 +22,10 @@ use std::time::{Duration, Instant};
 
 /// `BDRV_REQUEST_MAX_BYTES`: longest request qemu-io accepts.
 pub const REQUEST_MAX_BYTES: u64 = 2_147_483_136;
+
+/// Most bytes `read -v` dumps (ours: qemu-io dumps everything, which over a monitor could be
+/// gigabytes of text).
+const DUMP_LIMIT: u64 = 1 << 20;
 
 const WRITE_USAGE: &str = "write [-bcCfnquz] [-P pattern | -s source_file] off len -- writes a number of bytes at a specified offset";
 const READ_USAGE: &str = "read [-abCqv] [-P pattern [-s off] [-l len]] off len -- reads a number of bytes at a specified offset";
@@ -456,8 +460,12 @@ fn read_cmd(node: &BlockNode, cmd: &str, args: &[&str]) -> Result<String, String
                     mismatch |= s.iter().any(|&b| b != p);
                 }
             }
-            if vflag {
-                dump_buffer(&mut dump, piece, o);
+            if vflag && rel < DUMP_LIMIT {
+                let n = piece.len().min((DUMP_LIMIT - rel) as usize);
+                dump_buffer(&mut dump, piece.get(..n).unwrap_or_default(), o);
+                if rel + n as u64 == DUMP_LIMIT && count > DUMP_LIMIT {
+                    let _ = writeln!(dump, "(dump stops after {DUMP_LIMIT} bytes)");
+                }
             }
             Ok(())
         })
@@ -722,6 +730,16 @@ mod tests {
         assert_eq!(
             run("read -q -P 1 0 1"),
             "Pattern verification failed at offset 0, 1 bytes\n"
+        );
+        l.blockdev_add(
+            &json!({"driver": "null-co", "node-name": "big", "size": 4 << 20, "read-zeroes": true}),
+        )
+        .unwrap();
+        let big = super::run(&l, "big", "read -v 0 2M").unwrap();
+        assert_eq!(big.lines().count(), 65536 + 3);
+        assert_eq!(
+            big.lines().nth(65536).unwrap(),
+            "(dump stops after 1048576 bytes)"
         );
         let c = run("read -C 0 512");
         assert!(c.starts_with("512,1,0:00:00.00,"), "{c}");

@@ -875,3 +875,86 @@ fn concurrent_writers_and_monitor() {
     monitor.join().unwrap();
     assert_eq!(node.bitmaps().find("b").unwrap().count(), 1024 * 65536);
 }
+
+#[test]
+fn migration_style_transfer_through_the_typed_api() {
+    let l = BlockLayer::new();
+    let src = l
+        .blockdev_add(&json!({"driver": "null-co", "node-name": "src", "size": 65 << 20}))
+        .unwrap();
+    let dst = l
+        .blockdev_add(&json!({"driver": "null-co", "node-name": "dst", "size": 65 << 20}))
+        .unwrap();
+    l.block_dirty_bitmap_add("src", "b", Some(65536), None, None)
+        .unwrap();
+    for off in [0u64, 320 << 10, 1 << 20, (65 << 20) - 1] {
+        src.write_at(off, &[1]).unwrap();
+    }
+    // Source setup: check and mark busy.
+    {
+        let mut bm = src.bitmaps();
+        let b = bm.find_mut("b").unwrap();
+        b.check(block::BitmapCheck::DEFAULT).unwrap();
+        b.set_busy(true);
+        b.set_skip_store(true);
+    }
+    // Destination START: create with the received granularity, disable, successor.
+    assert_eq!(
+        dst.create_bitmap(65535, Some("b")),
+        Err(BlockError::BadGranularity)
+    );
+    let id = dst.create_bitmap(65536, Some("b")).unwrap();
+    {
+        let mut bm = dst.bitmaps();
+        bm.get_mut(id).unwrap().set_disabled(true);
+        bm.create_successor(id).unwrap();
+        bm.enable_successor(id).unwrap();
+    }
+    // A guest write on the destination while bits arrive lands in the successor.
+    dst.write_at(2 << 20, &[1]).unwrap();
+    // BITS: 1 KiB of bitmap per chunk, as QEMU sends it.
+    let (align, size) = {
+        let bm = src.bitmaps();
+        let b = bm.find("b").unwrap();
+        (b.serialization_align(), b.size())
+    };
+    let chunk = src
+        .bitmaps()
+        .find("b")
+        .unwrap()
+        .serialization_coverage(1024);
+    assert_eq!(chunk % align, 0);
+    let mut off = 0;
+    while off < size {
+        let len = chunk.min(size - off);
+        let buf = {
+            let bm = src.bitmaps();
+            let b = bm.find("b").unwrap();
+            let mut buf = vec![0u8; b.serialization_size(off, len).unwrap() as usize];
+            b.serialize_part(&mut buf, off, len).unwrap();
+            buf
+        };
+        dst.bitmaps()
+            .get_mut(id)
+            .unwrap()
+            .deserialize_part(&buf, off, len, false)
+            .unwrap();
+        off += len;
+    }
+    // COMPLETE: finish, reclaim.
+    {
+        let mut bm = dst.bitmaps();
+        bm.get_mut(id).unwrap().deserialize_finish();
+        bm.reclaim(id).unwrap();
+    }
+    let bm = dst.bitmaps();
+    let b = bm.get(id).unwrap();
+    assert_eq!(b.count(), 5 * 65536);
+    assert!(b.get(2 << 20).unwrap() && !b.busy() && b.enabled());
+    src.bitmaps().find_mut("b").unwrap().set_busy(false);
+    src.write_at(2 << 20, &[1]).unwrap();
+    assert_eq!(
+        src.bitmaps().find("b").unwrap().sha256_hex(),
+        b.sha256_hex()
+    );
+}
