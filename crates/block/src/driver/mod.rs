@@ -2,7 +2,7 @@
 //!
 //! A driver is one of two kinds, as in QEMU:
 //!
-//! * a *protocol* driver talks to the host: [`file`] (a host file) and [`null`] (`null-co`, no
+//! * a *protocol* driver talks to the host: [`file`](mod@file) (a host file) and [`null`] (`null-co`, no
 //!   storage at all);
 //! * a *format* driver interprets the bytes of a child node: [`raw`] (a window onto its `file`
 //!   child). `qcow2` is the next one: it will hold its `file` child as an `Arc<BlockNode>`, do
