@@ -378,8 +378,6 @@ impl Migration {
         let job = incoming::Job {
             shared: self.shared.clone(),
             machine: self.machine.clone(),
-            caps: inner.caps.clone(),
-            params: inner.params.clone(),
             listener,
         };
         drop(inner);

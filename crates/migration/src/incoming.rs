@@ -34,8 +34,6 @@ use wire::{read_item, Item, SectionContext, SectionHeader, StreamReader, StreamW
 pub(crate) struct Job {
     pub shared: Arc<Shared>,
     pub machine: Arc<dyn Machine>,
-    pub caps: Capabilities,
-    pub params: Parameters,
     pub listener: Listener,
 }
 
@@ -324,12 +322,13 @@ pub(crate) fn run(job: Job) {
         return;
     };
     let mut r: Reader = StreamReader::with_capacity(stream, 256 * 1024);
-    let mut loader = StreamLoader::new(
-        job.machine.clone(),
-        &job.caps,
-        &job.params,
-        conn.writer.take(),
-    );
+    // Capabilities and parameters as they are when the source connects: management sets them
+    // after `-incoming`, before it starts the source (QEMU reads them at load time too).
+    let (caps, params) = {
+        let inner = shared.lock();
+        (inner.caps.clone(), inner.params.clone())
+    };
+    let mut loader = StreamLoader::new(job.machine.clone(), &caps, &params, conn.writer.take());
     shared.set_in_status(MigrationStatus::Active);
     let result = loader
         .load_header(&mut r)

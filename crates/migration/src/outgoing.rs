@@ -125,6 +125,39 @@ impl Meter {
     }
 }
 
+/// Downtime livemig aims for when the guest lets it: it keeps iterating, even when what
+/// remains would fit the downtime limit, until what remains takes at most this long to send.
+const TARGET_DOWNTIME_MS: u64 = 10;
+/// Passes after which a migration that fits the limit switches over even if it still shrinks.
+const MAX_PASSES: u64 = 30;
+
+/// When to stop iterating and switch over.
+///
+/// QEMU switches over as soon as what remains fits `bandwidth × downtime-limit`, even in the
+/// middle of the first pass, so its downtime tends towards the limit. livemig treats the limit
+/// as a ceiling, not a target: it decides only at the end of a pass (after a dirty-log sync),
+/// and switches over when what remains would take at most [`TARGET_DOWNTIME_MS`] to send, or
+/// when it fits the limit and has stopped shrinking (the guest dirties memory about as fast
+/// as it is sent), or after [`MAX_PASSES`] passes. A migration that never fits the limit runs
+/// on, as QEMU's does without auto-converge.
+#[derive(Default)]
+struct Convergence {
+    last_pending: Option<f64>,
+    passes: u64,
+}
+
+impl Convergence {
+    /// Called at the end of each pass with the bytes still to send and the bandwidth.
+    fn switch_now(&mut self, pending: f64, bytes_per_sec: f64, limit_ms: u64) -> bool {
+        self.passes += 1;
+        let limit = bytes_per_sec * limit_ms as f64 / 1000.0;
+        let target = bytes_per_sec * limit_ms.min(TARGET_DOWNTIME_MS) as f64 / 1000.0;
+        let stalled = self.last_pending.is_some_and(|last| pending > last * 0.8);
+        self.last_pending = Some(pending);
+        pending <= target || (pending <= limit && (stalled || self.passes >= MAX_PASSES))
+    }
+}
+
 /// Runs one outgoing migration to its end.
 pub(crate) fn run(job: Job) {
     let mut undo = Undo::default();
@@ -228,6 +261,7 @@ fn migrate(
     // 3. Precopy rounds.
     let mut meter = Meter::new(w.bytes_written());
     let mut last_sync = Instant::now();
+    let mut convergence = Convergence::default();
     loop {
         if shared.out_cancelled() {
             return Err(MigrationError::Cancelled);
@@ -266,7 +300,6 @@ fn migrate(
         } else {
             1e9
         };
-        let threshold = bw * downtime_ms as f64 / 1000.0;
         let bitmap_bytes = bitmaps_slot.as_ref().map_or(0, |b| b.pending_bytes());
         job.stats
             .bitmap_bytes
@@ -275,7 +308,7 @@ fn migrate(
         job.stats
             .expected_downtime_ms
             .store((pending / bw * 1000.0) as u64, Ordering::Relaxed);
-        if outcome == SendOutcome::PassDone || pending <= threshold {
+        if outcome == SendOutcome::PassDone {
             let dirty = ram.sync();
             let el = last_sync.elapsed().as_secs_f64().max(1e-3);
             let new_dirty = job.stats.ram.last_sync_dirty.load(Ordering::Relaxed);
@@ -293,7 +326,7 @@ fn migrate(
             job.stats
                 .expected_downtime_ms
                 .store((pending / bw * 1000.0) as u64, Ordering::Relaxed);
-            if pending <= threshold {
+            if convergence.switch_now(pending, bw, downtime_ms) {
                 break;
             }
         }
@@ -527,4 +560,57 @@ fn finish(
     inner.out.status = status;
     shared.emit_status(&inner, status);
     shared.cond.notify_all();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GB: f64 = 1e9;
+
+    #[test]
+    fn switches_when_what_remains_is_tiny() {
+        let mut c = Convergence::default();
+        assert!(
+            !c.switch_now(200e6, GB, 300),
+            "fits the limit but still shrinking"
+        );
+        assert!(!c.switch_now(40e6, GB, 300));
+        assert!(c.switch_now(5e6, GB, 300), "5 ms of data left");
+    }
+
+    #[test]
+    fn switches_within_the_limit_when_progress_stalls() {
+        let mut c = Convergence::default();
+        assert!(!c.switch_now(100e6, GB, 300));
+        assert!(c.switch_now(95e6, GB, 300), "not shrinking any more");
+        let mut c = Convergence::default();
+        assert!(!c.switch_now(500e6, GB, 300));
+        assert!(
+            !c.switch_now(490e6, GB, 300),
+            "stalled but over the limit: keep going"
+        );
+    }
+
+    #[test]
+    fn gives_up_improving_after_many_passes() {
+        let mut c = Convergence::default();
+        let mut pending = 250e6;
+        let mut switched = None;
+        for pass in 1..=MAX_PASSES {
+            if c.switch_now(pending, GB, 300) {
+                switched = Some(pass);
+                break;
+            }
+            pending *= 0.79;
+        }
+        assert!(switched.is_some());
+    }
+
+    #[test]
+    fn zero_limit_needs_nothing_left() {
+        let mut c = Convergence::default();
+        assert!(!c.switch_now(4096.0, GB, 0));
+        assert!(c.switch_now(0.0, GB, 0));
+    }
 }

@@ -1,0 +1,140 @@
+//! `livemig bench`: whole-migration figures — total time, downtime, throughput — for a given
+//! RAM size, fill, hot set and transport, over several runs (the median is reported, since
+//! the machine is shared and noisy).
+
+use crate::demo::parse_common;
+use crate::scenario::{run, size, Outcome, Scenario, Transport};
+use serde_json::json;
+
+const HELP: &str = "\
+usage: livemig bench [options]
+  --ram SIZE             guest RAM (default 1G)
+  --vcpus N              vCPUs running the workload (default 1)
+  --fill SIZE            RAM filled with data before the migration (default: all of it)
+  --hot SIZE             RAM rewritten during the migration (default 0: idle guest)
+  --dirty-rate SIZE      cap on the guest's dirtying, bytes/s (default 0: none)
+  --transport tcp|unix   (default tcp)
+  --downtime-limit MS    (default 300)
+  --runs N               migrations to run (default 3)
+  --verify               also compare both ends after each run
+  --json                 one JSON object per run, then the medians
+";
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v.get(v.len() / 2).copied().unwrap_or(0.0)
+}
+
+/// Runs the benchmark; returns the exit status.
+pub fn main(args: &[String]) -> i32 {
+    if args.iter().any(|a| a == "-h" || a == "--help") {
+        print!("{HELP}");
+        return 0;
+    }
+    let mut sc = Scenario {
+        ram: 1 << 30,
+        vcpus: 1,
+        fill: u64::MAX,
+        hot: 0,
+        dirty_rate: 0,
+        disk: 0,
+        transport: Transport::Tcp,
+        downtime_limit_ms: 300,
+        max_bandwidth: 0,
+        verify: false,
+    };
+    let mut runs = 3usize;
+    let mut json_out = false;
+    let mut verify = false;
+    let r = parse_common(args, &mut sc, &mut |opt, next| match opt {
+        "--runs" => {
+            runs = next
+                .and_then(|v| v.parse().ok())
+                .ok_or_else(|| "--runs: a number".to_string())?;
+            Ok(Some(1))
+        }
+        "--json" => {
+            json_out = true;
+            Ok(Some(0))
+        }
+        "--verify" => {
+            verify = true;
+            Ok(Some(0))
+        }
+        _ => Ok(None),
+    });
+    if let Err(e) = r {
+        eprintln!("livemig bench: {e}\n\n{HELP}");
+        return 2;
+    }
+    sc.verify = verify;
+    if !json_out {
+        println!(
+            "livemig bench: {} RAM, {} filled, hot set {}, dirty-rate {}/s, {} vCPU(s), {:?}, {} run(s)",
+            size(sc.ram),
+            size(sc.fill),
+            size(sc.hot),
+            size(sc.dirty_rate),
+            sc.vcpus,
+            sc.transport,
+            runs
+        );
+        println!(
+            "{:>4} {:>10} {:>10} {:>10} {:>12} {:>7}",
+            "run", "total ms", "downtime", "setup ms", "GB/s", "passes"
+        );
+    }
+    let mut outcomes: Vec<Outcome> = Vec::new();
+    for i in 0..runs {
+        match run(&sc, |_| {}) {
+            Ok(o) => {
+                if !o.verified() {
+                    eprintln!(
+                        "livemig bench: run {} was not verified: {:?}",
+                        i + 1,
+                        o.checks
+                    );
+                    return 1;
+                }
+                if json_out {
+                    println!(
+                        "{}",
+                        json!({"run": i + 1, "total-ms": o.total_ms, "downtime-ms": o.downtime_ms,
+                               "setup-ms": o.setup_ms, "transferred": o.transferred,
+                               "throughput-bytes-per-s": o.throughput(), "passes": o.passes})
+                    );
+                } else {
+                    println!(
+                        "{:>4} {:>10} {:>10} {:>10} {:>12.2} {:>7}",
+                        i + 1,
+                        o.total_ms,
+                        o.downtime_ms,
+                        o.setup_ms,
+                        o.throughput() / 1e9,
+                        o.passes
+                    );
+                }
+                outcomes.push(o);
+            }
+            Err(e) => {
+                eprintln!("livemig bench: run {} failed: {e}", i + 1);
+                return 1;
+            }
+        }
+    }
+    let total = median(outcomes.iter().map(|o| o.total_ms as f64).collect());
+    let down = median(outcomes.iter().map(|o| o.downtime_ms as f64).collect());
+    let tput = median(outcomes.iter().map(Outcome::throughput).collect());
+    if json_out {
+        println!(
+            "{}",
+            json!({"median": {"total-ms": total, "downtime-ms": down, "throughput-bytes-per-s": tput}})
+        );
+    } else {
+        println!(
+            "median: total {total:.0} ms, downtime {down:.0} ms, throughput {:.2} GB/s",
+            tput / 1e9
+        );
+    }
+    0
+}
