@@ -120,12 +120,12 @@ impl Shared {
         }
     }
 
-    /// Moves the outgoing migration to `status` unless a cancel got there first (the
-    /// migration thread's transitions never override `cancelling`). Returns false when the
-    /// migration is being cancelled.
-    pub(crate) fn set_out_status(&self, status: MigrationStatus) -> bool {
+    /// Moves outgoing migration `generation` to `status` unless a cancel got there first (the
+    /// migration thread's transitions never override `cancelling`) or a newer migration owns
+    /// the state. Returns false in those cases.
+    pub(crate) fn set_out_status(&self, generation: u64, status: MigrationStatus) -> bool {
         let mut inner = self.lock();
-        if inner.out.cancel && status != MigrationStatus::Cancelled {
+        if inner.out.generation != generation || inner.out.cancel {
             return false;
         }
         if inner.out.status != status {
@@ -146,16 +146,17 @@ impl Shared {
         }
     }
 
-    /// Whether the outgoing migration is being cancelled.
-    pub(crate) fn out_cancelled(&self) -> bool {
-        self.lock().out.cancel
+    /// Whether outgoing migration `generation` is being cancelled (or was replaced).
+    pub(crate) fn out_cancelled(&self, generation: u64) -> bool {
+        let inner = self.lock();
+        inner.out.cancel || inner.out.generation != generation
     }
 
     /// Waits up to `d`, returning early on a cancel. Returns true if cancelled.
-    pub(crate) fn sleep_unless_cancelled(&self, d: Duration) -> bool {
+    pub(crate) fn sleep_unless_cancelled(&self, generation: u64, d: Duration) -> bool {
         let deadline = Instant::now() + d;
         let mut inner = self.lock();
-        while !inner.out.cancel {
+        while !inner.out.cancel && inner.out.generation == generation {
             let now = Instant::now();
             if now >= deadline {
                 return false;
@@ -300,6 +301,7 @@ impl Migration {
         };
         self.shared.emit_status(&inner, MigrationStatus::Setup);
         let job = outgoing::Job {
+            generation,
             shared: self.shared.clone(),
             machine: self.machine.clone(),
             caps: inner.caps.clone(),
@@ -329,8 +331,16 @@ impl Migration {
         inner.out.cancel = true;
         inner.out.status = MigrationStatus::Cancelling;
         self.shared.emit_status(&inner, MigrationStatus::Cancelling);
-        if let Some(h) = &inner.out.shutdown {
-            h.shutdown();
+        match &inner.out.shutdown {
+            Some(h) => h.shutdown(),
+            None => {
+                // Not connected yet (the connect may hang on a dead network): nothing was sent
+                // and nothing about the VM changed, so the migration ends here. The thread, if
+                // its connect ever returns, sees the cancel and leaves the state alone.
+                inner.out.status = MigrationStatus::Cancelled;
+                inner.out.total_ms = inner.out.started.map(|s| s.elapsed().as_millis() as u64);
+                self.shared.emit_status(&inner, MigrationStatus::Cancelled);
+            }
         }
         self.shared.cond.notify_all();
         Ok(())

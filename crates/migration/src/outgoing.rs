@@ -54,6 +54,8 @@ const FIRST_DEVICE_SECTION_ID: u32 = 4;
 
 /// Everything the migration thread needs.
 pub(crate) struct Job {
+    /// Which migration this is; the shared state belongs to the newest one.
+    pub generation: u64,
     pub shared: Arc<Shared>,
     pub machine: Arc<dyn Machine>,
     pub caps: Capabilities,
@@ -180,7 +182,7 @@ fn migrate(
     let mut conn = connect(&job.uri)?;
     {
         let mut inner = shared.lock();
-        if inner.out.cancel {
+        if inner.out.cancel || inner.out.generation != job.generation {
             conn.shutdown.shutdown();
             return Err(MigrationError::Cancelled);
         }
@@ -254,7 +256,7 @@ fn migrate(
     job.stats.ram.dirty_syncs.store(1, Ordering::Relaxed);
     w.flush()?;
     shared.lock().out.setup_ms = Some(setup_start.elapsed().as_millis() as u64);
-    if !shared.set_out_status(MigrationStatus::Active) {
+    if !shared.set_out_status(job.generation, MigrationStatus::Active) {
         return Err(MigrationError::Cancelled);
     }
 
@@ -263,7 +265,7 @@ fn migrate(
     let mut last_sync = Instant::now();
     let mut convergence = Convergence::default();
     loop {
-        if shared.out_cancelled() {
+        if shared.out_cancelled(job.generation) {
             return Err(MigrationError::Cancelled);
         }
         let (max_bw, downtime_ms) = {
@@ -275,7 +277,7 @@ fn migrate(
         };
         let allowance = meter.allowance(w.bytes_written(), max_bw);
         if allowance == 0 {
-            if shared.sleep_unless_cancelled(meter.window_left()) {
+            if shared.sleep_unless_cancelled(job.generation, meter.window_left()) {
                 return Err(MigrationError::Cancelled);
             }
             meter.tick(w.bytes_written(), sent_pages(&job.stats), &job.stats);
@@ -350,9 +352,9 @@ fn migrate(
     let downtime_bytes_start = w.bytes_written();
 
     if job.caps.has(Capability::PauseBeforeSwitchover) {
-        wait_for_continue(shared)?;
+        wait_for_continue(shared, job.generation)?;
     }
-    if !shared.set_out_status(MigrationStatus::Device) {
+    if !shared.set_out_status(job.generation, MigrationStatus::Device) {
         return Err(MigrationError::Cancelled);
     }
     machine.inactivate_disks().map_err(|e| {
@@ -401,7 +403,7 @@ fn migrate(
 
     // 5. The destination's verdict, when there is a return path.
     if let Some(rp) = rp {
-        wait_for_shut(shared, &rp)?;
+        wait_for_shut(shared, job.generation, &rp)?;
     }
     conn.finish()?;
     let downtime = downtime_start.elapsed().as_millis() as u64;
@@ -426,9 +428,9 @@ fn sent_pages(stats: &OutgoingStats) -> u64 {
 }
 
 /// Waits in `pre-switchover` until `migrate-continue` or a cancel.
-fn wait_for_continue(shared: &Shared) -> Result<(), MigrationError> {
+fn wait_for_continue(shared: &Shared, generation: u64) -> Result<(), MigrationError> {
     let mut inner = shared.lock();
-    if inner.out.cancel {
+    if inner.out.cancel || inner.out.generation != generation {
         return Err(MigrationError::SwitchoverInterrupted);
     }
     // A `migrate-continue` that arrived before the pause must not skip it (QEMU resets the
@@ -483,9 +485,13 @@ fn spawn_return_path(reader: BoxRead) -> Result<mpsc::Receiver<RpEvent>, Migrati
     Ok(rx)
 }
 
-fn wait_for_shut(shared: &Shared, rp: &mpsc::Receiver<RpEvent>) -> Result<(), MigrationError> {
+fn wait_for_shut(
+    shared: &Shared,
+    generation: u64,
+    rp: &mpsc::Receiver<RpEvent>,
+) -> Result<(), MigrationError> {
     loop {
-        if shared.out_cancelled() {
+        if shared.out_cancelled(generation) {
             return Err(MigrationError::Cancelled);
         }
         match rp.recv_timeout(Duration::from_millis(50)) {
@@ -525,7 +531,7 @@ fn finish(
     // A cancel that arrives after the whole stream went out (and, with a return path, after
     // the destination confirmed it) is too late: the destination may be running the guest, so
     // the source must not resume. QEMU would resume it; livemig reports `completed`.
-    let cancelled = !ok && shared.out_cancelled();
+    let cancelled = !ok && shared.out_cancelled(job.generation);
     if !ok {
         // Put the source back: disks first (the guest needs them), then the guest.
         let mut reactivated = true;
@@ -543,6 +549,11 @@ fn finish(
         }
     }
     let mut inner = shared.lock();
+    if inner.out.generation != job.generation || inner.out.status.is_finished() {
+        // `migrate_cancel` already ended this migration before it connected, and perhaps a
+        // newer one owns the state now.
+        return;
+    }
     if let Some(s) = inner.out.shutdown.take() {
         if !ok {
             s.shutdown();

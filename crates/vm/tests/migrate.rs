@@ -270,3 +270,78 @@ fn m_none_machine_migrates_ram_and_bitmaps() {
     let info = dst.block.query_named_block_nodes(false);
     assert!(info.to_string().contains("\"count\":131072"), "{info}");
 }
+
+#[test]
+fn cancel_while_connect_hangs_ends_at_once_and_a_new_migration_works() {
+    use nix::sys::socket::{
+        bind, listen, socket, AddressFamily, Backlog, SockFlag, SockType, UnixAddr,
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("full.sock");
+    // A listener that never accepts, with a backlog of zero, filled by one waiting client: the
+    // next connect blocks, as towards a destination that is not answering.
+    let fd = socket(
+        AddressFamily::Unix,
+        SockType::Stream,
+        SockFlag::empty(),
+        None,
+    )
+    .unwrap();
+    bind(
+        std::os::fd::AsRawFd::as_raw_fd(&fd),
+        &UnixAddr::new(&path).unwrap(),
+    )
+    .unwrap();
+    listen(&fd, Backlog::new(0).unwrap()).unwrap();
+    let _filler = std::os::unix::net::UnixStream::connect(&path).unwrap();
+
+    let src = side(false, MachineType::Livemig, busy_workload());
+    src.block
+        .block_dirty_bitmap_add("d0", "b0", Some(65536), None, None)
+        .unwrap();
+    migration::machine::Machine::start(src.vm.as_ref());
+    src.mig
+        .migrate(&format!("unix:{}", path.display()))
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(src.mig.outgoing_status(), MigrationStatus::Setup);
+    src.mig.cancel().unwrap();
+    assert_eq!(src.mig.outgoing_status(), MigrationStatus::Cancelled);
+    assert_eq!(src.vm.as_ref().runstate_for_test(), RunState::Running);
+    // The bitmap was never taken: it can be used at once (the guest keeps writing to the disk,
+    // so its contents are not compared here).
+    src.block.block_dirty_bitmap_clear("d0", "b0").unwrap();
+
+    let dst = side(true, MachineType::Livemig, WorkloadConfig::default());
+    let ok = dir.path().join("ok.sock").display().to_string();
+    dst.mig.incoming(&format!("unix:{ok}"), false).unwrap();
+    src.mig.migrate(&format!("unix:{ok}")).unwrap();
+    assert_eq!(
+        src.mig.wait_outgoing(
+            &[MigrationStatus::Completed, MigrationStatus::Failed],
+            Duration::from_secs(60)
+        ),
+        MigrationStatus::Completed,
+        "{:?}",
+        src.mig.query()
+    );
+    let names: Vec<String> = src
+        .events
+        .snapshot()
+        .into_iter()
+        .filter(|(n, _)| n == "MIGRATION")
+        .map(|(_, d)| d.unwrap()["status"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(
+        &names[..3],
+        &["setup", "cancelling", "cancelled"],
+        "{names:?}"
+    );
+    assert_eq!(
+        names.iter().filter(|n| *n == "cancelled").count(),
+        1,
+        "{names:?}"
+    );
+    dst.vm.shutdown();
+    src.vm.shutdown();
+}
