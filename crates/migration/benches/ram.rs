@@ -1,0 +1,119 @@
+//! The engine's RAM data path without a network: how fast the saver turns dirty guest pages
+//! into records (walking the bitmap, zero detection, headers, vectored writes into a sink), and
+//! how fast the loader puts records back into guest memory. Both must be far above what
+//! loopback TCP carries (≈3.3 GB/s here) so that the socket, not the engine, is the limit.
+
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use migration::guest::{AtomicDirtyLog, GuestRegion, RamBlock, PAGE_SIZE};
+use migration::machine::{Reader, Writer};
+use migration::ram::{RamCounters, RamLoader, RamSaver};
+use std::io::Read;
+use std::ptr::NonNull;
+use std::sync::Arc;
+use std::time::Duration;
+use wire::{StreamReader, StreamWriter};
+
+const RAM: usize = 64 << 20;
+
+struct BenchRam {
+    buf: Vec<u64>,
+    log: AtomicDirtyLog,
+}
+
+impl BenchRam {
+    fn new(fill: impl Fn(usize) -> u64) -> Arc<BenchRam> {
+        Arc::new(BenchRam {
+            buf: (0..RAM / 8).map(fill).collect(),
+            log: AtomicDirtyLog::new((RAM as u64) / PAGE_SIZE),
+        })
+    }
+}
+
+impl RamBlock for BenchRam {
+    fn name(&self) -> &str {
+        "ram"
+    }
+    fn region(&self) -> GuestRegion {
+        let p = NonNull::new(self.buf.as_ptr() as *mut u8).expect("non-null");
+        // SAFETY: the buffer lives as long as the Arc the benchmark holds, and nothing else
+        // references it while the engine reads or writes it.
+        unsafe { GuestRegion::new(p, RAM) }
+    }
+    fn start_dirty_log(&self) {}
+    fn sync_dirty_log(&self, bitmap: &mut [u64]) {
+        self.log.take_into(bitmap);
+    }
+    fn stop_dirty_log(&self) {}
+}
+
+/// A reader over shared bytes, so each iteration reads the same stream without copying it.
+struct Shared(Arc<Vec<u8>>, usize);
+
+impl Read for Shared {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        let rest = &self.0[self.1..];
+        let n = rest.len().min(out.len());
+        out[..n].copy_from_slice(&rest[..n]);
+        self.1 += n;
+        Ok(n)
+    }
+}
+
+fn save_all(ram: &Arc<BenchRam>, sink: Box<dyn std::io::Write + Send>) -> Writer {
+    let mut w: Writer = StreamWriter::with_capacity(sink, 256 * 1024);
+    let mut saver = RamSaver::new(vec![ram.clone() as Arc<dyn RamBlock>], Arc::new(RamCounters::default()));
+    saver.setup(&mut w).expect("setup");
+    saver.send(&mut w, u64::MAX, None).expect("send");
+    wire::ram::write_eos(&mut w).expect("eos");
+    w.flush().expect("flush");
+    w
+}
+
+fn bench(c: &mut Criterion) {
+    let mut g = c.benchmark_group("ram");
+    g.measurement_time(Duration::from_secs(5)).sample_size(20);
+    g.throughput(Throughput::Bytes(RAM as u64));
+
+    let data = BenchRam::new(|i| (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
+    g.bench_function("save 64 MiB of data pages", |b| {
+        b.iter(|| save_all(&data, Box::new(std::io::sink())))
+    });
+    let zero = BenchRam::new(|_| 0);
+    g.bench_function("save 64 MiB of zero pages", |b| {
+        b.iter(|| save_all(&zero, Box::new(std::io::sink())))
+    });
+
+    // One stream of all data pages, loaded again and again into a destination.
+    let mut bytes = Vec::new();
+    {
+        struct Collect(std::sync::mpsc::Sender<Vec<u8>>);
+        impl std::io::Write for Collect {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                let _ = self.0.send(b.to_vec());
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let (tx, rx) = std::sync::mpsc::channel();
+        drop(save_all(&data, Box::new(Collect(tx))));
+        for part in rx.try_iter() {
+            bytes.extend_from_slice(&part);
+        }
+    }
+    let stream = Arc::new(bytes);
+    let dst = BenchRam::new(|_| 0);
+    g.bench_function("load 64 MiB of data pages", |b| {
+        b.iter(|| {
+            let mut r: Reader = StreamReader::with_capacity(Box::new(Shared(stream.clone(), 0)), 256 * 1024);
+            let mut loader = RamLoader::new(vec![dst.clone() as Arc<dyn RamBlock>]);
+            loader.load(&mut r).expect("load");
+            loader.pages_loaded
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
