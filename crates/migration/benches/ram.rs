@@ -108,7 +108,10 @@ fn bench(c: &mut Criterion) {
         b.iter(|| {
             let mut r: Reader = StreamReader::with_capacity(Box::new(Shared(stream.clone(), 0)), 256 * 1024);
             let mut loader = RamLoader::new(vec![dst.clone() as Arc<dyn RamBlock>]);
-            loader.load(&mut r).expect("load");
+            // The setup body (MEM_SIZE, EOS), then the pages (up to the second EOS).
+            loader.load(&mut r).expect("load setup");
+            loader.load(&mut r).expect("load pages");
+            assert_eq!(loader.pages_loaded, (RAM as u64) / PAGE_SIZE);
             loader.pages_loaded
         })
     });
