@@ -152,6 +152,9 @@ impl BlockLayer {
     /// `blockdev-add`: opens the node (and any child defined inline) described by QEMU's
     /// `BlockdevOptions` JSON. Errors are QEMU's.
     pub fn blockdev_add(&self, options: &Value) -> Result<Arc<BlockNode>, BlockError> {
+        if let Some(r) = crate::extension::open_registered(self, options) {
+            return r;
+        }
         let opts = BlockdevOptions::from_json(options)?;
         if opts.node_name.is_none() {
             return Err(BlockError::RootNodeNameRequired);
@@ -312,6 +315,7 @@ impl BlockLayer {
             if g.parents_of(&e.node) > 0 || e.node.bitmaps().iter().any(|b| b.busy()) {
                 return Err(BlockError::BlockDeviceInUse(node_name.to_string()));
             }
+            crate::extension::check_del(&e.node)?;
             let mut removed = Vec::new();
             let mut victims = vec![node_name.to_string()];
             while let Some(name) = victims.pop() {
@@ -449,6 +453,7 @@ impl BlockLayer {
     /// fails, the nodes inactivated so far are activated again and the error is returned.
     pub fn inactivate_all(&self) -> Result<(), BlockError> {
         let mut nodes = self.nodes();
+        crate::extension::check_inactivate(&nodes)?;
         nodes.sort_by_key(|n| std::cmp::Reverse(n.id()));
         let mut done: Vec<Arc<BlockNode>> = Vec::new();
         for n in nodes {

@@ -67,6 +67,7 @@
 pub mod bitmap;
 pub mod driver;
 pub mod error;
+pub mod extension;
 pub mod layer;
 pub mod node;
 pub mod options;
