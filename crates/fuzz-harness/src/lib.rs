@@ -1,0 +1,24 @@
+//! Fuzzing harnesses, shared by the cargo-fuzz targets in `fuzz/` and by the corpus replay
+//! test of this crate (`tests/fuzz_corpus.rs`), so that what the fuzzer checks and what the
+//! default test suite replays are the same code.
+//!
+//! Each harness takes arbitrary bytes, drives one consumer of untrusted input the way the
+//! program does, and then checks the invariants that matter to a user — not only that nothing
+//! panicked. A broken invariant is a panic with a message saying which one, which is what a
+//! fuzzer reports as a crash and what fails a replay test.
+//!
+//! | harness | drives | checks afterwards |
+//! |---|---|---|
+//! | [`stream::run`] | `migration::incoming::StreamLoader` over a whole stream, into a reference VM (`-M none` and `-M livemig`) with a null-co disk and capability `dirty-bitmaps` | a failed load leaves no incoming bitmap and nothing busy, disks inactive, the guest not started; a completed load leaves only finished bitmaps, disks active; the device-load batch is closed |
+//! | [`bitmaps::run`] | `migration::bitmaps::BitmapLoader` on dirty-bitmap section bodies, then `before_vm_start` (or `cancel` after an error) | every bitmap left on a node existed before, untouched, or is one whose START and COMPLETE were both in the input, with the START's granularity and flags |
+//! | [`qmp::run`] | `qmp::parse_all`, the streaming parser fed in pieces, and a QMP server session over a socket pair | chunking does not change the result; every value serializes to ASCII and parses back equal; one reply per input, in order, with its `id`, before negotiation only `qmp_capabilities` |
+#![forbid(unsafe_code)]
+#![deny(missing_docs)]
+
+pub mod bitmaps;
+pub mod invariants;
+pub mod qmp;
+pub mod stream;
+
+/// Where the cargo-fuzz corpora live, relative to the workspace root (`fuzz/corpus/<target>`).
+pub const CORPUS_DIR: &str = "fuzz/corpus";

@@ -1,0 +1,175 @@
+//! Replays the fuzz corpora through the same harnesses the cargo-fuzz targets run, so every
+//! input the fuzzers kept — and every input that once crashed them — is checked by the
+//! default test suite, invariants included.
+//!
+//! Two directories per target, under `fuzz/` at the workspace root:
+//! - `seeds/<target>`: named inputs that are never minimized away — real streams captured from
+//!   QEMU 7.2 and livemig, QMP sessions, and each input a fuzzer found a bug with;
+//! - `corpus/<target>`: the minimized corpus the fuzzers grew (`fuzz/run.sh`).
+//!
+//! Besides "no invariant broken", the named real streams must load as a user expects.
+
+use fuzz_harness::{bitmaps, qmp, stream};
+use std::path::{Path, PathBuf};
+use vm::MachineType;
+
+fn fuzz_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz")
+}
+
+/// Every file of `fuzz/<kind>/<target>`, sorted.
+fn files(kind: &str, target: &str) -> Vec<PathBuf> {
+    let dir = fuzz_dir().join(kind).join(target);
+    let mut v: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .map(|e| e.expect("directory entry").path())
+        .filter(|p| p.is_file())
+        .collect();
+    v.sort();
+    v
+}
+
+fn read(kind: &str, target: &str, name: &str) -> Vec<u8> {
+    let p = fuzz_dir().join(kind).join(target).join(name);
+    std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+}
+
+/// Runs `harness` on every seed and corpus file of `target`; returns how many ran.
+fn replay(target: &str, harness: impl Fn(&[u8])) -> usize {
+    let mut n = 0;
+    for kind in ["seeds", "corpus"] {
+        for p in files(kind, target) {
+            let data = std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+            // Printed before the run, so a failure names its input.
+            println!("{}", p.display());
+            harness(&data);
+            n += 1;
+        }
+    }
+    n
+}
+
+#[test]
+fn stream_loader_corpus_keeps_every_invariant() {
+    let n = replay("stream_loader", |d| {
+        stream::run(d);
+    });
+    assert!(n >= 7, "only {n} stream inputs");
+}
+
+#[test]
+fn bitmap_section_corpus_keeps_every_invariant() {
+    let n = replay("bitmap_section", |d| {
+        bitmaps::run(d);
+    });
+    assert!(n >= 4, "only {n} bitmap inputs");
+}
+
+#[test]
+fn qmp_corpus_keeps_every_invariant() {
+    let n = replay("qmp", |d| {
+        qmp::run(d);
+    });
+    assert!(n >= 13, "only {n} QMP inputs");
+}
+
+#[test]
+fn qemu_stream_loads_into_none_with_its_bitmap() {
+    let data = read("seeds", "stream_loader", "qemu-none-1m-zero-bitmap.mig");
+    let none = stream::run_on(MachineType::None, &data);
+    assert_eq!(none.result, Ok(()), "warnings: {:?}", none.warnings);
+    assert_eq!(none.pages_loaded, 256);
+    assert_eq!(none.bitmaps_created.len(), 1);
+    let b = &none.bitmaps_created[0];
+    assert_eq!(
+        (b.node.as_str(), b.name.as_deref()),
+        ("node0", Some("bitmap0"))
+    );
+    // Four 64 KiB granules written on the source: 0, 5, 16 and the one at 63 MiB.
+    assert_eq!(
+        (b.granularity, b.count, b.enabled),
+        (65536, 4 * 65536, true)
+    );
+
+    let livemig = stream::run_on(MachineType::Livemig, &data);
+    let err = livemig.result.expect_err("a `none` stream into -M livemig");
+    assert!(err.contains("none"), "{err}");
+}
+
+#[test]
+fn qemu_stream_with_pages_loads_two_bitmaps() {
+    let data = read("seeds", "stream_loader", "qemu-none-1m-pages-2bitmaps.mig");
+    let out = stream::run_on(MachineType::None, &data);
+    assert_eq!(out.result, Ok(()), "warnings: {:?}", out.warnings);
+    let mut names: Vec<_> = out
+        .bitmaps_created
+        .iter()
+        .map(|b| (b.name.clone().unwrap_or_default(), b.enabled))
+        .collect();
+    names.sort();
+    assert_eq!(names, [("bitmap0".into(), true), ("off".into(), false)]);
+}
+
+#[test]
+fn livemig_stream_loads_into_livemig_only() {
+    let data = read("seeds", "stream_loader", "livemig-livemig-1m-bitmap.mig");
+    let outs = stream::run(&data);
+    assert!(outs[0].result.is_err(), "a livemig-1.0 stream into -M none");
+    let out = &outs[1];
+    assert_eq!(out.result, Ok(()), "warnings: {:?}", out.warnings);
+    assert_eq!(
+        out.received_runstate,
+        Some(migration::runstate::RunState::Running)
+    );
+    let mut names: Vec<_> = out
+        .bitmaps_created
+        .iter()
+        .map(|b| (b.name.clone().unwrap_or_default(), b.granularity))
+        .collect();
+    names.sort();
+    assert_eq!(names, [("bitmap0".into(), 65536), ("fine".into(), 512)]);
+}
+
+#[test]
+fn qemu_4m_stream_fails_cleanly_on_a_1m_destination() {
+    let data = read("seeds", "stream_loader", "none-4m-zero-bitmap.mig");
+    let out = stream::run_on(MachineType::None, &data);
+    assert!(out.result.is_err(), "4 MiB of RAM into 1 MiB");
+    assert!(out.bitmaps_created.is_empty());
+}
+
+#[test]
+fn bitmap_sections_cut_from_qemu_stream_load() {
+    let data = read("seeds", "bitmap_section", "qemu-none-1m-zero-bitmap.bits");
+    let out = bitmaps::run(&data);
+    assert_eq!(out.result, Ok(()), "warnings: {:?}", out.warnings);
+    assert_eq!(out.sections, 2, "START and END section bodies");
+    assert_eq!(out.created.len(), 1);
+    assert_eq!(out.created[0].count, 4 * 65536);
+}
+
+#[test]
+fn qmp_session_answers_negotiation_and_queries() {
+    let data = read("seeds", "qmp", "negotiate-then-query.json");
+    let out = qmp::run(&data);
+    let replies = out.replies.expect("session ran");
+    assert_eq!(replies.len(), 4);
+    assert!(
+        replies.iter().all(|r| r.get("return").is_some()),
+        "{replies:?}"
+    );
+    assert_eq!(replies[1]["id"], 1);
+    assert_eq!(replies[1]["return"]["status"], "inmigrate");
+}
+
+#[test]
+fn qmp_session_reports_errors_before_negotiation() {
+    let data = read("seeds", "qmp", "before-negotiation.json");
+    let replies = qmp::run(&data).replies.expect("session ran");
+    assert_eq!(replies.len(), 2);
+    assert_eq!(
+        replies[0]["error"]["desc"],
+        "Expecting capabilities negotiation with 'qmp_capabilities'"
+    );
+    assert!(replies[1].get("error").is_some(), "{:?}", replies[1]);
+}

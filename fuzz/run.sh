@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# Builds the cargo-fuzz targets, runs each for a while (one at a time), then minimizes its
+# corpus into fuzz/corpus/<target> (the corpus the replay test in crates/fuzz-harness runs).
+#
+#   fuzz/run.sh [SECONDS_PER_TARGET] [TARGET...]
+#
+# SECONDS_PER_TARGET defaults to 600; TARGET defaults to every target. Environment:
+#   FUZZ_TARGET_DIR  cargo target directory (default: target-fuzz at the workspace root)
+#   FUZZ_SANITIZER   none (default: the code under test forbids unsafe outside guest memory,
+#                    and ASan costs 2-3x), or address
+#   FUZZ_ARGS        extra libFuzzer arguments
+#
+# cargo-fuzz needs nightly-only rustc flags; RUSTC_BOOTSTRAP=1 lets the stable toolchain take
+# them (there is no other toolchain to fetch here). cargo-fuzz itself comes from crates.io.
+# New inputs go to fuzz/corpus-work/<target> (not in git); fuzz/corpus/<target> is read too,
+# and at the end both are merged and minimized (`cargo fuzz cmin`) back into fuzz/corpus.
+# Crashes land in fuzz/artifacts/<target>: copy the input into fuzz/corpus/<target> once fixed.
+set -euo pipefail
+
+here=$(cd "$(dirname "$0")" && pwd)
+root=$(dirname "$here")
+secs=${1:-600}
+shift || true
+targets=("$@")
+if [ ${#targets[@]} -eq 0 ]; then
+    targets=(stream_loader bitmap_section qmp)
+fi
+export CARGO_TARGET_DIR=${FUZZ_TARGET_DIR:-$root/target-fuzz}
+export RUSTC_BOOTSTRAP=1
+san=${FUZZ_SANITIZER:-none}
+
+max_len() {
+    case "$1" in
+        stream_loader) echo 65536 ;;
+        bitmap_section) echo 32768 ;;
+        *) echo 8192 ;;
+    esac
+}
+
+if ! cargo fuzz --version >/dev/null 2>&1; then
+    cargo install cargo-fuzz --locked
+fi
+
+cd "$here"
+cargo fuzz build -s "$san"
+
+for t in "${targets[@]}"; do
+    mkdir -p "corpus-work/$t" "corpus/$t"
+    echo "== $t: fuzzing for ${secs}s"
+    # shellcheck disable=SC2086
+    cargo fuzz run -s "$san" "$t" "corpus-work/$t" "corpus/$t" -- \
+        -max_total_time="$secs" -max_len="$(max_len "$t")" -timeout=10 -rss_limit_mb=4096 \
+        -print_final_stats=1 ${FUZZ_ARGS:-}
+    echo "== $t: minimizing"
+    cp -n "corpus-work/$t"/* "corpus/$t"/ 2>/dev/null || true
+    cargo fuzz cmin -s "$san" "$t" "corpus/$t" -- -max_len="$(max_len "$t")" -timeout=10
+    echo "== $t: $(find "corpus/$t" -type f | wc -l) files, $(du -sh "corpus/$t" | cut -f1)"
+done
