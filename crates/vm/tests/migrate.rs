@@ -345,3 +345,43 @@ fn cancel_while_connect_hangs_ends_at_once_and_a_new_migration_works() {
     dst.vm.shutdown();
     src.vm.shutdown();
 }
+
+#[test]
+fn device_load_rebuilds_the_memory_map_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("m.sock").display().to_string();
+    let src = side(false, MachineType::Livemig, WorkloadConfig::default());
+    let dst = side(true, MachineType::Livemig, WorkloadConfig::default());
+    // The destination starts with every window unmapped; the source's firmware mapped them.
+    let windows = |s: &Side| -> Vec<Option<u64>> {
+        (0..vm::machine::WINDOWS)
+            .map(|i| s.vm.core().memmap.address_of(&format!("window{i}")))
+            .collect()
+    };
+    assert!(windows(&dst).iter().all(Option::is_none));
+    assert!(windows(&src).iter().all(Option::is_some));
+    let before = dst.vm.core().memmap.stats().rebuilds;
+    dst.mig.incoming(&format!("unix:{path}"), false).unwrap();
+    src.mig.migrate(&format!("unix:{path}")).unwrap();
+    assert_eq!(
+        dst.mig.wait_incoming(
+            &[MigrationStatus::Completed, MigrationStatus::Failed],
+            Duration::from_secs(30)
+        ),
+        MigrationStatus::Completed,
+        "{:?}",
+        dst.mig.query()
+    );
+    assert_eq!(windows(&dst), windows(&src));
+    // Eight windows moved, one flat-view rebuild (seed 003).
+    assert_eq!(dst.vm.core().memmap.stats().rebuilds, before + 1);
+    let view = dst.vm.core().memmap.flat_view();
+    for (i, gpa) in windows(&src).into_iter().enumerate() {
+        assert_eq!(
+            view.lookup(gpa.unwrap()).unwrap().region,
+            format!("window{i}")
+        );
+    }
+    dst.vm.shutdown();
+    src.vm.shutdown();
+}
