@@ -12,9 +12,11 @@
 #
 # cargo-fuzz needs nightly-only rustc flags; RUSTC_BOOTSTRAP=1 lets the stable toolchain take
 # them (there is no other toolchain to fetch here). cargo-fuzz itself comes from crates.io.
-# New inputs go to fuzz/corpus-work/<target> (not in git); fuzz/corpus/<target> is read too,
-# and at the end both are merged and minimized (`cargo fuzz cmin`) back into fuzz/corpus.
-# Crashes land in fuzz/artifacts/<target>: copy the input into fuzz/corpus/<target> once fixed.
+# New inputs go to fuzz/corpus-work/<target> (not in git); fuzz/corpus/<target> and the named
+# seeds in fuzz/seeds/<target> are read too. At the end the new inputs and fuzz/corpus are
+# merged and minimized (`cargo fuzz cmin`) back into fuzz/corpus; the seeds stay as they are.
+# Crashes land in fuzz/artifacts/<target>: once fixed, keep the input in fuzz/seeds/<target>
+# (which is never minimized away) so the replay test runs it.
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
@@ -48,9 +50,11 @@ for t in "${targets[@]}"; do
     mkdir -p "corpus-work/$t" "corpus/$t"
     echo "== $t: fuzzing for ${secs}s"
     # shellcheck disable=SC2086
-    cargo fuzz run -s "$san" "$t" "corpus-work/$t" "corpus/$t" -- \
+    # -close_fd_mask=2: the loaders report dropped bitmaps on stderr, once per input;
+    # libFuzzer keeps its own copy of stderr for its reports.
+    cargo fuzz run -s "$san" "$t" "corpus-work/$t" "corpus/$t" "seeds/$t" -- \
         -max_total_time="$secs" -max_len="$(max_len "$t")" -timeout=10 -rss_limit_mb=4096 \
-        -print_final_stats=1 ${FUZZ_ARGS:-}
+        -close_fd_mask=2 -print_final_stats=1 ${FUZZ_ARGS:-}
     echo "== $t: minimizing"
     cp -n "corpus-work/$t"/* "corpus/$t"/ 2>/dev/null || true
     cargo fuzz cmin -s "$san" "$t" "corpus/$t" -- -max_len="$(max_len "$t")" -timeout=10

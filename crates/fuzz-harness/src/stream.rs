@@ -17,12 +17,16 @@
 //!   were there before, untouched and not busy — no incoming bitmap is left;
 //! - after a completed load: the disks are active, pre-existing bitmaps are untouched, and
 //!   every new bitmap is complete (named, not busy or frozen, sized like its node);
-//! - errors and warnings have text.
+//! - errors and warnings have text;
+//! - after a completed load into `-M livemig`, the loaded vCPU and workload state can run: a
+//!   few workload steps per vCPU (taken on copies, with no thread started) write only pages
+//!   inside guest RAM.
 
 use crate::invariants::{self, BitmapState};
 use block::BlockLayer;
 use migration::caps::{Capabilities, Capability};
 use migration::events::RecordedEvents;
+use migration::guest::PAGE_SIZE;
 use migration::incoming::StreamLoader;
 use migration::machine::{Machine, Reader};
 use migration::params::Parameters;
@@ -31,6 +35,7 @@ use migration::transport::{BoxRead, BoxWrite};
 use serde_json::json;
 use std::io::Cursor;
 use std::sync::Arc;
+use vm::workload::Share;
 use vm::{MachineType, Vm, VmConfig};
 use wire::StreamReader;
 
@@ -101,6 +106,35 @@ pub fn destination(machine: MachineType) -> (Arc<Vm>, Arc<BlockLayer>, Arc<Recor
     )
     .expect("harness setup: VM");
     (vm, layer, events)
+}
+
+/// The state a completed load left can run: what the vCPU threads would do first once the
+/// guest starts, done here on copies of the loaded state.
+fn check_runnable(vm: &Vm, context: &str) {
+    let core = vm.core();
+    let cfg = core
+        .workload
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    let pages = core.ram.pages();
+    let n = core.vcpus.len() as u32;
+    for (id, slot) in core.vcpus.iter().enumerate() {
+        let mut st = *slot.lock().unwrap_or_else(|p| p.into_inner());
+        let share = Share::of(&cfg, pages, id as u32, n);
+        for _ in 0..4 {
+            let (write, _) = st.step(&cfg, &share);
+            if let Some(w) = write {
+                assert!(
+                    w.offset
+                        .checked_add(PAGE_SIZE)
+                        .is_some_and(|e| e <= RAM_SIZE),
+                    "{context}: vCPU {id} would write a page at {:#x}, outside RAM",
+                    w.offset
+                );
+            }
+        }
+    }
 }
 
 /// Loads `data` into one fresh destination of `machine` and checks the invariants.
@@ -187,6 +221,9 @@ pub fn run_on(machine: MachineType, data: &[u8]) -> Outcome {
             "{context}: I/O left in flight on '{}'",
             n.name()
         );
+    }
+    if result.is_ok() {
+        check_runnable(&vm, &context);
     }
     let outcome = Outcome {
         machine,
