@@ -7,18 +7,24 @@
 //! the QEMU captures' source had; `node1` is not a whole number of 64 KiB granules), each with
 //! a pre-existing bitmap that must come through unchanged.
 //!
+//! Each input is loaded twice: with no `block-bitmap-mapping` (wire names are node and bitmap
+//! names) and with [`mapping`], which renames and moves bitmaps between the nodes and forces
+//! persistence for one of them.
+//!
 //! Invariants, whatever the bytes were:
 //! - after an error and `cancel`: the bitmaps are exactly those that were there before,
 //!   untouched, not busy;
 //! - after success and `before_vm_start`: every bitmap on a node either existed before
 //!   (untouched) or is one whose START and COMPLETE chunks were both in the input — a model
-//!   reads the same bytes with `wire::bitmap::read_chunk` — with the granularity, `enabled`
-//!   and `persistent` of its START chunk, sized like its node, not busy, not frozen.
+//!   reads the same bytes with `wire::bitmap::read_chunk` and resolves the aliases — with the
+//!   granularity, `enabled` and `persistent` of its START chunk (persistence as the mapping's
+//!   `transform` overrides it), sized like its node, not busy, not frozen.
 
 use crate::invariants::{self, BitmapState};
 use block::BlockLayer;
 use migration::bitmaps::BitmapLoader;
 use migration::machine::Reader;
+use migration::params::BitmapMapping;
 use migration::transport::BoxRead;
 use serde_json::json;
 use std::collections::HashMap;
@@ -38,9 +44,34 @@ pub const NODES: [(&str, u64, &str); 2] = [
 /// At most this many section bodies are read from one input (a real stream has two).
 pub const MAX_SECTIONS: usize = 16;
 
-/// What one input did.
+/// The mapping of the second load: the source's `node0`/`bitmap0` (QEMU's and livemig's seed
+/// streams) arrives as `node0`/`b0`, its `fine` as `node0`/`renamed` with persistence forced
+/// on, and wire `n1`/`x` as `node1`/`b`; any other name is unknown.
+pub fn mapping() -> BitmapMapping {
+    BitmapMapping::from_json(&json!([
+        {"node-name": "node0", "alias": "node0", "bitmaps": [
+            {"name": "b0", "alias": "bitmap0"},
+            {"name": "renamed", "alias": "fine", "transform": {"persistent": true}}
+        ]},
+        {"node-name": "node1", "alias": "n1", "bitmaps": [
+            {"name": "b", "alias": "x"}
+        ]}
+    ]))
+    .expect("harness setup: a valid mapping")
+}
+
+/// What one input did, with and without the mapping.
 #[derive(Debug)]
 pub struct Outcome {
+    /// Loaded with no mapping.
+    pub plain: Load,
+    /// Loaded with [`mapping`].
+    pub mapped: Load,
+}
+
+/// What one load did.
+#[derive(Debug)]
+pub struct Load {
     /// Section bodies loaded completely.
     pub sections: usize,
     /// `Ok`, or the error that failed the load.
@@ -71,7 +102,8 @@ pub fn destination() -> Arc<BlockLayer> {
 }
 
 /// What the input asks for, read independently of the loader: for each (node alias, bitmap
-/// alias), the first START's granularity and flags, and whether a COMPLETE followed it.
+/// alias), the first START's granularity and flags, and whether a COMPLETE followed it. Keys
+/// are wire aliases.
 #[derive(Default)]
 struct Model {
     started: HashMap<(String, String), (u32, u8)>,
@@ -109,12 +141,37 @@ fn model(data: &[u8], sections: usize) -> Model {
     m
 }
 
-/// Loads `data` as consecutive `dirty-bitmap` section bodies and checks the invariants
-/// (module doc). Panics when one does not hold.
+/// The wire aliases of (node, bitmap) under `mapping`, or the names themselves without one,
+/// and the persistence the mapping forces.
+fn wire_key(
+    mapping: Option<&BitmapMapping>,
+    node: &str,
+    bitmap: &str,
+) -> Option<((String, String), Option<bool>)> {
+    match mapping {
+        None => Some(((node.to_string(), bitmap.to_string()), None)),
+        Some(m) => {
+            let n = m.node_alias(node)?;
+            let b = n.bitmaps.iter().find(|b| b.name == bitmap)?;
+            Some(((n.alias.clone(), b.alias.clone()), b.persistent))
+        }
+    }
+}
+
+/// Loads `data` as consecutive `dirty-bitmap` section bodies, without and with [`mapping`],
+/// and checks the invariants (module doc). Panics when one does not hold.
 pub fn run(data: &[u8]) -> Outcome {
+    Outcome {
+        plain: run_with(data, None),
+        mapped: run_with(data, Some(mapping())),
+    }
+}
+
+/// One load of `data` with `mapping`.
+pub fn run_with(data: &[u8], mapping: Option<BitmapMapping>) -> Load {
     let layer = destination();
     let before = invariants::snapshot(&layer);
-    let mut loader = BitmapLoader::new(layer.clone(), None);
+    let mut loader = BitmapLoader::new(layer.clone(), mapping.clone());
     let input: BoxRead = Box::new(Cursor::new(data.to_vec()));
     let mut r: Reader = StreamReader::new(input);
     let mut sections = 0;
@@ -141,7 +198,7 @@ pub fn run(data: &[u8]) -> Outcome {
             std::mem::take(&mut loader.errors)
         }
     };
-    let context = format!("result {result:?}");
+    let context = format!("mapping {}, result {result:?}", mapping.is_some());
     if let Err(e) = &result {
         assert!(!e.trim().is_empty(), "{context}: an error without text");
     }
@@ -159,7 +216,10 @@ pub fn run(data: &[u8]) -> Outcome {
             let m = model(data, sections);
             let created = invariants::created(&before, &after);
             for b in &created {
-                let key = (b.node.clone(), b.name.clone().unwrap_or_default());
+                let name = b.name.clone().unwrap_or_default();
+                let Some((key, forced)) = wire_key(mapping.as_ref(), &b.node, &name) else {
+                    panic!("{context}: bitmap {b} is not in the mapping");
+                };
                 let Some(&(granularity, flags)) = m.started.get(&key) else {
                     panic!("{context}: bitmap {b} was never started in the input");
                 };
@@ -175,14 +235,14 @@ pub fn run(data: &[u8]) -> Outcome {
                 );
                 assert_eq!(
                     b.persistent,
-                    flags & START_FLAG_PERSISTENT != 0,
+                    forced.unwrap_or(flags & START_FLAG_PERSISTENT != 0),
                     "{context}: {b}: persistent"
                 );
             }
             created
         }
     };
-    Outcome {
+    Load {
         sections,
         result,
         warnings,

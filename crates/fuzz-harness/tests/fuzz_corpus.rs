@@ -142,10 +142,45 @@ fn qemu_4m_stream_fails_cleanly_on_a_1m_destination() {
 fn bitmap_sections_cut_from_qemu_stream_load() {
     let data = read("seeds", "bitmap_section", "qemu-none-1m-zero-bitmap.bits");
     let out = bitmaps::run(&data);
-    assert_eq!(out.result, Ok(()), "warnings: {:?}", out.warnings);
-    assert_eq!(out.sections, 2, "START and END section bodies");
-    assert_eq!(out.created.len(), 1);
-    assert_eq!(out.created[0].count, 4 * 65536);
+    let plain = &out.plain;
+    assert_eq!(plain.result, Ok(()), "warnings: {:?}", plain.warnings);
+    assert_eq!(plain.sections, 2, "START and END section bodies");
+    assert_eq!(plain.created.len(), 1);
+    assert_eq!(plain.created[0].count, 4 * 65536);
+    let mapped = &out.mapped;
+    assert_eq!(mapped.result, Ok(()), "warnings: {:?}", mapped.warnings);
+    let got: Vec<_> = mapped
+        .created
+        .iter()
+        .map(|b| (b.node.as_str(), b.name.as_deref(), b.count))
+        .collect();
+    assert_eq!(got, [("node0", Some("b0"), 4 * 65536)]);
+}
+
+#[test]
+fn mapped_bitmap_is_renamed_and_made_persistent() {
+    let data = read("seeds", "bitmap_section", "livemig-none-1m-bitmaps.bits");
+    let mapped = bitmaps::run(&data).mapped;
+    assert_eq!(mapped.result, Ok(()), "warnings: {:?}", mapped.warnings);
+    let mut got: Vec<_> = mapped
+        .created
+        .iter()
+        .map(|b| (b.name.as_deref(), b.persistent, b.granularity))
+        .collect();
+    got.sort();
+    assert_eq!(
+        got,
+        [(Some("b0"), false, 65536), (Some("renamed"), true, 512)]
+    );
+    // `off` is not in the mapping: dropped with QEMU's message, the others carry on.
+    assert!(
+        mapped
+            .warnings
+            .iter()
+            .any(|w| w.contains("Unknown bitmap alias 'off'")),
+        "{:?}",
+        mapped.warnings
+    );
 }
 
 #[test]
