@@ -1,0 +1,40 @@
+//! Block jobs over the block layer, starting with QEMU's **mirror** (`blockdev-mirror`), with
+//! QEMU 7.2's job states, QMP commands (in [`qmp`]) and events.
+//!
+//! # The mirror
+//!
+//! A mirror copies a source node into a target node of the same size while the guest keeps
+//! writing to the source. It tracks writes in an anonymous dirty bitmap on the source (the
+//! block layer marks it on every write), copies the dirty areas one buffer at a time, and,
+//! once nothing is dirty, becomes **ready** (`BLOCK_JOB_READY`) and keeps copying new writes.
+//! `block-job-complete` — and `block-job-cancel` on a ready job, as in QEMU — finish the copy
+//! (nothing dirty and no write in flight), flush the target and end with
+//! `BLOCK_JOB_COMPLETED`: the target then holds the source's contents as of that moment.
+//! `block-job-cancel` before ready, or with `force`, ends with `BLOCK_JOB_CANCELLED`.
+//! Unlike QEMU, completion does not replace the source node by the target in the graph
+//! (there is no pivot): devices keep using the source.
+//!
+//! # Threads and locks
+//!
+//! A job is one thread. It takes the source's bitmap lock only to pick and clear the next
+//! dirty area (never across I/O), and its own state mutex only for bookkeeping. While it
+//! runs it holds a write claim on the target ([`block::extension::NodeClaim`]), so
+//! [`block::BlockLayer::inactivate_all`] — a migration's switchover — fails cleanly instead
+//! of pulling the image from under a job that is still writing; the source keeps running.
+//! If the target stops accepting writes anyway, the job ends with the error.
+#![forbid(unsafe_code)]
+#![cfg_attr(
+    not(test),
+    deny(
+        clippy::indexing_slicing,
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::panic
+    )
+)]
+#![deny(missing_docs)]
+
+pub mod mirror;
+pub mod qmp;
+
+pub use mirror::{JobError, JobManager, MirrorConfig, SyncMode};

@@ -1,0 +1,798 @@
+//! The job manager and the mirror job: states, verbs, events and the copy loop.
+
+use block::extension::NodeClaim;
+use block::{BitmapId, BlockError, BlockLayer, BlockNode};
+use serde_json::{json, Value};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+/// Where events go: name and data.
+pub type EventFn = Arc<dyn Fn(&str, Value) + Send + Sync>;
+
+/// QEMU's `DEFAULT_MIRROR_BUF_SIZE`.
+pub const DEFAULT_BUF_SIZE: u64 = 1 << 20;
+/// Default granularity of the mirror's dirty bitmap.
+pub const DEFAULT_GRANULARITY: u32 = 64 << 10;
+/// How long a ready mirror waits before looking at its bitmap again.
+const IDLE_POLL: Duration = Duration::from_millis(5);
+
+/// `MirrorSyncMode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SyncMode {
+    /// Copy everything.
+    Full,
+    /// Copy the top image (without a backing chain, everything).
+    Top,
+    /// Copy only what is written from now on.
+    None,
+}
+
+/// A mirror's parameters, checked.
+#[derive(Debug, Clone)]
+pub struct MirrorConfig {
+    /// Job id.
+    pub id: String,
+    /// Source node.
+    pub source: Arc<BlockNode>,
+    /// Target node.
+    pub target: Arc<BlockNode>,
+    /// What to copy.
+    pub sync: SyncMode,
+    /// Bytes per second, 0 for unlimited.
+    pub speed: u64,
+    /// Dirty bitmap granularity.
+    pub granularity: u32,
+    /// Largest piece copied at once.
+    pub buf_size: u64,
+}
+
+/// A refused job command; texts and classes are QEMU 7.2's.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum JobError {
+    /// No job of that id (class `DeviceNotActive`).
+    #[error("Block job '{0}' not found")]
+    NotFound(String),
+    /// A verb the job's state does not accept.
+    #[error("Job '{id}' in state '{state}' cannot accept command verb '{verb}'")]
+    BadVerb {
+        /// Job id.
+        id: String,
+        /// Its state.
+        state: &'static str,
+        /// The verb.
+        verb: &'static str,
+    },
+    /// A job id already used.
+    #[error("Job ID '{0}' already in use")]
+    DuplicateId(String),
+    /// A malformed job id.
+    #[error("Invalid job ID '{0}'")]
+    InvalidId(String),
+    /// The node is the source of a running mirror (QEMU inserts a filter above it, so it is no
+    /// longer a root).
+    #[error("Need a root block node")]
+    NeedRoot,
+    /// Source and target are the same node.
+    #[error("Can't mirror node into itself")]
+    IntoItself,
+    /// The target is used by another job.
+    #[error("Node '{0}' is busy: block device is in use by block job: mirror")]
+    Busy(String),
+    /// Any other refusal (argument checks, block layer errors).
+    #[error("{0}")]
+    Other(String),
+}
+
+impl JobError {
+    /// The QMP error class.
+    pub fn class(&self) -> &'static str {
+        match self {
+            JobError::NotFound(_) => "DeviceNotActive",
+            _ => "GenericError",
+        }
+    }
+}
+
+impl From<BlockError> for JobError {
+    fn from(e: BlockError) -> Self {
+        JobError::Other(e.to_string())
+    }
+}
+
+/// QEMU's `JobStatus`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Status {
+    /// Created, not started.
+    Created,
+    /// Copying.
+    Running,
+    /// Source and target in sync; waiting for complete or cancel.
+    Ready,
+    /// Finishing successfully.
+    Waiting,
+    /// Finished successfully, about to conclude.
+    Pending,
+    /// Finishing after a cancel or error.
+    Aborting,
+    /// Finished.
+    Concluded,
+    /// Gone.
+    Null,
+}
+
+impl Status {
+    /// The QAPI name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Created => "created",
+            Status::Running => "running",
+            Status::Ready => "ready",
+            Status::Waiting => "waiting",
+            Status::Pending => "pending",
+            Status::Aborting => "aborting",
+            Status::Concluded => "concluded",
+            Status::Null => "null",
+        }
+    }
+}
+
+#[derive(Debug)]
+struct JobState {
+    status: Status,
+    /// Bytes copied so far (`offset`) and total to copy (`len`, grows with new writes).
+    offset: u64,
+    len: u64,
+    speed: u64,
+    busy: bool,
+    /// `block-job-cancel` was called; `Some(true)` with `force`.
+    cancel: Option<bool>,
+    complete: bool,
+}
+
+/// One block job.
+pub struct Job {
+    id: String,
+    source: Arc<BlockNode>,
+    target: Arc<BlockNode>,
+    state: Mutex<JobState>,
+    wake: Condvar,
+}
+
+impl std::fmt::Debug for Job {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Job").field("id", &self.id).finish()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Job {
+    /// Job id.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+    /// Current status.
+    pub fn status(&self) -> Status {
+        lock(&self.state).status
+    }
+    /// `BlockJobInfo` as `query-block-jobs` shows it.
+    pub fn info(&self) -> Value {
+        let s = lock(&self.state);
+        json!({
+            "auto-finalize": true,
+            "io-status": "ok",
+            "device": self.id,
+            "auto-dismiss": true,
+            "busy": s.busy,
+            "len": s.len,
+            "offset": s.offset,
+            "status": s.status.as_str(),
+            "paused": false,
+            "speed": s.speed,
+            "ready": s.status == Status::Ready,
+            "type": "mirror",
+        })
+    }
+    /// `JobInfo` as `query-jobs` shows it.
+    pub fn job_info(&self) -> Value {
+        let s = lock(&self.state);
+        json!({
+            "id": self.id,
+            "type": "mirror",
+            "status": s.status.as_str(),
+            "current-progress": s.offset,
+            "total-progress": s.len,
+        })
+    }
+}
+
+/// The jobs of one VM process.
+pub struct JobManager {
+    layer: Arc<BlockLayer>,
+    events: EventFn,
+    jobs: Mutex<Vec<Arc<Job>>>,
+}
+
+impl std::fmt::Debug for JobManager {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JobManager").finish()
+    }
+}
+
+impl JobManager {
+    /// A manager for `layer`'s nodes, sending events to `events`.
+    pub fn new(layer: Arc<BlockLayer>, events: EventFn) -> Arc<Self> {
+        Arc::new(JobManager {
+            layer,
+            events,
+            jobs: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// The block layer.
+    pub fn layer(&self) -> &Arc<BlockLayer> {
+        &self.layer
+    }
+
+    /// The jobs that exist (not yet `null`), oldest first.
+    pub fn jobs(&self) -> Vec<Arc<Job>> {
+        lock(&self.jobs).clone()
+    }
+
+    /// The job called `id`.
+    pub fn find(&self, id: &str) -> Result<Arc<Job>, JobError> {
+        lock(&self.jobs)
+            .iter()
+            .find(|j| j.id == id)
+            .cloned()
+            .ok_or_else(|| JobError::NotFound(id.to_string()))
+    }
+
+    fn emit(&self, name: &str, data: Value) {
+        (self.events)(name, data);
+    }
+
+    fn set_status(&self, job: &Job, status: Status) {
+        lock(&job.state).status = status;
+        self.emit(
+            "JOB_STATUS_CHANGE",
+            json!({"status": status.as_str(), "id": job.id}),
+        );
+    }
+
+    fn block_event(&self, name: &str, job: &Job, error: Option<String>) {
+        let s = lock(&job.state);
+        let mut data = json!({
+            "device": job.id,
+            "len": s.len,
+            "offset": s.offset,
+            "speed": s.speed,
+            "type": "mirror",
+        });
+        drop(s);
+        if let (Some(e), Some(m)) = (error, data.as_object_mut()) {
+            m.insert("error".into(), json!(e));
+        }
+        self.emit(name, data);
+    }
+
+    /// Checks what QEMU checks before creating a mirror: a free, valid id; the source not
+    /// already mirrored; source and target distinct and the target not used by another job.
+    pub fn check_new(
+        &self,
+        id: &str,
+        source: &BlockNode,
+        target: &BlockNode,
+    ) -> Result<(), JobError> {
+        let jobs = lock(&self.jobs);
+        if jobs.iter().any(|j| j.source.id() == source.id()) {
+            return Err(JobError::NeedRoot);
+        }
+        if !block::options::id_wellformed(id) {
+            return Err(JobError::InvalidId(id.to_string()));
+        }
+        if jobs.iter().any(|j| j.id == id) {
+            return Err(JobError::DuplicateId(id.to_string()));
+        }
+        if source.id() == target.id() {
+            return Err(JobError::IntoItself);
+        }
+        if jobs
+            .iter()
+            .any(|j| j.target.id() == target.id() || j.source.id() == target.id())
+        {
+            return Err(JobError::Busy(target.name().to_string()));
+        }
+        Ok(())
+    }
+
+    /// `blockdev-mirror`: starts a mirror job on its own thread.
+    pub fn start_mirror(self: &Arc<Self>, cfg: MirrorConfig) -> Result<Arc<Job>, JobError> {
+        self.check_new(&cfg.id, &cfg.source, &cfg.target)?;
+        let job = Arc::new(Job {
+            id: cfg.id.clone(),
+            source: cfg.source.clone(),
+            target: cfg.target.clone(),
+            state: Mutex::new(JobState {
+                status: Status::Created,
+                offset: 0,
+                len: 0,
+                speed: cfg.speed,
+                busy: false,
+                cancel: None,
+                complete: false,
+            }),
+            wake: Condvar::new(),
+        });
+        let holder = format!("block job '{}'", cfg.id);
+        let claims = vec![
+            NodeClaim::new(
+                &cfg.source,
+                &holder,
+                false,
+                BlockError::Driver(format!(
+                    "Node '{}' is busy: block device is in use by block job: mirror",
+                    cfg.source.name()
+                )),
+            ),
+            NodeClaim::new(
+                &cfg.target,
+                &holder,
+                true,
+                BlockError::NodeInUse(cfg.target.name().to_string()),
+            ),
+        ];
+        lock(&self.jobs).push(job.clone());
+        // QEMU creates and starts the job before the command returns.
+        self.set_status(&job, Status::Created);
+        self.set_status(&job, Status::Running);
+        let mgr = self.clone();
+        let j = job.clone();
+        let spawned = std::thread::Builder::new()
+            .name(format!("mirror-{}", cfg.id))
+            .spawn(move || {
+                let outcome = run_mirror(&mgr, &j, &cfg);
+                drop(claims);
+                mgr.finish(&j, outcome);
+            });
+        if let Err(e) = spawned {
+            lock(&self.jobs).retain(|x| !Arc::ptr_eq(x, &job));
+            return Err(JobError::Other(format!("Could not start job thread: {e}")));
+        }
+        Ok(job)
+    }
+
+    fn finish(&self, job: &Job, outcome: Outcome) {
+        match outcome {
+            Outcome::Completed => {
+                self.set_status(job, Status::Waiting);
+                self.set_status(job, Status::Pending);
+                self.block_event("BLOCK_JOB_COMPLETED", job, None);
+            }
+            Outcome::Cancelled => {
+                self.set_status(job, Status::Aborting);
+                self.block_event("BLOCK_JOB_CANCELLED", job, None);
+            }
+            Outcome::Failed(e) => {
+                self.set_status(job, Status::Aborting);
+                self.block_event("BLOCK_JOB_COMPLETED", job, Some(e));
+            }
+        }
+        self.set_status(job, Status::Concluded);
+        lock(&self.jobs).retain(|j| !std::ptr::eq(Arc::as_ptr(j), job));
+        self.set_status(job, Status::Null);
+    }
+
+    /// `block-job-cancel`.
+    pub fn cancel(&self, id: &str, force: bool) -> Result<(), JobError> {
+        let job = self.find(id)?;
+        let mut s = lock(&job.state);
+        match s.status {
+            Status::Created | Status::Running | Status::Ready => {}
+            other => {
+                return Err(JobError::BadVerb {
+                    id: id.to_string(),
+                    state: other.as_str(),
+                    verb: "cancel",
+                })
+            }
+        }
+        s.cancel = Some(force || s.cancel == Some(true));
+        job.wake.notify_all();
+        Ok(())
+    }
+
+    /// `block-job-complete`: only a ready job accepts it.
+    pub fn complete(&self, id: &str) -> Result<(), JobError> {
+        let job = self.find(id)?;
+        let mut s = lock(&job.state);
+        if s.status != Status::Ready || s.cancel.is_some() {
+            return Err(JobError::BadVerb {
+                id: id.to_string(),
+                state: s.status.as_str(),
+                verb: "complete",
+            });
+        }
+        s.complete = true;
+        job.wake.notify_all();
+        Ok(())
+    }
+
+    /// `block-job-set-speed`.
+    pub fn set_speed(&self, id: &str, speed: u64) -> Result<(), JobError> {
+        let job = self.find(id)?;
+        lock(&job.state).speed = speed;
+        job.wake.notify_all();
+        Ok(())
+    }
+}
+
+enum Outcome {
+    Completed,
+    Cancelled,
+    Failed(String),
+}
+
+/// The source's internal dirty bitmap, released when the job ends however it ends.
+struct DirtyBitmap<'a> {
+    node: &'a BlockNode,
+    id: BitmapId,
+}
+
+impl DirtyBitmap<'_> {
+    /// The next dirty area at or after `cursor` (wrapping to the start), at most `max` bytes,
+    /// cleared before it is returned: a write that lands while it is being copied marks it
+    /// again.
+    fn take(&self, cursor: u64, max: u64) -> Result<Option<(u64, u64)>, BlockError> {
+        self.node.with_bitmaps(|l| {
+            let Some(bm) = l.get_mut(self.id) else {
+                return Ok(None);
+            };
+            let size = bm.size();
+            let hb = bm.hbitmap();
+            let area = hb
+                .next_dirty_area(cursor, size, max)
+                .or_else(|| hb.next_dirty_area(0, size, max));
+            let Some((start, len)) = area else {
+                return Ok(None);
+            };
+            // Whole granules: the area starts inside a dirty granule, so align it down, and
+            // round its end up (`max` is a multiple of the granularity).
+            let g = u64::from(bm.granularity()).max(1);
+            let aligned = start - start % g;
+            let mut end = start
+                .saturating_add(len)
+                .div_ceil(g)
+                .saturating_mul(g)
+                .min(size);
+            if end - aligned > max {
+                end = aligned + max;
+            }
+            bm.reset_dirty(aligned, end - aligned)?;
+            Ok(Some((aligned, end - aligned)))
+        })
+    }
+    fn mark(&self, offset: u64, len: u64) {
+        self.node.with_bitmaps(|l| {
+            if let Some(bm) = l.get_mut(self.id) {
+                let _ = bm.set_dirty(offset, len);
+            }
+        });
+    }
+    fn count(&self) -> u64 {
+        self.node
+            .with_bitmaps(|l| l.get(self.id).map_or(0, |b| b.count()))
+    }
+}
+
+impl Drop for DirtyBitmap<'_> {
+    fn drop(&mut self) {
+        self.node.with_bitmaps(|l| {
+            let _ = l.release(self.id);
+        });
+    }
+}
+
+fn run_mirror(mgr: &JobManager, job: &Job, cfg: &MirrorConfig) -> Outcome {
+    let (src_len, tgt_len) = match (cfg.source.size(), cfg.target.size()) {
+        (Ok(s), Ok(t)) => (s, t),
+        (Err(e), _) | (_, Err(e)) => return Outcome::Failed(e.to_string()),
+    };
+    if src_len != tgt_len {
+        return Outcome::Failed("Source and target image have different sizes".into());
+    }
+    let id = match cfg.source.create_bitmap(cfg.granularity, None) {
+        Ok(id) => id,
+        Err(e) => return Outcome::Failed(e.to_string()),
+    };
+    let bitmap = DirtyBitmap {
+        node: &cfg.source,
+        id,
+    };
+    if cfg.sync != SyncMode::None {
+        bitmap.mark(0, src_len);
+    }
+    lock(&job.state).len = bitmap.count();
+    // The buffer holds whole granules: at least one, at most 64 MiB.
+    let g = u64::from(cfg.granularity).max(1);
+    let buf_len = cfg.buf_size.clamp(g, DEFAULT_BUF_SIZE * 64) / g * g;
+    let mut buf = vec![0u8; buf_len as usize];
+    let mut cursor = 0u64;
+    let started = Instant::now();
+    let mut copied_since_speed = 0u64;
+    let mut speed_epoch = started;
+    loop {
+        // Decide what to do under the job's lock, then act without it.
+        let (cancel, complete, ready, speed) = {
+            let s = lock(&job.state);
+            (s.cancel, s.complete, s.status == Status::Ready, s.speed)
+        };
+        if cancel == Some(true) || (cancel == Some(false) && !ready) {
+            return Outcome::Cancelled;
+        }
+        let finishing = ready && (complete || cancel == Some(false));
+        if speed > 0 {
+            let elapsed = speed_epoch.elapsed().as_secs_f64();
+            let allowed = speed as f64 * elapsed;
+            if copied_since_speed as f64 > allowed {
+                let wait = (copied_since_speed as f64 - allowed) / speed as f64;
+                let wait = Duration::from_secs_f64(wait.min(0.1));
+                let s = lock(&job.state);
+                let _ = job.wake.wait_timeout(s, wait);
+                continue;
+            }
+            if elapsed > 1.0 {
+                speed_epoch = Instant::now();
+                copied_since_speed = 0;
+            }
+        }
+        let area = match bitmap.take(cursor, buf.len() as u64) {
+            Ok(a) => a,
+            Err(e) => return Outcome::Failed(e.to_string()),
+        };
+        let Some((offset, len)) = area else {
+            if !ready {
+                mgr.set_status(job, Status::Ready);
+                mgr.block_event("BLOCK_JOB_READY", job, None);
+                continue;
+            }
+            if finishing {
+                // Nothing dirty: make sure no guest write is still between its I/O and its
+                // marking, then look once more.
+                if cfg.source.in_flight() == 0 && bitmap.count() == 0 {
+                    if let Err(e) = cfg.target.flush() {
+                        return Outcome::Failed(e.to_string());
+                    }
+                    return Outcome::Completed;
+                }
+                std::thread::yield_now();
+                continue;
+            }
+            let s = lock(&job.state);
+            if s.cancel.is_none() && !s.complete {
+                let _ = job.wake.wait_timeout(s, IDLE_POLL);
+            }
+            continue;
+        };
+        lock(&job.state).busy = true;
+        let n = len as usize;
+        let piece = match buf.get_mut(..n) {
+            Some(p) => p,
+            None => return Outcome::Failed("internal: area larger than the buffer".into()),
+        };
+        let r = cfg
+            .source
+            .read_at(offset, piece)
+            .and_then(|()| cfg.target.write_at(offset, piece));
+        let remaining = bitmap.count();
+        {
+            let mut s = lock(&job.state);
+            s.busy = false;
+            if r.is_ok() {
+                s.offset = s.offset.saturating_add(len);
+            }
+            s.len = s.offset.saturating_add(remaining);
+        }
+        if let Err(e) = r {
+            bitmap.mark(offset, len);
+            return Outcome::Failed(e.to_string());
+        }
+        copied_since_speed = copied_since_speed.saturating_add(len);
+        cursor = offset.saturating_add(len);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::mpsc;
+
+    fn layer_with(size: u64) -> Arc<BlockLayer> {
+        let l = Arc::new(BlockLayer::new());
+        l.blockdev_add(
+            &json!({"driver": "null-co", "node-name": "src", "size": size, "read-zeroes": true}),
+        )
+        .unwrap();
+        l.blockdev_add(
+            &json!({"driver": "null-co", "node-name": "tgt", "size": size, "read-zeroes": true}),
+        )
+        .unwrap();
+        l
+    }
+
+    fn manager(l: &Arc<BlockLayer>) -> (Arc<JobManager>, mpsc::Receiver<(String, Value)>) {
+        let (tx, rx) = mpsc::channel();
+        let tx = Mutex::new(tx);
+        let m = JobManager::new(
+            l.clone(),
+            Arc::new(move |n: &str, d: Value| {
+                let _ = lock(&tx).send((n.to_string(), d));
+            }),
+        );
+        (m, rx)
+    }
+
+    fn wait_for(rx: &mpsc::Receiver<(String, Value)>, name: &str) -> Value {
+        loop {
+            let (n, d) = rx.recv_timeout(Duration::from_secs(10)).unwrap();
+            if n == name {
+                return d;
+            }
+        }
+    }
+
+    fn cfg(l: &BlockLayer, id: &str, sync: SyncMode) -> MirrorConfig {
+        MirrorConfig {
+            id: id.into(),
+            source: l.node("src").unwrap(),
+            target: l.node("tgt").unwrap(),
+            sync,
+            speed: 0,
+            granularity: DEFAULT_GRANULARITY,
+            buf_size: DEFAULT_BUF_SIZE,
+        }
+    }
+
+    #[test]
+    fn mirror_reaches_ready_and_cancel_after_ready_completes() {
+        let l = layer_with(8 << 20);
+        let (m, rx) = manager(&l);
+        m.start_mirror(cfg(&l, "j0", SyncMode::Full)).unwrap();
+        let ready = wait_for(&rx, "BLOCK_JOB_READY");
+        assert_eq!(
+            ready,
+            json!({"device": "j0", "len": 8 << 20, "offset": 8 << 20, "speed": 0, "type": "mirror"})
+        );
+        // While it runs, the target cannot be handed over and cannot be deleted.
+        assert!(l
+            .inactivate_all()
+            .unwrap_err()
+            .to_string()
+            .contains("block job 'j0'"));
+        assert_eq!(
+            l.blockdev_del("tgt").unwrap_err().to_string(),
+            "Node tgt is in use"
+        );
+        assert_eq!(
+            l.blockdev_del("src").unwrap_err().to_string(),
+            "Node 'src' is busy: block device is in use by block job: mirror"
+        );
+        m.cancel("j0", false).unwrap();
+        let done = wait_for(&rx, "BLOCK_JOB_COMPLETED");
+        assert!(done.get("error").is_none());
+        loop {
+            let d = wait_for(&rx, "JOB_STATUS_CHANGE");
+            if d["status"] == "null" {
+                break;
+            }
+        }
+        assert!(m.jobs().is_empty());
+        // The claims went with the job.
+        l.inactivate_all().unwrap();
+    }
+
+    #[test]
+    fn cancel_before_ready_is_cancelled_and_force_too() {
+        let l = Arc::new(BlockLayer::new());
+        l.blockdev_add(&json!({"driver": "null-co", "node-name": "src", "size": 64 << 20, "latency-ns": 20_000_000}))
+            .unwrap();
+        l.blockdev_add(&json!({"driver": "null-co", "node-name": "tgt", "size": 64 << 20}))
+            .unwrap();
+        let (m, rx) = manager(&l);
+        m.start_mirror(cfg(&l, "j1", SyncMode::Full)).unwrap();
+        assert_eq!(
+            m.complete("j1").unwrap_err().to_string(),
+            "Job 'j1' in state 'running' cannot accept command verb 'complete'"
+        );
+        m.cancel("j1", false).unwrap();
+        wait_for(&rx, "BLOCK_JOB_CANCELLED");
+        assert_eq!(
+            m.cancel("nope", false).unwrap_err().to_string(),
+            "Block job 'nope' not found"
+        );
+    }
+
+    #[test]
+    fn checks_ids_and_nodes_like_qemu() {
+        let l = Arc::new(BlockLayer::new());
+        l.blockdev_add(&json!({"driver": "null-co", "node-name": "src", "size": 64 << 20, "latency-ns": 5_000_000}))
+            .unwrap();
+        l.blockdev_add(&json!({"driver": "null-co", "node-name": "tgt", "size": 64 << 20}))
+            .unwrap();
+        let (m, rx) = manager(&l);
+        let src = l.node("src").unwrap();
+        let tgt = l.node("tgt").unwrap();
+        assert_eq!(
+            m.check_new("1j", &src, &tgt).unwrap_err().to_string(),
+            "Invalid job ID '1j'"
+        );
+        assert_eq!(
+            m.check_new("j", &src, &src).unwrap_err().to_string(),
+            "Can't mirror node into itself"
+        );
+        m.start_mirror(cfg(&l, "j0", SyncMode::Full)).unwrap();
+        assert_eq!(
+            m.check_new("j2", &src, &tgt).unwrap_err().to_string(),
+            "Need a root block node"
+        );
+        m.cancel("j0", true).unwrap();
+        wait_for(&rx, "BLOCK_JOB_CANCELLED");
+    }
+
+    #[test]
+    fn size_mismatch_fails_the_job() {
+        let l = Arc::new(BlockLayer::new());
+        l.blockdev_add(&json!({"driver": "null-co", "node-name": "src", "size": 64 << 20}))
+            .unwrap();
+        l.blockdev_add(&json!({"driver": "null-co", "node-name": "tgt", "size": 32 << 20}))
+            .unwrap();
+        let (m, rx) = manager(&l);
+        m.start_mirror(cfg(&l, "j1", SyncMode::Full)).unwrap();
+        let d = wait_for(&rx, "BLOCK_JOB_COMPLETED");
+        assert_eq!(
+            d,
+            json!({"device": "j1", "len": 0, "offset": 0, "speed": 0, "type": "mirror",
+                   "error": "Source and target image have different sizes"})
+        );
+    }
+
+    #[test]
+    fn mirror_copies_files_and_later_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = dir.path().join("a.img");
+        let b = dir.path().join("b.img");
+        let size = 4u64 << 20;
+        let mut data = vec![0u8; size as usize];
+        for (i, x) in data.iter_mut().enumerate() {
+            *x = (i * 7 % 251) as u8;
+        }
+        std::fs::write(&a, &data).unwrap();
+        std::fs::write(&b, vec![0u8; size as usize]).unwrap();
+        let l = Arc::new(BlockLayer::new());
+        l.blockdev_add(&json!({"driver": "raw", "node-name": "src",
+            "file": {"driver": "file", "filename": a.to_str().unwrap()}}))
+            .unwrap();
+        l.blockdev_add(&json!({"driver": "raw", "node-name": "tgt",
+            "file": {"driver": "file", "filename": b.to_str().unwrap()}}))
+            .unwrap();
+        let (m, rx) = manager(&l);
+        let mut c = cfg(&l, "j0", SyncMode::Full);
+        c.granularity = 4096;
+        c.buf_size = 256 << 10;
+        m.start_mirror(c).unwrap();
+        let src = l.node("src").unwrap();
+        // Writes during the copy and after ready both reach the target.
+        src.write_at(12345, b"during").unwrap();
+        wait_for(&rx, "BLOCK_JOB_READY");
+        src.write_at(3 << 20, b"after ready").unwrap();
+        m.complete("j0").unwrap();
+        wait_for(&rx, "BLOCK_JOB_COMPLETED");
+        data[12345..12351].copy_from_slice(b"during");
+        data[3 << 20..(3 << 20) + 11].copy_from_slice(b"after ready");
+        let mut got = vec![0u8; size as usize];
+        l.node("tgt").unwrap().read_at(0, &mut got).unwrap();
+        assert!(got == data, "target differs from source");
+    }
+}
