@@ -1,0 +1,173 @@
+//! The errors a user meets driving migrations of `livemig vm` over QMP, with QEMU 7.2's
+//! wording wherever QEMU has the same condition (checked against QEMU 7.2 by hand), and the
+//! source's guest running on after every failed attempt.
+
+mod common;
+
+use common::*;
+use serde_json::json;
+
+#[test]
+fn migrate_while_a_migration_runs_is_refused() {
+    let dir = tempdir();
+    let hang = dir.path().join("hang.sock");
+    let _listener = hanging_listener(&hang);
+    let mut src = Lm::source(dir.path(), "src", IDLE);
+    src.migrate(&format!("unix:{}", hang.display()));
+    let other = unix_uri(dir.path(), "other.sock");
+    assert_eq!(
+        src.err("migrate", json!({ "uri": other })),
+        "There's a migration process in progress"
+    );
+    assert_eq!(
+        src.err(
+            "migrate-set-capabilities",
+            json!({"capabilities": [{"capability": "events", "state": true}]})
+        ),
+        "There's a migration process in progress"
+    );
+    assert_eq!(src.ok("query-migrate", json!({}))["status"], "setup");
+    src.ok("migrate_cancel", json!({}));
+    src.wait_migration(&["cancelled"]);
+    assert_eq!(src.status(), "running");
+}
+
+#[test]
+fn a_vm_waiting_for_an_incoming_migration_cannot_migrate() {
+    let dir = tempdir();
+    let mut deferred = Lm::destination(dir.path(), "deferred", "defer");
+    let mut listening = Lm::destination(dir.path(), "listening", &unix_uri(dir.path(), "in.sock"));
+    let out = unix_uri(dir.path(), "out.sock");
+    for vm in [&mut deferred, &mut listening] {
+        assert_eq!(vm.status(), "inmigrate");
+        assert_eq!(
+            vm.err("migrate", json!({ "uri": out })),
+            "Guest is waiting for an incoming migration"
+        );
+        assert_eq!(vm.status(), "inmigrate");
+    }
+}
+
+#[test]
+fn migrate_incoming_needs_incoming_and_runs_once() {
+    let dir = tempdir();
+    let mut plain = Lm::source(dir.path(), "plain", IDLE);
+    assert_eq!(
+        plain.err(
+            "migrate-incoming",
+            json!({"uri": unix_uri(dir.path(), "p.sock")})
+        ),
+        "'-incoming' was not specified on the command line"
+    );
+    assert_eq!(plain.status(), "running");
+
+    let mut deferred = Lm::destination(dir.path(), "deferred", "defer");
+    deferred.ok(
+        "migrate-incoming",
+        json!({"uri": unix_uri(dir.path(), "d1.sock")}),
+    );
+    assert_eq!(
+        deferred.err(
+            "migrate-incoming",
+            json!({"uri": unix_uri(dir.path(), "d2.sock")})
+        ),
+        "The incoming migration has already been started"
+    );
+
+    let mut listening = Lm::destination(dir.path(), "listening", &unix_uri(dir.path(), "l.sock"));
+    assert_eq!(
+        listening.err(
+            "migrate-incoming",
+            json!({"uri": unix_uri(dir.path(), "l2.sock")})
+        ),
+        "The incoming migration has already been started"
+    );
+}
+
+#[test]
+fn bad_uris_are_refused_with_qemus_messages() {
+    let dir = tempdir();
+    let mut src = Lm::source(dir.path(), "src", IDLE);
+    for (uri, msg) in [
+        (
+            "foo:bar",
+            "Parameter 'uri' expects a valid migration protocol",
+        ),
+        ("", "Parameter 'uri' expects a valid migration protocol"),
+    ] {
+        assert_eq!(
+            src.err("migrate", json!({ "uri": uri })),
+            msg,
+            "uri {uri:?}"
+        );
+    }
+    // None of them started a migration.
+    assert_eq!(src.ok("query-migrate", json!({})), json!({}));
+    assert_eq!(src.status(), "running");
+}
+
+#[test]
+fn migrate_to_a_closed_port_fails_and_the_guest_runs_on() {
+    let dir = tempdir();
+    let mut src = Lm::source(dir.path(), "src", BUSY);
+    src.add_bitmap("b0");
+    src.caps_on(&["events", "dirty-bitmaps"]);
+    let port = testkit::free_port();
+    src.migrate(&format!("tcp:127.0.0.1:{port}"));
+    let q = src.wait_migration(&["failed", "completed", "cancelled"]);
+    assert_eq!(q["status"], "failed", "{q}");
+    assert_eq!(
+        q["error-desc"],
+        format!("Failed to connect to '127.0.0.1:{port}': Connection refused")
+    );
+    assert_eq!(src.migration_events_until("failed"), ["setup", "failed"]);
+
+    let gone = dir.path().join("nobody.sock");
+    src.migrate(&format!("unix:{}", gone.display()));
+    let q = src.wait_migration(&["failed", "completed", "cancelled"]);
+    assert_eq!(
+        q["error-desc"],
+        format!(
+            "Failed to connect to '{}': No such file or directory",
+            gone.display()
+        )
+    );
+
+    assert_eq!(src.status(), "running");
+    let steps = src.steps();
+    src.wait_steps_beyond(&steps);
+    assert_eq!(src.bitmap_info("b0")["busy"], false);
+}
+
+#[test]
+fn destination_killed_mid_migration_fails_the_source_cleanly() {
+    let dir = tempdir();
+    let uri = unix_uri(dir.path(), "mig.sock");
+    let mut dst = Lm::destination(dir.path(), "dst", &uri);
+    dst.caps_on(&["events", "dirty-bitmaps", "return-path"]);
+    let mut src = Lm::source(dir.path(), "src", BUSY);
+    src.add_bitmap("b0");
+    src.caps_on(&["events", "dirty-bitmaps", "return-path"]);
+    src.set_params(json!({"max-bandwidth": 1 << 20}));
+    src.migrate(&uri);
+    src.wait_migration(&["active"]);
+    dst.proc.child.kill().expect("kill the destination");
+    let q = src.wait_migration(&["failed", "completed", "cancelled"]);
+    assert_eq!(q["status"], "failed", "{q}");
+    let desc = q["error-desc"].as_str().unwrap_or_default();
+    assert!(!desc.is_empty(), "{q}");
+    assert_eq!(
+        src.migration_events_until("failed"),
+        ["setup", "active", "failed"]
+    );
+    assert_eq!(src.status(), "running");
+    let steps = src.steps();
+    src.wait_steps_beyond(&steps);
+    let info = src.bitmap_info("b0");
+    assert_eq!(info["busy"], false, "{info}");
+    src.ok(
+        "block-dirty-bitmap-clear",
+        json!({"node": "d0", "name": "b0"}),
+    );
+    eprintln!("error-desc after the destination died: {desc}");
+}

@@ -1,0 +1,146 @@
+//! Whole migrations between two `livemig vm` processes over every transport (tcp:, unix:,
+//! exec:, file:), with `-incoming defer` + `migrate-incoming`, and between `-M none` machines.
+//! Each test checks the stop point the way a user would over QMP: RAM checksums and page
+//! verification, dirty bitmap hashes, vCPU steps — and that the guest carries on after `cont`.
+
+mod common;
+
+use common::*;
+use serde_json::json;
+
+/// Capabilities on both ends of a socket migration.
+const SOCKET_CAPS: &[&str] = &["events", "dirty-bitmaps", "return-path"];
+/// Capabilities on both ends where the transport has no return path.
+const ONE_WAY_CAPS: &[&str] = &["events", "dirty-bitmaps"];
+
+/// A busy source with bitmap `b0` on `d0`, capabilities set.
+fn busy_source(dir: &std::path::Path, caps: &[&str]) -> Lm {
+    let mut src = Lm::source(dir, "src", BUSY);
+    src.add_bitmap("b0");
+    src.caps_on(caps);
+    src
+}
+
+/// [`check_stop_point`] for a busy source: the destination's RAM holds the guest's pages
+/// (all of its fill, if the source had finished it before the migration).
+fn check_busy_stop_point(src: &mut Lm, dst: &mut Lm, filled: bool) {
+    let v = check_stop_point(src, dst, &["b0"]);
+    let min = if filled { FILL_PAGES } else { 1 };
+    assert!(v["valid"].as_u64().unwrap_or(0) >= min, "{v}");
+}
+
+/// The source's `MIGRATION` events of a migration that went straight through.
+fn check_source_events(src: &mut Lm) {
+    let ev = src.migration_events_until("completed");
+    assert_eq!(
+        ev,
+        ["setup", "active", "STOP", "device", "completed"],
+        "source events"
+    );
+}
+
+#[test]
+fn migrates_over_unix_socket() {
+    let dir = tempdir();
+    let uri = unix_uri(dir.path(), "mig.sock");
+    let mut dst = Lm::destination(dir.path(), "dst", &uri);
+    dst.caps_on(SOCKET_CAPS);
+    let mut src = busy_source(dir.path(), SOCKET_CAPS);
+    src.wait_filled();
+    src.migrate(&uri);
+    check_busy_stop_point(&mut src, &mut dst, true);
+    check_source_events(&mut src);
+    let ev = dst.migration_events_until("completed");
+    // As in the spec (QEMU since 10.0): the destination passes through `setup` as well.
+    assert_eq!(ev, ["setup", "active", "completed"], "destination events");
+    let q = src.ok("query-migrate", json!({}));
+    assert!(
+        q["ram"]["normal"].as_u64().unwrap_or(0) >= FILL_PAGES,
+        "{q}"
+    );
+    assert!(q["downtime"].as_u64().is_some(), "{q}");
+    check_carries_on(&mut dst);
+}
+
+#[test]
+fn migrates_over_tcp() {
+    let dir = tempdir();
+    let mut dst = Lm::destination(dir.path(), "dst", "tcp:127.0.0.1:0");
+    dst.caps_on(SOCKET_CAPS);
+    let port = dst.incoming_port();
+    let mut src = busy_source(dir.path(), SOCKET_CAPS);
+    src.wait_filled();
+    src.migrate(&format!("tcp:127.0.0.1:{port}"));
+    check_busy_stop_point(&mut src, &mut dst, true);
+    check_source_events(&mut src);
+    check_carries_on(&mut dst);
+}
+
+#[test]
+fn migrates_through_a_file_written_by_exec_and_loaded_by_file_and_exec() {
+    let dir = tempdir();
+    let file = dir.path().join("stream");
+    let mut src = busy_source(dir.path(), ONE_WAY_CAPS);
+    src.wait_filled();
+    src.migrate(&format!("exec:cat > {}", file.display()));
+    src.wait_completed();
+    check_source_events(&mut src);
+    for (name, incoming) in [
+        ("dst-file", format!("file:{}", file.display())),
+        ("dst-exec", format!("exec:cat {}", file.display())),
+    ] {
+        // The caps must be on before the stream is read, so start deferred and set them first.
+        let mut dst = Lm::destination(dir.path(), name, "defer");
+        dst.caps_on(ONE_WAY_CAPS);
+        dst.ok("migrate-incoming", json!({ "uri": incoming }));
+        check_busy_stop_point(&mut src, &mut dst, true);
+        check_carries_on(&mut dst);
+    }
+}
+
+#[test]
+fn deferred_incoming_listens_after_migrate_incoming() {
+    let dir = tempdir();
+    let mut dst = Lm::destination(dir.path(), "dst", "defer");
+    assert_eq!(dst.status(), "inmigrate");
+    assert_eq!(dst.ok("query-migrate", json!({})), json!({}));
+    dst.caps_on(SOCKET_CAPS);
+    dst.ok("migrate-incoming", json!({"uri": "tcp:127.0.0.1:0"}));
+    let port = dst.incoming_port();
+    let mut src = busy_source(dir.path(), SOCKET_CAPS);
+    src.migrate(&format!("tcp:127.0.0.1:{port}"));
+    // Migrated in the middle of the fill, which the destination then completes.
+    check_busy_stop_point(&mut src, &mut dst, false);
+    check_carries_on(&mut dst);
+}
+
+#[test]
+fn m_none_machines_migrate_ram_and_bitmaps() {
+    let dir = tempdir();
+    let uri = unix_uri(dir.path(), "mig.sock");
+    let machine = ["-M", "none", "-m", "64M", "-blockdev", DISK];
+    let mut dst_args = machine.to_vec();
+    dst_args.extend(["-incoming", &uri, "-S"]);
+    let mut dst = Lm::start(dir.path(), "dst", &dst_args);
+    dst.caps_on(SOCKET_CAPS);
+    let mut src = Lm::start(dir.path(), "src", &machine);
+    src.add_bitmap("b0");
+    src.add_bitmap("b1");
+    src.qemu_io("write 0 64k");
+    src.qemu_io("write 1M 4k");
+    src.ok(
+        "block-dirty-bitmap-disable",
+        json!({"node": "d0", "name": "b1"}),
+    );
+    src.qemu_io("write 32M 1M");
+    src.caps_on(SOCKET_CAPS);
+    src.migrate(&uri);
+    check_stop_point(&mut src, &mut dst, &["b0", "b1"]);
+    // 64 KiB + one 64 KiB granule for the 4 KiB write + 1 MiB, in bytes.
+    assert_eq!(dst.bitmap_info("b0")["count"], (64 << 10) * 2 + (1 << 20));
+    assert_eq!(dst.bitmap_info("b1")["count"], (64 << 10) * 2);
+    assert_eq!(dst.bitmap_info("b0")["recording"], true);
+    assert_eq!(dst.bitmap_info("b1")["recording"], false);
+    dst.ok("cont", json!({}));
+    assert_eq!(dst.status(), "running");
+}

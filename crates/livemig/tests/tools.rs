@@ -1,0 +1,208 @@
+//! The tools around `livemig vm`: a whole migration driven by QEMU's Python QMP client
+//! (`qemu.qmp`), `livemig analyze` on a stream a source wrote with `migrate exec:cat > FILE`,
+//! and `livemig demo`.
+
+mod common;
+
+use common::*;
+use serde_json::{json, Value};
+use std::process::Command;
+
+#[test]
+fn python_qmp_client_drives_a_whole_migration() {
+    if !testkit::require(
+        "python_qmp_client_drives_a_whole_migration",
+        testkit::python_qmp(),
+    ) {
+        return;
+    }
+    let dir = tempdir();
+    let uri = unix_uri(dir.path(), "mig.sock");
+    // A second monitor on each VM for the Python client; the test keeps its own.
+    let py_qmp = |name: &str| {
+        let path = dir.path().join(format!("{name}-py.qmp"));
+        (format!("unix:{},server=on,wait=off", path.display()), path)
+    };
+    let (dst_opt, dst_py) = py_qmp("dst");
+    let (src_opt, src_py) = py_qmp("src");
+    let mut dst_args = GUEST.to_vec();
+    dst_args.extend(["-incoming", &uri, "-S", "-qmp", &dst_opt]);
+    let mut dst = Lm::start(dir.path(), "dst", &dst_args);
+    let mut src_args = GUEST.to_vec();
+    src_args.extend(["-workload", BUSY, "-qmp", &src_opt]);
+    let mut src = Lm::start(dir.path(), "src", &src_args);
+    src.add_bitmap("b0");
+
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/qmp_migrate.py");
+    let out = Command::new("python3")
+        .arg(script)
+        .arg(&src_py)
+        .arg(&dst_py)
+        .arg(&uri)
+        .output()
+        .expect("run python3");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "{}\nstdout:\n{stdout}\nstderr:\n{stderr}",
+        out.status
+    );
+    let lines: Vec<&str> = stdout.lines().collect();
+    for want in [
+        "src capabilities: dirty-bitmaps events return-path",
+        "dst capabilities: dirty-bitmaps events return-path",
+        "source events: setup active device completed",
+        "destination query-migrate: status completed",
+        "OK",
+    ] {
+        assert!(lines.contains(&want), "no line {want:?} in:\n{stdout}");
+    }
+    // What the script saw agrees with what the VMs report, and the migration was real.
+    let q = src.ok("query-migrate", json!({}));
+    let line = format!(
+        "source query-migrate: status completed, transferred {}, normal {}, downtime {}",
+        q["ram"]["transferred"], q["ram"]["normal"], q["downtime"]
+    );
+    assert!(
+        lines.contains(&line.as_str()),
+        "no line {line:?} in:\n{stdout}"
+    );
+    check_stop_point(&mut src, &mut dst, &["b0"]);
+}
+
+/// Runs `livemig ARGS`, returning (exit code, stdout, stderr).
+fn run_livemig(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(livemig())
+        .args(args)
+        .output()
+        .expect("run livemig");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn analyze_decodes_a_stream_written_by_exec() {
+    let dir = tempdir();
+    let file = dir.path().join("stream");
+    let mut src = Lm::source(dir.path(), "src", BUSY);
+    src.add_bitmap("b0");
+    src.caps_on(&["dirty-bitmaps"]);
+    src.wait_filled();
+    src.migrate(&format!("exec:cat > {}", file.display()));
+    src.wait_completed();
+    let steps = src.steps();
+    let count = src.bitmap_info("b0")["count"].as_u64().unwrap_or(0);
+    assert!(count > 0);
+    let file = file.display().to_string();
+
+    let (code, text, err) = run_livemig(&["analyze", &file]);
+    assert_eq!(code, 0, "{text}\n{err}");
+    for want in [
+        "QEMU migration stream, file version 3,",
+        "configuration: machine 'livemig-1.0'",
+        "START ram (id 2, instance 0, version 4): MEM_SIZE 0x4000000 (1 block)",
+        "block 'ram' 0x4000000 (16384 pages)",
+        &format!(
+            "d0/b0: granularity 65536, flags 0x1 (enabled), {} bits set, complete",
+            count / 65536
+        ),
+        "livemig-workload (id",
+        "fill = 33554432",
+        "hot = 4194304",
+        &format!("steps = {}", steps[0]),
+        &format!("steps = {}", steps[1]),
+        "trailer: vmdesc JSON,",
+    ] {
+        assert!(text.contains(want), "no {want:?} in:\n{text}");
+    }
+    assert!(!text.contains("error"), "{text}");
+
+    let (code, out, err) = run_livemig(&["analyze", &file, "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let a: Value = serde_json::from_str(&out).expect("analyze --json prints JSON");
+    assert!(a.get("error").is_none(), "{}", a["error"]);
+    assert_eq!(a["eof"], true);
+    assert_eq!(a["file_version"], 3);
+    assert_eq!(a["trailing_bytes"], 0);
+    assert_eq!(a["bytes"], std::fs::metadata(&file).expect("stream").len());
+
+    let blocks = a["ram"]["blocks"].as_array().expect("ram blocks");
+    assert_eq!(blocks.len(), 1, "{blocks:?}");
+    assert_eq!(blocks[0]["name"], "ram");
+    assert_eq!(blocks[0]["size"], 64 << 20);
+    let sent = blocks[0]["normal"].as_u64().unwrap_or(0) + blocks[0]["zero"].as_u64().unwrap_or(0);
+    assert!(
+        sent >= 16384,
+        "every page goes at least once: {}",
+        blocks[0]
+    );
+    assert!(
+        blocks[0]["normal"].as_u64().unwrap_or(0) >= FILL_PAGES,
+        "{}",
+        blocks[0]
+    );
+
+    let bitmaps = a["dirty_bitmaps"].as_array().expect("dirty_bitmaps");
+    assert_eq!(bitmaps.len(), 1, "{bitmaps:?}");
+    let b = &bitmaps[0];
+    assert_eq!(
+        (b["node"].as_str(), b["bitmap"].as_str()),
+        (Some("d0"), Some("b0"))
+    );
+    assert_eq!(b["granularity"], 65536);
+    assert_eq!(b["complete"], true);
+    assert_eq!(b["set_bits"], count / 65536);
+    let chunks = b["chunks"].as_array().expect("chunks");
+    assert!(!chunks.is_empty());
+    let chunk_bits: u64 = chunks
+        .iter()
+        .map(|c| c["set_bits"].as_u64().unwrap_or(0))
+        .sum();
+    assert_eq!(chunk_bits, count / 65536);
+
+    let devices = a["devices"].as_array().expect("devices");
+    let fields = |idstr: &str, instance: u64| -> Value {
+        devices
+            .iter()
+            .find(|d| d["idstr"] == idstr && d["instance_id"] == instance)
+            .unwrap_or_else(|| panic!("no device {idstr}.{instance} in {devices:?}"))["fields"]
+            .clone()
+    };
+    assert_eq!(fields("livemig-workload", 0)["fill"], 32 << 20);
+    assert_eq!(fields("livemig-workload", 0)["hot"], 4 << 20);
+    for (i, s) in steps.iter().enumerate() {
+        let f = fields("livemig-vcpu", i as u64);
+        assert_eq!(
+            (f["id"].as_u64(), f["steps"].as_u64()),
+            (Some(i as u64), Some(*s))
+        );
+    }
+    // The run state as its NUL-padded buffer, in hex: "running\0...".
+    let runstate = fields("globalstate", 0)["runstate"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(runstate.starts_with("72756e6e696e6700"), "{runstate}");
+    for d in devices {
+        assert!(d.get("decode_error").is_none(), "{d}");
+        assert!(d["fields"].is_object(), "undecoded device section {d}");
+    }
+    let trailer = &a["trailer"];
+    assert_eq!(trailer["status"], "present", "{trailer}");
+    let described = trailer["json"]["devices"]
+        .as_array()
+        .expect("vmdesc devices");
+    assert_eq!(described.len(), devices.len(), "{trailer}");
+    assert_eq!(trailer["json"]["page_size"], 4096);
+}
+
+#[test]
+fn demo_migrates_and_verifies() {
+    let (code, out, err) = run_livemig(&["demo", "--ram", "64M", "--hot", "8M"]);
+    assert_eq!(code, 0, "stdout:\n{out}\nstderr:\n{err}");
+    assert!(out.contains("verified"), "stdout:\n{out}\nstderr:\n{err}");
+}
