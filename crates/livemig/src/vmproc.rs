@@ -2,8 +2,9 @@
 //!
 //! Start-up order matters: disks first (an incoming VM opens them inactive, as QEMU does under
 //! `-incoming`), then the QMP server (the VM's events go to it), then the VM, then the
-//! migration subsystem, then the listeners — so a client that connects finds every command
-//! working.
+//! migration subsystem, then the guest starts (without `-S` or `-incoming`), then the
+//! listeners — so a client that connects finds every command working and the guest in its
+//! start-up state.
 
 use crate::cli::VmArgs;
 use crate::monitor::{App, Monitor};
@@ -83,12 +84,16 @@ pub fn run(args: VmArgs) -> Result<(), String> {
         server: server.clone(),
         events,
     }));
+    // The guest starts before any monitor listens: QEMU runs no monitor command before
+    // vm_start(), so without -S a client never sees `prelaunch` (and a `stop` it sends is not
+    // undone by a start-up that comes after it). Unlike QEMU with `wait=on`, the guest does not
+    // wait for the first client.
+    if args.incoming.is_none() && !args.start_paused {
+        vm.start();
+    }
     for q in &args.qmp {
         let opt = qmp::QmpOption::parse(q).map_err(|e| format!("-qmp {q}: {e}"))?;
         server.start(&opt).map_err(|e| format!("-qmp {q}: {e}"))?;
-    }
-    if args.incoming.is_none() && !args.start_paused {
-        vm.start();
     }
     // Everything runs on other threads from here; `quit` exits the process.
     loop {

@@ -144,3 +144,37 @@ fn m_none_machines_migrate_ram_and_bitmaps() {
     dst.ok("cont", json!({}));
     assert_eq!(dst.status(), "running");
 }
+
+#[test]
+fn a_vm_started_without_s_is_running_as_soon_as_its_monitor_answers() {
+    let dir = tempdir();
+    for i in 0..8 {
+        let name = format!("vm{i}");
+        let mut proc = testkit::VmProcess::spawn(
+            &livemig().display().to_string(),
+            &[
+                "vm".into(),
+                "-M".into(),
+                "none".into(),
+                "-m".into(),
+                "16M".into(),
+            ],
+            dir.path(),
+            &name,
+        )
+        .expect("start livemig vm");
+        // Connect the moment the socket can take a connection, to ask before start-up could
+        // possibly have finished if the monitor answered early.
+        let deadline = std::time::Instant::now() + TIMEOUT;
+        let mut qmp = loop {
+            if let Ok(c) = testkit::QmpClient::connect(&proc.qmp_path, std::time::Duration::ZERO) {
+                break c;
+            }
+            assert!(proc.alive(), "{}", proc.log());
+            assert!(std::time::Instant::now() < deadline, "{}", proc.log());
+            std::thread::yield_now();
+        };
+        let st = qmp.ok("query-status", json!({}));
+        assert_eq!(st["status"], "running", "{name}: {st}");
+    }
+}
