@@ -60,11 +60,27 @@ pub const COMMANDS: &[&str] = &[
 #[derive(Default)]
 pub struct Monitor {
     app: OnceLock<Arc<App>>,
+    storage: OnceLock<Storage>,
+}
+
+/// Storage migration without shared storage: the NBD server and the block jobs.
+struct Storage {
+    nbd: nbd::NbdServer,
+    jobs: Arc<blockjob::JobManager>,
 }
 
 impl Monitor {
     /// Gives the monitor its app; commands fail until then.
     pub fn set_app(&self, app: Arc<App>) {
+        nbd::register_driver();
+        let events = app.events.clone();
+        let _ = self.storage.set(Storage {
+            nbd: nbd::NbdServer::new(),
+            jobs: blockjob::JobManager::new(
+                app.block.clone(),
+                Arc::new(move |name: &str, data: Value| events.emit(name, Some(data))),
+            ),
+        });
         let _ = self.app.set(app);
     }
 }
@@ -78,6 +94,8 @@ impl Dispatcher for Monitor {
         COMMANDS
             .iter()
             .chain(block::qmp::COMMANDS)
+            .chain(nbd::qmp::COMMANDS)
+            .chain(blockjob::qmp::COMMANDS)
             .map(|s| s.to_string())
             .collect()
     }
@@ -95,6 +113,27 @@ impl Dispatcher for Monitor {
                 Some(Err(e)) => Err(QmpError::generic(e.to_string())),
                 None => Err(QmpError::unknown_command(name)),
             };
+        }
+        if let Some(st) = self.storage.get() {
+            if nbd::qmp::COMMANDS.contains(&name) {
+                let v = Value::Object(args.into_map());
+                return match nbd::qmp::dispatch(&st.nbd, &app.block, name, &v) {
+                    Some(Ok(v)) => Ok(Reply::new(v)),
+                    Some(Err(e)) => Err(QmpError::generic(e.desc)),
+                    None => Err(QmpError::unknown_command(name)),
+                };
+            }
+            if blockjob::qmp::COMMANDS.contains(&name) {
+                let v = Value::Object(args.into_map());
+                return match blockjob::qmp::dispatch(&st.jobs, name, &v) {
+                    Some(Ok(v)) => Ok(Reply::new(v)),
+                    Some(Err(e @ blockjob::JobError::NotFound(_))) => {
+                        Err(QmpError::device_not_active(e.to_string()))
+                    }
+                    Some(Err(e)) => Err(QmpError::generic(e.to_string())),
+                    None => Err(QmpError::unknown_command(name)),
+                };
+            }
         }
         match name {
             "query-status" => {

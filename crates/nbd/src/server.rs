@@ -329,7 +329,7 @@ impl NbdServer {
         if config.writable && !node.writable() {
             return Err(ExportError::Block(BlockError::ReadOnlyNode));
         }
-        node.activate()?;
+        activate_tree(&node)?;
         if let Some(b) = &config.bitmap {
             let writable_node = node.writable();
             node.with_bitmaps(|l| -> Result<(), ExportError> {
@@ -395,6 +395,15 @@ impl NbdServer {
             .find(|e| e.config.name == name)
             .cloned()
     }
+}
+
+/// Activates `node` and, first, the nodes under it (QEMU's `bdrv_activate` recurses into
+/// children before the parent).
+fn activate_tree(node: &Arc<BlockNode>) -> Result<(), BlockError> {
+    for (_, child) in node.driver().children() {
+        activate_tree(&child)?;
+    }
+    node.activate()
 }
 
 fn accept_loop(inner: Arc<Inner>, listener: Arc<Listener>, max_connections: u32) {

@@ -1,0 +1,241 @@
+//! Migration without shared storage, as with QEMU: the destination exports its empty disk
+//! over NBD (`nbd-server-start`, `nbd-server-add writable`), the source mirrors its disk into
+//! an `nbd` node connected to that export (`blockdev-add`, `blockdev-mirror sync=full`) while
+//! a busy guest keeps writing to it, and the mirror is ended at the switchover
+//! (`pause-before-switchover`, `block-job-cancel`, `migrate-continue`). Afterwards the
+//! destination's image file equals the source's, byte for byte, and so does RAM.
+//!
+//! Without the pause, the mirror is still writing at the switchover: the source refuses to
+//! hand its images over, the migration fails with that reason, and the source keeps running
+//! with its mirror intact.
+//!
+//! Self-contained: it uses only `testkit`, so it does not depend on other test files.
+
+use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+use testkit::{QmpClient, VmProcess};
+
+const TIMEOUT: Duration = Duration::from_secs(20);
+const DISK_SIZE: usize = 16 << 20;
+
+struct Vm {
+    proc: VmProcess,
+    qmp: QmpClient,
+    name: &'static str,
+}
+
+impl Vm {
+    fn start(dir: &Path, name: &'static str, image: &Path, extra: &[&str]) -> Vm {
+        let blockdev = json!({"driver": "raw", "node-name": "d0",
+            "file": {"driver": "file", "filename": image.to_str().unwrap()}})
+        .to_string();
+        let mut args: Vec<String> = ["vm", "-name", name, "-m", "64M", "-smp", "2", "-blockdev"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        args.push(blockdev);
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let bin = env!("CARGO_BIN_EXE_livemig");
+        let mut proc = VmProcess::spawn(bin, &args, dir, name).unwrap();
+        let deadline = Instant::now() + TIMEOUT;
+        while !proc.qmp_path.exists() {
+            assert!(proc.alive(), "{name} exited: {}", proc.log());
+            assert!(Instant::now() < deadline, "{name} made no QMP socket");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let qmp = proc.qmp();
+        Vm { proc, qmp, name }
+    }
+
+    fn ok(&mut self, cmd: &str, args: Value) -> Value {
+        let r = self.qmp.execute(cmd, args.clone()).unwrap();
+        match r.get("return") {
+            Some(v) => v.clone(),
+            None => panic!(
+                "{}: {cmd} {args} failed: {r}\nlog:\n{}",
+                self.name,
+                self.proc.log()
+            ),
+        }
+    }
+
+    fn event(&mut self, name: &str) -> Value {
+        let n = name.to_string();
+        self.qmp
+            .wait_event(TIMEOUT, move |e| e["event"] == n.as_str())
+            .unwrap_or_else(|| {
+                panic!(
+                    "{}: no {name} event; other events: {:?}\nlog:\n{}",
+                    self.name,
+                    self.qmp.events,
+                    self.proc.log()
+                )
+            })
+    }
+
+    fn wait_migration(&mut self, statuses: &[&str]) -> Value {
+        let deadline = Instant::now() + TIMEOUT;
+        loop {
+            let r = self.ok("query-migrate", json!({}));
+            if statuses.contains(&r["status"].as_str().unwrap_or_default()) {
+                return r;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{}: migration stuck: {r}\nlog:\n{}",
+                self.name,
+                self.proc.log()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    fn status(&mut self) -> String {
+        self.ok("query-status", json!({}))["status"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    }
+}
+
+/// A source image with a recognisable pattern and an empty destination image.
+fn images(dir: &Path) -> (PathBuf, PathBuf, Vec<u8>) {
+    let src = dir.join("src.img");
+    let dst = dir.join("dst.img");
+    let mut x = 0x1234_5678u32;
+    let data: Vec<u8> = (0..DISK_SIZE)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            x as u8
+        })
+        .collect();
+    std::fs::write(&src, &data).unwrap();
+    std::fs::write(&dst, vec![0u8; DISK_SIZE]).unwrap();
+    (src, dst, data)
+}
+
+/// Source (busy guest writing to its disk) and destination (incoming, paused), with the
+/// destination's disk exported and the source mirroring into it, ready.
+fn set_up(dir: &Path, src_img: &Path, dst_img: &Path) -> (Vm, Vm, String) {
+    let mig = format!("unix:{}", dir.join("mig.sock").display());
+    let mut dst = Vm::start(dir, "dst", dst_img, &["-incoming", &mig, "-S"]);
+    let mut src = Vm::start(
+        dir,
+        "src",
+        src_img,
+        &[
+            "-workload",
+            "fill=8M,hot=2M,dirty-rate=32M,disk=d0,disk-every=8",
+        ],
+    );
+    let nbd_sock = dir.join("nbd.sock");
+    dst.ok(
+        "nbd-server-start",
+        json!({"addr": {"type": "unix", "data": {"path": nbd_sock.to_str().unwrap()}}}),
+    );
+    dst.ok("nbd-server-add", json!({"device": "d0", "writable": true}));
+    src.ok(
+        "blockdev-add",
+        json!({"driver": "nbd", "node-name": "remote", "export": "d0",
+               "server": {"type": "unix", "path": nbd_sock.to_str().unwrap()}}),
+    );
+    src.ok(
+        "blockdev-mirror",
+        json!({"job-id": "m0", "device": "d0", "target": "remote", "sync": "full"}),
+    );
+    let ready = src.event("BLOCK_JOB_READY");
+    assert_eq!(ready["data"]["device"], "m0");
+    assert_eq!(ready["data"]["type"], "mirror");
+    let jobs = src.ok("query-block-jobs", json!({}));
+    assert_eq!(jobs[0]["ready"], true, "{jobs}");
+    assert_eq!(jobs[0]["status"], "ready", "{jobs}");
+    (src, dst, mig)
+}
+
+#[test]
+fn storage_migrates_over_nbd_with_mirror_ended_at_switchover() {
+    let dir = testkit::tempdir();
+    let (src_img, dst_img, initial) = images(dir.path());
+    let (mut src, mut dst, mig) = set_up(dir.path(), &src_img, &dst_img);
+    src.ok(
+        "migrate-set-capabilities",
+        json!({"capabilities": [{"capability": "pause-before-switchover", "state": true}]}),
+    );
+    // The guest keeps writing while the mirror is ready: those writes must arrive too.
+    std::thread::sleep(Duration::from_millis(200));
+    src.ok("migrate", json!({"uri": mig}));
+    src.wait_migration(&["pre-switchover"]);
+    // The guest is stopped: end the mirror with a consistent copy (cancel after ready).
+    src.ok("block-job-cancel", json!({"device": "m0"}));
+    let done = src.event("BLOCK_JOB_COMPLETED");
+    assert_eq!(done["data"]["device"], "m0");
+    assert!(done["data"].get("error").is_none(), "{done}");
+    assert_eq!(done["data"]["offset"], done["data"]["len"]);
+    assert_eq!(src.ok("query-block-jobs", json!({})), json!([]));
+    src.ok("migrate-continue", json!({"state": "pre-switchover"}));
+    let r = src.wait_migration(&["completed", "failed"]);
+    assert_eq!(
+        r["status"],
+        "completed",
+        "{r}\nsrc log:\n{}",
+        src.proc.log()
+    );
+    let r = dst.wait_migration(&["completed", "failed"]);
+    assert_eq!(r["status"], "completed", "{r}");
+    dst.ok("nbd-server-stop", json!({}));
+
+    // Both sides are stopped at the same point: the images and RAM are equal.
+    assert_eq!(src.status(), "postmigrate");
+    let a = std::fs::read(&src_img).unwrap();
+    let b = std::fs::read(&dst_img).unwrap();
+    assert_ne!(a, initial, "the guest never wrote to its disk");
+    let differing = a.iter().zip(&b).filter(|(x, y)| x != y).count();
+    assert_eq!(
+        differing, 0,
+        "destination image differs in {differing} bytes"
+    );
+    let ra = src.ok("x-livemig-ram-checksum", json!({}));
+    let rb = dst.ok("x-livemig-ram-checksum", json!({}));
+    assert_eq!(ra, rb);
+    // The destination runs on with its disk.
+    dst.ok("cont", json!({}));
+    assert_eq!(dst.status(), "running");
+}
+
+#[test]
+fn a_mirror_still_writing_at_switchover_fails_the_migration_cleanly() {
+    let dir = testkit::tempdir();
+    let (src_img, dst_img, _) = images(dir.path());
+    let (mut src, mut dst, mig) = set_up(dir.path(), &src_img, &dst_img);
+    src.ok("migrate", json!({"uri": mig}));
+    let r = src.wait_migration(&["completed", "failed"]);
+    assert_eq!(r["status"], "failed", "{r}");
+    let why = r["error-desc"].as_str().unwrap_or_default();
+    assert!(
+        why.contains("block job 'm0'") && why.contains("inactivate"),
+        "unclear error: {r}"
+    );
+    // The source runs on, with its mirror.
+    let deadline = Instant::now() + TIMEOUT;
+    while src.status() != "running" {
+        assert!(Instant::now() < deadline, "source did not resume");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let jobs = src.ok("query-block-jobs", json!({}));
+    assert_eq!(jobs[0]["status"], "ready", "{jobs}");
+    // The destination never started the guest.
+    let r = dst.wait_migration(&["failed", "completed"]);
+    assert_eq!(r["status"], "failed", "{r}");
+    assert_ne!(dst.status(), "running");
+    // Nothing was corrupted: stop the guest, end the mirror, and the copy is exact.
+    src.ok("stop", json!({}));
+    src.ok("block-job-cancel", json!({"device": "m0"}));
+    let done = src.event("BLOCK_JOB_COMPLETED");
+    assert!(done["data"].get("error").is_none(), "{done}");
+    let a = std::fs::read(&src_img).unwrap();
+    let b = std::fs::read(&dst_img).unwrap();
+    assert!(a == b, "images differ after the failed migration");
+}
