@@ -26,6 +26,9 @@ pub struct BitmapAlias {
     /// `transform.persistent`: overrides the persistence sent (source) or received
     /// (destination).
     pub persistent: Option<bool>,
+    /// Whether a `transform` member was given at all: QEMU shows an empty `"transform": {}`
+    /// back in `query-migrate-parameters`.
+    pub transform: bool,
 }
 
 /// One node of `block-bitmap-mapping`.
@@ -158,6 +161,7 @@ impl BitmapMapping {
                     name,
                     alias: balias,
                     persistent,
+                    transform: bo.contains_key("transform"),
                 });
             }
             nodes.push(NodeAlias {
@@ -180,8 +184,10 @@ impl BitmapMapping {
                         "alias": n.alias,
                         "bitmaps": n.bitmaps.iter().map(|b| {
                             let mut o = json!({"name": b.name, "alias": b.alias});
-                            if let Some(p) = b.persistent {
-                                o["transform"] = json!({"persistent": p});
+                            match b.persistent {
+                                Some(p) => o["transform"] = json!({"persistent": p}),
+                                None if b.transform => o["transform"] = json!({}),
+                                None => {}
                             }
                             o
                         }).collect::<Vec<_>>(),
@@ -502,6 +508,12 @@ mod tests {
         assert_eq!(p.to_json()["block-bitmap-mapping"], m);
         let map = p.block_bitmap_mapping.as_ref().unwrap();
         assert_eq!(map.node_by_alias("disk").unwrap().node_name, "d0");
+        // An empty transform is kept and shown back as QEMU 7.2 shows it.
+        let m2 = json!([{"node-name": "d0", "alias": "disk", "bitmaps": [
+            {"name": "b0", "alias": "bm", "transform": {}}, {"name": "b1", "alias": "b1"}]}]);
+        let mut p2 = Parameters::default();
+        set(&mut p2, json!({"block-bitmap-mapping": m2.clone()})).unwrap();
+        assert_eq!(p2.to_json()["block-bitmap-mapping"], m2);
         assert_eq!(
             map.node_alias("d0").unwrap().bitmaps[0].persistent,
             Some(true)
