@@ -164,9 +164,20 @@ pub fn read_flags<R: Read>(r: &mut StreamReader<R>) -> Result<u32> {
     Ok(flags)
 }
 
-/// Reads one chunk. `options().max_bitmap_buffer` bounds BITS buffers, checked before
-/// allocating.
-pub fn read_chunk<R: Read>(r: &mut StreamReader<R>) -> Result<Chunk> {
+/// What comes before a chunk's payload: its flags and the names it carries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChunkHeader {
+    /// The defined flag bits (see [`read_flags`]).
+    pub flags: u32,
+    /// Node alias, when on the wire (DEVICE_NAME).
+    pub node: Option<String>,
+    /// Bitmap alias, when on the wire (BITMAP_NAME).
+    pub bitmap: Option<String>,
+}
+
+/// Reads a chunk's flags and names. A caller that reads the payload separately
+/// ([`read_chunk_payload`]) knows which bitmap a bad payload belongs to before it fails.
+pub fn read_chunk_header<R: Read>(r: &mut StreamReader<R>) -> Result<ChunkHeader> {
     let flags = read_flags(r)?;
     let node = if flags & FLAG_DEVICE_NAME != 0 {
         Some(r.counted_string("node alias string")?)
@@ -178,7 +189,18 @@ pub fn read_chunk<R: Read>(r: &mut StreamReader<R>) -> Result<Chunk> {
     } else {
         None
     };
-    let payload = if flags & FLAG_START != 0 {
+    Ok(ChunkHeader {
+        flags,
+        node,
+        bitmap,
+    })
+}
+
+/// Reads the payload that follows a chunk header with `flags`: START if that flag is set, else
+/// COMPLETE, else BITS, else none. `options().max_bitmap_buffer` bounds BITS buffers, checked
+/// before allocating.
+pub fn read_chunk_payload<R: Read>(r: &mut StreamReader<R>, flags: u32) -> Result<ChunkPayload> {
+    Ok(if flags & FLAG_START != 0 {
         ChunkPayload::Start {
             granularity: r.be32()?,
             flags: r.u8()?,
@@ -206,12 +228,18 @@ pub fn read_chunk<R: Read>(r: &mut StreamReader<R>) -> Result<Chunk> {
         }
     } else {
         ChunkPayload::None
-    };
+    })
+}
+
+/// Reads one chunk: [`read_chunk_header`], then [`read_chunk_payload`].
+pub fn read_chunk<R: Read>(r: &mut StreamReader<R>) -> Result<Chunk> {
+    let h = read_chunk_header(r)?;
+    let payload = read_chunk_payload(r, h.flags)?;
     Ok(Chunk {
-        node,
-        bitmap,
+        node: h.node,
+        bitmap: h.bitmap,
         payload,
-        eos: flags & FLAG_EOS != 0,
+        eos: h.flags & FLAG_EOS != 0,
     })
 }
 
@@ -477,6 +505,34 @@ mod tests {
             e.to_string(),
             "at byte 0xd in section 'dirty-bitmap' (id 3): Bitmap migration stream buffer allocation request is too large (20480 > 10240)"
         );
+    }
+
+    #[test]
+    fn header_is_known_before_a_bad_payload() {
+        // BITS|DEVICE_NAME|BITMAP_NAME for node "n1", bitmap "big", with a 16 KiB buffer.
+        let mut b = vec![0x4c, 2];
+        b.extend(b"n1");
+        b.push(3);
+        b.extend(b"big");
+        b.extend(0u64.to_be_bytes());
+        b.extend(1u32.to_be_bytes());
+        b.extend(16384u64.to_be_bytes());
+        let mut r = StreamReader::new(&b[..]);
+        let h = read_chunk_header(&mut r).unwrap();
+        assert_eq!(
+            h,
+            ChunkHeader {
+                flags: 0x4c,
+                node: Some("n1".into()),
+                bitmap: Some("big".into()),
+            }
+        );
+        let e = read_chunk_payload(&mut r, h.flags).unwrap_err();
+        assert!(matches!(
+            e.kind,
+            WireErrorKind::BitmapBufferTooLarge { size: 16384, .. }
+        ));
+        assert_eq!(e.offset, 20);
     }
 
     #[test]
