@@ -33,8 +33,9 @@ use block::node::{BlockNode, SECTOR_SIZE};
 use block::BlockLayer;
 use std::sync::Arc;
 use wire::bitmap::{
-    buffer_size, pad_buffer, read_chunk, write_chunk, BitsData, Chunk, ChunkPayload, NameTracker,
-    CHUNK_SIZE, START_FLAG_ENABLED, START_FLAG_PERSISTENT, START_FLAG_RESERVED_MASK,
+    buffer_size, pad_buffer, read_chunk_header, read_chunk_payload, write_chunk, BitsData, Chunk,
+    ChunkPayload, NameTracker, CHUNK_SIZE, FLAG_EOS, START_FLAG_ENABLED, START_FLAG_PERSISTENT,
+    START_FLAG_RESERVED_MASK,
 };
 
 /// The section's idstr.
@@ -317,7 +318,22 @@ impl BitmapLoader {
     /// Loads one section body: chunks up to the one with EOS.
     pub fn load(&mut self, r: &mut Reader) -> Result<(), MigrationError> {
         loop {
-            let c = read_chunk(r)?;
+            // Names first, so that a payload the stream cannot carry (an oversized buffer, a
+            // truncated one) fails the load with the bitmap it belongs to.
+            let h = read_chunk_header(r)?;
+            let mut c = Chunk {
+                node: h.node,
+                bitmap: h.bitmap,
+                payload: ChunkPayload::None,
+                eos: h.flags & FLAG_EOS != 0,
+            };
+            c.payload =
+                read_chunk_payload(r, h.flags).map_err(|e| match self.names.resolve(&c) {
+                    (Some(node), Some(bitmap)) => {
+                        MigrationError::Load(format!("{e} (bitmap '{bitmap}' on node '{node}')"))
+                    }
+                    _ => MigrationError::Wire(e),
+                })?;
             if let Step::End = self.chunk(c)? {
                 return Ok(());
             }
@@ -416,15 +432,16 @@ impl BitmapLoader {
         flags: u8,
     ) -> Result<(), MigrationError> {
         // Checked before anything is created (QEMU checks after, and fails all the same).
+        // QEMU prints the whole flags byte.
         if flags & START_FLAG_RESERVED_MASK != 0 {
             return Err(MigrationError::Load(format!(
-                "Unknown flags in migrated dirty bitmap header: {:x}",
-                flags & START_FLAG_RESERVED_MASK
+                "Unknown flags in migrated dirty bitmap header: {flags:x} (bitmap '{alias}' on node '{node_alias}')"
             )));
         }
         let (node, name) = match self.resolve(node_alias, alias) {
             Ok(x) => x,
             Err(e) => {
+                let e = format!("Bitmap '{alias}' on node '{node_alias}' dropped: {e}");
                 self.drop_bitmap(node_alias, alias, e);
                 return Ok(());
             }
@@ -448,7 +465,8 @@ impl BitmapLoader {
         let created = node.with_bitmaps(|list| -> Result<BitmapId, String> {
             if list.find(&name).is_some() {
                 return Err(format!(
-                    "Bitmap with the same name ('{name}') already exists on destination"
+                    "Bitmap with the same name ('{name}') already exists on destination node '{}'",
+                    node.name()
                 ));
             }
             let id = list
@@ -679,4 +697,122 @@ fn release(b: &InBitmap) {
         }
         let _ = list.release(b.id);
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::transport::BoxRead;
+    use serde_json::json;
+    use wire::{StreamReader, StreamWriter};
+
+    fn layer() -> Arc<BlockLayer> {
+        let l = Arc::new(BlockLayer::new());
+        for n in ["node0", "node1"] {
+            l.blockdev_add(&json!({"driver": "null-co", "node-name": n, "size": 64 << 20}))
+                .unwrap();
+        }
+        l
+    }
+
+    fn stream(chunks: &[Chunk]) -> Reader {
+        let mut w = StreamWriter::new(Vec::new());
+        for c in chunks {
+            write_chunk(&mut w, c).unwrap();
+        }
+        write_chunk(&mut w, &Chunk::eos()).unwrap();
+        let bytes = w.into_inner().unwrap();
+        StreamReader::new(Box::new(std::io::Cursor::new(bytes)) as BoxRead)
+    }
+
+    fn chunk(node: &str, bitmap: &str, payload: ChunkPayload) -> Chunk {
+        Chunk {
+            node: Some(node.into()),
+            bitmap: Some(bitmap.into()),
+            payload,
+            eos: false,
+        }
+    }
+
+    fn start(node: &str, bitmap: &str, flags: u8) -> Chunk {
+        let payload = ChunkPayload::Start {
+            granularity: 65536,
+            flags,
+        };
+        chunk(node, bitmap, payload)
+    }
+
+    fn names(layer: &BlockLayer) -> Vec<String> {
+        let mut v = Vec::new();
+        for n in layer.nodes() {
+            n.with_bitmaps(|list| {
+                for b in list.named() {
+                    v.push(format!("{}/{}", n.name(), b.name().unwrap_or_default()));
+                }
+            });
+        }
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn unknown_node_is_dropped_with_bitmap_and_node_named() {
+        let mut l = BitmapLoader::new(layer(), None);
+        l.load(&mut stream(&[
+            start("nodeX", "bmX", 1),
+            start("node0", "bm0", 1),
+        ]))
+        .unwrap();
+        assert_eq!(
+            l.errors,
+            ["Bitmap 'bmX' on node 'nodeX' dropped: Cannot find device='nodeX' nor node-name='nodeX'"]
+        );
+    }
+
+    #[test]
+    fn fatal_errors_name_the_bitmap_and_the_node() {
+        // Reserved START flags: QEMU's message, with the whole flags byte as QEMU prints it.
+        let e = BitmapLoader::new(layer(), None)
+            .load(&mut stream(&[start("node0", "bm0", 0x09)]))
+            .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "Unknown flags in migrated dirty bitmap header: 9 (bitmap 'bm0' on node 'node0')"
+        );
+
+        let lay = layer();
+        if let Some(n) = lay.node("node1") {
+            n.with_bitmaps(|list| list.create(4096, Some("bm1")).map(|_| ()))
+                .unwrap();
+        }
+        let mut l = BitmapLoader::new(lay.clone(), None);
+        let e = l
+            .load(&mut stream(&[
+                start("node0", "bm0", 1),
+                start("node1", "bm1", 1),
+            ]))
+            .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "Bitmap with the same name ('bm1') already exists on destination node 'node1'"
+        );
+        l.cancel("the incoming migration failed");
+        assert_eq!(names(&lay), ["node1/bm1"]);
+
+        // A buffer beyond QEMU's 10 KiB limit; the chunk's names are known before its payload.
+        let big = ChunkPayload::Bits {
+            start_sector: 0,
+            nr_sectors: 131072,
+            data: BitsData::Buffer(vec![0; 16 << 10]),
+        };
+        let mut l = BitmapLoader::new(layer(), None);
+        l.load(&mut stream(&[start("node1", "bm1", 1)])).unwrap();
+        let e = l
+            .load(&mut stream(&[chunk("node1", "bm1", big)]))
+            .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "at byte 0x17: Bitmap migration stream buffer allocation request is too large (16384 > 10240) (bitmap 'bm1' on node 'node1')"
+        );
+    }
 }
