@@ -781,7 +781,7 @@ mod tests {
         );
         assert_eq!(
             e.hint(),
-            Some("Try block-dirty-bitmap-remove to delete this bitmap from disk")
+            Some("Try block-dirty-bitmap-remove to delete this bitmap from disk".to_string())
         );
         assert!(!b.enabled(), "inconsistent bitmaps are disabled");
         assert!(b.check(BitmapCheck(0)).is_ok());

@@ -226,6 +226,21 @@ pub enum BlockError {
     #[error("{0}")]
     Driver(String),
 
+    // ---- image locking -----------------------------------------------------------------------
+    /// Another process holds a conflicting lock on the image: `Failed to get "write" lock` or
+    /// `Failed to get shared "write" lock` (QEMU's `raw_check_lock_bytes`); the hint names the
+    /// file.
+    #[error("{message}")]
+    ImageLocked {
+        /// QEMU's text.
+        message: String,
+        /// The file, for the hint `Is another process using the image [<file>]?`.
+        filename: String,
+    },
+    /// `force-share=on` on a node that is not read-only.
+    #[error("force-share=on can only be used with read-only images")]
+    ForceShareNeedsReadOnly,
+
     // ---- I/O ---------------------------------------------------------------------------------
     /// A request failed with this errno; the text is `strerror`, as qemu-io prints it after
     /// `write failed: `.
@@ -248,10 +263,13 @@ impl BlockError {
         "GenericError"
     }
 
-    /// The extra line QEMU shows human monitor users, if any.
-    pub fn hint(&self) -> Option<&'static str> {
+    /// The extra line QEMU shows human monitor and command-line users, if any.
+    pub fn hint(&self) -> Option<String> {
         match self {
-            BlockError::BitmapInconsistent(_) => Some(INCONSISTENT_HINT),
+            BlockError::BitmapInconsistent(_) => Some(INCONSISTENT_HINT.to_string()),
+            BlockError::ImageLocked { filename, .. } => {
+                Some(format!("Is another process using the image [{filename}]?"))
+            }
             _ => None,
         }
     }

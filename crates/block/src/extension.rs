@@ -291,11 +291,10 @@ mod tests {
                     }
                 }
                 let size = m.get("size").and_then(Value::as_u64);
-                Ok(Box::new(crate::driver::null::NullDriver::new(
-                    size,
-                    Some(true),
-                    None,
-                )) as Box<dyn BlockDriver>)
+                Ok(
+                    Box::new(crate::driver::null::NullDriver::new(size, Some(true), None))
+                        as Box<dyn BlockDriver>,
+                )
             }),
         );
         let l = BlockLayer::new();
@@ -333,7 +332,12 @@ mod tests {
         let n = l
             .blockdev_add(&json!({"driver": "null-co", "node-name": "t", "size": 1048576}))
             .unwrap();
-        let claim = NodeClaim::new(&n, "block job 'j0'", true, BlockError::NodeInUse("t".into()));
+        let claim = NodeClaim::new(
+            &n,
+            "block job 'j0'",
+            true,
+            BlockError::NodeInUse("t".into()),
+        );
         let e = l.inactivate_all().unwrap_err().to_string();
         assert!(e.contains("block job 'j0'"), "{e}");
         assert!(!n.is_inactive());
@@ -341,7 +345,10 @@ mod tests {
             l.blockdev_del("t").unwrap_err().to_string(),
             "Node t is in use"
         );
-        assert_eq!(claim_holders(&n), vec![("block job 'j0'".to_string(), true)]);
+        assert_eq!(
+            claim_holders(&n),
+            vec![("block job 'j0'".to_string(), true)]
+        );
         drop(claim);
         l.inactivate_all().unwrap();
         assert!(n.is_inactive());

@@ -18,13 +18,17 @@
 //!   flight.
 
 use crate::bitmap::{granularity_shift, merge_into, BitmapCheck};
-use crate::driver::file::FileDriver;
+use crate::driver::file::{FileDriver, Locking};
 use crate::driver::null::NullDriver;
+use crate::driver::qcow2::{Qcow2Driver, Qcow2Options};
 use crate::driver::raw::RawDriver;
 use crate::driver::BlockDriver;
 use crate::error::BlockError;
 use crate::node::{BlockNode, NodeFlags};
-use crate::options::{id_wellformed, BlockdevOptions, BlockdevRef, DriverOptions, MAX_NODE_NAME};
+use crate::options::{
+    id_wellformed, BackingRef, BlockdevOptions, BlockdevRef, DriverOptions, MAX_NODE_NAME,
+};
+use crate::perm::{new_user_key, Perm};
 use serde_json::{json, Map, Value};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
@@ -56,6 +60,8 @@ struct Entry {
     node: Arc<BlockNode>,
     monitor_owned: bool,
     device: Option<Device>,
+    /// The attached device's key in the node's list of users (see [`crate::perm`]).
+    device_key: u64,
 }
 
 #[derive(Default)]
@@ -97,6 +103,7 @@ struct Inherit {
     read_only: Option<bool>,
     discard_unmap: Option<bool>,
     no_flush: Option<bool>,
+    force_share: Option<bool>,
 }
 
 /// All block nodes of one VM process.
@@ -189,6 +196,7 @@ impl BlockLayer {
             node: node.clone(),
             monitor_owned: true,
             device: None,
+            device_key: new_user_key(),
         });
         Ok(node)
     }
@@ -223,6 +231,31 @@ impl BlockLayer {
         Ok(n.to_string())
     }
 
+    /// Opens the child `r` of a node with `flags` (a reference to an existing node, or a
+    /// definition opened with inherited options, owned by its parent).
+    fn open_child(
+        &self,
+        g: &mut Graph,
+        pending: &mut Vec<Entry>,
+        r: &BlockdevRef,
+        inherit: Inherit,
+    ) -> Result<Arc<BlockNode>, BlockError> {
+        match r {
+            BlockdevRef::Reference(name) => Self::find(g, name)
+                .or_else(|| {
+                    pending
+                        .iter()
+                        .find(|e| e.node.name() == name)
+                        .map(|e| e.node.clone())
+                })
+                .ok_or_else(|| BlockError::CannotFind {
+                    device: name.clone(),
+                    node: name.clone(),
+                }),
+            BlockdevRef::Definition(c) => self.open_node(g, pending, c, inherit, false),
+        }
+    }
+
     fn open_node(
         &self,
         g: &mut Graph,
@@ -240,24 +273,21 @@ impl BlockLayer {
             no_flush: opts.cache_no_flush.or(inherit.no_flush).unwrap_or(false),
             inactive: self.incoming.load(Ordering::SeqCst),
         };
+        let force_share = opts.force_share.or(inherit.force_share).unwrap_or(false);
+        if force_share && !flags.read_only {
+            return Err(BlockError::ForceShareNeedsReadOnly);
+        }
+        let child_inherit = Inherit {
+            read_only: Some(flags.read_only),
+            discard_unmap: Some(flags.discard_unmap),
+            no_flush: Some(flags.no_flush),
+            force_share: Some(force_share),
+        };
         // Children first, as QEMU opens them before its own node.
         let child = match &opts.driver_options {
-            DriverOptions::Raw { file, .. } => Some(match file {
-                BlockdevRef::Reference(name) => {
-                    Self::find(g, name).ok_or_else(|| BlockError::CannotFind {
-                        device: name.clone(),
-                        node: name.clone(),
-                    })?
-                }
-                BlockdevRef::Definition(c) => {
-                    let inherit = Inherit {
-                        read_only: Some(flags.read_only),
-                        discard_unmap: Some(flags.discard_unmap),
-                        no_flush: Some(flags.no_flush),
-                    };
-                    self.open_node(g, pending, c, inherit, false)?
-                }
-            }),
+            DriverOptions::Raw { file, .. } | DriverOptions::Qcow2 { file, .. } => {
+                Some(self.open_child(g, pending, file, child_inherit)?)
+            }
             _ => None,
         };
         let name = self.assign_name(g, pending, opts.node_name.as_deref())?;
@@ -267,9 +297,54 @@ impl BlockLayer {
                 non_negative(*offset, "offset")?,
                 non_negative(*size, "size")?,
             )?),
-            (DriverOptions::File { filename, .. }, _) => {
-                Box::new(FileDriver::open(filename, flags.read_only)?)
+            (DriverOptions::Qcow2 { backing, .. }, Some(child)) => {
+                let mut d = Qcow2Driver::open(
+                    child.clone(),
+                    Qcow2Options {
+                        read_only: flags.read_only,
+                        inactive: flags.inactive,
+                    },
+                )?;
+                // Backing files are opened read-only (QEMU's backing options).
+                let backing_inherit = Inherit {
+                    read_only: Some(true),
+                    ..child_inherit
+                };
+                let node = match backing {
+                    Some(BackingRef::Null) => None,
+                    Some(BackingRef::Ref(r)) => {
+                        Some(self.open_child(g, pending, r, backing_inherit)?)
+                    }
+                    None => match d.backing_file() {
+                        None => None,
+                        Some((file, format)) => Some(self.open_backing_file(
+                            g,
+                            pending,
+                            &child,
+                            &file,
+                            format.as_deref(),
+                            backing_inherit,
+                        )?),
+                    },
+                };
+                if let Some(b) = node {
+                    d.set_backing(b)?;
+                }
+                Box::new(d)
             }
+            (
+                DriverOptions::File {
+                    filename, locking, ..
+                },
+                _,
+            ) => Box::new(FileDriver::open_with(
+                filename,
+                flags.read_only,
+                locking
+                    .as_deref()
+                    .and_then(Locking::parse)
+                    .unwrap_or_default(),
+            )?),
             (
                 DriverOptions::Null {
                     size,
@@ -282,18 +357,99 @@ impl BlockLayer {
                 *read_zeroes,
                 *latency_ns,
             )),
-            (DriverOptions::Raw { .. }, None) => {
+            (DriverOptions::Raw { .. } | DriverOptions::Qcow2 { .. }, None) => {
                 return Err(BlockError::MissingParameter("file".into()))
             }
         };
         let id = self.next_id.fetch_add(1, Ordering::SeqCst);
-        let node = Arc::new(BlockNode::new(id, &name, driver, flags)?);
+        let node =
+            Arc::new(BlockNode::new(id, &name, driver, flags)?.with_force_share(force_share));
         pending.push(Entry {
             node: node.clone(),
             monitor_owned,
             device: None,
+            device_key: new_user_key(),
         });
         Ok(node)
+    }
+
+    /// Opens the backing file an image names: relative to the image's directory, in the format
+    /// the image records, or probed (qcow2 magic, else raw) when it records none.
+    fn open_backing_file(
+        &self,
+        g: &mut Graph,
+        pending: &mut Vec<Entry>,
+        image: &BlockNode,
+        file: &str,
+        format: Option<&str>,
+        inherit: Inherit,
+    ) -> Result<Arc<BlockNode>, BlockError> {
+        let path = match (image.driver().filename().exact, file.starts_with('/')) {
+            (Some(img), false) => match std::path::Path::new(&img).parent() {
+                Some(dir) if !dir.as_os_str().is_empty() => dir.join(file).display().to_string(),
+                _ => file.to_string(),
+            },
+            _ => file.to_string(),
+        };
+        let format = match format {
+            Some(f) => f.to_string(),
+            None => {
+                let mut magic = [0u8; 4];
+                let probe = std::fs::File::open(&path).and_then(|f| {
+                    use std::os::unix::fs::FileExt;
+                    f.read_at(&mut magic, 0)
+                });
+                match probe {
+                    Ok(4) if u32::from_be_bytes(magic) == crate::driver::qcow2::header::MAGIC => {
+                        "qcow2".to_string()
+                    }
+                    _ => "raw".to_string(),
+                }
+            }
+        };
+        let file_ref = BlockdevRef::Definition(Box::new(BlockdevOptions {
+            driver: "file".into(),
+            node_name: None,
+            discard_unmap: None,
+            cache_direct: None,
+            cache_no_flush: None,
+            read_only: None,
+            auto_read_only: None,
+            force_share: None,
+            detect_zeroes: None,
+            driver_options: DriverOptions::File {
+                filename: path,
+                locking: None,
+                aio: None,
+            },
+        }));
+        let driver_options = match format.as_str() {
+            "qcow2" => DriverOptions::Qcow2 {
+                file: file_ref,
+                backing: None,
+                lazy_refcounts: None,
+                data_file: false,
+            },
+            "raw" => DriverOptions::Raw {
+                file: file_ref,
+                offset: None,
+                size: None,
+            },
+            other => return Err(BlockError::Driver(format!("Unknown driver '{other}'"))),
+        };
+        let opts = BlockdevOptions {
+            driver: format,
+            node_name: None,
+            discard_unmap: None,
+            cache_direct: None,
+            cache_no_flush: None,
+            read_only: None,
+            auto_read_only: None,
+            force_share: None,
+            detect_zeroes: None,
+            driver_options,
+        };
+        self.open_node(g, pending, &opts, inherit, false)
     }
 
     /// `blockdev-del`: removes a node the monitor created, with QEMU's refusals (attached to a
@@ -428,6 +584,10 @@ impl BlockLayer {
                 device: d.qdev.clone(),
             });
         }
+        // The device takes QEMU's permissions on the node (virtio-blk, share-rw=off), which
+        // reach the image's locks.
+        e.node
+            .set_user_perm(e.device_key, Some(Perm::device(e.node.writable())))?;
         e.device = Some(Device {
             id: device_id.to_string(),
             qdev: qdev.to_string(),
@@ -441,6 +601,7 @@ impl BlockLayer {
         for e in &mut g.entries {
             if e.device.as_ref().is_some_and(|d| d.qdev == qdev) {
                 e.device = None;
+                let _ = e.node.set_user_perm(e.device_key, None);
                 return true;
             }
         }
@@ -473,14 +634,50 @@ impl BlockLayer {
 
     /// Activates every node, children before parents (QEMU's `bdrv_activate_all`), and stops
     /// opening new nodes inactive.
+    ///
+    /// Activation takes each image's write lock back; if another process holds it, or any
+    /// node fails, the nodes this call activated are inactivated again (their persistent bitmaps
+    /// stored again) and QEMU's error is returned: nothing is left half-activated.
     pub fn activate_all(&self) -> Result<(), BlockError> {
         self.set_incoming(false);
         let mut nodes = self.nodes();
         nodes.sort_by_key(|n| n.id());
+        let mut done: Vec<Arc<BlockNode>> = Vec::new();
         for n in nodes {
-            n.activate()?;
+            let was_inactive = n.is_inactive();
+            if let Err(e) = n.activate() {
+                for d in done.iter().rev() {
+                    let _ = d.inactivate();
+                }
+                return Err(e);
+            }
+            if was_inactive {
+                done.push(n);
+            }
         }
         Ok(())
+    }
+
+    /// Closes every node, as QEMU does at exit (`bdrv_close_all`): each active node is
+    /// inactivated (flushed, its persistent bitmaps stored, its image unlocked), parents first,
+    /// and the graph is emptied. Errors do not stop the others; the first is returned.
+    pub fn close_all(&self) -> Result<(), BlockError> {
+        let mut nodes = {
+            let mut g = self.write();
+            let nodes: Vec<Arc<BlockNode>> = g.entries.iter().map(|e| e.node.clone()).collect();
+            g.entries.clear();
+            nodes
+        };
+        nodes.sort_by_key(|n| std::cmp::Reverse(n.id()));
+        let mut first = Ok(());
+        for n in nodes {
+            if let Err(e) = n.inactivate() {
+                if first.is_ok() {
+                    first = Err(e);
+                }
+            }
+        }
+        first
     }
 
     // ---- QMP bitmap commands ----------------------------------------------------------------
@@ -521,7 +718,23 @@ impl BlockLayer {
                     ))
                 }
                 Some(store) => {
-                    store.can_store_new(bs.name(), name, granularity)?;
+                    let names: Vec<String> = {
+                        let l = bs.bitmaps();
+                        if l.find(name).is_some() {
+                            return Err(BlockError::BitmapExists(name.to_string()));
+                        }
+                        l.named()
+                            .filter(|b| b.get_persistence())
+                            .filter_map(|b| b.name().map(str::to_string))
+                            .collect()
+                    };
+                    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+                    store.can_store_new(
+                        &self.device_or_node_name(&bs),
+                        name,
+                        granularity,
+                        &names,
+                    )?;
                     if !bs.writable() {
                         return Err(BlockError::Driver(format!(
                             "Can't make bitmap '{name}' persistent in '{}': No write access",
@@ -739,18 +952,45 @@ pub fn block_device_info(n: &BlockNode) -> Value {
     image.insert("virtual-size".into(), json!(size));
     image.insert("actual-size".into(), json!(n.driver().allocated_size()));
     if let Some(info) = n.driver().info() {
+        if info.cluster_size > 0 && n.driver_name() == "qcow2" {
+            image.insert("cluster-size".into(), json!(info.cluster_size));
+        }
         image.insert("dirty-flag".into(), json!(info.dirty));
+    }
+    if let Some(spec) = n.driver().format_specific() {
+        image.insert("format-specific".into(), spec);
+    }
+    let backing = |n: &BlockNode| {
+        n.driver()
+            .children()
+            .into_iter()
+            .find(|(role, _)| *role == "backing")
+            .map(|(_, b)| b)
+    };
+    let mut depth = 0u64;
+    let mut cur = backing(n);
+    let first = cur.clone();
+    while let Some(b) = cur {
+        depth += 1;
+        cur = backing(&b);
     }
     let mut m = Map::new();
     m.insert("file".into(), json!(filename));
     m.insert("node-name".into(), json!(n.name()));
     m.insert("ro".into(), json!(n.read_only()));
     m.insert("drv".into(), json!(n.driver_name()));
-    m.insert("backing_file_depth".into(), json!(0));
+    if let Some(b) = &first {
+        m.insert("backing_file".into(), json!(b.filename()));
+    }
+    m.insert("backing_file_depth".into(), json!(depth));
     m.insert("encrypted".into(), json!(false));
     m.insert("detect_zeroes".into(), json!("off"));
     for k in ["bps", "bps_rd", "bps_wr", "iops", "iops_rd", "iops_wr"] {
         m.insert(k.into(), json!(0));
+    }
+    if let Some(b) = &first {
+        image.insert("backing-filename".into(), json!(b.filename()));
+        image.insert("backing-filename-format".into(), json!(b.driver_name()));
     }
     m.insert("image".into(), Value::Object(image));
     m.insert(

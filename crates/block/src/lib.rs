@@ -3,9 +3,11 @@
 //!
 //! # Shape
 //!
-//! * [`driver`] — the [`driver::BlockDriver`] seam and its backends, one file each: `file`
-//!   (host file), `raw` (format over a child node, with `offset`/`size`), `null-co`. Format
-//!   drivers reach their child through [`node::BlockNode`]'s `child_*` requests.
+//! * [`driver`] — the [`driver::BlockDriver`] seam and its backends: `file` (host file, with
+//!   QEMU's image locks), `raw` (format over a child node, with `offset`/`size`), `qcow2`
+//!   (clusters, refcounts, backing files, persistent bitmaps), `null-co`. Format drivers reach
+//!   their children through [`node::BlockNode`]'s `child_*` requests.
+//! * [`perm`] — QEMU's permissions between nodes, which become the `file` driver's locks.
 //! * [`node`] — [`BlockNode`]: name, driver, read-only/inactive flags, its bitmaps, and the
 //!   data path that marks enabled bitmaps on every write, write-zeroes and discard.
 //! * [`bitmap`] — [`BdrvDirtyBitmap`] and a node's [`DirtyBitmaps`] list: creation, states and
@@ -40,13 +42,11 @@
 //! / `release`, and the `serialize_*` / `deserialize_*` wrappers. [`BlockLayer::inactivate_all`]
 //! and [`BlockLayer::activate_all`] hand images over.
 //!
+//! [`BlockLayer::close_all`] is QEMU's `bdrv_close_all`: a process that exits calls it so that
+//! qcow2 metadata and persistent bitmaps reach the image.
+//!
 //! # Where later work goes
 //!
-//! * **qcow2**: a format driver in `driver/qcow2.rs` over a `file` child, implementing
-//!   [`driver::PersistentBitmapStore`] (load at open/activate, store at inactivate, remove, the
-//!   `can_store_new` checks); the layer already calls each of these at the right moment.
-//! * **Image locking**: inside the `file` driver (`locking=` is parsed), taken at open and
-//!   activate, dropped at inactivate.
 //! * **Block jobs and NBD exports**: they mark bitmaps busy, freeze them with successors and
 //!   end with `abdicate` or `reclaim`; they attach to nodes like devices do.
 //! * **Transactions**: `clear_with_backup` / `restore` and the merge backup are the undo steps.
@@ -71,6 +71,7 @@ pub mod extension;
 pub mod layer;
 pub mod node;
 pub mod options;
+pub mod perm;
 pub mod qemu_io;
 pub mod qmp;
 

@@ -29,6 +29,7 @@
 use crate::bitmap::{default_granularity, BitmapId, DirtyBitmaps};
 use crate::driver::{display_filename, BlockDriver, StoredBitmap};
 use crate::error::BlockError;
+use crate::perm::{Perm, PermContext, ALL};
 use nix::errno::Errno;
 use serde_json::Value;
 use std::ops::{Deref, DerefMut};
@@ -53,6 +54,13 @@ pub struct NodeFlags {
     pub inactive: bool,
 }
 
+/// The users of a node and what they ask for (see [`crate::perm`]).
+struct PermState {
+    /// Whether the node's permissions are those of an active node.
+    active: bool,
+    users: Vec<(u64, Perm)>,
+}
+
 struct NodeState {
     inactive: bool,
     in_flight: u64,
@@ -67,8 +75,13 @@ pub struct BlockNode {
     flags: NodeFlags,
     /// Not read-only, and neither is any child (QEMU cannot grant write permission then).
     writable: bool,
+    /// `force-share`: share every permission whatever the users ask (read-only nodes only).
+    force_share: bool,
     state: Mutex<NodeState>,
     idle: Condvar,
+    /// Taken after `state` when both are needed, never the other way round; a driver's
+    /// `set_perm` called under it only takes its children's `perm` locks.
+    perm: Mutex<PermState>,
 }
 
 impl std::fmt::Debug for BlockNode {
@@ -117,29 +130,115 @@ impl BlockNode {
     ) -> Result<Self, BlockError> {
         let size = round_to_sectors(driver.length()?)?;
         let mut bitmaps = DirtyBitmaps::new(name, size);
-        if let Some(store) = driver.bitmap_store() {
-            for lb in store.load(size)? {
+        // An inactive node's image belongs to someone else (a migration source): its bitmaps
+        // are loaded at activation, as QEMU does.
+        if let (Some(store), false) = (driver.bitmap_store(), flags.inactive) {
+            for lb in store.load(size, &[])? {
                 bitmaps.insert_loaded(lb, flags.read_only)?;
             }
         }
-        let writable = !flags.read_only && driver.children().iter().all(|(_, c)| c.writable());
+        // A backing file is only read: a read-only backing node does not make its parent
+        // read-only.
+        let writable = !flags.read_only
+            && driver
+                .children()
+                .iter()
+                .filter(|(role, _)| *role != "backing")
+                .all(|(_, c)| c.writable());
         Ok(BlockNode {
             id,
             name: name.to_string(),
             driver,
             flags,
             writable,
+            force_share: false,
             state: Mutex::new(NodeState {
                 inactive: flags.inactive,
                 in_flight: 0,
                 bitmaps,
             }),
             idle: Condvar::new(),
+            perm: Mutex::new(PermState {
+                active: !flags.inactive,
+                users: Vec::new(),
+            }),
         })
+    }
+
+    /// Sets `force-share` (before the node is shared): every permission is shared whatever
+    /// the node's users ask, so a read-only user can open an image another process writes.
+    /// QEMU allows it on read-only nodes only; the layer checks that.
+    pub fn with_force_share(mut self, force_share: bool) -> Self {
+        self.force_share = force_share;
+        self
+    }
+
+    /// Whether `force-share` is on.
+    pub fn force_share(&self) -> bool {
+        self.force_share
     }
 
     fn lock(&self) -> MutexGuard<'_, NodeState> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn perm_lock(&self) -> MutexGuard<'_, PermState> {
+        self.perm.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn combined(&self, users: &[(u64, Perm)]) -> Perm {
+        let p = users.iter().fold(Perm::NONE, |acc, (_, p)| acc.combine(*p));
+        if self.force_share {
+            Perm { shared: ALL, ..p }
+        } else {
+            p
+        }
+    }
+
+    fn perm_context(&self, active: bool) -> PermContext {
+        PermContext {
+            active,
+            writable: self.writable,
+        }
+    }
+
+    /// What the node's users ask for, combined (and `force-share` applied).
+    pub fn perm(&self) -> Perm {
+        self.combined(&self.perm_lock().users)
+    }
+
+    /// Sets (`Some`) or withdraws (`None`) what the user `key` (a parent driver or a device,
+    /// keys from [`crate::perm::new_user_key`]) asks of this node, and passes the combined
+    /// request to the driver. A conflict (another process holds a lock this needs) is QEMU's
+    /// error, and nothing changes.
+    pub fn set_user_perm(&self, key: u64, perm: Option<Perm>) -> Result<(), BlockError> {
+        let mut ps = self.perm_lock();
+        let old = ps.users.clone();
+        ps.users.retain(|(k, _)| *k != key);
+        if let Some(p) = perm {
+            ps.users.push((key, p));
+        }
+        let ctx = self.perm_context(ps.active);
+        if let Err(e) = self.driver.set_perm(self.combined(&ps.users), ctx) {
+            ps.users = old;
+            let _ = self.driver.set_perm(self.combined(&ps.users), ctx);
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Recomputes the driver's permissions for an active or inactive node.
+    fn refresh_perm(&self, active: bool) -> Result<(), BlockError> {
+        let mut ps = self.perm_lock();
+        let was = ps.active;
+        ps.active = active;
+        let p = self.combined(&ps.users);
+        if let Err(e) = self.driver.set_perm(p, self.perm_context(active)) {
+            ps.active = was;
+            let _ = self.driver.set_perm(p, self.perm_context(was));
+            return Err(e);
+        }
+        Ok(())
     }
 
     /// Lock-ordering key (see the crate documentation).
@@ -300,10 +399,10 @@ impl BlockNode {
         self.discard_inner(offset, len)
     }
 
-    /// Makes written data durable (a no-op with `cache.no-flush`).
+    /// Makes written data durable (with `cache.no-flush`, only writes cached metadata out).
     pub fn flush(&self) -> Result<(), BlockError> {
         if self.flags.no_flush {
-            return Ok(());
+            return self.driver.flush_to_os();
         }
         self.driver.flush()
     }
@@ -372,9 +471,10 @@ impl BlockNode {
 
     /// Inactivates this node (not its children): refuses new writes, waits for writes in
     /// flight, flushes, stores the bitmaps whose persistence holds (`persistent &&
-    /// !skip_store`) through the driver and drops them from memory, then lets the driver
-    /// release the image. Bitmaps with `skip_store` stay in memory. If a step fails the node is
-    /// active again, so a source whose hand-over failed keeps running.
+    /// !skip_store`) through the driver and drops them from memory, lets the driver write back
+    /// its metadata, then loosens its permissions (a qcow2 node lets go of its image's write
+    /// lock). Bitmaps with `skip_store` stay in memory. If a step fails the node is active
+    /// again, so a source whose hand-over failed keeps running.
     pub fn inactivate(&self) -> Result<(), BlockError> {
         {
             let mut st = self.lock();
@@ -392,8 +492,11 @@ impl BlockNode {
             .and_then(|()| self.driver.inactivate());
         if r.is_err() {
             self.lock().inactive = false;
+            return r;
         }
-        r
+        // Loosening cannot conflict with anyone.
+        let _ = self.refresh_perm(false);
+        Ok(())
     }
 
     fn store_bitmaps(&self) -> Result<(), BlockError> {
@@ -409,8 +512,11 @@ impl BlockNode {
         if chosen.is_empty() {
             return Ok(());
         }
+        // Oldest first: a driver appends new names in this order, and loading inserts each at
+        // the head, so an inactivation and activation give back the list in its old order.
         let stored: Vec<StoredBitmap<'_>> = chosen
             .iter()
+            .rev()
             .map(|b| StoredBitmap {
                 name: b.name().unwrap_or_default(),
                 granularity: b.granularity(),
@@ -418,7 +524,12 @@ impl BlockNode {
                 bitmap: b.hbitmap(),
             })
             .collect();
-        store.store(&stored)?;
+        store.store(&stored).map_err(|e| {
+            BlockError::Driver(format!(
+                "Lost persistent bitmaps during inactivation of node '{}': {e}",
+                self.name
+            ))
+        })?;
         let ids: Vec<BitmapId> = chosen
             .iter()
             .filter(|b| !b.busy() && b.successor().is_none())
@@ -430,20 +541,42 @@ impl BlockNode {
         Ok(())
     }
 
-    /// Activates this node (not its children): the driver takes the image back, persistent
-    /// bitmaps are loaded again (names already in memory are kept as they are), and every
-    /// bitmap's `skip_store` is reset — QEMU's `bdrv_activate`, which does this only for nodes
-    /// that were inactive.
+    /// Activates this node (not its children): its permissions are taken back (a qcow2 node
+    /// locks its image for writing — QEMU's error if another process has it), the driver
+    /// re-reads the image, persistent bitmaps are loaded again (names already in memory are kept
+    /// as they are, and stay the ones to store), and every bitmap's `skip_store` is reset —
+    /// QEMU's `bdrv_activate`, which does this only for nodes that were inactive. On error the
+    /// node stays inactive.
     pub fn activate(&self) -> Result<(), BlockError> {
         let mut st = self.lock();
         if !st.inactive {
             return Ok(());
         }
-        self.driver.activate()?;
-        if let Some(store) = self.driver.bitmap_store() {
-            let size = st.bitmaps.size();
-            for lb in store.load(size)? {
-                st.bitmaps.insert_loaded(lb, self.flags.read_only)?;
+        self.refresh_perm(true)?;
+        let loaded = self.driver.activate().and_then(|()| {
+            let Some(store) = self.driver.bitmap_store() else {
+                return Ok(Vec::new());
+            };
+            let names: Vec<String> = st
+                .bitmaps
+                .named()
+                .filter_map(|b| b.name())
+                .map(str::to_string)
+                .collect();
+            let names: Vec<&str> = names.iter().map(String::as_str).collect();
+            store.load(st.bitmaps.size(), &names)
+        });
+        let loaded = match loaded {
+            Ok(l) => l,
+            Err(e) => {
+                let _ = self.refresh_perm(false);
+                return Err(e);
+            }
+        };
+        for lb in loaded {
+            if let Err(e) = st.bitmaps.insert_loaded(lb, self.flags.read_only) {
+                let _ = self.refresh_perm(false);
+                return Err(e);
             }
         }
         for b in st.bitmaps.iter_mut() {
@@ -477,6 +610,16 @@ impl BlockNode {
     /// `dirty-bitmaps` entries for queries, newest first.
     pub fn bitmap_info(&self) -> Vec<Value> {
         self.lock().bitmaps.info()
+    }
+}
+
+impl Drop for BlockNode {
+    /// Closing a node that is still active inactivates it first (QEMU's `bdrv_close`): its
+    /// persistent bitmaps are stored and its metadata written. Errors cannot be reported here.
+    fn drop(&mut self) {
+        if !self.state.get_mut().map(|s| s.inactive).unwrap_or(true) {
+            let _ = self.inactivate();
+        }
     }
 }
 

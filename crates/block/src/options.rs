@@ -14,8 +14,8 @@
 use crate::error::BlockError;
 use serde_json::{Map, Value};
 
-/// Drivers this crate opens (`qcow2` joins them later).
-pub const DRIVERS: &[&str] = &["file", "null-co", "raw"];
+/// Drivers this crate opens.
+pub const DRIVERS: &[&str] = &["file", "null-co", "qcow2", "raw"];
 
 /// Longest node name, in bytes (QEMU's `node_name[32]` with its NUL).
 pub const MAX_NODE_NAME: usize = 31;
@@ -29,6 +29,7 @@ enum Ty {
     Enum(&'static [&'static str]),
     Struct(&'static [Field]),
     Ref,
+    RefOrNull,
 }
 
 #[derive(Clone, Copy)]
@@ -89,10 +90,30 @@ const RAW: &[Field] = &[
     opt("size", Ty::Int),
 ];
 
+const QCOW2: &[Field] = &[
+    req("file", Ty::Ref),
+    opt("backing", Ty::RefOrNull),
+    opt("lazy-refcounts", Ty::Bool),
+    opt("pass-discard-request", Ty::Bool),
+    opt("pass-discard-snapshot", Ty::Bool),
+    opt("pass-discard-other", Ty::Bool),
+    opt(
+        "overlap-check",
+        Ty::Enum(&["none", "constant", "cached", "all"]),
+    ),
+    opt("cache-size", Ty::Int),
+    opt("l2-cache-size", Ty::Int),
+    opt("l2-cache-entry-size", Ty::Int),
+    opt("refcount-cache-size", Ty::Int),
+    opt("cache-clean-interval", Ty::Int),
+    opt("data-file", Ty::Ref),
+];
+
 fn driver_fields(driver: &str) -> &'static [Field] {
     match driver {
         "file" => FILE,
         "null-co" => NULL,
+        "qcow2" => QCOW2,
         "raw" => RAW,
         _ => &[],
     }
@@ -115,7 +136,7 @@ pub struct BlockdevOptions {
     pub read_only: Option<bool>,
     /// `auto-read-only` (accepted; this crate never downgrades a node to read-only by itself).
     pub auto_read_only: Option<bool>,
-    /// `force-share` (accepted; image locking is not implemented yet).
+    /// `force-share` (read-only nodes only): share every permission, take no write lock.
     pub force_share: Option<bool>,
     /// `detect-zeroes` (only `off` is supported).
     pub detect_zeroes: Option<String>,
@@ -130,7 +151,7 @@ pub enum DriverOptions {
     File {
         /// `filename`.
         filename: String,
-        /// `locking` (accepted; not implemented yet).
+        /// `locking`: `on`, `off` or `auto` (the default).
         locking: Option<String>,
         /// `aio` (only `threads`).
         aio: Option<String>,
@@ -153,6 +174,26 @@ pub enum DriverOptions {
         /// `size` of the window.
         size: Option<i64>,
     },
+    /// `qcow2`.
+    Qcow2 {
+        /// `file`: the image.
+        file: BlockdevRef,
+        /// `backing`: absent opens the backing file the image names, `null` none.
+        backing: Option<BackingRef>,
+        /// `lazy-refcounts` (only `off` is supported).
+        lazy_refcounts: Option<bool>,
+        /// `data-file` (not supported).
+        data_file: bool,
+    },
+}
+
+/// A `backing` member: a child, or `null` for none.
+#[derive(Debug, Clone, PartialEq)]
+pub enum BackingRef {
+    /// `"backing": null`.
+    Null,
+    /// A child.
+    Ref(BlockdevRef),
 }
 
 /// A child: the name of an existing node, or a definition opened with (and owned by) its
@@ -222,6 +263,11 @@ fn check_value(v: &Value, ty: Ty, name: &str) -> Result<(), BlockError> {
             Value::Object(_) => check_options(v, &format!("{name}.")),
             _ => Err(type_err(name.into(), "BlockdevRef")),
         },
+        Ty::RefOrNull => match v {
+            Value::Null | Value::String(_) => Ok(()),
+            Value::Object(_) => check_options(v, &format!("{name}.")),
+            _ => Err(type_err(name.into(), "BlockdevRefOrNull")),
+        },
     }
 }
 
@@ -274,6 +320,18 @@ fn get_u64(m: &Map<String, Value>, k: &str) -> Option<u64> {
         .and_then(|v| v.as_u64().or_else(|| v.as_i64().map(|i| i as u64)))
 }
 
+fn build_ref(v: Option<&Value>) -> BlockdevRef {
+    match v {
+        Some(Value::Object(c)) => BlockdevRef::Definition(Box::new(build(c))),
+        other => BlockdevRef::Reference(
+            other
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_string(),
+        ),
+    }
+}
+
 fn build(m: &Map<String, Value>) -> BlockdevOptions {
     let driver = get_str(m, "driver").unwrap_or_default();
     let cache = m.get("cache").and_then(Value::as_object);
@@ -282,6 +340,16 @@ fn build(m: &Map<String, Value>) -> BlockdevOptions {
             filename: get_str(m, "filename").unwrap_or_default(),
             locking: get_str(m, "locking"),
             aio: get_str(m, "aio"),
+        },
+        "qcow2" => DriverOptions::Qcow2 {
+            file: build_ref(m.get("file")),
+            backing: match m.get("backing") {
+                None => None,
+                Some(Value::Null) => Some(BackingRef::Null),
+                Some(v) => Some(BackingRef::Ref(build_ref(Some(v)))),
+            },
+            lazy_refcounts: get_bool(m, "lazy-refcounts"),
+            data_file: m.contains_key("data-file"),
         },
         "raw" => DriverOptions::Raw {
             file: match m.get("file") {
@@ -353,6 +421,30 @@ impl BlockdevOptions {
         } = &self.driver_options
         {
             c.check_supported()?;
+        }
+        if let DriverOptions::Qcow2 {
+            file,
+            backing,
+            lazy_refcounts,
+            data_file,
+        } = &self.driver_options
+        {
+            if *lazy_refcounts == Some(true) {
+                return Err(BlockError::Unsupported(
+                    "lazy-refcounts=on is not supported by this block layer".into(),
+                ));
+            }
+            if *data_file {
+                return Err(BlockError::Unsupported(
+                    "qcow2 data-file is not supported by this block layer".into(),
+                ));
+            }
+            if let BlockdevRef::Definition(c) = file {
+                c.check_supported()?;
+            }
+            if let Some(BackingRef::Ref(BlockdevRef::Definition(c))) = backing {
+                c.check_supported()?;
+            }
         }
         Ok(())
     }
@@ -528,7 +620,11 @@ fn convert_fields(
             (Ty::Struct(fields), Value::Object(inner)) => {
                 convert_fields(inner, &[fields], &format!("{name}."))?
             }
-            (Ty::Ref, Value::Object(inner)) => convert_options(inner, &format!("{name}."))?,
+            (Ty::Ref | Ty::RefOrNull, Value::Object(inner)) => {
+                convert_options(inner, &format!("{name}."))?
+            }
+            // keyval spells `null` as an empty value (`backing=`).
+            (Ty::RefOrNull, Value::String(s)) if s.is_empty() => *v = Value::Null,
             _ => {}
         }
     }

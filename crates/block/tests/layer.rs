@@ -725,7 +725,13 @@ impl BlockDriver for MemImage {
 }
 
 impl PersistentBitmapStore for MemImage {
-    fn can_store_new(&self, node: &str, name: &str, _g: u32) -> Result<(), BlockError> {
+    fn can_store_new(
+        &self,
+        node: &str,
+        name: &str,
+        _g: u32,
+        _persistent: &[&str],
+    ) -> Result<(), BlockError> {
         if self.stored.lock().unwrap().iter().any(|s| s.0 == name) {
             return Err(BlockError::Driver(format!(
                 "Can't make bitmap '{name}' persistent in '{node}': Bitmap with the same name is already stored"
@@ -737,12 +743,13 @@ impl PersistentBitmapStore for MemImage {
         self.stored.lock().unwrap().retain(|s| s.0 != name);
         Ok(())
     }
-    fn load(&self, _size: u64) -> Result<Vec<LoadedBitmap>, BlockError> {
+    fn load(&self, _size: u64, in_memory: &[&str]) -> Result<Vec<LoadedBitmap>, BlockError> {
         Ok(self
             .stored
             .lock()
             .unwrap()
             .iter()
+            .filter(|(name, ..)| !in_memory.contains(&name.as_str()))
             .map(|(name, g, enabled, bits)| LoadedBitmap {
                 name: name.clone(),
                 granularity: *g,

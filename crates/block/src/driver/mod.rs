@@ -5,12 +5,17 @@
 //! * a *protocol* driver talks to the host: [`file`](mod@file) (a host file) and [`null`] (`null-co`, no
 //!   storage at all);
 //! * a *format* driver interprets the bytes of a child node: [`raw`] (a window onto its `file`
-//!   child). `qcow2` is the next one: it will hold its `file` child as an `Arc<BlockNode>`, do
-//!   its metadata I/O through [`BlockNode::child_read_at`] and friends, report its cluster size
-//!   through [`BlockDriver::cluster_size`] (which sets the default bitmap granularity), and
-//!   expose its bitmap directory through [`BlockDriver::bitmap_store`] — the block layer already
-//!   calls that seam at `block-dirty-bitmap-add persistent=true`, at `block-dirty-bitmap-remove`,
-//!   at open and activation (load) and at inactivation (store).
+//!   child) and [`qcow2`] (clusters, refcounts, a backing chain and persistent bitmaps). A
+//!   format driver holds its children as `Arc<BlockNode>`, does its I/O through
+//!   [`BlockNode::child_read_at`] and friends, reports its cluster size through
+//!   [`BlockDriver::cluster_size`] (which sets the default bitmap granularity), and exposes a
+//!   bitmap directory through [`BlockDriver::bitmap_store`] — the block layer calls that seam at
+//!   `block-dirty-bitmap-add persistent=true`, at `block-dirty-bitmap-remove`, at open and
+//!   activation (load) and at inactivation and close (store).
+//!
+//! Permissions flow down the graph through [`BlockDriver::set_perm`]: a node tells its driver
+//! what its users ask for, a format driver turns that into requests on its children
+//! ([`BlockNode::set_user_perm`]), and the `file` driver into image locks (see [`crate::perm`]).
 //!
 //! Drivers are shared between threads (`Send + Sync`, methods take `&self`): a driver that
 //! keeps mutable metadata guards it itself, and must never wait for another thread while holding
@@ -18,10 +23,12 @@
 
 pub mod file;
 pub mod null;
+pub mod qcow2;
 pub mod raw;
 
 use crate::error::BlockError;
 use crate::node::BlockNode;
+use crate::perm::{Perm, PermContext};
 use hbitmap::HBitmap;
 use serde_json::{Map, Value};
 use std::sync::Arc;
@@ -68,18 +75,23 @@ pub struct StoredBitmap<'a> {
 /// bitmaps in memory; this is only the load/store seam.
 pub trait PersistentBitmapStore: Send + Sync {
     /// QEMU's `bdrv_can_store_new_dirty_bitmap`: may a bitmap of this name and granularity
-    /// become persistent on this node? The error is the driver's own message.
+    /// become persistent on this node, which already has the persistent bitmaps named in
+    /// `persistent`? `node_name` is the device or node name messages use. The error is the
+    /// driver's own message.
     fn can_store_new(
         &self,
         node_name: &str,
         name: &str,
         granularity: u32,
+        persistent: &[&str],
     ) -> Result<(), BlockError>;
     /// Removes a bitmap from the image, at `block-dirty-bitmap-remove`. A bitmap the image does
     /// not have is not an error.
     fn remove(&self, node_name: &str, name: &str) -> Result<(), BlockError>;
-    /// Loads the image's bitmaps, at open and at activation.
-    fn load(&self, node_size: u64) -> Result<Vec<LoadedBitmap>, BlockError>;
+    /// Loads the image's bitmaps, at open and at activation. Bitmaps named in `in_memory`
+    /// already exist on the node (they stayed in memory, or arrived by migration): the driver
+    /// does not return them, and takes them as the ones it will store.
+    fn load(&self, node_size: u64, in_memory: &[&str]) -> Result<Vec<LoadedBitmap>, BlockError>;
     /// Stores these bitmaps (all of the node's bitmaps that are persistent and not skipped), at
     /// inactivation and close.
     fn store(&self, bitmaps: &[StoredBitmap<'_>]) -> Result<(), BlockError>;
@@ -119,10 +131,21 @@ pub trait BlockDriver: Send + Sync {
     fn discard(&self, offset: u64, len: u64) -> Result<(), BlockError>;
     /// Makes written data durable.
     fn flush(&self) -> Result<(), BlockError>;
+    /// Writes cached metadata to the child without making it durable (QEMU's
+    /// `bdrv_co_flush_to_os`): what a node with `cache.no-flush` does instead of
+    /// [`BlockDriver::flush`].
+    fn flush_to_os(&self) -> Result<(), BlockError> {
+        Ok(())
+    }
     /// Changes the length.
     fn truncate(&self, size: u64) -> Result<(), BlockError>;
     /// `bdrv_get_info`, or `None` where QEMU's driver has no such callback.
     fn info(&self) -> Option<DriverInfo>;
+    /// `ImageInfoSpecific` for `query-block` (`{"type": "qcow2", "data": {...}}`), if the
+    /// format has one.
+    fn format_specific(&self) -> Option<Value> {
+        None
+    }
     /// Cluster size for the default bitmap granularity (§2.3): `Some(c)` with `c > 0` gives
     /// `min(65536, max(4096, c))`, anything else 65536.
     fn cluster_size(&self) -> Option<u64> {
@@ -142,14 +165,21 @@ pub trait BlockDriver: Send + Sync {
     fn can_store_persistent_bitmaps(&self) -> bool {
         self.bitmap_store().is_some()
     }
-    /// Called when the node becomes active again (QEMU's `bdrv_co_invalidate_cache`): drop
-    /// cached metadata and re-read it, take the image lock back.
+    /// The users of the node ask for `perm` (combined), in `ctx`. A format driver passes its
+    /// own requests on to its children, the `file` driver takes or releases image locks. An
+    /// error (a conflicting lock) leaves things as they were.
+    fn set_perm(&self, perm: Perm, ctx: PermContext) -> Result<(), BlockError> {
+        let _ = (perm, ctx);
+        Ok(())
+    }
+    /// Called when the node becomes active again (QEMU's `bdrv_co_invalidate_cache`), after
+    /// its permissions (locks) were taken: drop cached metadata and re-read it.
     fn activate(&self) -> Result<(), BlockError> {
         Ok(())
     }
     /// Called when the node is inactivated for a hand-over, after its requests are drained, its
-    /// data flushed and its persistent bitmaps stored: write back metadata, release the image
-    /// lock.
+    /// data flushed and its persistent bitmaps stored: write back metadata and stop writing.
+    /// The node then loosens its permissions (locks).
     fn inactivate(&self) -> Result<(), BlockError> {
         Ok(())
     }

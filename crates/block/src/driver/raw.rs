@@ -7,6 +7,7 @@
 use super::{BlockDriver, DriverInfo, FilenameInfo};
 use crate::error::BlockError;
 use crate::node::{BlockNode, SECTOR_SIZE};
+use crate::perm::{new_user_key, Perm, PermContext};
 use nix::errno::Errno;
 use serde_json::{json, Map, Value};
 use std::sync::Arc;
@@ -17,6 +18,7 @@ pub struct RawDriver {
     child: Arc<BlockNode>,
     offset: u64,
     size: Option<u64>,
+    key: u64,
 }
 
 impl RawDriver {
@@ -52,6 +54,7 @@ impl RawDriver {
             child,
             offset,
             size,
+            key: new_user_key(),
         })
     }
 
@@ -70,6 +73,12 @@ impl RawDriver {
         offset
             .checked_add(self.offset)
             .ok_or(BlockError::Io(Errno::EINVAL))
+    }
+}
+
+impl Drop for RawDriver {
+    fn drop(&mut self) {
+        let _ = self.child.set_user_perm(self.key, None);
     }
 }
 
@@ -133,6 +142,16 @@ impl BlockDriver for RawDriver {
 
     fn children(&self) -> Vec<(&'static str, Arc<BlockNode>)> {
         vec![("file", self.child.clone())]
+    }
+
+    fn set_perm(&self, perm: Perm, _ctx: PermContext) -> Result<(), BlockError> {
+        // A plain raw node is a filter; a window is a data child that must not be resized.
+        let child = if self.offset != 0 || self.size.is_some() {
+            Perm::for_data_window(perm)
+        } else {
+            perm
+        };
+        self.child.set_user_perm(self.key, Some(child))
     }
 
     fn filename(&self) -> FilenameInfo {

@@ -1,0 +1,1057 @@
+//! The `qcow2` format driver over a `file` child, with an optional `backing` child and QEMU's
+//! persistent dirty bitmaps.
+//!
+//! * [`header`] — cluster 0: fixed fields, extensions, QEMU's open-time checks and messages.
+//! * [`meta`] — L1/L2 tables, refcounts, allocation, and the write-back order that keeps the
+//!   image consistent.
+//! * [`bitmaps`] — the bitmap directory and its checks.
+//!
+//! # Data path
+//!
+//! Reads map each guest cluster through its L2 entry: data clusters are read from the file,
+//! zero clusters are zeroes, unallocated ones come from the backing node (zeroes past its end,
+//! or without one). Writes go in place to clusters the active layer owns (refcount 1); any
+//! other cluster is copied on write: a new cluster is allocated, filled with the old contents
+//! (the backing file's, zeroes, or a shared cluster's) around the new data, written, and the L2
+//! entry switched to it. Write-zeroes and discard of whole clusters set the zero flag (version
+//! 3), freeing the host cluster when allowed; partial clusters are written as zeroes
+//! (write-zeroes) or left alone (discard, as QEMU does).
+//!
+//! Compressed clusters (`qemu-img convert -c`) are neither read nor written by this crate:
+//! requests touching them fail with `ENOTSUP`, and whole-cluster zeroing and discard free them.
+//!
+//! # Persistent bitmaps
+//!
+//! [`PersistentBitmapStore`] is QEMU's `qcow2-bitmap.c` behaviour (`qcow2-bitmaps.md` §7): load
+//! at open and activation (in-use entries load inconsistent, the others are marked in use on a
+//! read-write image, in place), store at inactivation and close (new data clusters, tables and
+//! directory, then the header switch, then the old clusters freed), remove, and the checks for a
+//! new persistent bitmap.
+//!
+//! # Locking and activation
+//!
+//! The driver asks its file child for QEMU's permissions (see [`crate::perm`]) before it reads
+//! anything, so opening an image another process writes fails with QEMU's lock error.
+//! [`BlockDriver::inactivate`] writes everything back and stops writing; the node then loosens
+//! the permissions. [`BlockDriver::activate`] runs after they were taken again and re-reads the
+//! image from disk, since its new owner may have changed it.
+
+pub mod bitmaps;
+pub mod header;
+pub mod meta;
+
+use self::bitmaps::{
+    check_constraints, cluster_coverage, entry_size, parse_directory, serialize_directory,
+    table_entry_ok, table_size_for, DirEntry, FLAG_AUTO, FLAG_IN_USE, TABLE_ENTRY_ALL_ONES,
+    TABLE_ENTRY_OFFSET_MASK,
+};
+use self::header::{
+    BitmapsExt, Header, AUTOCLEAR_BITMAPS, AUTOCLEAR_MASK, COMPAT_LAZY_REFCOUNTS, INCOMPAT_CORRUPT,
+    INCOMPAT_DIRTY, INCOMPAT_EXTL2, MAX_BITMAPS, MAX_BITMAP_DIRECTORY_SIZE,
+};
+use self::meta::{
+    read_u64s, Mapping, Meta, ENTRY_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO,
+};
+use super::{
+    BlockDriver, DriverInfo, FilenameInfo, LoadedBitmap, PersistentBitmapStore, StoredBitmap,
+};
+use crate::error::{strerror, BlockError};
+use crate::node::BlockNode;
+use crate::perm::{new_user_key, Perm, PermContext};
+use hbitmap::HBitmap;
+use nix::errno::Errno;
+use serde_json::{json, Map, Value};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+/// How a qcow2 image is opened.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Qcow2Options {
+    /// `read-only`.
+    pub read_only: bool,
+    /// Opened inactive (an incoming migration): read nothing into memory that the source may
+    /// still change, write nothing, lock nothing for writing.
+    pub inactive: bool,
+}
+
+struct State {
+    meta: Meta,
+    active: bool,
+    /// The bitmap directory as on disk (empty without the extension).
+    dir: Vec<DirEntry>,
+    /// Names loaded as inconsistent (they block resizing, as in QEMU).
+    inconsistent: Vec<Vec<u8>>,
+}
+
+/// An open qcow2 image.
+pub struct Qcow2Driver {
+    file: Arc<BlockNode>,
+    backing: Option<Arc<BlockNode>>,
+    key: u64,
+    writable: bool,
+    st: Mutex<State>,
+}
+
+impl std::fmt::Debug for Qcow2Driver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Qcow2Driver")
+            .field("file", &self.file.name())
+            .field("writable", &self.writable)
+            .finish()
+    }
+}
+
+fn err(msg: impl Into<String>) -> BlockError {
+    BlockError::Driver(msg.into())
+}
+
+fn errno_text(e: &BlockError) -> String {
+    match e {
+        BlockError::Io(errno) => strerror(*errno),
+        other => other.to_string(),
+    }
+}
+
+/// Reads and parses cluster 0 of `file`.
+fn read_header(file: &BlockNode) -> Result<Header, BlockError> {
+    let mut head = [0u8; 512];
+    file.child_read_at(0, &mut head)?;
+    let bits = Header::peek_cluster_bits(&head)?;
+    let mut buf = vec![0u8; 1usize << bits];
+    file.child_read_at(0, &mut buf)?;
+    Header::parse(&buf)
+}
+
+impl Qcow2Driver {
+    /// Opens the image in `file`: takes the file's permissions (QEMU's lock error if another
+    /// process writes it), reads and checks the header (QEMU's messages), and loads the L1 and
+    /// refcount tables. A read-write, active open drops a bitmaps extension a program without
+    /// bitmap support left behind, and unknown autoclear bits. The backing file, if the header
+    /// names one, is attached by the caller with [`Qcow2Driver::set_backing`].
+    pub fn open(file: Arc<BlockNode>, opts: Qcow2Options) -> Result<Self, BlockError> {
+        let key = new_user_key();
+        let writable = !opts.read_only && file.writable();
+        let active = !opts.inactive;
+        file.set_user_perm(key, Some(Perm::for_storage(Perm::NONE, writable, active)))?;
+        let opened = (|| {
+            let hdr = read_header(&file)?;
+            hdr.check_features(writable)?;
+            if hdr.stale_bitmaps_ext {
+                // QEMU's warning (stderr), then the bitmaps are dropped.
+                if hdr.version < 3 {
+                    eprintln!(
+                        "warning: This qcow2 v2 image contains bitmaps, but they may have been \
+                         modified by a program without persistent bitmap support; so now they \
+                         must all be considered inconsistent"
+                    );
+                } else {
+                    eprintln!(
+                        "warning: a program lacking bitmap support modified this file, so all \
+                         bitmaps are now considered inconsistent"
+                    );
+                }
+                eprintln!(
+                    "Some clusters may be leaked, run 'qemu-img check -r' on the image file to \
+                     fix."
+                );
+            }
+            let meta = Meta::load(file.clone(), hdr)?;
+            let mut st = State {
+                meta,
+                active,
+                dir: Vec::new(),
+                inconsistent: Vec::new(),
+            };
+            if active && writable {
+                fix_header(&mut st)?;
+            }
+            Ok(st)
+        })();
+        match opened {
+            Ok(st) => Ok(Qcow2Driver {
+                file,
+                backing: None,
+                key,
+                writable,
+                st: Mutex::new(st),
+            }),
+            Err(e) => {
+                let _ = file.set_user_perm(key, None);
+                Err(e)
+            }
+        }
+    }
+
+    /// The backing file name and format the header names, if any.
+    pub fn backing_file(&self) -> Option<(String, Option<String>)> {
+        let st = self.lock();
+        st.meta
+            .hdr
+            .backing_file
+            .clone()
+            .map(|f| (f, st.meta.hdr.backing_format.clone()))
+    }
+
+    /// Attaches the backing node (read for unallocated clusters).
+    pub fn set_backing(&mut self, node: Arc<BlockNode>) -> Result<(), BlockError> {
+        node.set_user_perm(self.key, Some(Perm::for_cow(Perm::NONE)))?;
+        if let Some(old) = self.backing.replace(node) {
+            let _ = old.set_user_perm(self.key, None);
+        }
+        Ok(())
+    }
+
+    /// The file child.
+    pub fn file(&self) -> &Arc<BlockNode> {
+        &self.file
+    }
+
+    /// The backing child.
+    pub fn backing(&self) -> Option<&Arc<BlockNode>> {
+        self.backing.as_ref()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.st.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn read_backing(&self, off: u64, buf: &mut [u8]) -> Result<(), BlockError> {
+        let Some(b) = &self.backing else {
+            buf.fill(0);
+            return Ok(());
+        };
+        let bsize = b.size()?;
+        let n = bsize.saturating_sub(off).min(buf.len() as u64) as usize;
+        let (head, tail) = buf.split_at_mut(n);
+        if !head.is_empty() {
+            b.child_read_at(off, head)?;
+        }
+        tail.fill(0);
+        Ok(())
+    }
+
+    /// Splits `[off, off+len)` into pieces that stay inside one guest cluster.
+    fn pieces(cs: u64, off: u64, len: u64) -> impl Iterator<Item = (u64, u64)> {
+        let mut pos = off;
+        let end = off + len;
+        std::iter::from_fn(move || {
+            if pos >= end {
+                return None;
+            }
+            let n = (cs - pos % cs).min(end - pos);
+            let p = (pos, n);
+            pos += n;
+            Some(p)
+        })
+    }
+
+    /// The current contents of a whole guest cluster (for copy-on-write).
+    fn cluster_contents(
+        &self,
+        meta: &mut Meta,
+        cluster: u64,
+        e: u64,
+    ) -> Result<Vec<u8>, BlockError> {
+        let mut buf = vec![0u8; meta.cs as usize];
+        match meta.mapping(e)? {
+            Mapping::Unallocated => self.read_backing(cluster, &mut buf)?,
+            Mapping::Zero => {}
+            Mapping::Data(h) => self.file.child_read_at(h, &mut buf)?,
+            Mapping::Compressed => return Err(BlockError::Io(Errno::ENOTSUP)),
+        }
+        Ok(buf)
+    }
+
+    /// Writes `data` at `co` inside the guest cluster starting at `cluster`.
+    fn write_cluster(
+        &self,
+        meta: &mut Meta,
+        cluster: u64,
+        co: u64,
+        data: &[u8],
+    ) -> Result<(), BlockError> {
+        let (table, i) = meta.l2_for_write(cluster)?;
+        let e = meta.l2_entry(cluster)?;
+        let host = e & ENTRY_OFFSET_MASK;
+        let owned = host != 0 && e & OFLAG_COPIED != 0 && e & OFLAG_COMPRESSED == 0;
+        let zero = matches!(meta.mapping(e)?, Mapping::Zero);
+        if owned && !zero {
+            return self.file.child_write_at(host + co, data);
+        }
+        let whole = co == 0 && data.len() as u64 == meta.cs;
+        let mut buf = if whole {
+            Vec::new()
+        } else if zero {
+            vec![0u8; meta.cs as usize]
+        } else {
+            self.cluster_contents(meta, cluster, e)?
+        };
+        let data = if whole {
+            data
+        } else {
+            let start = co as usize;
+            buf.get_mut(start..start + data.len())
+                .ok_or(BlockError::Io(Errno::EINVAL))?
+                .copy_from_slice(data);
+            &buf
+        };
+        if owned {
+            // A preallocated zero cluster of our own: fill it and drop the zero flag.
+            self.file.child_write_at(host, data)?;
+            return meta.set_l2(table, i, host | OFLAG_COPIED);
+        }
+        let new = meta.alloc_clusters(1)?;
+        self.file.child_write_at(new, data)?;
+        meta.set_l2(table, i, new | OFLAG_COPIED)?;
+        // A shared or compressed cluster loses this reference.
+        meta.free_entry_later(e);
+        Ok(())
+    }
+
+    /// Makes the whole guest cluster at `cluster` read as zeroes; `unmap` frees its storage.
+    fn zero_cluster(&self, meta: &mut Meta, cluster: u64, unmap: bool) -> Result<(), BlockError> {
+        let e = meta.l2_entry(cluster)?;
+        if meta.hdr.version < 3 {
+            if e == 0 && self.backing.is_none() {
+                return Ok(());
+            }
+            let zeros = vec![0u8; meta.cs as usize];
+            return self.write_cluster(meta, cluster, 0, &zeros);
+        }
+        if e == 0 && self.backing.is_none() {
+            return Ok(());
+        }
+        if e == OFLAG_ZERO {
+            return Ok(());
+        }
+        let (table, i) = meta.l2_for_write(cluster)?;
+        let host = e & ENTRY_OFFSET_MASK;
+        let keep = !unmap && host != 0 && e & OFLAG_COPIED != 0 && e & OFLAG_COMPRESSED == 0;
+        if keep {
+            return meta.set_l2(table, i, host | OFLAG_COPIED | OFLAG_ZERO);
+        }
+        meta.set_l2(table, i, OFLAG_ZERO)?;
+        meta.free_entry_later(e);
+        Ok(())
+    }
+
+    /// Discards the whole guest cluster at `cluster` (QEMU's `discard_in_l2_slice` without
+    /// `full_discard`): it reads as zeroes on version 3, falls through to the backing file on
+    /// version 2, and its storage is freed.
+    fn discard_cluster(&self, meta: &mut Meta, cluster: u64) -> Result<(), BlockError> {
+        let e = meta.l2_entry(cluster)?;
+        let v3 = meta.hdr.version >= 3;
+        let new = if v3 && (self.backing.is_some() || e & !OFLAG_COPIED != 0) {
+            OFLAG_ZERO
+        } else {
+            0
+        };
+        if e == new || (e == 0 && !meta.has_l2(cluster) && new == 0) {
+            return Ok(());
+        }
+        let (table, i) = meta.l2_for_write(cluster)?;
+        meta.set_l2(table, i, new)?;
+        meta.free_entry_later(e);
+        Ok(())
+    }
+
+    fn check_writable(&self, st: &State) -> Result<(), BlockError> {
+        if !self.writable || !st.active {
+            return Err(BlockError::Io(Errno::EPERM));
+        }
+        Ok(())
+    }
+
+    fn size_of(st: &State) -> u64 {
+        st.meta.hdr.size
+    }
+
+    fn check_range(st: &State, off: u64, len: u64) -> Result<(), BlockError> {
+        if off.checked_add(len).is_none_or(|e| e > Self::size_of(st)) {
+            return Err(BlockError::Io(Errno::EIO));
+        }
+        Ok(())
+    }
+}
+
+/// Clears autoclear bits this driver does not maintain (and with them a stale bitmaps
+/// extension), as QEMU does on a read-write open.
+fn fix_header(st: &mut State) -> Result<(), BlockError> {
+    let hdr = &mut st.meta.hdr;
+    if hdr.stale_bitmaps_ext || hdr.autoclear & !AUTOCLEAR_MASK != 0 {
+        hdr.autoclear &= AUTOCLEAR_MASK;
+        if hdr.bitmaps.is_none() {
+            hdr.autoclear &= !AUTOCLEAR_BITMAPS;
+        }
+        hdr.stale_bitmaps_ext = false;
+        st.meta.write_header()?;
+        st.meta.file.flush()?;
+    }
+    Ok(())
+}
+
+/// Reads the bitmap directory the header points to (QEMU's `bitmap_list_load`).
+fn read_directory(st: &mut State, disk_len: u64) -> Result<Vec<DirEntry>, BlockError> {
+    let Some(ext) = st.meta.hdr.bitmaps else {
+        return Ok(Vec::new());
+    };
+    if ext.dir_size == 0 {
+        return Err(err("Requested bitmap directory size is zero"));
+    }
+    if ext.dir_size > MAX_BITMAP_DIRECTORY_SIZE {
+        return Err(err("Requested bitmap directory size is too big"));
+    }
+    let mut buf = vec![0u8; ext.dir_size as usize];
+    st.meta
+        .file
+        .child_read_at(ext.dir_offset, &mut buf)
+        .map_err(|e| {
+            err(format!(
+                "Failed to read bitmap directory: {}",
+                errno_text(&e)
+            ))
+        })?;
+    parse_directory(&buf, ext.nb_bitmaps, st.meta.cs, disk_len)
+}
+
+/// Rewrites the directory where it is (only flags changed), with the autoclear bit cleared
+/// around the write (QEMU's `update_ext_header_and_dir_in_place`).
+fn update_dir_in_place(st: &mut State, entries: &[DirEntry]) -> Result<(), BlockError> {
+    let Some(ext) = st.meta.hdr.bitmaps else {
+        return Ok(());
+    };
+    let bytes = serialize_directory(entries);
+    if bytes.len() as u64 != ext.dir_size {
+        return Err(BlockError::Io(Errno::EINVAL));
+    }
+    st.meta.hdr.autoclear &= !AUTOCLEAR_BITMAPS;
+    st.meta.write_header()?;
+    st.meta.file.flush()?;
+    st.meta.file.child_write_at(ext.dir_offset, &bytes)?;
+    st.meta.file.flush()?;
+    st.meta.hdr.autoclear |= AUTOCLEAR_BITMAPS;
+    st.meta.write_header()?;
+    st.meta.file.flush()
+}
+
+/// Loads one bitmap's data (QEMU's `load_bitmap`).
+fn load_bitmap_data(meta: &mut Meta, e: &DirEntry, disk_len: u64) -> Result<HBitmap, BlockError> {
+    let name = e.name_str();
+    let table_err = |t: String| {
+        err(format!(
+            "Could not read bitmap_table table from image for bitmap '{name}': {t}"
+        ))
+    };
+    let table = read_u64s(&meta.file, e.table_offset, u64::from(e.table_size))
+        .map_err(|x| table_err(errno_text(&x)))?;
+    if table.iter().any(|t| !table_entry_ok(*t, meta.cs)) {
+        return Err(table_err(strerror(Errno::EINVAL)));
+    }
+    let data_err = |t: String| err(format!("Could not read bitmap '{name}' from image: {t}"));
+    let bits = u32::from(e.granularity_bits);
+    let mut hb = HBitmap::new(disk_len, bits).map_err(|x| data_err(x.to_string()))?;
+    let tab_size = table_size_for(&hb, meta.cs).map_err(|x| data_err(x.to_string()))?;
+    if tab_size != u64::from(e.table_size) {
+        return Err(data_err(strerror(Errno::EINVAL)));
+    }
+    let limit = cluster_coverage(meta.cs, bits);
+    let mut buf = vec![0u8; meta.cs as usize];
+    for (i, t) in table.iter().enumerate() {
+        let start = i as u64 * limit;
+        if start >= disk_len {
+            break;
+        }
+        let count = (disk_len - start).min(limit);
+        let off = t & TABLE_ENTRY_OFFSET_MASK;
+        if off == 0 {
+            if t & TABLE_ENTRY_ALL_ONES != 0 {
+                hb.deserialize_ones(start, count, false)
+                    .map_err(|x| data_err(x.to_string()))?;
+            }
+            continue;
+        }
+        meta.file
+            .child_read_at(off, &mut buf)
+            .map_err(|x| data_err(errno_text(&x)))?;
+        hb.deserialize_part(&buf, start, count, false)
+            .map_err(|x| data_err(x.to_string()))?;
+    }
+    hb.deserialize_finish();
+    Ok(hb)
+}
+
+/// Writes one bitmap's data clusters (only those with a set bit) and its table; returns the
+/// table's offset and size. Clusters allocated so far are pushed to `allocated`.
+fn write_bitmap(
+    meta: &mut Meta,
+    hb: &HBitmap,
+    allocated: &mut Vec<(u64, u64)>,
+) -> Result<(u64, u32), BlockError> {
+    let cs = meta.cs;
+    let size = hb.orig_size();
+    let tsize = table_size_for(hb, cs)?;
+    let limit = cluster_coverage(cs, hb.granularity());
+    let mut table = vec![0u64; tsize as usize];
+    let mut buf = vec![0u8; cs as usize];
+    for (i, slot) in table.iter_mut().enumerate() {
+        let start = i as u64 * limit;
+        if start >= size {
+            break;
+        }
+        let count = (size - start).min(limit);
+        if hb.next_dirty(start, count).is_none() {
+            continue;
+        }
+        buf.fill(0);
+        hb.serialize_part(&mut buf, start, count)?;
+        let off = meta.alloc_clusters(1)?;
+        allocated.push((off, cs));
+        meta.file.child_write_at(off, &buf)?;
+        *slot = off;
+    }
+    let bytes = (tsize * 8).next_multiple_of(cs).max(cs);
+    let toff = meta.alloc_clusters(bytes / cs)?;
+    allocated.push((toff, bytes));
+    let mut tb = Vec::with_capacity(bytes as usize);
+    for t in &table {
+        tb.extend_from_slice(&t.to_be_bytes());
+    }
+    tb.resize(bytes as usize, 0);
+    meta.file.child_write_at(toff, &tb)?;
+    Ok((
+        toff,
+        u32::try_from(tsize).map_err(|_| BlockError::Io(Errno::EFBIG))?,
+    ))
+}
+
+/// Frees a stored bitmap's table and data clusters (skipping entries that do not make sense:
+/// a table another program left may be damaged, and freeing what it points to would be worse).
+fn free_bitmap_clusters(
+    meta: &mut Meta,
+    table_offset: u64,
+    table_size: u32,
+) -> Result<(), BlockError> {
+    if table_offset == 0 || !table_offset.is_multiple_of(meta.cs) {
+        return Ok(());
+    }
+    let table = read_u64s(&meta.file, table_offset, u64::from(table_size))?;
+    for t in table {
+        let off = t & TABLE_ENTRY_OFFSET_MASK;
+        if off != 0 && table_entry_ok(t, meta.cs) && meta.refcount(off / meta.cs)? > 0 {
+            meta.free_now(off, meta.cs)?;
+        }
+    }
+    let bytes = (u64::from(table_size) * 8).next_multiple_of(meta.cs);
+    let first = table_offset / meta.cs;
+    for c in 0..bytes / meta.cs {
+        if meta.refcount(first + c)? > 0 {
+            meta.free_now((first + c) * meta.cs, meta.cs)?;
+        }
+    }
+    Ok(())
+}
+
+/// Writes `entries` as the new directory and switches the header to it (removing the
+/// extension when the list is empty), then frees the old directory (QEMU's
+/// `update_ext_header_and_dir`).
+fn switch_directory(st: &mut State, entries: &[DirEntry]) -> Result<(), BlockError> {
+    let old = st.meta.hdr.bitmaps;
+    let cs = st.meta.cs;
+    if entries.is_empty() {
+        st.meta.write_out()?;
+        st.meta.hdr.bitmaps = None;
+        st.meta.hdr.autoclear &= !AUTOCLEAR_BITMAPS;
+    } else {
+        let bytes = serialize_directory(entries);
+        let len = bytes.len() as u64;
+        let clusters = len.div_ceil(cs);
+        let off = st.meta.alloc_clusters(clusters)?;
+        let mut padded = bytes;
+        padded.resize((clusters * cs) as usize, 0);
+        if let Err(e) = st.meta.file.child_write_at(off, &padded) {
+            let _ = st.meta.free_now(off, clusters * cs);
+            return Err(e);
+        }
+        st.meta.write_out()?;
+        st.meta.file.flush()?;
+        st.meta.hdr.bitmaps = Some(BitmapsExt {
+            nb_bitmaps: entries.len() as u32,
+            dir_size: len,
+            dir_offset: off,
+        });
+        st.meta.hdr.autoclear |= AUTOCLEAR_BITMAPS;
+    }
+    // The header write is the atomic switch.
+    st.meta.write_header()?;
+    st.meta.file.flush()?;
+    if let Some(o) = old {
+        if o.dir_offset != 0 && o.dir_size != 0 && st.meta.refcount(o.dir_offset / cs)? > 0 {
+            st.meta.free_now(o.dir_offset, o.dir_size)?;
+        }
+    }
+    Ok(())
+}
+
+impl BlockDriver for Qcow2Driver {
+    fn format_name(&self) -> &'static str {
+        "qcow2"
+    }
+
+    fn length(&self) -> Result<u64, BlockError> {
+        Ok(Self::size_of(&self.lock()))
+    }
+
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), BlockError> {
+        let mut st = self.lock();
+        let size = Self::size_of(&st);
+        let cs = st.meta.cs;
+        let mut done = 0usize;
+        for (pos, n) in Self::pieces(cs, offset, buf.len() as u64) {
+            let piece = buf
+                .get_mut(done..done + n as usize)
+                .ok_or(BlockError::Io(Errno::EINVAL))?;
+            done += n as usize;
+            if pos >= size {
+                piece.fill(0);
+                continue;
+            }
+            let e = st.meta.l2_entry(pos)?;
+            match st.meta.mapping(e)? {
+                Mapping::Unallocated => self.read_backing(pos, piece)?,
+                Mapping::Zero => piece.fill(0),
+                Mapping::Data(h) => self.file.child_read_at(h + pos % cs, piece)?,
+                Mapping::Compressed => return Err(BlockError::Io(Errno::ENOTSUP)),
+            }
+        }
+        Ok(())
+    }
+
+    fn write_at(&self, offset: u64, buf: &[u8]) -> Result<(), BlockError> {
+        let mut st = self.lock();
+        self.check_writable(&st)?;
+        Self::check_range(&st, offset, buf.len() as u64)?;
+        st.meta.trim_caches()?;
+        let cs = st.meta.cs;
+        let mut done = 0usize;
+        for (pos, n) in Self::pieces(cs, offset, buf.len() as u64) {
+            let piece = buf
+                .get(done..done + n as usize)
+                .ok_or(BlockError::Io(Errno::EINVAL))?;
+            done += n as usize;
+            self.write_cluster(&mut st.meta, pos - pos % cs, pos % cs, piece)?;
+        }
+        Ok(())
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> Result<(), BlockError> {
+        let mut st = self.lock();
+        self.check_writable(&st)?;
+        Self::check_range(&st, offset, len)?;
+        st.meta.trim_caches()?;
+        let cs = st.meta.cs;
+        let zeros = vec![0u8; cs as usize];
+        for (pos, n) in Self::pieces(cs, offset, len) {
+            let cluster = pos - pos % cs;
+            if n == cs {
+                self.zero_cluster(&mut st.meta, cluster, may_unmap)?;
+            } else {
+                let z = zeros
+                    .get(..n as usize)
+                    .ok_or(BlockError::Io(Errno::EINVAL))?;
+                self.write_cluster(&mut st.meta, cluster, pos % cs, z)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn supports_discard(&self) -> bool {
+        true
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> Result<(), BlockError> {
+        let mut st = self.lock();
+        self.check_writable(&st)?;
+        Self::check_range(&st, offset, len)?;
+        st.meta.trim_caches()?;
+        let cs = st.meta.cs;
+        for (pos, n) in Self::pieces(cs, offset, len) {
+            if n == cs {
+                self.discard_cluster(&mut st.meta, pos)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn flush(&self) -> Result<(), BlockError> {
+        let mut st = self.lock();
+        st.meta.write_out()?;
+        self.file.flush()
+    }
+
+    fn flush_to_os(&self) -> Result<(), BlockError> {
+        self.lock().meta.write_out()
+    }
+
+    fn truncate(&self, size: u64) -> Result<(), BlockError> {
+        let mut st = self.lock();
+        self.check_writable(&st)?;
+        if !size.is_multiple_of(512) {
+            return Err(err("The new size must be a multiple of 512"));
+        }
+        if size < Self::size_of(&st) {
+            return Err(BlockError::Unsupported(
+                "qcow2: shrinking an image is not supported by this block layer".into(),
+            ));
+        }
+        // qcow2_truncate_bitmaps_check: every stored bitmap must be loaded and consistent.
+        if let Some(e) = st.dir.iter().find(|e| !e.in_use()) {
+            let _ = e;
+            return Err(err(
+                "Cannot resize qcow2 with persistent bitmaps that were not loaded into memory",
+            ));
+        }
+        if let Some(n) = st.inconsistent.first() {
+            return Err(BlockError::BitmapInconsistent(
+                String::from_utf8_lossy(n).into_owned(),
+            ));
+        }
+        st.meta.grow(size)
+    }
+
+    fn info(&self) -> Option<DriverInfo> {
+        let st = self.lock();
+        Some(DriverInfo {
+            cluster_size: st.meta.cs,
+            dirty: st.meta.hdr.incompatible & INCOMPAT_DIRTY != 0,
+        })
+    }
+
+    fn format_specific(&self) -> Option<Value> {
+        let mut st = self.lock();
+        let hdr = st.meta.hdr.clone();
+        let mut data = Map::new();
+        if hdr.version < 3 {
+            data.insert("compat".into(), json!("0.10"));
+            data.insert("refcount-bits".into(), json!(1u32 << hdr.refcount_order));
+        } else {
+            data.insert("compat".into(), json!("1.1"));
+            data.insert(
+                "compression-type".into(),
+                json!(if hdr.compression_type == 1 {
+                    "zstd"
+                } else {
+                    "zlib"
+                }),
+            );
+            data.insert(
+                "lazy-refcounts".into(),
+                json!(hdr.compatible & COMPAT_LAZY_REFCOUNTS != 0),
+            );
+            let entries = if st.active {
+                Ok(st.dir.clone())
+            } else {
+                read_directory(&mut st, hdr.size)
+            };
+            if let Ok(entries) = entries {
+                if !entries.is_empty() {
+                    let list: Vec<Value> = entries
+                        .iter()
+                        .map(|e| {
+                            let mut flags = Vec::new();
+                            if e.flags & FLAG_IN_USE != 0 {
+                                flags.push("in-use");
+                            }
+                            if e.flags & FLAG_AUTO != 0 {
+                                flags.push("auto");
+                            }
+                            json!({
+                                "flags": flags,
+                                "name": e.name_str(),
+                                "granularity": 1u64 << e.granularity_bits,
+                            })
+                        })
+                        .collect();
+                    data.insert("bitmaps".into(), Value::Array(list));
+                }
+            }
+            data.insert("refcount-bits".into(), json!(1u32 << hdr.refcount_order));
+            data.insert(
+                "corrupt".into(),
+                json!(hdr.incompatible & INCOMPAT_CORRUPT != 0),
+            );
+            data.insert(
+                "extended-l2".into(),
+                json!(hdr.incompatible & INCOMPAT_EXTL2 != 0),
+            );
+        }
+        Some(json!({"type": "qcow2", "data": data}))
+    }
+
+    fn allocated_size(&self) -> u64 {
+        self.file.driver().allocated_size()
+    }
+
+    fn children(&self) -> Vec<(&'static str, Arc<BlockNode>)> {
+        let mut v = vec![("file", self.file.clone())];
+        if let Some(b) = &self.backing {
+            v.push(("backing", b.clone()));
+        }
+        v
+    }
+
+    fn filename(&self) -> FilenameInfo {
+        let child = self.file.driver().filename();
+        let mut options = Map::new();
+        options.insert("driver".into(), json!("qcow2"));
+        options.insert("file".into(), Value::Object(child.options));
+        FilenameInfo {
+            exact: child.exact,
+            options,
+        }
+    }
+
+    fn bitmap_store(&self) -> Option<&dyn PersistentBitmapStore> {
+        Some(self)
+    }
+
+    fn set_perm(&self, perm: Perm, ctx: PermContext) -> Result<(), BlockError> {
+        let storage = Perm::for_storage(perm, ctx.writable && self.writable, ctx.active);
+        self.file.set_user_perm(self.key, Some(storage))?;
+        if let Some(b) = &self.backing {
+            b.set_user_perm(self.key, Some(Perm::for_cow(perm)))?;
+        }
+        Ok(())
+    }
+
+    fn activate(&self) -> Result<(), BlockError> {
+        let mut st = self.lock();
+        if st.active {
+            return Ok(());
+        }
+        // The image may have changed while someone else had it: read it again.
+        let hdr = read_header(&self.file)?;
+        hdr.check_features(self.writable)?;
+        st.meta = Meta::load(self.file.clone(), hdr)?;
+        st.dir.clear();
+        st.inconsistent.clear();
+        st.active = true;
+        if self.writable {
+            if let Err(e) = fix_header(&mut st) {
+                st.active = false;
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    fn inactivate(&self) -> Result<(), BlockError> {
+        let mut st = self.lock();
+        if !st.active {
+            return Ok(());
+        }
+        st.meta.write_out()?;
+        self.file.flush()?;
+        st.active = false;
+        Ok(())
+    }
+}
+
+impl PersistentBitmapStore for Qcow2Driver {
+    fn can_store_new(
+        &self,
+        node_name: &str,
+        name: &str,
+        granularity: u32,
+        persistent: &[&str],
+    ) -> Result<(), BlockError> {
+        let st = self.lock();
+        let prefix = format!("Can't make bitmap '{name}' persistent in '{node_name}': ");
+        if st.meta.hdr.version < 3 {
+            return Err(err(format!(
+                "{prefix}Cannot store dirty bitmaps in qcow2 v2 files"
+            )));
+        }
+        check_constraints(name, granularity, st.meta.cs, st.meta.hdr.size)
+            .map_err(|m| err(format!("{prefix}{m}")))?;
+        if persistent.len() + 1 > MAX_BITMAPS as usize {
+            return Err(err(format!(
+                "{prefix}Maximum number of persistent bitmaps is already reached"
+            )));
+        }
+        let dir: u64 =
+            persistent.iter().map(|n| entry_size(n.len())).sum::<u64>() + entry_size(name.len());
+        if dir > MAX_BITMAP_DIRECTORY_SIZE {
+            return Err(err(format!(
+                "{prefix}Not enough space in the bitmap directory"
+            )));
+        }
+        Ok(())
+    }
+
+    fn remove(&self, _node_name: &str, name: &str) -> Result<(), BlockError> {
+        let mut st = self.lock();
+        let Some(i) = st.dir.iter().position(|e| e.is(name)) else {
+            return Ok(());
+        };
+        self.check_writable(&st)?;
+        let mut list = st.dir.clone();
+        let e = list.remove(i);
+        switch_directory(&mut st, &list)?;
+        st.dir = list;
+        st.inconsistent.retain(|n| n != &e.name);
+        free_bitmap_clusters(&mut st.meta, e.table_offset, e.table_size)?;
+        st.meta.write_out()?;
+        self.file.flush()
+    }
+
+    fn load(&self, node_size: u64, in_memory: &[&str]) -> Result<Vec<LoadedBitmap>, BlockError> {
+        let mut st = self.lock();
+        let mut entries = read_directory(&mut st, node_size)?;
+        for (i, e) in entries.iter().enumerate() {
+            if entries.iter().skip(i + 1).any(|o| o.name == e.name) {
+                return Err(BlockError::BitmapExists(e.name_str()));
+            }
+        }
+        let writable = self.writable && st.active;
+        let mut out = Vec::new();
+        let mut changed = false;
+        let mut inconsistent = Vec::new();
+        for e in &mut entries {
+            if in_memory.iter().any(|n| e.is(n)) {
+                // The bitmap in memory is the one to store from now on (QEMU skips in-use
+                // entries of bitmaps that arrived by migration; an entry that is not in use
+                // is taken over the same way instead of failing the activation).
+                if writable && !e.in_use() {
+                    e.flags |= FLAG_IN_USE;
+                    changed = true;
+                }
+                continue;
+            }
+            let bits = u32::from(e.granularity_bits);
+            if e.in_use() {
+                inconsistent.push(e.name.clone());
+                out.push(LoadedBitmap {
+                    name: e.name_str(),
+                    granularity: 1u32 << bits,
+                    enabled: e.flags & FLAG_AUTO != 0,
+                    in_use: true,
+                    bitmap: HBitmap::new(node_size, bits)?,
+                });
+                continue;
+            }
+            let bitmap = load_bitmap_data(&mut st.meta, e, node_size)?;
+            out.push(LoadedBitmap {
+                name: e.name_str(),
+                granularity: 1u32 << bits,
+                enabled: e.flags & FLAG_AUTO != 0,
+                in_use: false,
+                bitmap,
+            });
+            if writable {
+                e.flags |= FLAG_IN_USE;
+                changed = true;
+            }
+        }
+        if changed {
+            update_dir_in_place(&mut st, &entries)?;
+        }
+        st.dir = entries;
+        st.inconsistent = inconsistent;
+        Ok(out)
+    }
+
+    fn store(&self, bitmaps: &[StoredBitmap<'_>]) -> Result<(), BlockError> {
+        let mut st = self.lock();
+        if bitmaps.is_empty() {
+            return Ok(());
+        }
+        if !self.writable || !st.active {
+            return Err(err("No write access"));
+        }
+        st.meta.write_out()?;
+        let cs = st.meta.cs;
+        let mut list = st.dir.clone();
+        let mut old_tables = Vec::new();
+        let mut slots = Vec::with_capacity(bitmaps.len());
+        for b in bitmaps {
+            check_constraints(b.name, b.granularity, cs, b.bitmap.orig_size()).map_err(|m| {
+                err(format!(
+                    "Bitmap '{}' doesn't satisfy the constraints: {m}",
+                    b.name
+                ))
+            })?;
+            let i = match list.iter().position(|e| e.is(b.name)) {
+                Some(i) => {
+                    let e = list.get(i).ok_or(BlockError::Io(Errno::EINVAL))?;
+                    if !e.in_use() {
+                        return Err(err(format!(
+                            "Bitmap '{}' already exists in the image",
+                            b.name
+                        )));
+                    }
+                    old_tables.push((e.table_offset, e.table_size));
+                    i
+                }
+                None => {
+                    if list.len() >= MAX_BITMAPS as usize {
+                        return Err(err("Too many persistent bitmaps"));
+                    }
+                    let dir: u64 =
+                        list.iter().map(DirEntry::size).sum::<u64>() + entry_size(b.name.len());
+                    if dir > MAX_BITMAP_DIRECTORY_SIZE {
+                        return Err(err("Bitmap directory is too large"));
+                    }
+                    list.push(DirEntry {
+                        table_offset: 0,
+                        table_size: 0,
+                        flags: 0,
+                        granularity_bits: 0,
+                        name: b.name.as_bytes().to_vec(),
+                    });
+                    list.len() - 1
+                }
+            };
+            slots.push(i);
+        }
+        let mut allocated = Vec::new();
+        let written = (|| {
+            for (b, i) in bitmaps.iter().zip(&slots) {
+                let (toff, tsize) = write_bitmap(&mut st.meta, b.bitmap, &mut allocated)?;
+                let e = list.get_mut(*i).ok_or(BlockError::Io(Errno::EINVAL))?;
+                e.table_offset = toff;
+                e.table_size = tsize;
+                e.flags = if b.enabled { FLAG_AUTO } else { 0 };
+                e.granularity_bits = b.granularity.trailing_zeros() as u8;
+            }
+            switch_directory(&mut st, &list)
+        })();
+        if let Err(e) = written {
+            for (off, len) in allocated {
+                let _ = st.meta.free_now(off, len);
+            }
+            let _ = st.meta.write_out();
+            return Err(e);
+        }
+        st.dir = list;
+        st.inconsistent.clear();
+        for (off, size) in old_tables {
+            free_bitmap_clusters(&mut st.meta, off, size)?;
+        }
+        st.meta.write_out()?;
+        self.file.flush()
+    }
+}
+
+impl Drop for Qcow2Driver {
+    fn drop(&mut self) {
+        let st = self.st.get_mut().unwrap_or_else(PoisonError::into_inner);
+        if st.active && self.writable {
+            // Closing without an inactivation: keep what was written (bitmaps stay in use,
+            // like after a crash).
+            let _ = st.meta.write_out();
+        }
+        let _ = self.file.set_user_perm(self.key, None);
+        if let Some(b) = &self.backing {
+            let _ = b.set_user_perm(self.key, None);
+        }
+    }
+}
