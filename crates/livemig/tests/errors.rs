@@ -94,6 +94,8 @@ fn bad_uris_are_refused_with_qemus_messages() {
             "Parameter 'uri' expects a valid migration protocol",
         ),
         ("", "Parameter 'uri' expects a valid migration protocol"),
+        ("tcp:127.0.0.1", "error parsing address '127.0.0.1'"),
+        ("tcp:[::1]", "error parsing IPv6 address '[::1]'"),
     ] {
         assert_eq!(
             src.err("migrate", json!({ "uri": uri })),

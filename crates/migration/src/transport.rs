@@ -51,13 +51,23 @@ impl MigrationUri {
             )
         };
         if let Some(rest) = uri.strip_prefix("tcp:") {
+            // QEMU's inet_parse() messages for an address without a port.
             let (host, port) = if let Some(r) = rest.strip_prefix('[') {
-                let (h, p) = r.split_once("]:").ok_or_else(invalid)?;
+                let (h, p) = r.split_once("]:").ok_or_else(|| {
+                    MigrationError::InvalidParameter(format!("error parsing IPv6 address '{rest}'"))
+                })?;
                 (h.to_string(), p)
             } else {
-                let (h, p) = rest.rsplit_once(':').ok_or_else(invalid)?;
+                let (h, p) = rest.rsplit_once(':').ok_or_else(|| {
+                    MigrationError::InvalidParameter(format!("error parsing address '{rest}'"))
+                })?;
                 (h.to_string(), p)
             };
+            if port.is_empty() {
+                return Err(MigrationError::InvalidParameter(format!(
+                    "error parsing address '{rest}'"
+                )));
+            }
             // QEMU accepts options after the port (",ipv4" ...); livemig takes the port only.
             let port = port.split(',').next().unwrap_or_default();
             let port: u16 = port.parse().map_err(|_| {
@@ -457,13 +467,26 @@ mod tests {
 
     #[test]
     fn unknown_protocol_has_qemu_message() {
-        for bad in ["foo:bar", "", "unix:", "exec:", "tcp:host"] {
+        for bad in ["foo:bar", "", "unix:", "exec:"] {
             let e = MigrationUri::parse(bad).unwrap_err();
             assert_eq!(
                 e.to_string(),
                 "Parameter 'uri' expects a valid migration protocol",
                 "{bad}"
             );
+        }
+    }
+
+    #[test]
+    fn tcp_address_without_port_has_qemu_message() {
+        for (bad, msg) in [
+            ("tcp:", "error parsing address ''"),
+            ("tcp:host", "error parsing address 'host'"),
+            ("tcp:host:", "error parsing address 'host:'"),
+            ("tcp:[::1]", "error parsing IPv6 address '[::1]'"),
+        ] {
+            let e = MigrationUri::parse(bad).unwrap_err();
+            assert_eq!(e.to_string(), msg, "{bad}");
         }
     }
 
