@@ -2,7 +2,7 @@
 //! written with `migrate exec:cat>FILE` — into a readable summary or JSON. A damaged stream is
 //! decoded up to the damage, and the error says where and why (exit status 1).
 
-use std::io::Read;
+use std::io::{Read, Write};
 
 /// Runs the subcommand; returns the exit status.
 pub fn main(args: &[String]) -> i32 {
@@ -38,16 +38,27 @@ pub fn main(args: &[String]) -> i32 {
         }
     };
     let a = wire::analyze(input);
-    if json {
+    let out = if json {
         match serde_json::to_string_pretty(&a.to_json()) {
-            Ok(s) => println!("{s}"),
+            Ok(s) => s + "\n",
             Err(e) => {
                 eprintln!("livemig analyze: {e}");
                 return 1;
             }
         }
     } else {
-        print!("{a}");
+        a.to_string()
+    };
+    // A reader that stops early (`| head`) is not an error; `print!` would panic on it.
+    let mut stdout = std::io::stdout().lock();
+    if let Err(e) = stdout
+        .write_all(out.as_bytes())
+        .and_then(|_| stdout.flush())
+    {
+        if e.kind() != std::io::ErrorKind::BrokenPipe {
+            eprintln!("livemig analyze: cannot write the output: {e}");
+            return 1;
+        }
     }
     match &a.error {
         Some(e) => {
