@@ -52,16 +52,21 @@ fn a_vm_waiting_for_an_incoming_migration_cannot_migrate() {
 fn migrate_incoming_needs_incoming_and_runs_once() {
     let dir = tempdir();
     let mut plain = Lm::source(dir.path(), "plain", IDLE);
-    assert_eq!(
-        plain.err(
-            "migrate-incoming",
-            json!({"uri": unix_uri(dir.path(), "p.sock")})
-        ),
-        "'-incoming' was not specified on the command line"
-    );
+    // QEMU checks the VM's state before the URI.
+    for uri in [unix_uri(dir.path(), "p.sock"), "foo:bar".into()] {
+        assert_eq!(
+            plain.err("migrate-incoming", json!({ "uri": uri })),
+            "'-incoming' was not specified on the command line"
+        );
+    }
     assert_eq!(plain.status(), "running");
 
     let mut deferred = Lm::destination(dir.path(), "deferred", "defer");
+    assert_eq!(
+        deferred.err("migrate-incoming", json!({"uri": "foo:bar"})),
+        "unknown migration protocol: foo:bar"
+    );
+    // A refused URI does not use up the deferred incoming migration.
     deferred.ok(
         "migrate-incoming",
         json!({"uri": unix_uri(dir.path(), "d1.sock")}),

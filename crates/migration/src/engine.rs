@@ -371,8 +371,8 @@ impl Migration {
     /// `-incoming URI` at start-up, or `migrate-incoming` after `-incoming defer`: binds the
     /// address now and loads the stream on a thread.
     pub fn incoming(&self, uri: &str, from_qmp: bool) -> Result<(), MigrationError> {
-        let parsed = MigrationUri::parse(uri)?;
         let mut inner = self.shared.lock();
+        // QEMU checks the VM's state before it looks at the URI.
         if from_qmp {
             match inner.inc.mode {
                 IncomingMode::None => return Err(MigrationError::NoIncoming),
@@ -380,6 +380,16 @@ impl Migration {
                 IncomingMode::Deferred => {}
             }
         }
+        // QEMU 7.2 words an unknown scheme on the incoming side differently from `migrate`.
+        if !["tcp:", "unix:", "exec:", "file:"]
+            .iter()
+            .any(|scheme| uri.starts_with(scheme))
+        {
+            return Err(MigrationError::InvalidParameter(format!(
+                "unknown migration protocol: {uri}"
+            )));
+        }
+        let parsed = MigrationUri::parse(uri)?;
         let listener = Listener::bind(&parsed)?;
         if let (MigrationUri::Tcp { host, .. }, Some(port)) = (&parsed, listener.local_port()) {
             inner.inc.port = Some((host.clone(), port));
