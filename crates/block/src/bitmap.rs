@@ -491,6 +491,19 @@ impl DirtyBitmaps {
         Ok(Some(id))
     }
 
+    /// Puts the named bitmaps listed in `order` back in that order (after an inactivation
+    /// released them and an activation loaded them again at the head). Bitmaps not listed stay
+    /// in front, in their current order.
+    pub(crate) fn reorder(&mut self, order: &[String]) {
+        let key = |b: &BdrvDirtyBitmap| {
+            b.name
+                .as_ref()
+                .and_then(|n| order.iter().position(|o| o == n))
+                .map_or((0, 0), |i| (1, i))
+        };
+        self.list.sort_by_key(key);
+    }
+
     /// `bdrv_release_dirty_bitmap`: removes a bitmap. Refuses (QEMU asserts) a busy bitmap or
     /// one with a successor.
     pub fn release(&mut self, id: BitmapId) -> Result<BdrvDirtyBitmap, BlockError> {

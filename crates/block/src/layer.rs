@@ -468,10 +468,12 @@ impl BlockLayer {
             if !e.monitor_owned {
                 return Err(BlockError::NotMonitorOwned(node_name.to_string()));
             }
+            // A job or export using the node answers first, with its own message (QEMU's
+            // permission check comes before the bitmap check).
+            crate::extension::check_del(&e.node)?;
             if g.parents_of(&e.node) > 0 || e.node.bitmaps().iter().any(|b| b.busy()) {
                 return Err(BlockError::BlockDeviceInUse(node_name.to_string()));
             }
-            crate::extension::check_del(&e.node)?;
             let mut removed = Vec::new();
             let mut victims = vec![node_name.to_string()];
             while let Some(name) = victims.pop() {

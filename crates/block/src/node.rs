@@ -65,6 +65,9 @@ struct NodeState {
     inactive: bool,
     in_flight: u64,
     bitmaps: DirtyBitmaps,
+    /// Names of the named bitmaps, in list order, when the node was last inactivated: the
+    /// activation that loads the stored ones again puts them back in this order.
+    order: Vec<String>,
 }
 
 /// A block node (QEMU's `BlockDriverState`).
@@ -156,6 +159,7 @@ impl BlockNode {
                 inactive: flags.inactive,
                 in_flight: 0,
                 bitmaps,
+                order: Vec::new(),
             }),
             idle: Condvar::new(),
             perm: Mutex::new(PermState {
@@ -504,6 +508,11 @@ impl BlockNode {
             return Ok(());
         };
         let mut st = self.lock();
+        st.order = st
+            .bitmaps
+            .named()
+            .filter_map(|b| b.name().map(str::to_string))
+            .collect();
         let list = &st.bitmaps;
         let chosen: Vec<_> = list
             .named()
@@ -579,6 +588,8 @@ impl BlockNode {
                 return Err(e);
             }
         }
+        let order = std::mem::take(&mut st.order);
+        st.bitmaps.reorder(&order);
         for b in st.bitmaps.iter_mut() {
             b.set_skip_store(false);
         }

@@ -1,0 +1,948 @@
+//! qcow2 against QEMU 7.2's own tools: images livemig writes pass `qemu-img check` with no error
+//! and no leak and read back the same through `qemu-img convert`; images and bitmaps QEMU
+//! writes read back the same here (contents, bitmap SHA-256 and count as QEMU reports them);
+//! image locks keep livemig and QEMU from writing one image at the same time, both ways;
+//! inactivation and activation hand an image over without losing a persistent bitmap; corrupt
+//! images get QEMU's message, never a panic.
+//!
+//! Every test skips (or fails under CI) without QEMU 7.2; images are a few MiB.
+
+use block::BlockLayer;
+use serde_json::{json, Value};
+use std::path::Path;
+use std::process::{Command, Output};
+use std::time::Duration;
+use testkit::{QmpClient, VmProcess};
+
+fn have_qemu(test: &str) -> bool {
+    testkit::require(test, testkit::qemu())
+}
+
+fn run(prog: &str, args: &[&str]) -> Output {
+    Command::new(prog)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{prog}: {e}"))
+}
+
+fn ok(prog: &str, args: &[&str]) -> String {
+    let o = run(prog, args);
+    assert!(
+        o.status.success(),
+        "{prog} {args:?} failed: {}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn create(path: &Path, size: &str, opts: &[&str]) {
+    let p = path.to_str().unwrap();
+    let mut args = vec!["create", "-q", "-f", "qcow2"];
+    for o in opts {
+        args.push("-o");
+        args.push(o);
+    }
+    args.push(p);
+    args.push(size);
+    ok("qemu-img", &args);
+}
+
+/// `qemu-img check` must find nothing: exit code 0 and QEMU's clean line.
+fn check_clean(path: &Path) {
+    let o = run("qemu-img", &["check", path.to_str().unwrap()]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success() && out.contains("No errors were found on the image."),
+        "qemu-img check {}: exit {:?}\n{out}{}",
+        path.display(),
+        o.status.code(),
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+fn qemu_io(path: &Path, cmds: &[&str]) {
+    let mut args = Vec::new();
+    for c in cmds {
+        args.push("-c");
+        args.push(c);
+    }
+    args.push(path.to_str().unwrap());
+    ok("qemu-io", &args);
+}
+
+/// The guest-visible contents as QEMU reads them.
+fn qemu_contents(path: &Path) -> Vec<u8> {
+    let out = path.with_extension("raw-out");
+    ok(
+        "qemu-img",
+        &[
+            "convert",
+            "-U",
+            "-O",
+            "raw",
+            path.to_str().unwrap(),
+            out.to_str().unwrap(),
+        ],
+    );
+    let v = std::fs::read(&out).unwrap();
+    std::fs::remove_file(&out).unwrap();
+    v
+}
+
+fn info(path: &Path) -> Value {
+    let s = ok(
+        "qemu-img",
+        &["info", "-U", "--output=json", path.to_str().unwrap()],
+    );
+    serde_json::from_str(&s).unwrap()
+}
+
+/// `(name, granularity, flags)` of every bitmap `qemu-img info` lists.
+fn info_bitmaps(path: &Path) -> Vec<(String, u64, Vec<String>)> {
+    let v = info(path);
+    let mut out: Vec<_> = v
+        .pointer("/format-specific/data/bitmaps")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default()
+        .iter()
+        .map(|b| {
+            (
+                b["name"].as_str().unwrap().to_string(),
+                b["granularity"].as_u64().unwrap(),
+                b["flags"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|f| f.as_str().unwrap().to_string())
+                    .collect(),
+            )
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+fn qcow2_opts(path: &Path, node: &str) -> Value {
+    json!({"driver": "qcow2", "node-name": node, "discard": "unmap",
+           "file": {"driver": "file", "filename": path.to_str().unwrap()}})
+}
+
+fn open(l: &BlockLayer, path: &Path, node: &str) -> std::sync::Arc<block::BlockNode> {
+    l.blockdev_add(&qcow2_opts(path, node))
+        .unwrap_or_else(|e| panic!("open {}: {e}", path.display()))
+}
+
+/// splitmix64, so a failing seed can be replayed.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        if n == 0 {
+            0
+        } else {
+            self.next() % n
+        }
+    }
+}
+
+/// Random writes, write-zeroes (with and without unmap) and discards on `node`, mirrored into
+/// `model` (discarded ranges: whole clusters read as zeroes on a v3 image).
+fn random_io(node: &block::BlockNode, model: &mut [u8], cs: u64, rng: &mut Rng, ops: usize) {
+    let size = model.len() as u64;
+    for i in 0..ops {
+        let off = match rng.below(4) {
+            0 => rng.below(size / cs) * cs,
+            _ => rng.below(size),
+        };
+        let len = (rng.below(3 * cs) + 1).min(size - off);
+        match rng.below(10) {
+            0..=5 => {
+                let fill = (i as u8).wrapping_mul(31).wrapping_add(7) | 1;
+                let buf: Vec<u8> = (0..len).map(|k| fill.wrapping_add(k as u8)).collect();
+                node.write_at(off, &buf).unwrap();
+                model[off as usize..(off + len) as usize].copy_from_slice(&buf);
+            }
+            6 | 7 => {
+                node.write_zeroes(off, len, rng.below(2) == 0).unwrap();
+                model[off as usize..(off + len) as usize].fill(0);
+            }
+            _ => {
+                node.discard(off, len).unwrap();
+                let first = off.div_ceil(cs) * cs;
+                let end = (off + len) / cs * cs;
+                if end > first {
+                    model[first as usize..end as usize].fill(0);
+                }
+            }
+        }
+    }
+}
+
+fn read_all(node: &block::BlockNode, len: usize) -> Vec<u8> {
+    let mut v = vec![0u8; len];
+    node.read_at(0, &mut v).unwrap();
+    v
+}
+
+fn tmp() -> tempfile::TempDir {
+    testkit::tempdir()
+}
+
+#[test]
+fn our_writes_pass_qemu_img_check_and_read_back_in_qemu() {
+    if !have_qemu("our_writes_pass_qemu_img_check_and_read_back_in_qemu") {
+        return;
+    }
+    let dir = tmp();
+    // 512-byte clusters make the image need many L2 tables and refcount blocks, and outgrow
+    // its refcount table; 64 KiB clusters are QEMU's default.
+    for (cs, size) in [(512u64, 12u64 << 20), (65536, 8 << 20), (4096, 4 << 20)] {
+        let img = dir.path().join(format!("w{cs}.qcow2"));
+        create(&img, &size.to_string(), &[&format!("cluster_size={cs}")]);
+        let l = BlockLayer::new();
+        let node = l
+            .blockdev_add(
+                &json!({"driver": "qcow2", "node-name": "d0", "discard": "unmap",
+                "file": {"driver": "file", "filename": img.to_str().unwrap()}}),
+            )
+            .unwrap();
+        let mut model = vec![0u8; size as usize];
+        let mut rng = Rng(cs);
+        random_io(&node, &mut model, cs, &mut rng, 400);
+        // Fill most of the disk so the refcount structures grow.
+        let big = vec![0x5au8; (size * 3 / 4) as usize];
+        node.write_at(size / 8, &big).unwrap();
+        model[(size / 8) as usize..(size / 8 + size * 3 / 4) as usize].fill(0x5a);
+        random_io(&node, &mut model, cs, &mut rng, 200);
+        assert!(
+            read_all(&node, size as usize) == model,
+            "cs {cs}: our reads"
+        );
+        node.flush().unwrap();
+        drop(node);
+        l.blockdev_del("d0").unwrap();
+        check_clean(&img);
+        assert!(
+            qemu_contents(&img) == model,
+            "cs {cs}: QEMU reads what we wrote"
+        );
+        if cs == 512 {
+            // One 512-byte refcount table covers 8 MiB of image: it had to grow.
+            let head = std::fs::read(&img).unwrap();
+            let clusters = u32::from_be_bytes(head[56..60].try_into().unwrap());
+            assert!(clusters > 1, "refcount table clusters {clusters}");
+        }
+    }
+}
+
+/// QEMU 7.2 (`-M none`) with `-blockdev` arguments.
+fn start_qemu(dir: &Path, name: &str, blockdevs: &[String]) -> (VmProcess, QmpClient) {
+    let mut extra = Vec::new();
+    for b in blockdevs {
+        extra.push("-blockdev".to_string());
+        extra.push(b.clone());
+    }
+    let vm = VmProcess::qemu_none(dir, name, &extra).expect("spawn qemu");
+    let qmp = vm.qmp();
+    (vm, qmp)
+}
+
+fn qemu_blockdev(path: &Path, node: &str) -> String {
+    format!(
+        "driver=qcow2,node-name={node},file.driver=file,file.filename={}",
+        path.display()
+    )
+}
+
+fn quit(mut vm: VmProcess, mut qmp: QmpClient) {
+    let _ = qmp.execute("quit", json!({}));
+    assert!(
+        vm.wait_exit(Duration::from_secs(30)).is_some(),
+        "QEMU did not quit"
+    );
+}
+
+/// What a bitmap looks like to a client: (name, sha256, count, granularity, recording,
+/// persistent, inconsistent).
+type BitmapView = (String, String, u64, u64, bool, bool, bool);
+
+fn view_from_query(nodes: &Value, node: &str, sha: impl Fn(&str) -> String) -> Vec<BitmapView> {
+    let n = nodes
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["node-name"] == node)
+        .unwrap_or_else(|| panic!("no node {node}"));
+    let mut v: Vec<BitmapView> = n["dirty-bitmaps"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .iter()
+        .map(|b| {
+            let name = b["name"].as_str().unwrap().to_string();
+            (
+                name.clone(),
+                sha(&name),
+                b["count"].as_u64().unwrap(),
+                b["granularity"].as_u64().unwrap(),
+                b["recording"].as_bool().unwrap(),
+                b["persistent"].as_bool().unwrap(),
+                b.get("inconsistent")
+                    .and_then(Value::as_bool)
+                    .unwrap_or(false),
+            )
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+fn qemu_view(qmp: &mut QmpClient, node: &str) -> Vec<BitmapView> {
+    let nodes = qmp.ok("query-named-block-nodes", json!({}));
+    let names: Vec<String> = nodes
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|n| n["node-name"] == node)
+        .flat_map(|n| n["dirty-bitmaps"].as_array().cloned().unwrap_or_default())
+        .map(|b| b["name"].as_str().unwrap().to_string())
+        .collect();
+    let mut shas = std::collections::HashMap::new();
+    for name in names {
+        let r = qmp.ok(
+            "x-debug-block-dirty-bitmap-sha256",
+            json!({"node": node, "name": name}),
+        );
+        shas.insert(name, r["sha256"].as_str().unwrap().to_string());
+    }
+    view_from_query(&nodes, node, |n| shas[n].clone())
+}
+
+fn our_view(l: &BlockLayer, node: &str) -> Vec<BitmapView> {
+    let nodes = l.query_named_block_nodes(false);
+    view_from_query(&nodes, node, |n| {
+        l.x_debug_block_dirty_bitmap_sha256(node, n).unwrap()
+    })
+}
+
+#[test]
+fn bitmaps_qemu_wrote_load_here_as_qemu_sees_them() {
+    if !have_qemu("bitmaps_qemu_wrote_load_here_as_qemu_sees_them") {
+        return;
+    }
+    let dir = tmp();
+    let img = dir.path().join("q.qcow2");
+    let p = img.to_str().unwrap();
+    create(&img, "8M", &[]);
+    ok("qemu-img", &["bitmap", "--add", p, "b0"]);
+    ok("qemu-img", &["bitmap", "--add", "-g", "512", p, "b1"]);
+    ok(
+        "qemu-img",
+        &["bitmap", "--add", "-g", "1M", "--disable", p, "b2"],
+    );
+    qemu_io(
+        &img,
+        &[
+            "write -P 0x11 0 64k",
+            "write -P 0x22 3M 5000",
+            "write -P 0x33 8323072 65536",
+        ],
+    );
+    ok("qemu-img", &["bitmap", "--add", "-g", "4096", p, "late"]);
+    qemu_io(&img, &["write -z 1M 70000", "write -P 0x44 6000000 3"]);
+    check_clean(&img);
+
+    let (vm, mut qmp) = start_qemu(dir.path(), "q", &[qemu_blockdev(&img, "d0")]);
+    let theirs = qemu_view(&mut qmp, "d0");
+    quit(vm, qmp);
+    assert_eq!(theirs.len(), 4);
+    assert!(theirs.iter().any(|b| b.0 == "b2" && !b.4 && b.2 == 0));
+
+    let l = BlockLayer::new();
+    let node = open(&l, &img, "d0");
+    assert_eq!(our_view(&l, "d0"), theirs);
+    assert!(read_all(&node, 8 << 20) == qemu_contents(&img));
+    // While we have it, the image marks the loaded bitmaps in use.
+    let flags = info_bitmaps(&img);
+    assert!(
+        flags.iter().all(|b| b.2.contains(&"in-use".to_string())),
+        "{flags:?}"
+    );
+    drop(node);
+    l.blockdev_del("d0").unwrap();
+    check_clean(&img);
+    assert_eq!(
+        info_bitmaps(&img),
+        vec![
+            ("b0".into(), 65536, vec!["auto".into()]),
+            ("b1".into(), 512, vec!["auto".into()]),
+            ("b2".into(), 1 << 20, vec![]),
+            ("late".into(), 4096, vec!["auto".into()]),
+        ]
+    );
+    // And QEMU reads back what we stored.
+    let (vm, mut qmp) = start_qemu(dir.path(), "q2", &[qemu_blockdev(&img, "d0")]);
+    assert_eq!(qemu_view(&mut qmp, "d0"), theirs);
+    quit(vm, qmp);
+    check_clean(&img);
+}
+
+#[test]
+fn bitmaps_we_wrote_load_in_qemu_as_we_see_them() {
+    if !have_qemu("bitmaps_we_wrote_load_in_qemu_as_we_see_them") {
+        return;
+    }
+    let dir = tmp();
+    let img = dir.path().join("o.qcow2");
+    create(&img, "6M", &["cluster_size=4096"]);
+    let l = BlockLayer::new();
+    let node = open(&l, &img, "d0");
+    l.block_dirty_bitmap_add("d0", "b0", None, Some(true), None)
+        .unwrap();
+    l.block_dirty_bitmap_add("d0", "g512", Some(512), Some(true), None)
+        .unwrap();
+    l.block_dirty_bitmap_add("d0", "off", Some(65536), Some(true), Some(true))
+        .unwrap();
+    l.block_dirty_bitmap_add("d0", "transient", Some(65536), None, None)
+        .unwrap();
+    let mut model = vec![0u8; 6 << 20];
+    random_io(&node, &mut model, 4096, &mut Rng(7), 150);
+    l.block_dirty_bitmap_enable("d0", "off").unwrap();
+    random_io(&node, &mut model, 4096, &mut Rng(8), 20);
+    l.block_dirty_bitmap_disable("d0", "off").unwrap();
+    let ours: Vec<BitmapView> = our_view(&l, "d0")
+        .into_iter()
+        .filter(|b| b.0 != "transient")
+        .collect();
+    assert!(ours.iter().all(|b| b.2 > 0), "{ours:?}");
+    drop(node);
+    l.blockdev_del("d0").unwrap();
+    check_clean(&img);
+    assert_eq!(
+        info_bitmaps(&img),
+        vec![
+            ("b0".into(), 4096, vec!["auto".into()]),
+            ("g512".into(), 512, vec!["auto".into()]),
+            ("off".into(), 65536, vec![]),
+        ]
+    );
+    assert!(qemu_contents(&img) == model);
+    let (vm, mut qmp) = start_qemu(dir.path(), "o", &[qemu_blockdev(&img, "d0")]);
+    assert_eq!(qemu_view(&mut qmp, "d0"), ours);
+    quit(vm, qmp);
+    check_clean(&img);
+    // qemu-img removes one; we see the rest.
+    ok(
+        "qemu-img",
+        &["bitmap", "--remove", img.to_str().unwrap(), "g512"],
+    );
+    let l = BlockLayer::new();
+    let _node = open(&l, &img, "d0");
+    let names: Vec<String> = our_view(&l, "d0").into_iter().map(|b| b.0).collect();
+    assert_eq!(names, ["b0", "off"]);
+    l.block_dirty_bitmap_remove("d0", "b0").unwrap();
+    l.block_dirty_bitmap_remove("d0", "off").unwrap();
+    drop(_node);
+    l.close_all().unwrap();
+    check_clean(&img);
+    let v = info(&img);
+    assert!(v.pointer("/format-specific/data/bitmaps").is_none(), "{v}");
+    let head = std::fs::read(&img).unwrap();
+    assert_eq!(
+        &head[88..96],
+        &[0u8; 8],
+        "autoclear cleared with the last bitmap"
+    );
+}
+
+/// The byte ranges of the OFD locks any process holds on `path`, from `/proc/locks`.
+fn ofd_lock_bytes(path: &Path) -> Vec<u64> {
+    use std::os::unix::fs::MetadataExt;
+    let ino = std::fs::metadata(path).unwrap().ino();
+    let text = std::fs::read_to_string("/proc/locks").unwrap();
+    let mut bytes = Vec::new();
+    for line in text.lines().filter(|l| l.contains("OFDLCK")) {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        // "1: OFDLCK ADVISORY READ -1 fe:00:123 100 101"
+        let dev_ino = f[f.len() - 3];
+        if dev_ino.rsplit(':').next() != Some(&ino.to_string()) {
+            continue;
+        }
+        let (a, b): (u64, u64) = (
+            f[f.len() - 2].parse().unwrap(),
+            f[f.len() - 1].parse().unwrap(),
+        );
+        bytes.extend(a..=b);
+    }
+    bytes.sort();
+    bytes
+}
+
+fn stderr_of(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[test]
+fn image_locks_keep_qemu_and_us_apart_both_ways() {
+    if !have_qemu("image_locks_keep_qemu_and_us_apart_both_ways") {
+        return;
+    }
+    let dir = tmp();
+    let img = dir.path().join("l.qcow2");
+    let p = img.to_str().unwrap();
+    create(&img, "4M", &[]);
+
+    // The same bytes as QEMU: 100, 101, 103 (consistent read, write, resize) and 201, 203.
+    let (vm, qmp) = start_qemu(dir.path(), "l", &[qemu_blockdev(&img, "d0")]);
+    let qemu_bytes = ofd_lock_bytes(&img);
+    assert_eq!(qemu_bytes, [100, 101, 103, 201, 203]);
+
+    // QEMU holds it: we cannot open it for writing, nor read-only without force-share.
+    let l = BlockLayer::new();
+    let e = l.blockdev_add(&qcow2_opts(&img, "d0")).unwrap_err();
+    assert_eq!(e.to_string(), "Failed to get \"write\" lock");
+    assert_eq!(
+        e.hint().unwrap(),
+        format!("Is another process using the image [{p}]?")
+    );
+    let ro = json!({"driver": "qcow2", "node-name": "r0", "read-only": true,
+                    "file": {"driver": "file", "filename": p}});
+    assert_eq!(
+        l.blockdev_add(&ro).unwrap_err().to_string(),
+        "Failed to get shared \"write\" lock"
+    );
+    let fs_rw = json!({"driver": "qcow2", "node-name": "r1", "force-share": true,
+                       "file": {"driver": "file", "filename": p}});
+    assert_eq!(
+        l.blockdev_add(&fs_rw).unwrap_err().to_string(),
+        "force-share=on can only be used with read-only images"
+    );
+    let fs_ro = json!({"driver": "qcow2", "node-name": "r2", "force-share": true,
+                       "read-only": true, "file": {"driver": "file", "filename": p}});
+    l.blockdev_add(&fs_ro).unwrap();
+    l.blockdev_del("r2").unwrap();
+    assert!(
+        l.node("d0").is_none() && l.nodes().is_empty(),
+        "failed opens leave nothing"
+    );
+    quit(vm, qmp);
+    assert!(ofd_lock_bytes(&img).is_empty());
+
+    // We hold it: QEMU's tools refuse, with their usual words.
+    let node = open(&l, &img, "d0");
+    assert_eq!(ofd_lock_bytes(&img), qemu_bytes);
+    let o = run("qemu-io", &["-c", "write 0 512", p]);
+    assert!(!o.status.success());
+    assert!(
+        stderr_of(&o).contains("Failed to get \"write\" lock")
+            && stderr_of(&o).contains(&format!("Is another process using the image [{p}]?")),
+        "{}",
+        stderr_of(&o)
+    );
+    let o = run("qemu-img", &["info", p]);
+    assert!(
+        stderr_of(&o).contains("Failed to get shared \"write\" lock"),
+        "{}",
+        stderr_of(&o)
+    );
+    ok("qemu-img", &["info", "-U", p]);
+    let (vm, mut qmp) = VmProcess::qemu_none(dir.path(), "l2", &[])
+        .map(|vm| {
+            let q = vm.qmp();
+            (vm, q)
+        })
+        .unwrap();
+    let desc = qmp.err(
+        "blockdev-add",
+        json!({"driver": "qcow2", "node-name": "x", "file": {"driver": "file", "filename": p}}),
+    );
+    assert_eq!(desc, "Failed to get \"write\" lock");
+
+    // Inactivated (handed over): only byte 100 stays, and QEMU may take the image.
+    l.inactivate_all().unwrap();
+    assert_eq!(ofd_lock_bytes(&img), [100]);
+    qmp.ok(
+        "blockdev-add",
+        json!({"driver": "qcow2", "node-name": "x", "file": {"driver": "file", "filename": p}}),
+    );
+    // While QEMU has it, we cannot take it back; nothing is left half-activated.
+    let e = l.activate_all().unwrap_err();
+    assert_eq!(e.to_string(), "Failed to get \"write\" lock");
+    assert!(node.is_inactive());
+    assert_eq!(
+        node.write_at(0, &[1]),
+        Err(block::BlockError::Io(nix::errno::Errno::EPERM))
+    );
+    qmp.ok("blockdev-del", json!({"node-name": "x"}));
+    quit(vm, qmp);
+    l.activate_all().unwrap();
+    assert_eq!(ofd_lock_bytes(&img), qemu_bytes);
+    node.write_at(0, &[1]).unwrap();
+
+    // locking=off takes nothing, as in QEMU.
+    let l2 = BlockLayer::new();
+    l2.blockdev_add(
+        &json!({"driver": "qcow2", "node-name": "u", "read-only": true,
+        "file": {"driver": "file", "filename": p, "locking": "off"}}),
+    )
+    .unwrap();
+    assert_eq!(ofd_lock_bytes(&img), qemu_bytes);
+    l2.close_all().unwrap();
+    drop(node);
+    l.close_all().unwrap();
+    assert!(ofd_lock_bytes(&img).is_empty());
+    check_clean(&img);
+}
+
+/// Everything about the node's bitmaps a client or the migration engine can see, in list
+/// order.
+/// (name, sha256, count, granularity, enabled, persistent, inconsistent, skip_store).
+type FullState = (String, String, u64, u32, bool, bool, bool, bool);
+
+fn full_state(node: &block::BlockNode) -> Vec<FullState> {
+    node.bitmaps()
+        .named()
+        .map(|b| {
+            (
+                b.name().unwrap().to_string(),
+                b.sha256_hex(),
+                b.count(),
+                b.granularity(),
+                b.enabled(),
+                b.persistent(),
+                b.inconsistent(),
+                b.skip_store(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn inactivation_and_activation_keep_bitmaps_in_memory_and_on_disk() {
+    if !have_qemu("inactivation_and_activation_keep_bitmaps_in_memory_and_on_disk") {
+        return;
+    }
+    let dir = tmp();
+    let img = dir.path().join("c.qcow2");
+    let p = img.to_str().unwrap();
+    create(&img, "4M", &[]);
+    ok("qemu-img", &["bitmap", "--add", p, "stored"]);
+    ok(
+        "qemu-img",
+        &["bitmap", "--add", "-g", "4096", "--disable", p, "cold"],
+    );
+    ok("qemu-img", &["bitmap", "--add", p, "doomed"]);
+    qemu_io(&img, &["write 0 64k"]);
+    let l = BlockLayer::new();
+    let node = open(&l, &img, "d0");
+    // A bitmap added while active, one removed while active, one a migration carries away.
+    l.block_dirty_bitmap_add("d0", "added", Some(512), Some(true), None)
+        .unwrap();
+    l.block_dirty_bitmap_add("d0", "migrating", None, Some(true), None)
+        .unwrap();
+    l.block_dirty_bitmap_remove("d0", "doomed").unwrap();
+    assert!(
+        !info_bitmaps(&img).iter().any(|b| b.0 == "doomed"),
+        "removed from the image at once"
+    );
+    node.write_at(1 << 20, &[7u8; 3000]).unwrap();
+    node.write_zeroes(3 << 20, 70000, false).unwrap();
+    node.bitmaps()
+        .find_mut("migrating")
+        .unwrap()
+        .set_skip_store(true);
+    let before = full_state(&node);
+    let contents = read_all(&node, 4 << 20);
+
+    l.inactivate_all().unwrap();
+    assert!(node.is_inactive());
+    // On disk: stored bitmaps are clean (not in use), the migrating one was not stored.
+    assert_eq!(
+        info_bitmaps(&img),
+        vec![
+            ("added".into(), 512, vec!["auto".into()]),
+            ("cold".into(), 4096, vec![]),
+            ("stored".into(), 65536, vec!["auto".into()]),
+        ]
+    );
+    check_clean(&img);
+    // QEMU sees the stored bitmaps with the bits we had.
+    let (vm, mut qmp) = start_qemu(
+        dir.path(),
+        "c",
+        &[format!(
+            "{},read-only=on,force-share=on",
+            qemu_blockdev(&img, "d0")
+        )],
+    );
+    let theirs = qemu_view(&mut qmp, "d0");
+    quit(vm, qmp);
+    let ours_stored: Vec<(String, String, u64)> = before
+        .iter()
+        .filter(|b| b.0 != "migrating")
+        .map(|b| (b.0.clone(), b.1.clone(), b.2))
+        .collect();
+    let mut theirs_stored: Vec<(String, String, u64)> = theirs
+        .iter()
+        .map(|b| (b.0.clone(), b.1.clone(), b.2))
+        .collect();
+    let mut sorted = ours_stored.clone();
+    sorted.sort();
+    theirs_stored.sort();
+    assert_eq!(theirs_stored, sorted);
+
+    // Reactivated (a cancelled migration): the same bitmaps, in the same order, skip_store
+    // cleared; the image marks them in use again.
+    l.activate_all().unwrap();
+    let after = full_state(&node);
+    let mut expect = before.clone();
+    for b in &mut expect {
+        b.7 = false;
+    }
+    assert_eq!(after, expect);
+    assert!(read_all(&node, 4 << 20) == contents);
+    assert!(info_bitmaps(&img)
+        .iter()
+        .all(|b| b.2.contains(&"in-use".to_string())));
+    // A second cycle, then close: everything, the once-migrating bitmap included, is stored.
+    l.inactivate_all().unwrap();
+    l.activate_all().unwrap();
+    assert_eq!(full_state(&node), expect);
+    drop(node);
+    l.close_all().unwrap();
+    check_clean(&img);
+    let names: Vec<String> = info_bitmaps(&img).into_iter().map(|b| b.0).collect();
+    assert_eq!(names, ["added", "cold", "migrating", "stored"]);
+}
+
+/// The message `qemu-img info` gives for an image it cannot open.
+fn qemu_open_error(path: &Path) -> String {
+    let o = run("qemu-img", &["info", path.to_str().unwrap()]);
+    assert!(!o.status.success(), "QEMU opened {}", path.display());
+    let e = stderr_of(&o);
+    let prefix = format!("qemu-img: Could not open '{}': ", path.display());
+    e.lines()
+        .next()
+        .and_then(|l| l.strip_prefix(&prefix))
+        .unwrap_or_else(|| panic!("unexpected qemu-img output: {e}"))
+        .to_string()
+}
+
+fn patch(path: &Path, off: u64, bytes: &[u8]) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+    f.write_all_at(bytes, off).unwrap();
+}
+
+#[test]
+fn corrupt_images_get_qemus_messages() {
+    if !have_qemu("corrupt_images_get_qemus_messages") {
+        return;
+    }
+    use block::driver::qcow2::header::Header;
+    let dir = tmp();
+    let base = dir.path().join("base.qcow2");
+    let bp = base.to_str().unwrap();
+    create(&base, "4M", &[]);
+    ok("qemu-img", &["bitmap", "--add", bp, "b0"]);
+    qemu_io(&base, &["write 0 64k"]);
+    let head = std::fs::read(&base).unwrap();
+    let hdr = Header::parse(&head[..65536]).unwrap();
+    let ext = hdr.bitmaps.unwrap();
+    let dir_off = ext.dir_offset;
+    let table_off = u64::from_be_bytes(
+        head[dir_off as usize..dir_off as usize + 8]
+            .try_into()
+            .unwrap(),
+    );
+    // Where the extension's fields sit in the header.
+    let ext_pos = head
+        .windows(4)
+        .position(|w| w == [0x23, 0x85, 0x28, 0x75])
+        .unwrap() as u64;
+
+    type Patches = Vec<(u64, Vec<u8>)>;
+    let cases: Vec<(&str, Patches)> = vec![
+        ("reserved-flag", vec![(dir_off + 15, vec![0x06])]),
+        ("bad-type", vec![(dir_off + 16, vec![2])]),
+        ("bad-granularity", vec![(dir_off + 17, vec![40])]),
+        ("extra-data", vec![(dir_off + 23, vec![8])]),
+        ("table-entry-reserved", vec![(table_off + 7, vec![0x02])]),
+        ("table-entry-unaligned", vec![(table_off + 6, vec![0x02])]),
+        ("more-bitmaps", vec![(ext_pos + 8 + 3, vec![2])]),
+        ("ext-length", vec![(ext_pos + 4 + 3, vec![16])]),
+        ("ext-reserved", vec![(ext_pos + 8 + 7, vec![1])]),
+        ("dir-offset", vec![(ext_pos + 8 + 23, vec![8])]),
+        ("dir-size-zero", vec![(ext_pos + 8 + 15, vec![0])]),
+        ("incompatible-feature", vec![(79, vec![0x40])]),
+        ("table-size", vec![(dir_off + 11, vec![2])]),
+    ];
+    for (name, patches) in cases {
+        let img = dir.path().join(format!("{name}.qcow2"));
+        std::fs::copy(&base, &img).unwrap();
+        for (off, bytes) in &patches {
+            patch(&img, *off, bytes);
+        }
+        let expected = qemu_open_error(&img);
+        let l = BlockLayer::new();
+        let e = l.blockdev_add(&qcow2_opts(&img, "d0")).unwrap_err();
+        assert_eq!(e.to_string(), expected, "{name}");
+        assert!(l.nodes().is_empty(), "{name}: nothing left open");
+        assert!(ofd_lock_bytes(&img).is_empty(), "{name}: no lock left");
+    }
+
+    // An entry left in use (a crash): it opens, the bitmap is inconsistent and disabled on
+    // both sides, and only removal is allowed.
+    let img = dir.path().join("in-use.qcow2");
+    std::fs::copy(&base, &img).unwrap();
+    patch(&img, dir_off + 15, &[0x03]);
+    let (vm, mut qmp) = start_qemu(
+        dir.path(),
+        "iu",
+        &[format!("{},read-only=on", qemu_blockdev(&img, "d0"))],
+    );
+    let theirs = qemu_view(&mut qmp, "d0");
+    quit(vm, qmp);
+    let l = BlockLayer::new();
+    let node = open(&l, &img, "d0");
+    let ours = our_view(&l, "d0");
+    assert_eq!(ours, theirs);
+    assert!(
+        ours[0].6 && !ours[0].4,
+        "inconsistent and not recording: {ours:?}"
+    );
+    assert_eq!(
+        l.block_dirty_bitmap_clear("d0", "b0")
+            .unwrap_err()
+            .to_string(),
+        "Bitmap 'b0' is inconsistent and cannot be used"
+    );
+    node.write_at(0, &[1]).unwrap();
+    // Closing keeps it in use; removing it frees its clusters.
+    drop(node);
+    l.close_all().unwrap();
+    assert_eq!(
+        info_bitmaps(&img)[0].2,
+        vec!["in-use".to_string(), "auto".to_string()]
+    );
+    check_clean(&img);
+    let l = BlockLayer::new();
+    let _n = open(&l, &img, "d0");
+    l.block_dirty_bitmap_remove("d0", "b0").unwrap();
+    drop(_n);
+    l.close_all().unwrap();
+    assert!(info_bitmaps(&img).is_empty());
+    check_clean(&img);
+}
+
+#[test]
+fn backing_files_read_through_and_copy_on_write() {
+    if !have_qemu("backing_files_read_through_and_copy_on_write") {
+        return;
+    }
+    let dir = tmp();
+    // qcow2 base (shorter than the overlay) with data; raw base for a second chain.
+    let base = dir.path().join("base.qcow2");
+    create(&base, "3M", &["cluster_size=4096"]);
+    qemu_io(
+        &base,
+        &[
+            "write -P 0xb1 0 1M",
+            "write -P 0xb2 1536k 700000",
+            "write -z 64k 8k",
+        ],
+    );
+    let raw = dir.path().join("base.raw");
+    std::fs::write(&raw, vec![0xc3u8; 2 << 20]).unwrap();
+    for (b, fmt) in [(&base, "qcow2"), (&raw, "raw")] {
+        let base_bytes = std::fs::read(b).unwrap();
+        let top = dir.path().join(format!("top-{fmt}.qcow2"));
+        ok(
+            "qemu-img",
+            &[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-o",
+                "cluster_size=65536",
+                "-b",
+                b.file_name().unwrap().to_str().unwrap(),
+                "-F",
+                fmt,
+                top.to_str().unwrap(),
+                "4M",
+            ],
+        );
+        qemu_io(&top, &["write -P 0xd4 2M 1000"]);
+        let l = BlockLayer::new();
+        let node = open(&l, &top, "top");
+        let q = l.query_named_block_nodes(false);
+        let topinfo = q
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|n| n["node-name"] == "top")
+            .unwrap();
+        assert_eq!(topinfo["backing_file_depth"], 1, "{topinfo}");
+        let mut model = qemu_contents(&top);
+        assert!(
+            read_all(&node, 4 << 20) == model,
+            "{fmt}: reads through the backing file"
+        );
+        // Partial writes copy the rest of the cluster from the backing file; zeroes and
+        // discards hide it.
+        random_io(&node, &mut model, 65536, &mut Rng(11), 120);
+        assert!(read_all(&node, 4 << 20) == model, "{fmt}: after writes");
+        drop(node);
+        l.close_all().unwrap();
+        check_clean(&top);
+        assert!(
+            qemu_contents(&top) == model,
+            "{fmt}: QEMU reads what we wrote"
+        );
+        assert!(
+            std::fs::read(b).unwrap() == base_bytes,
+            "{fmt}: the backing file is untouched"
+        );
+    }
+    // `"backing": null` opens the overlay alone.
+    let top = dir.path().join("top-qcow2.qcow2");
+    let l = BlockLayer::new();
+    let node = l
+        .blockdev_add(
+            &json!({"driver": "qcow2", "node-name": "alone", "backing": null,
+            "file": {"driver": "file", "filename": top.to_str().unwrap()}}),
+        )
+        .unwrap();
+    assert_eq!(l.nodes().len(), 2, "no backing node");
+    let out = dir.path().join("alone.raw");
+    ok(
+        "qemu-img",
+        &[
+            "convert",
+            "-U",
+            "-O",
+            "raw",
+            "--image-opts",
+            &format!(
+                "driver=qcow2,file.driver=file,file.filename={},backing=",
+                top.display()
+            ),
+            out.to_str().unwrap(),
+        ],
+    );
+    assert!(read_all(&node, 4 << 20) == std::fs::read(&out).unwrap());
+    drop(node);
+    l.close_all().unwrap();
+    check_clean(&top);
+}
