@@ -564,7 +564,7 @@ fn finish(
         Ok(()) => MigrationStatus::Completed,
         Err(_) if cancelled => MigrationStatus::Cancelled,
         Err(e) => {
-            inner.out.error = Some(e.to_string());
+            inner.out.error = Some(failure_text(&job.uri, e));
             MigrationStatus::Failed
         }
     };
@@ -573,11 +573,55 @@ fn finish(
     shared.cond.notify_all();
 }
 
+/// `error-desc` of a failed migration. A write that failed on the channel is worded as QEMU
+/// words it (`Unable to write to socket: Broken pipe`): the destination went away, and the
+/// stream offset a `WireError` carries means nothing to the operator.
+fn failure_text(uri: &MigrationUri, e: &MigrationError) -> String {
+    if let MigrationError::Wire(w) = e {
+        if let wire::WireErrorKind::Io(io) = &w.kind {
+            let channel = match uri {
+                MigrationUri::Tcp { .. } | MigrationUri::Unix(_) => "socket",
+                MigrationUri::Exec(_) => "command",
+                MigrationUri::File { .. } => "file",
+            };
+            return format!(
+                "Unable to write to {channel}: {}",
+                crate::error::os_error_text(io)
+            );
+        }
+    }
+    e.to_string()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     const GB: f64 = 1e9;
+
+    #[test]
+    fn failed_writes_are_worded_as_qemu_words_them() {
+        let epipe = || {
+            MigrationError::Wire(wire::WireError::new(
+                0x8e,
+                wire::WireErrorKind::Io(std::io::Error::from_raw_os_error(
+                    nix::errno::Errno::EPIPE as i32,
+                )),
+            ))
+        };
+        for (uri, want) in [
+            ("unix:/x", "Unable to write to socket: Broken pipe"),
+            ("tcp:h:1", "Unable to write to socket: Broken pipe"),
+            ("exec:false", "Unable to write to command: Broken pipe"),
+            ("file:/x", "Unable to write to file: Broken pipe"),
+        ] {
+            let uri = MigrationUri::parse(uri).unwrap();
+            assert_eq!(failure_text(&uri, &epipe()), want);
+        }
+        let other = MigrationError::Other("Block inactivate failed during switchover".into());
+        let uri = MigrationUri::parse("unix:/x").unwrap();
+        assert_eq!(failure_text(&uri, &other), other.to_string());
+    }
 
     #[test]
     fn switches_when_what_remains_is_tiny() {
