@@ -278,26 +278,12 @@ impl JobManager {
         self.emit(name, data);
     }
 
-    /// Checks what QEMU checks before creating a mirror: a free, valid id; the source not
-    /// already mirrored; source and target distinct and the target not used by another job.
-    pub fn check_new(
-        &self,
-        id: &str,
-        source: &BlockNode,
-        target: &BlockNode,
-    ) -> Result<(), JobError> {
+    /// QEMU's checks of the nodes, made first: the source must not already be mirrored (QEMU
+    /// has put a filter node above it), the target must not be another job's.
+    pub fn check_nodes(&self, source: &BlockNode, target: &BlockNode) -> Result<(), JobError> {
         let jobs = lock(&self.jobs);
         if jobs.iter().any(|j| j.source.id() == source.id()) {
             return Err(JobError::NeedRoot);
-        }
-        if !block::options::id_wellformed(id) {
-            return Err(JobError::InvalidId(id.to_string()));
-        }
-        if jobs.iter().any(|j| j.id == id) {
-            return Err(JobError::DuplicateId(id.to_string()));
-        }
-        if source.id() == target.id() {
-            return Err(JobError::IntoItself);
         }
         if jobs
             .iter()
@@ -308,9 +294,41 @@ impl JobManager {
         Ok(())
     }
 
+    /// QEMU's checks when the job is created, made after the parameters': source and target
+    /// distinct, a valid and free id.
+    pub fn check_id(
+        &self,
+        id: &str,
+        source: &BlockNode,
+        target: &BlockNode,
+    ) -> Result<(), JobError> {
+        if source.id() == target.id() {
+            return Err(JobError::IntoItself);
+        }
+        if !block::options::id_wellformed(id) {
+            return Err(JobError::InvalidId(id.to_string()));
+        }
+        if lock(&self.jobs).iter().any(|j| j.id == id) {
+            return Err(JobError::DuplicateId(id.to_string()));
+        }
+        Ok(())
+    }
+
+    /// A job QEMU creates and destroys within the command because a later check failed (a
+    /// negative `speed`): its `created` and `null` status changes.
+    pub fn stillborn(&self, id: &str) {
+        for st in [Status::Created, Status::Null] {
+            self.emit(
+                "JOB_STATUS_CHANGE",
+                json!({"status": st.as_str(), "id": id}),
+            );
+        }
+    }
+
     /// `blockdev-mirror`: starts a mirror job on its own thread.
     pub fn start_mirror(self: &Arc<Self>, cfg: MirrorConfig) -> Result<Arc<Job>, JobError> {
-        self.check_new(&cfg.id, &cfg.source, &cfg.target)?;
+        self.check_nodes(&cfg.source, &cfg.target)?;
+        self.check_id(&cfg.id, &cfg.source, &cfg.target)?;
         let job = Arc::new(Job {
             id: cfg.id.clone(),
             source: cfg.source.clone(),
@@ -725,16 +743,16 @@ mod tests {
         let src = l.node("src").unwrap();
         let tgt = l.node("tgt").unwrap();
         assert_eq!(
-            m.check_new("1j", &src, &tgt).unwrap_err().to_string(),
+            m.check_id("1j", &src, &tgt).unwrap_err().to_string(),
             "Invalid job ID '1j'"
         );
         assert_eq!(
-            m.check_new("j", &src, &src).unwrap_err().to_string(),
+            m.check_id("j", &src, &src).unwrap_err().to_string(),
             "Can't mirror node into itself"
         );
         m.start_mirror(cfg(&l, "j0", SyncMode::Full)).unwrap();
         assert_eq!(
-            m.check_new("j2", &src, &tgt).unwrap_err().to_string(),
+            m.check_nodes(&src, &tgt).unwrap_err().to_string(),
             "Need a root block node"
         );
         m.cancel("j0", true).unwrap();

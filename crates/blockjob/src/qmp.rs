@@ -175,17 +175,11 @@ fn blockdev_mirror(mgr: &Arc<JobManager>, args: &Value) -> Result<(), JobError> 
     let auto_dismiss = a.opt_bool("auto-dismiss")?;
     a.finish()?;
 
+    // QEMU's order: the nodes, the parameters, then the job itself.
     let layer = mgr.layer();
     let source = layer.lookup_bs(Some(&device), Some(&device))?;
     let target_node = layer.lookup_bs(Some(&target), Some(&target))?;
-    let sync = match sync.as_str() {
-        "full" => SyncMode::Full,
-        "top" => SyncMode::Top,
-        "none" => SyncMode::None,
-        other_mode => {
-            return Err(other(format!("Sync mode '{other_mode}' not supported")));
-        }
-    };
+    mgr.check_nodes(&source, &target_node)?;
     let granularity = match granularity {
         None | Some(0) => DEFAULT_GRANULARITY,
         Some(g) => {
@@ -205,12 +199,13 @@ fn blockdev_mirror(mgr: &Arc<JobManager>, args: &Value) -> Result<(), JobError> 
         Some(b) if b < 0 => return Err(other("Invalid parameter 'buf-size'")),
         Some(b) => b as u64,
     };
-    let speed = match speed {
-        None => 0,
-        Some(s) if s < 0 => {
-            return Err(other("Parameter 'speed' expects a non-negative value"));
+    let sync = match sync.as_str() {
+        "full" => SyncMode::Full,
+        "top" => SyncMode::Top,
+        "none" => SyncMode::None,
+        other_mode => {
+            return Err(other(format!("Sync mode '{other_mode}' not supported")));
         }
-        Some(s) => s as u64,
     };
     // What this implementation does not do, refused rather than ignored.
     if replaces.is_some() {
@@ -229,7 +224,25 @@ fn blockdev_mirror(mgr: &Arc<JobManager>, args: &Value) -> Result<(), JobError> 
             "auto-finalize=false and auto-dismiss=false are not supported",
         ));
     }
-    let id = job_id.unwrap_or_else(|| device.clone());
+    // Without job-id, QEMU uses the name of the device (BlockBackend) the node is attached
+    // to, which is empty for a node without one: an invalid id.
+    let id = job_id.unwrap_or_else(|| {
+        let name = layer.device_or_node_name(&source);
+        if name == source.name() {
+            String::new()
+        } else {
+            name
+        }
+    });
+    mgr.check_id(&id, &source, &target_node)?;
+    let speed = match speed {
+        None => 0,
+        Some(s) if s < 0 => {
+            mgr.stillborn(&id);
+            return Err(other("Parameter 'speed' expects a non-negative value"));
+        }
+        Some(s) => s as u64,
+    };
     mgr.start_mirror(MirrorConfig {
         id,
         source,

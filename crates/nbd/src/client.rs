@@ -621,7 +621,7 @@ impl NbdDriver {
         let c = NbdClient::connect(&addr, &opts)
             .map_err(|e| BlockError::Driver(format!("Failed to connect to '{addr}': {e}")))?;
         if !read_only && c.flags() & tflag::READ_ONLY != 0 {
-            return Err(BlockError::Driver("Block node is read-only".to_string()));
+            return Err(BlockError::Driver("NBD export is read-only".to_string()));
         }
         Ok(NbdDriver {
             size: c.size(),

@@ -70,14 +70,14 @@ impl SocketAddress {
             .ok_or_else(|| AddressError::Type(name.to_string(), "object"))?;
         let ty = get_str(m, "type", path)?;
         let (body, body_path) = if legacy {
+            let d = m
+                .get("data")
+                .ok_or_else(|| AddressError::Missing(format!("{path}data")))?;
             for k in m.keys() {
                 if k != "type" && k != "data" {
                     return Err(AddressError::Unexpected(format!("{path}{k}")));
                 }
             }
-            let d = m
-                .get("data")
-                .ok_or_else(|| AddressError::Missing(format!("{path}data")))?;
             let dm = d
                 .as_object()
                 .ok_or_else(|| AddressError::Type(format!("{path}data"), "object"))?;

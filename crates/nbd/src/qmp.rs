@@ -220,6 +220,8 @@ fn server_add(server: &NbdServer, layer: &BlockLayer, args: &Value) -> Result<()
         return Err(ExportError::NotRunning.into());
     }
     let node = layer.lookup_bs(Some(&device), Some(&device))?;
+    // QEMU's nbd-server-add quietly exports a read-only node read-only.
+    let writable = writable && node.writable();
     let name = name.unwrap_or(device);
     server.add(
         node,
@@ -277,9 +279,6 @@ fn block_export_add(
     if !server.is_running() {
         return Err(generic("NBD server not running"));
     }
-    if !block::options::id_wellformed(&id) {
-        return Err(generic(format!("Invalid block export id '{id}'")));
-    }
     let node = layer.lookup_bs(Some(&node_name), Some(&node_name))?;
     server.add(
         node,
@@ -299,9 +298,6 @@ fn export_del(server: &NbdServer, args: &Value, key: &'static str) -> Result<(),
     let name = a.req_str(key)?;
     let mode = a.opt_enum("mode", &["safe", "hard"])?;
     a.finish()?;
-    if !server.is_running() {
-        return Err(ExportError::NotRunning.into());
-    }
     server.remove(&name, mode.as_deref() == Some("hard"))?;
     Ok(())
 }

@@ -69,6 +69,9 @@ pub enum ExportError {
     /// Two exports of one name.
     #[error("NBD server already has export named '{0}'")]
     Duplicate(String),
+    /// An id that is not a well-formed QEMU id.
+    #[error("Invalid block export id")]
+    InvalidId,
     /// Two exports of one id.
     #[error("Block export id '{0}' is already in use")]
     IdInUse(String),
@@ -319,12 +322,15 @@ impl NbdServer {
                 return Err(ExportError::DescriptionTooLong(d.clone()));
             }
         }
-        let mut exports = lock(&self.inner.exports);
-        if exports.iter().any(|e| e.config.name == config.name) {
-            return Err(ExportError::Duplicate(config.name));
+        if !block::options::id_wellformed(&config.id) {
+            return Err(ExportError::InvalidId);
         }
+        let mut exports = lock(&self.inner.exports);
         if exports.iter().any(|e| e.config.id == config.id) {
             return Err(ExportError::IdInUse(config.id));
+        }
+        if exports.iter().any(|e| e.config.name == config.name) {
+            return Err(ExportError::Duplicate(config.name));
         }
         if config.writable && !node.writable() {
             return Err(ExportError::Block(BlockError::ReadOnlyNode));
@@ -384,9 +390,9 @@ impl NbdServer {
         Ok(())
     }
 
-    /// The exports, in the order they were added.
+    /// The exports, newest first (the order QEMU lists them in).
     pub fn exports(&self) -> Vec<Arc<Export>> {
-        lock(&self.inner.exports).clone()
+        lock(&self.inner.exports).iter().rev().cloned().collect()
     }
 
     fn find(&self, name: &str) -> Option<Arc<Export>> {

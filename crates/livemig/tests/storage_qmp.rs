@@ -1,0 +1,384 @@
+//! The NBD server and block job commands side by side with QEMU 7.2: the same sequence of
+//! commands goes to `qemu-system-x86_64 -M none` and to `livemig vm -M none`, and every reply
+//! (return value, or error class and text) and every job event must be the same.
+
+use serde_json::{json, Value};
+use std::path::Path;
+use std::time::{Duration, Instant};
+use testkit::{QmpClient, VmProcess};
+
+const TIMEOUT: Duration = Duration::from_secs(30);
+
+fn livemig(dir: &Path) -> (VmProcess, QmpClient) {
+    let args: Vec<String> = ["vm", "-M", "none", "-m", "16M"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let mut p = VmProcess::spawn(env!("CARGO_BIN_EXE_livemig"), &args, dir, "lm").unwrap();
+    let deadline = Instant::now() + TIMEOUT;
+    while !p.qmp_path.exists() {
+        assert!(p.alive(), "livemig exited: {}", p.log());
+        assert!(Instant::now() < deadline);
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let q = p.qmp();
+    (p, q)
+}
+
+/// The part of a reply that must match: the return value, or the error's class and text.
+fn outcome(q: &mut QmpClient, cmd: &str, args: &Value) -> Value {
+    let r = q.execute(cmd, args.clone()).unwrap();
+    match r.get("error") {
+        Some(e) => json!({"error": e["desc"], "class": e["class"]}),
+        None => json!({"return": r["return"]}),
+    }
+}
+
+fn both(q: &mut QmpClient, l: &mut QmpClient, cmd: &str, args: Value) -> Value {
+    let a = outcome(q, cmd, &args);
+    let b = outcome(l, cmd, &args);
+    assert_eq!(b, a, "{cmd} {args}: livemig differs from QEMU");
+    a
+}
+
+/// Job events (name and data) up to the job's `null` status.
+fn job_events(q: &mut QmpClient, id: &str) -> Vec<Value> {
+    let mut out = Vec::new();
+    let id = id.to_string();
+    loop {
+        let i = id.clone();
+        let e = q
+            .wait_event(TIMEOUT, move |e| {
+                let ev = e["event"].as_str().unwrap_or_default();
+                (ev.starts_with("BLOCK_JOB") || ev == "JOB_STATUS_CHANGE")
+                    && (e["data"]["id"] == i.as_str() || e["data"]["device"] == i.as_str())
+            })
+            .unwrap_or_else(|| panic!("job {id} did not end; saw {out:?}"));
+        let done = e["event"] == "JOB_STATUS_CHANGE" && e["data"]["status"] == "null";
+        out.push(json!({"event": e["event"], "data": e["data"]}));
+        if done {
+            return out;
+        }
+    }
+}
+
+fn wait_ready(q: &mut QmpClient, id: &str) {
+    let i = id.to_string();
+    q.wait_event(TIMEOUT, move |e| {
+        e["event"] == "BLOCK_JOB_READY" && e["data"]["device"] == i.as_str()
+    })
+    .unwrap_or_else(|| panic!("{id} never ready"));
+}
+
+#[test]
+fn nbd_server_commands_match_qemu() {
+    if !testkit::require("nbd_server_commands_match_qemu", testkit::qemu()) {
+        return;
+    }
+    let dir = testkit::tempdir();
+    let qp = VmProcess::qemu_none(dir.path(), "qemu", &[]).unwrap();
+    let mut q = qp.qmp();
+    let (_lp, mut l) = livemig(dir.path());
+    for (name, ro) in [("d0", false), ("ro", true)] {
+        both(
+            &mut q,
+            &mut l,
+            "blockdev-add",
+            json!({"driver": "null-co", "node-name": name, "size": 64 << 20,
+                   "read-zeroes": true, "read-only": ro}),
+        );
+    }
+    both(&mut q, &mut l, "nbd-server-add", json!({"device": "d0"}));
+    both(&mut q, &mut l, "nbd-server-stop", json!({}));
+    both(&mut q, &mut l, "nbd-server-remove", json!({"name": "x"}));
+    both(&mut q, &mut l, "block-export-del", json!({"id": "x"}));
+    both(
+        &mut q,
+        &mut l,
+        "nbd-server-start",
+        json!({"addr": {"type": "unix", "path": "/nonexistent/x"}}),
+    );
+    for (c, who) in [(&mut q, "q"), (&mut l, "l")] {
+        let p = dir.path().join(format!("{who}-nbd.sock"));
+        let r = c.execute(
+            "nbd-server-start",
+            json!({"addr": {"type": "unix", "data": {"path": p.to_str().unwrap()}}}),
+        );
+        assert!(r.unwrap().get("return").is_some());
+    }
+    both(
+        &mut q,
+        &mut l,
+        "nbd-server-start",
+        json!({"addr": {"type": "unix", "data": {"path": "/nonexistent/x"}}}),
+    );
+    both(&mut q, &mut l, "nbd-server-add", json!({"device": "nope"}));
+    both(
+        &mut q,
+        &mut l,
+        "block-dirty-bitmap-add",
+        json!({"node": "d0", "name": "b1"}),
+    );
+    both(
+        &mut q,
+        &mut l,
+        "nbd-server-add",
+        json!({"device": "d0", "bitmap": "b1"}),
+    );
+    both(
+        &mut q,
+        &mut l,
+        "nbd-server-add",
+        json!({"device": "d0", "bitmap": "nob"}),
+    );
+    both(
+        &mut q,
+        &mut l,
+        "nbd-server-add",
+        json!({"device": "ro", "writable": true}),
+    );
+    both(
+        &mut q,
+        &mut l,
+        "nbd-server-add",
+        json!({"device": "d0", "name": "1x"}),
+    );
+    both(
+        &mut q,
+        &mut l,
+        "block-dirty-bitmap-disable",
+        json!({"node": "d0", "name": "b1"}),
+    );
+    both(
+        &mut q,
+        &mut l,
+        "nbd-server-add",
+        json!({"device": "d0", "bitmap": "b1", "name": "e1"}),
+    );
+    both(
+        &mut q,
+        &mut l,
+        "block-dirty-bitmap-remove",
+        json!({"node": "d0", "name": "b1"}),
+    );
+    both(
+        &mut q,
+        &mut l,
+        "nbd-server-add",
+        json!({"device": "d0", "name": "e1"}),
+    );
+    both(
+        &mut q,
+        &mut l,
+        "nbd-server-add",
+        json!({"device": "d0", "name": "e2", "writable": true}),
+    );
+    both(
+        &mut q,
+        &mut l,
+        "block-export-add",
+        json!({"type": "nbd", "id": "e2", "node-name": "d0"}),
+    );
+    both(
+        &mut q,
+        &mut l,
+        "block-export-add",
+        json!({"type": "nbd", "id": "e3", "node-name": "d0", "name": "e1"}),
+    );
+    both(&mut q, &mut l, "query-block-exports", json!({}));
+    both(&mut q, &mut l, "blockdev-del", json!({"node-name": "d0"}));
+    both(
+        &mut q,
+        &mut l,
+        "nbd-server-remove",
+        json!({"name": "e1", "mode": "bogus"}),
+    );
+    both(&mut q, &mut l, "nbd-server-remove", json!({"name": "nope"}));
+    both(&mut q, &mut l, "nbd-server-remove", json!({"name": "e1"}));
+    both(
+        &mut q,
+        &mut l,
+        "block-dirty-bitmap-remove",
+        json!({"node": "d0", "name": "b1"}),
+    );
+    both(&mut q, &mut l, "query-block-exports", json!({}));
+    both(&mut q, &mut l, "nbd-server-stop", json!({}));
+    both(&mut q, &mut l, "query-block-exports", json!({}));
+    both(&mut q, &mut l, "blockdev-del", json!({"node-name": "d0"}));
+}
+
+#[test]
+fn mirror_commands_and_events_match_qemu() {
+    if !testkit::require("mirror_commands_and_events_match_qemu", testkit::qemu()) {
+        return;
+    }
+    let dir = testkit::tempdir();
+    let qp = VmProcess::qemu_none(dir.path(), "qemu", &[]).unwrap();
+    let mut q = qp.qmp();
+    let (_lp, mut l) = livemig(dir.path());
+    for (name, size) in [("src", 64 << 20), ("tgt", 64 << 20), ("small", 32 << 20)] {
+        both(
+            &mut q,
+            &mut l,
+            "blockdev-add",
+            json!({"driver": "null-co", "node-name": name, "size": size, "read-zeroes": true}),
+        );
+    }
+    let m = |extra: Value| {
+        let mut a = json!({"job-id": "j0", "device": "src", "target": "tgt", "sync": "full"});
+        for (k, v) in extra.as_object().unwrap() {
+            a[k] = v.clone();
+        }
+        a
+    };
+    both(
+        &mut q,
+        &mut l,
+        "block-job-cancel",
+        json!({"device": "nope"}),
+    );
+    both(
+        &mut q,
+        &mut l,
+        "block-job-complete",
+        json!({"device": "nope"}),
+    );
+    both(
+        &mut q,
+        &mut l,
+        "block-job-set-speed",
+        json!({"device": "nope", "speed": 1}),
+    );
+    both(
+        &mut q,
+        &mut l,
+        "blockdev-mirror",
+        m(json!({"sync": "incremental"})),
+    );
+    both(
+        &mut q,
+        &mut l,
+        "blockdev-mirror",
+        m(json!({"sync": "bogus"})),
+    );
+    both(
+        &mut q,
+        &mut l,
+        "blockdev-mirror",
+        m(json!({"granularity": 1000})),
+    );
+    both(
+        &mut q,
+        &mut l,
+        "blockdev-mirror",
+        m(json!({"granularity": 256})),
+    );
+    both(
+        &mut q,
+        &mut l,
+        "blockdev-mirror",
+        m(json!({"buf-size": -1})),
+    );
+    both(
+        &mut q,
+        &mut l,
+        "blockdev-mirror",
+        m(json!({"target": "src"})),
+    );
+    both(
+        &mut q,
+        &mut l,
+        "blockdev-mirror",
+        m(json!({"job-id": "1j"})),
+    );
+    both(
+        &mut q,
+        &mut l,
+        "blockdev-mirror",
+        m(json!({"device": "nope"})),
+    );
+    both(
+        &mut q,
+        &mut l,
+        "blockdev-mirror",
+        m(json!({"target": "nope"})),
+    );
+    both(
+        &mut q,
+        &mut l,
+        "blockdev-mirror",
+        json!({"device": "src", "target": "tgt", "sync": "full"}),
+    );
+    both(&mut q, &mut l, "blockdev-mirror", m(json!({"speed": -1})));
+
+    // A size mismatch starts the job, which fails at once.
+    both(
+        &mut q,
+        &mut l,
+        "blockdev-mirror",
+        m(json!({"target": "small"})),
+    );
+    assert_eq!(job_events(&mut l, "j0"), job_events(&mut q, "j0"));
+
+    // Ready, then cancel: the job completes (the target holds a consistent copy).
+    both(&mut q, &mut l, "blockdev-mirror", m(json!({})));
+    wait_ready(&mut q, "j0");
+    wait_ready(&mut l, "j0");
+    both(&mut q, &mut l, "query-block-jobs", json!({}));
+    both(
+        &mut q,
+        &mut l,
+        "blockdev-mirror",
+        m(json!({"job-id": "j2"})),
+    );
+    both(&mut q, &mut l, "blockdev-del", json!({"node-name": "src"}));
+    both(&mut q, &mut l, "blockdev-del", json!({"node-name": "tgt"}));
+    both(
+        &mut q,
+        &mut l,
+        "block-job-set-speed",
+        json!({"device": "j0", "speed": -1}),
+    );
+    both(&mut q, &mut l, "block-job-cancel", json!({"device": "j0"}));
+    let qe = job_events(&mut q, "j0");
+    assert_eq!(job_events(&mut l, "j0"), qe);
+    assert!(qe.iter().any(|e| e["event"] == "BLOCK_JOB_COMPLETED"));
+    both(&mut q, &mut l, "query-block-jobs", json!({}));
+
+    // Ready, then complete.
+    both(
+        &mut q,
+        &mut l,
+        "blockdev-mirror",
+        m(json!({"job-id": "j4"})),
+    );
+    wait_ready(&mut q, "j4");
+    wait_ready(&mut l, "j4");
+    both(
+        &mut q,
+        &mut l,
+        "block-job-complete",
+        json!({"device": "j4"}),
+    );
+    assert_eq!(job_events(&mut l, "j4"), job_events(&mut q, "j4"));
+
+    // sync=none, ready at once; a forced cancel is a cancel.
+    both(
+        &mut q,
+        &mut l,
+        "blockdev-mirror",
+        m(json!({"job-id": "j5", "sync": "none"})),
+    );
+    wait_ready(&mut q, "j5");
+    wait_ready(&mut l, "j5");
+    both(
+        &mut q,
+        &mut l,
+        "block-job-cancel",
+        json!({"device": "j5", "force": true}),
+    );
+    let qe = job_events(&mut q, "j5");
+    assert_eq!(job_events(&mut l, "j5"), qe);
+    assert!(qe.iter().any(|e| e["event"] == "BLOCK_JOB_CANCELLED"));
+    both(&mut q, &mut l, "query-jobs", json!({}));
+}
