@@ -178,3 +178,40 @@ fn a_vm_started_without_s_is_running_as_soon_as_its_monitor_answers() {
         assert_eq!(st["status"], "running", "{name}: {st}");
     }
 }
+
+#[test]
+fn max_bandwidth_caps_the_rate_and_can_be_raised_mid_migration() {
+    const CAP: u64 = 1 << 20;
+    let dir = tempdir();
+    let uri = unix_uri(dir.path(), "mig.sock");
+    let mut dst = Lm::destination(dir.path(), "dst", &uri);
+    dst.caps_on(SOCKET_CAPS);
+    let mut src = Lm::source(dir.path(), "src", IDLE);
+    src.caps_on(SOCKET_CAPS);
+    src.wait_idle();
+    let default_bandwidth = src.ok("query-migrate-parameters", json!({}))["max-bandwidth"].clone();
+    src.set_params(json!({ "max-bandwidth": CAP }));
+    src.migrate(&uri);
+    src.wait_migration(&["active"]);
+    // The cap is enforced over 100 ms windows: by `total-time` ms, at most one window's share
+    // per window begun, each overshooting by at most one page record.
+    let limit = |ms: u64| (ms / 100 + 1) * (CAP / 10 + 4096 + 64) + 4096;
+    loop {
+        let q = src.ok("query-migrate", json!({}));
+        assert_eq!(q["status"], "active", "{q}");
+        let ms = q["total-time"].as_u64().unwrap_or(0);
+        let sent = q["ram"]["transferred"].as_u64().unwrap_or(0);
+        assert!(
+            sent <= limit(ms),
+            "{sent} bytes sent in {ms} ms at max-bandwidth {CAP}: {q}"
+        );
+        if ms >= 600 {
+            assert!(sent > 0, "{q}");
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    src.set_params(json!({ "max-bandwidth": default_bandwidth }));
+    let v = check_stop_point(&mut src, &mut dst, &[]);
+    assert_eq!(v["valid"], FILL_PAGES, "{v}");
+}

@@ -176,11 +176,15 @@ impl RamSaver {
         let nblocks = self.blocks.len();
         for bi in 0..nblocks {
             loop {
-                // Collect up to BATCH dirty pages of this block, clearing their bits.
+                // Collect up to BATCH dirty pages of this block, clearing their bits — fewer
+                // when the byte budget is smaller, so a low `max-bandwidth` is not overshot by
+                // a whole batch (it is by at most one page).
+                let left = max_bytes.saturating_sub(w.bytes_written() - start_bytes);
+                let limit = left.div_ceil(PAGE_SIZE).clamp(1, BATCH as u64) as usize;
                 batch.clear();
                 {
                     let b = &mut self.blocks[bi];
-                    while batch.len() < BATCH && b.cursor < b.dirty.len() {
+                    while batch.len() < limit && b.cursor < b.dirty.len() {
                         let word = b.dirty[b.cursor];
                         if word == 0 {
                             b.cursor += 1;
