@@ -813,4 +813,47 @@ mod tests {
         l.node("tgt").unwrap().read_at(0, &mut got).unwrap();
         assert!(got == data, "target differs from source");
     }
+
+    #[test]
+    fn a_target_that_stops_taking_writes_ends_the_job_with_the_error() {
+        let l = Arc::new(BlockLayer::new());
+        l.blockdev_add(
+            &json!({"driver": "null-co", "node-name": "src", "size": 64 << 20,
+            "latency-ns": 2_000_000}),
+        )
+        .unwrap();
+        l.blockdev_add(&json!({"driver": "null-co", "node-name": "tgt", "size": 64 << 20}))
+            .unwrap();
+        let (m, rx) = manager(&l);
+        m.start_mirror(cfg(&l, "j0", SyncMode::Full)).unwrap();
+        // Pulled from under the job (not through inactivate_all, which the claim refuses).
+        l.node("tgt").unwrap().inactivate().unwrap();
+        let d = wait_for(&rx, "BLOCK_JOB_COMPLETED");
+        assert_eq!(d["error"], "Operation not permitted");
+        loop {
+            if wait_for(&rx, "JOB_STATUS_CHANGE")["status"] == "null" {
+                break;
+            }
+        }
+        // The source's internal bitmap went with the job.
+        assert!(l.node("src").unwrap().bitmaps().is_empty());
+    }
+
+    #[test]
+    fn speed_limits_the_copy() {
+        let l = layer_with(64 << 20);
+        let (m, rx) = manager(&l);
+        let mut c = cfg(&l, "j0", SyncMode::Full);
+        c.speed = 4 << 20;
+        m.start_mirror(c).unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        let off = m.find("j0").unwrap().info()["offset"].as_u64().unwrap();
+        assert!(off <= 3 << 20, "copied {off} bytes in 0.3 s at 4 MiB/s");
+        m.set_speed("j0", 0).unwrap();
+        let ready = wait_for(&rx, "BLOCK_JOB_READY");
+        assert_eq!(ready["offset"], 64 << 20);
+        assert_eq!(ready["speed"], 0);
+        m.cancel("j0", true).unwrap();
+        wait_for(&rx, "BLOCK_JOB_CANCELLED");
+    }
 }

@@ -482,3 +482,135 @@ fn blockdev_add_nbd_driver_reaches_the_export() {
     client_layer.blockdev_del("remote").unwrap();
     server.stop().unwrap();
 }
+
+#[test]
+fn exporting_an_incoming_node_activates_it_for_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.img");
+    std::fs::write(&img, vec![0u8; SIZE as usize]).unwrap();
+    let l = Arc::new(BlockLayer::new());
+    // As on a migration destination: nodes open inactive.
+    l.set_incoming(true);
+    l.blockdev_add(&json!({"driver": "raw", "node-name": "d0",
+        "file": {"driver": "file", "filename": img.to_str().unwrap()}}))
+        .unwrap();
+    let node = l.node("d0").unwrap();
+    assert!(node.is_inactive());
+    let sock = dir.path().join("nbd.sock");
+    let server = NbdServer::new();
+    server.start(&SocketAddress::Unix(sock.clone()), 0).unwrap();
+    export(&server, &l, "disk", true, None);
+    assert!(!node.is_inactive());
+    let mut c = connect(&SocketAddress::Unix(sock), "disk", None);
+    c.write_at(0, b"incoming").unwrap();
+    assert_eq!(&std::fs::read(&img).unwrap()[..8], b"incoming");
+    server.stop().unwrap();
+}
+
+/// A server that answers the handshake with `greeting` and then anything with `junk`.
+fn hostile_server(dir: &Path, greeting: Vec<u8>, junk: Vec<u8>) -> SocketAddress {
+    let path = dir.join("evil.sock");
+    let l = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    std::thread::spawn(move || {
+        if let Ok((mut s, _)) = l.accept() {
+            let _ = s.write_all(&greeting);
+            let mut buf = [0u8; 4096];
+            // Answer whatever the client sends with the junk, then hang up.
+            let _ = s.set_read_timeout(Some(Duration::from_millis(200)));
+            let _ = s.read(&mut buf);
+            let _ = s.write_all(&junk);
+        }
+    });
+    SocketAddress::Unix(path)
+}
+
+#[test]
+fn a_hostile_server_gets_errors_not_panics() {
+    let mut greeting = proto::NBDMAGIC.to_be_bytes().to_vec();
+    greeting.extend_from_slice(&proto::IHAVEOPT.to_be_bytes());
+    greeting.extend_from_slice(&3u16.to_be_bytes());
+    let cases: Vec<(Vec<u8>, Vec<u8>)> = vec![
+        (b"NOTMAGIC".to_vec(), vec![]),
+        (greeting.clone(), vec![]),
+        // An option reply announcing 4 GiB.
+        (greeting.clone(), {
+            let mut r =
+                proto::option_reply_header(opt::STRUCTURED_REPLY, rep::ACK, u32::MAX).to_vec();
+            r.extend_from_slice(&[0u8; 64]);
+            r
+        }),
+        // A reply to the wrong option.
+        (
+            greeting.clone(),
+            proto::option_reply_header(opt::LIST, rep::ACK, 0).to_vec(),
+        ),
+        // Random bytes.
+        (
+            greeting,
+            (0..300u32).map(|i| (i * 97 % 256) as u8).collect(),
+        ),
+    ];
+    for (g, junk) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        let addr = hostile_server(dir.path(), g, junk);
+        let r = NbdClient::connect(
+            &addr,
+            &ConnectOptions {
+                export: "disk".into(),
+                meta_context: None,
+            },
+        );
+        assert!(r.is_err());
+    }
+}
+
+mod fuzz {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(24))]
+        /// Random requests after a real handshake: the server answers or hangs up, never
+        /// dies, and keeps serving other clients.
+        #[test]
+        fn random_requests_never_take_the_server_down(
+            reqs in proptest::collection::vec(
+                (any::<u16>(), 0u16..10, any::<u64>(), 0u64..(8 << 20), 0u32..70_000),
+                1..8,
+            )
+        ) {
+            let dir = tempfile::tempdir().unwrap();
+            let l = layer_with_file(dir.path());
+            let sock = dir.path().join("nbd.sock");
+            let server = NbdServer::new();
+            server.start(&SocketAddress::Unix(sock.clone()), 0).unwrap();
+            export(&server, &l, "disk", true, None);
+            let mut s = UnixStream::connect(&sock).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let mut greet = [0u8; 18];
+            s.read_exact(&mut greet).unwrap();
+            s.write_all(&3u32.to_be_bytes()).unwrap();
+            let mut d = 4u32.to_be_bytes().to_vec();
+            d.extend_from_slice(b"disk");
+            d.extend_from_slice(&0u16.to_be_bytes());
+            s.write_all(&proto::option_header(opt::GO, d.len() as u32)).unwrap();
+            s.write_all(&d).unwrap();
+            for (flags, kind, handle, offset, len) in reqs {
+                let r = proto::Request { flags, kind, handle, offset, len };
+                if s.write_all(&r.encode()).is_err() {
+                    break;
+                }
+                if kind == proto::cmd::WRITE {
+                    let _ = s.write_all(&vec![0x5a; len as usize]);
+                }
+            }
+            let _ = s.shutdown(std::net::Shutdown::Write);
+            let mut rest = Vec::new();
+            let _ = s.read_to_end(&mut rest);
+            let mut c = connect(&SocketAddress::Unix(sock), "disk", None);
+            let mut b = [0u8; 8];
+            prop_assert!(c.read_at(0, &mut b).is_ok());
+            server.stop().unwrap();
+        }
+    }
+}
