@@ -85,15 +85,24 @@ fn migrates_through_a_file_written_by_exec_and_loaded_by_file_and_exec() {
     src.migrate(&format!("exec:cat > {}", file.display()));
     src.wait_completed();
     check_source_events(&mut src);
-    for (name, incoming) in [
-        ("dst-file", format!("file:{}", file.display())),
-        ("dst-exec", format!("exec:cat {}", file.display())),
-    ] {
-        // The caps must be on before the stream is read, so start deferred and set them first.
+    let file_uri = format!("file:{}", file.display());
+    let exec_uri = format!("exec:cat {}", file.display());
+    // Started with `-incoming URI`: the stream is read at once, before any QMP command.
+    for (name, incoming) in [("dst-file", &file_uri), ("dst-exec", &exec_uri)] {
+        let mut dst = Lm::destination(dir.path(), name, incoming);
+        check_busy_stop_point(&mut src, &mut dst, true);
+        check_carries_on(&mut dst);
+    }
+    // Started with `-incoming defer`, capabilities set, then `migrate-incoming URI`.
+    for (name, incoming) in [("dst-file-defer", &file_uri), ("dst-exec-defer", &exec_uri)] {
         let mut dst = Lm::destination(dir.path(), name, "defer");
         dst.caps_on(ONE_WAY_CAPS);
         dst.ok("migrate-incoming", json!({ "uri": incoming }));
         check_busy_stop_point(&mut src, &mut dst, true);
+        assert_eq!(
+            dst.migration_events_until("completed"),
+            ["setup", "active", "completed"]
+        );
         check_carries_on(&mut dst);
     }
 }

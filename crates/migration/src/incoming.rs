@@ -11,7 +11,7 @@
 //! downtime spent rebuilding the map does not grow with the number of devices (seed 003).
 
 use crate::bitmaps::{BitmapLoader, BITMAP_IDSTR, BITMAP_VERSION};
-use crate::caps::{Capabilities, Capability};
+use crate::caps::Capabilities;
 use crate::engine::Shared;
 use crate::error::MigrationError;
 use crate::globalstate::{GlobalState, GLOBALSTATE_IDSTR};
@@ -62,9 +62,13 @@ pub struct StreamLoader {
 
 impl StreamLoader {
     /// A loader for `machine`. `return_path` is where PONG/SHUT go if the source opens one.
+    /// `_caps` are this end's capabilities: none that livemig implements changes how a stream
+    /// loads — like QEMU's, the loader takes a `dirty-bitmap` section whether or not
+    /// `dirty-bitmaps` is on here (a destination started with `-incoming file:...` has no
+    /// chance to turn it on).
     pub fn new(
         machine: Arc<dyn Machine>,
-        caps: &Capabilities,
+        _caps: &Capabilities,
         params: &Parameters,
         return_path: Option<BoxWrite>,
     ) -> Self {
@@ -74,13 +78,9 @@ impl StreamLoader {
             devices.insert((d.idstr(), d.instance_id()), d);
         }
         devices.insert((GLOBALSTATE_IDSTR.to_string(), 0), globalstate.clone());
-        let bitmaps = if caps.has(Capability::DirtyBitmaps) {
-            machine
-                .block_layer()
-                .map(|l| BitmapLoader::new(l, params.block_bitmap_mapping.clone()))
-        } else {
-            None
-        };
+        let bitmaps = machine
+            .block_layer()
+            .map(|l| BitmapLoader::new(l, params.block_bitmap_mapping.clone()));
         StreamLoader {
             ram: RamLoader::new(machine.ram_blocks()),
             machine,
@@ -128,7 +128,7 @@ impl StreamLoader {
                 }
                 if self.bitmaps.is_none() {
                     return Err(MigrationError::Load(
-                        "dirty-bitmap section received but capability dirty-bitmaps is off on the destination".into(),
+                        "dirty-bitmap section received but this machine has no block layer".into(),
                     ));
                 }
                 Ok(Handler::Bitmaps)
