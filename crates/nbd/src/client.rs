@@ -45,6 +45,9 @@ pub struct NbdClient {
     flags: u16,
     structured: bool,
     max_block: u32,
+    /// The connection broke or the server broke the protocol: it is out of step and must not
+    /// be used again.
+    broken: bool,
     meta_context_id: Option<u32>,
     next_handle: u64,
 }
@@ -86,6 +89,7 @@ impl NbdClient {
             flags: 0,
             structured: false,
             max_block: proto::MAX_BUFFER_SIZE,
+            broken: false,
             meta_context_id: None,
             next_handle: 1,
         };
@@ -463,7 +467,7 @@ impl NbdClient {
             self.flush()?;
             self.reply(h, offset, None, None)
         })();
-        finish(r)
+        self.finish(r)
     }
 
     /// Reads `buf.len()` bytes at `offset`.
@@ -479,7 +483,7 @@ impl NbdClient {
                 self.flush()?;
                 self.reply(h, off, Some(piece), None)
             })();
-            finish(r)?;
+            self.finish(r)?;
             done += n;
         }
         Ok(())
@@ -573,23 +577,37 @@ impl NbdClient {
             self.flush()?;
             self.reply(h, offset, None, Some(&mut out))
         })();
-        finish(r)?;
+        self.finish(r)?;
         Ok(out)
+    }
+
+    /// Turns a reply into the request's result; a broken connection marks the client unusable
+    /// and fails with `EIO`, as QEMU's driver does without `reconnect-delay`.
+    fn finish(
+        &mut self,
+        r: Result<Result<(), (u32, String)>, ProtoError>,
+    ) -> Result<(), BlockError> {
+        match r {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err((code, _msg))) => {
+                Err(BlockError::Io(Errno::from_raw(proto::nbd_to_errno(code))))
+            }
+            Err(_) => {
+                self.broken = true;
+                Err(BlockError::Io(Errno::EIO))
+            }
+        }
+    }
+
+    /// Whether the connection is unusable.
+    pub fn is_broken(&self) -> bool {
+        self.broken
     }
 
     /// Sends `NBD_CMD_DISC`.
     pub fn disconnect(mut self) {
         let _ = self.request(cmd::DISC, 0, 0, 0);
         let _ = self.flush();
-    }
-}
-
-fn finish(r: Result<Result<(), (u32, String)>, ProtoError>) -> Result<(), BlockError> {
-    match r {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err((code, _msg))) => Err(BlockError::Io(Errno::from_raw(proto::nbd_to_errno(code)))),
-        // A broken connection: QEMU's nbd driver reports EIO.
-        Err(_) => Err(BlockError::Io(Errno::EIO)),
     }
 }
 
@@ -693,9 +711,7 @@ impl NbdDriver {
         let mut g = self.conn.lock().unwrap_or_else(PoisonError::into_inner);
         let c = g.as_mut().ok_or(BlockError::Io(Errno::EIO))?;
         let r = f(c);
-        if matches!(r, Err(BlockError::Io(Errno::EIO))) {
-            // The connection may be out of step now; stop using it (QEMU's driver without
-            // reconnect-delay does the same).
+        if c.is_broken() {
             *g = None;
         }
         r

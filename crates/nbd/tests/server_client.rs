@@ -479,6 +479,17 @@ fn blockdev_add_nbd_driver_reaches_the_export() {
             .to_string(),
         "Parameter 'server' is missing"
     );
+    // A request the server refuses fails alone; the connection carries on.
+    let d0 = l.node("d0").unwrap();
+    let bm = d0.create_bitmap(65536, Some("ro")).unwrap();
+    d0.with_bitmaps(|b| b.get_mut(bm).unwrap().set_readonly(true));
+    assert_eq!(
+        n.write_at(0, &[1u8; 512]),
+        Err(block::BlockError::Io(Errno::EPERM))
+    );
+    let mut again = [0u8; 16];
+    n.read_at(512, &mut again).unwrap();
+    assert_eq!(&again, b"via blockdev-add");
     client_layer.blockdev_del("remote").unwrap();
     server.stop().unwrap();
 }
