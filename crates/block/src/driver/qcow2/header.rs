@@ -460,8 +460,17 @@ impl Header {
     }
 
     /// Cluster 0 as QEMU's `qcow2_update_header` writes it: `cluster_size` bytes, or `ENOSPC`
-    /// when the extensions and backing file name do not fit.
+    /// when the extensions and backing file name do not fit. The feature-name table is left out
+    /// when it is what does not fit (QEMU 7.2 does so with 512-byte clusters and a bitmaps
+    /// extension, observed).
     pub fn serialize(&self) -> Result<Vec<u8>, BlockError> {
+        match self.serialize_with(true) {
+            Err(BlockError::Io(nix::errno::Errno::ENOSPC)) => self.serialize_with(false),
+            other => other,
+        }
+    }
+
+    fn serialize_with(&self, feature_table: bool) -> Result<Vec<u8>, BlockError> {
         let cs = self.cluster_size() as usize;
         let mut b: Vec<u8> = Vec::with_capacity(cs);
         let header_length = if self.version >= 3 {
@@ -500,7 +509,7 @@ impl Header {
         if let Some(f) = &self.backing_format {
             ext(&mut b, EXT_BACKING_FORMAT, f.as_bytes());
         }
-        if self.version >= 3 {
+        if self.version >= 3 && feature_table {
             let mut table = Vec::with_capacity(FEATURES.len() * 48);
             for (ty, bit, name) in FEATURES {
                 let start = table.len();
