@@ -999,3 +999,71 @@ fn growing_an_image_keeps_data_and_bitmaps() {
     assert_eq!(qemu_view(&mut qmp, "d0"), view);
     quit(vm, qmp);
 }
+
+#[test]
+fn shared_storage_hand_over_between_two_layers() {
+    if !have_qemu("shared_storage_hand_over_between_two_layers") {
+        return;
+    }
+    let dir = tmp();
+    let img = dir.path().join("s.qcow2");
+    create(&img, "4M", &[]);
+    // Source.
+    let src = BlockLayer::new();
+    let s = open(&src, &img, "d0");
+    src.block_dirty_bitmap_add("d0", "stays", None, Some(true), None)
+        .unwrap();
+    src.block_dirty_bitmap_add("d0", "moves", Some(4096), Some(true), None)
+        .unwrap();
+    s.write_at(0, &[1u8; 70000]).unwrap();
+    // Destination: opened inactive (-incoming) while the source runs — no lock taken.
+    let dst = BlockLayer::new();
+    dst.set_incoming(true);
+    let d = open(&dst, &img, "d0");
+    assert!(d.is_inactive());
+    assert!(
+        d.bitmaps().named().next().is_none(),
+        "nothing loaded while inactive"
+    );
+    // Switchover: "moves" travels in the stream (skip_store), "stays" through the image.
+    let moved = {
+        let mut l = s.bitmaps();
+        let b = l.find_mut("moves").unwrap();
+        b.set_skip_store(true);
+        b.hbitmap().clone()
+    };
+    src.inactivate_all().unwrap();
+    {
+        let mut l = d.bitmaps();
+        let id = l.create(4096, Some("moves")).unwrap();
+        let b = l.get_mut(id).unwrap();
+        b.set_persistent(true);
+        *b.hbitmap_mut() = moved.clone();
+    }
+    dst.activate_all().unwrap();
+    let names: Vec<String> = d
+        .bitmaps()
+        .named()
+        .map(|b| b.name().unwrap().to_string())
+        .collect();
+    assert_eq!(names, ["stays", "moves"]);
+    assert_eq!(d.bitmaps().find("moves").unwrap().hbitmap(), &moved);
+    assert_eq!(d.bitmaps().find("stays").unwrap().count(), 131072);
+    // The source cannot take it back now.
+    assert_eq!(
+        src.activate_all().unwrap_err().to_string(),
+        "Failed to get \"write\" lock"
+    );
+    d.write_at(1 << 20, &[2u8; 10]).unwrap();
+    drop((s, d));
+    dst.close_all().unwrap();
+    src.close_all().unwrap();
+    check_clean(&img);
+    assert_eq!(
+        info_bitmaps(&img),
+        vec![
+            ("moves".into(), 4096, vec!["auto".into()]),
+            ("stays".into(), 65536, vec!["auto".into()]),
+        ]
+    );
+}
