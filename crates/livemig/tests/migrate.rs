@@ -59,6 +59,11 @@ fn migrates_over_unix_socket() {
         "{q}"
     );
     assert!(q["downtime"].as_u64().is_some(), "{q}");
+    // The source handed its guest over: it cannot be migrated again.
+    assert_eq!(
+        src.err("migrate", json!({ "uri": uri })),
+        "Can't migrate the vm that was paused due to previous migration"
+    );
     check_carries_on(&mut dst);
 }
 
