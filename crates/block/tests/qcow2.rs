@@ -412,6 +412,27 @@ fn bitmaps_qemu_wrote_load_here_as_qemu_sees_them() {
             ("late".into(), 4096, vec!["auto".into()]),
         ]
     );
+    // Read-only: the same bitmaps, readonly, and the image is not marked.
+    let l = BlockLayer::new();
+    let node = l
+        .blockdev_add(
+            &json!({"driver": "qcow2", "node-name": "d0", "read-only": true,
+            "file": {"driver": "file", "filename": p}}),
+        )
+        .unwrap();
+    assert_eq!(our_view(&l, "d0"), theirs);
+    assert!(node.bitmaps().named().all(|b| b.readonly()));
+    assert!(info_bitmaps(&img)
+        .iter()
+        .all(|b| !b.2.contains(&"in-use".to_string())));
+    assert_eq!(
+        l.block_dirty_bitmap_clear("d0", "b0")
+            .unwrap_err()
+            .to_string(),
+        "Bitmap 'b0' is readonly and cannot be modified"
+    );
+    drop(node);
+    l.close_all().unwrap();
     // And QEMU reads back what we stored.
     let (vm, mut qmp) = start_qemu(dir.path(), "q2", &[qemu_blockdev(&img, "d0")]);
     assert_eq!(qemu_view(&mut qmp, "d0"), theirs);
@@ -1066,4 +1087,47 @@ fn shared_storage_hand_over_between_two_layers() {
             ("stays".into(), 65536, vec!["auto".into()]),
         ]
     );
+}
+
+#[test]
+fn damaged_images_never_panic() {
+    if !have_qemu("damaged_images_never_panic") {
+        return;
+    }
+    let dir = tmp();
+    let base = dir.path().join("base.qcow2");
+    let bp = base.to_str().unwrap();
+    create(&base, "2M", &["cluster_size=4096"]);
+    ok("qemu-img", &["bitmap", "--add", bp, "b0"]);
+    ok("qemu-img", &["bitmap", "--add", "-g", "512", bp, "b1"]);
+    qemu_io(&base, &["write -P 1 0 300k", "write -P 2 1M 5000"]);
+    let good = std::fs::read(&base).unwrap();
+    let img = dir.path().join("x.qcow2");
+    let mut rng = Rng(99);
+    let mut opened = 0;
+    for iter in 0..80 {
+        let mut bytes = good.clone();
+        // Damage a few bytes of the metadata area (header, tables, directory).
+        for _ in 0..1 + rng.below(4) {
+            let at = rng.below(bytes.len().min(0x20000) as u64) as usize;
+            bytes[at] = rng.next() as u8;
+        }
+        std::fs::write(&img, &bytes).unwrap();
+        let l = BlockLayer::new();
+        if let Ok(node) = l.blockdev_add(&qcow2_opts(&img, "d0")) {
+            opened += 1;
+            let mut buf = vec![0u8; 2 << 20];
+            let _ = node.read_at(0, &mut buf);
+            let _ = node.write_at(4096 * rng.below(500), &[9u8; 6000]);
+            let _ = node.discard(0, 65536);
+            let _ = l.block_dirty_bitmap_add("d0", "new", None, Some(true), None);
+            if iter % 4 == 0 {
+                let _ = l.inactivate_all();
+                let _ = l.activate_all();
+            }
+            drop(node);
+        }
+        let _ = l.close_all();
+    }
+    assert!(opened > 0, "some damage is harmless");
 }
