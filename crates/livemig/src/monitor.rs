@@ -167,8 +167,14 @@ impl Dispatcher for Monitor {
                     Some(json!({"guest": false, "reason": "host-qmp-quit"})),
                 );
                 let server = app.server.clone();
+                let block = app.block.clone();
                 Ok(Reply::empty().after_flush(move || {
                     server.close(Duration::from_secs(5));
+                    // QEMU closes every block node at exit (bdrv_close_all): qcow2 metadata
+                    // and persistent bitmaps reach the images.
+                    if let Err(e) = block.close_all() {
+                        eprintln!("livemig: {e}");
+                    }
                     std::process::exit(0);
                 }))
             }
