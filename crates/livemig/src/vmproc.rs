@@ -27,6 +27,8 @@ impl migration::events::EventSink for QmpEvents {
 /// Runs the VM until `quit` (which exits the process). Returns an error message for a bad
 /// configuration, as QEMU does before it starts.
 pub fn run(args: VmArgs) -> Result<(), String> {
+    // Drivers from other crates, before any -blockdev can name them.
+    nbd::register_driver();
     let block = Arc::new(BlockLayer::new());
     block.set_incoming(args.incoming.is_some());
     for spec in &args.blockdevs {

@@ -225,3 +225,42 @@ fn livemig_migrates_its_storage_to_qemu() {
     }
     migrate_with_storage(false);
 }
+
+#[test]
+fn a_blockdev_on_the_command_line_can_be_an_nbd_export() {
+    let dir = testkit::tempdir();
+    let (src, _dst) = images(dir.path());
+    let (_ep, mut exporter) = livemig(dir.path(), &src);
+    let sock = dir.path().join("lm-nbd.sock");
+    export(&mut exporter, &sock);
+    let blockdev = json!({"driver": "nbd", "node-name": "remote", "export": "d0",
+                          "server": {"type": "unix", "path": sock.to_str().unwrap()}});
+    let args: Vec<String> = vec![
+        "vm".into(),
+        "-M".into(),
+        "none".into(),
+        "-m".into(),
+        "16M".into(),
+        "-blockdev".into(),
+        blockdev.to_string(),
+    ];
+    let mut p =
+        VmProcess::spawn(env!("CARGO_BIN_EXE_livemig"), &args, dir.path(), "client").unwrap();
+    let deadline = Instant::now() + TIMEOUT;
+    while !p.qmp_path.exists() {
+        assert!(p.alive(), "livemig exited: {}", p.log());
+        assert!(Instant::now() < deadline);
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let mut c = p.qmp();
+    let nodes = c.ok("query-named-block-nodes", json!({}));
+    assert_eq!(nodes[0]["drv"], "nbd");
+    assert_eq!(
+        nodes[0]["file"],
+        format!("nbd+unix:///d0?socket={}", sock.display())
+    );
+    assert_eq!(nodes[0]["image"]["virtual-size"], SIZE as u64);
+    let first = std::fs::read(&src).unwrap()[0];
+    let out = c.hmp(&format!("qemu-io remote \"read -P {first} 0 1\""));
+    assert!(out.contains("read 1/1 bytes at offset 0"), "{out}");
+}
