@@ -210,6 +210,14 @@ impl Vm {
                 });
             }
         }
+        // The workload's disk is a guest device (QEMU's `-device virtio-blk,drive=NODE`): it
+        // takes the device's permissions, so its image is write-locked against other
+        // processes while this VM owns it (an incoming VM takes the locks on activation).
+        if let Some(node) = &config.workload_disk {
+            block
+                .attach_device(node, "", "/machine/peripheral-anon/livemig-disk")
+                .map_err(|e| format!("disk {node}: {e}"))?;
+        }
         let core = Arc::new(VmCore {
             workload: Mutex::new(config.workload.clone()),
             vcpus: (0..nvcpus)
