@@ -600,10 +600,10 @@ fn run_mirror(mgr: &JobManager, job: &Job, cfg: &MirrorConfig) -> Outcome {
             Some(p) => p,
             None => return Outcome::Failed("internal: area larger than the buffer".into()),
         };
-        let r = cfg
-            .source
-            .read_at(offset, piece)
-            .and_then(|()| cfg.target.write_at(offset, piece));
+        let r = match cfg.source.read_at(offset, piece) {
+            Err(e) => Err(("read", e)),
+            Ok(()) => cfg.target.write_at(offset, piece).map_err(|e| ("write", e)),
+        };
         let remaining = bitmap.count();
         {
             let mut s = lock(&job.state);
@@ -613,8 +613,14 @@ fn run_mirror(mgr: &JobManager, job: &Job, cfg: &MirrorConfig) -> Outcome {
             }
             s.len = s.offset.saturating_add(remaining);
         }
-        if let Err(e) = r {
+        if let Err((operation, e)) = r {
             bitmap.mark(offset, len);
+            // on-source-error / on-target-error `report` (the default): QEMU reports the
+            // error, then the job fails with it.
+            mgr.emit(
+                "BLOCK_JOB_ERROR",
+                json!({"device": job.id, "operation": operation, "action": "report"}),
+            );
             return Outcome::Failed(e.to_string());
         }
         copied_since_speed = copied_since_speed.saturating_add(len);
@@ -828,6 +834,11 @@ mod tests {
         m.start_mirror(cfg(&l, "j0", SyncMode::Full)).unwrap();
         // Pulled from under the job (not through inactivate_all, which the claim refuses).
         l.node("tgt").unwrap().inactivate().unwrap();
+        let e = wait_for(&rx, "BLOCK_JOB_ERROR");
+        assert_eq!(
+            e,
+            json!({"device": "j0", "operation": "write", "action": "report"})
+        );
         let d = wait_for(&rx, "BLOCK_JOB_COMPLETED");
         assert_eq!(d["error"], "Operation not permitted");
         loop {
