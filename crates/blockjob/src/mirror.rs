@@ -383,6 +383,11 @@ impl JobManager {
     }
 
     fn finish(&self, job: &Job, outcome: Outcome) {
+        // The whole end — events, status changes, removal from the list — happens under the
+        // jobs lock, so a query sees the job either running or gone: a client that has seen
+        // BLOCK_JOB_COMPLETED never finds it still listed (QEMU does all of this in one
+        // main-loop step). Lock order: jobs, then a job's state.
+        let mut jobs = lock(&self.jobs);
         match outcome {
             Outcome::Completed => {
                 self.set_status(job, Status::Waiting);
@@ -399,7 +404,7 @@ impl JobManager {
             }
         }
         self.set_status(job, Status::Concluded);
-        lock(&self.jobs).retain(|j| !std::ptr::eq(Arc::as_ptr(j), job));
+        jobs.retain(|j| !std::ptr::eq(Arc::as_ptr(j), job));
         self.set_status(job, Status::Null);
     }
 
@@ -706,6 +711,8 @@ mod tests {
         m.cancel("j0", false).unwrap();
         let done = wait_for(&rx, "BLOCK_JOB_COMPLETED");
         assert!(done.get("error").is_none());
+        // Whoever has seen the event finds the job gone (QEMU's ordering).
+        assert!(m.jobs().is_empty());
         loop {
             let d = wait_for(&rx, "JOB_STATUS_CHANGE");
             if d["status"] == "null" {
