@@ -61,7 +61,10 @@ impl Read for Shared {
 
 fn save_all(ram: &Arc<BenchRam>, sink: Box<dyn std::io::Write + Send>) -> Writer {
     let mut w: Writer = StreamWriter::with_capacity(sink, 256 * 1024);
-    let mut saver = RamSaver::new(vec![ram.clone() as Arc<dyn RamBlock>], Arc::new(RamCounters::default()));
+    let mut saver = RamSaver::new(
+        vec![ram.clone() as Arc<dyn RamBlock>],
+        Arc::new(RamCounters::default()),
+    );
     saver.setup(&mut w).expect("setup");
     saver.send(&mut w, u64::MAX, None).expect("send");
     wire::ram::write_eos(&mut w).expect("eos");
@@ -106,7 +109,8 @@ fn bench(c: &mut Criterion) {
     let dst = BenchRam::new(|_| 0);
     g.bench_function("load 64 MiB of data pages", |b| {
         b.iter(|| {
-            let mut r: Reader = StreamReader::with_capacity(Box::new(Shared(stream.clone(), 0)), 256 * 1024);
+            let mut r: Reader =
+                StreamReader::with_capacity(Box::new(Shared(stream.clone(), 0)), 256 * 1024);
             let mut loader = RamLoader::new(vec![dst.clone() as Arc<dyn RamBlock>]);
             // The setup body (MEM_SIZE, EOS), then the pages (up to the second EOS).
             loader.load(&mut r).expect("load setup");

@@ -40,7 +40,10 @@ pub fn qemu() -> Missing {
         Ok(o) if String::from_utf8_lossy(&o.stdout).contains("version 7.2") => None,
         Ok(o) => Some(format!(
             "qemu-system-x86_64 is not QEMU 7.2: {}",
-            String::from_utf8_lossy(&o.stdout).lines().next().unwrap_or("")
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .next()
+                .unwrap_or("")
         )),
         Err(e) => Some(format!("qemu-system-x86_64 does not run: {e}")),
     }
@@ -63,7 +66,11 @@ pub fn python_qmp() -> Missing {
 
 /// Checks that `/dev/kvm` can be opened read-write.
 pub fn kvm() -> Missing {
-    match std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm") {
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
         Ok(_) => None,
         Err(e) => Some(format!("/dev/kvm is not usable: {e}")),
     }
@@ -121,7 +128,9 @@ impl QmpClient {
         c.greeting = c.read_message()?;
         let r = c.execute("qmp_capabilities", json!({}))?;
         if r.get("return").is_none() {
-            return Err(std::io::Error::other(format!("qmp_capabilities failed: {r}")));
+            return Err(std::io::Error::other(format!(
+                "qmp_capabilities failed: {r}"
+            )));
         }
         Ok(c)
     }
@@ -186,18 +195,27 @@ impl QmpClient {
     }
 
     /// Waits for an event for which `pred` holds, returning it (earlier events stay queued).
-    pub fn wait_event(&mut self, timeout: Duration, pred: impl Fn(&Value) -> bool) -> Option<Value> {
+    pub fn wait_event(
+        &mut self,
+        timeout: Duration,
+        pred: impl Fn(&Value) -> bool,
+    ) -> Option<Value> {
         if let Some(i) = self.events.iter().position(&pred) {
             return Some(self.events.remove(i));
         }
         let deadline = Instant::now() + timeout;
         while Instant::now() < deadline {
-            let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
+            let left = deadline
+                .saturating_duration_since(Instant::now())
+                .max(Duration::from_millis(1));
             self.reader.get_ref().set_read_timeout(Some(left)).ok()?;
             match self.read_message() {
                 Ok(m) => {
                     if m.get("event").is_some() && pred(&m) {
-                        let _ = self.reader.get_ref().set_read_timeout(Some(Duration::from_secs(120)));
+                        let _ = self
+                            .reader
+                            .get_ref()
+                            .set_read_timeout(Some(Duration::from_secs(120)));
                         return Some(m);
                     }
                     self.events.push(m);
@@ -205,7 +223,10 @@ impl QmpClient {
                 Err(_) => break,
             }
         }
-        let _ = self.reader.get_ref().set_read_timeout(Some(Duration::from_secs(120)));
+        let _ = self
+            .reader
+            .get_ref()
+            .set_read_timeout(Some(Duration::from_secs(120)));
         None
     }
 
@@ -259,7 +280,11 @@ impl VmProcess {
             .stdout(log.try_clone()?)
             .stderr(log);
         let child = cmd.spawn()?;
-        Ok(VmProcess { child, qmp_path, log_path })
+        Ok(VmProcess {
+            child,
+            qmp_path,
+            log_path,
+        })
     }
 
     /// Starts QEMU 7.2's `-M none` machine (RAM and disks, no CPU) with `extra` arguments
@@ -267,10 +292,18 @@ impl VmProcess {
     /// that `-M none` cannot have on x86, so tests put data into QEMU's RAM with `-device
     /// loader` (applied at start-up and again by `system_reset`) or by migrating it in.
     pub fn qemu_none(dir: &Path, name: &str, extra: &[String]) -> std::io::Result<Self> {
-        let mut args: Vec<String> = ["-M", "none", "-nodefaults", "-display", "none", "-accel", "tcg"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
+        let mut args: Vec<String> = [
+            "-M",
+            "none",
+            "-nodefaults",
+            "-display",
+            "none",
+            "-accel",
+            "tcg",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
         args.extend_from_slice(extra);
         Self::spawn("qemu-system-x86_64", &args, dir, name)
     }
@@ -278,7 +311,11 @@ impl VmProcess {
     /// Connects a QMP client to this process.
     pub fn qmp(&self) -> QmpClient {
         QmpClient::connect(&self.qmp_path, Duration::from_secs(30)).unwrap_or_else(|e| {
-            panic!("cannot connect to {}: {e}\nlog:\n{}", self.qmp_path.display(), self.log())
+            panic!(
+                "cannot connect to {}: {e}\nlog:\n{}",
+                self.qmp_path.display(),
+                self.log()
+            )
         })
     }
 
@@ -314,7 +351,10 @@ impl Drop for VmProcess {
 
 /// A fresh temporary directory for one test (removed when dropped).
 pub fn tempdir() -> tempfile::TempDir {
-    tempfile::Builder::new().prefix("livemig-test-").tempdir().expect("tempdir")
+    tempfile::Builder::new()
+        .prefix("livemig-test-")
+        .tempdir()
+        .expect("tempdir")
 }
 
 /// Path of the `livemig` binary built by cargo for integration tests of the `livemig` crate;
