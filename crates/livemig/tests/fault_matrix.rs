@@ -1,0 +1,749 @@
+//! Hand the disks over cleanly (issue 5): a migration that ends in `migrate_cancel`, a killed
+//! destination or a cut connection, in each of `setup`, `active`, `pre-switchover` and
+//! `device`, leaves the source running with every disk and dirty bitmap exactly as it was —
+//! persistent bitmaps inside the qcow2 image included, the QEMU 7.2 bug being that a
+//! cancelled migration loses them at the next shutdown — and a new migration succeeds.
+//!
+//! Every cell runs the same story on an idle guest whose RAM and bitmaps change only when the
+//! test changes them:
+//! 1. A source on a qcow2 image `d0` with four bitmaps: `pb` and `pn` persistent from the
+//!    image (`qemu-img bitmap --add`), `pq` persistent from QMP (128 KiB granules, disabled),
+//!    `tb` transient; `block-bitmap-mapping` migrates `pb`, `pq` and `tb` but not `pn`, so at
+//!    switchover `pn` is stored to the image and released while the others stay in memory
+//!    (`skip_store`). A second node `d1` (null-co, 4 GiB) carries `tz`, a transient bitmap of
+//!    512-byte granules that is all set: 1 MiB of bitmap data at switchover, more than the
+//!    socket buffers hold. Every bitmap's contents are known: qemu-io writes through the
+//!    monitor.
+//! 2. The fault. The migration ends `cancelled` or `failed` with the expected events and
+//!    error. The source is `running`, its RAM checksum, bitmaps (sha256, count, flags) and data
+//!    are as before, the bitmaps are free (not busy), the image is write-locked again and
+//!    writable. The destination, if alive, failed without running the guest or keeping a
+//!    bitmap, and its image (after it quit, or was killed) has no bitmaps and checks clean.
+//!    In `pre-switchover` a dead destination or connection is noticed, as in QEMU, when
+//!    management says `migrate-continue`.
+//! 3. `quit`: `qemu-img info` shows every persistent bitmap with its flags and granularity (not
+//!    `in-use`), `qemu-img check` is clean, the data reads back with `qemu-io -r`.
+//! 4. A new source on the same image gets the persistent bitmaps back bit for bit, suffers the
+//!    same fault, and then migrates to a fresh destination: at the stop point RAM, vCPUs and
+//!    bitmap hashes agree; the destination's image, once it quits, holds the migrated
+//!    persistent bitmaps with the same contents (read back by a third process).
+//!
+//! How each phase is held: `setup` — a connect that hangs (a unix listener whose backlog is
+//! full; "killing the destination" kills the process that owns it, "cutting" closes it);
+//! `active` — 1 MiB/s of bandwidth; `pre-switchover` — `pause-before-switchover`; `device` — a
+//! proxy that forwards the stream up to the `ram` END section and holds the rest, so the source
+//! has inactivated its disks and waits for the destination's `SHUT` on the return path; and
+//! `device-blocked` — the same proxy stops reading there, so the source is blocked writing
+//! `tz` (checked: its migration thread is in a write system call).
+
+mod common;
+mod faults;
+
+use common::*;
+use faults::*;
+use serde_json::{json, Value};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+/// Capabilities on both ends of every migration here (the return path is what holds a
+/// source in `device`).
+const CAPS: &[&str] = &["events", "dirty-bitmaps", "return-path"];
+
+/// The guest: small RAM, one vCPU, half the RAM filled once and then left alone.
+const FILL: &str = "fill=16M,hot=0";
+const FILL_PAGES16: u64 = (16 << 20) / 4096;
+
+/// Size of every qcow2 image.
+const DISK_SIZE: u64 = 64 << 20;
+
+/// What the test wrote to the disk, as `qemu-io` read commands.
+const READS: &[&str] = &["read -P 0x5a 0 1M", "read -P 0x33 8M 64k"];
+
+/// Where the migration is when the fault strikes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    Setup,
+    Active,
+    PreSwitchover,
+    /// Stream stalled after the switchover started; the source waits for `SHUT`.
+    Device,
+    /// Stream stalled after the switchover started; the source is blocked in a write.
+    DeviceBlocked,
+}
+
+/// What goes wrong.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Fault {
+    /// `migrate_cancel` on the source.
+    Cancel,
+    /// SIGKILL to the destination process.
+    KillDestination,
+    /// The connection between the two closes abruptly.
+    CutConnection,
+}
+
+/// The second node (besides the qcow2 `d0`).
+const D1: &str = "driver=null-co,node-name=d1,size=4294967296";
+
+/// The `block-bitmap-mapping` both ends use: everything but `pn`.
+fn mapping() -> Value {
+    json!({"block-bitmap-mapping": [{
+        "node-name": "d0", "alias": "d0",
+        "bitmaps": [
+            {"name": "pb", "alias": "pb"},
+            {"name": "pq", "alias": "pq"},
+            {"name": "tb", "alias": "tb"},
+        ],
+    }, {
+        "node-name": "d1", "alias": "d1",
+        "bitmaps": [{"name": "tz", "alias": "tz"}],
+    }]})
+}
+
+/// `query-named-block-nodes`' view of the bitmaps as the test made them (with their node
+/// added), sorted by node and name.
+fn expected_bitmaps() -> Vec<Value> {
+    let b = |node: &str,
+             name: &str,
+             count: u64,
+             granularity: u64,
+             recording: bool,
+             persistent: bool| {
+        json!({"node": node, "name": name, "count": count, "granularity": granularity,
+               "recording": recording, "busy": false, "persistent": persistent})
+    };
+    vec![
+        b("d0", "pb", (1 << 20) + (64 << 10), 65536, true, true),
+        b("d0", "pn", (1 << 20) + (64 << 10), 65536, true, true),
+        b("d0", "pq", 1 << 20, 131072, false, true),
+        b("d0", "tb", 64 << 10, 65536, true, false),
+        b("d1", "tz", 4 << 30, 512, true, false),
+    ]
+}
+
+/// The source image's bitmaps as `qemu-img info` must show them after the source quit
+/// without handing the guest over.
+fn expected_image_bitmaps() -> Vec<Value> {
+    vec![
+        json!({"flags": ["auto"], "name": "pb", "granularity": 65536}),
+        json!({"flags": ["auto"], "name": "pn", "granularity": 65536}),
+        json!({"flags": [], "name": "pq", "granularity": 131072}),
+    ]
+}
+
+/// What must not change: RAM, and each bitmap's state and contents.
+#[derive(Debug, PartialEq, Clone)]
+struct Snapshot {
+    ram: Value,
+    /// `query-named-block-nodes`' entries, each with its `node` added.
+    bitmaps: Vec<Value>,
+    /// (node, name, sha256).
+    sha: Vec<(String, String, String)>,
+}
+
+fn bitmaps_of(lm: &mut Lm) -> Vec<Value> {
+    let r = lm.ok("query-named-block-nodes", json!({}));
+    let mut list: Vec<Value> = Vec::new();
+    for n in r.as_array().into_iter().flatten() {
+        let node = n["node-name"].as_str().unwrap_or_default();
+        if node != "d0" && node != "d1" {
+            continue;
+        }
+        for b in n["dirty-bitmaps"].as_array().into_iter().flatten() {
+            let mut b = b.clone();
+            b["node"] = json!(node);
+            list.push(b);
+        }
+    }
+    let key = |b: &Value| format!("{}/{}", b["node"], b["name"]);
+    list.sort_by_key(key);
+    list
+}
+
+fn snapshot(lm: &mut Lm) -> Snapshot {
+    let bitmaps = bitmaps_of(lm);
+    let mut sha = Vec::new();
+    for b in &bitmaps {
+        let node = b["node"].as_str().unwrap_or_default().to_string();
+        let name = b["name"].as_str().unwrap_or_default().to_string();
+        let r = lm.ok(
+            "x-debug-block-dirty-bitmap-sha256",
+            json!({"node": node, "name": name}),
+        );
+        let h = r["sha256"].as_str().unwrap_or_default().to_string();
+        sha.push((node, name, h));
+    }
+    Snapshot {
+        ram: lm.ram_checksum(),
+        bitmaps,
+        sha,
+    }
+}
+
+fn qemu_io_ok(lm: &mut Lm, cmd: &str, expect: &str) {
+    let out = lm.qemu_io(cmd);
+    assert!(out.starts_with(expect), "{}: qemu-io {cmd}: {out}", lm.name);
+}
+
+/// Waits until the guest has written its fill and stopped writing.
+fn wait_idle(lm: &mut Lm) {
+    let deadline = Instant::now() + TIMEOUT;
+    let mut last = None;
+    loop {
+        let r = lm.ok("x-livemig-query-vm", json!({}));
+        let written = r["pages-written"].as_u64().unwrap_or_default();
+        if written >= FILL_PAGES16 && last == Some(written) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{}: still writing: {r}", lm.name);
+        last = Some(written);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// `livemig vm` on `img`. The first start creates `pq` and writes the data; a restart finds
+/// the persistent bitmaps in the image and only re-creates the transient `tb` and `tz` (the
+/// write to `d0` sets only bits the persistent ones already have).
+fn start_source(dir: &Path, name: &str, img: &Path, first: bool) -> Lm {
+    let blockdev = qcow2_blockdev(img);
+    let mut lm = Lm::start(
+        dir,
+        name,
+        &[
+            "-m",
+            "32M",
+            "-smp",
+            "1",
+            "-blockdev",
+            &blockdev,
+            "-blockdev",
+            D1,
+            "-workload",
+            FILL,
+        ],
+    );
+    wait_idle(&mut lm);
+    if first {
+        lm.ok(
+            "block-dirty-bitmap-add",
+            json!({"node": "d0", "name": "pq", "granularity": 131072, "persistent": true}),
+        );
+        qemu_io_ok(&mut lm, "write -P 0x5a 0 1M", "wrote 1048576/1048576");
+        lm.ok(
+            "block-dirty-bitmap-disable",
+            json!({"node": "d0", "name": "pq"}),
+        );
+    }
+    lm.add_bitmap("tb");
+    qemu_io_ok(&mut lm, "write -P 0x33 8M 64k", "wrote 65536/65536");
+    lm.ok(
+        "block-dirty-bitmap-add",
+        json!({"node": "d1", "name": "tz", "granularity": 512}),
+    );
+    for g in 0..4 {
+        let out = lm.ok(
+            "human-monitor-command",
+            json!({ "command-line": format!("qemu-io d1 \"write -z {g}G 1G\"") }),
+        );
+        assert!(
+            out.as_str().unwrap_or_default().starts_with("wrote "),
+            "{out}"
+        );
+    }
+    lm.caps_on(CAPS);
+    lm.set_params(mapping());
+    lm
+}
+
+/// A destination for `uri` on a fresh empty image `NAME.qcow2`; with `paused` (`-S`) it stays
+/// paused after the migration, otherwise it would start the guest.
+fn start_destination(dir: &Path, name: &str, uri: &str, paused: bool) -> Lm {
+    let img = dir.join(format!("{name}.qcow2"));
+    create_qcow2(&img, DISK_SIZE, &[]);
+    let blockdev = qcow2_blockdev(&img);
+    let mut args = vec![
+        "-m",
+        "32M",
+        "-smp",
+        "1",
+        "-blockdev",
+        &blockdev,
+        "-blockdev",
+        D1,
+        "-incoming",
+        uri,
+    ];
+    if paused {
+        args.push("-S");
+    }
+    let mut lm = Lm::start(dir, name, &args);
+    lm.caps_on(CAPS);
+    lm.set_params(mapping());
+    lm
+}
+
+/// `quit`, and the process exits with status 0.
+fn quit(mut lm: Lm) {
+    let _ = lm.qmp.execute("quit", json!({}));
+    assert_eq!(
+        lm.proc.wait_exit(TIMEOUT),
+        Some(0),
+        "{} did not quit cleanly: {}",
+        lm.name,
+        lm.proc.log()
+    );
+}
+
+/// The `MIGRATION` statuses (with `STOP` and `RESUME`) the source reports for this cell.
+fn expected_events(phase: Phase, fault: Fault) -> Vec<&'static str> {
+    let mut v = vec!["setup"];
+    match phase {
+        Phase::Setup => {}
+        Phase::Active => v.push("active"),
+        Phase::PreSwitchover => v.extend(["active", "STOP", "pre-switchover"]),
+        Phase::Device | Phase::DeviceBlocked => v.extend(["active", "STOP", "device"]),
+    }
+    let stopped = !matches!(phase, Phase::Setup | Phase::Active);
+    match fault {
+        Fault::Cancel => v.push("cancelling"),
+        // The source only notices when it goes on: after `migrate-continue`, in `device`.
+        _ if phase == Phase::PreSwitchover => v.push("device"),
+        _ => {}
+    }
+    if stopped {
+        v.push("RESUME");
+    }
+    v.push(if fault == Fault::Cancel {
+        "cancelled"
+    } else {
+        "failed"
+    });
+    v
+}
+
+/// Part of `error-desc` a failed migration of this cell reports.
+fn expected_error(phase: Phase) -> &'static str {
+    match phase {
+        Phase::Setup => "Connection refused",
+        Phase::Active | Phase::PreSwitchover | Phase::DeviceBlocked => "Unable to write to socket",
+        Phase::Device => "the destination closed the return path before reporting success",
+    }
+}
+
+fn stall_phase(phase: Phase) -> bool {
+    matches!(phase, Phase::Device | Phase::DeviceBlocked)
+}
+
+/// Waits until the source's migration thread sits in a socket write (x86-64 numbers; other
+/// architectures skip the check).
+fn wait_blocked_in_write(src: &mut Lm) {
+    if !cfg!(target_arch = "x86_64") {
+        return;
+    }
+    let pid = src.proc.child.id();
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        let sc = thread_syscall(pid, "migration-out");
+        if sc.is_some_and(|n| WRITE_SYSCALLS.contains(&n)) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the migration thread is not blocked in a write (syscall {sc:?})"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Starts a migration from `src`, holds it in `phase`, applies `fault`, and checks how it
+/// ended. `round` keeps the files of repeated attempts apart.
+fn attempt(dir: &Path, src: &mut Lm, img: &Path, phase: Phase, fault: Fault, round: u32) {
+    let sock = |what: &str| dir.join(format!("{what}{round}.sock"));
+    let default_bandwidth = src.ok("query-migrate-parameters", json!({}))["max-bandwidth"].clone();
+    // Whatever stands for the other end; dropped at the end of the attempt.
+    let mut dst: Option<Lm> = None;
+    let mut proxy: Option<Proxy> = None;
+    let mut foreign: Option<ForeignListener> = None;
+    let mut local = None;
+
+    if phase == Phase::Setup {
+        let path = sock("hang");
+        if fault == Fault::KillDestination {
+            foreign = Some(ForeignListener::start(&path));
+        } else {
+            local = Some(hanging_listener(&path));
+        }
+        src.migrate(&format!("unix:{}", path.display()));
+        assert_eq!(src.ok("query-migrate", json!({}))["status"], "setup");
+        // Let the migration thread block in connect(), the case this is about.
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(src.ok("query-migrate", json!({}))["status"], "setup");
+    } else {
+        let target = sock("dst");
+        let target_uri = format!("unix:{}", target.display());
+        // Without -S: had it taken the guest over, it would be running it.
+        dst = Some(start_destination(
+            dir,
+            &format!("attempt{round}-dst"),
+            &target_uri,
+            false,
+        ));
+        let stall = match phase {
+            Phase::Device => Stall::Hold,
+            Phase::DeviceBlocked => Stall::Block,
+            _ => Stall::No,
+        };
+        let uri = if stall != Stall::No || fault == Fault::CutConnection {
+            let listen = sock("proxy");
+            proxy = Some(Proxy::start(&listen, &target, stall));
+            format!("unix:{}", listen.display())
+        } else {
+            target_uri
+        };
+        match phase {
+            // 1 MiB/s for 16 MiB of RAM: it stays active for as long as the test needs.
+            Phase::Active => src.set_params(json!({"max-bandwidth": 1 << 20})),
+            Phase::PreSwitchover => src.caps_on(&["pause-before-switchover"]),
+            _ => {}
+        }
+        src.migrate(&uri);
+        match phase {
+            Phase::Active => {
+                src.wait_migration(&["active"]);
+                let info = src.bitmap_info("pb");
+                assert_eq!(info["busy"], true, "a migrating bitmap is busy: {info}");
+                assert_eq!(src.bitmap_info("pn")["busy"], false, "pn is not migrated");
+            }
+            Phase::PreSwitchover => {
+                src.wait_migration(&["pre-switchover"]);
+                assert_eq!(src.status(), "finish-migrate");
+            }
+            Phase::Device | Phase::DeviceBlocked => {
+                let p = proxy.as_ref().expect("proxy");
+                p.wait_stalled(TIMEOUT);
+                src.wait_migration(&["device"]);
+                assert_eq!(src.status(), "finish-migrate");
+                if phase == Phase::DeviceBlocked {
+                    wait_blocked_in_write(src);
+                } else {
+                    p.wait_source_done(TIMEOUT);
+                }
+                // Blocked or not, the monitor answers, bitmaps included (the migration thread
+                // holds no lock across I/O).
+                let tz = src.ok(
+                    "x-debug-block-dirty-bitmap-sha256",
+                    json!({"node": "d1", "name": "tz"}),
+                );
+                assert!(tz["sha256"].is_string(), "{tz}");
+                // The disks are inactive: the image is unlocked, and the bitmap that does not
+                // migrate has been stored to it (the migrating ones stay in memory).
+                let stored = image_bitmaps(img);
+                let pn = stored.iter().find(|b| b["name"] == "pn");
+                assert_eq!(
+                    pn,
+                    Some(&json!({"flags": ["auto"], "name": "pn", "granularity": 65536})),
+                    "at switchover: {stored:?}"
+                );
+            }
+            Phase::Setup => unreachable!(),
+        }
+    }
+
+    match fault {
+        Fault::Cancel => {
+            src.ok("migrate_cancel", json!({}));
+        }
+        Fault::KillDestination => {
+            if let Some(f) = foreign.as_mut() {
+                f.kill();
+            }
+            if let Some(d) = dst.as_mut() {
+                d.proc.child.kill().expect("kill the destination");
+                let _ = d.proc.child.wait();
+            }
+        }
+        Fault::CutConnection => {
+            local = None;
+            if let Some(p) = &proxy {
+                p.cut();
+            }
+        }
+    }
+    drop(local);
+    if phase == Phase::PreSwitchover && fault != Fault::Cancel {
+        // The source waits for `migrate-continue` whatever happened to the destination (as
+        // QEMU does); management continues when its own switchover work is done.
+        std::thread::sleep(Duration::from_millis(100));
+        if src.ok("query-migrate", json!({}))["status"] == "pre-switchover" {
+            src.ok("migrate-continue", json!({"state": "pre-switchover"}));
+        }
+    }
+
+    let q = src.wait_migration(&["cancelled", "failed", "completed"]);
+    let want = if fault == Fault::Cancel {
+        "cancelled"
+    } else {
+        "failed"
+    };
+    assert_eq!(q["status"], want, "{phase:?}/{fault:?}: {q}");
+    if fault != Fault::Cancel {
+        let desc = q["error-desc"].as_str().unwrap_or_default();
+        assert!(
+            desc.contains(expected_error(phase)),
+            "{phase:?}/{fault:?}: {q}"
+        );
+    }
+    assert_eq!(
+        src.migration_events_until(want),
+        expected_events(phase, fault),
+        "{phase:?}/{fault:?}"
+    );
+    if let Some(p) = proxy.take() {
+        if stall_phase(phase) {
+            assert!(p.held() > 0, "the proxy held back nothing");
+        }
+        // Closes the connection: a destination still waiting for the stream sees it end.
+        drop(p);
+    }
+    if let Some(d) = dst.take() {
+        check_failed_destination(d, dir.join(format!("attempt{round}-dst.qcow2")));
+    }
+    src.set_params(json!({ "max-bandwidth": default_bandwidth }));
+    src.set_caps(&[("pause-before-switchover", false)]);
+}
+
+/// The destination of a failed attempt did not take the guest over: its incoming migration
+/// failed, the guest never ran, the bitmaps the stream had started are gone, and its image —
+/// whether it quits or was killed — is untouched: no bitmaps, nothing to repair.
+fn check_failed_destination(mut d: Lm, img: std::path::PathBuf) {
+    if d.proc.alive() {
+        let q = d.wait_migration(&["failed", "completed"]);
+        assert_eq!(q["status"], "failed", "{}: {q}", d.name);
+        assert_ne!(d.status(), "running", "{}: the destination runs", d.name);
+        let left = bitmaps_of(&mut d);
+        assert!(left.is_empty(), "{}: bitmaps left: {left:?}", d.name);
+        quit(d);
+    } else {
+        drop(d);
+    }
+    assert_eq!(
+        image_bitmaps(&img),
+        Vec::<Value>::new(),
+        "{}",
+        img.display()
+    );
+    assert_image_clean(&img);
+}
+
+/// After the attempt: the guest runs, nothing changed, the bitmaps are free, and the disk is
+/// the source's again — locked against other writers, readable, writable.
+fn check_put_back(src: &mut Lm, before: &Snapshot, img: &Path) {
+    assert_eq!(src.status(), "running", "{}", src.name);
+    assert_eq!(&snapshot(src), before, "the attempt changed the source");
+    assert_image_locked(img);
+    for r in READS {
+        let out = src.qemu_io(r);
+        assert!(out.starts_with("read "), "qemu-io {r}: {out}");
+    }
+    // A write where every recording bitmap already has its bit: the data and the bitmaps stay
+    // as they were, and the write proves the node is active and writable.
+    qemu_io_ok(src, "write -P 0x33 8M 64k", "wrote 65536/65536");
+    assert_eq!(&snapshot(src), before, "{}", src.name);
+    // The bitmaps take commands again (a busy one refuses them); these change nothing.
+    src.ok(
+        "block-dirty-bitmap-disable",
+        json!({"node": "d0", "name": "pq"}),
+    );
+    for b in ["pb", "pn", "tb"] {
+        src.ok(
+            "block-dirty-bitmap-enable",
+            json!({"node": "d0", "name": b}),
+        );
+    }
+    assert_eq!(&snapshot(src), before, "{}", src.name);
+}
+
+/// The image after the source quit without handing over: every persistent bitmap stored with
+/// its flags, nothing wrong, the data there.
+fn check_image_after_quit(img: &Path) {
+    assert_eq!(image_bitmaps(img), expected_image_bitmaps());
+    assert_image_clean(img);
+    assert_image_reads(img, READS);
+}
+
+/// The new migration from `src` to a fresh destination completes and carries what the source
+/// had; once the destination quits, its image holds the migrated persistent bitmaps with the
+/// same contents.
+fn second_migration(dir: &Path, src: &mut Lm, before: &Snapshot) {
+    let uri = unix_uri(dir, "final.sock");
+    let mut dst = start_destination(dir, "final-dst", &uri, true);
+    src.migrate(&uri);
+    check_stop_point(src, &mut dst, &["pb", "pq", "tb"]);
+    assert_eq!(dst.ram_checksum(), before.ram);
+    // Every bitmap but `pn` arrived, with the same state and bits.
+    let arrived = snapshot(&mut dst);
+    let keep = |name: &str| name != "pn";
+    let migrated: Vec<Value> = before
+        .bitmaps
+        .iter()
+        .filter(|b| keep(b["name"].as_str().unwrap_or_default()))
+        .cloned()
+        .collect();
+    assert_eq!(arrived.bitmaps, migrated, "the destination's bitmaps");
+    let hashes: Vec<_> = before
+        .sha
+        .iter()
+        .filter(|(_, name, _)| keep(name))
+        .cloned()
+        .collect();
+    assert_eq!(arrived.sha, hashes, "the destination's bitmaps");
+    quit(dst);
+    let dst_img = dir.join("final-dst.qcow2");
+    assert_eq!(
+        image_bitmaps(&dst_img),
+        vec![
+            json!({"flags": ["auto"], "name": "pb", "granularity": 65536}),
+            json!({"flags": [], "name": "pq", "granularity": 131072}),
+        ]
+    );
+    assert_image_clean(&dst_img);
+    // Read the stored bitmaps back: the same bits the source had.
+    let blockdev = qcow2_blockdev(&dst_img);
+    let mut reader = Lm::start(
+        dir,
+        "final-dst-reader",
+        &["-M", "none", "-m", "16M", "-blockdev", &blockdev],
+    );
+    for (_, name, sha) in &before.sha {
+        if name == "pb" || name == "pq" {
+            assert_eq!(
+                &reader.bitmap_sha(name),
+                sha,
+                "{name} in the destination's image"
+            );
+        }
+    }
+    quit(reader);
+    assert_image_clean(&dst_img);
+}
+
+fn run_cell(phase: Phase, fault: Fault) {
+    let test = format!("{phase:?}/{fault:?}");
+    let mut missing = testkit::qemu();
+    if fault == Fault::KillDestination && phase == Phase::Setup {
+        missing = missing.or_else(|| testkit::programs(&["python3"]));
+    }
+    if !testkit::require(&test, missing) {
+        return;
+    }
+    let dir = tempdir();
+    let img = dir.path().join("src.qcow2");
+    create_qcow2(&img, DISK_SIZE, &[("pb", 65536), ("pn", 65536)]);
+
+    // Round 1: the fault, then quit — the image keeps everything.
+    let mut src = start_source(dir.path(), "src1", &img, true);
+    let s0 = snapshot(&mut src);
+    assert_eq!(s0.bitmaps, expected_bitmaps());
+    attempt(dir.path(), &mut src, &img, phase, fault, 1);
+    check_put_back(&mut src, &s0, &img);
+    quit(src);
+    check_image_after_quit(&img);
+
+    // Round 2: a new source on the image has the same bitmaps, bit for bit; the same fault;
+    // then a migration from that process succeeds.
+    let mut src = start_source(dir.path(), "src2", &img, false);
+    let s1 = snapshot(&mut src);
+    assert_eq!(s1.bitmaps, s0.bitmaps);
+    assert_eq!(
+        s1.sha, s0.sha,
+        "the persistent bitmaps did not come back as they were"
+    );
+    attempt(dir.path(), &mut src, &img, phase, fault, 2);
+    check_put_back(&mut src, &s1, &img);
+    second_migration(dir.path(), &mut src, &s1);
+    quit(src);
+    // The source handed the guest over: its image is consistent and has the data; `pn`, which
+    // did not migrate, was stored at the switchover.
+    assert_image_clean(&img);
+    assert_image_reads(&img, READS);
+    let left = image_bitmaps(&img);
+    assert!(
+        left.contains(&json!({"flags": ["auto"], "name": "pn", "granularity": 65536})),
+        "{left:?}"
+    );
+}
+
+#[test]
+fn setup_cancel() {
+    run_cell(Phase::Setup, Fault::Cancel);
+}
+
+#[test]
+fn setup_kill_destination() {
+    run_cell(Phase::Setup, Fault::KillDestination);
+}
+
+#[test]
+fn setup_cut_connection() {
+    run_cell(Phase::Setup, Fault::CutConnection);
+}
+
+#[test]
+fn active_cancel() {
+    run_cell(Phase::Active, Fault::Cancel);
+}
+
+#[test]
+fn active_kill_destination() {
+    run_cell(Phase::Active, Fault::KillDestination);
+}
+
+#[test]
+fn active_cut_connection() {
+    run_cell(Phase::Active, Fault::CutConnection);
+}
+
+#[test]
+fn pre_switchover_cancel() {
+    run_cell(Phase::PreSwitchover, Fault::Cancel);
+}
+
+#[test]
+fn pre_switchover_kill_destination() {
+    run_cell(Phase::PreSwitchover, Fault::KillDestination);
+}
+
+#[test]
+fn pre_switchover_cut_connection() {
+    run_cell(Phase::PreSwitchover, Fault::CutConnection);
+}
+
+#[test]
+fn device_blocked_cancel() {
+    run_cell(Phase::DeviceBlocked, Fault::Cancel);
+}
+
+#[test]
+fn device_blocked_kill_destination() {
+    run_cell(Phase::DeviceBlocked, Fault::KillDestination);
+}
+
+#[test]
+fn device_blocked_cut_connection() {
+    run_cell(Phase::DeviceBlocked, Fault::CutConnection);
+}
+
+#[test]
+fn device_cancel() {
+    run_cell(Phase::Device, Fault::Cancel);
+}
+
+#[test]
+fn device_kill_destination() {
+    run_cell(Phase::Device, Fault::KillDestination);
+}
+
+#[test]
+fn device_cut_connection() {
+    run_cell(Phase::Device, Fault::CutConnection);
+}
