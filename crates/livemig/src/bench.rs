@@ -3,7 +3,7 @@
 //! the machine is shared and noisy).
 
 use crate::demo::parse_common;
-use crate::scenario::{run, size, Outcome, Scenario, Transport};
+use crate::scenario::{run, size, Outcome, Scenario};
 use serde_json::json;
 
 const HELP: &str = "\
@@ -31,18 +31,7 @@ pub fn main(args: &[String]) -> i32 {
         print!("{HELP}");
         return 0;
     }
-    let mut sc = Scenario {
-        ram: 1 << 30,
-        vcpus: 1,
-        fill: u64::MAX,
-        hot: 0,
-        dirty_rate: 0,
-        disk: 0,
-        transport: Transport::Tcp,
-        downtime_limit_ms: 300,
-        max_bandwidth: 0,
-        verify: false,
-    };
+    let mut sc = Scenario::default();
     let mut runs = 3usize;
     let mut json_out = false;
     let mut verify = false;

@@ -83,16 +83,11 @@ pub fn main(args: &[String]) -> i32 {
         return 0;
     }
     let mut sc = Scenario {
-        ram: 1 << 30,
-        vcpus: 1,
-        fill: u64::MAX,
         hot: 64 << 20,
         dirty_rate: 256 << 20,
         disk: 1 << 30,
-        transport: Transport::Tcp,
-        downtime_limit_ms: 300,
-        max_bandwidth: 0,
         verify: true,
+        ..Scenario::default()
     };
     if let Err(e) = parse_common(args, &mut sc, &mut |_, _| Ok(None)) {
         eprintln!("livemig demo: {e}\n\n{HELP}");

@@ -43,6 +43,25 @@ pub struct Scenario {
     pub verify: bool,
 }
 
+impl Default for Scenario {
+    /// A 1 GiB guest that fills all its RAM and then idles, no disk, over loopback TCP, with
+    /// QEMU's downtime limit and no bandwidth cap.
+    fn default() -> Self {
+        Scenario {
+            ram: 1 << 30,
+            vcpus: 1,
+            fill: u64::MAX,
+            hot: 0,
+            dirty_rate: 0,
+            disk: 0,
+            transport: Transport::Tcp,
+            downtime_limit_ms: 300,
+            max_bandwidth: 0,
+            verify: false,
+        }
+    }
+}
+
 /// Figures and findings of one migration.
 #[derive(Debug, Clone, Default)]
 pub struct Outcome {

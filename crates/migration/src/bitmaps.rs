@@ -509,6 +509,21 @@ impl BitmapLoader {
         }
     }
 
+    /// The index of the incoming bitmap a non-START chunk refers to; a chunk for a bitmap that
+    /// never started drops it (QEMU's "unknown dirty bitmap" error).
+    fn incoming(&mut self, node_alias: &str, alias: &str) -> Option<usize> {
+        let found = self
+            .bitmaps
+            .iter()
+            .position(|b| b.node_alias == node_alias && b.alias == alias);
+        if found.is_none() {
+            let e =
+                format!("Error: unknown dirty bitmap '{alias}' for block device '{node_alias}'");
+            self.drop_bitmap(node_alias, alias, e);
+        }
+        found
+    }
+
     fn bits(
         &mut self,
         node_alias: &str,
@@ -517,14 +532,7 @@ impl BitmapLoader {
         nr_sectors: u32,
         data: BitsData,
     ) {
-        let Some(i) = self
-            .bitmaps
-            .iter()
-            .position(|b| b.node_alias == node_alias && b.alias == alias)
-        else {
-            let e =
-                format!("Error: unknown dirty bitmap '{alias}' for block device '{node_alias}'");
-            self.drop_bitmap(node_alias, alias, e);
+        let Some(i) = self.incoming(node_alias, alias) else {
             return;
         };
         let b = &self.bitmaps[i];
@@ -603,14 +611,7 @@ impl BitmapLoader {
     }
 
     fn complete(&mut self, node_alias: &str, alias: &str) {
-        let Some(i) = self
-            .bitmaps
-            .iter()
-            .position(|b| b.node_alias == node_alias && b.alias == alias)
-        else {
-            let e =
-                format!("Error: unknown dirty bitmap '{alias}' for block device '{node_alias}'");
-            self.drop_bitmap(node_alias, alias, e);
+        let Some(i) = self.incoming(node_alias, alias) else {
             return;
         };
         let b = &self.bitmaps[i];

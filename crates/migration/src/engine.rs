@@ -435,19 +435,7 @@ impl Migration {
         statuses: &[MigrationStatus],
         timeout: Duration,
     ) -> MigrationStatus {
-        let deadline = Instant::now() + timeout;
-        let mut inner = self.shared.lock();
-        loop {
-            if statuses.contains(&inner.out.status) || Instant::now() >= deadline {
-                return inner.out.status;
-            }
-            inner = self
-                .shared
-                .cond
-                .wait_timeout(inner, deadline.saturating_duration_since(Instant::now()))
-                .map(|(g, _)| g)
-                .unwrap_or_else(|p| p.into_inner().0);
-        }
+        self.wait_status(|i| i.out.status, statuses, timeout)
     }
 
     /// Waits until the incoming migration reaches one of `statuses`, or `timeout` passes.
@@ -456,11 +444,20 @@ impl Migration {
         statuses: &[MigrationStatus],
         timeout: Duration,
     ) -> MigrationStatus {
+        self.wait_status(|i| i.inc.status, statuses, timeout)
+    }
+
+    fn wait_status(
+        &self,
+        status: impl Fn(&Inner) -> MigrationStatus,
+        statuses: &[MigrationStatus],
+        timeout: Duration,
+    ) -> MigrationStatus {
         let deadline = Instant::now() + timeout;
         let mut inner = self.shared.lock();
         loop {
-            if statuses.contains(&inner.inc.status) || Instant::now() >= deadline {
-                return inner.inc.status;
+            if statuses.contains(&status(&inner)) || Instant::now() >= deadline {
+                return status(&inner);
             }
             inner = self
                 .shared
