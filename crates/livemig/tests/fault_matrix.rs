@@ -14,7 +14,8 @@
 //!    512-byte granules that is all set: 1 MiB of bitmap data at switchover, more than the
 //!    socket buffers hold. Every bitmap's contents are known: qemu-io writes through the
 //!    monitor.
-//! 2. The fault. The migration ends `cancelled` or `failed` with the expected events and
+//! 2. The fault (the destination of this first attempt shares the source's image, as with
+//!    shared storage; the one of the second attempt below has its own). The migration ends `cancelled` or `failed` with the expected events and
 //!    error. The source is `running`, its RAM checksum, bitmaps (sha256, count, flags) and data
 //!    are as before, the bitmaps are free (not busy), the image is write-locked again and
 //!    writable. The destination, if alive, failed without running the guest or keeping a
@@ -257,9 +258,18 @@ fn start_source(dir: &Path, name: &str, img: &Path, first: bool) -> Lm {
 
 /// A destination for `uri` on a fresh empty image `NAME.qcow2`; with `paused` (`-S`) it stays
 /// paused after the migration, otherwise it would start the guest.
-fn start_destination(dir: &Path, name: &str, uri: &str, paused: bool) -> Lm {
-    let img = dir.join(format!("{name}.qcow2"));
-    create_qcow2(&img, DISK_SIZE, &[]);
+///
+/// With `shared`, it opens that image instead — the source's own, as with shared storage (it
+/// opens it inactive, without locks, for the incoming migration).
+fn start_destination(dir: &Path, name: &str, uri: &str, paused: bool, shared: Option<&Path>) -> Lm {
+    let img = match shared {
+        Some(i) => i.to_path_buf(),
+        None => {
+            let i = dir.join(format!("{name}.qcow2"));
+            create_qcow2(&i, DISK_SIZE, &[]);
+            i
+        }
+    };
     let blockdev = qcow2_blockdev(&img);
     let mut args = vec![
         "-m",
@@ -357,7 +367,18 @@ fn wait_blocked_in_write(src: &mut Lm) {
 
 /// Starts a migration from `src`, holds it in `phase`, applies `fault`, and checks how it
 /// ended. `round` keeps the files of repeated attempts apart.
-fn attempt(dir: &Path, src: &mut Lm, img: &Path, phase: Phase, fault: Fault, round: u32) {
+///
+/// With `shared`, the destination opens the source's image (shared storage); otherwise it has
+/// an empty image of its own.
+fn attempt(
+    dir: &Path,
+    src: &mut Lm,
+    img: &Path,
+    phase: Phase,
+    fault: Fault,
+    round: u32,
+    shared: bool,
+) {
     let sock = |what: &str| dir.join(format!("{what}{round}.sock"));
     let default_bandwidth = src.ok("query-migrate-parameters", json!({}))["max-bandwidth"].clone();
     // Whatever stands for the other end; dropped at the end of the attempt.
@@ -387,6 +408,7 @@ fn attempt(dir: &Path, src: &mut Lm, img: &Path, phase: Phase, fault: Fault, rou
             &format!("attempt{round}-dst"),
             &target_uri,
             false,
+            shared.then_some(img),
         ));
         let stall = match phase {
             Phase::Device => Stall::Hold,
@@ -444,6 +466,9 @@ fn attempt(dir: &Path, src: &mut Lm, img: &Path, phase: Phase, fault: Fault, rou
                     Some(&json!({"flags": ["auto"], "name": "pn", "granularity": 65536})),
                     "at switchover: {stored:?}"
                 );
+                // What a destination on shared storage would open now: flushed and consistent.
+                assert_image_clean(img);
+                assert_image_reads(img, READS);
             }
             Phase::Setup => unreachable!(),
         }
@@ -506,16 +531,18 @@ fn attempt(dir: &Path, src: &mut Lm, img: &Path, phase: Phase, fault: Fault, rou
         drop(p);
     }
     if let Some(d) = dst.take() {
-        check_failed_destination(d, dir.join(format!("attempt{round}-dst.qcow2")));
+        let own = (!shared).then(|| dir.join(format!("attempt{round}-dst.qcow2")));
+        check_failed_destination(d, own);
     }
     src.set_params(json!({ "max-bandwidth": default_bandwidth }));
     src.set_caps(&[("pause-before-switchover", false)]);
 }
 
 /// The destination of a failed attempt did not take the guest over: its incoming migration
-/// failed, the guest never ran, the bitmaps the stream had started are gone, and its image —
-/// whether it quits or was killed — is untouched: no bitmaps, nothing to repair.
-fn check_failed_destination(mut d: Lm, img: std::path::PathBuf) {
+/// failed, the guest never ran, the bitmaps the stream had started are gone, and its own image
+/// (if it has one) — whether it quits or was killed — is untouched: no bitmaps, nothing to
+/// repair. (A destination on the source's image is checked by the source's image checks.)
+fn check_failed_destination(mut d: Lm, img: Option<std::path::PathBuf>) {
     if d.proc.alive() {
         let q = d.wait_migration(&["failed", "completed"]);
         assert_eq!(q["status"], "failed", "{}: {q}", d.name);
@@ -526,13 +553,15 @@ fn check_failed_destination(mut d: Lm, img: std::path::PathBuf) {
     } else {
         drop(d);
     }
-    assert_eq!(
-        image_bitmaps(&img),
-        Vec::<Value>::new(),
-        "{}",
-        img.display()
-    );
-    assert_image_clean(&img);
+    if let Some(img) = img {
+        assert_eq!(
+            image_bitmaps(&img),
+            Vec::<Value>::new(),
+            "{}",
+            img.display()
+        );
+        assert_image_clean(&img);
+    }
 }
 
 /// After the attempt: the guest runs, nothing changed, the bitmaps are free, and the disk is
@@ -576,7 +605,7 @@ fn check_image_after_quit(img: &Path) {
 /// same contents.
 fn second_migration(dir: &Path, src: &mut Lm, before: &Snapshot) {
     let uri = unix_uri(dir, "final.sock");
-    let mut dst = start_destination(dir, "final-dst", &uri, true);
+    let mut dst = start_destination(dir, "final-dst", &uri, true, None);
     src.migrate(&uri);
     check_stop_point(src, &mut dst, &["pb", "pq", "tb"]);
     assert_eq!(dst.ram_checksum(), before.ram);
@@ -644,7 +673,7 @@ fn run_cell(phase: Phase, fault: Fault) {
     let mut src = start_source(dir.path(), "src1", &img, true);
     let s0 = snapshot(&mut src);
     assert_eq!(s0.bitmaps, expected_bitmaps());
-    attempt(dir.path(), &mut src, &img, phase, fault, 1);
+    attempt(dir.path(), &mut src, &img, phase, fault, 1, true);
     check_put_back(&mut src, &s0, &img);
     quit(src);
     check_image_after_quit(&img);
@@ -658,7 +687,7 @@ fn run_cell(phase: Phase, fault: Fault) {
         s1.sha, s0.sha,
         "the persistent bitmaps did not come back as they were"
     );
-    attempt(dir.path(), &mut src, &img, phase, fault, 2);
+    attempt(dir.path(), &mut src, &img, phase, fault, 2, false);
     check_put_back(&mut src, &s1, &img);
     second_migration(dir.path(), &mut src, &s1);
     quit(src);
