@@ -352,7 +352,7 @@ fn migrate(
     let downtime_bytes_start = w.bytes_written();
 
     if job.caps.has(Capability::PauseBeforeSwitchover) {
-        wait_for_continue(shared, job.generation)?;
+        wait_for_continue(shared, job.generation, rp.as_ref())?;
     }
     if !shared.set_out_status(job.generation, MigrationStatus::Device) {
         return Err(MigrationError::Cancelled);
@@ -428,7 +428,11 @@ fn sent_pages(stats: &OutgoingStats) -> u64 {
 }
 
 /// Waits in `pre-switchover` until `migrate-continue` or a cancel.
-fn wait_for_continue(shared: &Shared, generation: u64) -> Result<(), MigrationError> {
+fn wait_for_continue(
+    shared: &Shared,
+    generation: u64,
+    rp: Option<&mpsc::Receiver<RpEvent>>,
+) -> Result<(), MigrationError> {
     let mut inner = shared.lock();
     if inner.out.cancel || inner.out.generation != generation {
         return Err(MigrationError::SwitchoverInterrupted);
@@ -440,7 +444,36 @@ fn wait_for_continue(shared: &Shared, generation: u64) -> Result<(), MigrationEr
     shared.emit_status(&inner, MigrationStatus::PreSwitchover);
     shared.cond.notify_all();
     while !inner.out.continue_requested && !inner.out.cancel {
-        inner = shared.cond.wait(inner).unwrap_or_else(|p| p.into_inner());
+        let Some(rp) = rp else {
+            inner = shared.cond.wait(inner).unwrap_or_else(|p| p.into_inner());
+            continue;
+        };
+        // With a return path the source knows when the destination is gone: it fails now and
+        // resumes the guest, instead of waiting for a `migrate-continue` that can only fail
+        // (QEMU waits).
+        match rp.try_recv() {
+            Ok(RpEvent::Closed(why)) => {
+                return Err(MigrationError::Other(format!(
+                    "the destination went away while the source waited in pre-switchover ({why})"
+                )))
+            }
+            Ok(RpEvent::Shut(n)) => {
+                return Err(MigrationError::Other(format!(
+                    "the destination ended the migration (SHUT {n}) before the switchover"
+                )))
+            }
+            Err(mpsc::TryRecvError::Disconnected) => {
+                return Err(MigrationError::Other(
+                    "the return path ended while the source waited in pre-switchover".into(),
+                ))
+            }
+            Err(mpsc::TryRecvError::Empty) => {}
+        }
+        inner = shared
+            .cond
+            .wait_timeout(inner, Duration::from_millis(50))
+            .map(|(g, _)| g)
+            .unwrap_or_else(|p| p.into_inner().0);
     }
     if inner.out.cancel {
         return Err(MigrationError::SwitchoverInterrupted);

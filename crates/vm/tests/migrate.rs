@@ -385,3 +385,64 @@ fn device_load_rebuilds_the_memory_map_once() {
     dst.vm.shutdown();
     src.vm.shutdown();
 }
+
+#[test]
+fn a_destination_gone_during_pre_switchover_fails_the_migration_at_once() {
+    use std::io::Read;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("fake.sock");
+    // A destination that takes the stream but never answers, then disappears.
+    let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    let (close_tx, close_rx) = std::sync::mpsc::channel::<()>();
+    let fake = std::thread::spawn(move || {
+        let (s, _) = listener.accept().unwrap();
+        let mut r = s.try_clone().unwrap();
+        let reader = std::thread::spawn(move || {
+            let mut buf = vec![0u8; 1 << 16];
+            while matches!(r.read(&mut buf), Ok(n) if n > 0) {}
+        });
+        close_rx.recv().unwrap();
+        s.shutdown(std::net::Shutdown::Both).unwrap();
+        reader.join().unwrap();
+    });
+    let src = side(
+        false,
+        MachineType::Livemig,
+        WorkloadConfig {
+            fill: 4 << 20,
+            ..Default::default()
+        },
+    );
+    migration::machine::Machine::start(src.vm.as_ref());
+    src.mig
+        .set_capabilities(&[
+            (Capability::ReturnPath, true),
+            (Capability::PauseBeforeSwitchover, true),
+        ])
+        .unwrap();
+    src.mig
+        .migrate(&format!("unix:{}", path.display()))
+        .unwrap();
+    assert_eq!(
+        src.mig
+            .wait_outgoing(&[MigrationStatus::PreSwitchover], Duration::from_secs(30)),
+        MigrationStatus::PreSwitchover
+    );
+    close_tx.send(()).unwrap();
+    // No migrate-continue: the source notices by itself.
+    let st = src
+        .mig
+        .wait_outgoing(&[MigrationStatus::Failed], Duration::from_secs(10));
+    assert_eq!(st, MigrationStatus::Failed, "{}", src.mig.query());
+    assert!(
+        src.mig.query()["error-desc"]
+            .as_str()
+            .unwrap()
+            .contains("pre-switchover"),
+        "{}",
+        src.mig.query()
+    );
+    assert_eq!(src.vm.as_ref().runstate_for_test(), RunState::Running);
+    fake.join().unwrap();
+    src.vm.shutdown();
+}
