@@ -17,6 +17,7 @@ usage: livemig bench [options]
   --downtime-limit MS    (default 300)
   --runs N               migrations to run (default 3)
   --verify               also compare both ends after each run
+  --mem-prealloc         start the destination with -mem-prealloc (no page faults while loading)
   --json                 one JSON object per run, then the medians
 ";
 
@@ -35,6 +36,7 @@ pub fn main(args: &[String]) -> i32 {
     let mut runs = 3usize;
     let mut json_out = false;
     let mut verify = false;
+    let mut prealloc = false;
     let r = parse_common(args, &mut sc, &mut |opt, next| match opt {
         "--runs" => {
             runs = next
@@ -50,6 +52,10 @@ pub fn main(args: &[String]) -> i32 {
             verify = true;
             Ok(Some(0))
         }
+        "--mem-prealloc" => {
+            prealloc = true;
+            Ok(Some(0))
+        }
         _ => Ok(None),
     });
     if let Err(e) = r {
@@ -57,15 +63,17 @@ pub fn main(args: &[String]) -> i32 {
         return 2;
     }
     sc.verify = verify;
+    sc.dst_prealloc = prealloc;
     if !json_out {
         println!(
-            "livemig bench: {} RAM, {} filled, hot set {}, dirty-rate {}/s, {} vCPU(s), {:?}, {} run(s)",
+            "livemig bench: {} RAM, {} filled, hot set {}, dirty-rate {}/s, {} vCPU(s), {:?}{}, {} run(s)",
             size(sc.ram),
             size(sc.fill),
             size(sc.hot),
             size(sc.dirty_rate),
             sc.vcpus,
             sc.transport,
+            if sc.dst_prealloc { ", destination -mem-prealloc" } else { "" },
             runs
         );
         println!(

@@ -26,6 +26,8 @@ pub struct VmArgs {
     pub incoming: Option<String>,
     /// `-S`.
     pub start_paused: bool,
+    /// `-mem-prealloc`.
+    pub mem_prealloc: bool,
     /// `-serial file:PATH`.
     pub serial: Option<PathBuf>,
     /// `-workload ...` (livemig's own).
@@ -45,6 +47,7 @@ impl Default for VmArgs {
             qmp: Vec::new(),
             incoming: None,
             start_paused: false,
+            mem_prealloc: false,
             serial: None,
             workload: WorkloadConfig::default(),
             workload_disk: None,
@@ -171,6 +174,7 @@ pub fn parse_vm_args(argv: &[String]) -> Result<VmArgs, String> {
             "qmp" => a.qmp.push(value(o)?),
             "incoming" => a.incoming = Some(value(o)?),
             "S" => a.start_paused = true,
+            "mem-prealloc" => a.mem_prealloc = true,
             "serial" => {
                 let v = value(o)?;
                 if let Some(p) = v.strip_prefix("file:") {
@@ -206,9 +210,10 @@ mod tests {
     #[test]
     fn qemu_command_line_for_m_none_parses() {
         let a = parse_vm_args(&args(
-            "-M none -m 32M -nodefaults -display none -accel kvm -blockdev driver=null-co,node-name=n0,size=64M -qmp unix:/tmp/q,server=on,wait=off -incoming defer -S",
+            "-M none -m 32M -nodefaults -display none -accel kvm -blockdev driver=null-co,node-name=n0,size=64M -qmp unix:/tmp/q,server=on,wait=off -incoming defer -S -mem-prealloc",
         ))
         .unwrap();
+        assert!(a.mem_prealloc);
         assert_eq!(a.machine, MachineType::None);
         assert_eq!(a.ram_size, 32 << 20);
         assert_eq!(a.blockdevs, vec!["driver=null-co,node-name=n0,size=64M"]);

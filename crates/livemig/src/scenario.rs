@@ -41,6 +41,9 @@ pub struct Scenario {
     pub max_bandwidth: u64,
     /// Compare RAM, bitmaps and vCPU state at the stop point, and check the guest resumes.
     pub verify: bool,
+    /// Start the destination with `-mem-prealloc` (its RAM allocated before the migration, so
+    /// the load pays no page faults).
+    pub dst_prealloc: bool,
 }
 
 impl Default for Scenario {
@@ -58,6 +61,7 @@ impl Default for Scenario {
             downtime_limit_ms: 300,
             max_bandwidth: 0,
             verify: false,
+            dst_prealloc: false,
         }
     }
 }
@@ -190,6 +194,9 @@ impl Pair {
         };
         let mut dst_args = common("dst");
         dst_args.extend(["-incoming".into(), listen.clone(), "-S".into()]);
+        if sc.dst_prealloc {
+            dst_args.push("-mem-prealloc".into());
+        }
         let mut src_args = common("src");
         let mut wl = format!(
             "fill={},hot={},dirty-rate={}",

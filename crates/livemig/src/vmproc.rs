@@ -63,6 +63,7 @@ pub fn run(args: VmArgs) -> Result<(), String> {
         serial: args.serial.clone(),
         incoming: args.incoming.is_some(),
         start_paused: args.start_paused,
+        mem_prealloc: args.mem_prealloc,
     };
     let vm = Vm::new(config, block.clone(), sink.clone())?;
     let mig = Arc::new(Migration::new(

@@ -83,6 +83,8 @@ pub struct VmConfig {
     pub incoming: bool,
     /// `-S`: do not start the vCPUs.
     pub start_paused: bool,
+    /// `-mem-prealloc`: allocate all guest RAM at start-up.
+    pub mem_prealloc: bool,
 }
 
 impl Default for VmConfig {
@@ -97,6 +99,7 @@ impl Default for VmConfig {
             serial: None,
             incoming: false,
             start_paused: false,
+            mem_prealloc: false,
         }
     }
 }
@@ -170,6 +173,9 @@ impl Vm {
         events: Arc<dyn EventSink>,
     ) -> Result<Arc<Vm>, String> {
         let ram = Arc::new(GuestRam::new("ram", config.ram_size).map_err(|e| e.to_string())?);
+        if config.mem_prealloc {
+            ram.prealloc();
+        }
         let nvcpus = match config.machine {
             MachineType::None => 0,
             MachineType::Livemig => config.vcpus.max(1),
