@@ -626,25 +626,28 @@ impl Server {
         }
         acceptor.set_nonblocking(true)?;
         let (wake_rx, waker) = UnixStream::pair()?;
+        // The lock `close` takes after setting the flag is held from before the accept thread
+        // exists until the listener is registered. A client of this very listener can then
+        // `quit` at any moment (this thread may be preempted for as long as a whole QMP
+        // exchange takes), and its `close` waits here and stops the listener, instead of
+        // finding nothing to stop and leaving this call to fail on the flag.
+        let mut listeners = lock(&self.inner.listeners);
+        if self.inner.closed.load(Ordering::Acquire) {
+            if let Some(path) = &unix_path {
+                let _ = std::fs::remove_file(path);
+            }
+            return Err(io::Error::other("QMP server is closed"));
+        }
         let server = self.clone();
         let thread = thread::Builder::new()
             .name("qmp-accept".into())
             .spawn(move || server.accept_loop(acceptor, wake_rx))?;
-        let mut listening = Listening {
+        listeners.push(Listening {
             waker,
             thread: Some(thread),
             unix_path,
-        };
-        let mut listeners = lock(&self.inner.listeners);
-        // Checked under the lock `close` takes after setting the flag, so a listener is either
-        // seen by `close` or stopped here.
-        if !self.inner.closed.load(Ordering::Acquire) {
-            listeners.push(listening);
-            return Ok(());
-        }
-        drop(listeners);
-        listening.stop();
-        Err(io::Error::other("QMP server is closed"))
+        });
+        Ok(())
     }
 
     fn accept_loop(&self, acceptor: Acceptor, wake: UnixStream) {

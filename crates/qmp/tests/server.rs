@@ -648,3 +648,52 @@ fn client_mode_connects_out() {
     c.negotiate(false);
     assert_eq!(server.connection_count(), 1);
 }
+
+/// A client may connect, negotiate and `quit` while `start` is still setting up the listener
+/// it came in through (the monitor thread was preempted, as happens on a loaded machine). The
+/// `quit` must win cleanly: `start` still reports success — the listener did start, and was
+/// then closed by the client — instead of an error that makes the process exit with failure.
+#[test]
+fn quit_racing_listener_start_is_not_an_error() {
+    for round in 0..100 {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("qmp.sock");
+        let server_cell: Arc<OnceLock<Server>> = Arc::new(OnceLock::new());
+        let mut table = CommandTable::new();
+        let cell = server_cell.clone();
+        table.register("quit", move |a: Args| {
+            a.finish()?;
+            let cell = cell.clone();
+            Ok::<_, QmpError>(Reply::empty().after_flush(move || {
+                if let Some(s) = cell.get() {
+                    s.close(Duration::from_secs(5));
+                }
+            }))
+        });
+        let server = Server::with_config(Arc::new(table), ServerConfig::default());
+        let _ = server_cell.set(server.clone());
+        let client_path = path.clone();
+        let client = std::thread::spawn(move || loop {
+            if let Ok(s) = UnixStream::connect(&client_path) {
+                s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+                let mut w = s.try_clone().unwrap();
+                let mut r = BufReader::new(s);
+                let mut line = String::new();
+                r.read_line(&mut line).unwrap();
+                w.write_all(b"{\"execute\":\"qmp_capabilities\"}{\"execute\":\"quit\"}")
+                    .unwrap();
+                let mut rest = Vec::new();
+                let _ = r.read_to_end(&mut rest);
+                return;
+            }
+            std::thread::yield_now();
+        });
+        let started = server.start(
+            &format!("unix:{},server=on,wait=off", path.display())
+                .parse()
+                .unwrap(),
+        );
+        client.join().unwrap();
+        assert!(started.is_ok(), "round {round}: start failed: {started:?}");
+    }
+}
