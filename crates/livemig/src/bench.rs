@@ -13,11 +13,15 @@ usage: livemig bench [options]
   --fill SIZE            RAM filled with data before the migration (default: all of it)
   --hot SIZE             RAM rewritten during the migration (default 0: idle guest)
   --dirty-rate SIZE      cap on the guest's dirtying, bytes/s (default 0: none)
+  --disk SIZE            a null-co disk with a dirty bitmap the guest writes to, migrated
+                         with the RAM (default 0: none)
   --transport tcp|unix   (default tcp)
   --downtime-limit MS    (default 300)
   --runs N               migrations to run (default 3)
   --verify               also compare both ends after each run
-  --mem-prealloc         start the destination with -mem-prealloc (no page faults while loading)
+  --mem-prealloc         start the destination with -mem-prealloc (default: off, so the load
+                         pays the destination's first-touch page faults)
+  --no-mem-prealloc      the default
   --json                 one JSON object per run, then the medians
 ";
 
@@ -36,7 +40,6 @@ pub fn main(args: &[String]) -> i32 {
     let mut runs = 3usize;
     let mut json_out = false;
     let mut verify = false;
-    let mut prealloc = false;
     let r = parse_common(args, &mut sc, &mut |opt, next| match opt {
         "--runs" => {
             runs = next
@@ -52,10 +55,6 @@ pub fn main(args: &[String]) -> i32 {
             verify = true;
             Ok(Some(0))
         }
-        "--mem-prealloc" => {
-            prealloc = true;
-            Ok(Some(0))
-        }
         _ => Ok(None),
     });
     if let Err(e) = r {
@@ -63,15 +62,15 @@ pub fn main(args: &[String]) -> i32 {
         return 2;
     }
     sc.verify = verify;
-    sc.dst_prealloc = prealloc;
     if !json_out {
         println!(
-            "livemig bench: {} RAM, {} filled, hot set {}, dirty-rate {}/s, {} vCPU(s), {:?}{}, {} run(s)",
+            "livemig bench: {} RAM, {} filled, hot set {}, dirty-rate {}/s, {} vCPU(s), disk {}, {:?}{}, {} run(s)",
             size(sc.ram),
             size(sc.fill),
             size(sc.hot),
             size(sc.dirty_rate),
             sc.vcpus,
+            if sc.disk > 0 { size(sc.disk) } else { "none".to_string() },
             sc.transport,
             if sc.dst_prealloc { ", destination -mem-prealloc" } else { "" },
             runs

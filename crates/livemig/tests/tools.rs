@@ -204,5 +204,84 @@ fn analyze_decodes_a_stream_written_by_exec() {
 fn demo_migrates_and_verifies() {
     let (code, out, err) = run_livemig(&["demo", "--ram", "64M", "--hot", "8M"]);
     assert_eq!(code, 0, "stdout:\n{out}\nstderr:\n{err}");
-    assert!(out.contains("verified"), "stdout:\n{out}\nstderr:\n{err}");
+    for line in [
+        "a 1.0 GiB disk with a dirty bitmap",
+        "destination started with -mem-prealloc",
+        "migration completed",
+        "bitmap0 sha256",
+        "guest resumed",
+    ] {
+        assert!(
+            out.contains(line),
+            "no '{line}' in stdout:\n{out}\nstderr:\n{err}"
+        );
+    }
+    assert_eq!(out.lines().last(), Some("verified"), "stdout:\n{out}");
+    assert!(!out.contains("FAIL"), "stdout:\n{out}");
+
+    // Without a disk and without preallocation: nothing claims either.
+    let (code, out, err) = run_livemig(&[
+        "demo",
+        "--ram",
+        "32M",
+        "--hot",
+        "4M",
+        "--disk",
+        "0",
+        "--no-mem-prealloc",
+    ]);
+    assert_eq!(code, 0, "stdout:\n{out}\nstderr:\n{err}");
+    assert!(!out.contains("disk") && !out.contains("bitmap0"), "{out}");
+    assert!(!out.contains("-mem-prealloc"), "{out}");
+    assert_eq!(out.lines().last(), Some("verified"), "stdout:\n{out}");
+}
+
+/// `livemig bench --json`: one object per run with the whole-migration figures, then the
+/// medians; with `--verify` every run is also checked end to end (exit status 0).
+#[test]
+fn bench_reports_each_run_and_the_medians() {
+    let (code, out, err) = run_livemig(&[
+        "bench",
+        "--ram",
+        "32M",
+        "--hot",
+        "4M",
+        "--disk",
+        "16M",
+        "--runs",
+        "2",
+        "--verify",
+        "--mem-prealloc",
+        "--json",
+    ]);
+    assert_eq!(code, 0, "stdout:\n{out}\nstderr:\n{err}");
+    let lines: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    assert_eq!(lines.len(), 3, "{out}");
+    for (i, run) in lines[..2].iter().enumerate() {
+        assert_eq!(run["run"], i + 1, "{run}");
+        // All of the 32 MiB of RAM went over at least once.
+        assert!(run["transferred"].as_u64().unwrap() >= 32 << 20, "{run}");
+        assert!(run["passes"].as_u64().unwrap() >= 1, "{run}");
+        assert!(
+            run["throughput-bytes-per-s"].as_f64().unwrap() > 0.0,
+            "{run}"
+        );
+        for k in ["total-ms", "downtime-ms", "setup-ms"] {
+            assert!(run[k].is_u64(), "{k}: {run}");
+        }
+    }
+    let m = &lines[2]["median"];
+    for k in ["total-ms", "downtime-ms", "throughput-bytes-per-s"] {
+        assert!(m[k].is_f64(), "{k}: {m}");
+    }
+
+    let (code, _, err) = run_livemig(&["bench", "--transport", "pigeon"]);
+    assert_eq!(code, 2);
+    assert!(
+        err.contains("--transport: tcp or unix, not 'pigeon'"),
+        "{err}"
+    );
 }
