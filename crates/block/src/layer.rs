@@ -684,8 +684,9 @@ impl BlockLayer {
 
     // ---- QMP bitmap commands ----------------------------------------------------------------
 
-    /// `block_dirty_bitmap_lookup`'s node step: `Node '<node>' not found`.
-    fn bitmap_node(&self, node: &str) -> Result<Arc<BlockNode>, BlockError> {
+    /// `block_dirty_bitmap_lookup`'s node step: the node named `node` (a node name only, not
+    /// a device name), or `Node '<node>' not found`.
+    pub fn bitmap_node(&self, node: &str) -> Result<Arc<BlockNode>, BlockError> {
         let g = self.read();
         Self::find(&g, node).ok_or_else(|| BlockError::NodeNotFound(node.to_string()))
     }

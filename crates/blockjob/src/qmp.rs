@@ -5,7 +5,8 @@
 use crate::mirror::{
     JobError, JobManager, MirrorConfig, SyncMode, DEFAULT_BUF_SIZE, DEFAULT_GRANULARITY,
 };
-use serde_json::{json, Map, Value};
+use qmp::{Args, QmpError};
+use serde_json::{json, Value};
 use std::sync::Arc;
 
 /// The commands [`dispatch`] handles.
@@ -22,102 +23,27 @@ fn other(s: impl Into<String>) -> JobError {
     JobError::Other(s.into())
 }
 
-struct Args<'a> {
-    m: &'a Map<String, Value>,
-    seen: Vec<&'static str>,
-}
-
-impl<'a> Args<'a> {
-    fn new(v: &'a Value) -> Result<Self, JobError> {
-        static EMPTY: std::sync::OnceLock<Map<String, Value>> = std::sync::OnceLock::new();
-        let m = match v {
-            Value::Object(m) => m,
-            Value::Null => EMPTY.get_or_init(Map::new),
-            _ => {
-                return Err(other(
-                    "Invalid parameter type for 'arguments', expected: object",
-                ))
-            }
-        };
-        Ok(Args {
-            m,
-            seen: Vec::new(),
-        })
-    }
-    fn get(&mut self, k: &'static str) -> Option<&'a Value> {
-        self.seen.push(k);
-        self.m.get(k)
-    }
-    fn opt_str(&mut self, k: &'static str) -> Result<Option<String>, JobError> {
-        match self.get(k) {
-            None => Ok(None),
-            Some(Value::String(s)) => Ok(Some(s.clone())),
-            Some(_) => Err(other(format!(
-                "Invalid parameter type for '{k}', expected: string"
-            ))),
-        }
-    }
-    fn req_str(&mut self, k: &'static str) -> Result<String, JobError> {
-        self.opt_str(k)?
-            .ok_or_else(|| other(format!("Parameter '{k}' is missing")))
-    }
-    fn opt_bool(&mut self, k: &'static str) -> Result<Option<bool>, JobError> {
-        match self.get(k) {
-            None => Ok(None),
-            Some(Value::Bool(b)) => Ok(Some(*b)),
-            Some(_) => Err(other(format!(
-                "Invalid parameter type for '{k}', expected: boolean"
-            ))),
-        }
-    }
-    fn opt_int(&mut self, k: &'static str) -> Result<Option<i64>, JobError> {
-        match self.get(k) {
-            None => Ok(None),
-            Some(v) => v.as_i64().map(Some).ok_or_else(|| {
-                other(format!(
-                    "Invalid parameter type for '{k}', expected: integer"
-                ))
-            }),
-        }
-    }
-    fn opt_enum(&mut self, k: &'static str, allowed: &[&str]) -> Result<Option<String>, JobError> {
-        let Some(s) = self.opt_str(k)? else {
-            return Ok(None);
-        };
-        if allowed.contains(&s.as_str()) {
-            Ok(Some(s))
-        } else {
-            Err(other(format!(
-                "Parameter '{k}' does not accept value '{s}'"
-            )))
-        }
-    }
-    fn finish(self) -> Result<(), JobError> {
-        for k in self.m.keys() {
-            if !self.seen.contains(&k.as_str()) {
-                return Err(other(format!("Parameter '{k}' is unexpected")));
-            }
-        }
-        Ok(())
+/// Argument errors are all `GenericError`s, as every other refusal but [`JobError::NotFound`].
+impl From<QmpError> for JobError {
+    fn from(e: QmpError) -> Self {
+        JobError::Other(e.desc)
     }
 }
 
 /// Runs job command `name`; `None` if it is not one of [`COMMANDS`].
-pub fn dispatch(
-    mgr: &Arc<JobManager>,
-    name: &str,
-    args: &Value,
-) -> Option<Result<Value, JobError>> {
+pub fn dispatch(mgr: &Arc<JobManager>, name: &str, args: Args) -> Option<Result<Value, JobError>> {
     let r = match name {
         "blockdev-mirror" => blockdev_mirror(mgr, args).map(|()| json!({})),
-        "query-block-jobs" => Args::new(args)
-            .and_then(Args::finish)
+        "query-block-jobs" => args
+            .finish()
+            .map_err(JobError::from)
             .map(|()| Value::Array(mgr.jobs().iter().map(|j| j.info()).collect())),
-        "query-jobs" => Args::new(args)
-            .and_then(Args::finish)
+        "query-jobs" => args
+            .finish()
+            .map_err(JobError::from)
             .map(|()| Value::Array(mgr.jobs().iter().map(|j| j.job_info()).collect())),
         "block-job-cancel" => (|| {
-            let mut a = Args::new(args)?;
+            let mut a = args;
             let device = a.req_str("device")?;
             let force = a.opt_bool("force")?.unwrap_or(false);
             a.finish()?;
@@ -125,18 +51,16 @@ pub fn dispatch(
             Ok(json!({}))
         })(),
         "block-job-complete" => (|| {
-            let mut a = Args::new(args)?;
+            let mut a = args;
             let device = a.req_str("device")?;
             a.finish()?;
             mgr.complete(&device)?;
             Ok(json!({}))
         })(),
         "block-job-set-speed" => (|| {
-            let mut a = Args::new(args)?;
+            let mut a = args;
             let device = a.req_str("device")?;
-            let speed = a
-                .opt_int("speed")?
-                .ok_or_else(|| other("Parameter 'speed' is missing"))?;
+            let speed = a.req_int::<i64>("speed")?;
             a.finish()?;
             let job = mgr.find(&device)?;
             let speed = u64::try_from(speed)
@@ -149,8 +73,7 @@ pub fn dispatch(
     Some(r)
 }
 
-fn blockdev_mirror(mgr: &Arc<JobManager>, args: &Value) -> Result<(), JobError> {
-    let mut a = Args::new(args)?;
+fn blockdev_mirror(mgr: &Arc<JobManager>, mut a: Args) -> Result<(), JobError> {
     let job_id = a.opt_str("job-id")?;
     let device = a.req_str("device")?;
     let target = a.req_str("target")?;
@@ -158,9 +81,9 @@ fn blockdev_mirror(mgr: &Arc<JobManager>, args: &Value) -> Result<(), JobError> 
     let sync = a
         .opt_enum("sync", &["top", "full", "none", "incremental", "bitmap"])?
         .ok_or_else(|| other("Parameter 'sync' is missing"))?;
-    let speed = a.opt_int("speed")?;
-    let granularity = a.opt_int("granularity")?;
-    let buf_size = a.opt_int("buf-size")?;
+    let speed = a.opt_int::<i64>("speed")?;
+    let granularity = a.opt_int::<u32>("granularity")?;
+    let buf_size = a.opt_int::<i64>("buf-size")?;
     let _ = a.opt_enum(
         "on-source-error",
         &["report", "ignore", "enospc", "stop", "auto"],
@@ -191,7 +114,7 @@ fn blockdev_mirror(mgr: &Arc<JobManager>, args: &Value) -> Result<(), JobError> 
             if g & (g - 1) != 0 {
                 return Err(other("Parameter 'granularity' expects a power of 2"));
             }
-            g as u32
+            g
         }
     };
     let buf_size = match buf_size {

@@ -116,16 +116,14 @@ impl Dispatcher for Monitor {
         }
         if let Some(st) = self.storage.get() {
             if nbd::qmp::COMMANDS.contains(&name) {
-                let v = Value::Object(args.into_map());
-                return match nbd::qmp::dispatch(&st.nbd, &app.block, name, &v) {
+                return match nbd::qmp::dispatch(&st.nbd, &app.block, name, args) {
                     Some(Ok(v)) => Ok(Reply::new(v)),
                     Some(Err(e)) => Err(QmpError::generic(e.desc)),
                     None => Err(QmpError::unknown_command(name)),
                 };
             }
             if blockjob::qmp::COMMANDS.contains(&name) {
-                let v = Value::Object(args.into_map());
-                return match blockjob::qmp::dispatch(&st.jobs, name, &v) {
+                return match blockjob::qmp::dispatch(&st.jobs, name, args) {
                     Some(Ok(v)) => Ok(Reply::new(v)),
                     Some(Err(e @ blockjob::JobError::NotFound(_))) => {
                         Err(QmpError::device_not_active(e.to_string()))

@@ -98,6 +98,15 @@ fn nbd_server_commands_match_qemu() {
         "nbd-server-start",
         json!({"addr": {"type": "unix", "path": "/nonexistent/x"}}),
     );
+    for max in [json!(4294967296u64), json!(-1), json!("4")] {
+        both(
+            &mut q,
+            &mut l,
+            "nbd-server-start",
+            json!({"addr": {"type": "unix", "data": {"path": "/nonexistent/x"}},
+                   "max-connections": max}),
+        );
+    }
     for (c, who) in [(&mut q, "q"), (&mut l, "l")] {
         let p = dir.path().join(format!("{who}-nbd.sock"));
         let r = c.execute(
@@ -186,6 +195,70 @@ fn nbd_server_commands_match_qemu() {
         json!({"type": "nbd", "id": "e3", "node-name": "d0", "name": "e1"}),
     );
     both(&mut q, &mut l, "query-block-exports", json!({}));
+    // Argument types, checked by the same visitor as every other command.
+    for args in [
+        json!({"type": "nbd", "id": "e4", "node-name": "d0", "bitmaps": ["b1", 7]}),
+        json!({"type": "nbd", "id": "e4", "node-name": "d0", "bitmaps": "b1"}),
+        json!({"id": "e4", "node-name": "d0"}),
+        json!({"type": "nbd", "id": "e4", "node-name": "d0", "writable": null}),
+        json!({"type": "nbd", "id": "e4", "node-name": "d0", "bogus": 1}),
+    ] {
+        both(&mut q, &mut l, "block-export-add", args);
+    }
+    // The other form of a `bitmaps` element: {node, name}.
+    both(
+        &mut q,
+        &mut l,
+        "block-dirty-bitmap-add",
+        json!({"node": "d0", "name": "b2"}),
+    );
+    for bitmap in [
+        json!({"node": "d0"}),
+        json!({"node": "d0", "name": "b2", "x": 1}),
+        json!({"node": "d0", "name": "b2"}),
+    ] {
+        both(
+            &mut q,
+            &mut l,
+            "block-export-add",
+            json!({"type": "nbd", "id": "e5", "node-name": "d0", "bitmaps": [bitmap]}),
+        );
+    }
+    // ... which may name any node's bitmap, enabled or not, on a read-only export.
+    both(
+        &mut q,
+        &mut l,
+        "block-dirty-bitmap-add",
+        json!({"node": "ro", "name": "b3"}),
+    );
+    both(
+        &mut q,
+        &mut l,
+        "block-export-add",
+        json!({"type": "nbd", "id": "e6", "node-name": "d0",
+               "bitmaps": [{"node": "nope", "name": "b3"}]}),
+    );
+    for bitmap in [
+        json!({"node": "nope", "name": "b3"}),
+        json!({"node": "ro", "name": "zz"}),
+        json!({"node": "ro", "name": "b3"}),
+    ] {
+        both(
+            &mut q,
+            &mut l,
+            "block-export-add",
+            json!({"type": "nbd", "id": "e6", "node-name": "d0", "name": "e6",
+                   "bitmaps": [bitmap]}),
+        );
+    }
+    // Exported, the bitmap is busy.
+    both(
+        &mut q,
+        &mut l,
+        "block-dirty-bitmap-remove",
+        json!({"node": "ro", "name": "b3"}),
+    );
+    both(&mut q, &mut l, "query-block-exports", json!({}));
     both(&mut q, &mut l, "blockdev-del", json!({"node-name": "d0"}));
     both(
         &mut q,
@@ -249,11 +322,31 @@ fn mirror_commands_and_events_match_qemu() {
         "block-job-set-speed",
         json!({"device": "nope", "speed": 1}),
     );
+    for args in [
+        json!({"device": "nope"}),
+        json!({"device": "nope", "speed": 18446744073709551615u64}),
+        json!({"device": "nope", "speed": 1.5}),
+        json!({"device": 3, "speed": 1}),
+    ] {
+        both(&mut q, &mut l, "block-job-set-speed", args);
+    }
+    both(
+        &mut q,
+        &mut l,
+        "block-job-cancel",
+        json!({"device": "nope", "force": "yes"}),
+    );
     both(
         &mut q,
         &mut l,
         "blockdev-mirror",
         m(json!({"sync": "incremental"})),
+    );
+    both(
+        &mut q,
+        &mut l,
+        "blockdev-mirror",
+        m(json!({"granularity": 18446744073709551615u64})),
     );
     both(
         &mut q,

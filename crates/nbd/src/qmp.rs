@@ -4,7 +4,8 @@
 use crate::net::{AddressError, SocketAddress};
 use crate::server::{ExportConfig, ExportError, NbdServer};
 use block::BlockLayer;
-use serde_json::{json, Map, Value};
+use qmp::{Args, QmpError};
+use serde_json::{json, Value};
 
 /// The commands [`dispatch`] handles.
 pub const COMMANDS: &[&str] = &[
@@ -49,109 +50,14 @@ impl From<AddressError> for CommandError {
         generic(e.to_string())
     }
 }
+impl From<QmpError> for CommandError {
+    fn from(e: QmpError) -> Self {
+        generic(e.desc)
+    }
+}
 impl From<block::BlockError> for CommandError {
     fn from(e: block::BlockError) -> Self {
         generic(e.to_string())
-    }
-}
-
-struct Args<'a> {
-    m: &'a Map<String, Value>,
-    seen: Vec<&'static str>,
-}
-
-impl<'a> Args<'a> {
-    fn new(v: &'a Value) -> Result<Self, CommandError> {
-        static EMPTY: std::sync::OnceLock<Map<String, Value>> = std::sync::OnceLock::new();
-        let m = match v {
-            Value::Object(m) => m,
-            Value::Null => EMPTY.get_or_init(Map::new),
-            _ => {
-                return Err(generic(
-                    "Invalid parameter type for 'arguments', expected: object",
-                ))
-            }
-        };
-        Ok(Args {
-            m,
-            seen: Vec::new(),
-        })
-    }
-    fn get(&mut self, k: &'static str) -> Option<&'a Value> {
-        self.seen.push(k);
-        self.m.get(k)
-    }
-    fn req(&mut self, k: &'static str) -> Result<&'a Value, CommandError> {
-        self.get(k)
-            .ok_or_else(|| generic(format!("Parameter '{k}' is missing")))
-    }
-    fn req_str(&mut self, k: &'static str) -> Result<String, CommandError> {
-        match self.req(k)? {
-            Value::String(s) => Ok(s.clone()),
-            _ => Err(generic(format!(
-                "Invalid parameter type for '{k}', expected: string"
-            ))),
-        }
-    }
-    fn opt_str(&mut self, k: &'static str) -> Result<Option<String>, CommandError> {
-        match self.get(k) {
-            None => Ok(None),
-            Some(Value::String(s)) => Ok(Some(s.clone())),
-            Some(_) => Err(generic(format!(
-                "Invalid parameter type for '{k}', expected: string"
-            ))),
-        }
-    }
-    fn opt_bool(&mut self, k: &'static str) -> Result<Option<bool>, CommandError> {
-        match self.get(k) {
-            None => Ok(None),
-            Some(Value::Bool(b)) => Ok(Some(*b)),
-            Some(_) => Err(generic(format!(
-                "Invalid parameter type for '{k}', expected: boolean"
-            ))),
-        }
-    }
-    fn opt_u32(&mut self, k: &'static str) -> Result<Option<u32>, CommandError> {
-        match self.get(k) {
-            None => Ok(None),
-            Some(v) => {
-                let w = v
-                    .as_u64()
-                    .or_else(|| v.as_i64().map(|i| i as u64))
-                    .ok_or_else(|| {
-                        generic(format!(
-                            "Invalid parameter type for '{k}', expected: integer"
-                        ))
-                    })?;
-                u32::try_from(w)
-                    .map(Some)
-                    .map_err(|_| generic(format!("Parameter '{k}' expects uint32_t")))
-            }
-        }
-    }
-    fn opt_enum(
-        &mut self,
-        k: &'static str,
-        allowed: &[&str],
-    ) -> Result<Option<String>, CommandError> {
-        let Some(s) = self.opt_str(k)? else {
-            return Ok(None);
-        };
-        if allowed.contains(&s.as_str()) {
-            Ok(Some(s))
-        } else {
-            Err(generic(format!(
-                "Parameter '{k}' does not accept value '{s}'"
-            )))
-        }
-    }
-    fn finish(self) -> Result<(), CommandError> {
-        for k in self.m.keys() {
-            if !self.seen.contains(&k.as_str()) {
-                return Err(generic(format!("Parameter '{k}' is unexpected")));
-            }
-        }
-        Ok(())
     }
 }
 
@@ -160,19 +66,20 @@ pub fn dispatch(
     server: &NbdServer,
     layer: &BlockLayer,
     name: &str,
-    args: &Value,
+    args: Args,
 ) -> Option<Result<Value, CommandError>> {
     let r = match name {
         "nbd-server-start" => server_start(server, args),
         "nbd-server-add" => server_add(server, layer, args),
         "nbd-server-remove" => export_del(server, args, "name"),
-        "nbd-server-stop" => Args::new(args)
-            .and_then(Args::finish)
+        "nbd-server-stop" => args
+            .finish()
+            .map_err(CommandError::from)
             .and_then(|()| server.stop().map_err(CommandError::from)),
         "block-export-add" => block_export_add(server, layer, args),
         "block-export-del" => export_del(server, args, "id"),
         "query-block-exports" => {
-            return Some(Args::new(args).and_then(Args::finish).map(|()| {
+            return Some(args.finish().map_err(CommandError::from).map(|()| {
                 Value::Array(
                     server
                         .exports()
@@ -194,12 +101,11 @@ pub fn dispatch(
     Some(r.map(|()| json!({})))
 }
 
-fn server_start(server: &NbdServer, args: &Value) -> Result<(), CommandError> {
-    let mut a = Args::new(args)?;
-    let addr = SocketAddress::from_json(a.req("addr")?, "addr.", true)?;
+fn server_start(server: &NbdServer, mut a: Args) -> Result<(), CommandError> {
+    let addr = SocketAddress::from_json(a.required("addr")?.value(), "addr.", true)?;
     let tls = a.opt_str("tls-creds")?;
     let _authz = a.opt_str("tls-authz")?;
-    let max = a.opt_u32("max-connections")?;
+    let max = a.opt_int::<u32>("max-connections")?;
     a.finish()?;
     if tls.is_some() {
         return Err(generic("TLS is not supported by this NBD server"));
@@ -208,8 +114,7 @@ fn server_start(server: &NbdServer, args: &Value) -> Result<(), CommandError> {
     Ok(())
 }
 
-fn server_add(server: &NbdServer, layer: &BlockLayer, args: &Value) -> Result<(), CommandError> {
-    let mut a = Args::new(args)?;
+fn server_add(server: &NbdServer, layer: &BlockLayer, mut a: Args) -> Result<(), CommandError> {
     let device = a.req_str("device")?;
     let name = a.opt_str("name")?;
     let description = a.opt_str("description")?;
@@ -231,6 +136,7 @@ fn server_add(server: &NbdServer, layer: &BlockLayer, args: &Value) -> Result<()
             description,
             writable,
             bitmap,
+            bitmap_node: None,
         },
     )?;
     Ok(())
@@ -239,12 +145,9 @@ fn server_add(server: &NbdServer, layer: &BlockLayer, args: &Value) -> Result<()
 fn block_export_add(
     server: &NbdServer,
     layer: &BlockLayer,
-    args: &Value,
+    mut a: Args,
 ) -> Result<(), CommandError> {
-    let mut a = Args::new(args)?;
-    let _ty = a
-        .opt_enum("type", &["nbd"])?
-        .ok_or_else(|| generic("Parameter 'type' is missing"))?;
+    let _ty = a.req_enum("type", &["nbd"])?;
     let id = a.req_str("id")?;
     let node_name = a.req_str("node-name")?;
     let writable = a.opt_bool("writable")?.unwrap_or(false);
@@ -254,22 +157,12 @@ fn block_export_add(
     let name = a.opt_str("name")?;
     let description = a.opt_str("description")?;
     let _ = a.opt_bool("allocation-depth")?;
-    let bitmaps = match a.get("bitmaps") {
-        None => Vec::new(),
-        Some(Value::Array(l)) => l
-            .iter()
-            .map(|v| {
-                v.as_str().map(str::to_string).ok_or_else(|| {
-                    generic("Invalid parameter type for 'bitmaps[0]', expected: string")
-                })
-            })
-            .collect::<Result<Vec<_>, _>>()?,
-        Some(_) => {
-            return Err(generic(
-                "Invalid parameter type for 'bitmaps', expected: array",
-            ))
-        }
-    };
+    let bitmaps = a
+        .opt_list("bitmaps")?
+        .unwrap_or_default()
+        .into_iter()
+        .map(bitmap_or_str)
+        .collect::<Result<Vec<_>, _>>()?;
     a.finish()?;
     if bitmaps.len() > 1 {
         return Err(generic(
@@ -280,21 +173,48 @@ fn block_export_add(
         return Err(generic("NBD server not running"));
     }
     let node = layer.lookup_bs(Some(&node_name), Some(&node_name))?;
-    server.add(
-        node,
-        ExportConfig {
-            id,
-            name: name.unwrap_or(node_name),
-            description,
-            writable,
-            bitmap: bitmaps.into_iter().next(),
-        },
-    )?;
+    let (bitmap_owner, bitmap) = match bitmaps.into_iter().next() {
+        None => (None, None),
+        Some((owner, name)) => (owner, Some(name)),
+    };
+    let mut config = ExportConfig {
+        id,
+        name: name.unwrap_or_else(|| node_name.clone()),
+        description,
+        writable,
+        bitmap,
+        bitmap_node: None,
+    };
+    if let Some(owner) = bitmap_owner {
+        // QEMU looks the bitmap's node up after the export's own checks.
+        server.check_export(&config)?;
+        config.bitmap_node = Some(layer.bitmap_node(&owner)?);
+    }
+    server.add(node, config)?;
     Ok(())
 }
 
-fn export_del(server: &NbdServer, args: &Value, key: &'static str) -> Result<(), CommandError> {
-    let mut a = Args::new(args)?;
+/// One element of `bitmaps`, QAPI's alternate `BlockDirtyBitmapOrStr`: a bitmap name on the
+/// exported node, or `{"node": N, "name": B}` for a bitmap of any node. Gives the node (if
+/// named) and the bitmap name.
+fn bitmap_or_str(p: qmp::Param) -> Result<(Option<String>, String), QmpError> {
+    match p.value() {
+        Value::String(_) => Ok((None, p.into_str()?)),
+        Value::Object(_) => {
+            let mut o = p.into_object()?;
+            let node = o.req_str("node")?;
+            let name = o.req_str("name")?;
+            o.finish()?;
+            Ok((Some(node), name))
+        }
+        // QEMU 7.2 visits list elements of an alternate without a name, and says so.
+        _ => Err(QmpError::generic(
+            "Invalid parameter type for 'null', expected: BlockDirtyBitmapOrStr",
+        )),
+    }
+}
+
+fn export_del(server: &NbdServer, mut a: Args, key: &'static str) -> Result<(), CommandError> {
     let name = a.req_str(key)?;
     let mode = a.opt_enum("mode", &["safe", "hard"])?;
     a.finish()?;

@@ -53,8 +53,12 @@ pub struct ExportConfig {
     pub description: Option<String>,
     /// Whether clients may write.
     pub writable: bool,
-    /// A dirty bitmap of the node exported as `qemu:dirty-bitmap:<name>`.
+    /// A dirty bitmap exported as `qemu:dirty-bitmap:<name>`.
     pub bitmap: Option<String>,
+    /// The node that holds `bitmap`, when it was named (`{"node": N, "name": B}`); `None`: the
+    /// exported node. A bitmap named by node may be any node's, and may be enabled on a
+    /// read-only export (QEMU 7.2 checks neither for that form).
+    pub bitmap_node: Option<Arc<BlockNode>>,
 }
 
 /// Why an export or a server operation was refused. Texts are QEMU 7.2's.
@@ -169,9 +173,14 @@ impl Export {
             .map(|b| format!("{}{b}", proto::CONTEXT_DIRTY_BITMAP_PREFIX))
     }
 
+    /// The node holding the exported bitmap.
+    fn bitmap_owner(&self) -> &Arc<BlockNode> {
+        self.config.bitmap_node.as_ref().unwrap_or(&self.node)
+    }
+
     fn release(&self) {
         if let Some(b) = &self.config.bitmap {
-            self.node.with_bitmaps(|l| {
+            self.bitmap_owner().with_bitmaps(|l| {
                 if let Some(bm) = l.find_mut(b) {
                     bm.set_busy(false);
                 }
@@ -311,39 +320,26 @@ impl NbdServer {
     /// shared storage, so it must accept writes before the hand-over). A bitmap is marked busy
     /// while exported; a read-only export refuses an enabled bitmap.
     pub fn add(&self, node: Arc<BlockNode>, config: ExportConfig) -> Result<(), ExportError> {
-        if !self.is_running() {
-            return Err(ExportError::NotRunning);
-        }
-        if config.name.len() > proto::MAX_STRING_SIZE as usize {
-            return Err(ExportError::NameTooLong(config.name));
-        }
-        if let Some(d) = &config.description {
-            if d.len() > proto::MAX_STRING_SIZE as usize {
-                return Err(ExportError::DescriptionTooLong(d.clone()));
-            }
-        }
-        if !block::options::id_wellformed(&config.id) {
-            return Err(ExportError::InvalidId);
-        }
         let mut exports = lock(&self.inner.exports);
-        if exports.iter().any(|e| e.config.id == config.id) {
-            return Err(ExportError::IdInUse(config.id));
-        }
-        if exports.iter().any(|e| e.config.name == config.name) {
-            return Err(ExportError::Duplicate(config.name));
-        }
+        self.check_new(&exports, &config)?;
         if config.writable && !node.writable() {
             return Err(ExportError::Block(BlockError::ReadOnlyNode));
         }
         activate_tree(&node)?;
         if let Some(b) = &config.bitmap {
-            let writable_node = node.writable();
-            node.with_bitmaps(|l| -> Result<(), ExportError> {
-                let bm = l
-                    .find_mut(b)
-                    .ok_or_else(|| ExportError::BitmapNotFound(b.clone()))?;
+            let owner = config.bitmap_node.as_ref().unwrap_or(&node);
+            let by_node = config.bitmap_node.is_some();
+            let writable_node = owner.writable();
+            owner.with_bitmaps(|l| -> Result<(), ExportError> {
+                let bm = l.find_mut(b).ok_or_else(|| {
+                    if by_node {
+                        ExportError::Block(BlockError::BitmapNotFound(b.clone()))
+                    } else {
+                        ExportError::BitmapNotFound(b.clone())
+                    }
+                })?;
                 bm.check(block::BitmapCheck::ALLOW_RO)?;
-                if !config.writable && writable_node && bm.enabled() {
+                if !by_node && !config.writable && writable_node && bm.enabled() {
                     return Err(ExportError::EnabledBitmapReadonly(b.clone()));
                 }
                 bm.set_busy(true);
@@ -363,6 +359,38 @@ impl NbdServer {
             removed: AtomicBool::new(false),
             _claim: claim,
         }));
+        Ok(())
+    }
+
+    /// The checks QEMU makes on a new export before it looks at its node and bitmap: the
+    /// server runs, the name and description fit, the id is well formed and unused, the name
+    /// is unused. [`NbdServer::add`] makes them too; a caller that must resolve something
+    /// itself (a bitmap's node) calls this first to fail in QEMU's order.
+    pub fn check_export(&self, config: &ExportConfig) -> Result<(), ExportError> {
+        self.check_new(&lock(&self.inner.exports), config)
+    }
+
+    fn check_new(&self, exports: &[Arc<Export>], config: &ExportConfig) -> Result<(), ExportError> {
+        if !self.is_running() {
+            return Err(ExportError::NotRunning);
+        }
+        if config.name.len() > proto::MAX_STRING_SIZE as usize {
+            return Err(ExportError::NameTooLong(config.name.clone()));
+        }
+        if let Some(d) = &config.description {
+            if d.len() > proto::MAX_STRING_SIZE as usize {
+                return Err(ExportError::DescriptionTooLong(d.clone()));
+            }
+        }
+        if !block::options::id_wellformed(&config.id) {
+            return Err(ExportError::InvalidId);
+        }
+        if exports.iter().any(|e| e.config.id == config.id) {
+            return Err(ExportError::IdInUse(config.id.clone()));
+        }
+        if exports.iter().any(|e| e.config.name == config.name) {
+            return Err(ExportError::Duplicate(config.name.clone()));
+        }
         Ok(())
     }
 
@@ -1135,7 +1163,7 @@ fn bitmap_extents(
         .bitmap
         .as_deref()
         .ok_or_else(|| ReqError::new(err::EINVAL, "no bitmap exported"))?;
-    let l = export.node.bitmaps();
+    let l = export.bitmap_owner().bitmaps();
     let bm = l
         .find(name)
         .ok_or_else(|| ReqError::new(err::EIO, format!("Bitmap '{name}' is not found")))?;

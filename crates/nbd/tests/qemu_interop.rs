@@ -52,6 +52,7 @@ fn add(server: &NbdServer, l: &BlockLayer, writable: bool, bitmap: Option<&str>)
                 description: None,
                 writable,
                 bitmap: bitmap.map(str::to_string),
+                bitmap_node: None,
             },
         )
         .unwrap();

@@ -37,6 +37,7 @@ fn export(server: &NbdServer, l: &BlockLayer, name: &str, writable: bool, bitmap
                 description: Some("test disk".into()),
                 writable,
                 bitmap: bitmap.map(str::to_string),
+                bitmap_node: None,
             },
         )
         .unwrap();
@@ -178,6 +179,7 @@ fn error_codes_are_qemus() {
                 description: None,
                 writable: false,
                 bitmap: None,
+                bitmap_node: None,
             },
         )
         .unwrap();
@@ -249,6 +251,7 @@ fn dirty_bitmap_and_allocation_contexts() {
                 description: None,
                 writable: false,
                 bitmap: Some("b0".into()),
+                bitmap_node: None,
             },
         )
         .unwrap_err();
@@ -302,6 +305,69 @@ fn dirty_bitmap_and_allocation_contexts() {
     assert!(c.read_at(0, &mut [0u8; 512]).is_err());
     // The bitmap is free again.
     l.block_dirty_bitmap_remove("d0", "b0").unwrap();
+    server.stop().unwrap();
+}
+
+/// `bitmaps: [{"node": N, "name": B}]`: the export serves another node's bitmap — enabled,
+/// on a read-only export, as QEMU allows for that form — and frees it when removed.
+#[test]
+fn bitmap_of_another_node() {
+    let dir = tempfile::tempdir().unwrap();
+    let l = layer_with_file(dir.path());
+    l.blockdev_add(&json!({"driver": "null-co", "node-name": "other", "size": SIZE}))
+        .unwrap();
+    l.block_dirty_bitmap_add("other", "ob", Some(65536), None, None)
+        .unwrap();
+    let other = l.node("other").unwrap();
+    other.write_at(2 * 65536, &[1u8; 512]).unwrap();
+    // The exported node's own writes do not show in another node's bitmap.
+    l.node("d0").unwrap().write_at(0, &[1u8; 512]).unwrap();
+    let sock = dir.path().join("nbd.sock");
+    let server = NbdServer::new();
+    server.start(&SocketAddress::Unix(sock.clone()), 0).unwrap();
+    let config = ExportConfig {
+        id: "disk".into(),
+        name: "disk".into(),
+        description: None,
+        writable: false,
+        bitmap: Some("nope".into()),
+        bitmap_node: Some(other.clone()),
+    };
+    assert_eq!(
+        server
+            .add(l.node("d0").unwrap(), config.clone())
+            .unwrap_err()
+            .to_string(),
+        "Dirty bitmap 'nope' not found"
+    );
+    server
+        .add(
+            l.node("d0").unwrap(),
+            ExportConfig {
+                bitmap: Some("ob".into()),
+                ..config
+            },
+        )
+        .unwrap();
+    assert!(
+        l.block_dirty_bitmap_remove("other", "ob").is_err(),
+        "busy while exported"
+    );
+    let addr = SocketAddress::Unix(sock);
+    let mut c = connect(&addr, "disk", Some("qemu:dirty-bitmap:ob"));
+    let flat: Vec<(u32, u32)> = c
+        .block_status(0, SIZE as u32)
+        .unwrap()
+        .iter()
+        .map(|e| (e.len, e.flags))
+        .collect();
+    assert_eq!(
+        flat,
+        vec![(2 * 65536, 0), (65536, 1), (SIZE as u32 - 3 * 65536, 0)]
+    );
+    drop(c);
+    server.remove("disk", true).unwrap();
+    l.block_dirty_bitmap_remove("other", "ob").unwrap();
     server.stop().unwrap();
 }
 
