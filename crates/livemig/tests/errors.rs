@@ -119,7 +119,8 @@ fn migrate_to_nobody_fails_and_the_guest_runs_on() {
     let mut src = Lm::source(dir.path(), "src", BUSY);
     src.add_bitmap("b0");
     src.caps_on(&["events", "dirty-bitmaps"]);
-    let port = testkit::free_port();
+    let refused = testkit::RefusedPort::new();
+    let port = refused.port();
     src.migrate(&format!("tcp:127.0.0.1:{port}"));
     let q = src.wait_migration(&["failed", "completed", "cancelled"]);
     assert_eq!(q["status"], "failed", "{q}");

@@ -492,10 +492,10 @@ mod tests {
 
     #[test]
     fn refused_connect_names_the_address() {
-        let port = {
-            let l = TcpListener::bind("127.0.0.1:0").unwrap();
-            l.local_addr().unwrap().port()
-        };
+        // Held for the whole test: a port found free and let go can be taken by a parallel
+        // test, which made this one flaky.
+        let refused = testkit::RefusedPort::new();
+        let port = refused.port();
         let e = connect(&MigrationUri::parse(&format!("tcp:127.0.0.1:{port}")).unwrap())
             .err()
             .unwrap();

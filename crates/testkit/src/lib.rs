@@ -369,6 +369,48 @@ pub fn livemig_bin() -> PathBuf {
     profile_dir.join("livemig")
 }
 
+/// A TCP port on 127.0.0.1 that refuses connections for as long as this lives: a socket is
+/// bound to it but never listens, so a connect gets `ECONNREFUSED` and no other test can
+/// take the port meanwhile (a port merely found free can be reused by a parallel test).
+pub struct RefusedPort {
+    fd: std::os::fd::OwnedFd,
+    port: u16,
+}
+
+impl RefusedPort {
+    /// Binds a fresh socket to an ephemeral port on 127.0.0.1.
+    pub fn new() -> RefusedPort {
+        use nix::sys::socket::{
+            bind, getsockname, socket, AddressFamily, SockFlag, SockType, SockaddrIn,
+        };
+        let fd = socket(
+            AddressFamily::Inet,
+            SockType::Stream,
+            SockFlag::SOCK_CLOEXEC,
+            None,
+        )
+        .expect("socket");
+        let fd_ref = std::os::fd::AsRawFd::as_raw_fd(&fd);
+        bind(fd_ref, &SockaddrIn::new(127, 0, 0, 1, 0)).expect("bind");
+        let port = getsockname::<SockaddrIn>(fd_ref)
+            .expect("getsockname")
+            .port();
+        RefusedPort { fd, port }
+    }
+
+    /// The port.
+    pub fn port(&self) -> u16 {
+        let _ = &self.fd;
+        self.port
+    }
+}
+
+impl Default for RefusedPort {
+    fn default() -> Self {
+        RefusedPort::new()
+    }
+}
+
 /// Picks a TCP port on 127.0.0.1 that is free right now.
 pub fn free_port() -> u16 {
     let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
