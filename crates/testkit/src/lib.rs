@@ -126,13 +126,31 @@ impl QmpClient {
             greeting: Value::Null,
         };
         c.greeting = c.read_message()?;
-        let r = c.execute("qmp_capabilities", json!({}))?;
-        if r.get("return").is_none() {
-            return Err(std::io::Error::other(format!(
-                "qmp_capabilities failed: {r}"
-            )));
+        // QEMU 7.2 can open its monitor twice for a client that connects while QEMU starts
+        // up under load: a second greeting arrives (seen where the qmp_capabilities reply
+        // was expected), and that second opening puts the monitor back into negotiation.
+        // `execute` skips repeated greetings; a probe shows whether negotiation held.
+        let mut last = Value::Null;
+        for _ in 0..3 {
+            let r = c.execute("qmp_capabilities", json!({}))?;
+            let already = r
+                .pointer("/error/desc")
+                .and_then(Value::as_str)
+                .is_some_and(|d| d.starts_with("Capabilities negotiation is already complete"));
+            if r.get("return").is_none() && !already {
+                return Err(std::io::Error::other(format!(
+                    "qmp_capabilities failed: {r}"
+                )));
+            }
+            let probe = c.execute("query-version", json!({}))?;
+            if probe.get("return").is_some() {
+                return Ok(c);
+            }
+            last = probe;
         }
-        Ok(c)
+        Err(std::io::Error::other(format!(
+            "QMP negotiation does not hold: {last}"
+        )))
     }
 
     fn read_message(&mut self) -> std::io::Result<Value> {
@@ -166,7 +184,8 @@ impl QmpClient {
             let m = self.read_message()?;
             if m.get("event").is_some() {
                 self.events.push(m);
-            } else {
+            } else if m.get("QMP").is_none() {
+                // (A repeated greeting is no reply; see `connect`.)
                 return Ok(m);
             }
         }
