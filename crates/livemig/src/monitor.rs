@@ -405,10 +405,29 @@ fn hmp(app: &App, line: &str) -> String {
                 _ => "qemu-io: usage: qemu-io [-d] [-q] device \"command\"\r\n".into(),
             }
         }
+        ["info"] => INFO_HELP
+            .iter()
+            .map(|(sub, help)| format!("info {sub}  -- {help}\r\n"))
+            .collect(),
+        ["info", sub, _, ..] if INFO_HELP.iter().any(|(s, _)| s == sub) => format!(
+            "{sub}: extraneous characters at the end of line\r\n\
+             Try \"help info {sub}\" for more information\r\n"
+        ),
+        ["info", sub, ..] => format!("unknown command: 'info {sub}'\r\n"),
         [] => String::new(),
         [cmd, ..] => format!("unknown command: '{cmd}'\r\n"),
     }
 }
+
+/// The `info` subcommands this monitor has, with QEMU 7.2's help lines.
+const INFO_HELP: &[(&str, &str)] = &[
+    ("migrate", "show migration status"),
+    (
+        "migrate_capabilities",
+        "show current migration capabilities",
+    ),
+    ("status", "show the current VM status (running|paused)"),
+];
 
 /// Splits an HMP line into words, honouring double quotes (as `qemu-io dev "write 0 4k"`).
 fn split_hmp(line: &str) -> Vec<String> {
@@ -494,18 +513,22 @@ fn info_migrate(q: &Value) -> String {
             n("multifd-bytes") >> 10
         ));
         s.push_str(&format!("pages-per-second: {}\r\n", n("pages-per-second")));
-        s.push_str(&format!(
-            "dirty pages rate: {} pages\r\n",
-            n("dirty-pages-rate")
-        ));
-        s.push_str(&format!(
-            "precopy ram: {} kbytes\r\n",
-            n("precopy-bytes") >> 10
-        ));
-        s.push_str(&format!(
-            "downtime ram: {} kbytes\r\n",
-            n("downtime-bytes") >> 10
-        ));
+        // As QEMU 7.2: the rate only while active, the byte splits only when non-zero.
+        if st == "active" && n("dirty-pages-rate") > 0 {
+            s.push_str(&format!(
+                "dirty pages rate: {} pages\r\n",
+                n("dirty-pages-rate")
+            ));
+        }
+        for (key, label) in [
+            ("precopy-bytes", "precopy ram"),
+            ("downtime-bytes", "downtime ram"),
+            ("postcopy-bytes", "postcopy ram"),
+        ] {
+            if n(key) > 0 {
+                s.push_str(&format!("{label}: {} kbytes\r\n", n(key) >> 10));
+            }
+        }
     }
     s
 }
