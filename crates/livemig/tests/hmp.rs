@@ -1,6 +1,7 @@
-//! `human-monitor-command` side by side with QEMU 7.2: the `info` commands a management tool
-//! or a person reads (`info status`, `info migrate`, `info migrate_capabilities`, `info`) and
-//! the replies to mistakes, on `-M none` machines, before and after a migration.
+//! What a person or a management tool reads off the monitor, side by side with QEMU 7.2 on
+//! `-M none` machines: `human-monitor-command`'s `info` commands (`info status`,
+//! `info migrate`, `info migrate_capabilities`, `info`) and its replies to mistakes, before
+//! and after a migration; and `query-migrate` on a destination waiting on a TCP port.
 
 use serde_json::{json, Value};
 use std::path::Path;
@@ -9,9 +10,10 @@ use testkit::{QmpClient, VmProcess};
 
 const TIMEOUT: Duration = Duration::from_secs(30);
 
-fn livemig(dir: &Path) -> (VmProcess, QmpClient) {
+fn livemig(dir: &Path, extra: &[&str]) -> (VmProcess, QmpClient) {
     let args: Vec<String> = ["vm", "-M", "none", "-m", "32M"]
         .iter()
+        .chain(extra)
         .map(|s| s.to_string())
         .collect();
     let mut p = VmProcess::spawn(env!("CARGO_BIN_EXE_livemig"), &args, dir, "lm").unwrap();
@@ -25,9 +27,13 @@ fn livemig(dir: &Path) -> (VmProcess, QmpClient) {
     (p, q)
 }
 
-fn qemu(dir: &Path) -> (VmProcess, QmpClient) {
-    let p = VmProcess::qemu_none(dir, "qemu", &["-m".to_string(), "32M".to_string()])
-        .expect("spawn qemu");
+fn qemu(dir: &Path, extra: &[&str]) -> (VmProcess, QmpClient) {
+    let args: Vec<String> = ["-m", "32M"]
+        .iter()
+        .chain(extra)
+        .map(|s| s.to_string())
+        .collect();
+    let p = VmProcess::qemu_none(dir, "qemu", &args).expect("spawn qemu");
     let q = p.qmp();
     (p, q)
 }
@@ -76,8 +82,8 @@ fn info_commands_read_as_in_qemu() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let (mut qp, mut q) = qemu(dir.path());
-    let (mut lp, mut l) = livemig(dir.path());
+    let (mut qp, mut q) = qemu(dir.path(), &[]);
+    let (mut lp, mut l) = livemig(dir.path(), &[]);
 
     for line in [
         "info status",
@@ -158,5 +164,49 @@ fn info_commands_read_as_in_qemu() {
     for (p, mut c) in [(&mut qp, q), (&mut lp, l)] {
         let _ = c.execute("quit", json!({}));
         assert!(p.wait_exit(TIMEOUT).is_some());
+    }
+}
+
+/// A destination started with `-incoming tcp:127.0.0.1:0` reports the port it bound, in
+/// QEMU's shape (the port is a string, the address family a flag), so a management tool can
+/// let the destination choose its port.
+#[test]
+fn incoming_query_migrate_reports_the_bound_port_as_qemu() {
+    if !testkit::require(
+        "incoming_query_migrate_reports_the_bound_port_as_qemu",
+        testkit::qemu(),
+    ) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let incoming = ["-incoming", "tcp:127.0.0.1:0"];
+    let (mut qp, mut q) = qemu(dir.path(), &incoming);
+    let (mut lp, mut l) = livemig(dir.path(), &incoming);
+    let mut shape = |c: &mut QmpClient| {
+        let mut r = c.ok("query-migrate", json!({}));
+        let port = r["socket-address"][0]["port"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no port: {r}"))
+            .parse::<u16>()
+            .unwrap();
+        assert_ne!(port, 0);
+        std::net::TcpStream::connect(("127.0.0.1", port)).expect("the port listens");
+        r["socket-address"][0]["port"] = json!("PORT");
+        r
+    };
+    let theirs = shape(&mut q);
+    // (The probe connection above made QEMU's destination start loading and then fail;
+    // livemig's is asked before its own probe.)
+    let ours = shape(&mut l);
+    let strip = |mut v: Value| {
+        v.as_object_mut()
+            .unwrap()
+            .retain(|k, _| k == "socket-address");
+        v
+    };
+    assert_eq!(strip(ours), strip(theirs));
+    for (p, mut c) in [(&mut qp, q), (&mut lp, l)] {
+        let _ = c.execute("quit", json!({}));
+        let _ = p.wait_exit(TIMEOUT);
     }
 }

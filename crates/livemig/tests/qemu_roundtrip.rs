@@ -146,7 +146,7 @@ fn chain(test: &str, transport: Transport, return_path: bool) {
     let mut l2_q = l2.qmp();
     caps(&mut l2_q, return_path);
     qb_q.ok("migrate-set-parameters", json!({"max-bandwidth": 1 << 20}));
-    qb_q.ok("migrate", json!({ "uri": uri }));
+    qb_q.ok("migrate", json!({ "uri": connect_uri(&mut l2_q, &uri) }));
     // Pattern A's first pages go out first; once 1 MiB is through, they have been sent.
     loop {
         let st = qb_q.ok("query-migrate", json!({}));

@@ -549,7 +549,13 @@ impl Migration {
             if let Some((host, port)) = &i.port {
                 m.insert(
                     "socket-address".into(),
-                    json!([{ "type": "inet", "host": host, "port": port.to_string() }]),
+                    json!([{
+                        "type": "inet",
+                        "host": host,
+                        "port": port.to_string(),
+                        // As QEMU: the family of the address bound.
+                        (if host.contains(':') { "ipv6" } else { "ipv4" }): true,
+                    }]),
                 );
             }
             if let Some(t) = i.total_ms {

@@ -430,8 +430,3 @@ impl Default for RefusedPort {
     }
 }
 
-/// Picks a TCP port on 127.0.0.1 that is free right now.
-pub fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    l.local_addr().expect("addr").port()
-}

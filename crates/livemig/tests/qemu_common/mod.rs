@@ -121,13 +121,32 @@ pub enum Transport {
 }
 
 impl Transport {
-    /// A fresh address for one migration.
+    /// A fresh address for one migration, for the destination's `-incoming`. For TCP it is
+    /// port 0: the destination binds a port of its own, which [`migrate`] reads back from its
+    /// `query-migrate` (`socket-address`), so no other test can take the port in between.
     pub fn uri(self, dir: &Path, name: &str) -> String {
         match self {
             Transport::Unix => format!("unix:{}", dir.join(format!("{name}.sock")).display()),
-            Transport::Tcp => format!("tcp:127.0.0.1:{}", testkit::free_port()),
+            Transport::Tcp => "tcp:127.0.0.1:0".to_string(),
         }
     }
+}
+
+/// The URI the source connects to for a destination listening on `incoming`: for a TCP port
+/// 0, the port the destination reports in `query-migrate`'s `socket-address`.
+pub fn connect_uri(dst: &mut QmpClient, incoming: &str) -> String {
+    let Some(host) = incoming
+        .strip_prefix("tcp:")
+        .and_then(|a| a.strip_suffix(":0"))
+    else {
+        return incoming.to_string();
+    };
+    let q = dst.ok("query-migrate", json!({}));
+    let port = q
+        .pointer("/socket-address/0/port")
+        .and_then(Value::as_str)
+        .unwrap_or_else(|| panic!("no listening port in {q}"));
+    format!("tcp:{host}:{port}")
 }
 
 /// Turns on `dirty-bitmaps` (and `return-path` if asked) on one end.
@@ -269,6 +288,7 @@ pub fn ended(p: &mut VmProcess, timeout: Duration) -> Ended {
 /// Migrates `src` into `dst` (both already configured) and waits for both ends to finish;
 /// returns (source, destination) `query-migrate` replies.
 pub fn migrate(src: &mut QmpClient, dst: &mut QmpClient, uri: &str) -> (Value, Value) {
+    let uri = connect_uri(dst, uri);
     src.ok("migrate", json!({ "uri": uri }));
     let s = wait(src, &["completed", "failed", "cancelled"]);
     let d = wait(dst, &["completed", "failed"]);
