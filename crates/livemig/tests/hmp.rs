@@ -182,7 +182,7 @@ fn incoming_query_migrate_reports_the_bound_port_as_qemu() {
     let incoming = ["-incoming", "tcp:127.0.0.1:0"];
     let (mut qp, mut q) = qemu(dir.path(), &incoming);
     let (mut lp, mut l) = livemig(dir.path(), &incoming);
-    let mut shape = |c: &mut QmpClient| {
+    let shape = |c: &mut QmpClient| {
         let mut r = c.ok("query-migrate", json!({}));
         let port = r["socket-address"][0]["port"]
             .as_str()

@@ -429,4 +429,3 @@ impl Default for RefusedPort {
         RefusedPort::new()
     }
 }
-
