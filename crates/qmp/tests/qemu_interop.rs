@@ -158,9 +158,18 @@ fn stop_lines(path: &Path) -> Vec<String> {
         .map(|_| {
             let mut line = String::new();
             c.reader.read_line(&mut line).unwrap();
-            line.chars()
-                .map(|ch| if ch.is_ascii_digit() { '9' } else { ch })
-                .collect()
+            // Each number becomes one `9`: the layout must match, the values cannot, and
+            // neither can their widths (microseconds are not zero-padded: 99999 and 999999
+            // are both right).
+            let mut out = String::new();
+            for ch in line.chars() {
+                if !ch.is_ascii_digit() {
+                    out.push(ch);
+                } else if !out.ends_with('9') {
+                    out.push('9');
+                }
+            }
+            out
         })
         .collect()
 }
