@@ -392,7 +392,8 @@ pub fn livemig_bin() -> PathBuf {
 /// bound to it but never listens, so a connect gets `ECONNREFUSED` and no other test can
 /// take the port meanwhile (a port merely found free can be reused by a parallel test).
 pub struct RefusedPort {
-    fd: std::os::fd::OwnedFd,
+    /// Held, never read: while it is open the port stays bound and not listening.
+    _socket: std::os::fd::OwnedFd,
     port: u16,
 }
 
@@ -414,12 +415,11 @@ impl RefusedPort {
         let port = getsockname::<SockaddrIn>(fd_ref)
             .expect("getsockname")
             .port();
-        RefusedPort { fd, port }
+        RefusedPort { _socket: fd, port }
     }
 
     /// The port.
     pub fn port(&self) -> u16 {
-        let _ = &self.fd;
         self.port
     }
 }
