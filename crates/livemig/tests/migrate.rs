@@ -122,8 +122,11 @@ fn deferred_incoming_listens_after_migrate_incoming() {
     dst.ok("migrate-incoming", json!({"uri": "tcp:127.0.0.1:0"}));
     let port = dst.incoming_port();
     let mut src = busy_source(dir.path(), SOCKET_CAPS);
+    // Early, in the middle of the fill, which the destination then completes; but not before
+    // the guest's first disk write, so the migrated bitmap has bits to compare (a loaded CI
+    // machine once got the migration in before it).
+    src.wait_bitmap_dirty("b0");
     src.migrate(&format!("tcp:127.0.0.1:{port}"));
-    // Migrated in the middle of the fill, which the destination then completes.
     check_busy_stop_point(&mut src, &mut dst, false);
     check_carries_on(&mut dst);
 }

@@ -298,6 +298,24 @@ impl Lm {
             .unwrap_or_else(|| panic!("{}: no bitmap {name} on d0 in {r}", self.name))
     }
 
+    /// Waits until bitmap `name` on `d0` has a dirty bit: the guest has written to its disk
+    /// (a busy guest does so every few hundred steps, which a loaded machine can delay).
+    pub fn wait_bitmap_dirty(&mut self, name: &str) {
+        let deadline = Instant::now() + TIMEOUT;
+        loop {
+            let info = self.bitmap_info(name);
+            if info["count"].as_u64().unwrap_or(0) > 0 {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{}: {name} stays clean: {info}",
+                self.name
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     /// Runs `qemu-io d0 "CMD"` through the human monitor; returns its output.
     pub fn qemu_io(&mut self, cmd: &str) -> String {
         let out = self.ok(
