@@ -3,28 +3,18 @@
 //! `info migrate`, `info migrate_capabilities`, `info`) and its replies to mistakes, before
 //! and after a migration; and `query-migrate` on a destination waiting on a TCP port.
 
+mod common;
+
+use common::{Lm, TIMEOUT};
 use serde_json::{json, Value};
 use std::path::Path;
-use std::time::{Duration, Instant};
 use testkit::{QmpClient, VmProcess};
 
-const TIMEOUT: Duration = Duration::from_secs(30);
-
 fn livemig(dir: &Path, extra: &[&str]) -> (VmProcess, QmpClient) {
-    let args: Vec<String> = ["vm", "-M", "none", "-m", "32M"]
-        .iter()
-        .chain(extra)
-        .map(|s| s.to_string())
-        .collect();
-    let mut p = VmProcess::spawn(env!("CARGO_BIN_EXE_livemig"), &args, dir, "lm").unwrap();
-    let deadline = Instant::now() + TIMEOUT;
-    while !p.qmp_path.exists() {
-        assert!(p.alive(), "livemig exited: {}", p.log());
-        assert!(Instant::now() < deadline, "no QMP socket");
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    let q = p.qmp();
-    (p, q)
+    let mut args = vec!["-M", "none", "-m", "32M"];
+    args.extend(extra);
+    let Lm { proc, qmp, .. } = Lm::start(dir, "lm", &args);
+    (proc, qmp)
 }
 
 fn qemu(dir: &Path, extra: &[&str]) -> (VmProcess, QmpClient) {
@@ -50,19 +40,6 @@ fn same(q: &mut QmpClient, l: &mut QmpClient, line: &str) {
     let a = hmp(q, line);
     let b = hmp(l, line);
     assert_eq!(b, a, "'{line}': livemig differs from QEMU");
-}
-
-fn wait_completed(q: &mut QmpClient) -> Value {
-    let deadline = Instant::now() + TIMEOUT;
-    loop {
-        let r = q.ok("query-migrate", json!({}));
-        if r["status"] == "completed" {
-            return r;
-        }
-        assert!(r["status"] != "failed", "{r}");
-        assert!(Instant::now() < deadline, "migration did not complete: {r}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 /// `info migrate` as (label, value) pairs, one per line.
@@ -126,7 +103,8 @@ fn info_commands_read_as_in_qemu() {
     // order, and the same values where they do not depend on timing.
     for c in [&mut q, &mut l] {
         c.ok("migrate", json!({"uri": "exec:cat > /dev/null"}));
-        wait_completed(c);
+        let r = c.wait_migration(&["completed", "failed", "cancelled"], TIMEOUT);
+        assert_eq!(r["status"], "completed", "{r}");
     }
     let theirs = pairs(&hmp(&mut q, "info migrate"));
     let ours = pairs(&hmp(&mut l, "info migrate"));

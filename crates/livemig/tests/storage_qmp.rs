@@ -2,27 +2,16 @@
 //! commands goes to `qemu-system-x86_64 -M none` and to `livemig vm -M none`, and every reply
 //! (return value, or error class and text) and every job event must be the same.
 
+mod common;
+
+use common::{Lm, TIMEOUT};
 use serde_json::{json, Value};
 use std::path::Path;
-use std::time::{Duration, Instant};
 use testkit::{QmpClient, VmProcess};
 
-const TIMEOUT: Duration = Duration::from_secs(30);
-
 fn livemig(dir: &Path) -> (VmProcess, QmpClient) {
-    let args: Vec<String> = ["vm", "-M", "none", "-m", "16M"]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-    let mut p = VmProcess::spawn(env!("CARGO_BIN_EXE_livemig"), &args, dir, "lm").unwrap();
-    let deadline = Instant::now() + TIMEOUT;
-    while !p.qmp_path.exists() {
-        assert!(p.alive(), "livemig exited: {}", p.log());
-        assert!(Instant::now() < deadline);
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    let q = p.qmp();
-    (p, q)
+    let Lm { proc, qmp, .. } = Lm::start(dir, "lm", &["-M", "none", "-m", "16M"]);
+    (proc, qmp)
 }
 
 /// The part of a reply that must match: the return value, or the error's class and text.
