@@ -50,6 +50,8 @@
 //! * **Block jobs and NBD exports**: they mark bitmaps busy, freeze them with successors and
 //!   end with `abdicate` or `reclaim`; they attach to nodes like devices do.
 //! * **Transactions**: `clear_with_backup` / `restore` and the merge backup are the undo steps.
+// A library does not print: it logs (`log`), and the binary decides where that goes.
+#![cfg_attr(not(test), deny(clippy::print_stderr, clippy::print_stdout))]
 #![forbid(unsafe_code)]
 // Requests, QMP arguments and command lines are untrusted input: nothing here may panic on
 // them (house rule), so the panicking shortcuts are refused outside tests.
@@ -62,7 +64,6 @@
         clippy::panic
     )
 )]
-#![deny(missing_docs)]
 
 pub mod bitmap;
 pub mod driver;

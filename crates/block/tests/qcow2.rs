@@ -512,6 +512,7 @@ fn bitmaps_we_wrote_load_in_qemu_as_we_see_them() {
 /// `F_OFD_GETLK` from a fresh one (as QEMU's own lock check does). Unlike a parse of
 /// `/proc/locks`, each probe is atomic: a seq_file read while other tests take and drop
 /// locks can skip a line.
+#[allow(unsafe_code)] // a raw fcntl: the lock probe has no safe wrapper in libc
 fn ofd_lock_bytes(path: &Path) -> Vec<u64> {
     use std::os::fd::AsRawFd;
     let f = std::fs::File::open(path).unwrap();

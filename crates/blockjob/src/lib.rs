@@ -22,6 +22,8 @@
 //! [`block::BlockLayer::inactivate_all`] — a migration's switchover — fails cleanly instead
 //! of pulling the image from under a job that is still writing; the source keeps running.
 //! If the target stops accepting writes anyway, the job ends with the error.
+// A library does not print: it logs (`log`), and the binary decides where that goes.
+#![cfg_attr(not(test), deny(clippy::print_stderr, clippy::print_stdout))]
 #![forbid(unsafe_code)]
 #![cfg_attr(
     not(test),
@@ -32,7 +34,6 @@
         clippy::panic
     )
 )]
-#![deny(missing_docs)]
 
 pub mod mirror;
 pub mod qmp;

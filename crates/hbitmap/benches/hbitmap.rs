@@ -1,3 +1,4 @@
+#![allow(missing_docs)] // criterion's macros generate undocumented public functions
 //! Criterion benchmarks for hbitmap: range set/reset, dirty-area walks, (de)serialization and
 //! sparse searches, on the bitmap of a 1 TiB disk at 64 KiB granularity (2^24 bits, 2 MiB).
 //!

@@ -12,6 +12,7 @@ mod bench;
 mod cli;
 mod client;
 mod demo;
+mod logger;
 mod monitor;
 mod scenario;
 mod vmproc;
@@ -32,6 +33,7 @@ commands:
 ";
 
 fn main() {
+    logger::init();
     let argv: Vec<String> = std::env::args().skip(1).collect();
     let Some(cmd) = argv.first() else {
         eprint!("{USAGE}");

@@ -1,3 +1,4 @@
+#![allow(missing_docs)] // criterion's macros generate undocumented public functions
 //! The engine's RAM data path without a network: how fast the saver turns dirty guest pages
 //! into records (walking the bitmap, zero detection, headers, vectored writes into a sink), and
 //! how fast the loader puts records back into guest memory. Both must be far above what
@@ -33,6 +34,7 @@ impl RamBlock for BenchRam {
     fn name(&self) -> &str {
         "ram"
     }
+    #[allow(unsafe_code)] // wraps the benchmark's buffer as guest memory
     fn region(&self) -> GuestRegion {
         let p = NonNull::new(self.buf.as_ptr() as *mut u8).expect("non-null");
         // SAFETY: the buffer lives as long as the Arc the benchmark holds, and nothing else

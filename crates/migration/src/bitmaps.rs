@@ -341,7 +341,7 @@ impl BitmapLoader {
     }
 
     fn drop_bitmap(&mut self, node_alias: &str, alias: &str, error: String) {
-        eprintln!("livemig: dirty bitmap migration: {error}");
+        log::error!("dirty bitmap migration: {error}");
         self.errors.push(error);
         if let Some(i) = self
             .bitmaps

@@ -335,7 +335,7 @@ pub(crate) fn run(job: Job) {
         .and_then(|_| loader.load_body(&mut r))
         .and_then(|_| loader.finish());
     for w in &loader.warnings {
-        eprintln!("livemig: incoming migration: {w}");
+        log::warn!("incoming migration: {w}");
     }
     {
         let mut inner = shared.lock();
@@ -373,7 +373,7 @@ pub(crate) fn run(job: Job) {
 }
 
 fn fail(shared: &Shared, error: String, started: Instant) {
-    eprintln!("livemig: incoming migration failed: {error}");
+    log::error!("incoming migration failed: {error}");
     {
         let mut inner = shared.lock();
         inner.inc.error = Some(error);

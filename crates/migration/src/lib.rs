@@ -15,6 +15,8 @@
 //! | [`globalstate`] | the `globalstate` section |
 //! | [`guest`] | the seam to guest memory (the crate's only `unsafe`) |
 //! | [`transport`] | `tcp:`, `unix:`, `exec:`, `file:` |
+// A library does not print: it logs (`log`), and the binary decides where that goes.
+#![cfg_attr(not(test), deny(clippy::print_stderr, clippy::print_stdout))]
 #![deny(unsafe_code)]
 
 pub mod bitmaps;

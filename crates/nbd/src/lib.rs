@@ -13,12 +13,13 @@
 //!
 //! Not implemented: TLS, `NBD_OPT_EXTENDED_HEADERS`, `qemu:allocation-depth`, real
 //! allocation in `base:allocation` (every extent reads as data), reconnection.
+// A library does not print: it logs (`log`), and the binary decides where that goes.
+#![cfg_attr(not(test), deny(clippy::print_stderr, clippy::print_stdout))]
 #![forbid(unsafe_code)]
 #![cfg_attr(
     not(test),
     deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
 )]
-#![deny(missing_docs)]
 
 pub mod client;
 pub mod net;

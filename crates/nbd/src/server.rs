@@ -480,7 +480,7 @@ fn accept_loop(inner: Arc<Inner>, listener: Arc<Listener>, max_connections: u32)
                 let r = serve_client(&server, id, stream);
                 if let Err(e) = r {
                     if !server.inner.stopping.load(Ordering::SeqCst) {
-                        eprintln!("nbd: client {id}: {e}");
+                        log::warn!("nbd: client {id}: {e}");
                     }
                 }
                 lock(&server.inner.clients).retain(|(c, _)| *c != id);

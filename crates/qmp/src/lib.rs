@@ -19,8 +19,9 @@
 //! Modules: [`json`] (the streaming parser and the serializer), [`dispatch`] (the seam for
 //! commands and argument checking), [`server`] (sockets, threads, events, shutdown),
 //! [`option`] (QEMU's `-qmp` option syntax), [`error`] (QMP error classes).
+// A library does not print: it logs (`log`), and the binary decides where that goes.
+#![cfg_attr(not(test), deny(clippy::print_stderr, clippy::print_stdout))]
 #![forbid(unsafe_code)]
-#![deny(missing_docs)]
 
 pub mod dispatch;
 pub mod error;

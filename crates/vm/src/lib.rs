@@ -1,6 +1,8 @@
 //! The reference VM: guest memory and dirty tracking, vCPUs running a deterministic workload,
 //! a clock, a serial console, a memory map, and its implementation of the migration engine's
 //! `Machine` trait.
+// A library does not print: it logs (`log`), and the binary decides where that goes.
+#![cfg_attr(not(test), deny(clippy::print_stderr, clippy::print_stdout))]
 #![deny(unsafe_code)]
 
 pub mod clock;

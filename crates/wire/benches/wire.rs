@@ -1,3 +1,4 @@
+#![allow(missing_docs)] // criterion's macros generate undocumented public functions
 //! Data-path benchmarks: RAM page records through the writer (header + page in one vectored
 //! write) and through the reader (page read straight into a guest buffer), and the analyzer
 //! on a zero-page-heavy stream.

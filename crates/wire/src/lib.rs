@@ -13,8 +13,9 @@
 //! - [`analyze`]: a whole-stream decoder for inspecting captures without a VM.
 //!
 //! The reference is `shared/reference/stream-format.md` (QEMU 7.2 and master).
+// A library does not print: it logs (`log`), and the binary decides where that goes.
+#![cfg_attr(not(test), deny(clippy::print_stderr, clippy::print_stdout))]
 #![forbid(unsafe_code)]
-#![warn(missing_docs)]
 
 pub mod analyze;
 pub mod bitmap;

@@ -72,7 +72,7 @@ const CACHE_BYTES: u64 = 32 << 20;
 fn corrupt(what: String) -> BlockError {
     // QEMU marks the image corrupt and fails the request with EIO; this layer fails it without
     // touching the image (the message goes to stderr like QEMU's).
-    eprintln!("qcow2: Image is corrupt: {what}");
+    log::error!("qcow2: Image is corrupt: {what}");
     BlockError::Io(Errno::EIO)
 }
 

@@ -138,18 +138,19 @@ impl Qcow2Driver {
             if hdr.stale_bitmaps_ext {
                 // QEMU's warning (stderr), then the bitmaps are dropped.
                 if hdr.version < 3 {
-                    eprintln!(
-                        "warning: This qcow2 v2 image contains bitmaps, but they may have been \
+                    log::warn!(
+                        "This qcow2 v2 image contains bitmaps, but they may have been \
                          modified by a program without persistent bitmap support; so now they \
                          must all be considered inconsistent"
                     );
                 } else {
-                    eprintln!(
-                        "warning: a program lacking bitmap support modified this file, so all \
+                    log::warn!(
+                        "a program lacking bitmap support modified this file, so all \
                          bitmaps are now considered inconsistent"
                     );
                 }
-                eprintln!(
+                // QEMU's continuation line, printed without a prefix.
+                log::info!(
                     "Some clusters may be leaked, run 'qemu-img check -r' on the image file to \
                      fix."
                 );
