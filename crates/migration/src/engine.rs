@@ -2,6 +2,8 @@
 //! incoming migrations, and the QMP-shaped operations on them (`migrate`, `migrate_cancel`,
 //! `migrate-continue`, `migrate-incoming`, `query-migrate`...).
 //!
+//! The state itself, and every change of it, belongs to the state machine ([`crate::state`]).
+//!
 //! Threads and locks. Each migration runs on its own thread. The only lock is the mutex around
 //! [`Shared`]'s state, held for short bookkeeping only — never across I/O, never while waiting
 //! for the migration thread, and never while calling into the VMM. The migration thread waits
@@ -10,20 +12,20 @@
 //! shuts the channel down so a blocked write returns, and wakes any wait; the thread then
 //! cleans up and reports `cancelled`.
 
-use crate::caps::{Capabilities, Capability};
+use crate::caps::Capability;
 use crate::error::MigrationError;
 use crate::events::EventSink;
 use crate::incoming;
 use crate::machine::Machine;
 use crate::outgoing;
-use crate::params::Parameters;
 use crate::ram::RamCounters;
-use crate::status::{MigrationStatus, ParsedStatus};
-use crate::transport::{Listener, MigrationUri, ShutdownHandle};
+use crate::state::{IncomingMode, Shared};
+use crate::status::MigrationStatus;
+use crate::transport::{Listener, MigrationUri};
 use serde_json::{json, Map, Value};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
 /// Statistics of one outgoing migration, as `query-migrate` reports them.
 #[derive(Debug, Default)]
@@ -48,127 +50,6 @@ pub struct OutgoingStats {
     pub expected_downtime_ms: AtomicU64,
     /// Bytes of dirty bitmaps still to send at switchover.
     pub bitmap_bytes: AtomicU64,
-}
-
-/// State of the outgoing side.
-pub(crate) struct OutState {
-    pub status: MigrationStatus,
-    pub error: Option<String>,
-    pub started: Option<Instant>,
-    pub setup_ms: Option<u64>,
-    pub total_ms: Option<u64>,
-    pub downtime_ms: Option<u64>,
-    pub stats: Arc<OutgoingStats>,
-    pub shutdown: Option<ShutdownHandle>,
-    pub cancel: bool,
-    pub continue_requested: bool,
-    pub generation: u64,
-}
-
-/// How this VM was told to expect an incoming migration.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum IncomingMode {
-    /// Not a destination.
-    None,
-    /// `-incoming defer`: waits for `migrate-incoming`.
-    Deferred,
-    /// Listening or loading (`-incoming URI` or after `migrate-incoming`).
-    Started,
-}
-
-/// State of the incoming side.
-pub(crate) struct InState {
-    pub mode: IncomingMode,
-    pub status: MigrationStatus,
-    pub error: Option<String>,
-    pub started: Option<Instant>,
-    pub total_ms: Option<u64>,
-    pub port: Option<(String, u16)>,
-    pub pages_loaded: u64,
-    pub shutdown: Option<ShutdownHandle>,
-    /// What the loader reported without failing (dropped bitmaps, a missing trailer).
-    pub warnings: Vec<String>,
-}
-
-pub(crate) struct Inner {
-    /// Start the guest when an incoming migration completes (false with `-S`, until `cont`).
-    pub autostart: bool,
-    pub caps: Capabilities,
-    pub params: Parameters,
-    pub out: OutState,
-    pub inc: InState,
-}
-
-/// State shared between the QMP-facing API and the migration threads.
-pub struct Shared {
-    pub(crate) inner: Mutex<Inner>,
-    pub(crate) cond: Condvar,
-    pub(crate) events: Arc<dyn EventSink>,
-}
-
-impl Shared {
-    pub(crate) fn lock(&self) -> MutexGuard<'_, Inner> {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Emits a `MIGRATION` event if capability `events` is on. Called with the lock held so
-    /// events come out in the order the states were entered; the sink does not block.
-    pub(crate) fn emit_status(&self, inner: &Inner, status: MigrationStatus) {
-        if inner.caps.has(Capability::Events) {
-            self.events
-                .emit("MIGRATION", Some(json!({ "status": status.as_str() })));
-        }
-    }
-
-    /// Moves outgoing migration `generation` to `status` unless a cancel got there first (the
-    /// migration thread's transitions never override `cancelling`) or a newer migration owns
-    /// the state. Returns false in those cases.
-    pub(crate) fn set_out_status(&self, generation: u64, status: MigrationStatus) -> bool {
-        let mut inner = self.lock();
-        if inner.out.generation != generation || inner.out.cancel {
-            return false;
-        }
-        if inner.out.status != status {
-            inner.out.status = status;
-            self.emit_status(&inner, status);
-            self.cond.notify_all();
-        }
-        true
-    }
-
-    /// Moves the incoming migration to `status`.
-    pub(crate) fn set_in_status(&self, status: MigrationStatus) {
-        let mut inner = self.lock();
-        if inner.inc.status != status {
-            inner.inc.status = status;
-            self.emit_status(&inner, status);
-            self.cond.notify_all();
-        }
-    }
-
-    /// Whether outgoing migration `generation` is being cancelled (or was replaced).
-    pub(crate) fn out_cancelled(&self, generation: u64) -> bool {
-        let inner = self.lock();
-        inner.out.cancel || inner.out.generation != generation
-    }
-
-    /// Waits up to `d`, returning early on a cancel. Returns true if cancelled.
-    pub(crate) fn sleep_unless_cancelled(&self, generation: u64, d: Duration) -> bool {
-        let deadline = Instant::now() + d;
-        let mut inner = self.lock();
-        while !inner.out.cancel && inner.out.generation == generation {
-            let now = Instant::now();
-            if now >= deadline {
-                return false;
-            }
-            inner = self
-                .cond
-                .wait_timeout(inner, deadline - now)
-                .map(|(g, _)| g)
-                .unwrap_or_else(|p| p.into_inner().0);
-        }
-        true
-    }
 }
 
 /// Options a VMM fixes when it creates the migration object.
@@ -197,39 +78,7 @@ impl Migration {
         events: Arc<dyn EventSink>,
         options: MigrationOptions,
     ) -> Self {
-        let shared = Arc::new(Shared {
-            inner: Mutex::new(Inner {
-                autostart: options.autostart,
-                caps: Capabilities::default(),
-                params: Parameters::default(),
-                out: OutState {
-                    status: MigrationStatus::None,
-                    error: None,
-                    started: None,
-                    setup_ms: None,
-                    total_ms: None,
-                    downtime_ms: None,
-                    stats: Arc::default(),
-                    shutdown: None,
-                    cancel: false,
-                    continue_requested: false,
-                    generation: 0,
-                },
-                inc: InState {
-                    mode: IncomingMode::None,
-                    status: MigrationStatus::None,
-                    error: None,
-                    started: None,
-                    total_ms: None,
-                    port: None,
-                    pages_loaded: 0,
-                    shutdown: None,
-                    warnings: Vec::new(),
-                },
-            }),
-            cond: Condvar::new(),
-            events,
-        });
+        let shared = Arc::new(Shared::new(options.autostart, events));
         Migration { machine, shared }
     }
 
@@ -242,7 +91,7 @@ impl Migration {
     /// `migrate-set-capabilities`.
     pub fn set_capabilities(&self, changes: &[(Capability, bool)]) -> Result<(), MigrationError> {
         let mut inner = self.shared.lock();
-        if inner.out.status.is_running() || inner.inc.status.is_running() {
+        if inner.out.status().is_running() || inner.inc.status().is_running() {
             return Err(MigrationError::InProgress);
         }
         inner.caps.apply(changes)
@@ -263,7 +112,7 @@ impl Migration {
     pub fn set_parameters(&self, args: &Map<String, Value>) -> Result<(), MigrationError> {
         let mut inner = self.shared.lock();
         inner.params.apply(args)?;
-        self.shared.cond.notify_all();
+        self.shared.notify();
         Ok(())
     }
 
@@ -276,30 +125,17 @@ impl Migration {
     pub fn migrate(&self, uri: &str) -> Result<(), MigrationError> {
         let parsed = MigrationUri::parse(uri)?;
         let mut inner = self.shared.lock();
-        if inner.out.status.is_running() || inner.inc.status.is_running() {
+        if inner.out.status().is_running() || inner.inc.status().is_running() {
             return Err(MigrationError::InProgress);
         }
-        if inner.inc.mode != IncomingMode::None && inner.inc.status != MigrationStatus::Completed {
+        if inner.inc.mode != IncomingMode::None && inner.inc.status() != MigrationStatus::Completed
+        {
             return Err(MigrationError::WaitingForIncoming);
         }
         if self.machine.runstate() == crate::runstate::RunState::PostMigrate {
             return Err(MigrationError::PausedAfterMigration);
         }
-        let generation = inner.out.generation + 1;
-        inner.out = OutState {
-            status: MigrationStatus::Setup,
-            error: None,
-            started: Some(Instant::now()),
-            setup_ms: None,
-            total_ms: None,
-            downtime_ms: None,
-            stats: Arc::default(),
-            shutdown: None,
-            cancel: false,
-            continue_requested: false,
-            generation,
-        };
-        self.shared.emit_status(&inner, MigrationStatus::Setup);
+        let generation = self.shared.begin_outgoing(&mut inner)?;
         let job = outgoing::Job {
             generation,
             shared: self.shared.clone(),
@@ -318,32 +154,7 @@ impl Migration {
 
     /// `migrate_cancel`: cancels a running outgoing migration; a no-op otherwise.
     pub fn cancel(&self) -> Result<(), MigrationError> {
-        let mut inner = self.shared.lock();
-        let st = inner.out.status;
-        if st == MigrationStatus::PostcopyActive {
-            return Err(MigrationError::Other(
-                "Postcopy migration in progress, cannot cancel.".into(),
-            ));
-        }
-        if !st.is_running() || inner.out.cancel {
-            return Ok(());
-        }
-        inner.out.cancel = true;
-        inner.out.status = MigrationStatus::Cancelling;
-        self.shared.emit_status(&inner, MigrationStatus::Cancelling);
-        match &inner.out.shutdown {
-            Some(h) => h.shutdown(),
-            None => {
-                // Not connected yet (the connect may hang on a dead network): nothing was sent
-                // and nothing about the VM changed, so the migration ends here. The thread, if
-                // its connect ever returns, sees the cancel and leaves the state alone.
-                inner.out.status = MigrationStatus::Cancelled;
-                inner.out.total_ms = inner.out.started.map(|s| s.elapsed().as_millis() as u64);
-                self.shared.emit_status(&inner, MigrationStatus::Cancelled);
-            }
-        }
-        self.shared.cond.notify_all();
-        Ok(())
+        self.shared.cancel_outgoing()
     }
 
     /// `migrate-continue`: leaves `pre-switchover` when `state` names the current state.
@@ -353,14 +164,7 @@ impl Migration {
                 "Parameter 'state' does not accept value '{state}'"
             ))
         })?;
-        let mut inner = self.shared.lock();
-        let current = inner.out.status;
-        if parsed != ParsedStatus::Known(current) {
-            return Err(MigrationError::NotInExpectedState(current));
-        }
-        inner.out.continue_requested = true;
-        self.shared.cond.notify_all();
-        Ok(())
+        self.shared.request_continue(parsed)
     }
 
     /// Marks this VM as a destination started with `-incoming defer`.
@@ -416,17 +220,17 @@ impl Migration {
     /// Whether this VM waits for (or is loading) an incoming migration.
     pub fn is_incoming(&self) -> bool {
         let inner = self.shared.lock();
-        inner.inc.mode != IncomingMode::None && !inner.inc.status.is_finished()
+        inner.inc.mode != IncomingMode::None && !inner.inc.status().is_finished()
     }
 
     /// Status of the outgoing migration.
     pub fn outgoing_status(&self) -> MigrationStatus {
-        self.shared.lock().out.status
+        self.shared.lock().out.status()
     }
 
     /// Status of the incoming migration.
     pub fn incoming_status(&self) -> MigrationStatus {
-        self.shared.lock().inc.status
+        self.shared.lock().inc.status()
     }
 
     /// Waits until the outgoing migration reaches one of `statuses`, or `timeout` passes.
@@ -435,7 +239,8 @@ impl Migration {
         statuses: &[MigrationStatus],
         timeout: Duration,
     ) -> MigrationStatus {
-        self.wait_status(|i| i.out.status, statuses, timeout)
+        self.shared
+            .wait_status(|i| i.out.status(), statuses, timeout)
     }
 
     /// Waits until the incoming migration reaches one of `statuses`, or `timeout` passes.
@@ -444,28 +249,8 @@ impl Migration {
         statuses: &[MigrationStatus],
         timeout: Duration,
     ) -> MigrationStatus {
-        self.wait_status(|i| i.inc.status, statuses, timeout)
-    }
-
-    fn wait_status(
-        &self,
-        status: impl Fn(&Inner) -> MigrationStatus,
-        statuses: &[MigrationStatus],
-        timeout: Duration,
-    ) -> MigrationStatus {
-        let deadline = Instant::now() + timeout;
-        let mut inner = self.shared.lock();
-        loop {
-            if statuses.contains(&status(&inner)) || Instant::now() >= deadline {
-                return status(&inner);
-            }
-            inner = self
-                .shared
-                .cond
-                .wait_timeout(inner, deadline.saturating_duration_since(Instant::now()))
-                .map(|(g, _)| g)
-                .unwrap_or_else(|p| p.into_inner().0);
-        }
+        self.shared
+            .wait_status(|i| i.inc.status(), statuses, timeout)
     }
 
     /// `query-migrate`'s `MigrationInfo`: the outgoing migration once one was started,
@@ -473,9 +258,9 @@ impl Migration {
     pub fn query(&self) -> Value {
         let inner = self.shared.lock();
         let mut m = Map::new();
-        if inner.out.status != MigrationStatus::None {
+        if inner.out.status() != MigrationStatus::None {
             let o = &inner.out;
-            let st = o.status;
+            let st = o.status();
             m.insert("status".into(), json!(st.as_str()));
             let with_ram = matches!(
                 st,
@@ -540,11 +325,11 @@ impl Migration {
                     m.insert("error-desc".into(), json!(e));
                 }
             }
-        } else if inner.inc.status != MigrationStatus::None || inner.inc.mode != IncomingMode::None
+        } else if inner.inc.status() != MigrationStatus::None || inner.inc.mode != IncomingMode::None
         {
             let i = &inner.inc;
-            if i.status != MigrationStatus::None {
-                m.insert("status".into(), json!(i.status.as_str()));
+            if i.status() != MigrationStatus::None {
+                m.insert("status".into(), json!(i.status().as_str()));
             }
             if let Some((host, port)) = &i.port {
                 m.insert(
@@ -561,7 +346,7 @@ impl Migration {
             if let Some(t) = i.total_ms {
                 m.insert("total-time".into(), json!(t));
             }
-            if let (Some(e), MigrationStatus::Failed) = (&i.error, i.status) {
+            if let (Some(e), MigrationStatus::Failed) = (&i.error, i.status()) {
                 m.insert("error-desc".into(), json!(e));
             }
             if !i.warnings.is_empty() {

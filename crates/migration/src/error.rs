@@ -56,6 +56,10 @@ pub enum MigrationError {
     /// The destination reported an error on the return path.
     #[error("RP: Sibling indicated error {0}")]
     SiblingError(u32),
+    /// The engine tried a state change its state machine forbids (a bug, reported instead of
+    /// acted on).
+    #[error("{0}")]
+    IllegalTransition(#[from] crate::state::IllegalTransition),
     /// Anything else, with a complete message.
     #[error("{0}")]
     Other(String),

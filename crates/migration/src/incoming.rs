@@ -12,7 +12,7 @@
 
 use crate::bitmaps::{BitmapLoader, BITMAP_IDSTR, BITMAP_VERSION};
 use crate::caps::Capabilities;
-use crate::engine::Shared;
+use crate::state::Shared;
 use crate::error::MigrationError;
 use crate::globalstate::{GlobalState, GLOBALSTATE_IDSTR};
 use crate::machine::{DeviceState, Machine, Reader};
@@ -312,7 +312,11 @@ pub(crate) fn run(job: Job) {
         }
     };
     shared.lock().inc.shutdown = Some(conn.shutdown.clone());
-    shared.set_in_status(MigrationStatus::Setup);
+    if let Err(e) = shared.advance_incoming(MigrationStatus::Setup) {
+        conn.shutdown.shutdown();
+        fail(&shared, e.to_string(), started);
+        return;
+    }
     let Some(stream) = conn.reader.take() else {
         fail(
             &shared,
@@ -329,9 +333,10 @@ pub(crate) fn run(job: Job) {
         (inner.caps.clone(), inner.params.clone())
     };
     let mut loader = StreamLoader::new(job.machine.clone(), &caps, &params, conn.writer.take());
-    shared.set_in_status(MigrationStatus::Active);
-    let result = loader
-        .load_header(&mut r)
+    let result = shared
+        .advance_incoming(MigrationStatus::Active)
+        .map_err(MigrationError::from)
+        .and_then(|_| loader.load_header(&mut r))
         .and_then(|_| loader.load_body(&mut r))
         .and_then(|_| loader.finish());
     for w in &loader.warnings {
@@ -360,7 +365,10 @@ pub(crate) fn run(job: Job) {
             } else {
                 job.machine.set_runstate(runstate);
             }
-            shared.set_in_status(MigrationStatus::Completed);
+            if let Err(e) = shared.advance_incoming(MigrationStatus::Completed) {
+                fail(&shared, e.to_string(), started);
+                return;
+            }
             loader.shut(0);
         }
         Err(e) => {
@@ -374,10 +382,5 @@ pub(crate) fn run(job: Job) {
 
 fn fail(shared: &Shared, error: String, started: Instant) {
     log::error!("incoming migration failed: {error}");
-    {
-        let mut inner = shared.lock();
-        inner.inc.error = Some(error);
-        inner.inc.total_ms = Some(started.elapsed().as_millis() as u64);
-    }
-    shared.set_in_status(MigrationStatus::Failed);
+    shared.fail_incoming(error, started);
 }

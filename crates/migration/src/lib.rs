@@ -8,7 +8,8 @@
 //!
 //! | module | owns |
 //! |---|---|
-//! | [`engine`] | the [`Migration`] object: capabilities, parameters, state, QMP-shaped operations |
+//! | [`engine`] | the [`Migration`] object: capabilities, parameters, QMP-shaped operations |
+//! | [`state`] | the state machine: the shared state, checked transitions, `MIGRATION` events |
 //! | [`outgoing`] / [`incoming`] | the source's migration thread / the destination's loader |
 //! | [`ram`] | the `ram` section |
 //! | [`bitmaps`] | the `dirty-bitmap` section |
@@ -32,6 +33,7 @@ pub mod outgoing;
 pub mod params;
 pub mod ram;
 pub mod runstate;
+pub mod state;
 pub mod status;
 pub mod transport;
 

@@ -20,12 +20,13 @@
 
 use crate::bitmaps::BitmapSaver;
 use crate::caps::{Capabilities, Capability};
-use crate::engine::{OutgoingStats, Shared};
+use crate::engine::OutgoingStats;
 use crate::error::MigrationError;
 use crate::globalstate::GlobalState;
 use crate::machine::{DeviceState, Machine, Writer};
 use crate::ram::{RamSaver, SendOutcome, RAM_IDSTR, RAM_VERSION};
 use crate::runstate::RunState;
+use crate::state::{Generation, Outcome, Shared};
 use crate::status::MigrationStatus;
 use crate::transport::{connect, BoxRead, MigrationUri};
 use serde_json::json;
@@ -55,7 +56,7 @@ const FIRST_DEVICE_SECTION_ID: u32 = 4;
 /// Everything the migration thread needs.
 pub(crate) struct Job {
     /// Which migration this is; the shared state belongs to the newest one.
-    pub generation: u64,
+    pub generation: Generation,
     pub shared: Arc<Shared>,
     pub machine: Arc<dyn Machine>,
     pub caps: Capabilities,
@@ -180,14 +181,7 @@ fn migrate(
 
     // 1. Connect, holding nothing.
     let mut conn = connect(&job.uri)?;
-    {
-        let mut inner = shared.lock();
-        if inner.out.cancel || inner.out.generation != job.generation {
-            conn.shutdown.shutdown();
-            return Err(MigrationError::Cancelled);
-        }
-        inner.out.shutdown = Some(conn.shutdown.clone());
-    }
+    shared.attach_channel(job.generation, &conn.shutdown)?;
     let stream = conn
         .writer
         .take()
@@ -256,9 +250,7 @@ fn migrate(
     job.stats.ram.dirty_syncs.store(1, Ordering::Relaxed);
     w.flush()?;
     shared.lock().out.setup_ms = Some(setup_start.elapsed().as_millis() as u64);
-    if !shared.set_out_status(job.generation, MigrationStatus::Active) {
-        return Err(MigrationError::Cancelled);
-    }
+    shared.advance(job.generation, MigrationStatus::Active)?;
 
     // 3. Precopy rounds.
     let mut meter = Meter::new(w.bytes_written());
@@ -354,9 +346,7 @@ fn migrate(
     if job.caps.has(Capability::PauseBeforeSwitchover) {
         wait_for_continue(shared, job.generation, rp.as_ref())?;
     }
-    if !shared.set_out_status(job.generation, MigrationStatus::Device) {
-        return Err(MigrationError::Cancelled);
-    }
+    shared.advance(job.generation, MigrationStatus::Device)?;
     machine.inactivate_disks().map_err(|e| {
         MigrationError::Other(format!("Block inactivate failed during switchover: {e}"))
     })?;
@@ -430,55 +420,29 @@ fn sent_pages(stats: &OutgoingStats) -> u64 {
 /// Waits in `pre-switchover` until `migrate-continue` or a cancel.
 fn wait_for_continue(
     shared: &Shared,
-    generation: u64,
+    generation: Generation,
     rp: Option<&mpsc::Receiver<RpEvent>>,
 ) -> Result<(), MigrationError> {
-    let mut inner = shared.lock();
-    if inner.out.cancel || inner.out.generation != generation {
-        return Err(MigrationError::SwitchoverInterrupted);
-    }
-    // A `migrate-continue` that arrived before the pause must not skip it (QEMU resets the
-    // event just before entering pre-switchover).
-    inner.out.continue_requested = false;
-    inner.out.status = MigrationStatus::PreSwitchover;
-    shared.emit_status(&inner, MigrationStatus::PreSwitchover);
-    shared.cond.notify_all();
-    while !inner.out.continue_requested && !inner.out.cancel {
+    shared.pause_before_switchover(generation, || {
         let Some(rp) = rp else {
-            inner = shared.cond.wait(inner).unwrap_or_else(|p| p.into_inner());
-            continue;
+            return Ok(());
         };
         // With a return path the source knows when the destination is gone: it fails now and
         // resumes the guest, instead of waiting for a `migrate-continue` that can only fail
         // (QEMU waits).
         match rp.try_recv() {
-            Ok(RpEvent::Closed(why)) => {
-                return Err(MigrationError::Other(format!(
-                    "the destination went away while the source waited in pre-switchover ({why})"
-                )))
-            }
-            Ok(RpEvent::Shut(n)) => {
-                return Err(MigrationError::Other(format!(
-                    "the destination ended the migration (SHUT {n}) before the switchover"
-                )))
-            }
-            Err(mpsc::TryRecvError::Disconnected) => {
-                return Err(MigrationError::Other(
-                    "the return path ended while the source waited in pre-switchover".into(),
-                ))
-            }
-            Err(mpsc::TryRecvError::Empty) => {}
+            Ok(RpEvent::Closed(why)) => Err(MigrationError::Other(format!(
+                "the destination went away while the source waited in pre-switchover ({why})"
+            ))),
+            Ok(RpEvent::Shut(n)) => Err(MigrationError::Other(format!(
+                "the destination ended the migration (SHUT {n}) before the switchover"
+            ))),
+            Err(mpsc::TryRecvError::Disconnected) => Err(MigrationError::Other(
+                "the return path ended while the source waited in pre-switchover".into(),
+            )),
+            Err(mpsc::TryRecvError::Empty) => Ok(()),
         }
-        inner = shared
-            .cond
-            .wait_timeout(inner, Duration::from_millis(50))
-            .map(|(g, _)| g)
-            .unwrap_or_else(|p| p.into_inner().0);
-    }
-    if inner.out.cancel {
-        return Err(MigrationError::SwitchoverInterrupted);
-    }
-    Ok(())
+    })
 }
 
 /// Messages from the return-path thread.
@@ -520,7 +484,7 @@ fn spawn_return_path(reader: BoxRead) -> Result<mpsc::Receiver<RpEvent>, Migrati
 
 fn wait_for_shut(
     shared: &Shared,
-    generation: u64,
+    generation: Generation,
     rp: &mpsc::Receiver<RpEvent>,
 ) -> Result<(), MigrationError> {
     loop {
@@ -564,7 +528,6 @@ fn finish(
     // A cancel that arrives after the whole stream went out (and, with a return path, after
     // the destination confirmed it) is too late: the destination may be running the guest, so
     // the source must not resume. QEMU would resume it; livemig reports `completed`.
-    let cancelled = !ok && shared.out_cancelled(job.generation);
     if !ok {
         // Put the source back: disks first (the guest needs them), then the guest.
         let mut reactivated = true;
@@ -581,29 +544,11 @@ fn finish(
             }
         }
     }
-    let mut inner = shared.lock();
-    if inner.out.generation != job.generation || inner.out.status.is_finished() {
-        // `migrate_cancel` already ended this migration before it connected, and perhaps a
-        // newer one owns the state now.
-        return;
-    }
-    if let Some(s) = inner.out.shutdown.take() {
-        if !ok {
-            s.shutdown();
-        }
-    }
-    inner.out.total_ms = inner.out.started.map(|s| s.elapsed().as_millis() as u64);
-    let status = match &result {
-        Ok(()) => MigrationStatus::Completed,
-        Err(_) if cancelled => MigrationStatus::Cancelled,
-        Err(e) => {
-            inner.out.error = Some(failure_text(&job.uri, e));
-            MigrationStatus::Failed
-        }
+    let outcome = match &result {
+        Ok(()) => Outcome::Completed,
+        Err(e) => Outcome::Failed(failure_text(&job.uri, e)),
     };
-    inner.out.status = status;
-    shared.emit_status(&inner, status);
-    shared.cond.notify_all();
+    shared.finish_outgoing(job.generation, outcome);
 }
 
 /// `error-desc` of a failed migration. A write that failed on the channel is worded as QEMU

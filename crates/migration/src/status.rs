@@ -1,12 +1,14 @@
-//! `MigrationStatus`: the states a migration passes through, with QEMU's names.
+//! `MigrationStatus`: the states a migration passes through, with QEMU 7.2's names.
 //!
-//! The legal transitions live in the outgoing and incoming drivers; this file only names the
-//! states and answers the questions every caller asks of them (is a migration running? can it
-//! be cancelled?).
+//! This file names the states and answers the questions every caller asks of them (is a
+//! migration running? has it ended?). Which state may follow which is the state machine's
+//! business: [`crate::state`].
 
 use std::fmt;
 
-/// The state of an outgoing or incoming migration, as `query-migrate` reports it.
+/// The state of an outgoing or incoming migration, as `query-migrate` reports it: QEMU 7.2's
+/// `MigrationStatus`, every value of it (`postcopy-recover-setup` and `postcopy-device` came
+/// later and are not 7.2 names).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum MigrationStatus {
     /// No migration has ever been started.
@@ -21,30 +23,43 @@ pub enum MigrationStatus {
     Active,
     /// Postcopy: the destination runs and pulls pages.
     PostcopyActive,
+    /// Postcopy interrupted (network error or `migrate-pause`), waiting for a recovery.
+    PostcopyPaused,
+    /// A paused postcopy is being recovered.
+    PostcopyRecover,
     /// Finished successfully.
     Completed,
     /// Ended with an error.
     Failed,
+    /// COLO fault tolerance (livemig never enters it: `x-colo` is refused).
+    Colo,
     /// Paused before switchover, waiting for `migrate-continue` (capability
     /// `pause-before-switchover`).
     PreSwitchover,
     /// Switchover: device state is being sent with the guest stopped.
     Device,
+    /// Waiting for the guest to unplug failover devices (livemig has none, and never enters
+    /// it).
+    WaitUnplug,
 }
 
 impl MigrationStatus {
-    /// Every state, in QEMU's enum order.
-    pub const ALL: [MigrationStatus; 10] = [
+    /// Every state, in QEMU 7.2's enum order.
+    pub const ALL: [MigrationStatus; 14] = [
         MigrationStatus::None,
         MigrationStatus::Setup,
         MigrationStatus::Cancelling,
         MigrationStatus::Cancelled,
         MigrationStatus::Active,
         MigrationStatus::PostcopyActive,
+        MigrationStatus::PostcopyPaused,
+        MigrationStatus::PostcopyRecover,
         MigrationStatus::Completed,
         MigrationStatus::Failed,
+        MigrationStatus::Colo,
         MigrationStatus::PreSwitchover,
         MigrationStatus::Device,
+        MigrationStatus::WaitUnplug,
     ];
 
     /// QEMU's name for the state (`query-migrate`'s `status`, the `MIGRATION` event's data).
@@ -56,34 +71,26 @@ impl MigrationStatus {
             MigrationStatus::Cancelled => "cancelled",
             MigrationStatus::Active => "active",
             MigrationStatus::PostcopyActive => "postcopy-active",
+            MigrationStatus::PostcopyPaused => "postcopy-paused",
+            MigrationStatus::PostcopyRecover => "postcopy-recover",
             MigrationStatus::Completed => "completed",
             MigrationStatus::Failed => "failed",
+            MigrationStatus::Colo => "colo",
             MigrationStatus::PreSwitchover => "pre-switchover",
             MigrationStatus::Device => "device",
+            MigrationStatus::WaitUnplug => "wait-unplug",
         }
     }
 
-    /// Parses QEMU's name of a state (as `migrate-continue` receives it). QEMU's other states
-    /// (the postcopy recovery ones, `colo`, `wait-unplug`) are accepted as names too, since a
-    /// client may name them, but livemig never enters them.
-    pub fn parse(s: &str) -> Option<ParsedStatus> {
-        if let Some(st) = Self::ALL.iter().find(|st| st.as_str() == s) {
-            return Some(ParsedStatus::Known(*st));
-        }
-        const OTHER: [&str; 7] = [
-            "postcopy-device",
-            "postcopy-paused",
-            "postcopy-recover-setup",
-            "postcopy-recover",
-            "colo",
-            "wait-unplug",
-            "postcopy-active",
-        ];
-        OTHER.contains(&s).then_some(ParsedStatus::Other)
+    /// Parses QEMU 7.2's name of a state (as `migrate-continue` receives it).
+    pub fn parse(s: &str) -> Option<MigrationStatus> {
+        Self::ALL.iter().copied().find(|st| st.as_str() == s)
     }
 
     /// A migration in this state is still running: a new one may not start, capabilities may
-    /// not change, and `migrate_cancel` has something to cancel.
+    /// not change, and `migrate_cancel` has something to cancel (or, in postcopy, refuses).
+    /// QEMU 7.2's `migration_is_running`, plus `cancelling`: livemig's cleanup after a cancel
+    /// still owns the VM's disks and bitmaps until it reports `cancelled`.
     pub fn is_running(self) -> bool {
         matches!(
             self,
@@ -93,6 +100,21 @@ impl MigrationStatus {
                 | MigrationStatus::Device
                 | MigrationStatus::Cancelling
                 | MigrationStatus::PostcopyActive
+                | MigrationStatus::PostcopyPaused
+                | MigrationStatus::PostcopyRecover
+                | MigrationStatus::Colo
+                | MigrationStatus::WaitUnplug
+        )
+    }
+
+    /// A postcopy state: the destination may be running the guest, so the migration can no
+    /// longer be cancelled.
+    pub fn is_postcopy(self) -> bool {
+        matches!(
+            self,
+            MigrationStatus::PostcopyActive
+                | MigrationStatus::PostcopyPaused
+                | MigrationStatus::PostcopyRecover
         )
     }
 
@@ -103,15 +125,6 @@ impl MigrationStatus {
             MigrationStatus::Completed | MigrationStatus::Failed | MigrationStatus::Cancelled
         )
     }
-}
-
-/// The result of parsing a status name a client sent.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ParsedStatus {
-    /// A state livemig can be in.
-    Known(MigrationStatus),
-    /// A valid QEMU state name that livemig never enters.
-    Other,
 }
 
 impl fmt::Display for MigrationStatus {
@@ -127,12 +140,12 @@ mod tests {
     #[test]
     fn names_round_trip() {
         for st in MigrationStatus::ALL {
-            assert_eq!(
-                MigrationStatus::parse(st.as_str()),
-                Some(ParsedStatus::Known(st))
-            );
+            assert_eq!(MigrationStatus::parse(st.as_str()), Some(st));
         }
-        assert_eq!(MigrationStatus::parse("colo"), Some(ParsedStatus::Other));
+        assert_eq!(MigrationStatus::parse("colo"), Some(MigrationStatus::Colo));
+        // Later QEMUs' names are not 7.2's.
+        assert_eq!(MigrationStatus::parse("postcopy-device"), None);
+        assert_eq!(MigrationStatus::parse("postcopy-recover-setup"), None);
         assert_eq!(MigrationStatus::parse("bogus"), None);
     }
 
@@ -140,6 +153,7 @@ mod tests {
     fn running_and_finished_are_disjoint() {
         for st in MigrationStatus::ALL {
             assert!(!(st.is_running() && st.is_finished()), "{st}");
+            assert!(!st.is_postcopy() || st.is_running(), "{st}");
         }
         assert!(!MigrationStatus::None.is_running());
         assert!(!MigrationStatus::None.is_finished());

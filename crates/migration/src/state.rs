@@ -1,0 +1,820 @@
+//! The migration state machine: the one place where a migration's status changes.
+//!
+//! It owns the state shared between the QMP-facing [`crate::Migration`] and the migration
+//! threads ([`Shared`]): capabilities, parameters, and one status per direction. A status
+//! changes only through [`Shared`]'s transition methods, which check the move against the
+//! table below — an illegal move is a typed error ([`IllegalTransition`]) and changes nothing
+//! — and emit the `MIGRATION` event (capability `events`) while they still hold the lock, so
+//! events come out in exactly the order the states were entered.
+//!
+//! # Transitions
+//!
+//! Source (`Side::Outgoing`):
+//!
+//! | from | to |
+//! |---|---|
+//! | `none`, `completed`, `failed`, `cancelled` | `setup` (`migrate`) |
+//! | `setup` | `active`, `failed`, `cancelling`, `cancelled` (cancelled before the channel connected: nothing to undo) |
+//! | `active` | `pre-switchover` (capability `pause-before-switchover`), `device`, `failed`, `cancelling` |
+//! | `pre-switchover` | `device` (`migrate-continue`), `failed`, `cancelling` |
+//! | `device` | `completed`, `failed`, `cancelling`, `postcopy-active` |
+//! | `cancelling` | `cancelled`, `completed` (the cancel came after the destination confirmed the whole stream: too late to take the guest back) |
+//! | `postcopy-active` | `completed`, `failed`, `postcopy-paused` |
+//! | `postcopy-paused` | `postcopy-recover` (`migrate resume=true`) |
+//! | `postcopy-recover` | `postcopy-active`, `postcopy-paused` |
+//!
+//! Destination (`Side::Incoming`):
+//!
+//! | from | to |
+//! |---|---|
+//! | `none` | `setup` (the source connected), `failed` (accepting failed) |
+//! | `setup` | `active`, `failed` |
+//! | `active` | `completed`, `failed`, `postcopy-active` |
+//! | `postcopy-active` | `completed`, `failed`, `postcopy-paused` |
+//! | `postcopy-paused` | `postcopy-recover` |
+//! | `postcopy-recover` | `postcopy-active`, `postcopy-paused` |
+//!
+//! Nothing else is legal, a state to itself included. `colo` and `wait-unplug` are 7.2 names
+//! livemig never enters (`x-colo` is refused; there are no failover devices). The postcopy
+//! rows are those QEMU 7.2 has, with livemig's switchover (which always passes through
+//! `device`) in front of them; postcopy is not implemented yet, so no code takes them today.
+//!
+//! # Guards
+//!
+//! Every outgoing migration has a [`Generation`]. The migration thread's transitions name
+//! theirs, and are refused once a newer migration owns the state or once a cancel has been
+//! requested: after `migrate_cancel` only the cancel path (`cancelling → cancelled`, or
+//! `→ completed` when too late) may move the state, so the thread can never overwrite
+//! `cancelling` with a state of its own.
+
+use crate::caps::{Capabilities, Capability};
+use crate::engine::OutgoingStats;
+use crate::error::MigrationError;
+use crate::events::EventSink;
+use crate::params::Parameters;
+use crate::status::MigrationStatus;
+use crate::transport::ShutdownHandle;
+use serde_json::json;
+use std::fmt;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+/// Which end of a migration a status belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    /// The source: `migrate`.
+    Outgoing,
+    /// The destination: `-incoming` / `migrate-incoming`.
+    Incoming,
+}
+
+impl fmt::Display for Side {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Side::Outgoing => "outgoing",
+            Side::Incoming => "incoming",
+        })
+    }
+}
+
+/// Whether `from → to` is a legal transition on `side` (the tables in the module doc).
+pub fn is_legal(side: Side, from: MigrationStatus, to: MigrationStatus) -> bool {
+    use MigrationStatus::*;
+    match side {
+        Side::Outgoing => matches!(
+            (from, to),
+            (None | Completed | Failed | Cancelled, Setup)
+                | (Setup, Active | Failed | Cancelling | Cancelled)
+                | (Active, PreSwitchover | Device | Failed | Cancelling)
+                | (PreSwitchover, Device | Failed | Cancelling)
+                | (Device, Completed | Failed | Cancelling | PostcopyActive)
+                | (Cancelling, Cancelled | Completed)
+                | (PostcopyActive, Completed | Failed | PostcopyPaused)
+                | (PostcopyPaused, PostcopyRecover)
+                | (PostcopyRecover, PostcopyActive | PostcopyPaused)
+        ),
+        Side::Incoming => matches!(
+            (from, to),
+            (None, Setup | Failed)
+                | (Setup, Active | Failed)
+                | (Active, Completed | Failed | PostcopyActive)
+                | (PostcopyActive, Completed | Failed | PostcopyPaused)
+                | (PostcopyPaused, PostcopyRecover)
+                | (PostcopyRecover, PostcopyActive | PostcopyPaused)
+        ),
+    }
+}
+
+/// A transition the table does not allow. It is a bug in the engine, reported as an error
+/// (the migration fails) instead of a state `query-migrate` could never explain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("internal error: illegal {side} migration state transition {from} -> {to}")]
+pub struct IllegalTransition {
+    /// Which end.
+    pub side: Side,
+    /// The state it was in (and stays in).
+    pub from: MigrationStatus,
+    /// The state asked for.
+    pub to: MigrationStatus,
+}
+
+/// One direction's status. Private fields: it changes only through [`Status::go`], which
+/// checks the table.
+#[derive(Debug)]
+pub struct Status {
+    side: Side,
+    current: MigrationStatus,
+}
+
+impl Status {
+    /// A status that starts at `none`.
+    pub fn new(side: Side) -> Self {
+        Status {
+            side,
+            current: MigrationStatus::None,
+        }
+    }
+
+    /// The current state.
+    pub fn get(&self) -> MigrationStatus {
+        self.current
+    }
+
+    /// Moves to `to` if the table allows it; otherwise changes nothing.
+    pub fn go(&mut self, to: MigrationStatus) -> Result<(), IllegalTransition> {
+        if !is_legal(self.side, self.current, to) {
+            return Err(IllegalTransition {
+                side: self.side,
+                from: self.current,
+                to,
+            });
+        }
+        self.current = to;
+        Ok(())
+    }
+}
+
+/// Identifies one outgoing migration: the thread of an old one (whose connect hung past a
+/// cancel, say) can no longer touch the state of a newer one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Generation(u64);
+
+/// How an outgoing migration ended, as its thread reports it to [`Shared::finish_outgoing`].
+#[derive(Debug)]
+pub enum Outcome {
+    /// Everything was sent (and confirmed, with a return path).
+    Completed,
+    /// It failed with this `error-desc` — or was cancelled, if a cancel was requested.
+    Failed(String),
+}
+
+/// State of the outgoing side.
+pub(crate) struct OutState {
+    status: Status,
+    generation: Generation,
+    /// `migrate_cancel` (or a shutdown) asked this migration to stop.
+    cancel_requested: bool,
+    continue_requested: bool,
+    /// The channel, once connected: a cancel shuts it down so a blocked write returns.
+    shutdown: Option<ShutdownHandle>,
+    /// `error-desc` of a failed migration.
+    pub error: Option<String>,
+    pub started: Option<Instant>,
+    pub setup_ms: Option<u64>,
+    pub total_ms: Option<u64>,
+    pub downtime_ms: Option<u64>,
+    pub stats: Arc<OutgoingStats>,
+}
+
+impl OutState {
+    fn new(generation: Generation) -> Self {
+        OutState {
+            status: Status::new(Side::Outgoing),
+            generation,
+            cancel_requested: false,
+            continue_requested: false,
+            shutdown: None,
+            error: None,
+            started: None,
+            setup_ms: None,
+            total_ms: None,
+            downtime_ms: None,
+            stats: Arc::default(),
+        }
+    }
+
+    /// The current state.
+    pub fn status(&self) -> MigrationStatus {
+        self.status.get()
+    }
+
+    fn owned_by(&self, generation: Generation) -> bool {
+        self.generation == generation && !self.cancel_requested
+    }
+}
+
+/// How this VM was told to expect an incoming migration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IncomingMode {
+    /// Not a destination.
+    None,
+    /// `-incoming defer`: waits for `migrate-incoming`.
+    Deferred,
+    /// Listening or loading (`-incoming URI` or after `migrate-incoming`).
+    Started,
+}
+
+/// State of the incoming side.
+pub(crate) struct InState {
+    status: Status,
+    pub mode: IncomingMode,
+    pub error: Option<String>,
+    pub started: Option<Instant>,
+    pub total_ms: Option<u64>,
+    pub port: Option<(String, u16)>,
+    pub pages_loaded: u64,
+    pub shutdown: Option<ShutdownHandle>,
+    /// What the loader reported without failing (dropped bitmaps, a missing trailer).
+    pub warnings: Vec<String>,
+}
+
+impl InState {
+    /// The current state.
+    pub fn status(&self) -> MigrationStatus {
+        self.status.get()
+    }
+}
+
+/// Everything behind [`Shared`]'s mutex.
+pub(crate) struct Inner {
+    /// Start the guest when an incoming migration completes (false with `-S`, until `cont`).
+    pub autostart: bool,
+    /// The VM is shutting down (`quit`, SIGTERM): no new migration starts, and a migration
+    /// cancelled by the shutdown does not resume the guest (QEMU's `migration_shutdown`).
+    pub shutting_down: bool,
+    pub caps: Capabilities,
+    pub params: Parameters,
+    pub out: OutState,
+    pub inc: InState,
+}
+
+/// State shared between the QMP-facing API and the migration threads.
+///
+/// Its mutex is held for bookkeeping only: never across I/O, never while calling into the
+/// VMM, never while waiting for a migration thread (the waits here release it).
+pub struct Shared {
+    inner: Mutex<Inner>,
+    cond: Condvar,
+    pub(crate) events: Arc<dyn EventSink>,
+}
+
+impl Shared {
+    /// The state of a VM that has not migrated.
+    pub(crate) fn new(autostart: bool, events: Arc<dyn EventSink>) -> Self {
+        Shared {
+            inner: Mutex::new(Inner {
+                autostart,
+                shutting_down: false,
+                caps: Capabilities::default(),
+                params: Parameters::default(),
+                out: OutState::new(Generation(0)),
+                inc: InState {
+                    status: Status::new(Side::Incoming),
+                    mode: IncomingMode::None,
+                    error: None,
+                    started: None,
+                    total_ms: None,
+                    port: None,
+                    pages_loaded: 0,
+                    shutdown: None,
+                    warnings: Vec::new(),
+                },
+            }),
+            cond: Condvar::new(),
+            events,
+        }
+    }
+
+    pub(crate) fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Wakes every wait on the state (a parameter changed, say).
+    pub(crate) fn notify(&self) {
+        self.cond.notify_all();
+    }
+
+    /// The only code that changes a status: checks the move, emits `MIGRATION` (with the lock
+    /// held, so events keep the order of the states), wakes waiters.
+    fn go(
+        &self,
+        inner: &mut Inner,
+        side: Side,
+        to: MigrationStatus,
+    ) -> Result<(), IllegalTransition> {
+        let status = match side {
+            Side::Outgoing => &mut inner.out.status,
+            Side::Incoming => &mut inner.inc.status,
+        };
+        if let Err(e) = status.go(to) {
+            log::error!("{e}");
+            return Err(e);
+        }
+        if inner.caps.has(Capability::Events) {
+            self.events
+                .emit("MIGRATION", Some(json!({ "status": to.as_str() })));
+        }
+        self.cond.notify_all();
+        Ok(())
+    }
+
+    // ---- outgoing ----
+
+    /// `migrate`: a new outgoing migration in `setup`, with fresh statistics. The caller has
+    /// checked that nothing else runs; the table refuses a migration that is still running.
+    pub(crate) fn begin_outgoing(&self, inner: &mut Inner) -> Result<Generation, MigrationError> {
+        if inner.shutting_down {
+            return Err(MigrationError::Other("The VM is shutting down".into()));
+        }
+        let from = inner.out.status();
+        if !is_legal(Side::Outgoing, from, MigrationStatus::Setup) {
+            return Err(MigrationError::InProgress);
+        }
+        let generation = Generation(inner.out.generation.0 + 1);
+        let mut out = OutState::new(generation);
+        // Carry the current state over so that the table judges the move from it.
+        out.status.current = from;
+        out.started = Some(Instant::now());
+        inner.out = out;
+        self.go(inner, Side::Outgoing, MigrationStatus::Setup)?;
+        Ok(generation)
+    }
+
+    /// Records the connected channel of migration `generation`, so a cancel can shut it down.
+    /// Fails (and shuts the channel down) if the migration was cancelled meanwhile.
+    pub(crate) fn attach_channel(
+        &self,
+        generation: Generation,
+        handle: &ShutdownHandle,
+    ) -> Result<(), MigrationError> {
+        let mut inner = self.lock();
+        if !inner.out.owned_by(generation) {
+            handle.shutdown();
+            return Err(MigrationError::Cancelled);
+        }
+        inner.out.shutdown = Some(handle.clone());
+        Ok(())
+    }
+
+    /// Moves outgoing migration `generation` to `to`, unless a cancel got there first or a
+    /// newer migration owns the state ([`MigrationError::Cancelled`]), or the table forbids
+    /// it.
+    pub(crate) fn advance(
+        &self,
+        generation: Generation,
+        to: MigrationStatus,
+    ) -> Result<(), MigrationError> {
+        let mut inner = self.lock();
+        self.advance_locked(&mut inner, generation, to)
+    }
+
+    fn advance_locked(
+        &self,
+        inner: &mut Inner,
+        generation: Generation,
+        to: MigrationStatus,
+    ) -> Result<(), MigrationError> {
+        if !inner.out.owned_by(generation) {
+            return Err(MigrationError::Cancelled);
+        }
+        self.go(inner, Side::Outgoing, to)?;
+        Ok(())
+    }
+
+    /// Whether outgoing migration `generation` is being cancelled (or was replaced).
+    pub(crate) fn out_cancelled(&self, generation: Generation) -> bool {
+        !self.lock().out.owned_by(generation)
+    }
+
+    /// Waits up to `d`, returning early on a cancel. Returns true if cancelled.
+    pub(crate) fn sleep_unless_cancelled(&self, generation: Generation, d: Duration) -> bool {
+        let deadline = Instant::now() + d;
+        let mut inner = self.lock();
+        while inner.out.owned_by(generation) {
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            inner = self
+                .cond
+                .wait_timeout(inner, deadline - now)
+                .map(|(g, _)| g)
+                .unwrap_or_else(|p| p.into_inner().0);
+        }
+        true
+    }
+
+    /// Enters `pre-switchover` and waits there for `migrate-continue`, a cancel, or (every
+    /// 50 ms) `check` to report an error — the return path saying the destination is gone.
+    pub(crate) fn pause_before_switchover(
+        &self,
+        generation: Generation,
+        mut check: impl FnMut() -> Result<(), MigrationError>,
+    ) -> Result<(), MigrationError> {
+        let mut inner = self.lock();
+        if !inner.out.owned_by(generation) {
+            return Err(MigrationError::SwitchoverInterrupted);
+        }
+        // A `migrate-continue` that arrived before the pause must not skip it (QEMU resets the
+        // event just before entering pre-switchover).
+        inner.out.continue_requested = false;
+        self.advance_locked(&mut inner, generation, MigrationStatus::PreSwitchover)?;
+        while !inner.out.continue_requested && inner.out.owned_by(generation) {
+            check()?;
+            inner = self
+                .cond
+                .wait_timeout(inner, Duration::from_millis(50))
+                .map(|(g, _)| g)
+                .unwrap_or_else(|p| p.into_inner().0);
+        }
+        if !inner.out.owned_by(generation) {
+            return Err(MigrationError::SwitchoverInterrupted);
+        }
+        Ok(())
+    }
+
+    /// `migrate-continue`: releases the `pre-switchover` wait when `state` names the current
+    /// state (and, as in QEMU, merely succeeds when it names another current state).
+    pub(crate) fn request_continue(&self, state: MigrationStatus) -> Result<(), MigrationError> {
+        let mut inner = self.lock();
+        let current = inner.out.status();
+        if state != current {
+            return Err(MigrationError::NotInExpectedState(current));
+        }
+        inner.out.continue_requested = true;
+        self.cond.notify_all();
+        Ok(())
+    }
+
+    /// `migrate_cancel`: moves a running outgoing migration to `cancelling`, shuts its
+    /// channel down (a blocked write returns) and wakes its waits; its thread cleans up and
+    /// reports `cancelled`. A migration whose channel is not connected yet ends `cancelled`
+    /// at once: nothing was sent and nothing about the VM changed. A no-op when nothing runs
+    /// or a cancel is already under way. Never waits for the migration thread.
+    pub(crate) fn cancel_outgoing(&self) -> Result<(), MigrationError> {
+        let mut inner = self.lock();
+        let st = inner.out.status();
+        if st.is_postcopy() {
+            return Err(MigrationError::Other(
+                "Postcopy migration in progress, cannot cancel.".into(),
+            ));
+        }
+        if !st.is_running() || inner.out.cancel_requested {
+            return Ok(());
+        }
+        self.go(&mut inner, Side::Outgoing, MigrationStatus::Cancelling)?;
+        inner.out.cancel_requested = true;
+        match inner.out.shutdown.clone() {
+            Some(h) => h.shutdown(),
+            None => {
+                // Not connected yet (the connect may hang on a dead network). The thread, if
+                // its connect ever returns, sees the cancel and leaves the state alone.
+                inner.out.total_ms = inner.out.started.map(|s| s.elapsed().as_millis() as u64);
+                self.go(&mut inner, Side::Outgoing, MigrationStatus::Cancelled)?;
+            }
+        }
+        self.cond.notify_all();
+        Ok(())
+    }
+
+    /// The end of outgoing migration `generation`, once its thread has put the source back:
+    /// `completed`, `cancelled` (a cancel was requested and the migration did not complete)
+    /// or `failed` with its error. Nothing happens if the state already moved on (a cancel
+    /// before the channel connected ended it, and perhaps a newer migration started).
+    pub(crate) fn finish_outgoing(&self, generation: Generation, outcome: Outcome) {
+        let mut inner = self.lock();
+        if inner.out.generation != generation || inner.out.status().is_finished() {
+            return;
+        }
+        let failed = !matches!(outcome, Outcome::Completed);
+        if let Some(s) = inner.out.shutdown.take() {
+            if failed {
+                s.shutdown();
+            }
+        }
+        inner.out.total_ms = inner.out.started.map(|s| s.elapsed().as_millis() as u64);
+        let to = match outcome {
+            Outcome::Completed => MigrationStatus::Completed,
+            Outcome::Failed(_) if inner.out.cancel_requested => MigrationStatus::Cancelled,
+            Outcome::Failed(e) => {
+                inner.out.error = Some(e);
+                MigrationStatus::Failed
+            }
+        };
+        if let Err(e) = self.go(&mut inner, Side::Outgoing, to) {
+            // Only a bug gets here; the migration must end all the same.
+            inner.out.error = Some(e.to_string());
+            inner.out.status.current = MigrationStatus::Failed;
+            self.cond.notify_all();
+        }
+    }
+
+    /// Waits until `status(inner)` is one of `statuses`, or `timeout` passes; returns the
+    /// last state seen.
+    pub(crate) fn wait_status(
+        &self,
+        status: impl Fn(&Inner) -> MigrationStatus,
+        statuses: &[MigrationStatus],
+        timeout: Duration,
+    ) -> MigrationStatus {
+        let deadline = Instant::now() + timeout;
+        let mut inner = self.lock();
+        loop {
+            if statuses.contains(&status(&inner)) || Instant::now() >= deadline {
+                return status(&inner);
+            }
+            inner = self
+                .cond
+                .wait_timeout(inner, deadline.saturating_duration_since(Instant::now()))
+                .map(|(g, _)| g)
+                .unwrap_or_else(|p| p.into_inner().0);
+        }
+    }
+
+    // ---- incoming ----
+
+    /// Moves the incoming migration to `to`.
+    pub(crate) fn advance_incoming(&self, to: MigrationStatus) -> Result<(), IllegalTransition> {
+        let mut inner = self.lock();
+        self.go(&mut inner, Side::Incoming, to)
+    }
+
+    /// Ends the incoming migration `failed` with `error`.
+    pub(crate) fn fail_incoming(&self, error: String, started: Instant) {
+        let mut inner = self.lock();
+        inner.inc.error = Some(error);
+        inner.inc.total_ms = Some(started.elapsed().as_millis() as u64);
+        if let Err(e) = self.go(&mut inner, Side::Incoming, MigrationStatus::Failed) {
+            inner.inc.error = Some(e.to_string());
+            inner.inc.status.current = MigrationStatus::Failed;
+            self.cond.notify_all();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::events::RecordedEvents;
+    use MigrationStatus::*;
+
+    /// The tables of the module doc, written out pair by pair.
+    const OUTGOING: &[(MigrationStatus, &[MigrationStatus])] = &[
+        (None, &[Setup]),
+        (Setup, &[Active, Failed, Cancelling, Cancelled]),
+        (Cancelling, &[Cancelled, Completed]),
+        (Cancelled, &[Setup]),
+        (Active, &[PreSwitchover, Device, Failed, Cancelling]),
+        (PostcopyActive, &[Completed, Failed, PostcopyPaused]),
+        (PostcopyPaused, &[PostcopyRecover]),
+        (PostcopyRecover, &[PostcopyActive, PostcopyPaused]),
+        (Completed, &[Setup]),
+        (Failed, &[Setup]),
+        (Colo, &[]),
+        (PreSwitchover, &[Device, Failed, Cancelling]),
+        (Device, &[Completed, Failed, Cancelling, PostcopyActive]),
+        (WaitUnplug, &[]),
+    ];
+    const INCOMING: &[(MigrationStatus, &[MigrationStatus])] = &[
+        (None, &[Setup, Failed]),
+        (Setup, &[Active, Failed]),
+        (Cancelling, &[]),
+        (Cancelled, &[]),
+        (Active, &[Completed, Failed, PostcopyActive]),
+        (PostcopyActive, &[Completed, Failed, PostcopyPaused]),
+        (PostcopyPaused, &[PostcopyRecover]),
+        (PostcopyRecover, &[PostcopyActive, PostcopyPaused]),
+        (Completed, &[]),
+        (Failed, &[]),
+        (Colo, &[]),
+        (PreSwitchover, &[]),
+        (Device, &[]),
+        (WaitUnplug, &[]),
+    ];
+
+    #[test]
+    fn every_pair_is_legal_exactly_when_the_table_says() {
+        for (side, table) in [(Side::Outgoing, OUTGOING), (Side::Incoming, INCOMING)] {
+            assert_eq!(table.len(), MigrationStatus::ALL.len());
+            for (from, legal) in table {
+                for to in MigrationStatus::ALL {
+                    let want = legal.contains(&to);
+                    assert_eq!(is_legal(side, *from, to), want, "{side}: {from} -> {to}");
+                    // Through a `Status`: a refused move changes nothing.
+                    let mut s = Status::new(side);
+                    s.current = *from;
+                    match s.go(to) {
+                        Ok(()) => assert!(want && s.get() == to),
+                        Err(e) => {
+                            assert!(!want);
+                            assert_eq!(s.get(), *from);
+                            assert_eq!(e, IllegalTransition { side, from: *from, to });
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn states_livemig_never_enters_are_unreachable() {
+        for side in [Side::Outgoing, Side::Incoming] {
+            for from in MigrationStatus::ALL {
+                for to in [Colo, WaitUnplug, None] {
+                    assert!(!is_legal(side, from, to), "{side}: {from} -> {to}");
+                }
+            }
+        }
+    }
+
+    fn shared_with_events() -> (Shared, Arc<RecordedEvents>) {
+        let ev = Arc::new(RecordedEvents::default());
+        let sh = Shared::new(true, ev.clone());
+        sh.lock()
+            .caps
+            .apply(&[(Capability::Events, true)])
+            .unwrap();
+        (sh, ev)
+    }
+
+    fn statuses(ev: &RecordedEvents) -> Vec<String> {
+        ev.take()
+            .into_iter()
+            .map(|(name, data)| {
+                assert_eq!(name, "MIGRATION");
+                data.unwrap()["status"].as_str().unwrap().to_string()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn each_transition_emits_one_event_in_order() {
+        let (sh, ev) = shared_with_events();
+        let g = sh.begin_outgoing(&mut sh.lock()).unwrap();
+        sh.advance(g, Active).unwrap();
+        sh.advance(g, Device).unwrap();
+        sh.finish_outgoing(g, Outcome::Completed);
+        assert_eq!(statuses(&ev), ["setup", "active", "device", "completed"]);
+        // Illegal: nothing changes, no event, a typed error.
+        let g2 = sh.begin_outgoing(&mut sh.lock()).unwrap();
+        let e = sh.advance(g2, Completed).unwrap_err();
+        assert!(matches!(e, MigrationError::IllegalTransition(_)), "{e}");
+        assert_eq!(sh.lock().out.status(), Setup);
+        assert_eq!(statuses(&ev), ["setup"]);
+        // Incoming.
+        sh.advance_incoming(Setup).unwrap();
+        assert!(sh.advance_incoming(Completed).is_err());
+        sh.advance_incoming(Active).unwrap();
+        sh.fail_incoming("broken".into(), Instant::now());
+        assert_eq!(statuses(&ev), ["setup", "active", "failed"]);
+        assert_eq!(sh.lock().inc.error.as_deref(), Some("broken"));
+    }
+
+    #[test]
+    fn no_events_without_the_capability() {
+        let ev = Arc::new(RecordedEvents::default());
+        let sh = Shared::new(true, ev.clone());
+        let g = sh.begin_outgoing(&mut sh.lock()).unwrap();
+        sh.advance(g, Active).unwrap();
+        assert!(ev.take().is_empty());
+    }
+
+    #[test]
+    fn a_running_migration_cannot_be_begun_again() {
+        let (sh, _) = shared_with_events();
+        let g = sh.begin_outgoing(&mut sh.lock()).unwrap();
+        sh.advance(g, Active).unwrap();
+        let e = sh.begin_outgoing(&mut sh.lock()).unwrap_err();
+        assert!(matches!(e, MigrationError::InProgress), "{e}");
+        sh.lock().shutting_down = true;
+        sh.cancel_outgoing().unwrap();
+        sh.finish_outgoing(g, Outcome::Failed("x".into()));
+        let e = sh.begin_outgoing(&mut sh.lock()).unwrap_err();
+        assert_eq!(e.to_string(), "The VM is shutting down");
+    }
+
+    #[test]
+    fn a_cancel_wins_over_the_migration_thread() {
+        let (sh, ev) = shared_with_events();
+        let g = sh.begin_outgoing(&mut sh.lock()).unwrap();
+        sh.attach_channel(g, &ShutdownHandle::default()).unwrap();
+        sh.advance(g, Active).unwrap();
+        sh.cancel_outgoing().unwrap();
+        // The thread's own moves are refused from now on...
+        assert!(matches!(
+            sh.advance(g, Device),
+            Err(MigrationError::Cancelled)
+        ));
+        assert!(sh.out_cancelled(g));
+        assert!(sh.sleep_unless_cancelled(g, Duration::from_secs(10)));
+        // ...a second cancel does nothing, and its failure ends it `cancelled`.
+        sh.cancel_outgoing().unwrap();
+        sh.finish_outgoing(g, Outcome::Failed("Migration cancelled".into()));
+        assert_eq!(sh.lock().out.status(), Cancelled);
+        assert_eq!(sh.lock().out.error, Option::None);
+        assert_eq!(
+            statuses(&ev),
+            ["setup", "active", "cancelling", "cancelled"]
+        );
+    }
+
+    #[test]
+    fn a_cancel_too_late_ends_completed() {
+        let (sh, ev) = shared_with_events();
+        let g = sh.begin_outgoing(&mut sh.lock()).unwrap();
+        sh.attach_channel(g, &ShutdownHandle::default()).unwrap();
+        sh.advance(g, Active).unwrap();
+        sh.advance(g, Device).unwrap();
+        sh.cancel_outgoing().unwrap();
+        sh.finish_outgoing(g, Outcome::Completed);
+        assert_eq!(
+            statuses(&ev),
+            ["setup", "active", "device", "cancelling", "completed"]
+        );
+    }
+
+    #[test]
+    fn a_cancel_before_connect_ends_at_once_and_the_old_thread_is_locked_out() {
+        let (sh, ev) = shared_with_events();
+        let g = sh.begin_outgoing(&mut sh.lock()).unwrap();
+        sh.cancel_outgoing().unwrap();
+        assert_eq!(sh.lock().out.status(), Cancelled);
+        // A newer migration starts while the old thread's connect still hangs.
+        let g2 = sh.begin_outgoing(&mut sh.lock()).unwrap();
+        assert!(matches!(
+            sh.attach_channel(g, &ShutdownHandle::default()),
+            Err(MigrationError::Cancelled)
+        ));
+        assert!(sh.advance(g, Active).is_err());
+        sh.finish_outgoing(g, Outcome::Failed("late".into()));
+        assert_eq!(sh.lock().out.status(), Setup, "the new migration is untouched");
+        sh.advance(g2, Active).unwrap();
+        assert_eq!(
+            statuses(&ev),
+            ["setup", "cancelling", "cancelled", "setup", "active"]
+        );
+    }
+
+    #[test]
+    fn postcopy_refuses_a_cancel() {
+        let (sh, _) = shared_with_events();
+        let g = sh.begin_outgoing(&mut sh.lock()).unwrap();
+        for st in [Active, Device, PostcopyActive] {
+            sh.advance(g, st).unwrap();
+        }
+        assert_eq!(
+            sh.cancel_outgoing().unwrap_err().to_string(),
+            "Postcopy migration in progress, cannot cancel."
+        );
+    }
+
+    #[test]
+    fn continue_needs_the_current_state_and_a_pause_forgets_an_early_one() {
+        let (sh, _) = shared_with_events();
+        let sh = Arc::new(sh);
+        let g = sh.begin_outgoing(&mut sh.lock()).unwrap();
+        sh.advance(g, Active).unwrap();
+        assert_eq!(
+            sh.request_continue(PreSwitchover).unwrap_err().to_string(),
+            "Migration not in expected state: active"
+        );
+        sh.request_continue(Active).unwrap();
+        let waiter = {
+            let sh = sh.clone();
+            std::thread::spawn(move || sh.pause_before_switchover(g, || Ok(())))
+        };
+        assert_eq!(
+            sh.wait_status(|i| i.out.status(), &[PreSwitchover], Duration::from_secs(10)),
+            PreSwitchover
+        );
+        sh.request_continue(PreSwitchover).unwrap();
+        waiter.join().unwrap().unwrap();
+        // A cancel interrupts the pause.
+        let g = {
+            sh.advance(g, Device).unwrap();
+            sh.finish_outgoing(g, Outcome::Completed);
+            sh.begin_outgoing(&mut sh.lock()).unwrap()
+        };
+        sh.advance(g, Active).unwrap();
+        let waiter = {
+            let sh = sh.clone();
+            std::thread::spawn(move || sh.pause_before_switchover(g, || Ok(())))
+        };
+        sh.wait_status(|i| i.out.status(), &[PreSwitchover], Duration::from_secs(10));
+        sh.cancel_outgoing().unwrap();
+        assert!(matches!(
+            waiter.join().unwrap(),
+            Err(MigrationError::SwitchoverInterrupted)
+        ));
+    }
+}
