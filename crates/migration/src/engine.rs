@@ -325,7 +325,8 @@ impl Migration {
                     m.insert("error-desc".into(), json!(e));
                 }
             }
-        } else if inner.inc.status() != MigrationStatus::None || inner.inc.mode != IncomingMode::None
+        } else if inner.inc.status() != MigrationStatus::None
+            || inner.inc.mode != IncomingMode::None
         {
             let i = &inner.inc;
             if i.status() != MigrationStatus::None {

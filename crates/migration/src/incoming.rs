@@ -12,13 +12,13 @@
 
 use crate::bitmaps::{BitmapLoader, BITMAP_IDSTR, BITMAP_VERSION};
 use crate::caps::Capabilities;
-use crate::state::Shared;
 use crate::error::MigrationError;
 use crate::globalstate::{GlobalState, GLOBALSTATE_IDSTR};
 use crate::machine::{DeviceState, Machine, Reader};
 use crate::params::Parameters;
 use crate::ram::{RamLoader, RAM_IDSTR, RAM_VERSION};
 use crate::runstate::RunState;
+use crate::state::Shared;
 use crate::status::MigrationStatus;
 use crate::transport::{BoxWrite, Listener};
 use std::collections::HashMap;

@@ -618,7 +618,14 @@ mod tests {
                         Err(e) => {
                             assert!(!want);
                             assert_eq!(s.get(), *from);
-                            assert_eq!(e, IllegalTransition { side, from: *from, to });
+                            assert_eq!(
+                                e,
+                                IllegalTransition {
+                                    side,
+                                    from: *from,
+                                    to
+                                }
+                            );
                         }
                     }
                 }
@@ -640,10 +647,7 @@ mod tests {
     fn shared_with_events() -> (Shared, Arc<RecordedEvents>) {
         let ev = Arc::new(RecordedEvents::default());
         let sh = Shared::new(true, ev.clone());
-        sh.lock()
-            .caps
-            .apply(&[(Capability::Events, true)])
-            .unwrap();
+        sh.lock().caps.apply(&[(Capability::Events, true)]).unwrap();
         (sh, ev)
     }
 
@@ -757,7 +761,11 @@ mod tests {
         ));
         assert!(sh.advance(g, Active).is_err());
         sh.finish_outgoing(g, Outcome::Failed("late".into()));
-        assert_eq!(sh.lock().out.status(), Setup, "the new migration is untouched");
+        assert_eq!(
+            sh.lock().out.status(),
+            Setup,
+            "the new migration is untouched"
+        );
         sh.advance(g2, Active).unwrap();
         assert_eq!(
             statuses(&ev),
@@ -794,7 +802,11 @@ mod tests {
             std::thread::spawn(move || sh.pause_before_switchover(g, || Ok(())))
         };
         assert_eq!(
-            sh.wait_status(|i| i.out.status(), &[PreSwitchover], Duration::from_secs(10)),
+            sh.wait_status(
+                |i| i.out.status(),
+                &[PreSwitchover],
+                Duration::from_secs(10)
+            ),
             PreSwitchover
         );
         sh.request_continue(PreSwitchover).unwrap();
@@ -810,7 +822,11 @@ mod tests {
             let sh = sh.clone();
             std::thread::spawn(move || sh.pause_before_switchover(g, || Ok(())))
         };
-        sh.wait_status(|i| i.out.status(), &[PreSwitchover], Duration::from_secs(10));
+        sh.wait_status(
+            |i| i.out.status(),
+            &[PreSwitchover],
+            Duration::from_secs(10),
+        );
         sh.cancel_outgoing().unwrap();
         assert!(matches!(
             waiter.join().unwrap(),
