@@ -31,6 +31,7 @@ pub mod incoming;
 pub mod machine;
 pub mod outgoing;
 pub mod params;
+mod policy;
 pub mod ram;
 pub mod runstate;
 pub mod state;

@@ -1,22 +1,27 @@
-//! The source side: the migration thread.
+//! The source side: the migration thread, one phase at a time.
 //!
-//! Order of work, and why:
-//! 1. Connect the channel first, holding nothing (seed 004): a connect that waits for the
-//!    network must not block anyone else, and `migrate_cancel` can still interrupt it.
-//! 2. Setup with the guest running: header, configuration, START sections. Dirty logging
-//!    starts here, before the first page is read, so every later write is caught.
-//! 3. Precopy rounds while the guest runs: each round sends dirty pages for at most 50 ms or the
-//!    bandwidth budget, inside a PART section. When a pass over RAM ends (or little is left),
-//!    the dirty log is synchronised and the engine decides whether what remains fits
-//!    `bandwidth × downtime-limit`.
-//! 4. Switchover: stop the guest, optionally wait in `pre-switchover` for `migrate-continue`,
-//!    enter `device`, inactivate disks, send the END sections (the last dirty pages and the
-//!    bitmaps), the device state, EOF and the vmdesc trailer.
-//! 5. With a return path, wait for the destination's SHUT before calling it completed.
+//! [`Outgoing`] holds everything one outgoing migration owns — the channel and its return
+//! path, the section savers, what the switchover changed — and runs it in phases, each a
+//! method that postcopy and multifd can extend or replace:
+//! 1. [`Outgoing::connect`]: the channel first, holding nothing (seed 004): a connect that
+//!    waits for the network must not block anyone else, and `migrate_cancel` can still
+//!    interrupt it.
+//! 2. [`Outgoing::setup`], with the guest running: header, configuration, START sections.
+//!    Dirty logging starts here, before the first page is read, so every later write is
+//!    caught.
+//! 3. [`Outgoing::iterate`], while the guest runs: each round sends dirty pages for at most
+//!    50 ms or the bandwidth budget, inside a PART section. When a pass over RAM ends, the
+//!    dirty log is synchronised and [`Convergence`] decides whether to switch over.
+//! 4. [`Outgoing::switchover`]: stop the guest, optionally wait in `pre-switchover` for
+//!    `migrate-continue`, enter `device`, inactivate disks, send the END sections (the last
+//!    dirty pages and the bitmaps), the device state, EOF and the vmdesc trailer.
+//! 5. [`Outgoing::complete`]: with a return path, wait for the destination's SHUT before
+//!    calling it completed; the source is then `postmigrate`.
 //!
-//! Whatever happens after step 1, cleanup puts the source back: dirty logging stops, bitmaps
-//! are released, and after a failure or cancel the disks are reactivated and the guest resumes
-//! if it was running. Nothing is lost on the source.
+//! Whatever happens after the connect, [`Outgoing::cleanup`] puts the source back: dirty
+//! logging stops, bitmaps are released, and after a failure or cancel the disks are
+//! reactivated and the guest resumes if it was running. Nothing is lost on the source. The state changes themselves are the state machine's
+//! ([`crate::state`]).
 
 use crate::bitmaps::BitmapSaver;
 use crate::caps::{Capabilities, Capability};
@@ -24,11 +29,12 @@ use crate::engine::OutgoingStats;
 use crate::error::MigrationError;
 use crate::globalstate::GlobalState;
 use crate::machine::{DeviceState, Machine, Writer};
+use crate::policy::{Convergence, Meter};
 use crate::ram::{RamSaver, SendOutcome, RAM_IDSTR, RAM_VERSION};
 use crate::runstate::RunState;
 use crate::state::{Generation, Outcome, Shared};
 use crate::status::MigrationStatus;
-use crate::transport::{connect, BoxRead, MigrationUri};
+use crate::transport::{connect, BoxRead, Connection, MigrationUri};
 use serde_json::json;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc;
@@ -46,8 +52,6 @@ use wire::{StreamReader, StreamWriter};
 
 /// Longest a precopy round runs before the engine looks at the state again.
 const ROUND: Duration = Duration::from_millis(50);
-/// Bandwidth is measured and budgeted over windows of this length.
-const WINDOW: Duration = Duration::from_millis(100);
 /// Section ids: `ram` and `dirty-bitmap` as QEMU 7.2's `-M none`; devices follow.
 const RAM_SECTION_ID: u32 = 2;
 const BITMAP_SECTION_ID: u32 = 3;
@@ -64,7 +68,7 @@ pub(crate) struct Job {
     pub stats: Arc<OutgoingStats>,
 }
 
-/// What the switchover changed, so cleanup knows what to undo.
+/// What the migration changed on the source, so cleanup knows what to undo.
 #[derive(Default)]
 struct Undo {
     /// The guest was running when the engine stopped it.
@@ -75,342 +79,372 @@ struct Undo {
     inactivated: bool,
 }
 
-/// Bandwidth accounting over [`WINDOW`]s.
-struct Meter {
-    window_start: Instant,
-    window_bytes_start: u64,
-    window_pages_start: u64,
-    /// Last measured throughput in bytes per second (0 before the first window closes).
-    bytes_per_sec: f64,
+/// One outgoing migration: what it owns, phase by phase (see the module doc).
+pub(crate) struct Outgoing {
+    job: Job,
+    /// The connected channel (from [`Outgoing::connect`]).
+    conn: Option<Connection>,
+    /// The stream, until the switchover has written its end.
+    w: Option<Writer>,
+    /// Messages from the return-path thread, when the return path is open.
+    rp: Option<mpsc::Receiver<RpEvent>>,
+    /// The `ram` section's saver (from [`Outgoing::setup`]).
+    ram: Option<RamSaver>,
+    /// The `dirty-bitmap` section's saver, when bitmaps migrate.
+    bitmaps: Option<BitmapSaver>,
+    undo: Undo,
+    /// When the guest stopped, and the stream's length then.
+    downtime_start: Option<(Instant, u64)>,
 }
 
-impl Meter {
-    fn new(bytes: u64) -> Self {
-        Meter {
-            window_start: Instant::now(),
-            window_bytes_start: bytes,
-            window_pages_start: 0,
-            bytes_per_sec: 0.0,
-        }
-    }
-
-    /// Closes the window if it is over, updating the statistics.
-    fn tick(&mut self, bytes: u64, pages: u64, stats: &OutgoingStats) {
-        let el = self.window_start.elapsed();
-        if el < WINDOW {
-            return;
-        }
-        let secs = el.as_secs_f64();
-        self.bytes_per_sec = (bytes - self.window_bytes_start) as f64 / secs;
-        stats
-            .bits_per_second
-            .store((self.bytes_per_sec * 8.0) as u64, Ordering::Relaxed);
-        stats.pages_per_second.store(
-            ((pages.saturating_sub(self.window_pages_start)) as f64 / secs) as u64,
-            Ordering::Relaxed,
-        );
-        self.window_start = Instant::now();
-        self.window_bytes_start = bytes;
-        self.window_pages_start = pages;
-    }
-
-    /// Bytes that may still be sent in this window under `max_bandwidth` (bytes/s, 0 = none).
-    fn allowance(&self, bytes: u64, max_bandwidth: u64) -> u64 {
-        if max_bandwidth == 0 {
-            return u64::MAX;
-        }
-        let per_window = (max_bandwidth as f64 * WINDOW.as_secs_f64()) as u64;
-        per_window.saturating_sub(bytes - self.window_bytes_start)
-    }
-
-    fn window_left(&self) -> Duration {
-        WINDOW.saturating_sub(self.window_start.elapsed())
-    }
-}
-
-/// Downtime livemig aims for when the guest lets it: it keeps iterating, even when what
-/// remains would fit the downtime limit, until what remains takes at most this long to send.
-const TARGET_DOWNTIME_MS: u64 = 10;
-/// Passes after which a migration that fits the limit switches over even if it still shrinks.
-const MAX_PASSES: u64 = 30;
-
-/// When to stop iterating and switch over.
-///
-/// QEMU switches over as soon as what remains fits `bandwidth × downtime-limit`, even in the
-/// middle of the first pass, so its downtime tends towards the limit. livemig treats the limit
-/// as a ceiling, not a target: it decides only at the end of a pass (after a dirty-log sync),
-/// and switches over when what remains would take at most [`TARGET_DOWNTIME_MS`] to send, or
-/// when it fits the limit and has stopped shrinking (the guest dirties memory about as fast
-/// as it is sent), or after [`MAX_PASSES`] passes. A migration that never fits the limit runs
-/// on, as QEMU's does without auto-converge.
-#[derive(Default)]
-struct Convergence {
-    last_pending: Option<f64>,
-    passes: u64,
-}
-
-impl Convergence {
-    /// Called at the end of each pass with the bytes still to send and the bandwidth.
-    fn switch_now(&mut self, pending: f64, bytes_per_sec: f64, limit_ms: u64) -> bool {
-        self.passes += 1;
-        let limit = bytes_per_sec * limit_ms as f64 / 1000.0;
-        let target = bytes_per_sec * limit_ms.min(TARGET_DOWNTIME_MS) as f64 / 1000.0;
-        let stalled = self.last_pending.is_some_and(|last| pending > last * 0.8);
-        self.last_pending = Some(pending);
-        pending <= target || (pending <= limit && (stalled || self.passes >= MAX_PASSES))
-    }
+fn gone(what: &str) -> MigrationError {
+    MigrationError::Other(format!("internal error: {what} is missing"))
 }
 
 /// Runs one outgoing migration to its end.
 pub(crate) fn run(job: Job) {
-    let mut undo = Undo::default();
-    let mut bitmaps: Option<BitmapSaver> = None;
-    let mut ram: Option<RamSaver> = None;
-    let result = migrate(&job, &mut undo, &mut ram, &mut bitmaps);
-    finish(&job, result, undo, ram, bitmaps);
+    let mut out = Outgoing::new(job);
+    let result = out.migrate();
+    out.cleanup(result);
 }
 
-fn migrate(
-    job: &Job,
-    undo: &mut Undo,
-    ram_slot: &mut Option<RamSaver>,
-    bitmaps_slot: &mut Option<BitmapSaver>,
-) -> Result<(), MigrationError> {
-    let shared = &job.shared;
-    let machine = &job.machine;
-
-    // 1. Connect, holding nothing.
-    let mut conn = connect(&job.uri)?;
-    shared.attach_channel(job.generation, &conn.shutdown)?;
-    let stream = conn
-        .writer
-        .take()
-        .ok_or_else(|| MigrationError::Other("the transport has no outgoing direction".into()))?;
-    let mut w: Writer = StreamWriter::with_capacity(stream, 256 * 1024);
-    let use_rp = job.caps.has(Capability::ReturnPath) && job.uri.has_return_path();
-    let rp = if use_rp {
-        let reader = conn
-            .reader
-            .take()
-            .ok_or_else(|| MigrationError::Other("the transport has no return path".into()))?;
-        Some(spawn_return_path(reader)?)
-    } else {
-        None
-    };
-
-    // 2. Setup.
-    let setup_start = Instant::now();
-    write_file_header(&mut w)?;
-    write_configuration(&mut w, &Configuration::new(machine.machine_type()))?;
-    if rp.is_some() {
-        write_command(&mut w, &Command::OpenReturnPath)?;
-        write_command(&mut w, &Command::Ping(1))?;
+impl Outgoing {
+    fn new(job: Job) -> Self {
+        Outgoing {
+            job,
+            conn: None,
+            w: None,
+            rp: None,
+            ram: None,
+            bitmaps: None,
+            undo: Undo::default(),
+            downtime_start: None,
+        }
     }
-    if job.caps.has(Capability::DirtyBitmaps) {
-        // QEMU sends this whenever dirty-bitmaps is on (bitmaps are postcopiable); a QEMU
-        // destination expects the 0-byte form.
-        write_command(&mut w, &Command::PostcopyAdvise(None))?;
+
+    /// Every phase, in order; the first error ends the migration.
+    fn migrate(&mut self) -> Result<(), MigrationError> {
+        self.connect()?;
+        self.setup()?;
+        self.iterate()?;
+        self.switchover()?;
+        self.complete()
     }
-    let mut ram = RamSaver::new(machine.ram_blocks(), job.stats.ram.clone());
-    job.stats.total.store(ram.total_bytes(), Ordering::Relaxed);
-    write_start(&mut w, RAM_SECTION_ID, RAM_IDSTR, 0, RAM_VERSION)?;
-    ram.setup(&mut w)?;
-    write_footer(&mut w, RAM_SECTION_ID)?;
-    *ram_slot = Some(ram);
-    let ram = ram_slot
-        .as_mut()
-        .ok_or_else(|| MigrationError::Other("ram saver vanished".into()))?;
-    if job.caps.has(Capability::DirtyBitmaps) {
-        if let Some(layer) = machine.block_layer() {
-            let mapping = shared.lock().params.block_bitmap_mapping.clone();
-            let saver = BitmapSaver::setup(layer, mapping.as_ref())?;
-            if saver.is_active() {
-                write_start(
-                    &mut w,
-                    BITMAP_SECTION_ID,
-                    crate::bitmaps::BITMAP_IDSTR,
-                    0,
-                    crate::bitmaps::BITMAP_VERSION,
-                )?;
-                *bitmaps_slot = Some(saver);
-                if let Some(b) = bitmaps_slot.as_mut() {
-                    b.save_setup(&mut w)?;
+
+    /// The stream and the `ram` saver (both exist from [`Outgoing::setup`] on), with the
+    /// bitmap saver if bitmaps migrate.
+    fn stream(
+        &mut self,
+    ) -> Result<(&mut Writer, &mut RamSaver, Option<&mut BitmapSaver>), MigrationError> {
+        let w = self.w.as_mut().ok_or_else(|| gone("the stream"))?;
+        let ram = self.ram.as_mut().ok_or_else(|| gone("the ram saver"))?;
+        Ok((w, ram, self.bitmaps.as_mut()))
+    }
+
+    /// Phase 1: connects the channel, holding nothing, and opens the return path.
+    fn connect(&mut self) -> Result<(), MigrationError> {
+        let job = &self.job;
+        let mut conn = connect(&job.uri)?;
+        job.shared.attach_channel(job.generation, &conn.shutdown)?;
+        let stream = conn.writer.take().ok_or_else(|| {
+            MigrationError::Other("the transport has no outgoing direction".into())
+        })?;
+        let use_rp = job.caps.has(Capability::ReturnPath) && job.uri.has_return_path();
+        if use_rp {
+            let reader = conn
+                .reader
+                .take()
+                .ok_or_else(|| MigrationError::Other("the transport has no return path".into()))?;
+            self.rp = Some(spawn_return_path(reader)?);
+        }
+        self.w = Some(StreamWriter::with_capacity(stream, 256 * 1024));
+        self.conn = Some(conn);
+        Ok(())
+    }
+
+    /// Phase 2: header, configuration and the START sections, with the guest running; then
+    /// `active`.
+    fn setup(&mut self) -> Result<(), MigrationError> {
+        let setup_start = Instant::now();
+        let (job, has_rp) = (&self.job, self.rp.is_some());
+        let w = self.w.as_mut().ok_or_else(|| gone("the stream"))?;
+        write_file_header(w)?;
+        write_configuration(w, &Configuration::new(job.machine.machine_type()))?;
+        if has_rp {
+            write_command(w, &Command::OpenReturnPath)?;
+            write_command(w, &Command::Ping(1))?;
+        }
+        if job.caps.has(Capability::DirtyBitmaps) {
+            // QEMU sends this whenever dirty-bitmaps is on (bitmaps are postcopiable); a QEMU
+            // destination expects the 0-byte form.
+            write_command(w, &Command::PostcopyAdvise(None))?;
+        }
+        let ram = self
+            .ram
+            .insert(RamSaver::new(job.machine.ram_blocks(), job.stats.ram.clone()));
+        job.stats.total.store(ram.total_bytes(), Ordering::Relaxed);
+        write_start(w, RAM_SECTION_ID, RAM_IDSTR, 0, RAM_VERSION)?;
+        ram.setup(w)?;
+        write_footer(w, RAM_SECTION_ID)?;
+        if job.caps.has(Capability::DirtyBitmaps) {
+            if let Some(layer) = job.machine.block_layer() {
+                let mapping = job.shared.lock().params.block_bitmap_mapping.clone();
+                let saver = BitmapSaver::setup(layer, mapping.as_ref())?;
+                if saver.is_active() {
+                    // Kept before anything can fail, so cleanup releases the bitmaps.
+                    let saver = self.bitmaps.insert(saver);
+                    write_start(
+                        w,
+                        BITMAP_SECTION_ID,
+                        crate::bitmaps::BITMAP_IDSTR,
+                        0,
+                        crate::bitmaps::BITMAP_VERSION,
+                    )?;
+                    saver.save_setup(w)?;
+                    write_footer(w, BITMAP_SECTION_ID)?;
+                } else {
+                    saver.cleanup(false);
                 }
-                write_footer(&mut w, BITMAP_SECTION_ID)?;
-            } else {
-                saver.cleanup(false);
             }
         }
-    }
-    if job.caps.has(Capability::Events) {
-        shared
-            .events
-            .emit("MIGRATION_PASS", Some(json!({ "pass": 1 })));
-    }
-    job.stats.ram.dirty_syncs.store(1, Ordering::Relaxed);
-    w.flush()?;
-    shared.lock().out.setup_ms = Some(setup_start.elapsed().as_millis() as u64);
-    shared.advance(job.generation, MigrationStatus::Active)?;
-
-    // 3. Precopy rounds.
-    let mut meter = Meter::new(w.bytes_written());
-    let mut last_sync = Instant::now();
-    let mut convergence = Convergence::default();
-    loop {
-        if shared.out_cancelled(job.generation) {
-            return Err(MigrationError::Cancelled);
+        if job.caps.has(Capability::Events) {
+            job.shared
+                .events
+                .emit("MIGRATION_PASS", Some(json!({ "pass": 1 })));
         }
-        let (max_bw, downtime_ms) = {
-            let inner = shared.lock();
-            (
-                inner.params.max_bandwidth(),
-                inner.params.downtime_limit_ms(),
-            )
-        };
-        let allowance = meter.allowance(w.bytes_written(), max_bw);
-        if allowance == 0 {
-            if shared.sleep_unless_cancelled(job.generation, meter.window_left()) {
+        job.stats.ram.dirty_syncs.store(1, Ordering::Relaxed);
+        w.flush()?;
+        job.shared.lock().out.setup_ms = Some(setup_start.elapsed().as_millis() as u64);
+        job.shared.advance(job.generation, MigrationStatus::Active)
+    }
+
+    /// Phase 3: precopy rounds while the guest runs, until [`Convergence`] says what
+    /// remains can be sent in the downtime.
+    fn iterate(&mut self) -> Result<(), MigrationError> {
+        let (shared, generation, stats) = (
+            self.job.shared.clone(),
+            self.job.generation,
+            self.job.stats.clone(),
+        );
+        let events = self.job.caps.has(Capability::Events);
+        let (w, ram, bitmaps) = self.stream()?;
+        let mut meter = Meter::new(w.bytes_written());
+        let mut last_sync = Instant::now();
+        let mut convergence = Convergence::default();
+        loop {
+            if shared.out_cancelled(generation) {
                 return Err(MigrationError::Cancelled);
             }
-            meter.tick(w.bytes_written(), sent_pages(&job.stats), &job.stats);
-            continue;
-        }
-        write_part(&mut w, RAM_SECTION_ID)?;
-        let outcome = ram.send(&mut w, allowance, Some(Instant::now() + ROUND))?;
-        wire::ram::write_eos(&mut w)?;
-        write_footer(&mut w, RAM_SECTION_ID)?;
-        w.flush()?;
-        job.stats
-            .transferred
-            .store(w.bytes_written(), Ordering::Relaxed);
-        meter.tick(w.bytes_written(), sent_pages(&job.stats), &job.stats);
-
-        // Bandwidth for the switchover decision: the measured rate, or the cap before the
-        // first window closes.
-        let bw = if meter.bytes_per_sec > 0.0 {
-            meter.bytes_per_sec
-        } else if max_bw > 0 {
-            max_bw as f64
-        } else {
-            1e9
-        };
-        let bitmap_bytes = bitmaps_slot.as_ref().map_or(0, |b| b.pending_bytes());
-        job.stats
-            .bitmap_bytes
-            .store(bitmap_bytes, Ordering::Relaxed);
-        let pending = (ram.remaining_pages() * crate::guest::PAGE_SIZE + bitmap_bytes) as f64;
-        job.stats
-            .expected_downtime_ms
-            .store((pending / bw * 1000.0) as u64, Ordering::Relaxed);
-        if outcome == SendOutcome::PassDone {
-            let dirty = ram.sync();
-            let el = last_sync.elapsed().as_secs_f64().max(1e-3);
-            let new_dirty = job.stats.ram.last_sync_dirty.load(Ordering::Relaxed);
-            job.stats
-                .dirty_pages_rate
-                .store((new_dirty as f64 / el) as u64, Ordering::Relaxed);
-            last_sync = Instant::now();
-            if job.caps.has(Capability::Events) {
-                let pass = job.stats.ram.dirty_syncs.load(Ordering::Relaxed);
-                shared
-                    .events
-                    .emit("MIGRATION_PASS", Some(json!({ "pass": pass })));
+            let (max_bw, downtime_ms) = {
+                let inner = shared.lock();
+                (
+                    inner.params.max_bandwidth(),
+                    inner.params.downtime_limit_ms(),
+                )
+            };
+            let allowance = meter.allowance(w.bytes_written(), max_bw);
+            if allowance == 0 {
+                if shared.sleep_unless_cancelled(generation, meter.window_left()) {
+                    return Err(MigrationError::Cancelled);
+                }
+                meter.tick(w.bytes_written(), sent_pages(&stats), &stats);
+                continue;
             }
-            let pending = (dirty * crate::guest::PAGE_SIZE + bitmap_bytes) as f64;
-            job.stats
+            write_part(w, RAM_SECTION_ID)?;
+            let outcome = ram.send(w, allowance, Some(Instant::now() + ROUND))?;
+            wire::ram::write_eos(w)?;
+            write_footer(w, RAM_SECTION_ID)?;
+            w.flush()?;
+            stats.transferred.store(w.bytes_written(), Ordering::Relaxed);
+            meter.tick(w.bytes_written(), sent_pages(&stats), &stats);
+
+            // Bandwidth for the switchover decision: the measured rate, or the cap before the
+            // first window closes.
+            let bw = if meter.bytes_per_sec > 0.0 {
+                meter.bytes_per_sec
+            } else if max_bw > 0 {
+                max_bw as f64
+            } else {
+                1e9
+            };
+            let bitmap_bytes = bitmaps.as_ref().map_or(0, |b| b.pending_bytes());
+            stats.bitmap_bytes.store(bitmap_bytes, Ordering::Relaxed);
+            let pending = (ram.remaining_pages() * crate::guest::PAGE_SIZE + bitmap_bytes) as f64;
+            stats
                 .expected_downtime_ms
                 .store((pending / bw * 1000.0) as u64, Ordering::Relaxed);
-            if convergence.switch_now(pending, bw, downtime_ms) {
-                break;
+            if outcome == SendOutcome::PassDone {
+                let dirty = ram.sync();
+                let el = last_sync.elapsed().as_secs_f64().max(1e-3);
+                let new_dirty = stats.ram.last_sync_dirty.load(Ordering::Relaxed);
+                stats
+                    .dirty_pages_rate
+                    .store((new_dirty as f64 / el) as u64, Ordering::Relaxed);
+                last_sync = Instant::now();
+                if events {
+                    let pass = stats.ram.dirty_syncs.load(Ordering::Relaxed);
+                    shared
+                        .events
+                        .emit("MIGRATION_PASS", Some(json!({ "pass": pass })));
+                }
+                let pending = (dirty * crate::guest::PAGE_SIZE + bitmap_bytes) as f64;
+                stats
+                    .expected_downtime_ms
+                    .store((pending / bw * 1000.0) as u64, Ordering::Relaxed);
+                if convergence.switch_now(pending, bw, downtime_ms) {
+                    return Ok(());
+                }
             }
         }
     }
 
-    // 4. Switchover.
-    job.stats
-        .precopy_bytes
-        .store(w.bytes_written(), Ordering::Relaxed);
-    let before = machine.runstate();
-    undo.stopped_running_guest = before.is_running();
-    let globalstate = Arc::new(GlobalState::default());
-    globalstate.store(if before.is_running() {
-        RunState::Running
-    } else {
-        before
-    });
-    machine.stop(RunState::FinishMigrate);
-    undo.stopped = true;
-    let downtime_start = Instant::now();
-    let downtime_bytes_start = w.bytes_written();
-
-    if job.caps.has(Capability::PauseBeforeSwitchover) {
-        wait_for_continue(shared, job.generation, rp.as_ref())?;
-    }
-    shared.advance(job.generation, MigrationStatus::Device)?;
-    machine.inactivate_disks().map_err(|e| {
-        MigrationError::Other(format!("Block inactivate failed during switchover: {e}"))
-    })?;
-    undo.inactivated = true;
-
-    write_end(&mut w, RAM_SECTION_ID)?;
-    ram.sync();
-    ram.send(&mut w, u64::MAX, None)?;
-    wire::ram::write_eos(&mut w)?;
-    write_footer(&mut w, RAM_SECTION_ID)?;
-    if let Some(b) = bitmaps_slot.as_mut() {
-        write_end(&mut w, BITMAP_SECTION_ID)?;
-        b.save_complete(&mut w)?;
-        write_footer(&mut w, BITMAP_SECTION_ID)?;
-    }
-    let mut devices: Vec<Arc<dyn DeviceState>> = machine.devices();
-    devices.push(globalstate);
-    let mut described = Vec::new();
-    for (i, d) in devices.iter().filter(|d| d.needed()).enumerate() {
-        let id = FIRST_DEVICE_SECTION_ID + i as u32;
-        let vmsd = d.vmsd();
-        write_full(&mut w, id, &d.idstr(), d.instance_id(), vmsd.version_id)?;
-        d.save(&mut w)?;
-        write_footer(&mut w, id)?;
-        described.push(DeviceDesc {
-            idstr: d.idstr(),
-            instance_id: d.instance_id(),
-            vmsd,
+    /// Phase 4: stops the guest, waits in `pre-switchover` if asked to, enters `device`,
+    /// inactivates the disks and writes the rest of the stream: the END sections, the device
+    /// state, EOF and the vmdesc trailer. Then closes the sending direction.
+    fn switchover(&mut self) -> Result<(), MigrationError> {
+        let (shared, machine, generation, stats) = (
+            self.job.shared.clone(),
+            self.job.machine.clone(),
+            self.job.generation,
+            self.job.stats.clone(),
+        );
+        let written = self.w.as_ref().map_or(0, |w| w.bytes_written());
+        stats.precopy_bytes.store(written, Ordering::Relaxed);
+        let before = machine.runstate();
+        self.undo.stopped_running_guest = before.is_running();
+        let globalstate = Arc::new(GlobalState::default());
+        globalstate.store(if before.is_running() {
+            RunState::Running
+        } else {
+            before
         });
-    }
-    write_eof(&mut w)?;
-    write_vmdesc(
-        &mut w,
-        vmdesc_json(crate::guest::PAGE_SIZE, &described, None).as_bytes(),
-    )?;
-    w.flush()?;
-    let total = w.bytes_written();
-    job.stats.transferred.store(total, Ordering::Relaxed);
-    job.stats
-        .downtime_bytes
-        .store(total - downtime_bytes_start, Ordering::Relaxed);
-    drop(w);
-    conn.shutdown.shutdown_write();
+        machine.stop(RunState::FinishMigrate);
+        self.undo.stopped = true;
+        self.downtime_start = Some((Instant::now(), written));
 
-    // 5. The destination's verdict, when there is a return path.
-    if let Some(rp) = rp {
-        wait_for_shut(shared, job.generation, &rp)?;
+        if self.job.caps.has(Capability::PauseBeforeSwitchover) {
+            wait_for_continue(&shared, generation, self.rp.as_ref())?;
+        }
+        shared.advance(generation, MigrationStatus::Device)?;
+        machine.inactivate_disks().map_err(|e| {
+            MigrationError::Other(format!("Block inactivate failed during switchover: {e}"))
+        })?;
+        self.undo.inactivated = true;
+
+        let (w, ram, bitmaps) = self.stream()?;
+        write_end(w, RAM_SECTION_ID)?;
+        ram.sync();
+        ram.send(w, u64::MAX, None)?;
+        wire::ram::write_eos(w)?;
+        write_footer(w, RAM_SECTION_ID)?;
+        if let Some(b) = bitmaps {
+            write_end(w, BITMAP_SECTION_ID)?;
+            b.save_complete(w)?;
+            write_footer(w, BITMAP_SECTION_ID)?;
+        }
+        let mut devices: Vec<Arc<dyn DeviceState>> = machine.devices();
+        devices.push(globalstate);
+        let mut described = Vec::new();
+        for (i, d) in devices.iter().filter(|d| d.needed()).enumerate() {
+            let id = FIRST_DEVICE_SECTION_ID + i as u32;
+            let vmsd = d.vmsd();
+            write_full(w, id, &d.idstr(), d.instance_id(), vmsd.version_id)?;
+            d.save(w)?;
+            write_footer(w, id)?;
+            described.push(DeviceDesc {
+                idstr: d.idstr(),
+                instance_id: d.instance_id(),
+                vmsd,
+            });
+        }
+        write_eof(w)?;
+        write_vmdesc(
+            w,
+            vmdesc_json(crate::guest::PAGE_SIZE, &described, None).as_bytes(),
+        )?;
+        w.flush()?;
+        let total = w.bytes_written();
+        stats.transferred.store(total, Ordering::Relaxed);
+        stats
+            .downtime_bytes
+            .store(total - written, Ordering::Relaxed);
+        // The end of the stream: an `exec:` child sees its input close, a socket peer sees
+        // the end of the data.
+        self.w = None;
+        if let Some(conn) = &self.conn {
+            conn.shutdown.shutdown_write();
+        }
+        Ok(())
     }
-    conn.finish()?;
-    let downtime = downtime_start.elapsed().as_millis() as u64;
-    // Throughput over the whole transfer, as QEMU reports it once completed.
-    let secs = shared
-        .lock()
-        .out
-        .started
-        .map_or(0.0, |s| s.elapsed().as_secs_f64())
-        .max(1e-6);
-    job.stats
-        .bits_per_second
-        .store((total as f64 * 8.0 / secs) as u64, Ordering::Relaxed);
-    machine.set_runstate(RunState::PostMigrate);
-    let mut inner = shared.lock();
-    inner.out.downtime_ms = Some(downtime);
-    Ok(())
+
+    /// Phase 5: waits for the destination's verdict (with a return path) and for an `exec:`
+    /// child; the source is then `postmigrate`.
+    fn complete(&mut self) -> Result<(), MigrationError> {
+        let job = &self.job;
+        if let Some(rp) = &self.rp {
+            wait_for_shut(&job.shared, job.generation, rp)?;
+        }
+        self.conn.as_mut().ok_or_else(|| gone("the channel"))?.finish()?;
+        let downtime = self
+            .downtime_start
+            .map_or(0, |(t, _)| t.elapsed().as_millis() as u64);
+        // Throughput over the whole transfer, as QEMU reports it once completed.
+        let secs = job
+            .shared
+            .lock()
+            .out
+            .started
+            .map_or(0.0, |s| s.elapsed().as_secs_f64())
+            .max(1e-6);
+        let total = job.stats.transferred.load(Ordering::Relaxed);
+        job.stats
+            .bits_per_second
+            .store((total as f64 * 8.0 / secs) as u64, Ordering::Relaxed);
+        job.machine.set_runstate(RunState::PostMigrate);
+        job.shared.lock().out.downtime_ms = Some(downtime);
+        Ok(())
+    }
+
+    /// The end, whatever it was: dirty logging stops, bitmaps are released, and after a
+    /// failure or cancel the source is put back (disks reactivated, the guest resumed if it
+    /// ran). Then the state machine records the outcome.
+    fn cleanup(mut self, result: Result<(), MigrationError>) {
+        // The stream's end goes first, as it would had the phase that failed owned it.
+        self.w = None;
+        let job = &self.job;
+        if let Some(ram) = &self.ram {
+            ram.stop();
+        }
+        let ok = result.is_ok();
+        if let Some(b) = self.bitmaps {
+            b.cleanup(ok);
+        }
+        // A cancel that arrives after the whole stream went out (and, with a return path,
+        // after the destination confirmed it) is too late: the destination may be running the
+        // guest, so the source must not resume. QEMU would resume it; livemig reports
+        // `completed`.
+        if !ok {
+            // Put the source back: disks first (the guest needs them), then the guest.
+            let mut reactivated = true;
+            if self.undo.inactivated {
+                reactivated = job.machine.activate_disks().is_ok();
+            }
+            if self.undo.stopped {
+                if self.undo.stopped_running_guest && reactivated {
+                    job.machine.start();
+                } else {
+                    // Not running before, or the disks could not be taken back (the
+                    // destination may hold them): stay stopped and let management decide.
+                    job.machine.set_runstate(RunState::Paused);
+                }
+            }
+        }
+        let outcome = match &result {
+            Ok(()) => Outcome::Completed,
+            Err(e) => Outcome::Failed(failure_text(&job.uri, e)),
+        };
+        job.shared.finish_outgoing(job.generation, outcome);
+    }
 }
 
 fn sent_pages(stats: &OutgoingStats) -> u64 {
@@ -509,48 +543,6 @@ fn wait_for_shut(
     }
 }
 
-/// Ends the migration: final state, and on failure or cancel, the source put back as it was.
-fn finish(
-    job: &Job,
-    result: Result<(), MigrationError>,
-    undo: Undo,
-    ram: Option<RamSaver>,
-    bitmaps: Option<BitmapSaver>,
-) {
-    let shared = &job.shared;
-    if let Some(ram) = &ram {
-        ram.stop();
-    }
-    let ok = result.is_ok();
-    if let Some(b) = bitmaps {
-        b.cleanup(ok);
-    }
-    // A cancel that arrives after the whole stream went out (and, with a return path, after
-    // the destination confirmed it) is too late: the destination may be running the guest, so
-    // the source must not resume. QEMU would resume it; livemig reports `completed`.
-    if !ok {
-        // Put the source back: disks first (the guest needs them), then the guest.
-        let mut reactivated = true;
-        if undo.inactivated {
-            reactivated = job.machine.activate_disks().is_ok();
-        }
-        if undo.stopped {
-            if undo.stopped_running_guest && reactivated {
-                job.machine.start();
-            } else {
-                // Not running before, or the disks could not be taken back (the destination
-                // may hold them): stay stopped and let management decide.
-                job.machine.set_runstate(RunState::Paused);
-            }
-        }
-    }
-    let outcome = match &result {
-        Ok(()) => Outcome::Completed,
-        Err(e) => Outcome::Failed(failure_text(&job.uri, e)),
-    };
-    shared.finish_outgoing(job.generation, outcome);
-}
-
 /// `error-desc` of a failed migration. A write that failed on the channel is worded as QEMU
 /// words it (`Unable to write to socket: Broken pipe`): the destination went away, and the
 /// stream offset a `WireError` carries means nothing to the operator.
@@ -575,8 +567,6 @@ fn failure_text(uri: &MigrationUri, e: &MigrationError) -> String {
 mod tests {
     use super::*;
 
-    const GB: f64 = 1e9;
-
     #[test]
     fn failed_writes_are_worded_as_qemu_words_them() {
         let epipe = || {
@@ -599,51 +589,5 @@ mod tests {
         let other = MigrationError::Other("Block inactivate failed during switchover".into());
         let uri = MigrationUri::parse("unix:/x").unwrap();
         assert_eq!(failure_text(&uri, &other), other.to_string());
-    }
-
-    #[test]
-    fn switches_when_what_remains_is_tiny() {
-        let mut c = Convergence::default();
-        assert!(
-            !c.switch_now(200e6, GB, 300),
-            "fits the limit but still shrinking"
-        );
-        assert!(!c.switch_now(40e6, GB, 300));
-        assert!(c.switch_now(5e6, GB, 300), "5 ms of data left");
-    }
-
-    #[test]
-    fn switches_within_the_limit_when_progress_stalls() {
-        let mut c = Convergence::default();
-        assert!(!c.switch_now(100e6, GB, 300));
-        assert!(c.switch_now(95e6, GB, 300), "not shrinking any more");
-        let mut c = Convergence::default();
-        assert!(!c.switch_now(500e6, GB, 300));
-        assert!(
-            !c.switch_now(490e6, GB, 300),
-            "stalled but over the limit: keep going"
-        );
-    }
-
-    #[test]
-    fn gives_up_improving_after_many_passes() {
-        let mut c = Convergence::default();
-        let mut pending = 250e6;
-        let mut switched = None;
-        for pass in 1..=MAX_PASSES {
-            if c.switch_now(pending, GB, 300) {
-                switched = Some(pass);
-                break;
-            }
-            pending *= 0.79;
-        }
-        assert!(switched.is_some());
-    }
-
-    #[test]
-    fn zero_limit_needs_nothing_left() {
-        let mut c = Convergence::default();
-        assert!(!c.switch_now(4096.0, GB, 0));
-        assert!(c.switch_now(0.0, GB, 0));
     }
 }
