@@ -179,9 +179,10 @@ impl Outgoing {
             // destination expects the 0-byte form.
             write_command(w, &Command::PostcopyAdvise(None))?;
         }
-        let ram = self
-            .ram
-            .insert(RamSaver::new(job.machine.ram_blocks(), job.stats.ram.clone()));
+        let ram = self.ram.insert(RamSaver::new(
+            job.machine.ram_blocks(),
+            job.stats.ram.clone(),
+        ));
         job.stats.total.store(ram.total_bytes(), Ordering::Relaxed);
         write_start(w, RAM_SECTION_ID, RAM_IDSTR, 0, RAM_VERSION)?;
         ram.setup(w)?;
@@ -255,7 +256,9 @@ impl Outgoing {
             wire::ram::write_eos(w)?;
             write_footer(w, RAM_SECTION_ID)?;
             w.flush()?;
-            stats.transferred.store(w.bytes_written(), Ordering::Relaxed);
+            stats
+                .transferred
+                .store(w.bytes_written(), Ordering::Relaxed);
             meter.tick(w.bytes_written(), sent_pages(&stats), &stats);
 
             // Bandwidth for the switchover decision: the measured rate, or the cap before the
@@ -384,7 +387,10 @@ impl Outgoing {
         if let Some(rp) = &self.rp {
             wait_for_shut(&job.shared, job.generation, rp)?;
         }
-        self.conn.as_mut().ok_or_else(|| gone("the channel"))?.finish()?;
+        self.conn
+            .as_mut()
+            .ok_or_else(|| gone("the channel"))?
+            .finish()?;
         let downtime = self
             .downtime_start
             .map_or(0, |(t, _)| t.elapsed().as_millis() as u64);
