@@ -5,47 +5,37 @@
 //! loopback TCP carries (≈3.3 GB/s here) so that the socket, not the engine, is the limit.
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use migration::guest::{AtomicDirtyLog, GuestRegion, RamBlock, PAGE_SIZE};
+use migration::guest::{MmapRamBlock, RamBlock, PAGE_SIZE};
 use migration::machine::{Reader, Writer};
 use migration::ram::{RamCounters, RamLoader, RamSaver};
 use std::io::Read;
-use std::ptr::NonNull;
 use std::sync::Arc;
 use std::time::Duration;
+use vm_memory::bitmap::AtomicBitmap;
+use vm_memory::{GuestAddress, GuestRegionMmap, MmapRegion};
 use wire::{StreamReader, StreamWriter};
 
 const RAM: usize = 64 << 20;
 
-struct BenchRam {
-    buf: Vec<u64>,
-    log: AtomicDirtyLog,
-}
+/// Guest RAM as a rust-vmm VMM has it (a `vm-memory` region with a dirty bitmap), handed to
+/// the engine as it is.
+struct BenchRam;
 
 impl BenchRam {
-    fn new(fill: impl Fn(usize) -> u64) -> Arc<BenchRam> {
-        Arc::new(BenchRam {
-            buf: (0..RAM / 8).map(fill).collect(),
-            log: AtomicDirtyLog::new((RAM as u64) / PAGE_SIZE),
-        })
+    #[allow(clippy::new_ret_no_self)]
+    fn new(fill: impl Fn(usize) -> u64) -> Arc<MmapRamBlock> {
+        let mapping = MmapRegion::<AtomicBitmap>::new(RAM).expect("mmap");
+        let region = GuestRegionMmap::new(mapping, GuestAddress(0)).expect("region");
+        let block = MmapRamBlock::new("ram", Arc::new(region)).expect("block");
+        let r = block.region();
+        for i in 0..RAM / 8 {
+            let w = fill(i);
+            if w != 0 {
+                r.write(i as u64 * 8, &w.to_le_bytes());
+            }
+        }
+        Arc::new(block)
     }
-}
-
-impl RamBlock for BenchRam {
-    fn name(&self) -> &str {
-        "ram"
-    }
-    #[allow(unsafe_code)] // wraps the benchmark's buffer as guest memory
-    fn region(&self) -> GuestRegion {
-        let p = NonNull::new(self.buf.as_ptr() as *mut u8).expect("non-null");
-        // SAFETY: the buffer lives as long as the Arc the benchmark holds, and nothing else
-        // references it while the engine reads or writes it.
-        unsafe { GuestRegion::new(p, RAM) }
-    }
-    fn start_dirty_log(&self) {}
-    fn sync_dirty_log(&self, bitmap: &mut [u64]) {
-        self.log.take_into(bitmap);
-    }
-    fn stop_dirty_log(&self) {}
 }
 
 /// A reader over shared bytes, so each iteration reads the same stream without copying it.
@@ -61,7 +51,7 @@ impl Read for Shared {
     }
 }
 
-fn save_all(ram: &Arc<BenchRam>, sink: Box<dyn std::io::Write + Send>) -> Writer {
+fn save_all(ram: &Arc<MmapRamBlock>, sink: Box<dyn std::io::Write + Send>) -> Writer {
     let mut w: Writer = StreamWriter::with_capacity(sink, 256 * 1024);
     let mut saver = RamSaver::new(
         vec![ram.clone() as Arc<dyn RamBlock>],

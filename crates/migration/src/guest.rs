@@ -6,58 +6,122 @@
 //! straight from the socket into the mapping; it never copies a page through a buffer of its
 //! own.
 //!
+//! **Ownership.** A [`GuestRegion<'a>`] is a view of a mapping *borrowed* from its owner for
+//! `'a`: [`RamBlock::region`] hands out `GuestRegion<'_>` tied to the block, so safe code cannot
+//! keep a region after the block (and with it the mapping) is gone. A rust-vmm VMM hands its
+//! `vm-memory` mapping over as it is — [`GuestRegion::from_mmap`] borrows an
+//! [`MmapRegion`] (what a `GuestRegionMmap` derefs to) without copying, and [`MmapRamBlock`]
+//! is a ready-made block over a `GuestRegionMmap<AtomicBitmap>` whose bitmap (marked by every
+//! write made through `vm-memory`, e.g. device DMA) is the dirty log. Only a VMM with a mapping
+//! of its own needs the `unsafe` [`GuestRegion::from_raw_parts`], whose contract is that the
+//! mapping outlives `'a`.
+//!
 //! This module is the only place in the crate that touches raw guest memory, and it is why the
 //! crate is `deny(unsafe_code)` rather than `forbid`: guest RAM is shared with vCPU threads
-//! that write it behind Rust's back, so it is reached through raw pointers, volatile reads and
-//! the kernel, never through long-lived Rust references.
+//! (and KVM) that write it behind Rust's back, so it is reached through raw pointers, volatile
+//! reads and the kernel, never through long-lived Rust references. Postcopy (userfaultfd) and
+//! other raw uses of the mapping belong here too; [`GuestRegion::host_addr`] gives the address
+//! for the kernel interfaces that want one (memslots, `UFFDIO_REGISTER`).
 #![allow(unsafe_code)]
 
 use std::io::IoSlice;
+use std::marker::PhantomData;
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use vm_memory::bitmap::{AtomicBitmap, Bitmap};
+use vm_memory::{GuestRegionMmap, MmapRegion, VolatileSlice};
 
 /// Target page size: the unit of RAM migration (QEMU's `TARGET_PAGE_SIZE` on x86).
 pub const PAGE_SIZE: u64 = 4096;
 
-/// A span of host memory holding guest RAM.
+/// A span of host memory holding guest RAM, borrowed from its owner for `'a`.
+///
+/// It is `Copy` (a pointer and a length), but every copy carries the same lifetime, so none can
+/// outlive the borrow of the owner it came from. Keeping one past its block does not compile:
+///
+/// ```compile_fail
+/// use migration::guest::{GuestRegion, MmapRamBlock, RamBlock};
+/// fn keep(block: MmapRamBlock) -> GuestRegion<'static> {
+///     block.region() // `block` (and its mapping) is dropped here
+/// }
+/// ```
 #[derive(Clone, Copy, Debug)]
-pub struct GuestRegion {
+pub struct GuestRegion<'a> {
     ptr: NonNull<u8>,
     len: usize,
+    /// Shared, mutable-behind-our-back memory borrowed for `'a`.
+    _owner: PhantomData<&'a std::cell::UnsafeCell<[u8]>>,
 }
 
-// SAFETY: a GuestRegion is an address range, not ownership; the creator promises (see `new`)
-// that the range stays mapped while any copy is in use, from any thread. Guest memory is
-// shared with vCPU threads by design.
-unsafe impl Send for GuestRegion {}
-// SAFETY: as above; every access through `&GuestRegion` is a raw/volatile access or a kernel
-// copy, so sharing the handle between threads adds no Rust-level aliasing.
-unsafe impl Sync for GuestRegion {}
+// SAFETY: a GuestRegion is a borrowed view of memory that its owner keeps mapped for 'a (the
+// constructors guarantee it), usable from any thread: guest memory is shared with vCPU threads
+// by design, and every access through it is a raw/volatile access or a kernel copy.
+unsafe impl Send for GuestRegion<'_> {}
+// SAFETY: as above; sharing the handle between threads adds no Rust-level aliasing.
+unsafe impl Sync for GuestRegion<'_> {}
 
-impl GuestRegion {
-    /// Wraps a host mapping of guest RAM.
+impl<'a> GuestRegion<'a> {
+    /// Borrows a `vm-memory` mapping (a `GuestRegionMmap` derefs to its `MmapRegion`): the
+    /// zero-copy hand-over from a rust-vmm VMM. Writes the engine makes through the region are
+    /// not marked in the mapping's bitmap (the engine writes only on the destination, while it
+    /// loads, when nothing tracks them).
+    pub fn from_mmap<B: Bitmap>(mapping: &'a MmapRegion<B>) -> GuestRegion<'a> {
+        match NonNull::new(mapping.as_ptr()) {
+            Some(ptr) => GuestRegion {
+                ptr,
+                len: mapping.size(),
+                _owner: PhantomData,
+            },
+            // vm-memory never builds a null mapping; an empty region is the safe answer.
+            None => GuestRegion {
+                ptr: NonNull::dangling(),
+                len: 0,
+                _owner: PhantomData,
+            },
+        }
+    }
+
+    /// Wraps a host mapping of guest RAM that the caller owns.
     ///
     /// # Safety
     ///
-    /// `ptr..ptr+len` must be mapped readable and writable for as long as this value or any
-    /// copy of it is used. Other code may write the memory concurrently (vCPUs), but must not
-    /// hold Rust references into it while the engine loads pages (the destination's guest is
-    /// stopped during a precopy load).
-    pub unsafe fn new(ptr: NonNull<u8>, len: usize) -> Self {
-        GuestRegion { ptr, len }
+    /// `ptr..ptr+len` must be mapped readable and writable for all of `'a`. Other code may
+    /// write the memory concurrently (vCPUs), but must not hold Rust references into it while
+    /// the engine loads pages (the destination's guest is stopped during a precopy load).
+    pub unsafe fn from_raw_parts(ptr: NonNull<u8>, len: usize) -> GuestRegion<'a> {
+        GuestRegion {
+            ptr,
+            len,
+            _owner: PhantomData,
+        }
     }
 
     /// Length in bytes.
-    pub fn len(&self) -> usize {
+    pub fn len(self) -> usize {
         self.len
     }
 
     /// Whether the region is empty.
-    pub fn is_empty(&self) -> bool {
+    pub fn is_empty(self) -> bool {
         self.len == 0
     }
 
-    fn check(&self, offset: u64, len: usize) -> Option<usize> {
+    /// The host address of the first byte, for kernel interfaces that register the mapping
+    /// (KVM memslots, userfaultfd). Using it is the caller's `unsafe`; getting it is not.
+    pub fn host_addr(self) -> *mut u8 {
+        self.ptr.as_ptr()
+    }
+
+    /// The region as a `vm-memory` volatile slice (no dirty bitmap), for code written against
+    /// `vm-memory`'s accessors.
+    pub fn as_volatile_slice(self) -> VolatileSlice<'a> {
+        // SAFETY: the range is mapped for 'a (constructors' contract) and the slice cannot
+        // outlive 'a; every user of guest memory accesses it volatilely or through the kernel.
+        unsafe { VolatileSlice::new(self.ptr.as_ptr(), self.len) }
+    }
+
+    fn check(self, offset: u64, len: usize) -> Option<usize> {
         let off = usize::try_from(offset).ok()?;
         (off.checked_add(len)? <= self.len).then_some(off)
     }
@@ -67,11 +131,11 @@ impl GuestRegion {
     ///
     /// The guest may be writing these bytes while the kernel copies them: the page is then
     /// dirty again, and the dirty log makes the engine send it once more before switchover.
-    pub fn io_slice(&self, offset: u64, len: usize) -> Option<IoSlice<'_>> {
+    pub fn io_slice(self, offset: u64, len: usize) -> Option<IoSlice<'a>> {
         let off = self.check(offset, len)?;
-        // SAFETY: the range is inside the mapping (checked above), which `new`'s contract keeps
-        // alive for `'_`. The slice is handed to the kernel for a copy; concurrent guest writes
-        // can only make that copy stale, which the dirty log repairs.
+        // SAFETY: the range is inside the mapping (checked above), which the owner keeps alive
+        // for 'a. The slice is handed to the kernel for a copy; concurrent guest writes can
+        // only make that copy stale, which the dirty log repairs.
         let s = unsafe { std::slice::from_raw_parts(self.ptr.as_ptr().add(off), len) };
         Some(IoSlice::new(s))
     }
@@ -80,21 +144,22 @@ impl GuestRegion {
     /// from the socket directly into guest memory. Returns `None` when the range is outside
     /// the region.
     pub fn with_slice_mut<R>(
-        &self,
+        self,
         offset: u64,
         len: usize,
         f: impl FnOnce(&mut [u8]) -> R,
     ) -> Option<R> {
         let off = self.check(offset, len)?;
-        // SAFETY: in bounds (checked); `new`'s contract says nobody holds references into the
-        // region while the engine loads, and the slice does not outlive `f`.
+        // SAFETY: in bounds (checked) and mapped for 'a; the constructors' contract says nobody
+        // holds references into the region while the engine loads, and the slice does not
+        // outlive `f`.
         let s = unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr().add(off), len) };
         Some(f(s))
     }
 
     /// Whether `[offset, offset+len)` is all zero bytes. Reads are volatile 64-bit loads,
     /// stopping at the first non-zero word, because the guest may be writing the page.
-    pub fn is_zero(&self, offset: u64, len: usize) -> bool {
+    pub fn is_zero(self, offset: u64, len: usize) -> bool {
         let Some(off) = self.check(offset, len) else {
             return false;
         };
@@ -126,23 +191,26 @@ impl GuestRegion {
     }
 
     /// Copies `[offset, offset+dst.len())` out of guest memory (for checksums and tests).
-    pub fn read(&self, offset: u64, dst: &mut [u8]) -> bool {
+    pub fn read(self, offset: u64, dst: &mut [u8]) -> bool {
         let Some(off) = self.check(offset, dst.len()) else {
             return false;
         };
-        // SAFETY: source in bounds (checked), destination is a distinct Rust buffer.
+        // SAFETY: source in bounds (checked) and mapped for 'a, destination is a distinct Rust
+        // buffer.
         unsafe {
             std::ptr::copy_nonoverlapping(self.ptr.as_ptr().add(off), dst.as_mut_ptr(), dst.len())
         };
         true
     }
 
-    /// Copies `src` into guest memory at `offset` (a device or vCPU write).
-    pub fn write(&self, offset: u64, src: &[u8]) -> bool {
+    /// Copies `src` into guest memory at `offset` (a device or vCPU write). Not logged: callers
+    /// that need the page marked dirty use their block's write path.
+    pub fn write(self, offset: u64, src: &[u8]) -> bool {
         let Some(off) = self.check(offset, src.len()) else {
             return false;
         };
-        // SAFETY: destination in bounds (checked), source is a distinct Rust buffer.
+        // SAFETY: destination in bounds (checked) and mapped for 'a, source is a distinct Rust
+        // buffer.
         unsafe {
             std::ptr::copy_nonoverlapping(src.as_ptr(), self.ptr.as_ptr().add(off), src.len())
         };
@@ -154,9 +222,10 @@ impl GuestRegion {
 pub trait RamBlock: Send + Sync {
     /// The RAMBlock name on the wire (`ram` for QEMU's `-M none`, `pc.ram` for `-M pc`).
     fn name(&self) -> &str;
-    /// The host mapping; its length is the block's `used_length`, a multiple of
-    /// [`PAGE_SIZE`].
-    fn region(&self) -> GuestRegion;
+    /// The host mapping, borrowed from the block; its length is the block's `used_length`, a
+    /// multiple of [`PAGE_SIZE`]. The engine asks for it whenever it touches the memory and
+    /// keeps it no longer than the `Arc<dyn RamBlock>` it holds.
+    fn region(&self) -> GuestRegion<'_>;
     /// Starts logging the pages the guest writes.
     fn start_dirty_log(&self);
     /// Moves the pages written since the last call (or since `start_dirty_log`) into `bitmap`
@@ -240,13 +309,85 @@ impl AtomicDirtyLog {
     }
 }
 
+/// ORs the pages logged in a `vm-memory` [`AtomicBitmap`] into `out` (one bit per page, as
+/// [`RamBlock::sync_dirty_log`] wants) and clears them.
+pub fn take_atomic_bitmap(bitmap: &AtomicBitmap, out: &mut [u64]) {
+    for (o, w) in out.iter_mut().zip(bitmap.get_and_reset()) {
+        *o |= w;
+    }
+}
+
+/// A [`RamBlock`] over a `vm-memory` region, as a rust-vmm VMM has it: the engine reads and
+/// writes the region's own mapping (no copy), and the region's [`AtomicBitmap`] — marked by
+/// every write made through `vm-memory`'s accessors — is the dirty log. A VMM whose vCPUs write
+/// behind `vm-memory`'s back (KVM) adds their log in its own `RamBlock` (see the `vm` crate's
+/// KVM machine and the embedding example).
+pub struct MmapRamBlock {
+    name: String,
+    region: Arc<GuestRegionMmap<AtomicBitmap>>,
+}
+
+impl MmapRamBlock {
+    /// A block named `name` (its RAMBlock name on the wire) over `region`. Fails unless the
+    /// region's bitmap has one bit per [`PAGE_SIZE`] bytes (the engine's unit).
+    pub fn new(
+        name: &str,
+        region: Arc<GuestRegionMmap<AtomicBitmap>>,
+    ) -> Result<MmapRamBlock, crate::MigrationError> {
+        let mapping: &MmapRegion<AtomicBitmap> = &region;
+        let pages = (mapping.size() as u64).div_ceil(PAGE_SIZE);
+        if mapping.bitmap().len() as u64 != pages {
+            return Err(crate::MigrationError::Other(format!(
+                "RAM block {name}: its dirty bitmap has {} bits for {pages} pages of {PAGE_SIZE} bytes",
+                mapping.bitmap().len()
+            )));
+        }
+        Ok(MmapRamBlock {
+            name: name.to_string(),
+            region,
+        })
+    }
+
+    /// The `vm-memory` region (to share with devices, or to register as a memslot).
+    pub fn mmap(&self) -> &Arc<GuestRegionMmap<AtomicBitmap>> {
+        &self.region
+    }
+
+    fn mapping(&self) -> &MmapRegion<AtomicBitmap> {
+        &self.region
+    }
+}
+
+impl RamBlock for MmapRamBlock {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn region(&self) -> GuestRegion<'_> {
+        GuestRegion::from_mmap(self.mapping())
+    }
+
+    fn start_dirty_log(&self) {
+        // Pages written before logging started are sent by the first pass anyway.
+        self.mapping().bitmap().reset();
+    }
+
+    fn sync_dirty_log(&self, bitmap: &mut [u64]) {
+        take_atomic_bitmap(self.mapping().bitmap(), bitmap);
+    }
+
+    fn stop_dirty_log(&self) {
+        // vm-memory marks its bitmap on every write whatever we do; nothing to switch off.
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn region(buf: &mut [u8]) -> GuestRegion {
-        // SAFETY: the buffer outlives every use in these tests.
-        unsafe { GuestRegion::new(NonNull::new(buf.as_mut_ptr()).unwrap(), buf.len()) }
+    fn region(buf: &mut [u8]) -> GuestRegion<'_> {
+        // SAFETY: the buffer is borrowed for the region's lifetime.
+        unsafe { GuestRegion::from_raw_parts(NonNull::new(buf.as_mut_ptr()).unwrap(), buf.len()) }
     }
 
     #[test]
@@ -293,5 +434,30 @@ mod tests {
         assert_eq!(set, want);
         log.mark_all();
         assert_eq!(log.count(), 200);
+    }
+
+    #[test]
+    fn mmap_block_lends_its_mapping_and_logs_vm_memory_writes() {
+        use vm_memory::{Bytes, GuestAddress, MemoryRegionAddress};
+        let size = 16 * PAGE_SIZE as usize;
+        let mapping = MmapRegion::<AtomicBitmap>::new(size).unwrap();
+        let region = Arc::new(GuestRegionMmap::new(mapping, GuestAddress(0)).unwrap());
+        let block = MmapRamBlock::new("pc.ram", region.clone()).unwrap();
+        block.start_dirty_log();
+        // A device writes through vm-memory: the engine sees the bytes in place and the page
+        // in the log.
+        region
+            .write_slice(&[7, 8], MemoryRegionAddress(5 * 4096 + 4095))
+            .unwrap();
+        let mut b = [0u8; 2];
+        assert!(block.region().read(5 * 4096 + 4095, &mut b));
+        assert_eq!(b, [7, 8]);
+        assert_eq!(block.region().host_addr(), region.as_ptr());
+        let mut bm = [0u64; 1];
+        block.sync_dirty_log(&mut bm);
+        assert_eq!(bm[0], 0b11 << 5);
+        let mut bm = [0u64; 1];
+        block.sync_dirty_log(&mut bm);
+        assert_eq!(bm[0], 0);
     }
 }

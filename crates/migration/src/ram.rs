@@ -10,7 +10,7 @@
 //! destination's untouched RAM stays unallocated).
 
 use crate::error::MigrationError;
-use crate::guest::{GuestRegion, RamBlock, PAGE_SIZE};
+use crate::guest::{RamBlock, PAGE_SIZE};
 use crate::machine::{Reader, Writer};
 use std::collections::HashMap;
 use std::io::IoSlice;
@@ -45,8 +45,9 @@ pub struct RamCounters {
 }
 
 struct BlockState {
+    /// The block; its mapping is borrowed from it (`region()`) whenever pages are read, so no
+    /// handle to the memory outlives the block.
     block: Arc<dyn RamBlock>,
-    region: GuestRegion,
     pages: u64,
     /// Pages still to send in this pass, one bit each.
     dirty: Vec<u64>,
@@ -81,8 +82,7 @@ impl RamSaver {
         let blocks = blocks
             .into_iter()
             .map(|block| {
-                let region = block.region();
-                let pages = region.len() as u64 / PAGE_SIZE;
+                let pages = block.region().len() as u64 / PAGE_SIZE;
                 let mut dirty = vec![u64::MAX; bitmap_words(pages)];
                 if !pages.is_multiple_of(64) {
                     if let Some(last) = dirty.last_mut() {
@@ -91,7 +91,6 @@ impl RamSaver {
                 }
                 BlockState {
                     block,
-                    region,
                     pages,
                     dirty,
                     cursor: 0,
@@ -184,6 +183,7 @@ impl RamSaver {
                 batch.clear();
                 {
                     let b = &mut self.blocks[bi];
+                    let region = b.block.region();
                     while batch.len() < limit && b.cursor < b.dirty.len() {
                         let word = b.dirty[b.cursor];
                         if word == 0 {
@@ -194,7 +194,7 @@ impl RamSaver {
                         b.dirty[b.cursor] &= !(1u64 << bit);
                         let page = b.cursor as u64 * 64 + bit;
                         if page < b.pages {
-                            let zero = b.region.is_zero(page * PAGE_SIZE, PAGE_SIZE as usize);
+                            let zero = region.is_zero(page * PAGE_SIZE, PAGE_SIZE as usize);
                             batch.push((bi, page, zero));
                         }
                     }
@@ -245,7 +245,8 @@ impl RamSaver {
                 IoSlice::new(&FILL)
             } else {
                 self.blocks[bi]
-                    .region
+                    .block
+                    .region()
                     .io_slice(page * PAGE_SIZE, PAGE_SIZE as usize)
                     .ok_or_else(|| {
                         MigrationError::Other(format!("page {page} outside RAM block"))
@@ -277,7 +278,7 @@ impl RamSaver {
 
 /// The destination side of the `ram` section.
 pub struct RamLoader {
-    blocks: HashMap<String, (Arc<dyn RamBlock>, GuestRegion)>,
+    blocks: HashMap<String, Arc<dyn RamBlock>>,
     tracker: BlockTracker,
     /// Pages loaded (normal and zero), for statistics.
     pub pages_loaded: u64,
@@ -288,10 +289,7 @@ impl RamLoader {
     pub fn new(blocks: Vec<Arc<dyn RamBlock>>) -> Self {
         let blocks = blocks
             .into_iter()
-            .map(|b| {
-                let r = b.region();
-                (b.name().to_string(), (b, r))
-            })
+            .map(|b| (b.name().to_string(), b))
             .collect();
         RamLoader {
             blocks,
@@ -300,30 +298,32 @@ impl RamLoader {
         }
     }
 
-    fn region(
+    /// The block a record names (or the last one named), checked to hold the page at
+    /// `offset`.
+    fn block(
         &mut self,
         r: &Reader,
         block: Option<&str>,
         offset: u64,
-    ) -> Result<GuestRegion, MigrationError> {
+    ) -> Result<&dyn RamBlock, MigrationError> {
         let name = self
             .tracker
             .resolve(block)
             .map_err(|k| MigrationError::Wire(r.error(k)))?;
-        let Some((_, region)) = self.blocks.get(name) else {
+        let Some(b) = self.blocks.get(name) else {
             return Err(MigrationError::Load(format!(
                 "Can't find block {name}: Illegal RAM offset {offset:x}"
             )));
         };
         if offset
             .checked_add(PAGE_SIZE)
-            .is_none_or(|end| end > region.len() as u64)
+            .is_none_or(|end| end > b.region().len() as u64)
         {
             return Err(MigrationError::Load(format!(
                 "Illegal RAM offset {offset:x}"
             )));
         }
-        Ok(*region)
+        Ok(&**b)
     }
 
     /// Loads one section body (START, PART or END): records up to EOS.
@@ -334,13 +334,13 @@ impl RamLoader {
                 RamRecord::MemSize { total } => {
                     let list = read_mem_blocks(r, total, |_| MemBlockFields::default())?;
                     for mb in list {
-                        let Some((_, region)) = self.blocks.get(&mb.name) else {
+                        let Some(block) = self.blocks.get(&mb.name) else {
                             return Err(MigrationError::Load(format!(
                                 "Unknown ramblock \"{}\", cannot accept migration",
                                 mb.name
                             )));
                         };
-                        let local = region.len() as u64;
+                        let local = block.region().len() as u64;
                         if mb.used_length != local {
                             return Err(MigrationError::Load(format!(
                                 "Size mismatch: {}: {:#x} != {:#x}: Invalid argument",
@@ -350,14 +350,14 @@ impl RamLoader {
                     }
                 }
                 RamRecord::Zero { block, offset, fill } => {
-                    let region = self.region(r, block.as_deref(), offset)?;
+                    let region = self.block(r, block.as_deref(), offset)?.region();
                     if fill != 0 || !region.is_zero(offset, PAGE_SIZE as usize) {
                         region.with_slice_mut(offset, PAGE_SIZE as usize, |s| s.fill(fill));
                     }
                     self.pages_loaded += 1;
                 }
                 RamRecord::Page { block, offset } => {
-                    let region = self.region(r, block.as_deref(), offset)?;
+                    let region = self.block(r, block.as_deref(), offset)?.region();
                     region
                         .with_slice_mut(offset, PAGE_SIZE as usize, |s| r.read_into(s))
                         .ok_or_else(|| MigrationError::Load(format!("Illegal RAM offset {offset:x}")))??;

@@ -1,28 +1,29 @@
-//! Guest RAM of the reference VM: one anonymous host mapping per RAM block, with a dirty log
-//! that every guest write goes through.
+//! Guest RAM of the reference VM: one `vm-memory` mapping per RAM block, owned through an
+//! `Arc`, with the mapping's dirty bitmap as the log that every guest write goes through.
 //!
 //! The mapping is created with `MAP_NORESERVE`, so a large guest costs host memory only for the
-//! pages it touches — a fresh destination's RAM reads as zero without being allocated.
+//! pages it touches — a fresh destination's RAM reads as zero without being allocated — and is
+//! advised for transparent huge pages (as QEMU does for guest RAM): the destination's first
+//! touch of each page is a page fault, and with huge pages there are 512 times fewer of them.
+//! (Linux places anonymous mappings whose size is a multiple of 2 MiB on a 2 MiB boundary.)
+//!
+//! The engine sees the block through [`MmapRamBlock`], which lends it the mapping by borrow
+//! ([`RamBlock::region`]); devices and KVM share the same `vm-memory` region
+//! ([`GuestRam::mmap`]), so nothing here hands out a pointer that could outlive the mapping.
 #![allow(unsafe_code)]
 
-use migration::guest::{AtomicDirtyLog, GuestRegion, RamBlock, PAGE_SIZE};
-use nix::sys::mman::{madvise, mmap_anonymous, munmap, MapFlags, MmapAdvise, ProtFlags};
+use migration::guest::{GuestRegion, MmapRamBlock, RamBlock, PAGE_SIZE};
+use nix::sys::mman::{madvise, MmapAdvise};
 use std::num::NonZeroUsize;
-use std::ptr::NonNull;
+use std::sync::Arc;
+use vm_memory::bitmap::AtomicBitmap;
+use vm_memory::mmap::MmapRegionBuilder;
+use vm_memory::{Bytes, GuestAddress, GuestRegionMmap, MemoryRegionAddress};
 
 /// One block of guest RAM.
 pub struct GuestRam {
-    name: String,
-    ptr: NonNull<u8>,
-    len: usize,
-    log: AtomicDirtyLog,
+    block: MmapRamBlock,
 }
-
-// SAFETY: the mapping is owned by this value and released only in Drop; concurrent access from
-// vCPU threads and the migration thread goes through raw copies (see GuestRegion).
-unsafe impl Send for GuestRam {}
-// SAFETY: as above; no method hands out references that outlive a call.
-unsafe impl Sync for GuestRam {}
 
 /// Why guest RAM could not be created.
 #[derive(Debug, thiserror::Error)]
@@ -36,95 +37,82 @@ pub enum MemoryError {
         /// Requested size.
         size: u64,
         /// The host's error.
-        source: nix::Error,
+        source: vm_memory::mmap::MmapRegionError,
     },
 }
 
-/// Transparent huge pages are 2 MiB on x86.
-const HUGE: usize = 2 << 20;
-
-/// Maps `len` bytes of private anonymous memory, 2 MiB-aligned and advised for transparent huge
-/// pages (as QEMU does for guest RAM): the destination's first touch of each page is a page
-/// fault, and with huge pages there are 512 times fewer of them.
-fn map_guest(len: usize) -> Result<NonNull<u8>, nix::Error> {
-    let padded = len.checked_add(HUGE).ok_or(nix::Error::ENOMEM)?;
-    let nz = NonZeroUsize::new(padded).ok_or(nix::Error::EINVAL)?;
-    // SAFETY: a fresh private anonymous mapping aliases nothing.
-    let base = unsafe {
-        mmap_anonymous(
-            None,
-            nz,
-            ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
-            MapFlags::MAP_PRIVATE | MapFlags::MAP_NORESERVE,
-        )
-    }?
-    .cast::<u8>();
-    let addr = base.as_ptr() as usize;
-    let head = addr.next_multiple_of(HUGE) - addr;
-    let tail = HUGE - head;
-    // SAFETY: `head` < HUGE, so `base + head` lies inside the mapping of `padded` bytes.
-    let start = unsafe { base.add(head) };
-    // SAFETY: the head and tail slices are parts of the mapping just created, not used by
-    // anyone; unmapping them leaves exactly `[start, start + len)`.
-    unsafe {
-        if head > 0 {
-            let _ = munmap(base.cast(), head);
-        }
-        if tail > 0 {
-            let _ = munmap(start.add(len).cast(), tail);
-        }
-        // Advice only: without THP support the mapping works with small pages.
-        let _ = madvise(start.cast(), len, MmapAdvise::MADV_HUGEPAGE);
-    }
-    Ok(start)
-}
-
 impl GuestRam {
-    /// Maps `size` bytes of zeroed guest RAM named `name`.
+    /// Maps `size` bytes of zeroed guest RAM named `name`, at guest physical address `gpa`.
     pub fn new(name: &str, size: u64) -> Result<Self, MemoryError> {
+        Self::at(name, 0, size)
+    }
+
+    /// Maps `size` bytes of zeroed guest RAM named `name` whose first byte is guest physical
+    /// address `gpa` (where a machine's memory map puts it).
+    pub fn at(name: &str, gpa: u64, size: u64) -> Result<Self, MemoryError> {
         if size == 0 || !size.is_multiple_of(PAGE_SIZE) {
             return Err(MemoryError::BadSize(size));
         }
         let len = usize::try_from(size).map_err(|_| MemoryError::BadSize(size))?;
-        let ptr = map_guest(len).map_err(|source| MemoryError::Map { size, source })?;
-        Ok(GuestRam {
-            name: name.to_string(),
-            ptr,
-            len,
-            log: AtomicDirtyLog::new(size / PAGE_SIZE),
-        })
+        let page = NonZeroUsize::new(PAGE_SIZE as usize).ok_or(MemoryError::BadSize(size))?;
+        let mapping = MmapRegionBuilder::new_with_bitmap(len, AtomicBitmap::new(len, page))
+            .with_mmap_prot(libc_prot())
+            .with_mmap_flags(libc_flags())
+            .build()
+            .map_err(|source| MemoryError::Map { size, source })?;
+        // SAFETY: advice on exactly the mapping just created; it changes no contents. Without
+        // THP support the mapping works with small pages, so the result is ignored.
+        let _ = unsafe {
+            madvise(
+                std::ptr::NonNull::new(mapping.as_ptr().cast())
+                    .ok_or(MemoryError::BadSize(size))?,
+                len,
+                MmapAdvise::MADV_HUGEPAGE,
+            )
+        };
+        let region =
+            GuestRegionMmap::new(mapping, GuestAddress(gpa)).ok_or(MemoryError::BadSize(size))?;
+        let block =
+            MmapRamBlock::new(name, Arc::new(region)).map_err(|_| MemoryError::BadSize(size))?;
+        Ok(GuestRam { block })
     }
 
     /// Size in bytes.
     pub fn size(&self) -> u64 {
-        self.len as u64
+        self.block.region().len() as u64
     }
 
     /// Number of pages.
     pub fn pages(&self) -> u64 {
-        self.len as u64 / PAGE_SIZE
+        self.size() / PAGE_SIZE
     }
 
-    /// The host mapping as the engine sees it.
-    pub fn guest_region(&self) -> GuestRegion {
-        // SAFETY: the mapping lives as long as `self`, and every GuestRegion handed out is used
-        // only by code holding an Arc to this GuestRam (the engine keeps the RamBlock alive).
-        unsafe { GuestRegion::new(self.ptr, self.len) }
+    /// The host mapping as the engine sees it, borrowed from this block.
+    pub fn guest_region(&self) -> GuestRegion<'_> {
+        self.block.region()
+    }
+
+    /// The `vm-memory` region (shared with devices doing DMA and with KVM's memslots); writes
+    /// through its accessors are logged.
+    pub fn mmap(&self) -> &Arc<GuestRegionMmap<AtomicBitmap>> {
+        self.block.mmap()
     }
 
     /// Allocates every page now (QEMU's `-mem-prealloc`), so that neither the guest nor an
     /// incoming migration pays a page fault per first touch later. Falls back to touching one
     /// byte per page where the kernel lacks `MADV_POPULATE_WRITE`.
     pub fn prealloc(&self) {
-        // SAFETY: the range is exactly this mapping; populating does not change its contents
-        // (fresh anonymous memory stays zero).
-        let ok =
-            unsafe { madvise(self.ptr.cast(), self.len, MmapAdvise::MADV_POPULATE_WRITE) }.is_ok();
+        let region = self.guest_region();
+        let ok = match std::ptr::NonNull::new(region.host_addr().cast()) {
+            // SAFETY: the range is exactly this block's mapping, alive while `self` is
+            // borrowed; populating does not change its contents (fresh memory stays zero).
+            Some(p) => unsafe { madvise(p, region.len(), MmapAdvise::MADV_POPULATE_WRITE) }.is_ok(),
+            None => false,
+        };
         if !ok {
-            let region = self.guest_region();
             let mut b = [0u8; 1];
             let mut off = 0;
-            while off < self.len as u64 {
+            while off < region.len() as u64 {
                 // Read then write back the same byte: the page is allocated, its contents kept.
                 region.read(off, &mut b);
                 region.write(off, &b);
@@ -136,15 +124,13 @@ impl GuestRam {
     /// A guest write: copies `data` to `offset` and logs the pages it touched. Returns false
     /// (and writes nothing) when the range is outside RAM.
     pub fn write(&self, offset: u64, data: &[u8]) -> bool {
-        if !self.guest_region().write(offset, data) {
+        let end = offset.checked_add(data.len() as u64);
+        if end.is_none_or(|e| e > self.size()) {
             return false;
         }
-        if !data.is_empty() {
-            let first = offset / PAGE_SIZE;
-            let last = (offset + data.len() as u64 - 1) / PAGE_SIZE;
-            self.log.mark_range(first, last - first + 1);
-        }
-        true
+        self.mmap()
+            .write_slice(data, MemoryRegionAddress(offset))
+            .is_ok()
     }
 
     /// A guest read.
@@ -153,37 +139,36 @@ impl GuestRam {
     }
 }
 
+fn libc_prot() -> i32 {
+    (nix::sys::mman::ProtFlags::PROT_READ | nix::sys::mman::ProtFlags::PROT_WRITE).bits()
+}
+
+fn libc_flags() -> i32 {
+    (nix::sys::mman::MapFlags::MAP_PRIVATE
+        | nix::sys::mman::MapFlags::MAP_ANONYMOUS
+        | nix::sys::mman::MapFlags::MAP_NORESERVE)
+        .bits()
+}
+
 impl RamBlock for GuestRam {
     fn name(&self) -> &str {
-        &self.name
+        self.block.name()
     }
 
-    fn region(&self) -> GuestRegion {
-        self.guest_region()
+    fn region(&self) -> GuestRegion<'_> {
+        self.block.region()
     }
 
     fn start_dirty_log(&self) {
-        // Pages written before logging started are sent by the first pass anyway; clear the log
-        // so the first sync reports only writes made during the migration.
-        let mut scratch = vec![0u64; self.log.pages().div_ceil(64) as usize];
-        self.log.take_into(&mut scratch);
+        self.block.start_dirty_log();
     }
 
     fn sync_dirty_log(&self, bitmap: &mut [u64]) {
-        self.log.take_into(bitmap);
+        self.block.sync_dirty_log(bitmap);
     }
 
     fn stop_dirty_log(&self) {
-        // Guest writes are always logged (an atomic OR per write is cheaper than a branch on
-        // a shared flag); nothing to switch off.
-    }
-}
-
-impl Drop for GuestRam {
-    fn drop(&mut self) {
-        // SAFETY: `ptr`/`len` are exactly the mapping created in `new`, and no GuestRegion
-        // outlives the GuestRam (see `guest_region`).
-        let _ = unsafe { munmap(self.ptr.cast(), self.len) };
+        self.block.stop_dirty_log();
     }
 }
 
