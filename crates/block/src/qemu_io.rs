@@ -3,9 +3,9 @@
 //! parsing (GNU getopt, options anywhere), size suffixes (`qemu_strtosz`: `k`, `M`, `G`, `T`,
 //! `P`, `E`, `b`, fractions with a suffix, `0x` hex) and its output, message for message.
 //!
-//! Supported options: `write [-CfnpquzP pattern] off len`, `read [-CpqvP pattern -s off -l len]
-//! off len`, `discard [-Cq] off len`. qemu-io's `-b` (vmstate), `-c` (compressed) and `-s
-//! source_file` for write are refused with a message of ours.
+//! Supported options: `write [-CfpquzP pattern] off len`, `read [-CpqvP pattern -s off -l len]
+//! off len`, `discard [-Cq] off len`. qemu-io's `-b` (vmstate), `-c` (compressed), `-n` (no
+//! fallback) and `-s source_file` for write are refused with a message of ours.
 //!
 //! [`run`] returns everything qemu-io would print, including its own failures ("write failed:
 //! Input/output error", parse errors, "Block node is read-only"); it is an `Err` only when the
@@ -362,6 +362,14 @@ fn write_cmd(node: &BlockNode, cmd: &str, args: &[&str]) -> Result<String, Strin
             "length cannot exceed {REQUEST_MAX_BYTES} without -n, given {len_arg}\n"
         ));
     }
+    if nflag {
+        // BDRV_REQ_NO_FALLBACK: QEMU fails a write-zeroes that the driver cannot do without
+        // writing data (a qcow2 request that does not cover whole clusters); the drivers here
+        // always fall back, so the flag is refused rather than ignored.
+        return Err(format!(
+            "{cmd}: option -n is not supported by this qemu-io\n"
+        ));
+    }
     let pattern = pattern.unwrap_or(0xcd);
     let t0 = Instant::now();
     let r = check_range(node, offset, count).and_then(|()| {
@@ -692,6 +700,18 @@ mod tests {
         );
         assert_eq!(run("foo 0 1"), "command \"foo\" not found\n");
         assert_eq!(run(""), "");
+        // -n (no fallback) is refused, after qemu-io's own checks of the command line: QEMU
+        // fails such a write-zeroes where a driver would have to write data, and ours always
+        // would.
+        assert_eq!(run("write -n 0 1"), "-n requires -z to be specified\n");
+        assert_eq!(
+            run("write -z -n 0 1"),
+            "write: option -n is not supported by this qemu-io\n"
+        );
+        assert_eq!(
+            run("write -z -n 0 3g"),
+            "write: option -n is not supported by this qemu-io\n"
+        );
     }
 
     #[test]

@@ -65,7 +65,9 @@ fn bitmap_count(nodes: &Value, node: &str, bitmap: &str) -> u64 {
         .unwrap_or_else(|| panic!("no bitmap {node}/{bitmap} in {nodes}"))
 }
 
-/// One random qemu-io command within (and now and then just past) a node of `size` bytes.
+/// One random qemu-io command within (and now and then just past) a node of `size` bytes:
+/// every write-like request qemu-io can make (plain and patterned writes, FUA, write-zeroes with
+/// and without unmap and no-fallback, discard).
 fn random_op(rng: &mut Rng, size: u64, with_discard: bool) -> String {
     let off = match rng.below(6) {
         0 => 0,
@@ -80,11 +82,54 @@ fn random_op(rng: &mut Rng, size: u64, with_discard: bool) -> String {
     };
     // Now and then a request past the end, which fails the same way on both sides.
     let len = if rng.below(15) == 0 { len + 512 } else { len };
-    match rng.below(if with_discard { 4 } else { 3 }) {
+    match rng.below(if with_discard { 8 } else { 6 }) {
         0 => format!("write -z {off} {len}"),
         1 => format!("write -P 0x{:x} {off} {len}", rng.below(256)),
         2 => format!("write {off} {len}"),
+        3 => format!("write -z -u {off} {len}"),
+        4 => format!("write -f -P 0x{:x} {off} {len}", rng.below(256)),
+        5 => format!("write -z -f {off} {len}"),
         _ => format!("discard {off} {len}"),
+    }
+}
+
+/// A node both sides open the same way: `spec` is its `-blockdev` keyval with `@` standing
+/// for the side's own copy of the image (if it has one).
+struct Node {
+    name: &'static str,
+    spec: String,
+    size: u64,
+    /// Images to create for each side: (file name, how).
+    images: Vec<(&'static str, Image)>,
+}
+
+enum Image {
+    Raw(u64),
+    Qcow2 { size: u64, opts: &'static str },
+}
+
+fn make_image(dir: &std::path::Path, name: &str, image: &Image) {
+    let path = dir.join(name);
+    match image {
+        Image::Raw(size) => std::fs::File::create(&path)
+            .unwrap()
+            .set_len(*size)
+            .unwrap(),
+        Image::Qcow2 { size, opts } => {
+            let mut args = vec!["create", "-q", "-f", "qcow2"];
+            if !opts.is_empty() {
+                args.extend(["-o", opts]);
+            }
+            let p = path.display().to_string();
+            let s = size.to_string();
+            args.extend([p.as_str(), s.as_str()]);
+            let out = std::process::Command::new("qemu-img")
+                .args(&args)
+                .current_dir(dir)
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "qemu-img {args:?}: {out:?}");
+        }
     }
 }
 
@@ -94,59 +139,122 @@ struct Case {
     granularity: u32,
 }
 
+/// Every write-like request qemu-io makes, on every kind of node (`null-co`; `raw` over
+/// `file` with and without `discard=unmap`; a bare `file` node; `qcow2` with 64 KiB and 4 KiB
+/// clusters, with and without `discard=unmap`, with a backing file), marks the same bits as in
+/// QEMU 7.2: same `x-debug-block-dirty-bitmap-sha256`, same `count`, same first line printed.
 #[test]
 fn same_ops_give_same_bitmaps_as_qemu() {
     if !testkit::require("same_ops_give_same_bitmaps_as_qemu", testkit::qemu()) {
         return;
     }
     let dir = testkit::tempdir();
-    // Sizes: a multiple of every granularity, one that is not even a sector multiple, one a
-    // little over a 2 MiB boundary.
-    let nodes: [(&str, u64); 3] = [
-        ("node0", 64 << 20),
-        ("node1", 1_000_000),
-        ("node2", (3 << 20) + 1234),
-    ];
-    // File-backed raw nodes with discard=unmap: there discards reach the driver and mark.
     let fsize: u64 = (5 << 20) + 4608;
-    let mut blockdevs: Vec<String> = nodes
-        .iter()
-        .map(|(n, s)| format!("driver=null-co,node-name={n},size={s}"))
-        .collect();
-    let qemu_img = dir.path().join("qemu.raw");
-    let our_img = dir.path().join("ours.raw");
-    for p in [&qemu_img, &our_img] {
-        std::fs::File::create(p).unwrap().set_len(fsize).unwrap();
+    let qsize: u64 = (6 << 20) + 3 * 512;
+    let null = |name: &'static str, size: u64| Node {
+        name,
+        spec: format!("driver=null-co,node-name={name},size={size}"),
+        size,
+        images: vec![],
+    };
+    let nodes = vec![
+        // Sizes: a multiple of every granularity, one that is not even a sector multiple, one a
+        // little over a 2 MiB boundary.
+        null("node0", 64 << 20),
+        null("node1", 1_000_000),
+        null("node2", (3 << 20) + 1234),
+        // File-backed raw nodes with discard=unmap: there discards reach the driver and mark.
+        Node {
+            name: "fnode",
+            spec: "driver=raw,node-name=fnode,discard=unmap,file.driver=file,file.filename=@f.raw"
+                .into(),
+            size: fsize,
+            images: vec![("f.raw", Image::Raw(fsize))],
+        },
+        // Without discard=unmap a discard does nothing, and marks nothing.
+        Node {
+            name: "fignore",
+            spec: "driver=raw,node-name=fignore,file.driver=file,file.filename=@fi.raw".into(),
+            size: fsize,
+            images: vec![("fi.raw", Image::Raw(fsize))],
+        },
+        Node {
+            name: "bare",
+            spec: "driver=file,node-name=bare,discard=unmap,filename=@bare.raw".into(),
+            size: fsize,
+            images: vec![("bare.raw", Image::Raw(fsize))],
+        },
+        Node {
+            name: "qc",
+            spec: "driver=qcow2,node-name=qc,discard=unmap,file.driver=file,file.filename=@qc.qcow2"
+                .into(),
+            size: qsize,
+            images: vec![("qc.qcow2", Image::Qcow2 { size: qsize, opts: "" })],
+        },
+        Node {
+            name: "qc4k",
+            spec:
+                "driver=qcow2,node-name=qc4k,discard=unmap,file.driver=file,file.filename=@qc4k.qcow2"
+                    .into(),
+            size: qsize,
+            images: vec![(
+                "qc4k.qcow2",
+                Image::Qcow2 {
+                    size: qsize,
+                    opts: "cluster_size=4096",
+                },
+            )],
+        },
+        Node {
+            name: "qcign",
+            spec: "driver=qcow2,node-name=qcign,file.driver=file,file.filename=@qci.qcow2".into(),
+            size: qsize,
+            images: vec![("qci.qcow2", Image::Qcow2 { size: qsize, opts: "" })],
+        },
+        Node {
+            name: "qctop",
+            spec:
+                "driver=qcow2,node-name=qctop,discard=unmap,file.driver=file,file.filename=@top.qcow2"
+                    .into(),
+            size: qsize,
+            images: vec![
+                ("base.raw", Image::Raw(qsize)),
+                (
+                    "top.qcow2",
+                    Image::Qcow2 {
+                        size: qsize,
+                        opts: "backing_file=base.raw,backing_fmt=raw",
+                    },
+                ),
+            ],
+        },
+    ];
+    let sides = [dir.path().join("qemu"), dir.path().join("ours")];
+    for side in &sides {
+        std::fs::create_dir(side).unwrap();
+        for n in &nodes {
+            for (file, image) in &n.images {
+                make_image(side, file, image);
+            }
+        }
     }
-    blockdevs.push(format!(
-        "driver=raw,node-name=fnode,discard=unmap,file.driver=file,file.filename={}",
-        qemu_img.display()
-    ));
+    let spec =
+        |n: &Node, side: &std::path::Path| n.spec.replace('@', &format!("{}/", side.display()));
+    let blockdevs: Vec<String> = nodes.iter().map(|n| spec(n, &sides[0])).collect();
     let (mut vm, mut qmp) = start_qemu(dir.path(), "interop", &blockdevs);
 
     let ours = BlockLayer::new();
-    for (n, s) in nodes {
-        ours.blockdev_add(
-            &block::parse_blockdev_keyval(&format!("driver=null-co,node-name={n},size={s}"))
-                .unwrap(),
-        )
-        .unwrap();
+    for n in &nodes {
+        ours.blockdev_add(&block::parse_blockdev_keyval(&spec(n, &sides[1])).unwrap())
+            .unwrap();
     }
-    ours.blockdev_add(
-        &block::parse_blockdev_keyval(&format!(
-            "driver=raw,node-name=fnode,discard=unmap,file.driver=file,file.filename={}",
-            our_img.display()
-        ))
-        .unwrap(),
-    )
-    .unwrap();
 
     let grans = [512u32, 4096, 65536, 1 << 21];
     let mut cases = Vec::new();
-    for (node, _) in nodes.iter().chain([("fnode", fsize)].iter()) {
+    for n in &nodes {
         for g in grans {
             cases.push(Case {
-                node,
+                node: n.name,
                 bitmap: format!("g{g}"),
                 granularity: g,
             });
@@ -161,16 +269,18 @@ fn same_ops_give_same_bitmaps_as_qemu() {
     }
 
     let mut our_lines = Vec::new();
-    for (seed, (node, size)) in [
-        (1u64, nodes[0]),
-        (2, nodes[1]),
-        (3, nodes[2]),
-        (4, ("fnode", fsize)),
-        (5, nodes[1]),
-    ] {
+    // (seed, node): every node gets a sequence; node1 also one with discards, which do
+    // nothing on null-co.
+    let mut runs: Vec<(u64, &Node)> = nodes
+        .iter()
+        .enumerate()
+        .map(|(i, n)| (i as u64 + 1, n))
+        .collect();
+    runs.push((100, &nodes[1]));
+    for (seed, node) in runs {
         let mut rng = Rng(seed);
-        let with_discard = node == "fnode" || seed == 5;
-        for i in 0..12 {
+        let with_discard = !node.images.is_empty() || seed == 100;
+        for i in 0..16 {
             // Toggle one bitmap now and then, so disabled bitmaps are exercised too.
             if i == 4 || i == 8 {
                 let b = format!("g{}", grans[rng.below(4) as usize]);
@@ -179,37 +289,47 @@ fn same_ops_give_same_bitmaps_as_qemu() {
                 } else {
                     "block-dirty-bitmap-enable"
                 };
-                let args = json!({"node": node, "name": b});
+                let args = json!({"node": node.name, "name": b});
                 qmp.ok(cmd, args.clone());
                 dispatch(&ours, cmd, &args).unwrap().unwrap();
             }
-            let op = random_op(&mut rng, size, with_discard);
-            let reply = qmp.hmp(&format!("qemu-io {node} \"{op}\""));
+            let op = random_op(&mut rng, node.size, with_discard);
+            let reply = qmp.hmp(&format!("qemu-io {} \"{op}\"", node.name));
             assert_eq!(reply, "", "QEMU's HMP reply to {op}");
-            let out = block::qemu_io::run(&ours, node, &op).unwrap();
-            our_lines.push(out.lines().next().unwrap_or("").to_string());
+            let out = block::qemu_io::run(&ours, node.name, &op).unwrap();
+            our_lines.push(format!(
+                "{} {op}: {}",
+                node.name,
+                out.lines().next().unwrap_or("")
+            ));
         }
     }
 
     let qemu_nodes = qmp.ok("query-named-block-nodes", json!({}));
     let our_nodes = ours.query_named_block_nodes(false);
+    let mut wrong = Vec::new();
     for c in &cases {
         let args = json!({"node": c.node, "name": c.bitmap});
         let theirs = qmp.ok("x-debug-block-dirty-bitmap-sha256", args.clone());
         let mine = dispatch(&ours, "x-debug-block-dirty-bitmap-sha256", &args)
             .unwrap()
             .unwrap();
-        assert_eq!(mine, theirs, "sha256 of {}/{}", c.node, c.bitmap);
-        assert_eq!(
+        let (mc, tc) = (
             bitmap_count(&our_nodes, c.node, &c.bitmap),
             bitmap_count(&qemu_nodes, c.node, &c.bitmap),
-            "count of {}/{}",
-            c.node,
-            c.bitmap
         );
+        if mine != theirs || mc != tc {
+            wrong.push(format!("{}/{}: count {mc}, QEMU's {tc}", c.node, c.bitmap));
+        }
     }
-    // The sequences did dirty something.
-    assert!(bitmap_count(&our_nodes, "fnode", "g512") > 0);
+    assert!(
+        wrong.is_empty(),
+        "bitmaps that differ from QEMU's: {wrong:#?}"
+    );
+    // The sequences did dirty something, and discards on discard=unmap nodes marked.
+    for n in ["fnode", "qc", "bare", "qctop"] {
+        assert!(bitmap_count(&our_nodes, n, "g512") > 0, "{n}");
+    }
 
     // qemu-io prints to QEMU's stdout, which reaches the log when QEMU exits.
     qmp.ok("quit", json!({}));
@@ -223,7 +343,14 @@ fn same_ops_give_same_bitmaps_as_qemu() {
                 .any(|p| l.starts_with(p))
         })
         .collect();
-    assert_eq!(qemu_lines, our_lines, "qemu-io's first lines");
+    let ours_first: Vec<&str> = our_lines
+        .iter()
+        .map(|l| l.split_once(": ").map_or("", |(_, r)| r))
+        .collect();
+    for (i, (mine, theirs)) in ours_first.iter().zip(&qemu_lines).enumerate() {
+        assert_eq!(mine, theirs, "qemu-io's first line for {}", our_lines[i]);
+    }
+    assert_eq!(ours_first.len(), qemu_lines.len(), "qemu-io's lines");
 }
 
 #[test]
