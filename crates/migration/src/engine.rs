@@ -88,10 +88,13 @@ impl Migration {
         self.shared.lock().autostart = on;
     }
 
-    /// `migrate-set-capabilities`.
+    /// `migrate-set-capabilities`. Refused while an outgoing migration runs; a destination
+    /// takes them while it listens or loads, as QEMU 7.2 does (its `migration_is_running`
+    /// looks at the outgoing state only) — the incoming side reads what it needs when it
+    /// needs it (`late-block-activate` at the end of the load, `events` at each transition).
     pub fn set_capabilities(&self, changes: &[(Capability, bool)]) -> Result<(), MigrationError> {
         let mut inner = self.shared.lock();
-        if inner.out.status().is_running() || inner.inc.status().is_running() {
+        if inner.out.status().is_running() {
             return Err(MigrationError::InProgress);
         }
         inner.caps.apply(changes)
