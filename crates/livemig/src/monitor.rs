@@ -16,7 +16,6 @@ use migration::{Migration, MigrationError};
 use qmp::{Args, Dispatcher, QmpError, Reply};
 use serde_json::{json, Value};
 use std::sync::{Arc, OnceLock};
-use std::time::Duration;
 use vm::Vm;
 
 /// Everything the monitor drives.
@@ -164,16 +163,9 @@ impl Dispatcher for Monitor {
                     "SHUTDOWN",
                     Some(json!({"guest": false, "reason": "host-qmp-quit"})),
                 );
-                let server = app.server.clone();
-                let block = app.block.clone();
+                let (mig, server, block) = (app.mig.clone(), app.server.clone(), app.block.clone());
                 Ok(Reply::empty().after_flush(move || {
-                    server.close(Duration::from_secs(5));
-                    // QEMU closes every block node at exit (bdrv_close_all): qcow2 metadata
-                    // and persistent bitmaps reach the images.
-                    if let Err(e) = block.close_all() {
-                        eprintln!("livemig: {e}");
-                    }
-                    std::process::exit(0);
+                    crate::vmproc::shutdown_and_exit(&mig, &server, &block)
                 }))
             }
             "migrate" => {

@@ -5,15 +5,62 @@
 //! migration subsystem, then the guest starts (without `-S` or `-incoming`), then the
 //! listeners — so a client that connects finds every command working and the guest in its
 //! start-up state.
+//!
+//! Shutting down (`quit`, or SIGTERM, SIGINT or SIGHUP, which QEMU treats the same way) ends a
+//! running migration first and waits for its cleanup, then closes the monitors and the block
+//! layer (so persistent bitmaps are stored), then exits with status 0:
+//! [`shutdown_and_exit`]. The signals are blocked in every thread and taken by one thread that
+//! waits for them (children started by `exec:` get a clean mask from `std::process`).
 
 use crate::cli::VmArgs;
 use crate::monitor::{App, Monitor};
 use block::BlockLayer;
 use migration::machine::Machine;
 use migration::{Migration, MigrationOptions};
-use serde_json::Value;
+use nix::sys::signal::{SigSet, Signal};
+use serde_json::{json, Value};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 use vm::{Vm, VmConfig};
+
+/// Longest a shutdown waits for a running migration to be cancelled and cleaned up.
+const MIGRATION_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Ends the process as QEMU's main loop does after a shutdown request: the migrations are
+/// ended as a cancel ends them (bitmaps released, `skip_store` cleared, disks reactivated) and
+/// their cleanup awaited (bounded); then the monitors close; then every block node is closed
+/// (`bdrv_close_all`: qcow2 metadata and persistent bitmaps reach the images); then the
+/// process exits with status 0. Only the first caller does this; a second one (a signal
+/// during `quit`) waits for the exit.
+pub fn shutdown_and_exit(mig: &Migration, server: &qmp::Server, block: &BlockLayer) -> ! {
+    static STARTED: AtomicBool = AtomicBool::new(false);
+    if STARTED.swap(true, Ordering::SeqCst) {
+        loop {
+            std::thread::park();
+        }
+    }
+    if !mig.shutdown(MIGRATION_SHUTDOWN_TIMEOUT) {
+        log::warn!(
+            "the migration did not end within {} s; closing the images anyway",
+            MIGRATION_SHUTDOWN_TIMEOUT.as_secs()
+        );
+    }
+    server.close(Duration::from_secs(5));
+    if let Err(e) = block.close_all() {
+        log::error!("{e}");
+    }
+    std::process::exit(0);
+}
+
+/// SIGTERM, SIGINT and SIGHUP: QEMU's termination signals.
+fn termination_signals() -> SigSet {
+    let mut set = SigSet::empty();
+    for s in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP] {
+        set.add(s);
+    }
+    set
+}
 
 /// Forwards the engine's and the VM's events to QMP clients.
 struct QmpEvents(qmp::EventSink);
@@ -27,6 +74,12 @@ impl migration::events::EventSink for QmpEvents {
 /// Runs the VM until `quit` (which exits the process). Returns an error message for a bad
 /// configuration, as QEMU does before it starts.
 pub fn run(args: VmArgs) -> Result<(), String> {
+    // Before any thread starts, so that every thread inherits the mask and only the signal
+    // thread below ever takes them.
+    let signals = termination_signals();
+    signals
+        .thread_block()
+        .map_err(|e| format!("cannot block the termination signals: {e}"))?;
     // Drivers from other crates, before any -blockdev can name them.
     nbd::register_driver();
     let block = Arc::new(BlockLayer::new());
@@ -79,6 +132,25 @@ pub fn run(args: VmArgs) -> Result<(), String> {
             .incoming(uri, false)
             .map_err(|e| format!("-incoming {uri}: {e}"))?,
         None => {}
+    }
+    {
+        let (mig, server, block, events) =
+            (mig.clone(), server.clone(), block.clone(), events.clone());
+        std::thread::Builder::new()
+            .name("signals".into())
+            .spawn(move || {
+                if let Ok(sig) = signals.wait() {
+                    // QEMU's words (its `qemu_kill_report` without the sender, which
+                    // sigwait does not tell).
+                    log::error!("terminating on signal {}", sig as i32);
+                    events.emit(
+                        "SHUTDOWN",
+                        Some(json!({"guest": false, "reason": "host-signal"})),
+                    );
+                    shutdown_and_exit(&mig, &server, &block);
+                }
+            })
+            .map_err(|e| format!("cannot start the signal thread: {e}"))?;
     }
     monitor.set_app(Arc::new(App {
         vm: vm.clone(),

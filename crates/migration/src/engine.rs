@@ -160,6 +160,17 @@ impl Migration {
         self.shared.cancel_outgoing()
     }
 
+    /// Ends every migration before the VM shuts down (`quit`, SIGTERM...), as QEMU's
+    /// `migration_shutdown` does, and waits (at most `timeout`) for the cleanup: an outgoing
+    /// migration is cancelled — its bitmaps released with `skip_store` cleared, its disks
+    /// reactivated, the guest left stopped — and an incoming one is interrupted, dropping the
+    /// bitmaps it had begun. After it, no migration starts. The embedder closes its block
+    /// layer next, which stores the persistent bitmaps. Returns whether everything stopped in
+    /// time.
+    pub fn shutdown(&self, timeout: Duration) -> bool {
+        self.shared.shutdown(timeout)
+    }
+
     /// `migrate-continue`: leaves `pre-switchover` when `state` names the current state.
     pub fn continue_(&self, state: &str) -> Result<(), MigrationError> {
         let parsed = MigrationStatus::parse(state).ok_or_else(|| {

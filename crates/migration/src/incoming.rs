@@ -311,7 +311,10 @@ pub(crate) fn run(job: Job) {
             return;
         }
     };
-    shared.lock().inc.shutdown = Some(conn.shutdown.clone());
+    if let Err(e) = shared.attach_incoming_channel(&conn.shutdown) {
+        fail(&shared, e.to_string(), started);
+        return;
+    }
     if let Err(e) = shared.advance_incoming(MigrationStatus::Setup) {
         conn.shutdown.shutdown();
         fail(&shared, e.to_string(), started);

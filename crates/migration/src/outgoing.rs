@@ -20,7 +20,8 @@
 //!
 //! Whatever happens after the connect, [`Outgoing::cleanup`] puts the source back: dirty
 //! logging stops, bitmaps are released, and after a failure or cancel the disks are
-//! reactivated and the guest resumes if it was running. Nothing is lost on the source. The state changes themselves are the state machine's
+//! reactivated and the guest resumes if it was running (not when the VM is shutting down).
+//! Nothing is lost on the source. The state changes themselves are the state machine's
 //! ([`crate::state`]).
 
 use crate::bitmaps::BitmapSaver;
@@ -436,11 +437,13 @@ impl Outgoing {
                 reactivated = job.machine.activate_disks().is_ok();
             }
             if self.undo.stopped {
-                if self.undo.stopped_running_guest && reactivated {
+                if self.undo.stopped_running_guest && reactivated && job.shared.may_resume_guest()
+                {
                     job.machine.start();
                 } else {
                     // Not running before, or the disks could not be taken back (the
                     // destination may hold them): stay stopped and let management decide.
+                    // Nor when the VM is shutting down: it only needs its disks back.
                     job.machine.set_runstate(RunState::Paused);
                 }
             }

@@ -487,6 +487,50 @@ impl Shared {
         Ok(())
     }
 
+    /// Whether the guest may be resumed after a failed or cancelled migration: not while the
+    /// VM shuts down (QEMU's `migrate_fd_cleanup` does not restart a VM that is shutting
+    /// down).
+    pub(crate) fn may_resume_guest(&self) -> bool {
+        !self.lock().shutting_down
+    }
+
+    /// The VM is shutting down (`quit`, a termination signal): refuses new migrations,
+    /// cancels the outgoing one (its cleanup releases the bitmaps, clears `skip_store` and
+    /// reactivates the disks, but does not resume the guest), shuts the incoming channel down
+    /// (its loader drops the bitmaps it had begun), then waits up to `timeout` until neither
+    /// runs. Returns whether both stopped in time.
+    pub(crate) fn shutdown(&self, timeout: Duration) -> bool {
+        {
+            let mut inner = self.lock();
+            inner.shutting_down = true;
+            if inner.inc.status().is_running() {
+                if let Some(h) = &inner.inc.shutdown {
+                    h.shutdown();
+                }
+            }
+        }
+        if let Err(e) = self.cancel_outgoing() {
+            log::warn!("cannot end the migration before shutting down: {e}");
+        }
+        let stopped = self.wait_status(
+            |i| {
+                if i.out.status().is_running() {
+                    i.out.status()
+                } else {
+                    i.inc.status()
+                }
+            },
+            &[
+                MigrationStatus::None,
+                MigrationStatus::Completed,
+                MigrationStatus::Failed,
+                MigrationStatus::Cancelled,
+            ],
+            timeout,
+        );
+        !stopped.is_running()
+    }
+
     /// The end of outgoing migration `generation`, once its thread has put the source back:
     /// `completed`, `cancelled` (a cancel was requested and the migration did not complete)
     /// or `failed` with its error. Nothing happens if the state already moved on (a cancel
@@ -542,6 +586,21 @@ impl Shared {
     }
 
     // ---- incoming ----
+
+    /// Records the incoming channel, so a shutdown can interrupt the load; fails (and shuts
+    /// the channel down) if the VM is already shutting down.
+    pub(crate) fn attach_incoming_channel(
+        &self,
+        handle: &ShutdownHandle,
+    ) -> Result<(), MigrationError> {
+        let mut inner = self.lock();
+        if inner.shutting_down {
+            handle.shutdown();
+            return Err(MigrationError::Other("The VM is shutting down".into()));
+        }
+        inner.inc.shutdown = Some(handle.clone());
+        Ok(())
+    }
 
     /// Moves the incoming migration to `to`.
     pub(crate) fn advance_incoming(&self, to: MigrationStatus) -> Result<(), IllegalTransition> {
@@ -832,5 +891,40 @@ mod tests {
             waiter.join().unwrap(),
             Err(MigrationError::SwitchoverInterrupted)
         ));
+    }
+
+    #[test]
+    fn shutdown_cancels_waits_for_the_cleanup_and_locks_migrations_out() {
+        let (sh, ev) = shared_with_events();
+        let sh = Arc::new(sh);
+        let g = sh.begin_outgoing(&mut sh.lock()).unwrap();
+        sh.attach_channel(g, &ShutdownHandle::default()).unwrap();
+        sh.advance(g, Active).unwrap();
+        // The migration thread: it notices the cancel, cleans up (which takes a while), and
+        // reports.
+        let thread = {
+            let sh = sh.clone();
+            std::thread::spawn(move || {
+                while !sh.sleep_unless_cancelled(g, Duration::from_secs(10)) {}
+                std::thread::sleep(Duration::from_millis(100));
+                let resume = sh.may_resume_guest();
+                sh.finish_outgoing(g, Outcome::Failed("Migration cancelled".into()));
+                resume
+            })
+        };
+        assert!(sh.shutdown(Duration::from_secs(10)));
+        // It returned after the cleanup, which did not resume the guest.
+        assert_eq!(sh.lock().out.status(), Cancelled);
+        assert!(!thread.join().unwrap());
+        assert_eq!(
+            statuses(&ev),
+            ["setup", "active", "cancelling", "cancelled"]
+        );
+        assert!(sh.begin_outgoing(&mut sh.lock()).is_err());
+        assert!(sh
+            .attach_incoming_channel(&ShutdownHandle::default())
+            .is_err());
+        // With nothing running it returns at once.
+        assert!(sh.shutdown(Duration::ZERO));
     }
 }
