@@ -164,9 +164,8 @@ impl Dispatcher for Monitor {
                     Some(json!({"guest": false, "reason": "host-qmp-quit"})),
                 );
                 let (mig, server, block) = (app.mig.clone(), app.server.clone(), app.block.clone());
-                Ok(Reply::empty().after_flush(move || {
-                    crate::vmproc::shutdown_and_exit(&mig, &server, &block)
-                }))
+                Ok(Reply::empty()
+                    .after_flush(move || crate::vmproc::shutdown_and_exit(&mig, &server, &block)))
             }
             "migrate" => {
                 let mut args = args;

@@ -202,7 +202,11 @@ fn run_cell(phase: Phase, how: How) {
     assert_image_clean(&img);
     assert_image_reads(&img, READS);
     // ...and `pb` holds what it held before the migration.
-    let mut reader = Lm::start(dir, "reader", &["-M", "none", "-m", "16M", "-blockdev", &blockdev]);
+    let mut reader = Lm::start(
+        dir,
+        "reader",
+        &["-M", "none", "-m", "16M", "-blockdev", &blockdev],
+    );
     let (sha_after, info_after) = pb(&mut reader);
     assert_eq!(sha_after, sha, "{cell}: pb's contents changed");
     assert_eq!(info_after["count"], info["count"], "{cell}: {info_after}");
@@ -260,7 +264,11 @@ fn sigterm_without_a_migration_stores_bitmaps_too() {
     let img = dir.path().join("i.qcow2");
     create_qcow2(&img, DISK_SIZE, &[]);
     let blockdev = qcow2_blockdev(&img);
-    let mut lm = Lm::start(dir.path(), "lm", &["-M", "none", "-m", "16M", "-blockdev", &blockdev]);
+    let mut lm = Lm::start(
+        dir.path(),
+        "lm",
+        &["-M", "none", "-m", "16M", "-blockdev", &blockdev],
+    );
     lm.ok(
         "block-dirty-bitmap-add",
         json!({"node": "d0", "name": "b", "persistent": true}),

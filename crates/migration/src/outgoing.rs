@@ -437,8 +437,7 @@ impl Outgoing {
                 reactivated = job.machine.activate_disks().is_ok();
             }
             if self.undo.stopped {
-                if self.undo.stopped_running_guest && reactivated && job.shared.may_resume_guest()
-                {
+                if self.undo.stopped_running_guest && reactivated && job.shared.may_resume_guest() {
                     job.machine.start();
                 } else {
                     // Not running before, or the disks could not be taken back (the
