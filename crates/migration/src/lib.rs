@@ -14,6 +14,7 @@
 //! | [`ram`] | the `ram` section |
 //! | [`bitmaps`] | the `dirty-bitmap` section |
 //! | [`globalstate`] | the `globalstate` section |
+//! | [`postcopy`] | postcopy's building blocks: received map, discards, userfaultfd placement, fault thread, blocktime |
 //! | [`guest`] | the seam to guest memory (the crate's only `unsafe`) |
 //! | [`transport`] | `tcp:`, `unix:`, `exec:`, `file:` |
 // A library does not print: it logs (`log`), and the binary decides where that goes.
@@ -32,6 +33,7 @@ pub mod machine;
 pub mod outgoing;
 pub mod params;
 mod policy;
+pub mod postcopy;
 pub mod ram;
 pub mod runstate;
 pub mod state;

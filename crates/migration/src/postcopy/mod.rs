@@ -1,0 +1,59 @@
+//! Postcopy: the guest runs on the destination before all of its RAM has arrived, and every
+//! page it touches that is still missing is pulled from the source on demand
+//! (`docs/postcopy.md` has the whole design; QEMU 7.2's wire format is in
+//! `reference/stream-format.md` §5).
+//!
+//! This module holds the building blocks, each testable on its own:
+//!
+//! | module | what |
+//! |---|---|
+//! | [`received`] | the destination's received-pages map, and its dump for recovery |
+//! | [`discard`] | POSTCOPY_RAM_DISCARD: the source's dirty bitmap as ranges, the destination's checks |
+//! | [`uffd`] | userfaultfd: host probe, registration, atomic placement, discards (the `unsafe`) |
+//! | [`requests`] | pages requested and not yet placed: one request per page, fault → placement latency |
+//! | [`blocktime`] | QEMU's vCPU blocktime accounting |
+//! | [`placement`] | [`PostcopyRam`]: the destination's guest RAM in postcopy — place, discard, classify faults |
+//! | [`fault`] | the destination's fault thread, which owns the return path while postcopy runs |
+
+pub mod blocktime;
+pub mod discard;
+pub mod fault;
+pub mod placement;
+pub mod received;
+pub mod requests;
+pub mod uffd;
+
+pub use placement::PostcopyRam;
+
+/// Why a postcopy step failed. The messages follow QEMU's where QEMU has one.
+#[derive(Debug, thiserror::Error)]
+pub enum PostcopyError {
+    /// The host cannot do postcopy (no userfaultfd, missing ioctls...).
+    #[error("Postcopy is not supported: {0}")]
+    Unsupported(String),
+    /// A userfaultfd operation failed.
+    #[error("{what}: {source}")]
+    Uffd {
+        /// What was being done.
+        what: String,
+        /// The crate's error.
+        source: userfaultfd::Error,
+    },
+    /// A system call on guest memory failed.
+    #[error("{what}: {source}")]
+    Sys {
+        /// What was being done.
+        what: String,
+        /// The host's error.
+        source: nix::Error,
+    },
+    /// A discard range from the stream was refused.
+    #[error("{0}")]
+    BadDiscard(String),
+    /// A page or block named by the stream or by a fault does not exist here.
+    #[error("{0}")]
+    BadPage(String),
+    /// The received-map dump of a recovery does not fit the block.
+    #[error("{0}")]
+    BadDump(String),
+}

@@ -1,0 +1,472 @@
+//! [`PostcopyRam`]: the destination's guest RAM during an incoming postcopy migration.
+//!
+//! It ties together, per RAM block, the host range, the received map, and for the whole
+//! migration the userfaultfd, the pending requests and the blocktime tracker. The loader uses it
+//! from ADVISE on (discards, received bits of precopy pages); from LISTEN on, the listen and
+//! preempt threads place pages with it and the fault thread classifies faults with it. Every
+//! method takes `&self`: the threads share one `Arc<PostcopyRam>`, and nothing in it is held
+//! across a wait (see `docs/postcopy.md` §3).
+
+use super::blocktime::Blocktime;
+use super::discard::check_range;
+use super::received::ReceivedMap;
+use super::requests::{FaultAction, Requests};
+use super::uffd::{self, HostRange, Placement, PostcopyFd};
+use super::PostcopyError;
+use crate::guest::PAGE_SIZE;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Instant;
+use wire::command::DiscardRange;
+
+/// One RAM block in postcopy.
+pub struct PostcopyBlock {
+    name: String,
+    range: HostRange,
+    received: ReceivedMap,
+}
+
+impl PostcopyBlock {
+    /// The block's name on the wire.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Its received map.
+    pub fn received(&self) -> &ReceivedMap {
+        &self.received
+    }
+
+    /// Its host range.
+    pub fn range(&self) -> &HostRange {
+        &self.range
+    }
+}
+
+/// What a fault calls for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FaultOutcome {
+    /// Ask the source for `offset` (page-aligned) of block `block`.
+    Request {
+        /// Block index.
+        block: usize,
+        /// Byte offset of the page in the block.
+        offset: u64,
+    },
+    /// The page is already requested; the faulting thread waits with the others.
+    Pending,
+    /// The page arrived between the fault and now; its waiters were woken.
+    Woken,
+}
+
+/// Counters for `query-migrate` and benchmarks.
+#[derive(Debug, Default)]
+pub struct PlacementStats {
+    /// Pages placed with UFFDIO_COPY.
+    pub copied: AtomicU64,
+    /// Pages placed with UFFDIO_ZEROPAGE.
+    pub zeroed: AtomicU64,
+    /// Pages that arrived when already present (both channels sent them).
+    pub duplicates: AtomicU64,
+    /// Faults read from the userfaultfd.
+    pub faults: AtomicU64,
+}
+
+/// The destination's guest RAM in postcopy.
+pub struct PostcopyRam {
+    blocks: Vec<PostcopyBlock>,
+    uffd: Option<PostcopyFd>,
+    registered: AtomicBool,
+    thp_off: AtomicBool,
+    requests: Requests,
+    blocktime: Option<Blocktime>,
+    /// Placement and fault counters.
+    pub stats: PlacementStats,
+}
+
+impl PostcopyRam {
+    /// Guest RAM made of `blocks` (name, host range). `uffd` is the userfaultfd when RAM is
+    /// postcopied (none in a bitmap-only postcopy); `vcpu_tids` turns on blocktime accounting.
+    pub fn new(
+        blocks: Vec<(String, HostRange)>,
+        uffd: Option<PostcopyFd>,
+        vcpu_tids: Option<&[i32]>,
+    ) -> Self {
+        PostcopyRam {
+            blocks: blocks
+                .into_iter()
+                .map(|(name, range)| PostcopyBlock {
+                    received: ReceivedMap::new(range.len() as u64 / PAGE_SIZE),
+                    name,
+                    range,
+                })
+                .collect(),
+            uffd,
+            registered: AtomicBool::new(false),
+            thp_off: AtomicBool::new(false),
+            requests: Requests::default(),
+            blocktime: vcpu_tids.map(Blocktime::new),
+            stats: PlacementStats::default(),
+        }
+    }
+
+    /// The blocks.
+    pub fn blocks(&self) -> &[PostcopyBlock] {
+        &self.blocks
+    }
+
+    /// The index of block `name`.
+    pub fn block_index(&self, name: &str) -> Option<usize> {
+        self.blocks.iter().position(|b| b.name == name)
+    }
+
+    /// The block at `index`, or the error a page record naming it gets.
+    pub fn block(&self, index: usize) -> Result<&PostcopyBlock, PostcopyError> {
+        self.blocks
+            .get(index)
+            .ok_or_else(|| PostcopyError::BadPage(format!("no RAM block number {index}")))
+    }
+
+    /// The userfaultfd, when RAM is postcopied.
+    pub fn uffd(&self) -> Option<&PostcopyFd> {
+        self.uffd.as_ref()
+    }
+
+    /// The pending requests.
+    pub fn requests(&self) -> &Requests {
+        &self.requests
+    }
+
+    /// The blocktime tracker, with `postcopy-blocktime`.
+    pub fn blocktime(&self) -> Option<&Blocktime> {
+        self.blocktime.as_ref()
+    }
+
+    /// ADVISE: all of RAM is thrown away and nothing counts as received.
+    pub fn discard_all(&self) -> Result<(), PostcopyError> {
+        for b in &self.blocks {
+            uffd::discard(&b.range, 0, b.range.len())?;
+            b.received.clear();
+        }
+        Ok(())
+    }
+
+    /// A page loaded the precopy way (straight into the mapping, before LISTEN).
+    pub fn mark_received(&self, block: usize, offset: u64) {
+        if let Some(b) = self.blocks.get(block) {
+            b.received.set(offset / PAGE_SIZE);
+        }
+    }
+
+    /// A POSTCOPY_RAM_DISCARD range for block `name`, checked, then discarded. The first one
+    /// turns transparent huge pages off on guest RAM, so a discard really frees 4 KiB pages.
+    ///
+    /// Between a discard and [`register`](Self::register) nothing may touch the discarded
+    /// pages: a read would map the shared zero page, which then counts as present, and the
+    /// page that arrives later could not be placed. (The guest is stopped then, and device
+    /// state loads only after LISTEN.)
+    pub fn discard(&self, name: &str, range: &DiscardRange) -> Result<(), PostcopyError> {
+        let bi = self.block_index(name).ok_or_else(|| {
+            PostcopyError::BadDiscard(format!("ram_discard_range: Failed to find block '{name}'"))
+        })?;
+        let b = &self.blocks[bi];
+        let (first, count) = check_range(name, b.range.len() as u64, range)?;
+        if !self.thp_off.swap(true, Ordering::AcqRel) {
+            for b in &self.blocks {
+                uffd::no_huge_pages(&b.range);
+            }
+        }
+        b.received.clear_range(first, count);
+        uffd::discard(&b.range, range.start, range.length as usize)
+    }
+
+    /// LISTEN: registers every block with the userfaultfd. A no-op without one.
+    pub fn register(&self) -> Result<(), PostcopyError> {
+        let Some(fd) = &self.uffd else {
+            return Ok(());
+        };
+        for (i, b) in self.blocks.iter().enumerate() {
+            if let Err(e) = fd.register(&b.range) {
+                for b in &self.blocks[..i] {
+                    let _ = fd.unregister(&b.range);
+                }
+                return Err(e);
+            }
+        }
+        self.registered.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    /// The end of postcopy: unregisters every block (missing pages, if any were left, would
+    /// read as zero from now on — which is why this runs only once everything has arrived).
+    pub fn unregister(&self) {
+        if let Some(fd) = &self.uffd {
+            if self.registered.swap(false, Ordering::AcqRel) {
+                for b in &self.blocks {
+                    let _ = fd.unregister(&b.range);
+                }
+            }
+        }
+    }
+
+    /// Whether page `offset` of block `block` is in place.
+    pub fn is_received(&self, block: usize, offset: u64) -> bool {
+        self.blocks
+            .get(block)
+            .is_some_and(|b| b.received.test(offset / PAGE_SIZE))
+    }
+
+    fn check_offset(&self, block: usize, offset: u64) -> Result<&PostcopyBlock, PostcopyError> {
+        let b = self.block(block)?;
+        if !offset.is_multiple_of(PAGE_SIZE)
+            || offset
+                .checked_add(PAGE_SIZE)
+                .is_none_or(|end| end > b.range.len() as u64)
+        {
+            return Err(PostcopyError::BadPage(format!(
+                "Illegal RAM offset {offset:x}"
+            )));
+        }
+        Ok(b)
+    }
+
+    /// Places a page that arrived in postcopy (`data`, one page, from the caller's staging
+    /// buffer) atomically. Returns whether this call placed it (false: it was already there).
+    pub fn place_page(
+        &self,
+        block: usize,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<bool, PostcopyError> {
+        let b = self.check_offset(block, offset)?;
+        if b.received.test(offset / PAGE_SIZE) {
+            self.stats.duplicates.fetch_add(1, Ordering::Relaxed);
+            return Ok(false);
+        }
+        let fd = self.uffd.as_ref().ok_or_else(|| {
+            PostcopyError::BadPage("a postcopy page arrived without postcopy-ram".into())
+        })?;
+        let placed = fd.copy(&b.range, offset, data)? == Placement::Placed;
+        self.after_placement(block, b, offset, placed, false);
+        Ok(placed)
+    }
+
+    /// Places a zero page that arrived in postcopy. Returns whether this call placed it.
+    pub fn place_zero(&self, block: usize, offset: u64) -> Result<bool, PostcopyError> {
+        let b = self.check_offset(block, offset)?;
+        if b.received.test(offset / PAGE_SIZE) {
+            self.stats.duplicates.fetch_add(1, Ordering::Relaxed);
+            return Ok(false);
+        }
+        let fd = self.uffd.as_ref().ok_or_else(|| {
+            PostcopyError::BadPage("a postcopy page arrived without postcopy-ram".into())
+        })?;
+        let placed = fd.zero(&b.range, offset, PAGE_SIZE as usize)? == Placement::Placed;
+        self.after_placement(block, b, offset, placed, true);
+        Ok(placed)
+    }
+
+    fn after_placement(&self, bi: usize, b: &PostcopyBlock, offset: u64, placed: bool, zero: bool) {
+        b.received.set(offset / PAGE_SIZE);
+        if !placed {
+            self.stats.duplicates.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        if zero {
+            self.stats.zeroed.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.stats.copied.fetch_add(1, Ordering::Relaxed);
+        }
+        self.requests.placed(bi, offset / PAGE_SIZE, Instant::now());
+        if let Some(bt) = &self.blocktime {
+            bt.end((b.range.base_addr() as u64) + offset, bt.now());
+        }
+    }
+
+    /// The fault thread's decision for a fault at host address `addr` by thread `tid`.
+    pub fn on_fault(&self, addr: usize, tid: i32) -> Result<FaultOutcome, PostcopyError> {
+        self.stats.faults.fetch_add(1, Ordering::Relaxed);
+        let (bi, b, offset) = self
+            .blocks
+            .iter()
+            .enumerate()
+            .find_map(|(i, b)| b.range.offset_of(addr).map(|o| (i, b, o)))
+            .ok_or_else(|| {
+                PostcopyError::BadPage(format!(
+                    "postcopy_ram_fault_thread: Fault outside guest: {addr:x}"
+                ))
+            })?;
+        let offset = offset - offset % PAGE_SIZE;
+        let page = offset / PAGE_SIZE;
+        let page_addr = b.range.base_addr() as u64 + offset;
+        if let Some(bt) = &self.blocktime {
+            bt.begin(page_addr, tid, bt.now(), || b.received.test(page));
+        }
+        if b.received.test(page) {
+            self.wake(b, offset)?;
+            return Ok(FaultOutcome::Woken);
+        }
+        match self.requests.fault(bi, page, Instant::now()) {
+            FaultAction::AlreadyRequested => Ok(FaultOutcome::Pending),
+            FaultAction::Request => {
+                // Placed between the test above and the insert: placement found no request
+                // to complete, so withdraw it and wake instead of asking for a page that is here.
+                if b.received.test(page) {
+                    self.requests.withdraw(bi, page);
+                    self.wake(b, offset)?;
+                    return Ok(FaultOutcome::Woken);
+                }
+                Ok(FaultOutcome::Request { block: bi, offset })
+            }
+        }
+    }
+
+    fn wake(&self, b: &PostcopyBlock, offset: u64) -> Result<(), PostcopyError> {
+        match &self.uffd {
+            Some(fd) => fd.wake(&b.range, offset, PAGE_SIZE as usize),
+            None => Ok(()),
+        }
+    }
+
+    /// Pages received, over all blocks.
+    pub fn received_pages(&self) -> u64 {
+        self.blocks.iter().map(|b| b.received.count()).sum()
+    }
+
+    /// Pages not received yet, over all blocks.
+    pub fn missing_pages(&self) -> u64 {
+        self.blocks
+            .iter()
+            .map(|b| b.received.pages() - b.received.count())
+            .sum()
+    }
+}
+
+impl Drop for PostcopyRam {
+    fn drop(&mut self) {
+        self.unregister();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::postcopy::uffd::AnonMapping;
+    use std::sync::Arc;
+
+    const P: usize = PAGE_SIZE as usize;
+
+    fn setup(pages: usize) -> (Arc<AnonMapping>, Arc<AnonMapping>, PostcopyRam) {
+        let a = Arc::new(AnonMapping::new(pages * P).unwrap());
+        let b = Arc::new(AnonMapping::new(pages * P).unwrap());
+        let ram = PostcopyRam::new(
+            vec![("ram".into(), a.range()), ("rom".into(), b.range())],
+            Some(PostcopyFd::open().unwrap()),
+            Some(&[]),
+        );
+        (a, b, ram)
+    }
+
+    #[test]
+    fn precopy_pages_discards_and_postcopy_placement() {
+        let (a, _b, ram) = setup(16);
+        // Precopy loaded pages 0..4 through the mapping.
+        for p in 0..4 {
+            a.write_byte(p * P, 1 + p as u8);
+            ram.mark_received(0, (p * P) as u64);
+        }
+        assert_eq!(ram.received_pages(), 4);
+        // The switch: pages 2 and 3 were dirtied on the source.
+        ram.discard(
+            "ram",
+            &DiscardRange {
+                start: 2 * PAGE_SIZE,
+                length: 2 * PAGE_SIZE,
+            },
+        )
+        .unwrap();
+        assert!(ram.is_received(0, 0) && !ram.is_received(0, 2 * PAGE_SIZE));
+        // (Nothing may read a discarded page before LISTEN: the read would map the zero page,
+        // and the real page could then no longer be placed.)
+        let e = ram
+            .discard(
+                "nope",
+                &DiscardRange {
+                    start: 0,
+                    length: 4096,
+                },
+            )
+            .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "ram_discard_range: Failed to find block 'nope'"
+        );
+        assert!(ram
+            .discard(
+                "ram",
+                &DiscardRange {
+                    start: 0,
+                    length: 17 * 4096
+                }
+            )
+            .is_err());
+        ram.register().unwrap();
+        // A page arrives: placed once; the second copy (other channel) is a duplicate.
+        let mut page = vec![0u8; P];
+        page[0] = 0x77;
+        assert!(ram.place_page(0, 2 * PAGE_SIZE, &page).unwrap());
+        assert!(!ram.place_page(0, 2 * PAGE_SIZE, &page).unwrap());
+        assert_eq!(a.read_byte(2 * P), Some(0x77));
+        assert!(ram.place_zero(0, 3 * PAGE_SIZE).unwrap());
+        assert!(!ram.place_zero(0, 3 * PAGE_SIZE).unwrap());
+        assert_eq!(a.read_byte(0), Some(1), "a precopy page is still there");
+        assert_eq!(ram.stats.copied.load(Ordering::Relaxed), 1);
+        assert_eq!(ram.stats.zeroed.load(Ordering::Relaxed), 1);
+        assert_eq!(ram.stats.duplicates.load(Ordering::Relaxed), 2);
+        // Bad offsets are refused.
+        assert!(ram.place_page(0, 16 * PAGE_SIZE, &page).is_err());
+        assert!(ram.place_page(0, 100, &page).is_err());
+        assert!(ram.place_page(5, 0, &page).is_err());
+        ram.unregister();
+    }
+
+    #[test]
+    fn faults_are_classified() {
+        let (a, b, ram) = setup(8);
+        ram.register().unwrap();
+        let base_b = b.range().base_addr();
+        assert_eq!(
+            ram.on_fault(base_b + 3 * P + 17, 0).unwrap(),
+            FaultOutcome::Request {
+                block: 1,
+                offset: 3 * PAGE_SIZE
+            }
+        );
+        assert_eq!(
+            ram.on_fault(base_b + 3 * P, 0).unwrap(),
+            FaultOutcome::Pending
+        );
+        assert_eq!(ram.requests().pending(), vec![(1, 3)]);
+        // Placement completes the request (a latency sample) and a late fault is only woken.
+        ram.place_zero(1, 3 * PAGE_SIZE).unwrap();
+        assert!(ram.requests().pending().is_empty());
+        assert_eq!(ram.requests().latency().count(), 1);
+        assert_eq!(
+            ram.on_fault(base_b + 3 * P, 0).unwrap(),
+            FaultOutcome::Woken
+        );
+        assert_eq!(
+            ram.on_fault(a.range().base_addr() + 7 * P, 0).unwrap(),
+            FaultOutcome::Request {
+                block: 0,
+                offset: 7 * PAGE_SIZE
+            }
+        );
+        let e = ram.on_fault(1, 0).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "postcopy_ram_fault_thread: Fault outside guest: 1"
+        );
+        assert_eq!(ram.missing_pages(), 15);
+        assert_eq!(ram.requests().requests(), 2);
+    }
+}

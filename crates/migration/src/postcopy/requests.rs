@@ -1,0 +1,222 @@
+//! Pages the destination has asked the source for and not yet placed.
+//!
+//! The fault thread records a page when it first faults and sends one request for it, however
+//! many threads then wait on it; placement removes it and takes a latency sample (first fault →
+//! placement, what a blocked vCPU waits). After a recovery, everything still pending is asked
+//! for again (the source lost its queue with the old connection).
+//!
+//! One mutex guards the map; it is held for an insert or a remove, never across I/O or an
+//! access to guest memory.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// What the fault thread should do about a fault.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FaultAction {
+    /// First fault on the page: send a request.
+    Request,
+    /// Already requested: wait for it.
+    AlreadyRequested,
+}
+
+/// A latency histogram: 1 µs buckets up to [`FINE_US`], then one bucket per power of two.
+#[derive(Debug, Clone)]
+pub struct LatencyHistogram {
+    fine: Vec<u64>,
+    coarse: [u64; 32],
+    count: u64,
+    sum_ns: u128,
+    max_ns: u64,
+}
+
+/// Upper end (exclusive) of the 1 µs buckets.
+pub const FINE_US: u64 = 4096;
+
+impl Default for LatencyHistogram {
+    fn default() -> Self {
+        LatencyHistogram {
+            fine: vec![0; FINE_US as usize],
+            coarse: [0; 32],
+            count: 0,
+            sum_ns: 0,
+            max_ns: 0,
+        }
+    }
+}
+
+impl LatencyHistogram {
+    /// Adds one sample.
+    pub fn record(&mut self, d: Duration) {
+        let ns = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+        let us = ns / 1000;
+        if let Some(b) = self.fine.get_mut(us as usize) {
+            *b += 1;
+        } else {
+            let i = (63 - us.leading_zeros()) as usize;
+            if let Some(b) = self.coarse.get_mut(i) {
+                *b += 1;
+            }
+        }
+        self.count += 1;
+        self.sum_ns += u128::from(ns);
+        self.max_ns = self.max_ns.max(ns);
+    }
+
+    /// Number of samples.
+    pub fn count(&self) -> u64 {
+        self.count
+    }
+
+    /// Mean in nanoseconds (0 without samples).
+    pub fn mean_ns(&self) -> u64 {
+        if self.count == 0 {
+            0
+        } else {
+            (self.sum_ns / u128::from(self.count)) as u64
+        }
+    }
+
+    /// Largest sample in nanoseconds.
+    pub fn max_ns(&self) -> u64 {
+        self.max_ns
+    }
+
+    /// The `q`-quantile (0..=1) in microseconds: the upper edge of the bucket that holds it
+    /// (exact to 1 µs below [`FINE_US`]).
+    pub fn quantile_us(&self, q: f64) -> u64 {
+        if self.count == 0 {
+            return 0;
+        }
+        let rank = ((q.clamp(0.0, 1.0) * self.count as f64).ceil() as u64).max(1);
+        let mut seen = 0;
+        for (us, n) in self.fine.iter().enumerate() {
+            seen += n;
+            if seen >= rank {
+                return us as u64 + 1;
+            }
+        }
+        for (i, n) in self.coarse.iter().enumerate() {
+            seen += n;
+            if seen >= rank {
+                return 2u64.saturating_pow(i as u32 + 1);
+            }
+        }
+        self.max_ns / 1000
+    }
+}
+
+#[derive(Default)]
+struct Inner {
+    pending: HashMap<(usize, u64), Instant>,
+    latency: LatencyHistogram,
+    requests: u64,
+}
+
+/// The pending requests of one incoming postcopy migration.
+#[derive(Default)]
+pub struct Requests {
+    inner: Mutex<Inner>,
+}
+
+impl Requests {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A fault on page `page` of block `block` at `now`.
+    pub fn fault(&self, block: usize, page: u64, now: Instant) -> FaultAction {
+        let mut i = self.lock();
+        if i.pending.contains_key(&(block, page)) {
+            return FaultAction::AlreadyRequested;
+        }
+        i.pending.insert((block, page), now);
+        i.requests += 1;
+        FaultAction::Request
+    }
+
+    /// Forgets a request that could not be made (the page turned out to be present).
+    pub fn withdraw(&self, block: usize, page: u64) {
+        self.lock().pending.remove(&(block, page));
+    }
+
+    /// Page `page` of `block` was placed at `now`: returns how long it was waited for, if it
+    /// had been requested, and records that as a latency sample.
+    pub fn placed(&self, block: usize, page: u64, now: Instant) -> Option<Duration> {
+        let mut i = self.lock();
+        let since = i.pending.remove(&(block, page))?;
+        let d = now.saturating_duration_since(since);
+        i.latency.record(d);
+        Some(d)
+    }
+
+    /// Every page still pending, oldest first.
+    pub fn pending(&self) -> Vec<(usize, u64)> {
+        let i = self.lock();
+        let mut v: Vec<_> = i.pending.iter().map(|(k, t)| (*t, *k)).collect();
+        v.sort();
+        v.into_iter().map(|(_, k)| k).collect()
+    }
+
+    /// Number of distinct pages requested so far.
+    pub fn requests(&self) -> u64 {
+        self.lock().requests
+    }
+
+    /// A copy of the fault → placement latency histogram.
+    pub fn latency(&self) -> LatencyHistogram {
+        self.lock().latency.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_request_per_page_and_latency_on_placement() {
+        let r = Requests::default();
+        let t0 = Instant::now();
+        assert_eq!(r.fault(0, 5, t0), FaultAction::Request);
+        assert_eq!(r.fault(0, 5, t0), FaultAction::AlreadyRequested);
+        assert_eq!(r.fault(1, 5, t0), FaultAction::Request);
+        assert_eq!(
+            r.fault(0, 6, t0 + Duration::from_micros(1)),
+            FaultAction::Request
+        );
+        assert_eq!(r.pending(), vec![(0, 5), (1, 5), (0, 6)]);
+        assert_eq!(
+            r.placed(0, 5, t0 + Duration::from_micros(25)),
+            Some(Duration::from_micros(25))
+        );
+        assert_eq!(r.placed(0, 5, t0), None, "placed twice: only one sample");
+        r.withdraw(1, 5);
+        assert_eq!(r.pending(), vec![(0, 6)]);
+        assert_eq!(r.requests(), 3);
+        let h = r.latency();
+        assert_eq!(h.count(), 1);
+        assert_eq!(h.quantile_us(0.5), 26);
+        // A page faulted again after placement is a new request.
+        assert_eq!(r.fault(0, 5, t0), FaultAction::Request);
+    }
+
+    #[test]
+    fn quantiles() {
+        let mut h = LatencyHistogram::default();
+        assert_eq!(h.quantile_us(0.5), 0);
+        for us in 1..=100 {
+            h.record(Duration::from_micros(us));
+        }
+        h.record(Duration::from_millis(20));
+        assert_eq!(h.count(), 101);
+        assert_eq!(h.quantile_us(0.5), 52);
+        assert_eq!(h.quantile_us(0.99), 101);
+        assert_eq!(
+            h.quantile_us(1.0),
+            32768,
+            "20 ms lands in [16384, 32768) µs"
+        );
+        assert_eq!(h.max_ns(), 20_000_000);
+    }
+}
