@@ -42,6 +42,7 @@ pub const COMMANDS: &[&str] = &[
     "migrate-incoming",
     "migrate_cancel",
     "migrate-continue",
+    "migrate-start-postcopy",
     "migrate-set-capabilities",
     "query-migrate-capabilities",
     "migrate-set-parameters",
@@ -198,6 +199,11 @@ impl Dispatcher for Monitor {
             "migrate_cancel" => {
                 args.finish()?;
                 app.mig.cancel().map_err(mig_err)?;
+                Ok(Reply::empty())
+            }
+            "migrate-start-postcopy" => {
+                args.finish()?;
+                app.mig.start_postcopy().map_err(mig_err)?;
                 Ok(Reply::empty())
             }
             "migrate-continue" => {

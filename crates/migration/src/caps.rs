@@ -23,7 +23,7 @@ pub enum Capability {
     Compress,
     /// Emit `MIGRATION` and `MIGRATION_PASS` events.
     Events,
-    /// Postcopy of RAM (not implemented).
+    /// Postcopy of RAM: `migrate-start-postcopy` switches to pulling pages on demand.
     PostcopyRam,
     /// COLO (not implemented).
     XColo,
@@ -126,6 +126,7 @@ impl Capability {
         matches!(
             self,
             Capability::Events
+                | Capability::PostcopyRam
                 | Capability::ReturnPath
                 | Capability::PauseBeforeSwitchover
                 | Capability::DirtyBitmaps
@@ -179,6 +180,12 @@ impl Capabilities {
             return Err(MigrationError::InvalidParameter(format!(
                 "Capability '{c}' is not supported by livemig"
             )));
+        }
+        // QEMU probes the host when postcopy-ram is turned on: a destination that cannot
+        // register guest RAM with userfaultfd says so now, not at the switch.
+        if self.has(Capability::PostcopyRam) {
+            crate::postcopy::uffd::probe()
+                .map_err(|e| MigrationError::InvalidParameter(e.to_string()))?;
         }
         Ok(())
     }

@@ -38,6 +38,8 @@ pub struct OutgoingStats {
     pub precopy_bytes: AtomicU64,
     /// Bytes written while the guest was stopped (`downtime-bytes`).
     pub downtime_bytes: AtomicU64,
+    /// Bytes written in postcopy (`postcopy-bytes`).
+    pub postcopy_bytes: AtomicU64,
     /// Total guest RAM in bytes (`ram.total`).
     pub total: AtomicU64,
     /// Throughput of the last measurement window, bits per second.
@@ -181,6 +183,39 @@ impl Migration {
         self.shared.request_continue(parsed)
     }
 
+    /// `migrate-start-postcopy`: the running migration switches to postcopy at its next round.
+    /// As QEMU, a migration that has already finished is not an error (the command races it).
+    pub fn start_postcopy(&self) -> Result<(), MigrationError> {
+        let mut inner = self.shared.lock();
+        let (ram, bitmaps) = (
+            inner.caps.has(Capability::PostcopyRam),
+            inner.caps.has(Capability::DirtyBitmaps),
+        );
+        if !ram && !bitmaps {
+            return Err(MigrationError::Other(
+                "Enable postcopy with migrate_set_capability before the start of migration".into(),
+            ));
+        }
+        if inner.out.status() == MigrationStatus::None {
+            return Err(MigrationError::Other(
+                "Postcopy must be started after migration has been started".into(),
+            ));
+        }
+        if !ram {
+            // QEMU would move the dirty bitmaps after the switchover; livemig sends them in
+            // the downtime until bitmap-only postcopy is built, and says so rather than
+            // ignoring the request.
+            return Err(MigrationError::Other(
+                "livemig does not implement postcopy of dirty bitmaps without postcopy-ram yet"
+                    .into(),
+            ));
+        }
+        inner.out.postcopy_requested = true;
+        drop(inner);
+        self.shared.notify();
+        Ok(())
+    }
+
     /// Marks this VM as a destination started with `-incoming defer`.
     pub fn incoming_defer(&self) {
         self.shared.lock().inc.mode = IncomingMode::Deferred;
@@ -307,13 +342,13 @@ impl Migration {
                         "dirty-pages-rate": s.dirty_pages_rate.load(Ordering::Relaxed),
                         "mbps": s.bits_per_second.load(Ordering::Relaxed) as f64 / 1e6,
                         "dirty-sync-count": s.ram.dirty_syncs.load(Ordering::Relaxed),
-                        "postcopy-requests": 0,
+                        "postcopy-requests": s.ram.postcopy_requests.load(Ordering::Relaxed),
                         "page-size": crate::guest::PAGE_SIZE,
                         "multifd-bytes": 0,
                         "pages-per-second": s.pages_per_second.load(Ordering::Relaxed),
                         "precopy-bytes": s.precopy_bytes.load(Ordering::Relaxed),
                         "downtime-bytes": s.downtime_bytes.load(Ordering::Relaxed),
-                        "postcopy-bytes": 0,
+                        "postcopy-bytes": s.postcopy_bytes.load(Ordering::Relaxed),
                         "dirty-sync-missed-zero-copy": 0,
                     }),
                 );

@@ -11,16 +11,18 @@
 //! downtime spent rebuilding the map does not grow with the number of devices (seed 003).
 
 use crate::bitmaps::{BitmapLoader, BITMAP_IDSTR, BITMAP_VERSION};
-use crate::caps::Capabilities;
+use crate::caps::{Capabilities, Capability};
 use crate::error::MigrationError;
 use crate::globalstate::{GlobalState, GLOBALSTATE_IDSTR};
 use crate::machine::{DeviceState, Machine, Reader};
 use crate::params::Parameters;
+use crate::postcopy::fault::{FaultThread, RpWriter};
+use crate::postcopy::PostcopyRam;
 use crate::ram::{RamLoader, RAM_IDSTR, RAM_VERSION};
 use crate::runstate::RunState;
 use crate::state::Shared;
 use crate::status::MigrationStatus;
-use crate::transport::{BoxWrite, Listener};
+use crate::transport::{BoxWrite, Listener, ShutdownHandle};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
@@ -58,17 +60,36 @@ pub struct StreamLoader {
     device_load_started: bool,
     /// Warnings worth showing an operator (a missing trailer, a dropped bitmap).
     pub warnings: Vec<String>,
+    /// This end's `postcopy-ram` (the ADVISE length must match it).
+    postcopy_ram: bool,
+    /// Guest RAM in postcopy, from ADVISE (16 bytes) on.
+    postcopy: Option<Arc<PostcopyRam>>,
+    /// The return path once postcopy handed it back (for SHUT).
+    postcopy_rp: Option<RpWriter>,
+    /// RUN was handled: disks activated, the guest started (or left paused).
+    postcopy_ran: bool,
+    /// The engine's state and the channel's shutdown handle, when run by the engine (postcopy
+    /// moves the state and, on a failure, must unblock its listen thread).
+    engine: Option<(Arc<Shared>, ShutdownHandle)>,
+}
+
+/// Whether loading goes on after a command.
+#[derive(Debug, PartialEq, Eq)]
+enum Flow {
+    Continue,
+    /// Postcopy ran to the end: EOF was read by the listen thread.
+    Done,
 }
 
 impl StreamLoader {
     /// A loader for `machine`. `return_path` is where PONG/SHUT go if the source opens one.
-    /// `_caps` are this end's capabilities: none that livemig implements changes how a stream
-    /// loads — like QEMU's, the loader takes a `dirty-bitmap` section whether or not
-    /// `dirty-bitmaps` is on here (a destination started with `-incoming file:...` has no
-    /// chance to turn it on).
+    /// `caps` are this end's capabilities: only `postcopy-ram` changes how a stream loads (the
+    /// ADVISE length must match it) — like QEMU's, the loader takes a `dirty-bitmap` section
+    /// whether or not `dirty-bitmaps` is on here (a destination started with
+    /// `-incoming file:...` has no chance to turn it on).
     pub fn new(
         machine: Arc<dyn Machine>,
-        _caps: &Capabilities,
+        caps: &Capabilities,
         params: &Parameters,
         return_path: Option<BoxWrite>,
     ) -> Self {
@@ -91,6 +112,11 @@ impl StreamLoader {
             return_path: return_path.map(StreamWriter::new),
             device_load_started: false,
             warnings: Vec::new(),
+            postcopy_ram: caps.has(Capability::PostcopyRam),
+            postcopy: None,
+            postcopy_rp: None,
+            postcopy_ran: false,
+            engine: None,
         }
     }
 
@@ -133,27 +159,12 @@ impl StreamLoader {
                 }
                 Ok(Handler::Bitmaps)
             }
-            _ => {
-                let d = self
-                    .devices
-                    .get(&(idstr.to_string(), instance_id))
-                    .ok_or_else(|| {
-                        MigrationError::Load(format!(
-                            "Unknown savevm section or instance '{idstr}' {instance_id}. Make sure that your current VM setup matches your saved VM setup, including any hotplugged devices"
-                        ))
-                    })?;
-                let vmsd = d.vmsd();
-                if version_id > vmsd.version_id {
-                    return Err(bad_version(vmsd.version_id));
-                }
-                if version_id < vmsd.minimum_version_id {
-                    return Err(MigrationError::Load(format!(
-                        "{idstr}: incoming version_id {version_id} is too old for local minimum version_id {}",
-                        vmsd.minimum_version_id
-                    )));
-                }
-                Ok(Handler::Device(d.clone()))
-            }
+            _ => Ok(Handler::Device(device_for(
+                &self.devices,
+                idstr,
+                instance_id,
+                version_id,
+            )?)),
         }
     }
 
@@ -181,6 +192,10 @@ impl StreamLoader {
             self.device_load_started = false;
         }
         result?;
+        if self.postcopy_ran {
+            // A postcopy stream ends at EOF, without a vmdesc trailer.
+            return Ok(());
+        }
         match read_vmdesc(r) {
             Ok(t) => {
                 if let Some(w) = t.warning() {
@@ -197,49 +212,56 @@ impl StreamLoader {
         loop {
             match read_item(r)? {
                 Item::Eof => return Ok(()),
-                Item::Command(cmd) => self.command(r, cmd)?,
-                Item::Section(h) => {
-                    let id = h.section_id();
-                    let (handler, idstr) = match &h {
-                        SectionHeader::Start(s) | SectionHeader::Full(s) => {
-                            let handler = self.handler_for(&s.idstr, s.instance_id, s.version_id)?;
-                            self.sections.insert(id, (handler.clone(), s.idstr.clone()));
-                            (handler, s.idstr.clone())
-                        }
-                        SectionHeader::Part { .. } | SectionHeader::End { .. } => self
-                            .sections
-                            .get(&id)
-                            .cloned()
-                            .ok_or_else(|| {
-                                MigrationError::Load(format!(
-                                    "at byte {:#x}: {} section id {id} does not follow a START section",
-                                    r.offset(),
-                                    h.kind().name()
-                                ))
-                            })?,
-                    };
-                    r.set_section(Some(SectionContext::new(idstr, id)));
-                    match handler {
-                        Handler::Ram => self.ram.load(r)?,
-                        Handler::Bitmaps => {
-                            if let Some(b) = self.bitmaps.as_mut() {
-                                b.load(r)?;
-                            }
-                        }
-                        Handler::Device(d) => {
-                            if !self.device_load_started {
-                                self.machine.begin_device_load();
-                                self.device_load_started = true;
-                            }
-                            let version = h.start().map_or(0, |s| s.version_id);
-                            d.load(r, version)?;
-                        }
+                Item::Command(Command::Packaged(data)) => {
+                    if self.load_package(r, data)? == Flow::Done {
+                        return Ok(());
                     }
-                    read_footer(r, id)?;
-                    r.set_section(None);
                 }
+                Item::Command(cmd) => self.command(r, cmd)?,
+                Item::Section(h) => self.load_section(r, h)?,
             }
         }
+    }
+
+    /// One section: its handler loads the body, then the footer is checked.
+    fn load_section(&mut self, r: &mut Reader, h: SectionHeader) -> Result<(), MigrationError> {
+        let id = h.section_id();
+        let (handler, idstr) = match &h {
+            SectionHeader::Start(s) | SectionHeader::Full(s) => {
+                let handler = self.handler_for(&s.idstr, s.instance_id, s.version_id)?;
+                self.sections.insert(id, (handler.clone(), s.idstr.clone()));
+                (handler, s.idstr.clone())
+            }
+            SectionHeader::Part { .. } | SectionHeader::End { .. } => {
+                self.sections.get(&id).cloned().ok_or_else(|| {
+                    MigrationError::Load(format!(
+                        "at byte {:#x}: {} section id {id} does not follow a START section",
+                        r.offset(),
+                        h.kind().name()
+                    ))
+                })?
+            }
+        };
+        r.set_section(Some(SectionContext::new(idstr, id)));
+        match handler {
+            Handler::Ram => self.ram.load(r)?,
+            Handler::Bitmaps => {
+                if let Some(b) = self.bitmaps.as_mut() {
+                    b.load(r)?;
+                }
+            }
+            Handler::Device(d) => {
+                if !self.device_load_started {
+                    self.machine.begin_device_load();
+                    self.device_load_started = true;
+                }
+                let version = h.start().map_or(0, |s| s.version_id);
+                d.load(r, version)?;
+            }
+        }
+        read_footer(r, id)?;
+        r.set_section(None);
+        Ok(())
     }
 
     fn command(&mut self, r: &Reader, cmd: Command) -> Result<(), MigrationError> {
@@ -260,17 +282,218 @@ impl StreamLoader {
                 None => Err(MigrationError::Load("CMD_PING (0x2) received with no return path".into())),
             },
             // 0-byte advise: dirty bitmaps are postcopiable; nothing to prepare in precopy.
-            Command::PostcopyAdvise(None) | Command::SwitchoverStart => Ok(()),
+            Command::PostcopyAdvise(None) => {
+                if self.postcopy_ram {
+                    return Err(MigrationError::Load(
+                        "RAM postcopy is enabled but have 0 byte advise".into(),
+                    ));
+                }
+                Ok(())
+            }
+            Command::SwitchoverStart => Ok(()),
+            Command::PostcopyAdvise(Some(a)) => self.advise(a),
+            Command::PostcopyRamDiscard { ramblock, ranges } => {
+                let pc = self.postcopy.as_ref().ok_or_else(|| {
+                    MigrationError::Load(
+                        "CMD_POSTCOPY_RAM_DISCARD in wrong postcopy state (0)".into(),
+                    )
+                })?;
+                for range in &ranges {
+                    pc.discard(&ramblock, range)
+                        .map_err(|e| MigrationError::Load(e.to_string()))?;
+                }
+                Ok(())
+            }
+            Command::PostcopyListen | Command::PostcopyRun => Err(MigrationError::Load(format!(
+                "at byte {:#x}: {} outside a PACKAGED command is not supported by livemig",
+                r.offset(),
+                cmd.name()
+            ))),
             other => Err(MigrationError::Load(format!(
-                "at byte {:#x}: migration command {} is not supported by livemig (postcopy and COLO are not implemented)",
+                "at byte {:#x}: migration command {} is not supported by livemig (COLO is not implemented)",
                 r.offset(),
                 other.name()
             ))),
         }
     }
 
+    /// POSTCOPY_ADVISE with page sizes (`loadvm_postcopy_handle_advise`): the capability must
+    /// be on here too, the host must be able to do postcopy, the page sizes must match; then
+    /// all of RAM is thrown away and pages from here on are tracked as received.
+    fn advise(&mut self, a: wire::command::PostcopyAdvise) -> Result<(), MigrationError> {
+        if !self.postcopy_ram {
+            return Err(MigrationError::Load(
+                "RAM postcopy is disabled but have 16 byte advise".into(),
+            ));
+        }
+        if self.postcopy.is_some() {
+            return Err(MigrationError::Load(
+                "CMD_POSTCOPY_ADVISE in wrong postcopy state (1)".into(),
+            ));
+        }
+        let pe = |e: crate::postcopy::PostcopyError| MigrationError::Load(e.to_string());
+        crate::postcopy::uffd::probe().map_err(pe)?;
+        let local = crate::guest::PAGE_SIZE;
+        if a.ram_pagesize_summary != local {
+            return Err(MigrationError::Load(format!(
+                "Postcopy needs matching RAM page sizes (s={:x} d={local:x})",
+                a.ram_pagesize_summary
+            )));
+        }
+        if a.target_page_size != local {
+            return Err(MigrationError::Load(format!(
+                "Postcopy needs matching target page sizes (s={} d={local})",
+                a.target_page_size
+            )));
+        }
+        let fd = crate::postcopy::uffd::PostcopyFd::open().map_err(pe)?;
+        let pc = Arc::new(PostcopyRam::from_blocks(
+            self.machine.ram_blocks(),
+            Some(fd),
+            None,
+        ));
+        pc.discard_all().map_err(pe)?;
+        self.ram.set_postcopy(pc.clone());
+        self.postcopy = Some(pc);
+        Ok(())
+    }
+
+    /// A PACKAGED command: its bytes are a stream of their own. Before LISTEN they load as
+    /// usual; LISTEN starts postcopy ([`Self::listen_and_run`]).
+    fn load_package(&mut self, r: &mut Reader, data: Vec<u8>) -> Result<Flow, MigrationError> {
+        let base = r.offset().saturating_sub(data.len() as u64);
+        let mut pr: Reader = StreamReader::new(Box::new(std::io::Cursor::new(data)));
+        loop {
+            match read_item(&mut pr).map_err(|e| package_error(base, e))? {
+                // The package ended without RUN: the outer stream goes on (QEMU's nested loop
+                // returns at EOF too).
+                Item::Eof => return Ok(Flow::Continue),
+                Item::Command(Command::PostcopyListen) => return self.listen_and_run(r, pr),
+                Item::Command(Command::Packaged(_)) => {
+                    return Err(MigrationError::Load("PACKAGED inside PACKAGED".into()))
+                }
+                Item::Command(cmd) => self.command(&pr, cmd)?,
+                Item::Section(h) => self.load_section(&mut pr, h)?,
+            }
+        }
+    }
+
+    /// LISTEN (inside the package): guest RAM is registered with userfaultfd and the fault
+    /// thread takes the return path; a listen thread takes over the main channel (RAM pages
+    /// from now on) while this thread loads the rest of the package — the device state —
+    /// and, at RUN, activates the disks and starts the guest. Returns when the listen thread
+    /// has read EOF.
+    fn listen_and_run(&mut self, r: &mut Reader, mut pr: Reader) -> Result<Flow, MigrationError> {
+        let pc = self.postcopy.clone().ok_or_else(|| {
+            MigrationError::Load("CMD_POSTCOPY_LISTEN in wrong postcopy state (0)".into())
+        })?;
+        let pe = |e: crate::postcopy::PostcopyError| MigrationError::Load(e.to_string());
+        pc.register().map_err(pe)?;
+        self.ram.start_listening();
+        let rp = match self.return_path.take() {
+            Some(w) => Some(RpWriter::new(w.into_inner()?)),
+            None => None,
+        };
+        let fault = FaultThread::spawn(pc.clone(), rp)
+            .map_err(|e| MigrationError::io("cannot start the postcopy fault thread", e))?;
+        if let Some((shared, _)) = &self.engine {
+            shared.advance_incoming(MigrationStatus::PostcopyActive)?;
+        }
+        // Everything that came before LISTEN is complete: bitmaps arrived whole (livemig's
+        // source sends them before the switch), so they are enabled now, before any guest
+        // write on this side.
+        if let Some(b) = self.bitmaps.as_mut() {
+            let w = b.before_vm_start();
+            self.warnings.extend(w);
+        }
+        let StreamLoader {
+            machine,
+            ram,
+            bitmaps,
+            globalstate,
+            devices,
+            sections,
+            engine,
+            device_load_started,
+            ..
+        } = self;
+        let fault_ref = &fault;
+        let (main, listen) = std::thread::scope(|s| {
+            let listen = std::thread::Builder::new()
+                .name("postcopy-listen".into())
+                .spawn_scoped(s, move || {
+                    listen_loop(r, ram, bitmaps.as_mut(), sections, fault_ref)
+                });
+            let listen = match listen {
+                Ok(h) => h,
+                Err(e) => {
+                    return (
+                        Err(MigrationError::io(
+                            "cannot start the postcopy listen thread",
+                            e,
+                        )),
+                        Ok(()),
+                    )
+                }
+            };
+            let main = load_package_rest(
+                &mut pr,
+                &**machine,
+                devices,
+                globalstate,
+                fault_ref,
+                device_load_started,
+                engine.as_ref().map(|(s, _)| s),
+            );
+            if main.is_err() {
+                // The listen thread is blocked on the channel: unblock it.
+                if let Some((_, h)) = engine.as_ref() {
+                    h.shutdown();
+                }
+            }
+            let listen = listen.join().unwrap_or_else(|_| {
+                Err(MigrationError::Other(
+                    "the postcopy listen thread panicked".into(),
+                ))
+            });
+            (main, listen)
+        });
+        if self.device_load_started {
+            self.machine.end_device_load();
+            self.device_load_started = false;
+        }
+        self.postcopy_ran = main.is_ok();
+        main?;
+        listen?;
+        // Everything has arrived: the fault thread hands the return path back (for SHUT) and
+        // guest RAM leaves userfaultfd.
+        self.postcopy_rp = fault.stop();
+        let missing = pc.missing_pages();
+        if missing > 0 {
+            self.warnings.push(format!(
+                "postcopy ended with {missing} pages never received; they read as zero"
+            ));
+        }
+        pc.unregister();
+        Ok(Flow::Done)
+    }
+
+    /// Whether the guest was started by a postcopy RUN (the engine must not start it again).
+    pub fn postcopy_ran(&self) -> bool {
+        self.postcopy_ran
+    }
+
+    /// Gives the loader the engine's state and the channel's shutdown handle.
+    pub(crate) fn attach_engine(&mut self, shared: Arc<Shared>, shutdown: ShutdownHandle) {
+        self.engine = Some((shared, shutdown));
+    }
+
     /// Sends SHUT on the return path, if there is one.
     pub fn shut(&mut self, status: u32) {
+        if let Some(w) = self.postcopy_rp.as_mut() {
+            let _ = w.send(&RpMessage::Shut(status));
+            return;
+        }
         if let Some(w) = self.return_path.as_mut() {
             let _ = write_rp_message(w, &RpMessage::Shut(status)).and_then(|_| w.flush());
         }
@@ -293,6 +516,156 @@ impl StreamLoader {
             b.cancel("the incoming migration failed");
         }
     }
+}
+
+/// The device that loads section `idstr`/`instance_id` at `version_id`, with QEMU's checks.
+fn device_for(
+    devices: &HashMap<(String, u32), Arc<dyn DeviceState>>,
+    idstr: &str,
+    instance_id: u32,
+    version_id: u32,
+) -> Result<Arc<dyn DeviceState>, MigrationError> {
+    let d = devices.get(&(idstr.to_string(), instance_id)).ok_or_else(|| {
+        MigrationError::Load(format!(
+            "Unknown savevm section or instance '{idstr}' {instance_id}. Make sure that your current VM setup matches your saved VM setup, including any hotplugged devices"
+        ))
+    })?;
+    let vmsd = d.vmsd();
+    if version_id > vmsd.version_id {
+        return Err(MigrationError::Load(format!(
+            "savevm: unsupported version {version_id} for '{idstr}' v{}",
+            vmsd.version_id
+        )));
+    }
+    if version_id < vmsd.minimum_version_id {
+        return Err(MigrationError::Load(format!(
+            "{idstr}: incoming version_id {version_id} is too old for local minimum version_id {}",
+            vmsd.minimum_version_id
+        )));
+    }
+    Ok(d.clone())
+}
+
+/// A package's errors name offsets inside the package; say where the package began.
+fn package_error(base: u64, e: wire::WireError) -> MigrationError {
+    MigrationError::Load(format!("in the PACKAGED data at byte {base:#x}: {e}"))
+}
+
+/// The listen thread: the rest of the main channel in postcopy — PART and END sections of
+/// `ram` (pages placed through userfaultfd) and `dirty-bitmap`, PINGs (answered through the
+/// fault thread, which owns the return path), up to EOF.
+fn listen_loop(
+    r: &mut Reader,
+    ram: &mut RamLoader,
+    mut bitmaps: Option<&mut BitmapLoader>,
+    sections: &HashMap<u32, (Handler, String)>,
+    fault: &FaultThread,
+) -> Result<(), MigrationError> {
+    loop {
+        match read_item(r)? {
+            Item::Eof => return Ok(()),
+            Item::Command(Command::Ping(v)) => fault.send(RpMessage::Pong(v)),
+            Item::Command(cmd) => {
+                return Err(MigrationError::Load(format!(
+                    "at byte {:#x}: migration command {} in postcopy is not supported by livemig",
+                    r.offset(),
+                    cmd.name()
+                )))
+            }
+            Item::Section(h) => {
+                let id = h.section_id();
+                let Some((handler, idstr)) = sections.get(&id).filter(|_| h.start().is_none())
+                else {
+                    return Err(MigrationError::Load(format!(
+                        "at byte {:#x}: {} section id {id} in postcopy (only PART and END of a started section may come)",
+                        r.offset(),
+                        h.kind().name()
+                    )));
+                };
+                r.set_section(Some(SectionContext::new(idstr.clone(), id)));
+                match handler {
+                    Handler::Ram => ram.load(r)?,
+                    Handler::Bitmaps => {
+                        if let Some(b) = bitmaps.as_deref_mut() {
+                            b.load(r)?;
+                        }
+                    }
+                    Handler::Device(_) => {
+                        return Err(MigrationError::Load(format!(
+                            "device section '{idstr}' after the postcopy package"
+                        )))
+                    }
+                }
+                read_footer(r, id)?;
+                r.set_section(None);
+            }
+        }
+    }
+}
+
+/// The rest of the postcopy package, on the loading thread while the listen thread reads the
+/// main channel: device sections (FULL), PINGs, and RUN — which activates the disks and starts
+/// the guest as the source's run state and `autostart` say.
+fn load_package_rest(
+    pr: &mut Reader,
+    machine: &dyn Machine,
+    devices: &HashMap<(String, u32), Arc<dyn DeviceState>>,
+    globalstate: &GlobalState,
+    fault: &FaultThread,
+    device_load_started: &mut bool,
+    shared: Option<&Arc<Shared>>,
+) -> Result<(), MigrationError> {
+    loop {
+        match read_item(pr)? {
+            Item::Eof => {
+                return Err(MigrationError::Load(
+                    "the postcopy package ended without POSTCOPY_RUN".into(),
+                ))
+            }
+            Item::Command(Command::Ping(v)) => fault.send(RpMessage::Pong(v)),
+            Item::Command(Command::PostcopyRun) => break,
+            Item::Command(cmd) => {
+                return Err(MigrationError::Load(format!(
+                    "migration command {} inside the postcopy package is not supported",
+                    cmd.name()
+                )))
+            }
+            Item::Section(h) => {
+                let Some(s) = h.start().filter(|_| h.kind() == wire::SectionKind::Full) else {
+                    return Err(MigrationError::Load(format!(
+                        "{} section in the postcopy package (only device state may come)",
+                        h.kind().name()
+                    )));
+                };
+                let d = device_for(devices, &s.idstr, s.instance_id, s.version_id)?;
+                if !*device_load_started {
+                    machine.begin_device_load();
+                    *device_load_started = true;
+                }
+                let id = h.section_id();
+                pr.set_section(Some(SectionContext::new(s.idstr.clone(), id)));
+                d.load(pr, s.version_id)?;
+                read_footer(pr, id)?;
+                pr.set_section(None);
+            }
+        }
+    }
+    if *device_load_started {
+        machine.end_device_load();
+        *device_load_started = false;
+    }
+    // RUN (`loadvm_postcopy_handle_run_bh`).
+    machine.activate_disks()?;
+    let runstate = globalstate.received().unwrap_or(RunState::Running);
+    let autostart = shared.is_none_or(|s| s.lock().autostart);
+    if runstate == RunState::Running && autostart {
+        machine.start();
+    } else if runstate == RunState::Running {
+        machine.set_runstate(RunState::Paused);
+    } else {
+        machine.set_runstate(runstate);
+    }
+    Ok(())
 }
 
 /// Runs one incoming migration to its end.
@@ -336,12 +709,19 @@ pub(crate) fn run(job: Job) {
         (inner.caps.clone(), inner.params.clone())
     };
     let mut loader = StreamLoader::new(job.machine.clone(), &caps, &params, conn.writer.take());
+    loader.attach_engine(shared.clone(), conn.shutdown.clone());
     let result = shared
         .advance_incoming(MigrationStatus::Active)
         .map_err(MigrationError::from)
         .and_then(|_| loader.load_header(&mut r))
         .and_then(|_| loader.load_body(&mut r))
-        .and_then(|_| loader.finish());
+        .and_then(|_| {
+            if loader.postcopy_ran() {
+                Ok(())
+            } else {
+                loader.finish()
+            }
+        });
     for w in &loader.warnings {
         log::warn!("incoming migration: {w}");
     }
@@ -361,7 +741,9 @@ pub(crate) fn run(job: Job) {
             // The run state first, then `completed` (QEMU's order): whoever sees the
             // migration completed also sees the guest running, or paused with -S.
             let autostart = shared.lock().autostart;
-            if runstate == RunState::Running && autostart {
+            if loader.postcopy_ran() {
+                // Postcopy's RUN already did this.
+            } else if runstate == RunState::Running && autostart {
                 job.machine.start();
             } else if runstate == RunState::Running {
                 job.machine.set_runstate(RunState::Paused);

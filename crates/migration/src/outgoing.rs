@@ -127,8 +127,13 @@ impl Outgoing {
     fn migrate(&mut self) -> Result<(), MigrationError> {
         self.connect()?;
         self.setup()?;
-        self.iterate()?;
-        self.switchover()?;
+        match self.iterate()? {
+            Next::Switchover => self.switchover()?,
+            Next::Postcopy => {
+                self.postcopy_switch()?;
+                self.postcopy_run()?;
+            }
+        }
         self.complete()
     }
 
@@ -150,7 +155,15 @@ impl Outgoing {
         let stream = conn.writer.take().ok_or_else(|| {
             MigrationError::Other("the transport has no outgoing direction".into())
         })?;
-        let use_rp = job.caps.has(Capability::ReturnPath) && job.uri.has_return_path();
+        let postcopy = job.caps.has(Capability::PostcopyRam);
+        if postcopy && !job.uri.has_return_path() {
+            // Postcopy cannot work without page requests (QEMU's words).
+            return Err(MigrationError::Other(
+                "Unable to open return-path for postcopy".into(),
+            ));
+        }
+        let use_rp =
+            (job.caps.has(Capability::ReturnPath) || postcopy) && job.uri.has_return_path();
         if use_rp {
             let reader = conn
                 .reader
@@ -175,7 +188,16 @@ impl Outgoing {
             write_command(w, &Command::OpenReturnPath)?;
             write_command(w, &Command::Ping(1))?;
         }
-        if job.caps.has(Capability::DirtyBitmaps) {
+        if job.caps.has(Capability::PostcopyRam) {
+            // Page sizes: every block is plain 4 KiB RAM.
+            write_command(
+                w,
+                &Command::PostcopyAdvise(Some(wire::command::PostcopyAdvise {
+                    ram_pagesize_summary: crate::guest::PAGE_SIZE,
+                    target_page_size: crate::guest::PAGE_SIZE,
+                })),
+            )?;
+        } else if job.caps.has(Capability::DirtyBitmaps) {
             // QEMU sends this whenever dirty-bitmaps is on (bitmaps are postcopiable); a QEMU
             // destination expects the 0-byte form.
             write_command(w, &Command::PostcopyAdvise(None))?;
@@ -222,7 +244,7 @@ impl Outgoing {
 
     /// Phase 3: precopy rounds while the guest runs, until [`Convergence`] says what
     /// remains can be sent in the downtime.
-    fn iterate(&mut self) -> Result<(), MigrationError> {
+    fn iterate(&mut self) -> Result<Next, MigrationError> {
         let (shared, generation, stats) = (
             self.job.shared.clone(),
             self.job.generation,
@@ -237,16 +259,22 @@ impl Outgoing {
             if shared.out_cancelled(generation) {
                 return Err(MigrationError::Cancelled);
             }
-            let (max_bw, downtime_ms) = {
+            let (max_bw, downtime_ms, postcopy) = {
                 let inner = shared.lock();
                 (
                     inner.params.max_bandwidth(),
                     inner.params.downtime_limit_ms(),
+                    inner.out.postcopy_requested,
                 )
             };
+            // With postcopy-ram all of RAM can follow the switch, so QEMU's condition
+            // (`must_precopy <= threshold`) always holds: switch at once.
+            if postcopy {
+                return Ok(Next::Postcopy);
+            }
             let allowance = meter.allowance(w.bytes_written(), max_bw);
             if allowance == 0 {
-                if shared.sleep_unless_cancelled(generation, meter.window_left()) {
+                if shared.sleep_unless_cancelled_or_postcopy(generation, meter.window_left()) {
                     return Err(MigrationError::Cancelled);
                 }
                 meter.tick(w.bytes_written(), sent_pages(&stats), &stats);
@@ -296,7 +324,7 @@ impl Outgoing {
                     .expected_downtime_ms
                     .store((pending / bw * 1000.0) as u64, Ordering::Relaxed);
                 if convergence.switch_now(pending, bw, downtime_ms) {
-                    return Ok(());
+                    return Ok(Next::Switchover);
                 }
             }
         }
@@ -306,6 +334,46 @@ impl Outgoing {
     /// inactivates the disks and writes the rest of the stream: the END sections, the device
     /// state, EOF and the vmdesc trailer. Then closes the sending direction.
     fn switchover(&mut self) -> Result<(), MigrationError> {
+        let (machine, stats) = (self.job.machine.clone(), self.job.stats.clone());
+        let globalstate = self.stop_guest()?;
+        let written = self.downtime_start.map_or(0, |(_, b)| b);
+
+        let (w, ram, bitmaps) = self.stream()?;
+        write_end(w, RAM_SECTION_ID)?;
+        ram.sync();
+        ram.send(w, u64::MAX, None)?;
+        wire::ram::write_eos(w)?;
+        write_footer(w, RAM_SECTION_ID)?;
+        if let Some(b) = bitmaps {
+            write_end(w, BITMAP_SECTION_ID)?;
+            b.save_complete(w)?;
+            write_footer(w, BITMAP_SECTION_ID)?;
+        }
+        let described = write_devices(w, &*machine, globalstate)?;
+        write_eof(w)?;
+        write_vmdesc(
+            w,
+            vmdesc_json(crate::guest::PAGE_SIZE, &described, None).as_bytes(),
+        )?;
+        w.flush()?;
+        let total = w.bytes_written();
+        stats.transferred.store(total, Ordering::Relaxed);
+        stats
+            .downtime_bytes
+            .store(total - written, Ordering::Relaxed);
+        // The end of the stream: an `exec:` child sees its input close, a socket peer sees
+        // the end of the data.
+        self.w = None;
+        if let Some(conn) = &self.conn {
+            conn.shutdown.shutdown_write();
+        }
+        Ok(())
+    }
+
+    /// The start of every switchover: stops the guest (remembering its run state for
+    /// `globalstate`), waits in `pre-switchover` if asked to, enters `device` and inactivates
+    /// the disks.
+    fn stop_guest(&mut self) -> Result<Arc<GlobalState>, MigrationError> {
         let (shared, machine, generation, stats) = (
             self.job.shared.clone(),
             self.job.machine.clone(),
@@ -334,46 +402,123 @@ impl Outgoing {
             MigrationError::Other(format!("Block inactivate failed during switchover: {e}"))
         })?;
         self.undo.inactivated = true;
+        Ok(globalstate)
+    }
 
+    /// Phase 4, postcopy (QEMU's `postcopy_start`): stop the guest as for a switchover, send
+    /// what cannot follow the switch (the dirty bitmaps, for now), tell the destination which
+    /// pages to throw away (still dirty here), then the device state wrapped in a package
+    /// with LISTEN before it and RUN after it; then `postcopy-active`.
+    fn postcopy_switch(&mut self) -> Result<(), MigrationError> {
+        let (shared, machine, generation, stats) = (
+            self.job.shared.clone(),
+            self.job.machine.clone(),
+            self.job.generation,
+            self.job.stats.clone(),
+        );
+        let globalstate = self.stop_guest()?;
         let (w, ram, bitmaps) = self.stream()?;
-        write_end(w, RAM_SECTION_ID)?;
-        ram.sync();
-        ram.send(w, u64::MAX, None)?;
-        wire::ram::write_eos(w)?;
-        write_footer(w, RAM_SECTION_ID)?;
         if let Some(b) = bitmaps {
             write_end(w, BITMAP_SECTION_ID)?;
             b.save_complete(w)?;
             write_footer(w, BITMAP_SECTION_ID)?;
         }
-        let mut devices: Vec<Arc<dyn DeviceState>> = machine.devices();
-        devices.push(globalstate);
-        let mut described = Vec::new();
-        for (i, d) in devices.iter().filter(|d| d.needed()).enumerate() {
-            let id = FIRST_DEVICE_SECTION_ID + i as u32;
-            let vmsd = d.vmsd();
-            write_full(w, id, &d.idstr(), d.instance_id(), vmsd.version_id)?;
-            d.save(w)?;
-            write_footer(w, id)?;
-            described.push(DeviceDesc {
-                idstr: d.idstr(),
-                instance_id: d.instance_id(),
-                vmsd,
-            });
+        ram.sync();
+        for cmd in ram.discard_commands() {
+            write_command(w, &cmd)?;
         }
-        write_eof(w)?;
-        write_vmdesc(
-            w,
-            vmdesc_json(crate::guest::PAGE_SIZE, &described, None).as_bytes(),
-        )?;
+        write_command(w, &Command::Ping(2))?;
+        // The package: the destination reads it whole before loading it, so that its main
+        // channel is free for the pages device loading may fault on.
+        let buf = SharedBuf::default();
+        let mut pw: Writer = StreamWriter::new(Box::new(buf.clone()));
+        write_command(&mut pw, &Command::PostcopyListen)?;
+        write_devices(&mut pw, &*machine, globalstate)?;
+        write_command(&mut pw, &Command::Ping(3))?;
+        write_command(&mut pw, &Command::PostcopyRun)?;
+        pw.flush()?;
+        drop(pw);
+        write_command(w, &Command::Packaged(buf.take()))?;
+        write_command(w, &Command::Ping(4))?;
         w.flush()?;
-        let total = w.bytes_written();
-        stats.transferred.store(total, Ordering::Relaxed);
-        stats
-            .downtime_bytes
-            .store(total - written, Ordering::Relaxed);
-        // The end of the stream: an `exec:` child sees its input close, a socket peer sees
-        // the end of the data.
+        let written = w.bytes_written();
+        stats.transferred.store(written, Ordering::Relaxed);
+        if let Some((t, b)) = self.downtime_start {
+            stats.downtime_bytes.store(written - b, Ordering::Relaxed);
+            // QEMU measures postcopy's downtime up to the package.
+            shared.lock().out.downtime_ms = Some(t.elapsed().as_millis() as u64);
+        }
+        shared.advance(generation, MigrationStatus::PostcopyActive)
+    }
+
+    /// Phase 4b, postcopy: the pages the destination asks for first, the rest in the
+    /// background at `max-postcopy-bandwidth`, in small PART sections so that a request never
+    /// waits behind more than one batch; then the END section and EOF.
+    fn postcopy_run(&mut self) -> Result<(), MigrationError> {
+        let (shared, generation, stats) = (
+            self.job.shared.clone(),
+            self.job.generation,
+            self.job.stats.clone(),
+        );
+        let rp = self.rp.take().ok_or_else(|| gone("the return path"))?;
+        let result = (|| {
+            let (w, ram, _) = self.stream()?;
+            let start_bytes = w.bytes_written();
+            let mut meter = Meter::new(start_bytes);
+            let mut pending: Vec<(String, u64, u64)> = Vec::new();
+            loop {
+                if shared.out_cancelled(generation) {
+                    return Err(MigrationError::Cancelled);
+                }
+                let max_bw = shared.lock().params.max_postcopy_bandwidth();
+                let allowance = meter.allowance(w.bytes_written(), max_bw);
+                // Wait for a request only when the background may not send now.
+                let wait = if allowance == 0 {
+                    meter.window_left().max(Duration::from_micros(100))
+                } else {
+                    Duration::ZERO
+                };
+                drain_requests(&rp, &mut pending, wait)?;
+                if pending.is_empty() && allowance == 0 {
+                    meter.tick(w.bytes_written(), sent_pages(&stats), &stats);
+                    continue;
+                }
+                write_part(w, RAM_SECTION_ID)?;
+                for (block, offset, len) in pending.drain(..) {
+                    ram.send_requested(w, &block, offset, len)?;
+                    stats.ram.postcopy_requests.fetch_add(1, Ordering::Relaxed);
+                }
+                let outcome = if allowance > 0 {
+                    ram.send(w, allowance.min(POSTCOPY_BATCH), None)?
+                } else {
+                    SendOutcome::Budget
+                };
+                wire::ram::write_eos(w)?;
+                write_footer(w, RAM_SECTION_ID)?;
+                w.flush()?;
+                let now = w.bytes_written();
+                stats.transferred.store(now, Ordering::Relaxed);
+                stats
+                    .postcopy_bytes
+                    .store(now - start_bytes, Ordering::Relaxed);
+                meter.tick(now, sent_pages(&stats), &stats);
+                if outcome == SendOutcome::PassDone {
+                    break;
+                }
+            }
+            write_end(w, RAM_SECTION_ID)?;
+            wire::ram::write_eos(w)?;
+            write_footer(w, RAM_SECTION_ID)?;
+            // QEMU's postcopy stream ends without a vmdesc trailer.
+            write_eof(w)?;
+            w.flush()?;
+            stats
+                .transferred
+                .store(w.bytes_written(), Ordering::Relaxed);
+            Ok(())
+        })();
+        self.rp = Some(rp);
+        result?;
         self.w = None;
         if let Some(conn) = &self.conn {
             conn.shutdown.shutdown_write();
@@ -408,7 +553,8 @@ impl Outgoing {
             .bits_per_second
             .store((total as f64 * 8.0 / secs) as u64, Ordering::Relaxed);
         job.machine.set_runstate(RunState::PostMigrate);
-        job.shared.lock().out.downtime_ms = Some(downtime);
+        // Postcopy measured its downtime at the switch already.
+        job.shared.lock().out.downtime_ms.get_or_insert(downtime);
         Ok(())
     }
 
@@ -459,6 +605,111 @@ fn sent_pages(stats: &OutgoingStats) -> u64 {
     stats.ram.normal_pages.load(Ordering::Relaxed) + stats.ram.zero_pages.load(Ordering::Relaxed)
 }
 
+/// Bytes of background pages per PART section in postcopy: a requested page waits behind
+/// at most this much.
+const POSTCOPY_BATCH: u64 = 16 * crate::guest::PAGE_SIZE;
+
+/// Which way the precopy phase ends.
+enum Next {
+    /// Stop, send the rest, done.
+    Switchover,
+    /// `migrate-start-postcopy`: switch now and let the destination pull the rest.
+    Postcopy,
+}
+
+/// Writes the FULL section of every device that needs one, `globalstate` last; returns their
+/// descriptions for the vmdesc trailer.
+fn write_devices(
+    w: &mut Writer,
+    machine: &dyn Machine,
+    globalstate: Arc<GlobalState>,
+) -> Result<Vec<DeviceDesc>, MigrationError> {
+    let mut devices: Vec<Arc<dyn DeviceState>> = machine.devices();
+    devices.push(globalstate);
+    let mut described = Vec::new();
+    for (i, d) in devices.iter().filter(|d| d.needed()).enumerate() {
+        let id = FIRST_DEVICE_SECTION_ID + i as u32;
+        let vmsd = d.vmsd();
+        write_full(w, id, &d.idstr(), d.instance_id(), vmsd.version_id)?;
+        d.save(w)?;
+        write_footer(w, id)?;
+        described.push(DeviceDesc {
+            idstr: d.idstr(),
+            instance_id: d.instance_id(),
+            vmsd,
+        });
+    }
+    Ok(described)
+}
+
+/// A growable buffer several writers can share: the postcopy package is built in one, through
+/// the same `Writer` type the devices save with.
+#[derive(Clone, Default)]
+struct SharedBuf(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl SharedBuf {
+    fn take(&self) -> Vec<u8> {
+        std::mem::take(&mut *self.0.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+}
+
+impl std::io::Write for SharedBuf {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Collects the page requests the return path has delivered, waiting up to `wait` for the
+/// first one. The destination going away in postcopy is an error (recovery is not built yet).
+fn drain_requests(
+    rp: &mpsc::Receiver<RpEvent>,
+    pending: &mut Vec<(String, u64, u64)>,
+    wait: Duration,
+) -> Result<(), MigrationError> {
+    let mut first = true;
+    loop {
+        let ev = if first && !wait.is_zero() {
+            match rp.recv_timeout(wait) {
+                Ok(ev) => Ok(ev),
+                Err(mpsc::RecvTimeoutError::Timeout) => return Ok(()),
+                Err(mpsc::RecvTimeoutError::Disconnected) => Err(()),
+            }
+        } else {
+            match rp.try_recv() {
+                Ok(ev) => Ok(ev),
+                Err(mpsc::TryRecvError::Empty) => return Ok(()),
+                Err(mpsc::TryRecvError::Disconnected) => Err(()),
+            }
+        };
+        first = false;
+        match ev {
+            Ok(RpEvent::Request { block, offset, len }) => pending.push((block, offset, len)),
+            Ok(RpEvent::Shut(n)) => {
+                return Err(MigrationError::Other(format!(
+                    "the destination ended the migration (SHUT {n}) during postcopy"
+                )))
+            }
+            Ok(RpEvent::Closed(why)) => {
+                return Err(MigrationError::Other(format!(
+                    "the destination went away during postcopy ({why})"
+                )))
+            }
+            Err(()) => {
+                return Err(MigrationError::Other(
+                    "the return path ended during postcopy".into(),
+                ))
+            }
+        }
+    }
+}
+
 /// Waits in `pre-switchover` until `migrate-continue` or a cancel.
 fn wait_for_continue(
     shared: &Shared,
@@ -479,6 +730,9 @@ fn wait_for_continue(
             Ok(RpEvent::Shut(n)) => Err(MigrationError::Other(format!(
                 "the destination ended the migration (SHUT {n}) before the switchover"
             ))),
+            Ok(RpEvent::Request { .. }) => Err(MigrationError::Other(
+                "RP: page request before postcopy".into(),
+            )),
             Err(mpsc::TryRecvError::Disconnected) => Err(MigrationError::Other(
                 "the return path ended while the source waited in pre-switchover".into(),
             )),
@@ -491,6 +745,12 @@ fn wait_for_continue(
 enum RpEvent {
     Shut(u32),
     Closed(String),
+    /// A postcopy page request: `len` bytes at `offset` of `block`.
+    Request {
+        block: String,
+        offset: u64,
+        len: u64,
+    },
 }
 
 fn spawn_return_path(reader: BoxRead) -> Result<mpsc::Receiver<RpEvent>, MigrationError> {
@@ -499,6 +759,8 @@ fn spawn_return_path(reader: BoxRead) -> Result<mpsc::Receiver<RpEvent>, Migrati
         .name("migration-rp".into())
         .spawn(move || {
             let mut r = StreamReader::new(reader);
+            // The block of the last REQ_PAGES_ID: REQ_PAGES names none.
+            let mut block: Option<String> = None;
             loop {
                 match read_rp_message(&mut r) {
                     Ok(RpMessage::Shut(st)) => {
@@ -506,9 +768,34 @@ fn spawn_return_path(reader: BoxRead) -> Result<mpsc::Receiver<RpEvent>, Migrati
                         return;
                     }
                     Ok(RpMessage::Pong(_)) | Ok(RpMessage::SwitchoverAck) => {}
+                    Ok(RpMessage::ReqPagesId {
+                        start,
+                        len,
+                        ramblock,
+                    }) => {
+                        block = Some(ramblock.clone());
+                        let _ = tx.send(RpEvent::Request {
+                            block: ramblock,
+                            offset: start,
+                            len: u64::from(len),
+                        });
+                    }
+                    Ok(RpMessage::ReqPages { start, len }) => {
+                        let Some(b) = block.clone() else {
+                            let _ = tx.send(RpEvent::Closed(
+                                "RP: REQ_PAGES before any REQ_PAGES_ID".into(),
+                            ));
+                            return;
+                        };
+                        let _ = tx.send(RpEvent::Request {
+                            block: b,
+                            offset: start,
+                            len: u64::from(len),
+                        });
+                    }
                     Ok(other) => {
                         let _ = tx.send(RpEvent::Closed(format!(
-                            "RP: unexpected message {} in precopy",
+                            "RP: unexpected message {}",
                             other.name()
                         )));
                         return;
@@ -535,6 +822,8 @@ fn wait_for_shut(
         }
         match rp.recv_timeout(Duration::from_millis(50)) {
             Ok(RpEvent::Shut(0)) => return Ok(()),
+            // Pages asked for after the last one went out: they are on their way.
+            Ok(RpEvent::Request { .. }) => {}
             Ok(RpEvent::Shut(n)) => return Err(MigrationError::SiblingError(n)),
             Ok(RpEvent::Closed(why)) => {
                 return Err(MigrationError::Other(format!(

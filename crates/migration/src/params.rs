@@ -339,6 +339,12 @@ impl Parameters {
         self.uint("max-bandwidth")
     }
 
+    /// `max-postcopy-bandwidth` in bytes per second: the background rate in postcopy (0: no
+    /// limit). Requested pages are not limited.
+    pub fn max_postcopy_bandwidth(&self) -> u64 {
+        self.uint("max-postcopy-bandwidth")
+    }
+
     /// `downtime-limit` in milliseconds.
     pub fn downtime_limit_ms(&self) -> u64 {
         self.uint("downtime-limit")

@@ -12,6 +12,7 @@
 use crate::error::MigrationError;
 use crate::guest::{RamBlock, PAGE_SIZE};
 use crate::machine::{Reader, Writer};
+use crate::postcopy::PostcopyRam;
 use std::collections::HashMap;
 use std::io::IoSlice;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -42,6 +43,8 @@ pub struct RamCounters {
     pub dirty_syncs: AtomicU64,
     /// Pages found dirty by the last synchronisation.
     pub last_sync_dirty: AtomicU64,
+    /// Page requests answered in postcopy (`postcopy-requests`).
+    pub postcopy_requests: AtomicU64,
 }
 
 struct BlockState {
@@ -268,6 +271,70 @@ impl RamSaver {
         Ok(())
     }
 
+    /// The POSTCOPY_RAM_DISCARD commands for every page still to send (call after the last
+    /// [`sync`](Self::sync), with the guest stopped): the destination throws those pages away.
+    pub fn discard_commands(&self) -> Vec<wire::command::Command> {
+        self.blocks
+            .iter()
+            .flat_map(|b| {
+                crate::postcopy::discard::discard_commands(b.block.name(), &b.dirty, b.pages)
+            })
+            .collect()
+    }
+
+    /// Sends the pages of a postcopy request (`len` bytes at `offset` of block `block`) that
+    /// are still to send; pages already sent are skipped (they are on their way, QEMU does
+    /// the same). Each page is sent once: its dirty bit is cleared here.
+    pub fn send_requested(
+        &mut self,
+        w: &mut Writer,
+        block: &str,
+        offset: u64,
+        len: u64,
+    ) -> Result<u64, MigrationError> {
+        let Some(bi) = self.blocks.iter().position(|b| b.block.name() == block) else {
+            return Err(MigrationError::Other(format!(
+                "migrate_handle_rp_req_pages: invalid block name '{block}'"
+            )));
+        };
+        if !offset.is_multiple_of(PAGE_SIZE) || !len.is_multiple_of(PAGE_SIZE) {
+            return Err(MigrationError::Other(format!(
+                "migrate_handle_rp_req_pages: Misaligned page request, start: {offset:x} len: {len}"
+            )));
+        }
+        let first = offset / PAGE_SIZE;
+        let end = first
+            .checked_add(len / PAGE_SIZE)
+            .filter(|e| *e <= self.blocks[bi].pages)
+            .ok_or_else(|| {
+                MigrationError::Other(format!(
+                    "page request outside block '{block}': start {offset:#x} len {len:#x}"
+                ))
+            })?;
+        let mut batch = Vec::new();
+        for page in first..end {
+            let b = &mut self.blocks[bi];
+            let (wi, bit) = ((page / 64) as usize, 1u64 << (page % 64));
+            if b.dirty[wi] & bit == 0 {
+                continue;
+            }
+            b.dirty[wi] &= !bit;
+            let zero = b
+                .block
+                .region()
+                .is_zero(page * PAGE_SIZE, PAGE_SIZE as usize);
+            batch.push((bi, page, zero));
+            if batch.len() == BATCH {
+                self.write_batch(w, &batch)?;
+                batch.clear();
+            }
+        }
+        if !batch.is_empty() {
+            self.write_batch(w, &batch)?;
+        }
+        Ok(end - first)
+    }
+
     /// Stops the dirty logs (at the end of the migration, whatever its outcome).
     pub fn stop(&self) {
         for b in &self.blocks {
@@ -282,6 +349,13 @@ pub struct RamLoader {
     tracker: BlockTracker,
     /// Pages loaded (normal and zero), for statistics.
     pub pages_loaded: u64,
+    /// Guest RAM in postcopy, once ADVISE said postcopy may come: precopy pages are marked
+    /// received in it, and after LISTEN pages are placed through it.
+    postcopy: Option<Arc<PostcopyRam>>,
+    /// LISTEN was seen: pages are placed atomically, never written through the mapping.
+    listening: bool,
+    /// Where a postcopy page's payload lands before it is placed (one page, reused).
+    staging: Vec<u8>,
 }
 
 impl RamLoader {
@@ -295,7 +369,79 @@ impl RamLoader {
             blocks,
             tracker: BlockTracker::new(),
             pages_loaded: 0,
+            postcopy: None,
+            listening: false,
+            staging: Vec::new(),
         }
+    }
+
+    /// ADVISE: from now on every page loaded is marked in `ram`'s received map.
+    pub fn set_postcopy(&mut self, ram: Arc<PostcopyRam>) {
+        self.postcopy = Some(ram);
+    }
+
+    /// LISTEN: from now on pages are placed through userfaultfd (the RAM is registered).
+    pub fn start_listening(&mut self) {
+        self.listening = true;
+        self.staging = vec![0u8; PAGE_SIZE as usize];
+    }
+
+    fn mark_received(&self, name: Option<&str>, offset: u64) {
+        if let (Some(pc), Some(name)) = (&self.postcopy, name) {
+            if let Some(bi) = pc.block_index(name) {
+                pc.mark_received(bi, offset);
+            }
+        }
+    }
+
+    /// One record in postcopy (`ram_load_postcopy`): only ZERO, PAGE and EOS are allowed.
+    /// Returns true at EOS.
+    fn load_postcopy_record(&mut self, r: &mut Reader) -> Result<bool, MigrationError> {
+        let pc = self
+            .postcopy
+            .clone()
+            .ok_or_else(|| MigrationError::Load("postcopy page without POSTCOPY_ADVISE".into()))?;
+        let (block, offset, zero_fill) = match read_ram_record(r)? {
+            RamRecord::Eos => return Ok(true),
+            RamRecord::Zero {
+                block,
+                offset,
+                fill,
+            } => (block, offset, Some(fill)),
+            RamRecord::Page { block, offset } => (block, offset, None),
+            other => {
+                return Err(MigrationError::Load(format!(
+                    "Unknown combination of migration flags: {other:?} (postcopy mode)"
+                )))
+            }
+        };
+        let name = self
+            .tracker
+            .resolve(block.as_deref())
+            .map_err(|k| MigrationError::Wire(r.error(k)))?;
+        let bi = pc.block_index(name).ok_or_else(|| {
+            MigrationError::Load(format!(
+                "Can't find block {name}: Illegal RAM offset {offset:x}"
+            ))
+        })?;
+        let pe = |e: crate::postcopy::PostcopyError| MigrationError::Load(e.to_string());
+        match zero_fill {
+            Some(0) => {
+                pc.place_zero(bi, offset).map_err(pe)?;
+            }
+            Some(fill) => {
+                self.staging.fill(fill);
+                pc.place_page(bi, offset, &self.staging).map_err(pe)?;
+            }
+            None => {
+                // Read even when the page is already here (the other channel was first): the
+                // payload is in the stream either way.
+                r.read_into(&mut self.staging)?;
+                pc.place_page(bi, offset, &self.staging).map_err(pe)?;
+            }
+        }
+        self.pages_loaded += 1;
+        Ok(false)
     }
 
     /// The block a record names (or the last one named), checked to hold the page at
@@ -328,6 +474,10 @@ impl RamLoader {
 
     /// Loads one section body (START, PART or END): records up to EOS.
     pub fn load(&mut self, r: &mut Reader) -> Result<(), MigrationError> {
+        if self.listening {
+            while !self.load_postcopy_record(r)? {}
+            return Ok(());
+        }
         loop {
             match read_ram_record(r)? {
                 RamRecord::Eos => return Ok(()),
@@ -355,6 +505,7 @@ impl RamLoader {
                         region.with_slice_mut(offset, PAGE_SIZE as usize, |s| s.fill(fill));
                     }
                     self.pages_loaded += 1;
+                    self.mark_received(block.as_deref().or(self.tracker.last()), offset);
                 }
                 RamRecord::Page { block, offset } => {
                     let region = self.block(r, block.as_deref(), offset)?.region();
@@ -362,6 +513,7 @@ impl RamLoader {
                         .with_slice_mut(offset, PAGE_SIZE as usize, |s| r.read_into(s))
                         .ok_or_else(|| MigrationError::Load(format!("Illegal RAM offset {offset:x}")))??;
                     self.pages_loaded += 1;
+                    self.mark_received(block.as_deref().or(self.tracker.last()), offset);
                 }
                 // Without multifd channels there is nothing to synchronise with.
                 RamRecord::MultifdFlush => {}

@@ -175,6 +175,8 @@ pub(crate) struct OutState {
     /// `migrate_cancel` (or a shutdown) asked this migration to stop.
     cancel_requested: bool,
     continue_requested: bool,
+    /// `migrate-start-postcopy` was asked for: switch to postcopy at the next round.
+    pub postcopy_requested: bool,
     /// The channel, once connected: a cancel shuts it down so a blocked write returns.
     shutdown: Option<ShutdownHandle>,
     /// `error-desc` of a failed migration.
@@ -193,6 +195,7 @@ impl OutState {
             generation,
             cancel_requested: false,
             continue_requested: false,
+            postcopy_requested: false,
             shutdown: None,
             error: None,
             started: None,
@@ -397,12 +400,36 @@ impl Shared {
     }
 
     /// Waits up to `d`, returning early on a cancel. Returns true if cancelled.
+    #[cfg_attr(not(test), allow(dead_code))]
     pub(crate) fn sleep_unless_cancelled(&self, generation: Generation, d: Duration) -> bool {
         let deadline = Instant::now() + d;
         let mut inner = self.lock();
         while inner.out.owned_by(generation) {
             let now = Instant::now();
             if now >= deadline {
+                return false;
+            }
+            inner = self
+                .cond
+                .wait_timeout(inner, deadline - now)
+                .map(|(g, _)| g)
+                .unwrap_or_else(|p| p.into_inner().0);
+        }
+        true
+    }
+
+    /// Waits up to `d`, returning early on a cancel (true) or when `migrate-start-postcopy`
+    /// asks for the switch (false).
+    pub(crate) fn sleep_unless_cancelled_or_postcopy(
+        &self,
+        generation: Generation,
+        d: Duration,
+    ) -> bool {
+        let deadline = Instant::now() + d;
+        let mut inner = self.lock();
+        while inner.out.owned_by(generation) {
+            let now = Instant::now();
+            if now >= deadline || inner.out.postcopy_requested {
                 return false;
             }
             inner = self

@@ -13,8 +13,9 @@ use super::received::ReceivedMap;
 use super::requests::{FaultAction, Requests};
 use super::uffd::{self, HostRange, Placement, PostcopyFd};
 use super::PostcopyError;
-use crate::guest::PAGE_SIZE;
+use crate::guest::{RamBlock, PAGE_SIZE};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 use wire::command::DiscardRange;
 
@@ -74,6 +75,8 @@ pub struct PlacementStats {
 /// The destination's guest RAM in postcopy.
 pub struct PostcopyRam {
     blocks: Vec<PostcopyBlock>,
+    /// The RAM blocks whose mappings `blocks` point into, kept alive with them.
+    _keep: Vec<Arc<dyn RamBlock>>,
     uffd: Option<PostcopyFd>,
     registered: AtomicBool,
     thp_off: AtomicBool,
@@ -92,6 +95,7 @@ impl PostcopyRam {
         vcpu_tids: Option<&[i32]>,
     ) -> Self {
         PostcopyRam {
+            _keep: Vec::new(),
             blocks: blocks
                 .into_iter()
                 .map(|(name, range)| PostcopyBlock {
@@ -107,6 +111,17 @@ impl PostcopyRam {
             blocktime: vcpu_tids.map(Blocktime::new),
             stats: PlacementStats::default(),
         }
+    }
+
+    /// The guest RAM of a VMM's RAM blocks (kept alive by the value).
+    pub fn from_blocks(
+        blocks: Vec<Arc<dyn RamBlock>>,
+        uffd: Option<PostcopyFd>,
+        vcpu_tids: Option<&[i32]>,
+    ) -> Self {
+        let mut ram = Self::new(uffd::ranges_of(&blocks), uffd, vcpu_tids);
+        ram._keep = blocks;
+        ram
     }
 
     /// The blocks.
@@ -351,7 +366,6 @@ impl Drop for PostcopyRam {
 mod tests {
     use super::*;
     use crate::postcopy::uffd::AnonMapping;
-    use std::sync::Arc;
 
     const P: usize = PAGE_SIZE as usize;
 

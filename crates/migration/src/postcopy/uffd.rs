@@ -13,12 +13,13 @@
 #![allow(unsafe_code)]
 
 use super::PostcopyError;
-use crate::guest::PAGE_SIZE;
+use crate::guest::{RamBlock, PAGE_SIZE};
 use nix::sys::mman::{madvise, mmap_anonymous, munmap, MapFlags, MmapAdvise, ProtFlags};
 use std::ffi::c_void;
 use std::num::NonZeroUsize;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::ptr::NonNull;
+use std::sync::Arc;
 use userfaultfd::{Event, EventBuffer, FeatureFlags, IoctlFlags, Uffd, UffdBuilder};
 
 /// A span of host memory holding guest RAM (one RAM block), as postcopy sees it.
@@ -82,6 +83,23 @@ impl HostRange {
             self.len
         ))
     }
+}
+
+/// The host ranges of `blocks`, by name. The ranges stay valid only while `blocks` are alive:
+/// [`super::PostcopyRam::from_blocks`] keeps the `Arc`s beside them.
+pub(crate) fn ranges_of(blocks: &[Arc<dyn RamBlock>]) -> Vec<(String, HostRange)> {
+    blocks
+        .iter()
+        .filter_map(|b| {
+            let region = b.region();
+            let base = NonNull::new(region.host_addr())?;
+            // SAFETY: the region is the block's guest RAM mapping (private anonymous memory,
+            // page-aligned, read-write, per the `RamBlock` contract); the caller keeps the
+            // block, and so the mapping, alive for as long as it uses the range.
+            let range = unsafe { HostRange::new(base, region.len()) };
+            Some((b.name().to_string(), range))
+        })
+        .collect()
 }
 
 /// What a placement found.

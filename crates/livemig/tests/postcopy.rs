@@ -1,0 +1,110 @@
+//! Postcopy between two `livemig vm` processes (issue 10): `migrate-start-postcopy` during a
+//! slow precopy, the destination running its guest on pages it pulls from the source, and what
+//! a user sees of it — states and events on both ends, page requests in `query-migrate`, RAM
+//! that verifies page by page, vCPUs that carry on.
+
+mod common;
+
+use common::*;
+use serde_json::json;
+
+const CAPS: &[&str] = &["events", "postcopy-ram"];
+
+/// A busy source, capabilities set, precopy slowed down so that most of RAM is still to send
+/// when postcopy starts.
+fn slow_source(dir: &std::path::Path) -> Lm {
+    let mut src = Lm::source(dir, "src", BUSY);
+    src.caps_on(CAPS);
+    src.wait_filled();
+    src.set_params(json!({"max-bandwidth": 4 << 20}));
+    src
+}
+
+#[test]
+fn postcopy_stop_point_matches_the_source() {
+    let dir = tempdir();
+    let uri = unix_uri(dir.path(), "mig.sock");
+    let mut dst = Lm::destination(dir.path(), "dst", &uri);
+    dst.caps_on(CAPS);
+    let mut src = slow_source(dir.path());
+    src.migrate(&uri);
+    src.wait_migration(&["active"]);
+    src.ok("migrate-start-postcopy", json!({}));
+    // The destination is paused (-S): every page comes from the background push.
+    let v = check_stop_point(&mut src, &mut dst, &[]);
+    assert!(v["valid"].as_u64().unwrap_or(0) >= FILL_PAGES, "{v}");
+    assert_eq!(
+        src.migration_events_until("completed"),
+        [
+            "setup",
+            "active",
+            "STOP",
+            "device",
+            "postcopy-active",
+            "completed"
+        ],
+        "source events"
+    );
+    assert_eq!(
+        dst.migration_events_until("completed"),
+        ["setup", "active", "postcopy-active", "completed"],
+        "destination events"
+    );
+    let q = src.ok("query-migrate", json!({}));
+    assert!(q["ram"]["postcopy-bytes"].as_u64().unwrap_or(0) > 0, "{q}");
+    assert!(q["downtime"].as_u64().is_some(), "{q}");
+    check_carries_on(&mut dst);
+}
+
+#[test]
+fn the_destination_guest_runs_on_pages_it_pulls() {
+    let dir = tempdir();
+    let uri = unix_uri(dir.path(), "mig.sock");
+    // A destination that starts its guest as soon as postcopy runs.
+    let mut a = GUEST.to_vec();
+    a.extend(["-incoming", &uri]);
+    let mut dst = Lm::start(dir.path(), "dst", &a);
+    dst.caps_on(CAPS);
+    let mut src = slow_source(dir.path());
+    // Background pages trickle: the guest's own accesses must pull what it needs.
+    src.set_params(json!({"max-postcopy-bandwidth": 8 << 20}));
+    src.migrate(&uri);
+    src.wait_migration(&["active"]);
+    src.ok("migrate-start-postcopy", json!({}));
+    src.wait_migration(&["postcopy-active", "completed"]);
+    let at_switch = src.steps();
+    dst.wait_completed();
+    src.wait_completed();
+    assert_eq!(dst.status(), "running");
+    dst.wait_steps_beyond(&at_switch);
+    let q = src.ok("query-migrate", json!({}));
+    assert!(
+        q["ram"]["postcopy-requests"].as_u64().unwrap_or(0) > 0,
+        "the running guest asked for pages: {q}"
+    );
+    let v = dst.verify_ram();
+    assert_eq!(v["corrupt"], 0, "destination RAM: {v}");
+    assert!(v["valid"].as_u64().unwrap_or(0) >= FILL_PAGES, "{v}");
+}
+
+#[test]
+fn postcopy_is_refused_where_qemu_refuses_it() {
+    let dir = tempdir();
+    let mut src = Lm::source(dir.path(), "src", IDLE);
+    assert_eq!(
+        src.err("migrate-start-postcopy", json!({})),
+        "Enable postcopy with migrate_set_capability before the start of migration"
+    );
+    src.caps_on(&["postcopy-ram"]);
+    assert_eq!(
+        src.err("migrate-start-postcopy", json!({})),
+        "Postcopy must be started after migration has been started"
+    );
+    // exec: has no return path to ask for pages on.
+    src.migrate("exec:cat > /dev/null");
+    let r = src.wait_migration(&["failed"]);
+    assert_eq!(
+        r["error-desc"], "Unable to open return-path for postcopy",
+        "{r}"
+    );
+}
