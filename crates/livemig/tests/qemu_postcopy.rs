@@ -1,0 +1,148 @@
+//! Postcopy with QEMU 7.2 at the other end (issue 10), `-M none -m 32M`, over unix and TCP.
+//!
+//! One chain per transport:
+//! 1. QEMU "A" (pattern A from `-device loader`) → livemig "L1", precopy throttled to 1 MiB/s,
+//!    `migrate-start-postcopy` on QEMU after the first MiB. While L1 is `postcopy-active`, a
+//!    `pmemsave` of all its RAM touches every page that has not arrived: each touch faults,
+//!    L1 asks QEMU for the page (REQ_PAGES_ID / REQ_PAGES), QEMU sends it ahead of its
+//!    background push. Both end `completed`; the RAM images are identical.
+//! 2. L1 → QEMU "B" the same way round: livemig is the postcopy source, QEMU's `pmemsave`
+//!    during postcopy makes QEMU's fault thread ask livemig for pages.
+
+mod qemu_common;
+
+use qemu_common::*;
+use serde_json::{json, Value};
+use std::path::Path;
+use std::time::{Duration, Instant};
+use testkit::QmpClient;
+
+/// Bytes of pattern A at guest address 0.
+const A_LEN: usize = 4 << 20;
+
+fn postcopy_caps(q: &mut QmpClient) {
+    q.ok(
+        "migrate-set-capabilities",
+        json!({"capabilities": [
+            {"capability": "postcopy-ram", "state": true},
+            {"capability": "events", "state": true},
+        ]}),
+    );
+}
+
+/// Starts a throttled migration `src` → `dst`, switches to postcopy once 1 MiB went through,
+/// reads the destination's whole RAM while it is in postcopy (pulling pages), and waits for
+/// both ends. Returns (source, destination) `query-migrate` replies and the RAM read during
+/// postcopy.
+fn postcopy(
+    src: &mut QmpClient,
+    dst: &mut QmpClient,
+    uri: &str,
+    dir: &Path,
+    name: &str,
+) -> (Value, Value, Vec<u8>) {
+    src.ok(
+        "migrate-set-parameters",
+        json!({"max-bandwidth": 1 << 20, "max-postcopy-bandwidth": 1 << 20}),
+    );
+    let uri = connect_uri(dst, uri);
+    src.ok("migrate", json!({ "uri": uri }));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let st = src.ok("query-migrate", json!({}));
+        let status = st["status"].as_str().unwrap_or_default();
+        assert!(
+            status == "setup" || status == "active",
+            "{name}: the migration ended before postcopy: {st}"
+        );
+        if st["ram"]["transferred"].as_u64().unwrap_or(0) > 1 << 20 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{name}: no progress: {st}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    src.ok("migrate-start-postcopy", json!({}));
+    let d = wait(dst, &["postcopy-active", "completed", "failed"]);
+    assert_eq!(d["status"], "postcopy-active", "{name}: destination {d}");
+    // Most of RAM is still on the source: reading it faults page after page.
+    let during = ram(dst, dir, &format!("{name}-during"));
+    let s = wait(src, &["completed", "failed", "cancelled"]);
+    let d = wait(dst, &["completed", "failed"]);
+    (s, d, during)
+}
+
+fn chain(test: &str, transport: Transport) {
+    let Some(tmp) = setup(test) else { return };
+    let dir = tmp.path();
+    let a_file = dir.join("a.bin");
+    let pat_a = pattern_file(&a_file, A_LEN, 11);
+
+    // 1. QEMU A -> livemig L1.
+    let qa = qemu(dir, "qa", &loader(&a_file, 0));
+    let mut qa_q = qa.qmp();
+    postcopy_caps(&mut qa_q);
+    let uri = transport.uri(dir, "mig1");
+    let l1 = livemig(dir, "l1", &strings(&["-incoming", &uri]));
+    let mut l1_q = l1.qmp();
+    postcopy_caps(&mut l1_q);
+    let (s, d, during) = postcopy(&mut qa_q, &mut l1_q, &uri, dir, "l1");
+    assert_eq!(s["status"], "completed", "QEMU source: {s}\n{}", qa.log());
+    assert_eq!(
+        d["status"],
+        "completed",
+        "livemig destination: {d}\n{}",
+        l1.log()
+    );
+    assert!(
+        s["ram"]["postcopy-requests"].as_u64().unwrap_or(0) > 0,
+        "livemig asked QEMU for pages: {s}"
+    );
+    let ram_qa = ram(&mut qa_q, dir, "qa");
+    assert_eq!(
+        &ram_qa[..A_LEN],
+        &pat_a[..],
+        "loader A did not fill QEMU's RAM"
+    );
+    assert_same_ram(&ram_qa, &during, "QEMU -> livemig, read during postcopy");
+    assert_same_ram(&ram_qa, &ram(&mut l1_q, dir, "l1"), "QEMU -> livemig");
+    assert_eq!(l1_q.ok("query-status", json!({}))["status"], "running");
+    drop(qa);
+
+    // 2. livemig L1 -> QEMU B.
+    let uri = transport.uri(dir, "mig2");
+    let qb = qemu(dir, "qb", &strings(&["-incoming", &uri]));
+    let mut qb_q = qb.qmp();
+    postcopy_caps(&mut qb_q);
+    let (s, d, during) = postcopy(&mut l1_q, &mut qb_q, &uri, dir, "qb");
+    assert_eq!(
+        s["status"],
+        "completed",
+        "livemig source: {s}\n{}",
+        l1.log()
+    );
+    assert_eq!(
+        d["status"],
+        "completed",
+        "QEMU destination: {d}\n{}",
+        qb.log()
+    );
+    assert!(
+        s["ram"]["postcopy-requests"].as_u64().unwrap_or(0) > 0,
+        "QEMU asked livemig for pages: {s}"
+    );
+    assert_same_ram(&ram_qa, &during, "livemig -> QEMU, read during postcopy");
+    assert_same_ram(&ram_qa, &ram(&mut qb_q, dir, "qb"), "livemig -> QEMU");
+    assert_eq!(qb_q.ok("query-status", json!({}))["status"], "running");
+    assert_eq!(l1_q.ok("query-status", json!({}))["status"], "postmigrate");
+    quit_cleanly(l1, l1_q);
+}
+
+#[test]
+fn qemu_postcopy_chain_over_unix() {
+    chain("qemu_postcopy_chain_over_unix", Transport::Unix);
+}
+
+#[test]
+fn qemu_postcopy_chain_over_tcp() {
+    chain("qemu_postcopy_chain_over_tcp", Transport::Tcp);
+}
