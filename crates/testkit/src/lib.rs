@@ -6,6 +6,8 @@
 //! the test instead of skipping it.
 #![forbid(unsafe_code)]
 
+pub mod pki;
+
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;

@@ -1,0 +1,476 @@
+//! A TLS session over a byte channel whose two directions are separate objects (a socket and
+//! its clone), split again into a [`TlsReader`] and a [`TlsWriter`] that two threads may use
+//! at once — the migration stream and its return path, an NBD client's requests and replies,
+//! each multifd channel's own pair.
+//!
+//! Both halves share one rustls connection behind a mutex that is held only for the CPU work
+//! (encrypting, decrypting, queueing), never across a socket read or write: the writer
+//! encrypts into its own buffer under the lock and writes it out after; the reader reads
+//! ciphertext into its own buffer without the lock and decrypts under it. So a writer blocked
+//! on a full socket never stops the reader, and two peers that both write a lot cannot
+//! deadlock each other. Records the reader's side makes (a TLS 1.3 key update answer, an
+//! alert) go out with the writer's next write.
+//!
+//! A shutdown of the underlying socket (the migration's cancel) ends both halves' blocked
+//! calls as it does without TLS.
+//!
+//! The end of a stream: a `close_notify` from the peer, or — as QEMU 7.2 closes its TLS
+//! channels without one — the socket's end, reads as the end of data (`Ok(0)`). The protocols
+//! above (the migration stream's EOF section, NBD's replies) say whether data is missing.
+
+use crate::authz::Authz;
+use crate::creds::{Endpoint, TlsCreds};
+use crate::error::TlsError;
+use crate::verify::Rejection;
+use rustls::pki_types::ServerName;
+use std::io::{self, IoSlice, IoSliceMut, Read, Write};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+/// Ciphertext read from the socket per system call (a few records).
+const READ_CHUNK: usize = 64 * 1024;
+/// Plaintext taken per write (the rest is the caller's next write).
+const WRITE_CHUNK: usize = 256 * 1024;
+
+struct Shared {
+    conn: rustls::Connection,
+    /// The first TLS error either half met; both report it from then on.
+    failed: Option<String>,
+}
+
+/// What both halves hold.
+struct Session {
+    state: Mutex<Shared>,
+    peer_dn: Option<String>,
+    protocol: String,
+}
+
+impl Session {
+    fn lock(&self) -> MutexGuard<'_, Shared> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// The receiving half of a TLS session.
+pub struct TlsReader<R> {
+    session: Arc<Session>,
+    sock: R,
+    buf: Box<[u8]>,
+    /// Ciphertext in `buf[start..end]` not handed to rustls yet.
+    start: usize,
+    end: usize,
+    eof: bool,
+}
+
+/// The sending half of a TLS session.
+pub struct TlsWriter<W> {
+    session: Arc<Session>,
+    sock: W,
+    out: Vec<u8>,
+}
+
+/// Both halves of an established session.
+pub struct TlsStreams<R, W> {
+    /// Receives.
+    pub reader: TlsReader<R>,
+    /// Sends.
+    pub writer: TlsWriter<W>,
+}
+
+/// Describes a handshake failure: this side's own reason when it refused the peer, else what
+/// the peer's alert or bytes say.
+fn handshake_error(e: &rustls::Error, rejection: &Rejection) -> TlsError {
+    use rustls::{AlertDescription as A, Error as E};
+    if let Some(reason) = rejection.reason() {
+        return TlsError::PeerRejected(reason);
+    }
+    let text = match e {
+        E::AlertReceived(a) => match a {
+            A::BadCertificate
+            | A::UnknownCA
+            | A::CertificateUnknown
+            | A::UnsupportedCertificate
+            | A::CertificateExpired
+            | A::CertificateRevoked
+            | A::DecryptError => format!(
+                "the peer refused this side's certificate (TLS alert {a:?}); see the peer's log"
+            ),
+            A::AccessDenied => "the peer denied access (TLS alert AccessDenied): its tls-authz \
+                                refused this side's certificate"
+                .to_string(),
+            A::CertificateRequired => "the peer requires a client certificate (TLS alert \
+                                       CertificateRequired): add client-cert.pem and \
+                                       client-key.pem to the credentials' directory"
+                .to_string(),
+            other => format!("the peer sent TLS alert {other:?}"),
+        },
+        E::InvalidMessage(_)
+        | E::InappropriateMessage { .. }
+        | E::InappropriateHandshakeMessage { .. } => {
+            format!("the peer does not speak TLS (is it set up without tls-creds?): {e}")
+        }
+        E::NoCertificatesPresented => "Verify failed: No certificate was found.".to_string(),
+        other => other.to_string(),
+    };
+    TlsError::Handshake(text)
+}
+
+struct HandshakeIo<'a, R, W> {
+    r: &'a mut R,
+    w: &'a mut W,
+}
+
+impl<R: Read, W: Write> Read for HandshakeIo<'_, R, W> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.r.read(buf)
+    }
+}
+
+impl<R: Read, W: Write> Write for HandshakeIo<'_, R, W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.w.write(buf)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.w.flush()
+    }
+}
+
+fn io_error_text(e: &io::Error) -> String {
+    match e.kind() {
+        io::ErrorKind::UnexpectedEof => "the peer closed the connection".into(),
+        _ => crate::creds::strerror(e),
+    }
+}
+
+/// Runs the handshake to its end (blocking), then hands out the halves.
+fn establish<R: Read, W: Write>(
+    mut conn: rustls::Connection,
+    rejection: Rejection,
+    mut reader: R,
+    mut writer: W,
+) -> Result<TlsStreams<R, W>, TlsError> {
+    let mut io = HandshakeIo {
+        r: &mut reader,
+        w: &mut writer,
+    };
+    while conn.is_handshaking() {
+        match conn.complete_io(&mut io) {
+            Ok(_) => {}
+            Err(e) => {
+                // An error from rustls itself (wrapped in io::Error) explains more than the
+                // socket's: the alert it queued is flushed to the peer first.
+                while conn.wants_write() {
+                    if conn.write_tls(&mut io).is_err() {
+                        break;
+                    }
+                }
+                let inner = e
+                    .get_ref()
+                    .and_then(|i| i.downcast_ref::<rustls::Error>())
+                    .cloned();
+                return Err(match inner {
+                    Some(tls) => handshake_error(&tls, &rejection),
+                    None => match rejection.reason() {
+                        Some(r) => TlsError::PeerRejected(r),
+                        None => TlsError::Handshake(io_error_text(&e)),
+                    },
+                });
+            }
+        }
+    }
+    // Flush what the handshake's end left queued (the client's Finished).
+    while conn.wants_write() {
+        conn.write_tls(&mut io)
+            .map_err(|e| TlsError::Handshake(io_error_text(&e)))?;
+    }
+    let protocol = format!(
+        "{:?} {:?}",
+        conn.protocol_version(),
+        conn.negotiated_cipher_suite().map(|s| s.suite())
+    );
+    conn.set_buffer_limit(None);
+    let session = Arc::new(Session {
+        state: Mutex::new(Shared { conn, failed: None }),
+        peer_dn: rejection.peer_dn(),
+        protocol,
+    });
+    Ok(TlsStreams {
+        reader: TlsReader {
+            session: session.clone(),
+            sock: reader,
+            buf: vec![0u8; READ_CHUNK].into_boxed_slice(),
+            start: 0,
+            end: 0,
+            eof: false,
+        },
+        writer: TlsWriter {
+            session,
+            sock: writer,
+            out: Vec::new(),
+        },
+    })
+}
+
+/// Opens a TLS session as the client (migration source, NBD client) over `reader`/`writer`
+/// (two handles of one connection). `hostname` is the name the server's certificate must
+/// carry when the credentials verify the peer.
+pub fn connect<R: Read, W: Write>(
+    creds: &TlsCreds,
+    hostname: Option<&str>,
+    reader: R,
+    writer: W,
+) -> Result<TlsStreams<R, W>, TlsError> {
+    if creds.endpoint() != Endpoint::Client {
+        return Err(TlsError::Lookup(
+            "Expected TLS credentials for a client endpoint".into(),
+        ));
+    }
+    let (config, rejection) = creds.client_config(hostname)?;
+    // The name only feeds rustls's bookkeeping: SNI is off and the verifier checks the
+    // hostname itself.
+    let name = hostname
+        .and_then(|h| ServerName::try_from(h.to_string()).ok())
+        .unwrap_or(ServerName::IpAddress(
+            std::net::IpAddr::from(std::net::Ipv4Addr::UNSPECIFIED).into(),
+        ));
+    let conn = rustls::ClientConnection::new(config, name)
+        .map_err(|e| TlsError::Handshake(e.to_string()))?;
+    let streams = establish(conn.into(), rejection, reader, writer)?;
+    log::debug!(
+        "TLS session to {} established ({})",
+        hostname.unwrap_or("<no hostname>"),
+        streams.writer.session.protocol
+    );
+    Ok(streams)
+}
+
+/// Accepts a TLS session as the server (migration destination, NBD server). `authz`, when
+/// given, must allow the client certificate's distinguished name.
+pub fn accept<R: Read, W: Write>(
+    creds: &TlsCreds,
+    authz: Option<Arc<Authz>>,
+    reader: R,
+    writer: W,
+) -> Result<TlsStreams<R, W>, TlsError> {
+    if creds.endpoint() != Endpoint::Server {
+        return Err(TlsError::Lookup(
+            "Expected TLS credentials for a server endpoint".into(),
+        ));
+    }
+    let (config, rejection) = creds.server_config(authz)?;
+    let conn =
+        rustls::ServerConnection::new(config).map_err(|e| TlsError::Handshake(e.to_string()))?;
+    let streams = establish(conn.into(), rejection, reader, writer)?;
+    log::debug!(
+        "TLS session from {} accepted ({})",
+        streams
+            .writer
+            .session
+            .peer_dn
+            .as_deref()
+            .unwrap_or("<unverified peer>"),
+        streams.writer.session.protocol
+    );
+    Ok(streams)
+}
+
+impl<R, W> TlsStreams<R, W> {
+    /// The verified peer certificate's distinguished name (GnuTLS's format), when checked.
+    pub fn peer_dn(&self) -> Option<&str> {
+        self.writer.session.peer_dn.as_deref()
+    }
+
+    /// The negotiated protocol version and cipher suite, for logs.
+    pub fn protocol(&self) -> &str {
+        &self.writer.session.protocol
+    }
+}
+
+fn tls_failure(shared: &mut Shared, e: rustls::Error) -> io::Error {
+    let text = match &e {
+        rustls::Error::AlertReceived(a) => format!("TLS: the peer sent alert {a:?}"),
+        other => format!("TLS: {other}"),
+    };
+    shared.failed.get_or_insert(text.clone());
+    io::Error::new(io::ErrorKind::InvalidData, text)
+}
+
+impl<R: Read> TlsReader<R> {
+    /// Decrypted bytes into `dst` when some are ready; `None` when more ciphertext is needed.
+    fn take_plaintext(&mut self, dst: &mut [u8]) -> io::Result<Option<usize>> {
+        let mut st = self.session.lock();
+        loop {
+            match st.conn.reader().read(dst) {
+                Ok(n) => return Ok(Some(n)),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                // The socket ended without close_notify: the end of data (see the module doc).
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(Some(0)),
+                Err(e) => return Err(e),
+            }
+            if let Some(f) = &st.failed {
+                return Err(io::Error::new(io::ErrorKind::InvalidData, f.clone()));
+            }
+            if self.eof {
+                return Ok(Some(0));
+            }
+            if self.start == self.end {
+                return Ok(None);
+            }
+            let mut pending = &self.buf[self.start..self.end];
+            let before = pending.len();
+            match st.conn.read_tls(&mut pending) {
+                Ok(_) => {}
+                Err(e) => return Err(e),
+            }
+            self.start += before - pending.len();
+            if let Err(e) = st.conn.process_new_packets() {
+                return Err(tls_failure(&mut st, e));
+            }
+        }
+    }
+
+    fn fill(&mut self) -> io::Result<()> {
+        let n = loop {
+            match self.sock.read(&mut self.buf) {
+                Ok(n) => break n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            }
+        };
+        self.start = 0;
+        self.end = n;
+        if n == 0 {
+            self.eof = true;
+            let mut st = self.session.lock();
+            let _ = st.conn.read_tls(&mut &[][..]);
+        }
+        Ok(())
+    }
+}
+
+impl<R: Read> Read for TlsReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        loop {
+            if let Some(n) = self.take_plaintext(buf)? {
+                return Ok(n);
+            }
+            self.fill()?;
+        }
+    }
+
+    fn read_vectored(&mut self, bufs: &mut [IoSliceMut<'_>]) -> io::Result<usize> {
+        // Fill the slices in turn with what is decrypted; block only before the first byte.
+        let mut total = 0;
+        for b in bufs.iter_mut() {
+            if b.is_empty() {
+                continue;
+            }
+            let n = if total == 0 {
+                self.read(b)?
+            } else {
+                self.take_plaintext(b)?.unwrap_or_default()
+            };
+            total += n;
+            if n < b.len() {
+                break;
+            }
+        }
+        Ok(total)
+    }
+}
+
+impl<W: Write> TlsWriter<W> {
+    /// Encrypts under the lock into `out`; returns how much plaintext was taken.
+    fn seal(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        let mut st = self.session.lock();
+        if let Some(f) = &st.failed {
+            return Err(io::Error::new(io::ErrorKind::InvalidData, f.clone()));
+        }
+        // Cap one call's plaintext, so the ciphertext buffer stays small.
+        let mut room = WRITE_CHUNK;
+        let mut capped: Vec<IoSlice<'_>> = Vec::with_capacity(bufs.len());
+        for b in bufs {
+            if room == 0 {
+                break;
+            }
+            let take = b.len().min(room);
+            capped.push(IoSlice::new(&b[..take]));
+            room -= take;
+        }
+        let n = st.conn.writer().write_vectored(&capped)?;
+        self.out.clear();
+        while st.conn.wants_write() {
+            st.conn.write_tls(&mut self.out)?;
+        }
+        Ok(n)
+    }
+
+    fn send_out(&mut self) -> io::Result<()> {
+        if let Err(e) = self.sock.write_all(&self.out) {
+            self.out.clear();
+            // The reader may know why the peer went away (an alert it sent before closing).
+            if let Some(f) = self.session.lock().failed.clone() {
+                return Err(io::Error::new(e.kind(), f));
+            }
+            let hint = match e.kind() {
+                io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset => {
+                    " (the TLS peer closed the connection; if it refused this side's \
+                     certificate, its log says why)"
+                }
+                _ => "",
+            };
+            return Err(io::Error::new(
+                e.kind(),
+                format!("{}{hint}", crate::creds::strerror(&e)),
+            ));
+        }
+        self.out.clear();
+        Ok(())
+    }
+
+    /// Sends a TLS `close_notify`: the peer reads the end of data.
+    pub fn close_notify(&mut self) -> io::Result<()> {
+        {
+            let mut st = self.session.lock();
+            st.conn.send_close_notify();
+            self.out.clear();
+            while st.conn.wants_write() {
+                st.conn.write_tls(&mut self.out)?;
+            }
+        }
+        self.send_out()?;
+        self.sock.flush()
+    }
+
+    /// The verified peer certificate's distinguished name, when checked.
+    pub fn peer_dn(&self) -> Option<&str> {
+        self.session.peer_dn.as_deref()
+    }
+}
+
+impl<W: Write> Write for TlsWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.write_vectored(&[IoSlice::new(buf)])
+    }
+
+    fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        let n = self.seal(bufs)?;
+        self.send_out()?;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        // Records queued by the reader (key update answers) go out now.
+        {
+            let mut st = self.session.lock();
+            self.out.clear();
+            while st.conn.wants_write() {
+                st.conn.write_tls(&mut self.out)?;
+            }
+        }
+        self.send_out()?;
+        self.sock.flush()
+    }
+}

@@ -1,0 +1,322 @@
+//! livemig's TLS against itself over socket pairs: what each end reports for a good session,
+//! a wrong CA, a wrong hostname, a client outside the authz list, a plaintext peer, and data
+//! both ways at once.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::sync::Arc;
+use testkit::pki::{Ca, Subject};
+use tls::authz::{Authz, Format, Policy, Rule};
+use tls::{accept, connect, Endpoint, TlsCreds, TlsError, X509Options};
+
+fn creds(dir: &Path, endpoint: Endpoint, verify_peer: bool) -> Result<TlsCreds, TlsError> {
+    TlsCreds::load_x509(X509Options {
+        dir: Some(dir.to_string_lossy().into_owned()),
+        endpoint,
+        verify_peer,
+        sanity_check: true,
+    })
+}
+
+struct Setup {
+    _tmp: tempfile::TempDir,
+    server: TlsCreds,
+    client: TlsCreds,
+}
+
+fn setup(server_ca: &Ca, client_ca: &Ca, client_dn_cn: &str) -> Setup {
+    let tmp = tempfile::tempdir().unwrap();
+    let sdir = tmp.path().join("server");
+    let cdir = tmp.path().join("client");
+    server_ca.write_server(
+        &sdir,
+        &Subject::new("dest.example.org", &["dest.example.org", "127.0.0.1"]),
+    );
+    client_ca.write_client(&cdir, &Subject::new(client_dn_cn, &[]));
+    // Each side trusts the CA of the other's certificate.
+    std::fs::write(sdir.join("ca-cert.pem"), &client_ca.cert_pem).unwrap();
+    std::fs::write(cdir.join("ca-cert.pem"), &server_ca.cert_pem).unwrap();
+    Setup {
+        server: creds(&sdir, Endpoint::Server, true).unwrap(),
+        client: creds(&cdir, Endpoint::Client, true).unwrap(),
+        _tmp: tmp,
+    }
+}
+
+/// Runs a server session on a thread and a client session here; returns both results.
+fn run(
+    s: &Setup,
+    hostname: Option<&str>,
+    authz: Option<Authz>,
+) -> (Result<String, TlsError>, Result<String, TlsError>) {
+    let (a, b) = UnixStream::pair().unwrap();
+    std::thread::scope(|scope| {
+        let server = scope.spawn(|| {
+            let r = a.try_clone().unwrap();
+            let mut st = accept(&s.server, authz.map(Arc::new), r, a)?;
+            let mut buf = [0u8; 5];
+            st.reader
+                .read_exact(&mut buf)
+                .map_err(|e| TlsError::Handshake(e.to_string()))?;
+            st.writer
+                .write_all(b"world")
+                .map_err(|e| TlsError::Handshake(e.to_string()))?;
+            st.writer.flush().unwrap();
+            Ok(format!(
+                "{} {}",
+                String::from_utf8_lossy(&buf),
+                st.peer_dn().unwrap_or("-")
+            ))
+        });
+        let client = (|| {
+            let r = b.try_clone().unwrap();
+            let mut st = connect(&s.client, hostname, r, b)?;
+            st.writer
+                .write_all(b"hello")
+                .map_err(|e| TlsError::Handshake(e.to_string()))?;
+            let mut buf = [0u8; 5];
+            st.reader
+                .read_exact(&mut buf)
+                .map_err(|e| TlsError::Handshake(e.to_string()))?;
+            Ok(String::from_utf8_lossy(&buf).into_owned())
+        })();
+        (server.join().unwrap(), client)
+    })
+}
+
+#[test]
+fn good_session_carries_data_and_names_the_peer() {
+    let ca = Ca::new("livemig test CA");
+    let s = setup(&ca, &ca, "source.example.org");
+    let (server, client) = run(&s, Some("dest.example.org"), None);
+    assert_eq!(client.unwrap(), "world");
+    assert_eq!(
+        server.unwrap(),
+        "hello O=livemig test,CN=source.example.org"
+    );
+    // An IP address matches an iPAddress alternative name.
+    let (server, client) = run(&s, Some("127.0.0.1"), None);
+    assert_eq!(client.unwrap(), "world");
+    assert!(server.is_ok());
+}
+
+#[test]
+fn wrong_ca_fails_on_both_ends() {
+    let ca = Ca::new("livemig test CA");
+    let other = Ca::new("some other CA");
+    // The client trusts `other`, the server's certificate comes from `ca`.
+    let tmp = tempfile::tempdir().unwrap();
+    let s = setup(&ca, &ca, "source.example.org");
+    let cdir = tmp.path().join("c");
+    ca.write_client(&cdir, &Subject::new("source.example.org", &[]));
+    std::fs::write(cdir.join("ca-cert.pem"), &other.cert_pem).unwrap();
+    // Our own certificate no longer validates against ca-cert.pem: QEMU's sanity check.
+    let e = creds(&cdir, Endpoint::Client, true)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.starts_with("Our own certificate ")
+            && e.ends_with("The certificate hasn't got a known issuer"),
+        "{e}"
+    );
+    let s2 = Setup {
+        client: TlsCreds::load_x509(X509Options {
+            dir: Some(cdir.to_string_lossy().into_owned()),
+            endpoint: Endpoint::Client,
+            verify_peer: true,
+            sanity_check: false,
+        })
+        .unwrap(),
+        server: s.server,
+        _tmp: tmp,
+    };
+    let (server, client) = run(&s2, Some("dest.example.org"), None);
+    assert_eq!(
+        client.unwrap_err().to_string(),
+        "The certificate hasn't got a known issuer"
+    );
+    let se = server.unwrap_err().to_string();
+    assert!(
+        se.starts_with("TLS handshake failed: the peer refused this side's certificate"),
+        "{se}"
+    );
+}
+
+#[test]
+fn wrong_hostname_and_missing_hostname_fail() {
+    let ca = Ca::new("livemig test CA");
+    let s = setup(&ca, &ca, "source.example.org");
+    let (server, client) = run(&s, Some("other.example.org"), None);
+    assert_eq!(
+        client.unwrap_err().to_string(),
+        "Certificate does not match the hostname other.example.org"
+    );
+    assert!(server
+        .unwrap_err()
+        .to_string()
+        .starts_with("TLS handshake failed: the peer refused"));
+    let (_, client) = run(&s, None, None);
+    assert_eq!(
+        client.unwrap_err().to_string(),
+        "No hostname for certificate validation"
+    );
+}
+
+#[test]
+fn authz_list_refuses_a_client_outside_it() {
+    let ca = Ca::new("livemig test CA");
+    let s = setup(&ca, &ca, "intruder.example.org");
+    let list = Authz::List {
+        policy: Policy::Deny,
+        rules: vec![Rule {
+            pattern: "O=livemig test,CN=source.example.org".into(),
+            policy: Policy::Allow,
+            format: Format::Exact,
+        }],
+    };
+    let (server, client) = run(&s, Some("dest.example.org"), Some(list.clone()));
+    assert_eq!(
+        server.unwrap_err().to_string(),
+        "TLS x509 authz check for O=livemig test,CN=intruder.example.org is denied"
+    );
+    let ce = client.unwrap_err().to_string();
+    assert!(ce.contains("AccessDenied"), "{ce}");
+
+    let s = setup(&ca, &ca, "source.example.org");
+    let (server, client) = run(&s, Some("dest.example.org"), Some(list));
+    assert!(server.is_ok() && client.is_ok());
+}
+
+#[test]
+fn plaintext_peer_is_named() {
+    let ca = Ca::new("livemig test CA");
+    let s = setup(&ca, &ca, "source.example.org");
+    let (a, mut b) = UnixStream::pair().unwrap();
+    let t = std::thread::spawn(move || {
+        // A plaintext migration source: the stream's magic.
+        let _ = b.write_all(b"QEVM\0\0\0\x03");
+        let mut sink = Vec::new();
+        let _ = b.read_to_end(&mut sink);
+    });
+    let r = a.try_clone().unwrap();
+    let e = match accept(&s.server, None, r, a) {
+        Ok(_) => panic!("handshake with a plaintext peer succeeded"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        e.starts_with("TLS handshake failed: the peer does not speak TLS"),
+        "{e}"
+    );
+    t.join().unwrap();
+}
+
+#[test]
+fn missing_files_get_qemus_messages() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().to_string_lossy().into_owned();
+    let e = creds(tmp.path(), Endpoint::Server, true)
+        .unwrap_err()
+        .to_string();
+    assert_eq!(
+        e,
+        format!("Unable to access credentials {dir}/ca-cert.pem: No such file or directory")
+    );
+    let ca = Ca::new("CA");
+    std::fs::write(tmp.path().join("ca-cert.pem"), &ca.cert_pem).unwrap();
+    let e = creds(tmp.path(), Endpoint::Server, true)
+        .unwrap_err()
+        .to_string();
+    assert_eq!(
+        e,
+        format!("Unable to access credentials {dir}/server-cert.pem: No such file or directory")
+    );
+    // A client needs only the CA.
+    assert!(creds(tmp.path(), Endpoint::Client, true).is_ok());
+    let e = TlsCreds::load_x509(X509Options::default())
+        .unwrap_err()
+        .to_string();
+    assert_eq!(e, "Missing 'dir' property value");
+}
+
+#[test]
+fn expired_certificate_fails_the_sanity_check() {
+    let ca = Ca::new("CA");
+    let tmp = tempfile::tempdir().unwrap();
+    let mut subj = Subject::new("dest", &["dest"]);
+    subj.years = (-3, -1);
+    ca.write_server(tmp.path(), &subj);
+    let e = creds(tmp.path(), Endpoint::Server, true)
+        .unwrap_err()
+        .to_string();
+    assert_eq!(
+        e,
+        format!(
+            "The server certificate {}/server-cert.pem has expired",
+            tmp.path().display()
+        )
+    );
+}
+
+#[test]
+fn both_directions_at_once_do_not_deadlock() {
+    let ca = Ca::new("livemig test CA");
+    let s = setup(&ca, &ca, "source.example.org");
+    let (a, b) = UnixStream::pair().unwrap();
+    const N: usize = 32 << 20;
+    std::thread::scope(|scope| {
+        let srv = scope.spawn(|| {
+            let r = a.try_clone().unwrap();
+            accept(&s.server, None, r, a).unwrap()
+        });
+        let r = b.try_clone().unwrap();
+        let cl = connect(&s.client, Some("dest.example.org"), r, b).unwrap();
+        let sv = srv.join().unwrap();
+        // Each side writes 32 MiB while the other writes too; readers run on their own threads.
+        let pump = |mut w: tls::TlsWriter<UnixStream>, mut r: tls::TlsReader<UnixStream>| {
+            let reader = std::thread::spawn(move || {
+                let mut got = vec![0u8; N];
+                r.read_exact(&mut got).unwrap();
+                got.iter().enumerate().all(|(i, &b)| b == (i % 251) as u8)
+            });
+            let data: Vec<u8> = (0..N).map(|i| (i % 251) as u8).collect();
+            w.write_all(&data).unwrap();
+            w.flush().unwrap();
+            reader.join().unwrap()
+        };
+        let t1 = scope.spawn(move || pump(cl.writer, cl.reader));
+        let t2 = scope.spawn(move || pump(sv.writer, sv.reader));
+        assert!(t1.join().unwrap());
+        assert!(t2.join().unwrap());
+    });
+}
+
+#[test]
+fn peer_name_is_printed_as_gnutls_prints_it() {
+    // Expected strings checked against gnutls_x509_crt_get_dn (GnuTLS 3.7.9): certificate
+    // order, RFC 4514 escapes, a leading space and '#' escaped.
+    let ca = Ca::new("livemig test CA");
+    let s = setup(&ca, &ca, "x");
+    let tmp = tempfile::tempdir().unwrap();
+    let mut subj = Subject::new("x", &[]);
+    subj.dn = vec![
+        ("C", "GB".into()),
+        ("ST", "London".into()),
+        ("L", "London".into()),
+        ("O", "Example, Org".into()),
+        ("OU", "#x;y<z>\"q\\r".into()),
+        ("CN", " laptop.example.com".into()),
+    ];
+    ca.write_client(tmp.path(), &subj);
+    let s = Setup {
+        client: creds(tmp.path(), Endpoint::Client, true).unwrap(),
+        server: s.server,
+        _tmp: tmp,
+    };
+    let (server, client) = run(&s, Some("dest.example.org"), None);
+    client.unwrap();
+    assert_eq!(
+        server.unwrap(),
+        "hello C=GB,ST=London,L=London,O=Example\\, Org,OU=\\#x\\;y\\<z\\>\\\"q\\\\r,CN=\\ laptop.example.com"
+    );
+}
