@@ -24,6 +24,7 @@ use crate::error::TlsError;
 use crate::verify::Rejection;
 use rustls::pki_types::ServerName;
 use std::io::{self, IoSlice, IoSliceMut, Read, Write};
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 /// Ciphertext read from the socket per system call (a few records).
@@ -66,6 +67,9 @@ pub struct TlsWriter<W> {
     session: Arc<Session>,
     sock: W,
     out: Vec<u8>,
+    /// A handle of the socket to look for the peer's last words (an alert) when a write
+    /// fails; see [`TlsWriter::set_peer_probe`].
+    probe: Option<OwnedFd>,
 }
 
 /// Both halves of an established session.
@@ -206,6 +210,7 @@ fn establish<R: Read, W: Write>(
             session,
             sock: writer,
             out: Vec::new(),
+            probe: None,
         },
     })
 }
@@ -407,11 +412,51 @@ impl<W: Write> TlsWriter<W> {
         Ok(n)
     }
 
+    /// Gives the writer a handle of the socket (a clone of the reader's) so that, when a write
+    /// fails because the peer went away, it can read what the peer said last — in TLS 1.3 a
+    /// server refuses a client certificate only after the client's handshake is over, with an
+    /// alert the client would otherwise never read if it only writes (a migration source).
+    pub fn set_peer_probe(&mut self, fd: impl AsFd) -> io::Result<()> {
+        self.probe = Some(fd.as_fd().try_clone_to_owned()?);
+        Ok(())
+    }
+
+    /// Reads, without blocking, what the peer sent and nobody read, and returns the TLS error
+    /// it holds (the peer's alert), if any.
+    fn peer_last_words(&mut self) -> Option<String> {
+        let fd = self.probe.as_ref()?;
+        let mut buf = vec![0u8; READ_CHUNK];
+        let mut st = self.session.lock();
+        for _ in 0..16 {
+            let n = match nix::sys::socket::recv(
+                std::os::fd::AsRawFd::as_raw_fd(fd),
+                &mut buf,
+                nix::sys::socket::MsgFlags::MSG_DONTWAIT,
+            ) {
+                Ok(n) if n > 0 => n,
+                _ => break,
+            };
+            let mut slice = &buf[..n];
+            while !slice.is_empty() {
+                if st.conn.read_tls(&mut slice).is_err() {
+                    break;
+                }
+                if let Err(e) = st.conn.process_new_packets() {
+                    let _ = tls_failure(&mut st, e);
+                    return st.failed.clone();
+                }
+            }
+        }
+        None
+    }
+
     fn send_out(&mut self) -> io::Result<()> {
         if let Err(e) = self.sock.write_all(&self.out) {
             self.out.clear();
-            // The reader may know why the peer went away (an alert it sent before closing).
-            if let Some(f) = self.session.lock().failed.clone() {
+            // The reader may know why the peer went away (an alert it sent before closing),
+            // or the unread bytes may say.
+            let known = self.session.lock().failed.clone();
+            if let Some(f) = known.or_else(|| self.peer_last_words()) {
                 return Err(io::Error::new(e.kind(), f));
             }
             let hint = match e.kind() {

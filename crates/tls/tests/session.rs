@@ -320,3 +320,38 @@ fn peer_name_is_printed_as_gnutls_prints_it() {
         "hello C=GB,ST=London,L=London,O=Example\\, Org,OU=\\#x\\;y\\<z\\>\\\"q\\\\r,CN=\\ laptop.example.com"
     );
 }
+
+#[test]
+fn a_refused_client_that_only_writes_learns_why() {
+    // TLS 1.3: the server refuses the client certificate after the client's handshake is
+    // over. A client that only writes (a migration source without return path) must still
+    // report the server's alert, not just "Broken pipe".
+    let ca = Ca::new("livemig test CA");
+    let s = setup(&ca, &ca, "intruder.example.org");
+    let deny = Authz::Simple {
+        identity: "O=livemig test,CN=source.example.org".into(),
+    };
+    let (a, b) = UnixStream::pair().unwrap();
+    let r = b.try_clone().unwrap();
+    let probe = b.try_clone().unwrap();
+    std::thread::scope(|scope| {
+        let server = scope.spawn(|| {
+            let r = a.try_clone().unwrap();
+            let e = accept(&s.server, Some(Arc::new(deny)), r, a).err();
+            e.map(|e| e.to_string())
+        });
+        let mut st = connect(&s.client, Some("dest.example.org"), r, b).unwrap();
+        st.writer.set_peer_probe(probe).unwrap();
+        // The server has refused and closed before the client writes.
+        assert_eq!(
+            server.join().unwrap().as_deref(),
+            Some("TLS x509 authz check for O=livemig test,CN=intruder.example.org is denied")
+        );
+        let e = st
+            .writer
+            .write_all(&[0u8; 1 << 20])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("AccessDenied"), "{e}");
+    });
+}
