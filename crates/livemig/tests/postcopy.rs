@@ -108,3 +108,54 @@ fn postcopy_is_refused_where_qemu_refuses_it() {
         "{r}"
     );
 }
+
+/// Starts a postcopy whose destination runs its guest and whose background push is slow, and
+/// returns both ends once they are `postcopy-active`.
+fn in_postcopy(dir: &std::path::Path, uri: &str) -> (Lm, Lm) {
+    let mut a = GUEST.to_vec();
+    a.extend(["-incoming", uri]);
+    let mut dst = Lm::start(dir, "dst", &a);
+    dst.caps_on(CAPS);
+    let mut src = slow_source(dir);
+    src.set_params(json!({"max-postcopy-bandwidth": 1 << 20}));
+    src.migrate(uri);
+    src.wait_migration(&["active"]);
+    src.ok("migrate-start-postcopy", json!({}));
+    src.wait_migration(&["postcopy-active"]);
+    dst.wait_migration(&["postcopy-active"]);
+    (src, dst)
+}
+
+#[test]
+fn a_destination_killed_in_postcopy_leaves_the_source_stopped_and_serving() {
+    let dir = tempdir();
+    let uri = unix_uri(dir.path(), "mig.sock");
+    let (mut src, mut dst) = in_postcopy(dir.path(), &uri);
+    assert_eq!(
+        src.err("migrate_cancel", json!({})),
+        "Postcopy migration in progress, cannot cancel.",
+    );
+    let _ = dst.proc.child.kill();
+    let r = src.wait_migration(&["failed", "completed"]);
+    assert_eq!(r["status"], "failed", "{r}");
+    let desc = r["error-desc"].as_str().unwrap_or_default();
+    assert!(
+        desc.contains("the guest stays stopped here"),
+        "the error says what a retry cannot do: {r}"
+    );
+    // The guest ran on the destination: the source must not resume it.
+    assert_eq!(src.status(), "paused");
+}
+
+#[test]
+fn a_source_killed_in_postcopy_leaves_the_destination_serving() {
+    let dir = tempdir();
+    let uri = unix_uri(dir.path(), "mig.sock");
+    let (mut src, mut dst) = in_postcopy(dir.path(), &uri);
+    let _ = src.proc.child.kill();
+    let r = dst.wait_migration(&["failed", "completed"]);
+    assert_eq!(r["status"], "failed", "{r}");
+    // No abort: the process answers, its guest is where the switch put it.
+    assert_eq!(dst.status(), "running");
+    assert!(dst.proc.alive());
+}

@@ -78,6 +78,9 @@ struct Undo {
     stopped: bool,
     /// Disks were inactivated.
     inactivated: bool,
+    /// The postcopy package went out: the destination may be running the guest, so the
+    /// source must never take it back (no reactivation, no resume), whatever happens next.
+    handed_over: bool,
 }
 
 /// One outgoing migration: what it owns, phase by phase (see the module doc).
@@ -438,6 +441,9 @@ impl Outgoing {
         write_command(&mut pw, &Command::PostcopyRun)?;
         pw.flush()?;
         drop(pw);
+        // Last point where the source can take the guest back (QEMU's `restart_block`).
+        self.undo.handed_over = true;
+        let (w, _, _) = self.stream()?;
         write_command(w, &Command::Packaged(buf.take()))?;
         write_command(w, &Command::Ping(4))?;
         w.flush()?;
@@ -576,7 +582,12 @@ impl Outgoing {
         // after the destination confirmed it) is too late: the destination may be running the
         // guest, so the source must not resume. QEMU would resume it; livemig reports
         // `completed`.
-        if !ok {
+        if !ok && self.undo.handed_over {
+            // Postcopy failed after the package went out: the guest may run on the
+            // destination, with part of its RAM still only here. Taking it back would run it
+            // twice; the source stays stopped with everything it has.
+            job.machine.set_runstate(RunState::Paused);
+        } else if !ok {
             // Put the source back: disks first (the guest needs them), then the guest.
             let mut reactivated = true;
             if self.undo.inactivated {
@@ -595,6 +606,10 @@ impl Outgoing {
         }
         let outcome = match &result {
             Ok(()) => Outcome::Completed,
+            Err(e) if self.undo.handed_over => Outcome::Failed(format!(
+                "{}; postcopy was running: the guest stays stopped here, its RAM is split between both ends",
+                failure_text(&job.uri, e)
+            )),
             Err(e) => Outcome::Failed(failure_text(&job.uri, e)),
         };
         job.shared.finish_outgoing(job.generation, outcome);
