@@ -65,6 +65,7 @@ fn the_destination_guest_runs_on_pages_it_pulls() {
     a.extend(["-incoming", &uri]);
     let mut dst = Lm::start(dir.path(), "dst", &a);
     dst.caps_on(CAPS);
+    dst.caps_on(&["postcopy-blocktime"]);
     let mut src = slow_source(dir.path());
     // Background pages trickle: the guest's own accesses must pull what it needs.
     src.set_params(json!({"max-postcopy-bandwidth": 8 << 20}));
@@ -85,6 +86,22 @@ fn the_destination_guest_runs_on_pages_it_pulls() {
     let v = dst.verify_ram();
     assert_eq!(v["corrupt"], 0, "destination RAM: {v}");
     assert!(v["valid"].as_u64().unwrap_or(0) >= FILL_PAGES, "{v}");
+    // Blocktime, per vCPU as QEMU reports it, and the fault -> placement latency.
+    let q = dst.ok("query-migrate", json!({}));
+    let per_vcpu = q["postcopy-vcpu-blocktime"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(per_vcpu.len(), 2, "{q}");
+    assert!(q["postcopy-blocktime"].is_u64(), "{q}");
+    let x = &q["x-livemig-postcopy"];
+    let ns: u64 = x["vcpu-blocktime-ns"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|v| v.as_u64()).sum())
+        .unwrap_or(0);
+    assert!(ns > 0, "the vCPUs waited for pages: {q}");
+    assert!(x["latency-count"].as_u64().unwrap_or(0) > 0, "{q}");
+    assert!(x["latency-median-us"].as_u64().unwrap_or(0) > 0, "{q}");
 }
 
 #[test]

@@ -39,7 +39,7 @@ pub enum Capability {
     Multifd,
     /// Migrate named dirty bitmaps.
     DirtyBitmaps,
-    /// Postcopy blocktime statistics (not implemented).
+    /// Postcopy blocktime statistics on the destination (`postcopy-blocktime` in query-migrate).
     PostcopyBlocktime,
     /// Historical; the destination always activates disks late. Accepted.
     LateBlockActivate,
@@ -127,6 +127,7 @@ impl Capability {
             self,
             Capability::Events
                 | Capability::PostcopyRam
+                | Capability::PostcopyBlocktime
                 | Capability::ReturnPath
                 | Capability::PauseBeforeSwitchover
                 | Capability::DirtyBitmaps

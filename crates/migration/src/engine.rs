@@ -27,6 +27,37 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+/// The destination's postcopy fields of `query-migrate`: QEMU's `postcopy-blocktime` and
+/// `postcopy-vcpu-blocktime` (milliseconds, with capability `postcopy-blocktime`), and
+/// livemig's `x-livemig-postcopy` (page requests and their fault → placement latency).
+fn postcopy_info(m: &mut Map<String, Value>, pc: &crate::postcopy::PostcopyRam) {
+    let mut x = Map::new();
+    if let Some(bt) = pc.blocktime() {
+        m.insert("postcopy-blocktime".into(), json!(bt.total_ms()));
+        m.insert("postcopy-vcpu-blocktime".into(), json!(bt.vcpu_ms()));
+        x.insert("blocktime-ns".into(), json!(bt.total_ns()));
+        x.insert("vcpu-blocktime-ns".into(), json!(bt.vcpu_ns()));
+    }
+    let h = pc.requests().latency();
+    x.insert("requests".into(), json!(pc.requests().requests()));
+    x.insert("latency-count".into(), json!(h.count()));
+    x.insert("latency-median-us".into(), json!(h.quantile_us(0.5)));
+    x.insert("latency-p99-us".into(), json!(h.quantile_us(0.99)));
+    x.insert("latency-mean-ns".into(), json!(h.mean_ns()));
+    x.insert("latency-max-ns".into(), json!(h.max_ns()));
+    let st = &pc.stats;
+    x.insert(
+        "pages-copied".into(),
+        json!(st.copied.load(Ordering::Relaxed)),
+    );
+    x.insert(
+        "pages-zeroed".into(),
+        json!(st.zeroed.load(Ordering::Relaxed)),
+    );
+    x.insert("faults".into(), json!(st.faults.load(Ordering::Relaxed)));
+    m.insert("x-livemig-postcopy".into(), Value::Object(x));
+}
+
 /// Statistics of one outgoing migration, as `query-migrate` reports them.
 #[derive(Debug, Default)]
 pub struct OutgoingStats {
@@ -402,8 +433,21 @@ impl Migration {
             if !i.warnings.is_empty() {
                 m.insert("x-livemig-warnings".into(), json!(i.warnings));
             }
+            if let Some(pc) = &i.postcopy {
+                postcopy_info(&mut m, pc);
+            }
         }
         Value::Object(m)
+    }
+
+    /// The destination's postcopy statistics, in nanoseconds and microseconds (benchmarks):
+    /// fault → placement latency of requested pages, blocktime, page counts.
+    pub fn postcopy_stats(&self) -> Option<Value> {
+        let inner = self.shared.lock();
+        let pc = inner.inc.postcopy.as_ref()?;
+        let mut m = Map::new();
+        postcopy_info(&mut m, pc);
+        m.remove("x-livemig-postcopy")
     }
 
     /// The error of the last failed migration, outgoing or incoming.

@@ -62,6 +62,8 @@ pub struct StreamLoader {
     pub warnings: Vec<String>,
     /// This end's `postcopy-ram` (the ADVISE length must match it).
     postcopy_ram: bool,
+    /// This end's `postcopy-blocktime`.
+    postcopy_blocktime: bool,
     /// Guest RAM in postcopy, from ADVISE (16 bytes) on.
     postcopy: Option<Arc<PostcopyRam>>,
     /// The return path once postcopy handed it back (for SHUT).
@@ -113,6 +115,7 @@ impl StreamLoader {
             device_load_started: false,
             warnings: Vec::new(),
             postcopy_ram: caps.has(Capability::PostcopyRam),
+            postcopy_blocktime: caps.has(Capability::PostcopyBlocktime),
             postcopy: None,
             postcopy_rp: None,
             postcopy_ran: false,
@@ -347,11 +350,15 @@ impl StreamLoader {
             )));
         }
         let fd = crate::postcopy::uffd::PostcopyFd::open().map_err(pe)?;
+        let tids = self.machine.vcpu_thread_ids();
         let pc = Arc::new(PostcopyRam::from_blocks(
             self.machine.ram_blocks(),
             Some(fd),
-            None,
+            self.postcopy_blocktime.then_some(&tids[..]),
         ));
+        if let Some((shared, _)) = &self.engine {
+            shared.lock().inc.postcopy = Some(pc.clone());
+        }
         pc.discard_all().map_err(pe)?;
         self.ram.set_postcopy(pc.clone());
         self.postcopy = Some(pc);

@@ -51,6 +51,11 @@ pub trait Machine: Send + Sync {
     fn machine_type(&self) -> String;
     /// RAM blocks, in the order they are listed on the wire.
     fn ram_blocks(&self) -> Vec<Arc<dyn RamBlock>>;
+    /// The kernel thread id of each vCPU, by vCPU index: postcopy blocktime tells vCPUs from
+    /// other threads that fault on guest RAM. Empty (the default) leaves blocktime empty.
+    fn vcpu_thread_ids(&self) -> Vec<i32> {
+        Vec::new()
+    }
     /// Device state, in the order it is saved.
     fn devices(&self) -> Vec<Arc<dyn DeviceState>>;
     /// The block layer whose named bitmaps migrate with capability `dirty-bitmaps`.

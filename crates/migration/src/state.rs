@@ -239,6 +239,9 @@ pub(crate) struct InState {
     pub shutdown: Option<ShutdownHandle>,
     /// What the loader reported without failing (dropped bitmaps, a missing trailer).
     pub warnings: Vec<String>,
+    /// Guest RAM in postcopy, from ADVISE on (blocktime, latency and page counts for
+    /// `query-migrate`).
+    pub postcopy: Option<Arc<crate::postcopy::PostcopyRam>>,
 }
 
 impl InState {
@@ -291,6 +294,7 @@ impl Shared {
                     pages_loaded: 0,
                     shutdown: None,
                     warnings: Vec::new(),
+                    postcopy: None,
                 },
             }),
             cond: Condvar::new(),

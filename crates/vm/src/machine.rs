@@ -144,6 +144,8 @@ pub struct VmCore {
     pub events: Arc<dyn EventSink>,
     /// Pages the workload has written since this process started.
     pub pages_written: AtomicU64,
+    /// Each vCPU thread's kernel id (0 until the thread has started).
+    pub vcpu_tids: Vec<std::sync::atomic::AtomicI32>,
 }
 
 /// A running reference VM.
@@ -239,6 +241,9 @@ impl Vm {
             block,
             events,
             pages_written: AtomicU64::new(0),
+            vcpu_tids: (0..nvcpus)
+                .map(|_| std::sync::atomic::AtomicI32::new(0))
+                .collect(),
             ram,
             config,
         });
@@ -326,6 +331,9 @@ impl Vm {
 }
 
 fn vcpu_thread(core: &VmCore, id: u32) {
+    if let Some(t) = core.vcpu_tids.get(id as usize) {
+        t.store(nix::unistd::gettid().as_raw(), Ordering::Release);
+    }
     if core.run.gate() == Gate::Quit {
         return;
     }
@@ -416,6 +424,14 @@ impl Machine for Vm {
 
     fn ram_blocks(&self) -> Vec<Arc<dyn RamBlock>> {
         vec![self.core.ram.clone()]
+    }
+
+    fn vcpu_thread_ids(&self) -> Vec<i32> {
+        self.core
+            .vcpu_tids
+            .iter()
+            .map(|t| t.load(Ordering::Acquire))
+            .collect()
     }
 
     fn devices(&self) -> Vec<Arc<dyn DeviceState>> {
