@@ -1,5 +1,5 @@
 //! Command-line parsing for `livemig vm`, with QEMU's option names where they mean the same
-//! (`-M`, `-m`, `-smp`, `-blockdev`, `-qmp`, `-incoming`, `-S`, `-name`, `-serial`), so a
+//! (`-M`, `-m`, `-smp`, `-blockdev`, `-object`, `-qmp`, `-incoming`, `-S`, `-name`, `-serial`), so a
 //! QEMU command line for a `-M none` machine runs unchanged. Options QEMU accepts that do not
 //! change anything here (`-nodefaults`, `-display none`, `-accel ...`) are accepted and ignored.
 
@@ -20,6 +20,8 @@ pub struct VmArgs {
     pub vcpus: u32,
     /// `-blockdev`, each as given (keyval or JSON).
     pub blockdevs: Vec<String>,
+    /// `-object`, each as given (keyval or JSON).
+    pub objects: Vec<String>,
     /// `-qmp`, each as given.
     pub qmp: Vec<String>,
     /// `-incoming URI` or `-incoming defer`.
@@ -44,6 +46,7 @@ impl Default for VmArgs {
             ram_size: 128 << 20,
             vcpus: 1,
             blockdevs: Vec::new(),
+            objects: Vec::new(),
             qmp: Vec::new(),
             incoming: None,
             start_paused: false,
@@ -171,6 +174,7 @@ pub fn parse_vm_args(argv: &[String]) -> Result<VmArgs, String> {
                 }
             }
             "blockdev" => a.blockdevs.push(value(o)?),
+            "object" => a.objects.push(value(o)?),
             "qmp" => a.qmp.push(value(o)?),
             "incoming" => a.incoming = Some(value(o)?),
             "S" => a.start_paused = true,

@@ -30,6 +30,8 @@ pub struct App {
     pub server: qmp::Server,
     /// Where events go.
     pub events: qmp::EventSink,
+    /// `-object` / `object-add` objects (TLS credentials, authz).
+    pub objects: Arc<tls::Objects>,
 }
 
 /// The commands, besides the server's built-ins.
@@ -96,6 +98,7 @@ impl Dispatcher for Monitor {
             .chain(block::qmp::COMMANDS)
             .chain(nbd::qmp::COMMANDS)
             .chain(blockjob::qmp::COMMANDS)
+            .chain(tls::qmp::COMMANDS)
             .map(|s| s.to_string())
             .collect()
     }
@@ -111,6 +114,12 @@ impl Dispatcher for Monitor {
             return match block::qmp::dispatch(&app.block, name, &v) {
                 Some(Ok(v)) => Ok(Reply::new(v)),
                 Some(Err(e)) => Err(QmpError::generic(e.to_string())),
+                None => Err(QmpError::unknown_command(name)),
+            };
+        }
+        if tls::qmp::COMMANDS.contains(&name) {
+            return match tls::qmp::dispatch(&app.objects, name, args) {
+                Some(r) => r.map(Reply::new),
                 None => Err(QmpError::unknown_command(name)),
             };
         }

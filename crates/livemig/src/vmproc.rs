@@ -80,6 +80,20 @@ pub fn run(args: VmArgs) -> Result<(), String> {
     signals
         .thread_block()
         .map_err(|e| format!("cannot block the termination signals: {e}"))?;
+    // Objects first: an nbd -blockdev may name TLS credentials.
+    let objects = Arc::new(tls::Objects::new());
+    for spec in &args.objects {
+        let added = if spec.trim_start().starts_with('{') {
+            match serde_json::from_str::<Value>(spec) {
+                Ok(Value::Object(m)) => objects.object_add(qmp::Args::new(m)),
+                Ok(_) => Err(qmp::QmpError::generic("expected a JSON object")),
+                Err(e) => Err(qmp::QmpError::generic(e.to_string())),
+            }
+        } else {
+            objects.object_add_cmdline(spec)
+        };
+        added.map_err(|e| format!("-object {spec}: {}", e.desc))?;
+    }
     // Drivers from other crates, before any -blockdev can name them.
     nbd::register_driver();
     let block = Arc::new(BlockLayer::new());
@@ -124,6 +138,7 @@ pub fn run(args: VmArgs) -> Result<(), String> {
         sink,
         MigrationOptions {
             autostart: !args.start_paused,
+            tls_objects: objects.clone(),
         },
     ));
     match args.incoming.as_deref() {
@@ -158,6 +173,7 @@ pub fn run(args: VmArgs) -> Result<(), String> {
         block,
         server: server.clone(),
         events,
+        objects,
     }));
     // The guest starts before any monitor listens: QEMU runs no monitor command before
     // vm_start(), so without -S a client never sees `prelaunch` (and a `stop` it sends is not

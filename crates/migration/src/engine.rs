@@ -90,11 +90,16 @@ pub struct OutgoingStats {
 pub struct MigrationOptions {
     /// Start the guest after an incoming migration completes (false with `-S`).
     pub autostart: bool,
+    /// The objects (`-object`, `object-add`) where `tls-creds` and `tls-authz` are looked up.
+    pub tls_objects: Arc<tls::Objects>,
 }
 
 impl Default for MigrationOptions {
     fn default() -> Self {
-        MigrationOptions { autostart: true }
+        MigrationOptions {
+            autostart: true,
+            tls_objects: Arc::new(tls::Objects::new()),
+        }
     }
 }
 
@@ -102,6 +107,7 @@ impl Default for MigrationOptions {
 pub struct Migration {
     machine: Arc<dyn Machine>,
     shared: Arc<Shared>,
+    objects: Arc<tls::Objects>,
 }
 
 impl Migration {
@@ -112,7 +118,11 @@ impl Migration {
         options: MigrationOptions,
     ) -> Self {
         let shared = Arc::new(Shared::new(options.autostart, events));
-        Migration { machine, shared }
+        Migration {
+            machine,
+            shared,
+            objects: options.tls_objects,
+        }
     }
 
     /// Whether the guest starts when an incoming migration completes; `cont` during
@@ -179,6 +189,8 @@ impl Migration {
             caps: inner.caps.clone(),
             uri: parsed,
             stats: inner.out.stats.clone(),
+            tls: inner.params.tls(),
+            objects: self.objects.clone(),
         };
         drop(inner);
         std::thread::Builder::new()
@@ -283,6 +295,7 @@ impl Migration {
             shared: self.shared.clone(),
             machine: self.machine.clone(),
             listener,
+            objects: self.objects.clone(),
         };
         drop(inner);
         std::thread::Builder::new()

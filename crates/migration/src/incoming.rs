@@ -37,6 +37,8 @@ pub(crate) struct Job {
     pub shared: Arc<Shared>,
     pub machine: Arc<dyn Machine>,
     pub listener: Listener,
+    /// Where `tls-creds` and `tls-authz` are looked up.
+    pub objects: Arc<tls::Objects>,
 }
 
 /// Which handler a section id belongs to.
@@ -684,7 +686,7 @@ pub(crate) fn run(job: Job) {
         let mut inner = shared.lock();
         inner.inc.started = Some(started);
     }
-    let mut conn = match conn {
+    let conn = match conn {
         Ok(c) => c,
         Err(e) => {
             fail(&shared, e.to_string(), started);
@@ -700,6 +702,17 @@ pub(crate) fn run(job: Job) {
         fail(&shared, e.to_string(), started);
         return;
     }
+    // TLS before the first byte of the stream, with the parameters as they are now.
+    let tls_params = shared.lock().params.tls();
+    let shutdown = conn.shutdown.clone();
+    let mut conn = match crate::secure::secure_incoming(conn, &tls_params, &job.objects) {
+        Ok(c) => c,
+        Err(e) => {
+            shutdown.shutdown();
+            fail(&shared, e.to_string(), started);
+            return;
+        }
+    };
     let Some(stream) = conn.reader.take() else {
         fail(
             &shared,

@@ -36,6 +36,7 @@ mod policy;
 pub mod postcopy;
 pub mod ram;
 pub mod runstate;
+pub mod secure;
 pub mod state;
 pub mod status;
 pub mod transport;

@@ -67,6 +67,10 @@ pub(crate) struct Job {
     pub caps: Capabilities,
     pub uri: MigrationUri,
     pub stats: Arc<OutgoingStats>,
+    /// `tls-creds`, `tls-hostname`, `tls-authz` as they were when `migrate` ran.
+    pub tls: crate::secure::TlsParams,
+    /// Where the credentials are looked up.
+    pub objects: Arc<tls::Objects>,
 }
 
 /// What the migration changed on the source, so cleanup knows what to undo.
@@ -153,8 +157,10 @@ impl Outgoing {
     /// Phase 1: connects the channel, holding nothing, and opens the return path.
     fn connect(&mut self) -> Result<(), MigrationError> {
         let job = &self.job;
-        let mut conn = connect(&job.uri)?;
+        let conn = connect(&job.uri)?;
         job.shared.attach_channel(job.generation, &conn.shutdown)?;
+        // The handshake runs with the channel attached, so a cancel ends it too.
+        let mut conn = crate::secure::secure_outgoing(conn, &job.uri, &job.tls, &job.objects)?;
         let stream = conn.writer.take().ok_or_else(|| {
             MigrationError::Other("the transport has no outgoing direction".into())
         })?;

@@ -345,6 +345,22 @@ impl Parameters {
         self.uint("max-postcopy-bandwidth")
     }
 
+    /// `tls-creds`, `tls-hostname` and `tls-authz`.
+    pub fn tls(&self) -> crate::secure::TlsParams {
+        let s = |name: &str| {
+            self.values
+                .get(name)
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_string()
+        };
+        crate::secure::TlsParams {
+            creds: s("tls-creds"),
+            hostname: s("tls-hostname"),
+            authz: s("tls-authz"),
+        }
+    }
+
     /// `downtime-limit` in milliseconds.
     pub fn downtime_limit_ms(&self) -> u64 {
         self.uint("downtime-limit")

@@ -168,6 +168,18 @@ impl ShutdownHandle {
         }
     }
 
+    /// A new handle of the underlying socket, if the channel is one (TLS uses it to read a
+    /// departed peer's last alert).
+    pub fn socket(&self) -> Option<std::os::fd::OwnedFd> {
+        use std::os::fd::AsFd;
+        let guard = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        match &*guard {
+            ShutdownTarget::Tcp(s) => s.as_fd().try_clone_to_owned().ok(),
+            ShutdownTarget::Unix(s) => s.as_fd().try_clone_to_owned().ok(),
+            _ => None,
+        }
+    }
+
     /// Half-closes the sending direction of a socket (after the stream has been written), so
     /// a peer waiting for more data sees the end.
     pub fn shutdown_write(&self) {

@@ -31,6 +31,7 @@ pub mod cert;
 pub mod creds;
 pub mod error;
 pub mod objects;
+pub mod qmp;
 pub mod stream;
 pub mod verify;
 

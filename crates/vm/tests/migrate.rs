@@ -46,7 +46,10 @@ fn side(incoming: bool, machine: MachineType, workload: WorkloadConfig) -> Side 
     let mig = Migration::new(
         vm.clone(),
         events.clone(),
-        MigrationOptions { autostart: false },
+        MigrationOptions {
+            autostart: false,
+            ..Default::default()
+        },
     );
     mig.set_capabilities(&[(Capability::Events, true), (Capability::DirtyBitmaps, true)])
         .unwrap();
