@@ -1,0 +1,105 @@
+//! Loopback throughput of one migration-like channel, plaintext against TLS (livemig's
+//! `tls` crate: rustls with ring, the session split into reader and writer halves).
+//!
+//! `cargo run --release -p tls --example throughput [GIB] [ROUNDS]`
+//!
+//! The sender writes GIB GiB (default 4) in 256 KiB vectored writes of 4 KiB slices — the
+//! shape of the RAM saver's batches — to a TCP connection on 127.0.0.1; the receiver reads it
+//! into a 256 KiB buffer and drops it. Each round runs plaintext, then TLS, and prints both
+//! rates and their ratio; the certificates are made for the run in a temporary directory.
+
+use std::io::{IoSlice, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::time::Instant;
+use testkit::pki::{Ca, Subject};
+use tls::{Endpoint, TlsCreds, X509Options};
+
+const CHUNK: usize = 256 * 1024;
+
+fn send_all<W: Write>(w: &mut W, total: u64, page: &[u8]) {
+    let slices: Vec<IoSlice<'_>> = (0..CHUNK / 4096).map(|_| IoSlice::new(page)).collect();
+    let mut sent = 0u64;
+    while sent < total {
+        let mut owned = slices.clone();
+        let mut bufs: &mut [IoSlice<'_>] = &mut owned;
+        while !bufs.is_empty() {
+            let n = w.write_vectored(bufs).expect("write");
+            IoSlice::advance_slices(&mut bufs, n);
+        }
+        sent += CHUNK as u64;
+    }
+    w.flush().expect("flush");
+}
+
+fn drain<R: Read>(r: &mut R, total: u64) {
+    let mut buf = vec![0u8; CHUNK];
+    let mut got = 0u64;
+    while got < total {
+        let n = r.read(&mut buf).expect("read");
+        assert!(n > 0, "early end");
+        got += n as u64;
+    }
+}
+
+fn run(total: u64, creds: Option<(&TlsCreds, &TlsCreds)>) -> f64 {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = l.local_addr().expect("addr");
+    let page = vec![0x5au8; 4096];
+    let start = Instant::now();
+    std::thread::scope(|s| {
+        let rx = s.spawn(|| {
+            let (sock, _) = l.accept().expect("accept");
+            match creds {
+                None => drain(&mut &sock, total),
+                Some((server, _)) => {
+                    let w = sock.try_clone().expect("clone");
+                    let mut st = tls::accept(server, None, sock, w).expect("accept TLS");
+                    drain(&mut st.reader, total);
+                }
+            }
+        });
+        let sock = TcpStream::connect(addr).expect("connect");
+        sock.set_nodelay(true).expect("nodelay");
+        match creds {
+            None => send_all(&mut &sock, total, &page),
+            Some((_, client)) => {
+                let r = sock.try_clone().expect("clone");
+                let mut st = tls::connect(client, Some("127.0.0.1"), r, sock).expect("TLS");
+                send_all(&mut st.writer, total, &page);
+            }
+        }
+        rx.join().expect("receiver");
+    });
+    total as f64 / start.elapsed().as_secs_f64() / 1e9
+}
+
+fn main() {
+    let mut args = std::env::args().skip(1);
+    let gib: u64 = args.next().and_then(|s| s.parse().ok()).unwrap_or(4);
+    let rounds: u32 = args.next().and_then(|s| s.parse().ok()).unwrap_or(3);
+    let tmp = tempfile::tempdir().expect("tmp");
+    let ca = Ca::new("bench CA");
+    ca.write_server(&tmp.path().join("s"), &Subject::new("bench", &["127.0.0.1"]));
+    ca.write_client(&tmp.path().join("c"), &Subject::new("bench-client", &[]));
+    let load = |sub: &str, endpoint| {
+        TlsCreds::load_x509(X509Options {
+            dir: Some(tmp.path().join(sub).display().to_string()),
+            endpoint,
+            verify_peer: true,
+            sanity_check: true,
+        })
+        .expect("creds")
+    };
+    let server = load("s", Endpoint::Server);
+    let client = load("c", Endpoint::Client);
+    let total = gib << 30;
+    println!("round  plaintext GB/s  TLS GB/s  TLS/plaintext");
+    for i in 1..=rounds {
+        let plain = run(total, None);
+        let tls = run(total, Some((&server, &client)));
+        println!(
+            "{i:5}  {plain:14.2}  {tls:8.2}  {:12.0}%",
+            100.0 * tls / plain
+        );
+    }
+}
