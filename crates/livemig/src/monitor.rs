@@ -76,8 +76,10 @@ impl Monitor {
     pub fn set_app(&self, app: Arc<App>) {
         nbd::register_driver();
         let events = app.events.clone();
+        let nbd = nbd::NbdServer::new();
+        nbd.set_tls_objects(app.objects.clone());
         let _ = self.storage.set(Storage {
-            nbd: nbd::NbdServer::new(),
+            nbd,
             jobs: blockjob::JobManager::new(
                 app.block.clone(),
                 Arc::new(move |name: &str, data: Value| events.emit(name, Some(data))),

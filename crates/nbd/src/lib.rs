@@ -11,7 +11,10 @@
 //! (`qemu-img`, `qemu-io`, the `nbd` driver) talk to this server and this client talks to
 //! `qemu-nbd`.
 //!
-//! Not implemented: TLS, `NBD_OPT_EXTENDED_HEADERS`, `qemu:allocation-depth`, real
+//! TLS: the server takes `tls-creds`/`tls-authz` (`NBD_OPT_STARTTLS` first, as QEMU's server
+//! requires); the client (the `nbd` driver) still refuses `tls-creds`.
+//!
+//! Not implemented: `NBD_OPT_EXTENDED_HEADERS`, `qemu:allocation-depth`, real
 //! allocation in `base:allocation` (every extent reads as data), reconnection.
 // A library does not print: it logs (`log`), and the binary decides where that goes.
 #![cfg_attr(not(test), deny(clippy::print_stderr, clippy::print_stdout))]

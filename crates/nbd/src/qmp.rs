@@ -104,13 +104,10 @@ pub fn dispatch(
 fn server_start(server: &NbdServer, mut a: Args) -> Result<(), CommandError> {
     let addr = SocketAddress::from_json(a.required("addr")?.value(), "addr.", true)?;
     let tls = a.opt_str("tls-creds")?;
-    let _authz = a.opt_str("tls-authz")?;
+    let authz = a.opt_str("tls-authz")?;
     let max = a.opt_int::<u32>("max-connections")?;
     a.finish()?;
-    if tls.is_some() {
-        return Err(generic("TLS is not supported by this NBD server"));
-    }
-    server.start(&addr, max.unwrap_or(0))?;
+    server.start_with_tls(&addr, max.unwrap_or(0), tls.as_deref(), authz.as_deref())?;
     Ok(())
 }
 

@@ -23,7 +23,8 @@ use crate::proto::{
 };
 use block::extension::NodeClaim;
 use block::{BlockError, BlockNode};
-use std::io::{BufReader, BufWriter, Write};
+use std::io::{BufReader, BufWriter, Read, Write};
+use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
@@ -204,6 +205,10 @@ struct Inner {
     stopping: AtomicBool,
     /// All connected clients, for `nbd-server-stop`.
     clients: Mutex<Vec<(u64, Stream)>>,
+    /// Where `tls-creds` and `tls-authz` are looked up.
+    objects: Mutex<Option<Arc<tls::Objects>>>,
+    /// TLS for the running server: credentials, and the `tls-authz` id.
+    tls: Mutex<Option<(Arc<tls::TlsCreds>, Option<String>)>>,
 }
 
 /// The process's NBD server (QEMU has one: `nbd-server-start` / `nbd-server-stop`), with its
@@ -238,6 +243,8 @@ impl NbdServer {
                 next_client: AtomicU64::new(1),
                 stopping: AtomicBool::new(false),
                 clients: Mutex::new(Vec::new()),
+                objects: Mutex::new(None),
+                tls: Mutex::new(None),
             }),
         }
     }
@@ -252,13 +259,44 @@ impl NbdServer {
         lock(&self.inner.running).as_ref().map(|r| r.addr.clone())
     }
 
+    /// Gives the server the objects its `tls-creds` and `tls-authz` name.
+    pub fn set_tls_objects(&self, objects: Arc<tls::Objects>) {
+        *lock(&self.inner.objects) = Some(objects);
+    }
+
     /// `nbd-server-start`: listens on `addr` and serves clients, `max_connections` at once
     /// (`0`: no limit).
     pub fn start(&self, addr: &SocketAddress, max_connections: u32) -> Result<(), ExportError> {
+        self.start_with_tls(addr, max_connections, None, None)
+    }
+
+    /// `nbd-server-start` with `tls-creds` (server credentials: every client must start TLS
+    /// with `NBD_OPT_STARTTLS` before any other option) and `tls-authz` (checked against the
+    /// client certificate's distinguished name at each handshake).
+    pub fn start_with_tls(
+        &self,
+        addr: &SocketAddress,
+        max_connections: u32,
+        tls_creds: Option<&str>,
+        tls_authz: Option<&str>,
+    ) -> Result<(), ExportError> {
         let mut running = lock(&self.inner.running);
         if running.is_some() {
             return Err(ExportError::AlreadyRunning);
         }
+        let tls = match tls_creds {
+            None => None,
+            Some(id) => {
+                let objects = lock(&self.inner.objects)
+                    .clone()
+                    .unwrap_or_else(|| Arc::new(tls::Objects::new()));
+                let creds = objects
+                    .tls_creds(id, tls::Endpoint::Server)
+                    .map_err(|e| ExportError::Socket(e.to_string()))?;
+                Some((creds, tls_authz.map(str::to_string)))
+            }
+        };
+        *lock(&self.inner.tls) = tls;
         let listener = Arc::new(addr.listen().map_err(|e| {
             ExportError::Socket(match addr {
                 SocketAddress::Unix(p) => {
@@ -505,8 +543,12 @@ struct Negotiated {
 }
 
 struct Conn {
-    r: BufReader<Stream>,
-    w: BufWriter<Stream>,
+    r: BufReader<Box<dyn Read + Send>>,
+    w: BufWriter<Box<dyn Write + Send>>,
+    /// The socket itself, for shutting the client down from other threads.
+    sock: Stream,
+    /// Whether the connection runs inside TLS.
+    tls: bool,
 }
 
 impl Conn {
@@ -536,14 +578,20 @@ fn serve_client(server: &NbdServer, id: u64, stream: Stream) -> Result<(), Proto
         what: "socket",
         source,
     })?;
+    let sock = stream.try_clone().map_err(|source| ProtoError::Io {
+        what: "socket",
+        source,
+    })?;
     let mut c = Conn {
-        r: BufReader::with_capacity(256 << 10, rs),
-        w: BufWriter::with_capacity(256 << 10, stream),
+        r: BufReader::with_capacity(256 << 10, Box::new(rs)),
+        w: BufWriter::with_capacity(256 << 10, Box::new(stream)),
+        sock,
+        tls: false,
     };
     let Some((export, neg)) = negotiate(server, &mut c)? else {
         return Ok(());
     };
-    let handle = c.w.get_ref().try_clone().map_err(|source| ProtoError::Io {
+    let handle = c.sock.try_clone().map_err(|source| ProtoError::Io {
         what: "socket",
         source,
     })?;
@@ -611,6 +659,37 @@ fn negotiate(
                 opt::name(option)
             )));
         }
+        let tls = lock(&server.inner.tls).clone();
+        if let (Some((creds, authz)), false) = (&tls, c.tls) {
+            // QEMU's rules before TLS: STARTTLS, or ABORT, or nothing.
+            match option {
+                opt::STARTTLS if !data.is_empty() => {
+                    return Err(ProtoError::Protocol(
+                        "option 'starttls' has unexpected length".into(),
+                    ));
+                }
+                opt::STARTTLS => {
+                    c.option_error(option, rep::ACK, "")?;
+                    start_tls(server, c, creds, authz.as_deref())?;
+                }
+                opt::EXPORT_NAME => {
+                    return Err(ProtoError::Protocol(format!(
+                        "Option 0x{option:x} not permitted before TLS"
+                    )));
+                }
+                _ => {
+                    let _ = c.option_error(
+                        option,
+                        rep::ERR_TLS_REQD,
+                        &format!("Option 0x{option:x} not permitted before TLS"),
+                    );
+                    if option == opt::ABORT {
+                        return Ok(None);
+                    }
+                }
+            }
+            continue;
+        }
         match option {
             opt::EXPORT_NAME => {
                 let name = String::from_utf8_lossy(&data).into_owned();
@@ -654,6 +733,16 @@ fn negotiate(
                 }
                 c.option_error(option, rep::ACK, "")?;
             }
+            opt::STARTTLS if !data.is_empty() => {
+                c.option_error(
+                    option,
+                    rep::ERR_INVALID,
+                    &format!("option '{}' has unexpected length", opt::name(option)),
+                )?;
+            }
+            opt::STARTTLS if c.tls => {
+                c.option_error(option, rep::ERR_INVALID, "TLS already enabled")?;
+            }
             opt::STARTTLS => {
                 c.option_error(option, rep::ERR_POLICY, "TLS not configured")?;
             }
@@ -691,6 +780,47 @@ fn negotiate(
             }
         }
     }
+}
+
+/// After the ACK to `NBD_OPT_STARTTLS`: the TLS handshake (QEMU's server side), then the
+/// connection continues inside the session.
+fn start_tls(
+    server: &NbdServer,
+    c: &mut Conn,
+    creds: &Arc<tls::TlsCreds>,
+    authz: Option<&str>,
+) -> Result<(), ProtoError> {
+    if !c.r.buffer().is_empty() {
+        return Err(ProtoError::Protocol(
+            "the client sent data before the TLS handshake".into(),
+        ));
+    }
+    let fail = |e: tls::TlsError| ProtoError::Protocol(e.to_string());
+    let authz = match authz {
+        Some(id) if creds.verify_peer() => {
+            let objects = lock(&server.inner.objects)
+                .clone()
+                .unwrap_or_else(|| Arc::new(tls::Objects::new()));
+            Some(objects.authz(id).map_err(fail)?)
+        }
+        _ => None,
+    };
+    let io = |source| ProtoError::Io {
+        what: "socket",
+        source,
+    };
+    let r = c.sock.try_clone().map_err(io)?;
+    let w = c.sock.try_clone().map_err(io)?;
+    let probe = c.sock.try_clone().map_err(io)?;
+    let mut st = tls::accept(creds, authz, r, w).map_err(fail)?;
+    let _ = match &probe {
+        Stream::Unix(s) => st.writer.set_peer_probe(s.as_fd()),
+        Stream::Tcp(s) => st.writer.set_peer_probe(s.as_fd()),
+    };
+    c.r = BufReader::with_capacity(256 << 10, Box::new(st.reader));
+    c.w = BufWriter::with_capacity(256 << 10, Box::new(st.writer));
+    c.tls = true;
+    Ok(())
 }
 
 /// `NBD_OPT_INFO` / `NBD_OPT_GO`. Returns the export when the reply was `ACK`.

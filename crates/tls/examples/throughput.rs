@@ -79,7 +79,10 @@ fn main() {
     let rounds: u32 = args.next().and_then(|s| s.parse().ok()).unwrap_or(3);
     let tmp = tempfile::tempdir().expect("tmp");
     let ca = Ca::new("bench CA");
-    ca.write_server(&tmp.path().join("s"), &Subject::new("bench", &["127.0.0.1"]));
+    ca.write_server(
+        &tmp.path().join("s"),
+        &Subject::new("bench", &["127.0.0.1"]),
+    );
     ca.write_client(&tmp.path().join("c"), &Subject::new("bench-client", &[]));
     let load = |sub: &str, endpoint| {
         TlsCreds::load_x509(X509Options {
