@@ -252,6 +252,8 @@ fn tls_failures_are_clear_on_both_ends() {
     // A source outside the authz list: QEMU source (intruder) -> livemig destination.
     let qs = qemu(dir, "q-src", &creds_arg(dir, "tls0", "intruder", "client"));
     let mut qs_q = qs.qmp();
+    // Without a return path a QEMU source whose small stream fits in the socket buffers
+    // reports `completed` before it could learn that the destination refused it.
     return_path(&mut qs_q);
     qs_q.ok("migrate-set-parameters", json!({"tls-creds": "tls0"}));
     let mut args = creds_arg(dir, "tls0", "srv", "server");
@@ -278,8 +280,9 @@ fn tls_failures_are_clear_on_both_ends() {
         d["error-desc"],
         "TLS x509 authz check for O=livemig test,CN=intruder.example.org is denied"
     );
-    let e = source_failed_and_runs(&mut qs_q, "outside the authz list");
-    assert!(!e.is_empty(), "QEMU's source gives a reason");
+    // QEMU 7.2's source fails; its error-desc is sometimes empty (its return-path thread
+    // fails without setting one), so only the status is QEMU's word here.
+    source_failed_and_runs(&mut qs_q, "outside the authz list");
     drop(ld);
 
     // A plaintext QEMU source -> livemig TLS destination.
