@@ -7,6 +7,7 @@
 //! | `livemig-vcpu` | one per vCPU | 1 | id, PRNG state, steps, disk writes |
 //! | `livemig-serial` | 1 | 1 | bytes the guest has printed |
 //! | `livemig-window` | one per window | 1 | mapped flag and guest physical address |
+//! | `kvmclock`, `livemig-kvm-cpu` | with `-accel kvm`, instead of `livemig-vcpu` | 1 | see [`crate::kvm::state`] |
 //!
 //! `-M none` has only `timer`, exactly like QEMU 7.2's `-M none`.
 //!
@@ -25,8 +26,19 @@ pub fn all(core: &Arc<VmCore>) -> Vec<Arc<dyn DeviceState>> {
     let mut v: Vec<Arc<dyn DeviceState>> = vec![Arc::new(Timer(core.clone()))];
     if core.config.machine == MachineType::Livemig {
         v.push(Arc::new(Workload(core.clone())));
-        for i in 0..core.vcpus.len() as u32 {
-            v.push(Arc::new(Vcpu(core.clone(), i)));
+        match &core.kvm {
+            // Under KVM the workload's state is in guest memory; the vCPUs' is KVM's.
+            Some(kvm) => {
+                v.push(Arc::new(crate::kvm::state::KvmClock(core.clone())));
+                for i in 0..kvm.vcpu_count() as u32 {
+                    v.push(Arc::new(crate::kvm::state::KvmCpu(core.clone(), i)));
+                }
+            }
+            None => {
+                for i in 0..core.vcpus.len() as u32 {
+                    v.push(Arc::new(Vcpu(core.clone(), i)));
+                }
+            }
         }
         v.push(Arc::new(Serial(core.clone())));
         for i in 0..WINDOWS {

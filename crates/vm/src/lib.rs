@@ -7,10 +7,11 @@
 
 pub mod clock;
 pub mod devices;
+pub mod kvm;
 pub mod machine;
 pub mod memmap;
 pub mod memory;
 pub mod runctl;
 pub mod workload;
 
-pub use machine::{MachineType, RamReport, Vm, VmConfig};
+pub use machine::{Accel, MachineType, RamReport, Vm, VmConfig};

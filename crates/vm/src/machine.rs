@@ -9,9 +9,16 @@
 //! - `livemig` (default): adds vCPUs running the deterministic workload, whose state migrates in
 //!   `livemig-vcpu` sections, the workload configuration, the serial console and the MMIO
 //!   windows.
+//!
+//! Two accelerators (`-accel`): `tcg` (default) runs the workload on host threads (the
+//! "software vCPUs"); `kvm` runs the same workload as x86-64 guest code (the `guest` crate) on
+//! KVM vCPUs, with RAM and a 4 MiB system block (code, page tables, control blocks) in KVM
+//! memslots, hardware dirty logging, and vCPU state in `livemig-kvm-cpu` sections (see
+//! [`crate::kvm`]).
 
 use crate::clock::VmClock;
 use crate::devices;
+use crate::kvm::{KvmOptions, KvmRamBlock, KvmVm};
 use crate::memmap::{MemoryMap, Region, RegionKind};
 use crate::memory::GuestRam;
 use crate::runctl::{Gate, RunControl};
@@ -62,6 +69,16 @@ pub const WINDOWS: u32 = 8;
 /// Where the first window is mapped at boot (above any RAM size the tests use).
 pub const WINDOW_BASE: u64 = 0xfe00_0000_0000;
 
+/// What runs the vCPUs (`-accel`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Accel {
+    /// Host threads stepping the workload in Rust (QEMU's name for its software CPUs).
+    #[default]
+    Tcg,
+    /// KVM vCPUs running the workload as guest code.
+    Kvm(KvmOptions),
+}
+
 /// How to build a VM.
 #[derive(Debug, Clone)]
 pub struct VmConfig {
@@ -85,6 +102,8 @@ pub struct VmConfig {
     pub start_paused: bool,
     /// `-mem-prealloc`: allocate all guest RAM at start-up.
     pub mem_prealloc: bool,
+    /// `-accel`.
+    pub accel: Accel,
 }
 
 impl Default for VmConfig {
@@ -100,6 +119,7 @@ impl Default for VmConfig {
             incoming: false,
             start_paused: false,
             mem_prealloc: false,
+            accel: Accel::Tcg,
         }
     }
 }
@@ -113,9 +133,14 @@ pub struct Serial {
 
 impl Serial {
     fn write(&self, text: &str) {
-        self.bytes.fetch_add(text.len() as u64, Ordering::Relaxed);
+        self.write_bytes(text.as_bytes());
+    }
+
+    /// Bytes the guest sent to the console (a KVM guest sends one per port write).
+    pub fn write_bytes(&self, bytes: &[u8]) {
+        self.bytes.fetch_add(bytes.len() as u64, Ordering::Relaxed);
         if let Some(f) = self.file.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
-            let _ = f.write_all(text.as_bytes());
+            let _ = f.write_all(bytes);
         }
     }
 }
@@ -146,6 +171,42 @@ pub struct VmCore {
     pub pages_written: AtomicU64,
     /// Each vCPU thread's kernel id (0 until the thread has started).
     pub vcpu_tids: Vec<std::sync::atomic::AtomicI32>,
+    /// The KVM VM, with `-accel kvm`.
+    pub kvm: Option<Arc<KvmVm>>,
+    /// The KVM guest's system block (code, page tables, control blocks), with `-accel kvm`.
+    pub sys: Option<Arc<GuestRam>>,
+}
+
+impl VmCore {
+    /// A guest read of device registers at `addr` (a KVM MMIO exit). Returns false when no
+    /// device is there.
+    pub fn mmio_read(&self, addr: u64, data: &mut [u8]) -> bool {
+        let _ = (addr, data);
+        false
+    }
+
+    /// A guest write to device registers at `addr` (a KVM MMIO exit).
+    pub fn mmio_write(&self, addr: u64, data: &[u8]) {
+        log::debug!(
+            "write of {} bytes to {addr:#x}: no device there",
+            data.len()
+        );
+    }
+
+    /// vCPU states: the software vCPUs' own, or, under KVM, what the guest's control blocks
+    /// hold.
+    pub fn vcpu_states(&self) -> Vec<VcpuState> {
+        match &self.sys {
+            Some(sys) => (0..self.kvm.as_ref().map_or(0, |k| k.vcpu_count()) as u32)
+                .map(|i| crate::kvm::boot::vcpu_state(sys, i))
+                .collect(),
+            None => self
+                .vcpus
+                .iter()
+                .map(|v| *v.lock().unwrap_or_else(|p| p.into_inner()))
+                .collect(),
+        }
+    }
 }
 
 /// A running reference VM.
@@ -181,6 +242,49 @@ impl Vm {
         let nvcpus = match config.machine {
             MachineType::None => 0,
             MachineType::Livemig => config.vcpus.max(1),
+        };
+        let (kvm, sys) = match config.accel {
+            Accel::Tcg => (None, None),
+            Accel::Kvm(opts) => {
+                crate::kvm::boot::check_ram(config.ram_size)?;
+                let kvm = Arc::new(KvmVm::new(nvcpus, opts)?);
+                kvm.map(0, 0, &ram, 0, config.ram_size)?;
+                let sys = if nvcpus > 0 {
+                    use guest::layout::{SYS_BASE, SYS_SIZE};
+                    let sys = Arc::new(
+                        GuestRam::at("sys", SYS_BASE, SYS_SIZE).map_err(|e| e.to_string())?,
+                    );
+                    kvm.map(1, SYS_BASE, &sys, 0, SYS_SIZE)?;
+                    if !config.incoming {
+                        crate::kvm::boot::load(
+                            &sys,
+                            config.ram_size,
+                            nvcpus,
+                            &config.workload,
+                            config.workload_disk.is_some(),
+                        )?;
+                        for id in 0..nvcpus {
+                            let vcpu = kvm.vcpu(id as usize).ok_or("no vCPU")?;
+                            let sregs = vcpu
+                                .get_sregs()
+                                .map_err(|e| format!("KVM_GET_SREGS: {e}"))?;
+                            vcpu.set_sregs(&crate::kvm::boot::entry_sregs(sregs))
+                                .map_err(|e| format!("KVM_SET_SREGS: {e}"))?;
+                            vcpu.set_regs(&crate::kvm::boot::entry_regs(id))
+                                .map_err(|e| format!("KVM_SET_REGS: {e}"))?;
+                            // Every vCPU starts at the entry point: none waits for INIT/SIPI.
+                            vcpu.set_mp_state(kvm_bindings::kvm_mp_state {
+                                mp_state: kvm_bindings::KVM_MP_STATE_RUNNABLE,
+                            })
+                            .map_err(|e| format!("KVM_SET_MP_STATE: {e}"))?;
+                        }
+                    }
+                    Some(sys)
+                } else {
+                    None
+                };
+                (Some(kvm), sys)
+            }
         };
         let initial = if config.incoming {
             RunState::InMigrate
@@ -245,15 +349,27 @@ impl Vm {
                 .map(|_| std::sync::atomic::AtomicI32::new(0))
                 .collect(),
             ram,
+            kvm,
+            sys,
             config,
         });
         let mut threads = Vec::new();
         for id in 0..nvcpus {
             let c = core.clone();
+            let kvm = c.kvm.is_some();
             threads.push(
                 std::thread::Builder::new()
                     .name(format!("vcpu{id}"))
-                    .spawn(move || vcpu_thread(&c, id))
+                    .spawn(move || {
+                        if let Some(t) = c.vcpu_tids.get(id as usize) {
+                            t.store(nix::unistd::gettid().as_raw(), Ordering::Release);
+                        }
+                        if kvm {
+                            crate::kvm::run::vcpu_thread(&c, id)
+                        } else {
+                            vcpu_thread(&c, id)
+                        }
+                    })
                     .map_err(|e| format!("cannot start vCPU thread: {e}"))?,
             );
         }
@@ -279,11 +395,7 @@ impl Vm {
 
     /// Steps taken by each vCPU.
     pub fn vcpu_steps(&self) -> Vec<u64> {
-        self.core
-            .vcpus
-            .iter()
-            .map(|v| v.lock().unwrap_or_else(|p| p.into_inner()).steps)
-            .collect()
+        self.core.vcpu_states().iter().map(|v| v.steps).collect()
     }
 
     /// A 128-bit hash of all guest RAM, as hex (compare source and destination with the guest
@@ -331,9 +443,6 @@ impl Vm {
 }
 
 fn vcpu_thread(core: &VmCore, id: u32) {
-    if let Some(t) = core.vcpu_tids.get(id as usize) {
-        t.store(nix::unistd::gettid().as_raw(), Ordering::Release);
-    }
     if core.run.gate() == Gate::Quit {
         return;
     }
@@ -423,7 +532,18 @@ impl Machine for Vm {
     }
 
     fn ram_blocks(&self) -> Vec<Arc<dyn RamBlock>> {
-        vec![self.core.ram.clone()]
+        match &self.core.kvm {
+            None => vec![self.core.ram.clone()],
+            Some(kvm) => std::iter::once(&self.core.ram)
+                .chain(self.core.sys.as_ref())
+                .map(|ram| {
+                    Arc::new(KvmRamBlock {
+                        ram: ram.clone(),
+                        kvm: kvm.clone(),
+                    }) as Arc<dyn RamBlock>
+                })
+                .collect(),
+        }
     }
 
     fn vcpu_thread_ids(&self) -> Vec<i32> {

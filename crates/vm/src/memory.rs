@@ -137,6 +137,27 @@ impl GuestRam {
     pub fn read(&self, offset: u64, dst: &mut [u8]) -> bool {
         self.guest_region().read(offset, dst)
     }
+
+    /// Marks `[offset, offset+len)` dirty in the block's log without writing it (pages a vCPU
+    /// under KVM wrote, as the hardware log reported them).
+    pub fn mark_dirty(&self, offset: u64, len: u64) {
+        let m: &vm_memory::MmapRegion<AtomicBitmap> = self.mmap();
+        if let (Ok(o), Ok(l)) = (usize::try_from(offset), usize::try_from(len)) {
+            m.bitmap().set_addr_range(o, l);
+        }
+    }
+
+    /// A guest write of one little-endian u64 (page tables, control blocks), logged.
+    pub fn write_u64(&self, offset: u64, v: u64) -> bool {
+        self.write(offset, &v.to_le_bytes())
+    }
+
+    /// A guest read of one little-endian u64 (0 outside RAM).
+    pub fn read_u64(&self, offset: u64) -> u64 {
+        let mut b = [0u8; 8];
+        self.read(offset, &mut b);
+        u64::from_le_bytes(b)
+    }
 }
 
 fn libc_prot() -> i32 {
