@@ -1,11 +1,13 @@
 //! Command-line parsing for `livemig vm`, with QEMU's option names where they mean the same
 //! (`-M`, `-m`, `-smp`, `-blockdev`, `-object`, `-qmp`, `-incoming`, `-S`, `-name`, `-serial`), so a
 //! QEMU command line for a `-M none` machine runs unchanged. Options QEMU accepts that do not
-//! change anything here (`-nodefaults`, `-display none`, `-accel ...`) are accepted and ignored.
+//! change anything here (`-nodefaults`, `-display none`) are accepted and ignored. `-accel kvm`
+//! (and `-enable-kvm`) runs the vCPUs under KVM; `-accel tcg` is the default software vCPUs.
 
 use std::path::PathBuf;
+use vm::kvm::KvmOptions;
 use vm::workload::WorkloadConfig;
-use vm::MachineType;
+use vm::{Accel, MachineType};
 
 /// A parsed `livemig vm` command line.
 #[derive(Debug, Clone)]
@@ -36,6 +38,8 @@ pub struct VmArgs {
     pub workload: WorkloadConfig,
     /// `-workload disk=NODE`.
     pub workload_disk: Option<String>,
+    /// `-accel` / `-enable-kvm`.
+    pub accel: Accel,
 }
 
 impl Default for VmArgs {
@@ -54,6 +58,7 @@ impl Default for VmArgs {
             serial: None,
             workload: WorkloadConfig::default(),
             workload_disk: None,
+            accel: Accel::Tcg,
         }
     }
 }
@@ -108,6 +113,37 @@ fn parse_workload(s: &str, args: &mut VmArgs) -> Result<(), String> {
         args.workload.disk_every = 64;
     }
     Ok(())
+}
+
+/// Parses `-accel NAME[,prop=value...]` as QEMU does: `kvm` (with `dirty-ring-size`) or `tcg`.
+fn parse_accel(v: &str) -> Result<Accel, String> {
+    let mut parts = keyvals(v, "accel").into_iter();
+    let name = match parts.next() {
+        Some(("accel", name)) => name,
+        _ => return Err(format!("-accel {v}: Parameter 'accel' is missing")),
+    };
+    match name {
+        "kvm" => {
+            let mut opts = KvmOptions::default();
+            for (k, val) in parts {
+                match k {
+                    "dirty-ring-size" => {
+                        opts.dirty_ring_size = val.parse().map_err(|_| {
+                            format!("-accel {v}: Parameter 'dirty-ring-size' expects uint32_t")
+                        })?
+                    }
+                    _ => return Err(format!("-accel {v}: Property 'kvm-accel.{k}' not found")),
+                }
+            }
+            opts.check().map_err(|e| format!("-accel {v}: {e}"))?;
+            Ok(Accel::Kvm(opts))
+        }
+        "tcg" => match parts.next() {
+            None => Ok(Accel::Tcg),
+            Some((k, _)) => Err(format!("-accel {v}: Property 'tcg-accel.{k}' not found")),
+        },
+        other => Err(format!("-accel {v}: invalid accelerator {other}")),
+    }
 }
 
 /// Parses the arguments after `livemig vm`.
@@ -194,7 +230,12 @@ pub fn parse_vm_args(argv: &[String]) -> Result<VmArgs, String> {
                 parse_workload(&v, &mut a)?;
             }
             "nodefaults" | "no-user-config" | "no-shutdown" => {}
-            "display" | "accel" | "cpu" | "vga" | "monitor" | "chardev" | "global" => {
+            "accel" => {
+                let v = value(o)?;
+                a.accel = parse_accel(&v)?;
+            }
+            "enable-kvm" => a.accel = Accel::Kvm(KvmOptions::default()),
+            "display" | "cpu" | "vga" | "monitor" | "chardev" | "global" => {
                 value(o)?;
             }
             _ => return Err(format!("unsupported option '{opt}'")),
@@ -224,6 +265,36 @@ mod tests {
         assert_eq!(a.qmp.len(), 1);
         assert_eq!(a.incoming.as_deref(), Some("defer"));
         assert!(a.start_paused);
+    }
+
+    #[test]
+    fn accelerators_parse_as_qemu_parses_them() {
+        let a = parse_vm_args(&args("-accel kvm,dirty-ring-size=4096")).unwrap();
+        assert_eq!(
+            a.accel,
+            Accel::Kvm(KvmOptions {
+                dirty_ring_size: 4096
+            })
+        );
+        assert_eq!(
+            parse_vm_args(&args("-accel tcg")).unwrap().accel,
+            Accel::Tcg
+        );
+        assert_eq!(
+            parse_vm_args(&args("-enable-kvm")).unwrap().accel,
+            Accel::Kvm(KvmOptions::default())
+        );
+        assert_eq!(
+            parse_vm_args(&args("-accel qtest")).unwrap_err(),
+            "-accel qtest: invalid accelerator qtest"
+        );
+        assert_eq!(
+            parse_vm_args(&args("-accel kvm,dirty-ring-size=1000")).unwrap_err(),
+            "-accel kvm,dirty-ring-size=1000: dirty-ring-size must be a power of two."
+        );
+        assert!(parse_vm_args(&args("-accel kvm,kernel-irqchip=off"))
+            .unwrap_err()
+            .contains("'kvm-accel.kernel-irqchip' not found"));
     }
 
     #[test]

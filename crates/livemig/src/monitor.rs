@@ -37,6 +37,7 @@ pub struct App {
 /// The commands, besides the server's built-ins.
 pub const COMMANDS: &[&str] = &[
     "query-status",
+    "query-kvm",
     "stop",
     "cont",
     "quit",
@@ -145,6 +146,10 @@ impl Dispatcher for Monitor {
             }
         }
         match name {
+            "query-kvm" => {
+                args.finish()?;
+                Ok(Reply::new(app.vm.query_kvm()))
+            }
             "query-status" => {
                 args.finish()?;
                 let st = app.vm.runstate();

@@ -131,6 +131,7 @@ pub fn run(args: VmArgs) -> Result<(), String> {
         incoming: args.incoming.is_some(),
         start_paused: args.start_paused,
         mem_prealloc: args.mem_prealloc,
+        accel: args.accel,
     };
     let vm = Vm::new(config, block.clone(), sink.clone())?;
     let mig = Arc::new(Migration::new(

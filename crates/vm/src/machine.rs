@@ -436,6 +436,14 @@ impl Vm {
         report
     }
 
+    /// `query-kvm`'s answer: whether KVM is in use, and whether this host has it.
+    pub fn query_kvm(&self) -> serde_json::Value {
+        serde_json::json!({
+            "enabled": self.core.kvm.is_some(),
+            "present": self.core.kvm.is_some() || crate::kvm::available().is_ok(),
+        })
+    }
+
     /// Bytes written to the serial console since boot.
     pub fn serial_bytes(&self) -> u64 {
         self.core.serial.bytes.load(Ordering::Relaxed)

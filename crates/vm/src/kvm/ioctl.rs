@@ -88,7 +88,7 @@ pub fn clear_dirty_log(
     num_pages: u32,
     bitmap: &[u64],
 ) -> Result<(), kvm_ioctls::Error> {
-    if bitmap.len() as u64 * 64 < u64::from(num_pages) || first_page % 64 != 0 {
+    if bitmap.len() as u64 * 64 < u64::from(num_pages) || !first_page.is_multiple_of(64) {
         return Err(kvm_ioctls::Error::new(libc::EINVAL));
     }
     let mut arg = kvm_clear_dirty_log {

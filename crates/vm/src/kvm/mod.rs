@@ -380,7 +380,7 @@ impl KvmVm {
 /// ORs `src` (bits for `count` pages) into `dst` starting at bit `at`; returns the bits set.
 fn or_shifted(dst: &mut [u64], src: &[u64], at: u64, count: u64) -> u64 {
     let mut set = 0u64;
-    if at % 64 == 0 {
+    if at.is_multiple_of(64) {
         let base = (at / 64) as usize;
         for (i, w) in src.iter().enumerate() {
             let valid = count.saturating_sub(i as u64 * 64).min(64);
