@@ -53,7 +53,14 @@ fn side(
         events.clone(),
     )
     .unwrap();
-    let mig = Migration::new(vm.clone(), events, MigrationOptions { autostart: false });
+    let mig = Migration::new(
+        vm.clone(),
+        events,
+        MigrationOptions {
+            autostart: false,
+            ..Default::default()
+        },
+    );
     mig.set_capabilities(&[(Capability::Events, true)]).unwrap();
     Side { vm, mig }
 }
