@@ -13,10 +13,19 @@
 //! the source's (seed 000), on a bad granularity, or on a misaligned chunk. livemig checks
 //! every chunk against the destination node before it touches the bitmap:
 //! - granularity must be a power of two in [512, 2^31];
-//! - every BITS range must lie inside the destination node and start on a 64-granule
-//!   boundary;
+//! - every BITS range must lie inside the destination node, start on a 64-granule boundary
+//!   where the previous one ended, and — unless it ends the node — cover exactly the 8192
+//!   granules a source cuts for the declared granularity;
+//! - a BITS buffer must be the chunk's words, padded as a source pads them (QEMU's check:
+//!   "Migrated bitmap granularity doesn't match"), with no bit set past the chunk's last
+//!   granule;
 //! - the source's size — the end of its last chunk, since every chunk is always sent — must
 //!   equal the destination node's size.
+//!
+//! So no combination of granularity, size, chunk offsets and lengths that disagree with each
+//! other or with the node gives the destination a bitmap different from the source's: either
+//! the stream is exactly what a source holding the resulting bitmap would send, or the bitmap
+//! is dropped.
 //!
 //! A bitmap failing any check is dropped with an error naming the bitmap, the node and the
 //! reason; the rest of the migration, other bitmaps included, carries on. (QEMU's own
@@ -34,8 +43,8 @@ use block::BlockLayer;
 use std::sync::Arc;
 use wire::bitmap::{
     buffer_size, pad_buffer, read_chunk_header, read_chunk_payload, write_chunk, BitsData, Chunk,
-    ChunkPayload, NameTracker, CHUNK_SIZE, FLAG_EOS, START_FLAG_ENABLED, START_FLAG_PERSISTENT,
-    START_FLAG_RESERVED_MASK,
+    ChunkPayload, NameTracker, BUFFER_ALIGN, CHUNK_SIZE, FLAG_EOS, START_FLAG_ENABLED,
+    START_FLAG_PERSISTENT, START_FLAG_RESERVED_MASK,
 };
 
 /// The section's idstr.
@@ -53,6 +62,27 @@ fn sectors_per_chunk(granularity: u32) -> u64 {
     } else {
         (u64::from(u32::MAX) / align) * align
     }
+}
+
+/// Whether `buf` has a bit set at or past bit `granules` (granule i is bit i % 8 of byte
+/// i / 8).
+fn stray_bits(buf: &[u8], granules: u64) -> bool {
+    let Ok(full) = usize::try_from(granules / 8) else {
+        return false;
+    };
+    let Some(tail) = buf.get(full..) else {
+        return false;
+    };
+    let mut rest = tail.iter();
+    let partial = (granules % 8) as u32;
+    if partial != 0 {
+        if let Some(first) = rest.next() {
+            if first >> partial != 0 {
+                return true;
+            }
+        }
+    }
+    rest.any(|&b| b != 0)
 }
 
 struct OutBitmap {
@@ -561,7 +591,14 @@ impl BitmapLoader {
         };
         let result = b.node.with_bitmaps(|list| -> Result<(), String> {
             let bm = list.get_mut(b.id).ok_or("the bitmap disappeared")?;
+            let granularity = u64::from(bm.granularity());
             let align = bm.serialization_align();
+            let wrong_granularity = |why: String| {
+                format!(
+                    "Migrated bitmap granularity doesn't match the destination bitmap '{}' granularity ({why})",
+                    b.name
+                )
+            };
             if end > size.next_multiple_of(SECTOR_SIZE) {
                 return Err(format!(
                     "the source sent bits for bytes [{start}, {end}) but node '{}' is only {size} bytes: the source's node is larger than the destination's",
@@ -571,32 +608,55 @@ impl BitmapLoader {
             if start % align != 0 {
                 return Err(format!("chunk start {start} is not aligned to {align} bytes (64 granules): malformed stream"));
             }
-            // Clamp to the node: the last sector may extend past a size that is not a whole
-            // number of granules; QEMU's serialization clamps the same way.
-            let len = end.min(size) - start;
-            if end < size && len % align != 0 {
-                return Err(format!(
-                    "the source's node ends at byte {end} but node '{}' is {size} bytes: the nodes differ in size",
-                    b.node.name()
-                ));
-            }
             if start != b.covered {
                 return Err(format!(
                     "chunk starts at byte {start} but the previous one ended at {}: malformed stream",
                     b.covered
                 ));
             }
+            // Every chunk but the last covers exactly what a source cuts for the declared
+            // granularity (8192 granules, dirty-bitmaps.md §4.4); the last one ends at the
+            // node's end. A shorter chunk that stops before the end is a smaller source node;
+            // a longer one was cut for a coarser granularity than the one declared.
+            let per_chunk = sectors_per_chunk(bm.granularity());
+            if end < size && u64::from(nr_sectors) != per_chunk {
+                return Err(if u64::from(nr_sectors) < per_chunk {
+                    format!(
+                        "the source's node ends at byte {end} but node '{}' is {size} bytes: the nodes differ in size",
+                        b.node.name()
+                    )
+                } else {
+                    wrong_granularity(format!(
+                        "a chunk of {nr_sectors} sectors where one holds {per_chunk}"
+                    ))
+                });
+            }
+            // Clamp to the node: the last sector may extend past a size that is not a whole
+            // number of sectors; QEMU's serialization clamps the same way.
+            let len = end.min(size) - start;
             match data {
                 BitsData::Zeroes => bm.deserialize_zeroes(start, len, false).map_err(|e| e.to_string()),
                 BitsData::Buffer(buf) => {
                     let needed = bm.serialization_size(start, len).map_err(|e| e.to_string())?;
-                    let Some(part) = buf.get(..needed as usize) else {
-                        return Err(format!(
-                            "Migrated bitmap granularity doesn't match the destination bitmap '{}' granularity (buffer of {} bytes, {needed} needed)",
-                            b.name,
-                            buf.len()
-                        ));
-                    };
+                    // QEMU's check: the buffer is the chunk's words, padded as a sender pads
+                    // them (to 32 bytes on a 64-bit host; 16 on a 32-bit one, which is within).
+                    let padded = needed.next_multiple_of(BUFFER_ALIGN as u64);
+                    let got = buf.len() as u64;
+                    if got < needed || got > padded {
+                        return Err(wrong_granularity(format!(
+                            "a buffer of {got} bytes for {needed} bytes of bitmap"
+                        )));
+                    }
+                    // Past the chunk's last granule, the words and the padding are zero in
+                    // every stream a source writes: set bits there mean the data was cut for
+                    // another granularity or node size than the one declared.
+                    let granules = len.div_ceil(granularity);
+                    if stray_bits(&buf, granules) {
+                        return Err(wrong_granularity(format!(
+                            "bits set past the {granules} granules the chunk covers"
+                        )));
+                    }
+                    let part = buf.get(..needed as usize).unwrap_or_default();
                     bm.deserialize_part(part, start, len, false).map_err(|e| e.to_string())
                 }
             }
@@ -815,5 +875,291 @@ mod tests {
             e.to_string(),
             "at byte 0x17: Bitmap migration stream buffer allocation request is too large (16384 > 10240) (bitmap 'bm1' on node 'node1')"
         );
+    }
+
+    /// Issue 9, bug 2: a 64 KiB bitmap whose START declares 128 KiB. Read at 128 KiB, its
+    /// 128-byte buffer (1024 granules of a 64 MiB node) would give 512 granules with the
+    /// wrong bits; the buffer does not fit the declared granularity, so the bitmap is
+    /// dropped with QEMU's message.
+    #[test]
+    fn a_granularity_that_does_not_match_the_bits_drops_the_bitmap() {
+        let src = property::source(
+            64 << 20,
+            65536,
+            &[(0, 65536), (320 << 10, 65536), (1 << 20, 65536)],
+        );
+        let (mut setup, complete) = property::sent(&src);
+        for declared in [131072u32, 32768] {
+            if let ChunkPayload::Start { granularity, .. } = &mut setup[0].payload {
+                *granularity = declared;
+            }
+            let (got, warnings) = property::receive(64 << 20, &setup, &complete);
+            assert!(got.is_none(), "{declared}: {got:?}");
+            assert_eq!(warnings.len(), 1, "{warnings:?}");
+            assert!(
+                warnings[0].starts_with(
+                    "Bitmap 'bm' on node 'n' dropped: Migrated bitmap granularity doesn't match the destination bitmap 'bm' granularity"
+                ),
+                "{warnings:?}"
+            );
+        }
+    }
+
+    /// The property of issue 9 (bug 2): whatever a patch does to the START granularity or to
+    /// a BITS chunk's start, length or buffer size, the destination ends with the source's
+    /// exact bitmap, or with none and a warning — unless the patched chunks are exactly what
+    /// a source holding the destination's bitmap would have sent (a granularity patch on a
+    /// bitmap small enough for one chunk, whose set bits all fall inside the reinterpreted
+    /// granules): no receiver can tell such a stream from a genuine one.
+    mod property {
+        use super::*;
+        use proptest::prelude::*;
+        use std::io::Write;
+        use std::sync::Mutex;
+
+        /// A writer whose bytes can be read back after the saver is done with it.
+        #[derive(Clone, Default)]
+        struct Captured(Arc<Mutex<Vec<u8>>>);
+
+        impl Write for Captured {
+            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(buf);
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+
+        /// A layer with node `n` of `size` bytes holding bitmap `bm` of `granularity` with
+        /// `dirty` ranges (offset, length) set.
+        pub(super) fn source(size: u64, granularity: u32, dirty: &[(u64, u64)]) -> Arc<BlockLayer> {
+            let l = Arc::new(BlockLayer::new());
+            l.blockdev_add(&json!({"driver": "null-co", "node-name": "n", "size": size}))
+                .unwrap();
+            l.node("n").unwrap().with_bitmaps(|list| {
+                let id = list.create(granularity, Some("bm")).unwrap();
+                let bm = list.get_mut(id).unwrap();
+                for (off, len) in dirty {
+                    bm.set_dirty(*off, *len).unwrap();
+                }
+            });
+            l
+        }
+
+        /// What a source sends for `layer`'s bitmaps: the setup section's chunks and the
+        /// complete section's chunks, each without its EOS.
+        pub(super) fn sent(layer: &Arc<BlockLayer>) -> (Vec<Chunk>, Vec<Chunk>) {
+            let out = Captured::default();
+            let mut w: Writer = StreamWriter::new(Box::new(out.clone()));
+            let mut saver = BitmapSaver::setup(layer.clone(), None).unwrap();
+            saver.save_setup(&mut w).unwrap();
+            saver.save_complete(&mut w).unwrap();
+            w.flush().unwrap();
+            saver.cleanup(false);
+            let bytes = out.0.lock().unwrap().clone();
+            let mut r = StreamReader::new(std::io::Cursor::new(bytes));
+            let (mut setup, mut complete) = (Vec::new(), Vec::new());
+            for list in [&mut setup, &mut complete] {
+                loop {
+                    let c = wire::bitmap::read_chunk(&mut r).unwrap();
+                    if c.eos {
+                        break;
+                    }
+                    list.push(c);
+                }
+            }
+            (setup, complete)
+        }
+
+        /// The destination's `bm` after `setup` and `complete` are loaded into a node of
+        /// `size` bytes — its granularity, sha256, and what a source holding it would send —
+        /// and the warnings.
+        #[allow(clippy::type_complexity)]
+        pub(super) fn receive(
+            size: u64,
+            setup: &[Chunk],
+            complete: &[Chunk],
+        ) -> (Option<(u32, String, (Vec<Chunk>, Vec<Chunk>))>, Vec<String>) {
+            let l = Arc::new(BlockLayer::new());
+            l.blockdev_add(&json!({"driver": "null-co", "node-name": "n", "size": size}))
+                .unwrap();
+            let mut loader = BitmapLoader::new(l.clone(), None);
+            let loaded = loader
+                .load(&mut stream(setup))
+                .and_then(|_| loader.load(&mut stream(complete)));
+            let mut warnings = Vec::new();
+            if let Err(e) = loaded {
+                warnings.push(e.to_string());
+                loader.cancel("the incoming migration failed");
+            }
+            warnings.extend(loader.before_vm_start());
+            let got = l.node("n").unwrap().with_bitmaps(|list| {
+                list.find("bm").map(|bm| {
+                    let n = bm.serialization_size(0, size).unwrap();
+                    let mut buf = vec![0; n as usize];
+                    bm.serialize_part(&mut buf, 0, size).unwrap();
+                    (bm.granularity(), bm.sha256_hex(), buf)
+                })
+            });
+            let got = got.map(|(g, sha, buf)| {
+                let again = source(size, g, &[]);
+                again.node("n").unwrap().with_bitmaps(|list| {
+                    let bm = list.find_mut("bm").unwrap();
+                    bm.deserialize_part(&buf, 0, size, true).unwrap();
+                });
+                (g, sha, sent(&again))
+            });
+            (got, warnings)
+        }
+
+        /// How a patched field changes.
+        #[derive(Debug, Clone)]
+        enum Change {
+            Set(u64),
+            Add(i64),
+            Double,
+            Halve,
+        }
+
+        impl Change {
+            fn apply(&self, v: u64) -> u64 {
+                match self {
+                    Change::Set(x) => *x,
+                    Change::Add(d) => v.wrapping_add(*d as u64),
+                    Change::Double => v.wrapping_mul(2),
+                    Change::Halve => v / 2,
+                }
+            }
+        }
+
+        fn change() -> impl Strategy<Value = Change> {
+            prop_oneof![
+                any::<u64>().prop_map(Change::Set),
+                (0u32..40).prop_map(|s| Change::Set(1 << s)),
+                (-4096i64..4096).prop_map(Change::Add),
+                (-64i64..64).prop_map(|d| Change::Add(d * 64)),
+                Just(Change::Double),
+                Just(Change::Halve),
+            ]
+        }
+
+        /// One field of the stream, patched.
+        #[derive(Debug, Clone)]
+        enum Patch {
+            /// START's granularity.
+            Granularity(Change),
+            /// BITS chunk i's start sector.
+            Start(usize, Change),
+            /// BITS chunk i's sector count.
+            Sectors(usize, Change),
+            /// BITS chunk i's buffer size (truncated, or extended with zeros).
+            BufferLen(usize, Change),
+        }
+
+        fn patch() -> impl Strategy<Value = Patch> {
+            prop_oneof![
+                change().prop_map(Patch::Granularity),
+                (0usize..8, change()).prop_map(|(i, c)| Patch::Start(i, c)),
+                (0usize..8, change()).prop_map(|(i, c)| Patch::Sectors(i, c)),
+                (0usize..8, change()).prop_map(|(i, c)| Patch::BufferLen(i, c)),
+            ]
+        }
+
+        /// Applies `p`; false if it changed nothing (the field already had that value, or
+        /// there is no such chunk).
+        fn apply(p: &Patch, setup: &mut [Chunk], complete: &mut [Chunk]) -> bool {
+            let mut bits: Vec<&mut Chunk> = complete
+                .iter_mut()
+                .filter(|c| matches!(c.payload, ChunkPayload::Bits { .. }))
+                .collect();
+            let n = bits.len();
+            let chunk = |i: usize| i % n.max(1);
+            match p {
+                Patch::Granularity(c) => match &mut setup[0].payload {
+                    ChunkPayload::Start { granularity, .. } => {
+                        let new = c.apply(u64::from(*granularity)) as u32;
+                        std::mem::replace(granularity, new) != new
+                    }
+                    _ => false,
+                },
+                Patch::Start(i, c) => match bits.get_mut(chunk(*i)).map(|c| &mut c.payload) {
+                    Some(ChunkPayload::Bits { start_sector, .. }) => {
+                        let new = c.apply(*start_sector);
+                        std::mem::replace(start_sector, new) != new
+                    }
+                    _ => false,
+                },
+                Patch::Sectors(i, c) => match bits.get_mut(chunk(*i)).map(|c| &mut c.payload) {
+                    Some(ChunkPayload::Bits { nr_sectors, .. }) => {
+                        let new = c.apply(u64::from(*nr_sectors)) as u32;
+                        std::mem::replace(nr_sectors, new) != new
+                    }
+                    _ => false,
+                },
+                Patch::BufferLen(i, c) => match bits.get_mut(chunk(*i)).map(|c| &mut c.payload) {
+                    Some(ChunkPayload::Bits {
+                        data: BitsData::Buffer(buf),
+                        ..
+                    }) => {
+                        // Within what the wire can carry (a longer one fails the whole
+                        // migration, tested elsewhere).
+                        let new = (c.apply(buf.len() as u64) % 10240) as usize;
+                        let changed = new != buf.len();
+                        buf.resize(new, 0);
+                        changed
+                    }
+                    _ => false,
+                },
+            }
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(512))]
+
+            #[test]
+            fn the_destination_has_the_sources_bitmap_or_none(
+                gran_shift in 9u32..=22,
+                sectors in 1u64..=(40 << 11),
+                dirty in proptest::collection::vec((0.0f64..1.0, 0.0f64..0.05), 0..6),
+                patch in patch(),
+            ) {
+                let granularity = 1u32 << gran_shift;
+                let size = sectors * SECTOR_SIZE;
+                let dirty: Vec<(u64, u64)> = dirty
+                    .iter()
+                    .map(|(at, len)| {
+                        let off = (at * size as f64) as u64 % size;
+                        let len = ((len * size as f64) as u64).clamp(1, size - off);
+                        (off, len)
+                    })
+                    .collect();
+                let src = source(size, granularity, &dirty);
+                let want = src.node("n").unwrap().with_bitmaps(|l| l.find("bm").unwrap().sha256_hex());
+                let (mut setup, mut complete) = sent(&src);
+                let changed = apply(&patch, &mut setup, &mut complete);
+                let (got, warnings) = receive(size, &setup, &complete);
+                match got {
+                    None => prop_assert!(!warnings.is_empty(), "dropped without a warning"),
+                    Some((g, sha, _)) if g == granularity && sha == want => {
+                        // The source's exact bitmap (a patch the checks could ignore, such
+                        // as a shorter zero padding).
+                    }
+                    Some((g, sha, genuine)) => {
+                        prop_assert!(changed, "an unpatched stream gave another bitmap");
+                        prop_assert_eq!(
+                            (setup, complete),
+                            genuine,
+                            "granularity {} sha {}: another bitmap from a stream no source sends",
+                            g,
+                            sha
+                        );
+                    }
+                }
+                if !changed {
+                    prop_assert!(warnings.is_empty(), "{:?}", warnings);
+                }
+            }
+        }
     }
 }
