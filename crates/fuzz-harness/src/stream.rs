@@ -152,7 +152,7 @@ pub fn run_on(machine: MachineType, data: &[u8]) -> Outcome {
     let result = loader
         .load_header(&mut r)
         .and_then(|()| loader.load_body(&mut r))
-        .and_then(|()| loader.finish());
+        .and_then(|()| loader.finish(true));
     if result.is_err() {
         loader.abandon();
     }

@@ -41,7 +41,8 @@ pub enum Capability {
     DirtyBitmaps,
     /// Postcopy blocktime statistics on the destination (`postcopy-blocktime` in query-migrate).
     PostcopyBlocktime,
-    /// Historical; the destination always activates disks late. Accepted.
+    /// Destination: activate the disks at the end of the load only if the guest then runs;
+    /// otherwise (`-S`) leave them inactive, unlocked, until `cont`.
     LateBlockActivate,
     /// Skip shared memory (not implemented).
     XIgnoreShared,

@@ -508,10 +508,13 @@ impl StreamLoader {
         }
     }
 
-    /// What the destination does once the stream is loaded: take the disks, enable migrated
-    /// bitmaps.
-    pub fn finish(&mut self) -> Result<(), MigrationError> {
-        self.machine.activate_disks()?;
+    /// What the destination does once the stream is loaded: take the disks (unless
+    /// `activate_disks` is false: `late-block-activate` leaves them to `cont`), enable
+    /// migrated bitmaps.
+    pub fn finish(&mut self, activate_disks: bool) -> Result<(), MigrationError> {
+        if activate_disks {
+            self.machine.activate_disks()?;
+        }
         if let Some(b) = self.bitmaps.as_mut() {
             let warnings = b.before_vm_start();
             self.warnings.extend(warnings);
@@ -737,10 +740,22 @@ pub(crate) fn run(job: Job) {
         .and_then(|_| loader.load_body(&mut r))
         .and_then(|_| {
             if loader.postcopy_ran() {
-                Ok(())
-            } else {
-                loader.finish()
+                return Ok(());
             }
+            // QEMU's `late-block-activate`: with it, the disks are activated now only if the
+            // guest is about to run; a destination that stays paused (`-S`, or a source that
+            // was not running) keeps them inactive — unlocked — until `cont`. Capability and
+            // autostart are read now, as QEMU reads them at the end of the load. (Postcopy's
+            // RUN always activates, as QEMU's does.)
+            let runstate = loader.received_runstate().unwrap_or(RunState::Running);
+            let (late, autostart) = {
+                let inner = shared.lock();
+                (
+                    inner.caps.has(Capability::LateBlockActivate),
+                    inner.autostart,
+                )
+            };
+            loader.finish(!late || (autostart && runstate == RunState::Running))
         });
     for w in &loader.warnings {
         log::warn!("incoming migration: {w}");

@@ -1,9 +1,25 @@
 //! Migration parameters (`migrate-set-parameters` / `query-migrate-parameters`).
 //!
 //! livemig keeps every parameter QEMU 7.2 reports, with QEMU's defaults, so that management
-//! tools which read and write them keep working. The engine acts on `downtime-limit`,
-//! `max-bandwidth` and `block-bitmap-mapping`; the others are stored, validated with QEMU's
-//! rules and reported.
+//! tools which read and write them keep working. Each acts as it does in QEMU, given what
+//! livemig has:
+//!
+//! | parameters | what they do here |
+//! |---|---|
+//! | `downtime-limit`, `max-bandwidth`, `block-bitmap-mapping` | act (switchover policy, rate cap, bitmap aliases) |
+//! | `tls-creds`, `tls-hostname`, `tls-authz` | act: the channel and its return path go over TLS (`crate::secure`) |
+//! | `compress-*`, `decompress-threads` | configure `compress`, which is refused |
+//! | `throttle-trigger-threshold`, `cpu-throttle-*`, `max-cpu-throttle` | configure `auto-converge`, which is refused |
+//! | `multifd-*` | configure `multifd`, which is refused |
+//! | `xbzrle-cache-size` | sizes the `xbzrle` cache, which is refused |
+//! | `max-postcopy-bandwidth` | acts: caps postcopy's background push |
+//! | `x-checkpoint-delay` | COLO (`x-colo`), refused |
+//! | `block-incremental` | block migration (`block`, `migrate blk=true`), refused |
+//! | `announce-*` | time the self-announcements a destination's NICs send; the reference VM has no NICs, so, as in QEMU without NICs, nothing is sent |
+//!
+//! So a parameter whose feature is not built is stored, validated with QEMU's rules and
+//! reported, and can change nothing until the capability that uses it is enabled — which is
+//! refused.
 
 use crate::error::MigrationError;
 use serde_json::{json, Map, Value};
