@@ -14,8 +14,8 @@
 //! every chunk against the destination node before it touches the bitmap:
 //! - granularity must be a power of two in [512, 2^31];
 //! - every BITS range must lie inside the destination node, start on a 64-granule boundary
-//!   where the previous one ended, and — unless it ends the node — cover exactly the 8192
-//!   granules a source cuts for the declared granularity;
+//!   where the previous one ended, and cover the 8192 granules a source cuts for the declared
+//!   granularity — exactly, unless it ends the node, and never more;
 //! - a BITS buffer must be the chunk's words, padded as a source pads them (QEMU's check:
 //!   "Migrated bitmap granularity doesn't match"), with no bit set past the chunk's last
 //!   granule;
@@ -616,20 +616,20 @@ impl BitmapLoader {
             }
             // Every chunk but the last covers exactly what a source cuts for the declared
             // granularity (8192 granules, dirty-bitmaps.md §4.4); the last one ends at the
-            // node's end. A shorter chunk that stops before the end is a smaller source node;
-            // a longer one was cut for a coarser granularity than the one declared.
+            // node's end and may be shorter, never longer. A longer chunk was cut for a
+            // coarser granularity than the one declared; a shorter one that stops before the
+            // end is a smaller source node.
             let per_chunk = sectors_per_chunk(bm.granularity());
+            if u64::from(nr_sectors) > per_chunk {
+                return Err(wrong_granularity(format!(
+                    "a chunk of {nr_sectors} sectors where one holds {per_chunk}"
+                )));
+            }
             if end < size && u64::from(nr_sectors) != per_chunk {
-                return Err(if u64::from(nr_sectors) < per_chunk {
-                    format!(
-                        "the source's node ends at byte {end} but node '{}' is {size} bytes: the nodes differ in size",
-                        b.node.name()
-                    )
-                } else {
-                    wrong_granularity(format!(
-                        "a chunk of {nr_sectors} sectors where one holds {per_chunk}"
-                    ))
-                });
+                return Err(format!(
+                    "the source's node ends at byte {end} but node '{}' is {size} bytes: the nodes differ in size",
+                    b.node.name()
+                ));
             }
             // Clamp to the node: the last sector may extend past a size that is not a whole
             // number of sectors; QEMU's serialization clamps the same way.
@@ -1115,7 +1115,7 @@ mod tests {
         }
 
         proptest! {
-            #![proptest_config(ProptestConfig::with_cases(512))]
+            #![proptest_config(ProptestConfig::with_cases(2048))]
 
             #[test]
             fn the_destination_has_the_sources_bitmap_or_none(
