@@ -22,6 +22,9 @@ usage: livemig bench [options]
   --mem-prealloc         start the destination with -mem-prealloc (default: off, so the load
                          pays the destination's first-touch page faults)
   --no-mem-prealloc      the default
+  --postcopy             switch to postcopy at once; the destination's guest runs on the
+                         pages it pulls; adds page-request latency (fault to placement,
+                         median and p99) and blocktime
   --json                 one JSON object per run, then the medians
 ";
 
@@ -64,7 +67,8 @@ pub fn main(args: &[String]) -> i32 {
     sc.verify = verify;
     if !json_out {
         println!(
-            "livemig bench: {} RAM, {} filled, hot set {}, dirty-rate {}/s, {} vCPU(s), disk {}, {:?}{}, {} run(s)",
+            "livemig bench: {}{} RAM, {} filled, hot set {}, dirty-rate {}/s, {} vCPU(s), disk {}, {:?}{}, {} run(s)",
+            if sc.postcopy { "postcopy, " } else { "" },
             size(sc.ram),
             size(sc.fill),
             size(sc.hot),
@@ -97,7 +101,26 @@ pub fn main(args: &[String]) -> i32 {
                         "{}",
                         json!({"run": i + 1, "total-ms": o.total_ms, "downtime-ms": o.downtime_ms,
                                "setup-ms": o.setup_ms, "transferred": o.transferred,
-                               "throughput-bytes-per-s": o.throughput(), "passes": o.passes})
+                               "throughput-bytes-per-s": o.throughput(), "passes": o.passes,
+                               "postcopy": o.postcopy})
+                    );
+                } else if let Some(p) = &o.postcopy {
+                    println!(
+                        "{:>4} {:>10} {:>10} {:>10} {:>12.2} {:>7}   requests {} latency p50 {} us p99 {} us, blocktime {:.2} ms (vCPUs {:?} us)",
+                        i + 1,
+                        o.total_ms,
+                        o.downtime_ms,
+                        o.setup_ms,
+                        o.throughput() / 1e9,
+                        o.passes,
+                        p["requests"],
+                        p["latency-median-us"],
+                        p["latency-p99-us"],
+                        p["blocktime-ns"].as_u64().unwrap_or(0) as f64 / 1e6,
+                        p["vcpu-blocktime-ns"]
+                            .as_array()
+                            .map(|a| a.iter().map(|v| v.as_u64().unwrap_or(0) / 1000).collect::<Vec<_>>())
+                            .unwrap_or_default(),
                     );
                 } else {
                     println!(
@@ -121,6 +144,22 @@ pub fn main(args: &[String]) -> i32 {
     let total = median(outcomes.iter().map(|o| o.total_ms as f64).collect());
     let down = median(outcomes.iter().map(|o| o.downtime_ms as f64).collect());
     let tput = median(outcomes.iter().map(Outcome::throughput).collect());
+    let pc = |k: &str| {
+        median(
+            outcomes
+                .iter()
+                .filter_map(|o| o.postcopy.as_ref()?.get(k)?.as_f64())
+                .collect(),
+        )
+    };
+    if sc.postcopy && !json_out {
+        println!(
+            "median postcopy: latency p50 {:.0} us, p99 {:.0} us, blocktime {:.2} ms",
+            pc("latency-median-us"),
+            pc("latency-p99-us"),
+            pc("blocktime-ns") / 1e6
+        );
+    }
     if json_out {
         println!(
             "{}",

@@ -21,6 +21,8 @@ usage: livemig demo [options]
   --downtime-limit MS    (default 300)
   --mem-prealloc         start the destination with -mem-prealloc (the default)
   --no-mem-prealloc      let the destination fault its RAM in while the migration loads it
+  --postcopy             switch to postcopy at once; the destination's guest runs and pulls
+                         the pages it touches (RAM verified page by page afterwards)
 ";
 
 /// A caller's handler for its own options: given one and the argument after it, it returns
@@ -65,6 +67,7 @@ pub fn parse_common(
                     .parse()
                     .map_err(|_| "--downtime-limit: milliseconds".to_string())?
             }
+            "--postcopy" => sc.postcopy = true,
             "--mem-prealloc" => sc.dst_prealloc = true,
             "--no-mem-prealloc" => sc.dst_prealloc = false,
             other => match extra(other, it.clone().next())? {

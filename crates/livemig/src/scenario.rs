@@ -44,6 +44,9 @@ pub struct Scenario {
     /// Start the destination with `-mem-prealloc` (its RAM allocated before the migration, so
     /// the load pays no page faults).
     pub dst_prealloc: bool,
+    /// Postcopy: `migrate-start-postcopy` right after `migrate`, and the destination runs its
+    /// guest as soon as postcopy starts (its vCPUs pull the pages they touch).
+    pub postcopy: bool,
 }
 
 impl Default for Scenario {
@@ -62,6 +65,7 @@ impl Default for Scenario {
             max_bandwidth: 0,
             verify: false,
             dst_prealloc: false,
+            postcopy: false,
         }
     }
 }
@@ -87,6 +91,9 @@ pub struct Outcome {
     pub downtime_bytes: u64,
     /// Verification lines (what was compared and the result), when asked for.
     pub checks: Vec<(String, String, bool)>,
+    /// Postcopy: the destination's `x-livemig-postcopy` (page requests, fault → placement
+    /// latency, blocktime in ns) and QEMU's `postcopy-blocktime` (ms).
+    pub postcopy: Option<Value>,
 }
 
 impl Outcome {
@@ -124,6 +131,8 @@ pub struct Pair {
     pub dst_qmp: Client,
     /// The migration URI.
     pub uri: String,
+    /// Switch to postcopy right after the migration starts.
+    postcopy: bool,
 }
 
 impl Drop for Pair {
@@ -193,7 +202,11 @@ impl Pair {
             Transport::Unix => format!("unix:{}/migrate.sock", dir.display()),
         };
         let mut dst_args = common("dst");
-        dst_args.extend(["-incoming".into(), listen.clone(), "-S".into()]);
+        dst_args.extend(["-incoming".into(), listen.clone()]);
+        if !sc.postcopy {
+            // Paused at the stop point, for the comparison; in postcopy the guest runs there.
+            dst_args.push("-S".into());
+        }
         if sc.dst_prealloc {
             dst_args.push("-mem-prealloc".into());
         }
@@ -236,9 +249,16 @@ impl Pair {
             {"capability": "events", "state": true},
             {"capability": "dirty-bitmaps", "state": true},
             {"capability": "return-path", "state": true},
+            {"capability": "postcopy-ram", "state": sc.postcopy},
         ]});
         src_qmp.call("migrate-set-capabilities", caps.clone())?;
         dst_qmp.call("migrate-set-capabilities", caps)?;
+        if sc.postcopy {
+            dst_qmp.call(
+                "migrate-set-capabilities",
+                json!({"capabilities": [{"capability": "postcopy-blocktime", "state": true}]}),
+            )?;
+        }
         src_qmp.call(
             "migrate-set-parameters",
             json!({"downtime-limit": sc.downtime_limit_ms, "max-bandwidth": sc.max_bandwidth}),
@@ -256,6 +276,7 @@ impl Pair {
             src_qmp,
             dst_qmp,
             uri,
+            postcopy: sc.postcopy,
         })
     }
 
@@ -293,6 +314,9 @@ impl Pair {
     /// Migrates, calling `progress` with each `query-migrate` reply while it runs.
     pub fn migrate(&mut self, mut progress: impl FnMut(&Value)) -> Result<Value, String> {
         self.src_qmp.call("migrate", json!({"uri": self.uri}))?;
+        if self.postcopy {
+            self.src_qmp.call("migrate-start-postcopy", json!({}))?;
+        }
         loop {
             let q = self.src_qmp.call("query-migrate", json!({}))?;
             match q["status"].as_str().unwrap_or("") {
@@ -336,6 +360,9 @@ impl Pair {
     /// Compares both ends at the stop point, then resumes the destination and checks the guest
     /// carries on.
     pub fn verify(&mut self, sc: &Scenario) -> Result<Vec<(String, String, bool)>, String> {
+        if sc.postcopy {
+            return self.verify_postcopy();
+        }
         let mut checks = Vec::new();
         let s = self.src_qmp.call("x-livemig-ram-checksum", json!({}))?["checksum"].clone();
         let d = self.dst_qmp.call("x-livemig-ram-checksum", json!({}))?["checksum"].clone();
@@ -400,6 +427,46 @@ impl Pair {
     }
 }
 
+impl Pair {
+    /// After a postcopy the destination's guest has run on: its RAM must verify page by page,
+    /// its vCPUs must have gone past the source's stop point, and the source must be stopped.
+    fn verify_postcopy(&mut self) -> Result<Vec<(String, String, bool)>, String> {
+        let mut checks = Vec::new();
+        let v = self.dst_qmp.call("x-livemig-verify-ram", json!({}))?;
+        let corrupt = v["corrupt"].as_u64().unwrap_or(u64::MAX);
+        checks.push((
+            "RAM pages".to_string(),
+            format!(
+                "{} valid, {} zero, {corrupt} corrupt",
+                v["valid"], v["zero"]
+            ),
+            corrupt == 0,
+        ));
+        let steps = |v: &Value| -> Vec<u64> {
+            v["vcpus"]
+                .as_array()
+                .map(|a| a.iter().filter_map(|c| c["steps"].as_u64()).collect())
+                .unwrap_or_default()
+        };
+        let sv = steps(&self.src_qmp.call("x-livemig-query-vm", json!({}))?);
+        std::thread::sleep(Duration::from_millis(300));
+        let dv = steps(&self.dst_qmp.call("x-livemig-query-vm", json!({}))?);
+        let st = self.dst_qmp.call("query-status", json!({}))?;
+        checks.push((
+            "guest runs on".to_string(),
+            format!("status {}, steps {sv:?} -> {dv:?}", st["status"]),
+            st["status"] == "running" && dv.iter().zip(&sv).all(|(d, s)| d >= s),
+        ));
+        let st = self.src_qmp.call("query-status", json!({}))?;
+        checks.push((
+            "source stopped".to_string(),
+            format!("status {}", st["status"]),
+            st["status"] == "postmigrate",
+        ));
+        Ok(checks)
+    }
+}
+
 fn short(v: &Value) -> String {
     v.as_str()
         .map(|s| s.chars().take(16).collect())
@@ -439,7 +506,22 @@ fn run_pair(
         passes: n("/ram/dirty-sync-count"),
         downtime_bytes: n("/ram/downtime-bytes"),
         checks: Vec::new(),
+        postcopy: None,
     };
+    if sc.postcopy {
+        let d = pair.dst_qmp.call("query-migrate", json!({}))?;
+        let mut x = d["x-livemig-postcopy"].clone();
+        if let Some(o) = x.as_object_mut() {
+            o.insert("postcopy-blocktime".into(), d["postcopy-blocktime"].clone());
+            o.insert(
+                "postcopy-requests".into(),
+                q.pointer("/ram/postcopy-requests")
+                    .cloned()
+                    .unwrap_or_default(),
+            );
+        }
+        out.postcopy = Some(x);
+    }
     if sc.verify {
         out.checks = pair.verify(sc)?;
     }

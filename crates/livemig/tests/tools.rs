@@ -236,6 +236,45 @@ fn demo_migrates_and_verifies() {
     assert_eq!(out.lines().last(), Some("verified"), "stdout:\n{out}");
 }
 
+/// `livemig bench --postcopy --json`: each run reports the destination's page requests, their
+/// fault -> placement latency and blocktime; `--verify` checks the destination's RAM page by
+/// page and that its guest ran on.
+#[test]
+fn bench_postcopy_reports_page_request_latency() {
+    let (code, out, err) = run_livemig(&[
+        "bench",
+        "--postcopy",
+        "--ram",
+        "64M",
+        "--hot",
+        "16M",
+        "--vcpus",
+        "2",
+        "--runs",
+        "1",
+        "--verify",
+        "--json",
+    ]);
+    assert_eq!(code, 0, "stdout:\n{out}\nstderr:\n{err}");
+    let run: serde_json::Value = serde_json::from_str(out.lines().next().unwrap_or_default())
+        .unwrap_or_else(|e| panic!("{e}: {out}"));
+    let p = &run["postcopy"];
+    for k in [
+        "requests",
+        "latency-count",
+        "latency-median-us",
+        "latency-p99-us",
+        "blocktime-ns",
+    ] {
+        assert!(p[k].is_u64(), "{k}: {run}");
+    }
+    assert!(
+        p["vcpu-blocktime-ns"].as_array().map(Vec::len) == Some(2),
+        "{run}"
+    );
+    assert!(run["postcopy"]["postcopy-requests"].is_u64(), "{run}");
+}
+
 /// `livemig bench --json`: one object per run with the whole-migration figures, then the
 /// medians; with `--verify` every run is also checked end to end (exit status 0).
 #[test]
