@@ -432,16 +432,6 @@ impl Pair {
     /// its vCPUs must have gone past the source's stop point, and the source must be stopped.
     fn verify_postcopy(&mut self) -> Result<Vec<(String, String, bool)>, String> {
         let mut checks = Vec::new();
-        let v = self.dst_qmp.call("x-livemig-verify-ram", json!({}))?;
-        let corrupt = v["corrupt"].as_u64().unwrap_or(u64::MAX);
-        checks.push((
-            "RAM pages".to_string(),
-            format!(
-                "{} valid, {} zero, {corrupt} corrupt",
-                v["valid"], v["zero"]
-            ),
-            corrupt == 0,
-        ));
         let steps = |v: &Value| -> Vec<u64> {
             v["vcpus"]
                 .as_array()
@@ -449,11 +439,24 @@ impl Pair {
                 .unwrap_or_default()
         };
         let sv = steps(&self.src_qmp.call("x-livemig-query-vm", json!({}))?);
-        std::thread::sleep(Duration::from_millis(300));
+        // Pages are checked with the guest stopped: a page read while a vCPU rewrites it
+        // would look torn.
+        self.dst_qmp.call("stop", json!({}))?;
+        let v = self.dst_qmp.call("x-livemig-verify-ram", json!({}))?;
+        let corrupt = v["corrupt"].as_u64().unwrap_or(u64::MAX);
+        checks.push((
+            "RAM pages".to_string(),
+            format!(
+                "{} valid, {} zero, {corrupt} corrupt {}",
+                v["valid"], v["zero"], v["corrupt-pages"]
+            ),
+            corrupt == 0,
+        ));
         let dv = steps(&self.dst_qmp.call("x-livemig-query-vm", json!({}))?);
+        self.dst_qmp.call("cont", json!({}))?;
         let st = self.dst_qmp.call("query-status", json!({}))?;
         checks.push((
-            "guest runs on".to_string(),
+            "guest ran on".to_string(),
             format!("status {}, steps {sv:?} -> {dv:?}", st["status"]),
             st["status"] == "running" && dv.iter().zip(&sv).all(|(d, s)| d >= s),
         ));

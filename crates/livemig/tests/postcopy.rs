@@ -83,6 +83,9 @@ fn the_destination_guest_runs_on_pages_it_pulls() {
         q["ram"]["postcopy-requests"].as_u64().unwrap_or(0) > 0,
         "the running guest asked for pages: {q}"
     );
+    // Pages are checked with the guest stopped (a page read while a vCPU rewrites it would
+    // look torn).
+    dst.ok("stop", json!({}));
     let v = dst.verify_ram();
     assert_eq!(v["corrupt"], 0, "destination RAM: {v}");
     assert!(v["valid"].as_u64().unwrap_or(0) >= FILL_PAGES, "{v}");
