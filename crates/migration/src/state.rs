@@ -37,7 +37,9 @@
 //! Nothing else is legal, a state to itself included. `colo` and `wait-unplug` are 7.2 names
 //! livemig never enters (`x-colo` is refused; there are no failover devices). The postcopy
 //! rows are those QEMU 7.2 has, with livemig's switchover (which always passes through
-//! `device`) in front of them; postcopy is not implemented yet, so no code takes them today.
+//! `device`) in front of them: postcopy takes `device → postcopy-active` on the source and
+//! `active → postcopy-active` on the destination; `postcopy-paused` and `postcopy-recover`
+//! wait for postcopy recovery, which is not built yet.
 //!
 //! # Guards
 //!
