@@ -965,3 +965,44 @@ fn migration_style_transfer_through_the_typed_api() {
         b.sha256_hex()
     );
 }
+
+/// Seed 002's hand-over with a raw image behind a guest device: once the source has
+/// inactivated its nodes, the destination (here a second layer in this process, with its own
+/// file descriptions) can take the image's write lock. The file node used to keep the
+/// device's "write not shared" lock byte while inactive, so the destination failed with
+/// `Failed to get "write" lock`.
+#[test]
+fn an_inactivated_raw_image_behind_a_device_can_be_taken_over() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("disk.raw");
+    std::fs::File::create(&path)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    let spec = json!({
+        "driver": "raw", "node-name": "d0",
+        "file": {"driver": "file", "filename": path.display().to_string()}
+    });
+    let src = BlockLayer::new();
+    src.blockdev_add(&spec).unwrap();
+    src.attach_device("d0", "", "/machine/peripheral-anon/disk")
+        .unwrap();
+    let dst = BlockLayer::new();
+    dst.set_incoming(true);
+    dst.blockdev_add(&spec).unwrap();
+    dst.attach_device("d0", "", "/machine/peripheral-anon/disk")
+        .unwrap();
+    // While the source is active, the destination cannot take the image.
+    assert!(dst
+        .activate_all()
+        .unwrap_err()
+        .to_string()
+        .contains("Failed to get \"write\" lock"));
+    dst.inactivate_all().unwrap();
+    src.inactivate_all().unwrap();
+    dst.activate_all().unwrap();
+    dst.node("d0").unwrap().write_at(0, &[1; 512]).unwrap();
+    // And back: the destination lets go, the source takes it again.
+    dst.inactivate_all().unwrap();
+    src.activate_all().unwrap();
+}

@@ -40,6 +40,10 @@ pub struct VmArgs {
     pub workload_disk: Option<String>,
     /// `-accel` / `-enable-kvm`.
     pub accel: Accel,
+    /// `-device virtio-blk,drive=NODE`: the node.
+    pub virtio_blk: Option<String>,
+    /// `-device help`: list the devices and exit.
+    pub device_help: bool,
 }
 
 impl Default for VmArgs {
@@ -59,6 +63,8 @@ impl Default for VmArgs {
             workload: WorkloadConfig::default(),
             workload_disk: None,
             accel: Accel::Tcg,
+            virtio_blk: None,
+            device_help: false,
         }
     }
 }
@@ -144,6 +150,53 @@ fn parse_accel(v: &str) -> Result<Accel, String> {
         },
         other => Err(format!("-accel {v}: invalid accelerator {other}")),
     }
+}
+
+/// What `-device help` prints: QEMU's format (`name "...", bus ..., alias "...", desc "..."`
+/// under a category heading), which tools such as QEMU's iotests read.
+pub const DEVICE_HELP: &str = "Storage devices:
+name \"virtio-blk-device\", bus virtio-bus, alias \"virtio-blk\", desc \"virtio-blk on virtio-mmio, one queue per vCPU\"
+";
+
+/// Parses `-device DRIVER,prop=value...`: only virtio-blk (QEMU's `virtio-blk-device`, or its
+/// alias `virtio-blk`) with `drive` (and an optional `id`).
+fn parse_device(v: &str, a: &mut VmArgs) -> Result<(), String> {
+    let mut parts = keyvals(v, "driver").into_iter();
+    let driver = match parts.next() {
+        Some(("driver", d)) => d,
+        _ => return Err(format!("-device {v}: Parameter 'driver' is missing")),
+    };
+    if driver == "help" || driver == "?" {
+        a.device_help = true;
+        return Ok(());
+    }
+    if driver != "virtio-blk" && driver != "virtio-blk-device" {
+        return Err(format!(
+            "-device {v}: '{driver}' is not a valid device model name"
+        ));
+    }
+    let mut drive = None;
+    for (k, val) in parts {
+        match k {
+            "drive" => drive = Some(val.to_string()),
+            "id" => {}
+            _ => {
+                return Err(format!(
+                    "-device {v}: Property 'virtio-blk-device.{k}' not found"
+                ))
+            }
+        }
+    }
+    let Some(drive) = drive else {
+        return Err(format!("-device {v}: drive property not set"));
+    };
+    if a.virtio_blk.is_some() {
+        return Err(format!(
+            "-device {v}: this machine has one virtio-blk slot, already taken"
+        ));
+    }
+    a.virtio_blk = Some(drive);
+    Ok(())
 }
 
 /// Parses the arguments after `livemig vm`.
@@ -235,10 +288,28 @@ pub fn parse_vm_args(argv: &[String]) -> Result<VmArgs, String> {
                 a.accel = parse_accel(&v)?;
             }
             "enable-kvm" => a.accel = Accel::Kvm(KvmOptions::default()),
+            "device" => {
+                let v = value(o)?;
+                parse_device(&v, &mut a)?;
+            }
             "display" | "cpu" | "vga" | "monitor" | "chardev" | "global" => {
                 value(o)?;
             }
             _ => return Err(format!("unsupported option '{opt}'")),
+        }
+    }
+    // The workload writes to the virtio-blk disk.
+    if let Some(node) = &a.virtio_blk {
+        match &a.workload_disk {
+            Some(w) if w != node => {
+                return Err(format!(
+                    "-workload disk={w} and -device virtio-blk,drive={node} name different nodes"
+                ))
+            }
+            _ => a.workload_disk = Some(node.clone()),
+        }
+        if a.workload.disk_every == 0 {
+            a.workload.disk_every = 64;
         }
     }
     Ok(a)
@@ -295,6 +366,32 @@ mod tests {
         assert!(parse_vm_args(&args("-accel kvm,kernel-irqchip=off"))
             .unwrap_err()
             .contains("'kvm-accel.kernel-irqchip' not found"));
+    }
+
+    #[test]
+    fn devices_parse_as_qemu_parses_them() {
+        let a = parse_vm_args(&args("-device virtio-blk,drive=d0,id=disk0")).unwrap();
+        assert_eq!(a.virtio_blk.as_deref(), Some("d0"));
+        assert_eq!(a.workload_disk.as_deref(), Some("d0"));
+        assert_eq!(a.workload.disk_every, 64);
+        assert!(parse_vm_args(&args("-device help")).unwrap().device_help);
+        assert_eq!(
+            parse_vm_args(&args("-device virtio-blk-device")).unwrap_err(),
+            "-device virtio-blk-device: drive property not set"
+        );
+        assert_eq!(
+            parse_vm_args(&args("-device e1000")).unwrap_err(),
+            "-device e1000: 'e1000' is not a valid device model name"
+        );
+        assert!(
+            parse_vm_args(&args("-workload disk=d1 -device virtio-blk,drive=d0"))
+                .unwrap_err()
+                .contains("different nodes")
+        );
+        // QEMU's iotests look for the device by name in `-device help`.
+        assert!(DEVICE_HELP
+            .lines()
+            .any(|l| l.starts_with("name \"virtio-blk")));
     }
 
     #[test]

@@ -55,6 +55,7 @@ pub const COMMANDS: &[&str] = &[
     "pmemsave",
     "x-livemig-ram-checksum",
     "x-livemig-verify-ram",
+    "x-livemig-verify-disk",
     "x-livemig-query-vm",
 ];
 
@@ -296,6 +297,23 @@ impl Dispatcher for Monitor {
                     "corrupt-pages": r.corrupt,
                 })))
             }
+            "x-livemig-verify-disk" => {
+                args.finish()?;
+                if app.vm.runstate() == RunState::Running {
+                    return Err(QmpError::generic(
+                        "x-livemig-verify-disk needs a stopped guest (its requests must be settled)",
+                    ));
+                }
+                let r = app.vm.verify_disk().map_err(QmpError::generic)?;
+                Ok(Reply::new(json!({
+                    "blocks": r.blocks,
+                    "written": r.written,
+                    "mismatched": r.mismatch_count,
+                    "mismatched-blocks": r.mismatched,
+                    "submitted": r.submitted,
+                    "completed": r.completed,
+                })))
+            }
             "x-livemig-query-vm" => {
                 args.finish()?;
                 Ok(Reply::new(query_vm(&app)))
@@ -360,12 +378,9 @@ fn query_vm(app: &App) -> Value {
         .unwrap_or_else(|p| p.into_inner())
         .clone();
     let vcpus: Vec<Value> = core
-        .vcpus
+        .vcpu_states()
         .iter()
-        .map(|v| {
-            let s = *v.lock().unwrap_or_else(|p| p.into_inner());
-            json!({"id": s.id, "steps": s.steps, "disk-writes": s.disk_writes})
-        })
+        .map(|s| json!({"id": s.id, "steps": s.steps, "disk-writes": s.disk_writes}))
         .collect();
     json!({
         "machine": app.vm.machine_type(),

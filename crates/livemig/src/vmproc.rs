@@ -74,6 +74,10 @@ impl migration::events::EventSink for QmpEvents {
 /// Runs the VM until `quit` (which exits the process). Returns an error message for a bad
 /// configuration, as QEMU does before it starts.
 pub fn run(args: VmArgs) -> Result<(), String> {
+    if args.device_help {
+        print!("{}", crate::cli::DEVICE_HELP);
+        return Ok(());
+    }
     // Before any thread starts, so that every thread inherits the mask and only the signal
     // thread below ever takes them.
     let signals = termination_signals();
@@ -109,6 +113,13 @@ pub fn run(args: VmArgs) -> Result<(), String> {
             .blockdev_add(&v)
             .map_err(|e| format!("-blockdev {spec}: {e}"))?;
     }
+    if let Some(node) = &args.virtio_blk {
+        if block.node(node).is_none() {
+            return Err(format!(
+                "-device virtio-blk,drive={node}: Property 'virtio-blk-device.drive' can't find value '{node}'"
+            ));
+        }
+    }
     if let Some(node) = &args.workload_disk {
         if block.node(node).is_none() {
             return Err(format!("-workload disk={node}: no such block node"));
@@ -132,6 +143,7 @@ pub fn run(args: VmArgs) -> Result<(), String> {
         start_paused: args.start_paused,
         mem_prealloc: args.mem_prealloc,
         accel: args.accel,
+        virtio_blk: args.virtio_blk.is_some(),
     };
     let vm = Vm::new(config, block.clone(), sink.clone())?;
     let mig = Arc::new(Migration::new(

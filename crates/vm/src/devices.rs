@@ -7,6 +7,7 @@
 //! | `livemig-vcpu` | one per vCPU | 1 | id, PRNG state, steps, disk writes |
 //! | `livemig-serial` | 1 | 1 | bytes the guest has printed |
 //! | `livemig-window` | one per window | 1 | mapped flag and guest physical address |
+//! | `livemig-virtio-blk` | with a virtio-blk device | 1 | registers and each queue's addresses, indices and completed count |
 //! | `kvmclock`, `livemig-kvm-cpu` | with `-accel kvm`, instead of `livemig-vcpu` | 1 | see [`crate::kvm::state`] |
 //!
 //! `-M none` has only `timer`, exactly like QEMU 7.2's `-M none`.
@@ -43,6 +44,9 @@ pub fn all(core: &Arc<VmCore>) -> Vec<Arc<dyn DeviceState>> {
         v.push(Arc::new(Serial(core.clone())));
         for i in 0..WINDOWS {
             v.push(Arc::new(Window(core.clone(), i)));
+        }
+        if let Some(dev) = &core.virtio {
+            v.push(Arc::new(crate::virtio_blk::VirtioBlkState(dev.clone())));
         }
     }
     v

@@ -12,6 +12,7 @@ pub mod machine;
 pub mod memmap;
 pub mod memory;
 pub mod runctl;
+pub mod virtio_blk;
 pub mod workload;
 
-pub use machine::{Accel, MachineType, RamReport, Vm, VmConfig};
+pub use machine::{Accel, DiskReport, MachineType, RamReport, Vm, VmConfig};

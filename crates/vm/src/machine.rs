@@ -22,6 +22,7 @@ use crate::kvm::{KvmOptions, KvmRamBlock, KvmVm};
 use crate::memmap::{MemoryMap, Region, RegionKind};
 use crate::memory::GuestRam;
 use crate::runctl::{Gate, RunControl};
+use crate::virtio_blk::VirtioBlk;
 use crate::workload::{check_page, PageCheck, Share, SideEffect, VcpuState, WorkloadConfig};
 use migration::events::EventSink;
 use migration::guest::{RamBlock, PAGE_SIZE};
@@ -104,6 +105,9 @@ pub struct VmConfig {
     pub mem_prealloc: bool,
     /// `-accel`.
     pub accel: Accel,
+    /// `-device virtio-blk,drive=NODE` was given (NODE is `workload_disk`). Under KVM the
+    /// device exists whenever the workload has a disk: the guest writes through it.
+    pub virtio_blk: bool,
 }
 
 impl Default for VmConfig {
@@ -120,6 +124,7 @@ impl Default for VmConfig {
             start_paused: false,
             mem_prealloc: false,
             accel: Accel::Tcg,
+            virtio_blk: false,
         }
     }
 }
@@ -175,22 +180,39 @@ pub struct VmCore {
     pub kvm: Option<Arc<KvmVm>>,
     /// The KVM guest's system block (code, page tables, control blocks), with `-accel kvm`.
     pub sys: Option<Arc<GuestRam>>,
+    /// The virtio-blk device.
+    pub virtio: Option<Arc<VirtioBlk>>,
+}
+
+/// The offset of `addr` in the virtio-mmio window, if it is in it.
+fn virtio_offset(addr: u64) -> Option<u64> {
+    use guest::layout::{VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE};
+    addr.checked_sub(VIRTIO_MMIO_BASE)
+        .filter(|o| *o < VIRTIO_MMIO_SIZE)
 }
 
 impl VmCore {
     /// A guest read of device registers at `addr` (a KVM MMIO exit). Returns false when no
     /// device is there.
     pub fn mmio_read(&self, addr: u64, data: &mut [u8]) -> bool {
-        let _ = (addr, data);
-        false
+        match (&self.virtio, virtio_offset(addr)) {
+            (Some(dev), Some(off)) => {
+                dev.read(off, data);
+                true
+            }
+            _ => false,
+        }
     }
 
     /// A guest write to device registers at `addr` (a KVM MMIO exit).
     pub fn mmio_write(&self, addr: u64, data: &[u8]) {
-        log::debug!(
-            "write of {} bytes to {addr:#x}: no device there",
-            data.len()
-        );
+        match (&self.virtio, virtio_offset(addr)) {
+            (Some(dev), Some(off)) => dev.write(off, data),
+            _ => log::debug!(
+                "write of {} bytes to {addr:#x}: no device there",
+                data.len()
+            ),
+        }
     }
 
     /// vCPU states: the software vCPUs' own, or, under KVM, what the guest's control blocks
@@ -207,6 +229,23 @@ impl VmCore {
                 .collect(),
         }
     }
+}
+
+/// What [`Vm::verify_disk`] found.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DiskReport {
+    /// Blocks of the disk looked at.
+    pub blocks: u64,
+    /// Blocks that hold a workload write.
+    pub written: u64,
+    /// Blocks that hold neither zeros nor one of the writes the model expects: the first few.
+    pub mismatched: Vec<u64>,
+    /// Number of such blocks.
+    pub mismatch_count: u64,
+    /// Per vCPU: disk requests the guest issued.
+    pub submitted: Vec<u64>,
+    /// Per vCPU: disk requests the device completed.
+    pub completed: Vec<u64>,
 }
 
 /// A running reference VM.
@@ -322,6 +361,24 @@ impl Vm {
                 });
             }
         }
+        if config.virtio_blk && config.machine == MachineType::None {
+            return Err("No 'virtio-bus' bus found for device 'virtio-blk-device'".into());
+        }
+        let wants_device =
+            config.machine == MachineType::Livemig && (config.virtio_blk || kvm.is_some());
+        let virtio = match &config.workload_disk {
+            Some(node) if wants_device => {
+                let mut mem = vec![ram.mmap().clone()];
+                mem.extend(sys.iter().map(|s| s.mmap().clone()));
+                Some(VirtioBlk::new(
+                    node,
+                    block.clone(),
+                    mem,
+                    nvcpus.max(1) as u16,
+                )?)
+            }
+            _ => None,
+        };
         // The workload's disk is a guest device (QEMU's `-device virtio-blk,drive=NODE`): it
         // takes the device's permissions, so its image is write-locked against other
         // processes while this VM owns it (an incoming VM takes the locks on activation).
@@ -351,6 +408,7 @@ impl Vm {
             ram,
             kvm,
             sys,
+            virtio,
             config,
         });
         let mut threads = Vec::new();
@@ -386,6 +444,9 @@ impl Vm {
 
     /// Stops the vCPU threads for good and waits for them (process exit).
     pub fn shutdown(&self) {
+        if let Some(dev) = &self.core.virtio {
+            dev.shutdown();
+        }
         self.core.run.quit();
         let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|p| p.into_inner()));
         for t in threads {
@@ -442,6 +503,93 @@ impl Vm {
             "enabled": self.core.kvm.is_some(),
             "present": self.core.kvm.is_some() || crate::kvm::available().is_ok(),
         })
+    }
+
+    /// Checks the workload's disk against the model: replays each vCPU's first N disk writes
+    /// (N = the requests its virtio queue completed; for software vCPUs, its writes) and
+    /// expects every block to hold zeros or the last write some vCPU made to it. Also reports
+    /// requests issued and completed, so a lost request (never completed) or a duplicated one
+    /// (more completed than issued) shows. Run it with the guest stopped.
+    pub fn verify_disk(&self) -> Result<DiskReport, String> {
+        use crate::workload::{disk_history, fill_page, Share};
+        let core = &self.core;
+        let node_name = core
+            .config
+            .workload_disk
+            .as_ref()
+            .ok_or("the workload has no disk")?;
+        let node = core
+            .block
+            .node(node_name)
+            .ok_or_else(|| format!("no block node {node_name}"))?;
+        let blocks = node.size().map_err(|e| e.to_string())? / PAGE_SIZE;
+        let cfg = core
+            .workload
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let states = core.vcpu_states();
+        let n = states.len() as u32;
+        let mut report = DiskReport {
+            blocks,
+            ..Default::default()
+        };
+        match (&core.virtio, &core.sys) {
+            (Some(dev), Some(sys)) => {
+                let queues = dev.queues();
+                for st in &states {
+                    report.submitted.push(crate::kvm::boot::cb_field(
+                        sys,
+                        st.id,
+                        guest::layout::CB_SUBMITTED,
+                    ));
+                    report
+                        .completed
+                        .push(queues.get(st.id as usize).map_or(0, |q| q.completed));
+                }
+            }
+            _ => {
+                report.submitted = states.iter().map(|s| s.disk_writes).collect();
+                report.completed = report.submitted.clone();
+            }
+        }
+        // block -> the last write of each vCPU to it: (vcpu, unreduced block, generation).
+        let mut last: std::collections::HashMap<u64, Vec<(u32, u64, u64)>> =
+            std::collections::HashMap::new();
+        if blocks > 0 {
+            for st in &states {
+                let share = Share::of(&cfg, core.ram.pages(), st.id, n);
+                let done = report.completed.get(st.id as usize).copied().unwrap_or(0);
+                for (b, generation) in disk_history(&cfg, &share, st.id, done) {
+                    let v = last.entry(b % blocks).or_default();
+                    v.retain(|(id, _, _)| *id != st.id);
+                    v.push((st.id, b, generation));
+                }
+            }
+        }
+        let mut buf = vec![0u8; PAGE_SIZE as usize];
+        let mut want = [0u8; PAGE_SIZE as usize];
+        for blk in 0..blocks {
+            node.read_at(blk * PAGE_SIZE, &mut buf)
+                .map_err(|e| e.to_string())?;
+            let ok = match last.get(&blk) {
+                None => buf.iter().all(|b| *b == 0),
+                Some(cands) => {
+                    report.written += 1;
+                    cands.iter().any(|(id, b, generation)| {
+                        fill_page(&mut want, *b, *generation, *id);
+                        want[..] == buf[..]
+                    })
+                }
+            };
+            if !ok {
+                report.mismatch_count += 1;
+                if report.mismatched.len() < 16 {
+                    report.mismatched.push(blk);
+                }
+            }
+        }
+        Ok(report)
     }
 
     /// Bytes written to the serial console since boot.
@@ -575,13 +723,21 @@ impl Machine for Vm {
     }
 
     fn stop(&self, state: RunState) {
-        if self.core.run.stop(state) {
+        let was_running = self.core.run.stop(state);
+        // With the vCPUs parked, the disk finishes what it took from its rings.
+        if let Some(dev) = &self.core.virtio {
+            dev.pause();
+        }
+        if was_running {
             self.core.clock.pause();
             self.core.events.emit("STOP", None);
         }
     }
 
     fn start(&self) {
+        if let Some(dev) = &self.core.virtio {
+            dev.resume();
+        }
         if self.core.run.start() {
             self.core.clock.resume();
             self.core.events.emit("RESUME", None);

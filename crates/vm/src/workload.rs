@@ -260,6 +260,28 @@ impl VcpuState {
     }
 }
 
+/// The disk writes vCPU `id` makes in its first `writes` disk writes: for each, the block number
+/// before reduction to the disk's size, and the write's generation (its `disk_writes` count).
+/// Replays only the PRNG (no page is built), so it is cheap for millions of steps.
+pub fn disk_history(cfg: &WorkloadConfig, share: &Share, id: u32, writes: u64) -> Vec<(u64, u64)> {
+    let mut st = VcpuState::boot(cfg, id);
+    let mut out = Vec::new();
+    if cfg.disk_every == 0 {
+        return out;
+    }
+    while st.disk_writes < writes && !st.is_idle(share) {
+        if st.steps >= share.fill_pages {
+            xorshift(&mut st.rng);
+        }
+        st.steps += 1;
+        if st.steps.is_multiple_of(cfg.disk_every) {
+            st.disk_writes += 1;
+            out.push((xorshift(&mut st.rng) >> 16, st.disk_writes));
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -352,6 +374,28 @@ mod tests {
         assert!(v.step(&cfg, &share).0.is_some());
         assert!(v.is_idle(&share));
         assert!(v.step(&cfg, &share).0.is_none());
+    }
+
+    #[test]
+    fn disk_history_replays_the_disk_writes() {
+        let cfg = WorkloadConfig {
+            fill: 8 * 4096,
+            hot: 4 * 4096,
+            disk_every: 3,
+            ..Default::default()
+        };
+        let share = Share::of(&cfg, 64, 1, 2);
+        let mut v = VcpuState::boot(&cfg, 1);
+        let mut want = Vec::new();
+        while v.disk_writes < 20 {
+            if let (_, SideEffect::Disk { offset, data }) = v.step(&cfg, &share) {
+                let mut page = [0u8; 4096];
+                fill_page(&mut page, offset / 4096, v.disk_writes, 1);
+                assert_eq!(page[..], data[..]);
+                want.push((offset / 4096, v.disk_writes));
+            }
+        }
+        assert_eq!(disk_history(&cfg, &share, 1, 20), want);
     }
 
     #[test]

@@ -159,6 +159,11 @@ fn migrate(ring: u32) {
         src.mig.query()
     );
     let st = dst.mig.wait_incoming(&done[..2], Duration::from_secs(60));
+    eprintln!(
+        "DEBUG after: src inactive {:?} dst inactive {:?}",
+        src.vm.core().block.node("d0").unwrap().is_inactive(),
+        dst.vm.core().block.node("d0").unwrap().is_inactive()
+    );
     assert_eq!(
         st,
         MigrationStatus::Completed,
@@ -201,5 +206,158 @@ fn kvm_guest_migrates_with_the_dirty_bitmap() {
 fn kvm_guest_migrates_with_the_dirty_ring() {
     if kvm_ok("kvm_guest_migrates_with_the_dirty_ring") {
         migrate(4096);
+    }
+}
+
+/// A KVM side whose workload writes to a raw image through the virtio-blk device.
+fn disk_side(incoming: bool, image: &std::path::Path, workload: WorkloadConfig) -> Side {
+    let block = Arc::new(BlockLayer::new());
+    block.set_incoming(incoming);
+    block
+        .blockdev_add(&serde_json::json!({
+            "driver": "raw", "node-name": "d0",
+            "file": {"driver": "file", "filename": image.display().to_string()}
+        }))
+        .unwrap();
+    let events = Arc::new(RecordedEvents::default());
+    let vm = Vm::new(
+        VmConfig {
+            machine: MachineType::Livemig,
+            ram_size: RAM,
+            vcpus: 2,
+            workload,
+            workload_disk: Some("d0".into()),
+            virtio_blk: true,
+            incoming,
+            accel: Accel::Kvm(KvmOptions::default()),
+            ..Default::default()
+        },
+        block,
+        events.clone(),
+    )
+    .unwrap();
+    let mig = Migration::new(
+        vm.clone(),
+        events,
+        MigrationOptions {
+            autostart: false,
+            ..Default::default()
+        },
+    );
+    mig.set_capabilities(&[(Capability::Events, true)]).unwrap();
+    Side { vm, mig }
+}
+
+fn cb(vm: &Vm, id: u32, field: u64) -> u64 {
+    vm::kvm::boot::cb_field(vm.core().sys.as_ref().unwrap(), id, field)
+}
+
+fn migrate_sides(src: &Side, dst: &Side, sock: &std::path::Path) {
+    let uri = format!("unix:{}", sock.display());
+    dst.mig.incoming(&uri, false).unwrap();
+    src.mig.migrate(&uri).unwrap();
+    let done = [
+        MigrationStatus::Completed,
+        MigrationStatus::Failed,
+        MigrationStatus::Cancelled,
+    ];
+    let st = src.mig.wait_outgoing(&done, Duration::from_secs(120));
+    assert_eq!(
+        st,
+        MigrationStatus::Completed,
+        "source: {}",
+        src.mig.query()
+    );
+    let st = dst.mig.wait_incoming(&done[..2], Duration::from_secs(60));
+    eprintln!(
+        "DEBUG after: src inactive {:?} dst inactive {:?}",
+        src.vm.core().block.node("d0").unwrap().is_inactive(),
+        dst.vm.core().block.node("d0").unwrap().is_inactive()
+    );
+    assert_eq!(
+        st,
+        MigrationStatus::Completed,
+        "destination: {}",
+        dst.mig.query()
+    );
+}
+
+#[test]
+fn kvm_guest_with_virtio_blk_migrates_with_a_request_in_flight_and_back() {
+    if !kvm_ok("kvm_guest_with_virtio_blk_migrates_with_a_request_in_flight_and_back") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("disk.raw");
+    std::fs::File::create(&image)
+        .unwrap()
+        .set_len(4 << 20)
+        .unwrap();
+    let cfg = WorkloadConfig {
+        fill: 2 << 20,
+        hot: 1 << 20,
+        disk_every: 8,
+        dirty_rate: 50_000,
+        ..Default::default()
+    };
+    let a = disk_side(false, &image, cfg.clone());
+    a.vm.start();
+    wait_steps(&a.vm, 2000);
+    // Hold the device: the guest's next request stays in its ring, in flight at the switchover.
+    let dev = a.vm.core().virtio.clone().unwrap();
+    dev.pause();
+    let t = Instant::now();
+    while (0..2)
+        .all(|i| cb(&a.vm, i, guest::layout::CB_SUBMITTED) == dev.queues()[i as usize].completed)
+    {
+        assert!(t.elapsed() < Duration::from_secs(30), "no request queued");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let b = disk_side(true, &image, WorkloadConfig::default());
+    migrate_sides(&a, &b, &dir.path().join("ab.sock"));
+    // What arrived: RAM, the guest's counters, the device's queues with the request still
+    // queued (issued, not completed).
+    assert_eq!(a.vm.ram_checksum(), b.vm.ram_checksum());
+    assert_eq!(a.vm.core().vcpu_states(), b.vm.core().vcpu_states());
+    let queued = b.vm.core().virtio.as_ref().unwrap().queues();
+    assert_eq!(dev.queues(), queued);
+    let before = b.vm.verify_disk().unwrap();
+    assert_eq!(before.mismatch_count, 0, "{before:?}");
+    assert!(
+        before
+            .submitted
+            .iter()
+            .zip(&before.completed)
+            .any(|(s, c)| *s == c + 1),
+        "{before:?}"
+    );
+    // The destination runs the queued request once, and the guest goes on writing.
+    b.vm.start();
+    let goal = b.vm.vcpu_steps().iter().max().copied().unwrap_or(0) + 5000;
+    wait_steps(&b.vm, goal);
+    // ... and back, in the middle of its writes.
+    let c = disk_side(true, &image, WorkloadConfig::default());
+    migrate_sides(&b, &c, &dir.path().join("bc.sock"));
+    let after = c.vm.verify_disk().unwrap();
+    assert_eq!(after.mismatch_count, 0, "{after:?}");
+    assert!(after.written > 0, "{after:?}");
+    for (i, (s, done)) in after.submitted.iter().zip(&after.completed).enumerate() {
+        assert!(*done <= *s && *done + 1 >= *s, "vCPU {i}: {after:?}");
+        assert!(*done > before.completed[i], "vCPU {i}: {after:?}");
+    }
+    for st in c.vm.core().vcpu_states() {
+        assert_eq!(st, model(&cfg, st.id, 2, st.steps), "vCPU {}", st.id);
+    }
+    let report = c.vm.verify_ram();
+    assert_eq!(report.corrupt_count, 0, "{report:?}");
+    // The last leg's destination runs on, and its disk still checks out once it stops.
+    c.vm.start();
+    let goal = c.vm.vcpu_steps().iter().max().copied().unwrap_or(0) + 2000;
+    wait_steps(&c.vm, goal);
+    c.vm.stop(RunState::Paused);
+    let end = c.vm.verify_disk().unwrap();
+    assert_eq!(end.mismatch_count, 0, "{end:?}");
+    for vm in [&a.vm, &b.vm, &c.vm] {
+        vm.shutdown();
     }
 }

@@ -27,7 +27,7 @@
 use super::{BlockDriver, DriverInfo, FilenameInfo};
 use crate::error::BlockError;
 use crate::node::BlockNode;
-use crate::perm::{perm_name, Perm, PermContext, ALL, PERM_BITS};
+use crate::perm::{perm_name, Perm, PermContext, ALL, PERM_BITS, RESIZE, WRITE, WRITE_UNCHANGED};
 use nix::errno::Errno;
 use nix::fcntl::{fallocate, fcntl, FallocateFlags, FcntlArg};
 use serde_json::{json, Map, Value};
@@ -374,7 +374,16 @@ impl BlockDriver for FileDriver {
 
     fn set_perm(&self, p: Perm, ctx: PermContext) -> Result<(), BlockError> {
         let mut st = self.locks.lock().unwrap_or_else(PoisonError::into_inner);
-        if !st.use_lock || !ctx.active {
+        if !st.use_lock {
+            return Ok(());
+        }
+        if !ctx.active {
+            // An inactive image has been handed to another process: like QEMU, whose devices
+            // drop their permissions before their nodes are inactivated, it keeps no write
+            // permission and shares everything. Letting go never conflicts; an image opened
+            // inactive (incoming) holds nothing to begin with.
+            let keep = st.held_perm & !(WRITE | WRITE_UNCHANGED | RESIZE);
+            let _ = self.apply_lock_bytes(&mut st, keep, 0, true);
             return Ok(());
         }
         let unshared = !p.shared & ALL;
