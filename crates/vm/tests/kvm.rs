@@ -159,11 +159,6 @@ fn migrate(ring: u32) {
         src.mig.query()
     );
     let st = dst.mig.wait_incoming(&done[..2], Duration::from_secs(60));
-    eprintln!(
-        "DEBUG after: src inactive {:?} dst inactive {:?}",
-        src.vm.core().block.node("d0").unwrap().is_inactive(),
-        dst.vm.core().block.node("d0").unwrap().is_inactive()
-    );
     assert_eq!(
         st,
         MigrationStatus::Completed,
@@ -269,11 +264,6 @@ fn migrate_sides(src: &Side, dst: &Side, sock: &std::path::Path) {
         src.mig.query()
     );
     let st = dst.mig.wait_incoming(&done[..2], Duration::from_secs(60));
-    eprintln!(
-        "DEBUG after: src inactive {:?} dst inactive {:?}",
-        src.vm.core().block.node("d0").unwrap().is_inactive(),
-        dst.vm.core().block.node("d0").unwrap().is_inactive()
-    );
     assert_eq!(
         st,
         MigrationStatus::Completed,
