@@ -3,11 +3,18 @@
 //! and file nodes, the persistent-bitmap seam, and concurrent writers.
 
 use block::driver::{BlockDriver, FilenameInfo, LoadedBitmap, PersistentBitmapStore, StoredBitmap};
-use block::qmp::dispatch;
 use block::{BlockError, BlockLayer, MergeSource, NodeFlags};
 use hbitmap::HBitmap;
 use serde_json::{json, Map, Value};
 use std::sync::{Arc, Mutex};
+
+/// Runs a block command as the monitor does; `None` for a command the block layer lacks.
+fn dispatch(l: &BlockLayer, cmd: &str, args: &Value) -> Option<Result<Value, qmp::QmpError>> {
+    let args = qmp::Args::new(args.as_object().cloned().unwrap_or_default());
+    block::qmp::COMMANDS
+        .contains(&cmd)
+        .then(|| block::qmp::run(l, cmd, args))
+}
 
 fn ok(l: &BlockLayer, cmd: &str, args: Value) -> Value {
     match dispatch(l, cmd, &args) {

@@ -7,7 +7,6 @@
 //! QEMU runs as `-M none -nodefaults -display none -accel tcg` (this QEMU build has no `qtest`
 //! accelerator, so `testkit::VmProcess::qemu_none` cannot start it).
 
-use block::qmp::dispatch;
 use block::BlockLayer;
 use serde_json::{json, Value};
 use std::time::Duration;
@@ -31,6 +30,18 @@ impl Rng {
             self.next() % n
         }
     }
+}
+
+/// Runs a block command as the monitor does; `None` for a command the block layer lacks.
+fn dispatch(
+    l: &block::BlockLayer,
+    cmd: &str,
+    args: &Value,
+) -> Option<Result<Value, qmp::QmpError>> {
+    let args = qmp::Args::new(args.as_object().cloned().unwrap_or_default());
+    block::qmp::COMMANDS
+        .contains(&cmd)
+        .then(|| block::qmp::run(l, cmd, args))
 }
 
 fn start_qemu(dir: &std::path::Path, name: &str, blockdevs: &[String]) -> (VmProcess, QmpClient) {

@@ -1,15 +1,16 @@
 //! The block job QMP commands — `blockdev-mirror`, `query-block-jobs`, `query-jobs`,
-//! `block-job-cancel`, `block-job-complete`, `block-job-set-speed` — with arguments checked in
-//! QEMU 7.2's order and its messages. The monitor calls [`dispatch`] for [`COMMANDS`].
+//! `block-job-cancel`, `block-job-complete`, `block-job-set-speed` — as one [`CommandSet`],
+//! with arguments checked by [`qmp::Args`] in QEMU 7.2's order. [`JobError`]s meet QMP's
+//! classes here, in one `From` impl.
 
 use crate::mirror::{
     JobError, JobManager, MirrorConfig, SyncMode, DEFAULT_BUF_SIZE, DEFAULT_GRANULARITY,
 };
-use qmp::{Args, QmpError};
+use qmp::{Args, CommandSet, QmpError, Reply};
 use serde_json::{json, Value};
 use std::sync::Arc;
 
-/// The commands [`dispatch`] handles.
+/// The commands of [`JobCommands`].
 pub const COMMANDS: &[&str] = &[
     "blockdev-mirror",
     "query-block-jobs",
@@ -19,68 +20,84 @@ pub const COMMANDS: &[&str] = &[
     "block-job-set-speed",
 ];
 
-fn other(s: impl Into<String>) -> JobError {
-    JobError::Other(s.into())
-}
-
-/// Argument errors are all `GenericError`s, as every other refusal but [`JobError::NotFound`].
-impl From<QmpError> for JobError {
-    fn from(e: QmpError) -> Self {
-        JobError::Other(e.desc)
+/// QEMU's classes: a job that does not exist is `DeviceNotActive` (`No active block job` in
+/// older QEMU), every other refusal a `GenericError`.
+impl From<JobError> for QmpError {
+    fn from(e: JobError) -> QmpError {
+        match e {
+            JobError::NotFound(_) => QmpError::device_not_active(e.to_string()),
+            _ => QmpError::generic(e.to_string()),
+        }
     }
 }
 
-/// Runs job command `name`; `None` if it is not one of [`COMMANDS`].
-pub fn dispatch(mgr: &Arc<JobManager>, name: &str, args: Args) -> Option<Result<Value, JobError>> {
-    let r = match name {
-        "blockdev-mirror" => blockdev_mirror(mgr, args).map(|()| json!({})),
-        "query-block-jobs" => args
-            .finish()
-            .map_err(JobError::from)
-            .map(|()| Value::Array(mgr.jobs().iter().map(|j| j.info()).collect())),
-        "query-jobs" => args
-            .finish()
-            .map_err(JobError::from)
-            .map(|()| Value::Array(mgr.jobs().iter().map(|j| j.job_info()).collect())),
-        "block-job-cancel" => (|| {
-            let mut a = args;
-            let device = a.req_str("device")?;
-            let force = a.opt_bool("force")?.unwrap_or(false);
-            a.finish()?;
-            mgr.cancel(&device, force)?;
-            Ok(json!({}))
-        })(),
-        "block-job-complete" => (|| {
-            let mut a = args;
-            let device = a.req_str("device")?;
-            a.finish()?;
-            mgr.complete(&device)?;
-            Ok(json!({}))
-        })(),
-        "block-job-set-speed" => (|| {
-            let mut a = args;
-            let device = a.req_str("device")?;
-            let speed = a.req_int::<i64>("speed")?;
-            a.finish()?;
-            let job = mgr.find(&device)?;
-            let speed = u64::try_from(speed)
-                .map_err(|_| other("Parameter 'speed' expects a non-negative value"))?;
-            mgr.set_speed(job.id(), speed)?;
-            Ok(json!({}))
-        })(),
-        _ => return None,
-    };
-    Some(r)
+fn other(s: impl Into<String>) -> QmpError {
+    QmpError::generic(s)
 }
 
-fn blockdev_mirror(mgr: &Arc<JobManager>, mut a: Args) -> Result<(), JobError> {
+/// The block job commands over one [`JobManager`].
+pub struct JobCommands {
+    jobs: Arc<JobManager>,
+}
+
+impl JobCommands {
+    /// The commands of `jobs`.
+    pub fn new(jobs: Arc<JobManager>) -> JobCommands {
+        JobCommands { jobs }
+    }
+}
+
+impl CommandSet for JobCommands {
+    fn commands(&self) -> &[&'static str] {
+        COMMANDS
+    }
+
+    fn dispatch(&self, name: &str, mut a: Args) -> Result<Reply, QmpError> {
+        let mgr = &self.jobs;
+        match name {
+            "blockdev-mirror" => blockdev_mirror(mgr, a)?,
+            "query-block-jobs" => {
+                a.finish()?;
+                let jobs = mgr.jobs().iter().map(|j| j.info()).collect();
+                return Ok(Reply::new(Value::Array(jobs)));
+            }
+            "query-jobs" => {
+                a.finish()?;
+                let jobs = mgr.jobs().iter().map(|j| j.job_info()).collect();
+                return Ok(Reply::new(Value::Array(jobs)));
+            }
+            "block-job-cancel" => {
+                let device = a.req_str("device")?;
+                let force = a.opt_bool("force")?.unwrap_or(false);
+                a.finish()?;
+                mgr.cancel(&device, force)?;
+            }
+            "block-job-complete" => {
+                let device = a.req_str("device")?;
+                a.finish()?;
+                mgr.complete(&device)?;
+            }
+            "block-job-set-speed" => {
+                let device = a.req_str("device")?;
+                let speed = a.req_int::<i64>("speed")?;
+                a.finish()?;
+                let job = mgr.find(&device)?;
+                let speed = u64::try_from(speed)
+                    .map_err(|_| other("Parameter 'speed' expects a non-negative value"))?;
+                mgr.set_speed(job.id(), speed)?;
+            }
+            _ => return Err(QmpError::unknown_command(name)),
+        }
+        Ok(Reply::new(json!({})))
+    }
+}
+
+fn blockdev_mirror(mgr: &Arc<JobManager>, mut a: Args) -> Result<(), QmpError> {
     let job_id = a.opt_str("job-id")?;
     let device = a.req_str("device")?;
     let target = a.req_str("target")?;
     let replaces = a.opt_str("replaces")?;
-    let sync = a
-        .opt_enum("sync", &["top", "full", "none", "incremental", "bitmap"])?
-        .ok_or_else(|| other("Parameter 'sync' is missing"))?;
+    let sync = a.req_enum("sync", &["top", "full", "none", "incremental", "bitmap"])?;
     let speed = a.opt_int::<i64>("speed")?;
     let granularity = a.opt_int::<u32>("granularity")?;
     let buf_size = a.opt_int::<i64>("buf-size")?;

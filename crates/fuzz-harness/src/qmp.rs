@@ -5,27 +5,33 @@
 //!    ASCII line that parses back to the same value.
 //! 2. The streaming parser fed the same bytes in pieces (sizes derived from the input) returns
 //!    exactly what `parse_all` returned, errors and their offsets included.
-//! 3. A QMP server ([`qmp::Server`]) serving one end of a socket pair, with a dispatcher of
-//!    real command handlers ([`Commands`]: the block layer's QMP commands on a null-co node,
-//!    `migrate-set-capabilities` and `migrate-set-parameters` with the engine's validation, and
-//!    `x-fuzz-echo`), gets the bytes as a client's input. It must answer with the greeting,
+//! 3. A QMP server ([`qmp::Server`]) serving one end of a socket pair, with the program's own
+//!    command sets ([`commands`]: the block layer's commands on a null-co node, the migration
+//!    engine's capability and parameter commands, and `x-fuzz-echo`), gets the bytes as a
+//!    client's input. It must answer with the greeting,
 //!    then exactly one reply per value or error the parser found (what is left unfinished at
 //!    EOF is dropped, as QEMU does), in order: a JSON object with exactly one of `return` and
 //!    `error`, an `error` with string `class` and `desc`, the request's `id` echoed when it had
 //!    one and no `id` otherwise; before `qmp_capabilities` succeeds nothing else succeeds, and
 //!    after it `qmp_capabilities` fails. `x-fuzz-echo` returns its argument unchanged.
 
+use block::qmp::BlockCommands;
 use block::BlockLayer;
-use migration::caps::{Capabilities, Capability};
-use migration::params::Parameters;
+use migration::events::RecordedEvents;
+use migration::qmp::{MigrationCommands, CONFIG_COMMANDS};
+use migration::{Migration, MigrationOptions};
 use qmp::json::to_line;
-use qmp::{parse_all, Args, Dispatcher, JsonError, JsonStream, Limits, QmpError, Reply, Server};
+use qmp::{
+    parse_all, Args, CommandSet, CommandSets, JsonError, JsonStream, Limits, QmpError, Reply,
+    Server,
+};
 use serde_json::{json, Map, Value};
 use std::io::{Read, Write};
 use std::net::Shutdown;
 use std::os::unix::net::UnixStream;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::time::Duration;
+use vm::{MachineType, Vm, VmConfig};
 
 /// Inputs longer than this skip the server session (check 3): the socket round trip costs
 /// more than the parser, and the parser checks cover long inputs.
@@ -44,126 +50,84 @@ pub struct Outcome {
     pub replies: Option<Vec<Value>>,
 }
 
-/// The dispatcher behind the fuzzed server: real handlers with the validation the livemig
-/// monitor uses, minus anything that touches the host (files, processes, the network).
-pub struct Commands {
-    layer: Arc<BlockLayer>,
-    caps: Mutex<Capabilities>,
-    params: Mutex<Parameters>,
+/// The fuzzed server's commands: the program's own command sets — the block layer's (on a
+/// null-co node `disk0` of 1 MiB with a bitmap `b0`) and the migration engine's configuration
+/// commands over a `-M none` VM — minus anything that touches the host (files, processes, the
+/// network), and the harness's `query-status` and `x-fuzz-echo`.
+pub fn commands() -> CommandSets {
+    let layer = Arc::new(BlockLayer::new());
+    layer
+        .blockdev_add(&json!({"driver": "null-co", "node-name": "disk0", "size": 1 << 20}))
+        .expect("harness setup: null-co node");
+    layer
+        .block_dirty_bitmap_add("disk0", "b0", Some(65536), None, None)
+        .expect("harness setup: bitmap");
+    let events = Arc::new(RecordedEvents::default());
+    let vm = Vm::new(
+        VmConfig {
+            name: "fuzz-qmp".into(),
+            machine: MachineType::None,
+            ram_size: 1 << 20,
+            vcpus: 1,
+            start_paused: true,
+            ..Default::default()
+        },
+        layer.clone(),
+        events.clone(),
+    )
+    .expect("harness setup: VM");
+    let mig = Arc::new(Migration::new(vm, events, MigrationOptions::default()));
+    let mut sets = CommandSets::new();
+    sets.add(NullCoOnly(BlockCommands::new(layer)))
+        .add_only(MigrationCommands::new(mig), CONFIG_COMMANDS)
+        .add(Harness);
+    sets
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
+/// The block layer's commands, with `blockdev-add` limited to small null-co nodes (no host
+/// files, bounded work).
+struct NullCoOnly(BlockCommands);
 
-impl Commands {
-    /// A fresh dispatcher with a null-co node `disk0` of 1 MiB that has a bitmap `b0`.
-    pub fn new() -> Commands {
-        let layer = Arc::new(BlockLayer::new());
-        layer
-            .blockdev_add(&json!({"driver": "null-co", "node-name": "disk0", "size": 1 << 20}))
-            .expect("harness setup: null-co node");
-        layer
-            .block_dirty_bitmap_add("disk0", "b0", Some(65536), None, None)
-            .expect("harness setup: bitmap");
-        Commands {
-            layer,
-            caps: Mutex::new(Capabilities::default()),
-            params: Mutex::new(Parameters::default()),
+impl CommandSet for NullCoOnly {
+    fn commands(&self) -> &[&'static str] {
+        self.0.commands()
+    }
+
+    fn dispatch(&self, name: &str, args: Args) -> Result<Reply, QmpError> {
+        if name == "blockdev-add" {
+            let m = args.clone().into_map();
+            let null_co = m.get("driver").and_then(Value::as_str) == Some("null-co");
+            let size = m.get("size").and_then(Value::as_u64).unwrap_or(0);
+            if !null_co || size > MAX_NODE_SIZE {
+                return Err(QmpError::generic(
+                    "the fuzzing harness only adds null-co nodes of at most 1 GiB",
+                ));
+            }
         }
+        self.0.dispatch(name, args)
     }
 }
 
-impl Default for Commands {
-    fn default() -> Self {
-        Commands::new()
-    }
-}
+/// The harness's own commands: `query-status` (a destination waiting) and `x-fuzz-echo`, which returns
+/// its `value` unchanged and may run out of band.
+struct Harness;
 
-const OWN_COMMANDS: [&str; 6] = [
-    "query-status",
-    "migrate-set-capabilities",
-    "query-migrate-capabilities",
-    "migrate-set-parameters",
-    "query-migrate-parameters",
-    "x-fuzz-echo",
-];
-
-impl Dispatcher for Commands {
-    fn commands(&self) -> Vec<String> {
-        OWN_COMMANDS
-            .iter()
-            .chain(block::qmp::COMMANDS)
-            .map(|s| s.to_string())
-            .collect()
+impl CommandSet for Harness {
+    fn commands(&self) -> &[&'static str] {
+        &["query-status", "x-fuzz-echo"]
     }
 
     fn allows_oob(&self, name: &str) -> bool {
         name == "x-fuzz-echo"
     }
 
-    fn dispatch(&self, name: &str, args: Args) -> Result<Reply, QmpError> {
-        if block::qmp::COMMANDS.contains(&name) {
-            let v = Value::Object(args.into_map());
-            if name == "blockdev-add" {
-                let null_co = v.get("driver").and_then(Value::as_str) == Some("null-co");
-                let size = v.get("size").and_then(Value::as_u64).unwrap_or(0);
-                if !null_co || size > MAX_NODE_SIZE {
-                    return Err(QmpError::generic(
-                        "the fuzzing harness only adds null-co nodes of at most 1 GiB",
-                    ));
-                }
-            }
-            return match block::qmp::dispatch(&self.layer, name, &v) {
-                Some(Ok(v)) => Ok(Reply::new(v)),
-                Some(Err(e)) => Err(QmpError::generic(e.to_string())),
-                None => Err(QmpError::unknown_command(name)),
-            };
-        }
-        let mut args = args;
+    fn dispatch(&self, name: &str, mut args: Args) -> Result<Reply, QmpError> {
         match name {
             "query-status" => {
                 args.finish()?;
                 Ok(Reply::new(
                     json!({"status": "inmigrate", "singlestep": false, "running": false}),
                 ))
-            }
-            "migrate-set-capabilities" => {
-                let list = args.req_list("capabilities")?;
-                args.finish()?;
-                let mut changes = Vec::new();
-                for p in list {
-                    let mut o = p.into_object()?;
-                    let cap = o.req_str("capability")?;
-                    let state = o.req_bool("state")?;
-                    o.finish()?;
-                    let cap =
-                        Capability::parse(&cap).map_err(|e| QmpError::generic(e.to_string()))?;
-                    changes.push((cap, state));
-                }
-                lock(&self.caps)
-                    .apply(&changes)
-                    .map_err(|e| QmpError::generic(e.to_string()))?;
-                Ok(Reply::empty())
-            }
-            "query-migrate-capabilities" => {
-                args.finish()?;
-                let v: Vec<Value> = lock(&self.caps)
-                    .list()
-                    .into_iter()
-                    .map(|(c, s)| json!({"capability": c.as_str(), "state": s}))
-                    .collect();
-                Ok(Reply::new(Value::Array(v)))
-            }
-            "migrate-set-parameters" => {
-                lock(&self.params)
-                    .apply(&args.into_map())
-                    .map_err(|e| QmpError::generic(e.to_string()))?;
-                Ok(Reply::empty())
-            }
-            "query-migrate-parameters" => {
-                args.finish()?;
-                Ok(Reply::new(lock(&self.params).to_json()))
             }
             "x-fuzz-echo" => {
                 let v = args.req_any("value")?;
@@ -261,7 +225,7 @@ fn command_name(request: &Map<String, Value>) -> Option<&str> {
 /// Check 3: a server session answers every input once, in order, correctly shaped.
 fn check_session(data: &[u8]) -> Vec<Value> {
     let (ours, theirs) = UnixStream::pair().expect("harness setup: socket pair");
-    let server = Server::new(Arc::new(Commands::new()));
+    let server = Server::new(Arc::new(commands()));
     server
         .serve_unix(theirs)
         .expect("harness setup: serve the socket");

@@ -18,6 +18,7 @@ use crate::events::EventSink;
 use crate::incoming;
 use crate::machine::Machine;
 use crate::outgoing;
+use crate::params::ParameterUpdate;
 use crate::ram::RamCounters;
 use crate::state::{IncomingMode, Shared};
 use crate::status::MigrationStatus;
@@ -155,9 +156,9 @@ impl Migration {
 
     /// `migrate-set-parameters` (allowed during a migration; bandwidth changes take effect at
     /// once).
-    pub fn set_parameters(&self, args: &Map<String, Value>) -> Result<(), MigrationError> {
+    pub fn set_parameters(&self, update: &ParameterUpdate) -> Result<(), MigrationError> {
         let mut inner = self.shared.lock();
-        inner.params.apply(args)?;
+        inner.params.apply(update)?;
         self.shared.notify();
         Ok(())
     }
@@ -217,13 +218,8 @@ impl Migration {
     }
 
     /// `migrate-continue`: leaves `pre-switchover` when `state` names the current state.
-    pub fn continue_(&self, state: &str) -> Result<(), MigrationError> {
-        let parsed = MigrationStatus::parse(state).ok_or_else(|| {
-            MigrationError::InvalidParameter(format!(
-                "Parameter 'state' does not accept value '{state}'"
-            ))
-        })?;
-        self.shared.request_continue(parsed)
+    pub fn continue_(&self, state: MigrationStatus) -> Result<(), MigrationError> {
+        self.shared.request_continue(state)
     }
 
     /// `migrate-start-postcopy`: the running migration switches to postcopy at its next round.

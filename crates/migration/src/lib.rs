@@ -17,6 +17,7 @@
 //! | [`postcopy`] | postcopy's building blocks: received map, discards, userfaultfd placement, fault thread, blocktime |
 //! | [`guest`] | the seam to guest memory (the crate's only `unsafe`) |
 //! | [`transport`] | `tcp:`, `unix:`, `exec:`, `file:` |
+//! | [`qmp`] | the migration commands as one [`qmp::CommandSet`](::qmp::CommandSet) |
 // A library does not print: it logs (`log`), and the binary decides where that goes.
 #![cfg_attr(not(test), deny(clippy::print_stderr, clippy::print_stdout))]
 #![deny(unsafe_code)]
@@ -34,6 +35,7 @@ pub mod outgoing;
 pub mod params;
 mod policy;
 pub mod postcopy;
+pub mod qmp;
 pub mod ram;
 pub mod runstate;
 pub mod secure;

@@ -20,8 +20,14 @@
 //! So a parameter whose feature is not built is stored, validated with QEMU's rules and
 //! reported, and can change nothing until the capability that uses it is enabled — which is
 //! refused.
+//!
+//! A request is read in two steps, as QEMU reads it: [`ParameterUpdate::from_args`] visits the
+//! members with their QAPI types ([`qmp::Args`], QEMU's schema order), then
+//! [`Parameters::apply`] checks the merged result with QEMU's `migrate_params_check` rules, in
+//! its order, and changes nothing unless every rule holds.
 
 use crate::error::MigrationError;
+use qmp::{Args, Param, QmpError};
 use serde_json::{json, Map, Value};
 use std::collections::{HashMap, HashSet};
 
@@ -76,38 +82,67 @@ impl BitmapMapping {
         self.nodes.iter().find(|n| n.alias == alias)
     }
 
-    /// Parses and validates the QMP value with QEMU's checks and messages
-    /// (`check_dirty_bitmap_mig_alias_map`).
+    /// Parses and validates a `block-bitmap-mapping` value: [`BitmapMapping::from_param`], then
+    /// [`BitmapMapping::check`].
     pub fn from_json(v: &Value) -> Result<Self, MigrationError> {
+        let m = Self::from_param(Param::new("block-bitmap-mapping", v.clone()))
+            .map_err(|e| MigrationError::InvalidParameter(e.desc))?;
+        m.check()?;
+        Ok(m)
+    }
+
+    /// Reads the value with its QAPI types (`[BitmapMigrationNodeAlias]`), as QEMU's visitor
+    /// does; the aliases are checked later, by [`BitmapMapping::check`].
+    pub fn from_param(p: Param) -> Result<Self, QmpError> {
+        let mut nodes = Vec::new();
+        for n in p.into_list()? {
+            let mut n = n.into_object()?;
+            let node_name = n.req_str("node-name")?;
+            let alias = n.req_str("alias")?;
+            let mut bitmaps = Vec::new();
+            for b in n.req_list("bitmaps")? {
+                let mut b = b.into_object()?;
+                let name = b.req_str("name")?;
+                let balias = b.req_str("alias")?;
+                let (transform, persistent) = match b.opt_object("transform")? {
+                    None => (false, None),
+                    Some(mut t) => {
+                        let persistent = t.opt_bool("persistent")?;
+                        t.finish()?;
+                        (true, persistent)
+                    }
+                };
+                b.finish()?;
+                bitmaps.push(BitmapAlias {
+                    name,
+                    alias: balias,
+                    persistent,
+                    transform,
+                });
+            }
+            n.finish()?;
+            nodes.push(NodeAlias {
+                node_name,
+                alias,
+                bitmaps,
+            });
+        }
+        Ok(BitmapMapping { nodes })
+    }
+
+    /// QEMU's `check_dirty_bitmap_mig_alias_map`: well-formed, short and unique aliases and
+    /// names, each with QEMU's message.
+    pub fn check(&self) -> Result<(), MigrationError> {
         let bad = |m: String| {
             MigrationError::InvalidParameter(format!(
                 "Invalid mapping given for block-bitmap-mapping: {m}"
             ))
         };
-        let list = v.as_array().ok_or_else(|| {
-            MigrationError::InvalidParameter(
-                "Invalid parameter type for 'block-bitmap-mapping', expected: array".into(),
-            )
-        })?;
-        let mut nodes = Vec::with_capacity(list.len().min(1024));
         let mut node_names = HashSet::new();
         let mut node_aliases = HashSet::new();
-        for (i, entry) in list.iter().enumerate() {
-            let where_ = format!("block-bitmap-mapping[{i}]");
-            let obj = object(entry, &where_)?;
-            check_keys(obj, &["node-name", "alias", "bitmaps"], &where_)?;
-            let node_name = string_member(obj, "node-name", &where_)?;
-            let alias = string_member(obj, "alias", &where_)?;
-            let bitmaps_v = obj
-                .get("bitmaps")
-                .ok_or_else(|| missing(&where_, "bitmaps"))?;
-            let bitmaps_list = bitmaps_v.as_array().ok_or_else(|| {
-                MigrationError::InvalidParameter(format!(
-                    "Invalid parameter type for '{where_}.bitmaps', expected: array"
-                ))
-            })?;
-
-            if !id_wellformed(&alias) {
+        for n in &self.nodes {
+            let (node_name, alias) = (&n.node_name, &n.alias);
+            if !qmp::id_wellformed(alias) {
                 return Err(bad(format!("The node alias '{alias}' is not well-formed")));
             }
             if alias.len() > 255 {
@@ -120,39 +155,16 @@ impl BitmapMapping {
                     "The node name '{node_name}' is longer than 31 bytes"
                 )));
             }
-            if !node_names.insert(node_name.clone()) {
+            if !node_names.insert(node_name) {
                 return Err(bad(format!("The node name '{node_name}' is mapped twice")));
             }
-            if !node_aliases.insert(alias.clone()) {
+            if !node_aliases.insert(alias) {
                 return Err(bad(format!("The node alias '{alias}' is used twice")));
             }
-
-            let mut bitmaps = Vec::with_capacity(bitmaps_list.len().min(1024));
             let mut names = HashSet::new();
             let mut aliases = HashSet::new();
-            for (j, b) in bitmaps_list.iter().enumerate() {
-                let where_b = format!("{where_}.bitmaps[{j}]");
-                let bo = object(b, &where_b)?;
-                check_keys(bo, &["name", "alias", "transform"], &where_b)?;
-                let name = string_member(bo, "name", &where_b)?;
-                let balias = string_member(bo, "alias", &where_b)?;
-                let persistent = match bo.get("transform") {
-                    None => None,
-                    Some(t) => {
-                        let where_t = format!("{where_b}.transform");
-                        let to = object(t, &where_t)?;
-                        check_keys(to, &["persistent"], &where_t)?;
-                        match to.get("persistent") {
-                            None => None,
-                            Some(Value::Bool(p)) => Some(*p),
-                            Some(_) => {
-                                return Err(MigrationError::InvalidParameter(format!(
-                                    "Invalid parameter type for '{where_t}.persistent', expected: boolean"
-                                )))
-                            }
-                        }
-                    }
-                };
+            for b in &n.bitmaps {
+                let (name, balias) = (&b.name, &b.alias);
                 if balias.len() > 255 {
                     return Err(bad(format!(
                         "The bitmap alias '{balias}' is longer than 255 bytes"
@@ -163,30 +175,19 @@ impl BitmapMapping {
                         "The bitmap name '{name}' is longer than 1023 bytes"
                     )));
                 }
-                if !names.insert(name.clone()) {
+                if !names.insert(name) {
                     return Err(bad(format!(
                         "The bitmap '{node_name}'/'{name}' is mapped twice"
                     )));
                 }
-                if !aliases.insert(balias.clone()) {
+                if !aliases.insert(balias) {
                     return Err(bad(format!(
                         "The bitmap alias '{alias}'/'{balias}' is used twice"
                     )));
                 }
-                bitmaps.push(BitmapAlias {
-                    name,
-                    alias: balias,
-                    persistent,
-                    transform: bo.contains_key("transform"),
-                });
             }
-            nodes.push(NodeAlias {
-                node_name,
-                alias,
-                bitmaps,
-            });
         }
-        Ok(BitmapMapping { nodes })
+        Ok(())
     }
 
     /// The QMP value, as `query-migrate-parameters` shows it.
@@ -214,101 +215,138 @@ impl BitmapMapping {
     }
 }
 
-fn missing(where_: &str, key: &str) -> MigrationError {
-    MigrationError::InvalidParameter(format!("Parameter '{where_}.{key}' is missing"))
-}
-
-fn object<'a>(v: &'a Value, where_: &str) -> Result<&'a Map<String, Value>, MigrationError> {
-    v.as_object().ok_or_else(|| {
-        MigrationError::InvalidParameter(format!(
-            "Invalid parameter type for '{where_}', expected: object"
-        ))
-    })
-}
-
-fn string_member(
-    o: &Map<String, Value>,
-    key: &str,
-    where_: &str,
-) -> Result<String, MigrationError> {
-    match o.get(key) {
-        None => Err(missing(where_, key)),
-        Some(Value::String(s)) => Ok(s.clone()),
-        Some(_) => Err(MigrationError::InvalidParameter(format!(
-            "Invalid parameter type for '{where_}.{key}', expected: string"
-        ))),
-    }
-}
-
-fn check_keys(
-    o: &Map<String, Value>,
-    allowed: &[&str],
-    where_: &str,
-) -> Result<(), MigrationError> {
-    match o.keys().find(|k| !allowed.contains(&k.as_str())) {
-        Some(k) => Err(MigrationError::InvalidParameter(format!(
-            "Parameter '{where_}.{k}' is unexpected"
-        ))),
-        None => Ok(()),
-    }
-}
-
-/// QEMU's `id_wellformed`: a letter first, then letters, digits, `-`, `.` and `_`.
-pub fn id_wellformed(id: &str) -> bool {
-    let mut chars = id.chars();
-    match chars.next() {
-        Some(c) if c.is_ascii_alphabetic() => {}
-        _ => return false,
-    }
-    chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'))
-}
-
-/// How a parameter is typed and checked.
+/// A parameter's QAPI type in `MigrateSetParameters`, which decides the messages for a value
+/// of the wrong type (`expects uint8_t`, `expected: StrOrNull`, ...).
 #[derive(Clone, Copy)]
-enum Kind {
-    /// An unsigned integer with an inclusive range and QEMU's range message.
-    Uint {
-        min: u64,
-        max: u64,
-        msg: &'static str,
-    },
-    /// A boolean.
+enum Ty {
+    /// `uint8`.
+    U8,
+    /// `uint32`.
+    U32,
+    /// `uint64` and `size`.
+    U64,
+    /// `bool`.
     Bool,
-    /// A string (or null, for the TLS parameters).
-    Str,
+    /// `StrOrNull` (`null` reads as `""`).
+    StrOrNull,
     /// An enum with the allowed values.
     Enum(&'static [&'static str]),
 }
 
-/// Every 7.2 parameter except `block-bitmap-mapping`, with its default and its check.
-const PARAMS: &[(&str, Kind, DefaultValue)] = &[
-    ("announce-initial", Kind::Uint { min: 0, max: 100_000, msg: "Parameter 'announce_initial' expects an integer in the range of 0 to 100000 ms" }, DefaultValue::U(50)),
-    ("announce-max", Kind::Uint { min: 0, max: 100_000, msg: "Parameter 'announce_max' expects an integer in the range of 0 to 100000 ms" }, DefaultValue::U(550)),
-    ("announce-rounds", Kind::Uint { min: 0, max: 1000, msg: "Parameter 'announce_rounds' expects an integer in the range of 0 to 1000" }, DefaultValue::U(5)),
-    ("announce-step", Kind::Uint { min: 1, max: 10_000, msg: "Parameter 'announce_step' expects an integer in the range of 0 to 10000 ms" }, DefaultValue::U(100)),
-    ("compress-level", Kind::Uint { min: 0, max: 9, msg: "Parameter 'compress_level' expects a value between 0 and 9" }, DefaultValue::U(1)),
-    ("compress-threads", Kind::Uint { min: 1, max: 255, msg: "Parameter 'compress_threads' expects a value between 1 and 255" }, DefaultValue::U(8)),
-    ("compress-wait-thread", Kind::Bool, DefaultValue::B(true)),
-    ("decompress-threads", Kind::Uint { min: 1, max: 255, msg: "Parameter 'decompress_threads' expects a value between 1 and 255" }, DefaultValue::U(2)),
-    ("throttle-trigger-threshold", Kind::Uint { min: 1, max: 100, msg: "Parameter 'throttle_trigger_threshold' expects an integer in the range of 1 to 100" }, DefaultValue::U(50)),
-    ("cpu-throttle-initial", Kind::Uint { min: 1, max: 99, msg: "Parameter 'cpu_throttle_initial' expects an integer in the range of 1 to 99" }, DefaultValue::U(20)),
-    ("cpu-throttle-increment", Kind::Uint { min: 1, max: 99, msg: "Parameter 'cpu_throttle_increment' expects an integer in the range of 1 to 99" }, DefaultValue::U(10)),
-    ("cpu-throttle-tailslow", Kind::Bool, DefaultValue::B(false)),
-    ("tls-creds", Kind::Str, DefaultValue::S("")),
-    ("tls-hostname", Kind::Str, DefaultValue::S("")),
-    ("tls-authz", Kind::Str, DefaultValue::S("")),
-    ("max-bandwidth", Kind::Uint { min: 0, max: u64::MAX, msg: "" }, DefaultValue::U(DEFAULT_MAX_BANDWIDTH)),
-    ("downtime-limit", Kind::Uint { min: 0, max: MAX_DOWNTIME_LIMIT_MS, msg: "Parameter 'downtime_limit' expects an integer in the range of 0 to (2000 * 1000) ms" }, DefaultValue::U(DEFAULT_DOWNTIME_LIMIT_MS)),
-    ("x-checkpoint-delay", Kind::Uint { min: 0, max: u32::MAX as u64, msg: "Parameter 'x-checkpoint-delay' expects uint32_t" }, DefaultValue::U(20_000)),
-    ("block-incremental", Kind::Bool, DefaultValue::B(false)),
-    ("multifd-channels", Kind::Uint { min: 1, max: 255, msg: "Parameter 'multifd_channels' expects a value between 1 and 255" }, DefaultValue::U(2)),
-    ("xbzrle-cache-size", Kind::Uint { min: 4096, max: u64::MAX, msg: "Parameter 'xbzrle_cache_size' expects a power of two no less than the target page size" }, DefaultValue::U(64 << 20)),
-    ("max-postcopy-bandwidth", Kind::Uint { min: 0, max: u64::MAX, msg: "" }, DefaultValue::U(0)),
-    ("max-cpu-throttle", Kind::Uint { min: 1, max: 99, msg: "Parameter 'max_cpu_throttle' expects an integer in the range of 1 to 99" }, DefaultValue::U(99)),
-    ("multifd-compression", Kind::Enum(&["none", "zlib", "zstd"]), DefaultValue::S("none")),
-    ("multifd-zlib-level", Kind::Uint { min: 0, max: 9, msg: "Parameter 'multifd_zlib_level' expects a value between 0 and 9" }, DefaultValue::U(1)),
-    ("multifd-zstd-level", Kind::Uint { min: 0, max: 20, msg: "Parameter 'multifd_zstd_level' expects a value between 0 and 20" }, DefaultValue::U(1)),
+/// The rule `migrate_params_check` applies to a parameter, with QEMU 7.2's message.
+#[derive(Clone, Copy)]
+enum Rule {
+    /// The type says it all.
+    None,
+    /// An inclusive range.
+    Range {
+        min: u64,
+        max: u64,
+        msg: &'static str,
+    },
+    /// A power of two no less than `min`.
+    PowerOfTwo { min: u64, msg: &'static str },
+}
+
+const fn range(min: u64, max: u64, msg: &'static str) -> Rule {
+    Rule::Range { min, max, msg }
+}
+
+/// Every 7.2 parameter except `block-bitmap-mapping`, in QEMU's schema order, with its type,
+/// its rule and its default.
+const PARAMS: &[(&str, Ty, Rule, DefaultValue)] = &[
+    ("announce-initial", Ty::U64, range(0, 100_000, "Parameter 'announce_initial' expects an integer in the range of 0 to 100000 ms"), DefaultValue::U(50)),
+    ("announce-max", Ty::U64, range(0, 100_000, "Parameter 'announce_max' expects an integer in the range of 0 to 100000 ms"), DefaultValue::U(550)),
+    ("announce-rounds", Ty::U64, range(0, 1000, "Parameter 'announce_rounds' expects an integer in the range of 0 to 1000"), DefaultValue::U(5)),
+    ("announce-step", Ty::U64, range(1, 10_000, "Parameter 'announce_step' expects an integer in the range of 0 to 10000 ms"), DefaultValue::U(100)),
+    ("compress-level", Ty::U8, range(0, 9, "Parameter 'compress_level' expects a value between 0 and 9"), DefaultValue::U(1)),
+    ("compress-threads", Ty::U8, range(1, 255, "Parameter 'compress_threads' expects a value between 1 and 255"), DefaultValue::U(8)),
+    ("compress-wait-thread", Ty::Bool, Rule::None, DefaultValue::B(true)),
+    ("decompress-threads", Ty::U8, range(1, 255, "Parameter 'decompress_threads' expects a value between 1 and 255"), DefaultValue::U(2)),
+    ("throttle-trigger-threshold", Ty::U8, range(1, 100, "Parameter 'throttle_trigger_threshold' expects an integer in the range of 1 to 100"), DefaultValue::U(50)),
+    ("cpu-throttle-initial", Ty::U8, range(1, 99, "Parameter 'cpu_throttle_initial' expects an integer in the range of 1 to 99"), DefaultValue::U(20)),
+    ("cpu-throttle-increment", Ty::U8, range(1, 99, "Parameter 'cpu_throttle_increment' expects an integer in the range of 1 to 99"), DefaultValue::U(10)),
+    ("cpu-throttle-tailslow", Ty::Bool, Rule::None, DefaultValue::B(false)),
+    ("tls-creds", Ty::StrOrNull, Rule::None, DefaultValue::S("")),
+    ("tls-hostname", Ty::StrOrNull, Rule::None, DefaultValue::S("")),
+    ("tls-authz", Ty::StrOrNull, Rule::None, DefaultValue::S("")),
+    ("max-bandwidth", Ty::U64, Rule::None, DefaultValue::U(DEFAULT_MAX_BANDWIDTH)),
+    ("downtime-limit", Ty::U64, range(0, MAX_DOWNTIME_LIMIT_MS, "Parameter 'downtime_limit' expects an integer in the range of 0 to (2000 * 1000) ms"), DefaultValue::U(DEFAULT_DOWNTIME_LIMIT_MS)),
+    ("x-checkpoint-delay", Ty::U32, Rule::None, DefaultValue::U(20_000)),
+    ("block-incremental", Ty::Bool, Rule::None, DefaultValue::B(false)),
+    ("multifd-channels", Ty::U8, range(1, 255, "Parameter 'multifd_channels' expects a value between 1 and 255"), DefaultValue::U(2)),
+    ("xbzrle-cache-size", Ty::U64, Rule::PowerOfTwo { min: 4096, msg: "Parameter 'xbzrle_cache_size' expects a power of two no less than the target page size" }, DefaultValue::U(64 << 20)),
+    ("max-postcopy-bandwidth", Ty::U64, Rule::None, DefaultValue::U(0)),
+    ("max-cpu-throttle", Ty::U8, range(1, 99, "Parameter 'max_cpu_throttle' expects an integer in the range of 1 to 99"), DefaultValue::U(99)),
+    ("multifd-compression", Ty::Enum(&["none", "zlib", "zstd"]), Rule::None, DefaultValue::S("none")),
+    ("multifd-zlib-level", Ty::U8, range(0, 9, "Parameter 'multifd_zlib_level' expects a value between 0 and 9"), DefaultValue::U(1)),
+    ("multifd-zstd-level", Ty::U8, range(0, 20, "Parameter 'multifd_zstd_level' expects a value between 0 and 20"), DefaultValue::U(1)),
 ];
+
+/// The order in which QEMU 7.2's `migrate_params_check` applies the rules (the first broken
+/// one is reported); `block-bitmap-mapping` comes last.
+const CHECK_ORDER: &[&str] = &[
+    "compress-level",
+    "compress-threads",
+    "decompress-threads",
+    "throttle-trigger-threshold",
+    "cpu-throttle-initial",
+    "cpu-throttle-increment",
+    "max-bandwidth",
+    "downtime-limit",
+    "multifd-channels",
+    "multifd-zlib-level",
+    "multifd-zstd-level",
+    "xbzrle-cache-size",
+    "max-cpu-throttle",
+    "announce-initial",
+    "announce-max",
+    "announce-rounds",
+    "announce-step",
+];
+
+/// A `migrate-set-parameters` request whose members have their QAPI types; apply it with
+/// [`Parameters::apply`].
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ParameterUpdate {
+    values: Vec<(&'static str, Value)>,
+    mapping: Option<BitmapMapping>,
+}
+
+impl ParameterUpdate {
+    /// Visits `migrate-set-parameters` arguments as QEMU's `MigrateSetParameters`: each member
+    /// with its type, in schema order, then no other member.
+    pub fn from_args(mut args: Args) -> Result<ParameterUpdate, QmpError> {
+        let mut values = Vec::new();
+        for (name, ty, _, _) in PARAMS {
+            let Some(p) = args.take(name) else { continue };
+            let v = match ty {
+                Ty::U8 => json!(p.into_int::<u8>()?),
+                Ty::U32 => json!(p.into_int::<u32>()?),
+                Ty::U64 => json!(p.into_int::<u64>()?),
+                Ty::Bool => json!(p.into_bool()?),
+                // QEMU stores null as "" (its "TODO Rewrite \"\" to null instead").
+                Ty::StrOrNull => json!(p.into_str_or_null()?.unwrap_or_default()),
+                Ty::Enum(allowed) => json!(p.into_enum(allowed)?),
+            };
+            values.push((*name, v));
+        }
+        let mapping = args
+            .take("block-bitmap-mapping")
+            .map(BitmapMapping::from_param)
+            .transpose()?;
+        args.finish()?;
+        Ok(ParameterUpdate { values, mapping })
+    }
+
+    /// Whether the request names `parameter`.
+    pub fn sets(&self, parameter: &str) -> bool {
+        if parameter == "block-bitmap-mapping" {
+            return self.mapping.is_some();
+        }
+        self.values.iter().any(|(n, _)| *n == parameter)
+    }
+}
 
 #[derive(Clone, Copy)]
 enum DefaultValue {
@@ -329,7 +367,7 @@ impl Default for Parameters {
     fn default() -> Self {
         let values = PARAMS
             .iter()
-            .map(|(name, _, d)| {
+            .map(|(name, _, _, d)| {
                 let v = match d {
                     DefaultValue::U(u) => json!(u),
                     DefaultValue::B(b) => json!(b),
@@ -385,7 +423,7 @@ impl Parameters {
     /// The whole set as `query-migrate-parameters` returns it.
     pub fn to_json(&self) -> Value {
         let mut m = Map::new();
-        for (name, _, _) in PARAMS {
+        for (name, ..) in PARAMS {
             if let Some(v) = self.values.get(name) {
                 m.insert((*name).to_string(), v.clone());
             }
@@ -396,67 +434,35 @@ impl Parameters {
         Value::Object(m)
     }
 
-    /// Applies a `migrate-set-parameters` request: every member is checked first, and nothing
-    /// changes unless all are valid.
-    pub fn apply(&mut self, args: &Map<String, Value>) -> Result<(), MigrationError> {
+    /// Applies a `migrate-set-parameters` request: the merged parameters are checked with
+    /// QEMU's rules, in QEMU's order, and nothing changes unless all hold.
+    pub fn apply(&mut self, update: &ParameterUpdate) -> Result<(), MigrationError> {
         let mut next = self.clone();
-        for (key, v) in args {
-            if key == "block-bitmap-mapping" {
-                next.block_bitmap_mapping = Some(BitmapMapping::from_json(v)?);
-                continue;
-            }
-            let Some((name, kind, _)) = PARAMS.iter().find(|(n, _, _)| n == key) else {
-                return Err(MigrationError::InvalidParameter(format!(
-                    "Parameter '{key}' is unexpected"
-                )));
-            };
-            let checked = match kind {
-                Kind::Uint { min, max, msg } => {
-                    let n = v.as_u64().ok_or_else(|| {
-                        MigrationError::InvalidParameter(format!(
-                            "Invalid parameter type for '{key}', expected: integer"
-                        ))
-                    })?;
-                    let pow2_bad = *name == "xbzrle-cache-size" && !n.is_power_of_two();
-                    if n < *min || n > *max || pow2_bad {
-                        return Err(MigrationError::InvalidParameter(msg.to_string()));
-                    }
-                    json!(n)
-                }
-                Kind::Bool => Value::Bool(v.as_bool().ok_or_else(|| {
-                    MigrationError::InvalidParameter(format!(
-                        "Invalid parameter type for '{key}', expected: boolean"
-                    ))
-                })?),
-                Kind::Str => match v {
-                    Value::String(_) => v.clone(),
-                    Value::Null => json!(""),
-                    _ => {
-                        return Err(MigrationError::InvalidParameter(format!(
-                            "Invalid parameter type for '{key}', expected: string"
-                        )))
-                    }
-                },
-                Kind::Enum(allowed) => match v.as_str() {
-                    Some(s) if allowed.contains(&s) => v.clone(),
-                    Some(s) => {
-                        return Err(MigrationError::InvalidParameter(format!(
-                            "Parameter '{key}' does not accept value '{s}'"
-                        )))
-                    }
-                    None => {
-                        return Err(MigrationError::InvalidParameter(format!(
-                            "Invalid parameter type for '{key}', expected: string"
-                        )))
-                    }
-                },
-            };
-            next.values.insert(name, checked);
+        for (name, v) in &update.values {
+            next.values.insert(name, v.clone());
         }
-        if next.uint("max-cpu-throttle") < next.uint("cpu-throttle-initial") {
-            return Err(MigrationError::InvalidParameter(
-                "Parameter 'max_cpu_throttle' expects an integer in the range of cpu_throttle_initial to 99".into(),
-            ));
+        for name in CHECK_ORDER {
+            let Some((_, _, rule, _)) = PARAMS.iter().find(|(n, ..)| n == name) else {
+                continue;
+            };
+            let n = next.uint(name);
+            let broken = match *rule {
+                Rule::None => None,
+                Rule::Range { min, max, msg } => (n < min || n > max).then_some(msg),
+                Rule::PowerOfTwo { min, msg } => (n < min || !n.is_power_of_two()).then_some(msg),
+            };
+            if let Some(msg) = broken {
+                return Err(MigrationError::InvalidParameter(msg.to_string()));
+            }
+            if *name == "max-cpu-throttle" && n < next.uint("cpu-throttle-initial") {
+                return Err(MigrationError::InvalidParameter(
+                    "Parameter 'max_cpu_throttle' expects an integer in the range of cpu_throttle_initial to 99".into(),
+                ));
+            }
+        }
+        if let Some(m) = &update.mapping {
+            m.check()?;
+            next.block_bitmap_mapping = Some(m.clone());
         }
         *self = next;
         Ok(())
@@ -468,7 +474,9 @@ mod tests {
     use super::*;
 
     fn set(p: &mut Parameters, v: Value) -> Result<(), String> {
-        p.apply(v.as_object().unwrap()).map_err(|e| e.to_string())
+        let args = Args::new(v.as_object().unwrap().clone());
+        let update = ParameterUpdate::from_args(args).map_err(|e| e.desc)?;
+        p.apply(&update).map_err(|e| e.to_string())
     }
 
     #[test]

@@ -1,13 +1,15 @@
-//! The NBD server's QMP commands, arguments checked as QEMU 7.2's QAPI visitor checks them,
-//! then handed to [`NbdServer`]. The monitor calls [`dispatch`] for the names in [`COMMANDS`].
+//! The NBD server's QMP commands, as one [`CommandSet`]: arguments checked with [`qmp::Args`]
+//! in QEMU 7.2's visiting order, then handed to [`NbdServer`]. This crate's errors meet QMP's
+//! classes here, in the `From` impls (all `GenericError`, as in QEMU).
 
 use crate::net::{AddressError, SocketAddress};
 use crate::server::{ExportConfig, ExportError, NbdServer};
-use block::BlockLayer;
-use qmp::{Args, QmpError};
+use block::{BlockLayer, MergeSource};
+use qmp::{Args, CommandSet, QmpError, Reply};
 use serde_json::{json, Value};
+use std::sync::Arc;
 
-/// The commands [`dispatch`] handles.
+/// The commands of [`NbdCommands`].
 pub const COMMANDS: &[&str] = &[
     "nbd-server-start",
     "nbd-server-add",
@@ -18,69 +20,61 @@ pub const COMMANDS: &[&str] = &[
     "query-block-exports",
 ];
 
-/// A refused command: QMP error class and description.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CommandError {
-    /// QMP error class (`GenericError`).
-    pub class: &'static str,
-    /// The description QEMU gives.
-    pub desc: String,
-}
-
-impl std::fmt::Display for CommandError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.desc)
+/// Every refusal of the NBD server is a `GenericError` in QEMU.
+impl From<ExportError> for QmpError {
+    fn from(e: ExportError) -> QmpError {
+        QmpError::generic(e.to_string())
     }
 }
 
-fn generic(desc: impl Into<String>) -> CommandError {
-    CommandError {
-        class: "GenericError",
-        desc: desc.into(),
+/// A bad `addr` is a `GenericError` with QEMU's QAPI text.
+impl From<AddressError> for QmpError {
+    fn from(e: AddressError) -> QmpError {
+        QmpError::generic(e.to_string())
     }
 }
 
-impl From<ExportError> for CommandError {
-    fn from(e: ExportError) -> Self {
-        generic(e.to_string())
-    }
+/// The NBD server's commands: one server, exporting nodes of one block layer.
+pub struct NbdCommands {
+    server: NbdServer,
+    layer: Arc<BlockLayer>,
 }
-impl From<AddressError> for CommandError {
-    fn from(e: AddressError) -> Self {
-        generic(e.to_string())
+
+impl NbdCommands {
+    /// The commands of a new, stopped server exporting nodes of `layer`.
+    pub fn new(layer: Arc<BlockLayer>) -> NbdCommands {
+        NbdCommands {
+            server: NbdServer::new(),
+            layer,
+        }
     }
-}
-impl From<QmpError> for CommandError {
-    fn from(e: QmpError) -> Self {
-        generic(e.desc)
-    }
-}
-impl From<block::BlockError> for CommandError {
-    fn from(e: block::BlockError) -> Self {
-        generic(e.to_string())
+
+    /// The server the commands drive.
+    pub fn server(&self) -> &NbdServer {
+        &self.server
     }
 }
 
-/// Runs NBD command `name`; `None` if it is not one of [`COMMANDS`].
-pub fn dispatch(
-    server: &NbdServer,
-    layer: &BlockLayer,
-    name: &str,
-    args: Args,
-) -> Option<Result<Value, CommandError>> {
-    let r = match name {
-        "nbd-server-start" => server_start(server, args),
-        "nbd-server-add" => server_add(server, layer, args),
-        "nbd-server-remove" => export_del(server, args, "name"),
-        "nbd-server-stop" => args
-            .finish()
-            .map_err(CommandError::from)
-            .and_then(|()| server.stop().map_err(CommandError::from)),
-        "block-export-add" => block_export_add(server, layer, args),
-        "block-export-del" => export_del(server, args, "id"),
-        "query-block-exports" => {
-            return Some(args.finish().map_err(CommandError::from).map(|()| {
-                Value::Array(
+impl CommandSet for NbdCommands {
+    fn commands(&self) -> &[&'static str] {
+        COMMANDS
+    }
+
+    fn dispatch(&self, name: &str, args: Args) -> Result<Reply, QmpError> {
+        let (server, layer) = (&self.server, &*self.layer);
+        match name {
+            "nbd-server-start" => server_start(server, args)?,
+            "nbd-server-add" => server_add(server, layer, args)?,
+            "nbd-server-remove" => export_del(server, args, "name")?,
+            "nbd-server-stop" => {
+                args.finish()?;
+                server.stop()?;
+            }
+            "block-export-add" => block_export_add(server, layer, args)?,
+            "block-export-del" => export_del(server, args, "id")?,
+            "query-block-exports" => {
+                args.finish()?;
+                return Ok(Reply::new(Value::Array(
                     server
                         .exports()
                         .iter()
@@ -93,15 +87,15 @@ pub fn dispatch(
                             })
                         })
                         .collect(),
-                )
-            }))
+                )));
+            }
+            _ => return Err(QmpError::unknown_command(name)),
         }
-        _ => return None,
-    };
-    Some(r.map(|()| json!({})))
+        Ok(Reply::empty())
+    }
 }
 
-fn server_start(server: &NbdServer, mut a: Args) -> Result<(), CommandError> {
+fn server_start(server: &NbdServer, mut a: Args) -> Result<(), QmpError> {
     let addr = SocketAddress::from_json(a.required("addr")?.value(), "addr.", true)?;
     let tls = a.opt_str("tls-creds")?;
     let authz = a.opt_str("tls-authz")?;
@@ -111,7 +105,7 @@ fn server_start(server: &NbdServer, mut a: Args) -> Result<(), CommandError> {
     Ok(())
 }
 
-fn server_add(server: &NbdServer, layer: &BlockLayer, mut a: Args) -> Result<(), CommandError> {
+fn server_add(server: &NbdServer, layer: &BlockLayer, mut a: Args) -> Result<(), QmpError> {
     let device = a.req_str("device")?;
     let name = a.opt_str("name")?;
     let description = a.opt_str("description")?;
@@ -139,11 +133,7 @@ fn server_add(server: &NbdServer, layer: &BlockLayer, mut a: Args) -> Result<(),
     Ok(())
 }
 
-fn block_export_add(
-    server: &NbdServer,
-    layer: &BlockLayer,
-    mut a: Args,
-) -> Result<(), CommandError> {
+fn block_export_add(server: &NbdServer, layer: &BlockLayer, mut a: Args) -> Result<(), QmpError> {
     let _ty = a.req_enum("type", &["nbd"])?;
     let id = a.req_str("id")?;
     let node_name = a.req_str("node-name")?;
@@ -158,21 +148,23 @@ fn block_export_add(
         .opt_list("bitmaps")?
         .unwrap_or_default()
         .into_iter()
-        .map(bitmap_or_str)
+        .map(block::qmp::merge_source)
         .collect::<Result<Vec<_>, _>>()?;
     a.finish()?;
     if bitmaps.len() > 1 {
-        return Err(generic(
+        return Err(QmpError::generic(
             "This NBD server exports at most one bitmap per export",
         ));
     }
     if !server.is_running() {
-        return Err(generic("NBD server not running"));
+        return Err(QmpError::generic("NBD server not running"));
     }
     let node = layer.lookup_bs(Some(&node_name), Some(&node_name))?;
+    // QAPI's BlockDirtyBitmapOrStr: a bitmap of the exported node, or of any node.
     let (bitmap_owner, bitmap) = match bitmaps.into_iter().next() {
         None => (None, None),
-        Some((owner, name)) => (owner, Some(name)),
+        Some(MergeSource::Local(name)) => (None, Some(name)),
+        Some(MergeSource::External { node, name }) => (Some(node), Some(name)),
     };
     let mut config = ExportConfig {
         id,
@@ -191,27 +183,7 @@ fn block_export_add(
     Ok(())
 }
 
-/// One element of `bitmaps`, QAPI's alternate `BlockDirtyBitmapOrStr`: a bitmap name on the
-/// exported node, or `{"node": N, "name": B}` for a bitmap of any node. Gives the node (if
-/// named) and the bitmap name.
-fn bitmap_or_str(p: qmp::Param) -> Result<(Option<String>, String), QmpError> {
-    match p.value() {
-        Value::String(_) => Ok((None, p.into_str()?)),
-        Value::Object(_) => {
-            let mut o = p.into_object()?;
-            let node = o.req_str("node")?;
-            let name = o.req_str("name")?;
-            o.finish()?;
-            Ok((Some(node), name))
-        }
-        // QEMU 7.2 visits list elements of an alternate without a name, and says so.
-        _ => Err(QmpError::generic(
-            "Invalid parameter type for 'null', expected: BlockDirtyBitmapOrStr",
-        )),
-    }
-}
-
-fn export_del(server: &NbdServer, mut a: Args, key: &'static str) -> Result<(), CommandError> {
+fn export_del(server: &NbdServer, mut a: Args, key: &'static str) -> Result<(), QmpError> {
     let name = a.req_str(key)?;
     let mode = a.opt_enum("mode", &["safe", "hard"])?;
     a.finish()?;

@@ -1,7 +1,10 @@
 //! The QEMU Machine Protocol (QMP) as a server library: framing, capabilities negotiation,
 //! dispatch, errors and events — the protocol only. What the commands do is the embedding
-//! program's business: it hands the server a [`Dispatcher`] (usually a [`CommandTable`] of
-//! closures) and emits events through an [`EventSink`].
+//! program's business: each crate that owns commands implements [`CommandSet`], the program
+//! hands the server a [`CommandSets`] table of them (or any other [`Dispatcher`], such as a
+//! [`CommandTable`] of closures), and emits events through an [`EventSink`]. QAPI argument
+//! checking — types, enums, alternates, ids, QEMU's messages — lives here once ([`args`]) and
+//! every command of the program uses it.
 //!
 //! The behaviour follows QEMU 7.2 (`docs/interop/qmp-spec.rst`, `monitor/qmp.c`,
 //! `qapi/qmp-dispatch.c`, `qobject/json-*.c`), down to the error texts, so that tools written
@@ -16,13 +19,16 @@
 //! * `exec-oob` once `oob` is negotiated, for commands the dispatcher marks OOB-capable;
 //! * events `{"timestamp": {"seconds", "microseconds"}, "event", "data"}` to negotiated clients.
 //!
-//! Modules: [`json`] (the streaming parser and the serializer), [`dispatch`] (the seam for
-//! commands and argument checking), [`server`] (sockets, threads, events, shutdown),
-//! [`option`] (QEMU's `-qmp` option syntax), [`error`] (QMP error classes).
+//! Modules: [`json`] (the streaming parser and the serializer), [`args`] (argument checking),
+//! [`commands`] (command sets and the monitor's table), [`dispatch`] (the seam between server
+//! and commands), [`server`] (sockets, threads, events, shutdown), [`option`] (QEMU's `-qmp`
+//! option syntax), [`error`] (QMP error classes).
 // A library does not print: it logs (`log`), and the binary decides where that goes.
 #![cfg_attr(not(test), deny(clippy::print_stderr, clippy::print_stdout))]
 #![forbid(unsafe_code)]
 
+pub mod args;
+pub mod commands;
 pub mod dispatch;
 pub mod error;
 pub mod json;
@@ -30,7 +36,9 @@ pub mod option;
 pub mod server;
 mod session;
 
-pub use dispatch::{AfterFlush, Args, CommandTable, Dispatcher, Param, QapiInt, Reply};
+pub use args::{id_wellformed, Args, Param, QapiEnum, QapiInt, StrOrObject};
+pub use commands::{CommandSet, CommandSets};
+pub use dispatch::{AfterFlush, CommandTable, Dispatcher, Reply};
 pub use error::{ErrorClass, QmpError};
 pub use json::{parse_all, JsonError, JsonStream, Limits, SyntaxError};
 pub use option::{QmpAddress, QmpOption, QmpOptionError};

@@ -1,22 +1,41 @@
-//! The QMP commands of this crate: `object-add` and `object-del`, for the object types of
-//! [`crate::objects`].
+//! The QMP commands of this crate, `object-add` and `object-del` for the object types of
+//! [`crate::objects`], as one [`CommandSet`]. The objects check their own properties with
+//! [`qmp::Args`] and report QEMU's messages as `GenericError`s.
 
 use crate::objects::Objects;
-use qmp::{Args, QmpError};
-use serde_json::{json, Value};
+use qmp::{Args, CommandSet, QmpError, Reply};
+use std::sync::Arc;
 
-/// The commands [`dispatch`] handles.
+/// The commands of [`ObjectCommands`].
 pub const COMMANDS: &[&str] = &["object-add", "object-del"];
 
-/// Runs `name` if it is one of [`COMMANDS`]; `None` otherwise.
-pub fn dispatch(objects: &Objects, name: &str, mut args: Args) -> Option<Result<Value, QmpError>> {
-    Some(match name {
-        "object-add" => objects.object_add(args).map(|_| json!({})),
-        "object-del" => args
-            .req_str("id")
-            .and_then(|id| args.finish().map(|_| id))
-            .and_then(|id| objects.object_del(&id))
-            .map(|_| json!({})),
-        _ => return None,
-    })
+/// `object-add` and `object-del` over one process's [`Objects`].
+pub struct ObjectCommands {
+    objects: Arc<Objects>,
+}
+
+impl ObjectCommands {
+    /// The commands of `objects`.
+    pub fn new(objects: Arc<Objects>) -> ObjectCommands {
+        ObjectCommands { objects }
+    }
+}
+
+impl CommandSet for ObjectCommands {
+    fn commands(&self) -> &[&'static str] {
+        COMMANDS
+    }
+
+    fn dispatch(&self, name: &str, mut args: Args) -> Result<Reply, QmpError> {
+        match name {
+            "object-add" => self.objects.object_add(args)?,
+            "object-del" => {
+                let id = args.req_str("id")?;
+                args.finish()?;
+                self.objects.object_del(&id)?;
+            }
+            _ => return Err(QmpError::unknown_command(name)),
+        }
+        Ok(Reply::empty())
+    }
 }

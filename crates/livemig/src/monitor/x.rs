@@ -1,0 +1,102 @@
+//! livemig's own commands, prefixed `x-livemig-` as QEMU prefixes its unstable ones: RAM
+//! checksums, RAM and disk verification, and the reference VM's internals that tests and the
+//! demo read.
+
+use super::App;
+use migration::machine::Machine;
+use migration::runstate::RunState;
+use qmp::{Args, CommandSet, QmpError, Reply};
+use serde_json::{json, Value};
+use std::sync::Arc;
+
+/// The commands of [`LivemigCommands`].
+pub const COMMANDS: &[&str] = &[
+    "x-livemig-ram-checksum",
+    "x-livemig-verify-ram",
+    "x-livemig-query-vm",
+    "x-livemig-verify-disk",
+];
+
+/// livemig's own commands over one VM.
+pub struct LivemigCommands {
+    app: Arc<App>,
+}
+
+impl LivemigCommands {
+    /// The commands of `app`'s VM.
+    pub fn new(app: Arc<App>) -> LivemigCommands {
+        LivemigCommands { app }
+    }
+}
+
+impl CommandSet for LivemigCommands {
+    fn commands(&self) -> &[&'static str] {
+        COMMANDS
+    }
+
+    fn dispatch(&self, name: &str, a: Args) -> Result<Reply, QmpError> {
+        a.finish()?;
+        let vm = &self.app.vm;
+        let v = match name {
+            "x-livemig-ram-checksum" => json!({ "checksum": vm.ram_checksum() }),
+            "x-livemig-verify-ram" => {
+                let r = vm.verify_ram();
+                json!({
+                    "valid": r.valid,
+                    "zero": r.zero,
+                    "corrupt": r.corrupt_count,
+                    "corrupt-pages": r.corrupt,
+                })
+            }
+            "x-livemig-query-vm" => query_vm(&self.app),
+            "x-livemig-verify-disk" => {
+                if vm.runstate() == RunState::Running {
+                    return Err(QmpError::generic(
+                        "x-livemig-verify-disk needs a stopped guest (its requests must be settled)",
+                    ));
+                }
+                let r = vm.verify_disk().map_err(QmpError::generic)?;
+                json!({
+                    "blocks": r.blocks,
+                    "written": r.written,
+                    "mismatched": r.mismatch_count,
+                    "mismatched-blocks": r.mismatched,
+                    "submitted": r.submitted,
+                    "completed": r.completed,
+                })
+            }
+            _ => return Err(QmpError::unknown_command(name)),
+        };
+        Ok(Reply::new(v))
+    }
+}
+
+fn query_vm(app: &App) -> Value {
+    let core = app.vm.core();
+    let w = core
+        .workload
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    let vcpus: Vec<Value> = core
+        .vcpu_states()
+        .iter()
+        .map(|s| json!({"id": s.id, "steps": s.steps, "disk-writes": s.disk_writes}))
+        .collect();
+    json!({
+        "machine": app.vm.machine_type(),
+        "ram-size": core.ram.size(),
+        "vcpus": vcpus,
+        "serial-bytes": app.vm.serial_bytes(),
+        "clock-ns": core.clock.now_ns(),
+        "pages-written": core.pages_written.load(std::sync::atomic::Ordering::Relaxed),
+        "memmap-rebuilds": core.memmap.stats().rebuilds,
+        "windows": (0..vm::machine::WINDOWS)
+            .map(|i| core.memmap.address_of(&format!("window{i}")))
+            .collect::<Vec<_>>(),
+        "workload": {
+            "fill": w.fill, "hot": w.hot, "dirty-rate": w.dirty_rate,
+            "disk-every": w.disk_every, "serial-every": w.serial_every, "seed": w.seed,
+        },
+    })
+}
