@@ -392,6 +392,10 @@ fn mirror_commands_and_events_match_qemu() {
         json!({"device": "src", "target": "tgt", "sync": "full"}),
     );
     both(&mut q, &mut l, "blockdev-mirror", m(json!({"speed": -1})));
+    // That job was created and destroyed inside the command (its `created` and `null` status
+    // changes): take its events now, or the next job's wait would stop at this `null` and
+    // every later wait would lag one job behind, racing the queries that follow it.
+    assert_eq!(job_events(&mut l, "j0"), job_events(&mut q, "j0"));
 
     // A size mismatch starts the job, which fails at once.
     both(
