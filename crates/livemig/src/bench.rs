@@ -25,6 +25,8 @@ usage: livemig bench [options]
   --postcopy             switch to postcopy at once; the destination's guest runs on the
                          pages it pulls; adds page-request latency (fault to placement,
                          median and p99) and blocktime
+  --preempt              with --postcopy: postcopy-preempt (requested pages on a channel of
+                         their own)
   --json                 one JSON object per run, then the medians
 ";
 
@@ -68,7 +70,11 @@ pub fn main(args: &[String]) -> i32 {
     if !json_out {
         println!(
             "livemig bench: {}{} RAM, {} filled, hot set {}, dirty-rate {}/s, {} vCPU(s), disk {}, {:?}{}, {} run(s)",
-            if sc.postcopy { "postcopy, " } else { "" },
+            match (sc.postcopy, sc.preempt) {
+                (true, true) => "postcopy+preempt, ",
+                (true, false) => "postcopy, ",
+                _ => "",
+            },
             size(sc.ram),
             size(sc.fill),
             size(sc.hot),
@@ -106,7 +112,7 @@ pub fn main(args: &[String]) -> i32 {
                     );
                 } else if let Some(p) = &o.postcopy {
                     println!(
-                        "{:>4} {:>10} {:>10} {:>10} {:>12.2} {:>7}   requests {} latency p50 {} us p99 {} us, blocktime {:.2} ms (vCPUs {:?} us)",
+                        "{:>4} {:>10} {:>10} {:>10} {:>12.2} {:>7}   requests {} ({} in flight) latency p50 {} us p99 {} us, blocktime {:.2} ms (vCPUs {:?} us)",
                         i + 1,
                         o.total_ms,
                         o.downtime_ms,
@@ -114,6 +120,7 @@ pub fn main(args: &[String]) -> i32 {
                         o.throughput() / 1e9,
                         o.passes,
                         p["requests"],
+                        p["source"]["requested-in-flight"],
                         p["latency-median-us"],
                         p["latency-p99-us"],
                         p["blocktime-ns"].as_u64().unwrap_or(0) as f64 / 1e6,

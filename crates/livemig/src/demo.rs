@@ -23,6 +23,8 @@ usage: livemig demo [options]
   --no-mem-prealloc      let the destination fault its RAM in while the migration loads it
   --postcopy             switch to postcopy at once; the destination's guest runs and pulls
                          the pages it touches (RAM verified page by page afterwards)
+  --preempt              with --postcopy: postcopy-preempt (requested pages on a channel of
+                         their own)
 ";
 
 /// A caller's handler for its own options: given one and the argument after it, it returns
@@ -68,6 +70,7 @@ pub fn parse_common(
                     .map_err(|_| "--downtime-limit: milliseconds".to_string())?
             }
             "--postcopy" => sc.postcopy = true,
+            "--preempt" => sc.preempt = true,
             "--mem-prealloc" => sc.dst_prealloc = true,
             "--no-mem-prealloc" => sc.dst_prealloc = false,
             other => match extra(other, it.clone().next())? {

@@ -47,6 +47,8 @@ pub struct Scenario {
     /// Postcopy: `migrate-start-postcopy` right after `migrate`, and the destination runs its
     /// guest as soon as postcopy starts (its vCPUs pull the pages they touch).
     pub postcopy: bool,
+    /// With `postcopy`: capability `postcopy-preempt` on both ends.
+    pub preempt: bool,
 }
 
 impl Default for Scenario {
@@ -66,6 +68,7 @@ impl Default for Scenario {
             verify: false,
             dst_prealloc: false,
             postcopy: false,
+            preempt: false,
         }
     }
 }
@@ -250,6 +253,7 @@ impl Pair {
             {"capability": "dirty-bitmaps", "state": true},
             {"capability": "return-path", "state": true},
             {"capability": "postcopy-ram", "state": sc.postcopy},
+            {"capability": "postcopy-preempt", "state": sc.postcopy && sc.preempt},
         ]});
         src_qmp.call("migrate-set-capabilities", caps.clone())?;
         dst_qmp.call("migrate-set-capabilities", caps)?;
@@ -522,6 +526,9 @@ fn run_pair(
                     .cloned()
                     .unwrap_or_default(),
             );
+            // The source's view: requests answered on the preempt channel, and requests for
+            // pages already queued on the main channel.
+            o.insert("source".into(), q["x-livemig-postcopy"].clone());
         }
         out.postcopy = Some(x);
     }

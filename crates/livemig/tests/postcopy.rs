@@ -179,3 +179,72 @@ fn a_source_killed_in_postcopy_leaves_the_destination_serving() {
     assert_eq!(dst.status(), "running");
     assert!(dst.proc.alive());
 }
+
+/// `postcopy-preempt` (QEMU 7.2's way: a second connection opened right after the main one):
+/// with the background push nearly stopped, the destination's running guest gets every page
+/// it touches on the preempt channel, answered by the source's return-path thread; then the
+/// push is let go and both ends complete with RAM that verifies.
+fn preempt(uri_of: impl Fn(&mut Lm) -> String, listen: &str) {
+    let dir = tempdir();
+    let listen = listen.replace("DIR", &dir.path().display().to_string());
+    let mut a = GUEST.to_vec();
+    a.extend(["-incoming", &listen]);
+    let mut dst = Lm::start(dir.path(), "dst", &a);
+    dst.caps_on(CAPS);
+    dst.caps_on(&["postcopy-preempt"]);
+    let uri = match uri_of(&mut dst) {
+        u if u.starts_with("tcp:") => u,
+        _ => listen.clone(),
+    };
+    let mut src = slow_source(dir.path());
+    src.caps_on(&["postcopy-preempt"]);
+    src.set_params(json!({"max-postcopy-bandwidth": 256 << 10}));
+    src.migrate(&uri);
+    src.wait_migration(&["active"]);
+    src.ok("migrate-start-postcopy", json!({}));
+    src.wait_migration(&["postcopy-active"]);
+    dst.wait_migration(&["postcopy-active"]);
+    let at_switch = dst.steps();
+    // The guest runs on pages it pulls over the preempt channel.
+    dst.wait_steps_beyond(&at_switch);
+    let q = src.ok("query-migrate", json!({}));
+    assert_eq!(q["status"], "postcopy-active", "{q}");
+    let sent = q["x-livemig-postcopy"]["preempt-pages"]
+        .as_u64()
+        .unwrap_or(0);
+    assert!(
+        sent > 0,
+        "requested pages went out on the preempt channel: {q}"
+    );
+    src.set_params(json!({"max-postcopy-bandwidth": 0}));
+    dst.wait_completed();
+    src.wait_completed();
+    let d = dst.ok("query-migrate", json!({}));
+    let got = d["x-livemig-postcopy"]["preempt-pages"]
+        .as_u64()
+        .unwrap_or(0);
+    let sent = src.ok("query-migrate", json!({}))["x-livemig-postcopy"]["preempt-pages"]
+        .as_u64()
+        .unwrap_or(0);
+    assert_eq!(
+        got, sent,
+        "every page sent on the preempt channel was read there: {d}"
+    );
+    dst.ok("stop", json!({}));
+    let v = dst.verify_ram();
+    assert_eq!(v["corrupt"], 0, "destination RAM: {v}");
+    assert!(v["valid"].as_u64().unwrap_or(0) >= FILL_PAGES, "{v}");
+}
+
+#[test]
+fn preempt_over_unix() {
+    preempt(|dst| dst.name.clone(), "unix:DIR/mig.sock");
+}
+
+#[test]
+fn preempt_over_tcp() {
+    preempt(
+        |dst| format!("tcp:127.0.0.1:{}", dst.incoming_port()),
+        "tcp:127.0.0.1:0",
+    );
+}

@@ -8,6 +8,10 @@
 //!    background push. Both end `completed`; the RAM images are identical.
 //! 2. L1 → QEMU "B" the same way round: livemig is the postcopy source, QEMU's `pmemsave`
 //!    during postcopy makes QEMU's fault thread ask livemig for pages.
+//!
+//! The same chains run with `postcopy-preempt` on every end: QEMU 7.2 opens the preempt
+//! channel at setup as a second connection, and requested pages travel on it (counted by
+//! livemig's `x-livemig-postcopy` on either end).
 
 mod qemu_common;
 
@@ -20,12 +24,13 @@ use testkit::QmpClient;
 /// Bytes of pattern A at guest address 0.
 const A_LEN: usize = 4 << 20;
 
-fn postcopy_caps(q: &mut QmpClient) {
+fn postcopy_caps(q: &mut QmpClient, preempt: bool) {
     q.ok(
         "migrate-set-capabilities",
         json!({"capabilities": [
             {"capability": "postcopy-ram", "state": true},
             {"capability": "events", "state": true},
+            {"capability": "postcopy-preempt", "state": preempt},
         ]}),
     );
 }
@@ -71,7 +76,7 @@ fn postcopy(
     (s, d, during)
 }
 
-fn chain(test: &str, transport: Transport) {
+fn chain(test: &str, transport: Transport, preempt: bool) {
     let Some(tmp) = setup(test) else { return };
     let dir = tmp.path();
     let a_file = dir.join("a.bin");
@@ -80,11 +85,11 @@ fn chain(test: &str, transport: Transport) {
     // 1. QEMU A -> livemig L1.
     let qa = qemu(dir, "qa", &loader(&a_file, 0));
     let mut qa_q = qa.qmp();
-    postcopy_caps(&mut qa_q);
+    postcopy_caps(&mut qa_q, preempt);
     let uri = transport.uri(dir, "mig1");
     let l1 = livemig(dir, "l1", &strings(&["-incoming", &uri]));
     let mut l1_q = l1.qmp();
-    postcopy_caps(&mut l1_q);
+    postcopy_caps(&mut l1_q, preempt);
     let (s, d, during) = postcopy(&mut qa_q, &mut l1_q, &uri, dir, "l1");
     assert_eq!(s["status"], "completed", "QEMU source: {s}\n{}", qa.log());
     assert_eq!(
@@ -103,6 +108,14 @@ fn chain(test: &str, transport: Transport) {
         &pat_a[..],
         "loader A did not fill QEMU's RAM"
     );
+    let got = d["x-livemig-postcopy"]["preempt-pages"]
+        .as_u64()
+        .unwrap_or(0);
+    assert_eq!(
+        got > 0,
+        preempt,
+        "pages on QEMU's preempt channel (preempt {preempt}): {d}"
+    );
     assert_same_ram(&ram_qa, &during, "QEMU -> livemig, read during postcopy");
     assert_same_ram(&ram_qa, &ram(&mut l1_q, dir, "l1"), "QEMU -> livemig");
     assert_eq!(l1_q.ok("query-status", json!({}))["status"], "running");
@@ -112,7 +125,7 @@ fn chain(test: &str, transport: Transport) {
     let uri = transport.uri(dir, "mig2");
     let qb = qemu(dir, "qb", &strings(&["-incoming", &uri]));
     let mut qb_q = qb.qmp();
-    postcopy_caps(&mut qb_q);
+    postcopy_caps(&mut qb_q, preempt);
     let (s, d, during) = postcopy(&mut l1_q, &mut qb_q, &uri, dir, "qb");
     assert_eq!(
         s["status"],
@@ -130,6 +143,14 @@ fn chain(test: &str, transport: Transport) {
         s["ram"]["postcopy-requests"].as_u64().unwrap_or(0) > 0,
         "QEMU asked livemig for pages: {s}"
     );
+    let sent = s["x-livemig-postcopy"]["preempt-pages"]
+        .as_u64()
+        .unwrap_or(0);
+    assert_eq!(
+        sent > 0,
+        preempt,
+        "pages on livemig's preempt channel (preempt {preempt}): {s}"
+    );
     assert_same_ram(&ram_qa, &during, "livemig -> QEMU, read during postcopy");
     assert_same_ram(&ram_qa, &ram(&mut qb_q, dir, "qb"), "livemig -> QEMU");
     assert_eq!(qb_q.ok("query-status", json!({}))["status"], "running");
@@ -139,10 +160,24 @@ fn chain(test: &str, transport: Transport) {
 
 #[test]
 fn qemu_postcopy_chain_over_unix() {
-    chain("qemu_postcopy_chain_over_unix", Transport::Unix);
+    chain("qemu_postcopy_chain_over_unix", Transport::Unix, false);
 }
 
 #[test]
 fn qemu_postcopy_chain_over_tcp() {
-    chain("qemu_postcopy_chain_over_tcp", Transport::Tcp);
+    chain("qemu_postcopy_chain_over_tcp", Transport::Tcp, false);
+}
+
+#[test]
+fn qemu_postcopy_preempt_chain_over_unix() {
+    chain(
+        "qemu_postcopy_preempt_chain_over_unix",
+        Transport::Unix,
+        true,
+    );
+}
+
+#[test]
+fn qemu_postcopy_preempt_chain_over_tcp() {
+    chain("qemu_postcopy_preempt_chain_over_tcp", Transport::Tcp, true);
 }

@@ -116,6 +116,7 @@ impl Capability {
             Capability::Events
                 | Capability::PostcopyRam
                 | Capability::PostcopyBlocktime
+                | Capability::PostcopyPreempt
                 | Capability::ReturnPath
                 | Capability::PauseBeforeSwitchover
                 | Capability::DirtyBitmaps
@@ -172,6 +173,12 @@ impl Capabilities {
         }
         // QEMU probes the host when postcopy-ram is turned on: a destination that cannot
         // register guest RAM with userfaultfd says so now, not at the switch.
+        if self.has(Capability::PostcopyPreempt) && !self.has(Capability::PostcopyRam) {
+            // QEMU's wording (migrate_caps_check).
+            return Err(MigrationError::InvalidParameter(
+                "Postcopy preempt requires postcopy-ram".into(),
+            ));
+        }
         if self.has(Capability::PostcopyRam) {
             crate::postcopy::uffd::probe()
                 .map_err(|e| MigrationError::InvalidParameter(e.to_string()))?;

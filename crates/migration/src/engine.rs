@@ -56,6 +56,10 @@ fn postcopy_info(m: &mut Map<String, Value>, pc: &crate::postcopy::PostcopyRam) 
         json!(st.zeroed.load(Ordering::Relaxed)),
     );
     x.insert("faults".into(), json!(st.faults.load(Ordering::Relaxed)));
+    x.insert(
+        "preempt-pages".into(),
+        json!(st.preempt_pages.load(Ordering::Relaxed)),
+    );
     m.insert("x-livemig-postcopy".into(), Value::Object(x));
 }
 
@@ -392,6 +396,16 @@ impl Migration {
                         "dirty-sync-missed-zero-copy": 0,
                     }),
                 );
+                if o.postcopy_requested {
+                    // livemig's own: pages that went out on the preempt channel.
+                    m.insert(
+                        "x-livemig-postcopy".into(),
+                        json!({
+                            "preempt-pages": s.ram.preempt_pages.load(Ordering::Relaxed),
+                            "requested-in-flight": s.ram.requested_in_flight.load(Ordering::Relaxed),
+                        }),
+                    );
+                }
                 m.insert("total-time".into(), json!(elapsed));
                 if st == MigrationStatus::Completed {
                     if let Some(d) = o.downtime_ms {

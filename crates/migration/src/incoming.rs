@@ -75,6 +75,8 @@ pub struct StreamLoader {
     /// The engine's state and the channel's shutdown handle, when run by the engine (postcopy
     /// moves the state and, on a failure, must unblock its listen thread).
     engine: Option<(Arc<Shared>, ShutdownHandle)>,
+    /// The `postcopy-preempt` channel (the second connection), read from LISTEN on.
+    preempt: Option<(Reader, ShutdownHandle)>,
 }
 
 /// Whether loading goes on after a command.
@@ -122,6 +124,7 @@ impl StreamLoader {
             postcopy_rp: None,
             postcopy_ran: false,
             engine: None,
+            preempt: None,
         }
     }
 
@@ -405,6 +408,9 @@ impl StreamLoader {
         };
         let fault = FaultThread::spawn(pc.clone(), rp)
             .map_err(|e| MigrationError::io("cannot start the postcopy fault thread", e))?;
+        if let Some((_, h)) = &self.engine {
+            crate::postcopy::limit_socket_queue(h, false, crate::postcopy::MAIN_CHANNEL_QUEUE);
+        }
         if let Some((shared, _)) = &self.engine {
             shared.advance_incoming(MigrationStatus::PostcopyActive)?;
         }
@@ -415,6 +421,7 @@ impl StreamLoader {
             let w = b.before_vm_start();
             self.warnings.extend(w);
         }
+        let preempt = self.preempt.take();
         let StreamLoader {
             machine,
             ram,
@@ -427,22 +434,74 @@ impl StreamLoader {
             ..
         } = self;
         let fault_ref = &fault;
-        let (main, listen) = std::thread::scope(|s| {
+        let main_shutdown = engine.as_ref().map(|(_, h)| h.clone());
+        // Which thread failed first (1: preempt), so the error reported is the cause and not
+        // the shutdown it caused in the other.
+        let preempt_failed_first = std::sync::atomic::AtomicBool::new(false);
+        let listen_failed = std::sync::atomic::AtomicBool::new(false);
+        let (main, listen, pre) = std::thread::scope(|s| {
+            // The preempt thread: requested pages from the second channel, until its EOS.
+            let pre = match preempt {
+                Some((mut pr_r, pre_h)) => {
+                    let pc = &pc;
+                    let main_h = main_shutdown.clone();
+                    let (pff, lf) = (&preempt_failed_first, &listen_failed);
+                    let h = std::thread::Builder::new()
+                        .name("postcopy-preempt".into())
+                        .spawn_scoped(s, move || {
+                            let r = crate::postcopy::preempt::load_preempt_channel(&mut pr_r, pc)
+                                .map(|_| ());
+                            if r.is_err() {
+                                if !lf.load(std::sync::atomic::Ordering::Acquire) {
+                                    pff.store(true, std::sync::atomic::Ordering::Release);
+                                }
+                                // The listen thread would wait on the main channel forever.
+                                if let Some(h) = main_h {
+                                    h.shutdown();
+                                }
+                            }
+                            r
+                        });
+                    match h {
+                        Ok(h) => Some((h, pre_h)),
+                        Err(e) => {
+                            pre_h.shutdown();
+                            return (
+                                Err(MigrationError::io(
+                                    "cannot start the postcopy preempt thread",
+                                    e,
+                                )),
+                                Ok(()),
+                                Ok(()),
+                            );
+                        }
+                    }
+                }
+                None => None,
+            };
             let listen = std::thread::Builder::new()
                 .name("postcopy-listen".into())
-                .spawn_scoped(s, move || {
-                    listen_loop(r, ram, bitmaps.as_mut(), sections, fault_ref)
+                .spawn_scoped(s, || {
+                    let r = listen_loop(r, ram, bitmaps.as_mut(), sections, fault_ref);
+                    if r.is_err() {
+                        listen_failed.store(true, std::sync::atomic::Ordering::Release);
+                    }
+                    r
                 });
             let listen = match listen {
                 Ok(h) => h,
                 Err(e) => {
+                    if let Some((_, h)) = &pre {
+                        h.shutdown();
+                    }
                     return (
                         Err(MigrationError::io(
                             "cannot start the postcopy listen thread",
                             e,
                         )),
                         Ok(()),
-                    )
+                        Ok(()),
+                    );
                 }
             };
             let main = load_package_rest(
@@ -465,7 +524,20 @@ impl StreamLoader {
                     "the postcopy listen thread panicked".into(),
                 ))
             });
-            (main, listen)
+            let pre = match pre {
+                Some((h, pre_h)) => {
+                    if main.is_err() || listen.is_err() {
+                        pre_h.shutdown();
+                    }
+                    h.join().unwrap_or_else(|_| {
+                        Err(MigrationError::Other(
+                            "the postcopy preempt thread panicked".into(),
+                        ))
+                    })
+                }
+                None => Ok(()),
+            };
+            (main, listen, pre)
         });
         if self.device_load_started {
             self.machine.end_device_load();
@@ -473,7 +545,13 @@ impl StreamLoader {
         }
         self.postcopy_ran = main.is_ok();
         main?;
-        listen?;
+        let pre = pre.map_err(|e| MigrationError::Load(format!("postcopy preempt channel: {e}")));
+        if preempt_failed_first.load(std::sync::atomic::Ordering::Acquire) {
+            pre?;
+        } else {
+            listen?;
+            pre?;
+        }
         // Everything has arrived: the fault thread hands the return path back (for SHUT) and
         // guest RAM leaves userfaultfd.
         self.postcopy_rp = fault.stop();
@@ -490,6 +568,16 @@ impl StreamLoader {
     /// Whether the guest was started by a postcopy RUN (the engine must not start it again).
     pub fn postcopy_ran(&self) -> bool {
         self.postcopy_ran
+    }
+
+    /// Gives the loader the `postcopy-preempt` channel: requested pages arrive on it in
+    /// postcopy, placed by a thread of their own.
+    pub(crate) fn set_preempt_channel(
+        &mut self,
+        reader: crate::transport::BoxRead,
+        shutdown: ShutdownHandle,
+    ) {
+        self.preempt = Some((StreamReader::with_capacity(reader, 64 * 1024), shutdown));
     }
 
     /// Gives the loader the engine's state and the channel's shutdown handle.
@@ -733,6 +821,33 @@ pub(crate) fn run(job: Job) {
     };
     let mut loader = StreamLoader::new(job.machine.clone(), &caps, &params, conn.writer.take());
     loader.attach_engine(shared.clone(), conn.shutdown.clone());
+    if caps.has(Capability::PostcopyPreempt) {
+        // QEMU 7.2's source opens the preempt channel right after the main one, and the
+        // destination waits for it before loading anything (`migration_has_all_channels`).
+        let preempt = job
+            .listener
+            .accept()
+            .and_then(|c| crate::secure::secure_incoming(c, &tls_params, &job.objects));
+        match preempt {
+            Ok(mut p) => match p.reader.take() {
+                Some(reader) => loader.set_preempt_channel(reader, p.shutdown.clone()),
+                None => {
+                    shutdown.shutdown();
+                    fail(
+                        &shared,
+                        "the preempt channel has no incoming direction".into(),
+                        started,
+                    );
+                    return;
+                }
+            },
+            Err(e) => {
+                shutdown.shutdown();
+                fail(&shared, format!("postcopy preempt channel: {e}"), started);
+                return;
+            }
+        }
+    }
     let result = shared
         .advance_incoming(MigrationStatus::Active)
         .map_err(MigrationError::from)

@@ -31,6 +31,7 @@ use crate::error::MigrationError;
 use crate::globalstate::GlobalState;
 use crate::machine::{DeviceState, Machine, Writer};
 use crate::policy::{Convergence, Meter};
+use crate::postcopy::source::{Cursor, PageWriter, PreemptSender, SourceRam};
 use crate::ram::{RamSaver, SendOutcome, RAM_IDSTR, RAM_VERSION};
 use crate::runstate::RunState;
 use crate::state::{Generation, Outcome, Shared};
@@ -39,7 +40,7 @@ use crate::transport::{connect, BoxRead, Connection, MigrationUri};
 use serde_json::json;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 use wire::command::{write_command, Command};
 use wire::config::{write_configuration, Configuration};
@@ -103,6 +104,11 @@ pub(crate) struct Outgoing {
     undo: Undo,
     /// When the guest stopped, and the stream's length then.
     downtime_start: Option<(Instant, u64)>,
+    /// The `postcopy-preempt` channel, connected right after the main one (QEMU 7.2 opens it
+    /// at setup), until the postcopy switch hands it to the [`PreemptSender`].
+    preempt_conn: Option<Connection>,
+    /// What the return-path thread needs once postcopy runs.
+    rp_ctx: Arc<RpCtx>,
 }
 
 fn gone(what: &str) -> MigrationError {
@@ -127,6 +133,8 @@ impl Outgoing {
             bitmaps: None,
             undo: Undo::default(),
             downtime_start: None,
+            preempt_conn: None,
+            rp_ctx: Arc::default(),
         }
     }
 
@@ -178,7 +186,19 @@ impl Outgoing {
                 .reader
                 .take()
                 .ok_or_else(|| MigrationError::Other("the transport has no return path".into()))?;
-            self.rp = Some(spawn_return_path(reader)?);
+            self.rp = Some(spawn_return_path(reader, self.rp_ctx.clone())?);
+        }
+        if job.caps.has(Capability::PostcopyPreempt) {
+            // QEMU 7.2 connects the preempt channel at setup, right after the main one, so
+            // the destination's second accepted connection is it (`postcopy_preempt_setup`).
+            if !job.uri.has_return_path() {
+                return Err(MigrationError::Other(
+                    "Postcopy preempt is not supported as current migration stream does not support multi-channels.".into(),
+                ));
+            }
+            let p = connect(&job.uri)?;
+            let p = crate::secure::secure_outgoing(p, &job.uri, &job.tls, &job.objects)?;
+            self.preempt_conn = Some(p);
         }
         self.w = Some(StreamWriter::with_capacity(stream, 256 * 1024));
         self.conn = Some(conn);
@@ -437,6 +457,22 @@ impl Outgoing {
             write_command(w, &cmd)?;
         }
         write_command(w, &Command::Ping(2))?;
+        // From here on the pages still to send are shared with the return-path thread, which
+        // answers requests on the preempt channel itself; both are ready before LISTEN goes
+        // out (no request can come earlier).
+        let src = Arc::new(SourceRam::new(ram.take_dirty(), stats.ram.clone()));
+        let _ = self.rp_ctx.src.set(src.clone());
+        if let Some(mut conn) = self.preempt_conn.take() {
+            let pw = conn.writer.take().ok_or_else(|| {
+                MigrationError::Other("the preempt channel has no outgoing direction".into())
+            })?;
+            let sender = PreemptSender::new(
+                src,
+                StreamWriter::with_capacity(pw, 64 * 1024),
+                conn.shutdown.clone(),
+            );
+            let _ = self.rp_ctx.preempt.set(Arc::new(sender));
+        }
         // The package: the destination reads it whole before loading it, so that its main
         // channel is free for the pages device loading may fault on.
         let buf = SharedBuf::default();
@@ -465,19 +501,45 @@ impl Outgoing {
 
     /// Phase 4b, postcopy: the pages the destination asks for first, the rest in the
     /// background at `max-postcopy-bandwidth`, in small PART sections so that a request never
-    /// waits behind more than one batch; then the END section and EOF.
+    /// waits behind more than one batch; then the END section and EOF. With
+    /// `postcopy-preempt` the requests never come here: the return-path thread answers them
+    /// on the preempt channel, and this thread ends that channel with EOS after EOF.
     fn postcopy_run(&mut self) -> Result<(), MigrationError> {
         let (shared, generation, stats) = (
             self.job.shared.clone(),
             self.job.generation,
             self.job.stats.clone(),
         );
+        let src = self
+            .rp_ctx
+            .src
+            .get()
+            .cloned()
+            .ok_or_else(|| gone("postcopy's RAM"))?;
+        let preempt = self.rp_ctx.preempt.get().cloned();
+        // Background pages per PART: without preempt a requested page waits behind at most
+        // one batch in this process (the socket's own queue is another matter).
+        let batch_pages = if preempt.is_some() {
+            crate::postcopy::source::BATCH
+        } else {
+            (POSTCOPY_BATCH / crate::guest::PAGE_SIZE) as usize
+        };
         let rp = self.rp.take().ok_or_else(|| gone("the return path"))?;
+        if let Some(conn) = &self.conn {
+            crate::postcopy::limit_socket_queue(
+                &conn.shutdown,
+                true,
+                crate::postcopy::MAIN_CHANNEL_QUEUE,
+            );
+        }
         let result = (|| {
-            let (w, ram, _) = self.stream()?;
+            let (w, _, _) = self.stream()?;
             let start_bytes = w.bytes_written();
             let mut meter = Meter::new(start_bytes);
-            let mut pending: Vec<(String, u64, u64)> = Vec::new();
+            let mut pending: Vec<(usize, u64, u64)> = Vec::new();
+            let mut pages = PageWriter::new();
+            let mut cursor = Cursor::default();
+            let mut batch = Vec::with_capacity(batch_pages);
             loop {
                 if shared.out_cancelled(generation) {
                     return Err(MigrationError::Cancelled);
@@ -496,15 +558,32 @@ impl Outgoing {
                     continue;
                 }
                 write_part(w, RAM_SECTION_ID)?;
-                for (block, offset, len) in pending.drain(..) {
-                    ram.send_requested(w, &block, offset, len)?;
-                    stats.ram.postcopy_requests.fetch_add(1, Ordering::Relaxed);
+                for (bi, first, end) in pending.drain(..) {
+                    batch.clear();
+                    batch.extend((first..end).filter(|p| src.claim(bi, *p)).map(|p| (bi, p)));
+                    if batch.is_empty() {
+                        stats
+                            .ram
+                            .requested_in_flight
+                            .fetch_add(1, Ordering::Relaxed);
+                    }
+                    pages.write(w, &src, &batch)?;
                 }
-                let outcome = if allowance > 0 {
-                    ram.send(w, allowance.min(POSTCOPY_BATCH), None)?
-                } else {
-                    SendOutcome::Budget
-                };
+                let mut done = false;
+                if allowance > 0 {
+                    let max = (allowance.min(batch_pages as u64 * crate::guest::PAGE_SIZE)
+                        / crate::guest::PAGE_SIZE)
+                        .clamp(1, batch_pages as u64) as usize;
+                    if src.claim_next(&mut cursor, max, &mut batch) {
+                        pages.write(w, &src, &batch)?;
+                    } else if src.remaining() == 0 {
+                        done = true;
+                    } else {
+                        // Pages given back behind the scan (a request that could not be
+                        // answered): scan again.
+                        cursor = Cursor::default();
+                    }
+                }
                 wire::ram::write_eos(w)?;
                 write_footer(w, RAM_SECTION_ID)?;
                 w.flush()?;
@@ -514,7 +593,7 @@ impl Outgoing {
                     .postcopy_bytes
                     .store(now - start_bytes, Ordering::Relaxed);
                 meter.tick(now, sent_pages(&stats), &stats);
-                if outcome == SendOutcome::PassDone {
+                if done {
                     break;
                 }
             }
@@ -527,6 +606,11 @@ impl Outgoing {
             stats
                 .transferred
                 .store(w.bytes_written(), Ordering::Relaxed);
+            if let Some(p) = &preempt {
+                // QEMU's `postcopy_preempt_shutdown_file`: the destination's preempt thread
+                // ends at this EOS.
+                p.finish()?;
+            }
             Ok(())
         })();
         self.rp = Some(rp);
@@ -581,6 +665,11 @@ impl Outgoing {
             ram.stop();
         }
         let ok = result.is_ok();
+        if !ok {
+            if let Some(p) = self.rp_ctx.preempt.get() {
+                p.shutdown();
+            }
+        }
         if let Some(b) = self.bitmaps {
             b.cleanup(ok);
         }
@@ -691,7 +780,7 @@ impl std::io::Write for SharedBuf {
 /// first one. The destination going away in postcopy is an error (recovery is not built yet).
 fn drain_requests(
     rp: &mpsc::Receiver<RpEvent>,
-    pending: &mut Vec<(String, u64, u64)>,
+    pending: &mut Vec<(usize, u64, u64)>,
     wait: Duration,
 ) -> Result<(), MigrationError> {
     let mut first = true;
@@ -711,7 +800,8 @@ fn drain_requests(
         };
         first = false;
         match ev {
-            Ok(RpEvent::Request { block, offset, len }) => pending.push((block, offset, len)),
+            Ok(RpEvent::Request { block, first, end }) => pending.push((block, first, end)),
+            Ok(RpEvent::Failed(why)) => return Err(MigrationError::Other(why)),
             Ok(RpEvent::Shut(n)) => {
                 return Err(MigrationError::Other(format!(
                     "the destination ended the migration (SHUT {n}) during postcopy"
@@ -754,6 +844,7 @@ fn wait_for_continue(
             Ok(RpEvent::Request { .. }) => Err(MigrationError::Other(
                 "RP: page request before postcopy".into(),
             )),
+            Ok(RpEvent::Failed(why)) => Err(MigrationError::Other(why)),
             Err(mpsc::TryRecvError::Disconnected) => Err(MigrationError::Other(
                 "the return path ended while the source waited in pre-switchover".into(),
             )),
@@ -766,15 +857,66 @@ fn wait_for_continue(
 enum RpEvent {
     Shut(u32),
     Closed(String),
-    /// A postcopy page request: `len` bytes at `offset` of `block`.
+    /// A postcopy page request (checked): pages `first..end` of block number `block`, for
+    /// `migration-out` to send (without preempt).
     Request {
-        block: String,
-        offset: u64,
-        len: u64,
+        block: usize,
+        first: u64,
+        end: u64,
     },
+    /// The return-path thread could not do its part (a bad request, a broken preempt
+    /// channel).
+    Failed(String),
 }
 
-fn spawn_return_path(reader: BoxRead) -> Result<mpsc::Receiver<RpEvent>, MigrationError> {
+/// What the return-path thread shares with `migration-out` from the postcopy switch on.
+#[derive(Default)]
+struct RpCtx {
+    /// The pages still to send (requests are checked against it).
+    src: OnceLock<Arc<SourceRam>>,
+    /// With `postcopy-preempt`: where requested pages go, written by the return-path thread.
+    preempt: OnceLock<Arc<PreemptSender>>,
+}
+
+impl RpCtx {
+    /// A request for `len` bytes at `offset` of `block`: checked, then answered on the
+    /// preempt channel or handed to `migration-out`. Err ends the thread.
+    fn request(
+        &self,
+        tx: &mpsc::Sender<RpEvent>,
+        block: &str,
+        offset: u64,
+        len: u64,
+    ) -> Result<(), String> {
+        let src = self
+            .src
+            .get()
+            .ok_or_else(|| "RP: page request before postcopy".to_string())?;
+        let (bi, first, end) = src.resolve_request(block, offset, len)?;
+        src.counters()
+            .postcopy_requests
+            .fetch_add(1, Ordering::Relaxed);
+        match self.preempt.get() {
+            Some(p) => p
+                .answer(bi, first, end)
+                .map(|_| ())
+                .map_err(|e| format!("postcopy preempt channel: {e}")),
+            None => {
+                let _ = tx.send(RpEvent::Request {
+                    block: bi,
+                    first,
+                    end,
+                });
+                Ok(())
+            }
+        }
+    }
+}
+
+fn spawn_return_path(
+    reader: BoxRead,
+    ctx: Arc<RpCtx>,
+) -> Result<mpsc::Receiver<RpEvent>, MigrationError> {
     let (tx, rx) = mpsc::channel();
     std::thread::Builder::new()
         .name("migration-rp".into())
@@ -783,37 +925,25 @@ fn spawn_return_path(reader: BoxRead) -> Result<mpsc::Receiver<RpEvent>, Migrati
             // The block of the last REQ_PAGES_ID: REQ_PAGES names none.
             let mut block: Option<String> = None;
             loop {
-                match read_rp_message(&mut r) {
+                let result = match read_rp_message(&mut r) {
                     Ok(RpMessage::Shut(st)) => {
                         let _ = tx.send(RpEvent::Shut(st));
                         return;
                     }
-                    Ok(RpMessage::Pong(_)) | Ok(RpMessage::SwitchoverAck) => {}
+                    Ok(RpMessage::Pong(_)) | Ok(RpMessage::SwitchoverAck) => Ok(()),
                     Ok(RpMessage::ReqPagesId {
                         start,
                         len,
                         ramblock,
                     }) => {
-                        block = Some(ramblock.clone());
-                        let _ = tx.send(RpEvent::Request {
-                            block: ramblock,
-                            offset: start,
-                            len: u64::from(len),
-                        });
+                        let r = ctx.request(&tx, &ramblock, start, u64::from(len));
+                        block = Some(ramblock);
+                        r
                     }
-                    Ok(RpMessage::ReqPages { start, len }) => {
-                        let Some(b) = block.clone() else {
-                            let _ = tx.send(RpEvent::Closed(
-                                "RP: REQ_PAGES before any REQ_PAGES_ID".into(),
-                            ));
-                            return;
-                        };
-                        let _ = tx.send(RpEvent::Request {
-                            block: b,
-                            offset: start,
-                            len: u64::from(len),
-                        });
-                    }
+                    Ok(RpMessage::ReqPages { start, len }) => match &block {
+                        Some(b) => ctx.request(&tx, b, start, u64::from(len)),
+                        None => Err("RP: REQ_PAGES before any REQ_PAGES_ID".into()),
+                    },
                     Ok(other) => {
                         let _ = tx.send(RpEvent::Closed(format!(
                             "RP: unexpected message {}",
@@ -825,6 +955,10 @@ fn spawn_return_path(reader: BoxRead) -> Result<mpsc::Receiver<RpEvent>, Migrati
                         let _ = tx.send(RpEvent::Closed(format!("RP: {e}")));
                         return;
                     }
+                };
+                if let Err(why) = result {
+                    let _ = tx.send(RpEvent::Failed(why));
+                    return;
                 }
             }
         })
@@ -845,6 +979,7 @@ fn wait_for_shut(
             Ok(RpEvent::Shut(0)) => return Ok(()),
             // Pages asked for after the last one went out: they are on their way.
             Ok(RpEvent::Request { .. }) => {}
+            Ok(RpEvent::Failed(why)) => return Err(MigrationError::Other(why)),
             Ok(RpEvent::Shut(n)) => return Err(MigrationError::SiblingError(n)),
             Ok(RpEvent::Closed(why)) => {
                 return Err(MigrationError::Other(format!(

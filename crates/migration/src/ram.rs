@@ -45,6 +45,11 @@ pub struct RamCounters {
     pub last_sync_dirty: AtomicU64,
     /// Page requests answered in postcopy (`postcopy-requests`).
     pub postcopy_requests: AtomicU64,
+    /// Pages sent on the `postcopy-preempt` channel (`x-livemig-postcopy`).
+    pub preempt_pages: AtomicU64,
+    /// Postcopy requests for pages already on their way on the main channel
+    /// (`x-livemig-postcopy`): the request waits for the main channel's queue to drain.
+    pub requested_in_flight: AtomicU64,
 }
 
 struct BlockState {
@@ -282,57 +287,21 @@ impl RamSaver {
             .collect()
     }
 
-    /// Sends the pages of a postcopy request (`len` bytes at `offset` of block `block`) that
-    /// are still to send; pages already sent are skipped (they are on their way, QEMU does
-    /// the same). Each page is sent once: its dirty bit is cleared here.
-    pub fn send_requested(
-        &mut self,
-        w: &mut Writer,
-        block: &str,
-        offset: u64,
-        len: u64,
-    ) -> Result<u64, MigrationError> {
-        let Some(bi) = self.blocks.iter().position(|b| b.block.name() == block) else {
-            return Err(MigrationError::Other(format!(
-                "migrate_handle_rp_req_pages: invalid block name '{block}'"
-            )));
-        };
-        if !offset.is_multiple_of(PAGE_SIZE) || !len.is_multiple_of(PAGE_SIZE) {
-            return Err(MigrationError::Other(format!(
-                "migrate_handle_rp_req_pages: Misaligned page request, start: {offset:x} len: {len}"
-            )));
-        }
-        let first = offset / PAGE_SIZE;
-        let end = first
-            .checked_add(len / PAGE_SIZE)
-            .filter(|e| *e <= self.blocks[bi].pages)
-            .ok_or_else(|| {
-                MigrationError::Other(format!(
-                    "page request outside block '{block}': start {offset:#x} len {len:#x}"
-                ))
-            })?;
-        let mut batch = Vec::new();
-        for page in first..end {
-            let b = &mut self.blocks[bi];
-            let (wi, bit) = ((page / 64) as usize, 1u64 << (page % 64));
-            if b.dirty[wi] & bit == 0 {
-                continue;
-            }
-            b.dirty[wi] &= !bit;
-            let zero = b
-                .block
-                .region()
-                .is_zero(page * PAGE_SIZE, PAGE_SIZE as usize);
-            batch.push((bi, page, zero));
-            if batch.len() == BATCH {
-                self.write_batch(w, &batch)?;
-                batch.clear();
-            }
-        }
-        if !batch.is_empty() {
-            self.write_batch(w, &batch)?;
-        }
-        Ok(end - first)
+    /// The postcopy switch: hands the pages still to send over to postcopy's
+    /// [`crate::postcopy::source::SourceRam`] as `(block, pages, bitmap)` per block; the saver
+    /// has nothing left to send afterwards.
+    pub fn take_dirty(&mut self) -> Vec<(Arc<dyn RamBlock>, u64, Vec<u64>)> {
+        self.blocks
+            .iter_mut()
+            .map(|b| {
+                let words = b.dirty.len();
+                (
+                    b.block.clone(),
+                    b.pages,
+                    std::mem::replace(&mut b.dirty, vec![0; words]),
+                )
+            })
+            .collect()
     }
 
     /// Stops the dirty logs (at the end of the migration, whatever its outcome).
@@ -401,47 +370,13 @@ impl RamLoader {
             .postcopy
             .clone()
             .ok_or_else(|| MigrationError::Load("postcopy page without POSTCOPY_ADVISE".into()))?;
-        let (block, offset, zero_fill) = match read_ram_record(r)? {
-            RamRecord::Eos => return Ok(true),
-            RamRecord::Zero {
-                block,
-                offset,
-                fill,
-            } => (block, offset, Some(fill)),
-            RamRecord::Page { block, offset } => (block, offset, None),
-            other => {
-                return Err(MigrationError::Load(format!(
-                    "Unknown combination of migration flags: {other:?} (postcopy mode)"
-                )))
-            }
-        };
-        let name = self
-            .tracker
-            .resolve(block.as_deref())
-            .map_err(|k| MigrationError::Wire(r.error(k)))?;
-        let bi = pc.block_index(name).ok_or_else(|| {
-            MigrationError::Load(format!(
-                "Can't find block {name}: Illegal RAM offset {offset:x}"
-            ))
-        })?;
-        let pe = |e: crate::postcopy::PostcopyError| MigrationError::Load(e.to_string());
-        match zero_fill {
-            Some(0) => {
-                pc.place_zero(bi, offset).map_err(pe)?;
-            }
-            Some(fill) => {
-                self.staging.fill(fill);
-                pc.place_page(bi, offset, &self.staging).map_err(pe)?;
-            }
-            None => {
-                // Read even when the page is already here (the other channel was first): the
-                // payload is in the stream either way.
-                r.read_into(&mut self.staging)?;
-                pc.place_page(bi, offset, &self.staging).map_err(pe)?;
+        match crate::postcopy::preempt::load_record(r, &mut self.tracker, &mut self.staging, &pc)? {
+            crate::postcopy::preempt::Loaded::Eos => Ok(true),
+            crate::postcopy::preempt::Loaded::Page(_) => {
+                self.pages_loaded += 1;
+                Ok(false)
             }
         }
-        self.pages_loaded += 1;
-        Ok(false)
     }
 
     /// The block a record names (or the last one named), checked to hold the page at

@@ -14,16 +14,42 @@
 //! | [`blocktime`] | QEMU's vCPU blocktime accounting |
 //! | [`placement`] | [`PostcopyRam`]: the destination's guest RAM in postcopy — place, discard, classify faults |
 //! | [`fault`] | the destination's fault thread, which owns the return path while postcopy runs |
+//! | [`preempt`] | the destination's page records: one placed, and the `postcopy-preempt` channel's loop |
+//! | [`source`] | the source's pages still to send, shared by the background push and the preempt answers |
 
 pub mod blocktime;
 pub mod discard;
 pub mod fault;
 pub mod placement;
+pub mod preempt;
 pub mod received;
 pub mod requests;
+pub mod source;
 pub mod uffd;
 
 pub use placement::PostcopyRam;
+
+/// Bytes a postcopy main channel may hold in one socket buffer (see [`limit_socket_queue`]).
+pub const MAIN_CHANNEL_QUEUE: usize = 256 * 1024;
+
+/// Makes the kernel queue of a socket channel small (`SO_SNDBUF` when `send`, `SO_RCVBUF`
+/// otherwise). In postcopy a page the guest waits for can sit behind whatever the background
+/// push has queued on the main channel — several MiB in autotuned loopback buffers, i.e.
+/// milliseconds — while a queue of [`MAIN_CHANNEL_QUEUE`] drains in a fraction of one and is
+/// still deep enough for full speed on a local link. Best effort: a channel that is not a
+/// socket keeps its queue.
+pub fn limit_socket_queue(h: &crate::transport::ShutdownHandle, send: bool, bytes: usize) {
+    use nix::sys::socket::{setsockopt, sockopt};
+    let Some(fd) = h.socket() else { return };
+    let r = if send {
+        setsockopt(&fd, sockopt::SndBuf, &bytes)
+    } else {
+        setsockopt(&fd, sockopt::RcvBuf, &bytes)
+    };
+    if let Err(e) = r {
+        log::debug!("postcopy: cannot limit the socket queue: {e}");
+    }
+}
 
 /// Why a postcopy step failed. The messages follow QEMU's where QEMU has one.
 #[derive(Debug, thiserror::Error)]

@@ -70,6 +70,8 @@ pub struct PlacementStats {
     pub duplicates: AtomicU64,
     /// Faults read from the userfaultfd.
     pub faults: AtomicU64,
+    /// Records read from the `postcopy-preempt` channel.
+    pub preempt_pages: AtomicU64,
 }
 
 /// The destination's guest RAM in postcopy.
