@@ -365,6 +365,66 @@ pub enum WireErrorKind {
         len: u32,
     },
 
+    // --- multifd channels (§4) ---
+    /// A channel handshake that does not start with `MULTIFD_MAGIC`.
+    #[error("multifd: received packet magic {magic:x} expected 11223344")]
+    MultifdInitMagic {
+        /// The four bytes read, big-endian.
+        magic: u32,
+    },
+    /// A channel handshake of another version.
+    #[error("multifd: received packet version {version} expected 1")]
+    MultifdInitVersion {
+        /// Version read.
+        version: u32,
+    },
+    /// A channel handshake from a VM with another UUID.
+    #[error("multifd: received uuid '{received}' and expected uuid '{expected}' for channel {id}")]
+    MultifdUuid {
+        /// UUID received.
+        received: String,
+        /// This VM's UUID.
+        expected: String,
+        /// The channel's id.
+        id: u8,
+    },
+    /// A channel id outside 0..channels (QEMU 7.2's message for this is about the version).
+    #[error("multifd: received channel id {id}, but only {channels} channels are expected")]
+    MultifdChannelId {
+        /// Id read.
+        id: u8,
+        /// `multifd-channels` here.
+        channels: u32,
+    },
+    /// A packet that does not start with `MULTIFD_MAGIC`.
+    #[error("multifd: received packet magic {magic:x} and expected magic 11223344")]
+    MultifdPacketMagic {
+        /// The four bytes read, big-endian.
+        magic: u32,
+    },
+    /// A packet of another version.
+    #[error("multifd: received packet version {version} and expected version 1")]
+    MultifdPacketVersion {
+        /// Version read.
+        version: u32,
+    },
+    /// `pages_alloc` above the 128 offsets a header holds.
+    #[error("multifd: received packet with size {size} and expected a size of {expected}")]
+    MultifdPacketSize {
+        /// `pages_alloc` read.
+        size: u32,
+        /// 128.
+        expected: u32,
+    },
+    /// `normal_pages` above `pages_alloc`.
+    #[error("multifd: received packet with {pages} pages and expected maximum pages are {max}")]
+    MultifdPacketPages {
+        /// `normal_pages` read.
+        pages: u32,
+        /// `pages_alloc` read.
+        max: u32,
+    },
+
     // --- dirty bitmaps (dirty-bitmaps.md §4, §5.2) ---
     /// Chunk flags with bits that no version of the format defines.
     #[error("Unknown dirty bitmap migration flags: {flags:#x}")]
