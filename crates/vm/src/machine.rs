@@ -220,7 +220,7 @@ impl VmCore {
     pub fn vcpu_states(&self) -> Vec<VcpuState> {
         match &self.sys {
             Some(sys) => (0..self.kvm.as_ref().map_or(0, |k| k.vcpu_count()) as u32)
-                .map(|i| crate::kvm::boot::vcpu_state(sys, i))
+                .map(|i| crate::kvm::boot::vcpu_state(&**sys, i))
                 .collect(),
             None => self
                 .vcpus
@@ -296,7 +296,7 @@ impl Vm {
                     kvm.map(1, SYS_BASE, &sys, 0, SYS_SIZE)?;
                     if !config.incoming {
                         crate::kvm::boot::load(
-                            &sys,
+                            &*sys,
                             config.ram_size,
                             nvcpus,
                             &config.workload,
@@ -539,7 +539,7 @@ impl Vm {
                 let queues = dev.queues();
                 for st in &states {
                     report.submitted.push(crate::kvm::boot::cb_field(
-                        sys,
+                        &**sys,
                         st.id,
                         guest::layout::CB_SUBMITTED,
                     ));

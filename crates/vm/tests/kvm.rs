@@ -244,7 +244,7 @@ fn disk_side(incoming: bool, image: &std::path::Path, workload: WorkloadConfig) 
 }
 
 fn cb(vm: &Vm, id: u32, field: u64) -> u64 {
-    vm::kvm::boot::cb_field(vm.core().sys.as_ref().unwrap(), id, field)
+    vm::kvm::boot::cb_field(&**vm.core().sys.as_ref().unwrap(), id, field)
 }
 
 fn migrate_sides(src: &Side, dst: &Side, sock: &std::path::Path) {

@@ -7,6 +7,45 @@ use crate::memory::GuestRam;
 use crate::workload::{Share, VcpuState, WorkloadConfig};
 use guest::layout::*;
 use kvm_bindings::{kvm_regs, kvm_segment, kvm_sregs};
+use vm_memory::bitmap::Bitmap;
+use vm_memory::{Bytes, GuestRegionMmap, MemoryRegionAddress};
+
+/// Where the firmware writes: the system block, as the reference VM has it ([`GuestRam`]) or
+/// as any `vm-memory` VMM has it (a `GuestRegionMmap`, see the embedding example).
+pub trait SysMemory {
+    /// Writes `data` at `offset` into the block; false when it does not fit.
+    fn write_at(&self, offset: u64, data: &[u8]) -> bool;
+    /// Reads `dst.len()` bytes at `offset`; false when out of range.
+    fn read_at(&self, offset: u64, dst: &mut [u8]) -> bool;
+    /// Writes one little-endian u64.
+    fn write_u64(&self, offset: u64, v: u64) -> bool {
+        self.write_at(offset, &v.to_le_bytes())
+    }
+    /// Reads one little-endian u64 (0 when out of range).
+    fn read_u64(&self, offset: u64) -> u64 {
+        let mut b = [0u8; 8];
+        self.read_at(offset, &mut b);
+        u64::from_le_bytes(b)
+    }
+}
+
+impl SysMemory for GuestRam {
+    fn write_at(&self, offset: u64, data: &[u8]) -> bool {
+        self.write(offset, data)
+    }
+    fn read_at(&self, offset: u64, dst: &mut [u8]) -> bool {
+        self.read(offset, dst)
+    }
+}
+
+impl<B: Bitmap> SysMemory for GuestRegionMmap<B> {
+    fn write_at(&self, offset: u64, data: &[u8]) -> bool {
+        self.write_slice(data, MemoryRegionAddress(offset)).is_ok()
+    }
+    fn read_at(&self, offset: u64, dst: &mut [u8]) -> bool {
+        self.read_slice(dst, MemoryRegionAddress(offset)).is_ok()
+    }
+}
 
 const PRESENT: u64 = 1;
 /// Every mapping is user-accessible: the guest runs at CPL 3 (see [`entry_sregs`]).
@@ -31,7 +70,7 @@ pub fn check_ram(ram_size: u64) -> Result<(), String> {
 /// Writes code, page tables, GDT, control blocks and shared data into `sys` (the system
 /// block) for a guest with `ram_size` bytes of RAM and `nvcpus` vCPUs.
 pub fn load(
-    sys: &GuestRam,
+    sys: &(impl SysMemory + ?Sized),
     ram_size: u64,
     nvcpus: u32,
     cfg: &WorkloadConfig,
@@ -41,7 +80,7 @@ pub fn load(
     if u64::from(nvcpus) > MAX_VCPUS {
         return Err(format!("-accel kvm: at most {MAX_VCPUS} vCPUs"));
     }
-    if !sys.write(CODE_OFF, guest::IMAGE) {
+    if !sys.write_at(CODE_OFF, guest::IMAGE) {
         return Err("guest code does not fit the system block".into());
     }
     let entry = |off: u64| SYS_BASE + off;
@@ -119,7 +158,7 @@ pub fn load(
 }
 
 /// vCPU `id`'s state as control block `id` holds it (what the VMM reports and verifies).
-pub fn vcpu_state(sys: &GuestRam, id: u32) -> VcpuState {
+pub fn vcpu_state(sys: &(impl SysMemory + ?Sized), id: u32) -> VcpuState {
     let cb = CB_OFF + u64::from(id) * CB_SIZE;
     VcpuState {
         id,
@@ -130,7 +169,7 @@ pub fn vcpu_state(sys: &GuestRam, id: u32) -> VcpuState {
 }
 
 /// A control-block field of vCPU `id`.
-pub fn cb_field(sys: &GuestRam, id: u32, field: u64) -> u64 {
+pub fn cb_field(sys: &(impl SysMemory + ?Sized), id: u32, field: u64) -> u64 {
     sys.read_u64(CB_OFF + u64::from(id) * CB_SIZE + field)
 }
 
