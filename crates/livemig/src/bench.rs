@@ -2,33 +2,27 @@
 //! RAM size, fill, hot set and transport, over several runs (the median is reported, since
 //! the machine is shared and noisy).
 
-use crate::demo::parse_common;
+use crate::opts::ScenarioArgs;
+use crate::out::{outln, Closed};
 use crate::scenario::{run, size, Outcome, Scenario};
 use serde_json::json;
 
-const HELP: &str = "\
-usage: livemig bench [options]
-  --ram SIZE             guest RAM (default 1G)
-  --vcpus N              vCPUs running the workload (default 1)
-  --fill SIZE            RAM filled with data before the migration (default: all of it)
-  --hot SIZE             RAM rewritten during the migration (default 0: idle guest)
-  --dirty-rate SIZE      cap on the guest's dirtying, bytes/s (default 0: none)
-  --disk SIZE            a null-co disk with a dirty bitmap the guest writes to, migrated
-                         with the RAM (default 0: none)
-  --transport tcp|unix   (default tcp)
-  --downtime-limit MS    (default 300)
-  --runs N               migrations to run (default 3)
-  --verify               also compare both ends after each run
-  --mem-prealloc         start the destination with -mem-prealloc (default: off, so the load
-                         pays the destination's first-touch page faults)
-  --no-mem-prealloc      the default
-  --postcopy             switch to postcopy at once; the destination's guest runs on the
-                         pages it pulls; adds page-request latency (fault to placement,
-                         median and p99) and blocktime
-  --preempt              with --postcopy: postcopy-preempt (requested pages on a channel of
-                         their own)
-  --json                 one JSON object per run, then the medians
-";
+/// `livemig bench`'s options.
+#[derive(Debug, Clone, clap::Args)]
+pub struct BenchArgs {
+    /// The guest and the migration.
+    #[command(flatten)]
+    pub scenario: ScenarioArgs,
+    /// Migrations to run
+    #[arg(long, value_name = "N", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
+    pub runs: u32,
+    /// Also compare both ends after each run
+    #[arg(long)]
+    pub verify: bool,
+    /// One JSON object per run, then the medians
+    #[arg(long)]
+    pub json: bool,
+}
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
@@ -36,39 +30,19 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 /// Runs the benchmark; returns the exit status.
-pub fn main(args: &[String]) -> i32 {
-    if args.iter().any(|a| a == "-h" || a == "--help") {
-        print!("{HELP}");
-        return 0;
+pub fn main(args: BenchArgs) -> i32 {
+    match bench(args) {
+        Ok(status) => status,
+        Err(closed) => closed.status(),
     }
-    let mut sc = Scenario::default();
-    let mut runs = 3usize;
-    let mut json_out = false;
-    let mut verify = false;
-    let r = parse_common(args, &mut sc, &mut |opt, next| match opt {
-        "--runs" => {
-            runs = next
-                .and_then(|v| v.parse().ok())
-                .ok_or_else(|| "--runs: a number".to_string())?;
-            Ok(Some(1))
-        }
-        "--json" => {
-            json_out = true;
-            Ok(Some(0))
-        }
-        "--verify" => {
-            verify = true;
-            Ok(Some(0))
-        }
-        _ => Ok(None),
-    });
-    if let Err(e) = r {
-        eprintln!("livemig bench: {e}\n\n{HELP}");
-        return 2;
-    }
+}
+
+fn bench(args: BenchArgs) -> Result<i32, Closed> {
+    let mut sc = args.scenario.apply(Scenario::default());
+    let (runs, json_out, verify) = (args.runs, args.json, args.verify);
     sc.verify = verify;
     if !json_out {
-        println!(
+        outln!(
             "livemig bench: {}{} RAM, {} filled, hot set {}, dirty-rate {}/s, {} vCPU(s), disk {}, {:?}{}, {} run(s)",
             match (sc.postcopy, sc.preempt) {
                 (true, true) => "postcopy+preempt, ",
@@ -84,11 +58,16 @@ pub fn main(args: &[String]) -> i32 {
             sc.transport,
             if sc.dst_prealloc { ", destination -mem-prealloc" } else { "" },
             runs
-        );
-        println!(
+        )?;
+        outln!(
             "{:>4} {:>10} {:>10} {:>10} {:>12} {:>7}",
-            "run", "total ms", "downtime", "setup ms", "GB/s", "passes"
-        );
+            "run",
+            "total ms",
+            "downtime",
+            "setup ms",
+            "GB/s",
+            "passes"
+        )?;
     }
     let mut outcomes: Vec<Outcome> = Vec::new();
     for i in 0..runs {
@@ -100,18 +79,18 @@ pub fn main(args: &[String]) -> i32 {
                         i + 1,
                         o.checks
                     );
-                    return 1;
+                    return Ok(1);
                 }
                 if json_out {
-                    println!(
+                    outln!(
                         "{}",
                         json!({"run": i + 1, "total-ms": o.total_ms, "downtime-ms": o.downtime_ms,
                                "setup-ms": o.setup_ms, "transferred": o.transferred,
                                "throughput-bytes-per-s": o.throughput(), "passes": o.passes,
                                "postcopy": o.postcopy})
-                    );
+                    )?;
                 } else if let Some(p) = &o.postcopy {
-                    println!(
+                    outln!(
                         "{:>4} {:>10} {:>10} {:>10} {:>12.2} {:>7}   requests {} ({} in flight) latency p50 {} us p99 {} us, blocktime {:.2} ms (vCPUs {:?} us)",
                         i + 1,
                         o.total_ms,
@@ -128,9 +107,9 @@ pub fn main(args: &[String]) -> i32 {
                             .as_array()
                             .map(|a| a.iter().map(|v| v.as_u64().unwrap_or(0) / 1000).collect::<Vec<_>>())
                             .unwrap_or_default(),
-                    );
+                    )?;
                 } else {
-                    println!(
+                    outln!(
                         "{:>4} {:>10} {:>10} {:>10} {:>12.2} {:>7}",
                         i + 1,
                         o.total_ms,
@@ -138,13 +117,13 @@ pub fn main(args: &[String]) -> i32 {
                         o.setup_ms,
                         o.throughput() / 1e9,
                         o.passes
-                    );
+                    )?;
                 }
                 outcomes.push(o);
             }
             Err(e) => {
                 eprintln!("livemig bench: run {} failed: {e}", i + 1);
-                return 1;
+                return Ok(1);
             }
         }
     }
@@ -160,23 +139,23 @@ pub fn main(args: &[String]) -> i32 {
         )
     };
     if sc.postcopy && !json_out {
-        println!(
+        outln!(
             "median postcopy: latency p50 {:.0} us, p99 {:.0} us, blocktime {:.2} ms",
             pc("latency-median-us"),
             pc("latency-p99-us"),
             pc("blocktime-ns") / 1e6
-        );
+        )?;
     }
     if json_out {
-        println!(
+        outln!(
             "{}",
             json!({"median": {"total-ms": total, "downtime-ms": down, "throughput-bytes-per-s": tput}})
-        );
+        )?;
     } else {
-        println!(
+        outln!(
             "median: total {total:.0} ms, downtime {down:.0} ms, throughput {:.2} GB/s",
             tput / 1e9
-        );
+        )?;
     }
-    0
+    Ok(0)
 }

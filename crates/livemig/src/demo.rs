@@ -3,99 +3,30 @@
 //! state are identical at the stop point, and the guest carries on at the destination. Exit
 //! status 0 only when everything was verified.
 
-use crate::cli::parse_size;
+use crate::opts::ScenarioArgs;
+use crate::out::{out, outln, Closed};
 use crate::scenario::{run, size, Scenario, Transport};
 use serde_json::Value;
-use std::io::{IsTerminal, Write};
+use std::io::IsTerminal;
 
-const HELP: &str = "\
-usage: livemig demo [options]
-  --ram SIZE             guest RAM (default 1G)
-  --vcpus N              vCPUs running the workload (default 1)
-  --fill SIZE            RAM the guest fills before the migration (default: all of it)
-  --hot SIZE             RAM the guest keeps rewriting during the migration (default 64M)
-  --dirty-rate SIZE      cap on the guest's dirtying, bytes/s (default 256M; 0: none)
-  --disk SIZE            a null-co disk with a dirty bitmap the guest writes to (default 1G;
-                         0: none)
-  --transport tcp|unix   (default tcp)
-  --downtime-limit MS    (default 300)
-  --mem-prealloc         start the destination with -mem-prealloc (the default)
-  --no-mem-prealloc      let the destination fault its RAM in while the migration loads it
-  --postcopy             switch to postcopy at once; the destination's guest runs and pulls
-                         the pages it touches (RAM verified page by page afterwards)
-  --preempt              with --postcopy: postcopy-preempt (requested pages on a channel of
-                         their own)
-";
-
-/// A caller's handler for its own options: given one and the argument after it, it returns
-/// how many values it consumed (0 or 1), or `None` for an option it does not know.
-pub type ExtraOptions<'a> = dyn FnMut(&str, Option<&String>) -> Result<Option<usize>, String> + 'a;
-
-/// Parses the options shared with `bench`, starting from `sc`. `extra` handles the caller's
-/// own options: given one and the argument after it, it returns how many values it consumed
-/// (0 or 1), or `None` for an option it does not know.
-pub fn parse_common(
-    args: &[String],
-    sc: &mut Scenario,
-    extra: &mut ExtraOptions,
-) -> Result<(), String> {
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        let mut val = |name: &str| {
-            it.next()
-                .cloned()
-                .ok_or_else(|| format!("{name} needs a value"))
-        };
-        match a.as_str() {
-            "--ram" => sc.ram = parse_size(&val(a)?, 1 << 20)?,
-            "--vcpus" => {
-                sc.vcpus = val(a)?
-                    .parse()
-                    .map_err(|_| "--vcpus: a number".to_string())?
-            }
-            "--fill" => sc.fill = parse_size(&val(a)?, 1)?,
-            "--hot" => sc.hot = parse_size(&val(a)?, 1)?,
-            "--dirty-rate" => sc.dirty_rate = parse_size(&val(a)?, 1)?,
-            "--disk" => sc.disk = parse_size(&val(a)?, 1 << 20)?,
-            "--transport" => {
-                sc.transport = match val(a)?.as_str() {
-                    "tcp" => Transport::Tcp,
-                    "unix" => Transport::Unix,
-                    t => return Err(format!("--transport: tcp or unix, not '{t}'")),
-                }
-            }
-            "--downtime-limit" => {
-                sc.downtime_limit_ms = val(a)?
-                    .parse()
-                    .map_err(|_| "--downtime-limit: milliseconds".to_string())?
-            }
-            "--postcopy" => sc.postcopy = true,
-            "--preempt" => sc.preempt = true,
-            "--mem-prealloc" => sc.dst_prealloc = true,
-            "--no-mem-prealloc" => sc.dst_prealloc = false,
-            other => match extra(other, it.clone().next())? {
-                Some(consumed) => {
-                    for _ in 0..consumed {
-                        it.next();
-                    }
-                }
-                None => return Err(format!("unknown option '{other}'")),
-            },
-        }
-    }
-    if sc.fill > sc.ram {
-        sc.fill = sc.ram;
-    }
-    Ok(())
+/// `livemig demo`'s options.
+#[derive(Debug, Clone, clap::Args)]
+pub struct DemoArgs {
+    /// The guest and the migration.
+    #[command(flatten)]
+    pub scenario: ScenarioArgs,
 }
 
 /// Runs the demo; returns the exit status.
-pub fn main(args: &[String]) -> i32 {
-    if args.iter().any(|a| a == "-h" || a == "--help") {
-        print!("{HELP}");
-        return 0;
+pub fn main(args: DemoArgs) -> i32 {
+    match demo(args) {
+        Ok(status) => status,
+        Err(closed) => closed.status(),
     }
-    let mut sc = Scenario {
+}
+
+fn demo(args: DemoArgs) -> Result<i32, Closed> {
+    let base = Scenario {
         hot: 64 << 20,
         dirty_rate: 256 << 20,
         disk: 1 << 30,
@@ -106,11 +37,8 @@ pub fn main(args: &[String]) -> i32 {
         dst_prealloc: true,
         ..Scenario::default()
     };
-    if let Err(e) = parse_common(args, &mut sc, &mut |_, _| Ok(None)) {
-        eprintln!("livemig demo: {e}\n\n{HELP}");
-        return 2;
-    }
-    println!(
+    let sc = args.scenario.apply(base);
+    outln!(
         "livemig demo: a {} guest ({} vCPU{}, {} filled, {} hot set rewritten at up to {}/s{})",
         size(sc.ram),
         sc.vcpus,
@@ -123,8 +51,8 @@ pub fn main(args: &[String]) -> i32 {
         } else {
             String::new()
         },
-    );
-    println!(
+    )?;
+    outln!(
         "migrating live over {} (downtime limit {} ms, no bandwidth cap){}",
         if sc.transport == Transport::Tcp {
             "loopback TCP"
@@ -137,8 +65,11 @@ pub fn main(args: &[String]) -> i32 {
         } else {
             ""
         }
-    );
+    )?;
     let tty = std::io::stdout().is_terminal();
+    // A reader that goes away during the migration stops the progress lines; the migration
+    // finishes and its VMs are stopped on the way out.
+    let mut closed: Option<Closed> = None;
     let mut last_line = std::time::Instant::now();
     let outcome = run(&sc, |q: &Value| {
         let total = q
@@ -174,52 +105,61 @@ pub fn main(args: &[String]) -> i32 {
             mbps / 8000.0,
             q["status"].as_str().unwrap_or("")
         );
-        if tty {
-            print!("\r{line}   ");
-            let _ = std::io::stdout().flush();
-        } else if last_line.elapsed().as_millis() >= 500 {
-            println!("{line}");
-            last_line = std::time::Instant::now();
+        if closed.is_some() {
+            return;
         }
+        let shown = if tty {
+            out!("\r{line}   ")
+        } else if last_line.elapsed().as_millis() >= 500 {
+            last_line = std::time::Instant::now();
+            outln!("{line}")
+        } else {
+            Ok(())
+        };
+        closed = shown.err();
     });
+    if let Some(c) = closed {
+        return Err(c);
+    }
     if tty {
-        println!();
+        outln!()?;
     }
     let o = match outcome {
         Ok(o) => o,
         Err(e) => {
             eprintln!("livemig demo: FAILED: {e}");
-            return 1;
+            return Ok(1);
         }
     };
-    println!("migration completed");
-    println!("  total time    {} ms", o.total_ms);
-    println!(
+    outln!("migration completed")?;
+    outln!("  total time    {} ms", o.total_ms)?;
+    outln!(
         "  downtime      {} ms (limit {} ms)",
-        o.downtime_ms, sc.downtime_limit_ms
-    );
-    println!("  setup         {} ms", o.setup_ms);
-    println!("  throughput    {:.2} GB/s", o.throughput() / 1e9);
-    println!(
+        o.downtime_ms,
+        sc.downtime_limit_ms
+    )?;
+    outln!("  setup         {} ms", o.setup_ms)?;
+    outln!("  throughput    {:.2} GB/s", o.throughput() / 1e9)?;
+    outln!(
         "  transferred   {} ({} normal pages, {} zero pages; {} while stopped)",
         size(o.transferred),
         o.normal,
         o.duplicate,
         size(o.downtime_bytes)
-    );
-    println!("  passes        {}", o.passes);
-    println!("verification at the stop point");
+    )?;
+    outln!("  passes        {}", o.passes)?;
+    outln!("verification at the stop point")?;
     for (what, detail, ok) in &o.checks {
-        println!(
+        outln!(
             "  {what:<16} {detail}  {}",
             if *ok { "OK" } else { "MISMATCH" }
-        );
+        )?;
     }
     if o.verified() {
-        println!("verified");
-        0
+        outln!("verified")?;
+        Ok(0)
     } else {
-        println!("NOT verified");
-        1
+        outln!("NOT verified")?;
+        Ok(1)
     }
 }

@@ -6,6 +6,9 @@
 //! livemig bench [options]             whole-migration figures
 //! livemig analyze FILE|- [--json]     decode a migration stream from QEMU or livemig
 //! ```
+//!
+//! `vm` takes QEMU's command-line syntax (`-M none -m 256M ...`, parsed in [`cli`]); the tools
+//! take ordinary long options (clap).
 
 mod analyze;
 mod bench;
@@ -14,56 +17,81 @@ mod client;
 mod demo;
 mod logger;
 mod monitor;
+mod opts;
+mod out;
 mod scenario;
 mod vmproc;
 
-const USAGE: &str = "\
-usage: livemig <command> [options]
+use clap::{Parser, Subcommand};
 
-commands:
-  vm [options]            run a VM controlled over QMP; options as QEMU's where they mean the same:
-                            -M none|livemig  -m SIZE  -smp N  -name NAME  -blockdev OPTS
-                            -qmp unix:PATH,server=on,wait=off  -incoming URI|defer  -S
-                            -serial file:PATH
-                            -workload fill=SIZE,hot=SIZE,dirty-rate=BYTES/S,disk=NODE,disk-every=N,seed=N
-  demo [options]          start two VMs, migrate a busy one over loopback TCP, verify, summarize
-                          (livemig demo --help for options)
-  bench [options]         measure whole migrations (livemig bench --help)
-  analyze FILE|- [--json] decode a migration stream (e.g. written with migrate exec:cat>FILE)
-";
+/// Live migration of virtual machines, speaking QEMU's migration stream and QMP.
+#[derive(Debug, Parser)]
+#[command(name = "livemig", version, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run a VM controlled over QMP, with QEMU's options (livemig vm -h lists them)
+    #[command(disable_help_flag = true)]
+    Vm {
+        /// QEMU-style options: -M none|livemig -m SIZE -blockdev ... -qmp ... -incoming ...
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        options: Vec<String>,
+    },
+    /// Start two VMs, migrate a busy one live over loopback TCP, verify both ends, summarize
+    Demo(demo::DemoArgs),
+    /// Measure whole migrations: total time, downtime, throughput (median of several runs)
+    Bench(bench::BenchArgs),
+    /// Decode a migration stream from QEMU or livemig (e.g. written with migrate exec:cat>FILE)
+    Analyze(analyze::AnalyzeArgs),
+}
 
 fn main() {
     logger::init();
-    let argv: Vec<String> = std::env::args().skip(1).collect();
-    let Some(cmd) = argv.first() else {
-        eprint!("{USAGE}");
-        std::process::exit(2);
+    let argv: Vec<String> = std::env::args().collect();
+    // `vm` keeps QEMU's syntax (`-M none`, `-m 256M`), which is not clap's; the tools are.
+    if argv.get(1).map(String::as_str) == Some("vm") {
+        std::process::exit(vm(argv.get(2..).unwrap_or_default()));
+    }
+    let cli = match Cli::try_parse_from(&argv) {
+        Ok(cli) => cli,
+        Err(e) => {
+            // Help and version go to stdout (status 0), mistakes to stderr (status 2); a
+            // reader that went away is not worth a panic.
+            let _ = e.print();
+            std::process::exit(e.exit_code());
+        }
     };
-    let rest = &argv[1..];
-    let code = match cmd.as_str() {
-        "vm" => match cli::parse_vm_args(rest).and_then(vmproc::run) {
-            Ok(()) => 0,
-            Err(e) => {
-                eprintln!("livemig vm: {e}");
-                1
-            }
-        },
-        "demo" => demo::main(rest),
-        "bench" => bench::main(rest),
-        "analyze" => analyze::main(rest),
-        "-h" | "--help" | "help" => {
-            print!("{USAGE}");
-            0
-        }
-        "-V" | "--version" => {
-            println!("livemig {}", env!("CARGO_PKG_VERSION"));
-            0
-        }
-        other => {
-            eprintln!("livemig: unknown command '{other}'\n");
-            eprint!("{USAGE}");
-            2
-        }
+    let code = match cli.command {
+        Command::Vm { options } => vm(&options),
+        Command::Demo(a) => demo::main(a),
+        Command::Bench(a) => bench::main(a),
+        Command::Analyze(a) => analyze::main(a),
     };
     std::process::exit(code);
+}
+
+/// `livemig vm`: returns the exit status of a VM that could not start (one that starts exits
+/// from `quit` or a termination signal).
+fn vm(options: &[String]) -> i32 {
+    if options
+        .iter()
+        .any(|o| matches!(o.as_str(), "-h" | "-help" | "--help"))
+    {
+        return match out::write(format_args!("{}", cli::VM_HELP)) {
+            Ok(()) => 0,
+            Err(closed) => closed.status(),
+        };
+    }
+    match cli::parse_vm_args(options).and_then(vmproc::run) {
+        Ok(()) => 0,
+        Err(e) => {
+            // Printed whatever LIVEMIG_LOG says: the VM did not start.
+            eprintln!("livemig: {e}");
+            1
+        }
+    }
 }

@@ -75,7 +75,8 @@ impl migration::events::EventSink for QmpEvents {
 /// configuration, as QEMU does before it starts.
 pub fn run(args: VmArgs) -> Result<(), String> {
     if args.device_help {
-        print!("{}", crate::cli::DEVICE_HELP);
+        // A reader that went away early (`| head`) is no error.
+        let _ = crate::out::write(format_args!("{}", crate::cli::DEVICE_HELP));
         return Ok(());
     }
     // Before any thread starts, so that every thread inherits the mask and only the signal
@@ -97,6 +98,13 @@ pub fn run(args: VmArgs) -> Result<(), String> {
             objects.object_add_cmdline(spec)
         };
         added.map_err(|e| format!("-object {spec}: {}", e.desc))?;
+    }
+    // `-name process=`: the main thread's name is the process's (`/proc/PID/comm`), as QEMU
+    // sets it.
+    if let Some(p) = &args.process_name {
+        let name = std::ffi::CString::new(p.as_str())
+            .map_err(|_| format!("-name process={p}: the name holds a NUL byte"))?;
+        nix::sys::prctl::set_name(&name).map_err(|e| format!("-name process={p}: {e}"))?;
     }
     // Drivers from other crates, before any -blockdev can name them.
     nbd::register_driver();
@@ -132,7 +140,7 @@ pub fn run(args: VmArgs) -> Result<(), String> {
     let sink: Arc<dyn migration::events::EventSink> = Arc::new(QmpEvents(events.clone()));
 
     let config = VmConfig {
-        name: args.name.clone(),
+        name: args.name.clone().unwrap_or_default(),
         machine: args.machine,
         ram_size: args.ram_size,
         vcpus: args.vcpus,
@@ -181,6 +189,7 @@ pub fn run(args: VmArgs) -> Result<(), String> {
             .map_err(|e| format!("cannot start the signal thread: {e}"))?;
     }
     monitor.set_app(Arc::new(App {
+        name: args.name.clone(),
         vm: vm.clone(),
         mig,
         block,

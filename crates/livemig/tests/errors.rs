@@ -195,3 +195,63 @@ fn destination_killed_mid_migration_fails_the_source_cleanly() {
     );
     eprintln!("error-desc after the destination died: {desc}");
 }
+
+/// A bitmap whose name is too long for the stream fails the migration, and, as QEMU 7.2
+/// `error_report`s it, the reason reaches the process's stderr in QEMU's words.
+#[test]
+fn a_bitmap_name_too_long_to_migrate_is_reported_on_stderr() {
+    let dir = tempdir();
+    let long = "b".repeat(256);
+    let expected =
+        format!("Cannot migrate bitmap '{long}' on node 'd0': Name is longer than 255 bytes");
+    let mut vm = Lm::start(
+        dir.path(),
+        "src",
+        &["-M", "none", "-m", "16M", "-blockdev", DISK],
+    );
+    vm.ok(
+        "block-dirty-bitmap-add",
+        json!({"node": "d0", "name": long}),
+    );
+    vm.caps_on(&["dirty-bitmaps"]);
+    vm.migrate("exec:cat > /dev/null");
+    let r = vm.wait_migration(&["completed", "failed", "cancelled"]);
+    assert_eq!(r["status"], "failed", "{r}");
+    assert_eq!(vm.status(), "running", "the guest runs on");
+    let log = vm.proc.log();
+    assert!(
+        log.lines().any(|l| l == format!("livemig: {expected}")),
+        "stderr:\n{log}"
+    );
+
+    // QEMU 7.2 says the same on its stderr.
+    if !testkit::require(
+        "a_bitmap_name_too_long_to_migrate_is_reported_on_stderr (QEMU)",
+        testkit::qemu(),
+    ) {
+        return;
+    }
+    let args: Vec<String> = ["-m", "16M", "-blockdev", DISK]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let qp = testkit::VmProcess::qemu_none(dir.path(), "qemu", &args).expect("spawn qemu");
+    let mut q = qp.qmp();
+    q.ok(
+        "block-dirty-bitmap-add",
+        json!({"node": "d0", "name": long}),
+    );
+    q.ok(
+        "migrate-set-capabilities",
+        json!({"capabilities": [{"capability": "dirty-bitmaps", "state": true}]}),
+    );
+    q.ok("migrate", json!({"uri": "exec:cat > /dev/null"}));
+    let r = q.wait_migration(&["completed", "failed", "cancelled"], TIMEOUT);
+    assert_eq!(r["status"], "failed", "{r}");
+    let log = qp.log();
+    assert!(
+        log.lines()
+            .any(|l| l == format!("qemu-system-x86_64: {expected}")),
+        "QEMU's stderr:\n{log}"
+    );
+}

@@ -145,6 +145,44 @@ fn info_commands_read_as_in_qemu() {
     }
 }
 
+/// `info migrate_parameters` (QEMU's iotest 300 reads it): QEMU 7.2's lines, units and order,
+/// before and after `migrate-set-parameters` (null TLS names, a `block-bitmap-mapping`), and
+/// its reply to extra words.
+#[test]
+fn info_migrate_parameters_reads_as_in_qemu() {
+    if !testkit::require("info_migrate_parameters_reads_as_in_qemu", testkit::qemu()) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (mut qp, mut q) = qemu(dir.path(), &[]);
+    let (mut lp, mut l) = livemig(dir.path(), &[]);
+    same(&mut q, &mut l, "info migrate_parameters");
+    same(&mut q, &mut l, "info migrate_parameters extra");
+    let params = json!({
+        "downtime-limit": 1234, "max-bandwidth": 1048576, "tls-creds": "creds0",
+        "tls-hostname": null, "announce-rounds": 7, "block-incremental": true,
+        "xbzrle-cache-size": 8388608, "multifd-compression": "zlib",
+        "block-bitmap-mapping": [
+            {"node-name": "n0", "alias": "a0", "bitmaps": [
+                {"name": "b0", "alias": "x0", "transform": {"persistent": true}},
+                {"name": "b1", "alias": "x1"}]},
+            {"node-name": "n1", "alias": "a1", "bitmaps": []}
+        ]
+    });
+    q.ok("migrate-set-parameters", params.clone());
+    l.ok("migrate-set-parameters", params);
+    same(&mut q, &mut l, "info migrate_parameters");
+    assert!(
+        hmp(&mut l, "info migrate_parameters")
+            .contains("block-bitmap-mapping:\r\n  'n0' -> 'a0'\r\n    'b0' -> 'x0'\r\n"),
+        "the mapping is listed"
+    );
+    for (p, mut c) in [(&mut qp, q), (&mut lp, l)] {
+        let _ = c.execute("quit", json!({}));
+        assert!(p.wait_exit(TIMEOUT).is_some());
+    }
+}
+
 /// A destination started with `-incoming tcp:127.0.0.1:0` reports the port it bound, in
 /// QEMU's shape (the port is a string, the address family a flag), so a management tool can
 /// let the destination choose its port.

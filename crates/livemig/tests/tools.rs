@@ -320,7 +320,56 @@ fn bench_reports_each_run_and_the_medians() {
     let (code, _, err) = run_livemig(&["bench", "--transport", "pigeon"]);
     assert_eq!(code, 2);
     assert!(
-        err.contains("--transport: tcp or unix, not 'pigeon'"),
+        err.contains("invalid value 'pigeon' for '--transport <KIND>'")
+            && err.contains("[possible values: tcp, unix]"),
         "{err}"
     );
+}
+
+/// A reader that stops reading (`livemig bench --json | head -1`) ends every tool quietly:
+/// exit status 0, nothing on stderr (no panic about a broken pipe), and no VM process left
+/// behind.
+#[test]
+fn tools_end_quietly_when_their_reader_goes_away() {
+    use std::io::{BufRead, BufReader, Read};
+    use std::process::Stdio;
+    let cases: [&[&str]; 3] = [
+        &["bench", "--ram", "16M", "--runs", "3", "--json"],
+        &["bench", "--ram", "16M", "--runs", "3"],
+        &["demo", "--ram", "16M", "--hot", "1M", "--disk", "0"],
+    ];
+    for args in cases {
+        let mut child = Command::new(livemig())
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run livemig");
+        let mut out = BufReader::new(child.stdout.take().expect("stdout"));
+        let mut first = String::new();
+        out.read_line(&mut first).expect("the first line");
+        assert!(!first.is_empty(), "{args:?}: no first line");
+        drop(out); // `| head -1` is done
+        let mut err = String::new();
+        child
+            .stderr
+            .take()
+            .expect("stderr")
+            .read_to_string(&mut err)
+            .expect("stderr");
+        let pid = child.id();
+        let status = child.wait().expect("wait");
+        assert!(status.success(), "{args:?}: {status}; stderr:\n{err}");
+        assert!(err.is_empty(), "{args:?}: stderr:\n{err}");
+        // Its VMs ran in a directory named after it; none may outlive it.
+        let marker = format!("livemig-{pid}-");
+        let left: Vec<String> = std::fs::read_dir("/proc")
+            .expect("/proc")
+            .flatten()
+            .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+            .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+            .filter(|c| c.contains(&marker))
+            .collect();
+        assert!(left.is_empty(), "{args:?}: VMs left running: {left:?}");
+    }
 }

@@ -140,10 +140,13 @@ impl BitmapSaver {
                         )));
                     }
                     if node_alias.is_none() && name.len() > 255 {
-                        return Err(MigrationError::Other(format!(
+                        let msg = format!(
                             "Cannot migrate bitmap '{name}' on node '{}': Name is longer than 255 bytes",
                             node.name()
-                        )));
+                        );
+                        // QEMU 7.2 error_report()s this one: it reaches stderr too.
+                        log::error!("{msg}");
+                        return Err(MigrationError::Other(msg));
                     }
                     bm.check(BitmapCheck::DEFAULT)?;
                     let mut flags = 0;

@@ -1,5 +1,5 @@
 //! The human monitor (`human-monitor-command`): the HMP commands tests and people use, with
-//! QEMU 7.2's output byte for byte (`info status`, `info migrate`,
+//! QEMU 7.2's output byte for byte (`info status`, `info name`, `info migrate`,
 //! `info migrate_capabilities`, `info migrate_parameters`, `qemu-io`) and its replies to
 //! mistakes.
 
@@ -60,8 +60,15 @@ fn hmp(app: &App, line: &str) -> String {
             .mig
             .capabilities()
             .into_iter()
-            .map(|(c, s)| format!("{c}: {}\r\n", if s { "on" } else { "off" }))
+            .map(|(c, s)| format!("{c}: {}\r\n", on_off(s)))
             .collect(),
+        ["info", "migrate_parameters"] => info_migrate_parameters(&app.mig.parameters()),
+        // QEMU prints nothing for a VM without a name.
+        ["info", "name"] => app
+            .name
+            .as_ref()
+            .map(|n| format!("{n}\r\n"))
+            .unwrap_or_default(),
         ["qemu-io", rest @ ..] => {
             let mut rest: Vec<&str> = rest.to_vec();
             while rest.first().is_some_and(|a| *a == "-d" || *a == "-q") {
@@ -96,6 +103,8 @@ const INFO_HELP: &[(&str, &str)] = &[
         "migrate_capabilities",
         "show current migration capabilities",
     ),
+    ("migrate_parameters", "show current migration parameters"),
+    ("name", "show the current VM name"),
     ("status", "show the current VM status (running|paused)"),
 ];
 
@@ -127,6 +136,96 @@ fn split_hmp(line: &str) -> Vec<String> {
         words.push(cur);
     }
     words
+}
+
+/// How `info migrate_parameters` prints one parameter (QEMU 7.2's
+/// `hmp_info_migrate_parameters`).
+#[derive(Clone, Copy)]
+enum Shown {
+    /// A number, then a unit if any.
+    Num(&'static str),
+    /// `on` / `off`.
+    OnOff,
+    /// A string in single quotes.
+    Quoted,
+    /// A string as it is.
+    Plain,
+}
+
+/// The parameters `info migrate_parameters` lists, in QEMU 7.2's order (not the order of
+/// `query-migrate-parameters`); the multifd compression levels are not shown, as in QEMU.
+const PARAMETER_LINES: &[(&str, Shown)] = &[
+    ("announce-initial", Shown::Num(" ms")),
+    ("announce-max", Shown::Num(" ms")),
+    ("announce-rounds", Shown::Num("")),
+    ("announce-step", Shown::Num(" ms")),
+    ("compress-level", Shown::Num("")),
+    ("compress-threads", Shown::Num("")),
+    ("compress-wait-thread", Shown::OnOff),
+    ("decompress-threads", Shown::Num("")),
+    ("throttle-trigger-threshold", Shown::Num("")),
+    ("cpu-throttle-initial", Shown::Num("")),
+    ("cpu-throttle-increment", Shown::Num("")),
+    ("cpu-throttle-tailslow", Shown::OnOff),
+    ("max-cpu-throttle", Shown::Num("")),
+    ("tls-creds", Shown::Quoted),
+    ("tls-hostname", Shown::Quoted),
+    ("max-bandwidth", Shown::Num(" bytes/second")),
+    ("downtime-limit", Shown::Num(" ms")),
+    ("x-checkpoint-delay", Shown::Num(" ms")),
+    ("block-incremental", Shown::OnOff),
+    ("multifd-channels", Shown::Num("")),
+    ("multifd-compression", Shown::Plain),
+    ("xbzrle-cache-size", Shown::Num(" bytes")),
+    ("max-postcopy-bandwidth", Shown::Num("")),
+    ("tls-authz", Shown::Quoted),
+];
+
+/// `info migrate_parameters`, from `query-migrate-parameters`' value.
+fn info_migrate_parameters(p: &Value) -> String {
+    let mut s = String::new();
+    for (name, shown) in PARAMETER_LINES {
+        let v = p.get(*name);
+        let text = match shown {
+            Shown::Num(unit) => format!("{}{unit}", v.and_then(Value::as_u64).unwrap_or(0)),
+            Shown::OnOff => on_off(v.and_then(Value::as_bool).unwrap_or(false)).to_string(),
+            Shown::Quoted => format!("'{}'", v.and_then(Value::as_str).unwrap_or("")),
+            Shown::Plain => v.and_then(Value::as_str).unwrap_or("").to_string(),
+        };
+        s.push_str(&format!("{name}: {text}\r\n"));
+    }
+    if let Some(nodes) = p.get("block-bitmap-mapping").and_then(Value::as_array) {
+        s.push_str("block-bitmap-mapping:\r\n");
+        let text = |v: &Value, k: &str| v.get(k).and_then(Value::as_str).unwrap_or("").to_string();
+        for n in nodes {
+            s.push_str(&format!(
+                "  '{}' -> '{}'\r\n",
+                text(n, "node-name"),
+                text(n, "alias")
+            ));
+            for b in n
+                .get("bitmaps")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+            {
+                s.push_str(&format!(
+                    "    '{}' -> '{}'\r\n",
+                    text(b, "name"),
+                    text(b, "alias")
+                ));
+            }
+        }
+    }
+    s
+}
+
+fn on_off(b: bool) -> &'static str {
+    if b {
+        "on"
+    } else {
+        "off"
+    }
 }
 
 fn info_migrate(q: &Value) -> String {

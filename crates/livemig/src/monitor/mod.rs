@@ -2,7 +2,7 @@
 //!
 //! | set | commands | where |
 //! |---|---|---|
-//! | VM and run control | `query-status`, `query-kvm`, `stop`, `cont`, `quit`, `pmemsave` | [`run`] |
+//! | VM and run control | `query-status`, `query-name`, `query-kvm`, `stop`, `cont`, `quit`, `pmemsave` | [`run`] |
 //! | migration | `migrate*`, `query-migrate*` | `migration::qmp` |
 //! | block layer | `blockdev-*`, `block-dirty-bitmap-*`, `query-block`, ... | `block::qmp` |
 //! | NBD server | `nbd-server-*`, `block-export-*`, `query-block-exports` | `nbd::qmp` |
@@ -27,6 +27,8 @@ use std::sync::{Arc, OnceLock};
 
 /// Everything the monitor drives.
 pub struct App {
+    /// `-name guest=`, what `query-name` reports.
+    pub name: Option<String>,
     /// The reference VM.
     pub vm: Arc<vm::Vm>,
     /// Its migration subsystem.

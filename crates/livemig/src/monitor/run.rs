@@ -1,5 +1,5 @@
-//! The VM's own commands: run control (`query-status`, `stop`, `cont`, `quit`), `query-kvm`
-//! and `pmemsave`,
+//! The VM's own commands: run control (`query-status`, `stop`, `cont`, `quit`),
+//! `query-name`, `query-kvm` and `pmemsave`,
 //! with QEMU 7.2's semantics and messages.
 
 use super::App;
@@ -12,6 +12,7 @@ use std::sync::Arc;
 /// The commands of [`VmCommands`].
 pub const COMMANDS: &[&str] = &[
     "query-status",
+    "query-name",
     "query-kvm",
     "stop",
     "cont",
@@ -51,6 +52,14 @@ impl CommandSet for VmCommands {
             "query-kvm" => {
                 a.finish()?;
                 Ok(Reply::new(app.vm.query_kvm()))
+            }
+            "query-name" => {
+                a.finish()?;
+                // QEMU's NameInfo: `name` only when `-name` gave one.
+                Ok(Reply::new(match &app.name {
+                    Some(n) => json!({ "name": n }),
+                    None => json!({}),
+                }))
             }
             "stop" => {
                 a.finish()?;
