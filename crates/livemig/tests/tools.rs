@@ -324,6 +324,15 @@ fn bench_reports_each_run_and_the_medians() {
             && err.contains("[possible values: tcp, unix]"),
         "{err}"
     );
+
+    // --preempt means something only with --postcopy: alone it is refused, not ignored.
+    let (code, _, err) = run_livemig(&["bench", "--preempt"]);
+    assert_eq!(code, 2);
+    assert!(
+        err.contains("the following required arguments were not provided")
+            && err.contains("--postcopy"),
+        "{err}"
+    );
 }
 
 /// A reader that stops reading (`livemig bench --json | head -1`) ends every tool quietly:
