@@ -4,9 +4,11 @@
 //! that verifies page by page, vCPUs that carry on.
 
 mod common;
+#[allow(dead_code)] // the fault matrix uses the rest
+mod faults;
 
 use common::*;
-use serde_json::json;
+use serde_json::{json, Value};
 
 const CAPS: &[&str] = &["events", "postcopy-ram"];
 
@@ -147,7 +149,7 @@ fn in_postcopy(dir: &std::path::Path, uri: &str) -> (Lm, Lm) {
 }
 
 #[test]
-fn a_destination_killed_in_postcopy_leaves_the_source_stopped_and_serving() {
+fn a_destination_killed_in_postcopy_leaves_the_source_paused_and_serving() {
     let dir = tempdir();
     let uri = unix_uri(dir.path(), "mig.sock");
     let (mut src, mut dst) = in_postcopy(dir.path(), &uri);
@@ -156,25 +158,54 @@ fn a_destination_killed_in_postcopy_leaves_the_source_stopped_and_serving() {
         "Postcopy migration in progress, cannot cancel.",
     );
     let _ = dst.proc.child.kill();
-    let r = src.wait_migration(&["failed", "completed"]);
-    assert_eq!(r["status"], "failed", "{r}");
+    // The source keeps its half of the guest's RAM and says what a retry can do.
+    let r = src.wait_migration(&["postcopy-paused", "failed", "completed"]);
+    assert_eq!(r["status"], "postcopy-paused", "{r}");
     let desc = r["error-desc"].as_str().unwrap_or_default();
     assert!(
-        desc.contains("the guest stays stopped here"),
-        "the error says what a retry cannot do: {r}"
+        desc.contains("same destination process") && desc.contains("a new destination cannot"),
+        "the error says what a retry can and cannot do: {r}"
     );
-    // The guest ran on the destination: the source must not resume it.
-    assert_eq!(src.status(), "paused");
+    // The guest ran on the destination: the source must not resume it (it stays in
+    // finish-migrate, as QEMU's does during postcopy).
+    assert_eq!(src.status(), "finish-migrate");
+    // A resume towards nothing fails and leaves it paused, still serving.
+    src.ok(
+        "migrate",
+        json!({"uri": unix_uri(dir.path(), "nobody.sock"), "resume": true}),
+    );
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    loop {
+        let r = src.ok("query-migrate", json!({}));
+        assert_eq!(r["status"], "postcopy-paused", "{r}");
+        if r["error-desc"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("resume failed")
+        {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{r}");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert!(src.proc.alive());
 }
 
 #[test]
-fn a_source_killed_in_postcopy_leaves_the_destination_serving() {
+fn a_source_killed_in_postcopy_leaves_the_destination_paused_and_serving() {
     let dir = tempdir();
     let uri = unix_uri(dir.path(), "mig.sock");
     let (mut src, mut dst) = in_postcopy(dir.path(), &uri);
     let _ = src.proc.child.kill();
-    let r = dst.wait_migration(&["failed", "completed"]);
-    assert_eq!(r["status"], "failed", "{r}");
+    let r = dst.wait_migration(&["postcopy-paused", "failed", "completed"]);
+    assert_eq!(r["status"], "postcopy-paused", "{r}");
+    assert!(
+        r["error-desc"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("migrate-recover"),
+        "{r}"
+    );
     // No abort: the process answers, its guest is where the switch put it.
     assert_eq!(dst.status(), "running");
     assert!(dst.proc.alive());
@@ -247,4 +278,121 @@ fn preempt_over_tcp() {
         |dst| format!("tcp:127.0.0.1:{}", dst.incoming_port()),
         "tcp:127.0.0.1:0",
     );
+}
+
+/// Waits until `lm`'s migration is `postcopy-paused` and returns its `query-migrate`.
+fn paused(lm: &mut Lm) -> Value {
+    let q = lm.wait_migration(&["postcopy-paused", "failed", "completed"]);
+    assert_eq!(q["status"], "postcopy-paused", "{}: {q}", lm.name);
+    q
+}
+
+/// `migrate-recover` on the destination, `migrate ... resume=true` on the source, and both
+/// back to `postcopy-active`.
+fn recover(src: &mut Lm, dst: &mut Lm, uri: &str) {
+    dst.ok("migrate-recover", json!({ "uri": uri }));
+    src.ok("migrate", json!({ "uri": uri, "resume": true }));
+    src.wait_migration(&["postcopy-active", "completed"]);
+    dst.wait_migration(&["postcopy-active", "completed"]);
+}
+
+/// Recovery (issue 10): a cut link, `migrate-pause` on the source and on the destination —
+/// each pauses both ends with everything kept, the destination's guest still runs, and each
+/// recovers; RAM verifies at the end.
+fn cuts_recover(preempt: bool) {
+    let dir = tempdir();
+    let target = dir.path().join("mig.sock");
+    let relay_path = dir.path().join("relay.sock");
+    let relay = faults::Relay::start(&relay_path, &target);
+    let mut a = GUEST.to_vec();
+    let incoming = format!("unix:{}", target.display());
+    a.extend(["-incoming", &incoming]);
+    let mut dst = Lm::start(dir.path(), "dst", &a);
+    dst.caps_on(CAPS);
+    let mut src = slow_source(dir.path());
+    if preempt {
+        src.caps_on(&["postcopy-preempt"]);
+        dst.caps_on(&["postcopy-preempt"]);
+    }
+    src.set_params(json!({"max-postcopy-bandwidth": 1 << 20}));
+    assert_eq!(
+        dst.err("migrate-recover", json!({"uri": "unix:/nonexistent/x"})),
+        "Migrate recover can only be run when postcopy is paused."
+    );
+    src.migrate(&format!("unix:{}", relay_path.display()));
+    src.wait_migration(&["active"]);
+    src.ok("migrate-start-postcopy", json!({}));
+    src.wait_migration(&["postcopy-active"]);
+    dst.wait_migration(&["postcopy-active"]);
+    assert_eq!(
+        src.err(
+            "migrate",
+            json!({"uri": "unix:/nonexistent/x", "resume": true})
+        ),
+        "Cannot resume if there is no paused migration"
+    );
+
+    // 1. The network goes away.
+    relay.cut();
+    let q = paused(&mut src);
+    assert!(
+        q["error-desc"].as_str().unwrap_or("").contains("resume"),
+        "the source says how to resume: {q}"
+    );
+    let q = paused(&mut dst);
+    assert!(q["error-desc"].as_str().is_some(), "{q}");
+    assert_eq!(
+        dst.err("migrate-pause", json!({})),
+        "migrate-pause is currently only supported during postcopy-active state"
+    );
+    assert_eq!(
+        src.err("migrate_cancel", json!({})),
+        "Postcopy migration in progress, cannot cancel."
+    );
+    // The destination's guest runs on the pages it has.
+    assert_eq!(dst.status(), "running");
+    let uri = |n: &str| format!("unix:{}", dir.path().join(n).display());
+    recover(&mut src, &mut dst, &uri("rec1.sock"));
+    let steps = dst.steps();
+    dst.wait_steps_beyond(&steps);
+
+    // 2. migrate-pause on the source.
+    src.ok("migrate-pause", json!({}));
+    paused(&mut src);
+    paused(&mut dst);
+    recover(&mut src, &mut dst, &uri("rec2.sock"));
+
+    // 3. migrate-pause on the destination.
+    dst.ok("migrate-pause", json!({}));
+    paused(&mut dst);
+    paused(&mut src);
+    // A recovery URI that cannot be bound is refused, and a good one still works after it.
+    assert!(!dst
+        .err("migrate-recover", json!({"uri": "unix:/nonexistent/dir/x"}))
+        .is_empty());
+    recover(&mut src, &mut dst, &uri("rec3.sock"));
+
+    src.set_params(json!({"max-postcopy-bandwidth": 0}));
+    src.wait_completed();
+    dst.wait_completed();
+    let events = src.migration_events_until("completed");
+    assert_eq!(
+        events.iter().filter(|e| *e == "postcopy-recover").count(),
+        3,
+        "{events:?}"
+    );
+    dst.ok("stop", json!({}));
+    let v = dst.verify_ram();
+    assert_eq!(v["corrupt"], 0, "destination RAM: {v}");
+    assert!(v["valid"].as_u64().unwrap_or(0) >= FILL_PAGES, "{v}");
+}
+
+#[test]
+fn cuts_in_postcopy_pause_and_recover_repeatedly() {
+    cuts_recover(false);
+}
+
+#[test]
+fn cuts_in_postcopy_with_preempt_pause_and_recover_repeatedly() {
+    cuts_recover(true);
 }

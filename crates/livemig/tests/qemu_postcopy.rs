@@ -181,3 +181,129 @@ fn qemu_postcopy_preempt_chain_over_unix() {
 fn qemu_postcopy_preempt_chain_over_tcp() {
     chain("qemu_postcopy_preempt_chain_over_tcp", Transport::Tcp, true);
 }
+
+/// Waits until `q` is `postcopy-paused`.
+fn paused(q: &mut QmpClient, who: &str) {
+    let st = wait(q, &["postcopy-paused", "completed", "failed"]);
+    assert_eq!(st["status"], "postcopy-paused", "{who}: {st}");
+}
+
+/// `migrate-recover` on `dst`, `migrate ... resume=true` on `src`, both `postcopy-active`.
+fn recover(src: &mut QmpClient, dst: &mut QmpClient, uri: &str) {
+    dst.ok("migrate-recover", json!({ "uri": uri }));
+    src.ok("migrate", json!({ "uri": uri, "resume": true }));
+    let s = wait(src, &["postcopy-active", "completed", "failed"]);
+    assert_ne!(s["status"], "failed", "source after resume: {s}");
+    let d = wait(dst, &["postcopy-active", "completed", "failed"]);
+    assert_ne!(d["status"], "failed", "destination after resume: {d}");
+}
+
+/// One postcopy `src` → `dst` with two pauses — `migrate-pause` on the source, then on the
+/// destination — each recovered; then the destination's RAM is read (pulling pages). Returns both final `query-migrate` replies.
+fn postcopy_with_recoveries(
+    src: &mut QmpClient,
+    dst: &mut QmpClient,
+    uri: &str,
+    dir: &Path,
+    name: &str,
+) -> (Value, Value) {
+    src.ok(
+        "migrate-set-parameters",
+        json!({"max-bandwidth": 1 << 20, "max-postcopy-bandwidth": 1 << 20}),
+    );
+    src.ok("migrate", json!({ "uri": uri }));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while src.ok("query-migrate", json!({}))["ram"]["transferred"]
+        .as_u64()
+        .unwrap_or(0)
+        < 1 << 20
+    {
+        assert!(Instant::now() < deadline, "{name}: no progress");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    src.ok("migrate-start-postcopy", json!({}));
+    let d = wait(dst, &["postcopy-active", "completed", "failed"]);
+    assert_eq!(d["status"], "postcopy-active", "{name}: destination {d}");
+    let s = wait(src, &["postcopy-active", "completed", "failed"]);
+    assert_eq!(s["status"], "postcopy-active", "{name}: source {s}");
+    let rec = |n: u32| format!("unix:{}", dir.join(format!("{name}-rec{n}.sock")).display());
+
+    src.ok("migrate-pause", json!({}));
+    paused(src, "source");
+    paused(dst, "destination");
+    recover(src, dst, &rec(1));
+
+    dst.ok("migrate-pause", json!({}));
+    paused(dst, "destination");
+    paused(src, "source");
+    recover(src, dst, &rec(2));
+    // Reading all of RAM pulls every missing page through the recovered channels.
+    let _ = ram(dst, dir, &format!("{name}-after"));
+    src.ok(
+        "migrate-set-parameters",
+        json!({"max-postcopy-bandwidth": 1u64 << 30}),
+    );
+    let s = wait(src, &["completed", "failed", "cancelled"]);
+    let d = wait(dst, &["completed", "failed"]);
+    (s, d)
+}
+
+/// Recovery with QEMU 7.2 at either end (issue 10): QEMU → livemig paused from each end and
+/// recovered, then livemig → QEMU the same; RAM identical at every step.
+#[test]
+fn qemu_postcopy_recovery_both_ways() {
+    let Some(tmp) = setup("qemu_postcopy_recovery_both_ways") else {
+        return;
+    };
+    let dir = tmp.path();
+    let a_file = dir.join("a.bin");
+    let pat_a = pattern_file(&a_file, A_LEN, 23);
+
+    let qa = qemu(dir, "qa", &loader(&a_file, 0));
+    let mut qa_q = qa.qmp();
+    postcopy_caps(&mut qa_q, false);
+    let uri = Transport::Unix.uri(dir, "mig1");
+    let l1 = livemig(dir, "l1", &strings(&["-incoming", &uri]));
+    let mut l1_q = l1.qmp();
+    postcopy_caps(&mut l1_q, false);
+    let (s, d) = postcopy_with_recoveries(&mut qa_q, &mut l1_q, &uri, dir, "l1");
+    assert_eq!(s["status"], "completed", "QEMU source: {s}\n{}", qa.log());
+    assert_eq!(
+        d["status"],
+        "completed",
+        "livemig destination: {d}\n{}",
+        l1.log()
+    );
+    let ram_qa = ram(&mut qa_q, dir, "qa");
+    assert_eq!(&ram_qa[..A_LEN], &pat_a[..]);
+    assert_same_ram(
+        &ram_qa,
+        &ram(&mut l1_q, dir, "l1"),
+        "QEMU -> livemig, recovered twice",
+    );
+    drop(qa);
+
+    let uri = Transport::Unix.uri(dir, "mig2");
+    let qb = qemu(dir, "qb", &strings(&["-incoming", &uri]));
+    let mut qb_q = qb.qmp();
+    postcopy_caps(&mut qb_q, false);
+    let (s, d) = postcopy_with_recoveries(&mut l1_q, &mut qb_q, &uri, dir, "qb");
+    assert_eq!(
+        s["status"],
+        "completed",
+        "livemig source: {s}\n{}",
+        l1.log()
+    );
+    assert_eq!(
+        d["status"],
+        "completed",
+        "QEMU destination: {d}\n{}",
+        qb.log()
+    );
+    assert_same_ram(
+        &ram_qa,
+        &ram(&mut qb_q, dir, "qb"),
+        "livemig -> QEMU, recovered twice",
+    );
+    quit_cleanly(l1, l1_q);
+}

@@ -259,6 +259,26 @@ impl Migration {
         Ok(())
     }
 
+    /// `migrate-pause`: a postcopy migration (either end) drops its channels and pauses,
+    /// keeping every page; `migrate-recover` and `migrate ... resume=true` resume it.
+    pub fn pause(&self) -> Result<(), MigrationError> {
+        self.shared.request_pause()
+    }
+
+    /// `migrate URI resume=true` on a source paused in postcopy: the migration thread
+    /// connects to `uri` (where the destination's `migrate-recover` listens) and resumes.
+    pub fn resume(&self, uri: &str) -> Result<(), MigrationError> {
+        let parsed = MigrationUri::parse(uri)?;
+        self.shared.request_resume(parsed)
+    }
+
+    /// `migrate-recover URI` on a destination paused in postcopy: listens on `uri` for the
+    /// source's `migrate ... resume=true`.
+    pub fn recover(&self, uri: &str) -> Result<(), MigrationError> {
+        let parsed = MigrationUri::parse(uri)?;
+        self.shared.request_recover(|| Listener::bind(&parsed))
+    }
+
     /// Marks this VM as a destination started with `-incoming defer`.
     pub fn incoming_defer(&self) {
         self.shared.lock().inc.mode = IncomingMode::Deferred;
@@ -363,6 +383,8 @@ impl Migration {
                     | MigrationStatus::Device
                     | MigrationStatus::Completed
                     | MigrationStatus::PostcopyActive
+                    | MigrationStatus::PostcopyPaused
+                    | MigrationStatus::PostcopyRecover
             );
             let elapsed = o
                 .total_ms
@@ -428,6 +450,16 @@ impl Migration {
                     m.insert("error-desc".into(), json!(e));
                 }
             }
+            if let Some(e) = &o.pause_reason {
+                // livemig says why postcopy paused and what a resume needs (QEMU says
+                // nothing until the migration fails).
+                if matches!(
+                    st,
+                    MigrationStatus::PostcopyPaused | MigrationStatus::PostcopyRecover
+                ) {
+                    m.insert("error-desc".into(), json!(e));
+                }
+            }
         } else if inner.inc.status() != MigrationStatus::None
             || inner.inc.mode != IncomingMode::None
         {
@@ -452,6 +484,14 @@ impl Migration {
             }
             if let (Some(e), MigrationStatus::Failed) = (&i.error, i.status()) {
                 m.insert("error-desc".into(), json!(e));
+            }
+            if let Some(e) = &i.pause_reason {
+                if matches!(
+                    i.status(),
+                    MigrationStatus::PostcopyPaused | MigrationStatus::PostcopyRecover
+                ) {
+                    m.insert("error-desc".into(), json!(e));
+                }
             }
             if !i.warnings.is_empty() {
                 m.insert("x-livemig-warnings".into(), json!(i.warnings));

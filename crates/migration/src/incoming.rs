@@ -16,7 +16,7 @@ use crate::error::MigrationError;
 use crate::globalstate::{GlobalState, GLOBALSTATE_IDSTR};
 use crate::machine::{DeviceState, Machine, Reader};
 use crate::params::Parameters;
-use crate::postcopy::fault::{FaultThread, RpWriter};
+use crate::postcopy::fault::{Control, FaultThread, RpWriter};
 use crate::postcopy::PostcopyRam;
 use crate::ram::{RamLoader, RAM_IDSTR, RAM_VERSION};
 use crate::runstate::RunState;
@@ -77,6 +77,8 @@ pub struct StreamLoader {
     engine: Option<(Arc<Shared>, ShutdownHandle)>,
     /// The `postcopy-preempt` channel (the second connection), read from LISTEN on.
     preempt: Option<(Reader, ShutdownHandle)>,
+    /// Where `tls-creds` are looked up for a postcopy recovery's connections.
+    objects: Arc<tls::Objects>,
 }
 
 /// Whether loading goes on after a command.
@@ -125,6 +127,7 @@ impl StreamLoader {
             postcopy_ran: false,
             engine: None,
             preempt: None,
+            objects: Arc::new(tls::Objects::new()),
         }
     }
 
@@ -431,75 +434,40 @@ impl StreamLoader {
             sections,
             engine,
             device_load_started,
+            objects,
             ..
         } = self;
         let fault_ref = &fault;
-        let main_shutdown = engine.as_ref().map(|(_, h)| h.clone());
-        // Which thread failed first (1: preempt), so the error reported is the cause and not
-        // the shutdown it caused in the other.
-        let preempt_failed_first = std::sync::atomic::AtomicBool::new(false);
-        let listen_failed = std::sync::atomic::AtomicBool::new(false);
-        let (main, listen, pre) = std::thread::scope(|s| {
-            // The preempt thread: requested pages from the second channel, until its EOS.
-            let pre = match preempt {
-                Some((mut pr_r, pre_h)) => {
-                    let pc = &pc;
-                    let main_h = main_shutdown.clone();
-                    let (pff, lf) = (&preempt_failed_first, &listen_failed);
-                    let h = std::thread::Builder::new()
-                        .name("postcopy-preempt".into())
-                        .spawn_scoped(s, move || {
-                            let r = crate::postcopy::preempt::load_preempt_channel(&mut pr_r, pc)
-                                .map(|_| ());
-                            if r.is_err() {
-                                if !lf.load(std::sync::atomic::Ordering::Acquire) {
-                                    pff.store(true, std::sync::atomic::Ordering::Release);
-                                }
-                                // The listen thread would wait on the main channel forever.
-                                if let Some(h) = main_h {
-                                    h.shutdown();
-                                }
-                            }
-                            r
-                        });
-                    match h {
-                        Ok(h) => Some((h, pre_h)),
-                        Err(e) => {
-                            pre_h.shutdown();
-                            return (
-                                Err(MigrationError::io(
-                                    "cannot start the postcopy preempt thread",
-                                    e,
-                                )),
-                                Ok(()),
-                                Ok(()),
-                            );
-                        }
-                    }
-                }
-                None => None,
+        // What RUN came to: None while the package loads, then whether it ran. The listen
+        // thread pauses on a failure only once the guest runs here (QEMU's
+        // POSTCOPY_INCOMING_RUNNING): before, the migration can still fail cleanly.
+        let ran: (std::sync::Mutex<Option<bool>>, std::sync::Condvar) = Default::default();
+        let (main, listen) = std::thread::scope(|s| {
+            let listen = Listen {
+                main: r,
+                recovered: None,
+                ram,
+                bitmaps: bitmaps.as_mut(),
+                sections,
+                fault: fault_ref,
+                pc: &pc,
+                engine: engine.as_ref(),
+                objects,
+                ran: &ran,
+                preempt: None,
+                recovering: None,
             };
             let listen = std::thread::Builder::new()
                 .name("postcopy-listen".into())
-                .spawn_scoped(s, || {
-                    let r = listen_loop(r, ram, bitmaps.as_mut(), sections, fault_ref);
-                    if r.is_err() {
-                        listen_failed.store(true, std::sync::atomic::Ordering::Release);
-                    }
-                    r
-                });
+                .spawn_scoped(s, move || listen.run(preempt));
             let listen = match listen {
                 Ok(h) => h,
                 Err(e) => {
-                    if let Some((_, h)) = &pre {
-                        h.shutdown();
-                    }
                     return (
                         Err(MigrationError::io(
                             "cannot start the postcopy listen thread",
                             e,
                         )),
-                        Ok(()),
                         Ok(()),
                     );
                 }
@@ -513,6 +481,11 @@ impl StreamLoader {
                 device_load_started,
                 engine.as_ref().map(|(s, _)| s),
             );
+            {
+                let mut g = ran.0.lock().unwrap_or_else(|p| p.into_inner());
+                *g = Some(main.is_ok());
+                ran.1.notify_all();
+            }
             if main.is_err() {
                 // The listen thread is blocked on the channel: unblock it.
                 if let Some((_, h)) = engine.as_ref() {
@@ -524,34 +497,20 @@ impl StreamLoader {
                     "the postcopy listen thread panicked".into(),
                 ))
             });
-            let pre = match pre {
-                Some((h, pre_h)) => {
-                    if main.is_err() || listen.is_err() {
-                        pre_h.shutdown();
-                    }
-                    h.join().unwrap_or_else(|_| {
-                        Err(MigrationError::Other(
-                            "the postcopy preempt thread panicked".into(),
-                        ))
-                    })
-                }
-                None => Ok(()),
-            };
-            (main, listen, pre)
+            (main, listen)
         });
         if self.device_load_started {
             self.machine.end_device_load();
             self.device_load_started = false;
         }
         self.postcopy_ran = main.is_ok();
-        main?;
-        let pre = pre.map_err(|e| MigrationError::Load(format!("postcopy preempt channel: {e}")));
-        if preempt_failed_first.load(std::sync::atomic::Ordering::Acquire) {
-            pre?;
-        } else {
-            listen?;
-            pre?;
+        if main.is_err() || listen.is_err() {
+            // Guest RAM leaves userfaultfd: a vCPU waiting for a page that will never come
+            // reads zeros and can be stopped (the VM is failed or shutting down).
+            pc.unregister();
         }
+        main?;
+        listen?;
         // Everything has arrived: the fault thread hands the return path back (for SHUT) and
         // guest RAM leaves userfaultfd.
         self.postcopy_rp = fault.stop();
@@ -651,53 +610,216 @@ fn package_error(base: u64, e: wire::WireError) -> MigrationError {
     MigrationError::Load(format!("in the PACKAGED data at byte {base:#x}: {e}"))
 }
 
-/// The listen thread: the rest of the main channel in postcopy — PART and END sections of
-/// `ram` (pages placed through userfaultfd) and `dirty-bitmap`, PINGs (answered through the
-/// fault thread, which owns the return path), up to EOF.
-fn listen_loop(
-    r: &mut Reader,
-    ram: &mut RamLoader,
-    mut bitmaps: Option<&mut BitmapLoader>,
-    sections: &HashMap<u32, (Handler, String)>,
-    fault: &FaultThread,
-) -> Result<(), MigrationError> {
-    loop {
-        match read_item(r)? {
-            Item::Eof => return Ok(()),
-            Item::Command(Command::Ping(v)) => fault.send(RpMessage::Pong(v)),
-            Item::Command(cmd) => {
-                return Err(MigrationError::Load(format!(
+/// The listen thread (`postcopy-listen`): the rest of the main channel in postcopy — PART and
+/// END sections of `ram` (pages placed through userfaultfd) and `dirty-bitmap`, PINGs
+/// (answered through the fault thread, which owns the return path), up to EOF — and the
+/// coordinator of the postcopy threads: it starts the preempt thread of each connection, and
+/// on a failure pauses (both channels down, the return path taken from the fault thread,
+/// `postcopy-paused`), waits for `migrate-recover`'s connections, answers RECV_BITMAP and
+/// resumes at POSTCOPY_RESUME. Holds no lock while it waits.
+struct Listen<'a> {
+    /// The channel LISTEN came on.
+    main: &'a mut Reader,
+    /// The channel of the last recovery, which replaced `main`.
+    recovered: Option<(Reader, ShutdownHandle)>,
+    ram: &'a mut RamLoader,
+    bitmaps: Option<&'a mut BitmapLoader>,
+    sections: &'a HashMap<u32, (Handler, String)>,
+    fault: &'a FaultThread,
+    pc: &'a Arc<PostcopyRam>,
+    engine: Option<&'a (Arc<Shared>, ShutdownHandle)>,
+    objects: &'a Arc<tls::Objects>,
+    ran: &'a (std::sync::Mutex<Option<bool>>, std::sync::Condvar),
+    /// The preempt thread of the current connection.
+    preempt: Option<crate::postcopy::recovery::PreemptThread>,
+    /// In `postcopy-recover`: the new return path (RECV_BITMAP answers go out on it; it goes
+    /// to the fault thread at POSTCOPY_RESUME) and the new preempt channel.
+    recovering: Option<(RpWriter, Option<(Reader, ShutdownHandle)>)>,
+}
+
+impl Listen<'_> {
+    fn main_shutdown(&self) -> Option<ShutdownHandle> {
+        match &self.recovered {
+            Some((_, h)) => Some(h.clone()),
+            None => self.engine.map(|(_, h)| h.clone()),
+        }
+    }
+
+    fn start_preempt(
+        &mut self,
+        channel: Option<(Reader, ShutdownHandle)>,
+    ) -> Result<(), MigrationError> {
+        if let Some((r, h)) = channel {
+            let main = self.main_shutdown();
+            self.preempt = Some(crate::postcopy::recovery::PreemptThread::spawn(
+                self.pc.clone(),
+                r,
+                h,
+                main,
+            )?);
+        }
+        Ok(())
+    }
+
+    fn run(mut self, preempt: Option<(Reader, ShutdownHandle)>) -> Result<(), MigrationError> {
+        self.start_preempt(preempt)?;
+        loop {
+            let e = match self.load_to_eof() {
+                Ok(()) => match self.finish_channels() {
+                    Ok(()) => return Ok(()),
+                    Err(e) => e,
+                },
+                Err(e) => e,
+            };
+            self.pause(e)?;
+        }
+    }
+
+    /// After EOF: the preempt channel ends at its EOS, and every page must be here (a page
+    /// the source sent on a channel that broke is missing: a recovery brings it).
+    fn finish_channels(&mut self) -> Result<(), MigrationError> {
+        if let Some(p) = self.preempt.take() {
+            p.join()
+                .map_err(|e| MigrationError::Load(format!("postcopy preempt channel: {e}")))?;
+        }
+        let missing = self.pc.missing_pages();
+        if missing > 0 {
+            return Err(MigrationError::Load(format!(
+                "the source ended postcopy with {missing} pages never received"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Postcopy failed with `e`: pause if it can be resumed, and return once resumed.
+    fn pause(&mut self, e: MigrationError) -> Result<(), MigrationError> {
+        let Some((shared, _)) = self.engine else {
+            return Err(e);
+        };
+        // Wait for RUN's outcome: a failure before the guest runs here fails the migration.
+        {
+            let mut g = self.ran.0.lock().unwrap_or_else(|p| p.into_inner());
+            while g.is_none() {
+                g = self.ran.1.wait(g).unwrap_or_else(|p| p.into_inner());
+            }
+            if *g != Some(true) {
+                return Err(e);
+            }
+        }
+        if let Some(h) = self.main_shutdown() {
+            h.shutdown();
+        }
+        if let Some(p) = self.preempt.take() {
+            p.stop();
+        }
+        if let Some((_, Some((_, h)))) = self.recovering.take() {
+            h.shutdown();
+        }
+        self.fault.control(Control::Detach);
+        log::error!("Detected IO failure for postcopy. Migration paused. ({e})");
+        shared.pause_incoming(format!(
+            "postcopy paused: {e}; the guest runs here on the pages it has: recover with \
+             migrate-recover here and migrate ... resume=true on the same source process"
+        ))?;
+        let preempt = shared.lock().caps.has(Capability::PostcopyPreempt);
+        let Some(rec) = crate::postcopy::recovery::wait_for_recovery(shared, self.objects, preempt)
+        else {
+            return Err(MigrationError::Other(format!(
+                "the VM shut down while postcopy was paused ({e})"
+            )));
+        };
+        shared.incoming_recovering(&rec.shutdown)?;
+        self.recovered = Some((rec.reader, rec.shutdown));
+        self.recovering = Some((rec.rp, rec.preempt));
+        Ok(())
+    }
+
+    /// Reads the current main channel up to EOF.
+    fn load_to_eof(&mut self) -> Result<(), MigrationError> {
+        loop {
+            let r: &mut Reader = match &mut self.recovered {
+                Some((r, _)) => r,
+                None => self.main,
+            };
+            match read_item(r)? {
+                Item::Eof => return Ok(()),
+                Item::Command(Command::Ping(v)) => match &mut self.recovering {
+                    Some((w, _)) => w.send(&RpMessage::Pong(v))?,
+                    None => self.fault.send(RpMessage::Pong(v)),
+                },
+                Item::Command(Command::RecvBitmap { ramblock }) => {
+                    // `loadvm_handle_recv_bitmap`.
+                    let Some((w, _)) = &mut self.recovering else {
+                        return Err(MigrationError::Load(format!(
+                            "RECV_BITMAP for '{ramblock}' outside a postcopy recovery"
+                        )));
+                    };
+                    let Some(b) = self.pc.blocks().iter().find(|b| b.name() == ramblock) else {
+                        return Err(MigrationError::Load(format!(
+                            "loadvm_handle_recv_bitmap: block '{ramblock}' not found"
+                        )));
+                    };
+                    w.send_recv_bitmap(&ramblock, &b.received().to_le_dump())?;
+                }
+                Item::Command(Command::PostcopyResume) => {
+                    // `loadvm_postcopy_handle_resume`.
+                    let Some((w, preempt)) = self.recovering.take() else {
+                        log::error!("loadvm_postcopy_handle_resume: illegal resume received");
+                        continue;
+                    };
+                    if let Some((shared, _)) = self.engine {
+                        shared.incoming_resumed()?;
+                    }
+                    self.fault.control(Control::Attach(w));
+                    self.fault
+                        .send(RpMessage::ResumeAck(wire::return_path::RESUME_ACK_VALUE));
+                    // What faulted before or during the pause is asked for again.
+                    self.fault.control(Control::ResendPending);
+                    self.start_preempt(preempt)?;
+                    if let Some(h) = self.main_shutdown() {
+                        crate::postcopy::limit_socket_queue(
+                            &h,
+                            false,
+                            crate::postcopy::MAIN_CHANNEL_QUEUE,
+                        );
+                    }
+                    log::info!("postcopy resumed");
+                }
+                Item::Command(cmd) => {
+                    return Err(MigrationError::Load(format!(
                     "at byte {:#x}: migration command {} in postcopy is not supported by livemig",
                     r.offset(),
                     cmd.name()
                 )))
-            }
-            Item::Section(h) => {
-                let id = h.section_id();
-                let Some((handler, idstr)) = sections.get(&id).filter(|_| h.start().is_none())
-                else {
-                    return Err(MigrationError::Load(format!(
-                        "at byte {:#x}: {} section id {id} in postcopy (only PART and END of a started section may come)",
-                        r.offset(),
-                        h.kind().name()
-                    )));
-                };
-                r.set_section(Some(SectionContext::new(idstr.clone(), id)));
-                match handler {
-                    Handler::Ram => ram.load(r)?,
-                    Handler::Bitmaps => {
-                        if let Some(b) = bitmaps.as_deref_mut() {
-                            b.load(r)?;
+                }
+                Item::Section(h) => {
+                    let id = h.section_id();
+                    let Some((handler, idstr)) =
+                        self.sections.get(&id).filter(|_| h.start().is_none())
+                    else {
+                        return Err(MigrationError::Load(format!(
+                            "at byte {:#x}: {} section id {id} in postcopy (only PART and END of a started section may come)",
+                            r.offset(),
+                            h.kind().name()
+                        )));
+                    };
+                    r.set_section(Some(SectionContext::new(idstr.clone(), id)));
+                    match handler {
+                        Handler::Ram => self.ram.load(r)?,
+                        Handler::Bitmaps => {
+                            if let Some(b) = self.bitmaps.as_deref_mut() {
+                                b.load(r)?;
+                            }
+                        }
+                        Handler::Device(_) => {
+                            return Err(MigrationError::Load(format!(
+                                "device section '{idstr}' after the postcopy package"
+                            )))
                         }
                     }
-                    Handler::Device(_) => {
-                        return Err(MigrationError::Load(format!(
-                            "device section '{idstr}' after the postcopy package"
-                        )))
-                    }
+                    read_footer(r, id)?;
+                    r.set_section(None);
                 }
-                read_footer(r, id)?;
-                r.set_section(None);
             }
         }
     }
@@ -821,6 +943,7 @@ pub(crate) fn run(job: Job) {
     };
     let mut loader = StreamLoader::new(job.machine.clone(), &caps, &params, conn.writer.take());
     loader.attach_engine(shared.clone(), conn.shutdown.clone());
+    loader.objects = job.objects.clone();
     if caps.has(Capability::PostcopyPreempt) {
         // QEMU 7.2's source opens the preempt channel right after the main one, and the
         // destination waits for it before loading anything (`migration_has_all_channels`).

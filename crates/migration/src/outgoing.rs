@@ -109,6 +109,11 @@ pub(crate) struct Outgoing {
     preempt_conn: Option<Connection>,
     /// What the return-path thread needs once postcopy runs.
     rp_ctx: Arc<RpCtx>,
+    /// Bytes written on the channels a postcopy recovery replaced (`ram.transferred` counts
+    /// every channel).
+    written_base: u64,
+    /// `ram.transferred` when postcopy began (`postcopy-bytes` counts from there).
+    postcopy_base: u64,
 }
 
 fn gone(what: &str) -> MigrationError {
@@ -135,6 +140,8 @@ impl Outgoing {
             downtime_start: None,
             preempt_conn: None,
             rp_ctx: Arc::default(),
+            written_base: 0,
+            postcopy_base: 0,
         }
     }
 
@@ -500,16 +507,11 @@ impl Outgoing {
     }
 
     /// Phase 4b, postcopy: the pages the destination asks for first, the rest in the
-    /// background at `max-postcopy-bandwidth`, in small PART sections so that a request never
-    /// waits behind more than one batch; then the END section and EOF. With
-    /// `postcopy-preempt` the requests never come here: the return-path thread answers them
-    /// on the preempt channel, and this thread ends that channel with EOS after EOF.
+    /// background at `max-postcopy-bandwidth`, then END, EOF and the destination's SHUT
+    /// ([`Outgoing::postcopy_push`]). A failure of the link (or `migrate-pause`) pauses
+    /// instead of failing: both ends keep everything, and `migrate ... resume=true` resumes
+    /// ([`Outgoing::postcopy_pause`]); repeated cuts recover repeatedly.
     fn postcopy_run(&mut self) -> Result<(), MigrationError> {
-        let (shared, generation, stats) = (
-            self.job.shared.clone(),
-            self.job.generation,
-            self.job.stats.clone(),
-        );
         let src = self
             .rp_ctx
             .src
@@ -517,14 +519,8 @@ impl Outgoing {
             .cloned()
             .ok_or_else(|| gone("postcopy's RAM"))?;
         let preempt = self.rp_ctx.preempt.get().cloned();
-        // Background pages per PART: without preempt a requested page waits behind at most
-        // one batch in this process (the socket's own queue is another matter).
-        let batch_pages = if preempt.is_some() {
-            crate::postcopy::source::BATCH
-        } else {
-            (POSTCOPY_BATCH / crate::guest::PAGE_SIZE) as usize
-        };
-        let rp = self.rp.take().ok_or_else(|| gone("the return path"))?;
+        let mut rp = self.rp.take().ok_or_else(|| gone("the return path"))?;
+        self.postcopy_base = self.w.as_ref().map_or(0, |w| w.bytes_written());
         if let Some(conn) = &self.conn {
             crate::postcopy::limit_socket_queue(
                 &conn.shutdown,
@@ -532,94 +528,269 @@ impl Outgoing {
                 crate::postcopy::MAIN_CHANNEL_QUEUE,
             );
         }
-        let result = (|| {
-            let (w, _, _) = self.stream()?;
-            let start_bytes = w.bytes_written();
-            let mut meter = Meter::new(start_bytes);
-            let mut pending: Vec<(usize, u64, u64)> = Vec::new();
-            let mut pages = PageWriter::new();
-            let mut cursor = Cursor::default();
-            let mut batch = Vec::with_capacity(batch_pages);
-            loop {
-                if shared.out_cancelled(generation) {
-                    return Err(MigrationError::Cancelled);
+        loop {
+            let e = match self.postcopy_push(&src, preempt.as_deref(), &rp) {
+                Ok(()) => break,
+                Err(e) => e,
+            };
+            let fatal = matches!(
+                e,
+                MigrationError::Cancelled | MigrationError::SiblingError(_)
+            ) || !self.job.caps.has(Capability::PostcopyRam);
+            if fatal {
+                return Err(e);
+            }
+            rp = self.postcopy_pause(e, &src, preempt.as_deref())?;
+        }
+        // The destination said SHUT 0 already.
+        self.rp = None;
+        self.w = None;
+        Ok(())
+    }
+
+    /// Sends postcopy's pages on the current channel until every one is out, then END, EOF,
+    /// EOS on the preempt channel, and waits for the destination's SHUT.
+    fn postcopy_push(
+        &mut self,
+        src: &SourceRam,
+        preempt: Option<&PreemptSender>,
+        rp: &mpsc::Receiver<RpEvent>,
+    ) -> Result<(), MigrationError> {
+        let (shared, generation, stats) = (
+            self.job.shared.clone(),
+            self.job.generation,
+            self.job.stats.clone(),
+        );
+        // Background pages per PART: without preempt a requested page waits behind at most
+        // one batch in this process (the socket's own queue is another matter).
+        let batch_pages = if preempt.is_some() {
+            crate::postcopy::source::BATCH
+        } else {
+            (POSTCOPY_BATCH / crate::guest::PAGE_SIZE) as usize
+        };
+        let base = self.written_base;
+        let postcopy_base = self.postcopy_base;
+        let w = self.w.as_mut().ok_or_else(|| gone("the stream"))?;
+        let start_bytes = w.bytes_written();
+        let mut meter = Meter::new(start_bytes);
+        let mut pending: Vec<(usize, u64, u64)> = Vec::new();
+        // A new connection: its first record names its block.
+        let mut pages = PageWriter::new();
+        let mut cursor = Cursor::default();
+        let mut batch = Vec::with_capacity(batch_pages);
+        loop {
+            let max_bw = shared.lock().params.max_postcopy_bandwidth();
+            let allowance = meter.allowance(w.bytes_written(), max_bw);
+            // Wait for a request only when the background may not send now.
+            let wait = if allowance == 0 {
+                meter.window_left().max(Duration::from_micros(100))
+            } else {
+                Duration::ZERO
+            };
+            drain_requests(rp, &mut pending, wait)?;
+            if pending.is_empty() && allowance == 0 {
+                meter.tick(w.bytes_written(), sent_pages(&stats), &stats);
+                continue;
+            }
+            write_part(w, RAM_SECTION_ID)?;
+            for (bi, first, end) in pending.drain(..) {
+                batch.clear();
+                batch.extend((first..end).filter(|p| src.claim(bi, *p)).map(|p| (bi, p)));
+                if batch.is_empty() {
+                    stats
+                        .ram
+                        .requested_in_flight
+                        .fetch_add(1, Ordering::Relaxed);
                 }
-                let max_bw = shared.lock().params.max_postcopy_bandwidth();
-                let allowance = meter.allowance(w.bytes_written(), max_bw);
-                // Wait for a request only when the background may not send now.
-                let wait = if allowance == 0 {
-                    meter.window_left().max(Duration::from_micros(100))
+                pages.write(w, src, &batch)?;
+            }
+            let mut done = false;
+            if allowance > 0 {
+                let max = (allowance.min(batch_pages as u64 * crate::guest::PAGE_SIZE)
+                    / crate::guest::PAGE_SIZE)
+                    .clamp(1, batch_pages as u64) as usize;
+                if src.claim_next(&mut cursor, max, &mut batch) {
+                    pages.write(w, src, &batch)?;
+                } else if src.remaining() == 0 {
+                    done = true;
                 } else {
-                    Duration::ZERO
-                };
-                drain_requests(&rp, &mut pending, wait)?;
-                if pending.is_empty() && allowance == 0 {
-                    meter.tick(w.bytes_written(), sent_pages(&stats), &stats);
-                    continue;
-                }
-                write_part(w, RAM_SECTION_ID)?;
-                for (bi, first, end) in pending.drain(..) {
-                    batch.clear();
-                    batch.extend((first..end).filter(|p| src.claim(bi, *p)).map(|p| (bi, p)));
-                    if batch.is_empty() {
-                        stats
-                            .ram
-                            .requested_in_flight
-                            .fetch_add(1, Ordering::Relaxed);
-                    }
-                    pages.write(w, &src, &batch)?;
-                }
-                let mut done = false;
-                if allowance > 0 {
-                    let max = (allowance.min(batch_pages as u64 * crate::guest::PAGE_SIZE)
-                        / crate::guest::PAGE_SIZE)
-                        .clamp(1, batch_pages as u64) as usize;
-                    if src.claim_next(&mut cursor, max, &mut batch) {
-                        pages.write(w, &src, &batch)?;
-                    } else if src.remaining() == 0 {
-                        done = true;
-                    } else {
-                        // Pages given back behind the scan (a request that could not be
-                        // answered): scan again.
-                        cursor = Cursor::default();
-                    }
-                }
-                wire::ram::write_eos(w)?;
-                write_footer(w, RAM_SECTION_ID)?;
-                w.flush()?;
-                let now = w.bytes_written();
-                stats.transferred.store(now, Ordering::Relaxed);
-                stats
-                    .postcopy_bytes
-                    .store(now - start_bytes, Ordering::Relaxed);
-                meter.tick(now, sent_pages(&stats), &stats);
-                if done {
-                    break;
+                    // Pages given back behind the scan (a request the preempt channel could
+                    // not answer): scan again.
+                    cursor = Cursor::default();
                 }
             }
-            write_end(w, RAM_SECTION_ID)?;
             wire::ram::write_eos(w)?;
             write_footer(w, RAM_SECTION_ID)?;
-            // QEMU's postcopy stream ends without a vmdesc trailer.
-            write_eof(w)?;
             w.flush()?;
-            stats
-                .transferred
-                .store(w.bytes_written(), Ordering::Relaxed);
-            if let Some(p) = &preempt {
-                // QEMU's `postcopy_preempt_shutdown_file`: the destination's preempt thread
-                // ends at this EOS.
-                p.finish()?;
+            let now = w.bytes_written();
+            stats.transferred.store(base + now, Ordering::Relaxed);
+            stats.postcopy_bytes.store(
+                (base + now).saturating_sub(postcopy_base),
+                Ordering::Relaxed,
+            );
+            meter.tick(now, sent_pages(&stats), &stats);
+            if done {
+                break;
             }
-            Ok(())
-        })();
-        self.rp = Some(rp);
-        result?;
-        self.w = None;
+        }
+        write_end(w, RAM_SECTION_ID)?;
+        wire::ram::write_eos(w)?;
+        write_footer(w, RAM_SECTION_ID)?;
+        // QEMU's postcopy stream ends without a vmdesc trailer.
+        write_eof(w)?;
+        w.flush()?;
+        stats
+            .transferred
+            .store(base + w.bytes_written(), Ordering::Relaxed);
+        if let Some(p) = preempt {
+            // QEMU's `postcopy_preempt_shutdown_file`: the destination's preempt thread
+            // ends at this EOS.
+            p.finish()?;
+        }
         if let Some(conn) = &self.conn {
             conn.shutdown.shutdown_write();
         }
-        Ok(())
+        wait_for_shut(&shared, generation, rp)
+    }
+
+    /// Postcopy lost its link (`e`): both channels go down, the source enters
+    /// `postcopy-paused` keeping every page, and waits for `migrate ... resume=true`; then it
+    /// reconnects and resumes ([`Outgoing::postcopy_resume`]). A resume that fails pauses
+    /// again. Returns the new return path once `postcopy-active` again.
+    fn postcopy_pause(
+        &mut self,
+        e: MigrationError,
+        src: &SourceRam,
+        preempt: Option<&PreemptSender>,
+    ) -> Result<mpsc::Receiver<RpEvent>, MigrationError> {
+        let (shared, generation) = (self.job.shared.clone(), self.job.generation);
+        let mut why = failure_text(&self.job.uri, &e);
+        loop {
+            log::error!("Detected IO failure for postcopy. Migration paused. ({why})");
+            self.drop_channels(preempt);
+            shared.pause_outgoing(
+                generation,
+                format!(
+                    "postcopy paused: {why}; the guest's RAM is split between both ends: \
+                     resume with migrate-recover on the same destination process and \
+                     migrate ... resume=true here (a new destination cannot take over)"
+                ),
+            )?;
+            let Some(uri) = shared.wait_resume(generation) else {
+                return Err(MigrationError::Other(format!(
+                    "the VM shut down while postcopy was paused ({why})"
+                )));
+            };
+            match self.postcopy_resume(&uri, src, preempt) {
+                Ok(rp) => return Ok(rp),
+                Err(e) => why = format!("resume failed: {}", failure_text(&uri, &e)),
+            }
+        }
+    }
+
+    /// Shuts every channel of the migration down and forgets them.
+    fn drop_channels(&mut self, preempt: Option<&PreemptSender>) {
+        if let Some(c) = &self.conn {
+            c.shutdown.shutdown();
+        }
+        if let Some(p) = preempt {
+            p.detach();
+        }
+        if let Some(w) = &self.w {
+            self.written_base += w.bytes_written();
+        }
+        self.w = None;
+    }
+
+    /// `migrate URI resume=true`: connects the main channel (no file header: the stream
+    /// goes on where it broke) and, with preempt, a new preempt channel; asks for every
+    /// block's received map (RECV_BITMAP) — what the destination lacks is what remains to
+    /// send — then POSTCOPY_RESUME, and waits for RESUME_ACK.
+    fn postcopy_resume(
+        &mut self,
+        uri: &MigrationUri,
+        src: &SourceRam,
+        preempt: Option<&PreemptSender>,
+    ) -> Result<mpsc::Receiver<RpEvent>, MigrationError> {
+        let (shared, generation) = (self.job.shared.clone(), self.job.generation);
+        let conn = connect(uri)?;
+        shared.attach_resumed_channel(generation, &conn.shutdown);
+        let mut conn = crate::secure::secure_outgoing(conn, uri, &self.job.tls, &self.job.objects)?;
+        let preempt_conn = match preempt {
+            Some(_) => {
+                let p = connect(uri)?;
+                Some(crate::secure::secure_outgoing(
+                    p,
+                    uri,
+                    &self.job.tls,
+                    &self.job.objects,
+                )?)
+            }
+            None => None,
+        };
+        shared.advance_recovery(generation, MigrationStatus::PostcopyRecover)?;
+        let (Some(w), Some(reader)) = (conn.writer.take(), conn.reader.take()) else {
+            return Err(MigrationError::Other(
+                "the transport has no return path".into(),
+            ));
+        };
+        let rp = spawn_return_path(reader, self.rp_ctx.clone())?;
+        crate::postcopy::limit_socket_queue(
+            &conn.shutdown,
+            true,
+            crate::postcopy::MAIN_CHANNEL_QUEUE,
+        );
+        self.conn = Some(conn);
+        let w = self.w.insert(StreamWriter::with_capacity(w, 256 * 1024));
+        let names: Vec<String> = src.blocks().map(|(n, _)| n.to_string()).collect();
+        for name in &names {
+            write_command(
+                w,
+                &Command::RecvBitmap {
+                    ramblock: name.clone(),
+                },
+            )?;
+        }
+        w.flush()?;
+        let mut synced = vec![false; names.len()];
+        while synced.iter().any(|s| !s) {
+            match recv_recovery(&shared, &rp)? {
+                RpEvent::RecvBitmap { block, dirty } => {
+                    let n = src.set_dirty(block, &dirty);
+                    log::info!(
+                        "postcopy recovery: block {} misses {n} pages",
+                        names.get(block).map_or("?", |s| s.as_str())
+                    );
+                    if let Some(s) = synced.get_mut(block) {
+                        *s = true;
+                    }
+                }
+                other => return Err(unexpected_in_recovery(other)),
+            }
+        }
+        if let (Some(p), Some(mut pc)) = (preempt, preempt_conn) {
+            let pw = pc.writer.take().ok_or_else(|| {
+                MigrationError::Other("the preempt channel has no outgoing direction".into())
+            })?;
+            p.replace(
+                StreamWriter::with_capacity(pw, 64 * 1024),
+                pc.shutdown.clone(),
+            );
+        }
+        write_command(w, &Command::PostcopyResume)?;
+        w.flush()?;
+        match recv_recovery(&shared, &rp)? {
+            RpEvent::ResumeAck(v) if v == wire::return_path::RESUME_ACK_VALUE => {}
+            RpEvent::ResumeAck(v) => {
+                return Err(MigrationError::Other(format!(
+                    "migrate_handle_rp_resume_ack: illegal resume_ack value {v}"
+                )))
+            }
+            other => return Err(unexpected_in_recovery(other)),
+        }
+        shared.advance_recovery(generation, MigrationStatus::PostcopyActive)?;
+        log::info!("postcopy resumed");
+        Ok(rp)
     }
 
     /// Phase 5: waits for the destination's verdict (with a return path) and for an `exec:`
@@ -802,6 +973,11 @@ fn drain_requests(
         match ev {
             Ok(RpEvent::Request { block, first, end }) => pending.push((block, first, end)),
             Ok(RpEvent::Failed(why)) => return Err(MigrationError::Other(why)),
+            Ok(RpEvent::RecvBitmap { .. } | RpEvent::ResumeAck(_)) => {
+                return Err(MigrationError::Other(
+                    "RP: recovery message outside a recovery".into(),
+                ))
+            }
             Ok(RpEvent::Shut(n)) => {
                 return Err(MigrationError::Other(format!(
                     "the destination ended the migration (SHUT {n}) during postcopy"
@@ -845,6 +1021,9 @@ fn wait_for_continue(
                 "RP: page request before postcopy".into(),
             )),
             Ok(RpEvent::Failed(why)) => Err(MigrationError::Other(why)),
+            Ok(RpEvent::RecvBitmap { .. } | RpEvent::ResumeAck(_)) => Err(MigrationError::Other(
+                "RP: recovery message before postcopy".into(),
+            )),
             Err(mpsc::TryRecvError::Disconnected) => Err(MigrationError::Other(
                 "the return path ended while the source waited in pre-switchover".into(),
             )),
@@ -867,6 +1046,14 @@ enum RpEvent {
     /// The return-path thread could not do its part (a bad request, a broken preempt
     /// channel).
     Failed(String),
+    /// Recovery: the destination's received map of block number `block`, turned into the
+    /// pages still to send.
+    RecvBitmap {
+        block: usize,
+        dirty: Vec<u64>,
+    },
+    /// Recovery: RESUME_ACK with its value.
+    ResumeAck(u32),
 }
 
 /// What the return-path thread shares with `migration-out` from the postcopy switch on.
@@ -879,6 +1066,31 @@ struct RpCtx {
 }
 
 impl RpCtx {
+    /// RECV_BITMAP's dump for `ramblock` (`ram_dirty_bitmap_reload`): read whole, checked
+    /// against the block, and turned into the pages the destination lacks.
+    fn recv_bitmap(
+        &self,
+        r: &mut StreamReader<BoxRead>,
+        ramblock: &str,
+    ) -> Result<(usize, Vec<u64>), String> {
+        let src = self
+            .src
+            .get()
+            .ok_or_else(|| "RP: RECV_BITMAP before postcopy".to_string())?;
+        let (bi, pages) = src
+            .blocks()
+            .enumerate()
+            .find(|(_, (n, _))| *n == ramblock)
+            .map(|(i, (_, p))| (i, p))
+            .ok_or_else(|| format!("RP: RECV_BITMAP for unknown block '{ramblock}'"))?;
+        let limit = crate::postcopy::received::dump_len(pages);
+        let dump = wire::return_path::read_recv_bitmap_dump(r, ramblock, limit)
+            .map_err(|e| format!("RP: {e}"))?;
+        let dirty = crate::postcopy::received::dirty_from_dump(ramblock, pages, &dump)
+            .map_err(|e| e.to_string())?;
+        Ok((bi, dirty))
+    }
+
     /// A request for `len` bytes at `offset` of `block`: checked, then answered on the
     /// preempt channel or handed to `migration-out`. Err ends the thread.
     fn request(
@@ -944,12 +1156,18 @@ fn spawn_return_path(
                         Some(b) => ctx.request(&tx, b, start, u64::from(len)),
                         None => Err("RP: REQ_PAGES before any REQ_PAGES_ID".into()),
                     },
-                    Ok(other) => {
-                        let _ = tx.send(RpEvent::Closed(format!(
-                            "RP: unexpected message {}",
-                            other.name()
-                        )));
-                        return;
+                    Ok(RpMessage::RecvBitmap { ramblock }) => {
+                        match ctx.recv_bitmap(&mut r, &ramblock) {
+                            Ok((block, dirty)) => {
+                                let _ = tx.send(RpEvent::RecvBitmap { block, dirty });
+                                Ok(())
+                            }
+                            Err(e) => Err(e),
+                        }
+                    }
+                    Ok(RpMessage::ResumeAck(v)) => {
+                        let _ = tx.send(RpEvent::ResumeAck(v));
+                        Ok(())
                     }
                     Err(e) => {
                         let _ = tx.send(RpEvent::Closed(format!("RP: {e}")));
@@ -966,6 +1184,39 @@ fn spawn_return_path(
     Ok(rx)
 }
 
+/// The next return-path event during a recovery handshake (`None` of the channel means the
+/// destination went away again).
+fn recv_recovery(shared: &Shared, rp: &mpsc::Receiver<RpEvent>) -> Result<RpEvent, MigrationError> {
+    loop {
+        match rp.recv_timeout(Duration::from_millis(100)) {
+            // Requests of faults before RESUME wait for RESUME_ACK, when the destination
+            // sends every pending one again.
+            Ok(RpEvent::Request { .. }) => {}
+            Ok(ev) => return Ok(ev),
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                if shared.lock().shutting_down {
+                    return Err(MigrationError::Other("The VM is shutting down".into()));
+                }
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                return Err(MigrationError::Other(
+                    "the return path ended during the recovery".into(),
+                ))
+            }
+        }
+    }
+}
+
+fn unexpected_in_recovery(ev: RpEvent) -> MigrationError {
+    MigrationError::Other(match ev {
+        RpEvent::Closed(why) | RpEvent::Failed(why) => why,
+        RpEvent::Shut(n) => format!("the destination ended the migration (SHUT {n})"),
+        RpEvent::ResumeAck(v) => format!("RESUME_ACK {v} before the received maps"),
+        RpEvent::RecvBitmap { .. } => "RECV_BITMAP after POSTCOPY_RESUME".into(),
+        RpEvent::Request { .. } => "a page request".into(),
+    })
+}
+
 fn wait_for_shut(
     shared: &Shared,
     generation: Generation,
@@ -980,6 +1231,11 @@ fn wait_for_shut(
             // Pages asked for after the last one went out: they are on their way.
             Ok(RpEvent::Request { .. }) => {}
             Ok(RpEvent::Failed(why)) => return Err(MigrationError::Other(why)),
+            Ok(RpEvent::RecvBitmap { .. } | RpEvent::ResumeAck(_)) => {
+                return Err(MigrationError::Other(
+                    "RP: recovery message outside a recovery".into(),
+                ))
+            }
             Ok(RpEvent::Shut(n)) => return Err(MigrationError::SiblingError(n)),
             Ok(RpEvent::Closed(why)) => {
                 return Err(MigrationError::Other(format!(

@@ -1,6 +1,6 @@
 //! The migration commands, as one [`CommandSet`] over a [`Migration`]: `migrate`,
 //! `migrate-incoming`, `migrate_cancel`, `migrate-continue`, `migrate-start-postcopy`,
-//! `migrate-set-capabilities`,
+//! `migrate-pause`, `migrate-recover`, `migrate-set-capabilities`,
 //! `query-migrate-capabilities`, `migrate-set-parameters`, `query-migrate-parameters` and
 //! `query-migrate`.
 //!
@@ -26,6 +26,8 @@ pub const COMMANDS: &[&str] = &[
     "migrate_cancel",
     "migrate-continue",
     "migrate-start-postcopy",
+    "migrate-pause",
+    "migrate-recover",
     "migrate-set-capabilities",
     "query-migrate-capabilities",
     "migrate-set-parameters",
@@ -102,11 +104,10 @@ impl CommandSet for MigrationCommands {
                     ));
                 }
                 if resume {
-                    return Err(QmpError::generic(
-                        "Cannot resume if there is no paused migration",
-                    ));
+                    mig.resume(&uri)?;
+                } else {
+                    mig.migrate(&uri)?;
                 }
-                mig.migrate(&uri)?;
             }
             "migrate-incoming" => {
                 let uri = a.req_str("uri")?;
@@ -120,6 +121,15 @@ impl CommandSet for MigrationCommands {
             "migrate-start-postcopy" => {
                 a.finish()?;
                 mig.start_postcopy()?;
+            }
+            "migrate-pause" => {
+                a.finish()?;
+                mig.pause()?;
+            }
+            "migrate-recover" => {
+                let uri = a.req_str("uri")?;
+                a.finish()?;
+                mig.recover(&uri)?;
             }
             "migrate-continue" => {
                 let state = a.req_qapi_enum::<MigrationStatus>("state")?;

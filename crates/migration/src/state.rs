@@ -20,7 +20,7 @@
 //! | `device` | `completed`, `failed`, `cancelling`, `postcopy-active` |
 //! | `cancelling` | `cancelled`, `completed` (the cancel came after the destination confirmed the whole stream: too late to take the guest back) |
 //! | `postcopy-active` | `completed`, `failed`, `postcopy-paused` |
-//! | `postcopy-paused` | `postcopy-recover` (`migrate resume=true`) |
+//! | `postcopy-paused` | `postcopy-recover` (`migrate resume=true`), `failed` (the VM shuts down while paused) |
 //! | `postcopy-recover` | `postcopy-active`, `postcopy-paused` |
 //!
 //! Destination (`Side::Incoming`):
@@ -31,15 +31,17 @@
 //! | `setup` | `active`, `failed` |
 //! | `active` | `completed`, `failed`, `postcopy-active` |
 //! | `postcopy-active` | `completed`, `failed`, `postcopy-paused` |
-//! | `postcopy-paused` | `postcopy-recover` |
+//! | `postcopy-paused` | `postcopy-recover`, `failed` (the VM shuts down while paused) |
 //! | `postcopy-recover` | `postcopy-active`, `postcopy-paused` |
 //!
 //! Nothing else is legal, a state to itself included. `colo` and `wait-unplug` are 7.2 names
 //! livemig never enters (`x-colo` is refused; there are no failover devices). The postcopy
 //! rows are those QEMU 7.2 has, with livemig's switchover (which always passes through
 //! `device`) in front of them: postcopy takes `device → postcopy-active` on the source and
-//! `active → postcopy-active` on the destination; `postcopy-paused` and `postcopy-recover`
-//! wait for postcopy recovery, which is not built yet.
+//! `active → postcopy-active` on the destination; a cut link or `migrate-pause` takes
+//! `postcopy-active → postcopy-paused`, and a recovery `postcopy-paused → postcopy-recover →
+//! postcopy-active` (a recovery that fails goes back to `postcopy-paused`). livemig adds
+//! `postcopy-paused → failed` for a VM that shuts down while paused (QEMU just exits).
 //!
 //! # Guards
 //!
@@ -92,7 +94,7 @@ pub fn is_legal(side: Side, from: MigrationStatus, to: MigrationStatus) -> bool 
                 | (Device, Completed | Failed | Cancelling | PostcopyActive)
                 | (Cancelling, Cancelled | Completed)
                 | (PostcopyActive, Completed | Failed | PostcopyPaused)
-                | (PostcopyPaused, PostcopyRecover)
+                | (PostcopyPaused, PostcopyRecover | Failed)
                 | (PostcopyRecover, PostcopyActive | PostcopyPaused)
         ),
         Side::Incoming => matches!(
@@ -101,7 +103,7 @@ pub fn is_legal(side: Side, from: MigrationStatus, to: MigrationStatus) -> bool 
                 | (Setup, Active | Failed)
                 | (Active, Completed | Failed | PostcopyActive)
                 | (PostcopyActive, Completed | Failed | PostcopyPaused)
-                | (PostcopyPaused, PostcopyRecover)
+                | (PostcopyPaused, PostcopyRecover | Failed)
                 | (PostcopyRecover, PostcopyActive | PostcopyPaused)
         ),
     }
@@ -179,6 +181,10 @@ pub(crate) struct OutState {
     continue_requested: bool,
     /// `migrate-start-postcopy` was asked for: switch to postcopy at the next round.
     pub postcopy_requested: bool,
+    /// `migrate URI resume=true`, for the migration thread waiting in `postcopy-paused`.
+    resume_uri: Option<crate::transport::MigrationUri>,
+    /// Why postcopy paused (shown as `error-desc` while paused or recovering).
+    pub pause_reason: Option<String>,
     /// The channel, once connected: a cancel shuts it down so a blocked write returns.
     shutdown: Option<ShutdownHandle>,
     /// `error-desc` of a failed migration.
@@ -198,6 +204,8 @@ impl OutState {
             cancel_requested: false,
             continue_requested: false,
             postcopy_requested: false,
+            resume_uri: None,
+            pause_reason: None,
             shutdown: None,
             error: None,
             started: None,
@@ -244,6 +252,12 @@ pub(crate) struct InState {
     /// Guest RAM in postcopy, from ADVISE on (blocktime, latency and page counts for
     /// `query-migrate`).
     pub postcopy: Option<Arc<crate::postcopy::PostcopyRam>>,
+    /// `migrate-recover`'s listener, for the listen thread waiting in `postcopy-paused`.
+    recover_listener: Option<crate::transport::Listener>,
+    /// `migrate-recover` was accepted and its connection has not come yet.
+    recover_triggered: bool,
+    /// Why postcopy paused (shown as `error-desc` while paused or recovering).
+    pub pause_reason: Option<String>,
 }
 
 impl InState {
@@ -297,6 +311,9 @@ impl Shared {
                     shutdown: None,
                     warnings: Vec::new(),
                     postcopy: None,
+                    recover_listener: None,
+                    recover_triggered: false,
+                    pause_reason: None,
                 },
             }),
             cond: Condvar::new(),
@@ -520,6 +537,183 @@ impl Shared {
         Ok(())
     }
 
+    // ---- postcopy pause and recovery ----
+
+    /// `migrate-pause`: shuts the channel of the migration that is `postcopy-active` down
+    /// (source first, as QEMU looks); its threads then see the I/O error and pause.
+    pub(crate) fn request_pause(&self) -> Result<(), MigrationError> {
+        let inner = self.lock();
+        if inner.out.status() == MigrationStatus::PostcopyActive {
+            if let Some(h) = &inner.out.shutdown {
+                h.shutdown();
+            }
+            return Ok(());
+        }
+        if inner.inc.status() == MigrationStatus::PostcopyActive {
+            if let Some(h) = &inner.inc.shutdown {
+                h.shutdown();
+            }
+            return Ok(());
+        }
+        Err(MigrationError::Other(
+            "migrate-pause is currently only supported during postcopy-active state".into(),
+        ))
+    }
+
+    /// The source's migration thread pauses postcopy (`postcopy-active` or
+    /// `postcopy-recover` → `postcopy-paused`) because of `why`.
+    pub(crate) fn pause_outgoing(
+        &self,
+        generation: Generation,
+        why: String,
+    ) -> Result<(), MigrationError> {
+        let mut inner = self.lock();
+        if inner.out.generation != generation {
+            return Err(MigrationError::Cancelled);
+        }
+        inner.out.pause_reason = Some(why);
+        inner.out.resume_uri = None;
+        inner.out.shutdown = None;
+        if inner.out.status() != MigrationStatus::PostcopyPaused {
+            self.go(&mut inner, Side::Outgoing, MigrationStatus::PostcopyPaused)?;
+        }
+        Ok(())
+    }
+
+    /// `migrate URI resume=true`: hands `uri` to the migration thread paused in postcopy.
+    pub(crate) fn request_resume(
+        &self,
+        uri: crate::transport::MigrationUri,
+    ) -> Result<(), MigrationError> {
+        let mut inner = self.lock();
+        if inner.out.status() != MigrationStatus::PostcopyPaused || inner.out.resume_uri.is_some() {
+            return Err(MigrationError::Other(
+                "Cannot resume if there is no paused migration".into(),
+            ));
+        }
+        inner.out.resume_uri = Some(uri);
+        self.cond.notify_all();
+        Ok(())
+    }
+
+    /// The paused source waits for `migrate ... resume=true`; `None` when the VM shuts down.
+    pub(crate) fn wait_resume(
+        &self,
+        generation: Generation,
+    ) -> Option<crate::transport::MigrationUri> {
+        let mut inner = self.lock();
+        loop {
+            if inner.shutting_down || inner.out.generation != generation {
+                return None;
+            }
+            if let Some(u) = inner.out.resume_uri.take() {
+                return Some(u);
+            }
+            inner = self.cond.wait(inner).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    /// The resumed source's new channel: a pause or a shutdown shuts this one down now.
+    pub(crate) fn attach_resumed_channel(&self, generation: Generation, handle: &ShutdownHandle) {
+        let mut inner = self.lock();
+        if inner.out.generation == generation {
+            inner.out.shutdown = Some(handle.clone());
+        }
+    }
+
+    /// Moves the source to `to` in recovery (`postcopy-recover`, then `postcopy-active`);
+    /// unlike [`Shared::advance`], a cancel cannot get in the way (postcopy refuses it).
+    pub(crate) fn advance_recovery(
+        &self,
+        generation: Generation,
+        to: MigrationStatus,
+    ) -> Result<(), MigrationError> {
+        let mut inner = self.lock();
+        if inner.out.generation != generation {
+            return Err(MigrationError::Cancelled);
+        }
+        self.go(&mut inner, Side::Outgoing, to)?;
+        if to == MigrationStatus::PostcopyActive {
+            inner.out.pause_reason = None;
+        }
+        Ok(())
+    }
+
+    /// The destination pauses postcopy because of `why`.
+    pub(crate) fn pause_incoming(&self, why: String) -> Result<(), IllegalTransition> {
+        let mut inner = self.lock();
+        inner.inc.pause_reason = Some(why);
+        inner.inc.recover_triggered = false;
+        inner.inc.recover_listener = None;
+        if inner.inc.status() == MigrationStatus::PostcopyPaused {
+            return Ok(());
+        }
+        self.go(&mut inner, Side::Incoming, MigrationStatus::PostcopyPaused)
+    }
+
+    /// `migrate-recover`: hands a bound listener to the paused destination.
+    pub(crate) fn request_recover(
+        &self,
+        bind: impl FnOnce() -> Result<crate::transport::Listener, MigrationError>,
+    ) -> Result<(), MigrationError> {
+        let mut inner = self.lock();
+        if inner.inc.status() != MigrationStatus::PostcopyPaused {
+            return Err(MigrationError::Other(
+                "Migrate recover can only be run when postcopy is paused.".into(),
+            ));
+        }
+        if inner.inc.recover_triggered {
+            return Err(MigrationError::Other(
+                "Migrate recovery is triggered already".into(),
+            ));
+        }
+        let l = bind()?;
+        if let Some(port) = l.local_port() {
+            if let Some((_, p)) = inner.inc.port.as_mut() {
+                *p = port;
+            }
+        }
+        inner.inc.recover_listener = Some(l);
+        inner.inc.recover_triggered = true;
+        self.cond.notify_all();
+        Ok(())
+    }
+
+    /// The paused destination waits for `migrate-recover`'s listener; `None` when the VM
+    /// shuts down.
+    pub(crate) fn wait_recover(&self) -> Option<crate::transport::Listener> {
+        let mut inner = self.lock();
+        loop {
+            if inner.shutting_down {
+                return None;
+            }
+            if let Some(l) = inner.inc.recover_listener.take() {
+                return Some(l);
+            }
+            inner = self.cond.wait(inner).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    /// The destination's recovery connection came: `postcopy-recover`, and its channel is
+    /// the one `migrate-pause` and a shutdown shut down from now on.
+    pub(crate) fn incoming_recovering(
+        &self,
+        handle: &ShutdownHandle,
+    ) -> Result<(), MigrationError> {
+        let mut inner = self.lock();
+        inner.inc.shutdown = Some(handle.clone());
+        inner.inc.recover_triggered = false;
+        self.go(&mut inner, Side::Incoming, MigrationStatus::PostcopyRecover)?;
+        Ok(())
+    }
+
+    /// POSTCOPY_RESUME on the destination: `postcopy-active` again.
+    pub(crate) fn incoming_resumed(&self) -> Result<(), IllegalTransition> {
+        let mut inner = self.lock();
+        inner.inc.pause_reason = None;
+        self.go(&mut inner, Side::Incoming, MigrationStatus::PostcopyActive)
+    }
+
     /// Whether the guest may be resumed after a failed or cancelled migration: not while the
     /// VM shuts down (QEMU's `migrate_fd_cleanup` does not restart a VM that is shutting
     /// down).
@@ -536,6 +730,7 @@ impl Shared {
         {
             let mut inner = self.lock();
             inner.shutting_down = true;
+            self.cond.notify_all();
             if inner.inc.status().is_running() {
                 if let Some(h) = &inner.inc.shutdown {
                     h.shutdown();
@@ -668,7 +863,7 @@ mod tests {
         (Cancelled, &[Setup]),
         (Active, &[PreSwitchover, Device, Failed, Cancelling]),
         (PostcopyActive, &[Completed, Failed, PostcopyPaused]),
-        (PostcopyPaused, &[PostcopyRecover]),
+        (PostcopyPaused, &[PostcopyRecover, Failed]),
         (PostcopyRecover, &[PostcopyActive, PostcopyPaused]),
         (Completed, &[Setup]),
         (Failed, &[Setup]),
@@ -684,7 +879,7 @@ mod tests {
         (Cancelled, &[]),
         (Active, &[Completed, Failed, PostcopyActive]),
         (PostcopyActive, &[Completed, Failed, PostcopyPaused]),
-        (PostcopyPaused, &[PostcopyRecover]),
+        (PostcopyPaused, &[PostcopyRecover, Failed]),
         (PostcopyRecover, &[PostcopyActive, PostcopyPaused]),
         (Completed, &[]),
         (Failed, &[]),

@@ -318,6 +318,63 @@ fn forward_until_ram_end(src: UnixStream, mut dst: UnixStream, sh: &ProxyShared,
     }
 }
 
+/// A relay for postcopy's faults: every connection made to it (main channel, preempt
+/// channel, a recovery's) is forwarded byte for byte to the destination, and [`Relay::cut`]
+/// breaks them all at once, as a network outage would (both ends see their channels fail;
+/// new connections still go through).
+#[allow(dead_code)] // not every test binary that includes this module uses it
+pub struct Relay {
+    conns: Arc<Mutex<Vec<UnixStream>>>,
+}
+
+#[allow(dead_code)]
+impl Relay {
+    /// Listens on `listen` and forwards to `target`.
+    pub fn start(listen: &Path, target: &Path) -> Relay {
+        let listener = UnixListener::bind(listen).expect("relay bind");
+        let conns: Arc<Mutex<Vec<UnixStream>>> = Arc::default();
+        let c = conns.clone();
+        let target = target.to_path_buf();
+        std::thread::spawn(move || {
+            for src in listener.incoming() {
+                let Ok(src) = src else { return };
+                let Ok(dst) = UnixStream::connect(&target) else {
+                    let _ = src.shutdown(Shutdown::Both);
+                    continue;
+                };
+                let (Ok(s1), Ok(d1), Ok(s2), Ok(d2)) = (
+                    src.try_clone(),
+                    dst.try_clone(),
+                    src.try_clone(),
+                    dst.try_clone(),
+                ) else {
+                    continue;
+                };
+                c.lock().unwrap_or_else(|p| p.into_inner()).extend([s1, d1]);
+                for (mut from, mut to) in [(src, dst), (d2, s2)] {
+                    std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut from, &mut to);
+                        let _ = to.shutdown(Shutdown::Write);
+                    });
+                }
+            }
+        });
+        Relay { conns }
+    }
+
+    /// Breaks every connection made so far.
+    pub fn cut(&self) {
+        for c in self
+            .conns
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain(..)
+        {
+            let _ = c.shutdown(Shutdown::Both);
+        }
+    }
+}
+
 /// A unix listener that never accepts, owned by a separate process (python3), with its
 /// backlog of zero filled: a connect to it hangs until the process dies, and then fails
 /// with "Connection refused" — a destination killed while the source is still connecting.

@@ -112,6 +112,9 @@ pub enum Control {
     },
     /// Use this return path from now on (a recovery's new connection).
     Attach(RpWriter),
+    /// The return path is gone (postcopy paused): requests are recorded, not sent, until
+    /// the next [`Control::Attach`].
+    Detach,
     /// Request every page still pending (after RESUME_ACK).
     ResendPending,
 }
@@ -278,6 +281,10 @@ fn run(ram: &PostcopyRam, ctl: &Ctl, mut rp: Option<RpWriter>) -> Option<RpWrite
 
 fn control(ram: &PostcopyRam, ctl: &Ctl, rp: &mut Option<RpWriter>, c: Control) {
     let result = match c {
+        Control::Detach => {
+            *rp = None;
+            Ok(())
+        }
         Control::Attach(w) => {
             *rp = Some(w);
             *ctl.rp_error.lock().unwrap_or_else(|p| p.into_inner()) = None;

@@ -15,6 +15,7 @@
 //! | [`placement`] | [`PostcopyRam`]: the destination's guest RAM in postcopy — place, discard, classify faults |
 //! | [`fault`] | the destination's fault thread, which owns the return path while postcopy runs |
 //! | [`preempt`] | the destination's page records: one placed, and the `postcopy-preempt` channel's loop |
+//! | [`recovery`] | the destination's side of pause and recovery: preempt threads, `migrate-recover`'s connections |
 //! | [`source`] | the source's pages still to send, shared by the background push and the preempt answers |
 
 pub mod blocktime;
@@ -23,6 +24,7 @@ pub mod fault;
 pub mod placement;
 pub mod preempt;
 pub mod received;
+pub mod recovery;
 pub mod requests;
 pub mod source;
 pub mod uffd;
