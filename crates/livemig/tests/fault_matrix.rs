@@ -162,6 +162,17 @@ fn bitmaps_of(lm: &mut Lm) -> Vec<Value> {
 }
 
 fn snapshot(lm: &mut Lm) -> Snapshot {
+    let (bitmaps, sha) = bitmap_hashes(lm);
+    Snapshot {
+        ram: lm.ram_checksum(),
+        bitmaps,
+        sha,
+    }
+}
+
+/// The bitmaps of `d0`/`d1` and their hashes (node, name, sha256).
+#[allow(clippy::type_complexity)]
+fn bitmap_hashes(lm: &mut Lm) -> (Vec<Value>, Vec<(String, String, String)>) {
     let bitmaps = bitmaps_of(lm);
     let mut sha = Vec::new();
     for b in &bitmaps {
@@ -174,11 +185,7 @@ fn snapshot(lm: &mut Lm) -> Snapshot {
         let h = r["sha256"].as_str().unwrap_or_default().to_string();
         sha.push((node, name, h));
     }
-    Snapshot {
-        ram: lm.ram_checksum(),
-        bitmaps,
-        sha,
-    }
+    (bitmaps, sha)
 }
 
 fn qemu_io_ok(lm: &mut Lm, cmd: &str, expect: &str) {
@@ -771,4 +778,166 @@ fn device_kill_destination() {
 #[test]
 fn device_cut_connection() {
     run_cell(Phase::Device, Fault::CutConnection);
+}
+
+// ---- Postcopy (issue 10) ----
+//
+// The same source (qcow2 `d0` with its bitmaps, `d1`), migrated with `postcopy-ram` through a
+// relay to a destination on its own image that runs the guest as soon as postcopy starts; the
+// background push is slowed down so the fault strikes with most of RAM still on the source.
+// Nothing that can be kept is lost: a cut pauses both ends and a recovery completes the
+// migration (RAM verifies page by page, every migrated bitmap has the source's bits); a dead
+// end leaves the other paused, serving QMP, saying what a retry can do, and quitting cleanly;
+// `migrate_cancel` is refused and the migration goes on.
+
+/// What strikes during postcopy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum PostcopyFault {
+    /// The relay breaks every connection.
+    Cut,
+    /// SIGKILL to the source.
+    KillSource,
+    /// SIGKILL to the destination.
+    KillDestination,
+    /// `migrate_cancel` on the source.
+    Cancel,
+}
+
+/// The migrated bitmaps' hashes of `s` (all but `pn`).
+fn migrated_sha(s: &Snapshot) -> Vec<(String, String, String)> {
+    s.sha
+        .iter()
+        .filter(|(_, n, _)| n != "pn")
+        .cloned()
+        .collect()
+}
+
+/// Waits for both ends to be `postcopy-active` again after a recovery, then lets the push go
+/// and checks the outcome: both `completed`, the destination's RAM valid page by page and
+/// its bitmaps the source's.
+fn postcopy_completes(src: &mut Lm, dst: &mut Lm, before: &Snapshot) {
+    src.set_params(json!({"max-postcopy-bandwidth": 0}));
+    src.wait_completed();
+    dst.wait_completed();
+    dst.ok("stop", json!({}));
+    let v = dst.verify_ram();
+    assert_eq!(v["corrupt"], 0, "destination RAM: {v}");
+    assert!(v["valid"].as_u64().unwrap_or(0) >= FILL_PAGES16, "{v}");
+    let got = bitmap_hashes(dst).1;
+    assert_eq!(got, migrated_sha(before), "the destination's bitmaps");
+}
+
+fn run_postcopy_cell(fault: PostcopyFault) {
+    if !testkit::require(&format!("postcopy/{fault:?}"), testkit::qemu()) {
+        return;
+    }
+    let dir = tempdir();
+    let img = dir.path().join("src.qcow2");
+    create_qcow2(&img, DISK_SIZE, &[("pb", 65536), ("pn", 65536)]);
+    let mut src = start_source(dir.path(), "src", &img, true);
+    let before = snapshot(&mut src);
+    let target = dir.path().join("mig.sock");
+    let relay_path = dir.path().join("relay.sock");
+    let relay = Relay::start(&relay_path, &target);
+    let mut dst = start_destination(
+        dir.path(),
+        "dst",
+        &format!("unix:{}", target.display()),
+        false,
+        None,
+    );
+    for lm in [&mut src, &mut dst] {
+        lm.caps_on(&["postcopy-ram"]);
+    }
+    src.set_params(json!({"max-bandwidth": 1 << 20, "max-postcopy-bandwidth": 256 << 10}));
+    src.migrate(&format!("unix:{}", relay_path.display()));
+    src.wait_migration(&["active"]);
+    src.ok("migrate-start-postcopy", json!({}));
+    src.wait_migration(&["postcopy-active"]);
+    dst.wait_migration(&["postcopy-active"]);
+    let paused = |lm: &mut Lm| {
+        let q = lm.wait_migration(&["postcopy-paused", "failed", "completed"]);
+        assert_eq!(q["status"], "postcopy-paused", "{}: {q}", lm.name);
+        q["error-desc"].as_str().unwrap_or_default().to_string()
+    };
+    match fault {
+        PostcopyFault::Cut => {
+            relay.cut();
+            paused(&mut src);
+            paused(&mut dst);
+            assert_eq!(dst.status(), "running");
+            assert_eq!(src.status(), "finish-migrate");
+            let rec = format!("unix:{}", dir.path().join("rec.sock").display());
+            dst.ok("migrate-recover", json!({ "uri": rec }));
+            src.ok("migrate", json!({ "uri": rec, "resume": true }));
+            src.wait_migration(&["postcopy-active", "completed"]);
+            postcopy_completes(&mut src, &mut dst, &before);
+            quit(dst);
+            quit(src);
+        }
+        PostcopyFault::Cancel => {
+            assert_eq!(
+                src.err("migrate_cancel", json!({})),
+                "Postcopy migration in progress, cannot cancel."
+            );
+            postcopy_completes(&mut src, &mut dst, &before);
+            quit(dst);
+            quit(src);
+        }
+        PostcopyFault::KillSource => {
+            let _ = src.proc.child.kill();
+            let why = paused(&mut dst);
+            assert!(why.contains("migrate-recover"), "{why}");
+            assert_eq!(dst.status(), "running");
+            // Reading all of RAM would wait for pages that are on the dead source: refused
+            // rather than hanging the monitor.
+            let e = dst.err("x-livemig-ram-checksum", json!({}));
+            assert!(e.contains("still on the source"), "{e}");
+            // Its bitmaps arrived whole before the switch and stay.
+            assert_eq!(bitmap_hashes(&mut dst).1, migrated_sha(&before));
+            quit(dst);
+        }
+        PostcopyFault::KillDestination => {
+            let _ = dst.proc.child.kill();
+            let why = paused(&mut src);
+            assert!(
+                why.contains("same destination process")
+                    && why.contains("a new destination cannot"),
+                "{why}"
+            );
+            assert_eq!(src.status(), "finish-migrate");
+            // The source keeps the bitmaps it was migrating as they were (`pn`, which does
+            // not migrate, was stored to the image at the switch and released, as in every
+            // hand-over), and its RAM.
+            assert_eq!(bitmap_hashes(&mut src).1, migrated_sha(&before));
+            assert_eq!(src.ram_checksum(), before.ram);
+            quit(src);
+            assert_image_clean(&img);
+            let left = image_bitmaps(&img);
+            assert!(
+                left.contains(&json!({"flags": ["auto"], "name": "pn", "granularity": 65536})),
+                "{left:?}"
+            );
+        }
+    }
+}
+
+#[test]
+fn postcopy_cut_connection() {
+    run_postcopy_cell(PostcopyFault::Cut);
+}
+
+#[test]
+fn postcopy_kill_source() {
+    run_postcopy_cell(PostcopyFault::KillSource);
+}
+
+#[test]
+fn postcopy_kill_destination() {
+    run_postcopy_cell(PostcopyFault::KillDestination);
+}
+
+#[test]
+fn postcopy_cancel() {
+    run_postcopy_cell(PostcopyFault::Cancel);
 }

@@ -346,6 +346,19 @@ impl Migration {
         self.shared.lock().inc.status()
     }
 
+    /// Guest RAM pages the destination has not received while its postcopy is paused or
+    /// recovering: touching one blocks until a recovery brings it, so a monitor command that
+    /// reads all of guest RAM must not run then (0 in any other state).
+    pub fn pages_awaiting_recovery(&self) -> u64 {
+        let inner = self.shared.lock();
+        match (inner.inc.status(), &inner.inc.postcopy) {
+            (MigrationStatus::PostcopyPaused | MigrationStatus::PostcopyRecover, Some(pc)) => {
+                pc.missing_pages()
+            }
+            _ => 0,
+        }
+    }
+
     /// Waits until the outgoing migration reaches one of `statuses`, or `timeout` passes.
     pub fn wait_outgoing(
         &self,

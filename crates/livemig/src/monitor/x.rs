@@ -37,6 +37,17 @@ impl CommandSet for LivemigCommands {
     fn dispatch(&self, name: &str, a: Args) -> Result<Reply, QmpError> {
         a.finish()?;
         let vm = &self.app.vm;
+        if matches!(name, "x-livemig-ram-checksum" | "x-livemig-verify-ram") {
+            // Reading a page that is still on the source would hang the monitor until a
+            // recovery that may never come (the source may be dead).
+            let held = self.app.mig.pages_awaiting_recovery();
+            if held > 0 {
+                return Err(QmpError::generic(format!(
+                    "{name}: {held} pages of guest RAM are still on the source and postcopy is \
+                     paused: reading them would wait for a recovery"
+                )));
+            }
+        }
         let v = match name {
             "x-livemig-ram-checksum" => json!({ "checksum": vm.ram_checksum() }),
             "x-livemig-verify-ram" => {
