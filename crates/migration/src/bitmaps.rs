@@ -737,6 +737,45 @@ impl BitmapLoader {
         warnings
     }
 
+    /// At postcopy's switch, with bitmaps still to come (QEMU's `dirty_bitmap_mig_before_vm_start`
+    /// in postcopy): a completed bitmap is enabled as in precopy; an incomplete enabled one
+    /// has its successor enabled, so the guest's writes on this side are recorded from the
+    /// first one on and merged in at COMPLETE (the final bitmap is the source's ∪ the writes
+    /// here); incomplete bitmaps stay busy until their COMPLETE. Returns warnings.
+    pub fn before_vm_start_postcopy(&mut self) -> Vec<String> {
+        let mut warnings = std::mem::take(&mut self.errors);
+        let mut pending = Vec::new();
+        for b in std::mem::take(&mut self.bitmaps) {
+            if b.completed {
+                if b.enable {
+                    b.node.with_bitmaps(|list| {
+                        if let Some(bm) = list.get_mut(b.id) {
+                            bm.set_disabled(false);
+                        }
+                    });
+                }
+                continue;
+            }
+            if b.enable {
+                if let Err(e) = b.node.with_bitmaps(|list| list.enable_successor(b.id)) {
+                    let e = format!(
+                        "Bitmap '{}' on node '{}' dropped: {e}",
+                        b.name,
+                        b.node.name()
+                    );
+                    log::error!("dirty bitmap migration: {e}");
+                    warnings.push(e);
+                    self.dropped.push((b.node_alias.clone(), b.alias.clone()));
+                    release(&b);
+                    continue;
+                }
+            }
+            pending.push(b);
+        }
+        self.bitmaps = pending;
+        warnings
+    }
+
     /// Drops every bitmap still being received (the incoming migration failed).
     pub fn cancel(&mut self, why: &str) {
         for b in std::mem::take(&mut self.bitmaps) {

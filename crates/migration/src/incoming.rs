@@ -417,11 +417,11 @@ impl StreamLoader {
         if let Some((shared, _)) = &self.engine {
             shared.advance_incoming(MigrationStatus::PostcopyActive)?;
         }
-        // Everything that came before LISTEN is complete: bitmaps arrived whole (livemig's
-        // source sends them before the switch), so they are enabled now, before any guest
-        // write on this side.
+        // Bitmaps that arrived whole (livemig's source sends them before the switch) are
+        // enabled now, before any guest write on this side; those still to come (a QEMU
+        // source sends them in postcopy) record this side's writes in their successors.
         if let Some(b) = self.bitmaps.as_mut() {
-            let w = b.before_vm_start();
+            let w = b.before_vm_start_postcopy();
             self.warnings.extend(w);
         }
         let preempt = self.preempt.take();
@@ -567,6 +567,15 @@ impl StreamLoader {
             self.warnings.extend(warnings);
         }
         Ok(())
+    }
+
+    /// After a postcopy stream's EOF: bitmaps whose COMPLETE never came are dropped, each
+    /// named in the warnings (QEMU only says that "some dirty bitmaps may be lost").
+    pub fn finish_postcopy(&mut self) {
+        if let Some(b) = self.bitmaps.as_mut() {
+            let warnings = b.before_vm_start();
+            self.warnings.extend(warnings);
+        }
     }
 
     /// Drops what a failed load left behind (incoming bitmaps), so nothing stays half-made.
@@ -978,6 +987,7 @@ pub(crate) fn run(job: Job) {
         .and_then(|_| loader.load_body(&mut r))
         .and_then(|_| {
             if loader.postcopy_ran() {
+                loader.finish_postcopy();
                 return Ok(());
             }
             // QEMU's `late-block-activate`: with it, the disks are activated now only if the
