@@ -15,7 +15,8 @@ pub enum Capability {
     Xbzrle,
     /// RDMA pinning (not implemented).
     RdmaPinAll,
-    /// vCPU throttling when migration does not converge (not implemented).
+    /// Throttle the vCPUs when the guest dirties memory faster than it is sent
+    /// (`policy::AutoConverge`, through `Machine::throttle_vcpus`).
     AutoConverge,
     /// Removed block-migration zero detection (not implemented).
     ZeroBlocks,
@@ -114,6 +115,7 @@ impl Capability {
         matches!(
             self,
             Capability::Events
+                | Capability::AutoConverge
                 | Capability::PostcopyRam
                 | Capability::PostcopyBlocktime
                 | Capability::PostcopyPreempt

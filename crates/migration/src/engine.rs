@@ -88,6 +88,8 @@ pub struct OutgoingStats {
     pub expected_downtime_ms: AtomicU64,
     /// Bytes of dirty bitmaps still to send at switchover.
     pub bitmap_bytes: AtomicU64,
+    /// The vCPU throttle auto-converge has set, % (0: none); `cpu-throttle-percentage`.
+    pub cpu_throttle_percentage: AtomicU64,
 }
 
 /// Options a VMM fixes when it creates the migration object.
@@ -144,6 +146,14 @@ impl Migration {
         let mut inner = self.shared.lock();
         if inner.out.status().is_running() {
             return Err(MigrationError::InProgress);
+        }
+        let throttle_on = changes
+            .iter()
+            .any(|(c, on)| *c == Capability::AutoConverge && *on);
+        if throttle_on && !self.machine.can_throttle_vcpus() {
+            return Err(MigrationError::InvalidParameter(
+                "Capability 'auto-converge' is not supported by this machine: it cannot throttle its vCPUs".into(),
+            ));
         }
         inner.caps.apply(changes)
     }
@@ -441,6 +451,12 @@ impl Migration {
                         }),
                     );
                 }
+                // As QEMU: only while the vCPUs are throttled (the migration lifts the
+                // throttle when it ends).
+                let throttle = s.cpu_throttle_percentage.load(Ordering::Relaxed);
+                if throttle > 0 {
+                    m.insert("cpu-throttle-percentage".into(), json!(throttle));
+                }
                 m.insert("total-time".into(), json!(elapsed));
                 if st == MigrationStatus::Completed {
                     if let Some(d) = o.downtime_ms {
@@ -535,5 +551,55 @@ impl Migration {
     /// The machine this object migrates.
     pub fn machine(&self) -> &Arc<dyn Machine> {
         &self.machine
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::events::NoEvents;
+    use crate::guest::RamBlock;
+    use crate::machine::DeviceState;
+    use crate::runstate::RunState;
+
+    /// A VMM that cannot throttle its vCPUs (the trait's default).
+    struct NoThrottle;
+
+    impl Machine for NoThrottle {
+        fn machine_type(&self) -> String {
+            "none".into()
+        }
+        fn ram_blocks(&self) -> Vec<Arc<dyn RamBlock>> {
+            vec![]
+        }
+        fn devices(&self) -> Vec<Arc<dyn DeviceState>> {
+            vec![]
+        }
+        fn block_layer(&self) -> Option<Arc<block::BlockLayer>> {
+            None
+        }
+        fn runstate(&self) -> RunState {
+            RunState::Running
+        }
+        fn stop(&self, _: RunState) {}
+        fn start(&self) {}
+        fn set_runstate(&self, _: RunState) {}
+    }
+
+    #[test]
+    fn auto_converge_is_refused_when_the_machine_cannot_throttle() {
+        let m = Migration::new(
+            Arc::new(NoThrottle),
+            Arc::new(NoEvents),
+            MigrationOptions::default(),
+        );
+        let e = m
+            .set_capabilities(&[(Capability::AutoConverge, true)])
+            .unwrap_err();
+        assert!(e.to_string().contains("auto-converge"), "{e}");
+        assert!(!m.has_capability(Capability::AutoConverge));
+        // Turning it off is always fine.
+        m.set_capabilities(&[(Capability::AutoConverge, false)])
+            .unwrap();
     }
 }

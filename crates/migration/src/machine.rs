@@ -84,4 +84,17 @@ pub trait Machine: Send + Sync {
     fn begin_device_load(&self) {}
     /// See [`Machine::begin_device_load`].
     fn end_device_load(&self) {}
+    /// Whether the VMM can throttle its vCPUs ([`Machine::throttle_vcpus`]). Capability
+    /// `auto-converge` is refused when it cannot (the default).
+    fn can_throttle_vcpus(&self) -> bool {
+        false
+    }
+    /// `auto-converge`: from now on keep every vCPU off the CPU `percent` % of the time
+    /// (1–99), as QEMU's cpu-throttle does — each time a vCPU has run 10 ms, it sleeps
+    /// `10 ms × percent / (100 − percent)`; 0 lifts the throttle. A throttled vCPU still
+    /// parks at once when the machine stops. Called by the migration thread; it only records
+    /// the figure and must not wait for the vCPUs.
+    fn throttle_vcpus(&self, percent: u8) {
+        let _ = percent;
+    }
 }

@@ -11,7 +11,8 @@
 //!    caught.
 //! 3. [`Outgoing::iterate`], while the guest runs: each round sends dirty pages for at most
 //!    50 ms or the bandwidth budget, inside a PART section. When a pass over RAM ends, the
-//!    dirty log is synchronised and [`Convergence`] decides whether to switch over.
+//!    dirty log is synchronised, [`AutoConverge`] (with `auto-converge`) decides whether to
+//!    throttle the vCPUs harder, and [`Convergence`] whether to switch over.
 //! 4. [`Outgoing::switchover`]: stop the guest, optionally wait in `pre-switchover` for
 //!    `migrate-continue`, enter `device`, inactivate disks, send the END sections (the last
 //!    dirty pages and the bitmaps), the device state, EOF and the vmdesc trailer.
@@ -30,7 +31,7 @@ use crate::engine::OutgoingStats;
 use crate::error::MigrationError;
 use crate::globalstate::GlobalState;
 use crate::machine::{DeviceState, Machine, Writer};
-use crate::policy::{Convergence, Meter};
+use crate::policy::{AutoConverge, Convergence, Meter};
 use crate::postcopy::source::{Cursor, PageWriter, PreemptSender, SourceRam};
 use crate::ram::{RamSaver, SendOutcome, RAM_IDSTR, RAM_VERSION};
 use crate::runstate::RunState;
@@ -287,10 +288,13 @@ impl Outgoing {
             self.job.stats.clone(),
         );
         let events = self.job.caps.has(Capability::Events);
+        let machine = self.job.machine.clone();
+        let auto_converge = self.job.caps.has(Capability::AutoConverge);
         let (w, ram, bitmaps) = self.stream()?;
         let mut meter = Meter::new(w.bytes_written());
         let mut last_sync = Instant::now();
         let mut convergence = Convergence::default();
+        let mut throttle = AutoConverge::new(last_sync, w.bytes_written());
         loop {
             if shared.out_cancelled(generation) {
                 return Err(MigrationError::Cancelled);
@@ -343,6 +347,22 @@ impl Outgoing {
                 .store((pending / bw * 1000.0) as u64, Ordering::Relaxed);
             if outcome == SendOutcome::PassDone {
                 let dirty = ram.sync();
+                if auto_converge {
+                    // As QEMU's period counter: the pages this sync newly marked dirty.
+                    let params = shared.lock().params.throttle();
+                    let sent = stats.transferred.load(Ordering::Relaxed);
+                    let dirty_bytes =
+                        stats.ram.last_sync_dirty.load(Ordering::Relaxed) * crate::guest::PAGE_SIZE;
+                    if let Some(pct) =
+                        throttle.after_sync(Instant::now(), sent, dirty_bytes, &params)
+                    {
+                        log::info!("auto-converge: throttling the vCPUs to {pct} %");
+                        machine.throttle_vcpus(pct);
+                        stats
+                            .cpu_throttle_percentage
+                            .store(u64::from(pct), Ordering::Relaxed);
+                    }
+                }
                 let el = last_sync.elapsed().as_secs_f64().max(1e-3);
                 let new_dirty = stats.ram.last_sync_dirty.load(Ordering::Relaxed);
                 stats
@@ -832,6 +852,14 @@ impl Outgoing {
         // The stream's end goes first, as it would had the phase that failed owned it.
         self.w = None;
         let job = &self.job;
+        if job.caps.has(Capability::AutoConverge) {
+            // Lifted before the guest may resume below, as QEMU lifts it at the end of the
+            // migration's iterations whatever their outcome.
+            job.machine.throttle_vcpus(0);
+            job.stats
+                .cpu_throttle_percentage
+                .store(0, Ordering::Relaxed);
+        }
         if let Some(ram) = &self.ram {
             ram.stop();
         }

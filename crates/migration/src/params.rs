@@ -9,7 +9,7 @@
 //! | `downtime-limit`, `max-bandwidth`, `block-bitmap-mapping` | act (switchover policy, rate cap, bitmap aliases) |
 //! | `tls-creds`, `tls-hostname`, `tls-authz` | act: the channel and its return path go over TLS (`crate::secure`) |
 //! | `compress-*`, `decompress-threads` | configure `compress`, which is refused |
-//! | `throttle-trigger-threshold`, `cpu-throttle-*`, `max-cpu-throttle` | configure `auto-converge`, which is refused |
+//! | `throttle-trigger-threshold`, `cpu-throttle-*`, `max-cpu-throttle` | act with `auto-converge`: when and how hard the source throttles its vCPUs (read at each throttle decision, so a change takes effect during a migration) |
 //! | `multifd-*` | configure `multifd`, which is refused |
 //! | `xbzrle-cache-size` | sizes the `xbzrle` cache, which is refused |
 //! | `max-postcopy-bandwidth` | acts: caps postcopy's background push |
@@ -412,6 +412,22 @@ impl Parameters {
             creds: s("tls-creds"),
             hostname: s("tls-hostname"),
             authz: s("tls-authz"),
+        }
+    }
+
+    /// The `auto-converge` parameters: `throttle-trigger-threshold`, `cpu-throttle-initial`,
+    /// `cpu-throttle-increment`, `cpu-throttle-tailslow` and `max-cpu-throttle`.
+    pub(crate) fn throttle(&self) -> crate::policy::ThrottleParams {
+        crate::policy::ThrottleParams {
+            threshold: self.uint("throttle-trigger-threshold"),
+            initial: self.uint("cpu-throttle-initial"),
+            increment: self.uint("cpu-throttle-increment"),
+            tailslow: self
+                .values
+                .get("cpu-throttle-tailslow")
+                .and_then(Value::as_bool)
+                .unwrap_or(false),
+            max: self.uint("max-cpu-throttle"),
         }
     }
 

@@ -1,6 +1,7 @@
 //! The source's policies, kept apart from the mechanics so each can be read and tested alone:
-//! how fast to send ([`Meter`]: bandwidth measured and budgeted over 100 ms windows) and when
-//! to stop iterating and switch over ([`Convergence`]).
+//! how fast to send ([`Meter`]: bandwidth measured and budgeted over 100 ms windows), when
+//! to stop iterating and switch over ([`Convergence`]), and how hard to throttle a guest that
+//! dirties memory faster than it can be sent ([`AutoConverge`]).
 
 use crate::engine::OutgoingStats;
 use std::sync::atomic::Ordering;
@@ -97,6 +98,109 @@ impl Convergence {
     }
 }
 
+/// The `auto-converge` parameters, with QEMU's names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ThrottleParams {
+    /// `throttle-trigger-threshold`: the share (%) of the bytes sent in a period that the guest
+    /// may dirty in it before it is throttled.
+    pub threshold: u64,
+    /// `cpu-throttle-initial`: the first throttle (%).
+    pub initial: u64,
+    /// `cpu-throttle-increment`: how much each later step adds (%).
+    pub increment: u64,
+    /// `cpu-throttle-tailslow`: later steps add no more than would bring the dirty rate down
+    /// to the threshold.
+    pub tailslow: bool,
+    /// `max-cpu-throttle`: the ceiling (%).
+    pub max: u64,
+}
+
+/// A throttle period closes at the first dirty-log sync more than this long after it opened.
+const THROTTLE_PERIOD: Duration = Duration::from_millis(1000);
+
+/// Auto-converge: when to throttle the guest's vCPUs and how hard — QEMU 7.2's
+/// `migration_trigger_throttle` and `mig_throttle_guest_down`, step for step.
+///
+/// The dirty pages found by the dirty-log syncs are counted over a period, which closes at the
+/// first sync more than a second after it opened. When it closes, the bytes the guest dirtied
+/// in it are compared with `threshold` % of the bytes sent in it. The second time (counted
+/// since the last step, not necessarily in a row) they are more, the throttle steps up: to
+/// `initial` % if it was off, otherwise by `increment` (with `tailslow`, by no more than the
+/// cut in CPU time that would bring the dirty rate down to the threshold), never above `max`.
+/// It never steps down: the migration lifts it when it ends.
+pub(crate) struct AutoConverge {
+    period_start: Instant,
+    sent_at_period_start: u64,
+    dirty_in_period: u64,
+    /// Periods over the threshold since the last step.
+    high: u32,
+    /// The throttle in force, % (0: off).
+    percent: u64,
+}
+
+impl AutoConverge {
+    /// A controller whose first period opens at `now`, with `sent` bytes already sent.
+    pub(crate) fn new(now: Instant, sent: u64) -> Self {
+        AutoConverge {
+            period_start: now,
+            sent_at_period_start: sent,
+            dirty_in_period: 0,
+            high: 0,
+            percent: 0,
+        }
+    }
+
+    /// Called after each dirty-log sync, at `now`, with the bytes sent so far and the bytes the
+    /// sync found newly dirty. Returns the new throttle (%) when it changes.
+    pub(crate) fn after_sync(
+        &mut self,
+        now: Instant,
+        sent: u64,
+        dirty_bytes: u64,
+        p: &ThrottleParams,
+    ) -> Option<u8> {
+        self.dirty_in_period += dirty_bytes;
+        if now.saturating_duration_since(self.period_start) <= THROTTLE_PERIOD {
+            return None;
+        }
+        let sent_in_period = sent.saturating_sub(self.sent_at_period_start);
+        let dirty = self.dirty_in_period;
+        self.period_start = now;
+        self.sent_at_period_start = sent;
+        self.dirty_in_period = 0;
+        let threshold = sent_in_period.saturating_mul(p.threshold) / 100;
+        if dirty <= threshold {
+            return None;
+        }
+        self.high += 1;
+        if self.high < 2 {
+            return None;
+        }
+        self.high = 0;
+        let next = if self.percent == 0 {
+            p.initial
+        } else {
+            let step = if p.tailslow {
+                // The CPU share that would bring the dirty rate down to the threshold, if
+                // dirtying scales with CPU time.
+                let cpu_now = 100 - self.percent;
+                let cpu_ideal = (cpu_now as f64 * (threshold as f64 / dirty as f64)) as u64;
+                (cpu_now - cpu_ideal).min(p.increment)
+            } else {
+                p.increment
+            };
+            (self.percent + step).min(p.max)
+        };
+        // As QEMU's `cpu_throttle_set`: within 1..=99.
+        let next = next.clamp(1, 99);
+        if next == self.percent {
+            return None;
+        }
+        self.percent = next;
+        Some(next as u8)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -158,5 +262,93 @@ mod tests {
         assert_eq!(m.allowance(1000 + 400_000, 10_000_000), 600_000);
         assert_eq!(m.allowance(1000 + 2_000_000, 10_000_000), 0);
         assert!(m.window_left() <= WINDOW);
+    }
+
+    const QEMU_DEFAULTS: ThrottleParams = ThrottleParams {
+        threshold: 50,
+        initial: 20,
+        increment: 10,
+        tailslow: false,
+        max: 99,
+    };
+
+    /// Runs periods of 1.5 s in which `sent` bytes go out and `dirty` bytes are dirtied;
+    /// returns the throttle after each.
+    fn periods(ac: &mut AutoConverge, p: &ThrottleParams, per: &[(u64, u64)]) -> Vec<u64> {
+        let mut now = ac.period_start;
+        let mut sent = ac.sent_at_period_start;
+        per.iter()
+            .map(|(s, d)| {
+                now += Duration::from_millis(1500);
+                sent += s;
+                ac.after_sync(now, sent, *d, p);
+                ac.percent
+            })
+            .collect()
+    }
+
+    #[test]
+    fn throttles_on_the_second_period_over_the_threshold() {
+        let mut ac = AutoConverge::new(Instant::now(), 1000);
+        // Dirtying exactly half of what is sent is not over the (50 %) threshold.
+        assert_eq!(
+            periods(&mut ac, &QEMU_DEFAULTS, &[(100, 50), (100, 50)]),
+            [0, 0]
+        );
+        // Over it twice, not in a row: the second time starts the throttle at `initial`.
+        assert_eq!(
+            periods(&mut ac, &QEMU_DEFAULTS, &[(100, 51), (100, 10), (100, 90)]),
+            [0, 0, 20]
+        );
+        // Then `increment` every second time, up to `max`, and never beyond 99.
+        let hot = [(100, 100); 20];
+        let got = periods(&mut ac, &QEMU_DEFAULTS, &hot);
+        assert_eq!(&got[..4], [20, 30, 30, 40]);
+        assert_eq!(*got.last().unwrap(), 99);
+        let mut p = QEMU_DEFAULTS;
+        p.max = 45;
+        let mut ac = AutoConverge::new(Instant::now(), 0);
+        assert_eq!(*periods(&mut ac, &p, &hot).last().unwrap(), 45);
+    }
+
+    #[test]
+    fn a_period_lasts_more_than_a_second() {
+        let t0 = Instant::now();
+        let mut ac = AutoConverge::new(t0, 0);
+        let p = QEMU_DEFAULTS;
+        // Syncs within the first second add up their dirty pages; the one after it closes the
+        // period.
+        for ms in [300, 600, 1000] {
+            assert_eq!(
+                ac.after_sync(t0 + Duration::from_millis(ms), 1000, 200, &p),
+                None
+            );
+        }
+        assert_eq!(ac.dirty_in_period, 600);
+        assert_eq!(
+            ac.after_sync(t0 + Duration::from_millis(1001), 1000, 0, &p),
+            None
+        );
+        assert_eq!((ac.high, ac.dirty_in_period), (1, 0));
+        assert_eq!(
+            ac.after_sync(t0 + Duration::from_millis(2100), 2000, 600, &p),
+            Some(20)
+        );
+    }
+
+    #[test]
+    fn tailslow_steps_towards_the_threshold() {
+        let p = ThrottleParams {
+            tailslow: true,
+            increment: 30,
+            ..QEMU_DEFAULTS
+        };
+        let mut ac = AutoConverge::new(Instant::now(), 0);
+        // 100 sent, 60 dirtied: the threshold is 50, so 80 % CPU × 50/60 = 66.67 → 66:
+        // the step is 80 - 66 = 14, less than the increment.
+        assert_eq!(periods(&mut ac, &p, &[(100, 60), (100, 60)]), [0, 20]);
+        assert_eq!(periods(&mut ac, &p, &[(100, 60), (100, 60)]), [20, 34]);
+        // Far over the threshold, the increment caps the step.
+        assert_eq!(periods(&mut ac, &p, &[(100, 1000), (100, 1000)]), [34, 64]);
     }
 }

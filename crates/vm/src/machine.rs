@@ -608,6 +608,7 @@ fn vcpu_thread(core: &VmCore, id: u32) {
     };
     let mut window_start = Instant::now();
     let mut window_pages = 0u64;
+    let mut slice_start = Instant::now();
     loop {
         if !core.run.is_running() {
             if core.run.park() == Gate::Quit {
@@ -615,7 +616,13 @@ fn vcpu_thread(core: &VmCore, id: u32) {
             }
             window_start = Instant::now();
             window_pages = 0;
+            slice_start = Instant::now();
         }
+        // auto-converge's throttle. The dirty-rate cap counts only the time the vCPU runs,
+        // so a throttled vCPU does not catch up afterwards: the workload stands for a
+        // CPU-bound guest (slowed to the cap so that tests behave alike on a busy host),
+        // whose writes a throttle slows down as it would a real one.
+        window_start += core.run.throttle_point(&mut slice_start);
         let cfg = core
             .workload
             .lock()
@@ -765,5 +772,15 @@ impl Machine for Vm {
 
     fn end_device_load(&self) {
         self.core.memmap.commit();
+    }
+
+    /// Both accelerators' vCPUs pass the throttle point (a machine without vCPUs, `none`,
+    /// has nothing to slow down, as QEMU's `-M none` with `auto-converge`).
+    fn can_throttle_vcpus(&self) -> bool {
+        true
+    }
+
+    fn throttle_vcpus(&self, percent: u8) {
+        self.core.run.set_throttle(percent);
     }
 }

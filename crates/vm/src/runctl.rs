@@ -4,11 +4,19 @@
 //! guest memory does not change afterwards — the property migration's switchover and RAM
 //! verification rely on. vCPUs never wait for anything but this gate, so stopping cannot
 //! deadlock with the migration or QMP threads (seed 004).
+//!
+//! It also holds the vCPU throttle that `auto-converge` sets ([`RunControl::set_throttle`]):
+//! running vCPUs pass a [`RunControl::throttle_point`] between batches of guest work and sleep
+//! there their share of off-CPU time, as QEMU's cpu-throttle makes its vCPUs do.
 
 use migration::runstate::RunState;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+/// A throttled vCPU sleeps after each slice of this much running time (QEMU's
+/// `CPU_THROTTLE_TIMESLICE_NS`).
+pub const THROTTLE_SLICE: Duration = Duration::from_millis(10);
 
 struct Ctl {
     state: RunState,
@@ -23,6 +31,8 @@ pub struct RunControl {
     ctl: Mutex<Ctl>,
     cond: Condvar,
     running: AtomicBool,
+    /// The throttle in force, % of the time each vCPU stays off the CPU (0: none).
+    throttle: AtomicU8,
 }
 
 /// What a vCPU should do after [`RunControl::gate`].
@@ -47,6 +57,7 @@ impl RunControl {
             }),
             cond: Condvar::new(),
             running: AtomicBool::new(false),
+            throttle: AtomicU8::new(0),
         }
     }
 
@@ -133,6 +144,54 @@ impl RunControl {
         }
     }
 
+    /// Throttles the vCPUs to run at most `100 - percent` % of the time (clamped to 99 %;
+    /// 0 lifts the throttle, and wakes the vCPUs sleeping in it at once).
+    pub fn set_throttle(&self, percent: u8) {
+        let _c = self.lock();
+        self.throttle.store(percent.min(99), Ordering::Relaxed);
+        self.cond.notify_all();
+    }
+
+    /// The throttle in force, % (0: none).
+    pub fn throttle(&self) -> u8 {
+        self.throttle.load(Ordering::Relaxed)
+    }
+
+    /// Called by a running vCPU between batches of guest work, with the instant its current
+    /// run slice began. Once the slice is [`THROTTLE_SLICE`] or longer and a throttle of
+    /// `p` % is in force, it sleeps `slice × p / (100 − p)` — so the vCPU runs `100 − p` % of
+    /// the time — and starts a new slice. The sleep ends early when the machine stops or
+    /// quits, or the throttle is lifted. Returns how long it slept.
+    pub fn throttle_point(&self, slice_start: &mut Instant) -> Duration {
+        let pct = self.throttle();
+        if pct == 0 {
+            *slice_start = Instant::now();
+            return Duration::ZERO;
+        }
+        let ran = slice_start.elapsed();
+        if ran < THROTTLE_SLICE {
+            return Duration::ZERO;
+        }
+        let pct = u32::from(pct);
+        let begin = Instant::now();
+        let until = begin + ran * pct / (100 - pct);
+        let mut c = self.lock();
+        loop {
+            let now = Instant::now();
+            if now >= until || c.quit || c.state != RunState::Running || self.throttle() == 0 {
+                break;
+            }
+            c = self
+                .cond
+                .wait_timeout(c, until - now)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        drop(c);
+        *slice_start = Instant::now();
+        slice_start.saturating_duration_since(begin)
+    }
+
     /// Makes every vCPU thread exit (they count as parked).
     pub fn quit(&self) {
         let mut c = self.lock();
@@ -188,6 +247,55 @@ mod tests {
         rc.quit();
         for t in threads {
             t.join().unwrap();
+        }
+    }
+
+    #[test]
+    fn a_throttled_vcpu_sleeps_its_share_of_each_slice() {
+        let rc = RunControl::new(RunState::Running, 1);
+        rc.start();
+        // No throttle: no sleep, and the slice restarts.
+        let mut slice = Instant::now() - Duration::from_millis(50);
+        assert_eq!(rc.throttle_point(&mut slice), Duration::ZERO);
+        assert!(slice.elapsed() < Duration::from_millis(40));
+        rc.set_throttle(75);
+        assert_eq!(rc.throttle(), 75);
+        // A slice shorter than THROTTLE_SLICE goes on.
+        let mut slice = Instant::now();
+        assert_eq!(rc.throttle_point(&mut slice), Duration::ZERO);
+        // 20 ms run at 75 %: 60 ms off the CPU.
+        let mut slice = Instant::now() - Duration::from_millis(20);
+        let slept = rc.throttle_point(&mut slice);
+        assert!(slept >= Duration::from_millis(60), "{slept:?}");
+        assert!(slept < Duration::from_secs(5), "{slept:?}");
+        assert!(slice.elapsed() < Duration::from_millis(40));
+        rc.set_throttle(100);
+        assert_eq!(rc.throttle(), 99, "the throttle is capped at 99 %");
+    }
+
+    #[test]
+    fn lifting_the_throttle_or_stopping_wakes_a_sleeping_vcpu() {
+        for lift in [true, false] {
+            let rc = Arc::new(RunControl::new(RunState::Running, 1));
+            rc.start();
+            rc.set_throttle(99);
+            let t = {
+                let rc = rc.clone();
+                std::thread::spawn(move || {
+                    // 100 ms at 99 %: 9.9 s unless woken.
+                    let mut slice = Instant::now() - Duration::from_millis(100);
+                    rc.throttle_point(&mut slice)
+                })
+            };
+            std::thread::sleep(Duration::from_millis(50));
+            if lift {
+                rc.set_throttle(0);
+            } else {
+                // The sleeping vCPU is not counted as parked: mark the state only.
+                rc.set_state(RunState::Paused);
+            }
+            let slept = t.join().unwrap();
+            assert!(slept < Duration::from_secs(5), "lift={lift}: {slept:?}");
         }
     }
 }

@@ -24,7 +24,8 @@ pub struct WorkloadConfig {
     /// Bytes (starting at RAM offset 0) that the vCPUs keep rewriting after the fill; 0 means
     /// the workload goes idle after filling.
     pub hot: u64,
-    /// Cap on the pages per second all vCPUs together dirty; 0 means no cap.
+    /// Cap on the pages per second all vCPUs together dirty while they run (time a vCPU
+    /// spends throttled does not count); 0 means no cap.
     pub dirty_rate: u64,
     /// Write a disk block every this many steps (0: never).
     pub disk_every: u64,

@@ -299,6 +299,9 @@ fn info_migrate(q: &Value) -> String {
             }
         }
     }
+    if let Some(t) = num("cpu-throttle-percentage") {
+        s.push_str(&format!("cpu throttle percentage: {t}\r\n"));
+    }
     s
 }
 
@@ -323,5 +326,7 @@ mod tests {
         assert!(s.contains("Migration status: failed (boom)\r\n"), "{s}");
         assert!(s.contains("total time: 0 ms"), "{s}");
         assert!(info_migrate(&json!({})).starts_with("globals:"));
+        let s = info_migrate(&json!({"status": "active", "cpu-throttle-percentage": 30}));
+        assert!(s.ends_with("cpu throttle percentage: 30\r\n"), "{s}");
     }
 }

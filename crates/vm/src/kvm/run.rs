@@ -38,6 +38,7 @@ pub fn vcpu_thread(core: &VmCore, id: u32) {
         start: Instant::now(),
         pages: 0,
         id,
+        slice_start: Instant::now(),
     };
     let mut dead = false;
     loop {
@@ -48,6 +49,7 @@ pub fn vcpu_thread(core: &VmCore, id: u32) {
             }
             pacer.start = Instant::now();
             pacer.pages = 0;
+            pacer.slice_start = Instant::now();
             if dead {
                 continue;
             }
@@ -148,6 +150,9 @@ fn port_out(core: &VmCore, pacer: &mut Pacer, port: u64, data: &[u8]) {
         PORT_PROGRESS => {
             core.pages_written.fetch_add(value, Ordering::Relaxed);
             pacer.pages += value;
+            // auto-converge's throttle, at most every BATCH steps; as for the software
+            // vCPUs, the dirty-rate cap counts only the time the vCPU runs.
+            pacer.start += core.run.throttle_point(&mut pacer.slice_start);
             let rate = core
                 .workload
                 .lock()
@@ -171,6 +176,8 @@ struct Pacer {
     start: Instant,
     pages: u64,
     id: u32,
+    /// When the vCPU's current run slice began (see `RunControl::throttle_point`).
+    slice_start: Instant,
 }
 
 impl Pacer {
