@@ -209,7 +209,7 @@ fn postcopy_with_recoveries(
 ) -> (Value, Value) {
     src.ok(
         "migrate-set-parameters",
-        json!({"max-bandwidth": 1 << 20, "max-postcopy-bandwidth": 1 << 20}),
+        json!({"max-bandwidth": 1 << 20, "max-postcopy-bandwidth": 64 << 10}),
     );
     src.ok("migrate", json!({ "uri": uri }));
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -308,12 +308,101 @@ fn qemu_postcopy_recovery_both_ways() {
     quit_cleanly(l1, l1_q);
 }
 
-/// Dirty bitmaps in postcopy with QEMU 7.2 as the source (issue 10, seed 001): QEMU sends its
-/// bitmaps after the switch, while livemig already runs the guest. livemig keeps them busy
-/// until their COMPLETE, records the guest's writes made on its side meanwhile (the successor
-/// of each enabled bitmap, enabled at the switch), and merges them in: the final bitmap is the
-/// source's ∪ the destination's writes. (Before, livemig dropped every bitmap still to come
-/// when the guest started.)
+/// Dirty bitmaps in postcopy (issue 10, seed 001) from `src` to `dst` (one of them QEMU
+/// 7.2, both with a 4 GiB null-co `d0`): the bitmaps follow the switch, while the destination
+/// already runs the guest; they are busy there until their COMPLETE, the guest's writes made
+/// on the destination meanwhile are recorded (the successor of each enabled bitmap) and
+/// merged in: the final bitmap is the source's ∪ the destination's writes; a disabled one
+/// arrives as it was.
+fn bitmaps_in_postcopy(
+    src: &mut QmpClient,
+    dst: &mut QmpClient,
+    uri: &str,
+    dir: &Path,
+    name: &str,
+) -> (Value, Value) {
+    for q in [&mut *src, &mut *dst] {
+        postcopy_caps(q, false);
+        caps(q, false);
+    }
+    add_bitmap(src, "d0", "b0", 512);
+    add_bitmap(src, "d0", "b1", 65536);
+    src.ok(
+        "block-dirty-bitmap-disable",
+        json!({"node": "d0", "name": "b1"}),
+    );
+    // Written on the source before the migration (b1 is disabled: it stays empty). The
+    // 512 MiB run makes b0 carry 128 KiB of bits, two seconds at the postcopy bandwidth
+    // below: the bitmaps are still on their way when the test looks.
+    let source_writes = ["write 0 64k", "write 1G 1M", "write 3G 512M"];
+    for w in source_writes {
+        qemu_io(src, "d0", w);
+    }
+    let src_b0 = sha(src, "d0", "b0");
+    let src_b1 = sha(src, "d0", "b1");
+    src.ok(
+        "migrate-set-parameters",
+        json!({"max-bandwidth": 1 << 20, "max-postcopy-bandwidth": 1 << 20}),
+    );
+    src.ok("migrate", json!({ "uri": uri }));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while src.ok("query-migrate", json!({}))["ram"]["transferred"]
+        .as_u64()
+        .unwrap_or(0)
+        < 1 << 20
+    {
+        assert!(Instant::now() < deadline, "{name}: no progress");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    src.ok("migrate-start-postcopy", json!({}));
+    let d = wait(dst, &["postcopy-active", "completed", "failed"]);
+    assert_eq!(d["status"], "postcopy-active", "{name}: destination {d}");
+    // The bits come only in postcopy and COMPLETE at the very end: the bitmaps exist here,
+    // busy, while the guest runs.
+    let b = bitmaps(dst);
+    assert_eq!(b["d0"]["b0"]["busy"], true, "{name}: {b:?}");
+    // The guest writes on this side during postcopy.
+    let dest_write = "write 2G 64k";
+    qemu_io(dst, "d0", dest_write);
+    // Pull the rest of RAM, then let the push go.
+    let _ = ram(dst, dir, &format!("{name}-during"));
+    src.ok(
+        "migrate-set-parameters",
+        json!({"max-postcopy-bandwidth": 1u64 << 30}),
+    );
+    let s = wait(src, &["completed", "failed", "cancelled"]);
+    let d = wait(dst, &["completed", "failed"]);
+    if s["status"] != "completed" || d["status"] != "completed" {
+        return (s, d);
+    }
+    let b = bitmaps(dst);
+    assert_eq!(b["d0"]["b0"]["busy"], false, "{name}: {b:?}");
+    assert_eq!(b["d0"]["b0"]["recording"], true, "{name}: {b:?}");
+    assert_eq!(b["d0"]["b1"]["recording"], false, "{name}: {b:?}");
+    // b1 came as it was; b0 is the source's bits plus the write made here. The reference is
+    // a fresh bitmap on this node that sees exactly those writes.
+    assert_eq!(sha(dst, "d0", "b1"), src_b1, "{name}");
+    assert_ne!(
+        sha(dst, "d0", "b0"),
+        src_b0,
+        "{name}: the write here is missing"
+    );
+    add_bitmap(dst, "d0", "want", 512);
+    for w in source_writes.iter().chain([&dest_write]) {
+        qemu_io(dst, "d0", w);
+    }
+    assert_eq!(
+        sha(dst, "d0", "b0"),
+        sha(dst, "d0", "want"),
+        "{name}: b0 = the source's bits ∪ the destination's writes"
+    );
+    (s, d)
+}
+
+const DISK: u64 = 4 << 30;
+
+/// QEMU 7.2 → livemig: QEMU sends its bitmaps after the switch. (Before, livemig dropped
+/// every bitmap still to come when the guest started.)
 #[test]
 fn qemu_postcopy_dirty_bitmaps_into_livemig() {
     let Some(tmp) = setup("qemu_postcopy_dirty_bitmaps_into_livemig") else {
@@ -322,7 +411,6 @@ fn qemu_postcopy_dirty_bitmaps_into_livemig() {
     let dir = tmp.path();
     let a_file = dir.join("a.bin");
     let pat_a = pattern_file(&a_file, A_LEN, 31);
-    const DISK: u64 = 4 << 30;
     let mut qa_args = loader(&a_file, 0);
     qa_args.extend(null_co("d0", DISK));
     let qa = qemu(dir, "qa", &qa_args);
@@ -332,62 +420,8 @@ fn qemu_postcopy_dirty_bitmaps_into_livemig() {
     l_args.extend(null_co("d0", DISK));
     let l1 = livemig(dir, "l1", &l_args);
     let mut l1_q = l1.qmp();
-    for q in [&mut qa_q, &mut l1_q] {
-        postcopy_caps(q, false);
-        caps(q, false);
-    }
-    add_bitmap(&mut qa_q, "d0", "b0", 512);
-    add_bitmap(&mut qa_q, "d0", "b1", 65536);
-    qa_q.ok(
-        "block-dirty-bitmap-disable",
-        json!({"node": "d0", "name": "b1"}),
-    );
-    // Written on the source before the migration (b1 is disabled: it stays empty).
-    let source_writes = ["write 0 64k", "write 1G 1M"];
-    for w in source_writes {
-        qemu_io(&mut qa_q, "d0", w);
-    }
-    let src_b0 = sha(&mut qa_q, "d0", "b0");
-    let src_b1 = sha(&mut qa_q, "d0", "b1");
-
-    qa_q.ok(
-        "migrate-set-parameters",
-        json!({"max-bandwidth": 1 << 20, "max-postcopy-bandwidth": 1 << 20}),
-    );
-    qa_q.ok("migrate", json!({ "uri": uri }));
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while qa_q.ok("query-migrate", json!({}))["ram"]["transferred"]
-        .as_u64()
-        .unwrap_or(0)
-        < 1 << 20
-    {
-        assert!(Instant::now() < deadline, "no progress");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    qa_q.ok("migrate-start-postcopy", json!({}));
-    let d = wait(&mut l1_q, &["postcopy-active", "completed", "failed"]);
-    assert_eq!(
-        d["status"],
-        "postcopy-active",
-        "destination {d}\n{}",
-        l1.log()
-    );
-    // QEMU sends a bitmap's bits only in postcopy and COMPLETE at the very end: the bitmaps
-    // exist here, busy, while the guest runs.
-    let b = bitmaps(&mut l1_q);
-    assert_eq!(b["d0"]["b0"]["busy"], true, "{b:?}");
-    // The guest writes on this side during postcopy.
-    let dest_write = "write 2G 64k";
-    qemu_io(&mut l1_q, "d0", dest_write);
-    // Pull the rest of RAM, then let the push go.
-    let _ = ram(&mut l1_q, dir, "l1-during");
-    qa_q.ok(
-        "migrate-set-parameters",
-        json!({"max-postcopy-bandwidth": 1u64 << 30}),
-    );
-    let s = wait(&mut qa_q, &["completed", "failed", "cancelled"]);
+    let (s, d) = bitmaps_in_postcopy(&mut qa_q, &mut l1_q, &uri, dir, "qemu->livemig");
     assert_eq!(s["status"], "completed", "QEMU source: {s}\n{}", qa.log());
-    let d = wait(&mut l1_q, &["completed", "failed"]);
     assert_eq!(
         d["status"],
         "completed",
@@ -396,27 +430,42 @@ fn qemu_postcopy_dirty_bitmaps_into_livemig() {
     );
     assert!(warnings(&d).is_empty(), "{d}");
     assert_eq!(&ram(&mut qa_q, dir, "qa")[..A_LEN], &pat_a[..]);
+    quit_cleanly(l1, l1_q);
+}
 
-    let b = bitmaps(&mut l1_q);
-    assert_eq!(b["d0"]["b0"]["busy"], false, "{b:?}");
-    assert_eq!(b["d0"]["b0"]["recording"], true, "{b:?}");
-    assert_eq!(b["d0"]["b1"]["recording"], false, "{b:?}");
-    // b1 came as it was; b0 is the source's bits plus the write made here. The reference is
-    // a fresh bitmap on this node that sees exactly those writes.
-    assert_eq!(sha(&mut l1_q, "d0", "b1"), src_b1);
-    assert_ne!(
-        sha(&mut l1_q, "d0", "b0"),
-        src_b0,
-        "the write here is missing"
-    );
-    add_bitmap(&mut l1_q, "d0", "want", 512);
-    for w in source_writes.iter().chain([&dest_write]) {
-        qemu_io(&mut l1_q, "d0", w);
-    }
+/// livemig → QEMU 7.2: livemig sends the bitmaps after the switch as QEMU's source does
+/// (PART sections at `max-postcopy-bandwidth`, COMPLETE in the END), and QEMU's destination
+/// merges its own writes in. (Before, livemig sent them in the downtime.)
+#[test]
+fn livemig_postcopy_dirty_bitmaps_into_qemu() {
+    let Some(tmp) = setup("livemig_postcopy_dirty_bitmaps_into_qemu") else {
+        return;
+    };
+    let dir = tmp.path();
+    let l1 = livemig(dir, "l1", &null_co("d0", DISK));
+    let mut l1_q = l1.qmp();
+    let uri = Transport::Unix.uri(dir, "mig");
+    let mut q_args = strings(&["-incoming", &uri]);
+    q_args.extend(null_co("d0", DISK));
+    let qb = qemu(dir, "qb", &q_args);
+    let mut qb_q = qb.qmp();
+    let ram_l1 = ram(&mut l1_q, dir, "l1");
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        bitmaps_in_postcopy(&mut l1_q, &mut qb_q, &uri, dir, "livemig->qemu")
+    }));
+    let (s, d) = r.unwrap_or_else(|_| panic!("QEMU:\n{}\nlivemig:\n{}", qb.log(), l1.log()));
     assert_eq!(
-        sha(&mut l1_q, "d0", "b0"),
-        sha(&mut l1_q, "d0", "want"),
-        "b0 = the source's bits ∪ the destination's writes"
+        s["status"],
+        "completed",
+        "livemig source: {s}\n{}",
+        l1.log()
     );
+    assert_eq!(
+        d["status"],
+        "completed",
+        "QEMU destination: {d}\n{}",
+        qb.log()
+    );
+    assert_same_ram(&ram_l1, &ram(&mut qb_q, dir, "qb"), "livemig -> QEMU");
     quit_cleanly(l1, l1_q);
 }

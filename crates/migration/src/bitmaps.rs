@@ -100,6 +100,10 @@ struct OutBitmap {
 pub struct BitmapSaver {
     bitmaps: Vec<OutBitmap>,
     names: NameTracker,
+    /// The next BITS chunk to send: (bitmap index, first sector).
+    cursor: (usize, u64),
+    /// A reused serialization buffer.
+    buf: Vec<u8>,
 }
 
 impl BitmapSaver {
@@ -181,6 +185,8 @@ impl BitmapSaver {
         Ok(BitmapSaver {
             bitmaps: selected,
             names: NameTracker::new(),
+            cursor: (0, 0),
+            buf: Vec::new(),
         })
     }
 
@@ -229,64 +235,114 @@ impl BitmapSaver {
         Ok(())
     }
 
-    /// The END section's body: every chunk of every bitmap, COMPLETE for each, EOS.
+    /// The END section's body: every chunk not sent yet (all of them in precopy; what
+    /// postcopy's PART sections left), COMPLETE for each bitmap, EOS.
     pub fn save_complete(&mut self, w: &mut Writer) -> Result<(), MigrationError> {
-        let mut buf = Vec::new();
-        for i in 0..self.bitmaps.len() {
-            let (node, id, size, gran) = {
-                let b = &self.bitmaps[i];
-                (b.node.clone(), b.id, b.size, b.granularity)
-            };
-            let total_sectors = size.div_ceil(SECTOR_SIZE);
-            let per = sectors_per_chunk(gran);
-            let mut sector = 0u64;
-            while sector < total_sectors {
-                let nr = per.min(total_sectors - sector);
-                let (off, len) = (
-                    sector * SECTOR_SIZE,
-                    (nr * SECTOR_SIZE).min(size - sector * SECTOR_SIZE),
-                );
-                buf.clear();
-                let all_zero = node.with_bitmaps(|list| -> Result<bool, MigrationError> {
-                    let bm = list.get(id).ok_or_else(|| {
-                        MigrationError::Other("a migrating bitmap disappeared".into())
-                    })?;
-                    let n = bm.serialization_size(off, len)?;
-                    buf.resize(n as usize, 0);
-                    bm.serialize_part(&mut buf, off, len)?;
-                    Ok(bm.hbitmap().next_dirty(off, len).is_none())
-                })?;
-                let data = if all_zero {
-                    BitsData::Zeroes
-                } else {
-                    pad_buffer(&mut buf);
-                    BitsData::Buffer(std::mem::take(&mut buf))
-                };
-                let c = self.chunk(
-                    i,
-                    ChunkPayload::Bits {
-                        start_sector: sector,
-                        nr_sectors: nr as u32,
-                        data,
-                    },
-                );
-                write_chunk(w, &c)?;
-                if let ChunkPayload::Bits {
-                    data: BitsData::Buffer(b),
-                    ..
-                } = c.payload
-                {
-                    buf = b;
-                }
-                sector += nr;
-            }
-        }
+        while self.write_next_chunk(w)? {}
         for i in 0..self.bitmaps.len() {
             let c = self.chunk(i, ChunkPayload::Complete);
             write_chunk(w, &c)?;
         }
         write_chunk(w, &Chunk::eos())?;
         Ok(())
+    }
+
+    /// Postcopy (QEMU's `dirty_bitmap_save_iterate` after the switch): the body of one PART
+    /// section — BITS chunks from where the last one stopped until about `budget` bytes are
+    /// written, then EOS. Returns whether chunks remain (they go in later PARTs or the END).
+    pub fn save_part(&mut self, w: &mut Writer, budget: u64) -> Result<bool, MigrationError> {
+        let start = w.bytes_written();
+        let mut more = true;
+        while more && w.bytes_written() - start < budget {
+            more = self.write_next_chunk(w)?;
+        }
+        write_chunk(w, &Chunk::eos())?;
+        Ok(more)
+    }
+
+    /// Whether BITS chunks remain to be sent.
+    pub fn bits_remaining(&self) -> bool {
+        self.cursor.0 < self.bitmaps.len()
+    }
+
+    /// A postcopy recovery's new stream: the bits are sent again from the first chunk (the
+    /// source's bitmaps are frozen, so a resent chunk carries the same bits, and what was
+    /// lost with the old connection is covered). The first chunk names its bitmap again (the
+    /// chunk that last named one may have been lost), and its node too when the bitmaps are
+    /// on several nodes. With one node it does not: the destination knows it from the START
+    /// chunks, and QEMU 7.2's destination asserts when a postcopy chunk names a node
+    /// (`bdrv_lookup_bs` outside the main thread).
+    pub fn restart(&mut self) {
+        self.cursor = (0, 0);
+        let one_node = self
+            .bitmaps
+            .windows(2)
+            .all(|p| p[0].node_alias == p[1].node_alias);
+        if one_node {
+            self.names.forget_bitmap();
+        } else {
+            self.names.forget();
+        }
+    }
+
+    /// Writes the BITS chunk at the cursor and advances it. Returns whether chunks remain.
+    fn write_next_chunk(&mut self, w: &mut Writer) -> Result<bool, MigrationError> {
+        let (i, sector) = self.cursor;
+        let Some(b) = self.bitmaps.get(i) else {
+            return Ok(false);
+        };
+        let (node, id, size, gran) = (b.node.clone(), b.id, b.size, b.granularity);
+        let total_sectors = size.div_ceil(SECTOR_SIZE);
+        if sector >= total_sectors {
+            self.cursor = (i + 1, 0);
+            return Ok(self.bits_remaining());
+        }
+        let per = sectors_per_chunk(gran);
+        let nr = per.min(total_sectors - sector);
+        let (off, len) = (
+            sector * SECTOR_SIZE,
+            (nr * SECTOR_SIZE).min(size - sector * SECTOR_SIZE),
+        );
+        let mut buf = std::mem::take(&mut self.buf);
+        buf.clear();
+        let all_zero = node.with_bitmaps(|list| -> Result<bool, MigrationError> {
+            let bm = list
+                .get(id)
+                .ok_or_else(|| MigrationError::Other("a migrating bitmap disappeared".into()))?;
+            let n = bm.serialization_size(off, len)?;
+            buf.resize(n as usize, 0);
+            bm.serialize_part(&mut buf, off, len)?;
+            Ok(bm.hbitmap().next_dirty(off, len).is_none())
+        })?;
+        let data = if all_zero {
+            BitsData::Zeroes
+        } else {
+            pad_buffer(&mut buf);
+            BitsData::Buffer(std::mem::take(&mut buf))
+        };
+        let c = self.chunk(
+            i,
+            ChunkPayload::Bits {
+                start_sector: sector,
+                nr_sectors: nr as u32,
+                data,
+            },
+        );
+        write_chunk(w, &c)?;
+        if let ChunkPayload::Bits {
+            data: BitsData::Buffer(b),
+            ..
+        } = c.payload
+        {
+            buf = b;
+        }
+        self.buf = buf;
+        self.cursor = if sector + nr >= total_sectors {
+            (i + 1, 0)
+        } else {
+            (i, sector + nr)
+        };
+        Ok(self.bits_remaining())
     }
 
     /// Releases the bitmaps. After a failed or cancelled migration the source keeps them as
@@ -316,6 +372,10 @@ struct InBitmap {
     /// One past the last byte covered by BITS chunks so far.
     covered: u64,
     completed: bool,
+    /// A postcopy recovery resumed the stream: the next chunk may start over at byte 0
+    /// (a livemig source resends the bits from the first chunk) or go on at `covered` (a
+    /// QEMU source continues where it was).
+    restartable: bool,
 }
 
 /// The destination side.
@@ -328,6 +388,8 @@ pub struct BitmapLoader {
     dropped: Vec<(String, String)>,
     /// Errors about dropped bitmaps, for the operator.
     pub errors: Vec<String>,
+    /// A postcopy recovery happened: chunks for a completed bitmap are a resend.
+    resumed: bool,
 }
 
 enum Step {
@@ -345,6 +407,7 @@ impl BitmapLoader {
             bitmaps: Vec::new(),
             dropped: Vec::new(),
             errors: Vec::new(),
+            resumed: false,
         }
     }
 
@@ -527,6 +590,7 @@ impl BitmapLoader {
                     enable,
                     covered: 0,
                     completed: false,
+                    restartable: false,
                 });
                 Ok(())
             }
@@ -568,6 +632,11 @@ impl BitmapLoader {
         let Some(i) = self.incoming(node_alias, alias) else {
             return;
         };
+        if self.resumed && self.bitmaps[i].completed {
+            // A livemig source resending after a recovery: this bitmap completed before the
+            // cut, and merged this side's writes in; its bits must not be overwritten.
+            return;
+        }
         let b = &self.bitmaps[i];
         let describe = |why: String| {
             format!(
@@ -611,7 +680,7 @@ impl BitmapLoader {
             if start % align != 0 {
                 return Err(format!("chunk start {start} is not aligned to {align} bytes (64 granules): malformed stream"));
             }
-            if start != b.covered {
+            if start != b.covered && !(b.restartable && start == 0) {
                 return Err(format!(
                     "chunk starts at byte {start} but the previous one ended at {}: malformed stream",
                     b.covered
@@ -665,7 +734,10 @@ impl BitmapLoader {
             }
         });
         match result {
-            Ok(()) => self.bitmaps[i].covered = end.min(size),
+            Ok(()) => {
+                self.bitmaps[i].covered = end.min(size);
+                self.bitmaps[i].restartable = false;
+            }
             Err(why) => {
                 let e = describe(why);
                 self.drop_bitmap(node_alias, alias, e);
@@ -677,6 +749,9 @@ impl BitmapLoader {
         let Some(i) = self.incoming(node_alias, alias) else {
             return;
         };
+        if self.resumed && self.bitmaps[i].completed {
+            return;
+        }
         let b = &self.bitmaps[i];
         let size = b.node.size().unwrap_or(0);
         if b.covered != size {
@@ -774,6 +849,15 @@ impl BitmapLoader {
         }
         self.bitmaps = pending;
         warnings
+    }
+
+    /// POSTCOPY_RESUME: the stream goes on over a new connection; chunks lost with the old
+    /// one are sent again by a livemig source, from each bitmap's first chunk.
+    pub fn resumed(&mut self) {
+        self.resumed = true;
+        for b in &mut self.bitmaps {
+            b.restartable = true;
+        }
     }
 
     /// Drops every bitmap still being received (the incoming migration failed).
@@ -987,6 +1071,73 @@ mod tests {
                 }
             });
             l
+        }
+
+        /// Postcopy with a recovery: the bits go out in small PART slices after the switch,
+        /// a cut loses some, the resumed stream sends them all again from the first chunk
+        /// (`restart`) while the destination takes the restart (`resumed`), and a guest
+        /// write on the destination during postcopy lands in the successor and is merged at
+        /// COMPLETE: the result is the source's bits ∪ the write, enabled, not busy.
+        #[test]
+        fn postcopy_slices_a_restart_and_the_destinations_writes() {
+            const SIZE: u64 = 1 << 30;
+            let dirty = [(0, 65536), (300 << 20, 64 << 20)];
+            let src = source(SIZE, 512, &dirty);
+            let out = Captured::default();
+            let mut w: Writer = StreamWriter::new(Box::new(out.clone()));
+            let mut saver = BitmapSaver::setup(src.clone(), None).unwrap();
+            saver.save_setup(&mut w).unwrap();
+            let mut parts_before_cut = 0;
+            while saver.save_part(&mut w, 4096).unwrap() && parts_before_cut < 3 {
+                parts_before_cut += 1;
+            }
+            w.flush().unwrap();
+            let first_stream = std::mem::take(&mut *out.0.lock().unwrap());
+            // The new connection.
+            saver.restart();
+            let mut parts = 0;
+            while saver.save_part(&mut w, 4096).unwrap() {
+                parts += 1;
+            }
+            assert!(parts > parts_before_cut, "the bits took several slices");
+            saver.save_complete(&mut w).unwrap();
+            w.flush().unwrap();
+            saver.cleanup(true);
+            let second_stream = std::mem::take(&mut *out.0.lock().unwrap());
+
+            let dst = Arc::new(BlockLayer::new());
+            dst.blockdev_add(&json!({"driver": "null-co", "node-name": "n", "size": SIZE}))
+                .unwrap();
+            let mut loader = BitmapLoader::new(dst.clone(), None);
+            let mut r: Reader = StreamReader::new(Box::new(std::io::Cursor::new(first_stream)));
+            loader.load(&mut r).unwrap(); // setup
+            assert!(loader.before_vm_start_postcopy().is_empty());
+            // The guest runs here: its write is recorded.
+            let node = dst.node("n").unwrap();
+            node.with_bitmaps(|l| l.mark(900 << 20, 4096));
+            for _ in 0..parts_before_cut {
+                loader.load(&mut r).unwrap();
+            }
+            assert!(node.with_bitmaps(|l| l.find("bm").unwrap().busy()));
+            loader.resumed();
+            let mut r: Reader = StreamReader::new(Box::new(std::io::Cursor::new(second_stream)));
+            for _ in 0..=parts {
+                loader.load(&mut r).unwrap();
+            }
+            loader.load(&mut r).unwrap(); // the END: COMPLETE
+            assert!(loader.before_vm_start().is_empty());
+
+            let want = source(SIZE, 512, &[dirty[0], dirty[1], (900 << 20, 4096)]);
+            let want = want
+                .node("n")
+                .unwrap()
+                .with_bitmaps(|l| l.find("bm").unwrap().sha256_hex());
+            node.with_bitmaps(|l| {
+                let bm = l.find("bm").unwrap();
+                assert_eq!(bm.sha256_hex(), want, "source ∪ the destination's write");
+                assert!(bm.enabled() && !bm.busy());
+                assert_eq!(l.iter().count(), 1, "the successor was merged");
+            });
         }
 
         /// What a source sends for `layer`'s bitmaps: the setup section's chunks and the

@@ -776,6 +776,9 @@ impl Listen<'_> {
                         log::error!("loadvm_postcopy_handle_resume: illegal resume received");
                         continue;
                     };
+                    if let Some(b) = self.bitmaps.as_deref_mut() {
+                        b.resumed();
+                    }
                     if let Some((shared, _)) = self.engine {
                         shared.incoming_resumed()?;
                     }

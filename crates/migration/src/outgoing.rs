@@ -58,6 +58,9 @@ const ROUND: Duration = Duration::from_millis(50);
 /// Section ids: `ram` and `dirty-bitmap` as QEMU 7.2's `-M none`; devices follow.
 const RAM_SECTION_ID: u32 = 2;
 const BITMAP_SECTION_ID: u32 = 3;
+/// Bytes of dirty-bitmap chunks per PART section in postcopy: small, so that a requested
+/// page (sent between sections without preempt) never waits long behind bitmap data.
+const POSTCOPY_BITMAP_SLICE: u64 = 64 * 1024;
 const FIRST_DEVICE_SECTION_ID: u32 = 4;
 
 /// Everything the migration thread needs.
@@ -115,6 +118,14 @@ pub(crate) struct Outgoing {
     written_base: u64,
     /// `ram.transferred` when postcopy began (`postcopy-bytes` counts from there).
     postcopy_base: u64,
+}
+
+/// The name of the machine's first RAM block, if it has any.
+fn job_first_block(job: &Job) -> Option<String> {
+    job.machine
+        .ram_blocks()
+        .first()
+        .map(|b| b.name().to_string())
 }
 
 fn gone(what: &str) -> MigrationError {
@@ -473,14 +484,28 @@ impl Outgoing {
             self.job.stats.clone(),
         );
         let globalstate = self.stop_guest()?;
-        let (w, ram, bitmaps) = self.stream()?;
-        if let Some(b) = bitmaps {
-            write_end(w, BITMAP_SECTION_ID)?;
-            b.save_complete(w)?;
-            write_footer(w, BITMAP_SECTION_ID)?;
-        }
+        // The dirty bitmaps are postcopiable (as QEMU's): they follow the switch, in
+        // postcopy's PART sections, out of the downtime.
+        let first_block = job_first_block(&self.job);
+        let (w, ram, _) = self.stream()?;
         ram.sync();
-        for cmd in ram.discard_commands() {
+        let mut discards = ram.discard_commands();
+        if discards.is_empty() {
+            // Nothing to discard (every page went out in precopy and none was written
+            // since): one empty range all the same. QEMU 7.2's destination, seeing LISTEN
+            // without a discard first, moves its postcopy state back to "discard" and then
+            // refuses RUN ("CMD_POSTCOPY_RUN in wrong postcopy state (2)").
+            if let Some(name) = first_block {
+                discards.push(Command::PostcopyRamDiscard {
+                    ramblock: name,
+                    ranges: vec![wire::command::DiscardRange {
+                        start: 0,
+                        length: 0,
+                    }],
+                });
+            }
+        }
+        for cmd in discards {
             write_command(w, &cmd)?;
         }
         write_command(w, &Command::Ping(2))?;
@@ -598,6 +623,15 @@ impl Outgoing {
         let mut pages = PageWriter::new();
         let mut cursor = Cursor::default();
         let mut batch = Vec::with_capacity(batch_pages);
+        // A recovery's new stream sends the bitmaps' bits again from the first chunk (what
+        // the old one lost is covered). At the switch the names go on from the START chunks,
+        // as QEMU's do.
+        let mut bitmaps = self.bitmaps.as_mut();
+        if base > 0 {
+            if let Some(b) = bitmaps.as_deref_mut() {
+                b.restart();
+            }
+        }
         loop {
             let max_bw = shared.lock().params.max_postcopy_bandwidth();
             let allowance = meter.allowance(w.bytes_written(), max_bw);
@@ -624,7 +658,7 @@ impl Outgoing {
                 }
                 pages.write(w, src, &batch)?;
             }
-            let mut done = false;
+            let mut ram_done = false;
             if allowance > 0 {
                 let max = (allowance.min(batch_pages as u64 * crate::guest::PAGE_SIZE)
                     / crate::guest::PAGE_SIZE)
@@ -632,7 +666,7 @@ impl Outgoing {
                 if src.claim_next(&mut cursor, max, &mut batch) {
                     pages.write(w, src, &batch)?;
                 } else if src.remaining() == 0 {
-                    done = true;
+                    ram_done = true;
                 } else {
                     // Pages given back behind the scan (a request the preempt channel could
                     // not answer): scan again.
@@ -641,6 +675,18 @@ impl Outgoing {
             }
             wire::ram::write_eos(w)?;
             write_footer(w, RAM_SECTION_ID)?;
+            // Then a slice of the bitmaps' bits, under the same bandwidth limit.
+            let mut bits_done = true;
+            if let Some(b) = bitmaps.as_deref_mut() {
+                if b.bits_remaining() && allowance > 0 {
+                    write_part(w, BITMAP_SECTION_ID)?;
+                    bits_done = !b.save_part(w, allowance.min(POSTCOPY_BITMAP_SLICE))?;
+                    write_footer(w, BITMAP_SECTION_ID)?;
+                } else {
+                    bits_done = !b.bits_remaining();
+                }
+            }
+            let done = ram_done && bits_done;
             w.flush()?;
             let now = w.bytes_written();
             stats.transferred.store(base + now, Ordering::Relaxed);
@@ -656,6 +702,13 @@ impl Outgoing {
         write_end(w, RAM_SECTION_ID)?;
         wire::ram::write_eos(w)?;
         write_footer(w, RAM_SECTION_ID)?;
+        if let Some(b) = bitmaps {
+            // QEMU's `dirty_bitmap_save_complete` in postcopy: whatever bits remain (none),
+            // COMPLETE for each bitmap, EOS.
+            write_end(w, BITMAP_SECTION_ID)?;
+            b.save_complete(w)?;
+            write_footer(w, BITMAP_SECTION_ID)?;
+        }
         // QEMU's postcopy stream ends without a vmdesc trailer.
         write_eof(w)?;
         w.flush()?;

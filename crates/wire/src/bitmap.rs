@@ -316,6 +316,17 @@ impl NameTracker {
         (self.node.as_deref(), self.bitmap.as_deref())
     }
 
+    /// For writers: the next chunk names its bitmap again, whatever the last one named (a
+    /// stream resumed on a new connection, where the last chunk written may have been lost).
+    pub fn forget_bitmap(&mut self) {
+        self.bitmap = None;
+    }
+
+    /// For writers: the next chunk names its node and bitmap again.
+    pub fn forget(&mut self) {
+        *self = Self::default();
+    }
+
     /// For writers: the (node, bitmap) names to put on the wire for a chunk about
     /// `node`/`bitmap` (each `None` when unchanged), updating the state.
     pub fn encode(&mut self, node: &str, bitmap: &str) -> (Option<String>, Option<String>) {
