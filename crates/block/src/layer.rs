@@ -174,6 +174,34 @@ impl BlockLayer {
         Ok(node)
     }
 
+    /// `-drive`: opens the drive's format node (a generated `#blockNNN` name unless the
+    /// option gave `node-name`) and its protocol node. An `if=none` drive gets its
+    /// BlockBackend, named by the drive's `id`, here; an `if=virtio` one gets it when the
+    /// machine attaches its disk device under that name ([`BlockLayer::attach_device`]).
+    /// Either way QMP commands find the disk by the `id`. Like QEMU's, the node belongs to
+    /// the backend, not to the monitor (`blockdev-del` refuses it).
+    pub fn drive_add(
+        &self,
+        spec: &crate::options::DriveSpec,
+    ) -> Result<Arc<BlockNode>, BlockError> {
+        let opts = BlockdevOptions::from_json(&spec.options)?;
+        opts.check_supported()?;
+        let node = {
+            let mut g = self.write();
+            if g.device(&spec.id).is_some() {
+                return Err(BlockError::DuplicateDevice(spec.id.clone()));
+            }
+            let mut pending = Vec::new();
+            let node = self.open_node(&mut g, &mut pending, &opts, Inherit::default(), false)?;
+            g.entries.extend(pending);
+            node
+        };
+        if spec.interface == crate::options::DriveInterface::None {
+            self.attach_device(node.name(), &spec.id, "")?;
+        }
+        Ok(node)
+    }
+
     /// Adds a node over a driver the embedding VMM built itself (a driver of its own, or one
     /// of this crate's opened directly), owned by the monitor like a `blockdev-add` node. The
     /// name is checked as `blockdev-add` checks it. Children the driver holds must already be

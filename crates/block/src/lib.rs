@@ -80,4 +80,4 @@ pub use bitmap::{BdrvDirtyBitmap, BitmapCheck, BitmapId, DirtyBitmaps};
 pub use error::BlockError;
 pub use layer::{BlockLayer, Device, MergeSource};
 pub use node::{BitmapsGuard, BlockNode, NodeFlags};
-pub use options::parse_blockdev_keyval;
+pub use options::{parse_blockdev_keyval, parse_drive, DriveInterface, DriveSpec};

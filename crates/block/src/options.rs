@@ -647,6 +647,142 @@ pub fn parse_blockdev_keyval(arg: &str) -> Result<Value, BlockError> {
     Ok(Value::Object(m))
 }
 
+/// Which bus a `-drive` puts its disk on (`if=`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DriveInterface {
+    /// `if=none`: a named BlockBackend and no device.
+    None,
+    /// `if=virtio`: the machine's virtio-blk disk.
+    Virtio,
+}
+
+/// A parsed `-drive` option: QEMU's legacy way to make a BlockBackend (`id`), the format node
+/// over a protocol node under it, and (with `if=virtio`) a disk device.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DriveSpec {
+    /// `id=`: the BlockBackend's name, by which QMP commands find the disk (QEMU's default
+    /// for a missing one is the interface and index, e.g. `virtio0`).
+    pub id: String,
+    /// `if=`.
+    pub interface: DriveInterface,
+    /// The format node as `blockdev-add` arguments, without a `node-name` unless the option
+    /// gave one (the layer generates QEMU's `#blockNNN` then).
+    pub options: Value,
+}
+
+/// Parses QEMU's `-drive` (`if=virtio,id=drive0,file=PATH,format=qcow2,cache=writeback,...`).
+/// The drive's own options (`if`, `id`, `file`, `format`, `readonly`, `cache`, `aio`, `media`)
+/// are taken out and turned into the node tree QEMU's `blockdev_init` builds; every other key
+/// belongs to the format node (`node-name`, `backing.node-name`, `discard`, ...) and goes
+/// through `blockdev-add`'s checks, so an option this layer does not know is refused with
+/// QEMU's message. `index` counts the drives given before this one (for the default `id`).
+pub fn parse_drive(arg: &str, index: usize) -> Result<DriveSpec, BlockError> {
+    let mut m = parse_keyval(arg)?;
+    fn take_from(m: &mut Map<String, Value>, k: &str) -> Result<Option<String>, BlockError> {
+        match m.remove(k) {
+            None => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s)),
+            Some(_) => Err(BlockError::Unsupported(format!(
+                "-drive: '{k}' takes a single value"
+            ))),
+        }
+    }
+    let interface = match take_from(&mut m, "if")?.as_deref() {
+        Some("virtio") => DriveInterface::Virtio,
+        Some("none") => DriveInterface::None,
+        Some(other) => {
+            return Err(BlockError::Unsupported(format!(
+                "-drive if={other}: livemig's machines have no '{other}' bus (if=virtio or if=none)"
+            )))
+        }
+        None => {
+            return Err(BlockError::Unsupported(
+                "-drive: if= is required here (if=virtio or if=none): livemig has no default \
+                 disk bus"
+                    .into(),
+            ))
+        }
+    };
+    let id = match take_from(&mut m, "id")? {
+        Some(id) => {
+            if !id_wellformed(&id) {
+                return Err(BlockError::Unsupported(format!(
+                    "Parameter 'id' expects an identifier"
+                )));
+            }
+            id
+        }
+        None => match interface {
+            DriveInterface::Virtio => format!("virtio{index}"),
+            DriveInterface::None => format!("none{index}"),
+        },
+    };
+    if let Some(media) = take_from(&mut m, "media")? {
+        if media != "disk" {
+            return Err(BlockError::Unsupported(format!(
+                "-drive media={media}: only disks (media=disk) are supported"
+            )));
+        }
+    }
+    let Some(format) = take_from(&mut m, "format")? else {
+        return Err(BlockError::Unsupported(
+            "-drive: format= is required here: livemig does not probe image formats".into(),
+        ));
+    };
+    m.insert("driver".into(), Value::String(format));
+    if let Some(ro) = take_from(&mut m, "readonly")? {
+        m.insert("read-only".into(), Value::String(ro));
+    }
+    if let Some(cache) = take_from(&mut m, "cache")? {
+        let (direct, no_flush) = match cache.as_str() {
+            "writeback" => ("off", "off"),
+            "unsafe" => ("off", "on"),
+            "none" => ("on", "off"),
+            "writethrough" | "directsync" => {
+                return Err(BlockError::Unsupported(format!(
+                    "-drive cache={cache}: a write-through guest cache is not supported by \
+                     this block layer (cache=writeback, unsafe or none)"
+                )))
+            }
+            _ => {
+                return Err(BlockError::Unsupported(format!(
+                    "invalid cache option '{cache}'"
+                )))
+            }
+        };
+        let mut c = Map::new();
+        c.insert("direct".into(), Value::String(direct.into()));
+        c.insert("no-flush".into(), Value::String(no_flush.into()));
+        m.insert("cache".into(), Value::Object(c));
+    }
+    let aio = take_from(&mut m, "aio")?;
+    let file = match m.remove("file") {
+        Some(Value::String(path)) => {
+            let mut f = Map::new();
+            f.insert("driver".into(), Value::String("file".into()));
+            f.insert("filename".into(), Value::String(path));
+            Value::Object(f)
+        }
+        Some(Value::Object(f)) => Value::Object(f),
+        Some(_) | None => {
+            return Err(BlockError::Unsupported(
+                "-drive: file= is required here (an empty drive has no image to open)".into(),
+            ))
+        }
+    };
+    let mut file = file;
+    if let (Some(aio), Value::Object(f)) = (aio, &mut file) {
+        f.insert("aio".into(), Value::String(aio));
+    }
+    m.insert("file".into(), file);
+    convert_options(&mut m, "")?;
+    Ok(DriveSpec {
+        id,
+        interface,
+        options: Value::Object(m),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

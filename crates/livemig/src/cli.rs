@@ -12,6 +12,11 @@
 //! | `-m [size=]SIZE` | guest RAM |
 //! | `-smp [cpus=]N` | vCPUs of the `livemig` machine (`none` has at most 1, as QEMU's) |
 //! | `-accel tcg\|kvm[,dirty-ring-size=N]`, `-enable-kvm` | the vCPUs: software threads (`tcg`, the default) or KVM vCPUs running the workload as guest code |
+//! | `-accel qtest` | QEMU's qtest accelerator: vCPUs that never execute, so only QMP (and qtest) change the VM |
+//! | `-M help`, `-device help`, `-drive format=help` | the machines, devices and block drivers, in QEMU's format |
+//! | `-drive if=virtio\|none,file=,format=,id=,...` | QEMU's legacy disk option: a BlockBackend named `id` over the format and protocol nodes (`block::parse_drive`); `if=virtio` is the virtio-blk disk |
+//! | `-chardev socket,id=ID,path=\|host=,port=\|fd=...`, `-mon chardev=ID,mode=control` | a QMP monitor on a socket livemig connects to, listens on or inherits (`crate::chardev`) |
+//! | `-qtest unix:path=P\|chardev:ID` | the qtest protocol's connection; its commands are refused as QEMU refuses unknown ones (`crate::qtest`) |
 //! | `-blockdev`, `-object`, `-qmp`, `-incoming`, `-S`, `-mem-prealloc` | as QEMU's |
 //! | `-device virtio-blk,drive=NODE[,id=ID]`, `-device help` | the `livemig` machine's virtio-blk disk (which its workload writes); the device list |
 //! | `-serial file:PATH\|none\|null` | where the `livemig` machine's serial port writes (`none` has no serial port, so the file is only created, as with QEMU) |
@@ -21,7 +26,7 @@
 //! | `-no-shutdown` | QEMU stops instead of exiting when the guest powers off; livemig's guests never power off (`quit` exits either way, as in QEMU) |
 //! | `-display none`, `-vga none`, `-monitor none` | no display, no VGA card, no human monitor: what livemig has; any other value is refused |
 //!
-//! Refused until built: `-chardev`, `-cpu`, `-global`, `-nographic`, CPU topology, memory
+//! Refused until built: other chardev backends and uses, `-cpu`, `-global`, `-nographic`, CPU topology, memory
 //! hotplug, other displays, VGA cards and monitors.
 
 use std::path::PathBuf;
@@ -36,17 +41,26 @@ usage: livemig vm [options]     a VM controlled over QMP, with QEMU's option nam
                          a verifiable workload (default livemig)
   -m [size=]SIZE         guest RAM (a bare number is MiB; default 128M)
   -smp [cpus=]N          vCPUs of the livemig machine (default 1)
-  -accel tcg|kvm[,dirty-ring-size=N], -enable-kvm
-                         software vCPUs (tcg, the default) or KVM vCPUs
+  -accel tcg|kvm[,dirty-ring-size=N]|qtest, -enable-kvm
+                         software vCPUs (tcg, the default), KVM vCPUs, or vCPUs that never
+                         run (qtest)
   -name [guest=]NAME[,process=NAME]
                          the name query-name reports; the process name
   -blockdev OPTIONS      a block node, as QEMU's (keyval or JSON)
+  -drive if=virtio|none,file=PATH,format=FMT[,id=ID,readonly=on,cache=writeback|unsafe,...]
+                         a disk, as QEMU's legacy option (format=help lists the drivers)
+  -chardev socket,id=ID,path=PATH|host=H,port=N|fd=N[,server=on,wait=off]
+  -mon chardev=ID,mode=control
+                         a QMP monitor on a chardev
+  -qtest unix:path=PATH|chardev:ID
+                         the qtest protocol's socket (commands are refused: none is built)
   -object OPTIONS        tls-creds-x509, authz-simple, authz-list (keyval or JSON)
   -qmp unix:PATH,server=on,wait=off | tcp:HOST:PORT,server=on,wait=off
                          a QMP monitor
   -incoming URI|defer    wait for an incoming migration (tcp:, unix:, exec:, file:)
   -S                     do not start the guest
   -mem-prealloc          allocate guest RAM at start-up
+  -M help                list the machines
   -device virtio-blk,drive=NODE[,id=ID] | help
                          the livemig machine's virtio-blk disk; the list of devices
   -serial file:PATH|none|null
@@ -97,6 +111,16 @@ pub struct VmArgs {
     pub workload: WorkloadConfig,
     /// `-workload disk=NODE`.
     pub workload_disk: Option<String>,
+    /// `-machine help`: list the machines and exit.
+    pub machine_help: bool,
+    /// `-drive`, each as given (QEMU's legacy disk option; see `block::parse_drive`).
+    pub drives: Vec<String>,
+    /// `-chardev`, each as given (see `crate::chardev`).
+    pub chardevs: Vec<String>,
+    /// `-mon`, each as given.
+    pub mons: Vec<String>,
+    /// `-qtest CHARDEV`: where the qtest protocol is spoken.
+    pub qtest: Option<String>,
 }
 
 impl Default for VmArgs {
@@ -119,6 +143,11 @@ impl Default for VmArgs {
             serial: None,
             workload: WorkloadConfig::default(),
             workload_disk: None,
+            machine_help: false,
+            drives: Vec::new(),
+            chardevs: Vec::new(),
+            mons: Vec::new(),
+            qtest: None,
         }
     }
 }
@@ -218,6 +247,11 @@ fn parse_accel(v: &str) -> Result<Accel, String> {
             None => Ok(Accel::Tcg),
             Some((k, _)) => Err(format!("-accel {v}: Property 'tcg-accel.{k}' not found")),
         },
+        // QEMU's qtest accelerator: vCPUs that never execute (see `vm::Accel::Qtest`).
+        "qtest" => match parts.next() {
+            None => Ok(Accel::Qtest),
+            Some((k, _)) => Err(format!("-accel {v}: Property 'qtest-accel.{k}' not found")),
+        },
         other => Err(format!("-accel {v}: invalid accelerator {other}")),
     }
 }
@@ -226,6 +260,13 @@ fn parse_accel(v: &str) -> Result<Accel, String> {
 /// under a category heading), which tools such as QEMU's iotests read.
 pub const DEVICE_HELP: &str = "Storage devices:
 name \"virtio-blk-device\", bus virtio-bus, alias \"virtio-blk\", desc \"virtio-blk on virtio-mmio, one queue per vCPU\"
+";
+
+/// What `-machine help` prints: QEMU's format (`NAME<padding>DESCRIPTION`, the default
+/// marked ` (default)`), which QEMU's iotests read to find the default machine.
+pub const MACHINE_HELP: &str = "Supported machines are:
+livemig              livemig's reference machine: vCPUs running a verifiable workload, a virtio-blk disk (default)
+none                 empty machine
 ";
 
 /// Parses `-device DRIVER,prop=value...`: only virtio-blk (QEMU's `virtio-blk-device`, or its
@@ -314,6 +355,10 @@ pub fn parse_vm_args(argv: &[String]) -> Result<VmArgs, String> {
             }
             "M" | "machine" => {
                 let v = value(o)?;
+                if v == "help" || v == "?" {
+                    a.machine_help = true;
+                    continue;
+                }
                 let kv = keyvals(&v, "type");
                 let ty = kv
                     .iter()
@@ -369,6 +414,9 @@ pub fn parse_vm_args(argv: &[String]) -> Result<VmArgs, String> {
             "accel" => a.accel = parse_accel(&value(o)?)?,
             "enable-kvm" => a.accel = Accel::Kvm(KvmOptions::default()),
             "blockdev" => a.blockdevs.push(value(o)?),
+            "drive" => a.drives.push(value(o)?),
+            "mon" => a.mons.push(value(o)?),
+            "qtest" => a.qtest = Some(value(o)?),
             "object" => a.objects.push(value(o)?),
             "device" => parse_device(&value(o)?, &mut a)?,
             "qmp" => a.qmp.push(value(o)?),
@@ -393,13 +441,8 @@ pub fn parse_vm_args(argv: &[String]) -> Result<VmArgs, String> {
             // Acting as QEMU's: see the module documentation for why each changes nothing.
             "nodefaults" | "no-user-config" | "no-shutdown" => {}
             "display" | "vga" | "monitor" => only_none(o, &value(o)?)?,
-            "chardev" => {
-                return Err(format!(
-                    "-chardev {}: character devices are not supported yet (the monitor is -qmp, \
-                     the serial port -serial file:PATH)",
-                    value(o)?
-                ))
-            }
+            // Sockets for -mon and -qtest (crate::chardev).
+            "chardev" => a.chardevs.push(value(o)?),
             "cpu" => {
                 return Err(format!(
                     "-cpu {}: CPU models are not supported: livemig's vCPUs run a software \
@@ -531,8 +574,16 @@ mod tests {
             Accel::Kvm(KvmOptions::default())
         );
         assert_eq!(
-            parse_vm_args(&args("-accel qtest")).unwrap_err(),
-            "-accel qtest: invalid accelerator qtest"
+            parse_vm_args(&args("-accel qtest")).unwrap().accel,
+            Accel::Qtest
+        );
+        assert_eq!(
+            parse_vm_args(&args("-accel xen")).unwrap_err(),
+            "-accel xen: invalid accelerator xen"
+        );
+        assert_eq!(
+            parse_vm_args(&args("-accel qtest,x=1")).unwrap_err(),
+            "-accel qtest,x=1: Property 'qtest-accel.x' not found"
         );
         assert_eq!(
             parse_vm_args(&args("-accel kvm,dirty-ring-size=1000")).unwrap_err(),

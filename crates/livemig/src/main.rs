@@ -12,13 +12,16 @@
 
 mod analyze;
 mod bench;
+mod chardev;
 mod cli;
 mod client;
 mod demo;
+mod inherited_fd;
 mod logger;
 mod monitor;
 mod opts;
 mod out;
+mod qtest;
 mod scenario;
 mod vmproc;
 

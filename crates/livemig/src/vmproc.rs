@@ -73,12 +73,33 @@ impl migration::events::EventSink for QmpEvents {
 
 /// Runs the VM until `quit` (which exits the process). Returns an error message for a bad
 /// configuration, as QEMU does before it starts.
-pub fn run(args: VmArgs) -> Result<(), String> {
+pub fn run(mut args: VmArgs) -> Result<(), String> {
     if args.device_help {
         // A reader that went away early (`| head`) is no error.
         let _ = crate::out::write(format_args!("{}", crate::cli::DEVICE_HELP));
         return Ok(());
     }
+    if args.machine_help {
+        print!("{}", crate::cli::MACHINE_HELP);
+        return Ok(());
+    }
+    // Chardevs first, and inherited sockets (fd=N) adopted before this process opens
+    // anything of its own.
+    let wiring = crate::chardev::wire(&args.chardevs, &args.mons, args.qtest.as_deref())?;
+    let mut fd_monitors = Vec::new();
+    let mut socket_monitors = Vec::new();
+    for m in &wiring.monitors {
+        match m {
+            crate::chardev::Endpoint::Fd(fd) => {
+                fd_monitors.push(crate::inherited_fd::adopt_socket(*fd).map_err(|e| format!("-chardev socket,{e}"))?)
+            }
+            crate::chardev::Endpoint::Socket(opt) => socket_monitors.push(opt.clone()),
+        }
+    }
+    let qtest = match &wiring.qtest {
+        Some(e @ crate::chardev::Endpoint::Fd(_)) => Some(crate::chardev::connect_qtest(e)?),
+        _ => None,
+    };
     // Before any thread starts, so that every thread inherits the mask and only the signal
     // thread below ever takes them.
     let signals = termination_signals();
@@ -121,6 +142,33 @@ pub fn run(args: VmArgs) -> Result<(), String> {
             .blockdev_add(&v)
             .map_err(|e| format!("-blockdev {spec}: {e}"))?;
     }
+    let mut virtio_blk_backend = String::new();
+    for (i, spec) in args.drives.iter().enumerate() {
+        let drive = block::parse_drive(spec, i).map_err(|e| format!("-drive {spec}: {e}"))?;
+        let node = block
+            .drive_add(&drive)
+            .map_err(|e| format!("-drive {spec}: {e}"))?;
+        if drive.interface == block::DriveInterface::Virtio {
+            if args.virtio_blk.is_some() {
+                return Err(format!(
+                    "-drive {spec}: this machine has one virtio-blk slot, already taken"
+                ));
+            }
+            match &args.workload_disk {
+                Some(w) => {
+                    return Err(format!(
+                        "-drive {spec}: -workload disk={w} names another disk than this drive"
+                    ))
+                }
+                None => args.workload_disk = Some(node.name().to_string()),
+            }
+            if args.workload.disk_every == 0 {
+                args.workload.disk_every = 64;
+            }
+            args.virtio_blk = Some(node.name().to_string());
+            virtio_blk_backend = drive.id.clone();
+        }
+    }
     if let Some(node) = &args.virtio_blk {
         if block.node(node).is_none() {
             return Err(format!(
@@ -152,6 +200,7 @@ pub fn run(args: VmArgs) -> Result<(), String> {
         mem_prealloc: args.mem_prealloc,
         accel: args.accel,
         virtio_blk: args.virtio_blk.is_some(),
+        virtio_blk_backend,
     };
     let vm = Vm::new(config, block.clone(), sink.clone())?;
     let mig = Arc::new(Migration::new(
@@ -207,6 +256,21 @@ pub fn run(args: VmArgs) -> Result<(), String> {
     for q in &args.qmp {
         let opt = qmp::QmpOption::parse(q).map_err(|e| format!("-qmp {q}: {e}"))?;
         server.start(&opt).map_err(|e| format!("-qmp {q}: {e}"))?;
+    }
+    for opt in &socket_monitors {
+        server
+            .start(opt)
+            .map_err(|e| format!("-chardev {opt:?}: {e}"))?;
+    }
+    for stream in fd_monitors {
+        server
+            .serve_unix(stream)
+            .map_err(|e| format!("-mon: {e}"))?;
+    }
+    match (qtest, &wiring.qtest) {
+        (Some(stream), _) => crate::qtest::serve(stream)?,
+        (None, Some(e)) => crate::qtest::serve(crate::chardev::connect_qtest(e)?)?,
+        (None, None) => {}
     }
     // Everything runs on other threads from here; `quit` exits the process.
     loop {

@@ -78,6 +78,10 @@ pub enum Accel {
     Tcg,
     /// KVM vCPUs running the workload as guest code.
     Kvm(KvmOptions),
+    /// QEMU's `qtest` accelerator: the vCPUs exist (their state migrates) but never execute
+    /// guest code, so the guest changes neither its memory nor its disk; what changes the VM
+    /// comes from outside (QMP, the qtest protocol). QEMU's iotests run every VM this way.
+    Qtest,
 }
 
 /// How to build a VM.
@@ -108,6 +112,10 @@ pub struct VmConfig {
     /// `-device virtio-blk,drive=NODE` was given (NODE is `workload_disk`). Under KVM the
     /// device exists whenever the workload has a disk: the guest writes through it.
     pub virtio_blk: bool,
+    /// The name of the BlockBackend the virtio-blk disk is attached through (`-drive
+    /// if=virtio,id=NAME`: QMP commands find the disk by it); empty for `-device
+    /// virtio-blk,drive=NODE`, which names the node itself.
+    pub virtio_blk_backend: String,
 }
 
 impl Default for VmConfig {
@@ -125,6 +133,7 @@ impl Default for VmConfig {
             mem_prealloc: false,
             accel: Accel::Tcg,
             virtio_blk: false,
+            virtio_blk_backend: String::new(),
         }
     }
 }
@@ -283,7 +292,7 @@ impl Vm {
             MachineType::Livemig => config.vcpus.max(1),
         };
         let (kvm, sys) = match config.accel {
-            Accel::Tcg => (None, None),
+            Accel::Tcg | Accel::Qtest => (None, None),
             Accel::Kvm(opts) => {
                 crate::kvm::boot::check_ram(config.ram_size)?;
                 let kvm = Arc::new(KvmVm::new(nvcpus, opts)?);
@@ -384,7 +393,11 @@ impl Vm {
         // processes while this VM owns it (an incoming VM takes the locks on activation).
         if let Some(node) = &config.workload_disk {
             block
-                .attach_device(node, "", "/machine/peripheral-anon/livemig-disk")
+                .attach_device(
+                    node,
+                    &config.virtio_blk_backend,
+                    "/machine/peripheral-anon/livemig-disk",
+                )
                 .map_err(|e| format!("disk {node}: {e}"))?;
         }
         let core = Arc::new(VmCore {
@@ -415,6 +428,7 @@ impl Vm {
         for id in 0..nvcpus {
             let c = core.clone();
             let kvm = c.kvm.is_some();
+            let qtest = c.config.accel == Accel::Qtest;
             threads.push(
                 std::thread::Builder::new()
                     .name(format!("vcpu{id}"))
@@ -424,6 +438,8 @@ impl Vm {
                         }
                         if kvm {
                             crate::kvm::run::vcpu_thread(&c, id)
+                        } else if qtest {
+                            idle_vcpu_thread(&c)
                         } else {
                             vcpu_thread(&c, id)
                         }
@@ -673,6 +689,20 @@ fn vcpu_thread(core: &VmCore, id: u32) {
                 window_pages = 0;
             }
         }
+    }
+}
+
+/// A vCPU of the `qtest` accelerator: it takes part in every stop and start (so the run
+/// state changes as with any accelerator) but executes nothing.
+fn idle_vcpu_thread(core: &VmCore) {
+    if core.run.gate() == Gate::Quit {
+        return;
+    }
+    loop {
+        if !core.run.is_running() && core.run.park() == Gate::Quit {
+            return;
+        }
+        core.run.pause_while_running(Duration::from_millis(100));
     }
 }
 
