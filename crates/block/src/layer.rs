@@ -184,8 +184,23 @@ impl BlockLayer {
         &self,
         spec: &crate::options::DriveSpec,
     ) -> Result<Arc<BlockNode>, BlockError> {
-        let opts = BlockdevOptions::from_json(&spec.options)?;
+        let mut opts = BlockdevOptions::from_json(&spec.options)?;
         opts.check_supported()?;
+        if let Some(name) = &spec.backing_node_name {
+            match &mut opts.driver_options {
+                DriverOptions::Qcow2 { backing, .. } => {
+                    *backing = Some(BackingRef::FromImage {
+                        node_name: name.clone(),
+                    })
+                }
+                _ => {
+                    return Err(BlockError::Unsupported(format!(
+                        "Driver '{}' does not support backing files",
+                        opts.driver
+                    )))
+                }
+            }
+        }
         let node = {
             let mut g = self.write();
             if g.device(&spec.id).is_some() {
@@ -338,22 +353,29 @@ impl BlockLayer {
                     read_only: Some(true),
                     ..child_inherit
                 };
-                let node = match backing {
-                    Some(BackingRef::Null) => None,
-                    Some(BackingRef::Ref(r)) => {
-                        Some(self.open_child(g, pending, r, backing_inherit)?)
-                    }
-                    None => match d.backing_file() {
-                        None => None,
-                        Some((file, format)) => Some(self.open_backing_file(
+                let mut from_image = |name: Option<String>| match d.backing_file() {
+                    None => Ok(None),
+                    Some((file, format)) => self
+                        .open_backing_file(
                             g,
                             pending,
                             &child,
                             &file,
                             format.as_deref(),
                             backing_inherit,
-                        )?),
-                    },
+                            name,
+                        )
+                        .map(Some),
+                };
+                let node = match backing {
+                    Some(BackingRef::Null) => None,
+                    Some(BackingRef::Ref(r)) => {
+                        Some(self.open_child(g, pending, r, backing_inherit)?)
+                    }
+                    Some(BackingRef::FromImage { node_name }) => {
+                        from_image(Some(node_name.clone()))?
+                    }
+                    None => from_image(None)?,
                 };
                 if let Some(b) = node {
                     d.set_backing(b)?;
@@ -411,7 +433,21 @@ impl BlockLayer {
         file: &str,
         format: Option<&str>,
         inherit: Inherit,
+        node_name: Option<String>,
     ) -> Result<Arc<BlockNode>, BlockError> {
+        // A `json:{...}` name is the backing node's whole definition (QEMU writes one when an
+        // image is created over a backing node that has no plain filename).
+        if let Some(text) = file.strip_prefix("json:") {
+            let v: Value = serde_json::from_str(text).map_err(|e| {
+                BlockError::Driver(format!("Could not parse the JSON options of '{file}': {e}"))
+            })?;
+            let mut opts = BlockdevOptions::from_json(&v)?;
+            opts.check_supported()?;
+            if node_name.is_some() {
+                opts.node_name = node_name;
+            }
+            return self.open_node(g, pending, &opts, inherit, false);
+        }
         let path = match (image.driver().filename().exact, file.starts_with('/')) {
             (Some(img), false) => match std::path::Path::new(&img).parent() {
                 Some(dir) if !dir.as_os_str().is_empty() => dir.join(file).display().to_string(),
@@ -467,7 +503,7 @@ impl BlockLayer {
         };
         let opts = BlockdevOptions {
             driver: format,
-            node_name: None,
+            node_name,
             discard_unmap: None,
             cache_direct: None,
             cache_no_flush: None,

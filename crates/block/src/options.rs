@@ -194,6 +194,13 @@ pub enum BackingRef {
     Null,
     /// A child.
     Ref(BlockdevRef),
+    /// The backing file the image's header names, opened under this node name (`-drive
+    /// ...,backing.node-name=NAME`: QEMU merges backing options given on the command line
+    /// with the image's backing file).
+    FromImage {
+        /// The backing node's name.
+        node_name: String,
+    },
 }
 
 /// A child: the name of an existing node, or a definition opened with (and owned by) its
@@ -642,7 +649,13 @@ pub fn parse_blockdev_keyval(arg: &str) -> Result<Value, BlockError> {
         }
         return Ok(v);
     }
-    let mut m = parse_keyval(arg)?;
+    // `-blockdev`'s implied key is `driver`: `-blockdev file,filename=...`.
+    let first = arg.split(',').next().unwrap_or_default();
+    let mut m = if !first.is_empty() && !first.contains('=') {
+        parse_keyval(&format!("driver={arg}"))?
+    } else {
+        parse_keyval(arg)?
+    };
     convert_options(&mut m, "")?;
     Ok(Value::Object(m))
 }
@@ -668,6 +681,9 @@ pub struct DriveSpec {
     /// The format node as `blockdev-add` arguments, without a `node-name` unless the option
     /// gave one (the layer generates QEMU's `#blockNNN` then).
     pub options: Value,
+    /// `backing.node-name=NAME` without a backing definition: the name of the node opened
+    /// over the backing file the image names.
+    pub backing_node_name: Option<String>,
 }
 
 /// Parses QEMU's `-drive` (`if=virtio,id=drive0,file=PATH,format=qcow2,cache=writeback,...`).
@@ -756,6 +772,30 @@ pub fn parse_drive(arg: &str, index: usize) -> Result<DriveSpec, BlockError> {
         m.insert("cache".into(), Value::Object(c));
     }
     let aio = take_from(&mut m, "aio")?;
+    // Backing options without a driver only adjust the backing file the image names.
+    let backing_node_name = match m.get("backing") {
+        Some(Value::Object(b)) if !b.contains_key("driver") => {
+            let mut b = b.clone();
+            let name = match b.remove("node-name") {
+                Some(Value::String(n)) => n,
+                _ => {
+                    return Err(BlockError::Unsupported(
+                        "-drive: of the backing file's options only backing.node-name is \
+                         supported without backing.driver"
+                            .into(),
+                    ))
+                }
+            };
+            if let Some(k) = b.keys().next() {
+                return Err(BlockError::Unsupported(format!(
+                    "-drive: backing.{k} is not supported without backing.driver"
+                )));
+            }
+            m.remove("backing");
+            Some(name)
+        }
+        _ => None,
+    };
     let file = match m.remove("file") {
         Some(Value::String(path)) => {
             let mut f = Map::new();
@@ -780,6 +820,7 @@ pub fn parse_drive(arg: &str, index: usize) -> Result<DriveSpec, BlockError> {
         id,
         interface,
         options: Value::Object(m),
+        backing_node_name,
     })
 }
 

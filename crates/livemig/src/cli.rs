@@ -121,6 +121,8 @@ pub struct VmArgs {
     pub mons: Vec<String>,
     /// `-qtest CHARDEV`: where the qtest protocol is spoken.
     pub qtest: Option<String>,
+    /// `-drive format=help`: list the block drivers and exit.
+    pub drive_format_help: bool,
 }
 
 impl Default for VmArgs {
@@ -148,6 +150,7 @@ impl Default for VmArgs {
             chardevs: Vec::new(),
             mons: Vec::new(),
             qtest: None,
+            drive_format_help: false,
         }
     }
 }
@@ -414,7 +417,13 @@ pub fn parse_vm_args(argv: &[String]) -> Result<VmArgs, String> {
             "accel" => a.accel = parse_accel(&value(o)?)?,
             "enable-kvm" => a.accel = Accel::Kvm(KvmOptions::default()),
             "blockdev" => a.blockdevs.push(value(o)?),
-            "drive" => a.drives.push(value(o)?),
+            "drive" => {
+                let v = value(o)?;
+                if v.split(',').any(|kv| kv == "format=help" || kv == "format=?") {
+                    a.drive_format_help = true;
+                }
+                a.drives.push(v);
+            }
             "mon" => a.mons.push(value(o)?),
             "qtest" => a.qtest = Some(value(o)?),
             "object" => a.objects.push(value(o)?),

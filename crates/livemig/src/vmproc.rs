@@ -79,6 +79,18 @@ pub fn run(mut args: VmArgs) -> Result<(), String> {
         let _ = crate::out::write(format_args!("{}", crate::cli::DEVICE_HELP));
         return Ok(());
     }
+    if args.drive_format_help {
+        // QEMU's listing: every driver, read-write then read-only (QEMU's iotests read both).
+        nbd::register_driver();
+        let mut drivers: Vec<&str> = block::options::DRIVERS.to_vec();
+        if block::BlockLayer::driver_registered("nbd") {
+            drivers.push("nbd");
+        }
+        drivers.sort_unstable();
+        let list = drivers.join(" ");
+        println!("Supported formats: {list}\nSupported formats (read-only): {list}");
+        return Ok(());
+    }
     if args.machine_help {
         print!("{}", crate::cli::MACHINE_HELP);
         return Ok(());

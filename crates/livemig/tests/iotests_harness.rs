@@ -1,0 +1,242 @@
+//! What QEMU's own iotests (`tests/iotests/run.sh`) pass to `livemig vm`, and what they read
+//! back, each checked here on its own so a regression shows without the suite: the probes
+//! (`-machine help`, `-drive format=help`), a VM started as QEMU's Python test library starts
+//! one (`-chardev socket` + `-mon mode=control`, `-qtest`, `-accel qtest`, `-drive if=virtio`),
+//! `-drive` with `backing.node-name`, `-blockdev` with its implied `driver` key, and backing
+//! files named `json:{...}`.
+
+use serde_json::{json, Value};
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixListener;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+use testkit::{QmpClient, VmProcess};
+
+fn livemig(args: &[&str]) -> std::process::Output {
+    Command::new(testkit::livemig_bin())
+        .arg("vm")
+        .args(args)
+        .output()
+        .expect("run livemig")
+}
+
+fn qemu_img(args: &[&str]) -> bool {
+    Command::new("qemu-img")
+        .args(args)
+        .stdout(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+}
+
+fn lm(dir: &Path, name: &str, args: &[&str]) -> (VmProcess, QmpClient) {
+    let args: Vec<String> = ["vm", "-nodefaults", "-display", "none", "-accel", "qtest"]
+        .iter()
+        .chain(args)
+        .map(|s| s.to_string())
+        .collect();
+    let p = VmProcess::spawn(testkit::livemig_bin().to_str().unwrap(), &args, dir, name)
+        .expect("spawn livemig");
+    let q = p.qmp();
+    (p, q)
+}
+
+#[test]
+fn probes_list_machines_and_formats_as_qemu_does() {
+    let out = livemig(&["-machine", "help"]);
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    // QEMU's iotests take the first word of the line that ends in " (default)".
+    let default = text
+        .lines()
+        .find(|l| l.ends_with(" (default)"))
+        .and_then(|l| l.split(' ').next());
+    assert_eq!(default, Some("livemig"), "{text}");
+    assert!(text.lines().any(|l| l.starts_with("none ")), "{text}");
+
+    let out = livemig(&["-drive", "format=help"]);
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 2, "{text}");
+    for (line, head) in lines
+        .iter()
+        .zip(["Supported formats:", "Supported formats (read-only):"])
+    {
+        let list = line.strip_prefix(head).expect(head);
+        let formats: Vec<&str> = list.split_whitespace().collect();
+        assert!(formats.contains(&"qcow2") && formats.contains(&"raw"), "{line}");
+    }
+}
+
+/// QEMU's Python library listens and lets the VM connect: the monitor on a `-chardev socket`
+/// without `server`, the qtest protocol on `-qtest unix:path=...`.
+#[test]
+fn monitor_and_qtest_connect_to_the_harness() {
+    let dir = testkit::tempdir();
+    let mon_path = dir.path().join("mon.sock");
+    let qtest_path = dir.path().join("qtest.sock");
+    let mon = UnixListener::bind(&mon_path).unwrap();
+    let qtest = UnixListener::bind(&qtest_path).unwrap();
+    let mut child = Command::new(testkit::livemig_bin())
+        .args([
+            "vm",
+            "-nodefaults",
+            "-display",
+            "none",
+            "-accel",
+            "qtest",
+            "-chardev",
+            &format!("socket,id=mon,path={}", mon_path.display()),
+            "-mon",
+            "chardev=mon,mode=control",
+            "-qtest",
+            &format!("unix:path={}", qtest_path.display()),
+        ])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (m, _) = mon.accept().unwrap();
+    m.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut greeting = String::new();
+    BufReader::new(m.try_clone().unwrap())
+        .read_line(&mut greeting)
+        .unwrap();
+    let g: Value = serde_json::from_str(&greeting).unwrap();
+    assert!(g["QMP"]["version"].is_object(), "{greeting}");
+
+    let (mut q, _) = qtest.accept().unwrap();
+    q.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    q.write_all(b"clock_step 1000\n").unwrap();
+    let mut reply = String::new();
+    BufReader::new(q.try_clone().unwrap())
+        .read_line(&mut reply)
+        .unwrap();
+    // Not built: refused in QEMU's words, never a fake "OK".
+    assert_eq!(reply, "FAIL Unknown command 'clock_step'\n");
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+#[test]
+fn chardevs_livemig_cannot_use_are_refused() {
+    for (args, want) in [
+        (
+            vec!["-chardev", "socket,id=c0,path=/nonexistent/x"],
+            "nothing uses this chardev",
+        ),
+        (
+            vec![
+                "-chardev",
+                "socket,id=c0,path=/nonexistent/x",
+                "-mon",
+                "chardev=c0,mode=readline",
+            ],
+            "human monitor",
+        ),
+        (vec!["-qtest", "tcp:localhost:1"], "unix socket"),
+        (
+            vec!["-drive", "if=ide,file=/x,format=raw"],
+            "no 'ide' bus",
+        ),
+        (
+            vec!["-drive", "if=virtio,file=/x,format=qcow2,cache=writethrough"],
+            "write-through",
+        ),
+    ] {
+        let out = livemig(&args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} was accepted");
+        assert!(err.contains(want), "{args:?}: {err}");
+    }
+}
+
+/// `-drive if=virtio,id=drive0,...` as `iotests.VM.add_drive` writes it: QMP commands find the
+/// disk by the drive's id, and `backing.node-name` names the backing node the image opens.
+#[test]
+fn drive_is_found_by_its_id_and_names_its_backing_node() {
+    if !testkit::require(
+        "drive_is_found_by_its_id_and_names_its_backing_node",
+        testkit::programs(&["qemu-img"]),
+    ) {
+        return;
+    }
+    let dir = testkit::tempdir();
+    let base = dir.path().join("base.qcow2");
+    let top = dir.path().join("top.qcow2");
+    assert!(qemu_img(&["create", "-f", "qcow2", base.to_str().unwrap(), "1M"]));
+    assert!(qemu_img(&[
+        "create",
+        "-f",
+        "qcow2",
+        "-b",
+        base.to_str().unwrap(),
+        "-F",
+        "qcow2",
+        top.to_str().unwrap(),
+        "1M"
+    ]));
+    let drive = format!(
+        "if=virtio,id=drive0,file={},format=qcow2,cache=writeback,aio=threads,backing.node-name=base",
+        top.display()
+    );
+    let (_p, mut q) = lm(dir.path(), "vm", &["-drive", &drive]);
+    q.ok(
+        "block-dirty-bitmap-add",
+        json!({"node": "drive0", "name": "b0", "granularity": 512}),
+    );
+    let blk = q.ok("query-block", json!({}));
+    assert_eq!(blk[0]["device"], "drive0", "{blk}");
+    let nodes = q.ok("query-named-block-nodes", json!({}));
+    let names: Vec<&str> = nodes
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|n| n["node-name"].as_str())
+        .collect();
+    assert!(names.contains(&"base"), "{names:?}");
+    // The top node's name is generated, as QEMU's is.
+    assert!(names.iter().any(|n| n.starts_with("#block")), "{names:?}");
+}
+
+/// Bugs the iotests found: `-blockdev file,filename=...` (the implied `driver` key) was
+/// refused, and a backing file named `json:{...}` was opened as a file of that name.
+#[test]
+fn blockdev_implied_driver_and_json_backing_names_open() {
+    if !testkit::require(
+        "blockdev_implied_driver_and_json_backing_names_open",
+        testkit::programs(&["qemu-img"]),
+    ) {
+        return;
+    }
+    let dir = testkit::tempdir();
+    let base = dir.path().join("base.qcow2");
+    let top = dir.path().join("top.qcow2");
+    assert!(qemu_img(&["create", "-f", "qcow2", base.to_str().unwrap(), "1M"]));
+    let backing = json!({"driver": "qcow2", "file": {"driver": "file", "filename": base}});
+    assert!(qemu_img(&[
+        "create",
+        "-f",
+        "qcow2",
+        "-b",
+        &format!("json:{backing}"),
+        "-F",
+        "qcow2",
+        top.to_str().unwrap(),
+        "1M"
+    ]));
+    let file = format!("file,filename={},node-name=top-file", top.display());
+    let (_p, mut q) = lm(
+        dir.path(),
+        "vm",
+        &["-blockdev", &file, "-blockdev", "qcow2,file=top-file,node-name=top"],
+    );
+    let nodes = q.ok("query-named-block-nodes", json!({}));
+    let base_node = nodes
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["file"].as_str() == Some(base.to_str().unwrap()));
+    assert!(base_node.is_some(), "the json: backing file is not open: {nodes}");
+}
