@@ -360,8 +360,7 @@ impl BlockLayer {
                             g,
                             pending,
                             &child,
-                            &file,
-                            format.as_deref(),
+                            (&file, format.as_deref()),
                             backing_inherit,
                             name,
                         )
@@ -430,8 +429,7 @@ impl BlockLayer {
         g: &mut Graph,
         pending: &mut Vec<Entry>,
         image: &BlockNode,
-        file: &str,
-        format: Option<&str>,
+        (file, format): (&str, Option<&str>),
         inherit: Inherit,
         node_name: Option<String>,
     ) -> Result<Arc<BlockNode>, BlockError> {

@@ -722,9 +722,9 @@ pub fn parse_drive(arg: &str, index: usize) -> Result<DriveSpec, BlockError> {
     let id = match take_from(&mut m, "id")? {
         Some(id) => {
             if !id_wellformed(&id) {
-                return Err(BlockError::Unsupported(format!(
-                    "Parameter 'id' expects an identifier"
-                )));
+                return Err(BlockError::Unsupported(
+                    "Parameter 'id' expects an identifier".to_string(),
+                ));
             }
             id
         }

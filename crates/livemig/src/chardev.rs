@@ -127,11 +127,10 @@ fn parse_socket(opt: &str, parts: &[String], implied: Option<&str>) -> Result<Ch
                     "{opt}: a chardev given as fd= is a connected socket here, not a listening one (server=off)"
                 ));
             }
-            let n: i32 = n
-                .parse()
-                .ok()
-                .filter(|n| *n >= 0)
-                .ok_or_else(|| format!("{opt}: Parameter 'fd' expects a file descriptor number"))?;
+            let n: i32 =
+                n.parse().ok().filter(|n| *n >= 0).ok_or_else(|| {
+                    format!("{opt}: Parameter 'fd' expects a file descriptor number")
+                })?;
             Endpoint::Fd(n)
         }
         (None, None, None) => {
@@ -242,16 +241,15 @@ pub struct Wiring {
 pub fn wire(chardevs: &[String], mons: &[String], qtest: Option<&str>) -> Result<Wiring, String> {
     let mut by_id: HashMap<String, Chardev> = HashMap::new();
     let mut order = Vec::new();
-    for c in chardevs {
-        let c = parse_chardev(c)?;
+    for text in chardevs {
+        let c = parse_chardev(text)?;
         if by_id.contains_key(&c.id) {
             return Err(format!(
-                "-chardev {}: attempt to add duplicate property '{}' to object (type 'container')",
-                chardevs.iter().find(|s| s.contains(&c.id)).cloned().unwrap_or_default(),
+                "-chardev {text}: attempt to add duplicate property '{}' to object (type 'container')",
                 c.id
             ));
         }
-        order.push(c.id.clone());
+        order.push((c.id.clone(), text));
         by_id.insert(c.id.clone(), c);
     }
     let mut take = |id: &str, user: &str| {
@@ -270,9 +268,9 @@ pub fn wire(chardevs: &[String], mons: &[String], qtest: Option<&str>) -> Result
             Err(id) => take(&id, &format!("-qtest {q}"))?.endpoint,
         });
     }
-    if let Some(id) = order.iter().find(|id| by_id.contains_key(*id)) {
+    if let Some((_, text)) = order.iter().find(|(id, _)| by_id.contains_key(id)) {
         return Err(format!(
-            "-chardev id={id}: nothing uses this chardev (livemig's chardevs serve -mon and -qtest)"
+            "-chardev {text}: nothing uses this chardev (livemig's chardevs serve -mon and -qtest)"
         ));
     }
     Ok(w)
@@ -335,8 +333,12 @@ mod tests {
         let e = |c: &[&str], m: &[&str], q: Option<&str>| wire(&s(c), &s(m), q).unwrap_err();
         assert!(e(&["socket,id=x,path=/p"], &[], None).contains("nothing uses"));
         assert!(e(&["stdio,id=x"], &["x"], None).contains("'stdio' is not supported"));
-        assert!(e(&["socket,id=x,path=/p,telnet=on"], &["x,mode=control"], None)
-            .contains("Invalid parameter 'telnet'"));
+        assert!(e(
+            &["socket,id=x,path=/p,telnet=on"],
+            &["x,mode=control"],
+            None
+        )
+        .contains("Invalid parameter 'telnet'"));
         assert!(e(&["socket,id=x,path=/p"], &["x,mode=readline"], None).contains("human monitor"));
         assert!(e(&["socket,id=x,path=/p"], &["x"], None).contains("human monitor"));
         assert!(e(&["socket,id=x,path=/p"], &["y,mode=control"], None).contains("'y' not found"));

@@ -419,7 +419,9 @@ pub fn parse_vm_args(argv: &[String]) -> Result<VmArgs, String> {
             "blockdev" => a.blockdevs.push(value(o)?),
             "drive" => {
                 let v = value(o)?;
-                if v.split(',').any(|kv| kv == "format=help" || kv == "format=?") {
+                if v.split(',')
+                    .any(|kv| kv == "format=help" || kv == "format=?")
+                {
                     a.drive_format_help = true;
                 }
                 a.drives.push(v);

@@ -102,9 +102,10 @@ pub fn run(mut args: VmArgs) -> Result<(), String> {
     let mut socket_monitors = Vec::new();
     for m in &wiring.monitors {
         match m {
-            crate::chardev::Endpoint::Fd(fd) => {
-                fd_monitors.push(crate::inherited_fd::adopt_socket(*fd).map_err(|e| format!("-chardev socket,{e}"))?)
-            }
+            crate::chardev::Endpoint::Fd(fd) => fd_monitors.push(
+                crate::inherited_fd::adopt_socket(*fd)
+                    .map_err(|e| format!("-chardev socket,{e}"))?,
+            ),
             crate::chardev::Endpoint::Socket(opt) => socket_monitors.push(opt.clone()),
         }
     }

@@ -66,7 +66,10 @@ fn probes_list_machines_and_formats_as_qemu_does() {
     {
         let list = line.strip_prefix(head).expect(head);
         let formats: Vec<&str> = list.split_whitespace().collect();
-        assert!(formats.contains(&"qcow2") && formats.contains(&"raw"), "{line}");
+        assert!(
+            formats.contains(&"qcow2") && formats.contains(&"raw"),
+            "{line}"
+        );
     }
 }
 
@@ -136,12 +139,12 @@ fn chardevs_livemig_cannot_use_are_refused() {
             "human monitor",
         ),
         (vec!["-qtest", "tcp:localhost:1"], "unix socket"),
+        (vec!["-drive", "if=ide,file=/x,format=raw"], "no 'ide' bus"),
         (
-            vec!["-drive", "if=ide,file=/x,format=raw"],
-            "no 'ide' bus",
-        ),
-        (
-            vec!["-drive", "if=virtio,file=/x,format=qcow2,cache=writethrough"],
+            vec![
+                "-drive",
+                "if=virtio,file=/x,format=qcow2,cache=writethrough",
+            ],
             "write-through",
         ),
     ] {
@@ -165,7 +168,13 @@ fn drive_is_found_by_its_id_and_names_its_backing_node() {
     let dir = testkit::tempdir();
     let base = dir.path().join("base.qcow2");
     let top = dir.path().join("top.qcow2");
-    assert!(qemu_img(&["create", "-f", "qcow2", base.to_str().unwrap(), "1M"]));
+    assert!(qemu_img(&[
+        "create",
+        "-f",
+        "qcow2",
+        base.to_str().unwrap(),
+        "1M"
+    ]));
     assert!(qemu_img(&[
         "create",
         "-f",
@@ -213,7 +222,13 @@ fn blockdev_implied_driver_and_json_backing_names_open() {
     let dir = testkit::tempdir();
     let base = dir.path().join("base.qcow2");
     let top = dir.path().join("top.qcow2");
-    assert!(qemu_img(&["create", "-f", "qcow2", base.to_str().unwrap(), "1M"]));
+    assert!(qemu_img(&[
+        "create",
+        "-f",
+        "qcow2",
+        base.to_str().unwrap(),
+        "1M"
+    ]));
     let backing = json!({"driver": "qcow2", "file": {"driver": "file", "filename": base}});
     assert!(qemu_img(&[
         "create",
@@ -230,7 +245,12 @@ fn blockdev_implied_driver_and_json_backing_names_open() {
     let (_p, mut q) = lm(
         dir.path(),
         "vm",
-        &["-blockdev", &file, "-blockdev", "qcow2,file=top-file,node-name=top"],
+        &[
+            "-blockdev",
+            &file,
+            "-blockdev",
+            "qcow2,file=top-file,node-name=top",
+        ],
     );
     let nodes = q.ok("query-named-block-nodes", json!({}));
     let base_node = nodes
@@ -238,5 +258,8 @@ fn blockdev_implied_driver_and_json_backing_names_open() {
         .unwrap()
         .iter()
         .find(|n| n["file"].as_str() == Some(base.to_str().unwrap()));
-    assert!(base_node.is_some(), "the json: backing file is not open: {nodes}");
+    assert!(
+        base_node.is_some(),
+        "the json: backing file is not open: {nodes}"
+    );
 }
