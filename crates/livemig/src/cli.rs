@@ -647,7 +647,7 @@ mod tests {
             ("-smp 2,foo=1", "-smp 2,foo=1: Invalid parameter 'foo'"),
             ("-M none -smp 2", "Invalid SMP CPUs 2. The max CPUs supported by machine 'none' is 1"),
             ("-workload fill=1M -M none", "-workload: machine 'none' has no vCPUs to run a workload (use -M livemig)"),
-            ("-chardev socket,id=mon,path=/tmp/m", "-chardev socket,id=mon,path=/tmp/m: character devices are not supported yet (the monitor is -qmp, the serial port -serial file:PATH)"),
+            ("-accel qtest,x=1", "-accel qtest,x=1: Property 'qtest-accel.x' not found"),
             ("-cpu max", "-cpu max: CPU models are not supported: livemig's vCPUs run a software workload"),
             ("-global virtio-blk-pci.x=1", "-global virtio-blk-pci.x=1: device properties are not supported"),
             ("-display gtk", "-display gtk: Display 'gtk' is not available (livemig has no display: -display none)"),
