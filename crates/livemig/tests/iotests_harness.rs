@@ -263,3 +263,69 @@ fn blockdev_implied_driver_and_json_backing_names_open() {
         "the json: backing file is not open: {nodes}"
     );
 }
+
+/// Bug the iotests found (migrate-bitmaps-test): a bitmap on a `-drive id=drive0` disk, whose
+/// node's name is generated, was refused ("in a node with auto-generated name '#block...'");
+/// QEMU migrates it under the drive's name, as the destination's `drive0` receives it.
+#[test]
+fn bitmap_on_a_drive_migrates_under_the_drive_name() {
+    if !testkit::require(
+        "bitmap_on_a_drive_migrates_under_the_drive_name",
+        testkit::programs(&["qemu-img"]),
+    ) {
+        return;
+    }
+    let dir = testkit::tempdir();
+    let (a, b) = (dir.path().join("a.qcow2"), dir.path().join("b.qcow2"));
+    for img in [&a, &b] {
+        assert!(qemu_img(&[
+            "create",
+            "-f",
+            "qcow2",
+            img.to_str().unwrap(),
+            "1M"
+        ]));
+    }
+    let mig = dir.path().join("mig");
+    let drive = |img: &Path| {
+        format!(
+            "if=virtio,id=drive0,file={},format=qcow2,cache=writeback,aio=threads",
+            img.display()
+        )
+    };
+    let caps = json!({"capabilities": [{"capability": "events", "state": true},
+                                       {"capability": "dirty-bitmaps", "state": true}]});
+    let (_pa, mut qa) = lm(dir.path(), "a", &["-drive", &drive(&a)]);
+    qa.ok(
+        "block-dirty-bitmap-add",
+        json!({"node": "drive0", "name": "bitmap0", "granularity": 512}),
+    );
+    qa.hmp("qemu-io drive0 \"write 0 65536\"");
+    let sha = qa.ok(
+        "x-debug-block-dirty-bitmap-sha256",
+        json!({"node": "drive0", "name": "bitmap0"}),
+    )["sha256"]
+        .clone();
+    qa.ok("migrate-set-capabilities", caps.clone());
+    qa.ok(
+        "migrate",
+        json!({"uri": format!("exec: cat > {}", mig.display())}),
+    );
+    let done = qa.wait_migration(&["completed", "failed"], Duration::from_secs(60));
+    assert_eq!(done["status"], "completed", "{done}");
+
+    let incoming = format!("exec: cat {}", mig.display());
+    let (_pb, mut qb) = lm(
+        dir.path(),
+        "b",
+        &["-drive", &drive(&b), "-incoming", &incoming],
+    );
+    qb.ok("migrate-set-capabilities", caps);
+    let done = qb.wait_migration(&["completed", "failed"], Duration::from_secs(60));
+    assert_eq!(done["status"], "completed", "{done}");
+    let got = qb.ok(
+        "x-debug-block-dirty-bitmap-sha256",
+        json!({"node": "drive0", "name": "bitmap0"}),
+    );
+    assert_eq!(got["sha256"], sha, "{got}");
+}

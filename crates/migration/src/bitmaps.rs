@@ -137,16 +137,17 @@ impl BitmapSaver {
                         },
                         None => (name.to_string(), None),
                     };
-                    if node.auto_named() && node_alias.is_none() {
+                    // QEMU names the node by its device's BlockBackend when it has one
+                    // (`bdrv_get_device_or_node_name`): a `-drive id=drive0` disk migrates
+                    // as `drive0` though its node's name is generated.
+                    if alias.starts_with('#') && node_alias.is_none() {
                         return Err(MigrationError::Other(format!(
-                            "Bitmap '{name}' in a node with auto-generated name '{}' can't be migrated",
-                            node.name()
+                            "Bitmap '{name}' in a node with auto-generated name '{alias}' can't be migrated"
                         )));
                     }
                     if node_alias.is_none() && name.len() > 255 {
                         let msg = format!(
-                            "Cannot migrate bitmap '{name}' on node '{}': Name is longer than 255 bytes",
-                            node.name()
+                            "Cannot migrate bitmap '{name}' on node '{alias}': Name is longer than 255 bytes"
                         );
                         // QEMU 7.2 error_report()s this one: it reaches stderr too.
                         log::error!("{msg}");
