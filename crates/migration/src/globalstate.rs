@@ -39,6 +39,12 @@ impl DeviceState for GlobalState {
         GLOBALSTATE_IDSTR.into()
     }
 
+    /// A source with `store-global-state=off` does not send it; the destination then runs
+    /// the guest as `autostart` says, as QEMU's does.
+    fn required_on_load(&self) -> bool {
+        false
+    }
+
     fn vmsd(&self) -> VmsdDesc {
         VmsdDesc::new(GLOBALSTATE_IDSTR, 1)
             .field("size", FieldKind::U32)

@@ -7,6 +7,17 @@
 //! naming what and where; the process keeps serving QMP, and the guest is never started from a
 //! half-loaded state (QEMU would exit the process instead).
 //!
+//! At EOF the stream must be whole: every iterable section it started (`ram`, `dirty-bitmap`)
+//! has ended, and every device section the machine requires
+//! ([`DeviceState::required_on_load`]) has been loaded — QEMU completes such a stream with a
+//! warning at most and runs the guest from whatever its devices held.
+//!
+//! Where QEMU 7.2 refuses a stream, so does the loader: a second POSTCOPY_ADVISE ("in wrong
+//! postcopy state (1)"), RAM flag 0x200 (QEMU 8.1's multifd flush, "Unknown combination of
+//! migration flags"). One deliberate exception: SWITCHOVER_START (command 11, QEMU 10.0+,
+//! which 7.2 refuses as unknown) is accepted and does nothing, so that newer QEMU sources,
+//! which send it by default, can migrate to livemig; it carries no state.
+//!
 //! Device state is loaded inside one memory-map batch ([`Machine::begin_device_load`]), so the
 //! downtime spent rebuilding the map does not grow with the number of devices (seed 003).
 
@@ -23,7 +34,7 @@ use crate::runstate::RunState;
 use crate::state::Shared;
 use crate::status::MigrationStatus;
 use crate::transport::{BoxWrite, Listener, ShutdownHandle};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Instant;
 use wire::command::Command;
@@ -72,6 +83,17 @@ pub struct StreamLoader {
     postcopy_rp: Option<RpWriter>,
     /// RUN was handled: disks activated, the guest started (or left paused).
     postcopy_ran: bool,
+    /// A POSTCOPY_ADVISE was seen (of either length): QEMU's postcopy state left `none`, and
+    /// a second ADVISE is refused as QEMU refuses it.
+    advised: bool,
+    /// Iterable sections started and not yet ended (id → idstr): the stream must end them all
+    /// before EOF.
+    open_sections: HashMap<u32, String>,
+    /// The `ram` section was started.
+    ram_started: bool,
+    /// Device sections loaded, by (idstr, instance): every one the machine requires must be
+    /// among them at EOF.
+    loaded: HashSet<(String, u32)>,
     /// The engine's state and the channel's shutdown handle, when run by the engine (postcopy
     /// moves the state and, on a failure, must unblock its listen thread).
     engine: Option<(Arc<Shared>, ShutdownHandle)>,
@@ -125,6 +147,10 @@ impl StreamLoader {
             postcopy: None,
             postcopy_rp: None,
             postcopy_ran: false,
+            advised: false,
+            open_sections: HashMap::new(),
+            ram_started: false,
+            loaded: HashSet::new(),
             engine: None,
             preempt: None,
             objects: Arc::new(tls::Objects::new()),
@@ -207,6 +233,7 @@ impl StreamLoader {
             // A postcopy stream ends at EOF, without a vmdesc trailer.
             return Ok(());
         }
+        self.check_complete()?;
         match read_vmdesc(r) {
             Ok(t) => {
                 if let Some(w) = t.warning() {
@@ -217,6 +244,21 @@ impl StreamLoader {
             Err(e) => self.warnings.push(format!("vmdesc trailer: {e}")),
         }
         Ok(())
+    }
+
+    /// At EOF: every iterable section that was started has ended, the `ram` section came,
+    /// and every device section the machine requires was loaded. QEMU completes such a
+    /// stream with a warning at most ("Expected vmdescription section") and runs the guest
+    /// from whatever state its devices had; livemig fails it, naming what is missing.
+    fn check_complete(&self) -> Result<(), MigrationError> {
+        check_sections_ended(&self.open_sections)?;
+        if !self.ram_started && !self.machine.ram_blocks().is_empty() {
+            return Err(MigrationError::Load(
+                "the stream ended (EOF) without a 'ram' section: the guest's memory never arrived"
+                    .into(),
+            ));
+        }
+        check_devices_loaded(&self.devices, &self.loaded)
     }
 
     fn load_items(&mut self, r: &mut Reader) -> Result<(), MigrationError> {
@@ -241,6 +283,18 @@ impl StreamLoader {
             SectionHeader::Start(s) | SectionHeader::Full(s) => {
                 let handler = self.handler_for(&s.idstr, s.instance_id, s.version_id)?;
                 self.sections.insert(id, (handler.clone(), s.idstr.clone()));
+                match (&h, &handler) {
+                    (SectionHeader::Start(_), Handler::Ram) => {
+                        self.ram_started = true;
+                        self.open_sections.insert(id, s.idstr.clone());
+                    }
+                    (SectionHeader::Start(_), _) => {
+                        self.open_sections.insert(id, s.idstr.clone());
+                    }
+                    _ => {
+                        self.loaded.insert((s.idstr.clone(), s.instance_id));
+                    }
+                }
                 (handler, s.idstr.clone())
             }
             SectionHeader::Part { .. } | SectionHeader::End { .. } => {
@@ -272,6 +326,9 @@ impl StreamLoader {
         }
         read_footer(r, id)?;
         r.set_section(None);
+        if h.kind() == wire::SectionKind::End {
+            self.open_sections.remove(&id);
+        }
         Ok(())
     }
 
@@ -292,8 +349,14 @@ impl StreamLoader {
                 }
                 None => Err(MigrationError::Load("CMD_PING (0x2) received with no return path".into())),
             },
+            // QEMU moves its postcopy state to ADVISE before it looks at the length, so any
+            // second ADVISE is refused, whatever the lengths.
+            Command::PostcopyAdvise(_) if self.advised => Err(MigrationError::Load(
+                "CMD_POSTCOPY_ADVISE in wrong postcopy state (1)".into(),
+            )),
             // 0-byte advise: dirty bitmaps are postcopiable; nothing to prepare in precopy.
             Command::PostcopyAdvise(None) => {
+                self.advised = true;
                 if self.postcopy_ram {
                     return Err(MigrationError::Load(
                         "RAM postcopy is enabled but have 0 byte advise".into(),
@@ -302,7 +365,10 @@ impl StreamLoader {
                 Ok(())
             }
             Command::SwitchoverStart => Ok(()),
-            Command::PostcopyAdvise(Some(a)) => self.advise(a),
+            Command::PostcopyAdvise(Some(a)) => {
+                self.advised = true;
+                self.advise(a)
+            }
             Command::PostcopyRamDiscard { ramblock, ranges } => {
                 let pc = self.postcopy.as_ref().ok_or_else(|| {
                     MigrationError::Load(
@@ -435,6 +501,8 @@ impl StreamLoader {
             engine,
             device_load_started,
             objects,
+            open_sections,
+            loaded,
             ..
         } = self;
         let fault_ref = &fault;
@@ -449,6 +517,7 @@ impl StreamLoader {
                 ram,
                 bitmaps: bitmaps.as_mut(),
                 sections,
+                open_sections,
                 fault: fault_ref,
                 pc: &pc,
                 engine: engine.as_ref(),
@@ -479,6 +548,7 @@ impl StreamLoader {
                 globalstate,
                 fault_ref,
                 device_load_started,
+                loaded,
                 engine.as_ref().map(|(s, _)| s),
             );
             {
@@ -511,6 +581,8 @@ impl StreamLoader {
         }
         main?;
         listen?;
+        // The pages' section must have ended before EOF, as in precopy.
+        check_sections_ended(&self.open_sections)?;
         // Everything has arrived: the fault thread hands the return path back (for SHUT) and
         // guest RAM leaves userfaultfd.
         self.postcopy_rp = fault.stop();
@@ -614,6 +686,41 @@ fn device_for(
     Ok(d.clone())
 }
 
+/// Fails if an iterable section was started and never ended.
+fn check_sections_ended(open: &HashMap<u32, String>) -> Result<(), MigrationError> {
+    match open.iter().min_by_key(|(id, _)| **id) {
+        Some((id, idstr)) => Err(MigrationError::Load(format!(
+            "the stream ended (EOF) before section '{idstr}' (id {id}) was complete: it was started but never ended"
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// Fails if a device the machine requires ([`DeviceState::required_on_load`]) has not been
+/// loaded, naming every one missing.
+fn check_devices_loaded(
+    devices: &HashMap<(String, u32), Arc<dyn DeviceState>>,
+    loaded: &HashSet<(String, u32)>,
+) -> Result<(), MigrationError> {
+    let mut missing: Vec<&(String, u32)> = devices
+        .iter()
+        .filter(|(key, d)| d.required_on_load() && !loaded.contains(*key))
+        .map(|(key, _)| key)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    missing.sort();
+    let names: Vec<String> = missing
+        .iter()
+        .map(|(idstr, instance)| format!("'{idstr}' (instance {instance})"))
+        .collect();
+    Err(MigrationError::Load(format!(
+        "the stream ended without the state of {}: the guest cannot run from it",
+        names.join(", ")
+    )))
+}
+
 /// A package's errors name offsets inside the package; say where the package began.
 fn package_error(base: u64, e: wire::WireError) -> MigrationError {
     MigrationError::Load(format!("in the PACKAGED data at byte {base:#x}: {e}"))
@@ -634,6 +741,8 @@ struct Listen<'a> {
     ram: &'a mut RamLoader,
     bitmaps: Option<&'a mut BitmapLoader>,
     sections: &'a HashMap<u32, (Handler, String)>,
+    /// Iterable sections started and not yet ended: their END may come here.
+    open_sections: &'a mut HashMap<u32, String>,
     fault: &'a FaultThread,
     pc: &'a Arc<PostcopyRam>,
     engine: Option<&'a (Arc<Shared>, ShutdownHandle)>,
@@ -831,6 +940,9 @@ impl Listen<'_> {
                     }
                     read_footer(r, id)?;
                     r.set_section(None);
+                    if h.kind() == wire::SectionKind::End {
+                        self.open_sections.remove(&id);
+                    }
                 }
             }
         }
@@ -847,6 +959,7 @@ fn load_package_rest(
     globalstate: &GlobalState,
     fault: &FaultThread,
     device_load_started: &mut bool,
+    loaded: &mut HashSet<(String, u32)>,
     shared: Option<&Arc<Shared>>,
 ) -> Result<(), MigrationError> {
     loop {
@@ -881,9 +994,12 @@ fn load_package_rest(
                 d.load(pr, s.version_id)?;
                 read_footer(pr, id)?;
                 pr.set_section(None);
+                loaded.insert((s.idstr.clone(), s.instance_id));
             }
         }
     }
+    // The guest runs from here on: every device it needs must have its state.
+    check_devices_loaded(devices, loaded)?;
     if *device_load_started {
         machine.end_device_load();
         *device_load_started = false;

@@ -33,6 +33,13 @@ pub trait DeviceState: Send + Sync {
     /// The layout: name, version (the section's `version_id`), minimum version accepted on
     /// load, fields and subsections.
     fn vmsd(&self) -> VmsdDesc;
+    /// Whether a destination must receive this section before it may run the guest: a stream
+    /// that ends without it fails (its state would be whatever the destination started with —
+    /// vCPUs at step 0, say). True unless the device is one a source may leave out (QEMU's
+    /// `globalstate` with `store-global-state=off`).
+    fn required_on_load(&self) -> bool {
+        true
+    }
     /// Whether the section is sent at all (QEMU's vmsd `needed`).
     fn needed(&self) -> bool {
         true

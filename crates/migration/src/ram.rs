@@ -450,8 +450,14 @@ impl RamLoader {
                     self.pages_loaded += 1;
                     self.mark_received(block.as_deref().or(self.tracker.last()), offset);
                 }
-                // Without multifd channels there is nothing to synchronise with.
-                RamRecord::MultifdFlush => {}
+                // QEMU 8.1's multifd sync point: QEMU 7.2 knows no such flag, and its multifd
+                // never sends one, so it is refused with 7.2's words.
+                RamRecord::MultifdFlush => {
+                    return Err(MigrationError::Load(format!(
+                        "Unknown combination of migration flags: {:#x}",
+                        wire::ram::RAM_SAVE_FLAG_MULTIFD_FLUSH
+                    )))
+                }
                 other => {
                     return Err(MigrationError::Load(format!(
                         "RAM record {other:?} is not supported (xbzrle, compression and RDMA are not implemented)"

@@ -7,6 +7,7 @@
 #![forbid(unsafe_code)]
 
 pub mod pki;
+pub mod relay;
 
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader, Write};
