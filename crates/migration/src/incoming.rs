@@ -952,6 +952,8 @@ impl Listen<'_> {
 /// The rest of the postcopy package, on the loading thread while the listen thread reads the
 /// main channel: device sections (FULL), PINGs, and RUN — which activates the disks and starts
 /// the guest as the source's run state and `autostart` say.
+// The loading thread's share of the loader, field by field (the listen thread has the rest).
+#[allow(clippy::too_many_arguments)]
 fn load_package_rest(
     pr: &mut Reader,
     machine: &dyn Machine,
