@@ -522,8 +522,8 @@ pub struct StreamSpec {
 
 /// Writes a whole `-M none` stream as QEMU 7.2 lays it out: header, configuration,
 /// POSTCOPY_ADVISE, START ram (MEM_SIZE of one 32 MiB block `ram`), START dirty-bitmap, PART
-/// ram with the pages, END ram, END dirty-bitmap, FULL globalstate (`running`), EOF and the
-/// vmdesc trailer. Chunks are written as given, so a test can damage any of them.
+/// ram with the pages, END ram, END dirty-bitmap, FULL timer (zero), FULL globalstate
+/// (`running`), EOF and the vmdesc trailer. Chunks are written as given, so a test can damage any of them.
 pub fn write_stream(path: &Path, spec: &StreamSpec) -> PathBuf {
     let f = std::fs::File::create(path).expect("create stream");
     let mut w = StreamWriter::new(f);
@@ -566,21 +566,37 @@ pub fn write_stream(path: &Path, spec: &StreamSpec) -> PathBuf {
     }
     write_chunk(&mut w, &Chunk::eos()).unwrap();
     write_footer(&mut w, 3).unwrap();
-    write_full(&mut w, 4, "globalstate", 0, 1).unwrap();
+    // `-M none`'s one device: a destination must not run a guest whose clock never came.
+    write_full(&mut w, 4, "timer", 0, 2).unwrap();
+    w.put_bytes(&[0; 24]).unwrap();
+    write_footer(&mut w, 4).unwrap();
+    write_full(&mut w, 5, "globalstate", 0, 1).unwrap();
     w.put_be32(8).unwrap();
     let mut rs = [0u8; 100];
     rs[..7].copy_from_slice(b"running");
     w.put_bytes(&rs).unwrap();
-    write_footer(&mut w, 4).unwrap();
+    write_footer(&mut w, 5).unwrap();
     write_eof(&mut w).unwrap();
+    let timer = VmsdDesc::new("timer", 2)
+        .minimum(1)
+        .field("cpu_ticks_offset", FieldKind::I64)
+        .field("unused", FieldKind::Unused(8))
+        .field_since("cpu_clock_offset", FieldKind::I64, 2);
     let gs = VmsdDesc::new("globalstate", 1)
         .field("size", FieldKind::U32)
         .field("runstate", FieldKind::Buffer(100));
-    let devices = [DeviceDesc {
-        idstr: "globalstate".into(),
-        instance_id: 0,
-        vmsd: gs,
-    }];
+    let devices = [
+        DeviceDesc {
+            idstr: "timer".into(),
+            instance_id: 0,
+            vmsd: timer,
+        },
+        DeviceDesc {
+            idstr: "globalstate".into(),
+            instance_id: 0,
+            vmsd: gs,
+        },
+    ];
     write_vmdesc(&mut w, vmdesc_json(4096, &devices, None).as_bytes()).unwrap();
     w.flush().unwrap();
     path.to_path_buf()
