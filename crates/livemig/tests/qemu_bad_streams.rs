@@ -148,8 +148,30 @@ fn qemu_seed_000_destination_node_smaller() {
     let (s, mut d) = src.migrate_to_livemig(dir, &dst_disks, |_| {});
     assert_eq!(s["status"], "completed", "{s}");
     assert_completed_with(&mut src.q, &mut d, dir, &[("node1", "bm1")]);
-    assert_dropped(&d.status, "bm0", "node0", "only 16777216 bytes");
+    let w = assert_dropped(&d.status, "bm0", "node0", "only 16777216 bytes");
     assert_eq!(bitmap_names(&mut d.q, "node0"), Vec::<String>::new());
+    // Not only in `x-livemig-warnings` (issue 14): an event, and a line of `info migrate`.
+    let ev =
+        d.q.wait_event(std::time::Duration::from_secs(30), |e| {
+            e["event"] == "X_LIVEMIG_BITMAP_DROPPED"
+        })
+        .expect("no X_LIVEMIG_BITMAP_DROPPED event");
+    assert_eq!(ev["data"]["node"], "node0", "{ev}");
+    assert_eq!(ev["data"]["name"], "bm0", "{ev}");
+    assert!(
+        w.ends_with(ev["data"]["reason"].as_str().unwrap_or("?")),
+        "{ev} / {w}"
+    );
+    let hmp = d.q.ok(
+        "human-monitor-command",
+        json!({"command-line": "info migrate"}),
+    );
+    assert!(
+        hmp.as_str()
+            .unwrap_or_default()
+            .contains(&format!("warning: {w}\r\n")),
+        "{hmp}"
+    );
     quit_cleanly(d.p, d.q);
 
     // QEMU 7.2 as the destination of the same stream aborts:

@@ -874,6 +874,16 @@ impl BitmapLoader {
     }
 }
 
+/// Reads a warning of the destination's bitmap loader back as (node, bitmap, reason) when it
+/// says a bitmap was dropped ("Bitmap 'B' on node 'N' dropped: WHY"), for the event and the
+/// HMP line that report it.
+pub fn parse_dropped(warning: &str) -> Option<(&str, &str, &str)> {
+    let rest = warning.strip_prefix("Bitmap '")?;
+    let (name, rest) = rest.split_once("' on node '")?;
+    let (node, reason) = rest.split_once("' dropped: ")?;
+    Some((node, name, reason))
+}
+
 /// Removes an incoming bitmap from its node (its successor, if any, goes with it).
 fn release(b: &InBitmap) {
     b.node.with_bitmaps(|list| {
@@ -890,6 +900,17 @@ fn release(b: &InBitmap) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dropped_bitmap_warnings_read_back() {
+        assert_eq!(
+            parse_dropped(
+                "Bitmap 'b 1' on node 'n0' dropped: the stream ended before it was complete"
+            ),
+            Some(("n0", "b 1", "the stream ended before it was complete"))
+        );
+        assert_eq!(parse_dropped("Error: block device name is not set"), None);
+    }
     use crate::transport::BoxRead;
     use serde_json::json;
     use wire::{StreamReader, StreamWriter};

@@ -474,6 +474,10 @@ impl Migration {
             if let Some(t) = o.setup_ms {
                 m.insert("setup-time".into(), json!(t));
             }
+            // livemig's own: whether the destination confirmed it took the guest.
+            if let Some(h) = o.handover {
+                m.insert("x-livemig-handover".into(), json!(h));
+            }
             if let Some(e) = &o.error {
                 if st == MigrationStatus::Failed {
                     m.insert("error-desc".into(), json!(e));

@@ -75,6 +75,26 @@ pub fn os_error_text(e: &std::io::Error) -> String {
 }
 
 impl MigrationError {
+    /// Whether this is a channel's stall bound running out (`x-livemig-stall-timeout`, set
+    /// as the socket's `SO_RCVTIMEO` / `SO_SNDTIMEO`): a read or write that moved no byte
+    /// for that long.
+    pub fn is_stall(&self) -> bool {
+        let io = match self {
+            MigrationError::Wire(w) => match &w.kind {
+                wire::WireErrorKind::Io(e) => Some(e),
+                _ => None,
+            },
+            MigrationError::Io { source, .. } => Some(source),
+            _ => None,
+        };
+        io.is_some_and(|e| {
+            matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            )
+        })
+    }
+
     /// An I/O error with the context in which it happened.
     pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
         MigrationError::Io {

@@ -70,6 +70,10 @@ pub struct StreamLoader {
     devices: HashMap<(String, u32), Arc<dyn DeviceState>>,
     sections: HashMap<u32, (Handler, String)>,
     return_path: Option<StreamWriter<BoxWrite>>,
+    /// OPEN_RETURN_PATH was received: PONG and SHUT go back from then on, not before (QEMU's
+    /// `to_src_file`). Over `exec:` the channel always has a way back (the command's stdin),
+    /// which a source without a return path never reads.
+    rp_opened: bool,
     device_load_started: bool,
     /// Warnings worth showing an operator (a missing trailer, a dropped bitmap).
     pub warnings: Vec<String>,
@@ -140,6 +144,7 @@ impl StreamLoader {
             devices,
             sections: HashMap::new(),
             return_path: return_path.map(StreamWriter::new),
+            rp_opened: false,
             device_load_started: false,
             warnings: Vec::new(),
             postcopy_ram: caps.has(Capability::PostcopyRam),
@@ -339,9 +344,10 @@ impl StreamLoader {
                     self.warnings
                         .push("OPEN_RETURN_PATH on a transport without a return path; ignored".into());
                 }
+                self.rp_opened = true;
                 Ok(())
             }
-            Command::Ping(v) => match self.return_path.as_mut() {
+            Command::Ping(v) => match self.return_path.as_mut().filter(|_| self.rp_opened) {
                 Some(w) => {
                     write_rp_message(w, &RpMessage::Pong(v))?;
                     w.flush()?;
@@ -622,7 +628,7 @@ impl StreamLoader {
             let _ = w.send(&RpMessage::Shut(status));
             return;
         }
-        if let Some(w) = self.return_path.as_mut() {
+        if let Some(w) = self.return_path.as_mut().filter(|_| self.rp_opened) {
             let _ = write_rp_message(w, &RpMessage::Shut(status)).and_then(|_| w.flush());
         }
     }
@@ -1020,6 +1026,11 @@ fn load_package_rest(
     Ok(())
 }
 
+/// The event a destination emits for each dirty bitmap it dropped from a migration that
+/// completed: `{"node": NODE, "name": BITMAP, "reason": WHY}` (livemig's own; QEMU only
+/// prints an error).
+pub const BITMAP_DROPPED_EVENT: &str = "X_LIVEMIG_BITMAP_DROPPED";
+
 /// Runs one incoming migration to its end.
 pub(crate) fn run(job: Job) {
     let shared = job.shared.clone();
@@ -1045,6 +1056,10 @@ pub(crate) fn run(job: Job) {
         fail(&shared, e.to_string(), started);
         return;
     }
+    // A source that stops sending fails the load after `x-livemig-stall-timeout` of silence
+    // instead of keeping this end in `active` for good (sockets only).
+    let stall = shared.lock().params.stall_timeout();
+    conn.shutdown.set_stall_timeout(true, true, stall);
     // TLS before the first byte of the stream, with the parameters as they are now.
     let tls_params = shared.lock().params.tls();
     let shutdown = conn.shutdown.clone();
@@ -1136,6 +1151,16 @@ pub(crate) fn run(job: Job) {
     }
     match result {
         Ok(()) => {
+            // A bitmap dropped from a migration that otherwise completes is easy to miss in
+            // `x-livemig-warnings`: each one is also an event, before `completed`.
+            for w in &loader.warnings {
+                if let Some((node, name, reason)) = crate::bitmaps::parse_dropped(w) {
+                    shared.events.emit(
+                        BITMAP_DROPPED_EVENT,
+                        Some(serde_json::json!({"node": node, "name": name, "reason": reason})),
+                    );
+                }
+            }
             let _ = conn.finish();
             let runstate = loader.received_runstate().unwrap_or(RunState::Running);
             {
@@ -1159,12 +1184,25 @@ pub(crate) fn run(job: Job) {
                 return;
             }
             loader.shut(0);
+            // Done with the channel, as QEMU closes it: a relay between the ends (an
+            // `exec:` command carrying the return path) sees the end and exits.
+            conn.shutdown.shutdown();
         }
         Err(e) => {
             loader.abandon();
-            loader.shut(1);
+            // Over a stalled link SHUT would only wait for the bound once more.
+            if !e.is_stall() {
+                loader.shut(1);
+            }
             conn.shutdown.shutdown();
-            fail(&shared, e.to_string(), started);
+            let text = match stall {
+                Some(t) if e.is_stall() => format!(
+                    "the migration stream stalled: nothing arrived for {} ms (x-livemig-stall-timeout); {e}",
+                    t.as_millis()
+                ),
+                _ => e.to_string(),
+            };
+            fail(&shared, text, started);
         }
     }
 }

@@ -37,7 +37,7 @@ use crate::ram::{RamSaver, SendOutcome, RAM_IDSTR, RAM_VERSION};
 use crate::runstate::RunState;
 use crate::state::{Generation, Outcome, Shared};
 use crate::status::MigrationStatus;
-use crate::transport::{connect, BoxRead, Connection, MigrationUri};
+use crate::transport::{connect, connect_with, BoxRead, Connection, MigrationUri};
 use serde_json::json;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc;
@@ -90,6 +90,12 @@ struct Undo {
     /// The postcopy package went out: the destination may be running the guest, so the
     /// source must never take it back (no reactivation, no resume), whatever happens next.
     handed_over: bool,
+    /// The whole stream went out (EOF and trailer written and flushed): from here on the
+    /// destination may have everything it needs to run the guest.
+    stream_sent: bool,
+    /// After the whole stream, the destination said nothing within the stall bound: whether
+    /// it runs the guest is unknown, so the source must not.
+    verdict_unknown: bool,
 }
 
 /// One outgoing migration: what it owns, phase by phase (see the module doc).
@@ -118,6 +124,11 @@ pub(crate) struct Outgoing {
     written_base: u64,
     /// `ram.transferred` when postcopy began (`postcopy-bytes` counts from there).
     postcopy_base: u64,
+    /// `x-livemig-stall-timeout` as it was at `migrate`: the longest a write, or the wait for
+    /// the destination's verdict, may go without the channel moving.
+    stall: Option<Duration>,
+    /// How the guest changed hands, once that is known (`x-livemig-handover`).
+    handover: Option<Handover>,
 }
 
 /// The name of the machine's first RAM block, if it has any.
@@ -154,6 +165,8 @@ impl Outgoing {
             rp_ctx: Arc::default(),
             written_base: 0,
             postcopy_base: 0,
+            stall: None,
+            handover: None,
         }
     }
 
@@ -184,22 +197,43 @@ impl Outgoing {
     /// Phase 1: connects the channel, holding nothing, and opens the return path.
     fn connect(&mut self) -> Result<(), MigrationError> {
         let job = &self.job;
-        let conn = connect(&job.uri)?;
+        let (stall, auto_rp) = {
+            let inner = job.shared.lock();
+            (
+                inner.params.stall_timeout(),
+                inner.params.auto_return_path(),
+            )
+        };
+        self.stall = stall;
+        let postcopy = job.caps.has(Capability::PostcopyRam);
+        // The return path: asked for (capability, postcopy) on any transport that can carry
+        // one — over `exec:` the command's stdout, as in QEMU 7.2 — and opened by default
+        // over sockets (`x-livemig-auto-return-path`), so the source learns the destination's
+        // verdict before it gives the guest up.
+        if postcopy && !job.uri.is_socket() {
+            // Postcopy cannot work without page requests (QEMU's words); livemig takes them
+            // over sockets only.
+            return Err(MigrationError::Other(
+                "Unable to open return-path for postcopy".into(),
+            ));
+        }
+        let asked = job.caps.has(Capability::ReturnPath) || postcopy;
+        if asked && !job.uri.has_return_path() {
+            // Asked for and impossible: refused, not silently left unused.
+            return Err(MigrationError::Other(
+                "Unable to open return-path: a file: migration carries nothing back (capability 'return-path')".into(),
+            ));
+        }
+        let use_rp = asked || (auto_rp && job.uri.is_socket());
+        let conn = connect_with(&job.uri, use_rp)?;
         job.shared.attach_channel(job.generation, &conn.shutdown)?;
+        // A write that moves nothing for the bound fails (the guest then resumes).
+        conn.shutdown.set_stall_timeout(false, true, stall);
         // The handshake runs with the channel attached, so a cancel ends it too.
         let mut conn = crate::secure::secure_outgoing(conn, &job.uri, &job.tls, &job.objects)?;
         let stream = conn.writer.take().ok_or_else(|| {
             MigrationError::Other("the transport has no outgoing direction".into())
         })?;
-        let postcopy = job.caps.has(Capability::PostcopyRam);
-        if postcopy && !job.uri.has_return_path() {
-            // Postcopy cannot work without page requests (QEMU's words).
-            return Err(MigrationError::Other(
-                "Unable to open return-path for postcopy".into(),
-            ));
-        }
-        let use_rp =
-            (job.caps.has(Capability::ReturnPath) || postcopy) && job.uri.has_return_path();
         if use_rp {
             let reader = conn
                 .reader
@@ -210,7 +244,7 @@ impl Outgoing {
         if job.caps.has(Capability::PostcopyPreempt) {
             // QEMU 7.2 connects the preempt channel at setup, right after the main one, so
             // the destination's second accepted connection is it (`postcopy_preempt_setup`).
-            if !job.uri.has_return_path() {
+            if !job.uri.is_socket() {
                 return Err(MigrationError::Other(
                     "Postcopy preempt is not supported as current migration stream does not support multi-channels.".into(),
                 ));
@@ -428,6 +462,7 @@ impl Outgoing {
         stats
             .downtime_bytes
             .store(total - written, Ordering::Relaxed);
+        self.undo.stream_sent = true;
         // The end of the stream: an `exec:` child sees its input close, a socket peer sees
         // the end of the data.
         self.w = None;
@@ -462,7 +497,13 @@ impl Outgoing {
         self.downtime_start = Some((Instant::now(), written));
 
         if self.job.caps.has(Capability::PauseBeforeSwitchover) {
-            wait_for_continue(&shared, generation, self.rp.as_ref())?;
+            // With a return path, the wait keeps the channel alive with PINGs, so that the
+            // destination's stall bound does not run out while management takes its time.
+            let keepalive = match (&self.rp, self.w.as_mut(), self.stall) {
+                (Some(_), Some(w), Some(t)) => Some((w, t / 3)),
+                _ => None,
+            };
+            wait_for_continue(&shared, generation, self.rp.as_ref(), keepalive)?;
         }
         shared.advance(generation, MigrationStatus::Device)?;
         machine.inactivate_disks().map_err(|e| {
@@ -588,6 +629,7 @@ impl Outgoing {
             rp = self.postcopy_pause(e, &src, preempt.as_deref())?;
         }
         // The destination said SHUT 0 already.
+        self.handover = Some(Handover::Confirmed);
         self.rp = None;
         self.w = None;
         Ok(())
@@ -723,7 +765,15 @@ impl Outgoing {
         if let Some(conn) = &self.conn {
             conn.shutdown.shutdown_write();
         }
-        wait_for_shut(&shared, generation, rp)
+        if wait_for_shut(&shared, generation, rp, self.stall)? {
+            Ok(())
+        } else {
+            // In postcopy a silent destination is a lost link like any other: pause.
+            Err(MigrationError::Other(format!(
+                "the destination sent no verdict for {} ms after the whole stream went out (x-livemig-stall-timeout)",
+                self.stall.map_or(0, |t| t.as_millis())
+            )))
+        }
     }
 
     /// Postcopy lost its link (`e`): both channels go down, the source enters
@@ -737,7 +787,7 @@ impl Outgoing {
         preempt: Option<&PreemptSender>,
     ) -> Result<mpsc::Receiver<RpEvent>, MigrationError> {
         let (shared, generation) = (self.job.shared.clone(), self.job.generation);
-        let mut why = failure_text(&self.job.uri, &e);
+        let mut why = failure_text(&self.job.uri, &e, self.stall);
         loop {
             log::error!("Detected IO failure for postcopy. Migration paused. ({why})");
             self.drop_channels(preempt);
@@ -756,7 +806,7 @@ impl Outgoing {
             };
             match self.postcopy_resume(&uri, src, preempt) {
                 Ok(rp) => return Ok(rp),
-                Err(e) => why = format!("resume failed: {}", failure_text(&uri, &e)),
+                Err(e) => why = format!("resume failed: {}", failure_text(&uri, &e, self.stall)),
             }
         }
     }
@@ -788,6 +838,7 @@ impl Outgoing {
         let (shared, generation) = (self.job.shared.clone(), self.job.generation);
         let conn = connect(uri)?;
         shared.attach_resumed_channel(generation, &conn.shutdown);
+        conn.shutdown.set_stall_timeout(false, true, self.stall);
         let mut conn = crate::secure::secure_outgoing(conn, uri, &self.job.tls, &self.job.objects)?;
         let preempt_conn = match preempt {
             Some(_) => {
@@ -870,8 +921,24 @@ impl Outgoing {
     /// child; the source is then `postmigrate`.
     fn complete(&mut self) -> Result<(), MigrationError> {
         let job = &self.job;
-        if let Some(rp) = &self.rp {
-            wait_for_shut(&job.shared, job.generation, rp)?;
+        match &self.rp {
+            Some(rp) => {
+                if !wait_for_shut(&job.shared, job.generation, rp, self.stall)? {
+                    // The stream went out whole, and nothing came back: the destination may
+                    // be running the guest, or may never have got the end. Neither end can
+                    // tell; the source keeps the guest stopped (see `cleanup`).
+                    self.undo.verdict_unknown = true;
+                    return Err(MigrationError::Other(format!(
+                        "the destination sent no verdict for {} ms after the whole stream went out (x-livemig-stall-timeout); the guest stays stopped here: 'cont' it only once the destination is known not to run it",
+                        self.stall.map_or(0, |t| t.as_millis())
+                    )));
+                }
+                self.handover = Some(Handover::Confirmed);
+            }
+            // Postcopy confirmed it already; otherwise nobody did.
+            None => {
+                self.handover.get_or_insert(Handover::Unconfirmed);
+            }
         }
         self.conn
             .as_mut()
@@ -929,7 +996,12 @@ impl Outgoing {
         // after the destination confirmed it) is too late: the destination may be running the
         // guest, so the source must not resume. QEMU would resume it; livemig reports
         // `completed`.
-        if !ok && self.undo.handed_over {
+        if !ok && self.undo.verdict_unknown {
+            // The whole stream went out and the destination never answered: it may run the
+            // guest. Resuming here could run it twice; management decides (`cont`).
+            self.handover = Some(Handover::Unknown);
+            job.machine.set_runstate(RunState::Paused);
+        } else if !ok && self.undo.handed_over {
             // Postcopy failed after the package went out: the guest may run on the
             // destination, with part of its RAM still only here. Taking it back would run it
             // twice; the source stays stopped with everything it has.
@@ -951,13 +1023,22 @@ impl Outgoing {
                 }
             }
         }
+        if let Some(h) = self.handover {
+            job.shared.lock().out.handover = Some(h.as_str());
+            if h != Handover::Confirmed && job.caps.has(Capability::Events) {
+                job.shared.events.emit(
+                    HANDOVER_EVENT,
+                    Some(json!({ "handover": h.as_str(), "source-runstate": "paused" })),
+                );
+            }
+        }
         let outcome = match &result {
             Ok(()) => Outcome::Completed,
             Err(e) if self.undo.handed_over => Outcome::Failed(format!(
                 "{}; postcopy was running: the guest stays stopped here, its RAM is split between both ends",
-                failure_text(&job.uri, e)
+                failure_text(&job.uri, e, self.stall)
             )),
-            Err(e) => Outcome::Failed(failure_text(&job.uri, e)),
+            Err(e) => Outcome::Failed(failure_text(&job.uri, e, self.stall)),
         };
         job.shared.finish_outgoing(job.generation, outcome);
     }
@@ -1078,20 +1159,24 @@ fn drain_requests(
     }
 }
 
-/// Waits in `pre-switchover` until `migrate-continue` or a cancel.
+/// Waits in `pre-switchover` until `migrate-continue` or a cancel; with `keepalive`, sends a
+/// PING on the stream at that interval (the destination answers on the return path).
 fn wait_for_continue(
     shared: &Shared,
     generation: Generation,
     rp: Option<&mpsc::Receiver<RpEvent>>,
+    mut keepalive: Option<(&mut Writer, Duration)>,
 ) -> Result<(), MigrationError> {
+    let mut last_ping = Instant::now();
     shared.pause_before_switchover(generation, || {
         let Some(rp) = rp else {
             return Ok(());
         };
         // With a return path the source knows when the destination is gone: it fails now and
         // resumes the guest, instead of waiting for a `migrate-continue` that can only fail
-        // (QEMU waits).
-        match rp.try_recv() {
+        // (QEMU waits). Looked at before a keepalive is written, so that a departed
+        // destination is reported as such rather than as a failed write.
+        let heard = match rp.try_recv() {
             Ok(RpEvent::Closed(why)) => Err(MigrationError::Other(format!(
                 "the destination went away while the source waited in pre-switchover ({why})"
             ))),
@@ -1109,9 +1194,54 @@ fn wait_for_continue(
                 "the return path ended while the source waited in pre-switchover".into(),
             )),
             Err(mpsc::TryRecvError::Empty) => Ok(()),
+        };
+        heard?;
+        if let Some((w, every)) = keepalive.as_mut() {
+            if last_ping.elapsed() >= *every {
+                // QEMU's destinations answer a PING whenever the return path is open.
+                write_command(w, &Command::Ping(KEEPALIVE_PING))?;
+                w.flush()?;
+                last_ping = Instant::now();
+            }
         }
+        Ok(())
     })
 }
+
+/// How the guest changed hands at the end of an outgoing migration: `query-migrate`'s
+/// `x-livemig-handover`, and the [`HANDOVER_EVENT`] when it is not `confirmed` — the source
+/// is then paused and only management, looking at the destination, can tell whether to
+/// `cont` it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Handover {
+    /// The destination reported success on the return path (SHUT 0).
+    Confirmed,
+    /// `completed` without a return path (`exec:`, `file:`, or with the return path turned
+    /// off): the destination never said whether it loaded the stream — QEMU's old behaviour.
+    /// If it failed, the guest runs nowhere until the source is `cont`-ed.
+    Unconfirmed,
+    /// `failed` after the whole stream went out, with no word from the destination within
+    /// `x-livemig-stall-timeout`: it may run the guest, so the source stays paused.
+    Unknown,
+}
+
+impl Handover {
+    fn as_str(self) -> &'static str {
+        match self {
+            Handover::Confirmed => "confirmed",
+            Handover::Unconfirmed => "unconfirmed",
+            Handover::Unknown => "unknown",
+        }
+    }
+}
+
+/// The event a source emits (with capability `events`) when a migration ends with the
+/// guest's whereabouts unconfirmed: `{"handover": "unconfirmed"|"unknown", "source-runstate":
+/// "paused"}`.
+pub(crate) const HANDOVER_EVENT: &str = "X_LIVEMIG_HANDOVER";
+
+/// The value of the keepalive PINGs sent in `pre-switchover`.
+const KEEPALIVE_PING: u32 = 0x6b61;
 
 /// Messages from the return-path thread.
 enum RpEvent {
@@ -1298,19 +1428,27 @@ fn unexpected_in_recovery(ev: RpEvent) -> MigrationError {
     })
 }
 
+/// Waits for the destination's verdict: `Ok(true)` for success, `Ok(false)` once `stall`
+/// passed with nothing at all from the destination.
 fn wait_for_shut(
     shared: &Shared,
     generation: Generation,
     rp: &mpsc::Receiver<RpEvent>,
-) -> Result<(), MigrationError> {
+    stall: Option<Duration>,
+) -> Result<bool, MigrationError> {
+    let mut deadline = stall.map(|t| Instant::now() + t);
     loop {
         if shared.out_cancelled(generation) {
             return Err(MigrationError::Cancelled);
         }
+        if deadline.is_some_and(|d| Instant::now() >= d) {
+            return Ok(false);
+        }
         match rp.recv_timeout(Duration::from_millis(50)) {
-            Ok(RpEvent::Shut(0)) => return Ok(()),
-            // Pages asked for after the last one went out: they are on their way.
-            Ok(RpEvent::Request { .. }) => {}
+            Ok(RpEvent::Shut(0)) => return Ok(true),
+            // Pages asked for after the last one went out: they are on their way (and the
+            // destination is alive).
+            Ok(RpEvent::Request { .. }) => deadline = stall.map(|t| Instant::now() + t),
             Ok(RpEvent::Failed(why)) => return Err(MigrationError::Other(why)),
             Ok(RpEvent::RecvBitmap { .. } | RpEvent::ResumeAck(_)) => {
                 return Err(MigrationError::Other(
@@ -1336,7 +1474,14 @@ fn wait_for_shut(
 /// `error-desc` of a failed migration. A write that failed on the channel is worded as QEMU
 /// words it (`Unable to write to socket: Broken pipe`): the destination went away, and the
 /// stream offset a `WireError` carries means nothing to the operator.
-fn failure_text(uri: &MigrationUri, e: &MigrationError) -> String {
+/// A write that moved nothing for `x-livemig-stall-timeout` says so.
+fn failure_text(uri: &MigrationUri, e: &MigrationError, stall: Option<Duration>) -> String {
+    if let (true, Some(t)) = (e.is_stall(), stall) {
+        return format!(
+            "the migration stream stalled: the destination took nothing for {} ms (x-livemig-stall-timeout)",
+            t.as_millis()
+        );
+    }
     if let MigrationError::Wire(w) = e {
         if let wire::WireErrorKind::Io(io) = &w.kind {
             let channel = match uri {
@@ -1374,10 +1519,10 @@ mod tests {
             ("file:/x", "Unable to write to file: Broken pipe"),
         ] {
             let uri = MigrationUri::parse(uri).unwrap();
-            assert_eq!(failure_text(&uri, &epipe()), want);
+            assert_eq!(failure_text(&uri, &epipe(), None), want);
         }
         let other = MigrationError::Other("Block inactivate failed during switchover".into());
         let uri = MigrationUri::parse("unix:/x").unwrap();
-        assert_eq!(failure_text(&uri, &other), other.to_string());
+        assert_eq!(failure_text(&uri, &other, None), other.to_string());
     }
 }

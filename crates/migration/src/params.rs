@@ -15,6 +15,7 @@
 //! | `max-postcopy-bandwidth` | acts: caps postcopy's background push |
 //! | `x-checkpoint-delay` | COLO (`x-colo`), refused |
 //! | `block-incremental` | block migration (`block`, `migrate blk=true`), refused |
+//! | `x-livemig-auto-return-path`, `x-livemig-stall-timeout` | livemig's own: act (see [`Parameters::auto_return_path`], [`Parameters::stall_timeout`]) |
 //! | `announce-*` | time the self-announcements a destination's NICs send; the reference VM has no NICs, so, as in QEMU without NICs, nothing is sent |
 //!
 //! So a parameter whose feature is not built is stored, validated with QEMU's rules and
@@ -37,6 +38,12 @@ pub const DEFAULT_MAX_BANDWIDTH: u64 = 134_217_728;
 pub const DEFAULT_DOWNTIME_LIMIT_MS: u64 = 300;
 /// Largest accepted `downtime-limit` in milliseconds.
 pub const MAX_DOWNTIME_LIMIT_MS: u64 = 2_000_000;
+
+/// Default `x-livemig-stall-timeout` in milliseconds: how long a migration channel may move
+/// nothing, while one side waits on it, before the migration fails.
+pub const DEFAULT_STALL_TIMEOUT_MS: u64 = 30_000;
+/// Largest accepted `x-livemig-stall-timeout` in milliseconds (a day).
+pub const MAX_STALL_TIMEOUT_MS: u64 = 86_400_000;
 
 /// One bitmap alias inside a node alias of `block-bitmap-mapping`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -281,6 +288,9 @@ const PARAMS: &[(&str, Ty, Rule, DefaultValue)] = &[
     ("multifd-compression", Ty::Enum(&["none", "zlib", "zstd"]), Rule::None, DefaultValue::S("none")),
     ("multifd-zlib-level", Ty::U8, range(0, 9, "Parameter 'multifd_zlib_level' expects a value between 0 and 9"), DefaultValue::U(1)),
     ("multifd-zstd-level", Ty::U8, range(0, 20, "Parameter 'multifd_zstd_level' expects a value between 0 and 20"), DefaultValue::U(1)),
+    // livemig's own (not in QEMU): see `Parameters::stall_timeout`.
+    ("x-livemig-auto-return-path", Ty::Bool, Rule::None, DefaultValue::B(true)),
+    ("x-livemig-stall-timeout", Ty::U64, range(0, MAX_STALL_TIMEOUT_MS, "Parameter 'x-livemig-stall-timeout' expects an integer in the range of 0 to 86400000 ms"), DefaultValue::U(DEFAULT_STALL_TIMEOUT_MS)),
 ];
 
 /// The order in which QEMU 7.2's `migrate_params_check` applies the rules (the first broken
@@ -303,6 +313,7 @@ const CHECK_ORDER: &[&str] = &[
     "announce-max",
     "announce-rounds",
     "announce-step",
+    "x-livemig-stall-timeout",
 ];
 
 /// A `migrate-set-parameters` request whose members have their QAPI types; apply it with
@@ -436,6 +447,34 @@ impl Parameters {
         self.uint("downtime-limit")
     }
 
+    /// `x-livemig-stall-timeout` (livemig's own; 0 turns it off, as QEMU has none): the
+    /// longest a migration channel may move no byte while one end waits on it — the source
+    /// blocked in a write, or waiting for the destination's verdict once the stream went out;
+    /// the destination waiting for the next byte of the stream — before that end fails the
+    /// migration. The source then resumes the guest, unless the whole stream had gone out (see
+    /// `outgoing`). On sockets (`tcp:`, `unix:`) only: `exec:` and `file:` leave it to the
+    /// command or the file system.
+    pub fn stall_timeout(&self) -> Option<std::time::Duration> {
+        match self.uint("x-livemig-stall-timeout") {
+            0 => None,
+            ms => Some(std::time::Duration::from_millis(ms)),
+        }
+    }
+
+    /// `x-livemig-auto-return-path` (livemig's own, on by default): a source opens the return
+    /// path over a socket (`tcp:`, `unix:`) even without the `return-path` capability — every
+    /// QEMU destination since 2.5 accepts one — so that it waits for the destination's verdict
+    /// and resumes the guest when the destination fails, instead of calling a migration
+    /// `completed` whose destination never loaded it. Off, the return path opens only with
+    /// the capability, as in QEMU. (Over `exec:` the capability still decides alone: a command
+    /// may not carry bytes back.)
+    pub fn auto_return_path(&self) -> bool {
+        self.values
+            .get("x-livemig-auto-return-path")
+            .and_then(Value::as_bool)
+            .unwrap_or(true)
+    }
+
     /// The whole set as `query-migrate-parameters` returns it.
     pub fn to_json(&self) -> Value {
         let mut m = Map::new();
@@ -503,7 +542,10 @@ mod tests {
         assert_eq!(j["downtime-limit"], 300);
         assert_eq!(j["multifd-channels"], 2);
         assert!(j.get("block-bitmap-mapping").is_none());
-        assert_eq!(j.as_object().unwrap().len(), 26);
+        // QEMU 7.2's 26, and livemig's own two.
+        assert_eq!(j.as_object().unwrap().len(), 28);
+        assert_eq!(j["x-livemig-auto-return-path"], true);
+        assert_eq!(j["x-livemig-stall-timeout"], 30_000);
     }
 
     #[test]

@@ -194,6 +194,9 @@ pub(crate) struct OutState {
     pub total_ms: Option<u64>,
     pub downtime_ms: Option<u64>,
     pub stats: Arc<OutgoingStats>,
+    /// `x-livemig-handover` of a finished migration: whether the destination confirmed it
+    /// took the guest (see `outgoing::Handover`).
+    pub handover: Option<&'static str>,
 }
 
 impl OutState {
@@ -213,6 +216,7 @@ impl OutState {
             total_ms: None,
             downtime_ms: None,
             stats: Arc::default(),
+            handover: None,
         }
     }
 
@@ -480,7 +484,13 @@ impl Shared {
         inner.out.continue_requested = false;
         self.advance_locked(&mut inner, generation, MigrationStatus::PreSwitchover)?;
         while !inner.out.continue_requested && inner.out.owned_by(generation) {
+            // `check` may write to the channel (a keepalive): never with the lock held.
+            drop(inner);
             check()?;
+            inner = self.lock();
+            if inner.out.continue_requested || !inner.out.owned_by(generation) {
+                break;
+            }
             inner = self
                 .cond
                 .wait_timeout(inner, Duration::from_millis(50))

@@ -8,8 +8,15 @@
 //! |---|---|---|---|
 //! | `tcp:HOST:PORT` | connect | listen, accept one | yes |
 //! | `unix:PATH` | connect | listen, accept one | yes |
-//! | `exec:CMD` | `sh -c CMD`, stream on its stdin | `sh -c CMD`, stream from its stdout | no |
+//! | `exec:CMD` | `sh -c CMD`, stream on its stdin | `sh -c CMD`, stream from its stdout | the other pipe, as QEMU 7.2 |
 //! | `file:PATH[,offset=N]` | write the file | read the file | no |
+//!
+//! Over `exec:` the return path is the command's other standard stream, as QEMU 7.2 opens
+//! commands read-write: the source reads it from the command's stdout, the destination writes
+//! it to the command's stdin — it works when the commands carry both directions (`socat`,
+//! `ssh`), and fails the migration when they do not (the source waits for a verdict that
+//! never comes). The source pipes its command's stdout only when it opens the return path;
+//! otherwise the command's stdout goes to `/dev/null`.
 
 use crate::error::MigrationError;
 use std::fs::File;
@@ -18,6 +25,7 @@ use std::net::{Shutdown, TcpListener, TcpStream, ToSocketAddrs};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 /// A parsed migration address.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -110,8 +118,15 @@ impl MigrationUri {
         Err(invalid())
     }
 
-    /// Whether a connection over this transport can carry a return path.
+    /// Whether a connection over this transport can carry a return path (sockets; `exec:`
+    /// through the command's other pipe).
     pub fn has_return_path(&self) -> bool {
+        !matches!(self, MigrationUri::File { .. })
+    }
+
+    /// Whether the transport is a socket: several channels to one address (postcopy-preempt),
+    /// and a return path that needs nothing from a command.
+    pub fn is_socket(&self) -> bool {
         matches!(self, MigrationUri::Tcp { .. } | MigrationUri::Unix(_))
     }
 }
@@ -180,6 +195,37 @@ impl ShutdownHandle {
         }
     }
 
+    /// Bounds how long one read (`read`) or one write (`write`) on a socket may wait without
+    /// moving a byte (`SO_RCVTIMEO` / `SO_SNDTIMEO`; `None` waits forever): a stalled peer then
+    /// fails the call with `WouldBlock` instead of blocking it for good. A slow peer is not a
+    /// stalled one — each byte that moves restarts the bound. Pipes and files have no such
+    /// bound; returns whether the channel took it.
+    pub fn set_stall_timeout(&self, read: bool, write: bool, t: Option<Duration>) -> bool {
+        let guard = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let set = |r: std::io::Result<()>, w: std::io::Result<()>| r.is_ok() && w.is_ok();
+        // A zero duration means "forever" to the kernel but is an error to std.
+        let t = t.filter(|d| !d.is_zero());
+        match &*guard {
+            ShutdownTarget::Tcp(s) => set(
+                if read { s.set_read_timeout(t) } else { Ok(()) },
+                if write {
+                    s.set_write_timeout(t)
+                } else {
+                    Ok(())
+                },
+            ),
+            ShutdownTarget::Unix(s) => set(
+                if read { s.set_read_timeout(t) } else { Ok(()) },
+                if write {
+                    s.set_write_timeout(t)
+                } else {
+                    Ok(())
+                },
+            ),
+            _ => false,
+        }
+    }
+
     /// Half-closes the sending direction of a socket (after the stream has been written), so
     /// a peer waiting for more data sees the end.
     pub fn shutdown_write(&self) {
@@ -240,8 +286,15 @@ fn tcp_addrs(host: &str, port: u16) -> Result<Vec<std::net::SocketAddr>, Migrati
         .map_err(|e| MigrationError::io(format!("address resolution failed for {host}:{port}"), e))
 }
 
-/// Opens the outgoing channel for `migrate`.
+/// Opens the outgoing channel for `migrate`, without a return path over `exec:` (the
+/// command's stdout goes to `/dev/null`); see [`connect_with`].
 pub fn connect(uri: &MigrationUri) -> Result<Connection, MigrationError> {
+    connect_with(uri, false)
+}
+
+/// Opens the outgoing channel for `migrate`; with `return_path`, an `exec:` command's stdout
+/// is piped back as the connection's reader (sockets always have one).
+pub fn connect_with(uri: &MigrationUri, return_path: bool) -> Result<Connection, MigrationError> {
     match uri {
         MigrationUri::Tcp { host, port } => {
             let shown = format!("{host}:{port}");
@@ -285,16 +338,22 @@ pub fn connect(uri: &MigrationUri) -> Result<Connection, MigrationError> {
                 .arg("-c")
                 .arg(cmd)
                 .stdin(Stdio::piped())
+                .stdout(if return_path {
+                    Stdio::piped()
+                } else {
+                    Stdio::null()
+                })
                 .spawn()
                 .map_err(|e| MigrationError::io(format!("Failed to run '{cmd}'"), e))?;
             let stdin = child
                 .stdin
                 .take()
                 .ok_or_else(|| MigrationError::Other("exec child has no stdin".into()))?;
+            let stdout = child.stdout.take();
             let child = Arc::new(Mutex::new(child));
             Ok(Connection {
                 writer: Some(Box::new(stdin)),
-                reader: None,
+                reader: stdout.map(|s| Box::new(s) as BoxRead),
                 shutdown: ShutdownHandle::new(ShutdownTarget::Child(child.clone())),
                 child: Some(child),
             })
@@ -395,9 +454,12 @@ impl Listener {
                 })
             }
             Listener::Exec(cmd) => {
+                // Both pipes, as QEMU 7.2: the return path, if the source opens one, goes
+                // to the command's stdin.
                 let mut child = Command::new("/bin/sh")
                     .arg("-c")
                     .arg(cmd)
+                    .stdin(Stdio::piped())
                     .stdout(Stdio::piped())
                     .spawn()
                     .map_err(|e| MigrationError::io(format!("Failed to run '{cmd}'"), e))?;
@@ -405,9 +467,10 @@ impl Listener {
                     .stdout
                     .take()
                     .ok_or_else(|| MigrationError::Other("exec child has no stdout".into()))?;
+                let stdin = child.stdin.take();
                 let child = Arc::new(Mutex::new(child));
                 Ok(Connection {
-                    writer: None,
+                    writer: stdin.map(|s| Box::new(s) as BoxWrite),
                     reader: Some(Box::new(stdout)),
                     shutdown: ShutdownHandle::new(ShutdownTarget::Child(child.clone())),
                     child: Some(child),

@@ -443,7 +443,12 @@ fn pump_back(mut from: Sock, mut to: Sock, sh: &Shared, first: bool) {
     let mut buf = vec![0u8; 64 * 1024];
     loop {
         let n = match from.read(&mut buf) {
-            Ok(0) | Err(_) => break,
+            Ok(0) | Err(_) => {
+                // A stalled link carries no end either: the other side hears nothing until
+                // the stall is released or its bound passes.
+                let _ = sh.wait_unstalled();
+                break;
+            }
             Ok(n) => n,
         };
         if !sh.wait_unstalled() || to.write_all(&buf[..n]).is_err() {
@@ -516,6 +521,10 @@ fn pump_forward(mut from: Sock, mut to: Sock, sh: &Shared, first: bool) {
         };
         let n = match from.read(&mut buf[..want]) {
             Ok(0) | Err(_) => {
+                // Not through a stall (see `pump_back`).
+                if !sh.wait_unstalled() {
+                    return;
+                }
                 let mut st = sh.lock();
                 st.report.sender_done = true;
                 if window.is_some() {

@@ -302,6 +302,13 @@ fn info_migrate(q: &Value) -> String {
     if let Some(t) = num("cpu-throttle-percentage") {
         s.push_str(&format!("cpu throttle percentage: {t}\r\n"));
     }
+    // livemig's own: what the destination dropped or doubted (a dropped dirty bitmap above
+    // all), one line each, so that it is not missed by someone reading this page.
+    if let Some(ws) = q.get("x-livemig-warnings").and_then(Value::as_array) {
+        for w in ws.iter().filter_map(Value::as_str) {
+            s.push_str(&format!("warning: {w}\r\n"));
+        }
+    }
     s
 }
 
@@ -318,6 +325,15 @@ mod tests {
         );
         assert_eq!(split_hmp("  info   status "), vec!["info", "status"]);
         assert_eq!(split_hmp(r#"x """#), vec!["x", ""]);
+    }
+
+    #[test]
+    fn info_migrate_shows_dropped_bitmaps() {
+        let q = json!({"status": "completed", "total-time": 5,
+            "x-livemig-warnings": ["Bitmap 'b0' on node 'd0' dropped: the nodes differ in size"]});
+        assert!(info_migrate(&q).ends_with(
+            "total time: 5 ms\r\nwarning: Bitmap 'b0' on node 'd0' dropped: the nodes differ in size\r\n"
+        ));
     }
 
     #[test]
