@@ -229,11 +229,14 @@ impl StreamLoader {
     /// Loads sections and commands up to EOF, then reads the trailer.
     pub fn load_body(&mut self, r: &mut Reader) -> Result<(), MigrationError> {
         let result = self.load_items(r);
-        if self.device_load_started {
-            self.machine.end_device_load();
+        let ended = if self.device_load_started {
             self.device_load_started = false;
-        }
+            self.machine.end_device_load()
+        } else {
+            Ok(())
+        };
         result?;
+        ended?;
         if self.postcopy_ran {
             // A postcopy stream ends at EOF, without a vmdesc trailer.
             return Ok(());
@@ -575,10 +578,13 @@ impl StreamLoader {
             });
             (main, listen)
         });
-        if self.device_load_started {
-            self.machine.end_device_load();
+        let ended = if self.device_load_started {
             self.device_load_started = false;
-        }
+            self.machine.end_device_load()
+        } else {
+            Ok(())
+        };
+        let main = main.and(ended);
         self.postcopy_ran = main.is_ok();
         if main.is_err() || listen.is_err() {
             // Guest RAM leaves userfaultfd: a vCPU waiting for a page that will never come
@@ -1009,8 +1015,8 @@ fn load_package_rest(
     // The guest runs from here on: every device it needs must have its state.
     check_devices_loaded(devices, loaded)?;
     if *device_load_started {
-        machine.end_device_load();
         *device_load_started = false;
+        machine.end_device_load()?;
     }
     // RUN (`loadvm_postcopy_handle_run_bh`).
     machine.activate_disks()?;

@@ -89,8 +89,11 @@ pub trait Machine: Send + Sync {
     /// Called before the destination loads device state, and [`Machine::end_device_load`]
     /// after: a VMM batches memory-map changes in between (seed 003).
     fn begin_device_load(&self) {}
-    /// See [`Machine::begin_device_load`].
-    fn end_device_load(&self) {}
+    /// See [`Machine::begin_device_load`]. An error (the batch's changes could not be made
+    /// real, e.g. a KVM memslot refused) fails the load.
+    fn end_device_load(&self) -> Result<(), MigrationError> {
+        Ok(())
+    }
     /// Whether the VMM can throttle its vCPUs ([`Machine::throttle_vcpus`]). Capability
     /// `auto-converge` is refused when it cannot (the default).
     fn can_throttle_vcpus(&self) -> bool {

@@ -13,7 +13,8 @@
 //! `-M none` has only `timer`, exactly like QEMU 7.2's `-M none`.
 //!
 //! Loading a window moves a region of the memory map. The engine loads all devices inside one
-//! memory-map batch, so eight windows cost one flat-view rebuild, not eight.
+//! memory-map batch, so eight windows cost one flat-view rebuild, not eight — and under KVM
+//! one round of memslot calls for what changed (a window over RAM splits a RAM slot).
 
 use crate::machine::{MachineType, VmCore, WINDOWS};
 use migration::machine::{DeviceState, Reader, Writer};

@@ -18,7 +18,7 @@
 
 use crate::clock::VmClock;
 use crate::devices;
-use crate::kvm::{KvmOptions, KvmRamBlock, KvmVm};
+use crate::kvm::{KvmMemoryListener, KvmOptions, KvmRamBlock, KvmVm};
 use crate::memmap::{MemoryMap, Region, RegionKind};
 use crate::memory::GuestRam;
 use crate::runctl::{Gate, RunControl};
@@ -296,13 +296,12 @@ impl Vm {
             Accel::Kvm(opts) => {
                 crate::kvm::boot::check_ram(config.ram_size)?;
                 let kvm = Arc::new(KvmVm::new(nvcpus, opts)?);
-                kvm.map(0, 0, &ram, 0, config.ram_size)?;
+                // Memslots come from the memory map, once it is built (below).
                 let sys = if nvcpus > 0 {
                     use guest::layout::{SYS_BASE, SYS_SIZE};
                     let sys = Arc::new(
                         GuestRam::at("sys", SYS_BASE, SYS_SIZE).map_err(|e| e.to_string())?,
                     );
-                    kvm.map(1, SYS_BASE, &sys, 0, SYS_SIZE)?;
                     if !config.incoming {
                         crate::kvm::boot::load(
                             &*sys,
@@ -355,8 +354,23 @@ impl Vm {
             gpa: Some(0),
             size: config.ram_size,
             priority: 0,
-            kind: RegionKind::Ram { offset: 0 },
+            kind: RegionKind::Ram {
+                block: "ram".into(),
+                offset: 0,
+            },
         });
+        if let Some(sys) = &sys {
+            memmap.add(Region {
+                name: "sys".into(),
+                gpa: Some(guest::layout::SYS_BASE),
+                size: sys.size(),
+                priority: 0,
+                kind: RegionKind::Ram {
+                    block: "sys".into(),
+                    offset: 0,
+                },
+            });
+        }
         if config.machine == MachineType::Livemig {
             for i in 0..WINDOWS {
                 memmap.add(Region {
@@ -369,6 +383,13 @@ impl Vm {
                     kind: RegionKind::Mmio,
                 });
             }
+        }
+        if let Some(kvm) = &kvm {
+            // Every RAM range of the map is a memslot from now on.
+            memmap.set_listener(Arc::new(KvmMemoryListener {
+                kvm: kvm.clone(),
+                blocks: std::iter::once(&ram).chain(sys.as_ref()).cloned().collect(),
+            }))?;
         }
         if config.virtio_blk && config.machine == MachineType::None {
             return Err("No 'virtio-bus' bus found for device 'virtio-blk-device'".into());
@@ -800,8 +821,14 @@ impl Machine for Vm {
         self.core.memmap.begin();
     }
 
-    fn end_device_load(&self) {
+    fn end_device_load(&self) -> Result<(), MigrationError> {
         self.core.memmap.commit();
+        // A memslot KVM refused during the batch (or when a device read the map) fails the
+        // load: the guest must not run on a map KVM does not have.
+        match self.core.memmap.take_error() {
+            Some(e) => Err(MigrationError::Load(e)),
+            None => Ok(()),
+        }
     }
 
     /// Both accelerators' vCPUs pass the throttle point (a machine without vCPUs, `none`,

@@ -11,15 +11,25 @@
 //! view: [`MemoryMap::flat_view`] called during a batch rebuilds on demand first (QEMU's
 //! commit-on-demand, v6 of that series), so a device whose load needs the current map still
 //! gets it. Batching only removes rebuilds nobody looks at.
+//!
+//! **Listeners.** What the flat view says must also be what the accelerator maps: under KVM,
+//! every RAM range of the view is a memslot. A [`MapListener`] is told of each new view (with
+//! the old one) when it is built — at a change outside a batch, at the outermost commit, or on
+//! demand inside a batch — so a batch of region changes becomes one round of
+//! `KVM_SET_USER_MEMORY_REGION` calls for the net difference (QEMU's memory listeners). A
+//! listener that fails leaves its error in the map ([`MemoryMap::take_error`]); the device
+//! load that made the change fails with it.
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
 /// What a region is backed by.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RegionKind {
-    /// Guest RAM, at an offset into the RAM block.
+    /// Guest RAM: a piece of a RAM block.
     Ram {
-        /// Offset into guest RAM.
+        /// The RAM block's name (`ram`, `sys`, ...).
+        block: String,
+        /// Offset of the region's first byte in the block.
         offset: u64,
     },
     /// Device registers.
@@ -52,6 +62,8 @@ pub struct FlatRange {
     pub region: String,
     /// Offset of `start` within the region.
     pub offset_in_region: u64,
+    /// For RAM: the block, and the offset of `start` in it.
+    pub ram: Option<(String, u64)>,
 }
 
 /// An immutable snapshot of the resolved map.
@@ -87,14 +99,20 @@ impl FlatView {
                 .filter(|(_, rs, re)| *rs <= s && e <= *re)
                 .max_by_key(|(i, _, _)| (regions[*i].priority, *i));
             if let Some((i, rs, _)) = owner {
-                let name = &regions[*i].name;
+                let r = &regions[*i];
                 match ranges.last_mut() {
-                    Some(last) if last.end == s && &last.region == name => last.end = e,
+                    Some(last) if last.end == s && last.region == r.name => last.end = e,
                     _ => ranges.push(FlatRange {
                         start: s,
                         end: e,
-                        region: name.clone(),
+                        region: r.name.clone(),
                         offset_in_region: s - rs,
+                        ram: match &r.kind {
+                            RegionKind::Ram { block, offset } => {
+                                Some((block.clone(), offset + (s - rs)))
+                            }
+                            RegionKind::Mmio => None,
+                        },
                     }),
                 }
             }
@@ -103,12 +121,21 @@ impl FlatView {
     }
 }
 
+/// Told of every new flat view: how an accelerator (KVM's memslots) follows the map.
+pub trait MapListener: Send + Sync {
+    /// The view changed from `old` to `new`; make what the listener owns match `new`.
+    fn commit(&self, old: &FlatView, new: &FlatView) -> Result<(), String>;
+}
+
 struct Inner {
     regions: Vec<Region>,
     view: Arc<FlatView>,
     depth: u32,
     pending: bool,
     rebuilds: u64,
+    listener: Option<Arc<dyn MapListener>>,
+    listener_commits: u64,
+    error: Option<String>,
 }
 
 /// Counters that show what batching saved.
@@ -116,6 +143,8 @@ struct Inner {
 pub struct MapStats {
     /// Flat-view rebuilds so far.
     pub rebuilds: u64,
+    /// Views handed to the listener (rebuilds that changed the view, with a listener set).
+    pub listener_commits: u64,
 }
 
 /// The memory map. Thread-safe; every method takes the internal lock briefly and never waits
@@ -133,6 +162,9 @@ impl Default for MemoryMap {
                 depth: 0,
                 pending: false,
                 rebuilds: 0,
+                listener: None,
+                listener_commits: 0,
+                error: None,
             }),
         }
     }
@@ -152,9 +184,38 @@ impl MemoryMap {
     }
 
     fn rebuild(inner: &mut Inner) {
-        inner.view = Arc::new(FlatView::build(&inner.regions));
+        let new = Arc::new(FlatView::build(&inner.regions));
         inner.rebuilds += 1;
         inner.pending = false;
+        if *new == *inner.view {
+            return;
+        }
+        let old = std::mem::replace(&mut inner.view, new);
+        // The listener runs under the map's lock, so views reach it in the order they were
+        // built. It never calls back into the map.
+        if let Some(l) = inner.listener.clone() {
+            inner.listener_commits += 1;
+            if let Err(e) = l.commit(&old, &inner.view) {
+                log::error!("memory map: {e}");
+                inner.error.get_or_insert(e);
+            }
+        }
+    }
+
+    /// Sets the listener and hands it the current view (as a change from an empty one).
+    pub fn set_listener(&self, listener: Arc<dyn MapListener>) -> Result<(), String> {
+        let mut inner = self.lock();
+        if inner.pending {
+            Self::rebuild(&mut inner);
+        }
+        inner.listener = Some(listener.clone());
+        inner.listener_commits += 1;
+        listener.commit(&FlatView::default(), &inner.view)
+    }
+
+    /// The first error a listener reported since the last call, if any.
+    pub fn take_error(&self) -> Option<String> {
+        self.lock().error.take()
     }
 
     /// Adds a region (replacing one of the same name).
@@ -214,8 +275,10 @@ impl MemoryMap {
 
     /// What batching has done so far.
     pub fn stats(&self) -> MapStats {
+        let inner = self.lock();
         MapStats {
-            rebuilds: self.lock().rebuilds,
+            rebuilds: inner.rebuilds,
+            listener_commits: inner.listener_commits,
         }
     }
 }
@@ -241,7 +304,10 @@ mod tests {
             gpa: Some(0),
             size: 0x10_0000,
             priority: 0,
-            kind: RegionKind::Ram { offset: 0 },
+            kind: RegionKind::Ram {
+                block: "ram".into(),
+                offset: 0,
+            },
         });
         for i in 0..n {
             m.add(window(i));
@@ -297,6 +363,99 @@ mod tests {
         let v = m.flat_view();
         assert_eq!(v.lookup(0x4000).unwrap().region, "window0");
         assert_eq!(v.lookup(0x8000).unwrap().region, "window1");
+    }
+
+    /// Records the RAM ranges of every view it is handed.
+    #[derive(Default)]
+    struct Recorder(Mutex<Vec<Vec<(u64, u64, String, u64)>>>);
+
+    impl MapListener for Recorder {
+        fn commit(&self, _old: &FlatView, new: &FlatView) -> Result<(), String> {
+            let ram = new
+                .ranges
+                .iter()
+                .filter_map(|r| r.ram.clone().map(|(b, o)| (r.start, r.end, b, o)))
+                .collect();
+            self.0.lock().unwrap().push(ram);
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_listener_sees_one_view_per_batch_with_ram_split_around_windows() {
+        let m = map_with_windows(4);
+        let rec = Arc::new(Recorder::default());
+        m.set_listener(rec.clone()).unwrap();
+        assert_eq!(
+            *rec.0.lock().unwrap(),
+            vec![vec![(0, 0x10_0000, "ram".to_string(), 0)]]
+        );
+        m.begin();
+        for i in 0..4u64 {
+            m.set_address(&format!("window{i}"), Some(0x1000 + i * 0x2000));
+        }
+        // A window moved twice inside the batch: only where it ends counts.
+        m.set_address("window3", Some(0x8000));
+        assert_eq!(rec.0.lock().unwrap().len(), 1);
+        m.commit();
+        let views = rec.0.lock().unwrap().clone();
+        assert_eq!(views.len(), 2);
+        let starts: Vec<(u64, u64, u64)> = views[1].iter().map(|r| (r.0, r.1, r.3)).collect();
+        assert_eq!(
+            starts,
+            vec![
+                (0, 0x1000, 0),
+                (0x2000, 0x3000, 0x2000),
+                (0x4000, 0x5000, 0x4000),
+                (0x6000, 0x8000, 0x6000),
+                (0x9000, 0x10_0000, 0x9000),
+            ]
+        );
+        // No change, no call.
+        m.begin();
+        m.set_address("window0", None);
+        m.set_address("window0", Some(0x1000));
+        m.commit();
+        assert_eq!(rec.0.lock().unwrap().len(), 2);
+        assert_eq!(m.stats().listener_commits, 2);
+    }
+
+    #[test]
+    fn a_reader_inside_a_batch_brings_the_listener_up_to_date() {
+        let m = map_with_windows(1);
+        let rec = Arc::new(Recorder::default());
+        m.set_listener(rec.clone()).unwrap();
+        m.begin();
+        m.set_address("window0", Some(0x4000));
+        // The reader's view and what the listener maps agree, before the batch ends.
+        assert_eq!(m.flat_view().lookup(0x4000).unwrap().region, "window0");
+        assert_eq!(rec.0.lock().unwrap().last().unwrap().len(), 2);
+        m.commit();
+        assert_eq!(rec.0.lock().unwrap().len(), 2);
+    }
+
+    struct Failing;
+
+    impl MapListener for Failing {
+        fn commit(&self, old: &FlatView, _new: &FlatView) -> Result<(), String> {
+            if old.ranges.is_empty() {
+                Ok(())
+            } else {
+                Err("no slot".into())
+            }
+        }
+    }
+
+    #[test]
+    fn a_listener_error_is_kept_for_whoever_commits() {
+        let m = map_with_windows(1);
+        m.set_listener(Arc::new(Failing)).unwrap();
+        m.begin();
+        m.set_address("window0", Some(0x4000));
+        assert_eq!(m.take_error(), None);
+        m.commit();
+        assert_eq!(m.take_error().as_deref(), Some("no slot"));
+        assert_eq!(m.take_error(), None);
     }
 
     #[test]

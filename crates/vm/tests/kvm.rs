@@ -351,3 +351,176 @@ fn kvm_guest_with_virtio_blk_migrates_with_a_request_in_flight_and_back() {
         vm.shutdown();
     }
 }
+
+/// The RAM ranges of `vm`'s flat view, as memslots would hold them: (gpa, size, block, offset).
+fn view_ram(vm: &Vm) -> Vec<(u64, u64, String, u64)> {
+    vm.core()
+        .memmap
+        .flat_view()
+        .ranges
+        .iter()
+        .filter_map(|r| r.ram.clone().map(|(b, o)| (r.start, r.end - r.start, b, o)))
+        .collect()
+}
+
+fn slots(vm: &Vm) -> Vec<(u64, u64, String, u64)> {
+    let kvm = vm.core().kvm.clone().unwrap();
+    kvm.slot_table()
+        .into_iter()
+        .map(|(_, gpa, size, b, o)| (gpa, size, b, o))
+        .collect()
+}
+
+#[test]
+fn memslots_are_the_memory_maps_ram_ranges() {
+    if !kvm_ok("memslots_are_the_memory_maps_ram_ranges") {
+        return;
+    }
+    let s = side(true, 1, WorkloadConfig::default(), 0, None);
+    let base = guest::layout::SYS_BASE;
+    assert_eq!(
+        slots(&s.vm),
+        vec![
+            (0, RAM, "ram".to_string(), 0),
+            (base, guest::layout::SYS_SIZE, "sys".to_string(), 0)
+        ]
+    );
+    let kvm = s.vm.core().kvm.clone().unwrap();
+    let calls = || kvm.stats().slot_updates;
+    // A device load that maps two windows over RAM: one commit, the RAM slot split in three.
+    let before = calls();
+    s.vm.begin_device_load();
+    let map = &s.vm.core().memmap;
+    map.set_address("window0", Some(0x10_0000));
+    map.set_address("window1", Some(0x20_0000));
+    assert_eq!(calls(), before, "a memslot call before the load ended");
+    // A device that reads the map during the load gets the current one, and KVM has it too.
+    assert_eq!(map.flat_view().lookup(0x20_0000).unwrap().region, "window1");
+    assert_eq!(slots(&s.vm), view_ram(&s.vm));
+    assert_eq!(calls(), before + 4, "delete the RAM slot, add three pieces");
+    map.set_address("window1", Some(0x30_0000));
+    s.vm.end_device_load().unwrap();
+    assert_eq!(slots(&s.vm), view_ram(&s.vm));
+    assert_eq!(
+        slots(&s.vm)[..3],
+        [
+            (0, 0x10_0000, "ram".to_string(), 0),
+            (0x10_1000, 0x1f_f000, "ram".to_string(), 0x10_1000),
+            (0x30_1000, RAM - 0x30_1000, "ram".to_string(), 0x30_1000),
+        ]
+    );
+    // Moving window1 deleted the middle and last pieces and added two: only what differs.
+    assert_eq!(calls(), before + 8);
+    s.vm.shutdown();
+}
+
+#[test]
+fn device_load_commits_memslots_once_and_the_guest_runs_on() {
+    if !kvm_ok("device_load_commits_memslots_once_and_the_guest_runs_on") {
+        return;
+    }
+    let cfg = WorkloadConfig {
+        fill: 1 << 20,
+        hot: 1 << 20,
+        ..Default::default()
+    };
+    let src = side(false, 1, cfg.clone(), 0, None);
+    // Four windows over the top of RAM, which this workload never writes (mapped before the
+    // guest runs: a slot is not split under a running vCPU).
+    for i in 0..4u64 {
+        assert!(src
+            .vm
+            .core()
+            .memmap
+            .set_address(&format!("window{i}"), Some(RAM - (i + 1) * 0x2000)));
+    }
+    src.vm.start();
+    wait_steps(&src.vm, 500);
+    let dst = side(true, 1, WorkloadConfig::default(), 0, None);
+    let kvm = dst.vm.core().kvm.clone().unwrap();
+    let (calls, commits) = (
+        kvm.stats().slot_updates,
+        dst.vm.core().memmap.stats().listener_commits,
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let uri = format!("unix:{}", dir.path().join("m.sock").display());
+    dst.mig.incoming(&uri, false).unwrap();
+    src.mig.migrate(&uri).unwrap();
+    let done = [MigrationStatus::Completed, MigrationStatus::Failed];
+    assert_eq!(
+        dst.mig.wait_incoming(&done, Duration::from_secs(60)),
+        MigrationStatus::Completed,
+        "{}",
+        dst.mig.query()
+    );
+    // Eight windows loaded (four over RAM, four elsewhere): one view for KVM, and one call
+    // per memslot that changed — the RAM slot deleted, five pieces added.
+    assert_eq!(dst.vm.core().memmap.stats().listener_commits, commits + 1);
+    assert_eq!(kvm.stats().slot_updates, calls + 6);
+    assert_eq!(slots(&dst.vm), view_ram(&dst.vm));
+    assert_eq!(slots(&dst.vm).len(), 6);
+    assert_eq!(src.vm.ram_checksum(), dst.vm.ram_checksum());
+    // The guest runs on over split RAM and its pages check out.
+    let at = dst.vm.vcpu_steps()[0];
+    dst.vm.start();
+    wait_steps(&dst.vm, at + 2000);
+    dst.vm.stop(RunState::Paused);
+    let st = dst.vm.core().vcpu_states()[0];
+    assert_eq!(st, model(&cfg, 0, 1, st.steps));
+    assert_eq!(dst.vm.verify_ram().corrupt_count, 0);
+    src.vm.shutdown();
+    dst.vm.shutdown();
+}
+
+#[test]
+fn a_logged_memslot_deleted_by_the_map_keeps_its_dirty_pages() {
+    if !kvm_ok("a_logged_memslot_deleted_by_the_map_keeps_its_dirty_pages") {
+        return;
+    }
+    let cfg = WorkloadConfig {
+        fill: 1 << 20,
+        hot: 1 << 20,
+        ..Default::default()
+    };
+    let s = side(false, 1, cfg, 0, None);
+    let ram = s.vm.ram_blocks()[0].clone();
+    let mut bitmap = vec![0u64; (RAM / 4096 / 64) as usize];
+    ram.start_dirty_log();
+    ram.sync_dirty_log(&mut bitmap);
+    let snapshot = |vm: &Vm| -> Vec<u64> {
+        (0..256u64)
+            .map(|p| {
+                let mut page = vec![0u8; 4096];
+                vm.core().ram.read(p * 4096, &mut page);
+                xxhash_rust::xxh3::xxh3_64(&page)
+            })
+            .collect()
+    };
+    s.vm.start();
+    wait_steps(&s.vm, 3000);
+    s.vm.stop(RunState::Paused);
+    let before = snapshot(&s.vm);
+    bitmap.iter_mut().for_each(|w| *w = 0);
+    ram.sync_dirty_log(&mut bitmap);
+    s.vm.start();
+    let at = s.vm.vcpu_steps()[0];
+    wait_steps(&s.vm, at + 3000);
+    s.vm.stop(RunState::Paused);
+    // A page the guest rewrote since the last sync...
+    let after = snapshot(&s.vm);
+    let p = (0..256u64)
+        .find(|p| before[*p as usize] != after[*p as usize])
+        .expect("the guest rewrote no page");
+    // ... ends up under a window: the RAM slot that logged it is deleted.
+    assert!(s.vm.core().memmap.set_address("window0", Some(p * 4096)));
+    assert_eq!(s.vm.core().memmap.take_error(), None);
+    bitmap.iter_mut().for_each(|w| *w = 0);
+    ram.sync_dirty_log(&mut bitmap);
+    assert_ne!(
+        bitmap[(p / 64) as usize] & (1 << (p % 64)),
+        0,
+        "page {p}'s dirty bit went with its memslot"
+    );
+    ram.stop_dirty_log();
+    s.vm.shutdown();
+}

@@ -21,12 +21,20 @@
 //!
 //! Both feed the same log as writes made by devices through `vm-memory` (virtio DMA): the RAM
 //! block's bitmap. [`KvmRamBlock`] is the engine's view of one RAM block under KVM.
+//!
+//! **Memslots follow the memory map** ([`KvmMemoryListener`]): each RAM range of the map's
+//! flat view is one memslot, so a window mapped over RAM splits its slot as QEMU's KVM
+//! listener does. The map hands the listener a view per commit — once per device load, since
+//! the destination loads device state inside one batch (seed 003) — and [`KvmVm::set_memory`]
+//! issues `KVM_SET_USER_MEMORY_REGION` only for the slots that differ. A slot deleted while
+//! its RAM is logged hands its dirty pages to the RAM's bitmap first, so none is lost.
 
 pub mod boot;
 pub mod ioctl;
 pub mod run;
 pub mod state;
 
+use crate::memmap::{FlatView, MapListener};
 use crate::memory::GuestRam;
 use ioctl::{DirtyRing, Slot};
 use kvm_bindings::{kvm_enable_cap, CpuId, KVM_MAX_CPUID_ENTRIES, KVM_MEM_LOG_DIRTY_PAGES};
@@ -95,11 +103,46 @@ pub struct KvmVm {
     vm: VmFd,
     _kvm: Kvm,
     mode: DirtyMode,
-    /// Memslots, by slot id.
-    slots: Mutex<Vec<Slot>>,
+    /// Memslots, by slot id, and the RAM blocks whose slots log dirty pages.
+    slots: Mutex<SlotTable>,
     /// What `query-kvm`-style reports and benchmarks read.
     stats: Mutex<DirtyStats>,
 }
+
+/// The memslots, and which RAM is logged (a slot created for it logs from the start).
+#[derive(Default)]
+struct SlotTable {
+    slots: Vec<Slot>,
+    logged: Vec<Arc<GuestRam>>,
+}
+
+impl SlotTable {
+    fn logging(&self, ram: &Arc<GuestRam>) -> bool {
+        self.logged.iter().any(|r| Arc::ptr_eq(r, ram))
+    }
+
+    fn free_id(&self) -> u32 {
+        (0..)
+            .find(|id| self.slots.iter().all(|s| s.id != *id))
+            .unwrap_or(0)
+    }
+}
+
+/// One memslot wanted by the memory map: `size` bytes of `ram` from `offset`, at `gpa`.
+#[derive(Clone)]
+pub struct SlotSpec {
+    /// First guest physical address.
+    pub gpa: u64,
+    /// The RAM block.
+    pub ram: Arc<GuestRam>,
+    /// Offset in the block.
+    pub offset: u64,
+    /// Bytes.
+    pub size: u64,
+}
+
+/// A memslot as tests and reports see it: id, guest address, size, RAM block name, offset.
+pub type SlotInfo = (u32, u64, u64, String, u64);
 
 /// Costs of hardware dirty logging, for benchmarks.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -206,7 +249,7 @@ impl KvmVm {
             vm,
             _kvm: kvm,
             mode,
-            slots: Mutex::new(Vec::new()),
+            slots: Mutex::new(SlotTable::default()),
             stats: Mutex::new(DirtyStats::default()),
         })
     }
@@ -239,8 +282,94 @@ impl KvmVm {
         *self.stats.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn slots(&self) -> MutexGuard<'_, Vec<Slot>> {
+    fn slots(&self) -> MutexGuard<'_, SlotTable> {
         self.slots.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The memslots, sorted by guest address.
+    pub fn slot_table(&self) -> Vec<SlotInfo> {
+        let mut v: Vec<SlotInfo> = self
+            .slots()
+            .slots
+            .iter()
+            .map(|s| (s.id, s.gpa, s.size, s.ram.name().to_string(), s.offset))
+            .collect();
+        v.sort_by_key(|s| s.1);
+        v
+    }
+
+    /// Makes the memslots exactly `want`: deletes the slots not in it (handing their logged
+    /// dirty pages to their RAM's bitmap first), then creates the missing ones. Slots that
+    /// stay are not touched, so a commit costs one `KVM_SET_USER_MEMORY_REGION` per slot that
+    /// changed.
+    pub fn set_memory(&self, want: &[SlotSpec]) -> Result<(), String> {
+        let same = |s: &Slot, w: &SlotSpec| {
+            s.gpa == w.gpa
+                && s.size == w.size
+                && s.offset == w.offset
+                && Arc::ptr_eq(&s.ram, &w.ram)
+        };
+        let goes = |t: &SlotTable| {
+            t.slots
+                .iter()
+                .any(|s| s.flags != 0 && !want.iter().any(|w| same(s, w)))
+        };
+        // Ring entries name slots by id, and a deleted id may be reused: harvest them while
+        // the ids still mean what they meant.
+        if matches!(self.mode, DirtyMode::Ring(_)) && goes(&self.slots()) {
+            self.harvest_rings()?;
+        }
+        let mut t = self.slots();
+        let mut i = 0;
+        while i < t.slots.len() {
+            if want.iter().any(|w| same(&t.slots[i], w)) {
+                i += 1;
+                continue;
+            }
+            let s = &t.slots[i];
+            if s.flags != 0 && self.mode == DirtyMode::Bitmap {
+                let log = self
+                    .vm
+                    .get_dirty_log(s.id, s.size as usize)
+                    .map_err(kerr("KVM_GET_DIRTY_LOG"))?;
+                for (w, word) in log.iter().enumerate() {
+                    let mut word = *word;
+                    while word != 0 {
+                        let page = w as u64 * 64 + u64::from(word.trailing_zeros());
+                        word &= word - 1;
+                        if page < s.size / PAGE_SIZE {
+                            s.ram.mark_dirty(s.offset + page * PAGE_SIZE, PAGE_SIZE);
+                        }
+                    }
+                }
+            }
+            ioctl::delete_slot(&self.vm, s.id)
+                .map_err(kerr("kvm_set_phys_mem: error unregistering slot"))?;
+            self.count_slot_update();
+            t.slots.remove(i);
+        }
+        for w in want {
+            if t.slots.iter().any(|s| same(s, w)) {
+                continue;
+            }
+            let slot = Slot {
+                id: t.free_id(),
+                gpa: w.gpa,
+                ram: w.ram.clone(),
+                offset: w.offset,
+                size: w.size,
+                flags: if t.logging(&w.ram) {
+                    KVM_MEM_LOG_DIRTY_PAGES
+                } else {
+                    0
+                },
+            };
+            ioctl::set_slot(&self.vm, &slot)
+                .map_err(kerr("kvm_set_phys_mem: error registering slot"))?;
+            self.count_slot_update();
+            t.slots.push(slot);
+        }
+        Ok(())
     }
 
     /// Maps `size` bytes of `ram` from `offset` at guest address `gpa` as memslot `id`,
@@ -253,13 +382,11 @@ impl KvmVm {
         offset: u64,
         size: u64,
     ) -> Result<(), String> {
-        let mut slots = self.slots();
-        let logging = slots
-            .iter()
-            .any(|s| Arc::ptr_eq(&s.ram, ram) && s.flags & KVM_MEM_LOG_DIRTY_PAGES != 0);
-        if let Some(i) = slots.iter().position(|s| s.id == id) {
+        let mut t = self.slots();
+        let logging = t.logging(ram);
+        if let Some(i) = t.slots.iter().position(|s| s.id == id) {
             ioctl::delete_slot(&self.vm, id).map_err(kerr("KVM_SET_USER_MEMORY_REGION"))?;
-            slots.remove(i);
+            t.slots.remove(i);
             self.count_slot_update();
         }
         let slot = Slot {
@@ -272,17 +399,17 @@ impl KvmVm {
         };
         ioctl::set_slot(&self.vm, &slot).map_err(kerr("KVM_SET_USER_MEMORY_REGION"))?;
         self.count_slot_update();
-        slots.push(slot);
+        t.slots.push(slot);
         Ok(())
     }
 
     /// Deletes memslot `id` (nothing if there is none).
     pub fn unmap(&self, id: u32) -> Result<(), String> {
-        let mut slots = self.slots();
-        if let Some(i) = slots.iter().position(|s| s.id == id) {
+        let mut t = self.slots();
+        if let Some(i) = t.slots.iter().position(|s| s.id == id) {
             ioctl::delete_slot(&self.vm, id).map_err(kerr("KVM_SET_USER_MEMORY_REGION"))?;
             self.count_slot_update();
-            slots.remove(i);
+            t.slots.remove(i);
         }
         Ok(())
     }
@@ -296,8 +423,12 @@ impl KvmVm {
 
     /// Turns hardware dirty logging on or off for every memslot backed by `ram`.
     pub fn set_logging(&self, ram: &Arc<GuestRam>, on: bool) -> Result<(), String> {
-        let mut slots = self.slots();
-        for s in slots.iter_mut().filter(|s| Arc::ptr_eq(&s.ram, ram)) {
+        let mut t = self.slots();
+        t.logged.retain(|r| !Arc::ptr_eq(r, ram));
+        if on {
+            t.logged.push(ram.clone());
+        }
+        for s in t.slots.iter_mut().filter(|s| Arc::ptr_eq(&s.ram, ram)) {
             let flags = if on { KVM_MEM_LOG_DIRTY_PAGES } else { 0 };
             if s.flags != flags {
                 s.flags = flags;
@@ -320,6 +451,7 @@ impl KvmVm {
             DirtyMode::Bitmap => {
                 let slots: Vec<Slot> = self
                     .slots()
+                    .slots
                     .iter()
                     .filter(|s| Arc::ptr_eq(&s.ram, ram) && s.flags != 0)
                     .cloned()
@@ -358,7 +490,7 @@ impl KvmVm {
     /// Ring mode: walks every vCPU's ring, marks the pages in their RAM's bitmap, and resets
     /// the rings. Called by the migration thread and by a vCPU whose ring is full.
     pub fn harvest_rings(&self) -> Result<u64, String> {
-        let slots = self.slots().clone();
+        let slots = self.slots().slots.clone();
         let mut rings = self.rings.lock().unwrap_or_else(|p| p.into_inner());
         let mut n = 0u64;
         for ring in rings.iter_mut() {
@@ -430,6 +562,44 @@ fn cpuid_for(base: &CpuId, id: u32) -> CpuId {
         }
     }
     c
+}
+
+/// Keeps a VM's memslots equal to the RAM ranges of a memory map's flat view.
+pub struct KvmMemoryListener {
+    /// The VM.
+    pub kvm: Arc<KvmVm>,
+    /// The RAM blocks the map's RAM regions name.
+    pub blocks: Vec<Arc<GuestRam>>,
+}
+
+impl MapListener for KvmMemoryListener {
+    fn commit(&self, _old: &FlatView, new: &FlatView) -> Result<(), String> {
+        let mut want = Vec::new();
+        for r in &new.ranges {
+            let Some((block, offset)) = &r.ram else {
+                continue;
+            };
+            let ram = self
+                .blocks
+                .iter()
+                .find(|b| b.name() == block)
+                .ok_or_else(|| format!("memory region {}: no RAM block {block}", r.region))?;
+            let size = r.end - r.start;
+            if offset.checked_add(size).is_none_or(|e| e > ram.size()) {
+                return Err(format!(
+                    "memory region {}: {size:#x} bytes at offset {offset:#x} do not fit RAM block {block}",
+                    r.region
+                ));
+            }
+            want.push(SlotSpec {
+                gpa: r.start,
+                ram: ram.clone(),
+                offset: *offset,
+                size,
+            });
+        }
+        self.kvm.set_memory(&want)
+    }
 }
 
 /// One RAM block of a KVM VM as the engine sees it: the RAM's mapping, and a dirty log that
