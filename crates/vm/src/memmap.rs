@@ -365,9 +365,12 @@ mod tests {
         assert_eq!(v.lookup(0x8000).unwrap().region, "window1");
     }
 
+    /// A RAM range of a view: start, end, block, offset in the block.
+    type RamRange = (u64, u64, String, u64);
+
     /// Records the RAM ranges of every view it is handed.
     #[derive(Default)]
-    struct Recorder(Mutex<Vec<Vec<(u64, u64, String, u64)>>>);
+    struct Recorder(Mutex<Vec<Vec<RamRange>>>);
 
     impl MapListener for Recorder {
         fn commit(&self, _old: &FlatView, new: &FlatView) -> Result<(), String> {
