@@ -322,6 +322,12 @@ impl VirtioBlk {
         self.cv.notify_all();
     }
 
+    /// Whether the device has taken requests it has not completed yet (its I/O thread is
+    /// between taking and completing them).
+    pub fn in_progress(&self) -> bool {
+        self.lock().busy
+    }
+
     /// Ends the I/O thread (process exit).
     pub fn shutdown(&self) {
         self.lock().quit = true;

@@ -524,3 +524,102 @@ fn a_logged_memslot_deleted_by_the_map_keeps_its_dirty_pages() {
     ram.stop_dirty_log();
     s.vm.shutdown();
 }
+
+#[test]
+fn a_request_the_device_took_completes_before_the_stop_and_runs_once() {
+    if !kvm_ok("a_request_the_device_took_completes_before_the_stop_and_runs_once") {
+        return;
+    }
+    // A disk whose every write takes 100 ms: the device is nearly always inside a request.
+    let side = |incoming: bool, workload: WorkloadConfig| -> Side {
+        let block = Arc::new(BlockLayer::new());
+        block.set_incoming(incoming);
+        block
+            .blockdev_add(&serde_json::json!({
+                "driver": "null-co", "node-name": "d0", "size": 4 << 20,
+                "latency-ns": 100_000_000u64
+            }))
+            .unwrap();
+        let events = Arc::new(RecordedEvents::default());
+        let vm = Vm::new(
+            VmConfig {
+                machine: MachineType::Livemig,
+                ram_size: RAM,
+                vcpus: 1,
+                workload,
+                workload_disk: Some("d0".into()),
+                virtio_blk: true,
+                incoming,
+                accel: Accel::Kvm(KvmOptions::default()),
+                ..Default::default()
+            },
+            block,
+            events.clone(),
+        )
+        .unwrap();
+        let mig = Migration::new(
+            vm.clone(),
+            events,
+            MigrationOptions {
+                autostart: false,
+                ..Default::default()
+            },
+        );
+        Side { vm, mig }
+    };
+    let cfg = WorkloadConfig {
+        fill: 1 << 20,
+        hot: 1 << 20,
+        disk_every: 8,
+        ..Default::default()
+    };
+    let a = side(false, cfg);
+    let dev = a.vm.core().virtio.clone().unwrap();
+    a.vm.start();
+    let t = Instant::now();
+    while !(dev.queues()[0].completed >= 1 && dev.in_progress()) {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "the device took no request"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let taken_before = dev.queues()[0].completed;
+    a.vm.stop(RunState::Paused);
+    // Stopped means drained: the request the device held completed, into guest memory.
+    assert!(!dev.in_progress());
+    let q = dev.queues()[0];
+    assert!(q.completed > taken_before, "{q:?}");
+    let sys = a.vm.core().sys.clone().unwrap();
+    let io = guest::layout::IO_OFF;
+    let mut used = [0u8; 2];
+    sys.read(io + guest::layout::IO_USED + 2, &mut used);
+    assert_eq!(u16::from_le_bytes(used), q.used_idx);
+    let submitted = cb(&a.vm, 0, guest::layout::CB_SUBMITTED);
+    assert!(submitted == q.completed || submitted == q.completed + 1);
+    // The destination neither runs the drained request again nor loses a queued one.
+    let b = side(true, WorkloadConfig::default());
+    let dir = tempfile::tempdir().unwrap();
+    migrate_sides(&a, &b, &dir.path().join("m.sock"));
+    let dev_b = b.vm.core().virtio.clone().unwrap();
+    assert_eq!(dev_b.queues()[0], q);
+    b.vm.start();
+    let t = Instant::now();
+    while dev_b.queues()[0].completed < q.completed + 3 {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "{:?}",
+            dev_b.queues()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    b.vm.stop(RunState::Paused);
+    let done = dev_b.queues()[0].completed;
+    let issued = cb(&b.vm, 0, guest::layout::CB_SUBMITTED);
+    assert!(
+        done <= issued && issued <= done + 1,
+        "issued {issued}, completed {done}"
+    );
+    a.vm.shutdown();
+    b.vm.shutdown();
+}
