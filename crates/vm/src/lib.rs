@@ -12,6 +12,7 @@ pub mod machine;
 pub mod memmap;
 pub mod memory;
 pub mod runctl;
+pub mod soft_virtio;
 pub mod virtio_blk;
 pub mod workload;
 

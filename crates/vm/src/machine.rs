@@ -227,11 +227,11 @@ impl VmCore {
     /// vCPU states: the software vCPUs' own, or, under KVM, what the guest's control blocks
     /// hold.
     pub fn vcpu_states(&self) -> Vec<VcpuState> {
-        match &self.sys {
-            Some(sys) => (0..self.kvm.as_ref().map_or(0, |k| k.vcpu_count()) as u32)
+        match (&self.kvm, &self.sys) {
+            (Some(kvm), Some(sys)) => (0..kvm.vcpu_count() as u32)
                 .map(|i| crate::kvm::boot::vcpu_state(&**sys, i))
                 .collect(),
-            None => self
+            _ => self
                 .vcpus
                 .iter()
                 .map(|v| *v.lock().unwrap_or_else(|p| p.into_inner()))
@@ -332,6 +332,22 @@ impl Vm {
                 };
                 (Some(kvm), sys)
             }
+        };
+        // Software vCPUs with a virtio-blk disk drive it as the KVM guest does, through
+        // virtqueues in a system block of the same layout (see `soft_virtio`).
+        let soft_disk = kvm.is_none()
+            && nvcpus > 0
+            && config.virtio_blk
+            && config.workload_disk.is_some()
+            && config.machine == MachineType::Livemig;
+        let sys = match sys {
+            None if soft_disk => {
+                use guest::layout::{SYS_BASE, SYS_SIZE};
+                Some(Arc::new(
+                    GuestRam::at("sys", SYS_BASE, SYS_SIZE).map_err(|e| e.to_string())?,
+                ))
+            }
+            sys => sys,
         };
         let initial = if config.incoming {
             RunState::InMigrate
@@ -445,6 +461,12 @@ impl Vm {
             virtio,
             config,
         });
+        if let (true, Some(dev), Some(sys)) = (soft_disk, &core.virtio, &core.sys) {
+            // Firmware brings the device up; an incoming VM gets it from the source.
+            if !core.config.incoming {
+                crate::soft_virtio::init(sys, dev, nvcpus)?;
+            }
+        }
         let mut threads = Vec::new();
         for id in 0..nvcpus {
             let c = core.clone();
@@ -646,6 +668,11 @@ fn vcpu_thread(core: &VmCore, id: u32) {
     let mut window_start = Instant::now();
     let mut window_pages = 0u64;
     let mut slice_start = Instant::now();
+    // Disk writes go through the virtio-blk device when the VM has one (`soft_virtio`).
+    let soft = match (&core.virtio, &core.sys) {
+        (Some(dev), Some(sys)) if core.kvm.is_none() => Some((dev, sys)),
+        _ => None,
+    };
     loop {
         if !core.run.is_running() {
             if core.run.park() == Gate::Quit {
@@ -667,12 +694,23 @@ fn vcpu_thread(core: &VmCore, id: u32) {
             .clone();
         let share = Share::of(&cfg, core.ram.pages(), id, nvcpus);
         let mut idle = false;
+        let mut waiting = false;
         {
             let mut st = slot.lock().unwrap_or_else(|p| p.into_inner());
             for _ in 0..64 {
                 if st.is_idle(&share) {
                     idle = true;
                     break;
+                }
+                // The step that writes the disk waits (between steps, where the vCPU can
+                // park) until the device completed this vCPU's previous request.
+                if let Some((_, sys)) = soft {
+                    let disk_next =
+                        cfg.disk_every != 0 && (st.steps + 1).is_multiple_of(cfg.disk_every);
+                    if disk_next && crate::soft_virtio::busy(sys, id) {
+                        waiting = true;
+                        break;
+                    }
                 }
                 let (write, effect) = st.step(&cfg, &share);
                 if let Some(w) = write {
@@ -685,7 +723,21 @@ fn vcpu_thread(core: &VmCore, id: u32) {
                     SideEffect::Serial(line) => core.serial.write(&line),
                     SideEffect::Disk { offset, data } => {
                         if let Some(node) = &core.config.workload_disk {
-                            disk_write(core, node, offset, &data[..]);
+                            match soft {
+                                Some((dev, sys)) => {
+                                    let blocks = core
+                                        .block
+                                        .node(node)
+                                        .and_then(|n| n.size().ok())
+                                        .unwrap_or(0)
+                                        / PAGE_SIZE;
+                                    if blocks > 0 {
+                                        let block = offset / PAGE_SIZE % blocks;
+                                        crate::soft_virtio::submit(sys, dev, id, block, &data[..]);
+                                    }
+                                }
+                                None => disk_write(core, node, offset, &data[..]),
+                            }
                         }
                     }
                 }
@@ -693,6 +745,10 @@ fn vcpu_thread(core: &VmCore, id: u32) {
         }
         if idle {
             core.run.pause_while_running(Duration::from_millis(20));
+            continue;
+        }
+        if waiting {
+            core.run.pause_while_running(Duration::from_micros(100));
             continue;
         }
         if cfg.dirty_rate > 0 {
@@ -747,7 +803,10 @@ impl Machine for Vm {
 
     fn ram_blocks(&self) -> Vec<Arc<dyn RamBlock>> {
         match &self.core.kvm {
-            None => vec![self.core.ram.clone()],
+            None => std::iter::once(&self.core.ram)
+                .chain(self.core.sys.as_ref())
+                .map(|ram| ram.clone() as Arc<dyn RamBlock>)
+                .collect(),
             Some(kvm) => std::iter::once(&self.core.ram)
                 .chain(self.core.sys.as_ref())
                 .map(|ram| {
