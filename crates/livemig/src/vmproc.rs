@@ -141,7 +141,7 @@ pub fn run(mut args: VmArgs) -> Result<(), String> {
         nix::sys::prctl::set_name(&name).map_err(|e| format!("-name process={p}: {e}"))?;
     }
     // Drivers from other crates, before any -blockdev can name them.
-    nbd::register_driver();
+    nbd::register_driver(objects.clone());
     let block = Arc::new(BlockLayer::new());
     block.set_incoming(args.incoming.is_some());
     for spec in &args.blockdevs {

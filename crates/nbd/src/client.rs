@@ -6,6 +6,11 @@
 //! request and its reply, which is the driver's own lock and waits only for the server).
 //! Everything the server sends is checked: magic numbers, cookies, chunk lengths against the
 //! request, offsets inside the requested range.
+//!
+//! TLS as QEMU's client does it: with `tls-creds` (client credentials) the client asks for
+//! `NBD_OPT_STARTTLS` before any other option and runs the rest of the connection inside the
+//! session; the server's certificate must carry `tls-hostname` (by default the host of an
+//! inet address; no name check over a unix socket unless one is given).
 
 use crate::net::{SocketAddress, Stream};
 use crate::proto::{self, cflag, chunk, cmd, info, opt, rep, tflag, Cursor, ProtoError, Request};
@@ -13,7 +18,8 @@ use block::driver::{BlockDriver, DriverInfo, FilenameInfo};
 use block::{BlockError, BlockLayer, BlockNode};
 use nix::errno::Errno;
 use serde_json::{json, Map, Value};
-use std::io::{BufReader, BufWriter, Write};
+use std::io::{BufReader, BufWriter, Read, Write};
+use std::os::fd::AsFd;
 use std::sync::{Arc, Mutex, PoisonError};
 
 /// Largest option reply the client accepts.
@@ -29,18 +35,37 @@ pub struct Extent {
 }
 
 /// What to negotiate.
-#[derive(Debug, Clone, Default)]
+#[derive(Clone, Default)]
 pub struct ConnectOptions {
     /// Export name.
     pub export: String,
     /// Meta context to select (e.g. `qemu:dirty-bitmap:b0`), if any.
     pub meta_context: Option<String>,
+    /// TLS: the client credentials, and the name the server's certificate must carry.
+    pub tls: Option<(Arc<tls::TlsCreds>, Option<String>)>,
 }
+
+impl std::fmt::Debug for ConnectOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConnectOptions")
+            .field("export", &self.export)
+            .field("meta_context", &self.meta_context)
+            .field("tls", &self.tls.as_ref().map(|(_, host)| host))
+            .finish()
+    }
+}
+
+/// One direction of the connection: the socket, or the TLS session over it.
+type Reader = Box<dyn Read + Send>;
+/// See [`Reader`].
+type Writer = Box<dyn Write + Send>;
 
 /// A connected, negotiated NBD client.
 pub struct NbdClient {
-    r: BufReader<Stream>,
-    w: BufWriter<Stream>,
+    /// The socket itself (the TLS handshake and the writer's peer probe need it).
+    sock: Stream,
+    r: BufReader<Reader>,
+    w: BufWriter<Writer>,
     size: u64,
     flags: u16,
     structured: bool,
@@ -78,13 +103,16 @@ impl NbdClient {
             what: "connect",
             source,
         })?;
-        let rs = s.try_clone().map_err(|source| ProtoError::Io {
+        let io = |source| ProtoError::Io {
             what: "socket",
             source,
-        })?;
+        };
+        let rs = s.try_clone().map_err(io)?;
+        let ws = s.try_clone().map_err(io)?;
         let mut c = NbdClient {
-            r: BufReader::with_capacity(256 << 10, rs),
-            w: BufWriter::with_capacity(256 << 10, s),
+            sock: s,
+            r: BufReader::with_capacity(256 << 10, Box::new(rs)),
+            w: BufWriter::with_capacity(256 << 10, Box::new(ws)),
             size: 0,
             flags: 0,
             structured: false,
@@ -157,6 +185,14 @@ impl NbdClient {
 
     fn option_error(option: u32, r: &OptReply) -> ProtoError {
         let msg = String::from_utf8_lossy(&r.data);
+        if r.kind == rep::ERR_TLS_REQD {
+            // QEMU's words and hint: the server wants TLS and this client has no credentials.
+            return perr(format!(
+                "TLS negotiation required before option {option} ({}): {msg}; \
+                 did you forget a valid tls-creds?",
+                opt::name(option)
+            ));
+        }
         let what = match r.kind {
             rep::ERR_UNSUP => "unsupported",
             rep::ERR_POLICY => "denied by policy",
@@ -200,9 +236,22 @@ impl NbdClient {
         }
         self.send(&cflags.to_be_bytes())?;
 
+        if let Some((creds, hostname)) = &opts.tls {
+            self.start_tls(creds, hostname.as_deref())?;
+        }
+
         self.send_option(opt::STRUCTURED_REPLY, &[])?;
         let r = self.read_option_reply(opt::STRUCTURED_REPLY)?;
-        self.structured = r.kind == rep::ACK;
+        match r.kind {
+            rep::ACK => self.structured = true,
+            rep::ERR_UNSUP => self.structured = false,
+            k if rep::is_err(k) => return Err(Self::option_error(opt::STRUCTURED_REPLY, &r)),
+            k => {
+                return Err(perr(format!(
+                    "Unexpected reply type {k} to structured reply"
+                )))
+            }
+        }
 
         let name = opts.export.as_bytes();
         if name.len() > proto::MAX_STRING_SIZE as usize {
@@ -285,6 +334,46 @@ impl NbdClient {
         if self.size > i64::MAX as u64 {
             return Err(perr(format!("Export size {} is too large", self.size)));
         }
+        Ok(())
+    }
+
+    /// `NBD_OPT_STARTTLS`, then the handshake; the connection continues inside the session.
+    fn start_tls(
+        &mut self,
+        creds: &tls::TlsCreds,
+        hostname: Option<&str>,
+    ) -> Result<(), ProtoError> {
+        self.send_option(opt::STARTTLS, &[])?;
+        let r = self.read_option_reply(opt::STARTTLS)?;
+        match r.kind {
+            rep::ACK if r.data.is_empty() => {}
+            rep::ACK => return Err(perr("Server sent data with its STARTTLS reply".into())),
+            rep::ERR_UNSUP => {
+                // QEMU's words (sic).
+                let _ = self.send_option(opt::ABORT, &[]);
+                return Err(perr("Server don't support STARTTLS option".into()));
+            }
+            k if rep::is_err(k) => return Err(Self::option_error(opt::STARTTLS, &r)),
+            k => return Err(perr(format!("Unexpected reply type {k} to starttls"))),
+        }
+        if !self.r.buffer().is_empty() {
+            return Err(perr("the server sent data before the TLS handshake".into()));
+        }
+        let io = |source| ProtoError::Io {
+            what: "socket",
+            source,
+        };
+        let rs = self.sock.try_clone().map_err(io)?;
+        let ws = self.sock.try_clone().map_err(io)?;
+        let mut st = tls::connect(creds, hostname, rs, ws)
+            .map_err(|e| ProtoError::Protocol(e.to_string()))?;
+        let probe = match &self.sock {
+            Stream::Unix(s) => st.writer.set_peer_probe(s.as_fd()),
+            Stream::Tcp(s) => st.writer.set_peer_probe(s.as_fd()),
+        };
+        probe.map_err(io)?;
+        self.r = BufReader::with_capacity(256 << 10, Box::new(st.reader));
+        self.w = BufWriter::with_capacity(256 << 10, Box::new(st.writer));
         Ok(())
     }
 
@@ -618,6 +707,8 @@ pub struct NbdDriver {
     addr: SocketAddress,
     export: String,
     read_only: bool,
+    /// `tls-creds` and `tls-hostname` as given (they are part of the node's options).
+    tls_ids: Option<(String, Option<String>)>,
 }
 
 impl std::fmt::Debug for NbdDriver {
@@ -630,11 +721,18 @@ impl std::fmt::Debug for NbdDriver {
 }
 
 impl NbdDriver {
-    /// Connects to `export` at `addr`.
-    pub fn open(addr: SocketAddress, export: &str, read_only: bool) -> Result<Self, BlockError> {
+    /// Connects to `export` at `addr`, inside TLS when `tls` gives client credentials (and
+    /// the name the server's certificate must carry).
+    pub fn open(
+        addr: SocketAddress,
+        export: &str,
+        read_only: bool,
+        tls: Option<(Arc<tls::TlsCreds>, Option<String>)>,
+    ) -> Result<Self, BlockError> {
         let opts = ConnectOptions {
             export: export.to_string(),
             meta_context: None,
+            tls,
         };
         let c = NbdClient::connect(&addr, &opts)
             .map_err(|e| BlockError::Driver(format!("Failed to connect to '{addr}': {e}")))?;
@@ -647,12 +745,17 @@ impl NbdDriver {
             addr,
             export: export.to_string(),
             read_only,
+            tls_ids: None,
         })
     }
 
     /// Parses the `nbd` driver's `blockdev-add` members (`server`, `export`, and QEMU's
-    /// optional ones) and connects.
-    pub fn from_options(m: &Map<String, Value>, read_only: bool) -> Result<Self, BlockError> {
+    /// optional ones) and connects; `tls-creds` names client credentials in `objects`.
+    pub fn from_options(
+        m: &Map<String, Value>,
+        read_only: bool,
+        objects: &tls::Objects,
+    ) -> Result<Self, BlockError> {
         const KNOWN: &[&str] = &[
             "server",
             "export",
@@ -691,17 +794,38 @@ impl NbdDriver {
                 })
             }
         };
-        if m.get("tls-creds").is_some() {
-            return Err(BlockError::Unsupported(
-                "tls-creds is not supported by this nbd driver".into(),
-            ));
-        }
+        let string = |key: &str| match m.get(key) {
+            None => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s.clone())),
+            Some(_) => Err(BlockError::InvalidParameterType {
+                name: key.into(),
+                expected: "string".into(),
+            }),
+        };
+        let creds_id = string("tls-creds")?;
+        let hostname = string("tls-hostname")?;
+        let tls = match &creds_id {
+            // As QEMU: tls-hostname means nothing without tls-creds.
+            None => None,
+            Some(id) => {
+                let creds = objects
+                    .tls_creds(id, tls::Endpoint::Client)
+                    .map_err(|e| BlockError::Driver(e.to_string()))?;
+                let name = hostname.clone().or_else(|| match &addr {
+                    SocketAddress::Inet { host, .. } => Some(host.clone()),
+                    SocketAddress::Unix(_) => None,
+                });
+                Some((creds, name))
+            }
+        };
         if m.get("x-dirty-bitmap").is_some() {
             return Err(BlockError::Unsupported(
                 "x-dirty-bitmap is not supported by this nbd driver".into(),
             ));
         }
-        Self::open(addr, &export, read_only)
+        let mut d = Self::open(addr, &export, read_only, tls)?;
+        d.tls_ids = creds_id.map(|c| (c, hostname));
+        Ok(d)
     }
 
     fn with<R>(
@@ -766,6 +890,12 @@ impl BlockDriver for NbdDriver {
         options.insert("driver".into(), json!("nbd"));
         options.insert("server".into(), self.addr.to_json());
         options.insert("export".into(), json!(self.export));
+        if let Some((creds, hostname)) = &self.tls_ids {
+            options.insert("tls-creds".into(), json!(creds));
+            if let Some(h) = hostname {
+                options.insert("tls-hostname".into(), json!(h));
+            }
+        }
         let _ = self.read_only;
         FilenameInfo {
             exact: Some(exact),
@@ -787,12 +917,13 @@ impl Drop for NbdDriver {
     }
 }
 
-/// Registers the `nbd` driver with the block layer, so `blockdev-add` can open it.
-pub fn register_driver() {
+/// Registers the `nbd` driver with the block layer, so `blockdev-add` can open it; its
+/// `tls-creds` are looked up in `objects` (the process's `-object`/`object-add` objects).
+pub fn register_driver(objects: Arc<tls::Objects>) {
     BlockLayer::register_driver(
         "nbd",
-        Arc::new(|m: &Map<String, Value>, read_only: bool| {
-            Ok(Box::new(NbdDriver::from_options(m, read_only)?) as Box<dyn BlockDriver>)
+        Arc::new(move |m: &Map<String, Value>, read_only: bool| {
+            Ok(Box::new(NbdDriver::from_options(m, read_only, &objects)?) as Box<dyn BlockDriver>)
         }),
     );
 }

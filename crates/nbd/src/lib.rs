@@ -12,7 +12,7 @@
 //! `qemu-nbd`.
 //!
 //! TLS: the server takes `tls-creds`/`tls-authz` (`NBD_OPT_STARTTLS` first, as QEMU's server
-//! requires); the client (the `nbd` driver) still refuses `tls-creds`.
+//! requires); the client (the `nbd` driver) takes `tls-creds`/`tls-hostname` as QEMU's does.
 //!
 //! Not implemented: `NBD_OPT_EXTENDED_HEADERS`, `qemu:allocation-depth`, real
 //! allocation in `base:allocation` (every extent reads as data), reconnection.

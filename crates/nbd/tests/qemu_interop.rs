@@ -231,6 +231,7 @@ fn our_client_reads_and_writes_a_qemu_nbd_export() {
             &ConnectOptions {
                 export: "disk".into(),
                 meta_context: Some("base:allocation".into()),
+                tls: None,
             },
         )
         .unwrap();
@@ -255,7 +256,7 @@ fn our_client_reads_and_writes_a_qemu_nbd_export() {
         assert!(c.read_at(SIZE - 1, &mut [0u8; 2]).is_err());
         c.disconnect();
         // Through the block driver, as blockdev-add opens it.
-        nbd::register_driver();
+        nbd::register_driver(std::sync::Arc::new(tls::Objects::new()));
         let l = BlockLayer::new();
         let n = l
             .blockdev_add(&json!({"driver": "nbd", "node-name": "q",

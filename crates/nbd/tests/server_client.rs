@@ -49,6 +49,7 @@ fn connect(addr: &SocketAddress, export: &str, ctx: Option<&str>) -> NbdClient {
         &ConnectOptions {
             export: export.into(),
             meta_context: ctx.map(str::to_string),
+            tls: None,
         },
     )
     .unwrap()
@@ -291,6 +292,7 @@ fn dirty_bitmap_and_allocation_contexts() {
         &ConnectOptions {
             export: "disk".into(),
             meta_context: Some("qemu:dirty-bitmap:nope".into()),
+            tls: None,
         },
     )
     .unwrap_err();
@@ -384,6 +386,7 @@ fn negotiation_errors_and_listing() {
         &ConnectOptions {
             export: "nope".into(),
             meta_context: None,
+            tls: None,
         },
     )
     .unwrap_err();
@@ -511,7 +514,7 @@ fn hostile_clients_do_not_hurt_the_server() {
 
 #[test]
 fn blockdev_add_nbd_driver_reaches_the_export() {
-    nbd::register_driver();
+    nbd::register_driver(Arc::new(tls::Objects::new()));
     let dir = tempfile::tempdir().unwrap();
     let l = layer_with_file(dir.path());
     let sock = dir.path().join("nbd.sock");
@@ -635,6 +638,7 @@ fn a_hostile_server_gets_errors_not_panics() {
             &ConnectOptions {
                 export: "disk".into(),
                 meta_context: None,
+                tls: None,
             },
         );
         assert!(r.is_err());

@@ -53,7 +53,7 @@ pub struct Monitor {
 impl Monitor {
     /// Builds the table of command sets over `app`; commands fail until then.
     pub fn set_app(&self, app: Arc<App>) {
-        nbd::register_driver();
+        nbd::register_driver(app.objects.clone());
         let events = app.events.clone();
         let jobs = blockjob::JobManager::new(
             app.block.clone(),

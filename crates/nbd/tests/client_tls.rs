@@ -1,0 +1,271 @@
+//! The `nbd` block driver with `tls-creds`, as `blockdev-add` opens it: data both ways inside
+//! TLS against our own server and against QEMU 7.2's `qemu-nbd`; and each way it can go wrong
+//! — no credentials for a server that requires TLS, credentials for a server without TLS, a
+//! wrong hostname, a wrong CA, credentials that do not exist or are for the server end — fails
+//! `blockdev-add` with an error that says which. Certificates are made by the test.
+
+use block::{BlockLayer, BlockNode};
+use nbd::{ExportConfig, NbdServer, SocketAddress};
+use serde_json::{json, Value};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use testkit::pki::{Ca, Subject};
+
+const SIZE: u64 = 4 << 20;
+
+/// Client and server credentials from one CA, and a client's from another.
+fn pki(dir: &Path) {
+    let ca = Ca::new("nbd client test CA");
+    ca.write_server(
+        &dir.join("srv"),
+        &Subject::new("nbd.example.org", &["127.0.0.1"]),
+    );
+    ca.write_client(&dir.join("cli"), &Subject::new("client.example.org", &[]));
+    Ca::new("another CA")
+        .write_client(&dir.join("other"), &Subject::new("client.example.org", &[]));
+}
+
+fn objects(dir: &Path) -> Arc<tls::Objects> {
+    let o = Arc::new(tls::Objects::new());
+    for (id, sub, end) in [
+        ("srv", "srv", "server"),
+        ("cli", "cli", "client"),
+        ("other", "other", "client"),
+    ] {
+        o.object_add_cmdline(&format!(
+            "tls-creds-x509,id={id},endpoint={end},dir={}",
+            dir.join(sub).display()
+        ))
+        .unwrap();
+    }
+    o
+}
+
+fn nbd_node(
+    layer: &BlockLayer,
+    name: &str,
+    port: u16,
+    extra: Value,
+) -> Result<Arc<BlockNode>, String> {
+    let mut o = json!({"driver": "nbd", "node-name": name, "export": "disk",
+        "server": {"type": "inet", "host": "127.0.0.1", "port": port.to_string()}});
+    for (k, v) in extra.as_object().unwrap() {
+        o[k] = v.clone();
+    }
+    layer.blockdev_add(&o).map_err(|e| e.to_string())
+}
+
+/// Starts our server on an ephemeral port, with `tls` credentials or none, exporting a raw
+/// image `disk`; returns it, the port and the image's path.
+fn our_server(dir: &Path, objects: &Arc<tls::Objects>, tls: Option<&str>) -> (NbdServer, u16) {
+    let img = dir.join(format!("ours-{}.img", tls.unwrap_or("plain")));
+    std::fs::write(&img, vec![0u8; SIZE as usize]).unwrap();
+    let l = Arc::new(BlockLayer::new());
+    l.blockdev_add(&json!({"driver": "raw", "node-name": "d0",
+        "file": {"driver": "file", "filename": img.to_str().unwrap()}}))
+        .unwrap();
+    let server = NbdServer::new();
+    server.set_tls_objects(objects.clone());
+    server
+        .start_with_tls(
+            &SocketAddress::Inet {
+                host: "127.0.0.1".into(),
+                port: "0".into(),
+            },
+            0,
+            tls,
+            None,
+        )
+        .unwrap();
+    let port = match server.address() {
+        Some(SocketAddress::Inet { port, .. }) => port.parse().unwrap(),
+        other => panic!("{other:?}"),
+    };
+    server
+        .add(
+            l.node("d0").unwrap(),
+            ExportConfig {
+                id: "disk".into(),
+                name: "disk".into(),
+                description: None,
+                writable: true,
+                bitmap: None,
+                bitmap_node: None,
+            },
+        )
+        .unwrap();
+    (server, port)
+}
+
+#[test]
+fn nbd_driver_over_tls_and_its_refusals() {
+    let tmp = testkit::tempdir();
+    let dir = tmp.path();
+    pki(dir);
+    let objects = objects(dir);
+    nbd::register_driver(objects.clone());
+    let layer = BlockLayer::new();
+
+    let (tls_server, port) = our_server(dir, &objects, Some("srv"));
+    // Inside TLS; tls-hostname defaults to the inet host, which the certificate carries.
+    let n = nbd_node(&layer, "n0", port, json!({"tls-creds": "cli"})).unwrap();
+    assert_eq!(n.size().unwrap(), SIZE);
+    n.write_at(8192, b"inside TLS").unwrap();
+    let mut got = [0u8; 10];
+    n.read_at(8192, &mut got).unwrap();
+    assert_eq!(&got, b"inside TLS");
+    let img = std::fs::read(dir.join("ours-srv.img")).unwrap();
+    assert_eq!(&img[8192..8202], b"inside TLS");
+    // As QEMU names an nbd node, TLS or not.
+    assert_eq!(n.filename(), format!("nbd://127.0.0.1:{port}/disk"));
+
+    // Without credentials, the server says TLS is required, in QEMU's words.
+    let e = nbd_node(&layer, "n1", port, json!({})).unwrap_err();
+    assert!(
+        e.contains("TLS negotiation required before option 8 (structured reply)"),
+        "{e}"
+    );
+    // A name the server's certificate does not carry.
+    let e = nbd_node(
+        &layer,
+        "n2",
+        port,
+        json!({"tls-creds": "cli", "tls-hostname": "other.example.org"}),
+    )
+    .unwrap_err();
+    assert!(
+        e.contains("Certificate does not match the hostname other.example.org"),
+        "{e}"
+    );
+    // A CA that did not sign the server's certificate.
+    let e = nbd_node(&layer, "n3", port, json!({"tls-creds": "other"})).unwrap_err();
+    assert!(
+        e.contains("The certificate hasn't got a known issuer"),
+        "{e}"
+    );
+    // Credentials that are not there, or are the server's.
+    let e = nbd_node(&layer, "n4", port, json!({"tls-creds": "nope"})).unwrap_err();
+    assert_eq!(e, "No TLS credentials with id 'nope'");
+    let e = nbd_node(&layer, "n5", port, json!({"tls-creds": "srv"})).unwrap_err();
+    assert_eq!(e, "Expected TLS credentials for a client endpoint");
+    let e = nbd_node(&layer, "n6", port, json!({"tls-creds": 7})).unwrap_err();
+    assert!(e.contains("tls-creds"), "{e}");
+    // The server's connections after all this: the good node still works.
+    n.read_at(8192, &mut got).unwrap();
+    assert_eq!(&got, b"inside TLS");
+    drop(n);
+    layer.blockdev_del("n0").unwrap();
+    tls_server.stop().unwrap();
+
+    // A server without TLS refuses STARTTLS; nothing goes out in plaintext.
+    let (plain, port) = our_server(dir, &objects, None);
+    let e = nbd_node(&layer, "n7", port, json!({"tls-creds": "cli"})).unwrap_err();
+    assert!(e.contains("starttls"), "{e}");
+    assert!(e.contains("TLS not configured"), "{e}");
+    plain.stop().unwrap();
+}
+
+struct Killed(Child);
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[test]
+fn nbd_driver_over_tls_to_qemu_nbd() {
+    if !testkit::require(
+        "nbd_driver_over_tls_to_qemu_nbd",
+        testkit::programs(&["qemu-nbd", "qemu-img"]),
+    ) {
+        return;
+    }
+    let tmp = testkit::tempdir();
+    let dir = tmp.path();
+    pki(dir);
+    let img = dir.join("q.qcow2");
+    let ok = Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", img.to_str().unwrap(), "4M"])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok);
+    let port = free_port();
+    let child = Command::new("qemu-nbd")
+        .args([
+            "--object",
+            &format!(
+                "tls-creds-x509,id=t0,endpoint=server,dir={}",
+                dir.join("srv").display()
+            ),
+            "--tls-creds",
+            "t0",
+            "-f",
+            "qcow2",
+            "-x",
+            "disk",
+            "-b",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "--persistent",
+            "--shared=4",
+            img.to_str().unwrap(),
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let _qemu_nbd = Killed(child);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "qemu-nbd did not listen");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    let objects = objects(dir);
+    nbd::register_driver(objects);
+    let layer = BlockLayer::new();
+    let n = nbd_node(&layer, "q0", port, json!({"tls-creds": "cli"})).unwrap();
+    assert_eq!(n.size().unwrap(), SIZE);
+    n.write_at(65536, &[0xa5; 4096]).unwrap();
+    n.flush().unwrap();
+    let mut back = vec![0u8; 4096];
+    n.read_at(65536, &mut back).unwrap();
+    assert!(back.iter().all(|&b| b == 0xa5));
+    // QEMU's server without credentials on our side: it requires TLS.
+    let e = nbd_node(&layer, "q1", port, json!({})).unwrap_err();
+    assert!(e.contains("TLS negotiation required before option"), "{e}");
+    drop(n);
+    layer.blockdev_del("q0").unwrap();
+    drop(_qemu_nbd);
+
+    // What the node wrote is in the image, as QEMU reads it.
+    let out = Command::new("qemu-io")
+        .args([
+            "-f",
+            "qcow2",
+            "-c",
+            "read -P 0xa5 64k 4k",
+            img.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && !text.contains("Pattern verification failed"),
+        "{text}"
+    );
+}
