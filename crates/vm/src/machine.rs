@@ -519,8 +519,10 @@ impl Vm {
     }
 
     /// A 128-bit hash of all guest RAM, as hex (compare source and destination with the guest
-    /// stopped).
+    /// stopped). A running guest's vCPUs are held for the walk, so the hash is of one moment's
+    /// RAM.
     pub fn ram_checksum(&self) -> String {
+        let _hold = self.core.run.hold();
         let region = self.core.ram.guest_region();
         let mut h = xxhash_rust::xxh3::Xxh3::new();
         let mut buf = vec![0u8; 1 << 20];
@@ -536,7 +538,11 @@ impl Vm {
     }
 
     /// Checks every page of RAM: zero, or a complete workload page at its own address.
+    ///
+    /// The vCPUs are held for the walk (the guest stays `running`, no events): a page read while
+    /// a vCPU rewrites it would be half old, half new, and look corrupt when it is not.
     pub fn verify_ram(&self) -> RamReport {
+        let _hold = self.core.run.hold();
         let region = self.core.ram.guest_region();
         let mut report = RamReport::default();
         let mut page = vec![0u8; PAGE_SIZE as usize];

@@ -8,6 +8,11 @@
 //! It also holds the vCPU throttle that `auto-converge` sets ([`RunControl::set_throttle`]):
 //! running vCPUs pass a [`RunControl::throttle_point`] between batches of guest work and sleep
 //! there their share of off-CPU time, as QEMU's cpu-throttle makes its vCPUs do.
+//!
+//! [`RunControl::hold`] parks the vCPUs the same way without leaving the run state (QEMU's
+//! `pause_all_vcpus`): a running guest stays `running`, no STOP/RESUME events, and its vCPUs
+//! carry on when the hold ends. Reading all of guest memory consistently from a running guest
+//! (`x-livemig-verify-ram`) needs exactly that.
 
 use migration::runstate::RunState;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
@@ -24,6 +29,31 @@ struct Ctl {
     parked: usize,
     vcpus: usize,
     quit: bool,
+    /// Live [`Hold`]s: while any is, vCPUs stay parked even in `Running`.
+    holds: usize,
+}
+
+impl Ctl {
+    /// Whether vCPUs may run now.
+    fn may_run(&self) -> bool {
+        self.state == RunState::Running && self.holds == 0 && !self.quit
+    }
+}
+
+/// vCPUs parked by [`RunControl::hold`]; they may run again (if the machine still runs) when
+/// every hold is dropped.
+#[must_use = "the vCPUs run again as soon as the hold is dropped"]
+pub struct Hold<'a> {
+    rc: &'a RunControl,
+}
+
+impl Drop for Hold<'_> {
+    fn drop(&mut self) {
+        let mut c = self.rc.lock();
+        c.holds -= 1;
+        self.rc.running.store(c.may_run(), Ordering::Release);
+        self.rc.cond.notify_all();
+    }
 }
 
 /// The run state and the vCPU gate.
@@ -54,6 +84,7 @@ impl RunControl {
                 parked: vcpus,
                 vcpus,
                 quit: false,
+                holds: 0,
             }),
             cond: Condvar::new(),
             running: AtomicBool::new(false),
@@ -80,7 +111,7 @@ impl RunControl {
         let mut c = self.lock();
         let was = c.state == RunState::Running;
         c.state = RunState::Running;
-        self.running.store(true, Ordering::Release);
+        self.running.store(c.may_run(), Ordering::Release);
         self.cond.notify_all();
         !was
     }
@@ -97,6 +128,21 @@ impl RunControl {
             c = self.cond.wait(c).unwrap_or_else(|p| p.into_inner());
         }
         was
+    }
+
+    /// Parks every vCPU without changing the run state, and returns once all are parked: guest
+    /// memory does not change (through the vCPUs) while the returned [`Hold`] lives. Holds
+    /// nest, and `stop`/`start` under a hold change the state only: the vCPUs stay parked
+    /// until the last hold ends.
+    pub fn hold(&self) -> Hold<'_> {
+        let mut c = self.lock();
+        c.holds += 1;
+        self.running.store(false, Ordering::Release);
+        self.cond.notify_all();
+        while c.parked < c.vcpus {
+            c = self.cond.wait(c).unwrap_or_else(|p| p.into_inner());
+        }
+        Hold { rc: self }
     }
 
     /// Sets the state of a stopped machine.
@@ -117,7 +163,7 @@ impl RunControl {
             if c.quit {
                 return Gate::Quit;
             }
-            if c.state == RunState::Running {
+            if c.may_run() {
                 c.parked -= 1;
                 return Gate::Run;
             }
@@ -139,7 +185,7 @@ impl RunControl {
     /// Sleeps up to `d` while running; returns early when the machine stops or quits.
     pub fn pause_while_running(&self, d: Duration) {
         let c = self.lock();
-        if c.state == RunState::Running && !c.quit {
+        if c.may_run() {
             let _ = self.cond.wait_timeout(c, d);
         }
     }
@@ -161,7 +207,7 @@ impl RunControl {
     /// run slice began. Once the slice is [`THROTTLE_SLICE`] or longer and a throttle of
     /// `p` % is in force, it sleeps `slice × p / (100 − p)` — so the vCPU runs `100 − p` % of
     /// the time — and starts a new slice. The sleep ends early when the machine stops or
-    /// quits, or the throttle is lifted. Returns how long it slept.
+    /// quits or is held, or the throttle is lifted. Returns how long it slept.
     pub fn throttle_point(&self, slice_start: &mut Instant) -> Duration {
         let pct = self.throttle();
         if pct == 0 {
@@ -178,7 +224,7 @@ impl RunControl {
         let mut c = self.lock();
         loop {
             let now = Instant::now();
-            if now >= until || c.quit || c.state != RunState::Running || self.throttle() == 0 {
+            if now >= until || !c.may_run() || self.throttle() == 0 {
                 break;
             }
             c = self
@@ -206,6 +252,7 @@ mod tests {
     use super::*;
     use std::sync::atomic::AtomicU64;
     use std::sync::Arc;
+    use std::thread::JoinHandle;
 
     #[test]
     fn stop_waits_for_every_vcpu_to_park() {
@@ -296,6 +343,76 @@ mod tests {
             }
             let slept = t.join().unwrap();
             assert!(slept < Duration::from_secs(5), "lift={lift}: {slept:?}");
+        }
+    }
+
+    /// vCPU threads as the machine runs them: a counter of steps each.
+    fn spawn_vcpus(rc: &Arc<RunControl>, n: usize) -> (Arc<AtomicU64>, Vec<JoinHandle<()>>) {
+        let counter = Arc::new(AtomicU64::new(0));
+        let threads = (0..n)
+            .map(|_| {
+                let rc = rc.clone();
+                let counter = counter.clone();
+                std::thread::spawn(move || {
+                    if rc.gate() == Gate::Quit {
+                        return;
+                    }
+                    loop {
+                        if !rc.is_running() && rc.park() == Gate::Quit {
+                            return;
+                        }
+                        counter.fetch_add(1, Ordering::Relaxed);
+                    }
+                })
+            })
+            .collect();
+        (counter, threads)
+    }
+
+    fn runs_on(counter: &AtomicU64) {
+        let from = counter.load(Ordering::Relaxed);
+        while counter.load(Ordering::Relaxed) < from + 1000 {
+            std::thread::yield_now();
+        }
+    }
+
+    fn frozen(counter: &AtomicU64) {
+        let at = counter.load(Ordering::Relaxed);
+        std::thread::sleep(Duration::from_millis(20));
+        assert_eq!(
+            counter.load(Ordering::Relaxed),
+            at,
+            "a vCPU ran under a hold"
+        );
+    }
+
+    #[test]
+    fn hold_parks_the_vcpus_and_keeps_the_state() {
+        let rc = Arc::new(RunControl::new(RunState::Prelaunch, 2));
+        let (counter, threads) = spawn_vcpus(&rc, 2);
+        rc.start();
+        runs_on(&counter);
+        {
+            let _hold = rc.hold();
+            assert_eq!(rc.state(), RunState::Running);
+            frozen(&counter);
+            // Nested holds; stop and start under a hold change the state, not the vCPUs.
+            let inner = rc.hold();
+            assert!(rc.stop(RunState::Paused));
+            assert!(rc.start());
+            drop(inner);
+            frozen(&counter);
+            assert_eq!(rc.state(), RunState::Running);
+        }
+        runs_on(&counter);
+        // A hold on a stopped machine leaves it stopped when it ends.
+        rc.stop(RunState::Paused);
+        drop(rc.hold());
+        frozen(&counter);
+        assert_eq!(rc.state(), RunState::Paused);
+        rc.quit();
+        for t in threads {
+            t.join().unwrap();
         }
     }
 }

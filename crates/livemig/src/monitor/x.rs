@@ -5,6 +5,7 @@
 use super::App;
 use migration::machine::Machine;
 use migration::runstate::RunState;
+use migration::MigrationStatus;
 use qmp::{Args, CommandSet, QmpError, Reply};
 use serde_json::{json, Value};
 use std::sync::Arc;
@@ -51,6 +52,18 @@ impl CommandSet for LivemigCommands {
         let v = match name {
             "x-livemig-ram-checksum" => json!({ "checksum": vm.ram_checksum() }),
             "x-livemig-verify-ram" => {
+                // The vCPUs are held for the walk (`Vm::verify_ram`), but an incoming
+                // precopy writes pages without them (a page read mid-copy looks torn). A
+                // postcopy-active destination is fine: its pages are placed whole, and the
+                // walk waits for those it touches (a paused one is refused above).
+                let incoming = self.app.mig.incoming_status();
+                if matches!(incoming, MigrationStatus::Setup | MigrationStatus::Active) {
+                    return Err(QmpError::generic(format!(
+                        "x-livemig-verify-ram: an incoming migration is loading guest RAM \
+                         (status {}); verify it once the migration has completed",
+                        incoming.as_str()
+                    )));
+                }
                 let r = vm.verify_ram();
                 json!({
                     "valid": r.valid,
