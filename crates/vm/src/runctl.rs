@@ -257,23 +257,7 @@ mod tests {
     #[test]
     fn stop_waits_for_every_vcpu_to_park() {
         let rc = Arc::new(RunControl::new(RunState::Prelaunch, 2));
-        let counter = Arc::new(AtomicU64::new(0));
-        let mut threads = vec![];
-        for _ in 0..2 {
-            let rc = rc.clone();
-            let counter = counter.clone();
-            threads.push(std::thread::spawn(move || {
-                if rc.gate() == Gate::Quit {
-                    return;
-                }
-                loop {
-                    if !rc.is_running() && rc.park() == Gate::Quit {
-                        return;
-                    }
-                    counter.fetch_add(1, Ordering::Relaxed);
-                }
-            }));
-        }
+        let (counter, threads) = spawn_vcpus(&rc, 2);
         assert!(rc.start());
         while counter.load(Ordering::Relaxed) < 1000 {
             std::thread::yield_now();
