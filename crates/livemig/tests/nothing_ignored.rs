@@ -245,3 +245,327 @@ fn options_with_nothing_to_leave_out_change_nothing_as_in_qemu() {
     );
     assert_eq!(plain, quieted, "QEMU's -M none changes with these options");
 }
+
+/// Asserts that `file` (under this crate's `tests/`) contains `what`: a test named as the proof
+/// that an option acts must exist.
+fn cited(file: &str, what: &str) {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests")
+        .join(file);
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{file}: {e}"));
+    assert!(text.contains(what), "{file} has no {what}");
+}
+
+/// The capabilities livemig implements, each with the test (file, what to find there) that
+/// shows it changing what a user sees.
+const ACTING_CAPS: &[(&str, &str, &str)] = &[
+    // MIGRATION events on the destination only once turned on.
+    (
+        "events",
+        "incoming_caps.rs",
+        "a_destination_takes_capabilities_while_listening_and_loading_and_they_act",
+    ),
+    (
+        "postcopy-ram",
+        "postcopy.rs",
+        "the_destination_guest_runs_on_pages_it_pulls",
+    ),
+    (
+        "postcopy-blocktime",
+        "postcopy.rs",
+        "assert!(q[\"postcopy-blocktime\"].is_u64()",
+    ),
+    (
+        "postcopy-preempt",
+        "postcopy.rs",
+        "every page sent on the preempt channel was read there",
+    ),
+    // The source fails when the destination closes the return path before its SHUT.
+    (
+        "return-path",
+        "fault_matrix.rs",
+        "the destination closed the return path before reporting success",
+    ),
+    (
+        "pause-before-switchover",
+        "switchover.rs",
+        "pause_before_switchover_waits_for_migrate_continue",
+    ),
+    (
+        "dirty-bitmaps",
+        "migrate.rs",
+        "m_none_machines_migrate_ram_and_bitmaps",
+    ),
+    (
+        "late-block-activate",
+        "late_block_activate.rs",
+        "late_block_activate_keeps_a_paused_destinations_disks_inactive_until_cont",
+    ),
+];
+
+/// QEMU 7.2's capabilities, in `query-migrate-capabilities` order.
+const QEMU_CAPS: &[&str] = &[
+    "xbzrle",
+    "rdma-pin-all",
+    "auto-converge",
+    "zero-blocks",
+    "compress",
+    "events",
+    "postcopy-ram",
+    "x-colo",
+    "release-ram",
+    "block",
+    "return-path",
+    "pause-before-switchover",
+    "multifd",
+    "dirty-bitmaps",
+    "postcopy-blocktime",
+    "late-block-activate",
+    "x-ignore-shared",
+    "validate-uuid",
+    "background-snapshot",
+    "zero-copy-send",
+    "postcopy-preempt",
+];
+
+/// Every capability `query-migrate-capabilities` lists either acts (the test that shows it is
+/// named in [`ACTING_CAPS`], and checked to exist) or is refused when turned on, with nothing
+/// changed.
+#[test]
+fn every_capability_acts_or_is_refused() {
+    let dir = tempdir();
+    let mut a = Lm::start(dir.path(), "a", &["-M", "none", "-m", "16M"]);
+    let listed: Vec<String> = a
+        .ok("query-migrate-capabilities", json!({}))
+        .as_array()
+        .expect("a list")
+        .iter()
+        .map(|c| {
+            assert_eq!(c["state"], false, "off by default: {c}");
+            c["capability"].as_str().unwrap_or_default().to_string()
+        })
+        .collect();
+    assert_eq!(listed, QEMU_CAPS);
+    for cap in QEMU_CAPS {
+        let on = json!({"capabilities": [{"capability": cap, "state": true}]});
+        match ACTING_CAPS.iter().find(|(c, _, _)| c == cap) {
+            Some((_, file, what)) => {
+                cited(file, what);
+                // postcopy-preempt is refused without postcopy-ram, in QEMU's words.
+                let needs = (*cap == "postcopy-preempt").then_some("postcopy-ram");
+                if let Some(first) = needs {
+                    assert_eq!(
+                        a.err("migrate-set-capabilities", on.clone()),
+                        "Postcopy preempt requires postcopy-ram"
+                    );
+                    let both = json!({"capabilities": [
+                        {"capability": first, "state": true},
+                        {"capability": cap, "state": true},
+                    ]});
+                    a.ok("migrate-set-capabilities", both);
+                } else {
+                    a.ok("migrate-set-capabilities", on);
+                }
+                let caps = a.ok("query-migrate-capabilities", json!({}));
+                let on_now: Vec<&str> = caps
+                    .as_array()
+                    .expect("a list")
+                    .iter()
+                    .filter(|c| c["state"] == true)
+                    .filter_map(|c| c["capability"].as_str())
+                    .collect();
+                let mut want = vec![*cap];
+                want.extend(needs);
+                want.sort_unstable();
+                let mut on_sorted = on_now.clone();
+                on_sorted.sort_unstable();
+                assert_eq!(on_sorted, want, "{cap} on");
+                let off = json!({"capabilities": [
+                    {"capability": cap, "state": false},
+                    {"capability": needs.unwrap_or(cap), "state": false},
+                ]});
+                a.ok("migrate-set-capabilities", off);
+            }
+            None => {
+                assert_eq!(
+                    a.err("migrate-set-capabilities", on),
+                    format!("Capability '{cap}' is not supported by livemig"),
+                );
+                let caps = a.ok("query-migrate-capabilities", json!({}));
+                assert!(
+                    caps.as_array()
+                        .expect("a list")
+                        .iter()
+                        .all(|c| c["state"] == false),
+                    "{cap} refused yet on: {caps}"
+                );
+            }
+        }
+    }
+}
+
+/// What each migration parameter does in livemig.
+enum Does {
+    /// Acts; the test (file, what to find there) that shows it.
+    Acts(&'static str, &'static str),
+    /// Configures this capability, which is refused, so it can change nothing.
+    Configures(&'static str),
+    /// Times something QEMU's `-M none` does not have either (NIC self-announcements).
+    NothingToTime,
+}
+
+/// Every QEMU 7.2 migration parameter, with what it does and a valid value other than its
+/// default.
+fn params() -> Vec<(&'static str, Does, Value)> {
+    use Does::*;
+    let tls = Acts("qemu_tls.rs", "tls_qemu_to_livemig_to_qemu");
+    vec![
+        ("announce-initial", NothingToTime, json!(60)),
+        ("announce-max", NothingToTime, json!(600)),
+        ("announce-rounds", NothingToTime, json!(6)),
+        ("announce-step", NothingToTime, json!(110)),
+        ("compress-level", Configures("compress"), json!(2)),
+        ("compress-threads", Configures("compress"), json!(4)),
+        ("compress-wait-thread", Configures("compress"), json!(false)),
+        ("decompress-threads", Configures("compress"), json!(3)),
+        (
+            "throttle-trigger-threshold",
+            Configures("auto-converge"),
+            json!(60),
+        ),
+        (
+            "cpu-throttle-initial",
+            Configures("auto-converge"),
+            json!(30),
+        ),
+        (
+            "cpu-throttle-increment",
+            Configures("auto-converge"),
+            json!(15),
+        ),
+        (
+            "cpu-throttle-tailslow",
+            Configures("auto-converge"),
+            json!(true),
+        ),
+        ("tls-creds", tls, json!("creds0")),
+        (
+            "tls-hostname",
+            Acts("qemu_tls.rs", "tls-hostname"),
+            json!("host0"),
+        ),
+        (
+            "tls-authz",
+            Acts("qemu_tls.rs", "tls-authz"),
+            json!("authz0"),
+        ),
+        (
+            "max-bandwidth",
+            Acts(
+                "migrate.rs",
+                "max_bandwidth_caps_the_rate_and_can_be_raised_mid_migration",
+            ),
+            json!(1 << 20),
+        ),
+        (
+            "downtime-limit",
+            Acts(
+                "nothing_ignored.rs",
+                "fn downtime_limit_decides_when_to_switch_over",
+            ),
+            json!(1234),
+        ),
+        ("x-checkpoint-delay", Configures("x-colo"), json!(1000)),
+        ("block-incremental", Configures("block"), json!(true)),
+        ("multifd-channels", Configures("multifd"), json!(4)),
+        ("xbzrle-cache-size", Configures("xbzrle"), json!(1 << 20)),
+        (
+            "max-postcopy-bandwidth",
+            Acts("postcopy.rs", "\"max-postcopy-bandwidth\": 8 << 20"),
+            json!(1 << 20),
+        ),
+        ("max-cpu-throttle", Configures("auto-converge"), json!(50)),
+        ("multifd-compression", Configures("multifd"), json!("zlib")),
+        ("multifd-zlib-level", Configures("multifd"), json!(5)),
+        ("multifd-zstd-level", Configures("multifd"), json!(5)),
+        (
+            "block-bitmap-mapping",
+            Acts("qemu_mapping.rs", "qemu_mapping_qemu_to_livemig"),
+            json!([]),
+        ),
+    ]
+}
+
+/// Every parameter `query-migrate-parameters` lists is taken and reported back as QEMU does,
+/// and either acts (the test that shows it is named, and checked to exist), configures a
+/// capability that is refused, or times NIC announcements, which a machine without NICs
+/// (QEMU's `-M none` too) never sends.
+#[test]
+fn every_parameter_acts_or_feeds_a_refused_capability() {
+    let dir = tempdir();
+    let mut a = Lm::start(dir.path(), "a", &["-M", "none", "-m", "16M"]);
+    let reported = a.ok("query-migrate-parameters", json!({}));
+    let names: Vec<&str> = reported
+        .as_object()
+        .expect("an object")
+        .keys()
+        .map(String::as_str)
+        .collect();
+    let table = params();
+    // As in QEMU, block-bitmap-mapping is listed only once it has been set.
+    let mut expected: Vec<&str> = table
+        .iter()
+        .map(|(n, _, _)| *n)
+        .filter(|n| *n != "block-bitmap-mapping")
+        .collect();
+    let mut got = names.clone();
+    expected.sort_unstable();
+    got.sort_unstable();
+    assert_eq!(got, expected, "the parameters listed");
+    for (name, does, value) in &table {
+        match does {
+            Does::Acts(file, what) => cited(file, what),
+            Does::Configures(cap) => {
+                let on = json!({"capabilities": [{"capability": cap, "state": true}]});
+                assert_eq!(
+                    a.err("migrate-set-capabilities", on),
+                    format!("Capability '{cap}' is not supported by livemig"),
+                    "{name} configures {cap}"
+                );
+            }
+            Does::NothingToTime => {}
+        }
+        a.set_params(json!({ *name: value.clone() }));
+        let now = a.ok("query-migrate-parameters", json!({}));
+        assert_eq!(&now[*name], value, "{name} reported back");
+    }
+}
+
+/// `downtime-limit` decides when the source stops the guest to switch over: with 1 ms nothing
+/// a busy guest leaves fits, so the migration goes on pass after pass; raised, it completes.
+#[test]
+fn downtime_limit_decides_when_to_switch_over() {
+    let dir = tempdir();
+    let uri = unix_uri(dir.path(), "mig");
+    let mut dst = Lm::destination(dir.path(), "dst", &uri);
+    let mut src = Lm::source(dir.path(), "src", "fill=16M,hot=8M,dirty-rate=0");
+    src.wait_filled();
+    src.set_params(json!({"downtime-limit": 1, "max-bandwidth": 64 << 20}));
+    src.migrate(&uri);
+    src.wait_migration(&["active"]);
+    // Several passes (the fill alone takes one) and still active.
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        let q = src.ok("query-migrate", json!({}));
+        assert_eq!(q["status"], "active", "switched over within 1 ms? {q}");
+        if q["ram"]["dirty-sync-count"].as_u64().unwrap_or(0) >= 4 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no passes: {q}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    src.set_params(json!({"downtime-limit": 2_000_000}));
+    src.wait_completed();
+    dst.wait_completed();
+    assert_eq!(dst.verify_ram()["corrupt"], 0);
+}

@@ -53,7 +53,7 @@ pub enum Capability {
     BackgroundSnapshot,
     /// MSG_ZEROCOPY for multifd (not implemented).
     ZeroCopySend,
-    /// Postcopy preempt channel (not implemented).
+    /// Postcopy preempt channel: requested pages on a connection of their own.
     PostcopyPreempt,
 }
 
