@@ -266,6 +266,11 @@ const ACTING_CAPS: &[(&str, &str, &str)] = &[
         "a_destination_takes_capabilities_while_listening_and_loading_and_they_act",
     ),
     (
+        "auto-converge",
+        "auto_converge.rs",
+        "a_guest_that_outruns_the_link_converges_only_with_auto_converge",
+    ),
+    (
         "postcopy-ram",
         "postcopy.rs",
         "the_destination_guest_runs_on_pages_it_pulls",
@@ -419,6 +424,17 @@ enum Does {
 fn params() -> Vec<(&'static str, Does, Value)> {
     use Does::*;
     let tls = Acts("qemu_tls.rs", "tls_qemu_to_livemig_to_qemu");
+    // The throttle starts at cpu-throttle-initial and rises by cpu-throttle-increment once the
+    // dirtied bytes pass throttle-trigger-threshold; tailslow is only read there.
+    let ac = Acts(
+        "auto_converge.rs",
+        "a_guest_that_outruns_the_link_converges_only_with_auto_converge",
+    );
+    let ac_tailslow = Acts("auto_converge.rs", "&p[\"cpu-throttle-tailslow\"]");
+    let ac_max = Acts(
+        "auto_converge.rs",
+        "the_throttle_holds_at_max_cpu_throttle_and_is_lifted_when_the_migration_ends",
+    );
     vec![
         ("announce-initial", NothingToTime, json!(60)),
         ("announce-max", NothingToTime, json!(600)),
@@ -428,26 +444,18 @@ fn params() -> Vec<(&'static str, Does, Value)> {
         ("compress-threads", Configures("compress"), json!(4)),
         ("compress-wait-thread", Configures("compress"), json!(false)),
         ("decompress-threads", Configures("compress"), json!(3)),
-        (
-            "throttle-trigger-threshold",
-            Configures("auto-converge"),
-            json!(60),
-        ),
+        ("throttle-trigger-threshold", ac, json!(60)),
         (
             "cpu-throttle-initial",
-            Configures("auto-converge"),
+            Acts("auto_converge.rs", "cpu-throttle-initial"),
             json!(30),
         ),
         (
             "cpu-throttle-increment",
-            Configures("auto-converge"),
+            Acts("auto_converge.rs", "rose by cpu-throttle-increment"),
             json!(15),
         ),
-        (
-            "cpu-throttle-tailslow",
-            Configures("auto-converge"),
-            json!(true),
-        ),
+        ("cpu-throttle-tailslow", ac_tailslow, json!(true)),
         ("tls-creds", tls, json!("creds0")),
         (
             "tls-hostname",
@@ -484,7 +492,7 @@ fn params() -> Vec<(&'static str, Does, Value)> {
             Acts("postcopy.rs", "\"max-postcopy-bandwidth\": 8 << 20"),
             json!(1 << 20),
         ),
-        ("max-cpu-throttle", Configures("auto-converge"), json!(50)),
+        ("max-cpu-throttle", ac_max, json!(50)),
         ("multifd-compression", Configures("multifd"), json!("zlib")),
         ("multifd-zlib-level", Configures("multifd"), json!(5)),
         ("multifd-zstd-level", Configures("multifd"), json!(5)),
