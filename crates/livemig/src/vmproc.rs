@@ -81,7 +81,7 @@ pub fn run(mut args: VmArgs) -> Result<(), String> {
     }
     if args.drive_format_help {
         // QEMU's listing: every driver, read-write then read-only (QEMU's iotests read both).
-        nbd::register_driver();
+        nbd::register_driver(Arc::new(tls::Objects::new()));
         let mut drivers: Vec<&str> = block::options::DRIVERS.to_vec();
         if block::BlockLayer::driver_registered("nbd") {
             drivers.push("nbd");
