@@ -36,7 +36,7 @@ pub enum Capability {
     ReturnPath,
     /// Pause in `pre-switchover` until `migrate-continue`.
     PauseBeforeSwitchover,
-    /// Several channels for RAM (not implemented).
+    /// Several channels for RAM (`crate::multifd`).
     Multifd,
     /// Migrate named dirty bitmaps.
     DirtyBitmaps,
@@ -51,7 +51,7 @@ pub enum Capability {
     ValidateUuid,
     /// Snapshot via write protection (not implemented).
     BackgroundSnapshot,
-    /// MSG_ZEROCOPY for multifd (not implemented).
+    /// `MSG_ZEROCOPY` for the multifd channels' pages (`crate::multifd::zerocopy`).
     ZeroCopySend,
     /// Postcopy preempt channel: requested pages on a connection of their own.
     PostcopyPreempt,
@@ -119,6 +119,8 @@ impl Capability {
                 | Capability::PostcopyRam
                 | Capability::PostcopyBlocktime
                 | Capability::PostcopyPreempt
+                | Capability::Multifd
+                | Capability::ZeroCopySend
                 | Capability::ReturnPath
                 | Capability::PauseBeforeSwitchover
                 | Capability::DirtyBitmaps
@@ -179,6 +181,19 @@ impl Capabilities {
             // QEMU's wording (migrate_caps_check).
             return Err(MigrationError::InvalidParameter(
                 "Postcopy preempt requires postcopy-ram".into(),
+            ));
+        }
+        // The parameters' part of this check is `crate::multifd::check_zero_copy`.
+        if self.has(Capability::ZeroCopySend) && !self.has(Capability::Multifd) {
+            return Err(MigrationError::InvalidParameter(
+                crate::multifd::ZERO_COPY_REFUSED.into(),
+            ));
+        }
+        if self.has(Capability::Multifd) && self.has(Capability::PostcopyRam) {
+            // QEMU 7.2 sends precopy pages over multifd and postcopy's on the main channel;
+            // the destination's postcopy would have to track what the channels placed.
+            return Err(MigrationError::InvalidParameter(
+                "livemig does not implement multifd together with postcopy-ram yet".into(),
             ));
         }
         if self.has(Capability::PostcopyRam) {

@@ -68,7 +68,9 @@ fn postcopy_info(m: &mut Map<String, Value>, pc: &crate::postcopy::PostcopyRam) 
 pub struct OutgoingStats {
     /// RAM record counters.
     pub ram: Arc<RamCounters>,
-    /// Bytes written to the channel (`ram.transferred`).
+    /// The multifd channels' counters (`multifd-bytes`, `dirty-sync-missed-zero-copy`).
+    pub multifd: Arc<crate::multifd::MultifdCounters>,
+    /// Bytes written to the main channel (`ram.transferred` adds the multifd channels').
     pub transferred: AtomicU64,
     /// Bytes written before the guest stopped (`precopy-bytes`).
     pub precopy_bytes: AtomicU64,
@@ -155,7 +157,11 @@ impl Migration {
                 "Capability 'auto-converge' is not supported by this machine: it cannot throttle its vCPUs".into(),
             ));
         }
-        inner.caps.apply(changes)
+        let mut next = inner.caps.clone();
+        next.apply(changes)?;
+        crate::multifd::check_zero_copy(&next, &inner.params)?;
+        inner.caps = next;
+        Ok(())
     }
 
     /// `query-migrate-capabilities`.
@@ -172,7 +178,11 @@ impl Migration {
     /// once).
     pub fn set_parameters(&self, update: &ParameterUpdate) -> Result<(), MigrationError> {
         let mut inner = self.shared.lock();
-        inner.params.apply(update)?;
+        let mut next = inner.params.clone();
+        next.apply(update)?;
+        // QEMU's last check (`migrate_params_check`), on the parameters as they would be.
+        crate::multifd::check_zero_copy(&inner.caps, &next)?;
+        inner.params = next;
         self.shared.notify();
         Ok(())
     }
@@ -416,12 +426,13 @@ impl Migration {
             if with_ram {
                 let s = &o.stats;
                 let normal = s.ram.normal_pages.load(Ordering::Relaxed);
+                let multifd_bytes = s.multifd.bytes.load(Ordering::Relaxed);
                 let remaining =
                     s.ram.remaining_pages.load(Ordering::Relaxed) * crate::guest::PAGE_SIZE;
                 m.insert(
                     "ram".into(),
                     json!({
-                        "transferred": s.transferred.load(Ordering::Relaxed),
+                        "transferred": s.transferred.load(Ordering::Relaxed) + multifd_bytes,
                         "remaining": remaining,
                         "total": s.total.load(Ordering::Relaxed),
                         "duplicate": s.ram.zero_pages.load(Ordering::Relaxed),
@@ -433,12 +444,12 @@ impl Migration {
                         "dirty-sync-count": s.ram.dirty_syncs.load(Ordering::Relaxed),
                         "postcopy-requests": s.ram.postcopy_requests.load(Ordering::Relaxed),
                         "page-size": crate::guest::PAGE_SIZE,
-                        "multifd-bytes": 0,
+                        "multifd-bytes": multifd_bytes,
                         "pages-per-second": s.pages_per_second.load(Ordering::Relaxed),
                         "precopy-bytes": s.precopy_bytes.load(Ordering::Relaxed),
                         "downtime-bytes": s.downtime_bytes.load(Ordering::Relaxed),
                         "postcopy-bytes": s.postcopy_bytes.load(Ordering::Relaxed),
-                        "dirty-sync-missed-zero-copy": 0,
+                        "dirty-sync-missed-zero-copy": s.multifd.missed_zero_copy.load(Ordering::Relaxed),
                     }),
                 );
                 if o.postcopy_requested {

@@ -623,6 +623,11 @@ impl StreamLoader {
         self.preempt = Some((StreamReader::with_capacity(reader, 64 * 1024), shutdown));
     }
 
+    /// Pages also come over multifd channels, which meet the loader at `sync`.
+    pub fn set_multifd(&mut self, sync: Arc<crate::multifd::recv::SyncPoint>) {
+        self.ram.set_multifd(sync);
+    }
+
     /// Gives the loader the engine's state and the channel's shutdown handle.
     pub(crate) fn attach_engine(&mut self, shared: Arc<Shared>, shutdown: ShutdownHandle) {
         self.engine = Some((shared, shutdown));
@@ -1122,6 +1127,42 @@ pub(crate) fn run(job: Job) {
             }
         }
     }
+    // Multifd: QEMU 7.2's source connects its channels after the main one, and the
+    // destination loads nothing before all of them are there (`migration_has_all_channels`).
+    let multifd = match crate::multifd::MultifdConfig::from_settings(&caps, &params) {
+        None => None,
+        Some(config) => {
+            let accepted = if job.listener.is_socket() {
+                let mut accept = || {
+                    let c = job.listener.accept()?;
+                    shared.attach_extra_incoming_channel(&c.shutdown)?;
+                    crate::secure::secure_incoming(c, &tls_params, &job.objects)
+                };
+                crate::multifd::recv::Receiver::accept(
+                    &config,
+                    &mut accept,
+                    job.machine.ram_blocks(),
+                    shutdown.clone(),
+                )
+            } else {
+                Err(MigrationError::Other(
+                    crate::multifd::PROTOCOL_REFUSED.into(),
+                ))
+            };
+            match accepted {
+                Ok(rx) => {
+                    loader.set_multifd(rx.sync_point());
+                    Some(rx)
+                }
+                Err(e) => {
+                    shutdown.shutdown();
+                    loader.abandon();
+                    fail(&shared, e.to_string(), started);
+                    return;
+                }
+            }
+        }
+    };
     let result = shared
         .advance_incoming(MigrationStatus::Active)
         .map_err(MigrationError::from)
@@ -1147,12 +1188,27 @@ pub(crate) fn run(job: Job) {
             };
             loader.finish(!late || (autostart && runstate == RunState::Running))
         });
+    // A channel's error is the cause when the main stream failed too (the channel shut the
+    // main one down to stop the load). The channels end here either way: after a complete
+    // load every page they carried is in guest memory (the last sync point came before EOF).
+    let (result, multifd_pages) = match multifd {
+        Some(rx) => {
+            let result = match (result, rx.error()) {
+                (Err(_), Some(e)) => Err(MigrationError::Load(e)),
+                (r, _) => r,
+            };
+            let pages = rx.sync_point().pages();
+            rx.finish();
+            (result, pages)
+        }
+        None => (result, 0),
+    };
     for w in &loader.warnings {
         log::warn!("incoming migration: {w}");
     }
     {
         let mut inner = shared.lock();
-        inner.inc.pages_loaded = loader.pages_loaded();
+        inner.inc.pages_loaded = loader.pages_loaded() + multifd_pages;
         inner.inc.warnings = loader.warnings.clone();
     }
     match result {

@@ -12,6 +12,7 @@
 //! | [`state`] | the state machine: the shared state, checked transitions, `MIGRATION` events |
 //! | [`outgoing`] / [`incoming`] | the source's migration thread / the destination's loader |
 //! | [`ram`] | the `ram` section |
+//! | [`multifd`] | the multifd channels: pages beside the main stream, compression, zero copy |
 //! | [`bitmaps`] | the `dirty-bitmap` section |
 //! | [`globalstate`] | the `globalstate` section |
 //! | [`postcopy`] | postcopy's building blocks: received map, discards, userfaultfd placement, fault thread, blocktime |
@@ -31,6 +32,7 @@ pub mod globalstate;
 pub mod guest;
 pub mod incoming;
 pub mod machine;
+pub mod multifd;
 pub mod outgoing;
 pub mod params;
 mod policy;

@@ -129,6 +129,9 @@ pub(crate) struct Outgoing {
     stall: Option<Duration>,
     /// How the guest changed hands, once that is known (`x-livemig-handover`).
     handover: Option<Handover>,
+    /// The multifd channels, started after the main channel connected, until
+    /// [`Outgoing::setup`] gives them to the `ram` saver.
+    multifd: Option<crate::multifd::send::Sender>,
 }
 
 /// The name of the machine's first RAM block, if it has any.
@@ -167,6 +170,7 @@ impl Outgoing {
             postcopy_base: 0,
             stall: None,
             handover: None,
+            multifd: None,
         }
     }
 
@@ -255,6 +259,51 @@ impl Outgoing {
         }
         self.w = Some(StreamWriter::with_capacity(stream, 256 * 1024));
         self.conn = Some(conn);
+        self.connect_multifd()
+    }
+
+    /// Phase 1, multifd: after the main channel (QEMU 7.2's destination takes the first
+    /// connection as the main one), starts a thread per channel, which connects, registers
+    /// the channel for a cancel, secures it and sends its handshake.
+    fn connect_multifd(&mut self) -> Result<(), MigrationError> {
+        let job = &self.job;
+        let config = {
+            let inner = job.shared.lock();
+            crate::multifd::MultifdConfig::from_settings(&job.caps, &inner.params)
+        };
+        let Some(config) = config else {
+            return Ok(());
+        };
+        if !job.uri.has_return_path() {
+            return Err(MigrationError::Other(
+                crate::multifd::PROTOCOL_REFUSED.into(),
+            ));
+        }
+        if config.zero_copy {
+            // QEMU checks the main channel's socket when it connects.
+            let main = self.conn.as_ref().and_then(|c| c.shutdown.socket());
+            if !main.is_some_and(|fd| crate::multifd::zerocopy::supported(&fd)) {
+                return Err(MigrationError::Other(
+                    crate::multifd::zerocopy::NOT_SUPPORTED.into(),
+                ));
+            }
+        }
+        let (shared, generation) = (job.shared.clone(), job.generation);
+        let (uri, tls, objects) = (job.uri.clone(), job.tls.clone(), job.objects.clone());
+        let open: crate::multifd::send::Opener = Arc::new(move |_id| {
+            let conn = connect(&uri)?;
+            shared.attach_extra_channel(generation, &conn.shutdown)?;
+            crate::secure::secure_outgoing(conn, &uri, &tls, &objects)
+        });
+        let (shared, generation) = (job.shared.clone(), job.generation);
+        let cancelled: crate::multifd::send::Cancelled =
+            Arc::new(move || shared.out_cancelled(generation));
+        self.multifd = Some(crate::multifd::send::Sender::start(
+            &config,
+            open,
+            job.stats.multifd.clone(),
+            cancelled,
+        )?);
         Ok(())
     }
 
@@ -288,6 +337,9 @@ impl Outgoing {
             job.machine.ram_blocks(),
             job.stats.ram.clone(),
         ));
+        if let Some(m) = self.multifd.take() {
+            ram.attach_multifd(m);
+        }
         job.stats.total.store(ram.total_bytes(), Ordering::Relaxed);
         write_start(w, RAM_SECTION_ID, RAM_IDSTR, 0, RAM_VERSION)?;
         ram.setup(w)?;
@@ -336,7 +388,8 @@ impl Outgoing {
         let machine = self.job.machine.clone();
         let auto_converge = self.job.caps.has(Capability::AutoConverge);
         let (w, ram, bitmaps) = self.stream()?;
-        let mut meter = Meter::new(w.bytes_written());
+        // Bytes sent count the multifd channels' too.
+        let mut meter = Meter::new(ram.sent_bytes(w));
         let mut last_sync = Instant::now();
         let mut convergence = Convergence::default();
         let mut throttle = AutoConverge::new(last_sync, w.bytes_written());
@@ -357,23 +410,23 @@ impl Outgoing {
             if postcopy {
                 return Ok(Next::Postcopy);
             }
-            let allowance = meter.allowance(w.bytes_written(), max_bw);
+            let allowance = meter.allowance(ram.sent_bytes(w), max_bw);
             if allowance == 0 {
                 if shared.sleep_unless_cancelled_or_postcopy(generation, meter.window_left()) {
                     return Err(MigrationError::Cancelled);
                 }
-                meter.tick(w.bytes_written(), sent_pages(&stats), &stats);
+                meter.tick(ram.sent_bytes(w), sent_pages(&stats), &stats);
                 continue;
             }
             write_part(w, RAM_SECTION_ID)?;
             let outcome = ram.send(w, allowance, Some(Instant::now() + ROUND))?;
-            wire::ram::write_eos(w)?;
+            ram.end_section(w)?;
             write_footer(w, RAM_SECTION_ID)?;
             w.flush()?;
             stats
                 .transferred
                 .store(w.bytes_written(), Ordering::Relaxed);
-            meter.tick(w.bytes_written(), sent_pages(&stats), &stats);
+            meter.tick(ram.sent_bytes(w), sent_pages(&stats), &stats);
 
             // Bandwidth for the switchover decision: the measured rate, or the cap before the
             // first window closes.
@@ -443,8 +496,9 @@ impl Outgoing {
         write_end(w, RAM_SECTION_ID)?;
         ram.sync();
         ram.send(w, u64::MAX, None)?;
-        wire::ram::write_eos(w)?;
+        ram.end_section(w)?;
         write_footer(w, RAM_SECTION_ID)?;
+        let total_multifd = stats.multifd.bytes.load(Ordering::Relaxed);
         if let Some(b) = bitmaps {
             write_end(w, BITMAP_SECTION_ID)?;
             b.save_complete(w)?;
@@ -459,9 +513,10 @@ impl Outgoing {
         w.flush()?;
         let total = w.bytes_written();
         stats.transferred.store(total, Ordering::Relaxed);
-        stats
-            .downtime_bytes
-            .store(total - written, Ordering::Relaxed);
+        stats.downtime_bytes.store(
+            (total + total_multifd).saturating_sub(written),
+            Ordering::Relaxed,
+        );
         self.undo.stream_sent = true;
         // The end of the stream: an `exec:` child sees its input close, a socket peer sees
         // the end of the data.
@@ -482,7 +537,9 @@ impl Outgoing {
             self.job.generation,
             self.job.stats.clone(),
         );
-        let written = self.w.as_ref().map_or(0, |w| w.bytes_written());
+        // The multifd channels' bytes count as well (all written: a sync point came last).
+        let written = self.w.as_ref().map_or(0, |w| w.bytes_written())
+            + stats.multifd.bytes.load(Ordering::Relaxed);
         stats.precopy_bytes.store(written, Ordering::Relaxed);
         let before = machine.runstate();
         self.undo.stopped_running_guest = before.is_running();
@@ -955,7 +1012,8 @@ impl Outgoing {
             .started
             .map_or(0.0, |s| s.elapsed().as_secs_f64())
             .max(1e-6);
-        let total = job.stats.transferred.load(Ordering::Relaxed);
+        let total = job.stats.transferred.load(Ordering::Relaxed)
+            + job.stats.multifd.bytes.load(Ordering::Relaxed);
         job.stats
             .bits_per_second
             .store((total as f64 * 8.0 / secs) as u64, Ordering::Relaxed);
@@ -971,6 +1029,15 @@ impl Outgoing {
     fn cleanup(mut self, result: Result<(), MigrationError>) {
         // The stream's end goes first, as it would had the phase that failed owned it.
         self.w = None;
+        let ok = result.is_ok();
+        // The multifd channels close after the destination confirmed the stream (or are shut
+        // down, after a failure), as QEMU's close after the migration thread is done.
+        if let Some(m) = self.multifd.take() {
+            m.finish(false);
+        }
+        if let Some(ram) = self.ram.as_mut() {
+            ram.finish_multifd(ok);
+        }
         let job = &self.job;
         if job.caps.has(Capability::AutoConverge) {
             // Lifted before the guest may resume below, as QEMU lifts it at the end of the
@@ -983,7 +1050,6 @@ impl Outgoing {
         if let Some(ram) = &self.ram {
             ram.stop();
         }
-        let ok = result.is_ok();
         if !ok {
             if let Some(p) = self.rp_ctx.preempt.get() {
                 p.shutdown();

@@ -10,7 +10,7 @@
 //! | `tls-creds`, `tls-hostname`, `tls-authz` | act: the channel and its return path go over TLS (`crate::secure`) |
 //! | `compress-*`, `decompress-threads` | configure `compress`, which is refused |
 //! | `throttle-trigger-threshold`, `cpu-throttle-*`, `max-cpu-throttle` | act with `auto-converge`: when and how hard the source throttles its vCPUs (read at each throttle decision, so a change takes effect during a migration) |
-//! | `multifd-*` | configure `multifd`, which is refused |
+//! | `multifd-channels`, `multifd-compression`, `multifd-zlib-level`, `multifd-zstd-level` | act: channels, their compression and its level (`crate::multifd`) |
 //! | `xbzrle-cache-size` | sizes the `xbzrle` cache, which is refused |
 //! | `max-postcopy-bandwidth` | acts: caps postcopy's background push |
 //! | `x-checkpoint-delay` | COLO (`x-colo`), refused |
@@ -440,6 +440,30 @@ impl Parameters {
                 .unwrap_or(false),
             max: self.uint("max-cpu-throttle"),
         }
+    }
+
+    /// `multifd-channels` (1..=255).
+    pub fn multifd_channels(&self) -> u8 {
+        self.uint("multifd-channels").clamp(1, 255) as u8
+    }
+
+    /// `multifd-compression`.
+    pub fn multifd_compression(&self) -> crate::multifd::Compression {
+        self.values
+            .get("multifd-compression")
+            .and_then(Value::as_str)
+            .and_then(crate::multifd::Compression::parse)
+            .unwrap_or(crate::multifd::Compression::None)
+    }
+
+    /// `multifd-zlib-level` (0..=9).
+    pub fn multifd_zlib_level(&self) -> u32 {
+        self.uint("multifd-zlib-level").min(9) as u32
+    }
+
+    /// `multifd-zstd-level` (0..=20).
+    pub fn multifd_zstd_level(&self) -> i32 {
+        self.uint("multifd-zstd-level").min(20) as i32
     }
 
     /// `downtime-limit` in milliseconds.

@@ -78,6 +78,9 @@ pub struct RamSaver {
     tracker: BlockTracker,
     headers: Vec<PageHeader>,
     counters: Arc<RamCounters>,
+    /// The multifd channels, when they carry the pages: zero pages stay on the main stream
+    /// (as ZERO records, as QEMU 7.2 sends them), every other page goes to a channel.
+    multifd: Option<crate::multifd::send::Sender>,
 }
 
 fn bitmap_words(pages: u64) -> usize {
@@ -112,7 +115,37 @@ impl RamSaver {
             tracker: BlockTracker::new(),
             headers: Vec::with_capacity(BATCH),
             counters,
+            multifd: None,
         }
+    }
+
+    /// From now on the pages that are not zero go over the multifd channels of `sender`.
+    pub fn attach_multifd(&mut self, sender: crate::multifd::send::Sender) {
+        self.multifd = Some(sender);
+    }
+
+    /// Ends the multifd channels (after the migration, whatever its outcome): see
+    /// [`crate::multifd::send::Sender::finish`].
+    pub fn finish_multifd(&mut self, ok: bool) {
+        if let Some(m) = self.multifd.take() {
+            m.finish(ok);
+        }
+    }
+
+    /// Ends a section body: with multifd, first a sync point (every page queued so far is
+    /// written on its channel, followed by a SYNC packet), then EOS — the destination loads
+    /// nothing after the EOS until its channels have delivered every page sent before it.
+    pub fn end_section(&mut self, w: &mut Writer) -> Result<(), MigrationError> {
+        if let Some(m) = self.multifd.as_mut() {
+            m.sync()?;
+        }
+        write_eos(w)?;
+        Ok(())
+    }
+
+    /// Bytes sent so far: the stream's and those queued on the multifd channels.
+    pub fn sent_bytes(&self, w: &Writer) -> u64 {
+        w.bytes_written() + self.multifd.as_ref().map_or(0, |m| m.queued_bytes())
     }
 
     /// Total RAM in bytes.
@@ -141,7 +174,7 @@ impl RamSaver {
             )?;
             b.block.start_dirty_log();
         }
-        write_eos(w)?;
+        self.end_section(w)?;
         Ok(())
     }
 
@@ -177,7 +210,7 @@ impl RamSaver {
         max_bytes: u64,
         deadline: Option<Instant>,
     ) -> Result<SendOutcome, MigrationError> {
-        let start_bytes = w.bytes_written();
+        let start_bytes = self.sent_bytes(w);
         // (block index, page) of the records in the current batch.
         let mut batch: Vec<(usize, u64, bool)> = Vec::with_capacity(BATCH);
         let nblocks = self.blocks.len();
@@ -186,7 +219,7 @@ impl RamSaver {
                 // Collect up to BATCH dirty pages of this block, clearing their bits — fewer
                 // when the byte budget is smaller, so a low `max-bandwidth` is not overshot by
                 // a whole batch (it is by at most one page).
-                let left = max_bytes.saturating_sub(w.bytes_written() - start_bytes);
+                let left = max_bytes.saturating_sub(self.sent_bytes(w) - start_bytes);
                 let limit = left.div_ceil(PAGE_SIZE).clamp(1, BATCH as u64) as usize;
                 batch.clear();
                 {
@@ -211,7 +244,7 @@ impl RamSaver {
                     break;
                 }
                 self.write_batch(w, &batch)?;
-                let sent = w.bytes_written() - start_bytes;
+                let sent = self.sent_bytes(w) - start_bytes;
                 if sent >= max_bytes || deadline.is_some_and(|d| Instant::now() >= d) {
                     return Ok(SendOutcome::Budget);
                 }
@@ -228,7 +261,17 @@ impl RamSaver {
         const FILL: [u8; 1] = [0];
         self.headers.clear();
         let (mut zeros, mut normals) = (0u64, 0u64);
-        for &(bi, page, zero) in batch {
+        if let Some(m) = self.multifd.as_mut() {
+            // Pages to the channels; only the zero pages' records go on the main stream.
+            for &(bi, page, zero) in batch {
+                if !zero {
+                    m.queue_page(bi, &self.blocks[bi].block, page * PAGE_SIZE)?;
+                    normals += 1;
+                }
+            }
+        }
+        let multifd = self.multifd.is_some();
+        for &(bi, page, zero) in batch.iter().filter(|(_, _, zero)| !multifd || *zero) {
             let name = self.blocks[bi].block.name();
             let wire_name = self.tracker.encode(name);
             let flags = if zero {
@@ -247,7 +290,8 @@ impl RamSaver {
         }
         let mut iov = [IoSlice::new(&[]); 2 * BATCH];
         let mut n = 0;
-        for (h, &(bi, page, zero)) in self.headers.iter().zip(batch) {
+        let on_main = batch.iter().filter(|(_, _, zero)| !multifd || *zero);
+        for (h, &(bi, page, zero)) in self.headers.iter().zip(on_main) {
             iov[n] = IoSlice::new(h.as_bytes());
             iov[n + 1] = if zero {
                 IoSlice::new(&FILL)
@@ -262,7 +306,9 @@ impl RamSaver {
             };
             n += 2;
         }
-        w.write_vectored_all(&mut iov[..n])?;
+        if n > 0 {
+            w.write_vectored_all(&mut iov[..n])?;
+        }
         self.counters.zero_pages.fetch_add(zeros, Ordering::Relaxed);
         self.counters
             .normal_pages
@@ -325,6 +371,11 @@ pub struct RamLoader {
     listening: bool,
     /// Where a postcopy page's payload lands before it is placed (one page, reused).
     staging: Vec<u8>,
+    /// The multifd channels' sync point, when they carry pages.
+    multifd: Option<Arc<crate::multifd::recv::SyncPoint>>,
+    /// The source syncs at MULTIFD_FLUSH records (QEMU 8.1+) rather than at every EOS
+    /// (QEMU 7.2): set by the first FLUSH, which comes before the first EOS.
+    flush_syncs: bool,
 }
 
 impl RamLoader {
@@ -341,7 +392,15 @@ impl RamLoader {
             postcopy: None,
             listening: false,
             staging: Vec::new(),
+            multifd: None,
+            flush_syncs: false,
         }
+    }
+
+    /// Pages come over multifd channels too: every end of a section (or MULTIFD_FLUSH
+    /// record) waits at `sync` until the channels have loaded what was sent before it.
+    pub fn set_multifd(&mut self, sync: Arc<crate::multifd::recv::SyncPoint>) {
+        self.multifd = Some(sync);
     }
 
     /// ADVISE: from now on every page loaded is marked in `ram`'s received map.
@@ -415,7 +474,12 @@ impl RamLoader {
         }
         loop {
             match read_ram_record(r)? {
-                RamRecord::Eos => return Ok(()),
+                RamRecord::Eos => {
+                    if let (Some(m), false) = (&self.multifd, self.flush_syncs) {
+                        m.sync_main()?;
+                    }
+                    return Ok(());
+                }
                 RamRecord::MemSize { total } => {
                     let list = read_mem_blocks(r, total, |_| MemBlockFields::default())?;
                     for mb in list {
@@ -450,13 +514,18 @@ impl RamLoader {
                     self.pages_loaded += 1;
                     self.mark_received(block.as_deref().or(self.tracker.last()), offset);
                 }
-                // QEMU 8.1's multifd sync point: QEMU 7.2 knows no such flag, and its multifd
-                // never sends one, so it is refused with 7.2's words.
+                // QEMU 8.1's multifd sync point. Without multifd channels it is refused with
+                // QEMU 7.2's words (7.2 knows no such flag); with them, a source that sends it
+                // syncs there and not at EOS.
                 RamRecord::MultifdFlush => {
-                    return Err(MigrationError::Load(format!(
-                        "Unknown combination of migration flags: {:#x}",
-                        wire::ram::RAM_SAVE_FLAG_MULTIFD_FLUSH
-                    )))
+                    let Some(m) = &self.multifd else {
+                        return Err(MigrationError::Load(format!(
+                            "Unknown combination of migration flags: {:#x}",
+                            wire::ram::RAM_SAVE_FLAG_MULTIFD_FLUSH
+                        )));
+                    };
+                    self.flush_syncs = true;
+                    m.sync_main()?;
                 }
                 other => {
                     return Err(MigrationError::Load(format!(

@@ -187,6 +187,8 @@ pub(crate) struct OutState {
     pub pause_reason: Option<String>,
     /// The channel, once connected: a cancel shuts it down so a blocked write returns.
     shutdown: Option<ShutdownHandle>,
+    /// The other channels (multifd), shut down with it.
+    extra: Vec<ShutdownHandle>,
     /// `error-desc` of a failed migration.
     pub error: Option<String>,
     pub started: Option<Instant>,
@@ -210,6 +212,7 @@ impl OutState {
             resume_uri: None,
             pause_reason: None,
             shutdown: None,
+            extra: Vec::new(),
             error: None,
             started: None,
             setup_ms: None,
@@ -251,6 +254,8 @@ pub(crate) struct InState {
     pub port: Option<(String, u16)>,
     pub pages_loaded: u64,
     pub shutdown: Option<ShutdownHandle>,
+    /// The other channels (multifd), shut down with it.
+    pub extra: Vec<ShutdownHandle>,
     /// What the loader reported without failing (dropped bitmaps, a missing trailer).
     pub warnings: Vec<String>,
     /// Guest RAM in postcopy, from ADVISE on (blocktime, latency and page counts for
@@ -313,6 +318,7 @@ impl Shared {
                     port: None,
                     pages_loaded: 0,
                     shutdown: None,
+                    extra: Vec::new(),
                     warnings: Vec::new(),
                     postcopy: None,
                     recover_listener: None,
@@ -393,6 +399,23 @@ impl Shared {
             return Err(MigrationError::Cancelled);
         }
         inner.out.shutdown = Some(handle.clone());
+        Ok(())
+    }
+
+    /// Records one more channel of migration `generation` (a multifd channel), shut down with
+    /// the main one by a cancel or a failure. Fails (and shuts it down) if the migration was
+    /// cancelled meanwhile.
+    pub(crate) fn attach_extra_channel(
+        &self,
+        generation: Generation,
+        handle: &ShutdownHandle,
+    ) -> Result<(), MigrationError> {
+        let mut inner = self.lock();
+        if !inner.out.owned_by(generation) {
+            handle.shutdown();
+            return Err(MigrationError::Cancelled);
+        }
+        inner.out.extra.push(handle.clone());
         Ok(())
     }
 
@@ -534,6 +557,9 @@ impl Shared {
         }
         self.go(&mut inner, Side::Outgoing, MigrationStatus::Cancelling)?;
         inner.out.cancel_requested = true;
+        for h in &inner.out.extra {
+            h.shutdown();
+        }
         match inner.out.shutdown.clone() {
             Some(h) => h.shutdown(),
             None => {
@@ -745,6 +771,9 @@ impl Shared {
                 if let Some(h) = &inner.inc.shutdown {
                     h.shutdown();
                 }
+                for h in &inner.inc.extra {
+                    h.shutdown();
+                }
             }
         }
         if let Err(e) = self.cancel_outgoing() {
@@ -780,6 +809,11 @@ impl Shared {
         }
         let failed = !matches!(outcome, Outcome::Completed);
         if let Some(s) = inner.out.shutdown.take() {
+            if failed {
+                s.shutdown();
+            }
+        }
+        for s in std::mem::take(&mut inner.out.extra) {
             if failed {
                 s.shutdown();
             }
@@ -837,6 +871,22 @@ impl Shared {
             return Err(MigrationError::Other("The VM is shutting down".into()));
         }
         inner.inc.shutdown = Some(handle.clone());
+        inner.inc.extra.clear();
+        Ok(())
+    }
+
+    /// Records one more incoming channel (a multifd channel), so a shutdown interrupts it
+    /// too; fails (and shuts it down) if the VM is shutting down.
+    pub(crate) fn attach_extra_incoming_channel(
+        &self,
+        handle: &ShutdownHandle,
+    ) -> Result<(), MigrationError> {
+        let mut inner = self.lock();
+        if inner.shutting_down {
+            handle.shutdown();
+            return Err(MigrationError::Other("The VM is shutting down".into()));
+        }
+        inner.inc.extra.push(handle.clone());
         Ok(())
     }
 

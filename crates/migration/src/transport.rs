@@ -414,6 +414,12 @@ impl Listener {
         }
     }
 
+    /// Whether connections come over a socket (`tcp:`, `unix:`): only those carry more than
+    /// one channel.
+    pub fn is_socket(&self) -> bool {
+        matches!(self, Listener::Tcp(_) | Listener::Unix(..))
+    }
+
     /// The real address of a TCP listener (for `query-migrate`'s `socket-address`, and for
     /// port 0).
     pub fn local_port(&self) -> Option<u16> {
