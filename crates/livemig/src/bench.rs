@@ -59,6 +59,14 @@ fn bench(args: BenchArgs) -> Result<i32, Closed> {
             if sc.dst_prealloc { ", destination -mem-prealloc" } else { "" },
             runs
         )?;
+        if sc.multifd_channels > 0 {
+            outln!(
+                "multifd: {} channel(s), compression {}{}",
+                sc.multifd_channels,
+                sc.multifd_compression,
+                if sc.zero_copy { ", zero-copy-send" } else { "" }
+            )?;
+        }
         outln!(
             "{:>4} {:>10} {:>10} {:>10} {:>12} {:>7}",
             "run",

@@ -23,6 +23,17 @@ pub enum TransportArg {
     Unix,
 }
 
+/// `--multifd-compression`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum CompressionArg {
+    /// Pages as they are.
+    None,
+    /// zlib, QEMU's framing.
+    Zlib,
+    /// zstd, QEMU's framing.
+    Zstd,
+}
+
 /// The guest and the migration, for `demo` and `bench`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ScenarioArgs {
@@ -66,6 +77,16 @@ pub struct ScenarioArgs {
     /// With --postcopy: postcopy-preempt (requested pages on a channel of their own)
     #[arg(long, requires = "postcopy")]
     pub preempt: bool,
+    /// Capability multifd with N channels on both ends (refused with --postcopy)
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u8).range(1..),
+          conflicts_with = "postcopy")]
+    pub multifd: Option<u8>,
+    /// With --multifd: multifd-compression on both ends [default: none]
+    #[arg(long, value_enum, value_name = "METHOD", requires = "multifd")]
+    pub multifd_compression: Option<CompressionArg>,
+    /// With --multifd: zero-copy-send on the source (tcp, no compression)
+    #[arg(long, requires = "multifd")]
+    pub zero_copy: bool,
 }
 
 impl ScenarioArgs {
@@ -111,6 +132,18 @@ impl ScenarioArgs {
         if self.preempt {
             sc.preempt = true;
         }
+        if let Some(n) = self.multifd {
+            sc.multifd_channels = n;
+        }
+        if let Some(c) = self.multifd_compression {
+            sc.multifd_compression = match c {
+                CompressionArg::None => "none",
+                CompressionArg::Zlib => "zlib",
+                CompressionArg::Zstd => "zstd",
+            }
+            .into();
+        }
+        sc.zero_copy = self.zero_copy;
         sc.fill = sc.fill.min(sc.ram);
         sc
     }

@@ -49,6 +49,12 @@ pub struct Scenario {
     pub postcopy: bool,
     /// With `postcopy`: capability `postcopy-preempt` on both ends.
     pub preempt: bool,
+    /// Capability `multifd` with this many channels on both ends (0: one stream).
+    pub multifd_channels: u8,
+    /// With multifd: `multifd-compression` (`none`, `zlib`, `zstd`) on both ends.
+    pub multifd_compression: String,
+    /// With multifd: capability `zero-copy-send` on the source.
+    pub zero_copy: bool,
 }
 
 impl Default for Scenario {
@@ -69,6 +75,9 @@ impl Default for Scenario {
             dst_prealloc: false,
             postcopy: false,
             preempt: false,
+            multifd_channels: 0,
+            multifd_compression: "none".into(),
+            zero_copy: false,
         }
     }
 }
@@ -257,6 +266,21 @@ impl Pair {
         ]});
         src_qmp.call("migrate-set-capabilities", caps.clone())?;
         dst_qmp.call("migrate-set-capabilities", caps)?;
+        if sc.multifd_channels > 0 {
+            let params = json!({"multifd-channels": sc.multifd_channels,
+                                "multifd-compression": sc.multifd_compression});
+            let caps = json!({"capabilities": [{"capability": "multifd", "state": true}]});
+            for q in [&mut src_qmp, &mut dst_qmp] {
+                q.call("migrate-set-parameters", params.clone())?;
+                q.call("migrate-set-capabilities", caps.clone())?;
+            }
+            if sc.zero_copy {
+                src_qmp.call(
+                    "migrate-set-capabilities",
+                    json!({"capabilities": [{"capability": "zero-copy-send", "state": true}]}),
+                )?;
+            }
+        }
         if sc.postcopy {
             dst_qmp.call(
                 "migrate-set-capabilities",

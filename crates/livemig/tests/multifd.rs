@@ -91,7 +91,7 @@ fn compressed(method: &str, level: &str) {
     migrate_busy(
         dir.path(),
         "tcp:127.0.0.1:0",
-        json!({"multifd-channels": 3, "multifd-compression": method, level: 3}),
+        json!({"multifd-channels": 3, "multifd-compression": method, level: 1}),
         &[],
     );
 }
@@ -184,4 +184,75 @@ fn multifd_refusals_use_qemus_words() {
     // Postcopy over multifd is not built: refused rather than accepted and ignored.
     let e = src.err("migrate-set-capabilities", caps(&[("postcopy-ram", true)]));
     assert!(e.contains("multifd"), "{e}");
+}
+
+/// Waits until the source has sent more than `bytes` and is still `active`.
+fn wait_sent(src: &mut Lm, bytes: u64) {
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    loop {
+        let r = src.ok("query-migrate", json!({}));
+        assert!(
+            r["status"] == "active" || r["status"] == "setup",
+            "{}: {r}",
+            src.name
+        );
+        if r["ram"]["transferred"].as_u64().unwrap_or(0) > bytes {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "no progress: {r}");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
+/// A destination listening on `uri` with multifd and 4 channels.
+fn multifd_destination(dir: &std::path::Path, name: &str, uri: &str) -> Lm {
+    let mut dst = Lm::destination(dir, name, uri);
+    dst.caps_on(CAPS);
+    dst.set_params(json!({"multifd-channels": 4}));
+    dst
+}
+
+#[test]
+fn multifd_cancel_and_killed_destination_leave_the_source_running() {
+    let dir = tempdir();
+    let mut src = Lm::source(dir.path(), "src", BUSY);
+    src.add_bitmap("b0");
+    src.caps_on(CAPS);
+    // Throttled below the guest's dirtying: the migration runs until it is stopped.
+    src.set_params(json!({"multifd-channels": 4, "max-bandwidth": 8 << 20}));
+    src.wait_filled();
+    src.wait_bitmap_dirty("b0");
+
+    // 1. migrate_cancel with four channels open.
+    let uri = unix_uri(dir.path(), "m1.sock");
+    let mut dst = multifd_destination(dir.path(), "dst1", &uri);
+    src.migrate(&uri);
+    wait_sent(&mut src, 1 << 20);
+    src.ok("migrate_cancel", json!({}));
+    let r = src.wait_migration(&["cancelled", "failed", "completed"]);
+    assert_eq!(r["status"], "cancelled", "{r}");
+    assert_eq!(src.status(), "running");
+    let d = dst.wait_migration(&["failed", "completed"]);
+    assert_eq!(d["status"], "failed", "{d}");
+    drop(dst);
+
+    // 2. The destination is killed mid-migration.
+    let uri = unix_uri(dir.path(), "m2.sock");
+    let mut dst = multifd_destination(dir.path(), "dst2", &uri);
+    src.migrate(&uri);
+    wait_sent(&mut src, 1 << 20);
+    dst.proc.child.kill().expect("kill the destination");
+    let r = src.wait_migration(&["cancelled", "failed", "completed"]);
+    assert_eq!(r["status"], "failed", "{r}");
+    assert_eq!(src.status(), "running");
+    drop(dst);
+
+    // 3. And then it migrates, whole.
+    src.set_params(json!({"max-bandwidth": 0}));
+    let uri = unix_uri(dir.path(), "m3.sock");
+    let mut dst = multifd_destination(dir.path(), "dst3", &uri);
+    src.migrate(&uri);
+    let v = check_stop_point(&mut src, &mut dst, &["b0"]);
+    assert!(v["valid"].as_u64().unwrap_or(0) >= FILL_PAGES, "{v}");
+    check_carries_on(&mut dst);
 }
