@@ -8,6 +8,7 @@ Each round runs, for every channel count asked for (0 = one stream, no multifd):
   - QEMU 7.2 `-M none -m SIZE`, its RAM filled with random bytes by `-device loader`,
     migrated into a QEMU 7.2 destination the same way (capability `multifd` and
     `multifd-channels` on both ends when N > 0).
+QEMU's max-bandwidth (128 MiB/s by default) is lifted, as livemig bench sets no cap.
 Throughput is QEMU's definition on both: `ram.transferred` / `total-time` from the source's
 `query-migrate`. Medians over the rounds; the last column is livemig / QEMU.
 
@@ -83,6 +84,8 @@ def qemu_run(tmp, fill, ram, channels, transport, compression):
         for q in (sq, dq):
             q.cmd("migrate-set-capabilities", capabilities=caps)
             q.cmd("migrate-set-parameters", **params)
+        # QEMU's default max-bandwidth is 128 MiB/s; livemig bench sets no cap. Lift it.
+        sq.cmd("migrate-set-parameters", **{"max-bandwidth": 100 << 30})
         uri = incoming
         if transport == "tcp":
             port = dq.cmd("query-migrate")["socket-address"][0]["port"]
