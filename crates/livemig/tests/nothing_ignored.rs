@@ -302,6 +302,16 @@ const ACTING_CAPS: &[(&str, &str, &str)] = &[
         "m_none_machines_migrate_ram_and_bitmaps",
     ),
     (
+        "multifd",
+        "multifd.rs",
+        "fn multifd_over_unix_with_four_channels",
+    ),
+    (
+        "zero-copy-send",
+        "multifd.rs",
+        "fn multifd_zero_copy_send_over_tcp",
+    ),
+    (
         "late-block-activate",
         "late_block_activate.rs",
         "late_block_activate_keeps_a_paused_destinations_disks_inactive_until_cont",
@@ -356,13 +366,22 @@ fn every_capability_acts_or_is_refused() {
         match ACTING_CAPS.iter().find(|(c, _, _)| c == cap) {
             Some((_, file, what)) => {
                 cited(file, what);
-                // postcopy-preempt is refused without postcopy-ram, in QEMU's words.
-                let needs = (*cap == "postcopy-preempt").then_some("postcopy-ram");
-                if let Some(first) = needs {
-                    assert_eq!(
-                        a.err("migrate-set-capabilities", on.clone()),
-                        "Postcopy preempt requires postcopy-ram"
-                    );
+                // postcopy-preempt is refused without postcopy-ram, zero-copy-send without
+                // multifd, in QEMU's words.
+                let needs = match *cap {
+                    "postcopy-preempt" => {
+                        Some(("postcopy-ram", "Postcopy preempt requires postcopy-ram"))
+                    }
+                    "zero-copy-send" => Some((
+                        "multifd",
+                        "Zero copy only available for non-compressed non-TLS multifd migration",
+                    )),
+                    _ => None,
+                };
+                let needs_msg = needs.map(|(_, m)| m);
+                let needs = needs.map(|(c, _)| c);
+                if let (Some(first), Some(msg)) = (needs, needs_msg) {
+                    assert_eq!(a.err("migrate-set-capabilities", on.clone()), msg);
                     let both = json!({"capabilities": [
                         {"capability": first, "state": true},
                         {"capability": cap, "state": true},
@@ -485,7 +504,11 @@ fn params() -> Vec<(&'static str, Does, Value)> {
         ),
         ("x-checkpoint-delay", Configures("x-colo"), json!(1000)),
         ("block-incremental", Configures("block"), json!(true)),
-        ("multifd-channels", Configures("multifd"), json!(4)),
+        (
+            "multifd-channels",
+            Acts("multifd.rs", "fn multifd_over_unix_with_four_channels"),
+            json!(4),
+        ),
         ("xbzrle-cache-size", Configures("xbzrle"), json!(1 << 20)),
         (
             "max-postcopy-bandwidth",
@@ -493,9 +516,31 @@ fn params() -> Vec<(&'static str, Does, Value)> {
             json!(1 << 20),
         ),
         ("max-cpu-throttle", ac_max, json!(50)),
-        ("multifd-compression", Configures("multifd"), json!("zlib")),
-        ("multifd-zlib-level", Configures("multifd"), json!(5)),
-        ("multifd-zstd-level", Configures("multifd"), json!(5)),
+        (
+            "multifd-compression",
+            Acts("multifd.rs", "fn multifd_zlib_over_tcp"),
+            json!("zlib"),
+        ),
+        (
+            "multifd-zlib-level",
+            Acts("multifd.rs", "compressed(\"zlib\""),
+            json!(5),
+        ),
+        (
+            "multifd-zstd-level",
+            Acts("multifd.rs", "compressed(\"zstd\""),
+            json!(5),
+        ),
+        (
+            "x-livemig-stall-timeout",
+            Acts("link_faults.rs", "\"x-livemig-stall-timeout\": STALL_MS"),
+            json!(5000),
+        ),
+        (
+            "x-livemig-auto-return-path",
+            Acts("link_faults.rs", "x-livemig-auto-return-path"),
+            json!(false),
+        ),
         (
             "block-bitmap-mapping",
             Acts("qemu_mapping.rs", "qemu_mapping_qemu_to_livemig"),

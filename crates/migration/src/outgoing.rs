@@ -274,7 +274,7 @@ impl Outgoing {
         let Some(config) = config else {
             return Ok(());
         };
-        if !job.uri.has_return_path() {
+        if !job.uri.is_socket() {
             return Err(MigrationError::Other(
                 crate::multifd::PROTOCOL_REFUSED.into(),
             ));
