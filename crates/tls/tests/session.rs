@@ -71,7 +71,12 @@ fn run(
         });
         let client = (|| {
             let r = b.try_clone().unwrap();
+            let probe = b.try_clone().unwrap();
             let mut st = connect(&s.client, hostname, r, b)?;
+            // As the migration source and the NBD client do: a write that fails because the
+            // server went away reads the server's last words (in TLS 1.3 a refused client
+            // certificate is answered after the client's handshake is over).
+            st.writer.set_peer_probe(&probe).unwrap();
             st.writer
                 .write_all(b"hello")
                 .map_err(|e| TlsError::Handshake(e.to_string()))?;
