@@ -21,6 +21,7 @@
 //! | `-device virtio-blk,drive=NODE[,id=ID]`, `-device help` | the `livemig` machine's virtio-blk disk (which its workload writes); the device list |
 //! | `-serial file:PATH\|none\|null` | where the `livemig` machine's serial port writes (`none` has no serial port, so the file is only created, as with QEMU) |
 //! | `-workload ...` | livemig's own: what the `livemig` machine's vCPUs do |
+//! | `-x-livemig-monitor-clients N` | livemig's own: QMP clients served at once (default 64, 0 for no limit); one more gets an error line and is closed |
 //! | `-nodefaults` | QEMU leaves out the default devices (monitor, serial, parallel, VGA, network, drives); livemig never creates any — both machines are what QEMU's `-nodefaults` gives — so the option changes nothing, as it changes nothing for QEMU's `-M none` |
 //! | `-no-user-config` | QEMU skips its configuration files; livemig reads none |
 //! | `-no-shutdown` | QEMU stops instead of exiting when the guest powers off; livemig's guests never power off (`quit` exits either way, as in QEMU) |
@@ -67,6 +68,9 @@ usage: livemig vm [options]     a VM controlled over QMP, with QEMU's option nam
                          where the livemig machine's serial port writes
   -workload fill=SIZE,hot=SIZE,dirty-rate=BYTES/S,disk=NODE,disk-every=N,serial-every=N,seed=N
                          what the livemig machine's vCPUs do
+  -x-livemig-monitor-clients N
+                         QMP clients served at once (default 64, 0: no limit); one more is
+                         told so and closed
   -nodefaults, -no-user-config, -no-shutdown, -display none, -vga none, -monitor none
                          accepted as QEMU's: livemig has no default devices, no configuration
                          files, no guest power-off, no display, VGA card or human monitor
@@ -123,6 +127,9 @@ pub struct VmArgs {
     pub qtest: Option<String>,
     /// `-drive format=help`: list the block drivers and exit.
     pub drive_format_help: bool,
+    /// `-x-livemig-monitor-clients N` (livemig's own): monitor clients served at once, 0 for
+    /// no limit (`qmp::ServerConfig::max_clients`).
+    pub monitor_clients: usize,
 }
 
 impl Default for VmArgs {
@@ -151,6 +158,7 @@ impl Default for VmArgs {
             mons: Vec::new(),
             qtest: None,
             drive_format_help: false,
+            monitor_clients: qmp::DEFAULT_MAX_CLIENTS,
         }
     }
 }
@@ -434,6 +442,12 @@ pub fn parse_vm_args(argv: &[String]) -> Result<VmArgs, String> {
             "incoming" => a.incoming = Some(value(o)?),
             "S" => a.start_paused = true,
             "mem-prealloc" => a.mem_prealloc = true,
+            "x-livemig-monitor-clients" => {
+                let v = value(o)?;
+                a.monitor_clients = v
+                    .parse()
+                    .map_err(|_| format!("-x-livemig-monitor-clients {v}: not a number"))?;
+            }
             "serial" => {
                 let v = value(o)?;
                 if let Some(p) = v.strip_prefix("file:") {

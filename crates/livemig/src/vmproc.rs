@@ -196,7 +196,13 @@ pub fn run(mut args: VmArgs) -> Result<(), String> {
     }
 
     let monitor = Arc::new(Monitor::default());
-    let server = qmp::Server::new(monitor.clone());
+    let server = qmp::Server::with_config(
+        monitor.clone(),
+        qmp::ServerConfig {
+            max_clients: args.monitor_clients,
+            ..qmp::ServerConfig::default()
+        },
+    );
     let events = server.events();
     let sink: Arc<dyn migration::events::EventSink> = Arc::new(QmpEvents(events.clone()));
 

@@ -42,4 +42,4 @@ pub use dispatch::{AfterFlush, CommandTable, Dispatcher, Reply};
 pub use error::{ErrorClass, QmpError};
 pub use json::{parse_all, JsonError, JsonStream, Limits, SyntaxError};
 pub use option::{QmpAddress, QmpOption, QmpOptionError};
-pub use server::{EventSink, Server, ServerConfig, VersionInfo};
+pub use server::{EventSink, Server, ServerConfig, VersionInfo, DEFAULT_MAX_CLIENTS};

@@ -95,7 +95,14 @@ pub struct ServerConfig {
     pub limits: Limits,
     /// Bytes queued for one client beyond which an event drops that client (default 8 MiB).
     pub max_pending_bytes: usize,
+    /// Clients served at once (default [`DEFAULT_MAX_CLIENTS`]; 0: no limit, as QEMU). Each
+    /// costs two threads and three descriptors; one more is told so and closed instead of
+    /// being left without a greeting when the process runs out of descriptors.
+    pub max_clients: usize,
 }
+
+/// Default [`ServerConfig::max_clients`].
+pub const DEFAULT_MAX_CLIENTS: usize = 64;
 
 impl Default for ServerConfig {
     fn default() -> Self {
@@ -104,6 +111,7 @@ impl Default for ServerConfig {
             offer_oob: true,
             limits: Limits::default(),
             max_pending_bytes: 8 << 20,
+            max_clients: DEFAULT_MAX_CLIENTS,
         }
     }
 }
@@ -703,6 +711,11 @@ impl Server {
                 s.set_nodelay(true)?;
             }
         }
+        let max = inner.config.max_clients;
+        if max > 0 && lock(&inner.hub.conns).len() >= max {
+            refuse(&stream, max);
+            return Err(io::Error::other("too many monitor clients"));
+        }
         let session = Session::new(inner.shared.clone());
         let id = inner.hub.next_id.fetch_add(1, Ordering::Relaxed);
         let conn = Arc::new(Conn {
@@ -745,6 +758,22 @@ impl Server {
         }
         Ok(())
     }
+}
+
+/// Tells a client beyond [`ServerConfig::max_clients`] why it gets no greeting, without
+/// waiting for it (a short write bound on the accept thread), and closes it.
+fn refuse(stream: &Stream, max: usize) {
+    let line = to_line(&json!({"error": {
+        "class": "GenericError",
+        "desc": format!("Too many monitor clients: at most {max} are served at once"),
+    }}));
+    let mut s = match stream.try_clone() {
+        Ok(s) => s,
+        Err(_) => return,
+    };
+    let _ = s.set_write_timeout(Some(Duration::from_millis(100)));
+    let _ = s.write_all(&line).and_then(|()| s.flush());
+    let _ = stream.shutdown(Shutdown::Both);
 }
 
 fn bind_unix(path: &Path) -> io::Result<UnixListener> {

@@ -496,3 +496,27 @@ proptest! {
         prop_assert_eq!(got.last(), Some(&Ok(json!({"execute": "query-version", "id": 7}))));
     }
 }
+
+/// Issue 14: one oversized message must not keep its memory for the rest of the connection.
+#[test]
+fn memory_goes_back_after_an_oversized_message() {
+    let mut p = JsonStream::new(Limits::default());
+    let big = format!(
+        "{{\"execute\": \"x\", \"arguments\": {{\"s\": \"{}\", \"l\": [{}]}}}}",
+        "a".repeat(4 << 20),
+        vec!["1"; 100_000].join(",")
+    );
+    let out = p.feed(big.as_bytes());
+    assert_eq!(out.len(), 1);
+    assert!(out[0].is_ok());
+    assert!(
+        p.held_bytes() <= 1 << 20,
+        "the parser still holds {} bytes",
+        p.held_bytes()
+    );
+    // And it still parses.
+    assert_eq!(
+        p.feed(b"{\"execute\": \"y\"}"),
+        vec![Ok(json!({"execute": "y"}))]
+    );
+}

@@ -405,6 +405,42 @@ fn a_client_that_vanishes_does_not_disturb_the_others() {
 }
 
 #[test]
+fn clients_beyond_the_cap_are_told_and_closed_and_a_freed_place_is_taken_again() {
+    let f = fixture(ServerConfig {
+        max_clients: 3,
+        ..ServerConfig::default()
+    });
+    let mut served: Vec<Raw> = (0..3)
+        .map(|_| {
+            let mut c = Raw::connect(&f.path);
+            c.negotiate(false);
+            c
+        })
+        .collect();
+    // Issue 14: without a cap every client took two threads and three descriptors, until
+    // new ones got no greeting at all.
+    let mut extra = Raw::connect(&f.path);
+    assert_eq!(
+        extra.json(),
+        json!({"error": {"class": "GenericError",
+            "desc": "Too many monitor clients: at most 3 are served at once"}})
+    );
+    extra.expect_eof();
+    assert_eq!(f.server.connection_count(), 3);
+    // The served ones carry on.
+    served[0].send(b"{\"execute\": \"echo\", \"arguments\": {\"v\": 7}}");
+    assert_eq!(served[0].line(), r#"{"return": 7}"#);
+    // One leaves: its place is free again.
+    let gone = served.pop().unwrap();
+    gone.writer.shutdown(std::net::Shutdown::Both).unwrap();
+    wait_until("the departed client to be dropped", || {
+        f.server.connection_count() == 2
+    });
+    let mut next = Raw::connect(&f.path);
+    next.negotiate(false);
+}
+
+#[test]
 fn a_client_that_stops_reading_is_dropped_without_blocking_events() {
     let config = ServerConfig {
         max_pending_bytes: 512 << 10,

@@ -32,6 +32,19 @@ enum Lex {
     Keyword,
 }
 
+/// Text bytes a parser keeps allocated between messages; a larger message's buffer is given
+/// back once it is done.
+const KEEP_TEXT_BYTES: usize = 64 << 10;
+/// Tokens a parser keeps allocated between messages.
+const KEEP_TOKENS: usize = 4096;
+
+impl JsonStream {
+    /// Bytes of buffers the parser holds now (its text and token buffers' capacities).
+    pub fn held_bytes(&self) -> usize {
+        self.text.capacity() + self.tokens.capacity() * std::mem::size_of::<Token>()
+    }
+}
+
 /// An incremental QMP JSON parser: feed it bytes, get back complete values and errors.
 ///
 /// See the [module documentation](super) for the grammar, limits and error recovery.
@@ -480,6 +493,9 @@ impl JsonStream {
     fn reset_message(&mut self) {
         self.tokens.clear();
         self.text.clear();
+        // One oversized message must not keep its memory for the rest of the connection.
+        self.tokens.shrink_to(KEEP_TOKENS);
+        self.text.shrink_to(KEEP_TEXT_BYTES);
         self.tok_start = 0;
         self.structural = 0;
         self.brace = 0;
