@@ -242,16 +242,9 @@ impl NbdClient {
 
         self.send_option(opt::STRUCTURED_REPLY, &[])?;
         let r = self.read_option_reply(opt::STRUCTURED_REPLY)?;
-        match r.kind {
-            rep::ACK => self.structured = true,
-            rep::ERR_UNSUP => self.structured = false,
-            k if rep::is_err(k) => return Err(Self::option_error(opt::STRUCTURED_REPLY, &r)),
-            k => {
-                return Err(perr(format!(
-                    "Unexpected reply type {k} to structured reply"
-                )))
-            }
-        }
+        // As QEMU's client: any refusal here only means simple replies (a server that wants
+        // TLS first says so again, fatally, to GO).
+        self.structured = r.kind == rep::ACK;
 
         let name = opts.export.as_bytes();
         if name.len() > proto::MAX_STRING_SIZE as usize {
