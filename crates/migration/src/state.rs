@@ -386,6 +386,21 @@ impl Shared {
         Ok(generation)
     }
 
+    /// The lock, for recording a channel of migration `generation`; if that migration was
+    /// cancelled meanwhile, the channel is shut down and the caller gets `Cancelled`.
+    fn lock_for_channel(
+        &self,
+        generation: Generation,
+        handle: &ShutdownHandle,
+    ) -> Result<MutexGuard<'_, Inner>, MigrationError> {
+        let inner = self.lock();
+        if !inner.out.owned_by(generation) {
+            handle.shutdown();
+            return Err(MigrationError::Cancelled);
+        }
+        Ok(inner)
+    }
+
     /// Records the connected channel of migration `generation`, so a cancel can shut it down.
     /// Fails (and shuts the channel down) if the migration was cancelled meanwhile.
     pub(crate) fn attach_channel(
@@ -393,11 +408,7 @@ impl Shared {
         generation: Generation,
         handle: &ShutdownHandle,
     ) -> Result<(), MigrationError> {
-        let mut inner = self.lock();
-        if !inner.out.owned_by(generation) {
-            handle.shutdown();
-            return Err(MigrationError::Cancelled);
-        }
+        let mut inner = self.lock_for_channel(generation, handle)?;
         inner.out.shutdown = Some(handle.clone());
         Ok(())
     }
@@ -410,11 +421,7 @@ impl Shared {
         generation: Generation,
         handle: &ShutdownHandle,
     ) -> Result<(), MigrationError> {
-        let mut inner = self.lock();
-        if !inner.out.owned_by(generation) {
-            handle.shutdown();
-            return Err(MigrationError::Cancelled);
-        }
+        let mut inner = self.lock_for_channel(generation, handle)?;
         inner.out.extra.push(handle.clone());
         Ok(())
     }
@@ -859,17 +866,27 @@ impl Shared {
 
     // ---- incoming ----
 
+    /// The lock, for recording an incoming channel; if the VM is shutting down, the channel
+    /// is shut down and the caller gets the error that says so.
+    fn lock_for_incoming_channel(
+        &self,
+        handle: &ShutdownHandle,
+    ) -> Result<MutexGuard<'_, Inner>, MigrationError> {
+        let inner = self.lock();
+        if inner.shutting_down {
+            handle.shutdown();
+            return Err(MigrationError::Other("The VM is shutting down".into()));
+        }
+        Ok(inner)
+    }
+
     /// Records the incoming channel, so a shutdown can interrupt the load; fails (and shuts
     /// the channel down) if the VM is already shutting down.
     pub(crate) fn attach_incoming_channel(
         &self,
         handle: &ShutdownHandle,
     ) -> Result<(), MigrationError> {
-        let mut inner = self.lock();
-        if inner.shutting_down {
-            handle.shutdown();
-            return Err(MigrationError::Other("The VM is shutting down".into()));
-        }
+        let mut inner = self.lock_for_incoming_channel(handle)?;
         inner.inc.shutdown = Some(handle.clone());
         inner.inc.extra.clear();
         Ok(())
@@ -881,11 +898,7 @@ impl Shared {
         &self,
         handle: &ShutdownHandle,
     ) -> Result<(), MigrationError> {
-        let mut inner = self.lock();
-        if inner.shutting_down {
-            handle.shutdown();
-            return Err(MigrationError::Other("The VM is shutting down".into()));
-        }
+        let mut inner = self.lock_for_incoming_channel(handle)?;
         inner.inc.extra.push(handle.clone());
         Ok(())
     }
