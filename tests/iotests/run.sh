@@ -14,7 +14,8 @@
 # failed`, and the exit status is 0 only if every test passed. A test the harness does not run
 # ("not run": a missing feature it probes for) counts as failed.
 #
-# LIVEMIG=path/to/livemig uses that binary instead of building the release one.
+# LIVEMIG=path/to/livemig uses that binary instead of building the release one;
+# LIVEMIG_IOTESTS_WORK=DIR puts the scratch files and logs there (default $cache/work).
 set -euo pipefail
 repo="$(cd "$(dirname "$0")/../.." && pwd)"
 
@@ -100,7 +101,8 @@ if [ -z "${LIVEMIG:-}" ]; then
     (cd "$repo" && cargo build --release -q -p livemig)
     LIVEMIG="$repo/target/release/livemig"
 fi
-work="$cache/work"
+# LIVEMIG_IOTESTS_WORK keeps concurrent runs (several worktrees) out of each other's scratch dirs.
+work="${LIVEMIG_IOTESTS_WORK:-$cache/work}"
 rm -rf "$work"
 mkdir -p "$work/scratch" "$work/sock"
 cat >"$work/livemig-vm" <<EOF
