@@ -33,7 +33,7 @@ pending=(
     qcow2:165                          # blockdev-reopen (read-only -> read-write)
     qcow2:remove-bitmap-from-backing   # blockdev-reopen
     qcow2:backing-file-invalidation    # blockdev-snapshot-sync
-    qcow2:234                          # blockdev-snapshot; livemig enters 'device' without pause-before-switchover
+    qcow2:234                          # blockdev-snapshot
     qcow2:194                          # drive-mirror
     qcow2:300                          # 38 of 39 pass; a destination whose incoming migration
                                        # failed keeps running (QEMU's exits with status 1)

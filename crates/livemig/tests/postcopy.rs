@@ -37,14 +37,9 @@ fn postcopy_stop_point_matches_the_source() {
     assert!(v["valid"].as_u64().unwrap_or(0) >= FILL_PAGES, "{v}");
     assert_eq!(
         src.migration_events_until("completed"),
-        [
-            "setup",
-            "active",
-            "STOP",
-            "device",
-            "postcopy-active",
-            "completed"
-        ],
+        // As QEMU 7.2's `postcopy_start`: `postcopy-active` before the guest stops, and no
+        // `device` state.
+        ["setup", "active", "postcopy-active", "STOP", "completed"],
         "source events"
     );
     assert_eq!(
@@ -55,6 +50,40 @@ fn postcopy_stop_point_matches_the_source() {
     let q = src.ok("query-migrate", json!({}));
     assert!(q["ram"]["postcopy-bytes"].as_u64().unwrap_or(0) > 0, "{q}");
     assert!(q["downtime"].as_u64().is_some(), "{q}");
+    check_carries_on(&mut dst);
+}
+
+/// With `pause-before-switchover`, postcopy waits in `pre-switchover` with the guest stopped
+/// and goes straight to `postcopy-active` on `migrate-continue` — QEMU 7.2's
+/// `migration_maybe_pause` in `postcopy_start`: no `device` state here either.
+#[test]
+fn postcopy_after_a_pause_before_switchover() {
+    let dir = tempdir();
+    let uri = unix_uri(dir.path(), "mig.sock");
+    let mut dst = Lm::destination(dir.path(), "dst", &uri);
+    dst.caps_on(CAPS);
+    let mut src = slow_source(dir.path());
+    src.caps_on(&["pause-before-switchover"]);
+    src.migrate(&uri);
+    src.wait_migration(&["active"]);
+    src.ok("migrate-start-postcopy", json!({}));
+    src.wait_migration(&["pre-switchover"]);
+    assert_eq!(src.status(), "finish-migrate");
+    src.ok("migrate-continue", json!({"state": "pre-switchover"}));
+    let v = check_stop_point(&mut src, &mut dst, &[]);
+    assert!(v["valid"].as_u64().unwrap_or(0) >= FILL_PAGES, "{v}");
+    assert_eq!(
+        src.migration_events_until("completed"),
+        [
+            "setup",
+            "active",
+            "STOP",
+            "pre-switchover",
+            "postcopy-active",
+            "completed"
+        ],
+        "source events"
+    );
     check_carries_on(&mut dst);
 }
 

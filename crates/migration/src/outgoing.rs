@@ -14,8 +14,10 @@
 //!    dirty log is synchronised, [`AutoConverge`] (with `auto-converge`) decides whether to
 //!    throttle the vCPUs harder, and [`Convergence`] whether to switch over.
 //! 4. [`Outgoing::switchover`]: stop the guest, optionally wait in `pre-switchover` for
-//!    `migrate-continue`, enter `device`, inactivate disks, send the END sections (the last
-//!    dirty pages and the bitmaps), the device state, EOF and the vmdesc trailer.
+//!    `migrate-continue` and then enter `device` (QEMU 7.2 enters `device` only after a
+//!    pause: without one the status stays `active` to the end), inactivate disks, send the
+//!    END sections (the last dirty pages and the bitmaps), the device state, EOF and the
+//!    vmdesc trailer.
 //! 5. [`Outgoing::complete`]: with a return path, wait for the destination's SHUT before
 //!    calling it completed; the source is then `postmigrate`.
 //!
@@ -489,7 +491,7 @@ impl Outgoing {
     /// state, EOF and the vmdesc trailer. Then closes the sending direction.
     fn switchover(&mut self) -> Result<(), MigrationError> {
         let (machine, stats) = (self.job.machine.clone(), self.job.stats.clone());
-        let globalstate = self.stop_guest()?;
+        let globalstate = self.stop_guest(MigrationStatus::Device)?;
         let written = self.downtime_start.map_or(0, |(_, b)| b);
 
         let (w, ram, bitmaps) = self.stream()?;
@@ -528,9 +530,13 @@ impl Outgoing {
     }
 
     /// The start of every switchover: stops the guest (remembering its run state for
-    /// `globalstate`), waits in `pre-switchover` if asked to, enters `device` and inactivates
-    /// the disks.
-    fn stop_guest(&mut self) -> Result<Arc<GlobalState>, MigrationError> {
+    /// `globalstate`) and inactivates the disks. `next` is the state the switchover runs in:
+    /// `device` for precopy, `postcopy-active` for postcopy. As QEMU 7.2
+    /// (`migration_maybe_pause`), with `pause-before-switchover` the source waits in
+    /// `pre-switchover` after the stop and enters `next` on `migrate-continue`; without it,
+    /// precopy stays `active` (there is no `device` state then) and postcopy enters
+    /// `postcopy-active` before the guest stops.
+    fn stop_guest(&mut self, next: MigrationStatus) -> Result<Arc<GlobalState>, MigrationError> {
         let (shared, machine, generation, stats) = (
             self.job.shared.clone(),
             self.job.machine.clone(),
@@ -541,6 +547,10 @@ impl Outgoing {
         let written = self.w.as_ref().map_or(0, |w| w.bytes_written())
             + stats.multifd.bytes.load(Ordering::Relaxed);
         stats.precopy_bytes.store(written, Ordering::Relaxed);
+        let pause = self.job.caps.has(Capability::PauseBeforeSwitchover);
+        if !pause && next == MigrationStatus::PostcopyActive {
+            shared.advance(generation, next)?;
+        }
         let before = machine.runstate();
         self.undo.stopped_running_guest = before.is_running();
         let globalstate = Arc::new(GlobalState::default());
@@ -553,7 +563,7 @@ impl Outgoing {
         self.undo.stopped = true;
         self.downtime_start = Some((Instant::now(), written));
 
-        if self.job.caps.has(Capability::PauseBeforeSwitchover) {
+        if pause {
             // With a return path, the wait keeps the channel alive with PINGs, so that the
             // destination's stall bound does not run out while management takes its time.
             let keepalive = match (&self.rp, self.w.as_mut(), self.stall) {
@@ -561,8 +571,8 @@ impl Outgoing {
                 _ => None,
             };
             wait_for_continue(&shared, generation, self.rp.as_ref(), keepalive)?;
+            shared.advance(generation, next)?;
         }
-        shared.advance(generation, MigrationStatus::Device)?;
         machine.inactivate_disks().map_err(|e| {
             MigrationError::Other(format!("Block inactivate failed during switchover: {e}"))
         })?;
@@ -573,15 +583,15 @@ impl Outgoing {
     /// Phase 4, postcopy (QEMU's `postcopy_start`): stop the guest as for a switchover, send
     /// what cannot follow the switch (the dirty bitmaps, for now), tell the destination which
     /// pages to throw away (still dirty here), then the device state wrapped in a package
-    /// with LISTEN before it and RUN after it; then `postcopy-active`.
+    /// with LISTEN before it and RUN after it — all of it in `postcopy-active`, entered as
+    /// [`Outgoing::stop_guest`] says.
     fn postcopy_switch(&mut self) -> Result<(), MigrationError> {
-        let (shared, machine, generation, stats) = (
+        let (shared, machine, stats) = (
             self.job.shared.clone(),
             self.job.machine.clone(),
-            self.job.generation,
             self.job.stats.clone(),
         );
-        let globalstate = self.stop_guest()?;
+        let globalstate = self.stop_guest(MigrationStatus::PostcopyActive)?;
         // The dirty bitmaps are postcopiable (as QEMU's): they follow the switch, in
         // postcopy's PART sections, out of the downtime.
         let first_block = job_first_block(&self.job);
@@ -646,7 +656,7 @@ impl Outgoing {
             // QEMU measures postcopy's downtime up to the package.
             shared.lock().out.downtime_ms = Some(t.elapsed().as_millis() as u64);
         }
-        shared.advance(generation, MigrationStatus::PostcopyActive)
+        Ok(())
     }
 
     /// Phase 4b, postcopy: the pages the destination asks for first, the rest in the

@@ -15,9 +15,9 @@
 //! |---|---|
 //! | `none`, `completed`, `failed`, `cancelled` | `setup` (`migrate`) |
 //! | `setup` | `active`, `failed`, `cancelling`, `cancelled` (cancelled before the channel connected: nothing to undo) |
-//! | `active` | `pre-switchover` (capability `pause-before-switchover`), `device`, `failed`, `cancelling` |
-//! | `pre-switchover` | `device` (`migrate-continue`), `failed`, `cancelling` |
-//! | `device` | `completed`, `failed`, `cancelling`, `postcopy-active` |
+//! | `active` | `completed`, `pre-switchover` (capability `pause-before-switchover`), `postcopy-active` (`migrate-start-postcopy`), `failed`, `cancelling` |
+//! | `pre-switchover` | `device` (`migrate-continue`), `postcopy-active` (`migrate-continue` in a postcopy switch), `failed`, `cancelling` |
+//! | `device` | `completed`, `failed`, `cancelling` |
 //! | `cancelling` | `cancelled`, `completed` (the cancel came after the destination confirmed the whole stream: too late to take the guest back) |
 //! | `postcopy-active` | `completed`, `failed`, `postcopy-paused` |
 //! | `postcopy-paused` | `postcopy-recover` (`migrate resume=true`), `failed` (the VM shuts down while paused) |
@@ -35,10 +35,13 @@
 //! | `postcopy-recover` | `postcopy-active`, `postcopy-paused` |
 //!
 //! Nothing else is legal, a state to itself included. `colo` and `wait-unplug` are 7.2 names
-//! livemig never enters (`x-colo` is refused; there are no failover devices). The postcopy
-//! rows are those QEMU 7.2 has, with livemig's switchover (which always passes through
-//! `device`) in front of them: postcopy takes `device → postcopy-active` on the source and
-//! `active → postcopy-active` on the destination; a cut link or `migrate-pause` takes
+//! livemig never enters (`x-colo` is refused; there are no failover devices). As in QEMU 7.2
+//! (`migration_completion`, `postcopy_start`), `device` exists only after a pause: a precopy
+//! switchover without `pause-before-switchover` stays `active` until `completed`, with it
+//! it goes `active → pre-switchover → device → completed`; postcopy goes `active →
+//! postcopy-active` before the guest stops, or `active → pre-switchover → postcopy-active`
+//! with the pause. The destination takes `active → postcopy-active`; a cut link or
+//! `migrate-pause` takes
 //! `postcopy-active → postcopy-paused`, and a recovery `postcopy-paused → postcopy-recover →
 //! postcopy-active` (a recovery that fails goes back to `postcopy-paused`). livemig adds
 //! `postcopy-paused → failed` for a VM that shuts down while paused (QEMU just exits).
@@ -89,9 +92,12 @@ pub fn is_legal(side: Side, from: MigrationStatus, to: MigrationStatus) -> bool 
             (from, to),
             (None | Completed | Failed | Cancelled, Setup)
                 | (Setup, Active | Failed | Cancelling | Cancelled)
-                | (Active, PreSwitchover | Device | Failed | Cancelling)
-                | (PreSwitchover, Device | Failed | Cancelling)
-                | (Device, Completed | Failed | Cancelling | PostcopyActive)
+                | (
+                    Active,
+                    Completed | PreSwitchover | PostcopyActive | Failed | Cancelling
+                )
+                | (PreSwitchover, Device | PostcopyActive | Failed | Cancelling)
+                | (Device, Completed | Failed | Cancelling)
                 | (Cancelling, Cancelled | Completed)
                 | (PostcopyActive, Completed | Failed | PostcopyPaused)
                 | (PostcopyPaused, PostcopyRecover | Failed)
@@ -934,15 +940,18 @@ mod tests {
         (Setup, &[Active, Failed, Cancelling, Cancelled]),
         (Cancelling, &[Cancelled, Completed]),
         (Cancelled, &[Setup]),
-        (Active, &[PreSwitchover, Device, Failed, Cancelling]),
+        (
+            Active,
+            &[Completed, PreSwitchover, PostcopyActive, Failed, Cancelling],
+        ),
         (PostcopyActive, &[Completed, Failed, PostcopyPaused]),
         (PostcopyPaused, &[PostcopyRecover, Failed]),
         (PostcopyRecover, &[PostcopyActive, PostcopyPaused]),
         (Completed, &[Setup]),
         (Failed, &[Setup]),
         (Colo, &[]),
-        (PreSwitchover, &[Device, Failed, Cancelling]),
-        (Device, &[Completed, Failed, Cancelling, PostcopyActive]),
+        (PreSwitchover, &[Device, PostcopyActive, Failed, Cancelling]),
+        (Device, &[Completed, Failed, Cancelling]),
         (WaitUnplug, &[]),
     ];
     const INCOMING: &[(MigrationStatus, &[MigrationStatus])] = &[
@@ -1026,9 +1035,8 @@ mod tests {
         let (sh, ev) = shared_with_events();
         let g = sh.begin_outgoing(&mut sh.lock()).unwrap();
         sh.advance(g, Active).unwrap();
-        sh.advance(g, Device).unwrap();
         sh.finish_outgoing(g, Outcome::Completed);
-        assert_eq!(statuses(&ev), ["setup", "active", "device", "completed"]);
+        assert_eq!(statuses(&ev), ["setup", "active", "completed"]);
         // Illegal: nothing changes, no event, a typed error.
         let g2 = sh.begin_outgoing(&mut sh.lock()).unwrap();
         let e = sh.advance(g2, Completed).unwrap_err();
@@ -1076,7 +1084,7 @@ mod tests {
         sh.cancel_outgoing().unwrap();
         // The thread's own moves are refused from now on...
         assert!(matches!(
-            sh.advance(g, Device),
+            sh.advance(g, PreSwitchover),
             Err(MigrationError::Cancelled)
         ));
         assert!(sh.out_cancelled(g));
@@ -1098,12 +1106,11 @@ mod tests {
         let g = sh.begin_outgoing(&mut sh.lock()).unwrap();
         sh.attach_channel(g, &ShutdownHandle::default()).unwrap();
         sh.advance(g, Active).unwrap();
-        sh.advance(g, Device).unwrap();
         sh.cancel_outgoing().unwrap();
         sh.finish_outgoing(g, Outcome::Completed);
         assert_eq!(
             statuses(&ev),
-            ["setup", "active", "device", "cancelling", "completed"]
+            ["setup", "active", "cancelling", "completed"]
         );
     }
 
@@ -1137,7 +1144,7 @@ mod tests {
     fn postcopy_refuses_a_cancel() {
         let (sh, _) = shared_with_events();
         let g = sh.begin_outgoing(&mut sh.lock()).unwrap();
-        for st in [Active, Device, PostcopyActive] {
+        for st in [Active, PostcopyActive] {
             sh.advance(g, st).unwrap();
         }
         assert_eq!(

@@ -179,7 +179,6 @@ fn migrates_over_unix_socket() {
         "MIGRATION {\"status\":\"setup\"}",
         "MIGRATION {\"status\":\"active\"}",
         "STOP null",
-        "MIGRATION {\"status\":\"device\"}",
         "MIGRATION {\"status\":\"completed\"}",
     ] {
         assert!(
@@ -187,6 +186,8 @@ fn migrates_over_unix_socket() {
             "missing {want} in {names:?}"
         );
     }
+    // QEMU 7.2 enters `device` only after `pre-switchover`.
+    assert!(!names.iter().any(|n| n.contains("\"device\"")), "{names:?}");
     assert!(
         names.iter().any(|n| n.starts_with("MIGRATION_PASS")),
         "{names:?}"

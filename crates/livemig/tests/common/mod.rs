@@ -174,6 +174,25 @@ impl Lm {
         }
     }
 
+    /// Polls `query-status` until the run state is `status`.
+    pub fn wait_runstate(&mut self, status: &str) {
+        let deadline = Instant::now() + TIMEOUT;
+        loop {
+            let st = self.status();
+            if st == status {
+                return;
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "{}: run state did not become {status}: {st}\nlog:\n{}",
+                    self.name,
+                    self.proc.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     /// Waits for the migration to end and checks it completed.
     pub fn wait_completed(&mut self) -> Value {
         let r = self.wait_migration(&["completed", "failed", "cancelled"]);
