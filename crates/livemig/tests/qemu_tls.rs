@@ -1,7 +1,8 @@
 //! Migration over TLS between QEMU 7.2 (GnuTLS) and livemig (rustls), both `-M none -m 32M`,
 //! with certificates made by the test (testkit::pki) in QEMU's directory layout.
 //!
-//! * QEMU → livemig → QEMU over TCP with a return path: x509 credentials on every end, the
+//! * QEMU → livemig → QEMU over TCP with a return path, once on one channel and once with
+//!   multifd (two channels, each its own TLS session): x509 credentials on every end, the
 //!   destinations checking the source's certificate with `tls-authz` (livemig an `authz-list`
 //!   glob, QEMU an `authz-simple` with the distinguished name as GnuTLS prints it — so QEMU
 //!   itself confirms livemig's reading of the name). RAM identical at every step. livemig's
@@ -54,12 +55,14 @@ fn qemu_destination(
     name: &str,
     extra: &[String],
     params: Value,
+    with_multifd: bool,
 ) -> (VmProcessQ, String) {
     let mut args = strings(&["-incoming", "defer"]);
     args.extend_from_slice(extra);
     let p = qemu(dir, name, &args);
     let mut q = p.qmp();
     return_path(&mut q);
+    multifd(&mut q, with_multifd);
     q.ok("migrate-set-parameters", params);
     q.ok("migrate-incoming", json!({"uri": "tcp:127.0.0.1:0"}));
     let uri = connect_uri(&mut q, "tcp:127.0.0.1:0");
@@ -85,9 +88,44 @@ fn wait_log(p: &testkit::VmProcess, what: &str) -> String {
     }
 }
 
+/// Capability `multifd` with [`CHANNELS`] channels, when `on`.
+fn multifd(q: &mut QmpClient, on: bool) {
+    if on {
+        q.ok(
+            "migrate-set-capabilities",
+            json!({"capabilities": [{"capability": "multifd", "state": true}]}),
+        );
+        q.ok(
+            "migrate-set-parameters",
+            json!({ "multifd-channels": CHANNELS }),
+        );
+    }
+}
+
+/// Multifd channels on every end of the multifd chain.
+const CHANNELS: u64 = 2;
+
+/// With multifd, the pages went over the (encrypted) channels.
+fn check_channels(s: &Value, on: bool, what: &str) {
+    let bytes = s["ram"]["multifd-bytes"].as_u64().unwrap_or(0);
+    if on {
+        assert!(bytes >= 2 << 20, "{what}: pages over the channels: {s}");
+    }
+}
+
 #[test]
 fn tls_qemu_to_livemig_to_qemu() {
-    let Some(tmp) = setup("tls_qemu_to_livemig_to_qemu") else {
+    chain("tls_qemu_to_livemig_to_qemu", false);
+}
+
+/// The same chain with multifd: every channel of every hop is a TLS session of its own.
+#[test]
+fn tls_multifd_qemu_to_livemig_to_qemu() {
+    chain("tls_multifd_qemu_to_livemig_to_qemu", true);
+}
+
+fn chain(test: &str, with_multifd: bool) {
+    let Some(tmp) = setup(test) else {
         return;
     };
     let dir = tmp.path();
@@ -102,6 +140,7 @@ fn tls_qemu_to_livemig_to_qemu() {
     let qa = qemu(dir, "qa", &args);
     let mut qa_q = qa.qmp();
     return_path(&mut qa_q);
+    multifd(&mut qa_q, with_multifd);
     qa_q.ok("migrate-set-parameters", json!({"tls-creds": "tls0"}));
 
     let mut args = creds_arg(dir, "tls0", "srv", "server");
@@ -114,11 +153,13 @@ fn tls_qemu_to_livemig_to_qemu() {
     let l = livemig(dir, "l", &args);
     let mut l_q = l.qmp();
     return_path(&mut l_q);
+    multifd(&mut l_q, with_multifd);
     l_q.ok(
         "migrate-set-parameters",
         json!({"tls-creds": "tls0", "tls-authz": "auth0"}),
     );
     let (s, d) = migrate(&mut qa_q, &mut l_q, "tcp:127.0.0.1:0");
+    check_channels(&s, with_multifd, "QEMU -> livemig");
     assert_eq!(s["status"], "completed", "QEMU source: {s}\n{}", qa.log());
     assert_eq!(
         d["status"],
@@ -152,8 +193,10 @@ fn tls_qemu_to_livemig_to_qemu() {
         "qb",
         &extra,
         json!({"tls-creds": "tls0", "tls-authz": "auth0"}),
+        with_multifd,
     );
     let (s, d) = migrate(&mut l_q, &mut b.q, &uri);
+    check_channels(&s, with_multifd, "livemig -> QEMU");
     assert_eq!(s["status"], "completed", "livemig source: {s}\n{}", l.log());
     assert_eq!(
         d["status"],
@@ -217,6 +260,7 @@ fn tls_failures_are_clear_on_both_ends() {
         "q-ca",
         &creds_arg(dir, "tls0", "srv", "server"),
         json!({"tls-creds": "tls0"}),
+        false,
     );
     src.q.ok("migrate", json!({"uri": uri}));
     let e = source_failed_and_runs(&mut src.q, "wrong CA");
@@ -239,6 +283,7 @@ fn tls_failures_are_clear_on_both_ends() {
         "q-host",
         &creds_arg(dir, "tls0", "srv", "server"),
         json!({"tls-creds": "tls0"}),
+        false,
     );
     src.q.ok("migrate", json!({"uri": uri}));
     let e = source_failed_and_runs(&mut src.q, "wrong hostname");
@@ -309,7 +354,7 @@ fn tls_failures_are_clear_on_both_ends() {
     // A livemig TLS source -> a plaintext QEMU destination.
     src.q
         .ok("migrate-set-parameters", json!({"tls-hostname": ""}));
-    let (dst, uri) = qemu_destination(dir, "q-plain", &[], json!({}));
+    let (dst, uri) = qemu_destination(dir, "q-plain", &[], json!({}), false);
     src.q.ok("migrate", json!({"uri": uri}));
     let e = source_failed_and_runs(&mut src.q, "plaintext destination");
     assert!(e.starts_with("TLS handshake failed: "), "{e}");

@@ -1133,9 +1133,20 @@ pub(crate) fn run(job: Job) {
         None => None,
         Some(config) => {
             let accepted = if job.listener.is_socket() {
+                let main_fd = shutdown.socket();
                 let mut accept = || {
+                    if let Some(l) = job.listener.socket_fd() {
+                        crate::multifd::recv::wait_for_channel(
+                            l,
+                            main_fd.as_ref().map(std::os::fd::AsFd::as_fd),
+                            stall,
+                        )?;
+                    }
                     let c = job.listener.accept()?;
                     shared.attach_extra_incoming_channel(&c.shutdown)?;
+                    // A peer that never finishes its TLS handshake or its MultiFDInit_t
+                    // fails the channel after the stall bound (lifted once it is read).
+                    c.shutdown.set_stall_timeout(true, true, stall);
                     crate::secure::secure_incoming(c, &tls_params, &job.objects)
                 };
                 crate::multifd::recv::Receiver::accept(

@@ -269,9 +269,12 @@ impl Outgoing {
     /// the channel for a cancel, secures it and sends its handshake.
     fn connect_multifd(&mut self) -> Result<(), MigrationError> {
         let job = &self.job;
-        let config = {
+        let (config, stall) = {
             let inner = job.shared.lock();
-            crate::multifd::MultifdConfig::from_settings(&job.caps, &inner.params)
+            (
+                crate::multifd::MultifdConfig::from_settings(&job.caps, &inner.params),
+                inner.params.stall_timeout(),
+            )
         };
         let Some(config) = config else {
             return Ok(());
@@ -295,6 +298,9 @@ impl Outgoing {
         let open: crate::multifd::send::Opener = Arc::new(move |_id| {
             let conn = connect(&uri)?;
             shared.attach_extra_channel(generation, &conn.shutdown)?;
+            // As the main channel: a write that moves nothing for the bound fails; and so
+            // does a TLS handshake whose peer never answers.
+            conn.shutdown.set_stall_timeout(tls.enabled(), true, stall);
             crate::secure::secure_outgoing(conn, &uri, &tls, &objects)
         });
         let (shared, generation) = (job.shared.clone(), job.generation);

@@ -429,6 +429,17 @@ impl Listener {
         }
     }
 
+    /// The listening socket (`tcp:`, `unix:`), for a wait that watches it beside other
+    /// sockets (multifd's channels are awaited while the main channel is watched).
+    pub fn socket_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        use std::os::fd::AsFd;
+        match self {
+            Listener::Tcp(l) => Some(l.as_fd()),
+            Listener::Unix(l, _) => Some(l.as_fd()),
+            _ => None,
+        }
+    }
+
     /// Waits for the source and returns the channel.
     pub fn accept(&self) -> Result<Connection, MigrationError> {
         match self {

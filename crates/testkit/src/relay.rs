@@ -6,7 +6,9 @@
 //! accepts to the target, both ways: the stream towards the destination ("forward") and the
 //! return path back. Faults are positions in the forward stream of the *first* connection
 //! (the main migration channel); [`Relay::stall`] and [`Relay::cut`] act on every connection
-//! at once, whenever the test calls them.
+//! at once, whenever the test calls them. [`Plan::divert`] sends the connections after the
+//! first few to another target (a multifd source's extra channels to another peer);
+//! [`Relay::cut_one`] cuts one connection and leaves the others.
 //!
 //! * [`Fault::Cut`] — once `at` bytes went forward, both connections are shut down in both
 //!   directions, as when the network between the hosts goes away.
@@ -63,6 +65,9 @@ pub struct Plan {
     pub faults: Vec<Fault>,
     /// Longest a stall (or a hold-back) lasts before the relay cuts the connection.
     pub bound: Duration,
+    /// Connections from this index on (0 is the first) go to another target: a multifd
+    /// source's extra channels reach a peer other than its main channel's.
+    pub divert: Option<(usize, Target)>,
 }
 
 impl Default for Plan {
@@ -70,6 +75,7 @@ impl Default for Plan {
         Plan {
             faults: Vec::new(),
             bound: Duration::from_secs(60),
+            divert: None,
         }
     }
 }
@@ -91,6 +97,12 @@ impl Plan {
     /// With another bound.
     pub fn bounded(mut self, bound: Duration) -> Plan {
         self.bound = bound;
+        self
+    }
+
+    /// With connections from index `from` on sent to `to` (see [`Plan::divert`]).
+    pub fn diverting(mut self, from: usize, to: Target) -> Plan {
+        self.divert = Some((from, to));
         self
     }
 
@@ -161,6 +173,10 @@ struct State {
     report: Report,
     /// Every connection's two sockets, for cuts.
     socks: Vec<Sock>,
+    /// Each connection's two sockets by index, for [`Relay::cut_one`].
+    pairs: Vec<(usize, Sock, Sock)>,
+    /// Connections cut alone: their end does not take the others down.
+    dropped: Vec<usize>,
     /// A stall is in force (by plan or by [`Relay::stall`]).
     stalled: bool,
     /// When the current stall began.
@@ -344,6 +360,18 @@ impl Relay {
         self.shared.cond.notify_all();
     }
 
+    /// Cuts connection `index` alone (0 is the first), both ways, as when one flow of several
+    /// is dropped on the way (a multifd channel): the others carry on.
+    pub fn cut_one(&self, index: usize) {
+        let mut st = self.shared.lock();
+        st.dropped.push(index);
+        for (_, a, b) in st.pairs.iter().filter(|(i, _, _)| *i == index) {
+            a.shutdown();
+            b.shutdown();
+        }
+        self.shared.cond.notify_all();
+    }
+
     /// Cuts every connection now.
     pub fn cut(&self) {
         let mut st = self.shared.lock();
@@ -395,7 +423,11 @@ fn accept_loop(listen: Listen, target: Target, sh: Arc<Shared>) {
         if sh.lock().closing {
             return;
         }
-        let server = match &target {
+        let target = match &sh.plan.divert {
+            Some((from, to)) if index >= *from => to,
+            _ => &target,
+        };
+        let server = match target {
             Target::Unix(p) => UnixStream::connect(p).map(Sock::Unix),
             Target::Tcp(a) => TcpStream::connect(a).map(|s| {
                 let _ = s.set_nodelay(true);
@@ -415,31 +447,35 @@ fn accept_loop(listen: Listen, target: Target, sh: Arc<Shared>) {
         let (Ok(c1), Ok(s1), Ok(c2), Ok(s2)) = clones else {
             return;
         };
+        let (Ok(c3), Ok(s3)) = (client.try_clone(), server.try_clone()) else {
+            return;
+        };
         {
             let mut st = sh.lock();
             st.report.connections += 1;
             st.socks.push(c1);
             st.socks.push(s1);
+            st.pairs.push((index, c3, s3));
             if st.cut {
                 for s in &st.socks {
                     s.shutdown();
                 }
             }
         }
-        let first = index == 0;
         let back = sh.clone();
         let _ = std::thread::Builder::new()
             .name("relay-back".into())
-            .spawn(move || pump_back(s2, c2, &back, first));
+            .spawn(move || pump_back(s2, c2, &back, index));
         let fwd = sh.clone();
         let _ = std::thread::Builder::new()
             .name("relay-forward".into())
-            .spawn(move || pump_forward(client, server, &fwd, first));
+            .spawn(move || pump_forward(client, server, &fwd, index));
     }
 }
 
 /// The return direction: copies while not stalled.
-fn pump_back(mut from: Sock, mut to: Sock, sh: &Shared, first: bool) {
+fn pump_back(mut from: Sock, mut to: Sock, sh: &Shared, index: usize) {
+    let first = index == 0;
     let mut buf = vec![0u8; 64 * 1024];
     loop {
         let n = match from.read(&mut buf) {
@@ -460,13 +496,16 @@ fn pump_back(mut from: Sock, mut to: Sock, sh: &Shared, first: bool) {
         }
     }
     // The destination went away (or the cut): the source sees its side close too, as it
-    // would on a direct connection.
+    // would on a direct connection — unless this connection alone was cut.
     let mut st = sh.lock();
-    sh.cut_locked(&mut st);
+    if !st.dropped.contains(&index) {
+        sh.cut_locked(&mut st);
+    }
 }
 
 /// The forward direction, with the plan's faults on the first connection.
-fn pump_forward(mut from: Sock, mut to: Sock, sh: &Shared, first: bool) {
+fn pump_forward(mut from: Sock, mut to: Sock, sh: &Shared, index: usize) {
+    let first = index == 0;
     let faults: Vec<Fault> = if first {
         sh.plan.faults.clone()
     } else {
@@ -569,7 +608,9 @@ fn pump_forward(mut from: Sock, mut to: Sock, sh: &Shared, first: bool) {
         }
         if !out.is_empty() && to.write_all(&out).is_err() {
             let mut st = sh.lock();
-            sh.cut_locked(&mut st);
+            if !st.dropped.contains(&index) {
+                sh.cut_locked(&mut st);
+            }
             return;
         }
         if first {

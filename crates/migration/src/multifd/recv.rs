@@ -18,11 +18,14 @@ use super::{channel_error, MultifdConfig, UUID};
 use crate::error::MigrationError;
 use crate::guest::{RamBlock, PAGE_SIZE};
 use crate::transport::{BoxRead, Connection, ShutdownHandle};
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use std::collections::HashMap;
 use std::io::Read;
+use std::os::fd::BorrowedFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 use wire::multifd::{Compression, InitPacket, PacketHeader, INIT_LEN, PACKET_HEADER_LEN};
 
 #[derive(Default)]
@@ -132,6 +135,76 @@ pub struct Receiver {
 /// Accepts the next connection, registers it for cancellation and secures it (TLS).
 pub type Accept<'a> = &'a mut dyn FnMut() -> Result<Connection, MigrationError>;
 
+/// `POLLRDHUP` (Linux): the peer shut its sending side (or the socket was shut here). nix
+/// does not name it; its value is the kernel's (`0x2000`).
+fn rdhup() -> PollFlags {
+    PollFlags::from_bits_retain(0x2000)
+}
+
+/// Waits until `listener` has the next channel to accept. Gives up, with an error, when the
+/// source hangs up the main channel (or it is shut down here: a cancel) before the channel
+/// comes — a source whose channel failed (a refused certificate, a peer that does not speak
+/// TLS) or a cut link — or when `bound` (`x-livemig-stall-timeout`) passes without one;
+/// without this an `accept` would keep the destination in `setup` for good.
+pub fn wait_for_channel(
+    listener: BorrowedFd<'_>,
+    main: Option<BorrowedFd<'_>>,
+    bound: Option<Duration>,
+) -> Result<(), MigrationError> {
+    let deadline = bound.map(|b| Instant::now() + b);
+    loop {
+        let mut fds = vec![PollFd::new(listener, PollFlags::POLLIN)];
+        if let Some(m) = main {
+            fds.push(PollFd::new(m, rdhup()));
+        }
+        let timeout = match deadline {
+            None => PollTimeout::NONE,
+            Some(d) => {
+                let left = d.saturating_duration_since(Instant::now());
+                PollTimeout::try_from(left.as_millis().min(i32::MAX as u128) as i32)
+                    .unwrap_or(PollTimeout::MAX)
+            }
+        };
+        match poll(&mut fds, timeout) {
+            Ok(_) => {}
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => {
+                return Err(MigrationError::io(
+                    "cannot wait for a multifd channel",
+                    std::io::Error::from(e),
+                ))
+            }
+        }
+        // nix reads back only the flags it names: `None` is POLLRDHUP (the one unnamed flag
+        // asked for; the kernel adds only POLLERR, POLLHUP and POLLNVAL, which it names).
+        let gone = PollFlags::POLLHUP | PollFlags::POLLERR | PollFlags::POLLNVAL;
+        if fds
+            .get(1)
+            .is_some_and(|m| m.revents().is_none_or(|r| r.intersects(gone)))
+        {
+            return Err(MigrationError::Load(
+                "multifd: the main channel closed before every multifd channel connected \
+                 (the source failed to open one)"
+                    .into(),
+            ));
+        }
+        if fds
+            .first()
+            .and_then(|l| l.revents())
+            .is_some_and(|r| !r.is_empty())
+        {
+            return Ok(());
+        }
+        if deadline.is_some_and(|d| Instant::now() >= d) {
+            return Err(MigrationError::Load(format!(
+                "multifd: no multifd channel connected within {} ms of the main channel \
+                 (x-livemig-stall-timeout)",
+                bound.unwrap_or_default().as_millis()
+            )));
+        }
+    }
+}
+
 impl Receiver {
     /// Accepts `config.channels` channels with `accept`, checks each handshake, and starts
     /// their threads. `blocks` is this VM's RAM; `main` shuts the main channel down.
@@ -174,6 +247,10 @@ impl Receiver {
                 .map_err(|e| MigrationError::Load(prefix(crate::error::os_error_text(&e))))?;
             let init = InitPacket::decode(&b, &UUID, n, 0)
                 .map_err(|e| MigrationError::Load(prefix(e.kind.to_string())))?;
+            // Only the handshake is bounded (`accept` set the bound): afterwards a channel
+            // may rightly hear nothing for long (every page on other channels, a source
+            // waiting in pre-switchover).
+            conn.shutdown.set_stall_timeout(true, true, None);
             let id = init.id;
             match seen.get_mut(usize::from(id)) {
                 Some(s) if !*s => *s = true,
