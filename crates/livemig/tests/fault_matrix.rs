@@ -37,6 +37,10 @@
 //! has inactivated its disks and waits for the destination's `SHUT` on the return path; and
 //! `device-blocked` — the same proxy stops reading there, so the source is blocked writing
 //! `tz` (checked: its migration thread is in a write system call).
+//!
+//! The multifd cells (issue 12) tell the same story with four channels on every migration of
+//! the cell: in `active` and `pre-switchover`, a relay (testkit's) carrying the main channel
+//! and the four channels cuts all of them, or one channel's connection alone.
 
 mod common;
 mod faults;
@@ -46,6 +50,7 @@ use faults::*;
 use serde_json::{json, Value};
 use std::path::Path;
 use std::time::{Duration, Instant};
+use testkit::relay::{Plan, Relay as LinkRelay, Target};
 
 /// Capabilities on both ends of every migration here (the return path is what holds a
 /// source in the switchover).
@@ -80,8 +85,10 @@ enum Fault {
     Cancel,
     /// SIGKILL to the destination process.
     KillDestination,
-    /// The connection between the two closes abruptly.
+    /// The connection between the two closes abruptly (with multifd: every channel's).
     CutConnection,
+    /// With multifd: one channel's connection closes abruptly, the others stay.
+    CutChannel,
 }
 
 /// The second node (besides the qcow2 `d0`).
@@ -213,7 +220,9 @@ fn wait_idle(lm: &mut Lm) {
 /// `livemig vm` on `img`. The first start creates `pq` and writes the data; a restart finds
 /// the persistent bitmaps in the image and only re-creates the transient `tb` and `tz` (the
 /// write to `d0` sets only bits the persistent ones already have).
-fn start_source(dir: &Path, name: &str, img: &Path, first: bool) -> Lm {
+///
+/// With `channels` > 0: capability `multifd` with that many channels.
+fn start_source(dir: &Path, name: &str, img: &Path, first: bool, channels: u64) -> Lm {
     let blockdev = qcow2_blockdev(img);
     let mut lm = Lm::start(
         dir,
@@ -261,15 +270,32 @@ fn start_source(dir: &Path, name: &str, img: &Path, first: bool) -> Lm {
     }
     lm.caps_on(CAPS);
     lm.set_params(mapping());
+    multifd(&mut lm, channels);
     lm
+}
+
+/// Capability `multifd` with `channels` channels, unless 0.
+fn multifd(lm: &mut Lm, channels: u64) {
+    if channels > 0 {
+        lm.caps_on(&["multifd"]);
+        lm.set_params(json!({ "multifd-channels": channels }));
+    }
 }
 
 /// A destination for `uri` on a fresh empty image `NAME.qcow2`; with `paused` (`-S`) it stays
 /// paused after the migration, otherwise it would start the guest.
 ///
 /// With `shared`, it opens that image instead — the source's own, as with shared storage (it
-/// opens it inactive, without locks, for the incoming migration).
-fn start_destination(dir: &Path, name: &str, uri: &str, paused: bool, shared: Option<&Path>) -> Lm {
+/// opens it inactive, without locks, for the incoming migration). `channels` as for
+/// [`start_source`].
+fn start_destination(
+    dir: &Path,
+    name: &str,
+    uri: &str,
+    paused: bool,
+    shared: Option<&Path>,
+    channels: u64,
+) -> Lm {
     let img = match shared {
         Some(i) => i.to_path_buf(),
         None => {
@@ -297,6 +323,7 @@ fn start_destination(dir: &Path, name: &str, uri: &str, paused: bool, shared: Op
     let mut lm = Lm::start(dir, name, &args);
     lm.caps_on(CAPS);
     lm.set_params(mapping());
+    multifd(&mut lm, channels);
     lm
 }
 
@@ -380,7 +407,9 @@ fn wait_blocked_in_write(src: &mut Lm) {
 /// ended. `round` keeps the files of repeated attempts apart.
 ///
 /// With `shared`, the destination opens the source's image (shared storage); otherwise it has
-/// an empty image of its own.
+/// an empty image of its own. With `channels` > 0 both ends use multifd (the source has it
+/// on already), and a cut goes through a relay that carries every channel.
+#[allow(clippy::too_many_arguments)]
 fn attempt(
     dir: &Path,
     src: &mut Lm,
@@ -389,12 +418,14 @@ fn attempt(
     fault: Fault,
     round: u32,
     shared: bool,
+    channels: u64,
 ) {
     let sock = |what: &str| dir.join(format!("{what}{round}.sock"));
     let default_bandwidth = src.ok("query-migrate-parameters", json!({}))["max-bandwidth"].clone();
     // Whatever stands for the other end; dropped at the end of the attempt.
     let mut dst: Option<Lm> = None;
     let mut proxy: Option<Proxy> = None;
+    let mut relay: Option<LinkRelay> = None;
     let mut foreign: Option<ForeignListener> = None;
     let mut local = None;
 
@@ -420,13 +451,21 @@ fn attempt(
             &target_uri,
             false,
             shared.then_some(img),
+            channels,
         ));
         let stall = match phase {
             Phase::Device => Stall::Hold,
             Phase::DeviceBlocked => Stall::Block,
             _ => Stall::No,
         };
-        let uri = if stall != Stall::No || fault == Fault::CutConnection {
+        let cut = matches!(fault, Fault::CutConnection | Fault::CutChannel);
+        let uri = if channels > 0 && cut {
+            assert_eq!(stall, Stall::No, "the multifd cells do not stall");
+            let r = LinkRelay::unix(&sock("relay"), Target::Unix(target.clone()), Plan::none());
+            let uri = r.uri.clone();
+            relay = Some(r);
+            uri
+        } else if stall != Stall::No || fault == Fault::CutConnection {
             let listen = sock("proxy");
             proxy = Some(Proxy::start(&listen, &target, stall));
             format!("unix:{}", listen.display())
@@ -485,6 +524,13 @@ fn attempt(
             }
             Phase::Setup => unreachable!(),
         }
+        if let Some(r) = &relay {
+            // Several channels open: the main one and every multifd channel.
+            let want = 1 + channels as usize;
+            r.wait(TIMEOUT, "every channel connected", |rep| {
+                rep.connections >= want
+            });
+        }
     }
 
     match fault {
@@ -505,6 +551,13 @@ fn attempt(
             if let Some(p) = &proxy {
                 p.cut();
             }
+            if let Some(r) = &relay {
+                r.cut();
+            }
+        }
+        Fault::CutChannel => {
+            // The first multifd channel (the relay's connection 0 is the main one).
+            relay.as_ref().expect("relay").cut_one(1);
         }
     }
     drop(local);
@@ -530,6 +583,7 @@ fn attempt(
         expected_events(phase, fault),
         "{phase:?}/{fault:?}"
     );
+    drop(relay);
     if let Some(p) = proxy.take() {
         if stall_phase(phase) {
             assert!(p.held() > 0, "the proxy held back nothing");
@@ -610,9 +664,9 @@ fn check_image_after_quit(img: &Path) {
 /// The new migration from `src` to a fresh destination completes and carries what the source
 /// had; once the destination quits, its image holds the migrated persistent bitmaps with the
 /// same contents.
-fn second_migration(dir: &Path, src: &mut Lm, before: &Snapshot) {
+fn second_migration(dir: &Path, src: &mut Lm, before: &Snapshot, channels: u64) {
     let uri = unix_uri(dir, "final.sock");
-    let mut dst = start_destination(dir, "final-dst", &uri, true, None);
+    let mut dst = start_destination(dir, "final-dst", &uri, true, None, channels);
     src.migrate(&uri);
     check_stop_point(src, &mut dst, &["pb", "pq", "tb"]);
     assert_eq!(dst.ram_checksum(), before.ram);
@@ -664,6 +718,12 @@ fn second_migration(dir: &Path, src: &mut Lm, before: &Snapshot) {
 }
 
 fn run_cell(phase: Phase, fault: Fault) {
+    run_cell_with(phase, fault, 0);
+}
+
+/// A cell; with `channels` > 0 every migration of it (the faulty ones and the last) uses
+/// multifd with that many channels.
+fn run_cell_with(phase: Phase, fault: Fault, channels: u64) {
     let test = format!("{phase:?}/{fault:?}");
     let mut missing = testkit::qemu();
     if fault == Fault::KillDestination && phase == Phase::Setup {
@@ -677,26 +737,26 @@ fn run_cell(phase: Phase, fault: Fault) {
     create_qcow2(&img, DISK_SIZE, &[("pb", 65536), ("pn", 65536)]);
 
     // Round 1: the fault, then quit — the image keeps everything.
-    let mut src = start_source(dir.path(), "src1", &img, true);
+    let mut src = start_source(dir.path(), "src1", &img, true, channels);
     let s0 = snapshot(&mut src);
     assert_eq!(s0.bitmaps, expected_bitmaps());
-    attempt(dir.path(), &mut src, &img, phase, fault, 1, true);
+    attempt(dir.path(), &mut src, &img, phase, fault, 1, true, channels);
     check_put_back(&mut src, &s0, &img);
     quit(src);
     check_image_after_quit(&img);
 
     // Round 2: a new source on the image has the same bitmaps, bit for bit; the same fault;
     // then a migration from that process succeeds.
-    let mut src = start_source(dir.path(), "src2", &img, false);
+    let mut src = start_source(dir.path(), "src2", &img, false, channels);
     let s1 = snapshot(&mut src);
     assert_eq!(s1.bitmaps, s0.bitmaps);
     assert_eq!(
         s1.sha, s0.sha,
         "the persistent bitmaps did not come back as they were"
     );
-    attempt(dir.path(), &mut src, &img, phase, fault, 2, false);
+    attempt(dir.path(), &mut src, &img, phase, fault, 2, false, channels);
     check_put_back(&mut src, &s1, &img);
-    second_migration(dir.path(), &mut src, &s1);
+    second_migration(dir.path(), &mut src, &s1, channels);
     quit(src);
     // The source handed the guest over: its image is consistent and has the data; `pn`, which
     // did not migrate, was stored at the switchover.
@@ -784,6 +844,34 @@ fn device_cut_connection() {
     run_cell(Phase::Device, Fault::CutConnection);
 }
 
+// ---- Multifd (issue 12): the same story with four channels open, the link cut whole or one
+// channel's connection alone, while the source iterates and while it waits in
+// pre-switchover. (Cancel and a killed destination with four channels open:
+// `multifd.rs`.)
+
+/// Channels of the multifd cells.
+const CHANNELS: u64 = 4;
+
+#[test]
+fn multifd_active_cut_connection() {
+    run_cell_with(Phase::Active, Fault::CutConnection, CHANNELS);
+}
+
+#[test]
+fn multifd_active_cut_channel() {
+    run_cell_with(Phase::Active, Fault::CutChannel, CHANNELS);
+}
+
+#[test]
+fn multifd_pre_switchover_cut_connection() {
+    run_cell_with(Phase::PreSwitchover, Fault::CutConnection, CHANNELS);
+}
+
+#[test]
+fn multifd_pre_switchover_cut_channel() {
+    run_cell_with(Phase::PreSwitchover, Fault::CutChannel, CHANNELS);
+}
+
 // ---- Postcopy (issue 10) ----
 //
 // The same source (qcow2 `d0` with its bitmaps, `d1`), migrated with `postcopy-ram` through a
@@ -838,7 +926,7 @@ fn run_postcopy_cell(fault: PostcopyFault) {
     let dir = tempdir();
     let img = dir.path().join("src.qcow2");
     create_qcow2(&img, DISK_SIZE, &[("pb", 65536), ("pn", 65536)]);
-    let mut src = start_source(dir.path(), "src", &img, true);
+    let mut src = start_source(dir.path(), "src", &img, true, 0);
     let before = snapshot(&mut src);
     let target = dir.path().join("mig.sock");
     let relay_path = dir.path().join("relay.sock");
@@ -849,6 +937,7 @@ fn run_postcopy_cell(fault: PostcopyFault) {
         &format!("unix:{}", target.display()),
         false,
         None,
+        0,
     );
     for lm in [&mut src, &mut dst] {
         lm.caps_on(&["postcopy-ram"]);

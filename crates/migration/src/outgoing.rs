@@ -576,7 +576,13 @@ impl Outgoing {
                 (Some(_), Some(w), Some(t)) => Some((w, t / 3)),
                 _ => None,
             };
-            wait_for_continue(&shared, generation, self.rp.as_ref(), keepalive)?;
+            wait_for_continue(
+                &shared,
+                generation,
+                self.rp.as_ref(),
+                keepalive,
+                self.ram.as_ref().and_then(|r| r.multifd()),
+            )?;
             shared.advance(generation, next)?;
         }
         machine.inactivate_disks().map_err(|e| {
@@ -1243,14 +1249,24 @@ fn drain_requests(
 
 /// Waits in `pre-switchover` until `migrate-continue` or a cancel; with `keepalive`, sends a
 /// PING on the stream at that interval (the destination answers on the return path).
+/// Multifd channels carry nothing while the source waits, so a connection of theirs that
+/// closes (a channel cut alone) is looked for on their sockets.
 fn wait_for_continue(
     shared: &Shared,
     generation: Generation,
     rp: Option<&mpsc::Receiver<RpEvent>>,
     mut keepalive: Option<(&mut Writer, Duration)>,
+    multifd: Option<&crate::multifd::send::Sender>,
 ) -> Result<(), MigrationError> {
     let mut last_ping = Instant::now();
     shared.pause_before_switchover(generation, || {
+        if multifd.is_some_and(|m| m.channel_hung_up()) {
+            return Err(MigrationError::Other(
+                "the destination went away while the source waited in pre-switchover \
+                 (a multifd channel's connection closed)"
+                    .into(),
+            ));
+        }
         let Some(rp) = rp else {
             return Ok(());
         };

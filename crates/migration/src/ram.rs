@@ -124,6 +124,11 @@ impl RamSaver {
         self.multifd = Some(sender);
     }
 
+    /// The multifd channels, when they carry the pages.
+    pub fn multifd(&self) -> Option<&crate::multifd::send::Sender> {
+        self.multifd.as_ref()
+    }
+
     /// Ends the multifd channels (after the migration, whatever its outcome): see
     /// [`crate::multifd::send::Sender::finish`].
     pub fn finish_multifd(&mut self, ok: bool) {

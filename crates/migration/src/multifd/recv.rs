@@ -141,6 +141,20 @@ fn rdhup() -> PollFlags {
     PollFlags::from_bits_retain(0x2000)
 }
 
+/// Whether the peer of socket `fd` closed its side (or the connection broke), without
+/// waiting.
+pub(crate) fn hung_up(fd: BorrowedFd<'_>) -> bool {
+    let mut fds = [PollFd::new(fd, rdhup())];
+    match poll(&mut fds, PollTimeout::ZERO) {
+        // See `wait_for_channel` for `None`. POLLERR alone is not taken: with zero copy it
+        // only says that completions wait on the error queue.
+        Ok(n) if n > 0 => fds
+            .first()
+            .is_some_and(|f| f.revents().is_none_or(|r| r.contains(PollFlags::POLLHUP))),
+        _ => false,
+    }
+}
+
 /// Waits until `listener` has the next channel to accept. Gives up, with an error, when the
 /// source hangs up the main channel (or it is shut down here: a cancel) before the channel
 /// comes — a source whose channel failed (a refused certificate, a peer that does not speak

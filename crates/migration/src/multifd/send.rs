@@ -287,6 +287,20 @@ impl Sender {
         }
     }
 
+    /// Whether the peer closed a channel's connection (or it broke): looked at while nothing
+    /// is written on the channels (pre-switchover), where no write would tell.
+    pub fn channel_hung_up(&self) -> bool {
+        let handles = self
+            .shutdowns
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        handles.iter().any(|h| {
+            h.socket()
+                .is_some_and(|fd| super::recv::hung_up(std::os::fd::AsFd::as_fd(&fd)))
+        })
+    }
+
     /// Shuts every channel down: blocked writes return and the threads end.
     pub fn abort(&self) {
         for h in self
