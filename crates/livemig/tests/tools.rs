@@ -52,7 +52,7 @@ fn python_qmp_client_drives_a_whole_migration() {
     for want in [
         "src capabilities: dirty-bitmaps events return-path",
         "dst capabilities: dirty-bitmaps events return-path",
-        "source events: setup active device completed",
+        "source events: setup active completed",
         "destination query-migrate: status completed",
         "OK",
     ] {
