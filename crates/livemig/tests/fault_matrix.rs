@@ -1051,3 +1051,150 @@ fn postcopy_kill_destination() {
 fn postcopy_cancel() {
     run_postcopy_cell(PostcopyFault::Cancel);
 }
+
+// ---- Bitmap-only postcopy (issue 10) ----
+//
+// The same source and bitmaps, `dirty-bitmaps` without `postcopy-ram`: RAM converges in
+// precopy (a 10 ms `downtime-limit` keeps the 1 MiB of `tz` out of the downtime), the
+// destination runs the guest on all of its RAM at the switch, and the bitmaps follow at
+// 64 KiB/s, so the fault strikes while every one of them is still in flight.
+
+/// What strikes during a bitmap-only postcopy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum BitmapOnlyFault {
+    /// SIGKILL to the source.
+    KillSource,
+    /// SIGKILL to the destination.
+    KillDestination,
+}
+
+fn run_bitmap_only_cell(fault: BitmapOnlyFault) {
+    if !testkit::require(&format!("bitmap-only/{fault:?}"), testkit::qemu()) {
+        return;
+    }
+    let dir = tempdir();
+    let img = dir.path().join("src.qcow2");
+    create_qcow2(&img, DISK_SIZE, &[("pb", 65536), ("pn", 65536)]);
+    let mut src = start_source(dir.path(), "src", &img, true, 0);
+    let before = snapshot(&mut src);
+    let target = dir.path().join("mig.sock");
+    let mut dst = start_destination(
+        dir.path(),
+        "dst",
+        &format!("unix:{}", target.display()),
+        false,
+        None,
+        0,
+    );
+    src.set_params(json!({"max-bandwidth": 32 << 20, "downtime-limit": 10,
+                          "max-postcopy-bandwidth": 64 << 10}));
+    src.migrate(&format!("unix:{}", target.display()));
+    src.ok("migrate-start-postcopy", json!({}));
+    let s = src.wait_migration(&["postcopy-active", "completed", "failed"]);
+    assert_eq!(s["status"], "postcopy-active", "{s}");
+    assert_eq!(s["ram"]["remaining"], 0, "RAM moved in precopy: {s}");
+    dst.wait_migration(&["postcopy-active"]);
+    assert_eq!(dst.status(), "running");
+    // Every migrated bitmap is on its way: busy on both ends.
+    for b in bitmaps_of(&mut dst)
+        .iter()
+        .filter(|b| b["name"].is_string())
+    {
+        assert_eq!(b["busy"], true, "destination: {b}");
+    }
+    match fault {
+        BitmapOnlyFault::KillSource => {
+            let _ = src.proc.child.kill();
+            // The guest has everything but the bitmaps: the migration completes here, and
+            // says which bitmaps it lost (QEMU: "Some dirty bitmaps may be lost").
+            let q = dst.wait_completed();
+            let mut dropped: Vec<String> = q["x-livemig-warnings"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|w| w.as_str())
+                .filter(|w| w.contains("dropped: the source was lost during postcopy"))
+                .map(String::from)
+                .collect();
+            dropped.sort();
+            let want: Vec<String> = migrated_sha(&before)
+                .iter()
+                .map(|(node, name, _)| format!("Bitmap '{name}' on node '{node}' dropped"))
+                .collect();
+            assert_eq!(dropped.len(), want.len(), "{q}");
+            for (got, want) in dropped.iter().zip(&want) {
+                assert!(got.starts_with(want), "{got} / {want}");
+            }
+            let events = dst
+                .events_until(|e| e["event"] == "MIGRATION" && e["data"]["status"] == "completed");
+            let mut named: Vec<(String, String)> = events
+                .iter()
+                .filter(|e| e["event"] == "X_LIVEMIG_BITMAP_DROPPED")
+                .map(|e| {
+                    (
+                        e["data"]["node"].as_str().unwrap_or_default().to_string(),
+                        e["data"]["name"].as_str().unwrap_or_default().to_string(),
+                    )
+                })
+                .collect();
+            named.sort();
+            let want: Vec<(String, String)> = migrated_sha(&before)
+                .into_iter()
+                .map(|(node, name, _)| (node, name))
+                .collect();
+            assert_eq!(named, want, "X_LIVEMIG_BITMAP_DROPPED events");
+            // None is left half-made, and the guest runs on RAM that is whole.
+            let left: Vec<Value> = bitmaps_of(&mut dst);
+            assert!(left.is_empty(), "{left:?}");
+            assert_eq!(dst.status(), "running");
+            assert!(
+                dst.proc.log().contains("These dirty bitmaps are lost: "),
+                "{}",
+                dst.proc.log()
+            );
+            dst.ok("stop", json!({}));
+            assert_eq!(dst.ram_checksum(), before.ram);
+            let v = dst.verify_ram();
+            assert_eq!(v["corrupt"], 0, "destination RAM: {v}");
+            assert!(v["valid"].as_u64().unwrap_or(0) >= FILL_PAGES16, "{v}");
+            quit(dst);
+        }
+        BitmapOnlyFault::KillDestination => {
+            let _ = dst.proc.child.kill();
+            let q = src.wait_migration(&["failed", "completed"]);
+            assert_eq!(q["status"], "failed", "{q}");
+            let why = q["error-desc"].as_str().unwrap_or_default();
+            assert!(why.contains("bitmap-only postcopy was running"), "{why}");
+            // The destination may run the guest: the source does not take it back, and keeps
+            // its RAM and bitmaps (free again).
+            assert_eq!(src.status(), "paused");
+            assert_eq!(src.ram_checksum(), before.ram);
+            let (list, sha) = bitmap_hashes(&mut src);
+            assert_eq!(sha, migrated_sha(&before));
+            assert!(list.iter().all(|b| b["busy"] == false), "{list:?}");
+            quit(src);
+            // The disks stay inactive after the hand-over (the destination may have
+            // written to a shared disk), so nothing more is written to the image: `pn`, which
+            // does not migrate, was stored at the switch; `pb` stays marked in-use, so a
+            // later open takes it as inconsistent rather than trusting it (as QEMU leaves it).
+            assert_image_clean(&img);
+            assert_eq!(
+                image_bitmaps(&img),
+                vec![
+                    json!({"flags": ["in-use", "auto"], "name": "pb", "granularity": 65536}),
+                    json!({"flags": ["auto"], "name": "pn", "granularity": 65536}),
+                ]
+            );
+        }
+    }
+}
+
+#[test]
+fn bitmap_only_postcopy_kill_source() {
+    run_bitmap_only_cell(BitmapOnlyFault::KillSource);
+}
+
+#[test]
+fn bitmap_only_postcopy_kill_destination() {
+    run_bitmap_only_cell(BitmapOnlyFault::KillDestination);
+}

@@ -314,15 +314,28 @@ fn qemu_postcopy_recovery_both_ways() {
 /// on the destination meanwhile are recorded (the successor of each enabled bitmap) and
 /// merged in: the final bitmap is the source's ∪ the destination's writes; a disabled one
 /// arrives as it was.
+///
+/// With `ram_postcopy` false it is a bitmap-only postcopy (`dirty-bitmaps` alone):
+/// `migrate-start-postcopy` comes at once, RAM converges in precopy first (a 10 ms
+/// `downtime-limit` keeps the 1 MiB of bitmap bits out of the downtime), and only the
+/// bitmaps follow the switch.
 fn bitmaps_in_postcopy(
     src: &mut QmpClient,
     dst: &mut QmpClient,
     uri: &str,
     dir: &Path,
     name: &str,
+    ram_postcopy: bool,
 ) -> (Value, Value) {
     for q in [&mut *src, &mut *dst] {
-        postcopy_caps(q, false);
+        if ram_postcopy {
+            postcopy_caps(q, false);
+        } else {
+            q.ok(
+                "migrate-set-capabilities",
+                json!({"capabilities": [{"capability": "events", "state": true}]}),
+            );
+        }
         caps(q, false);
     }
     add_bitmap(src, "d0", "b0", 512);
@@ -340,23 +353,41 @@ fn bitmaps_in_postcopy(
     }
     let src_b0 = sha(src, "d0", "b0");
     let src_b1 = sha(src, "d0", "b1");
-    src.ok(
-        "migrate-set-parameters",
-        json!({"max-bandwidth": 1 << 20, "max-postcopy-bandwidth": 1 << 20}),
-    );
-    src.ok("migrate", json!({ "uri": uri }));
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while src.ok("query-migrate", json!({}))["ram"]["transferred"]
-        .as_u64()
-        .unwrap_or(0)
-        < 1 << 20
-    {
-        assert!(Instant::now() < deadline, "{name}: no progress");
-        std::thread::sleep(Duration::from_millis(20));
+    if ram_postcopy {
+        src.ok(
+            "migrate-set-parameters",
+            json!({"max-bandwidth": 1 << 20, "max-postcopy-bandwidth": 1 << 20}),
+        );
+        src.ok("migrate", json!({ "uri": uri }));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while src.ok("query-migrate", json!({}))["ram"]["transferred"]
+            .as_u64()
+            .unwrap_or(0)
+            < 1 << 20
+        {
+            assert!(Instant::now() < deadline, "{name}: no progress");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    } else {
+        src.ok(
+            "migrate-set-parameters",
+            json!({"max-bandwidth": 8 << 20, "downtime-limit": 10,
+                   "max-postcopy-bandwidth": 64 << 10}),
+        );
+        src.ok("migrate", json!({ "uri": uri }));
     }
     src.ok("migrate-start-postcopy", json!({}));
     let d = wait(dst, &["postcopy-active", "completed", "failed"]);
     assert_eq!(d["status"], "postcopy-active", "{name}: destination {d}");
+    if !ram_postcopy {
+        // All of RAM came in precopy: the guest runs here on it while the bits still come.
+        let s = src.ok("query-migrate", json!({}));
+        assert_eq!(s["status"], "postcopy-active", "{name}: source {s}");
+        assert_eq!(
+            s["ram"]["remaining"], 0,
+            "{name}: RAM is not postcopied: {s}"
+        );
+    }
     // The bits come only in postcopy and COMPLETE at the very end: the bitmaps exist here,
     // busy, while the guest runs.
     let b = bitmaps(dst);
@@ -420,7 +451,7 @@ fn qemu_postcopy_dirty_bitmaps_into_livemig() {
     l_args.extend(null_co("d0", DISK));
     let l1 = livemig(dir, "l1", &l_args);
     let mut l1_q = l1.qmp();
-    let (s, d) = bitmaps_in_postcopy(&mut qa_q, &mut l1_q, &uri, dir, "qemu->livemig");
+    let (s, d) = bitmaps_in_postcopy(&mut qa_q, &mut l1_q, &uri, dir, "qemu->livemig", true);
     assert_eq!(s["status"], "completed", "QEMU source: {s}\n{}", qa.log());
     assert_eq!(
         d["status"],
@@ -451,7 +482,77 @@ fn livemig_postcopy_dirty_bitmaps_into_qemu() {
     let mut qb_q = qb.qmp();
     let ram_l1 = ram(&mut l1_q, dir, "l1");
     let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        bitmaps_in_postcopy(&mut l1_q, &mut qb_q, &uri, dir, "livemig->qemu")
+        bitmaps_in_postcopy(&mut l1_q, &mut qb_q, &uri, dir, "livemig->qemu", true)
+    }));
+    let (s, d) = r.unwrap_or_else(|_| panic!("QEMU:\n{}\nlivemig:\n{}", qb.log(), l1.log()));
+    assert_eq!(
+        s["status"],
+        "completed",
+        "livemig source: {s}\n{}",
+        l1.log()
+    );
+    assert_eq!(
+        d["status"],
+        "completed",
+        "QEMU destination: {d}\n{}",
+        qb.log()
+    );
+    assert_same_ram(&ram_l1, &ram(&mut qb_q, dir, "qb"), "livemig -> QEMU");
+    quit_cleanly(l1, l1_q);
+}
+
+/// Bitmap-only postcopy (`dirty-bitmaps` without `postcopy-ram`, as QEMU 7.2 allows it),
+/// QEMU 7.2 → livemig over unix, then livemig → QEMU 7.2 over TCP: RAM converges in precopy,
+/// the bitmaps follow the switch while the destination runs the guest, and both ends'
+/// bitmaps hash equal (the destination's writes merged in). Before, livemig refused
+/// `migrate-start-postcopy` without `postcopy-ram`, and its destination refused LISTEN after
+/// a 0-byte ADVISE.
+#[test]
+fn qemu_bitmap_only_postcopy_both_ways() {
+    let Some(tmp) = setup("qemu_bitmap_only_postcopy_both_ways") else {
+        return;
+    };
+    let dir = tmp.path();
+    let a_file = dir.join("a.bin");
+    let pat_a = pattern_file(&a_file, A_LEN, 37);
+    let mut qa_args = loader(&a_file, 0);
+    qa_args.extend(null_co("d0", DISK));
+    let qa = qemu(dir, "qa", &qa_args);
+    let mut qa_q = qa.qmp();
+    let uri = Transport::Unix.uri(dir, "mig1");
+    let mut l_args = strings(&["-incoming", &uri]);
+    l_args.extend(null_co("d0", DISK));
+    let l1 = livemig(dir, "l1", &l_args);
+    let mut l1_q = l1.qmp();
+    let (s, d) = bitmaps_in_postcopy(&mut qa_q, &mut l1_q, &uri, dir, "qemu->livemig", false);
+    assert_eq!(s["status"], "completed", "QEMU source: {s}\n{}", qa.log());
+    assert_eq!(
+        d["status"],
+        "completed",
+        "livemig destination: {d}\n{}",
+        l1.log()
+    );
+    assert!(warnings(&d).is_empty(), "{d}");
+    let ram_l1 = ram(&mut l1_q, dir, "l1");
+    assert_eq!(&ram_l1[..A_LEN], &pat_a[..]);
+    assert_same_ram(&ram(&mut qa_q, dir, "qa"), &ram_l1, "QEMU -> livemig");
+    drop(qa);
+
+    // livemig (the destination above, its bitmaps now its own) → QEMU over TCP.
+    for b in ["b0", "b1", "want"] {
+        l1_q.ok(
+            "block-dirty-bitmap-remove",
+            json!({"node": "d0", "name": b}),
+        );
+    }
+    let uri = Transport::Tcp.uri(dir, "mig2");
+    let mut q_args = strings(&["-incoming", &uri]);
+    q_args.extend(null_co("d0", DISK));
+    let qb = qemu(dir, "qb", &q_args);
+    let mut qb_q = qb.qmp();
+    let uri = connect_uri(&mut qb_q, &uri);
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        bitmaps_in_postcopy(&mut l1_q, &mut qb_q, &uri, dir, "livemig->qemu", false)
     }));
     let (s, d) = r.unwrap_or_else(|_| panic!("QEMU:\n{}\nlivemig:\n{}", qb.log(), l1.log()));
     assert_eq!(

@@ -861,16 +861,20 @@ impl BitmapLoader {
         }
     }
 
-    /// Drops every bitmap still being received (the incoming migration failed).
-    pub fn cancel(&mut self, why: &str) {
+    /// Drops every bitmap still being received (the incoming migration failed, or a
+    /// bitmap-only postcopy lost its source). Returns them as `node/name`.
+    pub fn cancel(&mut self, why: &str) -> Vec<String> {
+        let mut dropped = Vec::new();
         for b in std::mem::take(&mut self.bitmaps) {
             self.errors.push(format!(
                 "Bitmap '{}' on node '{}' dropped: {why}",
                 b.name,
                 b.node.name()
             ));
+            dropped.push(format!("{}/{}", b.node.name(), b.name));
             release(&b);
         }
+        dropped
     }
 }
 

@@ -264,15 +264,8 @@ impl Migration {
                 "Postcopy must be started after migration has been started".into(),
             ));
         }
-        if !ram {
-            // QEMU would move the dirty bitmaps after the switchover; livemig sends them in
-            // the downtime until bitmap-only postcopy is built, and says so rather than
-            // ignoring the request.
-            return Err(MigrationError::Other(
-                "livemig does not implement postcopy of dirty bitmaps without postcopy-ram yet"
-                    .into(),
-            ));
-        }
+        // With `dirty-bitmaps` alone this is a bitmap-only postcopy (QEMU 7.2's
+        // `migrate_postcopy()`): RAM still converges in precopy, the bitmaps follow the switch.
         inner.out.postcopy_requested = true;
         drop(inner);
         self.shared.notify();

@@ -474,13 +474,31 @@ impl StreamLoader {
     /// and, at RUN, activates the disks and starts the guest. Returns when the listen thread
     /// has read EOF.
     fn listen_and_run(&mut self, r: &mut Reader, mut pr: Reader) -> Result<Flow, MigrationError> {
-        let pc = self.postcopy.clone().ok_or_else(|| {
-            MigrationError::Load("CMD_POSTCOPY_LISTEN in wrong postcopy state (0)".into())
-        })?;
+        let pc = match self.postcopy.clone() {
+            Some(pc) => pc,
+            // A bitmap-only postcopy (0-byte ADVISE, no postcopy-ram): all of RAM is here;
+            // guest RAM gets no userfaultfd, and a page after LISTEN is refused.
+            None if self.advised && !self.postcopy_ram => {
+                let pc = Arc::new(PostcopyRam::from_blocks(
+                    self.machine.ram_blocks(),
+                    None,
+                    None,
+                ));
+                self.ram.set_postcopy(pc.clone());
+                pc
+            }
+            None => {
+                return Err(MigrationError::Load(
+                    "CMD_POSTCOPY_LISTEN in wrong postcopy state (0)".into(),
+                ))
+            }
+        };
         let pe = |e: crate::postcopy::PostcopyError| MigrationError::Load(e.to_string());
         pc.register().map_err(pe)?;
         self.ram.start_listening();
-        let rp = match self.return_path.take() {
+        // (A source that never opened the return path — QEMU's bitmap-only postcopy without
+        // `return-path` — gets nothing on it, not even SHUT.)
+        let rp = match self.return_path.take().filter(|_| self.rp_opened) {
             Some(w) => Some(RpWriter::new(w.into_inner()?)),
             None => None,
         };
@@ -546,7 +564,7 @@ impl StreamLoader {
                             "cannot start the postcopy listen thread",
                             e,
                         )),
-                        Ok(()),
+                        Ok(Ended::Eof),
                     );
                 }
             };
@@ -592,13 +610,17 @@ impl StreamLoader {
             pc.unregister();
         }
         main?;
-        listen?;
-        // The pages' section must have ended before EOF, as in precopy.
-        check_sections_ended(&self.open_sections)?;
+        if listen? == Ended::Eof {
+            // The pages' section must have ended before EOF, as in precopy.
+            check_sections_ended(&self.open_sections)?;
+        }
         // Everything has arrived: the fault thread hands the return path back (for SHUT) and
         // guest RAM leaves userfaultfd.
         self.postcopy_rp = fault.stop();
-        let missing = pc.missing_pages();
+        let missing = match pc.uffd() {
+            Some(_) => pc.missing_pages(),
+            None => 0,
+        };
         if missing > 0 {
             self.warnings.push(format!(
                 "postcopy ended with {missing} pages never received; they read as zero"
@@ -796,18 +818,52 @@ impl Listen<'_> {
         Ok(())
     }
 
-    fn run(mut self, preempt: Option<(Reader, ShutdownHandle)>) -> Result<(), MigrationError> {
+    fn run(mut self, preempt: Option<(Reader, ShutdownHandle)>) -> Result<Ended, MigrationError> {
         self.start_preempt(preempt)?;
         loop {
             let e = match self.load_to_eof() {
                 Ok(()) => match self.finish_channels() {
-                    Ok(()) => return Ok(()),
+                    Ok(()) => return Ok(Ended::Eof),
                     Err(e) => e,
                 },
                 Err(e) => e,
             };
+            if self.pc.uffd().is_none() {
+                return self.bitmaps_lost(e);
+            }
             self.pause(e)?;
         }
+    }
+
+    /// A bitmap-only postcopy lost its source (`e`). Once the guest runs here it has all of
+    /// its RAM and device state: the migration completes, dropping the bitmaps whose
+    /// COMPLETE never came, each named (QEMU's `postcopy_ram_listen_thread` only says that
+    /// "some dirty bitmaps may be lost"). Before RUN it fails as any load does.
+    fn bitmaps_lost(&mut self, e: MigrationError) -> Result<Ended, MigrationError> {
+        {
+            let mut g = self.ran.0.lock().unwrap_or_else(|p| p.into_inner());
+            while g.is_none() {
+                g = self.ran.1.wait(g).unwrap_or_else(|p| p.into_inner());
+            }
+            if *g != Some(true) {
+                return Err(e);
+            }
+        }
+        let lost = match self.bitmaps.as_deref_mut() {
+            Some(b) => b.cancel(&format!("the source was lost during postcopy ({e})")),
+            None => Vec::new(),
+        };
+        let lost = if lost.is_empty() {
+            "none".to_string()
+        } else {
+            lost.join(", ")
+        };
+        log::error!(
+            "postcopy_ram_listen_thread: loadvm failed during postcopy: {e}. All states are \
+             migrated except dirty bitmaps. These dirty bitmaps are lost: {lost}; the other \
+             migrated dirty bitmaps are complete and valid."
+        );
+        Ok(Ended::SourceLost)
     }
 
     /// After EOF: the preempt channel ends at its EOS, and every page must be here (a page
@@ -817,7 +873,11 @@ impl Listen<'_> {
             p.join()
                 .map_err(|e| MigrationError::Load(format!("postcopy preempt channel: {e}")))?;
         }
-        let missing = self.pc.missing_pages();
+        // (A bitmap-only postcopy moved every page in precopy and tracks none.)
+        let missing = match self.pc.uffd() {
+            Some(_) => self.pc.missing_pages(),
+            None => 0,
+        };
         if missing > 0 {
             return Err(MigrationError::Load(format!(
                 "the source ended postcopy with {missing} pages never received"
@@ -964,6 +1024,16 @@ impl Listen<'_> {
             }
         }
     }
+}
+
+/// How the listen thread's stream ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ended {
+    /// At the source's EOF, with everything.
+    Eof,
+    /// A bitmap-only postcopy lost its source after RUN: RAM and devices are whole, the
+    /// unfinished bitmaps were dropped (named in the warnings).
+    SourceLost,
 }
 
 /// The rest of the postcopy package, on the loading thread while the listen thread reads the

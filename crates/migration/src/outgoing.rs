@@ -395,6 +395,7 @@ impl Outgoing {
         let events = self.job.caps.has(Capability::Events);
         let machine = self.job.machine.clone();
         let auto_converge = self.job.caps.has(Capability::AutoConverge);
+        let ram_postcopy = self.job.caps.has(Capability::PostcopyRam);
         let (w, ram, bitmaps) = self.stream()?;
         // Bytes sent count the multifd channels' too.
         let mut meter = Meter::new(ram.sent_bytes(w));
@@ -414,13 +415,19 @@ impl Outgoing {
                 )
             };
             // With postcopy-ram all of RAM can follow the switch, so QEMU's condition
-            // (`must_precopy <= threshold`) always holds: switch at once.
-            if postcopy {
+            // (`must_precopy <= threshold`) always holds: switch at once. In a bitmap-only
+            // postcopy RAM must converge first (below, at the end of a pass).
+            if postcopy && ram_postcopy {
                 return Ok(Next::Postcopy);
             }
             let allowance = meter.allowance(ram.sent_bytes(w), max_bw);
             if allowance == 0 {
-                if shared.sleep_unless_cancelled_or_postcopy(generation, meter.window_left()) {
+                let cancelled = if postcopy {
+                    shared.sleep_unless_cancelled(generation, meter.window_left())
+                } else {
+                    shared.sleep_unless_cancelled_or_postcopy(generation, meter.window_left())
+                };
+                if cancelled {
                     return Err(MigrationError::Cancelled);
                 }
                 meter.tick(ram.sent_bytes(w), sent_pages(&stats), &stats);
@@ -487,6 +494,13 @@ impl Outgoing {
                     .store((pending / bw * 1000.0) as u64, Ordering::Relaxed);
                 if convergence.switch_now(pending, bw, downtime_ms) {
                     return Ok(Next::Switchover);
+                }
+                // QEMU 7.2's `migration_iteration_run`: what must go in precopy (RAM, in a
+                // bitmap-only postcopy) fits in the downtime, the rest (the bitmaps) does not:
+                // switch to postcopy.
+                let ram_pending = (dirty * crate::guest::PAGE_SIZE) as f64;
+                if postcopy && ram_pending <= bw * downtime_ms as f64 / 1000.0 {
+                    return Ok(Next::Postcopy);
                 }
             }
         }
@@ -604,46 +618,59 @@ impl Outgoing {
             self.job.stats.clone(),
         );
         let globalstate = self.stop_guest(MigrationStatus::PostcopyActive)?;
-        // The dirty bitmaps are postcopiable (as QEMU's): they follow the switch, in
-        // postcopy's PART sections, out of the downtime.
-        let first_block = job_first_block(&self.job);
-        let (w, ram, _) = self.stream()?;
-        ram.sync();
-        let mut discards = ram.discard_commands();
-        if discards.is_empty() {
-            // Nothing to discard (every page went out in precopy and none was written
-            // since): one empty range all the same. QEMU 7.2's destination, seeing LISTEN
-            // without a discard first, moves its postcopy state back to "discard" and then
-            // refuses RUN ("CMD_POSTCOPY_RUN in wrong postcopy state (2)").
-            if let Some(name) = first_block {
-                discards.push(Command::PostcopyRamDiscard {
-                    ramblock: name,
-                    ranges: vec![wire::command::DiscardRange {
-                        start: 0,
-                        length: 0,
-                    }],
-                });
+        let ram_postcopy = self.job.caps.has(Capability::PostcopyRam);
+        if ram_postcopy {
+            // The dirty bitmaps are postcopiable (as QEMU's): they follow the switch, in
+            // postcopy's PART sections, out of the downtime.
+            let first_block = job_first_block(&self.job);
+            let (w, ram, _) = self.stream()?;
+            ram.sync();
+            let mut discards = ram.discard_commands();
+            if discards.is_empty() {
+                // Nothing to discard (every page went out in precopy and none was written
+                // since): one empty range all the same. QEMU 7.2's destination, seeing LISTEN
+                // without a discard first, moves its postcopy state back to "discard" and then
+                // refuses RUN ("CMD_POSTCOPY_RUN in wrong postcopy state (2)").
+                if let Some(name) = first_block {
+                    discards.push(Command::PostcopyRamDiscard {
+                        ramblock: name,
+                        ranges: vec![wire::command::DiscardRange {
+                            start: 0,
+                            length: 0,
+                        }],
+                    });
+                }
             }
-        }
-        for cmd in discards {
-            write_command(w, &cmd)?;
-        }
-        write_command(w, &Command::Ping(2))?;
-        // From here on the pages still to send are shared with the return-path thread, which
-        // answers requests on the preempt channel itself; both are ready before LISTEN goes
-        // out (no request can come earlier).
-        let src = Arc::new(SourceRam::new(ram.take_dirty(), stats.ram.clone()));
-        let _ = self.rp_ctx.src.set(src.clone());
-        if let Some(mut conn) = self.preempt_conn.take() {
-            let pw = conn.writer.take().ok_or_else(|| {
-                MigrationError::Other("the preempt channel has no outgoing direction".into())
-            })?;
-            let sender = PreemptSender::new(
-                src,
-                StreamWriter::with_capacity(pw, 64 * 1024),
-                conn.shutdown.clone(),
-            );
-            let _ = self.rp_ctx.preempt.set(Arc::new(sender));
+            for cmd in discards {
+                write_command(w, &cmd)?;
+            }
+            write_command(w, &Command::Ping(2))?;
+            // From here on the pages still to send are shared with the return-path thread, which
+            // answers requests on the preempt channel itself; both are ready before LISTEN goes
+            // out (no request can come earlier).
+            let src = Arc::new(SourceRam::new(ram.take_dirty(), stats.ram.clone()));
+            let _ = self.rp_ctx.src.set(src.clone());
+            if let Some(mut conn) = self.preempt_conn.take() {
+                let pw = conn.writer.take().ok_or_else(|| {
+                    MigrationError::Other("the preempt channel has no outgoing direction".into())
+                })?;
+                let sender = PreemptSender::new(
+                    src,
+                    StreamWriter::with_capacity(pw, 64 * 1024),
+                    conn.shutdown.clone(),
+                );
+                let _ = self.rp_ctx.preempt.set(Arc::new(sender));
+            }
+        } else {
+            // A bitmap-only postcopy (QEMU's `postcopy_start` without postcopy-ram): RAM is
+            // not postcopiable, so its END goes out now with every page still dirty, as at a
+            // switchover; no discard, no PINGs. Only the bitmaps follow the switch.
+            let (w, ram, _) = self.stream()?;
+            write_end(w, RAM_SECTION_ID)?;
+            ram.sync();
+            ram.send(w, u64::MAX, None)?;
+            ram.end_section(w)?;
+            write_footer(w, RAM_SECTION_ID)?;
         }
         // The package: the destination reads it whole before loading it, so that its main
         // channel is free for the pages device loading may fault on.
@@ -651,7 +678,9 @@ impl Outgoing {
         let mut pw: Writer = StreamWriter::new(Box::new(buf.clone()));
         write_command(&mut pw, &Command::PostcopyListen)?;
         write_devices(&mut pw, &*machine, globalstate)?;
-        write_command(&mut pw, &Command::Ping(3))?;
+        if ram_postcopy {
+            write_command(&mut pw, &Command::Ping(3))?;
+        }
         write_command(&mut pw, &Command::PostcopyRun)?;
         pw.flush()?;
         drop(pw);
@@ -659,7 +688,9 @@ impl Outgoing {
         self.undo.handed_over = true;
         let (w, _, _) = self.stream()?;
         write_command(w, &Command::Packaged(buf.take()))?;
-        write_command(w, &Command::Ping(4))?;
+        if ram_postcopy {
+            write_command(w, &Command::Ping(4))?;
+        }
         w.flush()?;
         let written = w.bytes_written();
         stats.transferred.store(written, Ordering::Relaxed);
@@ -677,6 +708,9 @@ impl Outgoing {
     /// instead of failing: both ends keep everything, and `migrate ... resume=true` resumes
     /// ([`Outgoing::postcopy_pause`]); repeated cuts recover repeatedly.
     fn postcopy_run(&mut self) -> Result<(), MigrationError> {
+        if !self.job.caps.has(Capability::PostcopyRam) {
+            return self.bitmaps_push();
+        }
         let src = self
             .rp_ctx
             .src
@@ -711,6 +745,65 @@ impl Outgoing {
         self.handover = Some(Handover::Confirmed);
         self.rp = None;
         self.w = None;
+        Ok(())
+    }
+
+    /// Phase 4b of a bitmap-only postcopy: the bitmaps' bits in PART slices at
+    /// `max-postcopy-bandwidth`, then their END (a COMPLETE per bitmap, as QEMU's
+    /// `qemu_savevm_state_complete_postcopy`) and EOF without vmdesc; [`Outgoing::complete`]
+    /// then waits for the verdict as after a precopy. The guest runs on the destination with
+    /// all of its RAM, so there is nothing to recover: a failure here fails the migration (the
+    /// destination completes without the bitmaps still in flight, and names them).
+    fn bitmaps_push(&mut self) -> Result<(), MigrationError> {
+        let (shared, generation, stats) = (
+            self.job.shared.clone(),
+            self.job.generation,
+            self.job.stats.clone(),
+        );
+        let w = self.w.as_mut().ok_or_else(|| gone("the stream"))?;
+        let postcopy_base = w.bytes_written();
+        self.postcopy_base = postcopy_base;
+        let mut meter = Meter::new(postcopy_base);
+        if let Some(b) = self.bitmaps.as_mut() {
+            while b.bits_remaining() {
+                let max_bw = shared.lock().params.max_postcopy_bandwidth();
+                let allowance = meter.allowance(w.bytes_written(), max_bw);
+                if allowance == 0 {
+                    let wait = meter.window_left().max(Duration::from_millis(1));
+                    if shared.sleep_unless_cancelled(generation, wait) {
+                        return Err(MigrationError::Cancelled);
+                    }
+                    meter.tick(w.bytes_written(), sent_pages(&stats), &stats);
+                    continue;
+                }
+                write_part(w, BITMAP_SECTION_ID)?;
+                b.save_part(w, allowance.min(POSTCOPY_BITMAP_SLICE))?;
+                write_footer(w, BITMAP_SECTION_ID)?;
+                w.flush()?;
+                let now = w.bytes_written();
+                stats.transferred.store(now, Ordering::Relaxed);
+                stats
+                    .postcopy_bytes
+                    .store(now.saturating_sub(postcopy_base), Ordering::Relaxed);
+                meter.tick(now, sent_pages(&stats), &stats);
+            }
+            write_end(w, BITMAP_SECTION_ID)?;
+            b.save_complete(w)?;
+            write_footer(w, BITMAP_SECTION_ID)?;
+        }
+        // QEMU's postcopy stream ends without a vmdesc trailer.
+        write_eof(w)?;
+        w.flush()?;
+        let now = w.bytes_written();
+        stats.transferred.store(now, Ordering::Relaxed);
+        stats
+            .postcopy_bytes
+            .store(now.saturating_sub(postcopy_base), Ordering::Relaxed);
+        self.undo.stream_sent = true;
+        self.w = None;
+        if let Some(conn) = &self.conn {
+            conn.shutdown.shutdown_write();
+        }
         Ok(())
     }
 
@@ -1122,6 +1215,12 @@ impl Outgoing {
         }
         let outcome = match &result {
             Ok(()) => Outcome::Completed,
+            Err(e) if self.undo.handed_over && !job.caps.has(Capability::PostcopyRam) => {
+                Outcome::Failed(format!(
+                    "{}; a bitmap-only postcopy was running: the destination runs the guest with all of its RAM, without the dirty bitmaps still in flight; the guest stays stopped here",
+                    failure_text(&job.uri, e, self.stall)
+                ))
+            }
             Err(e) if self.undo.handed_over => Outcome::Failed(format!(
                 "{}; postcopy was running: the guest stays stopped here, its RAM is split between both ends",
                 failure_text(&job.uri, e, self.stall)
