@@ -189,8 +189,11 @@ fn paused(q: &mut QmpClient, who: &str) {
 }
 
 /// `migrate-recover` on `dst`, `migrate ... resume=true` on `src`, both `postcopy-active`.
+/// A TCP `uri` with port 0 has the destination bind a port of its own, read back from its
+/// `socket-address` (QEMU 7.2 lists the recovery listener first, livemig reports it).
 fn recover(src: &mut QmpClient, dst: &mut QmpClient, uri: &str) {
     dst.ok("migrate-recover", json!({ "uri": uri }));
+    let uri = connect_uri(dst, uri);
     src.ok("migrate", json!({ "uri": uri, "resume": true }));
     let s = wait(src, &["postcopy-active", "completed", "failed"]);
     assert_ne!(s["status"], "failed", "source after resume: {s}");
@@ -204,6 +207,7 @@ fn postcopy_with_recoveries(
     src: &mut QmpClient,
     dst: &mut QmpClient,
     uri: &str,
+    transport: Transport,
     dir: &Path,
     name: &str,
 ) -> (Value, Value) {
@@ -211,6 +215,7 @@ fn postcopy_with_recoveries(
         "migrate-set-parameters",
         json!({"max-bandwidth": 1 << 20, "max-postcopy-bandwidth": 64 << 10}),
     );
+    let uri = connect_uri(dst, uri);
     src.ok("migrate", json!({ "uri": uri }));
     let deadline = Instant::now() + Duration::from_secs(30);
     while src.ok("query-migrate", json!({}))["ram"]["transferred"]
@@ -226,7 +231,7 @@ fn postcopy_with_recoveries(
     assert_eq!(d["status"], "postcopy-active", "{name}: destination {d}");
     let s = wait(src, &["postcopy-active", "completed", "failed"]);
     assert_eq!(s["status"], "postcopy-active", "{name}: source {s}");
-    let rec = |n: u32| format!("unix:{}", dir.join(format!("{name}-rec{n}.sock")).display());
+    let rec = |n: u32| transport.uri(dir, &format!("{name}-rec{n}"));
 
     src.ok("migrate-pause", json!({}));
     paused(src, "source");
@@ -249,10 +254,21 @@ fn postcopy_with_recoveries(
 }
 
 /// Recovery with QEMU 7.2 at either end (issue 10): QEMU → livemig paused from each end and
-/// recovered, then livemig → QEMU the same; RAM identical at every step.
+/// recovered, then livemig → QEMU the same; RAM identical at every step. Over unix sockets.
 #[test]
 fn qemu_postcopy_recovery_both_ways() {
-    let Some(tmp) = setup("qemu_postcopy_recovery_both_ways") else {
+    recovery_both_ways("qemu_postcopy_recovery_both_ways", Transport::Unix);
+}
+
+/// The same over TCP: the migration and each `migrate-recover` listen on a port of the
+/// destination's choosing (port 0), which the source reads back from `socket-address`.
+#[test]
+fn qemu_postcopy_recovery_both_ways_over_tcp() {
+    recovery_both_ways("qemu_postcopy_recovery_both_ways_over_tcp", Transport::Tcp);
+}
+
+fn recovery_both_ways(test: &str, transport: Transport) {
+    let Some(tmp) = setup(test) else {
         return;
     };
     let dir = tmp.path();
@@ -262,11 +278,11 @@ fn qemu_postcopy_recovery_both_ways() {
     let qa = qemu(dir, "qa", &loader(&a_file, 0));
     let mut qa_q = qa.qmp();
     postcopy_caps(&mut qa_q, false);
-    let uri = Transport::Unix.uri(dir, "mig1");
+    let uri = transport.uri(dir, "mig1");
     let l1 = livemig(dir, "l1", &strings(&["-incoming", &uri]));
     let mut l1_q = l1.qmp();
     postcopy_caps(&mut l1_q, false);
-    let (s, d) = postcopy_with_recoveries(&mut qa_q, &mut l1_q, &uri, dir, "l1");
+    let (s, d) = postcopy_with_recoveries(&mut qa_q, &mut l1_q, &uri, transport, dir, "l1");
     assert_eq!(s["status"], "completed", "QEMU source: {s}\n{}", qa.log());
     assert_eq!(
         d["status"],
@@ -283,11 +299,11 @@ fn qemu_postcopy_recovery_both_ways() {
     );
     drop(qa);
 
-    let uri = Transport::Unix.uri(dir, "mig2");
+    let uri = transport.uri(dir, "mig2");
     let qb = qemu(dir, "qb", &strings(&["-incoming", &uri]));
     let mut qb_q = qb.qmp();
     postcopy_caps(&mut qb_q, false);
-    let (s, d) = postcopy_with_recoveries(&mut l1_q, &mut qb_q, &uri, dir, "qb");
+    let (s, d) = postcopy_with_recoveries(&mut l1_q, &mut qb_q, &uri, transport, dir, "qb");
     assert_eq!(
         s["status"],
         "completed",
