@@ -6,8 +6,12 @@ mod qemu_common;
 
 use qemu_common::*;
 use serde_json::{json, Value};
+use std::io::{Read, Write};
+use std::net::Shutdown;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
+use std::sync::{Arc, Mutex};
 
 fn analyze(path: &Path, json_out: bool) -> Output {
     let mut c = Command::new(env!("CARGO_BIN_EXE_livemig"));
@@ -258,4 +262,184 @@ fn qemu_analyze_output_closed_early_is_not_a_crash() {
         assert!(!err.contains("panicked"), "{err}");
         assert_eq!(out.status.code(), Some(0), "{err}");
     }
+}
+
+/// Forwards every connection made to `listen` to `target`, both ways, keeping a copy of what
+/// the first one (the main migration channel) carried towards the destination: a postcopy
+/// stream needs a live destination with a return path, so it cannot be written to a file.
+fn tee_relay(listen: &Path, target: std::path::PathBuf) -> Arc<Mutex<Vec<u8>>> {
+    let l = UnixListener::bind(listen).expect("bind the relay");
+    let copy = Arc::new(Mutex::new(Vec::new()));
+    let c = copy.clone();
+    std::thread::spawn(move || {
+        for (i, conn) in l.incoming().enumerate() {
+            let Ok(mut from_src) = conn else { return };
+            let Ok(mut to_dst) = UnixStream::connect(&target) else {
+                return;
+            };
+            let (Ok(mut back_src), Ok(mut back_dst)) = (from_src.try_clone(), to_dst.try_clone())
+            else {
+                return;
+            };
+            let tee = (i == 0).then(|| c.clone());
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; 64 << 10];
+                while let Ok(n @ 1..) = from_src.read(&mut buf) {
+                    if let Some(t) = &tee {
+                        t.lock().unwrap().extend_from_slice(&buf[..n]);
+                    }
+                    if to_dst.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+                let _ = to_dst.shutdown(Shutdown::Write);
+            });
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut back_dst, &mut back_src);
+                let _ = back_src.shutdown(Shutdown::Write);
+            });
+        }
+    });
+    copy
+}
+
+/// A postcopy-ram migration `src` → relay → `dst` (`-M none`, 32 MiB): precopy throttled to
+/// 1 MiB/s, `migrate-start-postcopy` after the first MiB, the destination's RAM read while in
+/// postcopy (pulling pages); both must complete. Returns the main channel's bytes.
+fn postcopy_through_tee(
+    src: &mut testkit::QmpClient,
+    dst: &mut testkit::QmpClient,
+    dir: &Path,
+    name: &str,
+) -> Vec<u8> {
+    for q in [&mut *src, &mut *dst] {
+        q.ok(
+            "migrate-set-capabilities",
+            json!({"capabilities": [{"capability": "postcopy-ram", "state": true}]}),
+        );
+    }
+    let relay = dir.join(format!("{name}-relay.sock"));
+    let copy = tee_relay(&relay, dir.join(format!("{name}.sock")));
+    src.ok(
+        "migrate-set-parameters",
+        json!({"max-bandwidth": 1 << 20, "max-postcopy-bandwidth": 4 << 20}),
+    );
+    src.ok(
+        "migrate",
+        json!({"uri": format!("unix:{}", relay.display())}),
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while src.ok("query-migrate", json!({}))["ram"]["transferred"]
+        .as_u64()
+        .unwrap_or(0)
+        < 1 << 20
+    {
+        assert!(std::time::Instant::now() < deadline, "{name}: no progress");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    src.ok("migrate-start-postcopy", json!({}));
+    let d = wait(dst, &["postcopy-active", "completed", "failed"]);
+    assert_eq!(d["status"], "postcopy-active", "{name}: {d}");
+    let _ = ram(dst, dir, &format!("{name}-during"));
+    let s = wait(src, &["completed", "failed"]);
+    assert_eq!(s["status"], "completed", "{name}: source {s}");
+    let d = wait(dst, &["completed", "failed"]);
+    assert_eq!(d["status"], "completed", "{name}: destination {d}");
+    let bytes = copy.lock().unwrap().clone();
+    bytes
+}
+
+/// What `livemig analyze` must show of a postcopy stream: ADVISE with page sizes, the
+/// discards, the PACKAGED device state with LISTEN first and RUN last inside it (depth 1),
+/// then RAM PART sections (the postcopy push), and the EOF.
+fn check_postcopy_stream(dir: &Path, stream: &[u8], tag: &str) {
+    let path = dir.join(format!("{tag}-postcopy.mig"));
+    std::fs::write(&path, stream).unwrap();
+    let (txt, v) = analyze_ok(&path);
+    for name in [
+        "POSTCOPY_ADVISE",
+        "POSTCOPY_RAM_DISCARD",
+        "PACKAGED",
+        "POSTCOPY_LISTEN",
+        "POSTCOPY_RUN",
+    ] {
+        assert!(txt.contains(name), "{tag}: no {name} in\n{txt}");
+    }
+    let items = v["items"].as_array().expect("items");
+    let pos = |name: &str| {
+        items
+            .iter()
+            .position(|i| i["kind"] == "COMMAND" && i["name"] == name)
+            .unwrap_or_else(|| panic!("{tag}: no {name} command"))
+    };
+    let (advise, discard, packaged, listen, run) = (
+        pos("POSTCOPY_ADVISE"),
+        pos("POSTCOPY_RAM_DISCARD"),
+        pos("PACKAGED"),
+        pos("POSTCOPY_LISTEN"),
+        pos("POSTCOPY_RUN"),
+    );
+    assert!(
+        advise < discard && discard < packaged && packaged < listen && listen < run,
+        "{tag}: order {advise} {discard} {packaged} {listen} {run}"
+    );
+    assert_eq!(
+        items[advise]["detail"], "pagesize summary 0x1000, target page size 0x1000",
+        "{tag}"
+    );
+    for i in [listen, run] {
+        assert_eq!(items[i]["depth"], 1, "{tag}: {}", items[i]);
+    }
+    // Device state inside the package, the postcopy push after it.
+    assert!(
+        items[listen..run]
+            .iter()
+            .any(|i| i["kind"] == "FULL" && i["depth"] == 1),
+        "{tag}: no device section in the package"
+    );
+    assert!(
+        items[run..]
+            .iter()
+            .any(|i| i["kind"] == "PART" && i["name"] == "ram" && i.get("depth").is_none()),
+        "{tag}: no RAM PART after the package"
+    );
+    assert_eq!(v["eof"], true, "{tag}");
+}
+
+/// `livemig analyze` on real postcopy streams (issue 10): QEMU 7.2's, captured on its way to
+/// livemig, and livemig's, captured on its way to QEMU 7.2.
+#[test]
+fn qemu_analyze_postcopy_streams() {
+    let Some(tmp) = setup("qemu_analyze_postcopy_streams") else {
+        return;
+    };
+    let dir = tmp.path();
+    let pat = dir.join("pat.bin");
+    pattern_file(&pat, 4 << 20, 9);
+    let qa = qemu(dir, "qa", &loader(&pat, 0));
+    let mut qa_q = qa.qmp();
+    let l1 = livemig(
+        dir,
+        "l1",
+        &strings(&[
+            "-incoming",
+            &format!("unix:{}", dir.join("l1.sock").display()),
+        ]),
+    );
+    let mut l1_q = l1.qmp();
+    let from_qemu = postcopy_through_tee(&mut qa_q, &mut l1_q, dir, "l1");
+    check_postcopy_stream(dir, &from_qemu, "qemu");
+    drop(qa);
+
+    let qb = qemu(
+        dir,
+        "qb",
+        &strings(&[
+            "-incoming",
+            &format!("unix:{}", dir.join("qb.sock").display()),
+        ]),
+    );
+    let mut qb_q = qb.qmp();
+    let from_livemig = postcopy_through_tee(&mut l1_q, &mut qb_q, dir, "qb");
+    check_postcopy_stream(dir, &from_livemig, "livemig");
 }
