@@ -19,10 +19,11 @@
 //! otherwise the command's stdout goes to `/dev/null`.
 
 use crate::error::MigrationError;
+use net::Stream;
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom, Write};
-use std::net::{Shutdown, TcpListener, TcpStream, ToSocketAddrs};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::net::Shutdown;
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -152,8 +153,7 @@ pub struct ShutdownHandle {
 enum ShutdownTarget {
     #[default]
     Nothing,
-    Tcp(TcpStream),
-    Unix(UnixStream),
+    Socket(Stream),
     Child(Arc<Mutex<Child>>),
 }
 
@@ -169,10 +169,7 @@ impl ShutdownHandle {
         let guard = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         match &*guard {
             ShutdownTarget::Nothing => {}
-            ShutdownTarget::Tcp(s) => {
-                let _ = s.shutdown(Shutdown::Both);
-            }
-            ShutdownTarget::Unix(s) => {
+            ShutdownTarget::Socket(s) => {
                 let _ = s.shutdown(Shutdown::Both);
             }
             ShutdownTarget::Child(c) => {
@@ -189,8 +186,7 @@ impl ShutdownHandle {
         use std::os::fd::AsFd;
         let guard = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         match &*guard {
-            ShutdownTarget::Tcp(s) => s.as_fd().try_clone_to_owned().ok(),
-            ShutdownTarget::Unix(s) => s.as_fd().try_clone_to_owned().ok(),
+            ShutdownTarget::Socket(s) => s.as_fd().try_clone_to_owned().ok(),
             _ => None,
         }
     }
@@ -206,15 +202,7 @@ impl ShutdownHandle {
         // A zero duration means "forever" to the kernel but is an error to std.
         let t = t.filter(|d| !d.is_zero());
         match &*guard {
-            ShutdownTarget::Tcp(s) => set(
-                if read { s.set_read_timeout(t) } else { Ok(()) },
-                if write {
-                    s.set_write_timeout(t)
-                } else {
-                    Ok(())
-                },
-            ),
-            ShutdownTarget::Unix(s) => set(
+            ShutdownTarget::Socket(s) => set(
                 if read { s.set_read_timeout(t) } else { Ok(()) },
                 if write {
                     s.set_write_timeout(t)
@@ -230,14 +218,8 @@ impl ShutdownHandle {
     /// a peer waiting for more data sees the end.
     pub fn shutdown_write(&self) {
         let guard = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        match &*guard {
-            ShutdownTarget::Tcp(s) => {
-                let _ = s.shutdown(Shutdown::Write);
-            }
-            ShutdownTarget::Unix(s) => {
-                let _ = s.shutdown(Shutdown::Write);
-            }
-            _ => {}
+        if let ShutdownTarget::Socket(s) = &*guard {
+            let _ = s.shutdown(Shutdown::Write);
         }
     }
 }
@@ -280,10 +262,23 @@ impl Connection {
 }
 
 fn tcp_addrs(host: &str, port: u16) -> Result<Vec<std::net::SocketAddr>, MigrationError> {
-    (host, port)
-        .to_socket_addrs()
-        .map(|a| a.collect())
+    net::resolve(host, port)
         .map_err(|e| MigrationError::io(format!("address resolution failed for {host}:{port}"), e))
+}
+
+/// A socket channel: the stream, a second handle for the other direction and a third for
+/// the shutdown handle. `outgoing` says which way the first handle points (source: the
+/// stream goes out on it).
+fn socket_connection(s: Stream, outgoing: bool) -> Result<Connection, MigrationError> {
+    let other = s.try_clone().map_err(|e| MigrationError::io("socket", e))?;
+    let h = s.try_clone().map_err(|e| MigrationError::io("socket", e))?;
+    let (w, r) = if outgoing { (s, other) } else { (other, s) };
+    Ok(Connection {
+        writer: Some(Box::new(w)),
+        reader: Some(Box::new(r)),
+        shutdown: ShutdownHandle::new(ShutdownTarget::Socket(h)),
+        child: None,
+    })
 }
 
 /// Opens the outgoing channel for `migrate`, without a return path over `exec:` (the
@@ -297,41 +292,15 @@ pub fn connect(uri: &MigrationUri) -> Result<Connection, MigrationError> {
 pub fn connect_with(uri: &MigrationUri, return_path: bool) -> Result<Connection, MigrationError> {
     match uri {
         MigrationUri::Tcp { host, port } => {
-            let shown = format!("{host}:{port}");
-            let addrs = tcp_addrs(host, *port)?;
-            let mut last = std::io::Error::new(std::io::ErrorKind::NotFound, "no address");
-            for a in addrs {
-                match TcpStream::connect(a) {
-                    Ok(s) => {
-                        let _ = s.set_nodelay(true);
-                        let r = s.try_clone().map_err(|e| MigrationError::io("socket", e))?;
-                        let h = s.try_clone().map_err(|e| MigrationError::io("socket", e))?;
-                        return Ok(Connection {
-                            writer: Some(Box::new(s)),
-                            reader: Some(Box::new(r)),
-                            shutdown: ShutdownHandle::new(ShutdownTarget::Tcp(h)),
-                            child: None,
-                        });
-                    }
-                    Err(e) => last = e,
-                }
-            }
-            Err(MigrationError::io(
-                format!("Failed to connect to '{shown}'"),
-                last,
-            ))
+            let s = Stream::connect_tcp(&tcp_addrs(host, *port)?).map_err(|e| {
+                MigrationError::io(format!("Failed to connect to '{host}:{port}'"), e)
+            })?;
+            socket_connection(s, true)
         }
         MigrationUri::Unix(path) => {
-            let s = UnixStream::connect(path)
+            let s = Stream::connect_unix(Path::new(path))
                 .map_err(|e| MigrationError::io(format!("Failed to connect to '{path}'"), e))?;
-            let r = s.try_clone().map_err(|e| MigrationError::io("socket", e))?;
-            let h = s.try_clone().map_err(|e| MigrationError::io("socket", e))?;
-            Ok(Connection {
-                writer: Some(Box::new(s)),
-                reader: Some(Box::new(r)),
-                shutdown: ShutdownHandle::new(ShutdownTarget::Unix(h)),
-                child: None,
-            })
+            socket_connection(s, true)
         }
         MigrationUri::Exec(cmd) => {
             let mut child = Command::new("/bin/sh")
@@ -382,10 +351,8 @@ pub fn connect_with(uri: &MigrationUri, return_path: bool) -> Result<Connection,
 
 /// A bound incoming address, waiting for its one connection.
 pub enum Listener {
-    /// A TCP listener.
-    Tcp(TcpListener),
-    /// A unix socket listener; the path is removed when it is dropped.
-    Unix(UnixListener, String),
+    /// A TCP or unix socket listener (a unix one's path is removed when it is dropped).
+    Socket(net::Listener),
     /// An `exec:` command whose stdout is the stream.
     Exec(String),
     /// A file holding the stream.
@@ -397,17 +364,15 @@ impl Listener {
     pub fn bind(uri: &MigrationUri) -> Result<Self, MigrationError> {
         match uri {
             MigrationUri::Tcp { host, port } => {
-                let addrs = tcp_addrs(host, *port)?;
-                let l = TcpListener::bind(&addrs[..])
+                let l = net::Listener::bind_tcp(&tcp_addrs(host, *port)?)
                     .map_err(|e| MigrationError::io("Failed to bind socket", e))?;
-                Ok(Listener::Tcp(l))
+                Ok(Listener::Socket(l))
             }
             MigrationUri::Unix(path) => {
-                let _ = std::fs::remove_file(path);
-                let l = UnixListener::bind(path).map_err(|e| {
+                let l = net::Listener::bind_unix_replacing(Path::new(path)).map_err(|e| {
                     MigrationError::io(format!("Failed to bind socket to {path}"), e)
                 })?;
-                Ok(Listener::Unix(l, path.clone()))
+                Ok(Listener::Socket(l))
             }
             MigrationUri::Exec(cmd) => Ok(Listener::Exec(cmd.clone())),
             MigrationUri::File { path, offset } => Ok(Listener::File(path.clone(), *offset)),
@@ -417,14 +382,14 @@ impl Listener {
     /// Whether connections come over a socket (`tcp:`, `unix:`): only those carry more than
     /// one channel.
     pub fn is_socket(&self) -> bool {
-        matches!(self, Listener::Tcp(_) | Listener::Unix(..))
+        matches!(self, Listener::Socket(_))
     }
 
     /// The real address of a TCP listener (for `query-migrate`'s `socket-address`, and for
     /// port 0).
     pub fn local_port(&self) -> Option<u16> {
         match self {
-            Listener::Tcp(l) => l.local_addr().ok().map(|a| a.port()),
+            Listener::Socket(l) => l.local_port(),
             _ => None,
         }
     }
@@ -434,8 +399,7 @@ impl Listener {
     pub fn socket_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
         use std::os::fd::AsFd;
         match self {
-            Listener::Tcp(l) => Some(l.as_fd()),
-            Listener::Unix(l, _) => Some(l.as_fd()),
+            Listener::Socket(l) => Some(l.as_fd()),
             _ => None,
         }
     }
@@ -443,32 +407,11 @@ impl Listener {
     /// Waits for the source and returns the channel.
     pub fn accept(&self) -> Result<Connection, MigrationError> {
         match self {
-            Listener::Tcp(l) => {
-                let (s, _) = l
+            Listener::Socket(l) => {
+                let s = l
                     .accept()
                     .map_err(|e| MigrationError::io("accept failed", e))?;
-                let _ = s.set_nodelay(true);
-                let w = s.try_clone().map_err(|e| MigrationError::io("socket", e))?;
-                let h = s.try_clone().map_err(|e| MigrationError::io("socket", e))?;
-                Ok(Connection {
-                    writer: Some(Box::new(w)),
-                    reader: Some(Box::new(s)),
-                    shutdown: ShutdownHandle::new(ShutdownTarget::Tcp(h)),
-                    child: None,
-                })
-            }
-            Listener::Unix(l, _) => {
-                let (s, _) = l
-                    .accept()
-                    .map_err(|e| MigrationError::io("accept failed", e))?;
-                let w = s.try_clone().map_err(|e| MigrationError::io("socket", e))?;
-                let h = s.try_clone().map_err(|e| MigrationError::io("socket", e))?;
-                Ok(Connection {
-                    writer: Some(Box::new(w)),
-                    reader: Some(Box::new(s)),
-                    shutdown: ShutdownHandle::new(ShutdownTarget::Unix(h)),
-                    child: None,
-                })
+                socket_connection(s, false)
             }
             Listener::Exec(cmd) => {
                 // Both pipes, as QEMU 7.2: the return path, if the source opens one, goes
@@ -508,14 +451,6 @@ impl Listener {
                     child: None,
                 })
             }
-        }
-    }
-}
-
-impl Drop for Listener {
-    fn drop(&mut self) {
-        if let Listener::Unix(_, path) = self {
-            let _ = std::fs::remove_file(path.as_str());
         }
     }
 }

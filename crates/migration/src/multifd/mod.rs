@@ -29,7 +29,7 @@
 pub mod codec;
 pub mod recv;
 pub mod send;
-pub mod zerocopy;
+pub use net::zerocopy;
 
 use crate::caps::{Capabilities, Capability};
 use crate::error::MigrationError;

@@ -156,10 +156,13 @@ impl ZeroCopySocket {
                 };
                 seen = true;
                 if ee.ee_errno != 0 {
-                    let e = io::Error::from_raw_os_error(ee.ee_errno as i32);
+                    let kind = io::Error::from_raw_os_error(ee.ee_errno as i32).kind();
                     return Err(io::Error::new(
-                        e.kind(),
-                        format!("Error on socket: {}", crate::error::os_error_text(&e)),
+                        kind,
+                        format!(
+                            "Error on socket: {}",
+                            nix::errno::Errno::from_raw(ee.ee_errno as i32).desc()
+                        ),
                     ));
                 }
                 if ee.ee_origin != SO_EE_ORIGIN_ZEROCOPY {
