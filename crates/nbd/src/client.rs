@@ -12,10 +12,11 @@
 //! session; the server's certificate must carry `tls-hostname` (by default the host of an
 //! inet address; no name check over a unix socket unless one is given).
 
-use crate::net::{SocketAddress, Stream};
+use crate::address::SocketAddress;
 use crate::proto::{self, cflag, chunk, cmd, info, opt, rep, tflag, Cursor, ProtoError, Request};
 use block::driver::{BlockDriver, DriverInfo, FilenameInfo};
 use block::{BlockError, BlockLayer, BlockNode};
+use net::Stream;
 use nix::errno::Errno;
 use serde_json::{json, Map, Value};
 use std::io::{BufReader, BufWriter, Read, Write};
@@ -360,10 +361,7 @@ impl NbdClient {
         let ws = self.sock.try_clone().map_err(io)?;
         let mut st = tls::connect(creds, hostname, rs, ws)
             .map_err(|e| ProtoError::Protocol(e.to_string()))?;
-        let probe = match &self.sock {
-            Stream::Unix(s) => st.writer.set_peer_probe(s.as_fd()),
-            Stream::Tcp(s) => st.writer.set_peer_probe(s.as_fd()),
-        };
+        let probe = st.writer.set_peer_probe(self.sock.as_fd());
         probe.map_err(io)?;
         self.r = BufReader::with_capacity(256 << 10, Box::new(st.reader));
         self.w = BufWriter::with_capacity(256 << 10, Box::new(st.writer));
@@ -767,13 +765,13 @@ impl NbdDriver {
             .get("server")
             .ok_or_else(|| BlockError::MissingParameter("server".into()))?;
         let addr = SocketAddress::from_json(server, "server.", false).map_err(|e| match e {
-            crate::net::AddressError::Missing(p) => BlockError::MissingParameter(p),
-            crate::net::AddressError::Unexpected(p) => BlockError::UnexpectedParameter(p),
-            crate::net::AddressError::Type(p, t) => BlockError::InvalidParameterType {
+            crate::address::AddressError::Missing(p) => BlockError::MissingParameter(p),
+            crate::address::AddressError::Unexpected(p) => BlockError::UnexpectedParameter(p),
+            crate::address::AddressError::Type(p, t) => BlockError::InvalidParameterType {
                 name: p,
                 expected: t.to_string(),
             },
-            crate::net::AddressError::BadType(p, v) => {
+            crate::address::AddressError::BadType(p, v) => {
                 BlockError::ParameterValueRejected { name: p, value: v }
             }
         })?;

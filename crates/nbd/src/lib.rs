@@ -24,12 +24,12 @@
     deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
 )]
 
+pub mod address;
 pub mod client;
-pub mod net;
 pub mod proto;
 pub mod qmp;
 pub mod server;
 
+pub use address::SocketAddress;
 pub use client::{register_driver, NbdClient, NbdDriver};
-pub use net::SocketAddress;
 pub use server::{ExportConfig, ExportError, NbdServer};

@@ -2,7 +2,7 @@
 //! in QEMU 7.2's visiting order, then handed to [`NbdServer`]. This crate's errors meet QMP's
 //! classes here, in the `From` impls (all `GenericError`, as in QEMU).
 
-use crate::net::{AddressError, SocketAddress};
+use crate::address::{AddressError, SocketAddress};
 use crate::server::{ExportConfig, ExportError, NbdServer};
 use block::{BlockLayer, MergeSource};
 use qmp::{Args, CommandSet, QmpError, Reply};

@@ -17,12 +17,13 @@
 //! that breaks the framing (bad magic, a payload it announced but did not send) is
 //! disconnected; one that asks for something invalid gets QEMU's error reply.
 
-use crate::net::{Listener, SocketAddress, Stream};
+use crate::address::SocketAddress;
 use crate::proto::{
     self, cflag, chunk, cmd, err, info, opt, rep, state, tflag, Cursor, ProtoError, Request,
 };
 use block::extension::NodeClaim;
 use block::{BlockError, BlockNode};
+use net::{Listener, Stream};
 use std::io::{BufReader, BufWriter, Read, Write};
 use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -342,12 +343,12 @@ impl NbdServer {
         for e in exports {
             e.removed.store(true, Ordering::SeqCst);
             for (_, s) in lock(&e.clients).iter() {
-                s.shutdown();
+                let _ = s.shutdown(std::net::Shutdown::Both);
             }
             e.release();
         }
         for (_, s) in lock(&self.inner.clients).iter() {
-            s.shutdown();
+            let _ = s.shutdown(std::net::Shutdown::Both);
         }
         let _ = r.max_connections;
         Ok(())
@@ -450,7 +451,7 @@ impl NbdServer {
         };
         e.removed.store(true, Ordering::SeqCst);
         for (_, s) in lock(&e.clients).iter() {
-            s.shutdown();
+            let _ = s.shutdown(std::net::Shutdown::Both);
         }
         e.release();
         Ok(())
@@ -500,7 +501,7 @@ fn accept_loop(inner: Arc<Inner>, listener: Arc<Listener>, max_connections: u32)
         if max_connections > 0
             && inner.connections.load(Ordering::SeqCst) >= u64::from(max_connections)
         {
-            stream.shutdown();
+            let _ = stream.shutdown(std::net::Shutdown::Both);
             continue;
         }
         let id = inner.next_client.fetch_add(1, Ordering::SeqCst);
@@ -813,10 +814,7 @@ fn start_tls(
     let w = c.sock.try_clone().map_err(io)?;
     let probe = c.sock.try_clone().map_err(io)?;
     let mut st = tls::accept(creds, authz, r, w).map_err(fail)?;
-    let _ = match &probe {
-        Stream::Unix(s) => st.writer.set_peer_probe(s.as_fd()),
-        Stream::Tcp(s) => st.writer.set_peer_probe(s.as_fd()),
-    };
+    let _ = st.writer.set_peer_probe(probe.as_fd());
     c.r = BufReader::with_capacity(256 << 10, Box::new(st.reader));
     c.w = BufWriter::with_capacity(256 << 10, Box::new(st.writer));
     c.tls = true;

@@ -1,12 +1,9 @@
-//! Socket addresses (QAPI `SocketAddress`, unix and inet) and the streams and listeners built
-//! on them, so the server and client do not care which kind they run over.
+//! Socket addresses as QAPI gives them (`SocketAddress`, unix and inet, flat or legacy), with
+//! QEMU's messages for a malformed one; the sockets themselves come from the `net` crate.
 
+use net::{Listener, Stream};
 use serde_json::{Map, Value};
-use std::io::{self, Read, Write};
-use std::net::{Shutdown, TcpListener, TcpStream, ToSocketAddrs};
-use std::os::fd::AsRawFd;
-use std::os::unix::fs::FileTypeExt;
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::io;
 use std::path::PathBuf;
 
 /// Where to listen or connect.
@@ -135,139 +132,27 @@ impl SocketAddress {
         }
     }
 
+    /// The socket this names, with the port checked.
+    fn to_net(&self) -> io::Result<net::Address> {
+        Ok(match self {
+            SocketAddress::Unix(p) => net::Address::Unix(p.clone()),
+            SocketAddress::Inet { host, port } => net::Address::Tcp {
+                host: host.clone(),
+                port: port.parse().map_err(|_| {
+                    io::Error::new(io::ErrorKind::InvalidInput, format!("bad port '{port}'"))
+                })?,
+            },
+        })
+    }
+
     /// Connects.
     pub fn connect(&self) -> io::Result<Stream> {
-        match self {
-            SocketAddress::Unix(p) => UnixStream::connect(p).map(Stream::Unix),
-            SocketAddress::Inet { host, port } => {
-                let port: u16 = port.parse().map_err(|_| {
-                    io::Error::new(io::ErrorKind::InvalidInput, format!("bad port '{port}'"))
-                })?;
-                let s = TcpStream::connect((host.as_str(), port))?;
-                s.set_nodelay(true)?;
-                Ok(Stream::Tcp(s))
-            }
-        }
+        self.to_net()?.connect()
     }
 
     /// Listens (a stale unix socket file at the path is replaced, as QEMU does).
     pub fn listen(&self) -> io::Result<Listener> {
-        match self {
-            SocketAddress::Unix(p) => {
-                if let Ok(md) = std::fs::symlink_metadata(p) {
-                    if md.file_type().is_socket() {
-                        let _ = std::fs::remove_file(p);
-                    }
-                }
-                UnixListener::bind(p).map(|l| Listener::Unix(l, p.clone()))
-            }
-            SocketAddress::Inet { host, port } => {
-                let port: u16 = port.parse().map_err(|_| {
-                    io::Error::new(io::ErrorKind::InvalidInput, format!("bad port '{port}'"))
-                })?;
-                let addrs: Vec<_> = (host.as_str(), port).to_socket_addrs()?.collect();
-                TcpListener::bind(&addrs[..]).map(Listener::Tcp)
-            }
-        }
-    }
-}
-
-/// A connected socket.
-#[derive(Debug)]
-pub enum Stream {
-    /// Unix domain.
-    Unix(UnixStream),
-    /// TCP.
-    Tcp(TcpStream),
-}
-
-impl Stream {
-    /// Another handle on the same socket.
-    pub fn try_clone(&self) -> io::Result<Stream> {
-        Ok(match self {
-            Stream::Unix(s) => Stream::Unix(s.try_clone()?),
-            Stream::Tcp(s) => Stream::Tcp(s.try_clone()?),
-        })
-    }
-    /// Shuts both directions down: a thread blocked on the socket returns.
-    pub fn shutdown(&self) {
-        let _ = match self {
-            Stream::Unix(s) => s.shutdown(Shutdown::Both),
-            Stream::Tcp(s) => s.shutdown(Shutdown::Both),
-        };
-    }
-}
-
-impl Read for Stream {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        match self {
-            Stream::Unix(s) => s.read(buf),
-            Stream::Tcp(s) => s.read(buf),
-        }
-    }
-}
-
-impl Write for Stream {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        match self {
-            Stream::Unix(s) => s.write(buf),
-            Stream::Tcp(s) => s.write(buf),
-        }
-    }
-    fn write_vectored(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
-        match self {
-            Stream::Unix(s) => s.write_vectored(bufs),
-            Stream::Tcp(s) => s.write_vectored(bufs),
-        }
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
-
-/// A listening socket.
-#[derive(Debug)]
-pub enum Listener {
-    /// Unix domain, with its path (removed when the server stops).
-    Unix(UnixListener, PathBuf),
-    /// TCP.
-    Tcp(TcpListener),
-}
-
-impl Listener {
-    /// Waits for the next connection.
-    pub fn accept(&self) -> io::Result<Stream> {
-        match self {
-            Listener::Unix(l, _) => l.accept().map(|(s, _)| Stream::Unix(s)),
-            Listener::Tcp(l) => l.accept().map(|(s, _)| {
-                let _ = s.set_nodelay(true);
-                Stream::Tcp(s)
-            }),
-        }
-    }
-    /// Wakes a thread blocked in [`Listener::accept`] (it returns an error) and stops
-    /// accepting.
-    pub fn shutdown(&self) {
-        let fd = match self {
-            Listener::Unix(l, _) => l.as_raw_fd(),
-            Listener::Tcp(l) => l.as_raw_fd(),
-        };
-        let _ = nix::sys::socket::shutdown(fd, nix::sys::socket::Shutdown::Both);
-    }
-    /// The TCP port actually bound (for port `0`).
-    pub fn local_port(&self) -> Option<u16> {
-        match self {
-            Listener::Tcp(l) => l.local_addr().ok().map(|a| a.port()),
-            Listener::Unix(..) => None,
-        }
-    }
-}
-
-impl Drop for Listener {
-    fn drop(&mut self) {
-        if let Listener::Unix(_, p) = self {
-            let _ = std::fs::remove_file(p);
-        }
+        self.to_net()?.listen()
     }
 }
 
