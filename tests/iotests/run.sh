@@ -25,6 +25,7 @@ passing=(
     parallels:parallels-read-bitmap
     qcow2:302
     qcow2:196
+    qcow2:300
     qcow2:migrate-bitmaps-test
 )
 # Tests of the issue's list that do not pass yet, each with what livemig lacks; `--all` runs
@@ -35,8 +36,6 @@ pending=(
     qcow2:backing-file-invalidation    # blockdev-snapshot-sync
     qcow2:234                          # blockdev-snapshot
     qcow2:194                          # drive-mirror
-    qcow2:300                          # 38 of 39 pass; a destination whose incoming migration
-                                       # failed keeps running (QEMU's exits with status 1)
 )
 # Left out, and why:
 #   091, 145, 183  old block migration (`migrate -b`, the `block` capability): not built, refused

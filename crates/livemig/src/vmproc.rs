@@ -9,14 +9,15 @@
 //! Shutting down (`quit`, or SIGTERM, SIGINT or SIGHUP, which QEMU treats the same way) ends a
 //! running migration first and waits for its cleanup, then closes the monitors and the block
 //! layer (so persistent bitmaps are stored), then exits with status 0:
-//! [`shutdown_and_exit`]. The signals are blocked in every thread and taken by one thread that
+//! [`shutdown_and_exit`]. A destination whose incoming migration fails to load exits with
+//! status 1, as QEMU's does. The signals are blocked in every thread and taken by one thread that
 //! waits for them (children started by `exec:` get a clean mask from `std::process`).
 
 use crate::cli::VmArgs;
 use crate::monitor::{App, Monitor};
 use block::BlockLayer;
 use migration::machine::Machine;
-use migration::{Migration, MigrationOptions};
+use migration::{LoadFailureHook, Migration, MigrationOptions};
 use nix::sys::signal::{SigSet, Signal};
 use serde_json::{json, Value};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -34,12 +35,7 @@ const MIGRATION_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
 /// process exits with status 0. Only the first caller does this; a second one (a signal
 /// during `quit`) waits for the exit.
 pub fn shutdown_and_exit(mig: &Migration, server: &qmp::Server, block: &BlockLayer) -> ! {
-    static STARTED: AtomicBool = AtomicBool::new(false);
-    if STARTED.swap(true, Ordering::SeqCst) {
-        loop {
-            std::thread::park();
-        }
-    }
+    begin_exit();
     if !mig.shutdown(MIGRATION_SHUTDOWN_TIMEOUT) {
         log::warn!(
             "the migration did not end within {} s; closing the images anyway",
@@ -51,6 +47,27 @@ pub fn shutdown_and_exit(mig: &Migration, server: &qmp::Server, block: &BlockLay
         log::error!("{e}");
     }
     std::process::exit(0);
+}
+
+/// Makes the caller the one that ends the process; any later caller (a signal during `quit`,
+/// a `quit` while a failed load exits) waits here for the exit.
+fn begin_exit() {
+    static STARTED: AtomicBool = AtomicBool::new(false);
+    if STARTED.swap(true, Ordering::SeqCst) {
+        loop {
+            std::thread::park();
+        }
+    }
+}
+
+/// An incoming migration's load failed: as QEMU 7.2 (`process_incoming_migration_co`), the
+/// destination exits with status 1, the error already on stderr. The monitors get what is
+/// queued for them first (the `MIGRATION` event `failed`). Nothing was activated, so there
+/// is nothing for the block layer to store.
+fn exit_after_failed_load(server: &qmp::Server) -> ! {
+    begin_exit();
+    server.close(Duration::from_secs(1));
+    std::process::exit(1);
 }
 
 /// SIGTERM, SIGINT and SIGHUP: QEMU's termination signals.
@@ -228,6 +245,10 @@ pub fn run(mut args: VmArgs) -> Result<(), String> {
         MigrationOptions {
             autostart: !args.start_paused,
             tls_objects: objects.clone(),
+            on_load_failure: Some({
+                let server = server.clone();
+                LoadFailureHook(Arc::new(move |_| exit_after_failed_load(&server)))
+            }),
         },
     ));
     match args.incoming.as_deref() {

@@ -255,3 +255,37 @@ fn a_bitmap_name_too_long_to_migrate_is_reported_on_stderr() {
         "QEMU's stderr:\n{log}"
     );
 }
+
+/// A destination whose load fails exits with status 1, the error on its stderr, as QEMU 7.2's
+/// does (`process_incoming_migration_co`), after telling its monitor (`MIGRATION` `failed`).
+/// One told to `quit` while it loads ends as `quit` ends a VM: status 0.
+#[test]
+fn a_destination_whose_load_fails_exits_with_status_1() {
+    use std::io::Write;
+    use std::os::unix::net::UnixStream;
+    let dir = tempdir();
+    let path = dir.path().join("in.sock");
+    let mut dst = Lm::destination(dir.path(), "dst", &format!("unix:{}", path.display()));
+    dst.caps_on(&["events"]);
+    let mut s = UnixStream::connect(&path).expect("connect");
+    s.write_all(b"QEVN\0\0\0\x03").expect("write");
+    drop(s);
+    let e = dst.wait_load_failed();
+    assert!(
+        e.contains("Not a migration stream, magic: 5145564e != 5145564d"),
+        "{e}"
+    );
+    assert_eq!(
+        dst.migration_events_until("failed"),
+        ["setup", "active", "failed"]
+    );
+
+    let path = dir.path().join("in2.sock");
+    let mut dst = Lm::destination(dir.path(), "dst2", &format!("unix:{}", path.display()));
+    let mut s = UnixStream::connect(&path).expect("connect");
+    // A good header, then nothing: the load waits for the first section.
+    s.write_all(b"QEVM\0\0\0\x03").expect("write");
+    dst.wait_migration(&["active"]);
+    let _ = dst.qmp.execute("quit", json!({}));
+    assert_eq!(dst.proc.wait_exit(TIMEOUT), Some(0), "{}", dst.proc.log());
+}

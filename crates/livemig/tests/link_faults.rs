@@ -87,14 +87,14 @@ fn a_link_stalled_mid_stream_fails_both_ends_in_time_and_the_source_resumes() {
     assert!(r.get("x-livemig-handover").is_none(), "{r}");
     assert_eq!(src.status(), "running", "the source must resume its guest");
     assert_eq!(src.ram_checksum(), sum);
-    let d = dst.wait_migration(&["failed", "completed"]);
+    // The destination exits, as QEMU's does when its load fails.
+    let d = dst.wait_load_failed();
     assert!(
-        desc(&d).starts_with(
+        d.starts_with(
             "the migration stream stalled: nothing arrived for 1500 ms (x-livemig-stall-timeout); at byte "
         ),
         "{d}"
     );
-    assert_ne!(dst.status(), "running");
     drop(relay);
     migrates_again(dir.path(), &mut src, &sum);
 }
@@ -140,9 +140,9 @@ fn a_link_stalled_after_the_whole_stream_leaves_the_source_paused_and_says_so() 
         ev.last().unwrap()["data"],
         json!({"handover": "unknown", "source-runstate": "paused"})
     );
-    let d = dst.wait_migration(&["failed", "completed"]);
+    let d = dst.wait_load_failed();
     assert!(
-        desc(&d).starts_with("the migration stream stalled: nothing arrived for 1500 ms"),
+        d.starts_with("the migration stream stalled: nothing arrived for 1500 ms"),
         "{d}"
     );
     // Management, having seen the destination fail, takes the guest back.
@@ -172,10 +172,7 @@ fn a_cut_at_the_end_fails_cleanly_by_default_and_is_visible_without_a_return_pat
         "{r}"
     );
     assert_eq!(src.status(), "running");
-    assert_eq!(
-        dst.wait_migration(&["failed", "completed"])["status"],
-        "failed"
-    );
+    dst.wait_load_failed();
     assert!(relay1.report().held > 0);
     drop(relay1);
 
@@ -193,10 +190,7 @@ fn a_cut_at_the_end_fails_cleanly_by_default_and_is_visible_without_a_return_pat
         json!({"handover": "unconfirmed", "source-runstate": "paused"})
     );
     assert_eq!(src.status(), "postmigrate");
-    assert_eq!(
-        dst.wait_migration(&["failed", "completed"])["status"],
-        "failed"
-    );
+    dst.wait_load_failed();
     src.ok("cont", json!({}));
     assert_eq!(src.status(), "running");
     assert_eq!(src.ram_checksum(), sum);

@@ -226,8 +226,13 @@ fn multifd_tls_channel_refusals_are_clear_on_both_ends() {
         e.contains("the main channel closed before every multifd channel connected"),
         "destination: {e}"
     );
-    // The plaintext end read a TLS ClientHello where a stream header should be.
-    failed(&mut plain);
+    // The plaintext end read a TLS ClientHello where a stream header should be: its load
+    // failed, and it exits with status 1, as QEMU's does.
+    let e = plain.wait_load_failed();
+    assert!(
+        e.contains("Not a migration stream"),
+        "the plaintext end: {e}"
+    );
     drop((relay, dst, plain));
 
     // 3. The destination's side: a plaintext impostor connects to the TLS destination's

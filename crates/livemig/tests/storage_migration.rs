@@ -6,8 +6,8 @@
 //! destination's image file equals the source's, byte for byte, and so does RAM.
 //!
 //! Without the pause, the mirror is still writing at the switchover: the source refuses to
-//! hand its images over, the migration fails with that reason, and the source keeps running
-//! with its mirror intact.
+//! hand its images over, the migration fails with that reason, the destination exits (status
+//! 1, as QEMU's), and the source keeps running with its mirror intact.
 //!
 //! Self-contained: it uses only `testkit`, so it does not depend on other test files.
 
@@ -122,6 +122,14 @@ fn images(dir: &Path) -> (PathBuf, PathBuf, Vec<u8>) {
 fn set_up(dir: &Path, src_img: &Path, dst_img: &Path) -> (Vm, Vm, String) {
     let mig = format!("unix:{}", dir.join("mig.sock").display());
     let mut dst = Vm::start(dir, "dst", dst_img, &["-incoming", &mig, "-S"]);
+    let src = mirroring_source(dir, src_img, &mut dst);
+    (src, dst, mig)
+}
+
+/// A source (busy guest writing to its disk) mirroring into the disk `exporter` exports over
+/// NBD, the mirror ready.
+fn mirroring_source(dir: &Path, src_img: &Path, exporter: &mut Vm) -> Vm {
+    let dst = exporter;
     let mut src = Vm::start(
         dir,
         "src",
@@ -152,7 +160,7 @@ fn set_up(dir: &Path, src_img: &Path, dst_img: &Path) -> (Vm, Vm, String) {
     let jobs = src.ok("query-block-jobs", json!({}));
     assert_eq!(jobs[0]["ready"], true, "{jobs}");
     assert_eq!(jobs[0]["status"], "ready", "{jobs}");
-    (src, dst, mig)
+    src
 }
 
 #[test]
@@ -209,7 +217,14 @@ fn storage_migrates_over_nbd_with_mirror_ended_at_switchover() {
 fn a_mirror_still_writing_at_switchover_fails_the_migration_cleanly() {
     let dir = testkit::tempdir();
     let (src_img, dst_img, _) = images(dir.path());
-    let (mut src, mut dst, mig) = set_up(dir.path(), &src_img, &dst_img);
+    // The mirror's target is exported by a process of its own: the migration's destination,
+    // whose load fails, exits (as QEMU's does), and the mirror must live on without it.
+    let mut exporter = Vm::start(dir.path(), "nbd", &dst_img, &["-S"]);
+    let mut src = mirroring_source(dir.path(), &src_img, &mut exporter);
+    let spare = dir.path().join("spare.img");
+    std::fs::write(&spare, vec![0u8; DISK_SIZE]).unwrap();
+    let mig = format!("unix:{}", dir.path().join("mig.sock").display());
+    let mut dst = Vm::start(dir.path(), "dst", &spare, &["-incoming", &mig, "-S"]);
     src.ok("migrate", json!({"uri": mig}));
     let r = src.wait_migration(&["completed", "failed"]);
     assert_eq!(r["status"], "failed", "{r}");
@@ -226,10 +241,14 @@ fn a_mirror_still_writing_at_switchover_fails_the_migration_cleanly() {
     }
     let jobs = src.ok("query-block-jobs", json!({}));
     assert_eq!(jobs[0]["status"], "ready", "{jobs}");
-    // The destination never started the guest.
-    let r = dst.wait_migration(&["failed", "completed"]);
-    assert_eq!(r["status"], "failed", "{r}");
-    assert_ne!(dst.status(), "running");
+    // The destination never started the guest: its load failed, and it exited with status
+    // 1 as QEMU 7.2's does.
+    assert_eq!(dst.proc.wait_exit(TIMEOUT), Some(1), "{}", dst.proc.log());
+    assert!(
+        dst.proc.log().contains("load of migration failed: "),
+        "{}",
+        dst.proc.log()
+    );
     // Nothing was corrupted: stop the guest, end the mirror, and the copy is exact.
     src.ok("stop", json!({}));
     src.ok("block-job-cancel", json!({"device": "m0"}));

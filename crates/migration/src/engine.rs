@@ -101,6 +101,9 @@ pub struct MigrationOptions {
     pub autostart: bool,
     /// The objects (`-object`, `object-add`) where `tls-creds` and `tls-authz` are looked up.
     pub tls_objects: Arc<tls::Objects>,
+    /// Called when an incoming migration's load fails where QEMU 7.2 exits the process
+    /// (see [`LoadFailureHook`]); `None` keeps the destination running, `failed`.
+    pub on_load_failure: Option<LoadFailureHook>,
 }
 
 impl Default for MigrationOptions {
@@ -108,7 +111,24 @@ impl Default for MigrationOptions {
         MigrationOptions {
             autostart: true,
             tls_objects: Arc::new(tls::Objects::new()),
+            on_load_failure: None,
         }
+    }
+}
+
+/// What a VMM does when the load of an incoming migration fails: QEMU 7.2 exits with status
+/// 1 then (`process_incoming_migration_co`, and postcopy's listen thread when the failure
+/// does not pause), and management — QEMU's iotests included — counts on it. Called with the
+/// error, once the status is `failed` and its `MIGRATION` event out. Not called when the
+/// incoming migration fails before its stream is read (accepting the channel, TLS, the
+/// multifd or preempt channels: QEMU reports those and keeps running), when postcopy pauses
+/// instead, nor when the VM is shutting down (the shutdown ended the load).
+#[derive(Clone)]
+pub struct LoadFailureHook(pub Arc<dyn Fn(&str) + Send + Sync>);
+
+impl std::fmt::Debug for LoadFailureHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("LoadFailureHook")
     }
 }
 
@@ -117,6 +137,7 @@ pub struct Migration {
     machine: Arc<dyn Machine>,
     shared: Arc<Shared>,
     objects: Arc<tls::Objects>,
+    on_load_failure: Option<LoadFailureHook>,
 }
 
 impl Migration {
@@ -131,6 +152,7 @@ impl Migration {
             machine,
             shared,
             objects: options.tls_objects,
+            on_load_failure: options.on_load_failure,
         }
     }
 
@@ -329,6 +351,7 @@ impl Migration {
             machine: self.machine.clone(),
             listener,
             objects: self.objects.clone(),
+            on_load_failure: self.on_load_failure.clone(),
         };
         drop(inner);
         std::thread::Builder::new()

@@ -50,6 +50,8 @@ pub(crate) struct Job {
     pub listener: Listener,
     /// Where `tls-creds` and `tls-authz` are looked up.
     pub objects: Arc<tls::Objects>,
+    /// What the VMM does when the load fails ([`crate::LoadFailureHook`]).
+    pub on_load_failure: Option<crate::LoadFailureHook>,
 }
 
 /// Which handler a section id belongs to.
@@ -1345,7 +1347,16 @@ pub(crate) fn run(job: Job) {
                 ),
                 _ => e.to_string(),
             };
-            fail(&shared, text, started);
+            // QEMU's words (`process_incoming_migration_co`).
+            log::error!("load of migration failed: {text}");
+            shared.fail_incoming(text.clone(), started);
+            // As QEMU's `process_incoming_migration_co`: a load that failed ends the process
+            // (the VMM's hook decides), unless the VM is shutting down anyway.
+            if let Some(hook) = &job.on_load_failure {
+                if !shared.shutting_down() {
+                    hook.0(&text);
+                }
+            }
         }
     }
 }

@@ -45,6 +45,6 @@ pub mod state;
 pub mod status;
 pub mod transport;
 
-pub use engine::{Migration, MigrationOptions};
+pub use engine::{LoadFailureHook, Migration, MigrationOptions};
 pub use error::MigrationError;
 pub use status::MigrationStatus;

@@ -763,6 +763,11 @@ impl Shared {
         self.go(&mut inner, Side::Incoming, MigrationStatus::PostcopyActive)
     }
 
+    /// Whether the VM is shutting down (`quit`, a termination signal).
+    pub(crate) fn shutting_down(&self) -> bool {
+        self.lock().shutting_down
+    }
+
     /// Whether the guest may be resumed after a failed or cancelled migration: not while the
     /// VM shuts down (QEMU's `migrate_fd_cleanup` does not restart a VM that is shutting
     /// down).

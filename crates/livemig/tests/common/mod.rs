@@ -174,6 +174,20 @@ impl Lm {
         }
     }
 
+    /// Waits for a destination whose incoming migration failed to exit as QEMU 7.2's does:
+    /// status 1, with `load of migration failed: ERROR` on stderr. Returns ERROR.
+    pub fn wait_load_failed(&mut self) -> String {
+        let code = self.proc.wait_exit(TIMEOUT);
+        let log = self.proc.log();
+        assert_eq!(code, Some(1), "{}: exit status; log:\n{log}", self.name);
+        load_failure(&log).unwrap_or_else(|| {
+            panic!(
+                "{}: no 'load of migration failed' on stderr:\n{log}",
+                self.name
+            )
+        })
+    }
+
     /// Polls `query-status` until the run state is `status`.
     pub fn wait_runstate(&mut self, status: &str) {
         let deadline = Instant::now() + TIMEOUT;
@@ -374,6 +388,13 @@ impl Lm {
             })
             .collect()
     }
+}
+
+/// The error of `livemig: load of migration failed: ERROR` in a destination's stderr.
+pub fn load_failure(log: &str) -> Option<String> {
+    log.lines()
+        .find_map(|l| l.strip_prefix("livemig: load of migration failed: "))
+        .map(String::from)
 }
 
 /// Checks what a user checks at the stop point of a completed migration: both ends report

@@ -332,15 +332,53 @@ pub fn qemu_outcome(
     (how, p.log())
 }
 
-/// A livemig destination that loaded a stream file: the process, its QMP client and the final
-/// `query-migrate` reply.
+/// A livemig destination that loaded a stream file: the process, its QMP client, the last
+/// `query-migrate` reply and, if its load failed, its exit status (it exits, as QEMU 7.2's
+/// does).
 pub struct Loaded {
     /// The process.
     pub p: VmProcess,
     /// Its monitor.
     pub q: QmpClient,
-    /// `query-migrate` once the incoming migration ended.
+    /// `query-migrate` once the incoming migration completed (or the last one before the
+    /// process exited).
     pub status: Value,
+    /// The exit status of a destination whose load failed.
+    pub exit: Option<i32>,
+}
+
+impl Loaded {
+    /// The error of `livemig: load of migration failed: ERROR` on the destination's stderr.
+    pub fn load_error(&self) -> String {
+        let log = self.p.log();
+        log.lines()
+            .find_map(|l| l.strip_prefix("livemig: load of migration failed: "))
+            .map(String::from)
+            .unwrap_or_else(|| panic!("no 'load of migration failed' on stderr:\n{log}"))
+    }
+}
+
+/// Waits until a livemig destination's incoming migration ends: `completed` (returns that
+/// reply), or failed — the destination then exits (returns the last reply and the status).
+pub fn incoming_end(p: &mut VmProcess, q: &mut QmpClient) -> (Value, Option<i32>) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut last = Value::Null;
+    loop {
+        let reply = q.execute("query-migrate", json!({}));
+        match reply.ok().and_then(|r| r.get("return").cloned()) {
+            Some(r) if r["status"] == "completed" => return (r, None),
+            Some(r) if r["status"] == "failed" => return (r, p.wait_exit(Duration::from_secs(20))),
+            Some(r) => last = r,
+            // The monitor went away: the process is exiting.
+            None => return (last, p.wait_exit(Duration::from_secs(20))),
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the incoming migration did not end: {last}\n{}",
+            p.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// Runs a stream file into a fresh livemig destination (`-incoming defer`, capability
@@ -362,8 +400,9 @@ pub fn run_into_livemig(
         "migrate-incoming",
         json!({"uri": format!("file:{}", stream.display())}),
     );
-    let status = wait(&mut q, &["completed", "failed"]);
-    Loaded { p, q, status }
+    let mut p = p;
+    let (status, exit) = incoming_end(&mut p, &mut q);
+    Loaded { p, q, status, exit }
 }
 
 /// The warnings a livemig destination reported about dropped bitmaps.
