@@ -14,6 +14,13 @@ QEMU's guest is `-M none` with its RAM loaded by `-device loader` from a file of
 bytes; livemig's is the reference machine whose one vCPU fills its RAM and then idles. Both
 send every page as a normal page.
 
+With --variants, each link gets one row per variant, both implementations configured alike:
+`plain` (one stream), `multifd:N` (capability multifd, N channels), `tls` (x509 credentials
+made for the run with openssl, tls-creds on both ends; `tls+multifd:N` with channels),
+`zstd:N` (multifd with N channels and multifd-compression zstd). Both guests hold
+incompressible data (QEMU's loader file is random bytes, livemig's fill pages are
+pseudo-random), so zstd rows show what compression costs where it cannot help.
+
 With --hot, it adds livemig-only rows: a guest rewriting a hot set faster than the link
 carries it, with and without auto-converge (QEMU 7.2 `-M none` has no vCPU to dirty memory).
 
@@ -21,6 +28,8 @@ Needs root (ip netns, tc). Not part of `cargo test`. Example:
 
     cargo build --release -p livemig
     sudo scripts/sidebyside.py --ram 512M --runs 3 --links none,10gbit,1gbit,1gbit:htb --hot
+    sudo scripts/sidebyside.py --ram 256M --runs 3 --links none,1gbit \
+        --variants plain,multifd:2,multifd:4,tls,tls+multifd:2,zstd:2
 """
 
 import argparse
@@ -200,14 +209,80 @@ def migrate(src, dst, uri, timeout, poll=None):
 COMMON_PARAMS = {"max-bandwidth": 100 << 30}
 
 
-def qemu_run(args, work, port, fill_file):
+def make_pki(work):
+    """A CA, a server certificate for the destination's address and a client certificate,
+    all in one directory with QEMU's file names (both ends read the files they need)."""
+    d = os.path.join(work, "pki")
+    os.makedirs(d, exist_ok=True)
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+
+    def ossl(*a):
+        subprocess.run(["openssl", *a], check=True, cwd=d, capture_output=True)
+
+    ossl("req", "-x509", *ec, "-keyout", "ca-key.pem", "-out", "ca-cert.pem", "-days", "30",
+         "-subj", "/O=livemig bench/CN=bench CA",
+         "-addext", "basicConstraints=critical,CA:TRUE",
+         "-addext", "keyUsage=critical,keyCertSign,cRLSign")
+    for who, san, eku in (("server", f"subjectAltName=IP:{ADDR_DST}\n", "serverAuth"),
+                          ("client", "", "clientAuth")):
+        ossl("req", *ec, "-keyout", f"{who}-key.pem", "-out", f"{who}.csr",
+             "-subj", f"/O=livemig bench/CN={who}")
+        ext = os.path.join(d, f"{who}.ext")
+        with open(ext, "w") as f:
+            f.write(san + "basicConstraints=critical,CA:FALSE\n"
+                    "keyUsage=critical,digitalSignature,keyEncipherment\n"
+                    f"extendedKeyUsage={eku}\n")
+        ossl("x509", "-req", "-in", f"{who}.csr", "-CA", "ca-cert.pem", "-CAkey", "ca-key.pem",
+             "-CAcreateserial", "-out", f"{who}-cert.pem", "-days", "30", "-extfile", ext)
+    return d
+
+
+class Variant:
+    """How both implementations migrate in a row: multifd channels, compression, TLS."""
+
+    def __init__(self, spec, pki):
+        self.name = spec
+        self.tls = spec.startswith("tls")
+        rest = spec[len("tls"):].lstrip("+") if self.tls else spec
+        self.channels, self.compression = 0, "none"
+        if rest.startswith("multifd:"):
+            self.channels = int(rest.split(":")[1])
+        elif rest.startswith("zstd:"):
+            self.channels, self.compression = int(rest.split(":")[1]), "zstd"
+        elif rest not in ("", "plain"):
+            raise SystemExit(f"sidebyside: unknown variant {spec}")
+        self.pki = pki
+
+    def argv(self, endpoint):
+        if not self.tls:
+            return []
+        return ["-object", f"tls-creds-x509,id=tls0,dir={self.pki},endpoint={endpoint}"]
+
+    def setup(self, q):
+        """Capabilities and parameters on one end (before the migration connects)."""
+        if self.channels:
+            q.cmd("migrate-set-capabilities",
+                  capabilities=[{"capability": "multifd", "state": True}])
+            q.cmd("migrate-set-parameters", **{"multifd-channels": self.channels,
+                                                "multifd-compression": self.compression})
+        if self.tls:
+            q.cmd("migrate-set-parameters", **{"tls-creds": "tls0"})
+
+
+PLAIN = Variant("plain", None)
+
+
+def qemu_run(args, work, port, fill_file, variant=PLAIN):
     base = [args.qemu, "-M", "none", "-nodefaults", "-display", "none", "-accel", "tcg",
             "-m", str(args.ram >> 20)]
-    dst = Proc(work, "qemu-dst", NS_DST, base + ["-incoming", f"tcp:{ADDR_DST}:{port}"])
+    dst = Proc(work, "qemu-dst", NS_DST, base + variant.argv("server") + [
+        "-incoming", f"tcp:{ADDR_DST}:{port}"])
     try:
-        src = Proc(work, "qemu-src", NS_SRC,
-                   base + ["-device", f"loader,file={fill_file},addr=0,force-raw=on"])
+        variant.setup(dst.qmp)
+        src = Proc(work, "qemu-src", NS_SRC, base + variant.argv("client") + [
+            "-device", f"loader,file={fill_file},addr=0,force-raw=on"])
         try:
+            variant.setup(src.qmp)
             src.qmp.cmd("migrate-set-parameters", **COMMON_PARAMS)
             return migrate(src, dst, f"tcp:{ADDR_DST}:{port}", args.timeout)
         finally:
@@ -232,13 +307,15 @@ def wait_filled(p, pages, timeout=120):
 
 
 def livemig_run(args, work, port, workload=None, caps=(), params=None, poll=None,
-                timeout=None):
+                timeout=None, variant=PLAIN):
     workload = workload or f"fill={args.ram >> 20}M,hot=0"
-    dst = livemig_vm(args, work, "lm-dst", NS_DST, None,
+    dst = livemig_vm(args, work, "lm-dst", NS_DST, None, variant.argv("server") +
                      ["-incoming", f"tcp:{ADDR_DST}:{port}", "-S"])
     try:
-        src = livemig_vm(args, work, "lm-src", NS_SRC, workload)
+        variant.setup(dst.qmp)
+        src = livemig_vm(args, work, "lm-src", NS_SRC, workload, variant.argv("client"))
         try:
+            variant.setup(src.qmp)
             fill = size(dict(kv.split("=") for kv in workload.split(","))["fill"])
             wait_filled(src, fill // 4096)
             if caps:
@@ -291,6 +368,8 @@ def main():
                     help="how long a hot-guest migration may run before it is cancelled")
     ap.add_argument("--verify", action="store_true",
                     help="check the livemig destination's RAM page by page")
+    ap.add_argument("--variants", default="plain",
+                    help="comma-separated: plain, multifd:N, tls, tls+multifd:N, zstd:N")
     ap.add_argument("--json", help="also write every run here")
     args = ap.parse_args()
     if os.geteuid() != 0:
@@ -303,10 +382,12 @@ def main():
     work = tempfile.mkdtemp(prefix="sidebyside-", dir="/dev/shm")
     fill_file = os.path.join(work, "fill.bin")
     with open(fill_file, "wb") as f:
-        page = bytes((i * 7 + 1) % 255 + 1 for i in range(4096))
-        chunk = page * 256
-        for _ in range(args.ram // len(chunk)):
-            f.write(chunk)
+        # Random bytes, as livemig's fill pages are pseudo-random: the same (incompressible)
+        # work for both, and no page is zero.
+        for _ in range(args.ram >> 20):
+            f.write(os.urandom(1 << 20))
+    pki = make_pki(work) if "tls" in args.variants else None
+    variants = [Variant(v, pki) for v in args.variants.split(",")]
     rows, every = [], []
     port = 4700
     try:
@@ -318,31 +399,37 @@ def main():
             cap = tcp_capacity(max(args.ram, 512 << 20) if rate != "none" else 2 << 30)
             label = "unshaped veth" if rate == "none" else f"{rate} {qdisc}"
             print(f"== {label}: one TCP stream carries {cap / 1e6:.0f} MB/s", flush=True)
-            res = {"qemu": [], "livemig": []}
+            res = {(v.name, impl): [] for v in variants for impl in ("qemu", "livemig")}
+            # Round by round, every variant of both implementations, so all rows of a link
+            # see the same load.
             for i in range(args.runs):
-                order = ["qemu", "livemig"] if i % 2 == 0 else ["livemig", "qemu"]
-                for impl in order:
-                    port += 1
-                    if impl == "qemu":
-                        r = qemu_run(args, work, port, fill_file)
-                    else:
-                        r = livemig_run(args, work, port)
-                    fg = figures(r)
-                    res[impl].append(fg)
-                    every.append(dict(fg, link=label, impl=impl, run=i + 1))
-                    print(f"  run {i + 1} {impl:8} {fg['status']:10} total {fg['total_ms']:6} ms"
-                          f"  downtime {fg['downtime_ms']} ms  {fg['bytes_per_s'] / 1e6:7.0f} MB/s"
-                          f"  passes {fg['passes']}", flush=True)
-            row = {"link": label, "tcp": cap}
-            for impl in ("qemu", "livemig"):
-                ok = [f for f in res[impl] if f["status"] == "completed"]
-                row[impl] = {
-                    "ok": len(ok), "runs": len(res[impl]),
-                    "total_ms": med([f["total_ms"] for f in ok]),
-                    "downtime_ms": med([f["downtime_ms"] for f in ok]),
-                    "bytes_per_s": med([f["bytes_per_s"] for f in ok]),
-                }
-            rows.append(row)
+                for v in variants:
+                    order = ["qemu", "livemig"] if i % 2 == 0 else ["livemig", "qemu"]
+                    for impl in order:
+                        port += 1
+                        if impl == "qemu":
+                            r = qemu_run(args, work, port, fill_file, v)
+                        else:
+                            r = livemig_run(args, work, port, variant=v)
+                        fg = figures(r)
+                        res[(v.name, impl)].append(fg)
+                        every.append(dict(fg, link=label, variant=v.name, impl=impl, run=i + 1))
+                        print(f"  run {i + 1} {v.name:14} {impl:8} {fg['status']:10} total"
+                              f" {fg['total_ms']:6} ms  downtime {fg['downtime_ms']} ms"
+                              f"  {fg['bytes_per_s'] / 1e6:7.0f} MB/s  passes {fg['passes']}",
+                              flush=True)
+            for v in variants:
+                row = {"link": label, "variant": v.name, "tcp": cap}
+                for impl in ("qemu", "livemig"):
+                    runs = res[(v.name, impl)]
+                    ok = [f for f in runs if f["status"] == "completed"]
+                    row[impl] = {
+                        "ok": len(ok), "runs": len(runs),
+                        "total_ms": med([f["total_ms"] for f in ok]),
+                        "downtime_ms": med([f["downtime_ms"] for f in ok]),
+                        "bytes_per_s": med([f["bytes_per_s"] for f in ok]),
+                    }
+                rows.append(row)
         if args.hot:
             bed_up("1gbit", "tbf")
             label = "1gbit tbf"
@@ -370,13 +457,15 @@ def main():
 
     print()
     print(f"idle guest, {args.ram >> 20} MiB of data, medians of {args.runs} runs")
-    print("| link | TCP stream | QEMU total | QEMU downtime | QEMU MB/s | livemig total |"
-          " livemig downtime | livemig MB/s | livemig/QEMU throughput | livemig % of TCP |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| link | variant | TCP stream | QEMU total | QEMU downtime | QEMU MB/s |"
+          " livemig total | livemig downtime | livemig MB/s | livemig/QEMU throughput |"
+          " livemig % of TCP |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         q, lm = row["qemu"], row["livemig"]
         ratio = lm["bytes_per_s"] / q["bytes_per_s"] if q["bytes_per_s"] else float("nan")
-        print(f"| {row['link']} | {row['tcp'] / 1e6:.0f} MB/s | {q['total_ms']:.0f} ms |"
+        print(f"| {row['link']} | {row['variant']} | {row['tcp'] / 1e6:.0f} MB/s |"
+              f" {q['total_ms']:.0f} ms |"
               f" {q['downtime_ms']:.0f} ms | {q['bytes_per_s'] / 1e6:.0f} |"
               f" {lm['total_ms']:.0f} ms | {lm['downtime_ms']:.0f} ms |"
               f" {lm['bytes_per_s'] / 1e6:.0f} | {ratio:.2f} |"
