@@ -59,6 +59,9 @@ fn bench(args: BenchArgs) -> Result<i32, Closed> {
             if sc.dst_prealloc { ", destination -mem-prealloc" } else { "" },
             runs
         )?;
+        if let Some(d) = &sc.tls_creds {
+            outln!("TLS: tls-creds-x509 from {} on both ends", d.display())?;
+        }
         if sc.multifd_channels > 0 {
             outln!(
                 "multifd: {} channel(s), compression {}{}",

@@ -87,6 +87,12 @@ pub struct ScenarioArgs {
     /// With --multifd: zero-copy-send on the source (tcp, no compression)
     #[arg(long, requires = "multifd")]
     pub zero_copy: bool,
+    /// TLS on every channel: both ends load tls-creds-x509 from DIR (QEMU's file names:
+    /// ca-cert.pem, server-cert.pem and server-key.pem for the destination, client-cert.pem
+    /// and client-key.pem for the source); the server certificate must name 127.0.0.1 (tcp
+    /// only)
+    #[arg(long, value_name = "DIR", conflicts_with = "zero_copy")]
+    pub tls_creds: Option<std::path::PathBuf>,
 }
 
 impl ScenarioArgs {
@@ -144,6 +150,7 @@ impl ScenarioArgs {
             .into();
         }
         sc.zero_copy = self.zero_copy;
+        sc.tls_creds.clone_from(&self.tls_creds);
         sc.fill = sc.fill.min(sc.ram);
         sc
     }

@@ -55,6 +55,9 @@ pub struct Scenario {
     pub multifd_compression: String,
     /// With multifd: capability `zero-copy-send` on the source.
     pub zero_copy: bool,
+    /// TLS: the directory both ends load `tls-creds-x509` from (tcp only: the source checks
+    /// the destination's certificate against 127.0.0.1).
+    pub tls_creds: Option<std::path::PathBuf>,
 }
 
 impl Default for Scenario {
@@ -78,6 +81,7 @@ impl Default for Scenario {
             multifd_channels: 0,
             multifd_compression: "none".into(),
             zero_copy: false,
+            tls_creds: None,
         }
     }
 }
@@ -190,6 +194,11 @@ fn spawn(dir: &Path, name: &str, args: &[String]) -> Result<Proc, String> {
 impl Pair {
     /// Starts both VMs and prepares them (capabilities, parameters, the bitmap).
     pub fn start(sc: &Scenario) -> Result<Pair, String> {
+        if sc.tls_creds.is_some() && sc.transport != Transport::Tcp {
+            return Err("--tls-creds needs --transport tcp: the source checks the \
+                        destination's certificate against 127.0.0.1"
+                .into());
+        }
         let dir = std::env::temp_dir().join(format!("livemig-{}-{}", std::process::id(), unique()));
         std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         let common = |name: &str| -> Vec<String> {
@@ -209,11 +218,26 @@ impl Pair {
             }
             a
         };
+        let creds = |endpoint: &str| -> Vec<String> {
+            match &sc.tls_creds {
+                Some(d) => vec![
+                    "-object".into(),
+                    format!(
+                        "tls-creds-x509,id=tls0,dir={},endpoint={endpoint}",
+                        std::path::absolute(d)
+                            .unwrap_or_else(|_| d.clone())
+                            .display()
+                    ),
+                ],
+                None => Vec::new(),
+            }
+        };
         let listen = match sc.transport {
             Transport::Tcp => "tcp:127.0.0.1:0".to_string(),
             Transport::Unix => format!("unix:{}/migrate.sock", dir.display()),
         };
         let mut dst_args = common("dst");
+        dst_args.extend(creds("server"));
         dst_args.extend(["-incoming".into(), listen.clone()]);
         if !sc.postcopy {
             // Paused at the stop point, for the comparison; in postcopy the guest runs there.
@@ -223,6 +247,7 @@ impl Pair {
             dst_args.push("-mem-prealloc".into());
         }
         let mut src_args = common("src");
+        src_args.extend(creds("client"));
         let mut wl = format!(
             "fill={},hot={},dirty-rate={}",
             sc.fill, sc.hot, sc.dirty_rate
@@ -286,6 +311,11 @@ impl Pair {
                 "migrate-set-capabilities",
                 json!({"capabilities": [{"capability": "postcopy-blocktime", "state": true}]}),
             )?;
+        }
+        if sc.tls_creds.is_some() {
+            for q in [&mut src_qmp, &mut dst_qmp] {
+                q.call("migrate-set-parameters", json!({"tls-creds": "tls0"}))?;
+            }
         }
         src_qmp.call(
             "migrate-set-parameters",

@@ -382,3 +382,58 @@ fn tools_end_quietly_when_their_reader_goes_away() {
         assert!(left.is_empty(), "{args:?}: VMs left running: {left:?}");
     }
 }
+
+/// `bench --tls-creds DIR`: both ends load their credentials from DIR and every channel
+/// (here the main one and two multifd channels) is a TLS session — a server certificate
+/// that does not name 127.0.0.1 fails the run with the source's hostname check, so TLS is
+/// not merely configured. Unix sockets are refused (no address to check).
+#[test]
+fn bench_over_tls() {
+    use testkit::pki::{Ca, Subject};
+    let dir = tempdir();
+    let ca = Ca::new("bench CA");
+    let good = dir.path().join("good");
+    ca.write_server(&good, &Subject::new("dest", &["127.0.0.1"]));
+    ca.write_client(&good, &Subject::new("source", &[]));
+    let good_arg = good.display().to_string();
+    let (code, out, err) = run_livemig(&[
+        "bench",
+        "--ram",
+        "32M",
+        "--runs",
+        "1",
+        "--multifd",
+        "2",
+        "--verify",
+        "--tls-creds",
+        &good_arg,
+    ]);
+    assert_eq!(code, 0, "stdout:\n{out}\nstderr:\n{err}");
+    assert!(
+        out.contains(&format!("TLS: tls-creds-x509 from {good_arg} on both ends")),
+        "{out}"
+    );
+
+    let other = dir.path().join("other");
+    ca.write_server(&other, &Subject::new("dest", &["other.example.org"]));
+    ca.write_client(&other, &Subject::new("source", &[]));
+    let other_arg = other.display().to_string();
+    let (code, out, err) = run_livemig(&[
+        "bench",
+        "--ram",
+        "32M",
+        "--runs",
+        "1",
+        "--tls-creds",
+        &other_arg,
+    ]);
+    assert_ne!(code, 0, "stdout:\n{out}\nstderr:\n{err}");
+    assert!(
+        err.contains("Certificate does not match the hostname 127.0.0.1"),
+        "{err}"
+    );
+
+    let (code, _, err) = run_livemig(&["bench", "--transport", "unix", "--tls-creds", &good_arg]);
+    assert_ne!(code, 0);
+    assert!(err.contains("--tls-creds needs --transport tcp"), "{err}");
+}
