@@ -27,6 +27,7 @@ passing=(
     qcow2:196
     qcow2:300
     qcow2:migrate-bitmaps-test
+    qcow2:migrate-bitmaps-postcopy-test
 )
 # Tests of the issue's list that do not pass yet, each with what livemig lacks; `--all` runs
 # them too.
@@ -36,11 +37,11 @@ pending=(
     qcow2:backing-file-invalidation    # blockdev-snapshot-sync
     qcow2:234                          # blockdev-snapshot
     qcow2:194                          # drive-mirror
+    qcow2:181                          # -monitor stdio: livemig has no human monitor on a
+                                       # chardev (HMP only through human-monitor-command)
 )
 # Left out, and why:
 #   091, 145, 183  old block migration (`migrate -b`, the `block` capability): not built, refused
-#   migrate-bitmaps-postcopy-test, 181  postcopy with a running guest through the iotests'
-#                  machine: after the postcopy work lands
 #   tests needing PC machines, iothreads or virtio-scsi (e.g. 136, 169's scsi cases): livemig
 #                  has none of these
 

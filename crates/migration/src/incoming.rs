@@ -852,7 +852,7 @@ impl Listen<'_> {
             }
         }
         let lost = match self.bitmaps.as_deref_mut() {
-            Some(b) => b.cancel(&format!("the source was lost during postcopy ({e})")),
+            Some(b) => b.cancel(&format!("the bitmap-only postcopy ended early ({e})")),
             None => Vec::new(),
         };
         let lost = if lost.is_empty() {
@@ -993,6 +993,12 @@ impl Listen<'_> {
                 )))
                 }
                 Item::Section(h) => {
+                    // A VM shutting down stops loading here, whatever is still buffered on
+                    // this side (QEMU's `migration_shutdown` cancels incoming bitmaps):
+                    // the bitmaps not complete yet are dropped, not stored half-loaded.
+                    if self.engine.is_some_and(|(s, _)| s.lock().shutting_down) {
+                        return Err(MigrationError::Other("the VM is shutting down".into()));
+                    }
                     let id = h.section_id();
                     let Some((handler, idstr)) =
                         self.sections.get(&id).filter(|_| h.start().is_none())
