@@ -1086,11 +1086,19 @@ fn run_bitmap_only_cell(fault: BitmapOnlyFault) {
                           "max-postcopy-bandwidth": 64 << 10}));
     src.migrate(&format!("unix:{}", target.display()));
     src.ok("migrate-start-postcopy", json!({}));
-    let s = src.wait_migration(&["postcopy-active", "completed", "failed"]);
+    dst.wait_migration(&["postcopy-active"]);
+    // RUN comes after LISTEN (postcopy-active) and the device state.
+    let deadline = Instant::now() + TIMEOUT;
+    while dst.status() != "running" {
+        assert!(
+            Instant::now() < deadline,
+            "the destination never ran the guest"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let s = src.ok("query-migrate", json!({}));
     assert_eq!(s["status"], "postcopy-active", "{s}");
     assert_eq!(s["ram"]["remaining"], 0, "RAM moved in precopy: {s}");
-    dst.wait_migration(&["postcopy-active"]);
-    assert_eq!(dst.status(), "running");
     // Every migrated bitmap is on its way: busy on both ends.
     for b in bitmaps_of(&mut dst)
         .iter()
