@@ -21,6 +21,12 @@ made for the run with openssl, tls-creds on both ends; `tls+multifd:N` with chan
 incompressible data (QEMU's loader file is random bytes, livemig's fill pages are
 pseudo-random), so zstd rows show what compression costs where it cannot help.
 
+With --compressible, both guests hold compressible RAM instead (every page the same 4 KiB
+pattern): QEMU's from its loader, and livemig's by migrating it in from such a QEMU first
+(over a unix socket inside the source's namespace, not timed), into `-M none` machines on
+both livemig ends. Throughput is then guest RAM / total time (what compression buys), not
+bytes on the wire; livemig's destinations are not verified page by page (foreign data).
+
 With --hot, it adds livemig-only rows: a guest rewriting a hot set faster than the link
 carries it, with and without auto-converge (QEMU 7.2 `-M none` has no vCPU to dirty memory).
 
@@ -334,6 +340,38 @@ def livemig_run(args, work, port, workload=None, caps=(), params=None, poll=None
         dst.kill()
 
 
+def livemig_seeded_run(args, work, port, fill_file, variant=PLAIN):
+    """livemig -> livemig (`-M none`) of RAM a QEMU loaded from `fill_file` and migrated into
+    the livemig source first."""
+    base = [args.livemig, "vm", "-M", "none", "-m", f"{args.ram >> 20}M"]
+    seed_sock = os.path.join(work, f"seed{port}.sock")
+    dst = Proc(work, "lm-dst", NS_DST, base + variant.argv("server") + [
+        "-incoming", f"tcp:{ADDR_DST}:{port}", "-S"])
+    try:
+        variant.setup(dst.qmp)
+        src = Proc(work, "lm-src", NS_SRC, base + variant.argv("client") + [
+            "-incoming", f"unix:{seed_sock}"])
+        try:
+            seed = Proc(work, "qemu-seed", NS_SRC, [
+                args.qemu, "-M", "none", "-nodefaults", "-display", "none", "-accel", "tcg",
+                "-m", str(args.ram >> 20),
+                "-device", f"loader,file={fill_file},addr=0,force-raw=on"])
+            try:
+                seed.qmp.cmd("migrate-set-parameters", **COMMON_PARAMS)
+                r = migrate(seed, src, f"unix:{seed_sock}", args.timeout)
+                if r.get("status") != "completed":
+                    return dict(r, status=f"seed {r.get('status')}")
+            finally:
+                seed.kill()
+            variant.setup(src.qmp)
+            src.qmp.cmd("migrate-set-parameters", **COMMON_PARAMS)
+            return migrate(src, dst, f"tcp:{ADDR_DST}:{port}", args.timeout)
+        finally:
+            src.kill()
+    finally:
+        dst.kill()
+
+
 def figures(r):
     total = r.get("total-time", 0)
     xfer = r.get("ram", {}).get("transferred", 0)
@@ -370,6 +408,8 @@ def main():
                     help="check the livemig destination's RAM page by page")
     ap.add_argument("--variants", default="plain",
                     help="comma-separated: plain, multifd:N, tls, tls+multifd:N, zstd:N")
+    ap.add_argument("--compressible", action="store_true",
+                    help="compressible guest RAM on both (livemig's migrated in from QEMU)")
     ap.add_argument("--json", help="also write every run here")
     args = ap.parse_args()
     if os.geteuid() != 0:
@@ -382,10 +422,15 @@ def main():
     work = tempfile.mkdtemp(prefix="sidebyside-", dir="/dev/shm")
     fill_file = os.path.join(work, "fill.bin")
     with open(fill_file, "wb") as f:
-        # Random bytes, as livemig's fill pages are pseudo-random: the same (incompressible)
-        # work for both, and no page is zero.
-        for _ in range(args.ram >> 20):
-            f.write(os.urandom(1 << 20))
+        if args.compressible:
+            page = bytes((i * 7 + 1) % 255 + 1 for i in range(4096))
+            for _ in range(args.ram >> 20):
+                f.write(page * 256)
+        else:
+            # Random bytes, as livemig's fill pages are pseudo-random: the same
+            # (incompressible) work for both, and no page is zero.
+            for _ in range(args.ram >> 20):
+                f.write(os.urandom(1 << 20))
     pki = make_pki(work) if "tls" in args.variants else None
     variants = [Variant(v, pki) for v in args.variants.split(",")]
     rows, every = [], []
@@ -409,9 +454,13 @@ def main():
                         port += 1
                         if impl == "qemu":
                             r = qemu_run(args, work, port, fill_file, v)
+                        elif args.compressible:
+                            r = livemig_seeded_run(args, work, port, fill_file, v)
                         else:
                             r = livemig_run(args, work, port, variant=v)
                         fg = figures(r)
+                        if args.compressible and fg["total_ms"]:
+                            fg["bytes_per_s"] = args.ram / (fg["total_ms"] / 1000)
                         res[(v.name, impl)].append(fg)
                         every.append(dict(fg, link=label, variant=v.name, impl=impl, run=i + 1))
                         print(f"  run {i + 1} {v.name:14} {impl:8} {fg['status']:10} total"
@@ -456,7 +505,8 @@ def main():
         shutil.rmtree(work, ignore_errors=True)
 
     print()
-    print(f"idle guest, {args.ram >> 20} MiB of data, medians of {args.runs} runs")
+    print(f"idle guest, {args.ram >> 20} MiB of data, medians of {args.runs} runs" +
+          (", compressible RAM, MB/s = RAM / total time" if args.compressible else ""))
     print("| link | variant | TCP stream | QEMU total | QEMU downtime | QEMU MB/s |"
           " livemig total | livemig downtime | livemig MB/s | livemig/QEMU throughput |"
           " livemig % of TCP |")
