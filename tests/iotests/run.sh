@@ -26,14 +26,14 @@ passing=(
     qcow2:302
     qcow2:196
     qcow2:300
+    qcow2:165
+    qcow2:remove-bitmap-from-backing
     qcow2:migrate-bitmaps-test
     qcow2:migrate-bitmaps-postcopy-test
 )
 # Tests of the issue's list that do not pass yet, each with what livemig lacks; `--all` runs
 # them too.
 pending=(
-    qcow2:165                          # blockdev-reopen (read-only -> read-write)
-    qcow2:remove-bitmap-from-backing   # blockdev-reopen
     qcow2:backing-file-invalidation    # blockdev-snapshot-sync
     qcow2:234                          # blockdev-snapshot
     qcow2:194                          # drive-mirror

@@ -47,9 +47,18 @@ pub enum BlockError {
     /// `blockdev-add` without `node-name`.
     #[error("'node-name' must be specified for the root node")]
     RootNodeNameRequired,
-    /// `blockdev-del` of a node that does not exist.
+    /// `blockdev-del` or `blockdev-reopen` of a node that does not exist.
     #[error("Failed to find node with node-name='{0}'")]
     DelNodeNotFound(String),
+    /// `blockdev-reopen` of an options set without `node-name`.
+    #[error("node-name not specified")]
+    NodeNameNotSpecified,
+    /// `blockdev-reopen` changing an option that cannot change.
+    #[error("Cannot change the option '{0}'")]
+    CannotChangeOption(String),
+    /// `blockdev-reopen` of a node with a backing file, without `backing`.
+    #[error("backing is missing for '{0}'")]
+    BackingMissing(String),
     /// `blockdev-del` of a node a guest device is attached to.
     #[error("Node {0} is in use")]
     NodeInUse(String),
@@ -164,6 +173,18 @@ pub enum BlockError {
     /// A valid QEMU option this implementation does not support (our message).
     #[error("{0}")]
     Unsupported(String),
+    /// `blockdev-reopen` of a node whose driver cannot reopen (the layer names the node:
+    /// [`BlockError::ReopenNotSupported`]).
+    #[error("the driver does not support reopening files")]
+    ReopenUnsupported,
+    /// `blockdev-reopen` of a node whose driver cannot reopen.
+    #[error("Block format '{format}' used by node '{node}' does not support reopening files")]
+    ReopenNotSupported {
+        /// The driver.
+        format: String,
+        /// The node.
+        node: String,
+    },
 
     // ---- dirty bitmaps -----------------------------------------------------------------------
     /// `block-dirty-bitmap-add` with an empty name.

@@ -33,6 +33,7 @@ use crate::perm::{Perm, PermContext, ALL};
 use nix::errno::Errno;
 use serde_json::Value;
 use std::ops::{Deref, DerefMut};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
 
 /// `BDRV_SECTOR_SIZE`: node sizes are whole sectors.
@@ -75,9 +76,13 @@ pub struct BlockNode {
     id: u64,
     name: String,
     driver: Box<dyn BlockDriver>,
+    /// The flags it was opened with; `read-only` is `read_only` below (`blockdev-reopen`
+    /// changes it).
     flags: NodeFlags,
+    /// `read-only` now.
+    read_only: AtomicBool,
     /// Not read-only, and neither is any child (QEMU cannot grant write permission then).
-    writable: bool,
+    writable: AtomicBool,
     /// `force-share`: share every permission whatever the users ask (read-only nodes only).
     force_share: bool,
     state: Mutex<NodeState>,
@@ -92,7 +97,7 @@ impl std::fmt::Debug for BlockNode {
         f.debug_struct("BlockNode")
             .field("name", &self.name)
             .field("driver", &self.driver.format_name())
-            .field("flags", &self.flags)
+            .field("flags", &self.flags())
             .finish()
     }
 }
@@ -153,7 +158,8 @@ impl BlockNode {
             name: name.to_string(),
             driver,
             flags,
-            writable,
+            read_only: AtomicBool::new(flags.read_only),
+            writable: AtomicBool::new(writable),
             force_share: false,
             state: Mutex::new(NodeState {
                 inactive: flags.inactive,
@@ -202,7 +208,7 @@ impl BlockNode {
     fn perm_context(&self, active: bool) -> PermContext {
         PermContext {
             active,
-            writable: self.writable,
+            writable: self.writable(),
         }
     }
 
@@ -265,18 +271,21 @@ impl BlockNode {
     pub fn driver(&self) -> &dyn BlockDriver {
         self.driver.as_ref()
     }
-    /// The flags the node was opened with.
+    /// The node's flags (`read-only` as it is now).
     pub fn flags(&self) -> NodeFlags {
-        self.flags
+        NodeFlags {
+            read_only: self.read_only(),
+            ..self.flags
+        }
     }
     /// `read-only`.
     pub fn read_only(&self) -> bool {
-        self.flags.read_only
+        self.read_only.load(Ordering::SeqCst)
     }
     /// Whether guests and qemu-io may write: the node is not read-only and neither is any
     /// child (a read-write raw node over a read-only file node is not writable, as in QEMU).
     pub fn writable(&self) -> bool {
-        self.writable
+        self.writable.load(Ordering::SeqCst)
     }
     /// Whether the node is inactive (handed over to a migration destination, or not yet
     /// received from a source).
@@ -319,7 +328,7 @@ impl BlockNode {
     }
 
     fn check_writable(&self, st: &NodeState) -> Result<(), BlockError> {
-        if !self.writable {
+        if !self.writable() {
             return Err(BlockError::ReadOnlyNode);
         }
         if st.inactive || st.bitmaps.has_readonly() {
@@ -458,7 +467,7 @@ impl BlockNode {
     /// The driver call runs with the node's state locked, so no bitmap can become busy halfway;
     /// it is a host call that never waits for another thread.
     pub fn truncate(&self, size: u64) -> Result<(), BlockError> {
-        if !self.writable {
+        if !self.writable() {
             return Err(BlockError::ReadOnlyNode);
         }
         let mut st = self.lock();
@@ -501,6 +510,110 @@ impl BlockNode {
         // Loosening cannot conflict with anyone.
         let _ = self.refresh_perm(false);
         Ok(())
+    }
+
+    /// `blockdev-reopen` of this node with `read-only` = `read_only` (QEMU's `bdrv_reopen_*`
+    /// for that option). Going read-only: refused while a user still asks to write (a guest
+    /// device attached read-write: "Block node is read-only"); the writes in flight are
+    /// drained, the persistent bitmaps stored and kept, readonly (QEMU's
+    /// `qcow2_reopen_bitmaps_ro`), the driver writes back and stops writing, the permissions
+    /// loosen. Going read-write: the driver reopens for writing (taking the image's write lock,
+    /// QEMU's error if another process has it), and the bitmaps loaded read-only become
+    /// writable (`qcow2_reopen_bitmaps_rw`). The layer reopens the children — before this node
+    /// when it goes read-write, after it when it goes read-only. On error the node is as it was.
+    pub fn reopen(&self, read_only: bool) -> Result<(), BlockError> {
+        let was_writable = self.writable();
+        let writable = !read_only
+            && self
+                .driver
+                .children()
+                .iter()
+                .filter(|(role, _)| *role != "backing")
+                .all(|(_, c)| c.writable());
+        if !read_only && !writable {
+            // A read-write node over a read-only file: QEMU's permission check refuses it.
+            return Err(BlockError::ReadOnlyNode);
+        }
+        let active = {
+            let mut st = self.lock();
+            if read_only {
+                if self.perm().perm & crate::perm::WRITE != 0 {
+                    return Err(BlockError::ReadOnlyNode);
+                }
+                // No write gets past `check_writable` from here on; wait for those in flight.
+                self.writable.store(false, Ordering::SeqCst);
+                while st.in_flight > 0 {
+                    st = self.idle.wait(st).unwrap_or_else(PoisonError::into_inner);
+                }
+            }
+            !st.inactive
+        };
+        if read_only {
+            let stored = if active && was_writable {
+                self.store_bitmaps_kept()
+            } else {
+                Ok(())
+            };
+            if let Err(e) = stored.and_then(|()| self.driver.reopen(true)) {
+                self.writable.store(was_writable, Ordering::SeqCst);
+                return Err(e);
+            }
+            self.read_only.store(true, Ordering::SeqCst);
+            self.with_bitmaps(|l| {
+                for b in l.iter_mut() {
+                    if b.get_persistence() {
+                        b.set_readonly(true);
+                    }
+                }
+            });
+            // Loosening cannot conflict with anyone.
+            let _ = self.refresh_perm(active);
+            return Ok(());
+        }
+        self.driver.reopen(false)?;
+        self.read_only.store(false, Ordering::SeqCst);
+        self.writable.store(true, Ordering::SeqCst);
+        if let Err(e) = self.refresh_perm(active) {
+            self.writable.store(was_writable, Ordering::SeqCst);
+            self.read_only.store(true, Ordering::SeqCst);
+            let _ = self.driver.reopen(true);
+            let _ = self.refresh_perm(active);
+            return Err(e);
+        }
+        self.with_bitmaps(|l| {
+            for b in l.iter_mut() {
+                b.set_readonly(false);
+            }
+        });
+        Ok(())
+    }
+
+    /// Stores the persistent bitmaps and keeps them in memory (a reopen to read-only).
+    fn store_bitmaps_kept(&self) -> Result<(), BlockError> {
+        let Some(store) = self.driver.bitmap_store() else {
+            return Ok(());
+        };
+        let st = self.lock();
+        let list = &st.bitmaps;
+        let stored: Vec<StoredBitmap<'_>> = list
+            .named()
+            .filter(|b| b.get_persistence() && !b.readonly() && !b.inconsistent())
+            .collect::<Vec<_>>()
+            .iter()
+            .rev()
+            .map(|b| StoredBitmap {
+                name: b.name().unwrap_or_default(),
+                granularity: b.granularity(),
+                enabled: list.recording(b.id()),
+                bitmap: b.hbitmap(),
+            })
+            .collect();
+        store.store(&stored).map_err(|e| {
+            BlockError::Driver(format!(
+                "Failed to store persistent bitmaps of node '{}': {e}",
+                self.name
+            ))
+        })
     }
 
     fn store_bitmaps(&self) -> Result<(), BlockError> {
@@ -583,7 +696,7 @@ impl BlockNode {
             }
         };
         for lb in loaded {
-            if let Err(e) = st.bitmaps.insert_loaded(lb, self.flags.read_only) {
+            if let Err(e) = st.bitmaps.insert_loaded(lb, self.read_only()) {
                 let _ = self.refresh_perm(false);
                 return Err(e);
             }

@@ -13,6 +13,7 @@ use std::sync::Arc;
 pub const COMMANDS: &[&str] = &[
     "blockdev-add",
     "blockdev-del",
+    "blockdev-reopen",
     "block-dirty-bitmap-add",
     "block-dirty-bitmap-remove",
     "block-dirty-bitmap-clear",
@@ -62,6 +63,17 @@ pub fn run(layer: &BlockLayer, name: &str, mut a: Args) -> Result<Value, QmpErro
             // BlockdevOptions is a union over drivers; its own parser checks it member by
             // member (crate::options).
             layer.blockdev_add(&Value::Object(a.into_map()))?;
+            Ok(done)
+        }
+        "blockdev-reopen" => {
+            // Each element is a BlockdevOptions union, checked by its own parser.
+            let list: Vec<Value> = a
+                .req_list("options")?
+                .into_iter()
+                .map(|p| p.into_object().map(|o| Value::Object(o.into_map())))
+                .collect::<Result<_, _>>()?;
+            a.finish()?;
+            layer.blockdev_reopen(&list)?;
             Ok(done)
         }
         "blockdev-del" => {

@@ -1141,3 +1141,139 @@ fn damaged_images_never_panic() {
     }
     assert!(opened > 0, "some damage is harmless");
 }
+
+/// `blockdev-reopen` both ways, as QEMU 7.2's iotests 165 and remove-bitmap-from-backing use
+/// it: a read-only image keeps its persistent bitmap readonly and takes no write lock; reopened
+/// read-write it takes the lock, marks the bitmap in use in the image, records writes and lets
+/// the bitmap be removed; reopened read-only again it stores the bitmap (not in use, as
+/// `qemu-img` sees it), drops the write lock and refuses writes. Options that cannot change
+/// get QEMU's messages, and a failed request changes nothing.
+#[test]
+fn reopen_read_only_and_back() {
+    if !have_qemu("reopen_read_only_and_back") {
+        return;
+    }
+    let dir = tmp();
+    let img = dir.path().join("r.qcow2");
+    let p = img.to_str().unwrap();
+    create(&img, "4M", &[]);
+    ok("qemu-img", &["bitmap", "--add", p, "b0"]);
+    ok("qemu-img", &["bitmap", "--add", p, "b1"]);
+    let l = BlockLayer::new();
+    let opts = |ro: bool| {
+        json!({"node-name": "n0", "driver": "qcow2", "read-only": ro,
+               "file": {"driver": "file", "filename": p}})
+    };
+    let node = l.blockdev_add(&opts(true)).unwrap();
+    let reopen = |v: Value| l.blockdev_reopen(&[v]).map_err(|e| e.to_string());
+    let readonly = "Bitmap 'b0' is readonly and cannot be modified";
+    assert_eq!(
+        l.block_dirty_bitmap_remove("n0", "b0")
+            .unwrap_err()
+            .to_string(),
+        readonly
+    );
+    assert!(node.write_at(0, &[1u8; 512]).is_err());
+    assert!(!ofd_lock_bytes(&img).contains(&101), "no write lock");
+
+    // Refusals, each changing nothing.
+    assert_eq!(
+        reopen(json!({"driver": "qcow2", "file": {"driver": "file", "filename": p}})),
+        Err("node-name not specified".into())
+    );
+    assert_eq!(
+        reopen(json!({"node-name": "nx", "driver": "qcow2", "file": "f"})),
+        Err("Failed to find node with node-name='nx'".into())
+    );
+    let other = dir.path().join("other.qcow2");
+    create(&other, "4M", &[]);
+    assert_eq!(
+        reopen(
+            json!({"node-name": "n0", "driver": "qcow2", "read-only": false,
+                      "file": {"driver": "file", "filename": other.to_str().unwrap()}})
+        ),
+        Err("Cannot change the option 'filename'".into())
+    );
+    assert_eq!(
+        reopen(
+            json!({"node-name": "n0", "driver": "raw", "file": {"driver": "file", "filename": p}})
+        ),
+        Err("Cannot change the option 'driver'".into())
+    );
+    assert!(node.read_only() && !node.writable());
+
+    // Read-write.
+    reopen(opts(false)).unwrap();
+    assert!(!node.read_only() && node.writable());
+    assert!(ofd_lock_bytes(&img).contains(&101), "the write lock");
+    assert_eq!(
+        info_bitmaps(&img),
+        vec![
+            ("b0".into(), 65536, vec!["in-use".into(), "auto".into()]),
+            ("b1".into(), 65536, vec!["in-use".into(), "auto".into()]),
+        ]
+    );
+    node.write_at(1 << 20, &[7u8; 4096]).unwrap();
+    let sha = l.x_debug_block_dirty_bitmap_sha256("n0", "b0").unwrap();
+    l.block_dirty_bitmap_remove("n0", "b1").unwrap();
+    assert_eq!(info_bitmaps(&img).len(), 1, "b1 left the image at once");
+
+    // Read-only again: b0 stored with what it recorded, the lock gone, writes refused.
+    reopen(opts(true)).unwrap();
+    assert!(node.read_only() && !node.writable());
+    assert!(!ofd_lock_bytes(&img).contains(&101), "no write lock");
+    assert_eq!(
+        info_bitmaps(&img),
+        vec![("b0".into(), 65536, vec!["auto".into()])]
+    );
+    check_clean(&img);
+    assert!(node.write_at(0, &[1u8; 512]).is_err());
+    assert_eq!(
+        l.block_dirty_bitmap_remove("n0", "b0")
+            .unwrap_err()
+            .to_string(),
+        readonly
+    );
+    assert_eq!(
+        l.x_debug_block_dirty_bitmap_sha256("n0", "b0").unwrap(),
+        sha
+    );
+    drop(node);
+    l.close_all().unwrap();
+    // QEMU reads the bits b0 recorded.
+    let out = ok("qemu-img", &["info", "-U", "--output=json", p]);
+    assert!(out.contains("\"b0\""), "{out}");
+
+    // A node with a backing file must name it.
+    let base = dir.path().join("base.qcow2");
+    create(&base, "4M", &[]);
+    let top = dir.path().join("top.qcow2");
+    ok(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            base.to_str().unwrap(),
+            "-F",
+            "qcow2",
+            top.to_str().unwrap(),
+            "4M",
+        ],
+    );
+    let l = BlockLayer::new();
+    l.blockdev_add(&json!({"node-name": "top", "driver": "qcow2",
+        "file": {"driver": "file", "filename": top.to_str().unwrap()}}))
+        .unwrap();
+    assert_eq!(
+        l.blockdev_reopen(&[
+            json!({"node-name": "top", "driver": "qcow2", "read-only": true,
+            "file": {"driver": "file", "filename": top.to_str().unwrap()}})
+        ])
+        .unwrap_err()
+        .to_string(),
+        "backing is missing for 'top'"
+    );
+}

@@ -33,7 +33,7 @@ use nix::fcntl::{fallocate, fcntl, FallocateFlags, FcntlArg};
 use serde_json::{json, Map, Value};
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, MetadataExt};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError, RwLock, RwLockReadGuard};
 
 /// `RAW_LOCK_PERM_BASE`: byte `100 + i` is locked while permission bit `i` is held.
 pub const LOCK_PERM_BASE: i64 = 100;
@@ -79,7 +79,8 @@ const ZERO_CHUNK: u64 = 1 << 20;
 /// An open host file.
 #[derive(Debug)]
 pub struct FileDriver {
-    file: File,
+    /// The open file; `blockdev-reopen` replaces it with one opened for the new mode.
+    file: RwLock<File>,
     filename: String,
     locks: Mutex<LockState>,
 }
@@ -114,7 +115,7 @@ impl FileDriver {
             });
         }
         Ok(FileDriver {
-            file,
+            file: RwLock::new(file),
             filename: filename.to_string(),
             locks: Mutex::new(LockState {
                 use_lock: locking != Locking::Off,
@@ -155,7 +156,7 @@ impl FileDriver {
     fn lock_byte(&self, byte: i64, lock: bool) -> Result<(), BlockError> {
         let ty = if lock { libc::F_RDLCK } else { libc::F_UNLCK };
         let fl = self.flock(ty as libc::c_short, byte);
-        fcntl(&self.file, FcntlArg::F_OFD_SETLK(&fl))
+        fcntl(&*self.f(), FcntlArg::F_OFD_SETLK(&fl))
             .map(drop)
             .map_err(|e| {
                 let what = if lock { "lock" } else { "unlock" };
@@ -170,7 +171,7 @@ impl FileDriver {
     /// on `byte`.
     fn byte_taken(&self, byte: i64) -> Result<bool, BlockError> {
         let mut fl = self.flock(libc::F_WRLCK as libc::c_short, byte);
-        fcntl(&self.file, FcntlArg::F_OFD_GETLK(&mut fl)).map_err(BlockError::Io)?;
+        fcntl(&*self.f(), FcntlArg::F_OFD_GETLK(&mut fl)).map_err(BlockError::Io)?;
         Ok(fl.l_type != libc::F_UNLCK as libc::c_short)
     }
 
@@ -232,13 +233,17 @@ impl FileDriver {
         Ok(())
     }
 
+    fn f(&self) -> RwLockReadGuard<'_, File> {
+        self.file.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
     /// The path this driver was opened with.
     pub fn path(&self) -> &str {
         &self.filename
     }
 
     fn file_len(&self) -> Result<u64, BlockError> {
-        self.file
+        self.f()
             .metadata()
             .map(|m| m.len())
             .map_err(|e| BlockError::from_io(&e))
@@ -250,7 +255,7 @@ impl FileDriver {
         while done < len {
             let n = (len - done).min(ZERO_CHUNK) as usize;
             let piece = chunk.get(..n).ok_or(BlockError::Io(Errno::EINVAL))?;
-            self.file
+            self.f()
                 .write_all_at(piece, offset + done)
                 .map_err(|e| BlockError::from_io(&e))?;
             done += n as u64;
@@ -276,7 +281,7 @@ impl BlockDriver for FileDriver {
         let mut done = 0usize;
         while done < buf.len() {
             let rest = buf.get_mut(done..).ok_or(BlockError::Io(Errno::EINVAL))?;
-            match self.file.read_at(rest, offset + done as u64) {
+            match self.f().read_at(rest, offset + done as u64) {
                 Ok(0) => {
                     // End of file: the rest reads as zeroes.
                     rest.fill(0);
@@ -291,7 +296,7 @@ impl BlockDriver for FileDriver {
     }
 
     fn write_at(&self, offset: u64, buf: &[u8]) -> Result<(), BlockError> {
-        self.file
+        self.f()
             .write_all_at(buf, offset)
             .map_err(|e| BlockError::from_io(&e))
     }
@@ -305,7 +310,7 @@ impl BlockDriver for FileDriver {
             .ok_or(BlockError::Io(Errno::EINVAL))?;
         if may_unmap && end <= self.file_len()? {
             let punched = fallocate(
-                &self.file,
+                &*self.f(),
                 FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE,
                 off_t(offset)?,
                 off_t(len)?,
@@ -315,7 +320,7 @@ impl BlockDriver for FileDriver {
             }
         }
         match fallocate(
-            &self.file,
+            &*self.f(),
             FallocateFlags::FALLOC_FL_ZERO_RANGE,
             off_t(offset)?,
             off_t(len)?,
@@ -337,7 +342,7 @@ impl BlockDriver for FileDriver {
             return Ok(());
         }
         match fallocate(
-            &self.file,
+            &*self.f(),
             FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE,
             off_t(offset)?,
             off_t(len)?,
@@ -350,11 +355,11 @@ impl BlockDriver for FileDriver {
     }
 
     fn flush(&self) -> Result<(), BlockError> {
-        nix::unistd::fdatasync(&self.file).map_err(BlockError::Io)
+        nix::unistd::fdatasync(&*self.f()).map_err(BlockError::Io)
     }
 
     fn truncate(&self, size: u64) -> Result<(), BlockError> {
-        self.file.set_len(size).map_err(|e| BlockError::from_io(&e))
+        self.f().set_len(size).map_err(|e| BlockError::from_io(&e))
     }
 
     fn info(&self) -> Option<DriverInfo> {
@@ -362,7 +367,7 @@ impl BlockDriver for FileDriver {
     }
 
     fn allocated_size(&self) -> u64 {
-        self.file
+        self.f()
             .metadata()
             .map(|m| m.blocks().saturating_mul(512))
             .unwrap_or(0)
@@ -402,6 +407,49 @@ impl BlockDriver for FileDriver {
         // Commit: exactly the new bytes. Unlocking cannot conflict; a failure leaves a byte
         // locked, which QEMU only warns about.
         let _ = self.apply_lock_bytes(&mut st, p.perm, unshared, true);
+        Ok(())
+    }
+
+    /// Opens the file again for the new mode and moves the image locks over to the new file
+    /// description before the old one is closed (QEMU's `raw_reopen_prepare`), so other
+    /// processes never see them lapse.
+    fn reopen(&self, read_only: bool) -> Result<(), BlockError> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(!read_only)
+            .open(&self.filename)
+            .map_err(|e| BlockError::OpenFailed {
+                filename: self.filename.clone(),
+                errno: Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO)),
+            })?;
+        let st = self.locks.lock().unwrap_or_else(PoisonError::into_inner);
+        for i in 0..PERM_BITS {
+            for (held, base) in [
+                (st.held_perm, LOCK_PERM_BASE),
+                (st.held_unshared, LOCK_SHARED_BASE),
+            ] {
+                if held & (1 << i) != 0 {
+                    let fl = self.flock(libc::F_RDLCK as libc::c_short, base + i64::from(i));
+                    fcntl(&file, FcntlArg::F_OFD_SETLK(&fl)).map_err(|e| {
+                        BlockError::Driver(format!(
+                            "Failed to lock byte {}: {}",
+                            base + i64::from(i),
+                            crate::error::strerror(e)
+                        ))
+                    })?;
+                }
+            }
+        }
+        let old = std::mem::replace(
+            &mut *self.file.write().unwrap_or_else(PoisonError::into_inner),
+            file,
+        );
+        drop(st);
+        if read_only {
+            // What was written reaches the disk before the file is read-only.
+            let _ = nix::unistd::fdatasync(&old);
+        }
+        drop(old);
         Ok(())
     }
 

@@ -172,6 +172,17 @@ pub trait BlockDriver: Send + Sync {
         let _ = (perm, ctx);
         Ok(())
     }
+    /// `blockdev-reopen` to `read_only` (the driver's part of QEMU's `bdrv_reopen_prepare` and
+    /// `commit` for `read-only`): get ready to be written — take write access to the image and
+    /// mark what it writes as in use — or write back what is cached and stop writing. The node
+    /// around it drains its requests and stores its bitmaps before going read-only, and sets
+    /// its permissions after. A driver that cannot reopen says so
+    /// ([`BlockError::ReopenUnsupported`]) and changes nothing; on any other error it is as it
+    /// was.
+    fn reopen(&self, read_only: bool) -> Result<(), BlockError> {
+        let _ = read_only;
+        Err(BlockError::ReopenUnsupported)
+    }
     /// Called when the node becomes active again (QEMU's `bdrv_co_invalidate_cache`), after
     /// its permissions (locks) were taken: drop cached metadata and re-read it.
     fn activate(&self) -> Result<(), BlockError> {

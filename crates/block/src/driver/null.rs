@@ -105,6 +105,11 @@ impl BlockDriver for NullDriver {
         0
     }
 
+    /// No storage: nothing changes.
+    fn reopen(&self, _read_only: bool) -> Result<(), BlockError> {
+        Ok(())
+    }
+
     fn children(&self) -> Vec<(&'static str, Arc<BlockNode>)> {
         Vec::new()
     }

@@ -140,6 +140,11 @@ impl BlockDriver for RawDriver {
         self.child.driver().allocated_size()
     }
 
+    /// Nothing of its own changes: the child is reopened by the layer.
+    fn reopen(&self, _read_only: bool) -> Result<(), BlockError> {
+        Ok(())
+    }
+
     fn children(&self) -> Vec<(&'static str, Arc<BlockNode>)> {
         vec![("file", self.child.clone())]
     }

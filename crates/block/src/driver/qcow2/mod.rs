@@ -61,6 +61,7 @@ use crate::perm::{new_user_key, Perm, PermContext};
 use hbitmap::HBitmap;
 use nix::errno::Errno;
 use serde_json::{json, Map, Value};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 /// How a qcow2 image is opened.
@@ -87,7 +88,8 @@ pub struct Qcow2Driver {
     file: Arc<BlockNode>,
     backing: Option<Arc<BlockNode>>,
     key: u64,
-    writable: bool,
+    /// Opened (or reopened) read-write, over a writable file.
+    writable: AtomicBool,
     st: Mutex<State>,
 }
 
@@ -95,7 +97,7 @@ impl std::fmt::Debug for Qcow2Driver {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Qcow2Driver")
             .field("file", &self.file.name())
-            .field("writable", &self.writable)
+            .field("writable", &self.writable())
             .finish()
     }
 }
@@ -172,7 +174,7 @@ impl Qcow2Driver {
                 file,
                 backing: None,
                 key,
-                writable,
+                writable: AtomicBool::new(writable),
                 st: Mutex::new(st),
             }),
             Err(e) => {
@@ -199,6 +201,10 @@ impl Qcow2Driver {
             let _ = old.set_user_perm(self.key, None);
         }
         Ok(())
+    }
+
+    fn writable(&self) -> bool {
+        self.writable.load(Ordering::SeqCst)
     }
 
     /// The file child.
@@ -356,7 +362,7 @@ impl Qcow2Driver {
     }
 
     fn check_writable(&self, st: &State) -> Result<(), BlockError> {
-        if !self.writable || !st.active {
+        if !self.writable() || !st.active {
             return Err(BlockError::Io(Errno::EPERM));
         }
         Ok(())
@@ -815,12 +821,72 @@ impl BlockDriver for Qcow2Driver {
     }
 
     fn set_perm(&self, perm: Perm, ctx: PermContext) -> Result<(), BlockError> {
-        let storage = Perm::for_storage(perm, ctx.writable && self.writable, ctx.active);
+        let storage = Perm::for_storage(perm, ctx.writable && self.writable(), ctx.active);
         self.file.set_user_perm(self.key, Some(storage))?;
         if let Some(b) = &self.backing {
             b.set_user_perm(self.key, Some(Perm::for_cow(perm)))?;
         }
         Ok(())
+    }
+
+    /// Read-write: takes write access to the file (QEMU's lock error if another process has
+    /// the image), checks the header as a read-write open does, and marks the bitmaps of the
+    /// directory in use, as they are now in memory and may change (`qcow2_reopen_bitmaps_rw`).
+    /// Read-only: writes back the metadata and stops writing; the node stored the bitmaps
+    /// before (`qcow2_reopen_bitmaps_ro`).
+    fn reopen(&self, read_only: bool) -> Result<(), BlockError> {
+        if read_only {
+            let mut st = self.lock();
+            if st.active && self.writable() {
+                st.meta.write_out()?;
+                self.file.flush()?;
+            }
+            self.writable.store(false, Ordering::SeqCst);
+            return Ok(());
+        }
+        if self.writable() {
+            return Ok(());
+        }
+        if !self.file.writable() {
+            return Err(BlockError::ReadOnlyNode);
+        }
+        let active = self.lock().active;
+        self.file
+            .set_user_perm(self.key, Some(Perm::for_storage(Perm::NONE, true, active)))?;
+        let done = (|| {
+            let mut st = self.lock();
+            let hdr = read_header(&self.file)?;
+            hdr.check_features(true)?;
+            if !st.active {
+                return Ok(());
+            }
+            fix_header(&mut st)?;
+            let mut entries = st.dir.clone();
+            let mut changed = false;
+            for e in &mut entries {
+                if !e.in_use() {
+                    e.flags |= FLAG_IN_USE;
+                    changed = true;
+                }
+            }
+            if changed {
+                update_dir_in_place(&mut st, &entries)?;
+                st.dir = entries;
+            }
+            Ok(())
+        })();
+        match done {
+            Ok(()) => {
+                self.writable.store(true, Ordering::SeqCst);
+                Ok(())
+            }
+            Err(e) => {
+                let _ = self
+                    .file
+                    .set_user_perm(self.key, Some(Perm::for_storage(Perm::NONE, false, active)));
+                Err(e)
+            }
+        }
     }
 
     fn activate(&self) -> Result<(), BlockError> {
@@ -830,12 +896,12 @@ impl BlockDriver for Qcow2Driver {
         }
         // The image may have changed while someone else had it: read it again.
         let hdr = read_header(&self.file)?;
-        hdr.check_features(self.writable)?;
+        hdr.check_features(self.writable())?;
         st.meta = Meta::load(self.file.clone(), hdr)?;
         st.dir.clear();
         st.inconsistent.clear();
         st.active = true;
-        if self.writable {
+        if self.writable() {
             if let Err(e) = fix_header(&mut st) {
                 st.active = false;
                 return Err(e);
@@ -912,7 +978,7 @@ impl PersistentBitmapStore for Qcow2Driver {
                 return Err(BlockError::BitmapExists(e.name_str()));
             }
         }
-        let writable = self.writable && st.active;
+        let writable = self.writable() && st.active;
         let mut out = Vec::new();
         let mut changed = false;
         let mut inconsistent = Vec::new();
@@ -965,7 +1031,7 @@ impl PersistentBitmapStore for Qcow2Driver {
         if bitmaps.is_empty() {
             return Ok(());
         }
-        if !self.writable || !st.active {
+        if !self.writable() || !st.active {
             return Err(err("No write access"));
         }
         st.meta.write_out()?;
@@ -1044,8 +1110,9 @@ impl PersistentBitmapStore for Qcow2Driver {
 
 impl Drop for Qcow2Driver {
     fn drop(&mut self) {
+        let writable = *self.writable.get_mut();
         let st = self.st.get_mut().unwrap_or_else(PoisonError::into_inner);
-        if st.active && self.writable {
+        if st.active && writable {
             // Closing without an inactivation: keep what was written (bitmaps stay in use,
             // like after a crash).
             let _ = st.meta.write_out();
