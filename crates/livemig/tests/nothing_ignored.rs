@@ -316,6 +316,11 @@ const ACTING_CAPS: &[(&str, &str, &str)] = &[
         "late_block_activate.rs",
         "late_block_activate_keeps_a_paused_destinations_disks_inactive_until_cont",
     ),
+    (
+        "x-livemig-integrity",
+        "integrity.rs",
+        "fn a_flipped_bit_fails_cleanly_with_integrity_and_the_source_resumes",
+    ),
 ];
 
 /// QEMU 7.2's capabilities, in `query-migrate-capabilities` order.
@@ -343,6 +348,9 @@ const QEMU_CAPS: &[&str] = &[
     "postcopy-preempt",
 ];
 
+/// livemig's own capabilities, listed after QEMU's.
+const LIVEMIG_CAPS: &[&str] = &["x-livemig-integrity"];
+
 /// Every capability `query-migrate-capabilities` lists either acts (the test that shows it is
 /// named in [`ACTING_CAPS`], and checked to exist) or is refused when turned on, with nothing
 /// changed.
@@ -360,8 +368,9 @@ fn every_capability_acts_or_is_refused() {
             c["capability"].as_str().unwrap_or_default().to_string()
         })
         .collect();
-    assert_eq!(listed, QEMU_CAPS);
-    for cap in QEMU_CAPS {
+    let all: Vec<&str> = QEMU_CAPS.iter().chain(LIVEMIG_CAPS).copied().collect();
+    assert_eq!(listed, all);
+    for cap in &all {
         let on = json!({"capabilities": [{"capability": cap, "state": true}]});
         match ACTING_CAPS.iter().find(|(c, _, _)| c == cap) {
             Some((_, file, what)) => {

@@ -104,6 +104,23 @@ pub struct BitmapSaver {
     cursor: (usize, u64),
     /// A reused serialization buffer.
     buf: Vec<u8>,
+    /// `x-livemig-integrity`: each chunk is followed by its digest.
+    integrity: bool,
+}
+
+/// What a `dirty-bitmap` digest covers, in integrity errors.
+const CHUNK_DIGEST_COVERS: &str = "dirty-bitmap chunk";
+
+/// Writes one chunk; with `integrity`, followed by the digest of its bytes (`wire::digest`).
+fn put_chunk(w: &mut Writer, c: &Chunk, integrity: bool) -> Result<(), MigrationError> {
+    if integrity {
+        w.digest_start();
+    }
+    write_chunk(w, c)?;
+    if integrity {
+        wire::digest::write_value(w)?;
+    }
+    Ok(())
 }
 
 impl BitmapSaver {
@@ -188,7 +205,13 @@ impl BitmapSaver {
             names: NameTracker::new(),
             cursor: (0, 0),
             buf: Vec::new(),
+            integrity: false,
         })
+    }
+
+    /// `x-livemig-integrity`: follow every chunk with the digest of its bytes.
+    pub fn set_integrity(&mut self, on: bool) {
+        self.integrity = on;
     }
 
     /// Whether there is anything to send.
@@ -230,9 +253,9 @@ impl BitmapSaver {
         for i in 0..self.bitmaps.len() {
             let (granularity, flags) = (self.bitmaps[i].granularity, self.bitmaps[i].start_flags);
             let c = self.chunk(i, ChunkPayload::Start { granularity, flags });
-            write_chunk(w, &c)?;
+            put_chunk(w, &c, self.integrity)?;
         }
-        write_chunk(w, &Chunk::eos())?;
+        put_chunk(w, &Chunk::eos(), self.integrity)?;
         Ok(())
     }
 
@@ -242,9 +265,9 @@ impl BitmapSaver {
         while self.write_next_chunk(w)? {}
         for i in 0..self.bitmaps.len() {
             let c = self.chunk(i, ChunkPayload::Complete);
-            write_chunk(w, &c)?;
+            put_chunk(w, &c, self.integrity)?;
         }
-        write_chunk(w, &Chunk::eos())?;
+        put_chunk(w, &Chunk::eos(), self.integrity)?;
         Ok(())
     }
 
@@ -257,7 +280,7 @@ impl BitmapSaver {
         while more && w.bytes_written() - start < budget {
             more = self.write_next_chunk(w)?;
         }
-        write_chunk(w, &Chunk::eos())?;
+        put_chunk(w, &Chunk::eos(), self.integrity)?;
         Ok(more)
     }
 
@@ -329,7 +352,7 @@ impl BitmapSaver {
                 data,
             },
         );
-        write_chunk(w, &c)?;
+        put_chunk(w, &c, self.integrity)?;
         if let ChunkPayload::Bits {
             data: BitsData::Buffer(b),
             ..
@@ -391,6 +414,9 @@ pub struct BitmapLoader {
     pub errors: Vec<String>,
     /// A postcopy recovery happened: chunks for a completed bitmap are a resend.
     resumed: bool,
+    /// `x-livemig-integrity`: every chunk is checked against the digest after it before
+    /// anything of it is applied.
+    integrity: bool,
 }
 
 enum Step {
@@ -409,7 +435,14 @@ impl BitmapLoader {
             dropped: Vec::new(),
             errors: Vec::new(),
             resumed: false,
+            integrity: false,
         }
+    }
+
+    /// `x-livemig-integrity` (both ends agreed in the configuration section): check every
+    /// chunk against its digest.
+    pub fn set_integrity(&mut self, on: bool) {
+        self.integrity = on;
     }
 
     /// Loads one section body: chunks up to the one with EOS.
@@ -417,6 +450,9 @@ impl BitmapLoader {
         loop {
             // Names first, so that a payload the stream cannot carry (an oversized buffer, a
             // truncated one) fails the load with the bitmap it belongs to.
+            if self.integrity {
+                r.digest_start();
+            }
             let h = read_chunk_header(r)?;
             let mut c = Chunk {
                 node: h.node,
@@ -431,6 +467,16 @@ impl BitmapLoader {
                     }
                     _ => MigrationError::Wire(e),
                 })?;
+            if self.integrity {
+                wire::digest::check_value(r, CHUNK_DIGEST_COVERS).map_err(|e| {
+                    match self.names.resolve(&c) {
+                        (Some(node), Some(bitmap)) => MigrationError::Load(format!(
+                            "{e} (bitmap '{bitmap}' on node '{node}')"
+                        )),
+                        _ => MigrationError::Wire(e),
+                    }
+                })?;
+            }
             if let Step::End = self.chunk(c)? {
                 return Ok(());
             }
@@ -1164,6 +1210,90 @@ mod tests {
                 assert!(bm.enabled() && !bm.busy());
                 assert_eq!(l.iter().count(), 1, "the successor was merged");
             });
+        }
+
+        /// `x-livemig-integrity`: a bitmap migrates whole with its chunk digests; a bit
+        /// flipped anywhere in a chunk (flags, names, offsets, the bits themselves) fails the
+        /// load before the chunk is applied, naming the check, the bitmap and the node — where
+        /// without the digests a flip inside the bits loads silently as another bitmap.
+        #[test]
+        fn integrity_catches_a_flip_in_any_chunk_before_it_is_applied() {
+            const SIZE: u64 = 64 << 20;
+            let src = source(SIZE, 65536, &[(0, 65536), (5 << 20, 3 << 20)]);
+            let want = src
+                .node("n")
+                .unwrap()
+                .with_bitmaps(|l| l.find("bm").unwrap().sha256_hex());
+            let stream = |integrity: bool| {
+                let out = Captured::default();
+                let mut w: Writer = StreamWriter::new(Box::new(out.clone()));
+                let mut saver = BitmapSaver::setup(src.clone(), None).unwrap();
+                saver.set_integrity(integrity);
+                saver.save_setup(&mut w).unwrap();
+                let setup_len = w.bytes_written() as usize;
+                saver.save_complete(&mut w).unwrap();
+                w.flush().unwrap();
+                saver.cleanup(false);
+                let bytes = out.0.lock().unwrap().clone();
+                (bytes, setup_len)
+            };
+            let load = |bytes: &[u8], integrity: bool| {
+                let dst = Arc::new(BlockLayer::new());
+                dst.blockdev_add(&json!({"driver": "null-co", "node-name": "n", "size": SIZE}))
+                    .unwrap();
+                let mut loader = BitmapLoader::new(dst.clone(), None);
+                loader.set_integrity(integrity);
+                let mut r: Reader =
+                    StreamReader::new(Box::new(std::io::Cursor::new(bytes.to_vec())));
+                r.set_section(Some(wire::SectionContext::new(BITMAP_IDSTR, 3)));
+                let res = loader.load(&mut r).and_then(|_| loader.load(&mut r));
+                let sha = dst
+                    .node("n")
+                    .unwrap()
+                    .with_bitmaps(|l| l.find("bm").map(|b| b.sha256_hex()));
+                (res, sha)
+            };
+            let (plain, plain_setup) = stream(false);
+            let (bytes, setup_len) = stream(true);
+            let (res, sha) = load(&bytes, true);
+            res.unwrap();
+            assert_eq!(sha.as_deref(), Some(want.as_str()));
+            // A flip in the last byte of the bits of the one buffer chunk: without digests the
+            // destination ends with a different bitmap and no error.
+            let flip_plain = plain_setup + (plain.len() - plain_setup) / 2;
+            let mut bad = plain.clone();
+            bad[flip_plain] ^= 0x01;
+            let (res, sha) = load(&bad, false);
+            res.unwrap();
+            assert_ne!(
+                sha.as_deref(),
+                Some(want.as_str()),
+                "undetected without digests"
+            );
+            // With digests, every byte of every chunk of the END body is covered.
+            for at in (setup_len..bytes.len()).step_by(7) {
+                let mut bad = bytes.clone();
+                bad[at] ^= 0x10;
+                let (res, _) = load(&bad, true);
+                let e = res.expect_err(&format!("flip at {at} loaded")).to_string();
+                assert!(
+                    e.contains("integrity check failed")
+                        || e.contains("Unknown")
+                        || e.contains("at byte"),
+                    "flip at {at}: {e}"
+                );
+            }
+            // A flip in the bits themselves names the check, the chunk, the bitmap and node.
+            let mut bad = bytes.clone();
+            let at = setup_len + (bytes.len() - setup_len) / 2;
+            bad[at] ^= 0x01;
+            let e = load(&bad, true).0.unwrap_err().to_string();
+            assert!(
+                e.contains("integrity check failed: the dirty-bitmap chunk"),
+                "{e}"
+            );
+            assert!(e.contains("in section 'dirty-bitmap' (id 3)"), "{e}");
+            assert!(e.contains("(bitmap 'bm' on node 'n')"), "{e}");
         }
 
         /// What a source sends for `layer`'s bitmaps: the setup section's chunks and the

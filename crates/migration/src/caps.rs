@@ -55,11 +55,17 @@ pub enum Capability {
     ZeroCopySend,
     /// Postcopy preempt channel: requested pages on a connection of their own.
     PostcopyPreempt,
+    /// livemig's own: an end-to-end digest per batch of RAM records and per dirty-bitmap
+    /// chunk, checked by the destination (`wire::digest`). Validated in the configuration
+    /// section as QEMU validates `x-ignore-shared`, so both ends must have it on, and a QEMU
+    /// destination refuses it ("Received unknown capability").
+    XLivemigIntegrity,
 }
 
 impl Capability {
     /// Every capability, in the order QEMU 7.2's `query-migrate-capabilities` lists them.
-    pub const ALL: [Capability; 21] = [
+    /// livemig's own capabilities come after QEMU's.
+    pub const ALL: [Capability; 22] = [
         Capability::Xbzrle,
         Capability::RdmaPinAll,
         Capability::AutoConverge,
@@ -81,6 +87,7 @@ impl Capability {
         Capability::BackgroundSnapshot,
         Capability::ZeroCopySend,
         Capability::PostcopyPreempt,
+        Capability::XLivemigIntegrity,
     ];
 
     /// QEMU's name of the capability.
@@ -107,6 +114,7 @@ impl Capability {
             Capability::BackgroundSnapshot => "background-snapshot",
             Capability::ZeroCopySend => "zero-copy-send",
             Capability::PostcopyPreempt => "postcopy-preempt",
+            Capability::XLivemigIntegrity => "x-livemig-integrity",
         }
     }
 
@@ -125,7 +133,15 @@ impl Capability {
                 | Capability::PauseBeforeSwitchover
                 | Capability::DirtyBitmaps
                 | Capability::LateBlockActivate
+                | Capability::XLivemigIntegrity
         )
+    }
+
+    /// Whether both ends must agree on the capability: the source lists it in the
+    /// configuration section (`configuration/capabilities`) and the destination fails a
+    /// stream whose list differs from its own setting, as QEMU does for `x-ignore-shared`.
+    pub fn is_validated(self) -> bool {
+        matches!(self, Capability::XLivemigIntegrity)
     }
 }
 
@@ -196,6 +212,18 @@ impl Capabilities {
                 "livemig does not implement multifd together with postcopy-ram yet".into(),
             ));
         }
+        if self.has(Capability::XLivemigIntegrity) {
+            // The digests live on the main stream; multifd packets and postcopy's placement
+            // would need their own (a postcopy page must be checked before UFFDIO_COPY makes
+            // it visible to the running guest).
+            for other in [Capability::Multifd, Capability::PostcopyRam] {
+                if self.has(other) {
+                    return Err(MigrationError::InvalidParameter(format!(
+                        "Capability 'x-livemig-integrity' is not supported together with '{other}' by livemig"
+                    )));
+                }
+            }
+        }
         if self.has(Capability::PostcopyRam) {
             crate::postcopy::uffd::probe()
                 .map_err(|e| MigrationError::InvalidParameter(e.to_string()))?;
@@ -216,8 +244,9 @@ mod tests {
             .map(|(c, _)| c.as_str())
             .collect();
         assert_eq!(names.first(), Some(&"xbzrle"));
-        assert_eq!(names.last(), Some(&"postcopy-preempt"));
-        assert_eq!(names.len(), 21);
+        assert_eq!(names.get(20), Some(&"postcopy-preempt"));
+        assert_eq!(names.last(), Some(&"x-livemig-integrity"));
+        assert_eq!(names.len(), 22);
     }
 
     #[test]
@@ -232,5 +261,21 @@ mod tests {
         assert!(!caps.has(Capability::DirtyBitmaps));
         caps.apply(&[(Capability::Events, false)]).unwrap();
         assert!(!caps.has(Capability::Events));
+    }
+
+    #[test]
+    fn integrity_is_refused_with_multifd() {
+        let mut caps = Capabilities::default();
+        caps.apply(&[(Capability::XLivemigIntegrity, true)])
+            .unwrap();
+        let e = caps
+            .apply(&[(Capability::Multifd, true)])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("'x-livemig-integrity' is not supported together with 'multifd'"),
+            "{e}"
+        );
+        assert!(!caps.has(Capability::Multifd));
     }
 }

@@ -107,6 +107,9 @@ pub struct StreamLoader {
     preempt: Option<(Reader, ShutdownHandle)>,
     /// Where `tls-creds` are looked up for a postcopy recovery's connections.
     objects: Arc<tls::Objects>,
+    /// `x-livemig-integrity` is on here: the source must have it on too, and every batch of
+    /// RAM records and every bitmap chunk is checked against its digest.
+    integrity: bool,
 }
 
 /// Whether loading goes on after a command.
@@ -161,6 +164,7 @@ impl StreamLoader {
             engine: None,
             preempt: None,
             objects: Arc::new(tls::Objects::new()),
+            integrity: caps.has(Capability::XLivemigIntegrity),
         }
     }
 
@@ -218,12 +222,26 @@ impl StreamLoader {
         let cfg = read_configuration(r)?;
         check_machine_name(&cfg.machine, &self.machine.machine_type())
             .map_err(|k| MigrationError::Wire(r.error(k)))?;
-        if let Some(caps) = &cfg.capabilities {
-            if let Some(c) = caps.first() {
-                return Err(MigrationError::Load(format!(
-                    "Capability {c} is off, but received capability is on"
-                )));
-            }
+        // QEMU's configuration_validate_capabilities: a validated capability must be on at
+        // both ends or at neither.
+        let received = cfg.capabilities.unwrap_or_default();
+        let integrity = Capability::XLivemigIntegrity.as_str();
+        if let Some(c) = received
+            .iter()
+            .find(|c| c.as_str() != integrity || !self.integrity)
+        {
+            return Err(MigrationError::Load(format!(
+                "Capability {c} is off, but received capability is on"
+            )));
+        }
+        if self.integrity && !received.iter().any(|c| c == integrity) {
+            return Err(MigrationError::Load(format!(
+                "Capability {integrity} is on, but received capability is off"
+            )));
+        }
+        self.ram.set_integrity(self.integrity);
+        if let Some(b) = self.bitmaps.as_mut() {
+            b.set_integrity(self.integrity);
         }
         Ok(())
     }

@@ -322,7 +322,18 @@ impl Outgoing {
         let (job, has_rp) = (&self.job, self.rp.is_some());
         let w = self.w.as_mut().ok_or_else(|| gone("the stream"))?;
         write_file_header(w)?;
-        write_configuration(w, &Configuration::new(job.machine.machine_type()))?;
+        let mut config = Configuration::new(job.machine.machine_type());
+        let validated: Vec<String> = job
+            .caps
+            .list()
+            .into_iter()
+            .filter(|(c, on)| *on && c.is_validated())
+            .map(|(c, _)| c.as_str().to_string())
+            .collect();
+        if !validated.is_empty() {
+            config.capabilities = Some(validated);
+        }
+        write_configuration(w, &config)?;
         if has_rp {
             write_command(w, &Command::OpenReturnPath)?;
             write_command(w, &Command::Ping(1))?;
@@ -348,6 +359,8 @@ impl Outgoing {
         if let Some(m) = self.multifd.take() {
             ram.attach_multifd(m);
         }
+        let integrity = job.caps.has(Capability::XLivemigIntegrity);
+        ram.set_integrity(integrity);
         job.stats.total.store(ram.total_bytes(), Ordering::Relaxed);
         write_start(w, RAM_SECTION_ID, RAM_IDSTR, 0, RAM_VERSION)?;
         ram.setup(w)?;
@@ -359,6 +372,7 @@ impl Outgoing {
                 if saver.is_active() {
                     // Kept before anything can fail, so cleanup releases the bitmaps.
                     let saver = self.bitmaps.insert(saver);
+                    saver.set_integrity(integrity);
                     write_start(
                         w,
                         BITMAP_SECTION_ID,

@@ -537,6 +537,9 @@ impl Analyzer<'_> {
                     t.hook += 1;
                     self.summary.ram.hooks += 1;
                 }
+                // livemig's integrity digest: its value is not checked here (the analyzer
+                // reads any stream, digests or not), only stepped over.
+                RamRecord::Digest => r.skip(8)?,
                 RamRecord::Eos => return Ok(t),
             }
         }

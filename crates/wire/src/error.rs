@@ -472,6 +472,24 @@ pub enum WireErrorKind {
         /// Minimum accepted.
         minimum: u32,
     },
+    /// An integrity digest (`x-livemig-integrity`) does not match the bytes it covers: they
+    /// changed between the two peers.
+    #[error("integrity check failed: the {what} arrived with digest {computed:#018x}, the source sent {sent:#018x} (bytes changed in transit)")]
+    IntegrityMismatch {
+        /// What the digest covers, e.g. "batch of RAM records".
+        what: &'static str,
+        /// The digest the source sent.
+        sent: u64,
+        /// The digest of what arrived.
+        computed: u64,
+    },
+    /// Records that `x-livemig-integrity` covers came without the digest that should close
+    /// them.
+    #[error("integrity check failed: the {what} came without its digest")]
+    IntegrityMissing {
+        /// What should have been covered.
+        what: &'static str,
+    },
     /// A subsection header was expected but another byte was found.
     #[error("expected a subsection (0x05), got {got:#04x}")]
     NotASubsection {

@@ -9,6 +9,7 @@
 //! - [`config`], [`command`], [`return_path`]: the configuration section, the command
 //!   sub-protocol and the return-path messages.
 //! - [`ram`], [`bitmap`]: the record syntax of the `ram` and `dirty-bitmap` sections.
+//! - [`digest`]: the integrity digest between livemig peers (`x-livemig-integrity`).
 //! - [`multifd`]: the handshake and packet headers of the multifd channels.
 //! - [`vmstate`]: device-state layouts as data, the vmdesc JSON, subsections.
 //! - [`analyze`]: a whole-stream decoder for inspecting captures without a VM.
@@ -22,6 +23,7 @@ pub mod analyze;
 pub mod bitmap;
 pub mod command;
 pub mod config;
+pub mod digest;
 pub mod error;
 pub mod multifd;
 pub mod ram;

@@ -5,6 +5,7 @@
 //! where it happened. Payloads that end up in guest memory go through [`StreamReader::read_into`],
 //! which reads straight into the caller's buffer instead of through the lookahead buffer.
 
+use crate::digest::Digest;
 use crate::error::{Result, SectionContext, WireError, WireErrorKind};
 use std::io::{ErrorKind, IoSliceMut, Read};
 
@@ -68,6 +69,11 @@ pub struct StreamReader<R> {
     eof: bool,
     section: Option<SectionContext>,
     options: ReaderOptions,
+    /// The running integrity digest ([`crate::digest`]): every byte consumed goes into it.
+    /// Boxed and kept between runs: the state is large, and a run starts per batch.
+    digest: Option<Box<Digest>>,
+    /// A run is going.
+    digesting: bool,
 }
 
 impl<R: Read> StreamReader<R> {
@@ -87,6 +93,8 @@ impl<R: Read> StreamReader<R> {
             eof: false,
             section: None,
             options: ReaderOptions::default(),
+            digest: None,
+            digesting: false,
         }
     }
 
@@ -118,6 +126,40 @@ impl<R: Read> StreamReader<R> {
     /// Absolute offset of the next byte to be read.
     pub fn offset(&self) -> u64 {
         self.offset
+    }
+
+    /// Starts a run of the integrity digest (dropping any run in progress): every byte
+    /// consumed from now on goes into it, until [`StreamReader::digest_finish`].
+    pub fn digest_start(&mut self) {
+        match self.digest.as_mut() {
+            Some(d) => d.reset(),
+            None => self.digest = Some(Box::default()),
+        }
+        self.digesting = true;
+    }
+
+    /// Ends the run and gives its value (`None` if no run was going).
+    pub fn digest_finish(&mut self) -> Option<u64> {
+        if !std::mem::replace(&mut self.digesting, false) {
+            return None;
+        }
+        self.digest.as_ref().map(|d| d.value())
+    }
+
+    fn running_digest(&mut self) -> Option<&mut Digest> {
+        match self.digest.as_mut() {
+            Some(d) if self.digesting => Some(d),
+            _ => None,
+        }
+    }
+
+    fn digest_update(&mut self, bytes_at: std::ops::Range<usize>) {
+        if !self.digesting {
+            return;
+        }
+        if let (Some(d), Some(b)) = (self.digest.as_mut(), self.buf.get(bytes_at)) {
+            d.update(b);
+        }
     }
 
     /// The section errors are attributed to.
@@ -245,6 +287,9 @@ impl<R: Read> StreamReader<R> {
         if let Some(src) = self.buf.get(self.pos..self.pos + N) {
             out.copy_from_slice(src);
         }
+        if let Some(d) = self.running_digest() {
+            d.update(&out);
+        }
         self.pos += N;
         self.offset += N as u64;
         Ok(out)
@@ -351,6 +396,7 @@ impl<R: Read> StreamReader<R> {
                 );
             }
             let step = (self.available() as u64).min(n) as usize;
+            self.digest_update(self.pos..self.pos + step);
             self.pos += step;
             self.offset += step as u64;
             n -= step as u64;
@@ -416,6 +462,9 @@ impl<R: Read> StreamReader<R> {
                 self.offset += rest as u64;
                 self.end = (got - rest).min(self.buf.len());
             }
+        }
+        if let Some(d) = self.running_digest() {
+            d.update(dst);
         }
         Ok(())
     }

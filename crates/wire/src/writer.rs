@@ -6,6 +6,7 @@
 //! they leave with the buffered bytes in as few `writev` calls as the kernel allows, without
 //! being copied.
 
+use crate::digest::Digest;
 use crate::error::{Result, WireError, WireErrorKind};
 use std::io::{ErrorKind, IoSlice, Write};
 
@@ -21,6 +22,11 @@ pub struct StreamWriter<W: Write> {
     buf: Vec<u8>,
     capacity: usize,
     written: u64,
+    /// The running integrity digest ([`crate::digest`]): every byte written goes into it.
+    /// Boxed and kept between runs: the state is large, and a run starts per batch.
+    digest: Option<Box<Digest>>,
+    /// A run is going.
+    digesting: bool,
 }
 
 impl<W: Write> StreamWriter<W> {
@@ -37,6 +43,8 @@ impl<W: Write> StreamWriter<W> {
             buf: Vec::with_capacity(capacity),
             capacity,
             written: 0,
+            digest: None,
+            digesting: false,
         }
     }
 
@@ -44,6 +52,33 @@ impl<W: Write> StreamWriter<W> {
     /// byte. Used for statistics and rate limiting.
     pub fn bytes_written(&self) -> u64 {
         self.written
+    }
+
+    /// Starts a run of the integrity digest (dropping any run in progress): every byte
+    /// written from now on goes into it, until [`StreamWriter::digest_finish`]. Bytes are
+    /// digested when they are handed over, so a caller whose slices may change before the
+    /// kernel copies them (guest pages of a running guest) must hand over a copy.
+    pub fn digest_start(&mut self) {
+        match self.digest.as_mut() {
+            Some(d) => d.reset(),
+            None => self.digest = Some(Box::default()),
+        }
+        self.digesting = true;
+    }
+
+    /// Ends the run and gives its value (`None` if no run was going).
+    pub fn digest_finish(&mut self) -> Option<u64> {
+        if !std::mem::replace(&mut self.digesting, false) {
+            return None;
+        }
+        self.digest.as_ref().map(|d| d.value())
+    }
+
+    fn running_digest(&mut self) -> Option<&mut Digest> {
+        match self.digest.as_mut() {
+            Some(d) if self.digesting => Some(d),
+            _ => None,
+        }
     }
 
     /// Bytes waiting in the buffer.
@@ -139,6 +174,9 @@ impl<W: Write> StreamWriter<W> {
             self.write_vectored_all(&mut [IoSlice::new(data)])
         } else {
             self.reserve(data.len())?;
+            if let Some(d) = self.running_digest() {
+                d.update(data);
+            }
             self.buf.extend_from_slice(data);
             self.written += data.len() as u64;
             Ok(())
@@ -161,6 +199,11 @@ impl<W: Write> StreamWriter<W> {
     /// consumed (its slices are advanced past what was written).
     pub fn write_vectored_all(&mut self, mut bufs: &mut [IoSlice<'_>]) -> Result<()> {
         let payload: u64 = bufs.iter().map(|b| b.len() as u64).sum();
+        if let Some(d) = self.running_digest() {
+            for b in bufs.iter() {
+                d.update(b);
+            }
+        }
         IoSlice::advance_slices(&mut bufs, 0);
         // First the buffered bytes, in the same writev as the first caller slices.
         let mut sent = 0usize;

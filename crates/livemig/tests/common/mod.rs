@@ -188,6 +188,28 @@ impl Lm {
         })
     }
 
+    /// How a destination's incoming migration ended: `Ok(query-migrate)` once `completed`,
+    /// or `Err(the error)` once its load failed and it exited ([`Lm::wait_load_failed`]).
+    pub fn incoming_outcome(&mut self) -> Result<Value, String> {
+        let deadline = Instant::now() + TIMEOUT;
+        loop {
+            let r = self.qmp.execute("query-migrate", json!({}));
+            match r.ok().and_then(|r| r.get("return").cloned()) {
+                Some(r) if r["status"] == "completed" => return Ok(r),
+                Some(r) if r["status"] != "failed" => {}
+                // Failed, or the monitor already went away with the process.
+                _ => return Err(self.wait_load_failed()),
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{}: the incoming migration did not end\nlog:\n{}",
+                self.name,
+                self.proc.log()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     /// Polls `query-status` until the run state is `status`.
     pub fn wait_runstate(&mut self, status: &str) {
         let deadline = Instant::now() + TIMEOUT;
