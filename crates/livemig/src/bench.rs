@@ -62,6 +62,9 @@ fn bench(args: BenchArgs) -> Result<i32, Closed> {
         if let Some(d) = &sc.tls_creds {
             outln!("TLS: tls-creds-x509 from {} on both ends", d.display())?;
         }
+        if sc.integrity {
+            outln!("x-livemig-integrity: on at both ends")?;
+        }
         if sc.multifd_channels > 0 {
             outln!(
                 "multifd: {} channel(s), compression {}{}",

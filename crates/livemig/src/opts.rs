@@ -93,6 +93,10 @@ pub struct ScenarioArgs {
     /// only)
     #[arg(long, value_name = "DIR", conflicts_with = "zero_copy")]
     pub tls_creds: Option<std::path::PathBuf>,
+    /// Capability x-livemig-integrity on both ends: a digest per batch of pages and per
+    /// bitmap chunk, checked by the destination (refused with --postcopy and --multifd)
+    #[arg(long, conflicts_with_all = ["postcopy", "multifd"])]
+    pub integrity: bool,
 }
 
 impl ScenarioArgs {
@@ -151,6 +155,7 @@ impl ScenarioArgs {
         }
         sc.zero_copy = self.zero_copy;
         sc.tls_creds.clone_from(&self.tls_creds);
+        sc.integrity = self.integrity;
         sc.fill = sc.fill.min(sc.ram);
         sc
     }

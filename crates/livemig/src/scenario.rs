@@ -58,6 +58,8 @@ pub struct Scenario {
     /// TLS: the directory both ends load `tls-creds-x509` from (tcp only: the source checks
     /// the destination's certificate against 127.0.0.1).
     pub tls_creds: Option<std::path::PathBuf>,
+    /// Capability `x-livemig-integrity` on both ends.
+    pub integrity: bool,
 }
 
 impl Default for Scenario {
@@ -82,6 +84,7 @@ impl Default for Scenario {
             multifd_compression: "none".into(),
             zero_copy: false,
             tls_creds: None,
+            integrity: false,
         }
     }
 }
@@ -288,6 +291,7 @@ impl Pair {
             {"capability": "return-path", "state": true},
             {"capability": "postcopy-ram", "state": sc.postcopy},
             {"capability": "postcopy-preempt", "state": sc.postcopy && sc.preempt},
+            {"capability": "x-livemig-integrity", "state": sc.integrity},
         ]});
         src_qmp.call("migrate-set-capabilities", caps.clone())?;
         dst_qmp.call("migrate-set-capabilities", caps)?;

@@ -51,15 +51,20 @@ impl Read for Shared {
     }
 }
 
-fn save_all(ram: &Arc<MmapRamBlock>, sink: Box<dyn std::io::Write + Send>) -> Writer {
+fn save_all(
+    ram: &Arc<MmapRamBlock>,
+    sink: Box<dyn std::io::Write + Send>,
+    integrity: bool,
+) -> Writer {
     let mut w: Writer = StreamWriter::with_capacity(sink, 256 * 1024);
     let mut saver = RamSaver::new(
         vec![ram.clone() as Arc<dyn RamBlock>],
         Arc::new(RamCounters::default()),
     );
+    saver.set_integrity(integrity);
     saver.setup(&mut w).expect("setup");
     saver.send(&mut w, u64::MAX, None).expect("send");
-    wire::ram::write_eos(&mut w).expect("eos");
+    saver.end_section(&mut w).expect("eos");
     w.flush().expect("flush");
     w
 }
@@ -70,47 +75,52 @@ fn bench(c: &mut Criterion) {
     g.throughput(Throughput::Bytes(RAM as u64));
 
     let data = BenchRam::new(|i| (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
-    g.bench_function("save 64 MiB of data pages", |b| {
-        b.iter(|| save_all(&data, Box::new(std::io::sink())))
-    });
     let zero = BenchRam::new(|_| 0);
-    g.bench_function("save 64 MiB of zero pages", |b| {
-        b.iter(|| save_all(&zero, Box::new(std::io::sink())))
-    });
-
-    // One stream of all data pages, loaded again and again into a destination.
-    let mut bytes = Vec::new();
-    {
-        struct Collect(std::sync::mpsc::Sender<Vec<u8>>);
-        impl std::io::Write for Collect {
-            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-                let _ = self.0.send(b.to_vec());
-                Ok(b.len())
-            }
-            fn flush(&mut self) -> std::io::Result<()> {
-                Ok(())
-            }
-        }
-        let (tx, rx) = std::sync::mpsc::channel();
-        drop(save_all(&data, Box::new(Collect(tx))));
-        for part in rx.try_iter() {
-            bytes.extend_from_slice(&part);
-        }
-    }
-    let stream = Arc::new(bytes);
     let dst = BenchRam::new(|_| 0);
-    g.bench_function("load 64 MiB of data pages", |b| {
-        b.iter(|| {
-            let mut r: Reader =
-                StreamReader::with_capacity(Box::new(Shared(stream.clone(), 0)), 256 * 1024);
-            let mut loader = RamLoader::new(vec![dst.clone() as Arc<dyn RamBlock>]);
-            // The setup body (MEM_SIZE, EOS), then the pages (up to the second EOS).
-            loader.load(&mut r).expect("load setup");
-            loader.load(&mut r).expect("load pages");
-            assert_eq!(loader.pages_loaded, (RAM as u64) / PAGE_SIZE);
-            loader.pages_loaded
-        })
-    });
+    // `x-livemig-integrity` off (QEMU's stream) and on (a digest per batch; the source sends
+    // a copy of each batch's pages).
+    for (integrity, tag) in [(false, ""), (true, " (x-livemig-integrity)")] {
+        g.bench_function(format!("save 64 MiB of data pages{tag}"), |b| {
+            b.iter(|| save_all(&data, Box::new(std::io::sink()), integrity))
+        });
+        g.bench_function(format!("save 64 MiB of zero pages{tag}"), |b| {
+            b.iter(|| save_all(&zero, Box::new(std::io::sink()), integrity))
+        });
+
+        // One stream of all data pages, loaded again and again into a destination.
+        let mut bytes = Vec::new();
+        {
+            struct Collect(std::sync::mpsc::Sender<Vec<u8>>);
+            impl std::io::Write for Collect {
+                fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                    let _ = self.0.send(b.to_vec());
+                    Ok(b.len())
+                }
+                fn flush(&mut self) -> std::io::Result<()> {
+                    Ok(())
+                }
+            }
+            let (tx, rx) = std::sync::mpsc::channel();
+            drop(save_all(&data, Box::new(Collect(tx)), integrity));
+            for part in rx.try_iter() {
+                bytes.extend_from_slice(&part);
+            }
+        }
+        let stream = Arc::new(bytes);
+        g.bench_function(format!("load 64 MiB of data pages{tag}"), |b| {
+            b.iter(|| {
+                let mut r: Reader =
+                    StreamReader::with_capacity(Box::new(Shared(stream.clone(), 0)), 256 * 1024);
+                let mut loader = RamLoader::new(vec![dst.clone() as Arc<dyn RamBlock>]);
+                loader.set_integrity(integrity);
+                // The setup body (MEM_SIZE, EOS), then the pages (up to the second EOS).
+                loader.load(&mut r).expect("load setup");
+                loader.load(&mut r).expect("load pages");
+                assert_eq!(loader.pages_loaded, (RAM as u64) / PAGE_SIZE);
+                loader.pages_loaded
+            })
+        });
+    }
     g.finish();
 }
 
