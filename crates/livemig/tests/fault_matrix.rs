@@ -38,6 +38,14 @@
 //! `device-blocked` — the same proxy stops reading there, so the source is blocked writing
 //! `tz` (checked: its migration thread is in a write system call).
 //!
+//! The stall and flip cells (issue 14) tell it too: in `active`, testkit's relay stops
+//! forwarding (`stall`), or flips one bit of a page with `x-livemig-integrity` on at both ends
+//! (`flip`); in `device-blocked` the proxy stops reading. Nobody cancels: the stall bound
+//! (`x-livemig-stall-timeout`, 1.5 s here) fails a stall within a bound and the guest
+//! resumes; the destination's integrity check fails a flip, naming the section, and the
+//! source resumes. `flip_without_integrity_completes_with_the_flipped_page` shows the
+//! documented behaviour with the capability off (QEMU's): the flip reaches guest RAM.
+//!
 //! The multifd cells (issue 12) tell the same story with four channels on every migration of
 //! the cell: in `active` and `pre-switchover`, a relay (testkit's) carrying the main channel
 //! and the four channels cuts all of them, or one channel's connection alone.
@@ -50,7 +58,15 @@ use faults::*;
 use serde_json::{json, Value};
 use std::path::Path;
 use std::time::{Duration, Instant};
-use testkit::relay::{Plan, Relay as LinkRelay, Target};
+use testkit::relay::{Fault as LinkFault, Plan, Relay as LinkRelay, Target};
+
+/// `x-livemig-stall-timeout` of the stall cells, in ms.
+const STALL_MS: u64 = 1500;
+
+/// Where the flip cells flip a bit: 1 MiB into the stream, in the first pass over the 16 MiB
+/// the guest filled (a page's payload, unless it lands on one of a record's 8 header bytes
+/// out of 4104, which the framing checks refuse instead).
+const FLIP_AT: u64 = 1 << 20;
 
 /// Capabilities on both ends of every migration here (the return path is what holds a
 /// source in the switchover).
@@ -89,6 +105,10 @@ enum Fault {
     CutConnection,
     /// With multifd: one channel's connection closes abruptly, the others stay.
     CutChannel,
+    /// The link stops moving bytes, and nobody does anything about it.
+    Stall,
+    /// One bit of a page flips on the link, `x-livemig-integrity` on at both ends.
+    Flip,
 }
 
 /// The second node (besides the qcow2 `d0`).
@@ -367,7 +387,16 @@ fn expected_events(phase: Phase, fault: Fault) -> Vec<&'static str> {
 }
 
 /// Part of `error-desc` a failed migration of this cell reports.
-fn expected_error(phase: Phase) -> &'static str {
+fn expected_error(phase: Phase, fault: Fault) -> &'static str {
+    match fault {
+        Fault::Stall => {
+            return "the migration stream stalled: the destination took nothing for 1500 ms (x-livemig-stall-timeout)"
+        }
+        // The destination's load fails and it exits: the source's next write finds the
+        // socket closed, as when the destination is killed.
+        Fault::Flip => return "Unable to write to socket",
+        _ => {}
+    }
     match phase {
         Phase::Setup => "Connection refused",
         Phase::Active | Phase::DeviceBlocked => "Unable to write to socket",
@@ -459,7 +488,38 @@ fn attempt(
             _ => Stall::No,
         };
         let cut = matches!(fault, Fault::CutConnection | Fault::CutChannel);
-        let uri = if channels > 0 && cut {
+        match fault {
+            Fault::Stall => {
+                src.set_params(json!({"x-livemig-stall-timeout": STALL_MS}));
+                // The destination's bound is longer, so the source's is what fails the
+                // migration (a destination that gave up first would exit, and the source
+                // would fail on the closed socket instead); it fails once the link closes.
+                dst.as_mut()
+                    .expect("destination")
+                    .set_params(json!({"x-livemig-stall-timeout": 4 * STALL_MS}));
+            }
+            Fault::Flip => {
+                src.caps_on(&["x-livemig-integrity"]);
+                dst.as_mut()
+                    .expect("destination")
+                    .caps_on(&["x-livemig-integrity"]);
+            }
+            _ => {}
+        }
+        let link_fault = matches!(fault, Fault::Stall | Fault::Flip) && stall == Stall::No;
+        let uri = if link_fault {
+            let plan = match fault {
+                Fault::Flip => Plan::one(LinkFault::Flip {
+                    at: FLIP_AT,
+                    mask: 0x04,
+                }),
+                _ => Plan::none(),
+            };
+            let r = LinkRelay::unix(&sock("relay"), Target::Unix(target.clone()), plan);
+            let uri = r.uri.clone();
+            relay = Some(r);
+            uri
+        } else if channels > 0 && cut {
             assert_eq!(stall, Stall::No, "the multifd cells do not stall");
             let r = LinkRelay::unix(&sock("relay"), Target::Unix(target.clone()), Plan::none());
             let uri = r.uri.clone();
@@ -559,7 +619,20 @@ fn attempt(
             // The first multifd channel (the relay's connection 0 is the main one).
             relay.as_ref().expect("relay").cut_one(1);
         }
+        // In `device-blocked` the proxy already reads nothing more.
+        Fault::Stall => {
+            if let Some(r) = &relay {
+                r.stall();
+            }
+        }
+        Fault::Flip => {
+            relay
+                .as_ref()
+                .expect("relay")
+                .wait(TIMEOUT, "the flip", |rep| !rep.flipped.is_empty());
+        }
     }
+    let struck = Instant::now();
     drop(local);
     // In pre-switchover no `migrate-continue` is needed: with the return path open, the
     // source sees the destination go and fails by itself (QEMU would wait for one).
@@ -571,10 +644,15 @@ fn attempt(
         "failed"
     };
     assert_eq!(q["status"], want, "{phase:?}/{fault:?}: {q}");
+    if fault == Fault::Stall {
+        // The bound, plus the socket buffers filling on a loaded machine.
+        let took = struck.elapsed();
+        assert!(took < Duration::from_secs(15), "noticed after {took:?}");
+    }
     if fault != Fault::Cancel {
         let desc = q["error-desc"].as_str().unwrap_or_default();
         assert!(
-            desc.contains(expected_error(phase)),
+            desc.contains(expected_error(phase, fault)),
             "{phase:?}/{fault:?}: {q}"
         );
     }
@@ -591,12 +669,27 @@ fn attempt(
         // Closes the connection: a destination still waiting for the stream sees it end.
         drop(p);
     }
-    if let Some(d) = dst.take() {
+    if let Some(mut d) = dst.take() {
+        if fault == Fault::Flip {
+            // The check, and the section, in the destination's last words.
+            let e = d.wait_load_failed();
+            assert!(
+                e.contains("in section 'ram' (id ")
+                    && (e.contains("integrity check failed: the batch of RAM records")
+                        || e.contains("Unknown combination of migration flags")),
+                "{}: {e}",
+                d.name
+            );
+        }
         let own = (!shared).then(|| dir.join(format!("attempt{round}-dst.qcow2")));
         check_failed_destination(d, fault == Fault::KillDestination, own);
     }
     src.set_params(json!({ "max-bandwidth": default_bandwidth }));
-    src.set_caps(&[("pause-before-switchover", false)]);
+    src.set_params(json!({ "x-livemig-stall-timeout": 30_000 }));
+    src.set_caps(&[
+        ("pause-before-switchover", false),
+        ("x-livemig-integrity", false),
+    ]);
 }
 
 /// The destination of a failed attempt did not take the guest over: unless it was killed, its
@@ -808,6 +901,70 @@ fn pre_switchover_kill_destination() {
 #[test]
 fn pre_switchover_cut_connection() {
     run_cell(Phase::PreSwitchover, Fault::CutConnection);
+}
+
+#[test]
+fn active_stall() {
+    run_cell(Phase::Active, Fault::Stall);
+}
+
+#[test]
+fn device_blocked_stall() {
+    run_cell(Phase::DeviceBlocked, Fault::Stall);
+}
+
+#[test]
+fn active_flip() {
+    run_cell(Phase::Active, Fault::Flip);
+}
+
+/// The flip cell with `x-livemig-integrity` off (the default, and QEMU's behaviour): the
+/// migration completes, and the flipped bit is in the destination's RAM. The bitmaps, which
+/// the flip did not touch, arrive whole.
+#[test]
+fn flip_without_integrity_completes_with_the_flipped_page() {
+    if !testkit::require("flip without integrity", testkit::qemu()) {
+        return;
+    }
+    let dir = tempdir();
+    let img = dir.path().join("src.qcow2");
+    create_qcow2(&img, DISK_SIZE, &[("pb", 65536), ("pn", 65536)]);
+    let mut src = start_source(dir.path(), "src", &img, true, 0);
+    let before = snapshot(&mut src);
+    let target = dir.path().join("dst.sock");
+    let mut dst = start_destination(
+        dir.path(),
+        "dst",
+        &format!("unix:{}", target.display()),
+        true,
+        None,
+        0,
+    );
+    let relay = LinkRelay::unix(
+        &dir.path().join("relay.sock"),
+        Target::Unix(target),
+        Plan::one(LinkFault::Flip {
+            at: FLIP_AT,
+            mask: 0x04,
+        }),
+    );
+    src.migrate(&relay.uri);
+    let s = src.wait_migration(&["completed", "failed", "cancelled"]);
+    let d = dst.incoming_outcome();
+    assert_eq!(relay.report().flipped.len(), 1, "the relay flipped no bit");
+    if let Err(e) = d {
+        // The bit fell on a record header: the framing checks refused it.
+        assert!(e.contains("in section 'ram'"), "{e}");
+        return;
+    }
+    assert_eq!(s["status"], "completed", "{s}");
+    assert_ne!(dst.ram_checksum(), before.ram, "the flip did not reach RAM");
+    let v = dst.verify_ram();
+    assert_eq!(v["corrupt"], 1, "one corrupt page: {v}");
+    assert_eq!(bitmap_hashes(&mut dst).1, migrated_sha(&before));
+    assert_eq!(src.status(), "postmigrate");
+    quit(dst);
+    quit(src);
 }
 
 #[test]
