@@ -78,6 +78,6 @@ pub mod qmp;
 
 pub use bitmap::{BdrvDirtyBitmap, BitmapCheck, BitmapId, DirtyBitmaps};
 pub use error::BlockError;
-pub use layer::{BlockLayer, Device, MergeSource};
+pub use layer::{BlockLayer, Device, MergeSource, SnapshotSync};
 pub use node::{BitmapsGuard, BlockNode, NodeFlags};
 pub use options::{parse_blockdev_keyval, parse_drive, DriveInterface, DriveSpec};

@@ -4,7 +4,7 @@
 //! place this crate's errors meet QMP's classes.
 
 use crate::error::BlockError;
-use crate::layer::{BlockLayer, MergeSource};
+use crate::layer::{BlockLayer, MergeSource, SnapshotSync};
 use qmp::{Args, CommandSet, Param, QmpError, Reply, StrOrObject};
 use serde_json::{json, Value};
 use std::sync::Arc;
@@ -14,6 +14,8 @@ pub const COMMANDS: &[&str] = &[
     "blockdev-add",
     "blockdev-del",
     "blockdev-reopen",
+    "blockdev-snapshot",
+    "blockdev-snapshot-sync",
     "block-dirty-bitmap-add",
     "block-dirty-bitmap-remove",
     "block-dirty-bitmap-clear",
@@ -74,6 +76,26 @@ pub fn run(layer: &BlockLayer, name: &str, mut a: Args) -> Result<Value, QmpErro
                 .collect::<Result<_, _>>()?;
             a.finish()?;
             layer.blockdev_reopen(&list)?;
+            Ok(done)
+        }
+        "blockdev-snapshot" => {
+            let node = a.req_str("node")?;
+            let overlay = a.req_str("overlay")?;
+            a.finish()?;
+            layer.blockdev_snapshot(&node, &overlay)?;
+            Ok(done)
+        }
+        "blockdev-snapshot-sync" => {
+            let req = SnapshotSync {
+                device: a.opt_str("device")?,
+                node_name: a.opt_str("node-name")?,
+                snapshot_file: a.req_str("snapshot-file")?,
+                snapshot_node_name: a.opt_str("snapshot-node-name")?,
+                format: a.opt_str("format")?,
+                mode: a.opt_enum("mode", &["existing", "absolute-paths"])?,
+            };
+            a.finish()?;
+            layer.blockdev_snapshot_sync(&req)?;
             Ok(done)
         }
         "blockdev-del" => {

@@ -1277,3 +1277,107 @@ fn reopen_read_only_and_back() {
         "backing is missing for 'top'"
     );
 }
+
+/// `blockdev-snapshot-sync` and `blockdev-snapshot`, as QEMU 7.2's iotests
+/// backing-file-invalidation and 234 use them: the overlay image is created backed by the
+/// node's image (QEMU reads the chain back), reads fall through to the old image, writes stay
+/// in the overlay, and a BlockBackend moves to the overlay; QEMU's refusals.
+#[test]
+fn snapshots_put_an_overlay_on_top() {
+    if !have_qemu("snapshots_put_an_overlay_on_top") {
+        return;
+    }
+    let dir = tmp();
+    let base = dir.path().join("base.qcow2");
+    let over = dir.path().join("over.qcow2");
+    create(&base, "4M", &[]);
+    qemu_io(&base, &["write -P 0x11 0 64k"]);
+    let l = BlockLayer::new();
+    l.blockdev_add(&qcow2_opts(&base, "n0")).unwrap();
+    let drive = |id: &str, options: Value| block::DriveSpec {
+        id: id.into(),
+        interface: block::DriveInterface::None,
+        options,
+        backing_node_name: None,
+    };
+    l.drive_add(&drive(
+        "disk9",
+        json!({"driver": "null-co", "node-name": "spare"}),
+    ))
+    .unwrap();
+    let sync = |file: &Path, name: &str| block::SnapshotSync {
+        node_name: Some("n0".into()),
+        snapshot_file: file.to_str().unwrap().into(),
+        snapshot_node_name: Some(name.into()),
+        ..Default::default()
+    };
+    assert_eq!(
+        l.blockdev_snapshot_sync(&sync(&over, "n0"))
+            .unwrap_err()
+            .to_string(),
+        "New overlay node-name already in use"
+    );
+    l.blockdev_snapshot_sync(&sync(&over, "ov")).unwrap();
+    let chain: Vec<String> = serde_json::from_str::<Value>(&ok(
+        "qemu-img",
+        &[
+            "info",
+            "-U",
+            "--backing-chain",
+            "--output=json",
+            over.to_str().unwrap(),
+        ],
+    ))
+    .unwrap()
+    .as_array()
+    .unwrap()
+    .iter()
+    .map(|i| i["filename"].as_str().unwrap().to_string())
+    .collect();
+    assert_eq!(
+        chain,
+        [over.to_str().unwrap(), base.to_str().unwrap()],
+        "the overlay's chain as QEMU reads it"
+    );
+    let ov = l.node("ov").unwrap();
+    let mut buf = vec![0u8; 4096];
+    ov.read_at(0, &mut buf).unwrap();
+    assert!(buf.iter().all(|&b| b == 0x11), "reads fall through");
+    ov.write_at(0, &[0x22u8; 4096]).unwrap();
+    let n0 = l.node("n0").unwrap();
+    n0.read_at(0, &mut buf).unwrap();
+    assert!(buf.iter().all(|&b| b == 0x11), "the old image is untouched");
+    assert_eq!(
+        l.blockdev_snapshot("n0", "ov").unwrap_err().to_string(),
+        "The overlay already has a backing image"
+    );
+    assert_eq!(
+        l.blockdev_snapshot("n0", "spare").unwrap_err().to_string(),
+        "The overlay is already in use"
+    );
+    assert_eq!(
+        l.blockdev_snapshot("nope", "ov").unwrap_err().to_string(),
+        "Cannot find device='nope' nor node-name='nope'"
+    );
+    drop((ov, n0));
+    l.close_all().unwrap();
+    check_clean(&over);
+
+    // blockdev-snapshot: an overlay opened without a backing file gets one, and the
+    // BlockBackend moves to it.
+    let top = dir.path().join("top.qcow2");
+    create(&top, "4M", &[]);
+    let l = BlockLayer::new();
+    l.drive_add(&drive("disk0", qcow2_opts(&base, "b0")))
+        .unwrap();
+    let mut t = qcow2_opts(&top, "t0");
+    t["backing"] = Value::Null;
+    l.blockdev_add(&t).unwrap();
+    l.blockdev_snapshot("disk0", "t0").unwrap();
+    let t0 = l.node("t0").unwrap();
+    t0.read_at(0, &mut buf).unwrap();
+    assert!(buf.iter().all(|&b| b == 0x11), "reads fall through");
+    let blk = l.query_block();
+    assert_eq!(blk[0]["device"], "disk0", "{blk}");
+    assert_eq!(blk[0]["inserted"]["node-name"], "t0", "{blk}");
+}

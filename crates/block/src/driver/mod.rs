@@ -183,6 +183,15 @@ pub trait BlockDriver: Send + Sync {
         let _ = read_only;
         Err(BlockError::ReopenUnsupported)
     }
+    /// `blockdev-snapshot`: makes `node` this image's backing node, asking of it what a
+    /// backing child asks given `parents`, the node's own users' request. Only formats with
+    /// backing files can; the others refuse with QEMU's message.
+    fn attach_backing(&self, node: Arc<BlockNode>, parents: Perm) -> Result<(), BlockError> {
+        let _ = (node, parents);
+        Err(BlockError::Driver(
+            "The overlay does not support backing images".into(),
+        ))
+    }
     /// Called when the node becomes active again (QEMU's `bdrv_co_invalidate_cache`), after
     /// its permissions (locks) were taken: drop cached metadata and re-read it.
     fn activate(&self) -> Result<(), BlockError> {

@@ -62,7 +62,7 @@ use hbitmap::HBitmap;
 use nix::errno::Errno;
 use serde_json::{json, Map, Value};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 
 /// How a qcow2 image is opened.
 #[derive(Debug, Clone, Copy, Default)]
@@ -86,7 +86,8 @@ struct State {
 /// An open qcow2 image.
 pub struct Qcow2Driver {
     file: Arc<BlockNode>,
-    backing: Option<Arc<BlockNode>>,
+    /// The backing node; `blockdev-snapshot` attaches one to an image opened without.
+    backing: RwLock<Option<Arc<BlockNode>>>,
     key: u64,
     /// Opened (or reopened) read-write, over a writable file.
     writable: AtomicBool,
@@ -172,7 +173,7 @@ impl Qcow2Driver {
         match opened {
             Ok(st) => Ok(Qcow2Driver {
                 file,
-                backing: None,
+                backing: RwLock::new(None),
                 key,
                 writable: AtomicBool::new(writable),
                 st: Mutex::new(st),
@@ -196,11 +197,27 @@ impl Qcow2Driver {
 
     /// Attaches the backing node (read for unallocated clusters).
     pub fn set_backing(&mut self, node: Arc<BlockNode>) -> Result<(), BlockError> {
-        node.set_user_perm(self.key, Some(Perm::for_cow(Perm::NONE)))?;
-        if let Some(old) = self.backing.replace(node) {
+        self.attach(node, Perm::NONE)
+    }
+
+    fn attach(&self, node: Arc<BlockNode>, parents: Perm) -> Result<(), BlockError> {
+        node.set_user_perm(self.key, Some(Perm::for_cow(parents)))?;
+        let old = self
+            .backing
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .replace(node);
+        if let Some(old) = old {
             let _ = old.set_user_perm(self.key, None);
         }
         Ok(())
+    }
+
+    fn backing_node(&self) -> Option<Arc<BlockNode>> {
+        self.backing
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
     fn writable(&self) -> bool {
@@ -213,8 +230,8 @@ impl Qcow2Driver {
     }
 
     /// The backing child.
-    pub fn backing(&self) -> Option<&Arc<BlockNode>> {
-        self.backing.as_ref()
+    pub fn backing(&self) -> Option<Arc<BlockNode>> {
+        self.backing_node()
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -222,7 +239,7 @@ impl Qcow2Driver {
     }
 
     fn read_backing(&self, off: u64, buf: &mut [u8]) -> Result<(), BlockError> {
-        let Some(b) = &self.backing else {
+        let Some(b) = self.backing_node() else {
             buf.fill(0);
             return Ok(());
         };
@@ -318,13 +335,13 @@ impl Qcow2Driver {
     fn zero_cluster(&self, meta: &mut Meta, cluster: u64, unmap: bool) -> Result<(), BlockError> {
         let e = meta.l2_entry(cluster)?;
         if meta.hdr.version < 3 {
-            if e == 0 && self.backing.is_none() {
+            if e == 0 && self.backing_node().is_none() {
                 return Ok(());
             }
             let zeros = vec![0u8; meta.cs as usize];
             return self.write_cluster(meta, cluster, 0, &zeros);
         }
-        if e == 0 && self.backing.is_none() {
+        if e == 0 && self.backing_node().is_none() {
             return Ok(());
         }
         if e == OFLAG_ZERO {
@@ -347,7 +364,7 @@ impl Qcow2Driver {
     fn discard_cluster(&self, meta: &mut Meta, cluster: u64) -> Result<(), BlockError> {
         let e = meta.l2_entry(cluster)?;
         let v3 = meta.hdr.version >= 3;
-        let new = if v3 && (self.backing.is_some() || e & !OFLAG_COPIED != 0) {
+        let new = if v3 && (self.backing_node().is_some() || e & !OFLAG_COPIED != 0) {
             OFLAG_ZERO
         } else {
             0
@@ -799,7 +816,7 @@ impl BlockDriver for Qcow2Driver {
 
     fn children(&self) -> Vec<(&'static str, Arc<BlockNode>)> {
         let mut v = vec![("file", self.file.clone())];
-        if let Some(b) = &self.backing {
+        if let Some(b) = self.backing_node() {
             v.push(("backing", b.clone()));
         }
         v
@@ -820,10 +837,19 @@ impl BlockDriver for Qcow2Driver {
         Some(self)
     }
 
+    /// `blockdev-snapshot`: the node becomes this image's backing node (nothing is written to
+    /// the header, as in QEMU).
+    fn attach_backing(&self, node: Arc<BlockNode>, parents: Perm) -> Result<(), BlockError> {
+        if self.backing_node().is_some() {
+            return Err(err("The overlay already has a backing image"));
+        }
+        self.attach(node, parents)
+    }
+
     fn set_perm(&self, perm: Perm, ctx: PermContext) -> Result<(), BlockError> {
         let storage = Perm::for_storage(perm, ctx.writable && self.writable(), ctx.active);
         self.file.set_user_perm(self.key, Some(storage))?;
-        if let Some(b) = &self.backing {
+        if let Some(b) = self.backing_node() {
             b.set_user_perm(self.key, Some(Perm::for_cow(perm)))?;
         }
         Ok(())
@@ -1118,8 +1144,82 @@ impl Drop for Qcow2Driver {
             let _ = st.meta.write_out();
         }
         let _ = self.file.set_user_perm(self.key, None);
-        if let Some(b) = &self.backing {
+        let backing = self
+            .backing
+            .get_mut()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(b) = backing {
             let _ = b.set_user_perm(self.key, None);
         }
     }
+}
+
+/// Creates a qcow2 image as `qemu-img create -f qcow2 [-b BACKING -F FORMAT] PATH SIZE` does
+/// with QEMU 7.2's defaults (version 3, 64 KiB clusters, 16-bit refcounts): the header, one
+/// refcount table cluster, one refcount block and the L1 table, nothing allocated. An
+/// existing file is overwritten. What `blockdev-snapshot-sync` makes its overlay with.
+pub fn create_image(
+    path: &str,
+    size: u64,
+    backing: Option<(&str, &str)>,
+) -> Result<(), BlockError> {
+    const BITS: u32 = 16;
+    let cs: u64 = 1 << BITS;
+    // Each L2 table maps cs/8 clusters.
+    let per_l1 = (cs / 8) * cs;
+    let l1_size = size.div_ceil(per_l1);
+    let l1_clusters = (l1_size * 8).div_ceil(cs).max(1);
+    let l1_size = u32::try_from(l1_size).map_err(|_| BlockError::Io(Errno::EFBIG))?;
+    let clusters = 3 + l1_clusters;
+    // One refcount block (16-bit entries) covers cs/2 clusters.
+    if clusters > cs / 2 {
+        return Err(BlockError::Io(Errno::EFBIG));
+    }
+    let hdr = Header {
+        version: 3,
+        cluster_bits: BITS,
+        size,
+        crypt_method: 0,
+        l1_size,
+        l1_table_offset: 3 * cs,
+        refcount_table_offset: cs,
+        refcount_table_clusters: 1,
+        nb_snapshots: 0,
+        snapshots_offset: 0,
+        incompatible: 0,
+        compatible: 0,
+        autoclear: 0,
+        refcount_order: 4,
+        header_length: self::header::V3_HEADER_LENGTH,
+        compression_type: 0,
+        backing_file: backing.map(|(f, _)| f.to_string()),
+        backing_format: backing.map(|(_, f)| f.to_string()),
+        bitmaps: None,
+        stale_bitmaps_ext: false,
+        feature_names: Vec::new(),
+        unknown_extensions: Vec::new(),
+    };
+    let mut image = hdr.serialize()?;
+    // The refcount table: its one entry points at the refcount block in cluster 2.
+    image.extend_from_slice(&(2 * cs).to_be_bytes());
+    image.resize(2 * cs as usize, 0);
+    // The refcount block: one reference to each cluster in use.
+    for _ in 0..clusters {
+        image.extend_from_slice(&1u16.to_be_bytes());
+    }
+    image.resize((clusters * cs) as usize, 0);
+    let open_err = |e: std::io::Error| BlockError::OpenFailed {
+        filename: path.to_string(),
+        errno: Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO)),
+    };
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(path)
+        .map_err(open_err)?;
+    use std::io::Write;
+    f.write_all(&image)
+        .and_then(|()| f.sync_all())
+        .map_err(|e| BlockError::from_io(&e))
 }
