@@ -189,6 +189,17 @@ pub fn wait_for_channel(
                 ))
             }
         }
+        // A channel waiting to be accepted comes first: a source that sent its whole stream
+        // (a small or well-compressed guest) shuts the main channel's sending side after
+        // every channel connected, which reads as a hang-up too.
+        let listener_ready = |fds: &[PollFd<'_>]| {
+            fds.first()
+                .and_then(|l| l.revents())
+                .is_some_and(|r| !r.is_empty())
+        };
+        if listener_ready(&fds) {
+            return Ok(());
+        }
         // nix reads back only the flags it names: `None` is POLLRDHUP (the one unnamed flag
         // asked for; the kernel adds only POLLERR, POLLHUP and POLLNVAL, which it names).
         let gone = PollFlags::POLLHUP | PollFlags::POLLERR | PollFlags::POLLNVAL;
@@ -196,18 +207,17 @@ pub fn wait_for_channel(
             .get(1)
             .is_some_and(|m| m.revents().is_none_or(|r| r.intersects(gone)))
         {
+            // The source connects every channel before it ends the stream; give a
+            // connection that is on its way a moment to arrive before calling it a failure.
+            let mut l = [PollFd::new(listener, PollFlags::POLLIN)];
+            if matches!(poll(&mut l, PollTimeout::from(200u8)), Ok(n) if n > 0) {
+                return Ok(());
+            }
             return Err(MigrationError::Load(
                 "multifd: the main channel closed before every multifd channel connected \
                  (the source failed to open one)"
                     .into(),
             ));
-        }
-        if fds
-            .first()
-            .and_then(|l| l.revents())
-            .is_some_and(|r| !r.is_empty())
-        {
-            return Ok(());
         }
         if deadline.is_some_and(|d| Instant::now() >= d) {
             return Err(MigrationError::Load(format!(
