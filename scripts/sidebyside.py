@@ -316,7 +316,7 @@ def livemig_run(args, work, port, workload=None, caps=(), params=None, poll=None
                 timeout=None, variant=PLAIN):
     workload = workload or f"fill={args.ram >> 20}M,hot=0"
     dst = livemig_vm(args, work, "lm-dst", NS_DST, None, variant.argv("server") +
-                     ["-incoming", f"tcp:{ADDR_DST}:{port}", "-S"])
+                     ["-incoming", f"tcp:{ADDR_DST}:{port}", "-S"] + prealloc(args))
     try:
         variant.setup(dst.qmp)
         src = livemig_vm(args, work, "lm-src", NS_SRC, workload, variant.argv("client"))
@@ -340,13 +340,18 @@ def livemig_run(args, work, port, workload=None, caps=(), params=None, poll=None
         dst.kill()
 
 
+def prealloc(args):
+    """`-mem-prealloc` for livemig's destinations, when asked."""
+    return ["-mem-prealloc"] if args.mem_prealloc else []
+
+
 def livemig_seeded_run(args, work, port, fill_file, variant=PLAIN):
     """livemig -> livemig (`-M none`) of RAM a QEMU loaded from `fill_file` and migrated into
     the livemig source first."""
     base = [args.livemig, "vm", "-M", "none", "-m", f"{args.ram >> 20}M"]
     seed_sock = os.path.join(work, f"seed{port}.sock")
     dst = Proc(work, "lm-dst", NS_DST, base + variant.argv("server") + [
-        "-incoming", f"tcp:{ADDR_DST}:{port}", "-S"])
+        "-incoming", f"tcp:{ADDR_DST}:{port}", "-S"] + prealloc(args))
     try:
         variant.setup(dst.qmp)
         src = Proc(work, "lm-src", NS_SRC, base + variant.argv("client") + [
@@ -382,6 +387,7 @@ def figures(r):
         "transferred": xfer,
         "bytes_per_s": xfer / (total / 1000) if total else 0,
         "passes": r.get("ram", {}).get("dirty-sync-count"),
+        "error": r.get("error-desc"),
     }
 
 
@@ -410,6 +416,8 @@ def main():
                     help="comma-separated: plain, multifd:N, tls, tls+multifd:N, zstd:N")
     ap.add_argument("--compressible", action="store_true",
                     help="compressible guest RAM on both (livemig's migrated in from QEMU)")
+    ap.add_argument("--mem-prealloc", action="store_true",
+                    help="start livemig's destinations with -mem-prealloc")
     ap.add_argument("--json", help="also write every run here")
     args = ap.parse_args()
     if os.geteuid() != 0:
@@ -465,7 +473,8 @@ def main():
                         every.append(dict(fg, link=label, variant=v.name, impl=impl, run=i + 1))
                         print(f"  run {i + 1} {v.name:14} {impl:8} {fg['status']:10} total"
                               f" {fg['total_ms']:6} ms  downtime {fg['downtime_ms']} ms"
-                              f"  {fg['bytes_per_s'] / 1e6:7.0f} MB/s  passes {fg['passes']}",
+                              f"  {fg['bytes_per_s'] / 1e6:7.0f} MB/s  passes {fg['passes']}"
+                              + (f"  error: {fg['error']}" if fg["error"] else ""),
                               flush=True)
             for v in variants:
                 row = {"link": label, "variant": v.name, "tcp": cap}
