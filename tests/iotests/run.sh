@@ -29,14 +29,13 @@ passing=(
     qcow2:165
     qcow2:remove-bitmap-from-backing
     qcow2:backing-file-invalidation
+    qcow2:234
     qcow2:migrate-bitmaps-test
     qcow2:migrate-bitmaps-postcopy-test
 )
 # Tests of the issue's list that do not pass yet, each with what livemig lacks; `--all` runs
 # them too.
 pending=(
-    qcow2:234                          # the destination's MIGRATION events: 7.2 sends `setup`
-                                       # at -incoming and `active` once an exec: stream has data
     qcow2:194                          # drive-mirror
     qcow2:181                          # -monitor stdio: livemig has no human monitor on a
                                        # chardev (HMP only through human-monitor-command)

@@ -44,7 +44,7 @@ fn postcopy_stop_point_matches_the_source() {
     );
     assert_eq!(
         dst.migration_events_until("completed"),
-        ["setup", "active", "postcopy-active", "completed"],
+        ["active", "postcopy-active", "completed"],
         "destination events"
     );
     let q = src.ok("query-migrate", json!({}));

@@ -331,6 +331,12 @@ impl Migration {
                 IncomingMode::Deferred => {}
             }
         }
+        // QEMU 7.2's `qemu_start_incoming_migration` announces `setup` first, whatever the
+        // `events` capability (with `-incoming` on the command line no client hears it); the
+        // source's connecting is silent, and `active` follows once the stream is there.
+        self.shared
+            .events
+            .emit("MIGRATION", Some(serde_json::json!({"status": "setup"})));
         // QEMU 7.2 words an unknown scheme on the incoming side differently from `migrate`.
         if !["tcp:", "unix:", "exec:", "file:"]
             .iter()

@@ -1270,9 +1270,20 @@ pub(crate) fn run(job: Job) {
             }
         }
     };
-    let result = shared
-        .advance_incoming(MigrationStatus::Active)
-        .map_err(MigrationError::from)
+    // A command's output (`exec:`) or a file is taken up once it has data, as QEMU 7.2
+    // watches an `exec:` channel for input before it starts loading: `active` means the
+    // stream is flowing (a socket's source is there once it connected).
+    let first = if job.listener.is_socket() {
+        Ok(())
+    } else {
+        r.peek_u8().map(drop).map_err(MigrationError::from)
+    };
+    let result = first
+        .and_then(|()| {
+            shared
+                .advance_incoming(MigrationStatus::Active)
+                .map_err(MigrationError::from)
+        })
         .and_then(|_| loader.load_header(&mut r))
         .and_then(|_| loader.load_body(&mut r))
         .and_then(|_| {
