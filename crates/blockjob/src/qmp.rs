@@ -31,6 +31,9 @@ impl From<JobError> for QmpError {
     }
 }
 
+/// QAPI's `BlockdevOnError`.
+const ON_ERROR: &[&str] = &["report", "ignore", "enospc", "stop", "auto"];
+
 fn other(s: impl Into<String>) -> QmpError {
     QmpError::generic(s)
 }
@@ -101,14 +104,8 @@ fn blockdev_mirror(mgr: &Arc<JobManager>, mut a: Args) -> Result<(), QmpError> {
     let speed = a.opt_int::<i64>("speed")?;
     let granularity = a.opt_int::<u32>("granularity")?;
     let buf_size = a.opt_int::<i64>("buf-size")?;
-    let _ = a.opt_enum(
-        "on-source-error",
-        &["report", "ignore", "enospc", "stop", "auto"],
-    )?;
-    let _ = a.opt_enum(
-        "on-target-error",
-        &["report", "ignore", "enospc", "stop", "auto"],
-    )?;
+    let on_source_error = a.opt_enum("on-source-error", ON_ERROR)?;
+    let on_target_error = a.opt_enum("on-target-error", ON_ERROR)?;
     let filter = a.opt_str("filter-node-name")?;
     let copy_mode = a.opt_enum("copy-mode", &["background", "write-blocking"])?;
     let auto_finalize = a.opt_bool("auto-finalize")?;
@@ -159,6 +156,19 @@ fn blockdev_mirror(mgr: &Arc<JobManager>, mut a: Args) -> Result<(), QmpError> {
     if copy_mode.as_deref() == Some("write-blocking") {
         return Err(other("copy-mode=write-blocking is not supported"));
     }
+    // The job reports an I/O error and fails with it, which is QEMU's `report`, the default
+    // of both; the other policies (stop and pause the job, ignore, stop on ENOSPC) need a
+    // job that can be paused and resumed, which this one is not.
+    for (name, policy) in [
+        ("on-source-error", &on_source_error),
+        ("on-target-error", &on_target_error),
+    ] {
+        if let Some(p) = policy.as_deref().filter(|p| *p != "report") {
+            return Err(other(format!(
+                "{name}={p} is not supported: only 'report' (the job fails on an I/O error)"
+            )));
+        }
+    }
     if auto_finalize == Some(false) || auto_dismiss == Some(false) {
         return Err(other(
             "auto-finalize=false and auto-dismiss=false are not supported",
@@ -193,4 +203,56 @@ fn blockdev_mirror(mgr: &Arc<JobManager>, mut a: Args) -> Result<(), QmpError> {
         buf_size,
     })?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use block::BlockLayer;
+
+    fn mirror(cmds: &JobCommands, extra: Value) -> Result<Reply, QmpError> {
+        let mut args = json!({"device": "src", "target": "tgt", "sync": "full"});
+        args.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        let Value::Object(map) = args else {
+            unreachable!()
+        };
+        cmds.dispatch("blockdev-mirror", Args::new(map))
+    }
+
+    /// Only `report` is what the job does; every other error policy is refused by name, not
+    /// accepted and then acted on as `report`.
+    #[test]
+    fn error_policies_other_than_report_are_refused() {
+        let layer = Arc::new(BlockLayer::new());
+        for node in ["src", "tgt"] {
+            layer
+                .blockdev_add(&json!({"driver": "null-co", "node-name": node, "size": 1 << 20}))
+                .unwrap();
+        }
+        let cmds = JobCommands::new(JobManager::new(layer, Arc::new(|_: &str, _: Value| {})));
+        for which in ["on-source-error", "on-target-error"] {
+            for policy in ["ignore", "enospc", "stop", "auto"] {
+                let e = mirror(&cmds, json!({ which: policy })).unwrap_err();
+                assert!(
+                    e.to_string()
+                        .contains(&format!("{which}={policy} is not supported")),
+                    "{which}={policy}: {e}"
+                );
+            }
+            let e = mirror(&cmds, json!({ which: "bogus" })).unwrap_err();
+            assert!(e.to_string().contains(which), "{e}");
+        }
+        assert!(
+            cmds.jobs.jobs().is_empty(),
+            "a refused mirror started a job"
+        );
+        mirror(
+            &cmds,
+            json!({"job-id": "m", "on-source-error": "report", "on-target-error": "report"}),
+        )
+        .unwrap();
+        assert_eq!(cmds.jobs.jobs().len(), 1);
+    }
 }
