@@ -32,13 +32,12 @@ passing=(
     qcow2:234
     qcow2:migrate-bitmaps-test
     qcow2:migrate-bitmaps-postcopy-test
+    qcow2:181
 )
 # Tests of the issue's list that do not pass yet, each with what livemig lacks; `--all` runs
 # them too.
 pending=(
     qcow2:194                          # drive-mirror
-    qcow2:181                          # -monitor stdio: livemig has no human monitor on a
-                                       # chardev (HMP only through human-monitor-command)
 )
 # Left out, and why:
 #   091, 145, 183  old block migration (`migrate -b`, the `block` capability): not built, refused

@@ -740,12 +740,24 @@ pub fn parse_drive(arg: &str, index: usize) -> Result<DriveSpec, BlockError> {
             )));
         }
     }
-    let Some(format) = take_from(&mut m, "format")? else {
-        return Err(BlockError::Unsupported(
-            "-drive: format= is required here: livemig does not probe image formats".into(),
-        ));
-    };
-    m.insert("driver".into(), Value::String(format));
+    // As QEMU's `blockdev_init`: `format=` names the driver, `driver=` is the node's own
+    // option (so it names the format driver too); not both.
+    match take_from(&mut m, "format")? {
+        Some(_) if m.contains_key("driver") => {
+            return Err(BlockError::Unsupported(
+                "Cannot specify both 'driver' and 'format'".into(),
+            ))
+        }
+        Some(format) => {
+            m.insert("driver".into(), Value::String(format));
+        }
+        None if m.contains_key("driver") => {}
+        None => {
+            return Err(BlockError::Unsupported(
+                "-drive: format= is required here: livemig does not probe image formats".into(),
+            ))
+        }
+    }
     if let Some(ro) = take_from(&mut m, "readonly")? {
         m.insert("read-only".into(), Value::String(ro));
     }
@@ -831,6 +843,19 @@ mod tests {
 
     fn err(v: Value) -> String {
         BlockdevOptions::from_json(&v).unwrap_err().to_string()
+    }
+
+    /// `-drive driver=qcow2` names the format as `format=qcow2` does (QEMU's iotest 181
+    /// passes it so); both at once is QEMU's error.
+    #[test]
+    fn drive_driver_names_the_format() {
+        let d = parse_drive("file=/tmp/x.qcow2,driver=qcow2,id=disk,if=none", 0).unwrap();
+        assert_eq!(d.options["driver"], json!("qcow2"));
+        assert_eq!(d.options["file"]["filename"], json!("/tmp/x.qcow2"));
+        let e = parse_drive("file=/x,driver=qcow2,format=raw,if=none", 0).unwrap_err();
+        assert_eq!(e.to_string(), "Cannot specify both 'driver' and 'format'");
+        let e = parse_drive("file=/x,if=none", 0).unwrap_err();
+        assert!(e.to_string().contains("format= is required"), "{e}");
     }
 
     #[test]

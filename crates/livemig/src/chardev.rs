@@ -32,7 +32,7 @@ pub struct Chardev {
 }
 
 /// Splits QEMU's option syntax: `,,` is a literal comma; the first element is returned apart.
-fn split(s: &str) -> Vec<String> {
+pub(crate) fn split(s: &str) -> Vec<String> {
     let mut parts = vec![String::new()];
     let mut chars = s.chars().peekable();
     while let Some(c) = chars.next() {

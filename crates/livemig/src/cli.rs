@@ -14,7 +14,7 @@
 //! | `-accel tcg\|kvm[,dirty-ring-size=N]`, `-enable-kvm` | the vCPUs: software threads (`tcg`, the default) or KVM vCPUs running the workload as guest code |
 //! | `-accel qtest` | QEMU's qtest accelerator: vCPUs that never execute, so only QMP (and qtest) change the VM |
 //! | `-M help`, `-device help`, `-drive format=help` | the machines, devices and block drivers, in QEMU's format |
-//! | `-drive if=virtio\|none,file=,format=,id=,...` | QEMU's legacy disk option: a BlockBackend named `id` over the format and protocol nodes (`block::parse_drive`); `if=virtio` is the virtio-blk disk |
+//! | `-drive if=virtio\|none,file=,format=,id=,...` | QEMU's legacy disk option: a BlockBackend named `id` over the format and protocol nodes (`block::parse_drive`); `if=virtio` (the `livemig` machine's default, as QEMU's `block_default_type`) is the virtio-blk disk |
 //! | `-chardev socket,id=ID,path=\|host=,port=\|fd=...`, `-mon chardev=ID,mode=control` | a QMP monitor on a socket livemig connects to, listens on or inherits (`crate::chardev`) |
 //! | `-qtest unix:path=P\|chardev:ID` | the qtest protocol's connection; its commands are refused as QEMU refuses unknown ones (`crate::qtest`) |
 //! | `-blockdev`, `-object`, `-qmp`, `-incoming`, `-S`, `-mem-prealloc` | as QEMU's |
@@ -25,10 +25,12 @@
 //! | `-nodefaults` | QEMU leaves out the default devices (monitor, serial, parallel, VGA, network, drives); livemig never creates any — both machines are what QEMU's `-nodefaults` gives — so the option changes nothing, as it changes nothing for QEMU's `-M none` |
 //! | `-no-user-config` | QEMU skips its configuration files; livemig reads none |
 //! | `-no-shutdown` | QEMU stops instead of exiting when the guest powers off; livemig's guests never power off (`quit` exits either way, as in QEMU) |
-//! | `-display none`, `-vga none`, `-monitor none` | no display, no VGA card, no human monitor: what livemig has; any other value is refused |
+//! | `-display none`, `-vga none`, `-monitor none` | no display, no VGA card, no human monitor; any other value is refused |
+//! | `-monitor stdio` | the human monitor on stdin and stdout, as QEMU's (`crate::monitor::hmp::serve_stdio`) |
+//! | `-nographic` | as QEMU's: no display, and the default devices on stdio — here only the human monitor, when no `-monitor`, `-qmp` or `-mon` is given and not `-nodefaults` (neither machine has a default serial port, so QEMU's `mon:stdio` multiplexing never arises) |
 //!
-//! Refused until built: other chardev backends and uses, `-cpu`, `-global`, `-nographic`, CPU topology, memory
-//! hotplug, other displays, VGA cards and monitors.
+//! Refused until built: other chardev backends and uses, `-cpu`, `-global`, CPU topology, memory
+//! hotplug, other displays, VGA cards and monitors (a human monitor elsewhere than stdio).
 
 use std::path::PathBuf;
 use vm::kvm::KvmOptions;
@@ -71,9 +73,11 @@ usage: livemig vm [options]     a VM controlled over QMP, with QEMU's option nam
   -x-livemig-monitor-clients N
                          QMP clients served at once (default 64, 0: no limit); one more is
                          told so and closed
-  -nodefaults, -no-user-config, -no-shutdown, -display none, -vga none, -monitor none
+  -monitor stdio|none    the human monitor on stdin/stdout, or none
+  -nographic             no display; the human monitor on stdio unless another monitor is given
+  -nodefaults, -no-user-config, -no-shutdown, -display none, -vga none
                          accepted as QEMU's: livemig has no default devices, no configuration
-                         files, no guest power-off, no display, VGA card or human monitor
+                         files, no guest power-off, no display or VGA card
 ";
 use vm::workload::WorkloadConfig;
 use vm::{Accel, MachineType};
@@ -130,6 +134,8 @@ pub struct VmArgs {
     /// `-x-livemig-monitor-clients N` (livemig's own): monitor clients served at once, 0 for
     /// no limit (`qmp::ServerConfig::max_clients`).
     pub monitor_clients: usize,
+    /// `-monitor stdio`, or `-nographic` without another monitor: the human monitor on stdio.
+    pub monitor_stdio: bool,
 }
 
 impl Default for VmArgs {
@@ -159,6 +165,7 @@ impl Default for VmArgs {
             qtest: None,
             drive_format_help: false,
             monitor_clients: qmp::DEFAULT_MAX_CLIENTS,
+            monitor_stdio: false,
         }
     }
 }
@@ -330,8 +337,8 @@ fn only_none(opt: &str, value: &str) -> Result<(), String> {
         "display" => format!("-display {value}: Display '{value}' is not available (livemig has no display: -display none)"),
         "vga" => format!("-vga {value}: livemig has no VGA card (-vga none)"),
         _ => format!(
-            "-monitor {value}: livemig has no human monitor of its own; use -qmp, and \
-             human-monitor-command for HMP (-monitor none)"
+            "-monitor {value}: the human monitor is served on stdio only (-monitor stdio), \
+             and through QMP's human-monitor-command"
         ),
     })
 }
@@ -340,6 +347,9 @@ fn only_none(opt: &str, value: &str) -> Result<(), String> {
 pub fn parse_vm_args(argv: &[String]) -> Result<VmArgs, String> {
     let mut a = VmArgs::default();
     let mut workload_given = false;
+    // QEMU's `default_monitor`: cleared by any monitor option and by -nodefaults.
+    let mut default_monitor = true;
+    let mut nographic = false;
     let mut it = argv.iter();
     while let Some(opt) = it.next() {
         // QEMU accepts --opt as -opt.
@@ -434,11 +444,17 @@ pub fn parse_vm_args(argv: &[String]) -> Result<VmArgs, String> {
                 }
                 a.drives.push(v);
             }
-            "mon" => a.mons.push(value(o)?),
+            "mon" => {
+                a.mons.push(value(o)?);
+                default_monitor = false;
+            }
             "qtest" => a.qtest = Some(value(o)?),
             "object" => a.objects.push(value(o)?),
             "device" => parse_device(&value(o)?, &mut a)?,
-            "qmp" => a.qmp.push(value(o)?),
+            "qmp" => {
+                a.qmp.push(value(o)?);
+                default_monitor = false;
+            }
             "incoming" => a.incoming = Some(value(o)?),
             "S" => a.start_paused = true,
             "mem-prealloc" => a.mem_prealloc = true,
@@ -464,8 +480,23 @@ pub fn parse_vm_args(argv: &[String]) -> Result<VmArgs, String> {
                 workload_given = true;
             }
             // Acting as QEMU's: see the module documentation for why each changes nothing.
-            "nodefaults" | "no-user-config" | "no-shutdown" => {}
-            "display" | "vga" | "monitor" => only_none(o, &value(o)?)?,
+            "nodefaults" => default_monitor = false,
+            "no-user-config" | "no-shutdown" => {}
+            "monitor" => {
+                let v = value(o)?;
+                default_monitor = false;
+                if v == "stdio" {
+                    if a.monitor_stdio {
+                        return Err(format!(
+                            "-monitor {v}: cannot use stdio by multiple character devices"
+                        ));
+                    }
+                    a.monitor_stdio = true;
+                } else {
+                    only_none(o, &v)?;
+                }
+            }
+            "display" | "vga" => only_none(o, &value(o)?)?,
             // Sockets for -mon and -qtest (crate::chardev).
             "chardev" => a.chardevs.push(value(o)?),
             "cpu" => {
@@ -481,15 +512,15 @@ pub fn parse_vm_args(argv: &[String]) -> Result<VmArgs, String> {
                     value(o)?
                 ))
             }
-            "nographic" => {
-                return Err(
-                    "-nographic: not supported (it puts the serial port and a human monitor on \
-                     stdio); use -display none with -serial file:PATH and -qmp"
-                        .into(),
-                )
-            }
+            // No display (livemig has none); the default monitor goes to stdio below.
+            "nographic" => nographic = true,
             _ => return Err(format!("{opt}: invalid option")),
         }
+    }
+    // QEMU's `qemu_create_default_devices` under -nographic: neither machine has a default
+    // serial or parallel port, so only the default monitor is left to put on stdio.
+    if nographic && default_monitor {
+        a.monitor_stdio = true;
     }
     // The workload writes to the virtio-blk disk.
     if let Some(node) = &a.virtio_blk {
@@ -645,6 +676,24 @@ mod tests {
             .any(|l| l.starts_with("name \"virtio-blk")));
     }
 
+    /// `-nographic` puts the human monitor on stdio as QEMU's does: only when no other
+    /// monitor is given and defaults are not turned off.
+    #[test]
+    fn nographic_puts_the_default_monitor_on_stdio() {
+        let stdio = |l: &str| parse_vm_args(&args(l)).unwrap().monitor_stdio;
+        assert!(stdio("-nographic"));
+        assert!(stdio("-nographic -serial none"));
+        assert!(stdio("-monitor stdio"));
+        assert!(stdio("-nographic -serial none -monitor stdio"));
+        assert!(!stdio("-nographic -monitor none"));
+        assert!(!stdio("-nographic -nodefaults"));
+        assert!(!stdio("-nographic -qmp unix:/tmp/q,server=on,wait=off"));
+        assert!(!stdio(
+            "-nographic -chardev socket,id=m,path=/tmp/m -mon m,mode=control"
+        ));
+        assert!(!stdio("-display none"));
+    }
+
     /// Every option that is not built is refused, in QEMU's words where QEMU has them.
     #[test]
     fn what_is_not_built_is_refused() {
@@ -666,8 +715,8 @@ mod tests {
             ("-global virtio-blk-pci.x=1", "-global virtio-blk-pci.x=1: device properties are not supported"),
             ("-display gtk", "-display gtk: Display 'gtk' is not available (livemig has no display: -display none)"),
             ("-vga std", "-vga std: livemig has no VGA card (-vga none)"),
-            ("-monitor stdio", "-monitor stdio: livemig has no human monitor of its own; use -qmp, and human-monitor-command for HMP (-monitor none)"),
-            ("-nographic", "-nographic: not supported (it puts the serial port and a human monitor on stdio); use -display none with -serial file:PATH and -qmp"),
+            ("-monitor vc", "-monitor vc: the human monitor is served on stdio only (-monitor stdio), and through QMP's human-monitor-command"),
+            ("-monitor stdio -monitor stdio", "-monitor stdio: cannot use stdio by multiple character devices"),
             ("-serial stdio", "-serial stdio: only file:PATH, none and null are supported"),
         ];
         for (line, msg) in cases {

@@ -174,7 +174,18 @@ pub fn run(mut args: VmArgs) -> Result<(), String> {
     }
     let mut virtio_blk_backend = String::new();
     for (i, spec) in args.drives.iter().enumerate() {
-        let drive = block::parse_drive(spec, i).map_err(|e| format!("-drive {spec}: {e}"))?;
+        // QEMU's `block_default_type`: a drive without `if=` goes on the machine's default
+        // bus. The livemig machine's one disk bus is virtio (as on QEMU's machines whose
+        // default is `if=virtio`); the `none` machine has none, so `parse_drive` refuses.
+        let given_if = crate::chardev::split(spec)
+            .iter()
+            .any(|p| p.starts_with("if="));
+        let with_bus = if args.machine == vm::MachineType::Livemig && !given_if {
+            format!("{spec},if=virtio")
+        } else {
+            spec.clone()
+        };
+        let drive = block::parse_drive(&with_bus, i).map_err(|e| format!("-drive {spec}: {e}"))?;
         let node = block
             .drive_add(&drive)
             .map_err(|e| format!("-drive {spec}: {e}"))?;
@@ -277,7 +288,7 @@ pub fn run(mut args: VmArgs) -> Result<(), String> {
             })
             .map_err(|e| format!("cannot start the signal thread: {e}"))?;
     }
-    monitor.set_app(Arc::new(App {
+    let app = Arc::new(App {
         name: args.name.clone(),
         vm: vm.clone(),
         mig,
@@ -285,7 +296,8 @@ pub fn run(mut args: VmArgs) -> Result<(), String> {
         server: server.clone(),
         events,
         objects,
-    }));
+    });
+    monitor.set_app(app.clone());
     // The guest starts before any monitor listens: QEMU runs no monitor command before
     // vm_start(), so without -S a client never sees `prelaunch` (and a `stop` it sends is not
     // undone by a start-up that comes after it). Unlike QEMU with `wait=on`, the guest does not
@@ -306,6 +318,10 @@ pub fn run(mut args: VmArgs) -> Result<(), String> {
         server
             .serve_unix(stream)
             .map_err(|e| format!("-mon: {e}"))?;
+    }
+    if args.monitor_stdio {
+        crate::monitor::hmp::serve_stdio(app)
+            .map_err(|e| format!("-monitor stdio: cannot start the monitor: {e}"))?;
     }
     match (qtest, &wiring.qtest) {
         (Some(stream), _) => crate::qtest::serve(stream)?,

@@ -1,14 +1,28 @@
-//! The human monitor (`human-monitor-command`): the HMP commands tests and people use, with
-//! QEMU 7.2's output byte for byte (`info status`, `info name`, `info migrate`,
-//! `info migrate_capabilities`, `info migrate_parameters`, `qemu-io`) and its replies to
-//! mistakes.
+//! The human monitor: QEMU 7.2's HMP, reached through QMP's `human-monitor-command` or on
+//! stdio (`-monitor stdio`, or `-nographic` without another monitor), with QEMU 7.2's output
+//! byte for byte (`info status`, `info name`, `info migrate`, `info migrate_capabilities`,
+//! `info migrate_parameters`, `qemu-io`) and its replies to mistakes.
+//!
+//! The commands that change the migration (`migrate_set_capability`, `migrate_set_parameter`,
+//! `migrate [-d] [-r] URI`, `migrate_start_postcopy`) build the arguments of the QMP command
+//! QEMU's handler calls and dispatch them to the migration's own command set, so they act —
+//! and fail — exactly as that command does; a refusal prints as QEMU's `hmp_handle_error`
+//! prints it (`Error: ...`). `quit` is QMP's `quit`.
+//!
+//! On stdio the monitor is QEMU's readline: the banner, the `(qemu) ` prompt, and each typed
+//! byte echoed by redrawing the line (`ESC[D` back over what was drawn, the line, `ESC[K`), as
+//! QEMU's terminal update draws it, with `\n` written as `\r\n`. Of readline's editing keys
+//! only Enter and Backspace are built; the other control bytes (completion, history, cursor
+//! movement) change nothing, as QEMU's readline ignores control bytes it has no use for.
 
 use super::App;
 use migration::machine::Machine;
 use migration::runstate::RunState;
 use qmp::{Args, CommandSet, QmpError, Reply};
-use serde_json::Value;
+use serde_json::{json, Map, Value};
+use std::io::{Read, Write};
 use std::sync::Arc;
+use std::time::Duration;
 
 /// The commands of [`HmpCommands`].
 pub const COMMANDS: &[&str] = &["human-monitor-command"];
@@ -38,12 +52,521 @@ impl CommandSet for HmpCommands {
         // QEMU's cpu-index picks the CPU for commands that need one; none here does.
         let _cpu: Option<i64> = a.opt_int("cpu-index")?;
         a.finish()?;
-        Ok(Reply::new(Value::String(hmp(&self.app, &line))))
+        let out = hmp(&self.app, &line, Terminal::Qmp);
+        if out.quit {
+            return Ok(super::run::quit_replying(
+                &self.app,
+                Value::String(out.text),
+            ));
+        }
+        Ok(Reply::new(Value::String(out.text)))
+    }
+}
+
+/// Where an HMP line came from: QEMU's `migrate` without `-d` waits for the migration only on
+/// a monitor that can be suspended (a terminal), not under `human-monitor-command`.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Terminal {
+    /// `human-monitor-command`.
+    Qmp,
+    /// `-monitor stdio`.
+    Stdio,
+}
+
+/// What one HMP line printed, and whether it asked the VM to quit.
+struct Output {
+    text: String,
+    quit: bool,
+}
+
+impl From<String> for Output {
+    fn from(text: String) -> Output {
+        Output { text, quit: false }
     }
 }
 
 /// The human monitor: the commands tests and people use.
-fn hmp(app: &App, line: &str) -> String {
+fn hmp(app: &App, line: &str, term: Terminal) -> Output {
+    let trimmed = line.trim_start();
+    let (cmd, rest) = trimmed
+        .split_once(|c: char| c.is_ascii_whitespace())
+        .unwrap_or((trimmed, ""));
+    let parsed = match cmd {
+        "migrate_set_capability" => parse_args(cmd, rest, &[Arg::Str, Arg::OnOff]),
+        "migrate_set_parameter" => parse_args(cmd, rest, &[Arg::Str, Arg::Str]),
+        "migrate" => parse_migrate(rest),
+        "migrate_start_postcopy" | "quit" | "q" => parse_args(cmd, rest, &[]),
+        _ => return hmp_info(app, line).into(),
+    };
+    let args = match parsed {
+        Ok(a) => a,
+        Err(e) => return format!("{e}Try \"help {cmd}\" for more information\r\n").into(),
+    };
+    let mig = || migration::qmp::MigrationCommands::new(app.mig.clone());
+    let result = match (cmd, args.as_slice()) {
+        ("migrate_set_capability", [Parsed::Str(cap), Parsed::Bool(state)]) => {
+            let known = migration::caps::Capability::ALL
+                .iter()
+                .any(|c| c.as_str() == cap);
+            enum_value(cap, known).and_then(|cap| {
+                qmp_call(
+                    &mig(),
+                    "migrate-set-capabilities",
+                    json!({"capabilities": [{"capability": cap, "state": state}]}),
+                )
+            })
+        }
+        ("migrate_set_parameter", [Parsed::Str(p), Parsed::Str(v)]) => parameter_value(p, v)
+            .and_then(|(p, v)| {
+                let mut m = Map::new();
+                m.insert(p, v);
+                qmp_call(&mig(), "migrate-set-parameters", Value::Object(m))
+            }),
+        ("migrate", [Parsed::Flags(flags), Parsed::Str(uri)]) => {
+            let has = |f: char| flags.contains(f);
+            let mut m = Map::new();
+            m.insert("uri".into(), json!(uri));
+            for (f, key) in [('b', "blk"), ('i', "inc"), ('r', "resume")] {
+                if has(f) {
+                    m.insert(key.into(), json!(true));
+                }
+            }
+            match qmp_call(&mig(), "migrate", Value::Object(m)) {
+                Ok(()) if has('d') => Ok(()),
+                Ok(()) if term == Terminal::Qmp => {
+                    return "terminal does not allow synchronous migration, continuing detached\r\n"
+                        .to_string()
+                        .into()
+                }
+                Ok(()) => {
+                    wait_for_migration(app);
+                    Ok(())
+                }
+                Err(e) => Err(e),
+            }
+        }
+        ("migrate_start_postcopy", []) => qmp_call(&mig(), "migrate-start-postcopy", json!({})),
+        ("quit" | "q", []) => {
+            return Output {
+                text: String::new(),
+                quit: true,
+            }
+        }
+        _ => return format!("unknown command: '{cmd}'\r\n").into(),
+    };
+    match result {
+        Ok(()) => String::new().into(),
+        Err(e) => format!("Error: {}\r\n", e.replace('\n', "\r\n")).into(),
+    }
+}
+
+/// QEMU's readline command buffer holds this many bytes; more typed are dropped.
+const LINE_MAX: usize = 4095;
+
+/// Serves the human monitor on stdin and stdout (`-monitor stdio`) on a thread of its own:
+/// QEMU's banner, then a `(qemu) ` prompt per line read. The end of stdin ends the monitor,
+/// not the VM, as in QEMU.
+pub fn serve_stdio(app: Arc<App>) -> std::io::Result<()> {
+    std::thread::Builder::new()
+        .name("hmp-stdio".into())
+        .spawn(move || {
+            let mut out = std::io::stdout();
+            let mut input = std::io::stdin();
+            // A reader that went away ends the monitor quietly, as QEMU's ignores it.
+            let _ = stdio_session(&app, &mut input, &mut out);
+        })
+        .map(|_| ())
+}
+
+/// One human-monitor session over `input` and `out`.
+fn stdio_session(app: &App, input: &mut impl Read, out: &mut impl Write) -> std::io::Result<()> {
+    let v = qmp::VersionInfo::default();
+    write!(
+        out,
+        "QEMU {}.{}.{} monitor - type 'help' for more information\r\n(qemu) ",
+        v.major, v.minor, v.micro
+    )?;
+    out.flush()?;
+    let mut line = Readline::default();
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = match input.read(&mut buf) {
+            Ok(0) => return Ok(()),
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        for &b in &buf[..n] {
+            let Some(cmd) = line.byte(b, out)? else {
+                continue;
+            };
+            let result = hmp(app, &cmd, Terminal::Stdio);
+            out.write_all(result.text.as_bytes())?;
+            out.flush()?;
+            if result.quit {
+                let (_, hook) =
+                    super::run::quit_replying(app, Value::String(String::new())).into_parts();
+                if let Some(hook) = hook {
+                    hook();
+                }
+            }
+            out.write_all(b"(qemu) ")?;
+            out.flush()?;
+        }
+    }
+}
+
+/// The line being typed, and what of it the terminal shows (QEMU's readline state).
+#[derive(Default)]
+struct Readline {
+    buf: Vec<u8>,
+    shown: Vec<u8>,
+}
+
+impl Readline {
+    /// Takes one typed byte; returns the line when it was Enter.
+    fn byte(&mut self, b: u8, out: &mut impl Write) -> std::io::Result<Option<String>> {
+        match b {
+            b'\r' | b'\n' => {
+                out.write_all(b"\r\n")?;
+                self.shown.clear();
+                let line = std::mem::take(&mut self.buf);
+                return Ok(Some(String::from_utf8_lossy(&line).into_owned()));
+            }
+            8 | 127 => {
+                self.buf.pop();
+            }
+            b if b >= 32 && self.buf.len() < LINE_MAX => self.buf.push(b),
+            _ => {}
+        }
+        if self.buf != self.shown {
+            // Back to where the line starts, the line, then clear to the end of the row.
+            for _ in 0..self.shown.len() {
+                out.write_all(b"\x1b[D")?;
+            }
+            out.write_all(&self.buf)?;
+            out.write_all(b"\x1b[K")?;
+            self.shown.clone_from(&self.buf);
+        }
+        out.flush()?;
+        Ok(None)
+    }
+}
+
+/// QEMU's `hmp_migrate_status_cb`: the monitor stays suspended while the migration is in
+/// `setup` or `active`, looking once a second; then its error, if any, is reported (on stderr,
+/// as QEMU's timer callback reports it outside any monitor).
+fn wait_for_migration(app: &App) {
+    loop {
+        let q = app.mig.query();
+        match q.get("status").and_then(Value::as_str) {
+            None | Some("setup" | "active") => std::thread::sleep(Duration::from_secs(1)),
+            Some(_) => {
+                if let Some(e) = q.get("error-desc").and_then(Value::as_str) {
+                    log::error!("{e}");
+                }
+                return;
+            }
+        }
+    }
+}
+
+/// Runs a QMP command of `set` as the QMP monitor would, keeping its error's text.
+fn qmp_call(set: &dyn CommandSet, name: &str, args: Value) -> Result<(), String> {
+    let Value::Object(m) = args else {
+        return Err(format!("{name}: arguments are not an object"));
+    };
+    set.dispatch(name, Args::new(m))
+        .map(|_| ())
+        .map_err(|e| e.desc)
+}
+
+/// QEMU's `qapi_enum_parse` for an HMP argument.
+fn enum_value(v: &str, known: bool) -> Result<String, String> {
+    if known {
+        Ok(v.to_string())
+    } else {
+        Err(format!("invalid parameter value: {v}"))
+    }
+}
+
+/// An HMP argument type (QEMU's `args_type` letters this monitor uses).
+#[derive(Clone, Copy)]
+enum Arg {
+    /// `s`: a word, or a string in double quotes.
+    Str,
+    /// `b`: `on` or `off`.
+    OnOff,
+}
+
+/// A parsed HMP argument.
+#[derive(Debug, PartialEq)]
+enum Parsed {
+    Str(String),
+    Bool(bool),
+    /// The `-x` flags given, for `migrate`.
+    Flags(String),
+}
+
+/// QEMU's `get_str`: a word up to white space, or a double-quoted string with `\\`, `\"`,
+/// `\n`, `\r` and `\'` escapes. `None` when there is nothing, or the quote is not closed.
+fn get_str(p: &mut &str) -> Option<String> {
+    *p = p.trim_start_matches(|c: char| c.is_ascii_whitespace());
+    if p.is_empty() {
+        return None;
+    }
+    let mut out = String::new();
+    if let Some(body) = p.strip_prefix('"') {
+        let mut chars = body.char_indices();
+        while let Some((i, c)) = chars.next() {
+            match c {
+                '"' => {
+                    *p = &body[i + 1..];
+                    return Some(out);
+                }
+                '\\' => match chars.next() {
+                    Some((_, 'n')) => out.push('\n'),
+                    Some((_, 'r')) => out.push('\r'),
+                    Some((_, e @ ('\\' | '\'' | '"'))) => out.push(e),
+                    _ => return None,
+                },
+                c => out.push(c),
+            }
+        }
+        None
+    } else {
+        let end = p.find(|c: char| c.is_ascii_whitespace()).unwrap_or(p.len());
+        out.push_str(&p[..end]);
+        *p = &p[end..];
+        Some(out)
+    }
+}
+
+/// QEMU's `monitor_parse_arguments` for `types`, with its messages (each ending the line).
+fn parse_args(cmd: &str, rest: &str, types: &[Arg]) -> Result<Vec<Parsed>, String> {
+    let mut p = rest;
+    let mut out = Vec::new();
+    for t in types {
+        match t {
+            Arg::Str => match get_str(&mut p) {
+                Some(s) => out.push(Parsed::Str(s)),
+                None => return Err(format!("{cmd}: string expected\r\n")),
+            },
+            Arg::OnOff => {
+                p = p.trim_start_matches(|c: char| c.is_ascii_whitespace());
+                let end = p.find(|c: char| !c.is_ascii_graphic()).unwrap_or(p.len());
+                let v = match &p[..end] {
+                    "on" => true,
+                    "off" => false,
+                    _ => return Err("Expected 'on' or 'off'\r\n".into()),
+                };
+                p = &p[end..];
+                out.push(Parsed::Bool(v));
+            }
+        }
+    }
+    if !p
+        .trim_start_matches(|c: char| c.is_ascii_whitespace())
+        .is_empty()
+    {
+        return Err(format!(
+            "{cmd}: extraneous characters at the end of line\r\n"
+        ));
+    }
+    Ok(out)
+}
+
+/// `migrate [-d] [-b] [-i] [-r] uri` (QEMU's `detach:-d,blk:-b,inc:-i,resume:-r,uri:s`):
+/// flags as `-d`, `-db`, ... before the URI.
+fn parse_migrate(rest: &str) -> Result<Vec<Parsed>, String> {
+    let mut p = rest;
+    let mut flags = String::new();
+    loop {
+        p = p.trim_start_matches(|c: char| c.is_ascii_whitespace());
+        let Some(f) = p.strip_prefix('-') else { break };
+        let end = f.find(|c: char| c.is_ascii_whitespace()).unwrap_or(f.len());
+        for c in f[..end].chars() {
+            if !"dbir".contains(c) {
+                return Err(format!("migrate: unsupported option -{c}\r\n"));
+            }
+            flags.push(c);
+        }
+        p = &f[end..];
+    }
+    let mut args = parse_args("migrate", p, &[Arg::Str])?;
+    args.insert(0, Parsed::Flags(flags));
+    Ok(args)
+}
+
+/// How `migrate_set_parameter` reads a parameter's value (QEMU 7.2's
+/// `hmp_migrate_set_parameter`, through the string input visitor).
+#[derive(Clone, Copy)]
+enum ParamType {
+    U8,
+    U32,
+    Bool,
+    Str,
+    /// A size, bytes by default.
+    Size,
+    /// A size, MiB by default (`max-bandwidth`).
+    SizeMiB,
+    /// A size that must fit an `int64` (`xbzrle-cache-size`).
+    SizeI64,
+    /// `multifd-compression`.
+    Compression,
+    /// `block-bitmap-mapping`: QMP only.
+    QmpOnly,
+}
+
+/// Every migration parameter with the way HMP reads it.
+const PARAMETER_TYPES: &[(&str, ParamType)] = &[
+    ("announce-initial", ParamType::Size),
+    ("announce-max", ParamType::Size),
+    ("announce-rounds", ParamType::Size),
+    ("announce-step", ParamType::Size),
+    ("compress-level", ParamType::U8),
+    ("compress-threads", ParamType::U8),
+    ("compress-wait-thread", ParamType::Bool),
+    ("decompress-threads", ParamType::U8),
+    ("throttle-trigger-threshold", ParamType::U8),
+    ("cpu-throttle-initial", ParamType::U8),
+    ("cpu-throttle-increment", ParamType::U8),
+    ("cpu-throttle-tailslow", ParamType::Bool),
+    ("max-cpu-throttle", ParamType::U8),
+    ("tls-creds", ParamType::Str),
+    ("tls-hostname", ParamType::Str),
+    ("tls-authz", ParamType::Str),
+    ("max-bandwidth", ParamType::SizeMiB),
+    ("downtime-limit", ParamType::Size),
+    ("x-checkpoint-delay", ParamType::U32),
+    ("block-incremental", ParamType::Bool),
+    ("multifd-channels", ParamType::U8),
+    ("multifd-compression", ParamType::Compression),
+    ("multifd-zlib-level", ParamType::U8),
+    ("multifd-zstd-level", ParamType::U8),
+    ("xbzrle-cache-size", ParamType::SizeI64),
+    ("max-postcopy-bandwidth", ParamType::Size),
+    ("block-bitmap-mapping", ParamType::QmpOnly),
+];
+
+/// The `migrate-set-parameters` member for `migrate_set_parameter NAME VALUE`, or QEMU's
+/// message for a value its visitor refuses.
+fn parameter_value(name: &str, v: &str) -> Result<(String, Value), String> {
+    let Some((_, ty)) = PARAMETER_TYPES.iter().find(|(n, _)| *n == name) else {
+        return Err(format!("invalid parameter value: {name}"));
+    };
+    let expects = |what: &str| format!("Parameter '{name}' expects {what}");
+    let uint = |max: u64, ty: &str| -> Result<Value, String> {
+        let n = parse_u64(v).ok_or_else(|| expects("uint64"))?;
+        if n > max {
+            return Err(expects(ty));
+        }
+        Ok(json!(n))
+    };
+    let value = match ty {
+        ParamType::U8 => uint(u8::MAX.into(), "uint8_t")?,
+        ParamType::U32 => uint(u32::MAX.into(), "uint32_t")?,
+        ParamType::Bool => match v {
+            "on" | "yes" | "true" | "y" => json!(true),
+            "off" | "no" | "false" | "n" => json!(false),
+            _ => return Err(expects("'on' or 'off'")),
+        },
+        ParamType::Str => json!(v),
+        ParamType::Size => json!(parse_size(v, 1).map_err(|range| size_error(name, v, range))?),
+        ParamType::SizeI64 => {
+            let n = parse_size(v, 1).map_err(|range| size_error(name, v, range))?;
+            if n > i64::MAX as u64 {
+                return Err(format!("Invalid size {v}"));
+            }
+            json!(n)
+        }
+        ParamType::SizeMiB => match parse_size(v, 1 << 20) {
+            Ok(n) if n <= i64::MAX as u64 => json!(n),
+            _ => return Err(format!("Invalid size {v}")),
+        },
+        ParamType::Compression => {
+            if !["none", "zlib", "zstd"].contains(&v) {
+                return Err(format!("Parameter '{name}' does not accept value '{v}'"));
+            }
+            json!(v)
+        }
+        ParamType::QmpOnly => {
+            return Err("The block-bitmap-mapping parameter can only be set through QMP".into())
+        }
+    };
+    Ok((name.to_string(), value))
+}
+
+/// QEMU's `parse_option_size` messages: out of range, or not a size (with its hint).
+fn size_error(name: &str, value: &str, out_of_range: bool) -> String {
+    if out_of_range {
+        format!("Value '{value}' is out of range for parameter '{name}'")
+    } else {
+        format!(
+            "Parameter '{name}' expects a non-negative number below 2^64\n\
+             Optional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-\n\
+             and exabytes, respectively."
+        )
+    }
+}
+
+/// QEMU's `qemu_strtou64` with base 0: decimal, `0x` hexadecimal or `0` octal, all of it.
+fn parse_u64(v: &str) -> Option<u64> {
+    if let Some(h) = v.strip_prefix("0x").or_else(|| v.strip_prefix("0X")) {
+        u64::from_str_radix(h, 16).ok()
+    } else if v.len() > 1 && v.starts_with('0') {
+        u64::from_str_radix(&v[1..], 8).ok()
+    } else {
+        v.parse().ok()
+    }
+}
+
+/// QEMU's `qemu_strtosz` with `unit` for a bare number: a decimal number (with an optional
+/// fraction) or a `0x` integer, then an optional suffix `B`, `K`, `M`, `G`, `T`, `P`, `E`
+/// (powers of 1024, either case). `Err(true)` when it does not fit 64 bits, `Err(false)`
+/// when it is not a size.
+fn parse_size(v: &str, unit: u64) -> Result<u64, bool> {
+    let hex = v.starts_with("0x") || v.starts_with("0X");
+    let (num, suffix) = match v.chars().last() {
+        Some(c) if "bBkKmMgGtTpPeE".contains(c) && !(hex && c.is_ascii_hexdigit()) => {
+            (&v[..v.len() - 1], Some(c.to_ascii_uppercase()))
+        }
+        _ => (v, None),
+    };
+    let mul: u64 = match suffix {
+        None => unit,
+        Some('B') => 1,
+        Some('K') => 1 << 10,
+        Some('M') => 1 << 20,
+        Some('G') => 1 << 30,
+        Some('T') => 1 << 40,
+        Some('P') => 1 << 50,
+        _ => 1 << 60,
+    };
+    if hex {
+        let n = u64::from_str_radix(&num[2..], 16).map_err(|_| false)?;
+        return n.checked_mul(mul).ok_or(true);
+    }
+    let (int, frac) = num.split_once('.').unwrap_or((num, ""));
+    let digits = |s: &str| s.bytes().all(|b| b.is_ascii_digit());
+    if int.is_empty() || !digits(int) || !digits(frac) {
+        return Err(false);
+    }
+    let whole = int
+        .parse::<u64>()
+        .map_err(|_| true)?
+        .checked_mul(mul)
+        .ok_or(true)?;
+    let f: f64 = format!("0.{frac}0").parse().map_err(|_| false)?;
+    // A fraction of a byte is no size.
+    if mul == 1 && f != 0.0 {
+        return Err(false);
+    }
+    whole.checked_add((f * mul as f64) as u64).ok_or(true)
+}
+
+/// The `info` commands and `qemu-io`.
+fn hmp_info(app: &App, line: &str) -> String {
     let words = split_hmp(line);
     let w: Vec<&str> = words.iter().map(String::as_str).collect();
     match w.as_slice() {

@@ -6,7 +6,7 @@ use super::App;
 use migration::machine::Machine;
 use migration::runstate::RunState;
 use qmp::{Args, CommandSet, QmpError, Reply};
-use serde_json::json;
+use serde_json::{json, Value};
 use std::sync::Arc;
 
 /// The commands of [`VmCommands`].
@@ -97,12 +97,18 @@ impl CommandSet for VmCommands {
 /// shutdown every termination takes ([`crate::vmproc::shutdown_and_exit`]: a running migration
 /// ended first, then the images closed).
 fn quit(app: &App) -> Reply {
+    quit_replying(app, Value::Object(serde_json::Map::new()))
+}
+
+/// [`quit`] with `value` as the reply: the human monitor's `quit` (QEMU's `hmp_quit` calls
+/// `qmp_quit`) replies with its text, the empty string.
+pub(crate) fn quit_replying(app: &App, value: Value) -> Reply {
     app.events.emit(
         "SHUTDOWN",
         Some(json!({"guest": false, "reason": "host-qmp-quit"})),
     );
     let (mig, server, block) = (app.mig.clone(), app.server.clone(), app.block.clone());
-    Reply::empty().after_flush(move || crate::vmproc::shutdown_and_exit(&mig, &server, &block))
+    Reply::new(value).after_flush(move || crate::vmproc::shutdown_and_exit(&mig, &server, &block))
 }
 
 /// QEMU's `qmp_cont`.
