@@ -38,11 +38,15 @@ pub fn resolve(host: &str, port: u16) -> io::Result<Vec<SocketAddr>> {
 }
 
 impl Address {
-    /// Connects (TCP: each resolved address in turn, `TCP_NODELAY` on).
+    /// Connects (TCP: each resolved address in turn, `TCP_NODELAY` on; an empty host is
+    /// `localhost`).
     pub fn connect(&self) -> io::Result<Stream> {
         match self {
             Address::Unix(p) => Stream::connect_unix(p),
-            Address::Tcp { host, port } => Stream::connect_tcp(&resolve(host, *port)?),
+            Address::Tcp { host, port } => {
+                let host = if host.is_empty() { "localhost" } else { host };
+                Stream::connect_tcp(&resolve(host, *port)?)
+            }
         }
     }
 
@@ -54,11 +58,14 @@ impl Address {
 
     /// Listens. A stale unix socket file at the path is replaced (see
     /// [`Listener::bind_unix`]); a TCP host is resolved and the first address that binds is
-    /// taken.
+    /// taken, an empty one meaning every IPv4 address (`0.0.0.0`).
     pub fn listen(&self) -> io::Result<Listener> {
         match self {
             Address::Unix(p) => Listener::bind_unix(p),
-            Address::Tcp { host, port } => Listener::bind_tcp(&resolve(host, *port)?),
+            Address::Tcp { host, port } => {
+                let host = if host.is_empty() { "0.0.0.0" } else { host };
+                Listener::bind_tcp(&resolve(host, *port)?)
+            }
         }
     }
 

@@ -19,7 +19,10 @@
 //! * `exec-oob` once `oob` is negotiated, for commands the dispatcher marks OOB-capable;
 //! * events `{"timestamp": {"seconds", "microseconds"}, "event", "data"}` to negotiated clients.
 //!
-//! Modules: [`json`] (the streaming parser and the serializer), [`args`] (argument checking),
+//! And the other end: [`Client`], a blocking client, the one `livemig demo`/`bench` and the
+//! tests drive monitors with.
+//!
+//! Modules: [`client`] (the blocking client), [`json`] (the streaming parser and the serializer), [`args`] (argument checking),
 //! [`commands`] (command sets and the monitor's table), [`dispatch`] (the seam between server
 //! and commands), [`server`] (sockets, threads, events, shutdown), [`option`] (QEMU's `-qmp`
 //! option syntax), [`error`] (QMP error classes).
@@ -28,6 +31,7 @@
 #![forbid(unsafe_code)]
 
 pub mod args;
+pub mod client;
 pub mod commands;
 pub mod dispatch;
 pub mod error;
@@ -37,9 +41,10 @@ pub mod server;
 mod session;
 
 pub use args::{id_wellformed, Args, Param, QapiEnum, QapiInt, StrOrObject};
+pub use client::{Client, ClientError};
 pub use commands::{CommandSet, CommandSets};
 pub use dispatch::{AfterFlush, CommandTable, Dispatcher, Reply};
 pub use error::{ErrorClass, QmpError};
 pub use json::{parse_all, JsonError, JsonStream, Limits, SyntaxError};
-pub use option::{QmpAddress, QmpOption, QmpOptionError};
+pub use option::{split_options, QmpAddress, QmpOption, QmpOptionError};
 pub use server::{EventSink, Server, ServerConfig, VersionInfo, DEFAULT_MAX_CLIENTS};

@@ -10,20 +10,9 @@
 use std::path::PathBuf;
 use std::str::FromStr;
 
-/// Where the monitor lives.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum QmpAddress {
-    /// A unix socket at this path.
-    Unix(PathBuf),
-    /// A TCP socket. An empty `host` means every address when listening, localhost when
-    /// connecting.
-    Tcp {
-        /// Host name or address, without brackets.
-        host: String,
-        /// Port (0 lets the system pick one when listening).
-        port: u16,
-    },
-}
+/// Where the monitor lives: a unix path or a TCP host and port (an empty host means every
+/// address when listening, localhost when connecting).
+pub use net::Address as QmpAddress;
 
 /// A parsed `-qmp` value.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -62,8 +51,9 @@ pub enum QmpOptionError {
     BadBool(String),
 }
 
-/// Splits at single commas; `,,` stands for a literal comma.
-fn split_options(s: &str) -> Vec<String> {
+/// Splits a value in QEMU's option syntax at single commas; `,,` stands for a literal comma.
+/// Every option of this syntax (`-qmp`, `-chardev`, `-mon`, ...) is split by this function.
+pub fn split_options(s: &str) -> Vec<String> {
     let mut parts = vec![String::new()];
     let mut chars = s.chars().peekable();
     while let Some(c) = chars.next() {

@@ -1,5 +1,9 @@
 //! The QMP server: listeners, connections, event delivery and shutdown.
 //!
+//! This module holds the sockets (listeners, the accept threads, client-mode connections)
+//! and shutdown; `conn` one client's connection (queue, reader and writer threads); `events`
+//! the set of connections and the event sink.
+//!
 //! # Threads
 //!
 //! Plain threads and blocking I/O. Each listener has an accept thread. Each connection has a
@@ -30,19 +34,26 @@
 //! sockets down (clients see EOF), and removes the unix socket files. A `quit` command is a
 //! [`Reply`](crate::Reply) with an after-flush hook that calls `close` and exits.
 
+mod conn;
+mod events;
+
+use conn::{reader_loop, refuse, writer_loop, Conn, Queue, QueueState};
+pub use events::EventSink;
+use events::Hub;
+
 use crate::dispatch::{AfterFlush, Dispatcher};
 use crate::json::{to_line, JsonStream, Limits};
-use crate::option::{QmpAddress, QmpOption};
+use crate::option::QmpOption;
 use crate::session::{Mode, Session, Shared};
+use net::{Listener, Stream};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use serde_json::{json, Value};
 use std::collections::{HashMap, VecDeque};
 use std::io::{self, Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
-use std::os::fd::{AsFd, BorrowedFd};
-use std::os::unix::fs::FileTypeExt;
-use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
+use std::net::{Shutdown, SocketAddr, TcpStream, ToSocketAddrs};
+use std::os::fd::AsFd;
+use std::os::unix::net::UnixStream;
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::{self, JoinHandle};
@@ -140,313 +151,22 @@ fn spawn_detached(f: AfterFlush) {
     }
 }
 
-/// A connected socket of either family.
-#[derive(Debug)]
-enum Stream {
-    Unix(UnixStream),
-    Tcp(TcpStream),
-}
-
-impl Stream {
-    fn try_clone(&self) -> io::Result<Stream> {
-        Ok(match self {
-            Stream::Unix(s) => Stream::Unix(s.try_clone()?),
-            Stream::Tcp(s) => Stream::Tcp(s.try_clone()?),
-        })
-    }
-
-    fn shutdown(&self, how: Shutdown) -> io::Result<()> {
-        match self {
-            Stream::Unix(s) => s.shutdown(how),
-            Stream::Tcp(s) => s.shutdown(how),
-        }
-    }
-
-    fn set_write_timeout(&self, t: Option<Duration>) -> io::Result<()> {
-        match self {
-            Stream::Unix(s) => s.set_write_timeout(t),
-            Stream::Tcp(s) => s.set_write_timeout(t),
-        }
-    }
-}
-
-impl Read for Stream {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        match self {
-            Stream::Unix(s) => s.read(buf),
-            Stream::Tcp(s) => s.read(buf),
-        }
-    }
-}
-
-impl Write for Stream {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        match self {
-            Stream::Unix(s) => s.write(buf),
-            Stream::Tcp(s) => s.write(buf),
-        }
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        match self {
-            Stream::Unix(s) => s.flush(),
-            Stream::Tcp(s) => s.flush(),
-        }
-    }
-}
-
-/// A listening socket of either family.
-enum Acceptor {
-    Unix(UnixListener),
-    Tcp(TcpListener),
-}
-
-impl Acceptor {
-    fn accept(&self) -> io::Result<Stream> {
-        let s = match self {
-            Acceptor::Unix(l) => Stream::Unix(l.accept()?.0),
-            Acceptor::Tcp(l) => Stream::Tcp(l.accept()?.0),
-        };
-        Ok(s)
-    }
-
-    fn set_nonblocking(&self, on: bool) -> io::Result<()> {
-        match self {
-            Acceptor::Unix(l) => l.set_nonblocking(on),
-            Acceptor::Tcp(l) => l.set_nonblocking(on),
-        }
-    }
-
-    fn as_fd(&self) -> BorrowedFd<'_> {
-        match self {
-            Acceptor::Unix(l) => l.as_fd(),
-            Acceptor::Tcp(l) => l.as_fd(),
-        }
-    }
-}
-
-/// Bytes to send: a reply of one connection, or an event shared by all.
-enum Payload {
-    Owned(Vec<u8>),
-    Shared(Arc<[u8]>),
-}
-
-impl Payload {
-    fn bytes(&self) -> &[u8] {
-        match self {
-            Payload::Owned(v) => v,
-            Payload::Shared(a) => a,
-        }
-    }
-}
-
-struct Item {
-    payload: Payload,
-    after: Option<AfterFlush>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum QueueState {
-    Open,
-    /// Flush what is queued, then close.
-    Closing,
-    /// Closed, or the client is gone: nothing more is written.
-    Dead,
-}
-
-struct Queue {
-    items: VecDeque<Item>,
-    bytes: usize,
-    state: QueueState,
-}
-
-/// One client connection, as seen by everyone but its reader.
-struct Conn {
-    id: u64,
-    /// For shutting the socket down from any thread.
-    stream: Stream,
-    queue: Mutex<Queue>,
-    /// Signalled on every change to `queue`.
-    changed: Condvar,
-    /// Set once the client has negotiated, after its `qmp_capabilities` reply was queued.
-    command_mode: AtomicBool,
-    max_pending: usize,
-}
-
-impl Conn {
-    /// Queues a reply, waiting while the queue is over its limit. Returns false (and runs the
-    /// reply's hook) when the connection is dead.
-    fn push_reply(&self, line: Vec<u8>, after: Option<AfterFlush>) -> bool {
-        let mut q = lock(&self.queue);
-        loop {
-            if q.state == QueueState::Dead {
-                drop(q);
-                if let Some(f) = after {
-                    spawn_detached(f);
-                }
-                return false;
-            }
-            if q.bytes == 0 || q.bytes + line.len() <= self.max_pending {
-                q.bytes += line.len();
-                q.items.push_back(Item {
-                    payload: Payload::Owned(line),
-                    after,
-                });
-                self.changed.notify_all();
-                return true;
-            }
-            q = self.changed.wait(q).unwrap_or_else(|e| e.into_inner());
-        }
-    }
-
-    /// Queues an event without waiting; drops the client if it has fallen too far behind.
-    fn push_event(&self, line: &Arc<[u8]>) {
-        let mut q = lock(&self.queue);
-        if q.state != QueueState::Open {
-            return;
-        }
-        if q.bytes > 0 && q.bytes + line.len() > self.max_pending {
-            q.state = QueueState::Dead;
-            self.changed.notify_all();
-            drop(q);
-            let _ = self.stream.shutdown(Shutdown::Both);
-            return;
-        }
-        q.bytes += line.len();
-        q.items.push_back(Item {
-            payload: Payload::Shared(line.clone()),
-            after: None,
-        });
-        self.changed.notify_all();
-    }
-
-    /// Asks the writer to flush and close.
-    fn begin_close(&self) {
-        let mut q = lock(&self.queue);
-        if q.state == QueueState::Open {
-            q.state = QueueState::Closing;
-        }
-        self.changed.notify_all();
-    }
-
-    /// Closes at once, dropping whatever is queued.
-    fn kill(&self) {
-        let mut q = lock(&self.queue);
-        q.state = QueueState::Dead;
-        self.changed.notify_all();
-        drop(q);
-        let _ = self.stream.shutdown(Shutdown::Both);
-    }
-
-    /// The next item to write, or `None` when the writer should stop.
-    fn next_item(&self) -> Option<Item> {
-        let mut q = lock(&self.queue);
-        loop {
-            if q.state == QueueState::Dead {
-                return None;
-            }
-            if let Some(item) = q.items.pop_front() {
-                q.bytes = q.bytes.saturating_sub(item.payload.bytes().len());
-                self.changed.notify_all();
-                return Some(item);
-            }
-            if q.state == QueueState::Closing {
-                return None;
-            }
-            q = self.changed.wait(q).unwrap_or_else(|e| e.into_inner());
-        }
-    }
-}
-
-/// The set of live connections, shared by the server and its event sinks.
-struct Hub {
-    conns: Mutex<HashMap<u64, Arc<Conn>>>,
-    /// Signalled when a connection goes away.
-    removed: Condvar,
-    next_id: AtomicU64,
-}
-
-impl Hub {
-    fn remove(&self, id: u64) {
-        lock(&self.conns).remove(&id);
-        self.removed.notify_all();
-    }
-}
-
-/// A handle for emitting QMP events to every client in command mode. Cheap to clone; usable
-/// from any thread; never blocks on a client.
-#[derive(Clone)]
-pub struct EventSink {
-    hub: Arc<Hub>,
-}
-
-impl std::fmt::Debug for EventSink {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("EventSink")
-            .field("subscribers", &self.subscribers())
-            .finish()
-    }
-}
-
-/// Host time as QMP reports it: seconds and microseconds since the Unix epoch, or -1 and -1
-/// when the clock is before the epoch.
-fn timestamp() -> Value {
-    match SystemTime::now().duration_since(UNIX_EPOCH) {
-        Ok(d) => json!({"seconds": d.as_secs(), "microseconds": d.subsec_micros()}),
-        Err(_) => json!({"seconds": -1, "microseconds": -1}),
-    }
-}
-
-impl EventSink {
-    /// Sends event `name` with optional `data`, stamped with the current time, to every
-    /// connection that has completed capabilities negotiation. Events from one thread reach
-    /// every client in the order they were emitted.
-    pub fn emit(&self, name: &str, data: Option<Value>) {
-        let mut event = serde_json::Map::new();
-        event.insert("timestamp".into(), timestamp());
-        event.insert("event".into(), Value::String(name.to_string()));
-        if let Some(data) = data {
-            event.insert("data".into(), data);
-        }
-        let line: Arc<[u8]> = to_line(&Value::Object(event)).into();
-        // Holding the registry lock across the (non-blocking) pushes gives every client the
-        // same order when several threads emit at once.
-        let conns = lock(&self.hub.conns);
-        for conn in conns.values() {
-            if conn.command_mode.load(Ordering::Acquire) {
-                conn.push_event(&line);
-            }
-        }
-    }
-
-    /// How many connections would receive an event now.
-    pub fn subscribers(&self) -> usize {
-        lock(&self.hub.conns)
-            .values()
-            .filter(|c| c.command_mode.load(Ordering::Acquire))
-            .count()
-    }
-}
-
 struct Listening {
     /// Writing a byte here stops the accept thread.
     waker: UnixStream,
+    /// Owns the listener: a unix socket's file goes when the thread ends.
     thread: Option<JoinHandle<()>>,
-    /// The socket file to remove on close.
-    unix_path: Option<PathBuf>,
 }
 
 impl Listening {
-    /// Stops the accept thread and removes the socket file.
+    /// Stops the accept thread, which drops the listener (and so removes a unix socket's
+    /// file).
     fn stop(&mut self) {
         let _ = (&self.waker).write_all(b"x");
         if let Some(t) = self.thread.take() {
             if t.thread().id() != thread::current().id() {
                 let _ = t.join();
             }
-        }
-        if let Some(p) = &self.unix_path {
-            let _ = std::fs::remove_file(p);
         }
     }
 }
@@ -534,20 +254,19 @@ impl Server {
     /// Listens on a unix socket at `path` and accepts clients in the background. A stale socket
     /// file at `path` is replaced, as QEMU does; any other file there is an error.
     pub fn listen_unix(&self, path: impl AsRef<Path>) -> io::Result<()> {
-        let listener = bind_unix(path.as_ref())?;
-        self.spawn_acceptor(
-            Acceptor::Unix(listener),
-            Some(path.as_ref().to_path_buf()),
-            false,
-        )
+        self.spawn_acceptor(Listener::bind_unix(path.as_ref())?, false)
     }
 
     /// Listens on a TCP address and accepts clients in the background. Returns the address
     /// bound (useful with port 0).
     pub fn listen_tcp(&self, addr: impl ToSocketAddrs) -> io::Result<SocketAddr> {
-        let listener = TcpListener::bind(addr)?;
-        let local = listener.local_addr()?;
-        self.spawn_acceptor(Acceptor::Tcp(listener), None, false)?;
+        let addrs: Vec<SocketAddr> = addr.to_socket_addrs()?.collect();
+        let listener = Listener::bind_tcp(&addrs)?;
+        let local = match &listener {
+            Listener::Tcp(l) => l.local_addr()?,
+            Listener::Unix(..) => return Err(io::Error::other("not a TCP listener")),
+        };
+        self.spawn_acceptor(listener, false)?;
         Ok(local)
     }
 
@@ -556,21 +275,10 @@ impl Server {
     /// `server=on` and `wait` left on, this blocks until the first client has connected; without
     /// `server`, this connects to the address and serves that one connection.
     pub fn start(&self, opt: &QmpOption) -> io::Result<()> {
-        match (&opt.address, opt.server) {
-            (QmpAddress::Unix(path), true) => {
-                let listener = bind_unix(path)?;
-                self.spawn_acceptor(Acceptor::Unix(listener), Some(path.clone()), opt.wait)
-            }
-            (QmpAddress::Tcp { host, port }, true) => {
-                let host = if host.is_empty() { "0.0.0.0" } else { host };
-                let listener = TcpListener::bind((host, *port))?;
-                self.spawn_acceptor(Acceptor::Tcp(listener), None, opt.wait)
-            }
-            (QmpAddress::Unix(path), false) => self.serve_unix(UnixStream::connect(path)?),
-            (QmpAddress::Tcp { host, port }, false) => {
-                let host = if host.is_empty() { "localhost" } else { host };
-                self.serve_tcp(TcpStream::connect((host, *port))?)
-            }
+        if opt.server {
+            self.spawn_acceptor(opt.address.listen()?, opt.wait)
+        } else {
+            self.serve(opt.address.connect()?)
         }
     }
 
@@ -621,12 +329,7 @@ impl Server {
         }
     }
 
-    fn spawn_acceptor(
-        &self,
-        acceptor: Acceptor,
-        unix_path: Option<PathBuf>,
-        wait_first: bool,
-    ) -> io::Result<()> {
+    fn spawn_acceptor(&self, acceptor: Listener, wait_first: bool) -> io::Result<()> {
         if wait_first {
             // QEMU's `wait=on`: nothing else happens until a client is there.
             let first = acceptor.accept()?;
@@ -641,9 +344,7 @@ impl Server {
         // finding nothing to stop and leaving this call to fail on the flag.
         let mut listeners = lock(&self.inner.listeners);
         if self.inner.closed.load(Ordering::Acquire) {
-            if let Some(path) = &unix_path {
-                let _ = std::fs::remove_file(path);
-            }
+            // (Dropping the listener removes a unix socket's file.)
             return Err(io::Error::other("QMP server is closed"));
         }
         let server = self.clone();
@@ -653,12 +354,11 @@ impl Server {
         listeners.push(Listening {
             waker,
             thread: Some(thread),
-            unix_path,
         });
         Ok(())
     }
 
-    fn accept_loop(&self, acceptor: Acceptor, wake: UnixStream) {
+    fn accept_loop(&self, acceptor: Listener, wake: UnixStream) {
         loop {
             let (ready, woken) = {
                 let mut fds = [
@@ -703,14 +403,9 @@ impl Server {
         if inner.closed.load(Ordering::Acquire) {
             return Err(io::Error::other("QMP server is closed"));
         }
-        match &stream {
-            Stream::Unix(s) => s.set_nonblocking(false)?,
-            Stream::Tcp(s) => {
-                s.set_nonblocking(false)?;
-                // Every write is a whole message; waiting to coalesce only adds latency.
-                s.set_nodelay(true)?;
-            }
-        }
+        stream.set_nonblocking(false)?;
+        // Every write is a whole message; waiting to coalesce only adds latency.
+        stream.set_nodelay(true)?;
         let max = inner.config.max_clients;
         if max > 0 && lock(&inner.hub.conns).len() >= max {
             refuse(&stream, max);
@@ -758,85 +453,4 @@ impl Server {
         }
         Ok(())
     }
-}
-
-/// Tells a client beyond [`ServerConfig::max_clients`] why it gets no greeting, without
-/// waiting for it (a short write bound on the accept thread), and closes it.
-fn refuse(stream: &Stream, max: usize) {
-    let line = to_line(&json!({"error": {
-        "class": "GenericError",
-        "desc": format!("Too many monitor clients: at most {max} are served at once"),
-    }}));
-    let mut s = match stream.try_clone() {
-        Ok(s) => s,
-        Err(_) => return,
-    };
-    let _ = s.set_write_timeout(Some(Duration::from_millis(100)));
-    let _ = s.write_all(&line).and_then(|()| s.flush());
-    let _ = stream.shutdown(Shutdown::Both);
-}
-
-fn bind_unix(path: &Path) -> io::Result<UnixListener> {
-    if let Ok(meta) = std::fs::symlink_metadata(path) {
-        if meta.file_type().is_socket() {
-            std::fs::remove_file(path)?;
-        }
-    }
-    UnixListener::bind(path)
-}
-
-/// Reads the client's input and answers it, until EOF or error.
-fn reader_loop(conn: Arc<Conn>, mut input: Stream, mut session: Session, limits: Limits) {
-    let mut parser = JsonStream::new(limits);
-    let mut buf = vec![0u8; 64 << 10];
-    'read: loop {
-        let n = match input.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(_) => break,
-        };
-        for parsed in parser.feed(buf.get(..n).unwrap_or_default()) {
-            let out = session.handle(parsed);
-            let alive = conn.push_reply(out.line, out.after);
-            if session.mode() != Mode::Negotiation {
-                // After the reply is queued, so no event can precede it.
-                conn.command_mode.store(true, Ordering::Release);
-            }
-            if !alive {
-                break 'read;
-            }
-        }
-    }
-    // What the client sent last without finishing it is dropped, as QEMU does on close.
-    conn.begin_close();
-}
-
-/// Writes the connection's queue to the socket until the connection closes.
-fn writer_loop(conn: Arc<Conn>, mut out: Stream, hub: Arc<Hub>) {
-    while let Some(item) = conn.next_item() {
-        let written = out
-            .write_all(item.payload.bytes())
-            .and_then(|()| out.flush());
-        if let Some(f) = item.after {
-            spawn_detached(f);
-        }
-        if written.is_err() {
-            break;
-        }
-    }
-    let leftovers = {
-        let mut q = lock(&conn.queue);
-        q.state = QueueState::Dead;
-        q.bytes = 0;
-        conn.changed.notify_all();
-        std::mem::take(&mut q.items)
-    };
-    for item in leftovers {
-        if let Some(f) = item.after {
-            spawn_detached(f);
-        }
-    }
-    let _ = conn.stream.shutdown(Shutdown::Both);
-    hub.remove(conn.id);
 }
