@@ -8,7 +8,7 @@
 //! backends (`stdio`, `pty`, `file`, ...) and other socket options are refused with QEMU's
 //! wording.
 
-use qmp::{QmpAddress, QmpOption};
+use qmp::{split_options as split, QmpAddress, QmpOption};
 use std::collections::HashMap;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
@@ -29,27 +29,6 @@ pub struct Chardev {
     pub id: String,
     /// The socket.
     pub endpoint: Endpoint,
-}
-
-/// Splits QEMU's option syntax: `,,` is a literal comma; the first element is returned apart.
-pub(crate) fn split(s: &str) -> Vec<String> {
-    let mut parts = vec![String::new()];
-    let mut chars = s.chars().peekable();
-    while let Some(c) = chars.next() {
-        if c == ',' {
-            if chars.peek() == Some(&',') {
-                chars.next();
-                if let Some(last) = parts.last_mut() {
-                    last.push(',');
-                }
-            } else {
-                parts.push(String::new());
-            }
-        } else if let Some(last) = parts.last_mut() {
-            last.push(c);
-        }
-    }
-    parts
 }
 
 fn parse_bool(opt: &str, k: &str, v: &str) -> Result<bool, String> {

@@ -14,7 +14,6 @@ mod analyze;
 mod bench;
 mod chardev;
 mod cli;
-mod client;
 mod demo;
 mod inherited_fd;
 mod logger;

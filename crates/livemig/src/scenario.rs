@@ -3,7 +3,7 @@
 //! source with a workload, enable capabilities on both, migrate, watch `query-migrate`, then
 //! compare both ends at the stop point. `demo` and `bench` are built on it.
 
-use crate::client::Client;
+use qmp::Client;
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -262,14 +262,14 @@ impl Pair {
         let dst = spawn(&dir, "dst", &dst_args)?;
         let src = spawn(&dir, "src", &src_args)?;
         let connect = |name: &str, p: &Proc| {
-            Client::connect(&dir.join(format!("{name}.qmp")), Duration::from_secs(20)).map_err(
-                |e| {
-                    format!(
-                        "{e}\n{name} log:\n{}",
-                        std::fs::read_to_string(&p.log).unwrap_or_default()
-                    )
-                },
-            )
+            let path = dir.join(format!("{name}.qmp"));
+            Client::connect(&path, Duration::from_secs(20)).map_err(|e| {
+                format!(
+                    "cannot connect to {}: {e}\n{name} log:\n{}",
+                    path.display(),
+                    std::fs::read_to_string(&p.log).unwrap_or_default()
+                )
+            })
         };
         let mut dst_qmp = connect("dst", &dst)?;
         let mut src_qmp = connect("src", &src)?;

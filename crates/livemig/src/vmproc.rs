@@ -177,7 +177,7 @@ pub fn run(mut args: VmArgs) -> Result<(), String> {
         // QEMU's `block_default_type`: a drive without `if=` goes on the machine's default
         // bus. The livemig machine's one disk bus is virtio (as on QEMU's machines whose
         // default is `if=virtio`); the `none` machine has none, so `parse_drive` refuses.
-        let given_if = crate::chardev::split(spec)
+        let given_if = qmp::split_options(spec)
             .iter()
             .any(|p| p.starts_with("if="));
         let with_bus = if args.machine == vm::MachineType::Livemig && !given_if {

@@ -10,8 +10,6 @@ pub mod pki;
 pub mod relay;
 
 use serde_json::{json, Value};
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -94,104 +92,31 @@ pub fn require(test: &str, missing: Missing) -> bool {
     }
 }
 
-/// A blocking QMP client over a unix socket, enough for tests: commands, replies and the events
-/// that arrive in between.
-pub struct QmpClient {
-    reader: BufReader<UnixStream>,
-    writer: UnixStream,
-    /// Events received so far and not yet taken by [`QmpClient::wait_event`].
-    pub events: Vec<Value>,
-    /// The greeting the server sent.
-    pub greeting: Value,
+/// The QMP client of the tree ([`qmp::Client`]) with what tests add to it: commands that must
+/// succeed or fail (a test fails otherwise), waiting for a migration state, HMP as text. It
+/// dereferences to the client (`execute`, `wait_event`, `events`, `greeting`).
+pub struct QmpClient(qmp::Client);
+
+impl std::ops::Deref for QmpClient {
+    type Target = qmp::Client;
+    fn deref(&self) -> &qmp::Client {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for QmpClient {
+    fn deref_mut(&mut self) -> &mut qmp::Client {
+        &mut self.0
+    }
 }
 
 impl QmpClient {
-    /// Connects, retrying until `timeout` while the server creates its socket, reads the
-    /// greeting and negotiates capabilities.
+    /// Connects, retrying until `timeout` while the server creates its socket, and
+    /// negotiates; a reply that takes more than two minutes fails the test rather than hang it.
     pub fn connect(path: &Path, timeout: Duration) -> std::io::Result<Self> {
-        let deadline = Instant::now() + timeout;
-        let stream = loop {
-            match UnixStream::connect(path) {
-                Ok(s) => break s,
-                Err(e) if Instant::now() < deadline => {
-                    let _ = e;
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-                Err(e) => return Err(e),
-            }
-        };
-        stream.set_read_timeout(Some(Duration::from_secs(120)))?;
-        let writer = stream.try_clone()?;
-        let mut c = QmpClient {
-            reader: BufReader::new(stream),
-            writer,
-            events: Vec::new(),
-            greeting: Value::Null,
-        };
-        c.greeting = c.read_message()?;
-        // QEMU 7.2 can open its monitor twice for a client that connects while QEMU starts
-        // up under load: a second greeting arrives (seen where the qmp_capabilities reply
-        // was expected), and that second opening puts the monitor back into negotiation.
-        // `execute` skips repeated greetings; a probe shows whether negotiation held.
-        let mut last = Value::Null;
-        for _ in 0..3 {
-            let r = c.execute("qmp_capabilities", json!({}))?;
-            let already = r
-                .pointer("/error/desc")
-                .and_then(Value::as_str)
-                .is_some_and(|d| d.starts_with("Capabilities negotiation is already complete"));
-            if r.get("return").is_none() && !already {
-                return Err(std::io::Error::other(format!(
-                    "qmp_capabilities failed: {r}"
-                )));
-            }
-            let probe = c.execute("query-version", json!({}))?;
-            if probe.get("return").is_some() {
-                return Ok(c);
-            }
-            last = probe;
-        }
-        Err(std::io::Error::other(format!(
-            "QMP negotiation does not hold: {last}"
-        )))
-    }
-
-    fn read_message(&mut self) -> std::io::Result<Value> {
-        let mut line = String::new();
-        loop {
-            line.clear();
-            if self.reader.read_line(&mut line)? == 0 {
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::UnexpectedEof,
-                    "QMP connection closed",
-                ));
-            }
-            if !line.trim().is_empty() {
-                return serde_json::from_str(line.trim()).map_err(std::io::Error::other);
-            }
-        }
-    }
-
-    /// Sends a command and returns the whole reply (`{"return": ..}` or `{"error": ..}`),
-    /// queueing events that arrive before it.
-    pub fn execute(&mut self, cmd: &str, args: Value) -> std::io::Result<Value> {
-        let msg = if args.as_object().is_some_and(|o| o.is_empty()) {
-            json!({ "execute": cmd })
-        } else {
-            json!({ "execute": cmd, "arguments": args })
-        };
-        let mut text = msg.to_string();
-        text.push('\n');
-        self.writer.write_all(text.as_bytes())?;
-        loop {
-            let m = self.read_message()?;
-            if m.get("event").is_some() {
-                self.events.push(m);
-            } else if m.get("QMP").is_none() {
-                // (A repeated greeting is no reply; see `connect`.)
-                return Ok(m);
-            }
-        }
+        let mut c = qmp::Client::connect(path, timeout)?;
+        c.set_read_timeout(Some(Duration::from_secs(120)))?;
+        Ok(QmpClient(c))
     }
 
     /// Sends a command that must succeed and returns its `return` value.
@@ -214,42 +139,6 @@ impl QmpClient {
             Some(d) => d.to_string(),
             None => panic!("{cmd} {args} was expected to fail: {r}"),
         }
-    }
-
-    /// Waits for an event for which `pred` holds, returning it (earlier events stay queued).
-    pub fn wait_event(
-        &mut self,
-        timeout: Duration,
-        pred: impl Fn(&Value) -> bool,
-    ) -> Option<Value> {
-        if let Some(i) = self.events.iter().position(&pred) {
-            return Some(self.events.remove(i));
-        }
-        let deadline = Instant::now() + timeout;
-        while Instant::now() < deadline {
-            let left = deadline
-                .saturating_duration_since(Instant::now())
-                .max(Duration::from_millis(1));
-            self.reader.get_ref().set_read_timeout(Some(left)).ok()?;
-            match self.read_message() {
-                Ok(m) => {
-                    if m.get("event").is_some() && pred(&m) {
-                        let _ = self
-                            .reader
-                            .get_ref()
-                            .set_read_timeout(Some(Duration::from_secs(120)));
-                        return Some(m);
-                    }
-                    self.events.push(m);
-                }
-                Err(_) => break,
-            }
-        }
-        let _ = self
-            .reader
-            .get_ref()
-            .set_read_timeout(Some(Duration::from_secs(120)));
-        None
     }
 
     /// Polls `query-migrate` until its status is one of `statuses`, returning the last reply.

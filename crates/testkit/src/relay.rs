@@ -23,9 +23,9 @@
 //!
 //! Everything the relay did is recorded ([`Relay::report`]), so a test can say what it broke.
 
+use net::Listener;
 use std::io::{Read, Write};
-use std::net::{Shutdown, TcpListener, TcpStream};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::net::Shutdown;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -205,7 +205,7 @@ impl Shared {
         }
         st.stalled = false;
         for s in &st.socks {
-            s.shutdown();
+            cut(s);
         }
         self.cond.notify_all();
     }
@@ -236,51 +236,12 @@ impl Shared {
     }
 }
 
-enum Sock {
-    Unix(UnixStream),
-    Tcp(TcpStream),
-}
+/// One side of a relayed connection.
+type Sock = net::Stream;
 
-impl Sock {
-    fn shutdown(&self) {
-        let _ = match self {
-            Sock::Unix(s) => s.shutdown(Shutdown::Both),
-            Sock::Tcp(s) => s.shutdown(Shutdown::Both),
-        };
-    }
-
-    fn try_clone(&self) -> std::io::Result<Sock> {
-        Ok(match self {
-            Sock::Unix(s) => Sock::Unix(s.try_clone()?),
-            Sock::Tcp(s) => Sock::Tcp(s.try_clone()?),
-        })
-    }
-}
-
-impl Read for Sock {
-    fn read(&mut self, b: &mut [u8]) -> std::io::Result<usize> {
-        match self {
-            Sock::Unix(s) => s.read(b),
-            Sock::Tcp(s) => s.read(b),
-        }
-    }
-}
-
-impl Write for Sock {
-    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-        match self {
-            Sock::Unix(s) => s.write(b),
-            Sock::Tcp(s) => s.write(b),
-        }
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-enum Listen {
-    Unix(UnixListener),
-    Tcp(TcpListener),
+/// Shuts a socket down both ways (a cut).
+fn cut(s: &Sock) {
+    let _ = s.shutdown(Shutdown::Both);
 }
 
 /// Where the relay forwards to.
@@ -302,28 +263,18 @@ pub struct Relay {
 impl Relay {
     /// A relay listening on the unix socket `listen`, forwarding to `target`.
     pub fn unix(listen: &Path, target: Target, plan: Plan) -> Relay {
-        let l = UnixListener::bind(listen).expect("relay: bind");
-        Self::start(
-            Listen::Unix(l),
-            format!("unix:{}", listen.display()),
-            target,
-            plan,
-        )
+        let l = Listener::bind_unix(listen).expect("relay: bind");
+        Self::start(l, format!("unix:{}", listen.display()), target, plan)
     }
 
     /// A relay listening on an ephemeral port of 127.0.0.1, forwarding to `target`.
     pub fn tcp(target: Target, plan: Plan) -> Relay {
-        let l = TcpListener::bind("127.0.0.1:0").expect("relay: bind");
-        let port = l.local_addr().expect("relay: address").port();
-        Self::start(
-            Listen::Tcp(l),
-            format!("tcp:127.0.0.1:{port}"),
-            target,
-            plan,
-        )
+        let l = Listener::bind_tcp(&[([127, 0, 0, 1], 0).into()]).expect("relay: bind");
+        let port = l.local_port().expect("relay: address");
+        Self::start(l, format!("tcp:127.0.0.1:{port}"), target, plan)
     }
 
-    fn start(listen: Listen, uri: String, target: Target, plan: Plan) -> Relay {
+    fn start(listen: Listener, uri: String, target: Target, plan: Plan) -> Relay {
         let shared = Arc::new(Shared {
             state: Mutex::new(State::default()),
             cond: Condvar::new(),
@@ -366,8 +317,8 @@ impl Relay {
         let mut st = self.shared.lock();
         st.dropped.push(index);
         for (_, a, b) in st.pairs.iter().filter(|(i, _, _)| *i == index) {
-            a.shutdown();
-            b.shutdown();
+            cut(a);
+            cut(b);
         }
         self.shared.cond.notify_all();
     }
@@ -410,15 +361,9 @@ impl Drop for Relay {
     }
 }
 
-fn accept_loop(listen: Listen, target: Target, sh: Arc<Shared>) {
+fn accept_loop(listen: Listener, target: Target, sh: Arc<Shared>) {
     for index in 0.. {
-        let client = match &listen {
-            Listen::Unix(l) => l.accept().map(|(s, _)| Sock::Unix(s)),
-            Listen::Tcp(l) => l.accept().map(|(s, _)| {
-                let _ = s.set_nodelay(true);
-                Sock::Tcp(s)
-            }),
-        };
+        let client = listen.accept();
         let Ok(client) = client else { return };
         if sh.lock().closing {
             return;
@@ -428,14 +373,11 @@ fn accept_loop(listen: Listen, target: Target, sh: Arc<Shared>) {
             _ => &target,
         };
         let server = match target {
-            Target::Unix(p) => UnixStream::connect(p).map(Sock::Unix),
-            Target::Tcp(a) => TcpStream::connect(a).map(|s| {
-                let _ = s.set_nodelay(true);
-                Sock::Tcp(s)
-            }),
+            Target::Unix(p) => Sock::connect_unix(p),
+            Target::Tcp(a) => Sock::connect_tcp(&[*a]),
         };
         let Ok(server) = server else {
-            client.shutdown();
+            cut(&client);
             continue;
         };
         let clones = (
@@ -458,7 +400,7 @@ fn accept_loop(listen: Listen, target: Target, sh: Arc<Shared>) {
             st.pairs.push((index, c3, s3));
             if st.cut {
                 for s in &st.socks {
-                    s.shutdown();
+                    cut(s);
                 }
             }
         }
@@ -570,10 +512,7 @@ fn pump_forward(mut from: Sock, mut to: Sock, sh: &Shared, index: usize) {
                     st.report.held += held.len() as u64;
                     sh.cut_locked(&mut st);
                 } else {
-                    let _ = match &to {
-                        Sock::Unix(s) => s.shutdown(Shutdown::Write),
-                        Sock::Tcp(s) => s.shutdown(Shutdown::Write),
-                    };
+                    let _ = to.shutdown(Shutdown::Write);
                 }
                 sh.cond.notify_all();
                 return;
@@ -625,6 +564,7 @@ fn pump_forward(mut from: Sock, mut to: Sock, sh: &Shared, index: usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::net::{UnixListener, UnixStream};
 
     /// A unix echo-less sink: accepts one connection and collects what arrives, while sending
     /// `reply` back once it has read `reply_after` bytes.
