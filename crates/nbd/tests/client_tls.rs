@@ -5,7 +5,7 @@
 //! `blockdev-add` with an error that says which. Certificates are made by the test.
 
 use block::{BlockLayer, BlockNode};
-use nbd::{ExportConfig, NbdServer, SocketAddress};
+use nbd::NbdServer;
 use serde_json::{json, Value};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -13,7 +13,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use testkit::pki::{Ca, Subject};
 
-const SIZE: u64 = 4 << 20;
+mod support;
+use support::{tls_server, SIZE};
 
 /// Client and server credentials from one CA, and a client's from another.
 fn pki(dir: &Path) {
@@ -58,44 +59,10 @@ fn nbd_node(
 }
 
 /// Starts our server on an ephemeral port, with `tls` credentials or none, exporting a raw
-/// image `disk`; returns it, the port and the image's path.
+/// image `disk`; returns it and the port.
 fn our_server(dir: &Path, objects: &Arc<tls::Objects>, tls: Option<&str>) -> (NbdServer, u16) {
     let img = dir.join(format!("ours-{}.img", tls.unwrap_or("plain")));
-    std::fs::write(&img, vec![0u8; SIZE as usize]).unwrap();
-    let l = Arc::new(BlockLayer::new());
-    l.blockdev_add(&json!({"driver": "raw", "node-name": "d0",
-        "file": {"driver": "file", "filename": img.to_str().unwrap()}}))
-        .unwrap();
-    let server = NbdServer::new();
-    server.set_tls_objects(objects.clone());
-    server
-        .start_with_tls(
-            &SocketAddress::Inet {
-                host: "127.0.0.1".into(),
-                port: "0".into(),
-            },
-            0,
-            tls,
-            None,
-        )
-        .unwrap();
-    let port = match server.address() {
-        Some(SocketAddress::Inet { port, .. }) => port.parse().unwrap(),
-        other => panic!("{other:?}"),
-    };
-    server
-        .add(
-            l.node("d0").unwrap(),
-            ExportConfig {
-                id: "disk".into(),
-                name: "disk".into(),
-                description: None,
-                writable: true,
-                bitmap: None,
-                bitmap_node: None,
-            },
-        )
-        .unwrap();
+    let (server, port, _layer) = tls_server(&img, objects, tls, None);
     (server, port)
 }
 

@@ -10,14 +10,15 @@
 
 use block::BlockLayer;
 use nbd::client::{ConnectOptions, NbdClient};
-use nbd::{ExportConfig, NbdServer, SocketAddress};
+use nbd::{NbdServer, SocketAddress};
 use serde_json::{json, Value};
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-const SIZE: u64 = 4 << 20;
+mod support;
+use support::{raw_node, tool, SIZE};
 
 fn tools(test: &str, extra: &[&str]) -> bool {
     let mut names = vec!["qemu-img", "qemu-io"];
@@ -26,12 +27,7 @@ fn tools(test: &str, extra: &[&str]) -> bool {
 }
 
 fn serve(dir: &Path, bitmap: Option<&str>) -> (Arc<BlockLayer>, NbdServer, String) {
-    let img = dir.join("disk.img");
-    std::fs::write(&img, vec![0u8; SIZE as usize]).unwrap();
-    let l = Arc::new(BlockLayer::new());
-    l.blockdev_add(&json!({"driver": "raw", "node-name": "d0",
-        "file": {"driver": "file", "filename": img.to_str().unwrap()}}))
-        .unwrap();
+    let l = raw_node(&dir.join("disk.img"));
     if let Some(b) = bitmap {
         l.block_dirty_bitmap_add("d0", b, Some(65536), None, None)
             .unwrap();
@@ -42,34 +38,11 @@ fn serve(dir: &Path, bitmap: Option<&str>) -> (Arc<BlockLayer>, NbdServer, Strin
     (l, server, sock.display().to_string())
 }
 
-fn add(server: &NbdServer, l: &BlockLayer, writable: bool, bitmap: Option<&str>) {
-    server
-        .add(
-            l.node("d0").unwrap(),
-            ExportConfig {
-                id: "disk".into(),
-                name: "disk".into(),
-                description: None,
-                writable,
-                bitmap: bitmap.map(str::to_string),
-                bitmap_node: None,
-            },
-        )
-        .unwrap();
-}
+use support::export as add;
 
 fn run(cmd: &str, args: &[&str]) -> String {
-    let out = Command::new(cmd)
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "{cmd} {args:?} failed: {text}");
+    let (ok, text) = tool(cmd, args);
+    assert!(ok, "{cmd} {args:?} failed: {text}");
     text
 }
 

@@ -3,28 +3,18 @@
 //! required; a client whose certificate the `tls-authz` list refuses gets nothing, and the
 //! server names the refused distinguished name. Certificates are made by the test.
 
-use block::BlockLayer;
-use nbd::{ExportConfig, NbdServer, SocketAddress};
-use serde_json::json;
+use nbd::NbdServer;
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::sync::Arc;
 use testkit::pki::{Ca, Subject};
 
-const SIZE: u64 = 4 << 20;
+mod support;
+use support::{any_port, tls_server, tool};
 
 fn qemu_io(args: &[String]) -> (bool, String) {
-    let out = Command::new("qemu-io")
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.success() && !text.contains("failed"), text)
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (ok, text) = tool("qemu-io", &args);
+    (ok && !text.contains("failed"), text)
 }
 
 fn client_args(dir: &Path, sub: Option<&str>, port: u16, cmds: &[&str]) -> Vec<String> {
@@ -77,55 +67,15 @@ fn qemu_io_over_tls_and_its_refusals() {
         .object_add_cmdline("authz-simple,id=auth0,identity=O=livemig test,,CN=client.example.org")
         .unwrap();
 
-    let img = dir.join("disk.img");
-    std::fs::write(&img, vec![0u8; SIZE as usize]).unwrap();
-    let l = Arc::new(BlockLayer::new());
-    l.blockdev_add(&json!({"driver": "raw", "node-name": "d0",
-        "file": {"driver": "file", "filename": img.to_str().unwrap()}}))
-        .unwrap();
+    // Credentials that do not exist, or are for the wrong end, are refused at start.
     let server = NbdServer::new();
     server.set_tls_objects(objects.clone());
-    // Credentials that do not exist, or are for the wrong end, are refused at start.
     let e = server
-        .start_with_tls(
-            &SocketAddress::Inet {
-                host: "127.0.0.1".into(),
-                port: "0".into(),
-            },
-            0,
-            Some("nope"),
-            None,
-        )
+        .start_with_tls(&any_port(), 0, Some("nope"), None)
         .unwrap_err();
     assert_eq!(e.to_string(), "No TLS credentials with id 'nope'");
-    server
-        .start_with_tls(
-            &SocketAddress::Inet {
-                host: "127.0.0.1".into(),
-                port: "0".into(),
-            },
-            0,
-            Some("srv"),
-            Some("auth0"),
-        )
-        .unwrap();
-    let port: u16 = match server.address() {
-        Some(SocketAddress::Inet { port, .. }) => port.parse().unwrap(),
-        other => panic!("{other:?}"),
-    };
-    server
-        .add(
-            l.node("d0").unwrap(),
-            ExportConfig {
-                id: "disk".into(),
-                name: "disk".into(),
-                description: None,
-                writable: true,
-                bitmap: None,
-                bitmap_node: None,
-            },
-        )
-        .unwrap();
+    let img = dir.join("disk.img");
+    let (server, port, _layer) = tls_server(&img, &objects, Some("srv"), Some("auth0"));
 
     // Inside TLS: a write, then a read of it.
     let (ok, text) = qemu_io(&client_args(
