@@ -1,9 +1,11 @@
 //! The real `qemu.qmp` Python client against our server: connect (with its own greeting
 //! parsing and capability negotiation), run a command, get a typed error, receive an event.
 
-use qmp::{Args, CommandTable, EventSink, QmpError, Server};
+mod support;
+
+use qmp::{Args, CommandTable, QmpError, Server};
 use serde_json::{json, Value};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 const SCRIPT: &str = r#"
 import asyncio, json, sys
@@ -34,7 +36,6 @@ fn python_qemu_qmp_client() {
     if !testkit::require("python_qemu_qmp_client", testkit::python_qmp()) {
         return;
     }
-    let events: Arc<OnceLock<EventSink>> = Arc::new(OnceLock::new());
     let mut table = CommandTable::new();
     table.register("add", |mut a: Args| {
         let x: i64 = a.req_int("a")?;
@@ -42,16 +43,7 @@ fn python_qemu_qmp_client() {
         a.finish()?;
         Ok::<_, QmpError>(json!(x + y))
     });
-    let ev = events.clone();
-    table.register("fire", move |mut a: Args| {
-        let name = a.req_str("name")?;
-        let data = a.opt_any("data");
-        a.finish()?;
-        if let Some(sink) = ev.get() {
-            sink.emit(&name, data);
-        }
-        Ok::<_, QmpError>(json!({}))
-    });
+    let events = support::register_fire(&mut table);
     let server = Server::new(Arc::new(table));
     let _ = events.set(server.events());
     let dir = testkit::tempdir();

@@ -1,5 +1,7 @@
 //! The server over real sockets, driven with raw bytes: what a client sends, what it reads back.
 
+mod support;
+
 use qmp::{Args, CommandTable, EventSink, QmpError, Reply, Server, ServerConfig};
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader, Read, Write};
@@ -88,7 +90,6 @@ struct Fixture {
 fn fixture(config: ServerConfig) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("qmp.sock");
-    let events: Arc<OnceLock<EventSink>> = Arc::new(OnceLock::new());
     let server_cell: Arc<OnceLock<Server>> = Arc::new(OnceLock::new());
     let quitted = Arc::new(AtomicBool::new(false));
     let mut table = CommandTable::new();
@@ -103,16 +104,7 @@ fn fixture(config: ServerConfig) -> Fixture {
         a.finish()?;
         Ok::<_, QmpError>(json!(x + i64::from(y)))
     });
-    let ev = events.clone();
-    table.register("fire", move |mut a: Args| {
-        let name = a.req_str("name")?;
-        let data = a.opt_any("data");
-        a.finish()?;
-        if let Some(sink) = ev.get() {
-            sink.emit(&name, data);
-        }
-        Ok::<_, QmpError>(json!({}))
-    });
+    let events = support::register_fire(&mut table);
     table.register_oob("pause", |a: Args| a.finish().map(|()| Reply::empty()));
     let (cell, flag) = (server_cell.clone(), quitted.clone());
     table.register("quit", move |a: Args| {
