@@ -45,23 +45,11 @@ fn dispatch(
 }
 
 fn start_qemu(dir: &std::path::Path, name: &str, blockdevs: &[String]) -> (VmProcess, QmpClient) {
-    let mut args: Vec<String> = [
-        "-M",
-        "none",
-        "-nodefaults",
-        "-display",
-        "none",
-        "-accel",
-        "tcg",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    for b in blockdevs {
-        args.push("-blockdev".into());
-        args.push(b.clone());
-    }
-    let vm = VmProcess::spawn("qemu-system-x86_64", &args, dir, name).expect("spawn qemu");
+    let args: Vec<String> = blockdevs
+        .iter()
+        .flat_map(|b| ["-blockdev".to_string(), b.clone()])
+        .collect();
+    let vm = VmProcess::qemu_none(dir, name, &args).expect("spawn qemu");
     let qmp = vm.qmp();
     (vm, qmp)
 }

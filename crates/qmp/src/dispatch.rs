@@ -202,12 +202,13 @@ impl Dispatcher for CommandTable {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use serde_json::json;
 
-    #[test]
-    fn table_dispatches_and_reports_unknown_commands() {
+    /// A table of two commands for tests: `echo {v}` returns `v`, `pause` (OOB-capable)
+    /// returns nothing.
+    pub(crate) fn echo_and_pause() -> CommandTable {
         let mut t = CommandTable::new();
         t.register("echo", |mut a: Args| {
             let v = a.req_any("v")?;
@@ -215,6 +216,12 @@ mod tests {
             Ok::<_, QmpError>(v)
         });
         t.register_oob("pause", |a: Args| a.finish().map(|()| Reply::empty()));
+        t
+    }
+
+    #[test]
+    fn table_dispatches_and_reports_unknown_commands() {
+        let t = echo_and_pause();
         assert_eq!(t.commands(), vec!["echo".to_string(), "pause".to_string()]);
         assert!(t.allows_oob("pause") && !t.allows_oob("echo"));
         let mut m = Map::new();

@@ -216,17 +216,10 @@ impl Session {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::dispatch::CommandTable;
     use crate::json::parse_all;
 
     fn session(offer_oob: bool) -> Session {
-        let mut t = CommandTable::new();
-        t.register("echo", |mut a: Args| {
-            let v = a.req_any("v")?;
-            a.finish()?;
-            Ok::<_, QmpError>(v)
-        });
-        t.register_oob("pause", |a: Args| a.finish().map(|()| Reply::empty()));
+        let t = crate::dispatch::tests::echo_and_pause();
         Session::new(Arc::new(Shared {
             dispatcher: Arc::new(t),
             version: json!({"qemu": {"major": 7, "minor": 2, "micro": 0}, "package": "test"}),
