@@ -12,6 +12,9 @@
 //!   the source fail and resume (before, it reported `completed` and both ends were stopped);
 //!   with `x-livemig-auto-return-path` off it completes as QEMU's does, and says
 //!   `x-livemig-handover: unconfirmed`.
+//! * An `exec:` command that takes the whole stream and never exits: the source waits for it
+//!   at most the stall bound (before, for good), kills it, and — with no return path to say
+//!   where the guest went — stays paused, `failed`, `x-livemig-handover: unknown`.
 //! * The return path over `exec:` works as QEMU 7.2's (the command's stdout), or fails the
 //!   migration; over `file:` it is refused (before, it was silently unused).
 
@@ -271,4 +274,30 @@ fn the_return_path_works_over_exec_or_fails_and_is_refused_over_file() {
     let r = src.wait_completed();
     assert_eq!(r["x-livemig-handover"], "confirmed", "{r}");
     dst.wait_completed();
+}
+
+#[test]
+fn an_exec_command_that_never_exits_is_bounded_and_the_guest_stays_stopped() {
+    let dir = tempdir();
+    let mut src = source(dir.path());
+    let sum = src.ram_checksum();
+    let file = dir.path().join("stream");
+    // `x-livemig-auto-return-path` opens none over exec: (only sockets), so nobody confirms.
+    src.migrate(&format!("exec:cat > {}; exec sleep 600", file.display()));
+    let r = src.wait_migration(&["failed", "completed", "cancelled"]);
+    assert!(
+        desc(&r).starts_with(
+            "the exec command did not exit within 1500 ms after the stream ended (x-livemig-stall-timeout); it was killed; the guest stays stopped here"
+        ),
+        "{r}"
+    );
+    assert_eq!(r["x-livemig-handover"], "unknown", "{r}");
+    assert_eq!(src.status(), "paused", "the command had the whole stream");
+    // The stream did go out whole: a destination loads it.
+    let mut dst = Lm::destination(dir.path(), "dst", &format!("file:{}", file.display()));
+    dst.wait_completed();
+    assert_eq!(dst.ram_checksum(), sum);
+    // Management, knowing that destination is not running it, takes the guest back.
+    src.ok("cont", json!({}));
+    assert_eq!(src.status(), "running");
 }

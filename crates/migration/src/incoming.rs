@@ -1341,7 +1341,9 @@ pub(crate) fn run(job: Job) {
                     );
                 }
             }
-            let _ = conn.finish();
+            // An `exec:` source command that outlives the stall bound is killed: the stream
+            // is loaded already.
+            let _ = conn.finish(shared.lock().params.stall_timeout());
             let runstate = loader.received_runstate().unwrap_or(RunState::Running);
             {
                 let mut inner = shared.lock();

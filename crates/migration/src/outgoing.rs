@@ -1126,10 +1126,26 @@ impl Outgoing {
                 self.handover.get_or_insert(Handover::Unconfirmed);
             }
         }
-        self.conn
+        let confirmed = self.handover == Some(Handover::Confirmed);
+        match self
+            .conn
             .as_mut()
             .ok_or_else(|| gone("the channel"))?
-            .finish()?;
+            .finish(self.stall)
+        {
+            // The destination confirmed the stream: the command's end changes nothing.
+            Err(e) if confirmed => log::warn!("{e}"),
+            // The command had the whole stream and never ended: what it passed on, and
+            // whether a destination runs the guest, is unknown (as after a silent return
+            // path); the guest stays stopped here.
+            Err(e) if e.to_string().starts_with(crate::transport::EXEC_TIMEOUT) => {
+                self.undo.verdict_unknown = true;
+                return Err(MigrationError::Other(format!(
+                    "{e}; the guest stays stopped here: 'cont' it only once the destination is known not to run it"
+                )));
+            }
+            other => other?,
+        }
         let downtime = self
             .downtime_start
             .map_or(0, |(t, _)| t.elapsed().as_millis() as u64);

@@ -196,12 +196,19 @@ impl ShutdownHandle {
     /// fails the call with `WouldBlock` instead of blocking it for good. A slow peer is not a
     /// stalled one — each byte that moves restarts the bound. Pipes and files have no such
     /// bound; returns whether the channel took it.
+    ///
+    /// Over TCP the same bound also goes to the kernel, which sees a peer vanish even where no
+    /// call of ours waits on it (data sent and unacknowledged, a return path that is quiet for
+    /// good reason): `TCP_USER_TIMEOUT` (sent data unacknowledged, or the peer's window shut,
+    /// for longer than the bound closes the connection) and keepalive probes every third of
+    /// the bound on an idle connection. `None` gives both back to the system's defaults.
     pub fn set_stall_timeout(&self, read: bool, write: bool, t: Option<Duration>) -> bool {
         let guard = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         let set = |r: std::io::Result<()>, w: std::io::Result<()>| r.is_ok() && w.is_ok();
         // A zero duration means "forever" to the kernel but is an error to std.
         let t = t.filter(|d| !d.is_zero());
         match &*guard {
+            ShutdownTarget::Socket(s) if s.is_tcp() && !tcp_stall_bound(s, t) => false,
             ShutdownTarget::Socket(s) => set(
                 if read { s.set_read_timeout(t) } else { Ok(()) },
                 if write {
@@ -224,6 +231,26 @@ impl ShutdownHandle {
     }
 }
 
+/// `TCP_USER_TIMEOUT` and keepalive for a TCP channel's stall bound `t` (see
+/// [`ShutdownHandle::set_stall_timeout`]); returns whether the socket took them.
+fn tcp_stall_bound(s: &Stream, t: Option<Duration>) -> bool {
+    use nix::sys::socket::{setsockopt, sockopt};
+    let ms = t.map_or(0, |d| u32::try_from(d.as_millis()).unwrap_or(u32::MAX));
+    let user = setsockopt(s, sockopt::TcpUserTimeout, &ms);
+    let keep = match t {
+        Some(d) => {
+            // Whole seconds, at least one: the kernel's unit.
+            let third = u32::try_from((d.as_secs() / 3).max(1)).unwrap_or(u32::MAX);
+            setsockopt(s, sockopt::TcpKeepIdle, &third)
+                .and_then(|_| setsockopt(s, sockopt::TcpKeepInterval, &third))
+                .and_then(|_| setsockopt(s, sockopt::TcpKeepCount, &3))
+                .and_then(|_| setsockopt(s, sockopt::KeepAlive, &true))
+        }
+        None => setsockopt(s, sockopt::KeepAlive, &false),
+    };
+    user.is_ok() && keep.is_ok()
+}
+
 /// The byte type every transport's reader is boxed as.
 pub type BoxRead = Box<dyn Read + Send>;
 /// The byte type every transport's writer is boxed as.
@@ -243,23 +270,47 @@ pub struct Connection {
 }
 
 impl Connection {
-    /// Waits for an `exec:` child to exit and reports a failure exit status.
-    pub fn finish(&mut self) -> Result<(), MigrationError> {
-        if let Some(child) = self.child.take() {
-            let status = child
-                .lock()
-                .map_err(|_| MigrationError::Other("exec child lock poisoned".into()))?
-                .wait()
-                .map_err(|e| MigrationError::io("Failed to wait for the exec command", e))?;
-            if !status.success() {
+    /// Waits for an `exec:` child to exit and reports a failure exit status. The wait lasts
+    /// at most `bound` (the stall bound; `None` waits for good): a command still running then
+    /// is killed, and the error says so (it begins with [`EXEC_TIMEOUT`]).
+    pub fn finish(&mut self, bound: Option<Duration>) -> Result<(), MigrationError> {
+        let Some(child) = self.child.take() else {
+            return Ok(());
+        };
+        let mut child = child
+            .lock()
+            .map_err(|_| MigrationError::Other("exec child lock poisoned".into()))?;
+        let deadline = bound.map(|b| std::time::Instant::now() + b);
+        let status = loop {
+            let waited = match deadline {
+                None => child.wait().map(Some),
+                Some(_) => child.try_wait(),
+            }
+            .map_err(|e| MigrationError::io("Failed to wait for the exec command", e))?;
+            if let Some(st) = waited {
+                break st;
+            }
+            if deadline.is_some_and(|d| std::time::Instant::now() >= d) {
+                let _ = child.kill();
+                let _ = child.wait();
                 return Err(MigrationError::Other(format!(
-                    "The exec command exited with {status}"
+                    "{EXEC_TIMEOUT} {} ms after the stream ended (x-livemig-stall-timeout); it was killed",
+                    bound.map_or(0, |b| b.as_millis())
                 )));
             }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        if !status.success() {
+            return Err(MigrationError::Other(format!(
+                "The exec command exited with {status}"
+            )));
         }
         Ok(())
     }
 }
+
+/// How the error of an `exec:` command that outlived the stall bound begins.
+pub const EXEC_TIMEOUT: &str = "the exec command did not exit within";
 
 fn tcp_addrs(host: &str, port: u16) -> Result<Vec<std::net::SocketAddr>, MigrationError> {
     net::resolve(host, port)
@@ -532,6 +583,66 @@ mod tests {
         );
     }
 
+    /// Issue 14 item 1: over TCP the stall bound reaches the kernel too — `TCP_USER_TIMEOUT`
+    /// equal to it and keepalive every third of it (at least a second) — on both ends of
+    /// the channel; `None` gives the defaults back (before, neither was ever set).
+    #[test]
+    fn the_stall_bound_sets_tcp_user_timeout_and_keepalive_on_both_ends() {
+        use nix::sys::socket::{getsockopt, sockopt};
+        let l = Listener::bind(&MigrationUri::parse("tcp:127.0.0.1:0").unwrap()).unwrap();
+        let port = l.local_port().unwrap();
+        let t = std::thread::spawn(move || l.accept().unwrap());
+        let out = connect(&MigrationUri::parse(&format!("tcp:127.0.0.1:{port}")).unwrap()).unwrap();
+        let inc = t.join().unwrap();
+        let opts = |c: &Connection| {
+            let g = c.shutdown.inner.lock().unwrap();
+            let ShutdownTarget::Socket(s) = &*g else {
+                panic!("not a socket")
+            };
+            (
+                getsockopt(s, sockopt::TcpUserTimeout).unwrap(),
+                getsockopt(s, sockopt::KeepAlive).unwrap(),
+                getsockopt(s, sockopt::TcpKeepIdle).unwrap(),
+                getsockopt(s, sockopt::TcpKeepInterval).unwrap(),
+                getsockopt(s, sockopt::TcpKeepCount).unwrap(),
+            )
+        };
+        assert_eq!(opts(&out).0, 0, "no bound before it is set");
+        assert!(out
+            .shutdown
+            .set_stall_timeout(false, true, Some(Duration::from_millis(1500))));
+        assert!(inc
+            .shutdown
+            .set_stall_timeout(true, true, Some(Duration::from_secs(30))));
+        assert_eq!(opts(&out), (1500, true, 1, 1, 3));
+        assert_eq!(opts(&inc), (30_000, true, 10, 10, 3));
+        assert!(out.shutdown.set_stall_timeout(false, true, None));
+        let (user, keep, ..) = opts(&out);
+        assert_eq!((user, keep), (0, false));
+    }
+
+    /// Issue 14 item 1: the wait for an `exec:` command after the stream lasts at most the
+    /// bound, and the command is killed then (before, a command that never exited held the
+    /// migration for good); without a bound it still waits for the exit status.
+    #[test]
+    fn the_wait_for_an_exec_command_is_bounded() {
+        let mut c = connect(&MigrationUri::parse("exec:exec sleep 600").unwrap()).unwrap();
+        c.writer = None;
+        let t0 = std::time::Instant::now();
+        let e = c
+            .finish(Some(Duration::from_millis(200)))
+            .unwrap_err()
+            .to_string();
+        assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
+        assert_eq!(
+            e,
+            "the exec command did not exit within 200 ms after the stream ended (x-livemig-stall-timeout); it was killed"
+        );
+        let mut c = connect(&MigrationUri::parse("exec:exit 3").unwrap()).unwrap();
+        let e = c.finish(None).unwrap_err().to_string();
+        assert_eq!(e, "The exec command exited with exit status: 3");
+    }
+
     #[test]
     fn unix_round_trip_and_shutdown_unblocks_reader() {
         let dir = tempfile::tempdir().unwrap();
@@ -567,7 +678,7 @@ mod tests {
         let mut c = connect(&uri).unwrap();
         c.writer.as_mut().unwrap().write_all(b"QEVM").unwrap();
         c.writer = None;
-        c.finish().unwrap();
+        c.finish(None).unwrap();
         let l = Listener::bind(&MigrationUri::parse(&format!("file:{}", f.display())).unwrap())
             .unwrap();
         let mut c = l.accept().unwrap();
@@ -580,6 +691,6 @@ mod tests {
         let mut s = String::new();
         c.reader.as_mut().unwrap().read_to_string(&mut s).unwrap();
         assert_eq!(s, "QEVM");
-        c.finish().unwrap();
+        c.finish(None).unwrap();
     }
 }
