@@ -12,6 +12,9 @@
 //!   the source fail and resume (before, it reported `completed` and both ends were stopped);
 //!   with `x-livemig-auto-return-path` off it completes as QEMU's does, and says
 //!   `x-livemig-handover: unconfirmed`.
+//! * An `exec:` command that stops reading its stdin stalls the stream as a socket would,
+//!   and fails the migration within the bound with the guest resumed (before, the source's
+//!   write blocked for good).
 //! * An `exec:` command that takes the whole stream and never exits: the source waits for it
 //!   at most the stall bound (before, for good), kills it, and — with no return path to say
 //!   where the guest went — stays paused, `failed`, `x-livemig-handover: unknown`.
@@ -300,4 +303,22 @@ fn an_exec_command_that_never_exits_is_bounded_and_the_guest_stays_stopped() {
     // Management, knowing that destination is not running it, takes the guest back.
     src.ok("cont", json!({}));
     assert_eq!(src.status(), "running");
+}
+
+#[test]
+fn an_exec_command_that_stops_reading_fails_within_the_bound_and_the_source_resumes() {
+    let dir = tempdir();
+    let mut src = source(dir.path());
+    let sum = src.ram_checksum();
+    src.migrate("exec:exec sleep 600");
+    let t0 = Instant::now();
+    let r = src.wait_migration(&["failed", "completed", "cancelled"]);
+    assert_eq!(
+        desc(&r),
+        "the migration stream stalled: the destination took nothing for 1500 ms (x-livemig-stall-timeout)",
+        "{r}"
+    );
+    assert!(t0.elapsed() < Duration::from_secs(15), "{:?}", t0.elapsed());
+    assert_eq!(src.status(), "running", "the source must resume its guest");
+    assert_eq!(src.ram_checksum(), sum);
 }

@@ -23,8 +23,10 @@ use net::Stream;
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::net::Shutdown;
+use std::os::fd::AsFd;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -154,7 +156,8 @@ enum ShutdownTarget {
     #[default]
     Nothing,
     Socket(Stream),
-    Child(Arc<Mutex<Child>>),
+    /// An `exec:` command, and the stall bound its pipes wait with ([`BoundedPipe`]).
+    Child(Arc<Mutex<Child>>, Arc<AtomicU64>),
 }
 
 impl ShutdownHandle {
@@ -172,7 +175,7 @@ impl ShutdownHandle {
             ShutdownTarget::Socket(s) => {
                 let _ = s.shutdown(Shutdown::Both);
             }
-            ShutdownTarget::Child(c) => {
+            ShutdownTarget::Child(c, _) => {
                 if let Ok(mut c) = c.lock() {
                     let _ = c.kill();
                 }
@@ -209,6 +212,12 @@ impl ShutdownHandle {
         let t = t.filter(|d| !d.is_zero());
         match &*guard {
             ShutdownTarget::Socket(s) if s.is_tcp() && !tcp_stall_bound(s, t) => false,
+            // Both pipes of a command share one bound.
+            ShutdownTarget::Child(_, bound) if read || write => {
+                let ms = t.map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+                bound.store(ms.max(u64::from(t.is_some())), Ordering::Relaxed);
+                true
+            }
             ShutdownTarget::Socket(s) => set(
                 if read { s.set_read_timeout(t) } else { Ok(()) },
                 if write {
@@ -228,6 +237,78 @@ impl ShutdownHandle {
         if let ShutdownTarget::Socket(s) = &*guard {
             let _ = s.shutdown(Shutdown::Write);
         }
+    }
+}
+
+/// One pipe of an `exec:` command, bounded as a socket is by `SO_RCVTIMEO` / `SO_SNDTIMEO`:
+/// the pipe is non-blocking, and each read or write waits (`poll`) at most the channel's
+/// stall bound (milliseconds, 0 = for good) for it to be ready, then fails with
+/// `WouldBlock` — a command that stops reading its stdin, or stops writing its stdout, fails
+/// the migration as a stalled socket does. A slow command is not a stalled one: each byte
+/// restarts the bound.
+struct BoundedPipe<P> {
+    pipe: P,
+    bound_ms: Arc<AtomicU64>,
+}
+
+impl<P: AsFd> BoundedPipe<P> {
+    fn new(pipe: P, bound_ms: Arc<AtomicU64>) -> std::io::Result<Self> {
+        use nix::fcntl::{fcntl, FcntlArg, OFlag};
+        let flags = OFlag::from_bits_truncate(fcntl(pipe.as_fd(), FcntlArg::F_GETFL)?);
+        fcntl(pipe.as_fd(), FcntlArg::F_SETFL(flags | OFlag::O_NONBLOCK))?;
+        Ok(BoundedPipe { pipe, bound_ms })
+    }
+
+    /// Runs `op` until it does not find the pipe busy, waiting at most the bound each time.
+    fn io(
+        &mut self,
+        events: nix::poll::PollFlags,
+        mut op: impl FnMut(&mut P) -> std::io::Result<usize>,
+    ) -> std::io::Result<usize> {
+        use nix::poll::{poll, PollFd, PollTimeout};
+        loop {
+            match op(&mut self.pipe) {
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                other => return other,
+            }
+            let ms = self.bound_ms.load(Ordering::Relaxed);
+            let timeout = if ms == 0 {
+                PollTimeout::NONE
+            } else {
+                PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX)
+            };
+            let mut fds = [PollFd::new(self.pipe.as_fd(), events)];
+            match poll(&mut fds, timeout) {
+                Ok(0) => {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::WouldBlock,
+                        "the exec command moved no byte within the stall bound",
+                    ))
+                }
+                Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+}
+
+impl<P: Read + AsFd> Read for BoundedPipe<P> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.io(nix::poll::PollFlags::POLLIN, |p| p.read(buf))
+    }
+}
+
+impl<P: Write + AsFd> Write for BoundedPipe<P> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.io(nix::poll::PollFlags::POLLOUT, |p| p.write(buf))
+    }
+
+    fn write_vectored(&mut self, bufs: &[std::io::IoSlice<'_>]) -> std::io::Result<usize> {
+        self.io(nix::poll::PollFlags::POLLOUT, |p| p.write_vectored(bufs))
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.pipe.flush()
     }
 }
 
@@ -371,10 +452,20 @@ pub fn connect_with(uri: &MigrationUri, return_path: bool) -> Result<Connection,
                 .ok_or_else(|| MigrationError::Other("exec child has no stdin".into()))?;
             let stdout = child.stdout.take();
             let child = Arc::new(Mutex::new(child));
+            let bound = Arc::new(AtomicU64::new(0));
+            let pipe_error = |e| MigrationError::io(format!("Failed to run '{cmd}'"), e);
+            let reader = match stdout {
+                Some(s) => Some(
+                    Box::new(BoundedPipe::new(s, bound.clone()).map_err(pipe_error)?) as BoxRead,
+                ),
+                None => None,
+            };
             Ok(Connection {
-                writer: Some(Box::new(stdin)),
-                reader: stdout.map(|s| Box::new(s) as BoxRead),
-                shutdown: ShutdownHandle::new(ShutdownTarget::Child(child.clone())),
+                writer: Some(Box::new(
+                    BoundedPipe::new(stdin, bound.clone()).map_err(pipe_error)?,
+                )),
+                reader,
+                shutdown: ShutdownHandle::new(ShutdownTarget::Child(child.clone(), bound)),
                 child: Some(child),
             })
         }
@@ -480,10 +571,20 @@ impl Listener {
                     .ok_or_else(|| MigrationError::Other("exec child has no stdout".into()))?;
                 let stdin = child.stdin.take();
                 let child = Arc::new(Mutex::new(child));
+                let bound = Arc::new(AtomicU64::new(0));
+                let pipe_error = |e| MigrationError::io(format!("Failed to run '{cmd}'"), e);
+                let writer = match stdin {
+                    Some(s) => Some(Box::new(
+                        BoundedPipe::new(s, bound.clone()).map_err(pipe_error)?,
+                    ) as BoxWrite),
+                    None => None,
+                };
                 Ok(Connection {
-                    writer: stdin.map(|s| Box::new(s) as BoxWrite),
-                    reader: Some(Box::new(stdout)),
-                    shutdown: ShutdownHandle::new(ShutdownTarget::Child(child.clone())),
+                    writer,
+                    reader: Some(Box::new(
+                        BoundedPipe::new(stdout, bound.clone()).map_err(pipe_error)?,
+                    )),
+                    shutdown: ShutdownHandle::new(ShutdownTarget::Child(child.clone(), bound)),
                     child: Some(child),
                 })
             }
@@ -641,6 +742,43 @@ mod tests {
         let mut c = connect(&MigrationUri::parse("exec:exit 3").unwrap()).unwrap();
         let e = c.finish(None).unwrap_err().to_string();
         assert_eq!(e, "The exec command exited with exit status: 3");
+    }
+
+    /// Issue 14 item 1: an `exec:` command that stops reading its stdin fails the write
+    /// after the stall bound, as a stalled socket does (before, the write blocked for good);
+    /// a command that reads moves everything, bound or not.
+    #[test]
+    fn an_exec_pipe_has_the_stall_bound() {
+        let mut c = connect(&MigrationUri::parse("exec:exec sleep 600").unwrap()).unwrap();
+        assert!(c
+            .shutdown
+            .set_stall_timeout(false, true, Some(Duration::from_millis(300))));
+        let chunk = vec![7u8; 1 << 20];
+        let t0 = std::time::Instant::now();
+        let e = c.writer.as_mut().unwrap().write_all(&chunk).unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::WouldBlock, "{e}");
+        assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
+        c.shutdown.shutdown();
+
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("out");
+        let mut c =
+            connect(&MigrationUri::parse(&format!("exec:cat > {}", f.display())).unwrap()).unwrap();
+        c.shutdown
+            .set_stall_timeout(false, true, Some(Duration::from_millis(300)));
+        let data: Vec<u8> = (0..(4u32 << 20)).map(|i| (i % 251) as u8).collect();
+        c.writer.as_mut().unwrap().write_all(&data).unwrap();
+        c.writer = None;
+        c.finish(Some(Duration::from_secs(10))).unwrap();
+        assert!(std::fs::read(&f).unwrap() == data);
+        let l = Listener::bind(&MigrationUri::parse(&format!("exec:cat {}", f.display())).unwrap())
+            .unwrap();
+        let mut c = l.accept().unwrap();
+        c.shutdown
+            .set_stall_timeout(true, false, Some(Duration::from_millis(300)));
+        let mut back = Vec::new();
+        c.reader.as_mut().unwrap().read_to_end(&mut back).unwrap();
+        assert!(back == data);
     }
 
     #[test]
