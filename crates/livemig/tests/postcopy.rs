@@ -425,3 +425,61 @@ fn cuts_in_postcopy_pause_and_recover_repeatedly() {
 fn cuts_in_postcopy_with_preempt_pause_and_recover_repeatedly() {
     cuts_recover(true);
 }
+
+/// Issue 14 item 1: a connection to `migrate-recover`'s listener that says nothing (no
+/// RECV_BITMAP) holds the destination at most `x-livemig-stall-timeout`; it then pauses
+/// again, and a real recovery completes the migration (before, the destination waited on the
+/// silent connection for good, and no recovery could follow).
+#[test]
+fn a_silent_recovery_connection_is_dropped_after_the_stall_bound() {
+    let dir = tempdir();
+    let uri = format!("unix:{}", dir.path().join("mig.sock").display());
+    let mut a = GUEST.to_vec();
+    a.extend(["-incoming", &uri]);
+    let mut dst = Lm::start(dir.path(), "dst", &a);
+    dst.caps_on(CAPS);
+    dst.set_params(json!({"x-livemig-stall-timeout": 1500}));
+    let mut src = slow_source(dir.path());
+    src.set_params(json!({"max-postcopy-bandwidth": 1 << 20}));
+    src.migrate(&uri);
+    src.wait_migration(&["active"]);
+    src.ok("migrate-start-postcopy", json!({}));
+    src.wait_migration(&["postcopy-active"]);
+    dst.wait_migration(&["postcopy-active"]);
+    src.ok("migrate-pause", json!({}));
+    paused(&mut src);
+    paused(&mut dst);
+    let rec1 = dir.path().join("rec1.sock");
+    dst.ok(
+        "migrate-recover",
+        json!({ "uri": format!("unix:{}", rec1.display()) }),
+    );
+    let silent = std::os::unix::net::UnixStream::connect(&rec1).unwrap();
+    dst.wait_migration(&["postcopy-recover"]);
+    let t0 = std::time::Instant::now();
+    let q = paused(&mut dst);
+    assert!(
+        t0.elapsed() < std::time::Duration::from_secs(15),
+        "{:?}",
+        t0.elapsed()
+    );
+    assert!(
+        q["error-desc"]
+            .as_str()
+            .unwrap_or_default()
+            .starts_with("postcopy paused:"),
+        "{q}"
+    );
+    drop(silent);
+    recover(
+        &mut src,
+        &mut dst,
+        &format!("unix:{}", dir.path().join("rec2.sock").display()),
+    );
+    src.set_params(json!({"max-postcopy-bandwidth": 0}));
+    src.wait_completed();
+    dst.wait_completed();
+    dst.ok("stop", json!({}));
+    let v = dst.verify_ram();
+    assert_eq!(v["corrupt"], 0, "destination RAM: {v}");
+}

@@ -85,10 +85,20 @@ pub fn wait_for_recovery(
 ) -> Option<Recovered> {
     loop {
         let listener = shared.wait_recover()?;
-        let tls: TlsParams = shared.lock().params.tls();
+        let (tls, stall): (TlsParams, _) = {
+            let inner = shared.lock();
+            (inner.params.tls(), inner.params.stall_timeout())
+        };
+        // Each connection gets the stall bound at once, as at setup: a source (or anyone)
+        // that connects and then says nothing — no TLS handshake, no RECV_BITMAP — fails
+        // the recovery after the bound and the destination pauses again, ready for the next
+        // `migrate-recover`, instead of waiting on it for good.
         let accept = || {
             listener
                 .accept()
+                .inspect(|c| {
+                    c.shutdown.set_stall_timeout(true, true, stall);
+                })
                 .and_then(|c| crate::secure::secure_incoming(c, &tls, objects))
         };
         let result = (|| {
@@ -100,6 +110,9 @@ pub fn wait_for_recovery(
             };
             let pre = if preempt {
                 let mut p = accept()?;
+                // The preempt channel may then stay quiet for as long as no page is asked
+                // for: its bound ends with the handshake, as at setup.
+                p.shutdown.set_stall_timeout(true, true, None);
                 let r = p.reader.take().ok_or_else(|| {
                     MigrationError::Other("the preempt channel has no incoming direction".into())
                 })?;
