@@ -33,12 +33,11 @@ passing=(
     qcow2:migrate-bitmaps-test
     qcow2:migrate-bitmaps-postcopy-test
     qcow2:181
+    qcow2:194
 )
 # Tests of the issue's list that do not pass yet, each with what livemig lacks; `--all` runs
 # them too.
-pending=(
-    qcow2:194                          # drive-mirror
-)
+pending=()
 # Left out, and why:
 #   091, 145, 183  old block migration (`migrate -b`, the `block` capability): not built, refused
 #   tests needing PC machines, iothreads or virtio-scsi (e.g. 136, 169's scsi cases): livemig

@@ -80,7 +80,23 @@ pub(crate) fn open_registered(
         .unwrap_or_else(PoisonError::into_inner)
         .get(driver)
         .cloned()?;
-    Some(open_with(layer, m, &factory))
+    Some(open_with(layer, m, &factory, false))
+}
+
+/// [`BlockLayer::open_detached`] for a registered driver: `None` when `options` names no
+/// registered driver.
+pub(crate) fn open_registered_detached(
+    layer: &BlockLayer,
+    options: &Value,
+) -> Option<Result<Arc<BlockNode>, BlockError>> {
+    let m = options.as_object()?;
+    let driver = m.get("driver")?.as_str()?;
+    let factory = DRIVERS
+        .read()
+        .unwrap_or_else(PoisonError::into_inner)
+        .get(driver)
+        .cloned()?;
+    Some(open_with(layer, m, &factory, true))
 }
 
 fn opt_bool(m: &Map<String, Value>, key: &str) -> Result<Option<bool>, BlockError> {
@@ -98,8 +114,11 @@ fn open_with(
     layer: &BlockLayer,
     m: &Map<String, Value>,
     factory: &DriverFactory,
+    detached: bool,
 ) -> Result<Arc<BlockNode>, BlockError> {
     let node_name = match m.get("node-name") {
+        // A detached node gets a generated name below.
+        None if detached => String::new(),
         None => return Err(BlockError::RootNodeNameRequired),
         Some(Value::String(s)) => s.clone(),
         Some(_) => {
@@ -154,12 +173,19 @@ fn open_with(
             )));
         }
     }
-    // Check the name before connecting anywhere: a refused name must not have side effects.
-    if layer.node(&node_name).is_some() {
-        return Err(BlockError::DuplicateNode(node_name));
+    if detached && !node_name.is_empty() {
+        return Err(BlockError::Unsupported(
+            "node-name is not supported for a node outside the graph".into(),
+        ));
     }
-    if !crate::options::id_wellformed(&node_name) {
-        return Err(BlockError::InvalidNodeName(node_name));
+    // Check the name before connecting anywhere: a refused name must not have side effects.
+    if !detached {
+        if layer.node(&node_name).is_some() {
+            return Err(BlockError::DuplicateNode(node_name));
+        }
+        if !crate::options::id_wellformed(&node_name) {
+            return Err(BlockError::InvalidNodeName(node_name));
+        }
     }
     let own: Map<String, Value> = m
         .iter()
@@ -167,16 +193,17 @@ fn open_with(
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
     let driver = factory(&own, read_only)?;
-    layer.insert_node(
-        &node_name,
-        driver,
-        NodeFlags {
-            read_only,
-            discard_unmap,
-            no_flush,
-            inactive: false,
-        },
-    )
+    let flags = NodeFlags {
+        read_only,
+        discard_unmap,
+        no_flush,
+        inactive: false,
+    };
+    if detached {
+        layer.detached_node(driver, flags)
+    } else {
+        layer.insert_node(&node_name, driver, flags)
+    }
 }
 
 // ---- node claims ------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-//! The block job QMP commands — `blockdev-mirror`, `query-block-jobs`, `query-jobs`,
+//! The block job QMP commands — `blockdev-mirror`, `drive-mirror`, `query-block-jobs`, `query-jobs`,
 //! `block-job-cancel`, `block-job-complete`, `block-job-set-speed` — as one [`CommandSet`],
 //! with arguments checked by [`qmp::Args`] in QEMU 7.2's order. [`JobError`]s meet QMP's
 //! classes here, in one `From` impl.
@@ -13,6 +13,7 @@ use std::sync::Arc;
 /// The commands of [`JobCommands`].
 pub const COMMANDS: &[&str] = &[
     "blockdev-mirror",
+    "drive-mirror",
     "query-block-jobs",
     "query-jobs",
     "block-job-cancel",
@@ -59,6 +60,7 @@ impl CommandSet for JobCommands {
         let mgr = &self.jobs;
         match name {
             "blockdev-mirror" => blockdev_mirror(mgr, a)?,
+            "drive-mirror" => drive_mirror(mgr, a)?,
             "query-block-jobs" => {
                 a.finish()?;
                 let jobs = mgr.jobs().iter().map(|j| j.info()).collect();
@@ -116,6 +118,64 @@ fn blockdev_mirror(mgr: &Arc<JobManager>, mut a: Args) -> Result<(), QmpError> {
     let layer = mgr.layer();
     let source = layer.lookup_bs(Some(&device), Some(&device))?;
     let target_node = layer.lookup_bs(Some(&target), Some(&target))?;
+    if filter.is_some() {
+        return Err(other("filter-node-name is not supported"));
+    }
+    start_mirror(
+        mgr,
+        Common {
+            job_id,
+            source,
+            target: target_node,
+            replaces,
+            sync,
+            speed,
+            granularity,
+            buf_size,
+            on_source_error,
+            on_target_error,
+            copy_mode,
+            auto_finalize,
+            auto_dismiss,
+        },
+    )
+}
+
+/// The parameters `blockdev-mirror` and `drive-mirror` share (QEMU's
+/// `blockdev_mirror_common`), with the nodes already found or opened.
+struct Common {
+    job_id: Option<String>,
+    source: Arc<block::BlockNode>,
+    target: Arc<block::BlockNode>,
+    replaces: Option<String>,
+    sync: String,
+    speed: Option<i64>,
+    granularity: Option<u32>,
+    buf_size: Option<i64>,
+    on_source_error: Option<String>,
+    on_target_error: Option<String>,
+    copy_mode: Option<String>,
+    auto_finalize: Option<bool>,
+    auto_dismiss: Option<bool>,
+}
+
+fn start_mirror(mgr: &Arc<JobManager>, c: Common) -> Result<(), QmpError> {
+    let Common {
+        job_id,
+        source,
+        target: target_node,
+        replaces,
+        sync,
+        speed,
+        granularity,
+        buf_size,
+        on_source_error,
+        on_target_error,
+        copy_mode,
+        auto_finalize,
+        auto_dismiss,
+    } = c;
+    let layer = mgr.layer();
     mgr.check_nodes(&source, &target_node)?;
     let granularity = match granularity {
         None | Some(0) => DEFAULT_GRANULARITY,
@@ -149,9 +209,6 @@ fn blockdev_mirror(mgr: &Arc<JobManager>, mut a: Args) -> Result<(), QmpError> {
         return Err(other(
             "replaces is not supported: mirror completion does not pivot",
         ));
-    }
-    if filter.is_some() {
-        return Err(other("filter-node-name is not supported"));
     }
     if copy_mode.as_deref() == Some("write-blocking") {
         return Err(other("copy-mode=write-blocking is not supported"));
@@ -203,6 +260,141 @@ fn blockdev_mirror(mgr: &Arc<JobManager>, mut a: Args) -> Result<(), QmpError> {
         buf_size,
     })?;
     Ok(())
+}
+
+/// `drive-mirror`: the legacy form of `blockdev-mirror`, whose target is a filename or an NBD
+/// URI the command opens itself (QEMU's `qmp_drive_mirror`). The target node is outside the
+/// graph and belongs to the job: it is closed when the job ends.
+fn drive_mirror(mgr: &Arc<JobManager>, mut a: Args) -> Result<(), QmpError> {
+    let job_id = a.opt_str("job-id")?;
+    let device = a.req_str("device")?;
+    let target = a.req_str("target")?;
+    let format = a.opt_str("format")?;
+    let node_name = a.opt_str("node-name")?;
+    let replaces = a.opt_str("replaces")?;
+    let sync = a.req_enum("sync", &["top", "full", "none", "incremental", "bitmap"])?;
+    let mode = a.opt_enum("mode", &["existing", "absolute-paths"])?;
+    let speed = a.opt_int::<i64>("speed")?;
+    let granularity = a.opt_int::<u32>("granularity")?;
+    let buf_size = a.opt_int::<i64>("buf-size")?;
+    let on_source_error = a.opt_enum("on-source-error", ON_ERROR)?;
+    let on_target_error = a.opt_enum("on-target-error", ON_ERROR)?;
+    let unmap = a.opt_bool("unmap")?;
+    let copy_mode = a.opt_enum("copy-mode", &["background", "write-blocking"])?;
+    let auto_finalize = a.opt_bool("auto-finalize")?;
+    let auto_dismiss = a.opt_bool("auto-dismiss")?;
+    a.finish()?;
+
+    let layer = mgr.layer();
+    let source = layer.lookup_bs(Some(&device), Some(&device))?;
+    // What this implementation cannot honour, refused before the target is opened.
+    if mode.as_deref() != Some("existing") {
+        return Err(other(
+            "mode=absolute-paths is not supported: creating the target image is not built; \
+             create it (e.g. with qemu-img) and use mode=existing",
+        ));
+    }
+    if node_name.is_some() {
+        return Err(other(
+            "node-name is not supported: the target node of drive-mirror stays anonymous",
+        ));
+    }
+    if unmap.is_some() {
+        return Err(other(
+            "unmap is not supported: the mirror copies zeroed ranges as data",
+        ));
+    }
+    let options = target_options(&target, format.as_deref())?;
+    let target_node = layer.open_detached(&options)?;
+    start_mirror(
+        mgr,
+        Common {
+            job_id,
+            source,
+            target: target_node,
+            replaces,
+            sync,
+            speed,
+            granularity,
+            buf_size,
+            on_source_error,
+            on_target_error,
+            copy_mode,
+            auto_finalize,
+            auto_dismiss,
+        },
+    )
+}
+
+/// The port of an `nbd://` URI without one (QEMU's `NBD_DEFAULT_PORT`).
+const NBD_DEFAULT_PORT: u16 = 10809;
+
+/// The `BlockdevOptions` of `drive-mirror`'s `target` (a filename, or an `nbd`, `nbd+tcp` or
+/// `nbd+unix` URI as QEMU's NBD driver parses it) opened as `format`.
+fn target_options(target: &str, format: Option<&str>) -> Result<Value, QmpError> {
+    let Some(format) = format else {
+        return Err(other(
+            "drive-mirror without 'format' is not supported: format probing is not built",
+        ));
+    };
+    let Some((scheme, rest)) = target.split_once("://") else {
+        return match format {
+            "raw" | "qcow2" => Ok(json!({
+                "driver": format,
+                "file": {"driver": "file", "filename": target},
+            })),
+            f => Err(other(format!("Unknown driver '{f}'"))),
+        };
+    };
+    if !matches!(scheme, "nbd" | "nbd+tcp" | "nbd+unix") {
+        return Err(other(format!("Unknown protocol '{scheme}'")));
+    }
+    // The data behind an NBD export is the server's: only `raw` (the bytes as they are) is
+    // opened over it.
+    if format != "raw" {
+        return Err(other(format!(
+            "format '{format}' over an NBD target is not supported: use format=raw"
+        )));
+    }
+    if rest.contains('%') || rest.contains('#') {
+        return Err(other(format!(
+            "Invalid URI '{target}': escapes and fragments are not supported"
+        )));
+    }
+    let (rest, query) = match rest.split_once('?') {
+        Some((r, q)) => (r, Some(q)),
+        None => (rest, None),
+    };
+    let (authority, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, ""),
+    };
+    let export = path.strip_prefix('/').unwrap_or(path);
+    let bad = || other(format!("Invalid URI '{target}'"));
+    let server = if scheme == "nbd+unix" {
+        let socket = query
+            .and_then(|q| q.strip_prefix("socket="))
+            .filter(|p| !p.is_empty() && !p.contains('&'))
+            .ok_or_else(bad)?;
+        if !authority.is_empty() {
+            return Err(bad());
+        }
+        json!({"type": "unix", "path": socket})
+    } else {
+        if query.is_some() || authority.is_empty() {
+            return Err(bad());
+        }
+        let (host, port) = match authority.rsplit_once(':') {
+            Some((h, p)) => (h, p.parse::<u16>().map_err(|_| bad())?),
+            None => (authority, NBD_DEFAULT_PORT),
+        };
+        json!({"type": "inet", "host": host, "port": port.to_string()})
+    };
+    let mut opts = json!({"driver": "nbd", "server": server});
+    if !export.is_empty() {
+        opts["export"] = json!(export);
+    }
+    Ok(opts)
 }
 
 #[cfg(test)]

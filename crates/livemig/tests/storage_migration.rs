@@ -258,3 +258,112 @@ fn a_mirror_still_writing_at_switchover_fails_the_migration_cleanly() {
     let b = std::fs::read(&dst_img).unwrap();
     assert!(a == b, "images differ after the failed migration");
 }
+
+/// `drive-mirror`, the legacy form of `blockdev-mirror`: the command opens its target itself
+/// from an NBD URI (here the export of a second VM), the job copies the whole disk, and the
+/// target node goes away with the job (its NBD connection closes, so the exporter can remove
+/// the export in `safe` mode). What livemig cannot honour is refused by name, and a refused
+/// command starts no job.
+#[test]
+fn drive_mirror_opens_an_nbd_uri_target_and_drops_it_with_the_job() {
+    let dir = testkit::tempdir();
+    let (src_img, dst_img, data) = images(dir.path());
+    let mut dst = Vm::start(dir.path(), "dst", &dst_img, &[]);
+    let mut src = Vm::start(dir.path(), "src", &src_img, &[]);
+    let nbd_sock = dir.path().join("nbd.sock");
+    dst.ok(
+        "nbd-server-start",
+        json!({"addr": {"type": "unix", "data": {"path": nbd_sock.to_str().unwrap()}}}),
+    );
+    dst.ok("nbd-server-add", json!({"device": "d0", "writable": true}));
+    let uri = format!("nbd+unix:///d0?socket={}", nbd_sock.display());
+    let args = |extra: Value| {
+        let mut a = json!({"job-id": "m0", "device": "d0", "target": uri, "sync": "full",
+                           "format": "raw", "mode": "existing"});
+        for (k, v) in extra.as_object().unwrap() {
+            a[k] = v.clone();
+        }
+        a
+    };
+    for (extra, refusal) in [
+        (
+            json!({"mode": "absolute-paths"}),
+            "mode=absolute-paths is not supported",
+        ),
+        (json!({"node-name": "t"}), "node-name is not supported"),
+        (json!({"unmap": true}), "unmap is not supported"),
+        (
+            json!({"format": "qcow2"}),
+            "format 'qcow2' over an NBD target",
+        ),
+        (json!({"target": "http://h/x"}), "Unknown protocol 'http'"),
+        (json!({"target": "nbd+unix:///d0"}), "Invalid URI"),
+        (
+            json!({"on-target-error": "stop"}),
+            "on-target-error=stop is not supported",
+        ),
+        (json!({"replaces": "d0"}), "replaces is not supported"),
+    ] {
+        let a = args(extra.clone());
+        let r = src.qmp.execute("drive-mirror", a.clone()).unwrap();
+        let desc = r["error"]["desc"].as_str().unwrap_or_default();
+        assert!(desc.contains(refusal), "drive-mirror {a}: {r}");
+    }
+    let mut no_format = args(json!({}));
+    no_format.as_object_mut().unwrap().remove("format");
+    let r = src.qmp.execute("drive-mirror", no_format).unwrap();
+    assert!(
+        r["error"]["desc"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("without 'format'"),
+        "{r}"
+    );
+    assert_eq!(src.ok("query-block-jobs", json!({})), json!([]));
+
+    src.ok(
+        "drive-mirror",
+        args(json!({"speed": 0, "granularity": 65536, "buf-size": 1 << 20})),
+    );
+    let ready = src.event("BLOCK_JOB_READY");
+    assert_eq!(ready["data"]["device"], "m0");
+    assert_eq!(ready["data"]["len"], DISK_SIZE as u64);
+    // The target node is the job's, not the graph's.
+    let nodes = src.ok("query-named-block-nodes", json!({}));
+    assert!(
+        !nodes.to_string().contains("nbd"),
+        "the target shows up in the graph: {nodes}"
+    );
+    // Its connection is open while the job runs.
+    let r = dst
+        .qmp
+        .execute("nbd-server-remove", json!({"name": "d0", "mode": "safe"}))
+        .unwrap();
+    assert!(
+        r.get("error").is_some(),
+        "export removed under a mirror: {r}"
+    );
+
+    src.ok("block-job-cancel", json!({"device": "m0"}));
+    let done = src.event("BLOCK_JOB_COMPLETED");
+    assert_eq!(done["data"]["offset"], DISK_SIZE as u64, "{done}");
+    assert!(done["data"].get("error").is_none(), "{done}");
+    assert_eq!(std::fs::read(&dst_img).unwrap(), data);
+    // The job is gone, and with it the target's NBD connection.
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        let r = dst
+            .qmp
+            .execute("nbd-server-remove", json!({"name": "d0", "mode": "safe"}))
+            .unwrap();
+        if r.get("return").is_some() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the target's connection outlived the job: {r}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(src.ok("query-block-jobs", json!({})), json!([]));
+}

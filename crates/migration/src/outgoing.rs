@@ -506,14 +506,22 @@ impl Outgoing {
                 stats
                     .expected_downtime_ms
                     .store((pending / bw * 1000.0) as u64, Ordering::Relaxed);
+                // QEMU 7.2's `migration_iteration_run`: once postcopy is requested and what
+                // must go in precopy (RAM, in a bitmap-only postcopy) fits in the downtime,
+                // the migration switches to postcopy while something (the bitmaps) is left to
+                // follow the switch, before it considers completing in precopy: a requested
+                // postcopy with bitmaps to send is entered, however little RAM remains.
+                let ram_pending = (dirty * crate::guest::PAGE_SIZE) as f64;
+                // A request that arrived during the pass counts now.
+                let postcopy = postcopy || shared.lock().out.postcopy_requested;
+                let ram_fits = ram_pending <= bw * downtime_ms as f64 / 1000.0;
+                if postcopy && ram_fits && bitmap_bytes > 0 {
+                    return Ok(Next::Postcopy);
+                }
                 if convergence.switch_now(pending, bw, downtime_ms) {
                     return Ok(Next::Switchover);
                 }
-                // QEMU 7.2's `migration_iteration_run`: what must go in precopy (RAM, in a
-                // bitmap-only postcopy) fits in the downtime, the rest (the bitmaps) does not:
-                // switch to postcopy.
-                let ram_pending = (dirty * crate::guest::PAGE_SIZE) as f64;
-                if postcopy && ram_pending <= bw * downtime_ms as f64 / 1000.0 {
+                if postcopy && ram_fits {
                     return Ok(Next::Postcopy);
                 }
             }

@@ -279,6 +279,44 @@ impl BlockLayer {
         Ok(node)
     }
 
+    /// Opens the node `options` describe (QEMU's `BlockdevOptions`, without `node-name`) for
+    /// one user alone, outside the graph: QEMU's anonymous node of `drive-mirror`'s target,
+    /// which lives as long as the job that opened it. It gets a generated `#blockNNN` name,
+    /// no lookup or query finds it, and it is closed when its last reference is dropped.
+    pub fn open_detached(&self, options: &Value) -> Result<Arc<BlockNode>, BlockError> {
+        if let Some(r) = crate::extension::open_registered_detached(self, options) {
+            return r;
+        }
+        let opts = BlockdevOptions::from_json(options)?;
+        if opts.node_name.is_some() {
+            return Err(BlockError::Unsupported(
+                "node-name is not supported for a node outside the graph".into(),
+            ));
+        }
+        opts.check_supported()?;
+        let mut g = self.write();
+        // The children stay out of the graph too: the node holds them.
+        let mut children = Vec::new();
+        self.open_node(&mut g, &mut children, &opts, Inherit::default(), false)
+    }
+
+    /// Wraps `driver` as a node outside the graph, with a generated name (the end of
+    /// [`BlockLayer::open_detached`] for a registered driver).
+    pub(crate) fn detached_node(
+        &self,
+        driver: Box<dyn BlockDriver>,
+        flags: NodeFlags,
+    ) -> Result<Arc<BlockNode>, BlockError> {
+        let mut g = self.write();
+        let name = self.assign_name(&mut g, &[], None)?;
+        let flags = NodeFlags {
+            inactive: flags.inactive || self.incoming.load(Ordering::SeqCst),
+            ..flags
+        };
+        let id = self.next_id.fetch_add(1, Ordering::SeqCst);
+        Ok(Arc::new(BlockNode::new(id, &name, driver, flags)?))
+    }
+
     fn assign_name(
         &self,
         g: &mut Graph,
