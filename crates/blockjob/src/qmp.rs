@@ -365,11 +365,7 @@ fn target_options(target: &str, format: Option<&str>) -> Result<Value, QmpError>
         Some((r, q)) => (r, Some(q)),
         None => (rest, None),
     };
-    let (authority, path) = match rest.find('/') {
-        Some(i) => (&rest[..i], &rest[i..]),
-        None => (rest, ""),
-    };
-    let export = path.strip_prefix('/').unwrap_or(path);
+    let (authority, export) = rest.split_once('/').unwrap_or((rest, ""));
     let bad = || other(format!("Invalid URI '{target}'"));
     let server = if scheme == "nbd+unix" {
         let socket = query
@@ -390,11 +386,13 @@ fn target_options(target: &str, format: Option<&str>) -> Result<Value, QmpError>
         };
         json!({"type": "inet", "host": host, "port": port.to_string()})
     };
-    let mut opts = json!({"driver": "nbd", "server": server});
+    let mut opts = serde_json::Map::new();
+    opts.insert("driver".into(), json!("nbd"));
+    opts.insert("server".into(), server);
     if !export.is_empty() {
-        opts["export"] = json!(export);
+        opts.insert("export".into(), json!(export));
     }
-    Ok(opts)
+    Ok(Value::Object(opts))
 }
 
 #[cfg(test)]
@@ -446,5 +444,50 @@ mod tests {
         )
         .unwrap();
         assert_eq!(cmds.jobs.jobs().len(), 1);
+    }
+
+    /// drive-mirror's targets as QEMU's NBD driver reads them: the export is the path, the
+    /// socket the one query parameter of `nbd+unix`, the port 10809 unless given.
+    #[test]
+    fn drive_mirror_targets() {
+        let t = |s: &str| target_options(s, Some("raw"));
+        assert_eq!(
+            t("nbd+unix:///drive0?socket=/tmp/s").unwrap(),
+            json!({"driver": "nbd", "export": "drive0",
+                   "server": {"type": "unix", "path": "/tmp/s"}})
+        );
+        assert_eq!(
+            t("nbd://h:1234/e").unwrap(),
+            json!({"driver": "nbd", "export": "e",
+                   "server": {"type": "inet", "host": "h", "port": "1234"}})
+        );
+        assert_eq!(
+            t("nbd+tcp://h").unwrap(),
+            json!({"driver": "nbd", "server": {"type": "inet", "host": "h", "port": "10809"}})
+        );
+        assert_eq!(
+            t("/img/a.raw").unwrap(),
+            json!({"driver": "raw", "file": {"driver": "file", "filename": "/img/a.raw"}})
+        );
+        for bad in [
+            "nbd+unix:///e",
+            "nbd+unix://h/e?socket=/s",
+            "nbd+unix:///e?socket=/s&x=1",
+            "nbd://h/e?socket=/s",
+            "nbd:///e",
+            "nbd://h:port/e",
+            "nbd://h/%65",
+        ] {
+            assert!(
+                t(bad).unwrap_err().to_string().contains("Invalid URI"),
+                "{bad}"
+            );
+        }
+        let e = target_options("nbd://h/e", Some("qcow2")).unwrap_err();
+        assert!(e.to_string().contains("use format=raw"), "{e}");
+        let e = target_options("ftp://h/e", Some("raw")).unwrap_err();
+        assert!(e.to_string().contains("Unknown protocol 'ftp'"), "{e}");
+        let e = target_options("/img/a", None).unwrap_err();
+        assert!(e.to_string().contains("without 'format'"), "{e}");
     }
 }
