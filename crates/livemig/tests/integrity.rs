@@ -135,3 +135,70 @@ fn integrity_on_at_one_end_only_fails_at_the_configuration() {
         assert_eq!(src.status(), "running");
     }
 }
+
+/// `livemig analyze` reads a stream with the digests as the destination does: each RAM
+/// batch's and each bitmap chunk's digest checked against the bytes before it, and a byte
+/// changed in a bitmap chunk is named as an integrity failure of that chunk (before, the
+/// analyzer took the digest after a chunk for the next chunk's header and failed on a good
+/// stream).
+#[test]
+fn analyze_checks_the_digests_of_pages_and_bitmap_chunks() {
+    let dir = tempdir();
+    let file = dir.path().join("stream");
+    let mut src = Lm::source(dir.path(), "src", BUSY);
+    src.add_bitmap("b0");
+    src.caps_on(&["dirty-bitmaps", "x-livemig-integrity"]);
+    src.wait_filled();
+    src.migrate(&format!("exec:cat > {}", file.display()));
+    src.wait_completed();
+    let count = src.bitmap_info("b0")["count"].as_u64().unwrap_or(0);
+    assert!(count > 0);
+
+    let analyze = |path: &Path| {
+        let out = std::process::Command::new(livemig())
+            .arg("analyze")
+            .arg(path)
+            .output()
+            .expect("run livemig analyze");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned()
+                + &String::from_utf8_lossy(&out.stderr),
+        )
+    };
+    let (code, text) = analyze(&file);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(
+        text.contains(&format!(
+            "d0/b0: granularity 65536, flags 0x1 (enabled), {} bits set, complete",
+            count / 65536
+        )),
+        "{text}"
+    );
+    let digests = text
+        .lines()
+        .find_map(|l| l.strip_prefix("x-livemig-integrity: "))
+        .and_then(|l| l.split(' ').next())
+        .and_then(|n| n.parse::<u64>().ok())
+        .unwrap_or_else(|| panic!("no digest count in:\n{text}"));
+    // At least one per RAM pass over the filled pages and one per bitmap chunk (START, the
+    // BITS, COMPLETE/EOS).
+    assert!(digests >= 3, "{text}");
+    assert!(!text.contains("error"), "{text}");
+
+    // The bitmap's START chunk names it: node "d0", bitmap "b0", each length-prefixed.
+    let mut bytes = std::fs::read(&file).expect("stream");
+    let at = bytes
+        .windows(6)
+        .position(|w| w == b"\x02d0\x02b0")
+        .expect("the bitmap's START chunk");
+    bytes[at + 5] ^= 0x01; // "b0" -> "b1"
+    let bad = dir.path().join("flipped");
+    std::fs::write(&bad, &bytes).expect("write the flipped stream");
+    let (code, text) = analyze(&bad);
+    assert_ne!(code, Some(0), "{text}");
+    assert!(
+        text.contains("integrity check failed: the dirty-bitmap chunk arrived with digest"),
+        "{text}"
+    );
+}

@@ -109,7 +109,7 @@ pub struct BitmapSaver {
 }
 
 /// What a `dirty-bitmap` digest covers, in integrity errors.
-const CHUNK_DIGEST_COVERS: &str = "dirty-bitmap chunk";
+use wire::digest::BITMAP_CHUNK_COVERS as CHUNK_DIGEST_COVERS;
 
 /// Writes one chunk; with `integrity`, followed by the digest of its bytes (`wire::digest`).
 fn put_chunk(w: &mut Writer, c: &Chunk, integrity: bool) -> Result<(), MigrationError> {

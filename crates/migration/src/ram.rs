@@ -34,7 +34,7 @@ use wire::ram::{
 use wire::WireErrorKind;
 
 /// What a `ram` digest covers, in integrity errors.
-const RAM_DIGEST_COVERS: &str = "batch of RAM records";
+use wire::digest::RAM_COVERS as RAM_DIGEST_COVERS;
 
 /// The section's idstr.
 pub const RAM_IDSTR: &str = "ram";

@@ -20,6 +20,15 @@ use crate::writer::StreamWriter;
 use std::io::{Read, Write};
 use xxhash_rust::xxh3::Xxh3;
 
+/// The capability that turns the digests on (validated in the configuration section).
+pub const CAPABILITY: &str = "x-livemig-integrity";
+
+/// What a `ram` DIGEST record covers, in integrity errors.
+pub const RAM_COVERS: &str = "batch of RAM records";
+
+/// What the digest after a `dirty-bitmap` chunk covers, in integrity errors.
+pub const BITMAP_CHUNK_COVERS: &str = "dirty-bitmap chunk";
+
 /// A running digest over stream bytes (XXH3, 64 bits, seed 0).
 #[derive(Clone)]
 pub struct Digest {

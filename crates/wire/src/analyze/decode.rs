@@ -210,11 +210,35 @@ impl Analyzer<'_> {
         &mut blocks[i]
     }
 
+    /// The stream's configuration turns `x-livemig-integrity` on: its RAM batches and bitmap
+    /// chunks carry digests, checked here as the destination checks them.
+    fn integrity(&self) -> bool {
+        self.summary
+            .configuration
+            .as_ref()
+            .and_then(|c| c.capabilities.as_ref())
+            .is_some_and(|caps| caps.iter().any(|c| c == crate::digest::CAPABILITY))
+    }
+
     pub(super) fn ram_body<R: Read>(&mut self, r: &mut StreamReader<R>) -> Res<RamTally> {
         let mut t = RamTally::default();
+        let integrity = self.integrity();
+        // Records in the digest run going (the loader's rule: a run is closed by a DIGEST
+        // record, and one with records in it may not end at EOS).
+        let mut run: Option<u64> = None;
         loop {
+            if integrity && run.is_none() {
+                r.digest_start();
+                run = Some(0);
+            }
             let at = r.offset();
             let rec = read_ram_record(r)?;
+            if let (Some(n), false) = (
+                run.as_mut(),
+                matches!(rec, RamRecord::Eos | RamRecord::Digest),
+            ) {
+                *n += 1;
+            }
             let name = match rec.block() {
                 Some(b) => Some(
                     self.ram_blocks
@@ -276,10 +300,24 @@ impl Analyzer<'_> {
                     t.hook += 1;
                     self.summary.ram.hooks += 1;
                 }
-                // livemig's integrity digest: its value is not checked here (the analyzer
-                // reads any stream, digests or not), only stepped over.
+                RamRecord::Digest if integrity => {
+                    crate::digest::check_value(r, crate::digest::RAM_COVERS)?;
+                    self.summary.integrity_digests += 1;
+                    run = None;
+                }
+                // A DIGEST record in a stream whose configuration does not announce the
+                // capability (or that has no configuration section): stepped over, as the
+                // analyzer reads what a loader would refuse.
                 RamRecord::Digest => r.skip(8)?,
-                RamRecord::Eos => return Ok(t),
+                RamRecord::Eos => {
+                    r.digest_finish();
+                    if run.is_some_and(|n| n > 0) {
+                        return Err(r.error(WireErrorKind::IntegrityMissing {
+                            what: crate::digest::RAM_COVERS,
+                        }));
+                    }
+                    return Ok(t);
+                }
             }
         }
     }
@@ -308,8 +346,16 @@ impl Analyzer<'_> {
 
     pub(super) fn bitmap_body<R: Read>(&mut self, r: &mut StreamReader<R>) -> Res<String> {
         let (mut starts, mut bits, mut completes) = (0u64, 0u64, 0u64);
+        let integrity = self.integrity();
         loop {
+            if integrity {
+                r.digest_start();
+            }
             let c = read_chunk(r)?;
+            if integrity {
+                crate::digest::check_value(r, crate::digest::BITMAP_CHUNK_COVERS)?;
+                self.summary.integrity_digests += 1;
+            }
             let (node, bitmap) = self.bitmap_names.resolve(&c);
             let (node, bitmap) = (
                 node.unwrap_or("?").to_string(),

@@ -227,6 +227,9 @@ pub struct Summary {
     pub bytes: u64,
     /// Bytes after the trailer.
     pub trailing_bytes: u64,
+    /// `x-livemig-integrity` digests checked (RAM batches and bitmap chunks; the stream's
+    /// configuration says whether it carries them).
+    pub integrity_digests: u64,
 }
 
 /// Result of [`analyze`]: the summary (partial if the stream is damaged) and the error that
@@ -260,6 +263,7 @@ pub fn analyze_with<R: Read>(input: R, opts: &AnalyzeOptions) -> Analysis {
             eof: false,
             bytes: 0,
             trailing_bytes: 0,
+            integrity_digests: 0,
         },
         sections: HashMap::new(),
         ram_blocks: BlockTracker::new(),

@@ -238,6 +238,7 @@ impl Summary {
             "devices": devices,
             "trailer": trailer,
             "trailing_bytes": self.trailing_bytes,
+            "integrity_digests": self.integrity_digests,
         })
     }
 }
@@ -425,6 +426,13 @@ impl fmt::Display for Summary {
         }
         if self.trailing_bytes > 0 {
             writeln!(f, "{} bytes after the trailer", self.trailing_bytes)?;
+        }
+        if self.integrity_digests > 0 {
+            writeln!(
+                f,
+                "x-livemig-integrity: {} digests checked, all equal",
+                self.integrity_digests
+            )?;
         }
         Ok(())
     }
