@@ -27,6 +27,7 @@
 //! | `-no-shutdown` | QEMU stops instead of exiting when the guest powers off; livemig's guests never power off (`quit` exits either way, as in QEMU) |
 //! | `-display none`, `-vga none`, `-monitor none` | no display, no VGA card, no human monitor; any other value is refused |
 //! | `-monitor stdio` | the human monitor on stdin and stdout, as QEMU's (`crate::monitor::hmp::serve_stdio`) |
+//! | `-qmp stdio` | a QMP monitor on stdin and stdout, as QEMU's (`qmp::Server::serve_io`): the greeting at start-up, a reply per line, events between them; the end of stdin ends only the reading (the VM runs on, events still come, as QEMU 7.2 does); stdio serves one monitor (a second is refused, as QEMU refuses it) |
 //! | `-nographic` | as QEMU's: no display, and the default devices on stdio — here only the human monitor, when no `-monitor`, `-qmp` or `-mon` is given and not `-nodefaults` (neither machine has a default serial port, so QEMU's `mon:stdio` multiplexing never arises) |
 //!
 //! Refused until built: other chardev backends and uses, `-cpu`, `-global`, CPU topology, memory
@@ -58,7 +59,7 @@ usage: livemig vm [options]     a VM controlled over QMP, with QEMU's option nam
   -qtest unix:path=PATH|chardev:ID
                          the qtest protocol's socket (commands are refused: none is built)
   -object OPTIONS        tls-creds-x509, authz-simple, authz-list (keyval or JSON)
-  -qmp unix:PATH,server=on,wait=off | tcp:HOST:PORT,server=on,wait=off
+  -qmp unix:PATH,server=on,wait=off | tcp:HOST:PORT,server=on,wait=off | stdio
                          a QMP monitor
   -incoming URI|defer    wait for an incoming migration (tcp:, unix:, exec:, file:)
   -S                     do not start the guest
@@ -136,6 +137,8 @@ pub struct VmArgs {
     pub monitor_clients: usize,
     /// `-monitor stdio`, or `-nographic` without another monitor: the human monitor on stdio.
     pub monitor_stdio: bool,
+    /// `-qmp stdio`: a QMP monitor on stdin and stdout.
+    pub qmp_stdio: bool,
 }
 
 impl Default for VmArgs {
@@ -166,6 +169,7 @@ impl Default for VmArgs {
             drive_format_help: false,
             monitor_clients: qmp::DEFAULT_MAX_CLIENTS,
             monitor_stdio: false,
+            qmp_stdio: false,
         }
     }
 }
@@ -343,6 +347,17 @@ fn only_none(opt: &str, value: &str) -> Result<(), String> {
     })
 }
 
+/// QEMU's stdio chardev can be opened once: a second monitor on stdio (`-monitor stdio`,
+/// `-qmp stdio`) is refused with QEMU's words.
+fn stdio_free(a: &VmArgs, opt: &str, value: &str) -> Result<(), String> {
+    if a.monitor_stdio || a.qmp_stdio {
+        return Err(format!(
+            "-{opt} {value}: cannot use stdio by multiple character devices"
+        ));
+    }
+    Ok(())
+}
+
 /// Parses the arguments after `livemig vm`.
 pub fn parse_vm_args(argv: &[String]) -> Result<VmArgs, String> {
     let mut a = VmArgs::default();
@@ -452,8 +467,14 @@ pub fn parse_vm_args(argv: &[String]) -> Result<VmArgs, String> {
             "object" => a.objects.push(value(o)?),
             "device" => parse_device(&value(o)?, &mut a)?,
             "qmp" => {
-                a.qmp.push(value(o)?);
+                let v = value(o)?;
                 default_monitor = false;
+                if v == "stdio" {
+                    stdio_free(&a, o, &v)?;
+                    a.qmp_stdio = true;
+                } else {
+                    a.qmp.push(v);
+                }
             }
             "incoming" => a.incoming = Some(value(o)?),
             "S" => a.start_paused = true,
@@ -486,11 +507,7 @@ pub fn parse_vm_args(argv: &[String]) -> Result<VmArgs, String> {
                 let v = value(o)?;
                 default_monitor = false;
                 if v == "stdio" {
-                    if a.monitor_stdio {
-                        return Err(format!(
-                            "-monitor {v}: cannot use stdio by multiple character devices"
-                        ));
-                    }
+                    stdio_free(&a, o, &v)?;
                     a.monitor_stdio = true;
                 } else {
                     only_none(o, &v)?;
@@ -692,6 +709,7 @@ mod tests {
             "-nographic -chardev socket,id=m,path=/tmp/m -mon m,mode=control"
         ));
         assert!(!stdio("-display none"));
+        assert!(!stdio("-nographic -qmp stdio"));
     }
 
     /// Every option that is not built is refused, in QEMU's words where QEMU has them.
@@ -717,6 +735,9 @@ mod tests {
             ("-vga std", "-vga std: livemig has no VGA card (-vga none)"),
             ("-monitor vc", "-monitor vc: the human monitor is served on stdio only (-monitor stdio), and through QMP's human-monitor-command"),
             ("-monitor stdio -monitor stdio", "-monitor stdio: cannot use stdio by multiple character devices"),
+            ("-qmp stdio -monitor stdio", "-monitor stdio: cannot use stdio by multiple character devices"),
+            ("-monitor stdio -qmp stdio", "-qmp stdio: cannot use stdio by multiple character devices"),
+            ("-qmp stdio -qmp stdio", "-qmp stdio: cannot use stdio by multiple character devices"),
             ("-serial stdio", "-serial stdio: only file:PATH, none and null are supported"),
         ];
         for (line, msg) in cases {

@@ -20,6 +20,7 @@ use migration::machine::Machine;
 use migration::{LoadFailureHook, Migration, MigrationOptions};
 use nix::sys::signal::{SigSet, Signal};
 use serde_json::{json, Value};
+use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -318,6 +319,17 @@ pub fn run(mut args: VmArgs) -> Result<(), String> {
         server
             .serve_unix(stream)
             .map_err(|e| format!("-mon: {e}"))?;
+    }
+    if args.qmp_stdio {
+        // Copies of the descriptors, written without a buffer: a reply is on stdout once its
+        // write returns, so `quit` exits only after its reply and event are out.
+        let dup =
+            |fd: std::os::fd::BorrowedFd<'_>| fd.try_clone_to_owned().map(std::fs::File::from);
+        let input = dup(std::io::stdin().as_fd()).map_err(|e| format!("-qmp stdio: {e}"))?;
+        let output = dup(std::io::stdout().as_fd()).map_err(|e| format!("-qmp stdio: {e}"))?;
+        server
+            .serve_io(input, output)
+            .map_err(|e| format!("-qmp stdio: {e}"))?;
     }
     if args.monitor_stdio {
         crate::monitor::hmp::serve_stdio(app)

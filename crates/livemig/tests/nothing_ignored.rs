@@ -48,6 +48,10 @@ fn options_that_are_not_built_are_refused() {
         (&["-vga", "std"], "-vga std: livemig has no VGA card (-vga none)".into()),
         (&["-monitor", "vc"], "-monitor vc: the human monitor is served on stdio only (-monitor stdio), and through QMP's human-monitor-command".into()),
         (&["-monitor", "stdio", "-monitor", "stdio"], "-monitor stdio: cannot use stdio by multiple character devices".into()),
+        // `-qmp stdio` acts (qmp_stdio.rs); stdio serves one monitor, as in QEMU.
+        (&["-qmp", "stdio", "-monitor", "stdio"], "-monitor stdio: cannot use stdio by multiple character devices".into()),
+        (&["-monitor", "stdio", "-qmp", "stdio"], "-qmp stdio: cannot use stdio by multiple character devices".into()),
+        (&["-qmp", "stdio", "-qmp", "stdio"], "-qmp stdio: cannot use stdio by multiple character devices".into()),
         (&["-M", "none", "-drive", "file=/x,format=raw"], "-drive file=/x,format=raw: -drive: if= is required here (if=virtio or if=none): livemig has no default disk bus".into()),
         (&["-serial", "stdio"], "-serial stdio: only file:PATH, none and null are supported".into()),
         (&["-device", "virtio-net"], "-device virtio-net: 'virtio-net' is not a valid device model name".into()),
@@ -56,6 +60,7 @@ fn options_that_are_not_built_are_refused() {
     for (args, msg) in cases {
         refused(dir.path(), args, msg);
     }
+    cited("qmp_stdio.rs", "fn qmp_on_stdio_answers_as_qemu_does");
 }
 
 /// Resident memory of a process, in bytes (`VmRSS`).

@@ -42,8 +42,9 @@ pub(super) struct Queue {
 /// One client connection, as seen by everyone but its reader.
 pub(super) struct Conn {
     pub(super) id: u64,
-    /// For shutting the socket down from any thread.
-    pub(super) stream: Stream,
+    /// For shutting the socket down from any thread; `None` for a connection over stdio
+    /// ([`Server::serve_io`]), which has none.
+    pub(super) stream: Option<Stream>,
     pub(super) queue: Mutex<Queue>,
     /// Signalled on every change to `queue`.
     pub(super) changed: Condvar,
@@ -88,7 +89,7 @@ impl Conn {
             q.state = QueueState::Dead;
             self.changed.notify_all();
             drop(q);
-            let _ = self.stream.shutdown(Shutdown::Both);
+            self.shutdown();
             return;
         }
         q.bytes += line.len();
@@ -97,6 +98,13 @@ impl Conn {
             after: None,
         });
         self.changed.notify_all();
+    }
+
+    /// Shuts the socket down, so both threads see the end of the connection.
+    fn shutdown(&self) {
+        if let Some(s) = &self.stream {
+            let _ = s.shutdown(Shutdown::Both);
+        }
     }
 
     /// Asks the writer to flush and close.
@@ -114,7 +122,7 @@ impl Conn {
         q.state = QueueState::Dead;
         self.changed.notify_all();
         drop(q);
-        let _ = self.stream.shutdown(Shutdown::Both);
+        self.shutdown();
     }
 
     /// The next item to write, or `None` when the writer should stop.
@@ -153,10 +161,12 @@ pub(super) fn refuse(stream: &Stream, max: usize) {
     let _ = stream.shutdown(Shutdown::Both);
 }
 
-/// Reads the client's input and answers it, until EOF or error.
+/// Reads the client's input and answers it, until EOF or error. On a socket that ends the
+/// connection; on stdio (`socket` is `None`) only the reading ends: as QEMU 7.2's stdio
+/// chardev at the end of stdin, the monitor keeps its mode and the events keep coming.
 pub(super) fn reader_loop(
     conn: Arc<Conn>,
-    mut input: Stream,
+    mut input: impl Read,
     mut session: Session,
     limits: Limits,
 ) {
@@ -182,11 +192,13 @@ pub(super) fn reader_loop(
         }
     }
     // What the client sent last without finishing it is dropped, as QEMU does on close.
-    conn.begin_close();
+    if conn.stream.is_some() {
+        conn.begin_close();
+    }
 }
 
 /// Writes the connection's queue to the socket until the connection closes.
-pub(super) fn writer_loop(conn: Arc<Conn>, mut out: Stream, hub: Arc<Hub>) {
+pub(super) fn writer_loop(conn: Arc<Conn>, mut out: impl Write, hub: Arc<Hub>) {
     while let Some(item) = conn.next_item() {
         let written = out
             .write_all(item.payload.bytes())
@@ -210,6 +222,6 @@ pub(super) fn writer_loop(conn: Arc<Conn>, mut out: Stream, hub: Arc<Hub>) {
             spawn_detached(f);
         }
     }
-    let _ = conn.stream.shutdown(Shutdown::Both);
+    conn.shutdown();
     hub.remove(conn.id);
 }

@@ -10,7 +10,8 @@
 //! reader thread, which parses the client's input and runs its commands one at a time, and a
 //! writer thread, which drains the connection's outgoing queue. Replies and events both go
 //! through that queue, so a message is never written in the middle of another, and nothing that
-//! produces a message ever waits for a client's socket:
+//! produces a message ever waits for a client's socket (or, for the one connection a program
+//! may serve over its stdin and stdout with [`Server::serve_io`], for its stdout):
 //!
 //! * An event is queued on every connection in command mode and [`EventSink::emit`] returns. A
 //!   connection whose queue already holds more than [`ServerConfig::max_pending_bytes`] has
@@ -306,9 +307,9 @@ impl Server {
         let hub = &self.inner.hub;
         let conns: Vec<Arc<Conn>> = lock(&hub.conns).values().cloned().collect();
         for c in &conns {
-            let _ = c
-                .stream
-                .set_write_timeout(Some(timeout.max(Duration::from_millis(1))));
+            if let Some(s) = &c.stream {
+                let _ = s.set_write_timeout(Some(timeout.max(Duration::from_millis(1))));
+            }
             c.begin_close();
         }
         let deadline = Instant::now() + timeout;
@@ -398,6 +399,24 @@ impl Server {
         }
     }
 
+    /// Serves one connection over a reader and a writer that are not a socket: QEMU's
+    /// `-qmp stdio` (stdin and stdout). The greeting is written at once. The end of `input`
+    /// ends only the reading: as with QEMU 7.2's stdio chardev, replies already owed and
+    /// events (once negotiated) are still written, until [`Server::close`] or a failed write.
+    /// It is not counted against [`ServerConfig::max_clients`], since no client arrives on it. Nothing can be shut down
+    /// under a thread blocked on such a reader or writer, so [`Server::close`] waits for it
+    /// only up to its timeout, as for a socket client that does not read.
+    pub fn serve_io<R, W>(&self, input: R, output: W) -> io::Result<()>
+    where
+        R: Read + Send + 'static,
+        W: Write + Send + 'static,
+    {
+        if self.inner.closed.load(Ordering::Acquire) {
+            return Err(io::Error::other("QMP server is closed"));
+        }
+        self.attach(None, input, output)
+    }
+
     fn serve(&self, stream: Stream) -> io::Result<()> {
         let inner = &self.inner;
         if inner.closed.load(Ordering::Acquire) {
@@ -411,11 +430,23 @@ impl Server {
             refuse(&stream, max);
             return Err(io::Error::other("too many monitor clients"));
         }
+        let reader = stream.try_clone()?;
+        self.attach(Some(stream.try_clone()?), reader, stream)
+    }
+
+    /// Registers a connection reading from `input` and writing to `output` and starts its
+    /// threads; `socket` is what shuts it down, when it is one.
+    fn attach<R, W>(&self, socket: Option<Stream>, input: R, output: W) -> io::Result<()>
+    where
+        R: Read + Send + 'static,
+        W: Write + Send + 'static,
+    {
+        let inner = &self.inner;
         let session = Session::new(inner.shared.clone());
         let id = inner.hub.next_id.fetch_add(1, Ordering::Relaxed);
         let conn = Arc::new(Conn {
             id,
-            stream: stream.try_clone()?,
+            stream: socket,
             queue: Mutex::new(Queue {
                 items: VecDeque::new(),
                 bytes: 0,
@@ -426,7 +457,6 @@ impl Server {
             max_pending: inner.config.max_pending_bytes,
         });
         conn.push_reply(session.greeting(), None);
-        let reader = stream.try_clone()?;
         lock(&inner.hub.conns).insert(id, conn.clone());
         if inner.closed.load(Ordering::Acquire) {
             conn.begin_close();
@@ -435,7 +465,7 @@ impl Server {
         let (wconn, hub) = (conn.clone(), inner.hub.clone());
         let writer = thread::Builder::new()
             .name(format!("qmp-conn{id}-wr"))
-            .spawn(move || writer_loop(wconn, stream, hub));
+            .spawn(move || writer_loop(wconn, output, hub));
         if let Err(e) = writer {
             conn.kill();
             inner.hub.remove(id);
@@ -445,7 +475,7 @@ impl Server {
         let rconn = conn.clone();
         let spawned = thread::Builder::new()
             .name(format!("qmp-conn{id}-rd"))
-            .spawn(move || reader_loop(rconn, reader, session, limits));
+            .spawn(move || reader_loop(rconn, input, session, limits));
         if let Err(e) = spawned {
             // The writer cleans up once it sees the connection dead.
             conn.kill();
