@@ -367,3 +367,37 @@ fn drive_mirror_opens_an_nbd_uri_target_and_drops_it_with_the_job() {
     }
     assert_eq!(src.ok("query-block-jobs", json!({})), json!([]));
 }
+
+/// A bitmap-only postcopy (capabilities `dirty-bitmaps` and `events`, no `postcopy-ram`)
+/// requested right after `migrate` is entered even when RAM is sent within the first pass,
+/// as QEMU 7.2 does (iotest 194): the source reports `postcopy-active` before `completed`,
+/// and the destination ends with the bitmap.
+#[test]
+fn a_bitmap_only_postcopy_requested_at_once_is_entered() {
+    let dir = testkit::tempdir();
+    let (src_img, dst_img, _) = images(dir.path());
+    let mig = format!("unix:{}", dir.path().join("mig.sock").display());
+    let mut dst = Vm::start(dir.path(), "dst", &dst_img, &["-incoming", &mig]);
+    let mut src = Vm::start(dir.path(), "src", &src_img, &[]);
+    src.ok(
+        "block-dirty-bitmap-add",
+        json!({"node": "d0", "name": "bitmap0"}),
+    );
+    let caps = json!({"capabilities": [{"capability": "events", "state": true},
+                                       {"capability": "dirty-bitmaps", "state": true}]});
+    src.ok("migrate-set-capabilities", caps.clone());
+    dst.ok("migrate-set-capabilities", caps);
+    src.ok("migrate", json!({"uri": mig}));
+    src.ok("migrate-start-postcopy", json!({}));
+    let mut seen = Vec::new();
+    while seen.last().map(String::as_str) != Some("completed") {
+        let e = src.event("MIGRATION");
+        let st = e["data"]["status"].as_str().unwrap_or_default().to_string();
+        assert_ne!(st, "failed", "{}", src.proc.log());
+        seen.push(st);
+    }
+    assert_eq!(seen, ["setup", "active", "postcopy-active", "completed"]);
+    dst.wait_migration(&["completed"]);
+    let block = dst.ok("query-named-block-nodes", json!({}));
+    assert!(block.to_string().contains("bitmap0"), "{block}");
+}
