@@ -26,8 +26,8 @@
 //! [`BlockNode::inactivate`] waits for in-flight writes on a condition variable, which releases
 //! the mutex while it waits; the writers it waits for never wait for anything themselves.
 
-use crate::bitmap::{default_granularity, BitmapId, DirtyBitmaps};
-use crate::driver::{display_filename, BlockDriver, StoredBitmap};
+use crate::bitmap::{default_granularity, BdrvDirtyBitmap, BitmapId, DirtyBitmaps};
+use crate::driver::{display_filename, BlockDriver, PersistentBitmapStore, StoredBitmap};
 use crate::error::BlockError;
 use crate::perm::{Perm, PermContext, ALL};
 use nix::errno::Errno;
@@ -594,21 +594,8 @@ impl BlockNode {
             return Ok(());
         };
         let st = self.lock();
-        let list = &st.bitmaps;
-        let stored: Vec<StoredBitmap<'_>> = list
-            .named()
-            .filter(|b| b.get_persistence() && !b.readonly() && !b.inconsistent())
-            .collect::<Vec<_>>()
-            .iter()
-            .rev()
-            .map(|b| StoredBitmap {
-                name: b.name().unwrap_or_default(),
-                granularity: b.granularity(),
-                enabled: list.recording(b.id()),
-                bitmap: b.hbitmap(),
-            })
-            .collect();
-        store.store(&stored).map_err(|e| {
+        let chosen = to_store(&st.bitmaps);
+        write_stored(store, &st.bitmaps, &chosen).map_err(|e| {
             BlockError::Driver(format!(
                 "Failed to store persistent bitmaps of node '{}': {e}",
                 self.name
@@ -627,26 +614,11 @@ impl BlockNode {
             .filter_map(|b| b.name().map(str::to_string))
             .collect();
         let list = &st.bitmaps;
-        let chosen: Vec<_> = list
-            .named()
-            .filter(|b| b.get_persistence() && !b.readonly() && !b.inconsistent())
-            .collect();
+        let chosen = to_store(list);
         if chosen.is_empty() {
             return Ok(());
         }
-        // Oldest first: a driver appends new names in this order, and loading inserts each at
-        // the head, so an inactivation and activation give back the list in its old order.
-        let stored: Vec<StoredBitmap<'_>> = chosen
-            .iter()
-            .rev()
-            .map(|b| StoredBitmap {
-                name: b.name().unwrap_or_default(),
-                granularity: b.granularity(),
-                enabled: list.recording(b.id()),
-                bitmap: b.hbitmap(),
-            })
-            .collect();
-        store.store(&stored).map_err(|e| {
+        write_stored(store, list, &chosen).map_err(|e| {
             BlockError::Driver(format!(
                 "Lost persistent bitmaps during inactivation of node '{}': {e}",
                 self.name
@@ -761,6 +733,35 @@ pub(crate) fn for_each_piece(
         done += n;
     }
     Ok(())
+}
+
+/// The bitmaps a node writes back to its image: named, persistent, and neither readonly nor
+/// inconsistent (QEMU's `bdrv_store_persistent_dirty_bitmaps` choice).
+fn to_store(list: &DirtyBitmaps) -> Vec<&BdrvDirtyBitmap> {
+    list.named()
+        .filter(|b| b.get_persistence() && !b.readonly() && !b.inconsistent())
+        .collect()
+}
+
+/// Writes `chosen` (from `list`) to the driver's store. Oldest first: a driver appends new
+/// names in this order, and loading inserts each at the head, so a store and a load give back
+/// the list in its old order.
+fn write_stored(
+    store: &dyn PersistentBitmapStore,
+    list: &DirtyBitmaps,
+    chosen: &[&BdrvDirtyBitmap],
+) -> Result<(), BlockError> {
+    let stored: Vec<StoredBitmap<'_>> = chosen
+        .iter()
+        .rev()
+        .map(|b| StoredBitmap {
+            name: b.name().unwrap_or_default(),
+            granularity: b.granularity(),
+            enabled: list.recording(b.id()),
+            bitmap: b.hbitmap(),
+        })
+        .collect();
+    store.store(&stored)
 }
 
 #[cfg(test)]
