@@ -67,11 +67,13 @@ impl BlockLayer {
     }
 }
 
-/// `blockdev-add` for a registered driver: `None` when `options` names no registered driver
-/// (the layer's own parser then reports what is wrong with them).
+/// `blockdev-add` for a registered driver, or with `detached` [`BlockLayer::open_detached`]
+/// for one: `None` when `options` names no registered driver (the layer's own parser then
+/// reports what is wrong with them).
 pub(crate) fn open_registered(
     layer: &BlockLayer,
     options: &Value,
+    detached: bool,
 ) -> Option<Result<Arc<BlockNode>, BlockError>> {
     let m = options.as_object()?;
     let driver = m.get("driver")?.as_str()?;
@@ -80,23 +82,7 @@ pub(crate) fn open_registered(
         .unwrap_or_else(PoisonError::into_inner)
         .get(driver)
         .cloned()?;
-    Some(open_with(layer, m, &factory, false))
-}
-
-/// [`BlockLayer::open_detached`] for a registered driver: `None` when `options` names no
-/// registered driver.
-pub(crate) fn open_registered_detached(
-    layer: &BlockLayer,
-    options: &Value,
-) -> Option<Result<Arc<BlockNode>, BlockError>> {
-    let m = options.as_object()?;
-    let driver = m.get("driver")?.as_str()?;
-    let factory = DRIVERS
-        .read()
-        .unwrap_or_else(PoisonError::into_inner)
-        .get(driver)
-        .cloned()?;
-    Some(open_with(layer, m, &factory, true))
+    Some(open_with(layer, m, &factory, detached))
 }
 
 fn opt_bool(m: &Map<String, Value>, key: &str) -> Result<Option<bool>, BlockError> {

@@ -193,7 +193,7 @@ impl BlockLayer {
     /// `blockdev-add`: opens the node (and any child defined inline) described by QEMU's
     /// `BlockdevOptions` JSON. Errors are QEMU's.
     pub fn blockdev_add(&self, options: &Value) -> Result<Arc<BlockNode>, BlockError> {
-        if let Some(r) = crate::extension::open_registered(self, options) {
+        if let Some(r) = crate::extension::open_registered(self, options, false) {
             return r;
         }
         let opts = BlockdevOptions::from_json(options)?;
@@ -284,7 +284,7 @@ impl BlockLayer {
     /// which lives as long as the job that opened it. It gets a generated `#blockNNN` name,
     /// no lookup or query finds it, and it is closed when its last reference is dropped.
     pub fn open_detached(&self, options: &Value) -> Result<Arc<BlockNode>, BlockError> {
-        if let Some(r) = crate::extension::open_registered_detached(self, options) {
+        if let Some(r) = crate::extension::open_registered(self, options, true) {
             return r;
         }
         let opts = BlockdevOptions::from_json(options)?;
