@@ -3,10 +3,10 @@
 same size, in one batch, interleaved (the machine is shared: each round runs both).
 
 Each round runs:
-  - `livemig bench --postcopy --ram SIZE --hot HOT --vcpus 1 --runs 1 --json`: the guest
-    fills its RAM, keeps rewriting its hot set, the migration switches to postcopy at once
-    and the destination's vCPU pulls the pages it touches;
-  - QEMU 7.2 `-M pc -accel kvm -m SIZE -kernel postcopy_hot_guest.elf` (one vCPU, built
+  - `livemig bench --postcopy --ram SIZE --hot HOT --vcpus 1 --runs 1 --json --accel ACCEL`:
+    the guest fills its RAM, keeps rewriting its hot set, the migration switches to postcopy
+    at once and the destination's vCPU pulls the pages it touches;
+  - QEMU 7.2 `-M pc -accel ACCEL -m SIZE -kernel postcopy_hot_guest.elf` (one vCPU, built
     here from scripts/postcopy_hot_guest.S): the same fill, then the same 64 MiB hot set;
     once filled it migrates to a QEMU 7.2 destination with `postcopy-ram` (and
     `postcopy-blocktime` there), `migrate-start-postcopy` right after `migrate`.
@@ -102,10 +102,10 @@ def qemu_run(tmp, ram, accel, elf, transport, preempt):
             p.wait()
 
 
-def livemig_run(binary, ram, hot, transport, preempt):
+def livemig_run(binary, ram, hot, transport, preempt, accel):
     cmd = [binary, "bench", "--postcopy", "--ram", str(ram // (1 << 20)) + "M",
            "--hot", str(hot // (1 << 20)) + "M", "--vcpus", "1", "--runs", "1", "--json",
-           "--transport", transport] + (["--preempt"] if preempt else [])
+           "--transport", transport, "--accel", accel] + (["--preempt"] if preempt else [])
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     run = json.loads(out.splitlines()[0])
     p = run["postcopy"]
@@ -123,7 +123,8 @@ def main():
     ap.add_argument("--hot", default="64M")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--transport", default="tcp", choices=["tcp", "unix"])
-    ap.add_argument("--accel", default="kvm", choices=["kvm", "tcg"])
+    ap.add_argument("--accel", default="kvm", choices=["kvm", "tcg"],
+                    help="both ends' vCPUs: KVM (like for like) or software")
     ap.add_argument("--preempt", action="store_true", help="postcopy-preempt on both")
     ap.add_argument("--livemig", default="target/release/livemig")
     a = ap.parse_args()
@@ -138,7 +139,7 @@ def main():
             order = ["livemig", "qemu"] if r % 2 == 0 else ["qemu", "livemig"]
             for who in order:
                 if who == "livemig":
-                    x = livemig_run(a.livemig, ram, hot, a.transport, a.preempt)
+                    x = livemig_run(a.livemig, ram, hot, a.transport, a.preempt, a.accel)
                 else:
                     x = qemu_run(tmp, ram, a.accel, elf, a.transport, a.preempt)
                 res[who].append(x)
@@ -150,7 +151,7 @@ def main():
     print("| | total | downtime | requests | blocktime | blocktime / request "
           "| latency p50 / p99 |")
     print("|---|---|---|---|---|---|---|")
-    for who, name in (("livemig", "livemig bench --postcopy"),
+    for who, name in (("livemig", f"livemig bench --postcopy --accel {a.accel}"),
                       ("qemu", f"QEMU 7.2 -> QEMU 7.2 (-accel {a.accel})")):
         lat = (f"{med(who, 'latency-median-us'):.0f} µs / {med(who, 'latency-p99-us'):.0f} µs"
                if who == "livemig" else "not reported")

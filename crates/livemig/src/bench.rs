@@ -43,7 +43,7 @@ fn bench(args: BenchArgs) -> Result<i32, Closed> {
     sc.verify = verify;
     if !json_out {
         outln!(
-            "livemig bench: {}{} RAM, {} filled, hot set {}, dirty-rate {}/s, {} vCPU(s), disk {}, {:?}{}, {} run(s)",
+            "livemig bench: {}{} RAM, {} filled, hot set {}, dirty-rate {}/s, {} {} vCPU(s), disk {}, {:?}{}, {} run(s)",
             match (sc.postcopy, sc.preempt) {
                 (true, true) => "postcopy+preempt, ",
                 (true, false) => "postcopy, ",
@@ -54,6 +54,7 @@ fn bench(args: BenchArgs) -> Result<i32, Closed> {
             size(sc.hot),
             size(sc.dirty_rate),
             sc.vcpus,
+            if sc.kvm { "KVM" } else { "software" },
             if sc.disk > 0 { size(sc.disk) } else { "none".to_string() },
             sc.transport,
             if sc.dst_prealloc { ", destination -mem-prealloc" } else { "" },

@@ -23,6 +23,15 @@ pub enum TransportArg {
     Unix,
 }
 
+/// `--accel`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum AccelArg {
+    /// Software vCPUs running the workload in Rust.
+    Tcg,
+    /// KVM vCPUs running the workload as guest code (needs /dev/kvm).
+    Kvm,
+}
+
 /// `--multifd-compression`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum CompressionArg {
@@ -56,6 +65,9 @@ pub struct ScenarioArgs {
     /// number is MiB), 0 for none [demo: 1G; bench: 0]
     #[arg(long, value_name = "SIZE", value_parser = mib)]
     pub disk: Option<u64>,
+    /// What runs the guest's vCPUs, on both ends [default: tcg]
+    #[arg(long, value_enum, value_name = "ACCEL")]
+    pub accel: Option<AccelArg>,
     /// The channel between the two processes [default: tcp]
     #[arg(long, value_enum, value_name = "KIND")]
     pub transport: Option<TransportArg>,
@@ -120,6 +132,9 @@ impl ScenarioArgs {
         }
         if let Some(v) = self.disk {
             sc.disk = v;
+        }
+        if let Some(a) = self.accel {
+            sc.kvm = a == AccelArg::Kvm;
         }
         if let Some(t) = self.transport {
             sc.transport = match t {

@@ -33,6 +33,8 @@ pub struct Scenario {
     pub dirty_rate: u64,
     /// Size of the disk carrying a dirty bitmap the guest writes to (0: no disk).
     pub disk: u64,
+    /// KVM vCPUs (`-accel kvm`) on both ends instead of software ones.
+    pub kvm: bool,
     /// The transport.
     pub transport: Transport,
     /// `downtime-limit` in ms.
@@ -73,6 +75,7 @@ impl Default for Scenario {
             hot: 0,
             dirty_rate: 0,
             disk: 0,
+            kvm: false,
             transport: Transport::Tcp,
             downtime_limit_ms: 300,
             max_bandwidth: 0,
@@ -215,9 +218,17 @@ impl Pair {
                 "-qmp".into(),
                 format!("unix:{}/{name}.qmp,server=on,wait=off", dir.display()),
             ];
+            if sc.kvm {
+                a.extend(["-accel".into(), "kvm".into()]);
+            }
             if sc.disk > 0 {
                 a.push("-blockdev".into());
                 a.push(format!("driver=null-co,node-name=disk0,size={}", sc.disk));
+                if sc.kvm {
+                    // KVM guest code writes its disk through the virtio-blk device, whose
+                    // state migrates: both ends need it.
+                    a.extend(["-device".into(), "virtio-blk,drive=disk0".into()]);
+                }
             }
             a
         };

@@ -275,6 +275,25 @@ fn bench_postcopy_reports_page_request_latency() {
     assert!(run["postcopy"]["postcopy-requests"].is_u64(), "{run}");
 }
 
+/// `livemig bench --accel kvm`: both ends run KVM vCPUs (the guest code writing RAM and, with
+/// `--disk`, its virtio-blk disk on both ends); precopy with a disk and postcopy each verify.
+#[test]
+fn bench_with_kvm_vcpus() {
+    if !testkit::require("bench_with_kvm_vcpus", testkit::kvm()) {
+        return;
+    }
+    for extra in [&["--disk", "16M"][..], &["--postcopy"][..]] {
+        let mut args = vec![
+            "bench", "--accel", "kvm", "--ram", "64M", "--hot", "8M", "--runs", "1", "--verify",
+        ];
+        args.extend_from_slice(extra);
+        let (code, out, err) = run_livemig(&args);
+        assert_eq!(code, 0, "{extra:?}\nstdout:\n{out}\nstderr:\n{err}");
+        assert!(out.contains(", 1 KVM vCPU(s),"), "{out}");
+        assert!(out.contains("median: total"), "{out}");
+    }
+}
+
 /// `livemig bench --json`: one object per run with the whole-migration figures, then the
 /// medians; with `--verify` every run is also checked end to end (exit status 0).
 #[test]
