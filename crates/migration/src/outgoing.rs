@@ -436,12 +436,12 @@ impl Outgoing {
             }
             let allowance = meter.allowance(ram.sent_bytes(w), max_bw);
             if allowance == 0 {
-                let cancelled = if postcopy {
-                    shared.sleep_unless_cancelled(generation, meter.window_left())
-                } else {
-                    shared.sleep_unless_cancelled_or_postcopy(generation, meter.window_left())
-                };
-                if cancelled {
+                // Before the switch a request for it ends the wait; after it, only a cancel.
+                if shared.sleep_unless_cancelled_or_postcopy(
+                    generation,
+                    meter.window_left(),
+                    !postcopy,
+                ) {
                     return Err(MigrationError::Cancelled);
                 }
                 meter.tick(ram.sent_bytes(w), sent_pages(&stats), &stats);

@@ -466,36 +466,23 @@ impl Shared {
     }
 
     /// Waits up to `d`, returning early on a cancel. Returns true if cancelled.
-    #[cfg_attr(not(test), allow(dead_code))]
     pub(crate) fn sleep_unless_cancelled(&self, generation: Generation, d: Duration) -> bool {
-        let deadline = Instant::now() + d;
-        let mut inner = self.lock();
-        while inner.out.owned_by(generation) {
-            let now = Instant::now();
-            if now >= deadline {
-                return false;
-            }
-            inner = self
-                .cond
-                .wait_timeout(inner, deadline - now)
-                .map(|(g, _)| g)
-                .unwrap_or_else(|p| p.into_inner().0);
-        }
-        true
+        self.sleep_unless_cancelled_or_postcopy(generation, d, false)
     }
 
-    /// Waits up to `d`, returning early on a cancel (true) or when `migrate-start-postcopy`
-    /// asks for the switch (false).
+    /// Waits up to `d`, returning early on a cancel (true) or, if `postcopy_wakes`, when
+    /// `migrate-start-postcopy` asks for the switch (false).
     pub(crate) fn sleep_unless_cancelled_or_postcopy(
         &self,
         generation: Generation,
         d: Duration,
+        postcopy_wakes: bool,
     ) -> bool {
         let deadline = Instant::now() + d;
         let mut inner = self.lock();
         while inner.out.owned_by(generation) {
             let now = Instant::now();
-            if now >= deadline || inner.out.postcopy_requested {
+            if now >= deadline || (postcopy_wakes && inner.out.postcopy_requested) {
                 return false;
             }
             inner = self
