@@ -58,7 +58,7 @@ usage: livemig vm [options]     a VM controlled over QMP, with QEMU's option nam
                          a QMP monitor on a chardev
   -qtest unix:path=PATH|chardev:ID
                          the qtest protocol's socket (commands are refused: none is built)
-  -object OPTIONS        tls-creds-x509, authz-simple, authz-list (keyval or JSON)
+  -object OPTIONS        tls-creds-x509, tls-creds-psk, authz-simple, authz-list (keyval or JSON)
   -qmp unix:PATH,server=on,wait=off | tcp:HOST:PORT,server=on,wait=off | stdio
                          a QMP monitor
   -incoming URI|defer    wait for an incoming migration (tcp:, unix:, exec:, file:)

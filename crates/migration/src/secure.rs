@@ -8,7 +8,9 @@
 //! The source checks the destination's certificate against `tls-hostname`, or, when that is
 //! empty, the host of a `tcp:` address (QEMU's rule; a `unix:` address has no hostname, so
 //! verifying credentials need `tls-hostname` there). The destination asks the `tls-authz`
-//! object, if set, about the source certificate's distinguished name.
+//! object, if set, about the source certificate's distinguished name. With `tls-creds-psk`
+//! credentials the key authenticates both ends instead: no hostname is checked, and
+//! `tls-authz` is asked about the username the source sent (see `tls::psk`).
 //!
 //! Failures are the migration's error, worded as QEMU words them (`No TLS credentials with id
 //! 'x'`, `Certificate does not match the hostname h`, `TLS x509 authz check for DN is

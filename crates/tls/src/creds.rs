@@ -15,6 +15,7 @@
 use crate::authz::Authz;
 use crate::cert::{sanity_check, CertInfo, CertRole};
 use crate::error::TlsError;
+use crate::psk::{PskCreds, PskOptions};
 use crate::verify::{rejection_reason, ClientVerifier, Rejection, ServerVerifier};
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
@@ -89,8 +90,71 @@ impl Default for X509Options {
     }
 }
 
+/// QEMU's `qcrypto_tls_creds_get_dh_params_file` check of an optional `dh-params.pem`: it must
+/// hold PKCS#3 parameters. livemig then needs none (ECDHE key exchange only).
+pub(crate) fn check_dh_params(p: &str) -> Result<(), TlsError> {
+    let pem = std::fs::read(p).map_err(|e| TlsError::Creds(strerror(&e)))?;
+    let text = String::from_utf8_lossy(&pem);
+    if !text.contains("-----BEGIN DH PARAMETERS-----") {
+        return Err(TlsError::Creds(format!(
+            "Unable to load DH parameters from {p}: no PKCS#3 DH parameters found"
+        )));
+    }
+    log::info!("{p}: DH parameters not needed: livemig's TLS uses ECDHE key exchange only");
+    Ok(())
+}
+
+/// Loaded TLS credentials of either kind, as a `tls-creds` parameter names them: each kind
+/// runs its sessions on its own engine (see [`crate::stream`]).
+#[derive(Debug)]
+pub enum TlsCreds {
+    /// `tls-creds-x509`: certificates, sessions on rustls.
+    X509(X509Creds),
+    /// `tls-creds-psk`: a pre-shared key, sessions on OpenSSL.
+    Psk(PskCreds),
+}
+
+impl TlsCreds {
+    /// Loads `tls-creds-x509` credentials ([`X509Creds::load`]).
+    pub fn load_x509(options: X509Options) -> Result<TlsCreds, TlsError> {
+        X509Creds::load(options).map(TlsCreds::X509)
+    }
+
+    /// Loads `tls-creds-psk` credentials ([`PskCreds::load`]).
+    pub fn load_psk(options: PskOptions) -> Result<TlsCreds, TlsError> {
+        PskCreds::load(options).map(TlsCreds::Psk)
+    }
+
+    /// The QOM type name.
+    pub fn qom_type(&self) -> &'static str {
+        match self {
+            TlsCreds::X509(_) => "tls-creds-x509",
+            TlsCreds::Psk(_) => "tls-creds-psk",
+        }
+    }
+
+    /// The endpoint.
+    pub fn endpoint(&self) -> Endpoint {
+        match self {
+            TlsCreds::X509(c) => c.endpoint(),
+            TlsCreds::Psk(c) => c.endpoint(),
+        }
+    }
+
+    /// Whether a session checks who the peer is, and so whether a server asks `tls-authz`:
+    /// x509 credentials with `verify-peer` on (the certificate's distinguished name), PSK
+    /// credentials always (only a peer with the key gets through; the username it sent is
+    /// what `tls-authz` is asked about).
+    pub fn verify_peer(&self) -> bool {
+        match self {
+            TlsCreds::X509(c) => c.verify_peer(),
+            TlsCreds::Psk(_) => true,
+        }
+    }
+}
+
 /// Loaded `tls-creds-x509` credentials.
-pub struct TlsCreds {
+pub struct X509Creds {
     options: X509Options,
     provider: Arc<CryptoProvider>,
     roots: Arc<RootCertStore>,
@@ -100,10 +164,10 @@ pub struct TlsCreds {
     own: Option<Arc<CertifiedKey>>,
 }
 
-impl std::fmt::Debug for TlsCreds {
+impl std::fmt::Debug for X509Creds {
     // No key material in debug output.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TlsCreds")
+        f.debug_struct("X509Creds")
             .field("options", &self.options)
             .field("roots", &self.roots.len())
             .field("crls", &self.crls.len())
@@ -123,7 +187,11 @@ pub(crate) fn strerror(e: &std::io::Error) -> String {
 
 /// QEMU's `qcrypto_tls_creds_get_path`: the path of `name` in `dir`, `None` for an optional
 /// file that does not exist.
-fn cred_path(dir: Option<&str>, name: &str, required: bool) -> Result<Option<String>, TlsError> {
+pub(crate) fn cred_path(
+    dir: Option<&str>,
+    name: &str,
+    required: bool,
+) -> Result<Option<String>, TlsError> {
     let Some(dir) = dir else {
         return if required {
             Err(TlsError::Creds("Missing 'dir' property value".into()))
@@ -176,11 +244,11 @@ fn now_secs() -> i64 {
         .unwrap_or(0)
 }
 
-impl TlsCreds {
+impl X509Creds {
     /// Loads credentials as QEMU's `tls-creds-x509` does when the object is completed: finds
     /// the files, runs the sanity checks (unless turned off), loads the CA list, this side's
     /// certificate and key, and the CRL. Errors carry QEMU's messages.
-    pub fn load_x509(options: X509Options) -> Result<TlsCreds, TlsError> {
+    pub fn load(options: X509Options) -> Result<X509Creds, TlsError> {
         let dir = options.dir.as_deref();
         let server = options.endpoint == Endpoint::Server;
         let ca = cred_path(dir, files::CA_CERT, true)?.unwrap_or_default();
@@ -304,17 +372,10 @@ impl TlsCreds {
         }
 
         if let Some(p) = &dh {
-            let pem = std::fs::read(p).map_err(|e| TlsError::Creds(strerror(&e)))?;
-            let text = String::from_utf8_lossy(&pem);
-            if !text.contains("-----BEGIN DH PARAMETERS-----") {
-                return Err(TlsError::Creds(format!(
-                    "Unable to load DH parameters from {p}: no PKCS#3 DH parameters found"
-                )));
-            }
-            log::info!("{p}: DH parameters not needed: livemig's TLS uses ECDHE key exchange only");
+            check_dh_params(p)?;
         }
 
-        Ok(TlsCreds {
+        Ok(X509Creds {
             options,
             provider,
             roots,

@@ -1,17 +1,17 @@
-//! The user-creatable objects this crate owns — `tls-creds-x509`, `authz-simple`,
-//! `authz-list` — by id, as QEMU's `-object`, `object-add` and `object-del` create and remove
+//! The user-creatable objects this crate owns — `tls-creds-x509`, `tls-creds-psk`,
+//! `authz-simple`, `authz-list` — by id, as QEMU's `-object`, `object-add` and `object-del` create and remove
 //! them, with QEMU's checks and messages. Migration and NBD look credentials and authz objects
 //! up here by the ids their parameters name, at the moment a channel opens.
 //!
-//! Refused with a clear error, never accepted and ignored: `tls-creds-psk` and
-//! `tls-creds-anon` (rustls has neither pre-shared-key nor anonymous cipher suites),
-//! `authz-listfile`, `authz-pam`, and the `tls-creds-x509` properties `priority` (a GnuTLS
-//! priority string) and `passwordid` (encrypted keys need `secret` objects livemig does not
-//! have).
+//! Refused with a clear error, never accepted and ignored: `tls-creds-anon` (anonymous
+//! Diffie-Hellman, which authenticates no one), `authz-listfile`, `authz-pam`, the
+//! credentials' `priority` property (a GnuTLS priority string) and the `tls-creds-x509`
+//! property `passwordid` (encrypted keys need `secret` objects livemig does not have).
 
 use crate::authz::{Authz, Format, Policy, Rule};
 use crate::creds::{Endpoint, TlsCreds, X509Options};
 use crate::error::TlsError;
+use crate::psk::PskOptions;
 use qmp::{Args, QmpError};
 use serde_json::{Map, Value};
 use std::collections::BTreeMap;
@@ -20,8 +20,8 @@ use std::sync::{Arc, RwLock};
 /// One object.
 #[derive(Debug, Clone)]
 pub enum Object {
-    /// `tls-creds-x509`.
-    TlsCredsX509(Arc<TlsCreds>),
+    /// `tls-creds-x509` or `tls-creds-psk`.
+    TlsCreds(Arc<TlsCreds>),
     /// `authz-simple` or `authz-list`.
     Authz(Arc<Authz>),
 }
@@ -30,7 +30,7 @@ impl Object {
     /// The QOM type name.
     pub fn qom_type(&self) -> &'static str {
         match self {
-            Object::TlsCredsX509(_) => "tls-creds-x509",
+            Object::TlsCreds(c) => c.qom_type(),
             Object::Authz(a) => match **a {
                 Authz::Simple { .. } => "authz-simple",
                 Authz::List { .. } => "authz-list",
@@ -48,7 +48,6 @@ pub struct Objects {
 /// Object types QEMU 7.2 has that livemig refuses by name (so the message says "not supported"
 /// rather than "unknown").
 const KNOWN_ELSEWHERE: &[&str] = &[
-    "tls-creds-psk",
     "tls-creds-anon",
     "authz-listfile",
     "authz-pam",
@@ -69,7 +68,12 @@ const KNOWN_ELSEWHERE: &[&str] = &[
 ];
 
 /// Types this module creates.
-const TYPES: &[&str] = &["tls-creds-x509", "authz-simple", "authz-list"];
+const TYPES: &[&str] = &[
+    "tls-creds-x509",
+    "tls-creds-psk",
+    "authz-simple",
+    "authz-list",
+];
 
 /// QEMU's `id_wellformed`: a letter, then letters, digits, `-`, `.`, `_`.
 pub fn id_wellformed(id: &str) -> bool {
@@ -155,7 +159,7 @@ impl Objects {
             None => Err(TlsError::Lookup(format!(
                 "No TLS credentials with id '{id}'"
             ))),
-            Some(Object::TlsCredsX509(c)) => {
+            Some(Object::TlsCreds(c)) => {
                 if c.endpoint() != endpoint {
                     return Err(TlsError::Lookup(format!(
                         "Expected TLS credentials for a {} endpoint",
@@ -208,16 +212,17 @@ fn duplicate(id: &str) -> QmpError {
 
 fn unsupported_type(t: &str) -> String {
     match t {
-        "tls-creds-psk" => "object type 'tls-creds-psk' is not supported by livemig: its TLS \
-                            library (rustls) has no pre-shared-key cipher suites; use \
-                            tls-creds-x509"
-            .into(),
-        "tls-creds-anon" => "object type 'tls-creds-anon' is not supported by livemig: its TLS \
-                             library (rustls) has no anonymous cipher suites; use tls-creds-x509"
+        "tls-creds-anon" => "object type 'tls-creds-anon' is not supported by livemig: anonymous \
+                             TLS authenticates neither end; use tls-creds-x509 or tls-creds-psk"
             .into(),
         other => format!("object type '{other}' is not supported by livemig"),
     }
 }
+
+/// Why `priority` is refused.
+const PRIORITY_REFUSED: &str = "Property 'priority' is not supported by livemig: it is a GnuTLS \
+                                priority string, and livemig's TLS negotiates TLS 1.3/1.2 with \
+                                its own safe defaults";
 
 /// Checks the properties (QAPI's visit), then the id and duplicates (`precheck`), then
 /// completes the object (loads files) — QEMU's order.
@@ -239,11 +244,7 @@ fn build(
             args.finish()?;
             precheck(())?;
             if priority.is_some() {
-                return Err(generic(
-                    "Property 'priority' is not supported by livemig: it is a GnuTLS priority \
-                     string, and livemig's TLS (rustls) negotiates TLS 1.3/1.2 with its own \
-                     safe defaults",
-                ));
+                return Err(generic(PRIORITY_REFUSED));
             }
             if passwordid.is_some() {
                 return Err(generic(
@@ -263,7 +264,34 @@ fn build(
             };
             let creds = TlsCreds::load_x509(options).map_err(|e| generic(e.to_string()))?;
             log::debug!("tls-creds-x509 '{id}' loaded");
-            Ok(Object::TlsCredsX509(Arc::new(creds)))
+            Ok(Object::TlsCreds(Arc::new(creds)))
+        }
+        "tls-creds-psk" => {
+            // QEMU's tls-creds properties, then tls-creds-psk's own.
+            let _verify_peer = args.opt_bool("verify-peer")?;
+            let dir = args.opt_str("dir")?;
+            let endpoint = args.opt_enum("endpoint", &Endpoint::NAMES)?;
+            let priority = args.opt_str("priority")?;
+            let _loaded = args.opt_bool("loaded")?;
+            let username = args.opt_str("username")?;
+            args.finish()?;
+            precheck(())?;
+            if priority.is_some() {
+                return Err(generic(PRIORITY_REFUSED));
+            }
+            // `verify-peer` is taken and means nothing, as in QEMU 7.2: a PSK handshake only
+            // completes with a peer that holds the key.
+            let options = PskOptions {
+                dir,
+                endpoint: match endpoint.as_deref() {
+                    Some("server") => Endpoint::Server,
+                    _ => Endpoint::Client,
+                },
+                username,
+            };
+            let creds = TlsCreds::load_psk(options).map_err(|e| generic(e.to_string()))?;
+            log::debug!("tls-creds-psk '{id}' loaded");
+            Ok(Object::TlsCreds(Arc::new(creds)))
         }
         "authz-simple" => {
             let identity = args.opt_str("identity")?;
@@ -441,10 +469,18 @@ mod tests {
             .contains("Parameter 'qom-type' does not accept value 'nonsense'"));
         assert!(add(
             &o,
-            json!({"qom-type": "tls-creds-psk", "id": "p", "dir": "/x"})
+            json!({"qom-type": "tls-creds-anon", "id": "p", "dir": "/x"})
         )
         .unwrap_err()
         .contains("not supported by livemig"));
+        assert_eq!(
+            add(
+                &o,
+                json!({"qom-type": "tls-creds-psk", "id": "p", "dir": "/nonexistent"})
+            )
+            .unwrap_err(),
+            "Unable to access credentials /nonexistent/keys.psk: No such file or directory"
+        );
         assert!(add(
             &o,
             json!({"qom-type": "authz-simple", "id": "a2", "identity": "x", "bogus": 1})

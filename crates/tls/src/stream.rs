@@ -3,7 +3,12 @@
 //! at once — the migration stream and its return path, an NBD client's requests and replies,
 //! each multifd channel's own pair.
 //!
-//! Both halves share one rustls connection behind a mutex that is held only for the CPU work
+//! Two engines run sessions: rustls for x509 credentials, OpenSSL for pre-shared keys (rustls
+//! has no external PSKs; see [`crate::psk`]). Both are driven the same way — ciphertext in,
+//! plaintext out and back — through [`Engine`], so the callers (migration's channels, NBD) see
+//! one kind of session whatever the credentials.
+//!
+//! Both halves share one engine behind a mutex that is held only for the CPU work
 //! (encrypting, decrypting, queueing), never across a socket read or write: the writer
 //! encrypts into its own buffer under the lock and writes it out after; the reader reads
 //! ciphertext into its own buffer without the lock and decrypts under it. So a writer blocked
@@ -21,6 +26,7 @@
 use crate::authz::Authz;
 use crate::creds::{Endpoint, TlsCreds};
 use crate::error::TlsError;
+use crate::psk::{self, PskConn, PskCreds};
 use crate::verify::Rejection;
 use rustls::pki_types::ServerName;
 use std::io::{self, IoSlice, IoSliceMut, Read, Write};
@@ -32,8 +38,92 @@ const READ_CHUNK: usize = 64 * 1024;
 /// Plaintext taken per write (the rest is the caller's next write).
 const WRITE_CHUNK: usize = 256 * 1024;
 
+/// A session's protocol engine, whichever the credentials need.
+enum Engine {
+    /// x509 credentials (boxed: a rustls connection is large, and the lock holds either).
+    Rustls(Box<rustls::Connection>),
+    /// Pre-shared keys.
+    Psk(PskConn),
+}
+
+impl Engine {
+    /// Decrypted bytes into `dst`: `Ok(0)` at the end of data, `WouldBlock` when more
+    /// ciphertext is needed, `UnexpectedEof` when the socket ended without `close_notify`.
+    fn read_plaintext(&mut self, dst: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Engine::Rustls(c) => c.reader().read(dst),
+            Engine::Psk(c) => c.read_plaintext(dst),
+        }
+    }
+
+    /// Hands ciphertext in `pending` to the engine, advancing it past what was taken, then
+    /// processes it. An error is the session's failure, in words.
+    fn feed(&mut self, pending: &mut &[u8]) -> Result<(), FeedError> {
+        match self {
+            Engine::Rustls(c) => {
+                c.read_tls(pending).map_err(FeedError::Io)?;
+                c.process_new_packets().map_err(FeedError::Tls)?;
+                Ok(())
+            }
+            Engine::Psk(c) => {
+                // OpenSSL keeps all of it and decrypts when read.
+                c.feed(pending);
+                *pending = &[];
+                Ok(())
+            }
+        }
+    }
+
+    /// The socket ended.
+    fn set_eof(&mut self) {
+        match self {
+            Engine::Rustls(c) => {
+                let _ = c.read_tls(&mut &[][..]);
+            }
+            Engine::Psk(c) => c.set_eof(),
+        }
+    }
+
+    fn write_plaintext(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        match self {
+            Engine::Rustls(c) => c.writer().write_vectored(bufs),
+            Engine::Psk(c) => c.write_plaintext(bufs),
+        }
+    }
+
+    /// Moves the records waiting to go out to `out`.
+    fn drain(&mut self, out: &mut Vec<u8>) -> io::Result<()> {
+        match self {
+            Engine::Rustls(c) => {
+                while c.wants_write() {
+                    c.write_tls(out)?;
+                }
+            }
+            Engine::Psk(c) => {
+                if c.wants_write() {
+                    c.drain(out);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn send_close_notify(&mut self) {
+        match self {
+            Engine::Rustls(c) => c.send_close_notify(),
+            Engine::Psk(c) => c.close_notify(),
+        }
+    }
+}
+
+/// Why handing ciphertext to the engine failed.
+enum FeedError {
+    Io(io::Error),
+    Tls(rustls::Error),
+}
+
 struct Shared {
-    conn: rustls::Connection,
+    conn: Engine,
     /// The first TLS error either half met; both report it from then on.
     failed: Option<String>,
 }
@@ -145,7 +235,7 @@ fn io_error_text(e: &io::Error) -> String {
     }
 }
 
-/// Runs the handshake to its end (blocking), then hands out the halves.
+/// Runs a rustls handshake to its end (blocking), then hands out the halves.
 fn establish<R: Read, W: Write>(
     mut conn: rustls::Connection,
     rejection: Rejection,
@@ -192,12 +282,48 @@ fn establish<R: Read, W: Write>(
         conn.negotiated_cipher_suite().map(|s| s.suite())
     );
     conn.set_buffer_limit(None);
+    Ok(halves(
+        Engine::Rustls(Box::new(conn)),
+        rejection.peer_dn(),
+        protocol,
+        reader,
+        writer,
+    ))
+}
+
+/// Runs an OpenSSL PSK handshake to its end (blocking), then hands out the halves.
+fn establish_psk<R: Read, W: Write>(
+    ssl: openssl::ssl::Ssl,
+    client: bool,
+    rejection: Rejection,
+    mut reader: R,
+    mut writer: W,
+) -> Result<TlsStreams<R, W>, TlsError> {
+    let conn = psk::handshake(ssl, client, &rejection, &mut reader, &mut writer)?;
+    let protocol = conn.protocol.clone();
+    Ok(halves(
+        Engine::Psk(conn),
+        rejection.peer_dn(),
+        protocol,
+        reader,
+        writer,
+    ))
+}
+
+/// The two halves of an established session.
+fn halves<R, W>(
+    conn: Engine,
+    peer_dn: Option<String>,
+    protocol: String,
+    reader: R,
+    writer: W,
+) -> TlsStreams<R, W> {
     let session = Arc::new(Session {
         state: Mutex::new(Shared { conn, failed: None }),
-        peer_dn: rejection.peer_dn(),
+        peer_dn,
         protocol,
     });
-    Ok(TlsStreams {
+    TlsStreams {
         reader: TlsReader {
             session: session.clone(),
             sock: reader,
@@ -212,7 +338,7 @@ fn establish<R: Read, W: Write>(
             out: Vec::new(),
             probe: None,
         },
-    })
+    }
 }
 
 /// Opens a TLS session as the client (migration source, NBD client) over `reader`/`writer`
@@ -229,6 +355,10 @@ pub fn connect<R: Read, W: Write>(
             "Expected TLS credentials for a client endpoint".into(),
         ));
     }
+    let creds = match creds {
+        TlsCreds::X509(c) => c,
+        TlsCreds::Psk(c) => return connect_psk(c, hostname, reader, writer),
+    };
     let (config, rejection) = creds.client_config(hostname)?;
     // The name only feeds rustls's bookkeeping: SNI is off and the verifier checks the
     // hostname itself.
@@ -261,6 +391,10 @@ pub fn accept<R: Read, W: Write>(
             "Expected TLS credentials for a server endpoint".into(),
         ));
     }
+    let creds = match creds {
+        TlsCreds::X509(c) => c,
+        TlsCreds::Psk(c) => return accept_psk(c, authz, reader, writer),
+    };
     let (config, rejection) = creds.server_config(authz)?;
     let conn =
         rustls::ServerConnection::new(config).map_err(|e| TlsError::Handshake(e.to_string()))?;
@@ -278,8 +412,47 @@ pub fn accept<R: Read, W: Write>(
     Ok(streams)
 }
 
+/// [`connect`] with PSK credentials: the hostname names no one (a PSK session has no
+/// certificate to check it against; QEMU 7.2 takes it and checks nothing either).
+fn connect_psk<R: Read, W: Write>(
+    creds: &PskCreds,
+    hostname: Option<&str>,
+    reader: R,
+    writer: W,
+) -> Result<TlsStreams<R, W>, TlsError> {
+    let rejection = Rejection::default();
+    let ssl = psk::client_ssl(creds, rejection.clone())?;
+    let streams = establish_psk(ssl, true, rejection, reader, writer)?;
+    log::debug!(
+        "TLS session to {} established as PSK user {} ({})",
+        hostname.unwrap_or("<no hostname>"),
+        creds.username().unwrap_or_default(),
+        streams.writer.session.protocol
+    );
+    Ok(streams)
+}
+
+/// [`accept`] with PSK credentials: `authz`, when given, must allow the client's username.
+fn accept_psk<R: Read, W: Write>(
+    creds: &PskCreds,
+    authz: Option<Arc<Authz>>,
+    reader: R,
+    writer: W,
+) -> Result<TlsStreams<R, W>, TlsError> {
+    let rejection = Rejection::default();
+    let ssl = psk::server_ssl(creds, authz, rejection.clone())?;
+    let streams = establish_psk(ssl, false, rejection, reader, writer)?;
+    log::debug!(
+        "TLS session from PSK user {} accepted ({})",
+        streams.writer.session.peer_dn.as_deref().unwrap_or("?"),
+        streams.writer.session.protocol
+    );
+    Ok(streams)
+}
+
 impl<R, W> TlsStreams<R, W> {
-    /// The verified peer certificate's distinguished name (GnuTLS's format), when checked.
+    /// Who the peer is, when checked: the verified certificate's distinguished name
+    /// (GnuTLS's format), or, on a PSK server, the username the client sent.
     pub fn peer_dn(&self) -> Option<&str> {
         self.writer.session.peer_dn.as_deref()
     }
@@ -295,6 +468,11 @@ fn tls_failure(shared: &mut Shared, e: rustls::Error) -> io::Error {
         rustls::Error::AlertReceived(a) => format!("TLS: the peer sent alert {a:?}"),
         other => format!("TLS: {other}"),
     };
+    fail(shared, text)
+}
+
+/// Records the session's first failure; both halves report it from then on.
+fn fail(shared: &mut Shared, text: String) -> io::Error {
     shared.failed.get_or_insert(text.clone());
     io::Error::new(io::ErrorKind::InvalidData, text)
 }
@@ -304,11 +482,14 @@ impl<R: Read> TlsReader<R> {
     fn take_plaintext(&mut self, dst: &mut [u8]) -> io::Result<Option<usize>> {
         let mut st = self.session.lock();
         loop {
-            match st.conn.reader().read(dst) {
+            match st.conn.read_plaintext(dst) {
                 Ok(n) => return Ok(Some(n)),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 // The socket ended without close_notify: the end of data (see the module doc).
                 Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(Some(0)),
+                Err(e) if e.kind() == io::ErrorKind::InvalidData => {
+                    return Err(fail(&mut st, e.to_string()))
+                }
                 Err(e) => return Err(e),
             }
             if let Some(f) = &st.failed {
@@ -322,13 +503,12 @@ impl<R: Read> TlsReader<R> {
             }
             let mut pending = &self.buf[self.start..self.end];
             let before = pending.len();
-            match st.conn.read_tls(&mut pending) {
-                Ok(_) => {}
-                Err(e) => return Err(e),
-            }
+            let fed = st.conn.feed(&mut pending);
             self.start += before - pending.len();
-            if let Err(e) = st.conn.process_new_packets() {
-                return Err(tls_failure(&mut st, e));
+            match fed {
+                Ok(()) => {}
+                Err(FeedError::Io(e)) => return Err(e),
+                Err(FeedError::Tls(e)) => return Err(tls_failure(&mut st, e)),
             }
         }
     }
@@ -345,8 +525,7 @@ impl<R: Read> TlsReader<R> {
         self.end = n;
         if n == 0 {
             self.eof = true;
-            let mut st = self.session.lock();
-            let _ = st.conn.read_tls(&mut &[][..]);
+            self.session.lock().conn.set_eof();
         }
         Ok(())
     }
@@ -404,11 +583,15 @@ impl<W: Write> TlsWriter<W> {
             capped.push(IoSlice::new(&b[..take]));
             room -= take;
         }
-        let n = st.conn.writer().write_vectored(&capped)?;
+        let n = match st.conn.write_plaintext(&capped) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::InvalidData => {
+                return Err(fail(&mut st, e.to_string()))
+            }
+            Err(e) => return Err(e),
+        };
         self.out.clear();
-        while st.conn.wants_write() {
-            st.conn.write_tls(&mut self.out)?;
-        }
+        st.conn.drain(&mut self.out)?;
         Ok(n)
     }
 
@@ -436,14 +619,17 @@ impl<W: Write> TlsWriter<W> {
                 Ok(n) if n > 0 => n,
                 _ => break,
             };
+            // (A PSK session decrypts only when read, so this finds nothing there; its
+            // refusals all come during the handshake.)
             let mut slice = &buf[..n];
             while !slice.is_empty() {
-                if st.conn.read_tls(&mut slice).is_err() {
-                    break;
-                }
-                if let Err(e) = st.conn.process_new_packets() {
-                    let _ = tls_failure(&mut st, e);
-                    return st.failed.clone();
+                match st.conn.feed(&mut slice) {
+                    Ok(()) => {}
+                    Err(FeedError::Io(_)) => break,
+                    Err(FeedError::Tls(e)) => {
+                        let _ = tls_failure(&mut st, e);
+                        return st.failed.clone();
+                    }
                 }
             }
         }
@@ -481,9 +667,7 @@ impl<W: Write> TlsWriter<W> {
             let mut st = self.session.lock();
             st.conn.send_close_notify();
             self.out.clear();
-            while st.conn.wants_write() {
-                st.conn.write_tls(&mut self.out)?;
-            }
+            st.conn.drain(&mut self.out)?;
         }
         self.send_out()?;
         self.sock.flush()
@@ -511,9 +695,7 @@ impl<W: Write> Write for TlsWriter<W> {
         {
             let mut st = self.session.lock();
             self.out.clear();
-            while st.conn.wants_write() {
-                st.conn.write_tls(&mut self.out)?;
-            }
+            st.conn.drain(&mut self.out)?;
         }
         self.send_out()?;
         self.sock.flush()

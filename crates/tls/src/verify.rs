@@ -37,13 +37,13 @@ struct RejectionState {
 }
 
 impl Rejection {
-    fn set(&self, reason: String) {
+    pub(crate) fn set(&self, reason: String) {
         if let Ok(mut g) = self.inner.lock() {
             g.reason.get_or_insert(reason);
         }
     }
 
-    fn set_dn(&self, dn: String) {
+    pub(crate) fn set_dn(&self, dn: String) {
         if let Ok(mut g) = self.inner.lock() {
             g.peer_dn = Some(dn);
         }
