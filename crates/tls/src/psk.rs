@@ -417,10 +417,19 @@ pub(crate) fn handshake<R: Read, W: Write>(
                 }
             }
             Err(e) => {
+                let text = failure_text(&e, rejection.peer_dn().as_deref());
                 return Err(match rejection.reason() {
                     Some(r) => TlsError::PeerRejected(r),
-                    None => TlsError::Handshake(failure_text(&e, rejection.peer_dn().as_deref())),
-                })
+                    // QEMU (GnuTLS) sends no alert when it refuses a key: it closes.
+                    None if client && s.get_ref().eof && s.get_ref().rx.is_empty() => {
+                        TlsError::Handshake(format!(
+                            "{text} during the handshake: it refused this side's pre-shared \
+                             key or username (QEMU closes without a TLS alert), or it is not \
+                             set up with tls-creds-psk"
+                        ))
+                    }
+                    None => TlsError::Handshake(text),
+                });
             }
         }
     }
