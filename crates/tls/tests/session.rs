@@ -360,3 +360,105 @@ fn a_refused_client_that_only_writes_learns_why() {
         assert!(e.contains("AccessDenied"), "{e}");
     });
 }
+
+/// rustls's ring provider with the TLS 1.3 suites in the order given: a peer that prefers
+/// something else than livemig does.
+fn peer_provider(suites: &[rustls::SupportedCipherSuite]) -> Arc<rustls::crypto::CryptoProvider> {
+    #[allow(deprecated)]
+    let mut p = rustls::crypto::ring::default_provider();
+    p.cipher_suites = suites.to_vec();
+    Arc::new(p)
+}
+
+/// Drives a plain rustls connection's handshake over `sock` to its end.
+fn handshake(
+    conn: &mut impl std::ops::DerefMut<Target = rustls::ConnectionCommon<impl Sized>>,
+    sock: &mut UnixStream,
+) {
+    while conn.is_handshaking() || conn.wants_write() {
+        conn.complete_io(sock).unwrap();
+    }
+}
+
+#[test]
+fn aes_128_gcm_is_preferred_as_server_whatever_the_client_prefers() {
+    use rustls::crypto::ring::cipher_suite::{TLS13_AES_128_GCM_SHA256, TLS13_AES_256_GCM_SHA384};
+    use rustls::pki_types::{pem::PemObject, CertificateDer};
+    let ca = Ca::new("livemig test CA");
+    let tmp = tempfile::tempdir().unwrap();
+    ca.write_server(
+        tmp.path(),
+        &Subject::new("dest.example.org", &["dest.example.org"]),
+    );
+    let server = creds(tmp.path(), Endpoint::Server, false).unwrap();
+    // A client that lists AES-256-GCM first (as GnuTLS's NORMAL priority does).
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(CertificateDer::from_pem_slice(ca.cert_pem.as_bytes()).unwrap())
+        .unwrap();
+    let config = rustls::ClientConfig::builder_with_provider(peer_provider(&[
+        TLS13_AES_256_GCM_SHA384,
+        TLS13_AES_128_GCM_SHA256,
+    ]))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let (a, mut b) = UnixStream::pair().unwrap();
+    let (protocol, chosen) = std::thread::scope(|scope| {
+        let srv = scope.spawn(|| {
+            let r = a.try_clone().unwrap();
+            accept(&server, None, r, a).unwrap().protocol().to_string()
+        });
+        let mut conn =
+            rustls::ClientConnection::new(Arc::new(config), "dest.example.org".try_into().unwrap())
+                .unwrap();
+        handshake(&mut conn, &mut b);
+        let chosen = conn.negotiated_cipher_suite().unwrap().suite();
+        (srv.join().unwrap(), chosen)
+    });
+    assert_eq!(chosen, rustls::CipherSuite::TLS13_AES_128_GCM_SHA256);
+    assert!(protocol.contains("TLS13_AES_128_GCM_SHA256"), "{protocol}");
+}
+
+#[test]
+fn aes_128_gcm_is_asked_for_as_client() {
+    use rustls::crypto::ring::cipher_suite::{TLS13_AES_128_GCM_SHA256, TLS13_AES_256_GCM_SHA384};
+    use rustls::pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer};
+    let ca = Ca::new("livemig test CA");
+    let tmp = tempfile::tempdir().unwrap();
+    let issued = ca.issue(
+        &Subject::new("dest.example.org", &["dest.example.org"]),
+        true,
+    );
+    std::fs::create_dir_all(tmp.path().join("client")).unwrap();
+    std::fs::write(tmp.path().join("client/ca-cert.pem"), &ca.cert_pem).unwrap();
+    let client = creds(&tmp.path().join("client"), Endpoint::Client, true).unwrap();
+    // A server that prefers AES-256-GCM but follows the client's order (rustls's default).
+    let config = rustls::ServerConfig::builder_with_provider(peer_provider(&[
+        TLS13_AES_256_GCM_SHA384,
+        TLS13_AES_128_GCM_SHA256,
+    ]))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(
+        vec![CertificateDer::from_pem_slice(issued.cert_pem.as_bytes()).unwrap()],
+        PrivateKeyDer::from_pem_slice(issued.key_pem.as_bytes()).unwrap(),
+    )
+    .unwrap();
+    let (a, mut b) = UnixStream::pair().unwrap();
+    let (protocol, chosen) = std::thread::scope(|scope| {
+        let cli = scope.spawn(|| {
+            let r = a.try_clone().unwrap();
+            connect(&client, Some("dest.example.org"), r, a)
+        });
+        let mut conn = rustls::ServerConnection::new(Arc::new(config)).unwrap();
+        handshake(&mut conn, &mut b);
+        let protocol = cli.join().unwrap().unwrap().protocol().to_string();
+        let chosen = conn.negotiated_cipher_suite().unwrap().suite();
+        (protocol, chosen)
+    });
+    assert_eq!(chosen, rustls::CipherSuite::TLS13_AES_128_GCM_SHA256);
+    assert!(protocol.contains("TLS13_AES_128_GCM_SHA256"), "{protocol}");
+}
