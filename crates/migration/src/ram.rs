@@ -42,6 +42,9 @@ pub const RAM_IDSTR: &str = "ram";
 pub const RAM_VERSION: u32 = 4;
 /// Records per vectored write.
 pub const BATCH: usize = 64;
+/// Pages a postcopy main channel places with one ioctl at most (the source's background
+/// push sends at most [`BATCH`] pages per section, which ends a run anyway).
+const POSTCOPY_RUN_PAGES: usize = 64;
 
 /// Counters shared with `query-migrate` (updated by the migration thread, read by anyone).
 #[derive(Default, Debug)]
@@ -432,8 +435,8 @@ pub struct RamLoader {
     postcopy: Option<Arc<PostcopyRam>>,
     /// LISTEN was seen: pages are placed atomically, never written through the mapping.
     listening: bool,
-    /// Where a postcopy page's payload lands before it is placed (one page, reused).
-    staging: Vec<u8>,
+    /// Where postcopy pages land before they are placed, a run at a time.
+    postcopy_run: crate::postcopy::preempt::PageRun,
     /// The multifd channels' sync point, when they carry pages.
     multifd: Option<Arc<crate::multifd::recv::SyncPoint>>,
     /// The source syncs at MULTIFD_FLUSH records (QEMU 8.1+) rather than at every EOS
@@ -458,7 +461,7 @@ impl RamLoader {
             pages_loaded: 0,
             postcopy: None,
             listening: false,
-            staging: Vec::new(),
+            postcopy_run: crate::postcopy::preempt::PageRun::new(1),
             multifd: None,
             flush_syncs: false,
             integrity: false,
@@ -486,7 +489,7 @@ impl RamLoader {
     /// LISTEN: from now on pages are placed through userfaultfd (the RAM is registered).
     pub fn start_listening(&mut self) {
         self.listening = true;
-        self.staging = vec![0u8; PAGE_SIZE as usize];
+        self.postcopy_run = crate::postcopy::preempt::PageRun::new(POSTCOPY_RUN_PAGES);
     }
 
     fn mark_received(&self, name: Option<&str>, offset: u64) {
@@ -504,9 +507,14 @@ impl RamLoader {
             .postcopy
             .clone()
             .ok_or_else(|| MigrationError::Load("postcopy page without POSTCOPY_ADVISE".into()))?;
-        match crate::postcopy::preempt::load_record(r, &mut self.tracker, &mut self.staging, &pc)? {
+        match crate::postcopy::preempt::load_record(
+            r,
+            &mut self.tracker,
+            &mut self.postcopy_run,
+            &pc,
+        )? {
             crate::postcopy::preempt::Loaded::Eos => Ok(true),
-            crate::postcopy::preempt::Loaded::Page(_) => {
+            crate::postcopy::preempt::Loaded::Page => {
                 self.pages_loaded += 1;
                 Ok(false)
             }
@@ -544,6 +552,8 @@ impl RamLoader {
     /// Loads one section body (START, PART or END): records up to EOS.
     pub fn load(&mut self, r: &mut Reader) -> Result<(), MigrationError> {
         if self.listening {
+            // Pages staged by a section that failed half-way are not placed (see `PageRun`).
+            self.postcopy_run.clear();
             while !self.load_postcopy_record(r)? {}
             return Ok(());
         }

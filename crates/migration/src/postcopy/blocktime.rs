@@ -90,12 +90,20 @@ impl Blocktime {
 
     /// Page address `addr` was placed at `now`: every vCPU waiting on it stops being blocked.
     pub fn end(&self, addr: u64, now: u64) {
+        self.end_range(addr, 1, now);
+    }
+
+    /// The pages at addresses `start..start+len` were placed at `now` (one run): every vCPU
+    /// waiting on one of them stops being blocked.
+    pub fn end_range(&self, start: u64, len: u64, now: u64) {
         let n = self.vcpus.len() as u32;
         let mut affected = 0;
         let mut all_were_down = false;
+        let end = start.saturating_add(len);
         for v in &self.vcpus {
             let since = v.since.load(Ordering::Acquire);
-            if since == 0 || v.addr.load(Ordering::Acquire) != addr {
+            let addr = v.addr.load(Ordering::Acquire);
+            if since == 0 || addr == 0 || addr < start || addr >= end {
                 continue;
             }
             if v.addr

@@ -11,7 +11,7 @@ use super::blocktime::Blocktime;
 use super::discard::check_range;
 use super::received::ReceivedMap;
 use super::requests::{FaultAction, Requests};
-use super::uffd::{self, HostRange, Placement, PostcopyFd};
+use super::uffd::{self, HostRange, PostcopyFd, RunStep};
 use super::PostcopyError;
 use crate::guest::{RamBlock, PAGE_SIZE};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -72,6 +72,8 @@ pub struct PlacementStats {
     pub faults: AtomicU64,
     /// Records read from the `postcopy-preempt` channel.
     pub preempt_pages: AtomicU64,
+    /// Placement ioctls that placed pages (`copied + zeroed` over this is the mean run).
+    pub placements: AtomicU64,
 }
 
 /// The destination's guest RAM in postcopy.
@@ -232,11 +234,19 @@ impl PostcopyRam {
             .is_some_and(|b| b.received.test(offset / PAGE_SIZE))
     }
 
-    fn check_offset(&self, block: usize, offset: u64) -> Result<&PostcopyBlock, PostcopyError> {
+    /// Checks that the `pages` pages at `offset` lie inside block `block`, and returns it.
+    fn check_run(
+        &self,
+        block: usize,
+        offset: u64,
+        pages: u64,
+    ) -> Result<&PostcopyBlock, PostcopyError> {
         let b = self.block(block)?;
-        if !offset.is_multiple_of(PAGE_SIZE)
-            || offset
-                .checked_add(PAGE_SIZE)
+        if pages == 0
+            || !offset.is_multiple_of(PAGE_SIZE)
+            || pages
+                .checked_mul(PAGE_SIZE)
+                .and_then(|len| offset.checked_add(len))
                 .is_none_or(|end| end > b.range.len() as u64)
         {
             return Err(PostcopyError::BadPage(format!(
@@ -244,6 +254,12 @@ impl PostcopyRam {
             )));
         }
         Ok(b)
+    }
+
+    /// Checks that a page record's offset names a whole page of block `block` (before its
+    /// payload is read).
+    pub fn check_page(&self, block: usize, offset: u64) -> Result<(), PostcopyError> {
+        self.check_run(block, offset, 1).map(|_| ())
     }
 
     /// Places a page that arrived in postcopy (`data`, one page, from the caller's staging
@@ -254,48 +270,120 @@ impl PostcopyRam {
         offset: u64,
         data: &[u8],
     ) -> Result<bool, PostcopyError> {
-        let b = self.check_offset(block, offset)?;
-        if b.received.test(offset / PAGE_SIZE) {
-            self.stats.duplicates.fetch_add(1, Ordering::Relaxed);
-            return Ok(false);
+        if data.len() != PAGE_SIZE as usize {
+            return Err(PostcopyError::BadPage(format!(
+                "a page to place has {} bytes, not {PAGE_SIZE}",
+                data.len()
+            )));
         }
-        let fd = self.uffd.as_ref().ok_or_else(|| {
-            PostcopyError::BadPage("a postcopy page arrived without postcopy-ram".into())
-        })?;
-        let placed = fd.copy(&b.range, offset, data)? == Placement::Placed;
-        self.after_placement(block, b, offset, placed, false);
-        Ok(placed)
+        Ok(self.place_run(block, offset, 1, Some(data))? == 1)
     }
 
     /// Places a zero page that arrived in postcopy. Returns whether this call placed it.
     pub fn place_zero(&self, block: usize, offset: u64) -> Result<bool, PostcopyError> {
-        let b = self.check_offset(block, offset)?;
-        if b.received.test(offset / PAGE_SIZE) {
-            self.stats.duplicates.fetch_add(1, Ordering::Relaxed);
-            return Ok(false);
+        Ok(self.place_run(block, offset, 1, None)? == 1)
+    }
+
+    /// Places a run of pages that arrived in postcopy, contiguous in block `block` from
+    /// `offset`: `data` holds them all (a whole number of pages). Returns how many this call
+    /// placed; the others were there already.
+    pub fn place_pages(
+        &self,
+        block: usize,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<u64, PostcopyError> {
+        if data.is_empty() || !data.len().is_multiple_of(PAGE_SIZE as usize) {
+            return Err(PostcopyError::BadPage(format!(
+                "pages to place have {} bytes, not a multiple of {PAGE_SIZE}",
+                data.len()
+            )));
         }
-        let fd = self.uffd.as_ref().ok_or_else(|| {
-            PostcopyError::BadPage("a postcopy page arrived without postcopy-ram".into())
-        })?;
-        let placed = fd.zero(&b.range, offset, PAGE_SIZE as usize)? == Placement::Placed;
-        self.after_placement(block, b, offset, placed, true);
+        self.place_run(block, offset, data.len() as u64 / PAGE_SIZE, Some(data))
+    }
+
+    /// Places a run of `pages` zero pages, contiguous in block `block` from `offset`. Returns
+    /// how many this call placed.
+    pub fn place_zeros(&self, block: usize, offset: u64, pages: u64) -> Result<u64, PostcopyError> {
+        self.place_run(block, offset, pages, None)
+    }
+
+    /// The placement path (`docs/postcopy.md` §4): the pages of the run not in the received
+    /// map yet go in with one ioctl per stretch between received pages — `UFFDIO_COPY` from
+    /// `data`, or `UFFDIO_ZEROPAGE` without it. A page placed meanwhile by the other channel
+    /// stops the kernel there; the rest of the run is placed after it. Every page this call
+    /// placed is then marked received, its request completed and its vCPUs' blocktime ended,
+    /// in that order (the fault thread relies on it: see [`on_fault`](Self::on_fault)).
+    fn place_run(
+        &self,
+        block: usize,
+        offset: u64,
+        pages: u64,
+        data: Option<&[u8]>,
+    ) -> Result<u64, PostcopyError> {
+        let b = self.check_run(block, offset, pages)?;
+        let fd = || {
+            self.uffd.as_ref().ok_or_else(|| {
+                PostcopyError::BadPage("a postcopy page arrived without postcopy-ram".into())
+            })
+        };
+        let first = offset / PAGE_SIZE;
+        let p = PAGE_SIZE as usize;
+        let mut placed = 0;
+        let mut i = 0u64;
+        while i < pages {
+            if b.received.test(first + i) {
+                self.stats.duplicates.fetch_add(1, Ordering::Relaxed);
+                i += 1;
+                continue;
+            }
+            let mut end = i + 1;
+            while end < pages && !b.received.test(first + end) {
+                end += 1;
+            }
+            let at = offset + i * PAGE_SIZE;
+            let step = match data {
+                Some(d) => {
+                    let bytes = d
+                        .get(i as usize * p..end as usize * p)
+                        .ok_or_else(|| PostcopyError::BadPage("a short run of pages".into()))?;
+                    fd()?.copy_run(&b.range, at, bytes)?
+                }
+                None => fd()?.zero_run(&b.range, at, (end - i) as usize * p)?,
+            };
+            match step {
+                RunStep::Placed(n) => {
+                    let n = n as u64;
+                    self.after_placement(block, b, first + i, n, data.is_none());
+                    placed += n;
+                    i += n;
+                }
+                RunStep::FirstPresent => {
+                    // Placed by the other channel, which marks it received too.
+                    b.received.set(first + i);
+                    self.stats.duplicates.fetch_add(1, Ordering::Relaxed);
+                    i += 1;
+                }
+            }
+        }
         Ok(placed)
     }
 
-    fn after_placement(&self, bi: usize, b: &PostcopyBlock, offset: u64, placed: bool, zero: bool) {
-        b.received.set(offset / PAGE_SIZE);
-        if !placed {
-            self.stats.duplicates.fetch_add(1, Ordering::Relaxed);
-            return;
-        }
+    fn after_placement(&self, bi: usize, b: &PostcopyBlock, first: u64, n: u64, zero: bool) {
+        b.received.set_range(first, n);
         if zero {
-            self.stats.zeroed.fetch_add(1, Ordering::Relaxed);
+            self.stats.zeroed.fetch_add(n, Ordering::Relaxed);
         } else {
-            self.stats.copied.fetch_add(1, Ordering::Relaxed);
+            self.stats.copied.fetch_add(n, Ordering::Relaxed);
         }
-        self.requests.placed(bi, offset / PAGE_SIZE, Instant::now());
+        self.stats.placements.fetch_add(1, Ordering::Relaxed);
+        self.requests.placed_range(bi, first, n, Instant::now());
         if let Some(bt) = &self.blocktime {
-            bt.end((b.range.base_addr() as u64) + offset, bt.now());
+            bt.end_range(
+                b.range.base_addr() as u64 + first * PAGE_SIZE,
+                n * PAGE_SIZE,
+                bt.now(),
+            );
         }
     }
 
@@ -442,6 +530,100 @@ mod tests {
         assert!(ram.place_page(0, 16 * PAGE_SIZE, &page).is_err());
         assert!(ram.place_page(0, 100, &page).is_err());
         assert!(ram.place_page(5, 0, &page).is_err());
+        ram.unregister();
+    }
+
+    /// Waits (polling the non-blocking descriptor) for the next fault.
+    fn next_fault(ram: &PostcopyRam) -> uffd::Fault {
+        let mut buf = userfaultfd::EventBuffer::new(8);
+        let mut out = Vec::new();
+        let deadline = Instant::now() + std::time::Duration::from_secs(10);
+        while out.is_empty() {
+            assert!(Instant::now() < deadline, "no fault came");
+            ram.uffd().unwrap().read_faults(&mut buf, &mut out).unwrap();
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        out[0]
+    }
+
+    #[test]
+    fn a_run_places_each_page_once_and_wakes_its_waiters() {
+        let map = Arc::new(AnonMapping::new(16 * P).unwrap());
+        // Two vCPUs, which will wait on pages 5 and 9.
+        let mut vcpus = Vec::new();
+        let mut tids = Vec::new();
+        for page in [5usize, 9] {
+            let (tid_tx, tid_rx) = std::sync::mpsc::channel();
+            let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+            let m = map.clone();
+            vcpus.push((
+                go_tx,
+                std::thread::spawn(move || {
+                    tid_tx.send(nix::unistd::gettid().as_raw()).unwrap();
+                    go_rx.recv().unwrap();
+                    m.read_byte(page * P + 9)
+                }),
+            ));
+            tids.push(tid_rx.recv().unwrap());
+        }
+        let ram = PostcopyRam::new(
+            vec![("ram".into(), map.range())],
+            Some(PostcopyFd::open().unwrap()),
+            Some(&tids),
+        );
+        ram.register().unwrap();
+        // Page 2 came on the preempt channel (received); page 7 too, a moment ago: the kernel
+        // has it, the received map not yet, so the run's ioctl stops there.
+        assert!(ram.place_page(0, 2 * PAGE_SIZE, &[0xa2; P]).unwrap());
+        ram.uffd()
+            .unwrap()
+            .copy(&map.range(), 7 * PAGE_SIZE, &[0xa7; P])
+            .unwrap();
+        for (go, _) in &vcpus {
+            go.send(()).unwrap();
+            let f = next_fault(&ram);
+            assert!(matches!(
+                ram.on_fault(f.addr, f.tid).unwrap(),
+                FaultOutcome::Request { .. }
+            ));
+        }
+        assert_eq!(ram.requests().pending().len(), 2);
+        // The background push's run: pages 0..12.
+        let run: Vec<u8> = (0..12u8).flat_map(|i| [i + 1; P]).collect();
+        assert_eq!(ram.place_pages(0, 0, &run).unwrap(), 10);
+        let got: Vec<_> = vcpus.into_iter().map(|(_, t)| t.join().unwrap()).collect();
+        assert_eq!(
+            got,
+            [Some(6), Some(10)],
+            "both waiters woke with their pages"
+        );
+        for page in 0..12usize {
+            let want = match page {
+                2 => 0xa2,
+                7 => 0xa7,
+                _ => page as u8 + 1,
+            };
+            assert_eq!(map.read_byte(page * P + 1), Some(want), "page {page}");
+        }
+        assert_eq!(ram.received_pages(), 12);
+        assert!(ram.requests().pending().is_empty());
+        assert_eq!(ram.requests().latency().count(), 2);
+        let bt = ram.blocktime().unwrap();
+        assert!(bt.vcpu_ns().iter().all(|ns| *ns > 0), "{:?}", bt.vcpu_ns());
+        let st = &ram.stats;
+        assert_eq!(st.copied.load(Ordering::Relaxed), 11);
+        assert_eq!(st.duplicates.load(Ordering::Relaxed), 2);
+        // One ioctl for page 2, then 0-1, 3-6 (stopped at 7) and 8-11.
+        assert_eq!(st.placements.load(Ordering::Relaxed), 4);
+        // A zero run over pages already there and missing ones places only the missing.
+        assert_eq!(ram.place_zeros(0, 10 * PAGE_SIZE, 4).unwrap(), 2);
+        assert_eq!(map.read_byte(12 * P), Some(0));
+        assert_eq!(map.read_byte(11 * P), Some(12));
+        assert_eq!(st.zeroed.load(Ordering::Relaxed), 2);
+        // Runs past the block, or of no whole page, are refused.
+        assert!(ram.place_zeros(0, 14 * PAGE_SIZE, 3).is_err());
+        assert!(ram.place_pages(0, 0, &run[..100]).is_err());
+        assert_eq!(ram.missing_pages(), 2);
         ram.unregister();
     }
 

@@ -151,6 +151,35 @@ impl Requests {
         Some(d)
     }
 
+    /// Pages `first..first+count` of `block` were placed at `now` (one run): completes the
+    /// requests among them, under one lock hold, walking whichever is shorter — the run or the
+    /// pending requests (usually none).
+    pub fn placed_range(&self, block: usize, first: u64, count: u64, now: Instant) {
+        let mut i = self.lock();
+        if i.pending.is_empty() {
+            return;
+        }
+        let end = first.saturating_add(count);
+        let done: Vec<(usize, u64)> = if count <= i.pending.len() as u64 {
+            (first..end)
+                .map(|p| (block, p))
+                .filter(|k| i.pending.contains_key(k))
+                .collect()
+        } else {
+            i.pending
+                .keys()
+                .filter(|(b, p)| *b == block && (first..end).contains(p))
+                .copied()
+                .collect()
+        };
+        for k in done {
+            if let Some(since) = i.pending.remove(&k) {
+                let d = now.saturating_duration_since(since);
+                i.latency.record(d);
+            }
+        }
+    }
+
     /// Every page still pending, oldest first.
     pub fn pending(&self) -> Vec<(usize, u64)> {
         let i = self.lock();
@@ -199,6 +228,23 @@ mod tests {
         assert_eq!(h.quantile_us(0.5), 26);
         // A page faulted again after placement is a new request.
         assert_eq!(r.fault(0, 5, t0), FaultAction::Request);
+    }
+
+    #[test]
+    fn a_run_completes_the_requests_inside_it() {
+        let r = Requests::default();
+        let t0 = Instant::now();
+        for (b, p) in [(0, 3), (0, 100), (1, 4), (0, 10)] {
+            assert_eq!(r.fault(b, p, t0), FaultAction::Request);
+        }
+        // A short run (walked page by page), then a long one (the pending map is walked).
+        r.placed_range(0, 0, 10, t0 + Duration::from_micros(5));
+        assert_eq!(r.pending(), vec![(0, 10), (0, 100), (1, 4)]);
+        r.placed_range(0, 10, 1000, t0 + Duration::from_micros(7));
+        assert_eq!(r.pending(), vec![(1, 4)]);
+        assert_eq!(r.latency().count(), 3);
+        r.placed_range(1, 0, 4, t0);
+        assert_eq!(r.pending(), vec![(1, 4)], "the run ends before page 4");
     }
 
     #[test]

@@ -111,6 +111,48 @@ pub enum Placement {
     AlreadyPresent,
 }
 
+/// What one placement call did at the start of a run of pages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunStep {
+    /// The first `n` pages (at least one) were missing and are now in place, their waiters
+    /// awake.
+    Placed(usize),
+    /// The first page was already present (placed by another channel): nothing changed.
+    FirstPresent,
+}
+
+/// The kernel reported `done` bytes of a `len`-byte run placed: whole pages, at least one, at
+/// most all of them — anything else is not a count this code knows how to go on from.
+fn run_step(
+    done: usize,
+    len: usize,
+    what: impl FnOnce() -> String,
+) -> Result<RunStep, PostcopyError> {
+    if done == 0 || done > len || !done.is_multiple_of(PAGE_SIZE as usize) {
+        return Err(PostcopyError::BadPage(format!(
+            "{}: the kernel placed {done} bytes",
+            what()
+        )));
+    }
+    Ok(RunStep::Placed(done / PAGE_SIZE as usize))
+}
+
+/// The one ioctl this module issues itself.
+mod sys {
+    /// `struct uffdio_zeropage` of `<linux/userfaultfd.h>`.
+    #[repr(C)]
+    pub struct UffdioZeropage {
+        pub start: u64,
+        pub len: u64,
+        pub mode: u64,
+        pub zeropage: i64,
+    }
+
+    // UFFDIO_ZEROPAGE: _IOWR(UFFDIO (0xAA), _UFFDIO_ZEROPAGE (0x04), struct uffdio_zeropage).
+    nix::ioctl_readwrite!(uffdio_zeropage, 0xAA, 0x04, UffdioZeropage);
+}
+use sys::{uffdio_zeropage, UffdioZeropage};
+
 /// One fault read from the userfaultfd.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Fault {
@@ -212,22 +254,50 @@ impl PostcopyFd {
                 page.len()
             )));
         }
+        Ok(match self.copy_run(r, offset, page)? {
+            RunStep::Placed(_) => Placement::Placed,
+            RunStep::FirstPresent => Placement::AlreadyPresent,
+        })
+    }
+
+    /// Places the pages of `data` (a whole number of pages) at `offset` of registered range
+    /// `r` with one `UFFDIO_COPY`, atomically page by page, waking the threads waiting on the
+    /// pages it places. The kernel stops at the first page already present (another channel
+    /// placed it meanwhile): the result says how far it got, and the caller goes on past that
+    /// page.
+    pub fn copy_run(
+        &self,
+        r: &HostRange,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<RunStep, PostcopyError> {
+        let len = data.len();
+        if len == 0 || !len.is_multiple_of(PAGE_SIZE as usize) {
+            return Err(PostcopyError::BadPage(format!(
+                "pages to place have {len} bytes, not a multiple of {PAGE_SIZE}"
+            )));
+        }
         let dst = r
-            .at(offset, page.len())
-            .ok_or_else(|| r.out_of_range(offset, page.len()))?;
-        // SAFETY: `dst` is inside `r` (checked), which `HostRange::new`'s contract keeps
-        // mapped; `page` is a live buffer of the same length that the kernel only reads. The
-        // kernel installs a new page atomically, so threads touching `dst` concurrently see
-        // either a fault (and wait) or the whole new page — no Rust reference is involved.
-        let res = unsafe { self.uffd.copy(page.as_ptr().cast(), dst, page.len(), true) };
+            .at(offset, len)
+            .ok_or_else(|| r.out_of_range(offset, len))?;
+        // SAFETY: `dst..dst+len` is inside `r` (checked), which `HostRange::new`'s contract
+        // keeps mapped; `data` is a live buffer of `len` bytes that the kernel only reads. The
+        // kernel installs each new page atomically, so threads touching the range
+        // concurrently see either a fault (and wait) or a whole new page — no Rust reference
+        // into the range is involved.
+        let res = unsafe { self.uffd.copy(data.as_ptr().cast(), dst, len, true) };
+        let what = || format!("UFFDIO_COPY at offset {offset:#x} (+{len:#x})");
         match res {
-            Ok(_) => Ok(Placement::Placed),
+            Ok(n) => run_step(n, len, what),
+            // Part of the run placed (and woken): the kernel stopped at a page it could not
+            // place, which the next call meets first.
+            Err(userfaultfd::Error::PartiallyCopied(n)) => run_step(n, len, what),
             // (The crate's errno type is from its own nix version: compare numbers.)
             Err(userfaultfd::Error::CopyFailed(errno)) if errno as i32 == nix::libc::EEXIST => {
-                Ok(Placement::AlreadyPresent)
+                Ok(RunStep::FirstPresent)
             }
             Err(e) => Err(PostcopyError::Uffd {
-                what: format!("UFFDIO_COPY at offset {offset:#x}"),
+                what: what(),
                 source: e,
             }),
         }
@@ -236,20 +306,67 @@ impl PostcopyFd {
     /// Places `len` bytes of zero pages at `offset` of registered range `r`, atomically, and
     /// wakes their waiters.
     pub fn zero(&self, r: &HostRange, offset: u64, len: usize) -> Result<Placement, PostcopyError> {
+        let mut at = 0;
+        let mut placed = false;
+        // A range of several pages goes on past pages already present, as a run does.
+        while at < len {
+            match self.zero_run(r, offset + at as u64, len - at)? {
+                RunStep::Placed(n) => {
+                    placed = true;
+                    at += n * PAGE_SIZE as usize;
+                }
+                RunStep::FirstPresent => at += PAGE_SIZE as usize,
+            }
+        }
+        Ok(if placed {
+            Placement::Placed
+        } else {
+            Placement::AlreadyPresent
+        })
+    }
+
+    /// Maps zero pages over `[offset, offset+len)` of registered range `r` with one
+    /// `UFFDIO_ZEROPAGE`, waking their waiters; like [`copy_run`](Self::copy_run) it stops
+    /// at the first page already present and says how far it got.
+    pub fn zero_run(
+        &self,
+        r: &HostRange,
+        offset: u64,
+        len: usize,
+    ) -> Result<RunStep, PostcopyError> {
+        if len == 0 || !len.is_multiple_of(PAGE_SIZE as usize) {
+            return Err(PostcopyError::BadPage(format!(
+                "zero pages to place have {len} bytes, not a multiple of {PAGE_SIZE}"
+            )));
+        }
         let dst = r
             .at(offset, len)
             .ok_or_else(|| r.out_of_range(offset, len))?;
-        // SAFETY: as in `copy`: the range is inside the mapping and the kernel maps zero pages
-        // there atomically.
-        let res = unsafe { self.uffd.zeropage(dst, len, true) };
+        let mut arg = UffdioZeropage {
+            start: dst as u64,
+            len: len as u64,
+            mode: 0,
+            zeropage: 0,
+        };
+        // SAFETY: the range is inside the mapping (checked) and registered with this
+        // descriptor; the kernel maps zero pages there atomically and writes only `arg`, a
+        // live local of the layout `UFFDIO_ZEROPAGE` takes. (The `userfaultfd` crate's
+        // `zeropage` drops the count of pages placed when it stops early, which a run needs.)
+        let res = unsafe { uffdio_zeropage(self.uffd.as_raw_fd(), &mut arg) };
+        let what = || format!("UFFDIO_ZEROPAGE at offset {offset:#x} (+{len:#x})");
         match res {
-            Ok(_) => Ok(Placement::Placed),
-            Err(userfaultfd::Error::ZeropageFailed(errno)) if errno as i32 == nix::libc::EEXIST => {
-                Ok(Placement::AlreadyPresent)
-            }
-            Err(e) => Err(PostcopyError::Uffd {
-                what: format!("UFFDIO_ZEROPAGE at offset {offset:#x}"),
-                source: e,
+            Ok(_) => run_step(len, len, what),
+            Err(nix::Error::EAGAIN) => match usize::try_from(arg.zeropage) {
+                Ok(n) => run_step(n, len, what),
+                Err(_) => Err(PostcopyError::Sys {
+                    what: what(),
+                    source: nix::Error::EAGAIN,
+                }),
+            },
+            Err(nix::Error::EEXIST) => Ok(RunStep::FirstPresent),
+            Err(source) => Err(PostcopyError::Sys {
+                what: what(),
+                source,
             }),
         }
     }
@@ -506,6 +623,60 @@ mod tests {
         fd.unregister(&map.range()).unwrap();
         // Unregistered, a missing page reads as zero without anyone's help.
         assert_eq!(map.read_byte(5 * P), Some(0));
+    }
+
+    #[test]
+    fn a_run_stops_at_a_present_page_and_goes_on_after_it() {
+        let map = std::sync::Arc::new(AnonMapping::new(8 * P).unwrap());
+        let fd = PostcopyFd::open().unwrap();
+        fd.register(&map.range()).unwrap();
+        // Page 3 came on the other channel.
+        fd.copy(&map.range(), 3 * PAGE_SIZE, &[0xee; P]).unwrap();
+        // A reader waits on page 1, inside the run.
+        let m = map.clone();
+        let reader = std::thread::spawn(move || m.read_byte(P + 5));
+        next_fault(&fd);
+        let run: Vec<u8> = (0..6).flat_map(|i| [i as u8 + 1; P]).collect();
+        assert_eq!(
+            fd.copy_run(&map.range(), 0, &run).unwrap(),
+            RunStep::Placed(3),
+            "pages 0-2 placed, the kernel stopped at page 3"
+        );
+        assert_eq!(reader.join().unwrap(), Some(2), "its waiter is awake");
+        assert_eq!(
+            fd.copy_run(&map.range(), 3 * PAGE_SIZE, &run[3 * P..])
+                .unwrap(),
+            RunStep::FirstPresent
+        );
+        assert_eq!(
+            fd.copy_run(&map.range(), 4 * PAGE_SIZE, &run[4 * P..])
+                .unwrap(),
+            RunStep::Placed(2)
+        );
+        for (page, want) in [(0, 1), (1, 2), (2, 3), (3, 0xee), (4, 5), (5, 6)] {
+            assert_eq!(map.read_byte(page * P + 100), Some(want), "page {page}");
+        }
+        // Zero runs the same way: with page 7 placed, a run over 5..8 meets page 5 (present)
+        // first, and one over 6..8 places page 6 and stops at page 7.
+        fd.zero(&map.range(), 7 * PAGE_SIZE, P).unwrap();
+        assert_eq!(
+            fd.zero_run(&map.range(), 5 * PAGE_SIZE, 3 * P).unwrap(),
+            RunStep::FirstPresent
+        );
+        assert_eq!(
+            fd.zero_run(&map.range(), 6 * PAGE_SIZE, 2 * P).unwrap(),
+            RunStep::Placed(1)
+        );
+        assert_eq!(map.read_byte(6 * P), Some(0));
+        assert_eq!(
+            fd.zero(&map.range(), 5 * PAGE_SIZE, 3 * P).unwrap(),
+            Placement::AlreadyPresent
+        );
+        // Not whole pages, or past the end: refused before the kernel sees it.
+        assert!(fd.copy_run(&map.range(), 0, &run[..P + 1]).is_err());
+        assert!(fd.copy_run(&map.range(), 4 * PAGE_SIZE, &run).is_err());
+        assert!(fd.zero_run(&map.range(), 0, 0).is_err());
+        fd.unregister(&map.range()).unwrap();
     }
 
     #[test]
