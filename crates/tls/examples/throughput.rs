@@ -1,18 +1,20 @@
 //! Loopback throughput of one migration-like channel, plaintext against TLS (livemig's
-//! `tls` crate: rustls with ring, the session split into reader and writer halves).
+//! `tls` crate, the session split into reader and writer halves): x509 credentials (rustls
+//! with ring) and a pre-shared key (`tls-creds-psk`, OpenSSL).
 //!
 //! `cargo run --release -p tls --example throughput [GIB] [ROUNDS]`
 //!
 //! The sender writes GIB GiB (default 4) in 256 KiB vectored writes of 4 KiB slices — the
 //! shape of the RAM saver's batches — to a TCP connection on 127.0.0.1; the receiver reads it
-//! into a 256 KiB buffer and drops it. Each round runs plaintext, then TLS, and prints both
-//! rates and their ratio; the certificates are made for the run in a temporary directory.
+//! into a 256 KiB buffer and drops it. Each round runs plaintext, then x509 TLS, then PSK TLS,
+//! and prints the rates and their ratios to plaintext; the certificates and the key are made
+//! for the run in a temporary directory.
 
 use std::io::{IoSlice, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::time::Instant;
 use testkit::pki::{Ca, Subject};
-use tls::{Endpoint, TlsCreds, X509Options};
+use tls::{Endpoint, PskOptions, TlsCreds, X509Options};
 
 const CHUNK: usize = 256 * 1024;
 
@@ -95,14 +97,32 @@ fn main() {
     };
     let server = load("s", Endpoint::Server);
     let client = load("c", Endpoint::Client);
+    let psk_dir = tmp.path().join("k");
+    std::fs::create_dir_all(&psk_dir).expect("mkdir");
+    std::fs::write(
+        psk_dir.join("keys.psk"),
+        "qemu:000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f\n",
+    )
+    .expect("keys.psk");
+    let psk = |endpoint| {
+        TlsCreds::load_psk(PskOptions {
+            dir: Some(psk_dir.display().to_string()),
+            endpoint,
+            username: None,
+        })
+        .expect("PSK creds")
+    };
+    let (psk_server, psk_client) = (psk(Endpoint::Server), psk(Endpoint::Client));
     let total = gib << 30;
-    println!("round  plaintext GB/s  TLS GB/s  TLS/plaintext");
+    println!("round  plaintext GB/s  TLS GB/s  TLS/plaintext  PSK GB/s  PSK/plaintext");
     for i in 1..=rounds {
         let plain = run(total, None);
         let tls = run(total, Some((&server, &client)));
+        let psk = run(total, Some((&psk_server, &psk_client)));
         println!(
-            "{i:5}  {plain:14.2}  {tls:8.2}  {:12.0}%",
-            100.0 * tls / plain
+            "{i:5}  {plain:14.2}  {tls:8.2}  {:12.0}%  {psk:8.2}  {:12.0}%",
+            100.0 * tls / plain,
+            100.0 * psk / plain
         );
     }
 }
