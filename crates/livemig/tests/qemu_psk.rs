@@ -7,6 +7,9 @@
 //!   `tls-authz` about the username QEMU sent (`qemu`, QEMU's default). RAM identical at every
 //!   step. livemig's client credentials come by `object-add`, its server credentials by
 //!   `-object`.
+//! * The same chain with QEMU's `priority` taking TLS 1.3 away: TLS 1.2 with an `ECDHE-PSK`
+//!   or `DHE-PSK` suite on both hops. livemig's log (`LIVEMIG_LOG=debug`) names the protocol of each
+//!   session, so each test shows which one was negotiated.
 //! * A wrong key, each way: the migration fails on both ends with a clear error and the source
 //!   runs on.
 
@@ -36,6 +39,38 @@ fn creds_arg(dir: &Path, id: &str, sub: &str, endpoint: &str) -> Vec<String> {
             dir.join(sub).display()
         ),
     ]
+}
+
+/// QEMU's PSK credentials with a GnuTLS priority string before QEMU's own PSK additions.
+fn qemu_creds_arg(dir: &Path, sub: &str, endpoint: &str, priority: Option<&str>) -> Vec<String> {
+    let mut a = creds_arg(dir, "tls0", sub, endpoint);
+    if let Some(p) = priority {
+        a[1].push_str(&format!(",priority={p}"));
+    }
+    a
+}
+
+/// GnuTLS's default without TLS 1.3.
+const TLS12_ONLY: &str = "NORMAL:-VERS-TLS1.3";
+
+/// `livemig vm -M none -m 32M ARGS` with `LIVEMIG_LOG=debug`, so its log names each
+/// session's protocol.
+fn livemig_logged(dir: &Path, name: &str, args: &[String]) -> testkit::VmProcess {
+    let mut v = vec![
+        "LIVEMIG_LOG=debug".to_string(),
+        env!("CARGO_BIN_EXE_livemig").to_string(),
+    ];
+    v.extend(strings(&["vm", "-M", "none", "-m", RAM_ARG]));
+    v.extend_from_slice(args);
+    testkit::VmProcess::spawn("env", &v, dir, name)
+        .unwrap_or_else(|e| panic!("cannot start livemig: {e}"))
+}
+
+/// The lines of livemig's log that say how a channel was secured.
+fn sessions(log: &str) -> Vec<&str> {
+    log.lines()
+        .filter(|l| l.contains("channel secured with TLS"))
+        .collect()
 }
 
 fn return_path(q: &mut QmpClient) {
@@ -68,11 +103,17 @@ struct VmProcessQ {
     q: QmpClient,
 }
 
-/// A QEMU destination with `-incoming defer`, PSK server credentials from `dir/sub`,
-/// listening on TCP port 0.
-fn qemu_destination(dir: &Path, name: &str, sub: &str, with_multifd: bool) -> (VmProcessQ, String) {
+/// A QEMU destination with `-incoming defer`, PSK server credentials from `dir/sub` (with
+/// `priority`, if given), listening on TCP port 0.
+fn qemu_destination(
+    dir: &Path,
+    name: &str,
+    sub: &str,
+    with_multifd: bool,
+    priority: Option<&str>,
+) -> (VmProcessQ, String) {
     let mut args = strings(&["-incoming", "defer"]);
-    args.extend(creds_arg(dir, "tls0", sub, "server"));
+    args.extend(qemu_creds_arg(dir, sub, "server", priority));
     let p = qemu(dir, name, &args);
     let mut q = p.qmp();
     return_path(&mut q);
@@ -106,16 +147,22 @@ fn check_channels(s: &Value, on: bool, what: &str) {
 
 #[test]
 fn psk_qemu_to_livemig_to_qemu() {
-    chain("psk_qemu_to_livemig_to_qemu", false);
+    chain("psk_qemu_to_livemig_to_qemu", false, None);
 }
 
 /// The same chain with multifd: every channel of every hop is a PSK session of its own.
 #[test]
 fn psk_multifd_qemu_to_livemig_to_qemu() {
-    chain("psk_multifd_qemu_to_livemig_to_qemu", true);
+    chain("psk_multifd_qemu_to_livemig_to_qemu", true, None);
 }
 
-fn chain(test: &str, with_multifd: bool) {
+/// The same chain with QEMU limited to TLS 1.2 on both hops.
+#[test]
+fn psk_tls12_qemu_to_livemig_to_qemu() {
+    chain("psk_tls12_qemu_to_livemig_to_qemu", false, Some(TLS12_ONLY));
+}
+
+fn chain(test: &str, with_multifd: bool, priority: Option<&str>) {
     let Some(tmp) = setup(test) else {
         return;
     };
@@ -126,7 +173,7 @@ fn chain(test: &str, with_multifd: bool) {
     let pat = pattern_file(&a_file, 2 << 20, 23);
 
     // 1. QEMU A (client key, username qemu by default) -> livemig L (server keys, authz).
-    let mut args = creds_arg(dir, "tls0", "cli", "client");
+    let mut args = qemu_creds_arg(dir, "cli", "client", priority);
     args.extend(loader(&a_file, 0));
     let qa = qemu(dir, "qa", &args);
     let mut qa_q = qa.qmp();
@@ -141,7 +188,7 @@ fn chain(test: &str, with_multifd: bool) {
         "-incoming",
         "tcp:127.0.0.1:0",
     ]));
-    let l = livemig(dir, "l", &args);
+    let l = livemig_logged(dir, "l", &args);
     let mut l_q = l.qmp();
     return_path(&mut l_q);
     multifd(&mut l_q, with_multifd);
@@ -171,7 +218,7 @@ fn chain(test: &str, with_multifd: bool) {
                "dir": dir.join("cli").display().to_string()}),
     );
     l_q.ok("migrate-set-parameters", json!({"tls-creds": "tls1"}));
-    let (mut b, uri) = qemu_destination(dir, "qb", "srv", with_multifd);
+    let (mut b, uri) = qemu_destination(dir, "qb", "srv", with_multifd, priority);
     let (s, d) = migrate(&mut l_q, &mut b.q, &uri);
     check_channels(&s, with_multifd, "livemig -> QEMU");
     assert_eq!(s["status"], "completed", "livemig source: {s}\n{}", l.log());
@@ -183,6 +230,24 @@ fn chain(test: &str, with_multifd: bool) {
     );
     let ram_b = ram(&mut b.q, dir, "qb");
     assert_same_ram(&ram_l, &ram_b, "livemig -> QEMU over TLS-PSK");
+
+    // What GnuTLS and OpenSSL agreed on, channel by channel: TLS 1.3 with the external key
+    // (AES-128-GCM, livemig's first choice) by default; TLS 1.2 (EC)DHE-PSK without 1.3.
+    let log = l.log();
+    let lines = sessions(&log);
+    let channels = if with_multifd { 1 + CHANNELS } else { 1 } as usize;
+    let incoming = lines.iter().filter(|l| l.contains("incoming")).count();
+    assert_eq!(incoming, channels, "{lines:#?}");
+    assert_eq!(lines.len(), 2 * channels, "{lines:#?}");
+    let want = match priority {
+        None => "(TLSv1.3 TLS_AES_128_GCM_SHA256 with a pre-shared key)",
+        Some(_) => "(TLSv1.2 ",
+    };
+    for line in &lines {
+        assert!(line.contains(want), "{line}");
+        // In TLS 1.2, a PSK suite with a key exchange of its own (ECDHE-PSK or DHE-PSK).
+        assert!(priority.is_none() || line.contains("HE-PSK-"), "{line}");
+    }
 }
 
 #[test]
@@ -199,7 +264,7 @@ fn psk_wrong_key_fails_clearly_both_ways() {
     let mut l_q = l.qmp();
     return_path(&mut l_q);
     l_q.ok("migrate-set-parameters", json!({"tls-creds": "tls0"}));
-    let (dst, uri) = qemu_destination(dir, "q-dst", "srv", false);
+    let (dst, uri) = qemu_destination(dir, "q-dst", "srv", false, None);
     l_q.ok("migrate", json!({"uri": uri}));
     let s = wait(&mut l_q, &["completed", "failed", "cancelled"]);
     assert_eq!(s["status"], "failed", "{s}");
