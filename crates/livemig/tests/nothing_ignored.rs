@@ -1,7 +1,9 @@
 //! Nothing accepted and ignored (issue 9, bug 5): every command-line option `livemig vm`
 //! accepts changes what a user sees, or is one whose job QEMU's `-M none` has nothing to do
 //! for either (and then it changes nothing in QEMU too, which is checked); everything else is
-//! refused at start-up, with QEMU's words where QEMU has them.
+//! refused at start-up, with QEMU's words where QEMU has them. Every migration capability and
+//! parameter is refused, or configures a refused capability, or is shown acting by a walk of
+//! small real migrations run here, each beside one without it.
 
 mod common;
 
@@ -389,7 +391,9 @@ fn walk(entries: &[Shown]) {
 /// `v` with long strings (decoded streams) cut short, for messages.
 fn brief(v: &Value) -> Value {
     match v {
-        Value::String(s) if s.len() > 300 => json!(format!("{}...", &s[..300])),
+        Value::String(s) if s.len() > 300 => {
+            json!(format!("{}...", s.chars().take(300).collect::<String>()))
+        }
         Value::Object(m) => Value::Object(m.iter().map(|(k, v)| (k.clone(), brief(v))).collect()),
         Value::Array(a) => Value::Array(a.iter().map(brief).collect()),
         v => v.clone(),
@@ -577,24 +581,21 @@ fn stream_exp() -> HashMap<&'static str, Seen> {
 
     // x-livemig-stall-timeout: a command that never reads its stdin.
     src.set_caps(&used.map(|c| (c, false)));
-    for (name, bound) in [("stall", 1000), ("stall-default", 30_000)] {
-        src.set_params(json!({ "x-livemig-stall-timeout": bound }));
-        let t = Instant::now();
-        src.migrate("exec:sleep 20");
-        let q = if bound == 1000 {
-            ended(&mut src)
-        } else {
-            // Three times the other run's bound: still waiting.
-            std::thread::sleep(Duration::from_millis(3000));
-            let q = src.ok("query-migrate", json!({}));
-            src.ok("migrate_cancel", json!({}));
-            ended(&mut src);
-            q
-        };
-        let ms = t.elapsed().as_millis() as u64;
-        resume(&mut src);
-        runs.insert(name, json!({"query": q, "ms": ms}));
-    }
+    src.set_params(json!({"x-livemig-stall-timeout": 1000}));
+    let t = Instant::now();
+    src.migrate("exec:sleep 10");
+    let q = ended(&mut src);
+    let ms = t.elapsed().as_millis() as u64;
+    runs.insert("stall", json!({"query": q, "ms": ms}));
+    resume(&mut src);
+    // The default bound (30 s): three times the other's later, still waiting. (Left there: the
+    // source's last migration.)
+    src.set_params(json!({"x-livemig-stall-timeout": 30_000}));
+    src.migrate("exec:sleep 10");
+    std::thread::sleep(Duration::from_millis(3000));
+    let q = src.ok("query-migrate", json!({}));
+    runs.insert("stall-default", json!({ "query": q }));
+    src.ok("migrate_cancel", json!({}));
 
     // A byte flipped in the first page of a stream: loaded without integrity, with it.
     for (name, cap) in [("base", false), ("integrity", true)] {
@@ -692,8 +693,9 @@ fn throttle_exp() -> HashMap<&'static str, Seen> {
             let r = lm.ok("query-migrate", json!({}));
             // A guest throttled hard may leave nothing dirty at the end of a pass, and
             // switch over; the one without auto-converge never does.
-            let ok = ["active", "completed"].contains(&text(&r["status"]));
-            assert!(ok && (i > 0 || r["status"] == "active"), "{}: {r}", lm.name);
+            let st = text(&r["status"]);
+            let ok = ["setup", "active"].contains(&st) || (i > 0 && st == "completed");
+            assert!(ok, "{}: {r}", lm.name);
             if let Some(t) = r["cpu-throttle-percentage"].as_u64() {
                 first[i].get_or_insert(t0.elapsed().as_millis() as u64);
                 if seq[i].last() != Some(&t) {
