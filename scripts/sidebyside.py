@@ -16,7 +16,8 @@ send every page as a normal page.
 
 With --variants, each link gets one row per variant, both implementations configured alike:
 `plain` (one stream), `multifd:N` (capability multifd, N channels), `tls` (x509 credentials
-made for the run with openssl, tls-creds on both ends; `tls+multifd:N` with channels),
+made for the run with openssl, tls-creds on both ends; `tls+multifd:N` with channels), `psk`
+(tls-creds-psk with a random key made for the run; `psk+multifd:N` with channels),
 `zstd:N` (multifd with N channels and multifd-compression zstd). Both guests hold
 incompressible data (QEMU's loader file is random bytes, livemig's fill pages are
 pseudo-random), so zstd rows show what compression costs where it cannot help.
@@ -35,7 +36,7 @@ Needs root (ip netns, tc). Not part of `cargo test`. Example:
     cargo build --release -p livemig
     sudo scripts/sidebyside.py --ram 512M --runs 3 --links none,10gbit,1gbit,1gbit:htb --hot
     sudo scripts/sidebyside.py --ram 256M --runs 3 --links none,1gbit \
-        --variants plain,multifd:2,multifd:4,tls,tls+multifd:2,zstd:2
+        --variants plain,multifd:2,multifd:4,tls,tls+multifd:2,psk,psk+multifd:2,zstd:2
 """
 
 import argparse
@@ -240,6 +241,9 @@ def make_pki(work):
                     f"extendedKeyUsage={eku}\n")
         ossl("x509", "-req", "-in", f"{who}.csr", "-CA", "ca-cert.pem", "-CAkey", "ca-key.pem",
              "-CAcreateserial", "-out", f"{who}-cert.pem", "-days", "30", "-extfile", ext)
+    # The pre-shared key of the `psk` variants (QEMU's format; `qemu` is the default user).
+    with open(os.path.join(d, "keys.psk"), "w") as f:
+        f.write(f"qemu:{os.urandom(32).hex()}\n")
     return d
 
 
@@ -248,8 +252,9 @@ class Variant:
 
     def __init__(self, spec, pki):
         self.name = spec
-        self.tls = spec.startswith("tls")
-        rest = spec[len("tls"):].lstrip("+") if self.tls else spec
+        self.kind = next((k for k in ("tls", "psk") if spec.startswith(k)), None)
+        self.tls = self.kind is not None
+        rest = spec[len(self.kind):].lstrip("+") if self.tls else spec
         self.channels, self.compression = 0, "none"
         if rest.startswith("multifd:"):
             self.channels = int(rest.split(":")[1])
@@ -262,7 +267,8 @@ class Variant:
     def argv(self, endpoint):
         if not self.tls:
             return []
-        return ["-object", f"tls-creds-x509,id=tls0,dir={self.pki},endpoint={endpoint}"]
+        creds = "tls-creds-x509" if self.kind == "tls" else "tls-creds-psk"
+        return ["-object", f"{creds},id=tls0,dir={self.pki},endpoint={endpoint}"]
 
     def setup(self, q):
         """Capabilities and parameters on one end (before the migration connects)."""
@@ -413,7 +419,8 @@ def main():
     ap.add_argument("--verify", action="store_true",
                     help="check the livemig destination's RAM page by page")
     ap.add_argument("--variants", default="plain",
-                    help="comma-separated: plain, multifd:N, tls, tls+multifd:N, zstd:N")
+                    help="comma-separated: plain, multifd:N, tls, tls+multifd:N, psk, "
+                         "psk+multifd:N, zstd:N")
     ap.add_argument("--compressible", action="store_true",
                     help="compressible guest RAM on both (livemig's migrated in from QEMU)")
     ap.add_argument("--mem-prealloc", action="store_true",
@@ -439,7 +446,7 @@ def main():
             # (incompressible) work for both, and no page is zero.
             for _ in range(args.ram >> 20):
                 f.write(os.urandom(1 << 20))
-    pki = make_pki(work) if "tls" in args.variants else None
+    pki = make_pki(work) if "tls" in args.variants or "psk" in args.variants else None
     variants = [Variant(v, pki) for v in args.variants.split(",")]
     rows, every = [], []
     port = 4700

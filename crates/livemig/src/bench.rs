@@ -63,6 +63,9 @@ fn bench(args: BenchArgs) -> Result<i32, Closed> {
         if let Some(d) = &sc.tls_creds {
             outln!("TLS: tls-creds-x509 from {} on both ends", d.display())?;
         }
+        if let Some(d) = &sc.tls_psk {
+            outln!("TLS: tls-creds-psk from {} on both ends", d.display())?;
+        }
         if sc.integrity {
             outln!("x-livemig-integrity: on at both ends")?;
         }

@@ -105,6 +105,10 @@ pub struct ScenarioArgs {
     /// only)
     #[arg(long, value_name = "DIR", conflicts_with = "zero_copy")]
     pub tls_creds: Option<std::path::PathBuf>,
+    /// TLS with a pre-shared key on every channel: both ends load tls-creds-psk from DIR
+    /// (keys.psk with a line `qemu:HEXKEY`, QEMU's format; tcp or unix)
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["zero_copy", "tls_creds"])]
+    pub tls_psk: Option<std::path::PathBuf>,
     /// Capability x-livemig-integrity on both ends: a digest per batch of pages and per
     /// bitmap chunk, checked by the destination (refused with --postcopy and --multifd)
     #[arg(long, conflicts_with_all = ["postcopy", "multifd"])]
@@ -170,6 +174,7 @@ impl ScenarioArgs {
         }
         sc.zero_copy = self.zero_copy;
         sc.tls_creds.clone_from(&self.tls_creds);
+        sc.tls_psk.clone_from(&self.tls_psk);
         sc.integrity = self.integrity;
         sc.fill = sc.fill.min(sc.ram);
         sc

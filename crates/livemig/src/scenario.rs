@@ -60,6 +60,9 @@ pub struct Scenario {
     /// TLS: the directory both ends load `tls-creds-x509` from (tcp only: the source checks
     /// the destination's certificate against 127.0.0.1).
     pub tls_creds: Option<std::path::PathBuf>,
+    /// TLS with a pre-shared key: the directory both ends load `tls-creds-psk` from (its
+    /// `keys.psk` has the line of the source's username, `qemu`).
+    pub tls_psk: Option<std::path::PathBuf>,
     /// Capability `x-livemig-integrity` on both ends.
     pub integrity: bool,
 }
@@ -87,6 +90,7 @@ impl Default for Scenario {
             multifd_compression: "none".into(),
             zero_copy: false,
             tls_creds: None,
+            tls_psk: None,
             integrity: false,
         }
     }
@@ -233,18 +237,20 @@ impl Pair {
             a
         };
         let creds = |endpoint: &str| -> Vec<String> {
-            match &sc.tls_creds {
-                Some(d) => vec![
-                    "-object".into(),
-                    format!(
-                        "tls-creds-x509,id=tls0,dir={},endpoint={endpoint}",
-                        std::path::absolute(d)
-                            .unwrap_or_else(|_| d.clone())
-                            .display()
-                    ),
-                ],
-                None => Vec::new(),
-            }
+            let (kind, d) = match (&sc.tls_creds, &sc.tls_psk) {
+                (Some(d), _) => ("x509", d),
+                (None, Some(d)) => ("psk", d),
+                (None, None) => return Vec::new(),
+            };
+            vec![
+                "-object".into(),
+                format!(
+                    "tls-creds-{kind},id=tls0,dir={},endpoint={endpoint}",
+                    std::path::absolute(d)
+                        .unwrap_or_else(|_| d.clone())
+                        .display()
+                ),
+            ]
         };
         let listen = match sc.transport {
             Transport::Tcp => "tcp:127.0.0.1:0".to_string(),
@@ -327,7 +333,7 @@ impl Pair {
                 json!({"capabilities": [{"capability": "postcopy-blocktime", "state": true}]}),
             )?;
         }
-        if sc.tls_creds.is_some() {
+        if sc.tls_creds.is_some() || sc.tls_psk.is_some() {
             for q in [&mut src_qmp, &mut dst_qmp] {
                 q.call("migrate-set-parameters", json!({"tls-creds": "tls0"}))?;
             }

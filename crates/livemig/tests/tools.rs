@@ -456,3 +456,62 @@ fn bench_over_tls() {
     assert_ne!(code, 0);
     assert!(err.contains("--tls-creds needs --transport tcp"), "{err}");
 }
+
+/// `bench --tls-psk DIR`: both ends load `tls-creds-psk` from DIR and every channel (the main
+/// one and two multifd channels) is a PSK session, over tcp and over unix (no hostname to
+/// check); a `keys.psk` without the source's username fails the run with QEMU's message, so
+/// the key is really used.
+#[test]
+fn bench_over_tls_psk() {
+    let dir = tempdir();
+    let good = dir.path().join("good");
+    std::fs::create_dir_all(&good).unwrap();
+    std::fs::write(
+        good.join("keys.psk"),
+        "qemu:9a8b7c6d5e4f30211203f4e5d6c7b8a99a8b7c6d5e4f30211203f4e5d6c7b8a9\n",
+    )
+    .unwrap();
+    let good_arg = good.display().to_string();
+    for transport in ["tcp", "unix"] {
+        let (code, out, err) = run_livemig(&[
+            "bench",
+            "--ram",
+            "32M",
+            "--runs",
+            "1",
+            "--transport",
+            transport,
+            "--multifd",
+            "2",
+            "--verify",
+            "--tls-psk",
+            &good_arg,
+        ]);
+        assert_eq!(code, 0, "{transport}: stdout:\n{out}\nstderr:\n{err}");
+        assert!(
+            out.contains(&format!("TLS: tls-creds-psk from {good_arg} on both ends")),
+            "{out}"
+        );
+    }
+
+    let other = dir.path().join("other");
+    std::fs::create_dir_all(&other).unwrap();
+    std::fs::write(other.join("keys.psk"), "admin:00112233\n").unwrap();
+    let other_arg = other.display().to_string();
+    let (code, out, err) = run_livemig(&[
+        "bench",
+        "--ram",
+        "32M",
+        "--runs",
+        "1",
+        "--tls-psk",
+        &other_arg,
+    ]);
+    assert_ne!(code, 0, "stdout:\n{out}\nstderr:\n{err}");
+    assert!(
+        err.contains(&format!(
+            "Username qemu not found in PSK file {other_arg}/keys.psk"
+        )),
+        "{err}"
+    );
+}

@@ -288,6 +288,19 @@ struct MemIo {
     tx: Vec<u8>,
 }
 
+impl MemIo {
+    /// Appends ciphertext, first dropping what OpenSSL already read, so the buffer holds only
+    /// the unread part. (OpenSSL 3 takes every byte offered into its own record buffer, so
+    /// `read` empties this one as it goes; this keeps it bounded whatever a version does.)
+    fn push(&mut self, data: &[u8]) {
+        if self.rx_pos > 0 {
+            self.rx.drain(..self.rx_pos);
+            self.rx_pos = 0;
+        }
+        self.rx.extend_from_slice(data);
+    }
+}
+
 impl Read for MemIo {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let avail = &self.rx[self.rx_pos..];
@@ -423,7 +436,7 @@ pub(crate) fn handshake<R: Read, W: Write>(
                 if n == 0 {
                     m.eof = true;
                 } else {
-                    m.rx.extend_from_slice(&buf[..n]);
+                    m.push(&buf[..n]);
                 }
             }
             Err(e) => {
@@ -459,7 +472,7 @@ pub(crate) fn handshake<R: Read, W: Write>(
 impl PskConn {
     /// Ciphertext from the socket, kept until OpenSSL reads it.
     pub(crate) fn feed(&mut self, data: &[u8]) {
-        self.ssl.get_mut().rx.extend_from_slice(data);
+        self.ssl.get_mut().push(data);
     }
 
     /// The socket ended.
