@@ -264,3 +264,17 @@ fn a_destination_announces_setup_and_goes_active_when_the_stream_flows() {
         ["active", "completed"]
     );
 }
+
+/// The downtime limit holds behind a link slower than the source writes (issue 12), on one
+/// channel: what the socket buffers accepted and the link has not carried yet must go before
+/// the destination can run the guest, so the source counts it before it stops the guest.
+#[test]
+fn downtime_limit_holds_behind_a_slow_link() {
+    // 4 MiB/s: one connection's buffers hold about a second of it.
+    let q = downtime_behind_a_slow_link(0, 4 << 20);
+    let downtime = q["downtime"].as_u64().unwrap_or(u64::MAX);
+    assert!(
+        downtime <= SLOW_LINK_LIMIT_MS + 250,
+        "downtime {downtime} ms, limit {SLOW_LINK_LIMIT_MS} ms: {q}"
+    );
+}

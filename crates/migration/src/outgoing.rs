@@ -33,7 +33,7 @@ use crate::engine::OutgoingStats;
 use crate::error::MigrationError;
 use crate::globalstate::GlobalState;
 use crate::machine::{DeviceState, Machine, Writer};
-use crate::policy::{AutoConverge, Convergence, Meter};
+use crate::policy::{AutoConverge, Backlog, Convergence, Meter, BACKLOG_PING};
 use crate::postcopy::source::{Cursor, PageWriter, PreemptSender, SourceRam};
 use crate::ram::{RamSaver, SendOutcome, RAM_IDSTR, RAM_VERSION};
 use crate::runstate::RunState;
@@ -43,7 +43,7 @@ use crate::transport::{connect, connect_with, BoxRead, Connection, MigrationUri}
 use serde_json::json;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 use wire::command::{write_command, Command};
 use wire::config::{write_configuration, Configuration};
@@ -57,6 +57,9 @@ use wire::{StreamReader, StreamWriter};
 
 /// Longest a precopy round runs before the engine looks at the state again.
 const ROUND: Duration = Duration::from_millis(50);
+/// How long the switchover waits for answers to its [`Backlog`] PINGs when
+/// `x-livemig-stall-timeout` is off.
+const DEFAULT_SILENCE: Duration = Duration::from_secs(30);
 /// Section ids: `ram` and `dirty-bitmap` as QEMU 7.2's `-M none`; devices follow.
 const RAM_SECTION_ID: u32 = 2;
 const BITMAP_SECTION_ID: u32 = 3;
@@ -410,6 +413,12 @@ impl Outgoing {
         let machine = self.job.machine.clone();
         let auto_converge = self.job.caps.has(Capability::AutoConverge);
         let ram_postcopy = self.job.caps.has(Capability::PostcopyRam);
+        // With a return path, the destination's progress is measured (see `Backlog`).
+        let rp_ctx = self.rp.is_some().then(|| self.rp_ctx.clone());
+        let mut backlog = Backlog::default();
+        // A destination that answers nothing for this long is not measured any more.
+        let silence = self.stall.unwrap_or(DEFAULT_SILENCE);
+        let mut unmeasured = false;
         let (w, ram, bitmaps) = self.stream()?;
         // Bytes sent count the multifd channels' too.
         let mut meter = Meter::new(ram.sent_bytes(w));
@@ -451,6 +460,11 @@ impl Outgoing {
             let outcome = ram.send(w, allowance, Some(Instant::now() + ROUND))?;
             ram.end_section(w)?;
             write_footer(w, RAM_SECTION_ID)?;
+            if rp_ctx.is_some() {
+                // Answered once the destination has consumed everything before it.
+                let ping = backlog.ping(ram.sent_bytes(w), Instant::now());
+                write_command(w, &Command::Ping(ping))?;
+            }
             w.flush()?;
             stats
                 .transferred
@@ -458,7 +472,7 @@ impl Outgoing {
             meter.tick(ram.sent_bytes(w), sent_pages(&stats), &stats);
 
             // Bandwidth for the switchover decision: the measured rate, or the cap before the
-            // first window closes.
+            // first window closes; no more than the destination consumes while it is behind.
             let bw = if meter.bytes_per_sec > 0.0 {
                 meter.bytes_per_sec
             } else if max_bw > 0 {
@@ -466,9 +480,31 @@ impl Outgoing {
             } else {
                 1e9
             };
+            if let Some(ctx) = &rp_ctx {
+                ctx.take_answer(&mut backlog);
+            }
+            // A return path that carries no answers (a command that passes nothing back):
+            // decided as QEMU decides, without the backlog, rather than never.
+            let measured = rp_ctx.is_some() && backlog.silent_for(Instant::now()) < silence;
+            if !measured && rp_ctx.is_some() && !unmeasured {
+                unmeasured = true;
+                log::warn!(
+                    "the destination answered no PING for {} ms: the switchover no longer counts what it has not consumed",
+                    silence.as_millis()
+                );
+            }
+            let (bw, unconsumed) = if measured {
+                // What the destination has not consumed yet must be, before it can run the
+                // guest: it is part of what remains.
+                (backlog.bandwidth(bw), backlog.unconsumed(ram.sent_bytes(w)))
+            } else {
+                (bw, 0)
+            };
             let bitmap_bytes = bitmaps.as_ref().map_or(0, |b| b.pending_bytes());
             stats.bitmap_bytes.store(bitmap_bytes, Ordering::Relaxed);
-            let pending = (ram.remaining_pages() * crate::guest::PAGE_SIZE + bitmap_bytes) as f64;
+            let pending = (ram.remaining_pages() * crate::guest::PAGE_SIZE
+                + bitmap_bytes
+                + unconsumed) as f64;
             stats
                 .expected_downtime_ms
                 .store((pending / bw * 1000.0) as u64, Ordering::Relaxed);
@@ -502,7 +538,7 @@ impl Outgoing {
                         .events
                         .emit("MIGRATION_PASS", Some(json!({ "pass": pass })));
                 }
-                let pending = (dirty * crate::guest::PAGE_SIZE + bitmap_bytes) as f64;
+                let pending = (dirty * crate::guest::PAGE_SIZE + bitmap_bytes + unconsumed) as f64;
                 stats
                     .expected_downtime_ms
                     .store((pending / bw * 1000.0) as u64, Ordering::Relaxed);
@@ -518,11 +554,33 @@ impl Outgoing {
                 if postcopy && ram_fits && bitmap_bytes > 0 {
                     return Ok(Next::Postcopy);
                 }
+                log::debug!(
+                    "pass {}: {} bytes dirty, {unconsumed} sent and not consumed yet, {bw:.0} bytes/s (the destination's: {:?})",
+                    stats.ram.dirty_syncs.load(Ordering::Relaxed),
+                    dirty * crate::guest::PAGE_SIZE,
+                    backlog.rate()
+                );
                 if convergence.switch_now(pending, bw, downtime_ms) {
                     return Ok(Next::Switchover);
                 }
                 if postcopy && ram_fits {
                     return Ok(Next::Postcopy);
+                }
+                if let (Some(ctx), true) = (&rp_ctx, measured && ram_fits && unconsumed > 0) {
+                    // What is dirty fits, what the destination has not consumed does not: let
+                    // it catch up (for as long as that should take, a round at least and a
+                    // second at most; the guest runs on) instead of starting pass after pass
+                    // over a clean bitmap.
+                    let drain = Duration::from_secs_f64((unconsumed as f64 / bw).min(1.0));
+                    let until = Instant::now() + drain.max(ROUND);
+                    while !backlog.caught_up() && Instant::now() < until {
+                        let cancelled =
+                            shared.sleep_unless_cancelled(generation, Duration::from_millis(5));
+                        if cancelled {
+                            return Err(MigrationError::Cancelled);
+                        }
+                        ctx.take_answer(&mut backlog);
+                    }
                 }
             }
         }
@@ -1502,16 +1560,27 @@ enum RpEvent {
     ResumeAck(u32),
 }
 
-/// What the return-path thread shares with `migration-out` from the postcopy switch on.
+/// What the return-path thread shares with `migration-out`: the answers to the [`Backlog`]
+/// PINGs, and from the postcopy switch on what serving page requests needs.
 #[derive(Default)]
 struct RpCtx {
     /// The pages still to send (requests are checked against it).
     src: OnceLock<Arc<SourceRam>>,
     /// With `postcopy-preempt`: where requested pages go, written by the return-path thread.
     preempt: OnceLock<Arc<PreemptSender>>,
+    /// The last answer to a [`Backlog`] PING, and when it arrived.
+    answered: Mutex<Option<(u32, Instant)>>,
 }
 
 impl RpCtx {
+    /// Gives `backlog` the last answer to its PINGs, if one came.
+    fn take_answer(&self, backlog: &mut Backlog) {
+        let last = *self.answered.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((v, at)) = last {
+            backlog.answered(v, at);
+        }
+    }
+
     /// RECV_BITMAP's dump for `ramblock` (`ram_dirty_bitmap_reload`): read whole, checked
     /// against the block, and turned into the pages the destination lacks.
     fn recv_bitmap(
@@ -1587,6 +1656,11 @@ fn spawn_return_path(
                     Ok(RpMessage::Shut(st)) => {
                         let _ = tx.send(RpEvent::Shut(st));
                         return;
+                    }
+                    Ok(RpMessage::Pong(v)) if v & BACKLOG_PING != 0 => {
+                        *ctx.answered.lock().unwrap_or_else(|p| p.into_inner()) =
+                            Some((v, Instant::now()));
+                        Ok(())
                     }
                     Ok(RpMessage::Pong(_)) | Ok(RpMessage::SwitchoverAck) => Ok(()),
                     Ok(RpMessage::ReqPagesId {

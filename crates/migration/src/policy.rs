@@ -1,9 +1,11 @@
 //! The source's policies, kept apart from the mechanics so each can be read and tested alone:
-//! how fast to send ([`Meter`]: bandwidth measured and budgeted over 100 ms windows), when
-//! to stop iterating and switch over ([`Convergence`]), and how hard to throttle a guest that
-//! dirties memory faster than it can be sent ([`AutoConverge`]).
+//! how fast to send ([`Meter`]: bandwidth measured and budgeted over 100 ms windows), what the
+//! destination has not consumed yet and how fast it consumes ([`Backlog`]), when to stop
+//! iterating and switch over ([`Convergence`]), and how hard to throttle a guest that dirties
+//! memory faster than it can be sent ([`AutoConverge`]).
 
 use crate::engine::OutgoingStats;
+use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
@@ -62,6 +64,123 @@ impl Meter {
     /// What remains of the current window.
     pub(crate) fn window_left(&self) -> Duration {
         WINDOW.saturating_sub(self.window_start.elapsed())
+    }
+}
+
+/// The values of the PINGs that measure the destination's progress: the top bit set, the
+/// rest a sequence number, apart from the engine's other PINGs (1 to 4, the keepalive's).
+pub(crate) const BACKLOG_PING: u32 = 0x8000_0000;
+
+/// What the destination has not consumed yet, and how fast it consumes.
+///
+/// Bytes a write accepted are not at the destination: they wait in the socket buffers at both
+/// ends (megabytes per connection; with multifd, per channel) and in the destination's queue
+/// of pages to place, and with compression each of those bytes stands for many bytes of RAM
+/// to decompress and place (a destination without `-mem-prealloc` also faults every page in).
+/// All of it must be consumed before the destination can run the guest, so it belongs to the
+/// downtime as much as the dirty pages do — yet the rate at which the source writes does not
+/// show it: while the buffers fill, it is far above what the destination takes.
+///
+/// So the source asks. After each round (the end of a RAM section, where every multifd
+/// channel has been synced) it sends a PING numbered from [`BACKLOG_PING`] on the main
+/// stream, noting the bytes sent so far, counted as the [`Meter`] counts them (RAM bytes
+/// queued on the channels, uncompressed). The destination answers with a PONG once its loader
+/// reaches the PING — QEMU's and livemig's loaders do so only after every page before that
+/// end of section is in guest memory, multifd channels included — so a PONG says that every
+/// byte sent before its PING has been consumed. What was sent after the last answered PING is
+/// the backlog; the bytes answered per second while the destination had a backlog all along
+/// (an answer found more PINGs waiting) are its rate of consumption.
+#[derive(Debug, Default)]
+pub(crate) struct Backlog {
+    next: u32,
+    /// PINGs not answered yet: their value, the bytes sent when each went, and when.
+    waiting: VecDeque<(u32, u64, Instant)>,
+    /// Bytes sent before the last answered PING: consumed by the destination.
+    acked: u64,
+    /// When the last answer arrived, and whether PINGs were still waiting after it (the
+    /// destination was busy until the next answer).
+    last: Option<(u32, Instant, bool)>,
+    busy_bytes: u64,
+    busy_time: Duration,
+    /// The destination's rate of consumption (bytes/s), the last measured.
+    rate: Option<f64>,
+}
+
+impl Backlog {
+    /// The value of the next PING, to be written at `at` after `sent` bytes.
+    pub(crate) fn ping(&mut self, sent: u64, at: Instant) -> u32 {
+        let v = BACKLOG_PING | (self.next & !BACKLOG_PING);
+        self.next = self.next.wrapping_add(1);
+        self.waiting.push_back((v, sent, at));
+        v
+    }
+
+    /// How long the oldest PING not answered yet has waited at `now`. A destination that
+    /// consumes, however slowly, answers within the time its backlog takes; one whose return
+    /// path carries no answers (a command that passes nothing back) never does.
+    pub(crate) fn silent_for(&self, now: Instant) -> Duration {
+        self.waiting.front().map_or(Duration::ZERO, |(_, _, at)| {
+            now.saturating_duration_since(*at)
+        })
+    }
+
+    /// The answer to PING `value` arrived at `at` (answers to older PINGs may have been
+    /// skipped: one answers for every PING before it, the stream being in order).
+    pub(crate) fn answered(&mut self, value: u32, at: Instant) {
+        if self.last.is_some_and(|(v, _, _)| v == value) {
+            return;
+        }
+        let Some(pos) = self.waiting.iter().position(|(v, _, _)| *v == value) else {
+            return;
+        };
+        let Some((_, bytes, _)) = self.waiting.drain(..=pos).next_back() else {
+            return;
+        };
+        if let Some((_, prev, true)) = self.last {
+            // Busy from the previous answer to this one: a sample of its rate.
+            self.busy_bytes += bytes.saturating_sub(self.acked);
+            self.busy_time += at.saturating_duration_since(prev);
+            if self.busy_time >= WINDOW {
+                self.rate = Some(self.busy_bytes as f64 / self.busy_time.as_secs_f64());
+                self.busy_bytes = 0;
+                self.busy_time = Duration::ZERO;
+            }
+        }
+        self.acked = self.acked.max(bytes);
+        self.last = Some((value, at, !self.waiting.is_empty()));
+    }
+
+    /// Bytes sent (`sent` so far) that the destination has not confirmed.
+    pub(crate) fn unconsumed(&self, sent: u64) -> u64 {
+        sent.saturating_sub(self.acked)
+    }
+
+    /// The bandwidth to plan the switchover with, given `bw`, the rate the source writes.
+    /// While the destination is behind (its last answer found more PINGs waiting), what it
+    /// consumes is the limit, however fast the source writes into the buffers. Once it keeps
+    /// up, the rate it showed when it was behind is still a floor: a source with little left
+    /// to send writes slowly, and that says nothing of the link.
+    pub(crate) fn bandwidth(&self, bw: f64) -> f64 {
+        match self.rate {
+            Some(r) if self.behind() => r,
+            Some(r) => r.max(bw),
+            None => bw,
+        }
+    }
+
+    /// Whether the destination was still behind at its last answer.
+    fn behind(&self) -> bool {
+        self.last.is_some_and(|(_, _, behind)| behind)
+    }
+
+    /// The destination's rate of consumption (bytes/s), once measured.
+    pub(crate) fn rate(&self) -> Option<f64> {
+        self.rate
+    }
+
+    /// Whether the destination has answered every PING.
+    pub(crate) fn caught_up(&self) -> bool {
+        self.waiting.is_empty()
     }
 }
 
@@ -251,6 +370,66 @@ mod tests {
         let mut c = Convergence::default();
         assert!(!c.switch_now(4096.0, GB, 0));
         assert!(c.switch_now(0.0, GB, 0));
+    }
+
+    #[test]
+    fn the_backlog_is_what_the_destination_has_not_answered_for() {
+        let t0 = Instant::now();
+        let ms = |n| t0 + Duration::from_millis(n);
+        let mut b = Backlog::default();
+        assert_eq!(b.unconsumed(1000), 1000, "nothing answered yet");
+        let p1 = b.ping(10_000_000, t0);
+        let p2 = b.ping(20_000_000, t0);
+        let p3 = b.ping(30_000_000, ms(10));
+        assert_eq!(b.silent_for(ms(50)), Duration::from_millis(50));
+        assert!(p1 & BACKLOG_PING != 0 && p1 != p2 && p2 != p3);
+        assert_eq!(b.bandwidth(1e9), 1e9, "no rate measured yet");
+        // Answers come in order; an answer covers the PINGs before it.
+        b.answered(p1, ms(0));
+        assert_eq!(b.unconsumed(35_000_000), 25_000_000);
+        // The destination was busy from the first answer to the next: 10 MB in 100 ms.
+        b.answered(p2, ms(100));
+        assert_eq!(b.unconsumed(35_000_000), 15_000_000);
+        assert_eq!(b.silent_for(ms(100)), Duration::from_millis(90), "p3 waits");
+        assert_eq!(
+            b.bandwidth(1e9),
+            100e6,
+            "the destination's rate, not the writes'"
+        );
+        assert_eq!(b.bandwidth(50e6), 100e6, "behind, it is the destination's");
+        b.answered(p2, ms(150));
+        assert_eq!(
+            b.unconsumed(35_000_000),
+            15_000_000,
+            "a repeated answer changes nothing"
+        );
+        b.answered(0x6b61, ms(150));
+        b.answered(p3, ms(200));
+        assert!(b.caught_up());
+        assert_eq!(b.silent_for(ms(300)), Duration::ZERO);
+        assert_eq!(b.unconsumed(30_000_000), 0);
+        // Caught up: the source's rate, but no less than the destination showed.
+        assert_eq!(b.bandwidth(1e9), 1e9);
+        assert_eq!(
+            b.bandwidth(5e3),
+            100e6,
+            "an idle source says nothing of the link"
+        );
+    }
+
+    #[test]
+    fn an_idle_destination_gives_no_rate() {
+        let t0 = Instant::now();
+        let mut b = Backlog::default();
+        // Each PING answered before the next one goes: the destination waited for data, so the
+        // time between answers says nothing of its speed.
+        for i in 1..10u64 {
+            let p = b.ping(i * 1000, t0 + Duration::from_millis(i * 50));
+            b.answered(p, t0 + Duration::from_millis(i * 50 + 1));
+        }
+        b.ping(20_000, t0 + Duration::from_millis(500));
+        assert_eq!(b.rate, None);
+        assert_eq!(b.bandwidth(1e9), 1e9);
     }
 
     #[test]

@@ -21,6 +21,12 @@
 //!   cuts when the sender ends it: the sender believes everything went out, the receiver
 //!   misses its last `window` bytes.
 //!
+//! A plan may also be [`Plan::throttled`]: every connection's forward direction then shares
+//! one rate, as a slow link (or a destination that takes its data slowly) would impose. The
+//! relay reads a small chunk, waits for its turn, and writes it on, so what the sender wrote
+//! beyond that waits in the sockets' buffers — the backlog a sender cannot see by counting
+//! what it wrote.
+//!
 //! Everything the relay did is recorded ([`Relay::report`]), so a test can say what it broke.
 
 use net::Listener;
@@ -68,6 +74,9 @@ pub struct Plan {
     /// Connections from this index on (0 is the first) go to another target: a multifd
     /// source's extra channels reach a peer other than its main channel's.
     pub divert: Option<(usize, Target)>,
+    /// Bytes per second the forward directions of all connections carry together (`None`:
+    /// as fast as the sockets go).
+    pub rate: Option<u64>,
 }
 
 impl Default for Plan {
@@ -76,6 +85,7 @@ impl Default for Plan {
             faults: Vec::new(),
             bound: Duration::from_secs(60),
             divert: None,
+            rate: None,
         }
     }
 }
@@ -103,6 +113,13 @@ impl Plan {
     /// With connections from index `from` on sent to `to` (see [`Plan::divert`]).
     pub fn diverting(mut self, from: usize, to: Target) -> Plan {
         self.divert = Some((from, to));
+        self
+    }
+
+    /// With the forward directions of all connections held to `bytes_per_sec` together (see
+    /// [`Plan::rate`]).
+    pub fn throttled(mut self, bytes_per_sec: u64) -> Plan {
+        self.rate = Some(bytes_per_sec.max(1));
         self
     }
 
@@ -191,11 +208,29 @@ struct Shared {
     state: Mutex<State>,
     cond: Condvar,
     plan: Plan,
+    /// With [`Plan::rate`]: when the shared link is free again.
+    link_free: Mutex<Option<Instant>>,
 }
 
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// With [`Plan::rate`]: books `n` bytes on the shared link and waits until they have
+    /// passed at that rate.
+    fn throttle(&self, n: usize) {
+        let Some(rate) = self.plan.rate else {
+            return;
+        };
+        let done = {
+            let mut free = self.link_free.lock().unwrap_or_else(|p| p.into_inner());
+            let start = free.map_or_else(Instant::now, |f| f.max(Instant::now()));
+            let done = start + Duration::from_secs_f64(n as f64 / rate as f64);
+            *free = Some(done);
+            done
+        };
+        std::thread::sleep(done.saturating_duration_since(Instant::now()));
     }
 
     fn cut_locked(&self, st: &mut State) {
@@ -279,6 +314,7 @@ impl Relay {
             state: Mutex::new(State::default()),
             cond: Condvar::new(),
             plan,
+            link_free: Mutex::new(None),
         });
         let sh = shared.clone();
         std::thread::Builder::new()
@@ -438,8 +474,14 @@ fn pump_back(mut from: Sock, mut to: Sock, sh: &Shared, index: usize) {
         }
     }
     // The destination went away (or the cut): the source sees its side close too, as it
-    // would on a direct connection — unless this connection alone was cut.
+    // would on a direct connection — unless this connection alone was cut. Another
+    // connection's end (a multifd channel the destination closed after its load) closes that
+    // connection alone, towards the source: the first one may still carry the verdict.
     let mut st = sh.lock();
+    if !first {
+        let _ = to.shutdown(Shutdown::Write);
+        return;
+    }
     if !st.dropped.contains(&index) {
         sh.cut_locked(&mut st);
     }
@@ -457,7 +499,13 @@ fn pump_forward(mut from: Sock, mut to: Sock, sh: &Shared, index: usize) {
         Fault::CutBeforeEnd { window } => Some(*window),
         _ => None,
     });
-    let mut buf = vec![0u8; 64 * 1024];
+    // Throttled, in small chunks: the backlog stays in the sockets, not in the relay.
+    let chunk_len = if sh.plan.rate.is_some() {
+        16 * 1024
+    } else {
+        64 * 1024
+    };
+    let mut buf = vec![0u8; chunk_len];
     // Bytes read from the sender (the stream offset of the next byte read).
     let mut offset: u64 = 0;
     // Held back for CutBeforeEnd: bytes read but not yet sent.
@@ -542,6 +590,7 @@ fn pump_forward(mut from: Sock, mut to: Sock, sh: &Shared, index: usize) {
             }
             None => chunk.to_vec(),
         };
+        sh.throttle(out.len());
         if !sh.wait_unstalled() {
             return;
         }
@@ -648,6 +697,28 @@ mod tests {
         let r = relay.wait(Duration::from_secs(10), "cut", |r| r.cut_at.is_some());
         assert_eq!(r.stalled_at, Some(4096));
         assert!(started.elapsed() >= Duration::from_millis(500));
+    }
+
+    #[test]
+    fn a_throttled_relay_carries_no_more_than_its_rate() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = dir.path().join("t");
+        let got = sink(&t);
+        let _relay = Relay::unix(
+            &dir.path().join("r"),
+            Target::Unix(t),
+            Plan::none().throttled(1 << 20),
+        );
+        let mut c = UnixStream::connect(dir.path().join("r")).unwrap();
+        let started = Instant::now();
+        c.write_all(&data(300_000)).unwrap();
+        c.shutdown(Shutdown::Write).unwrap();
+        assert_eq!(got.join().unwrap(), data(300_000));
+        let took = started.elapsed();
+        assert!(
+            took >= Duration::from_millis(250),
+            "300 kB at 1 MiB/s in {took:?}"
+        );
     }
 
     #[test]

@@ -489,3 +489,47 @@ pub fn tempdir() -> tempfile::TempDir {
 pub fn unix_uri(dir: &Path, name: &str) -> String {
     format!("unix:{}", dir.join(name).display())
 }
+
+/// `downtime-limit` of [`downtime_behind_a_slow_link`], in ms.
+pub const SLOW_LINK_LIMIT_MS: u64 = 100;
+
+/// An [`IDLE`] guest migrated over TCP through testkit's relay held to `link` bytes per
+/// second (every connection together), with `downtime-limit` [`SLOW_LINK_LIMIT_MS`], `max-bandwidth` lifted,
+/// the return path on, and with `channels` > 0 multifd with that many channels. Whatever the
+/// source writes beyond what the link has carried waits in the sockets' buffers: megabytes,
+/// seconds of this link. Checks the stop point and returns the source's `query-migrate`.
+pub fn downtime_behind_a_slow_link(channels: u64, link: u64) -> Value {
+    use testkit::relay::{Plan, Relay, Target};
+    let dir = tempdir();
+    let mut caps = vec!["events", "return-path"];
+    if channels > 0 {
+        caps.push("multifd");
+    }
+    let mut dst = Lm::destination(dir.path(), "dst", "tcp:127.0.0.1:0");
+    dst.caps_on(&caps);
+    let port = dst.incoming_port();
+    let relay = Relay::tcp(
+        Target::Tcp(([127, 0, 0, 1], port).into()),
+        Plan::none().throttled(link),
+    );
+    let mut src = Lm::source(dir.path(), "src", IDLE);
+    src.caps_on(&caps);
+    src.set_params(json!({
+        "downtime-limit": SLOW_LINK_LIMIT_MS,
+        "max-bandwidth": 8u64 << 30,
+    }));
+    if channels > 0 {
+        for lm in [&mut src, &mut dst] {
+            lm.set_params(json!({ "multifd-channels": channels }));
+        }
+    }
+    src.wait_filled();
+    src.migrate(&relay.uri);
+    check_stop_point(&mut src, &mut dst, &[]);
+    let q = src.ok("query-migrate", json!({}));
+    eprintln!(
+        "{channels} channel(s), link {link} B/s: downtime {} ms, total {} ms, {} passes",
+        q["downtime"], q["total-time"], q["ram"]["dirty-sync-count"]
+    );
+    q
+}
