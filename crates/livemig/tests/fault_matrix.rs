@@ -48,7 +48,15 @@
 //!
 //! The multifd cells (issue 12) tell the same story with four channels on every migration of
 //! the cell: in `active` and `pre-switchover`, a relay (testkit's) carrying the main channel
-//! and the four channels cuts all of them, or one channel's connection alone.
+//! and the four channels cuts all of them, or one channel's connection alone; in `device`,
+//! the proxy holds the main channel as above and forwards the four channels as they are (so
+//! every page they carry has arrived, and the destination's channels wait at their last sync
+//! point), and the destination is killed, the proxy cuts everything, or it cuts one channel
+//! alone. That last cut is one the destination cannot tell from a source closing a channel it
+//! no longer needs (a QEMU source without a return path does so before the destination has
+//! loaded the end of the stream), and the source, waiting for the verdict, has nothing left to
+//! write: the destination's stall bound (1.5 s here) ends its wait for the held stream, it
+//! fails, and the source, its return path closed without `SHUT`, fails and resumes.
 
 mod common;
 mod faults;
@@ -498,6 +506,13 @@ fn attempt(
                     .expect("destination")
                     .set_params(json!({"x-livemig-stall-timeout": 4 * STALL_MS}));
             }
+            Fault::CutChannel if phase == Phase::Device => {
+                // Nothing is left to move on the channels: the destination's bound on the
+                // held stream is what ends the migration (see the module doc).
+                dst.as_mut()
+                    .expect("destination")
+                    .set_params(json!({"x-livemig-stall-timeout": STALL_MS}));
+            }
             Fault::Flip => {
                 src.caps_on(&["x-livemig-integrity"]);
                 dst.as_mut()
@@ -519,8 +534,7 @@ fn attempt(
             let uri = r.uri.clone();
             relay = Some(r);
             uri
-        } else if channels > 0 && cut {
-            assert_eq!(stall, Stall::No, "the multifd cells do not stall");
+        } else if channels > 0 && cut && stall == Stall::No {
             let r = LinkRelay::unix(&sock("relay"), Target::Unix(target.clone()), Plan::none());
             let uri = r.uri.clone();
             relay = Some(r);
@@ -584,12 +598,15 @@ fn attempt(
             }
             Phase::Setup => unreachable!(),
         }
+        // Several channels open: the main one and every multifd channel.
+        let want = 1 + channels as usize;
         if let Some(r) = &relay {
-            // Several channels open: the main one and every multifd channel.
-            let want = 1 + channels as usize;
             r.wait(TIMEOUT, "every channel connected", |rep| {
                 rep.connections >= want
             });
+        }
+        if let (Some(p), true) = (&proxy, channels > 0) {
+            p.wait_connections(want, TIMEOUT);
         }
     }
 
@@ -616,8 +633,12 @@ fn attempt(
             }
         }
         Fault::CutChannel => {
-            // The first multifd channel (the relay's connection 0 is the main one).
-            relay.as_ref().expect("relay").cut_one(1);
+            // The first multifd channel (connection 0 is the main one).
+            match (&relay, &proxy) {
+                (Some(r), _) => r.cut_one(1),
+                (None, Some(p)) => p.cut_one(1),
+                (None, None) => panic!("nothing carries the channels"),
+            }
         }
         // In `device-blocked` the proxy already reads nothing more.
         Fault::Stall => {
@@ -998,8 +1019,8 @@ fn device_cut_connection() {
 }
 
 // ---- Multifd (issue 12): the same story with four channels open, the link cut whole or one
-// channel's connection alone, while the source iterates and while it waits in
-// pre-switchover. (Cancel and a killed destination with four channels open:
+// channel's connection alone, while the source iterates, while it waits in pre-switchover and
+// in the switchover (`device`; there a killed destination too). (Cancel and a killed destination with four channels open:
 // `multifd.rs`.)
 
 /// Channels of the multifd cells.
@@ -1023,6 +1044,21 @@ fn multifd_pre_switchover_cut_connection() {
 #[test]
 fn multifd_pre_switchover_cut_channel() {
     run_cell_with(Phase::PreSwitchover, Fault::CutChannel, CHANNELS);
+}
+
+#[test]
+fn multifd_device_kill_destination() {
+    run_cell_with(Phase::Device, Fault::KillDestination, CHANNELS);
+}
+
+#[test]
+fn multifd_device_cut_connection() {
+    run_cell_with(Phase::Device, Fault::CutConnection, CHANNELS);
+}
+
+#[test]
+fn multifd_device_cut_channel() {
+    run_cell_with(Phase::Device, Fault::CutChannel, CHANNELS);
 }
 
 // ---- Postcopy (issue 10) ----

@@ -9,6 +9,11 @@
 //! `device` with its disks inactivated — waiting for the destination's `SHUT` if the proxy
 //! keeps reading ([`Stall::Hold`]), or blocked in a write if it stops ([`Stall::Block`]) and
 //! what is left does not fit the socket buffers.
+//!
+//! Connections after the first (a multifd source's channels) are forwarded as they are, in the
+//! order they come: each is connected to the destination before the next is accepted, so the
+//! destination sees the main channel first, as it requires. [`Proxy::cut_one`] cuts one of
+//! them alone.
 
 use serde_json::Value;
 use std::collections::HashMap;
@@ -26,8 +31,10 @@ use wire::{read_item, Item, SectionKind, StreamReader};
 /// What the proxy has done so far.
 #[derive(Default)]
 struct ProxyState {
-    /// Both connections (source side, destination side), for [`Proxy::cut`].
+    /// Every connection's two sides (source side, destination side), for [`Proxy::cut`].
     conns: Vec<UnixStream>,
+    /// The same, by connection index (0 is the first), for [`Proxy::cut_one`].
+    pairs: Vec<(UnixStream, UnixStream)>,
     /// Stream offset of the `ram` END section, once forwarding stopped there.
     stalled_at: Option<u64>,
     /// Bytes received from the source after the stall and held back.
@@ -46,6 +53,57 @@ struct ProxyShared {
 }
 
 impl ProxyShared {
+    /// Connects connection `index` from the source to `target` and starts forwarding it: the
+    /// first as `stall` says, the others as they are.
+    fn connect(
+        self: &Arc<Self>,
+        index: usize,
+        src: UnixStream,
+        target: &Path,
+        stall: Stall,
+    ) -> Result<(), String> {
+        let dst = match UnixStream::connect(target) {
+            Ok(d) => d,
+            Err(e) => {
+                let _ = src.shutdown(Shutdown::Both);
+                return Err(format!("cannot reach the destination: {e}"));
+            }
+        };
+        self.register(&src, &dst)?;
+        let clone = |s: &UnixStream| s.try_clone().map_err(|e| format!("clone: {e}"));
+        let (back_from, back_to) = (clone(&dst)?, clone(&src)?);
+        let down = self.clone();
+        std::thread::spawn(move || {
+            let (mut from, mut to) = (back_from, back_to);
+            let _ = std::io::copy(&mut from, &mut to);
+            if index == 0 {
+                // The destination went away: the source sees it as on a direct connection.
+                down.cut();
+            } else {
+                // A channel the destination closed: that connection alone.
+                let _ = to.shutdown(Shutdown::Write);
+            }
+        });
+        let sh = self.clone();
+        std::thread::spawn(move || {
+            if index == 0 && stall != Stall::No {
+                forward_until_ram_end(src, dst, &sh, stall);
+                return;
+            }
+            let (mut from, mut to) = (src, dst);
+            match std::io::copy(&mut from, &mut to) {
+                Ok(_) => {
+                    let _ = to.shutdown(Shutdown::Write);
+                }
+                Err(_) if index == 0 => sh.cut(),
+                Err(_) => {
+                    let _ = to.shutdown(Shutdown::Both);
+                }
+            }
+        });
+        Ok(())
+    }
+
     fn lock(&self) -> MutexGuard<'_, ProxyState> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -60,16 +118,20 @@ impl ProxyShared {
         }
     }
 
-    /// Keeps the connections for [`Self::cut`], cutting them at once if that was asked for
-    /// while they were being made.
-    fn register(&self, conns: Vec<UnixStream>) {
+    /// Keeps a connection's two sides for [`Self::cut`] and [`Proxy::cut_one`], cutting them
+    /// at once if a cut was asked for while they were being made.
+    fn register(&self, src: &UnixStream, dst: &UnixStream) -> Result<(), String> {
+        let clone = |s: &UnixStream| s.try_clone().map_err(|e| format!("clone: {e}"));
         let mut st = self.lock();
-        st.conns = conns;
+        st.conns.push(clone(src)?);
+        st.conns.push(clone(dst)?);
+        st.pairs.push((clone(src)?, clone(dst)?));
         if st.cut {
             for c in &st.conns {
                 let _ = c.shutdown(Shutdown::Both);
             }
         }
+        Ok(())
     }
 
     fn fail(&self, why: String) {
@@ -99,7 +161,7 @@ pub struct Proxy {
 
 impl Proxy {
     /// Listens on `listen`; the first connection is forwarded to `target`, stalling as
-    /// `stall` says (see the module doc).
+    /// `stall` says (see the module doc), and every later one as it is.
     pub fn start(listen: &Path, target: &Path, stall: Stall) -> Proxy {
         let listener = UnixListener::bind(listen).expect("proxy bind");
         let shared = Arc::new(ProxyShared {
@@ -109,45 +171,34 @@ impl Proxy {
         let sh = shared.clone();
         let target = target.to_path_buf();
         std::thread::spawn(move || {
-            let Ok((src, _)) = listener.accept() else {
-                return sh.fail("accept failed".into());
-            };
-            let dst = match UnixStream::connect(&target) {
-                Ok(d) => d,
-                Err(e) => {
-                    let _ = src.shutdown(Shutdown::Both);
-                    return sh.fail(format!("cannot reach the destination: {e}"));
-                }
-            };
-            let clones = (
-                src.try_clone(),
-                dst.try_clone(),
-                src.try_clone(),
-                dst.try_clone(),
-            );
-            let (Ok(s1), Ok(d1), Ok(s2), Ok(d2)) = clones else {
-                return sh.fail("cannot clone the connections".into());
-            };
-            sh.register(vec![s1, d1]);
-            let down = sh.clone();
-            std::thread::spawn(move || {
-                let (mut from, mut to) = (d2, s2);
-                let _ = std::io::copy(&mut from, &mut to);
-                down.cut();
-            });
-            if stall != Stall::No {
-                forward_until_ram_end(src, dst, &sh, stall);
-            } else {
-                let (mut from, mut to) = (src, dst);
-                match std::io::copy(&mut from, &mut to) {
-                    Ok(_) => {
-                        let _ = to.shutdown(Shutdown::Write);
-                    }
-                    Err(_) => sh.cut(),
+            for index in 0.. {
+                let Ok((src, _)) = listener.accept() else {
+                    return sh.fail("accept failed".into());
+                };
+                if let Err(e) = sh.connect(index, src, &target, stall) {
+                    return sh.fail(e);
                 }
             }
         });
         Proxy { shared }
+    }
+
+    /// Cuts connection `index` alone (0 is the first), both ways.
+    pub fn cut_one(&self, index: usize) {
+        let st = self.shared.lock();
+        if let Some((a, b)) = st.pairs.get(index) {
+            let _ = a.shutdown(Shutdown::Both);
+            let _ = b.shutdown(Shutdown::Both);
+        }
+    }
+
+    /// Waits until `n` connections have been made.
+    pub fn wait_connections(&self, n: usize, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while self.shared.lock().pairs.len() < n {
+            assert!(Instant::now() < deadline, "fewer than {n} connections came");
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 
     /// Waits until the stream stopped at the `ram` END section; returns its offset.
