@@ -74,11 +74,11 @@ pub fn secure_outgoing(
     } else {
         None
     };
-    let probe = conn.shutdown.socket();
+    let socket = conn.shutdown.socket();
     let (r, w) = both_directions(&mut conn)?;
     let mut streams = tls::connect(&creds, hostname, r, w).map_err(err)?;
-    if let Some(fd) = probe {
-        let _ = streams.writer.set_peer_probe(fd);
+    if let Some(fd) = socket {
+        let _ = streams.writer.set_socket(fd);
     }
     log::debug!(
         "migration channel secured with TLS ({})",
@@ -107,11 +107,11 @@ pub fn secure_incoming(
     } else {
         None
     };
-    let probe = conn.shutdown.socket();
+    let socket = conn.shutdown.socket();
     let (r, w) = both_directions(&mut conn)?;
     let mut streams = tls::accept(&creds, authz, r, w).map_err(err)?;
-    if let Some(fd) = probe {
-        let _ = streams.writer.set_peer_probe(fd);
+    if let Some(fd) = socket {
+        let _ = streams.writer.set_socket(fd);
     }
     log::debug!(
         "incoming migration channel secured with TLS ({}), peer {}",

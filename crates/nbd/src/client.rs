@@ -63,7 +63,7 @@ type Writer = Box<dyn Write + Send>;
 
 /// A connected, negotiated NBD client.
 pub struct NbdClient {
-    /// The socket itself (the TLS handshake and the writer's peer probe need it).
+    /// The socket itself (the TLS handshake and the TLS writer's sends and peer probe need it).
     sock: Stream,
     r: BufReader<Reader>,
     w: BufWriter<Writer>,
@@ -361,7 +361,7 @@ impl NbdClient {
         let ws = self.sock.try_clone().map_err(io)?;
         let mut st = tls::connect(creds, hostname, rs, ws)
             .map_err(|e| ProtoError::Protocol(e.to_string()))?;
-        let probe = st.writer.set_peer_probe(self.sock.as_fd());
+        let probe = st.writer.set_socket(self.sock.as_fd());
         probe.map_err(io)?;
         self.r = BufReader::with_capacity(256 << 10, Box::new(st.reader));
         self.w = BufWriter::with_capacity(256 << 10, Box::new(st.writer));

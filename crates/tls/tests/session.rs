@@ -76,7 +76,7 @@ fn run(
             // As the migration source and the NBD client do: a write that fails because the
             // server went away reads the server's last words (in TLS 1.3 a refused client
             // certificate is answered after the client's handshake is over).
-            st.writer.set_peer_probe(&probe).unwrap();
+            st.writer.set_socket(&probe).unwrap();
             st.writer
                 .write_all(b"hello")
                 .map_err(|e| TlsError::Handshake(e.to_string()))?;
@@ -265,9 +265,22 @@ fn expired_certificate_fails_the_sanity_check() {
 
 #[test]
 fn both_directions_at_once_do_not_deadlock() {
+    both_directions_at_once(false);
+}
+
+/// The same with the writers sending straight from rustls's buffers through their socket
+/// handles (as migration and NBD set them up): full sockets are waited for without the lock,
+/// and every byte arrives in order.
+#[test]
+fn both_directions_at_once_with_direct_sends() {
+    both_directions_at_once(true);
+}
+
+fn both_directions_at_once(direct: bool) {
     let ca = Ca::new("livemig test CA");
     let s = setup(&ca, &ca, "source.example.org");
     let (a, b) = UnixStream::pair().unwrap();
+    let a_fd = a.try_clone().unwrap();
     const N: usize = 32 << 20;
     std::thread::scope(|scope| {
         let srv = scope.spawn(|| {
@@ -275,8 +288,13 @@ fn both_directions_at_once_do_not_deadlock() {
             accept(&s.server, None, r, a).unwrap()
         });
         let r = b.try_clone().unwrap();
-        let cl = connect(&s.client, Some("dest.example.org"), r, b).unwrap();
-        let sv = srv.join().unwrap();
+        let b_fd = b.try_clone().unwrap();
+        let mut cl = connect(&s.client, Some("dest.example.org"), r, b).unwrap();
+        let mut sv = srv.join().unwrap();
+        if direct {
+            cl.writer.set_socket(&b_fd).unwrap();
+            sv.writer.set_socket(&a_fd).unwrap();
+        }
         // Each side writes 32 MiB while the other writes too; readers run on their own threads.
         let pump = |mut w: tls::TlsWriter<UnixStream>, mut r: tls::TlsReader<UnixStream>| {
             let reader = std::thread::spawn(move || {
@@ -346,7 +364,7 @@ fn a_refused_client_that_only_writes_learns_why() {
             e.map(|e| e.to_string())
         });
         let mut st = connect(&s.client, Some("dest.example.org"), r, b).unwrap();
-        st.writer.set_peer_probe(probe).unwrap();
+        st.writer.set_socket(probe).unwrap();
         // The server has refused and closed before the client writes.
         assert_eq!(
             server.join().unwrap().as_deref(),
@@ -461,4 +479,44 @@ fn aes_128_gcm_is_asked_for_as_client() {
     });
     assert_eq!(chosen, rustls::CipherSuite::TLS13_AES_128_GCM_SHA256);
     assert!(protocol.contains("TLS13_AES_128_GCM_SHA256"), "{protocol}");
+}
+
+/// A peer that stops reading: the writer's socket send timeout (the migration's stall bound,
+/// `SO_SNDTIMEO`) ends the write with `WouldBlock`, as it ends a blocking write without TLS,
+/// also when the writer sends through its socket handle and waits for room itself.
+#[test]
+fn a_stalled_peer_fails_the_write_within_the_send_timeout() {
+    let ca = Ca::new("livemig test CA");
+    let s = setup(&ca, &ca, "source.example.org");
+    for direct in [false, true] {
+        let (a, b) = UnixStream::pair().unwrap();
+        let (srv, mut cl) = std::thread::scope(|scope| {
+            let srv = scope.spawn(|| {
+                let r = a.try_clone().unwrap();
+                accept(&s.server, None, r, a).unwrap()
+            });
+            let r = b.try_clone().unwrap();
+            let fd = b.try_clone().unwrap();
+            fd.set_write_timeout(Some(std::time::Duration::from_millis(300)))
+                .unwrap();
+            let mut cl = connect(&s.client, Some("dest.example.org"), r, b).unwrap();
+            if direct {
+                cl.writer.set_socket(&fd).unwrap();
+            }
+            (srv.join().unwrap(), cl)
+        });
+        // The server holds its session and reads nothing.
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let data = vec![7u8; 64 << 20];
+            let _ = tx.send(cl.writer.write_all(&data).map_err(|e| e.kind()));
+        });
+        let got = rx.recv_timeout(std::time::Duration::from_secs(20));
+        drop(srv);
+        assert_eq!(
+            got,
+            Ok(Err(std::io::ErrorKind::WouldBlock)),
+            "direct sends: {direct}"
+        );
+    }
 }

@@ -225,9 +225,9 @@ fn start_tls(
     };
     let r = c.sock.try_clone().map_err(io)?;
     let w = c.sock.try_clone().map_err(io)?;
-    let probe = c.sock.try_clone().map_err(io)?;
+    let socket = c.sock.try_clone().map_err(io)?;
     let mut st = tls::accept(creds, authz, r, w).map_err(fail)?;
-    let _ = st.writer.set_peer_probe(probe.as_fd());
+    let _ = st.writer.set_socket(socket.as_fd());
     c.r = BufReader::with_capacity(256 << 10, Box::new(st.reader));
     c.w = BufWriter::with_capacity(256 << 10, Box::new(st.writer));
     c.tls = true;
