@@ -181,10 +181,22 @@ impl PskCreds {
             TlsError::Lookup("Expected TLS credentials for a client endpoint".into())
         })?;
         let mut b = context(SslMethod::tls_client())?;
+        let why = rejection.clone();
         b.set_psk_client_callback(move |_ssl, _hint, identity, psk| {
             let id = username.as_bytes();
-            // Room for the identity and its NUL, and for the key.
-            if id.len() >= identity.len() || key.0.len() > psk.len() {
+            // Room for the identity and its NUL, and for the key (OpenSSL's limits).
+            if id.len() >= identity.len() {
+                why.set(format!(
+                    "The PSK username is longer than OpenSSL's limit of {} bytes",
+                    identity.len().saturating_sub(1)
+                ));
+                return Err(openssl::error::ErrorStack::get());
+            }
+            if key.0.len() > psk.len() {
+                why.set(format!(
+                    "The pre-shared key is longer than OpenSSL's limit of {} bytes",
+                    psk.len()
+                ));
                 return Err(openssl::error::ErrorStack::get());
             }
             identity[..id.len()].copy_from_slice(id);
@@ -397,6 +409,15 @@ fn failure_text(e: &openssl::ssl::Error, username: Option<&str>) -> String {
     }
 }
 
+/// This side's own reason when it refused the session (a check of ours failed; the socket's
+/// or OpenSSL's error is then only a consequence), else `other`.
+fn refused_or(rejection: &Rejection, other: TlsError) -> TlsError {
+    match rejection.reason() {
+        Some(r) => TlsError::PeerRejected(r),
+        None => other,
+    }
+}
+
 /// Runs a PSK handshake over `reader`/`writer` (blocking); `client` says which end this is.
 pub(crate) fn handshake<R: Read, W: Write>(
     ssl: Ssl,
@@ -415,20 +436,17 @@ pub(crate) fn handshake<R: Read, W: Write>(
         let sent = writer.write_all(&out).and_then(|_| writer.flush());
         match r {
             Ok(()) => {
-                sent.map_err(|e| TlsError::Handshake(strerror(&e)))?;
+                sent.map_err(|e| refused_or(rejection, TlsError::Handshake(strerror(&e))))?;
                 break;
             }
             Err(e) if e.code() == ErrorCode::WANT_READ => {
-                sent.map_err(|e| TlsError::Handshake(strerror(&e)))?;
+                sent.map_err(|e| refused_or(rejection, TlsError::Handshake(strerror(&e))))?;
                 let n = loop {
                     match reader.read(&mut buf) {
                         Ok(n) => break n,
                         Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                         Err(e) => {
-                            return Err(match rejection.reason() {
-                                Some(r) => TlsError::PeerRejected(r),
-                                None => TlsError::Handshake(strerror(&e)),
-                            })
+                            return Err(refused_or(rejection, TlsError::Handshake(strerror(&e))))
                         }
                     }
                 };
@@ -604,6 +622,25 @@ mod tests {
             e.to_string(),
             format!("Username bob not found in PSK file {dir}/keys.psk")
         );
+        // Beyond OpenSSL's limits: refused with the reason when a session starts.
+        let long = "u".repeat(300);
+        std::fs::write(d.path().join(KEYS_FILE), format!("{long}:0011\n")).unwrap();
+        let c = PskCreds::load(opts(Endpoint::Client, Some(&long))).unwrap();
+        // (No server: the peer's end is closed, so the handshake cannot wait on it.)
+        let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+        drop(a);
+        let rejection = Rejection::default();
+        let ssl = client_ssl(&c, rejection.clone()).unwrap();
+        let (mut r, mut w) = (b.try_clone().unwrap(), b);
+        let e = match handshake(ssl, true, &rejection, &mut r, &mut w) {
+            Ok(_) => panic!("a 300-byte username went through"),
+            Err(e) => e,
+        };
+        assert_eq!(
+            e.to_string(),
+            "The PSK username is longer than OpenSSL's limit of 255 bytes"
+        );
+        std::fs::write(d.path().join(KEYS_FILE), "qemu:0011\n").unwrap();
         let e = PskCreds::load(opts(Endpoint::Server, Some("bob"))).unwrap_err();
         assert_eq!(
             e.to_string(),
