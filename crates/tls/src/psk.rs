@@ -4,10 +4,15 @@
 //!
 //! What QEMU 7.2 (GnuTLS 3.7) does, and so what this side meets: its priority string adds
 //! `+ECDHE-PSK:+DHE-PSK:+PSK` to `NORMAL`, so it negotiates TLS 1.3 with an external PSK
-//! (`psk_dhe_ke`, the key bound to SHA-256), or TLS 1.2 with an `ECDHE-PSK` suite against a
-//! peer that has no TLS 1.3. OpenSSL's PSK callbacks give exactly that: in TLS 1.3 it uses the
-//! key as an external PSK with SHA-256 (so only the SHA-256 suites are negotiated), in TLS 1.2
-//! the `PSK` cipher suites listed here.
+//! (`psk_dhe_ke`, the key bound to SHA-256), or TLS 1.2 with an `ECDHE-PSK` or `DHE-PSK`
+//! suite when its `priority` takes 1.3 away. OpenSSL's PSK callbacks give exactly that: in
+//! TLS 1.3 it uses the key as an external PSK with SHA-256 (so only the SHA-256 suites are
+//! negotiated), in TLS 1.2 the `PSK` cipher suites listed here (this side's server has no DH
+//! parameters, so it offers the ECDHE ones).
+//!
+//! When a callback gives no key, OpenSSL goes on with a certificate handshake instead; a
+//! client here accepts no certificate (it has nothing to check one against), and a server has
+//! none to present, so no session is ever made without the key.
 //!
 //! | file | server endpoint | client endpoint |
 //! |---|---|---|
