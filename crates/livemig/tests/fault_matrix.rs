@@ -36,7 +36,10 @@
 //! proxy that forwards the stream up to the `ram` END section and holds the rest, so the source
 //! has inactivated its disks and waits for the destination's `SHUT` on the return path; and
 //! `device-blocked` — the same proxy stops reading there, so the source is blocked writing
-//! `tz` (checked: its migration thread is in a write system call).
+//! `tz` (checked: its migration thread is in a write system call); `device-paused` — the
+//! proxy as in `device`, after a `pause-before-switchover` and `migrate-continue`, so the
+//! status is `device` itself (QEMU 7.2's only way into it) and the source fails or is
+//! cancelled from there.
 //!
 //! The stall and flip cells (issue 14) tell it too: in `active`, testkit's relay stops
 //! forwarding (`stall`), or flips one bit of a page with `x-livemig-integrity` on at both ends
@@ -48,11 +51,11 @@
 //!
 //! The multifd cells (issue 12) tell the same story with four channels on every migration of
 //! the cell: in `active` and `pre-switchover`, a relay (testkit's) carrying the main channel
-//! and the four channels cuts all of them, or one channel's connection alone; in `device`,
-//! the proxy holds the main channel as above and forwards the four channels as they are (so
-//! every page they carry has arrived, and the destination's channels wait at their last sync
-//! point), and the destination is killed, the proxy cuts everything, or it cuts one channel
-//! alone. That last cut is one the destination cannot tell from a source closing a channel it
+//! and the four channels cuts all of them, or one channel's connection alone; in `device`
+//! and `device-paused`, the proxy holds the main channel as above and forwards the four
+//! channels as they are (so every page they carry has arrived, and the destination's channels
+//! wait at their last sync point), and the destination is killed, the proxy cuts everything,
+//! or it cuts one channel alone (in `device-paused`, a cancel too). That last cut is one the destination cannot tell from a source closing a channel it
 //! no longer needs (a QEMU source without a return path does so before the destination has
 //! loaded the end of the stream), and the source, waiting for the verdict, has nothing left to
 //! write: the destination's stall bound (1.5 s here) ends its wait for the held stream, it
@@ -98,6 +101,8 @@ enum Phase {
     PreSwitchover,
     /// Stream stalled after the switchover started; the source waits for `SHUT`.
     Device,
+    /// The same after a `pre-switchover` pause and `migrate-continue`: the status is `device`.
+    DevicePaused,
     /// Stream stalled after the switchover started; the source is blocked in a write.
     DeviceBlocked,
 }
@@ -376,6 +381,7 @@ fn expected_events(phase: Phase, fault: Fault) -> Vec<&'static str> {
         Phase::PreSwitchover => v.extend(["active", "STOP", "pre-switchover"]),
         // No `device` state without `pause-before-switchover`: the switchover runs in `active`.
         Phase::Device | Phase::DeviceBlocked => v.extend(["active", "STOP"]),
+        Phase::DevicePaused => v.extend(["active", "STOP", "pre-switchover", "device"]),
     }
     let stopped = !matches!(phase, Phase::Setup | Phase::Active);
     // Other faults add no state: with the return path open, even in pre-switchover the
@@ -411,12 +417,17 @@ fn expected_error(phase: Phase, fault: Fault) -> &'static str {
         Phase::PreSwitchover => {
             "the destination went away while the source waited in pre-switchover"
         }
-        Phase::Device => "the destination closed the return path before reporting success",
+        Phase::Device | Phase::DevicePaused => {
+            "the destination closed the return path before reporting success"
+        }
     }
 }
 
 fn stall_phase(phase: Phase) -> bool {
-    matches!(phase, Phase::Device | Phase::DeviceBlocked)
+    matches!(
+        phase,
+        Phase::Device | Phase::DevicePaused | Phase::DeviceBlocked
+    )
 }
 
 /// Waits until the source's migration thread sits in a socket write (x86-64 numbers; other
@@ -491,7 +502,7 @@ fn attempt(
             channels,
         ));
         let stall = match phase {
-            Phase::Device => Stall::Hold,
+            Phase::Device | Phase::DevicePaused => Stall::Hold,
             Phase::DeviceBlocked => Stall::Block,
             _ => Stall::No,
         };
@@ -506,7 +517,7 @@ fn attempt(
                     .expect("destination")
                     .set_params(json!({"x-livemig-stall-timeout": 4 * STALL_MS}));
             }
-            Fault::CutChannel if phase == Phase::Device => {
+            Fault::CutChannel if stall == Stall::Hold => {
                 // Nothing is left to move on the channels: the destination's bound on the
                 // held stream is what ends the migration (see the module doc).
                 dst.as_mut()
@@ -549,7 +560,7 @@ fn attempt(
         match phase {
             // 1 MiB/s for 16 MiB of RAM: it stays active for as long as the test needs.
             Phase::Active => src.set_params(json!({"max-bandwidth": 1 << 20})),
-            Phase::PreSwitchover => src.caps_on(&["pause-before-switchover"]),
+            Phase::PreSwitchover | Phase::DevicePaused => src.caps_on(&["pause-before-switchover"]),
             _ => {}
         }
         src.migrate(&uri);
@@ -564,13 +575,22 @@ fn attempt(
                 src.wait_migration(&["pre-switchover"]);
                 assert_eq!(src.status(), "finish-migrate");
             }
-            Phase::Device | Phase::DeviceBlocked => {
+            Phase::Device | Phase::DevicePaused | Phase::DeviceBlocked => {
                 let p = proxy.as_ref().expect("proxy");
+                if phase == Phase::DevicePaused {
+                    src.wait_migration(&["pre-switchover"]);
+                    src.ok("migrate-continue", json!({"state": "pre-switchover"}));
+                }
                 p.wait_stalled(TIMEOUT);
-                // The switchover runs in `active` (no `device` without a pause): the guest
-                // stopped for it is what shows it began.
+                // Without a pause the switchover runs in `active` (no `device` without one):
+                // the guest stopped for it is what shows it began.
                 src.wait_runstate("finish-migrate");
-                assert_eq!(src.wait_migration(&["active"])["status"], "active");
+                let status = if phase == Phase::DevicePaused {
+                    "device"
+                } else {
+                    "active"
+                };
+                assert_eq!(src.wait_migration(&[status])["status"], status);
                 if phase == Phase::DeviceBlocked {
                     wait_blocked_in_write(src);
                 } else {
@@ -1044,6 +1064,41 @@ fn multifd_pre_switchover_cut_connection() {
 #[test]
 fn multifd_pre_switchover_cut_channel() {
     run_cell_with(Phase::PreSwitchover, Fault::CutChannel, CHANNELS);
+}
+
+#[test]
+fn device_paused_cancel() {
+    run_cell(Phase::DevicePaused, Fault::Cancel);
+}
+
+#[test]
+fn multifd_device_paused_cancel() {
+    run_cell_with(Phase::DevicePaused, Fault::Cancel, CHANNELS);
+}
+
+#[test]
+fn device_paused_kill_destination() {
+    run_cell(Phase::DevicePaused, Fault::KillDestination);
+}
+
+#[test]
+fn device_paused_cut_connection() {
+    run_cell(Phase::DevicePaused, Fault::CutConnection);
+}
+
+#[test]
+fn multifd_device_paused_kill_destination() {
+    run_cell_with(Phase::DevicePaused, Fault::KillDestination, CHANNELS);
+}
+
+#[test]
+fn multifd_device_paused_cut_connection() {
+    run_cell_with(Phase::DevicePaused, Fault::CutConnection, CHANNELS);
+}
+
+#[test]
+fn multifd_device_paused_cut_channel() {
+    run_cell_with(Phase::DevicePaused, Fault::CutChannel, CHANNELS);
 }
 
 #[test]
