@@ -628,6 +628,13 @@ fn attempt(
         if let (Some(p), true) = (&proxy, channels > 0) {
             p.wait_connections(want, TIMEOUT);
         }
+        // Connected is not yet accepted: the destination reads each channel's first packet
+        // before it goes `active`. A channel cut before that fails the incoming migration
+        // before the stream is loaded, where a destination (QEMU's too) does not exit —
+        // another cell than this one.
+        if let (Some(d), true) = (dst.as_mut(), channels > 0 && phase == Phase::Active) {
+            d.wait_migration(&["active"]);
+        }
     }
 
     match fault {
