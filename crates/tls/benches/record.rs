@@ -7,7 +7,9 @@
 //!   halves) carrying 256 KiB written as 64 vectored 4 KiB pages (the RAM saver's batch shape)
 //!   and read back into a 256 KiB buffer, through an in-memory pipe that copies once each way
 //!   (as the kernel does). Against `aead`'s seal + open, the difference is what the session
-//!   costs on top of the cryptography: its copies and bookkeeping.
+//!   costs on top of the cryptography: its copies and bookkeeping. A pipe has no socket
+//!   handle, so the writer takes its buffered path (records copied out of rustls once more);
+//!   migration's and NBD's writers send straight from rustls's buffers instead.
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use ring::aead::{

@@ -66,7 +66,10 @@ fn run(total: u64, creds: Option<(&TlsCreds, &TlsCreds)>) -> f64 {
             None => send_all(&mut &sock, total, &page),
             Some((_, client)) => {
                 let r = sock.try_clone().expect("clone");
+                let fd = sock.try_clone().expect("clone");
                 let mut st = tls::connect(client, Some("127.0.0.1"), r, sock).expect("TLS");
+                // As migration's channels do: records go out straight from rustls's buffers.
+                st.writer.set_socket(&fd).expect("socket handle");
                 send_all(&mut st.writer, total, &page);
             }
         }
