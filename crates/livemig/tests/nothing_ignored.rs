@@ -855,6 +855,11 @@ fn pair_exp() -> HashMap<&'static str, Seen> {
         drop(dst);
         resume(&mut src);
     }
+    // The zlib source to a destination that expects uncompressed packets.
+    let refused = runs.remove("zlib-to-none").unwrap_or_default();
+    if let Some(r) = runs.get_mut("zlib") {
+        r["to-uncompressed"] = refused["query"].clone();
+    }
     runs
 }
 
@@ -1425,6 +1430,11 @@ const PARAMS_SHOWN: &[Shown] = &[
         check: |on, off| {
             let bytes = |s: &Value| num(&s["query"]["ram"]["multifd-bytes"]);
             ensure!(on["load"]["corrupt"] == 0, "zlib to zlib: {}", on["load"]);
+            let refused = &on["to-uncompressed"];
+            ensure!(
+                refused["status"] == "failed",
+                "read uncompressed: {refused}"
+            );
             // The guest's pages are random: deflate's framing makes them a little larger.
             ensure!(
                 bytes(on) > bytes(off),
