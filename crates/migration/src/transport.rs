@@ -612,6 +612,26 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_postcopy_main_channel_holds_little_unsent() {
+        use nix::sys::socket::{getsockopt, sockopt};
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let s = Stream::connect_tcp(&[l.local_addr().unwrap()]).unwrap();
+        let h = ShutdownHandle::new(ShutdownTarget::Socket(s));
+        let fd = h.socket().unwrap();
+        assert_eq!(net::sockopt::unsent_limit(&fd).unwrap(), 0, "unset");
+        crate::postcopy::limit_socket_queue(&h, true, crate::postcopy::MAIN_CHANNEL_QUEUE);
+        assert_eq!(
+            net::sockopt::unsent_limit(&fd).unwrap(),
+            crate::postcopy::MAIN_CHANNEL_UNSENT
+        );
+        // (The kernel doubles what it is given, for its bookkeeping.)
+        assert_eq!(
+            getsockopt(&fd, sockopt::SndBuf).unwrap(),
+            2 * crate::postcopy::MAIN_CHANNEL_QUEUE
+        );
+    }
+
+    #[test]
     fn parses_every_form() {
         assert_eq!(
             MigrationUri::parse("tcp:127.0.0.1:4446").unwrap(),

@@ -11,8 +11,8 @@
 //!   clones, shutdown, timeouts).
 //! * [`Listener`]: a listening socket of either family; a unix one removes its file when
 //!   dropped.
-//! * [`zerocopy`]: `MSG_ZEROCOPY` sends with completion accounting (the crate's one
-//!   `unsafe`: a `setsockopt` that `nix` does not wrap).
+//! * [`zerocopy`]: `MSG_ZEROCOPY` sends with completion accounting, and [`sockopt`]: a limit on
+//!   a TCP socket's unsent data (the crate's `unsafe`: `setsockopt`s that `nix` does not wrap).
 //!
 //! What the addresses look like on a command line or in QMP (`tcp:HOST:PORT`, QAPI's
 //! `SocketAddress`, `-chardev socket,path=...`) is the business of the crate that takes them;
@@ -25,6 +25,7 @@
 
 mod address;
 mod listener;
+pub mod sockopt;
 mod stream;
 pub mod zerocopy;
 

@@ -34,15 +34,28 @@ pub use placement::PostcopyRam;
 /// Bytes a postcopy main channel may hold in one socket buffer (see [`limit_socket_queue`]).
 pub const MAIN_CHANNEL_QUEUE: usize = 256 * 1024;
 
+/// Bytes a postcopy main channel's sender may hold unsent (`TCP_NOTSENT_LOWAT`, see
+/// [`limit_socket_queue`]).
+pub const MAIN_CHANNEL_UNSENT: u32 = 64 * 1024;
+
 /// Makes the kernel queue of a socket channel small (`SO_SNDBUF` when `send`, `SO_RCVBUF`
 /// otherwise). In postcopy a page the guest waits for can sit behind whatever the background
 /// push has queued on the main channel — several MiB in autotuned loopback buffers, i.e.
 /// milliseconds — while a queue of [`MAIN_CHANNEL_QUEUE`] drains in a fraction of one and is
-/// still deep enough for full speed on a local link. Best effort: a channel that is not a
-/// socket keeps its queue.
+/// still deep enough for full speed on a local link. On the sending side of a TCP channel the
+/// data not sent yet is limited further, to [`MAIN_CHANNEL_UNSENT`]: when the receiver is the
+/// bottleneck the send queue is otherwise full of it, and a smaller `SO_SNDBUF` instead
+/// stalls loopback TCP for timer periods (its segments are 64 KiB). Best effort: a channel
+/// that is not a socket keeps its queue.
 pub fn limit_socket_queue(h: &crate::transport::ShutdownHandle, send: bool, bytes: usize) {
     use nix::sys::socket::{setsockopt, sockopt};
     let Some(fd) = h.socket() else { return };
+    if send {
+        // (Refused on a unix socket, which has no such queue.)
+        if let Err(e) = net::sockopt::set_unsent_limit(&fd, MAIN_CHANNEL_UNSENT) {
+            log::debug!("postcopy: cannot limit the unsent queue: {e}");
+        }
+    }
     let r = if send {
         setsockopt(&fd, sockopt::SndBuf, &bytes)
     } else {
