@@ -322,3 +322,41 @@ fn an_exec_command_that_stops_reading_fails_within_the_bound_and_the_source_resu
     assert_eq!(src.status(), "running", "the source must resume its guest");
     assert_eq!(src.ram_checksum(), sum);
 }
+
+/// `migrate_cancel` of an `exec:` migration whose command forked a child that holds the pipe
+/// and never reads (`sleep …; cat`): the whole command goes, at once. Before, only the shell
+/// was killed, and the cancel waited for its child (here 10 minutes) or the stall bound.
+#[test]
+fn a_cancelled_exec_migration_ends_the_whole_command_at_once() {
+    let dir = tempdir();
+    let mut src = source(dir.path());
+    src.set_params(json!({"x-livemig-stall-timeout": 600_000}));
+    let marker = dir.path().join("marker");
+    // `sleep` forks from the shell and inherits its stdin, the migration's pipe.
+    src.migrate(&format!(
+        "exec:sleep 600 > {} 2>&1; cat > /dev/null",
+        marker.display()
+    ));
+    src.wait_migration(&["active"]);
+    // The pipe fills and the migration thread blocks in write().
+    std::thread::sleep(Duration::from_millis(300));
+    let t0 = Instant::now();
+    src.ok("migrate_cancel", json!({}));
+    let r = src.wait_migration(&["cancelled", "failed", "completed"]);
+    assert_eq!(r["status"], "cancelled", "{r}");
+    assert!(
+        t0.elapsed() < Duration::from_secs(10),
+        "the cancel took {:?}",
+        t0.elapsed()
+    );
+    assert_eq!(src.status(), "running");
+    // No `sleep` of that command is left (its stdout is the marker file).
+    let left: Vec<String> = std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| std::fs::read_link(e.path().join("fd/1")).is_ok_and(|p| p == marker))
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(left.is_empty(), "processes of the command left: {left:?}");
+}

@@ -177,7 +177,7 @@ impl ShutdownHandle {
             }
             ShutdownTarget::Child(c, _) => {
                 if let Ok(mut c) = c.lock() {
-                    let _ = c.kill();
+                    kill_command(&mut c);
                 }
             }
         }
@@ -372,7 +372,7 @@ impl Connection {
                 break st;
             }
             if deadline.is_some_and(|d| std::time::Instant::now() >= d) {
-                let _ = child.kill();
+                kill_command(&mut child);
                 let _ = child.wait();
                 return Err(MigrationError::Other(format!(
                     "{EXEC_TIMEOUT} {} ms after the stream ended (x-livemig-stall-timeout); it was killed",
@@ -435,17 +435,14 @@ pub fn connect_with(uri: &MigrationUri, return_path: bool) -> Result<Connection,
             socket_connection(s, true)
         }
         MigrationUri::Exec(cmd) => {
-            let mut child = Command::new("/bin/sh")
-                .arg("-c")
-                .arg(cmd)
-                .stdin(Stdio::piped())
-                .stdout(if return_path {
+            let mut child = spawn_command(
+                cmd,
+                if return_path {
                     Stdio::piped()
                 } else {
                     Stdio::null()
-                })
-                .spawn()
-                .map_err(|e| MigrationError::io(format!("Failed to run '{cmd}'"), e))?;
+                },
+            )?;
             let stdin = child
                 .stdin
                 .take()
@@ -558,13 +555,7 @@ impl Listener {
             Listener::Exec(cmd) => {
                 // Both pipes, as QEMU 7.2: the return path, if the source opens one, goes
                 // to the command's stdin.
-                let mut child = Command::new("/bin/sh")
-                    .arg("-c")
-                    .arg(cmd)
-                    .stdin(Stdio::piped())
-                    .stdout(Stdio::piped())
-                    .spawn()
-                    .map_err(|e| MigrationError::io(format!("Failed to run '{cmd}'"), e))?;
+                let mut child = spawn_command(cmd, Stdio::piped())?;
                 let stdout = child
                     .stdout
                     .take()
@@ -605,6 +596,36 @@ impl Listener {
             }
         }
     }
+}
+
+/// Starts an `exec:` command (`/bin/sh -c CMD`, stdin piped) in a process group of its own,
+/// so that [`kill_command`] reaches every process it started: a shell that forked a child
+/// (`sleep 9; cat > f`, a pipeline) hands the pipe to it, and killing the shell alone left
+/// that child holding the pipe — a cancel then waited for it to exit or for the stall bound.
+fn spawn_command(cmd: &str, stdout: Stdio) -> Result<Child, MigrationError> {
+    use std::os::unix::process::CommandExt;
+    Command::new("/bin/sh")
+        .arg("-c")
+        .arg(cmd)
+        .stdin(Stdio::piped())
+        .stdout(stdout)
+        .process_group(0)
+        .spawn()
+        .map_err(|e| MigrationError::io(format!("Failed to run '{cmd}'"), e))
+}
+
+/// Kills an `exec:` command and everything it started (its process group, see
+/// [`spawn_command`]).
+fn kill_command(child: &mut Child) {
+    // Only while the shell is alive: then its pid, which names the group, cannot have been
+    // reused. (A shell that already exited is reaped here and its group left alone.)
+    if let (Ok(None), Ok(pid)) = (child.try_wait(), i32::try_from(child.id())) {
+        let _ = nix::sys::signal::killpg(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+    let _ = child.kill();
 }
 
 #[cfg(test)]
