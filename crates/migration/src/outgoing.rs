@@ -505,9 +505,11 @@ impl Outgoing {
             let pending = (ram.remaining_pages() * crate::guest::PAGE_SIZE
                 + bitmap_bytes
                 + unconsumed) as f64;
-            stats
-                .expected_downtime_ms
-                .store((pending / bw * 1000.0) as u64, Ordering::Relaxed);
+            if bw > 0.0 {
+                stats
+                    .expected_downtime_ms
+                    .store((pending / bw * 1000.0) as u64, Ordering::Relaxed);
+            }
             if outcome == SendOutcome::PassDone {
                 let dirty = ram.sync();
                 if auto_converge {
@@ -539,9 +541,11 @@ impl Outgoing {
                         .emit("MIGRATION_PASS", Some(json!({ "pass": pass })));
                 }
                 let pending = (dirty * crate::guest::PAGE_SIZE + bitmap_bytes + unconsumed) as f64;
-                stats
-                    .expected_downtime_ms
-                    .store((pending / bw * 1000.0) as u64, Ordering::Relaxed);
+                if bw > 0.0 {
+                    stats
+                        .expected_downtime_ms
+                        .store((pending / bw * 1000.0) as u64, Ordering::Relaxed);
+                }
                 // QEMU 7.2's `migration_iteration_run`: once postcopy is requested and what
                 // must go in precopy (RAM, in a bitmap-only postcopy) fits in the downtime,
                 // the migration switches to postcopy while something (the bitmaps) is left to

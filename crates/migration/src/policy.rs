@@ -104,6 +104,8 @@ pub(crate) struct Backlog {
     busy_time: Duration,
     /// The destination's rate of consumption (bytes/s), the last measured.
     rate: Option<f64>,
+    /// When the first PING went.
+    first: Option<Instant>,
 }
 
 impl Backlog {
@@ -112,6 +114,7 @@ impl Backlog {
         let v = BACKLOG_PING | (self.next & !BACKLOG_PING);
         self.next = self.next.wrapping_add(1);
         self.waiting.push_back((v, sent, at));
+        self.first.get_or_insert(at);
         v
     }
 
@@ -157,20 +160,30 @@ impl Backlog {
 
     /// The bandwidth to plan the switchover with, given `bw`, the rate the source writes.
     /// While the destination is behind (its last answer found more PINGs waiting), what it
-    /// consumes is the limit, however fast the source writes into the buffers. Once it keeps
-    /// up, the rate it showed when it was behind is still a floor: a source with little left
-    /// to send writes slowly, and that says nothing of the link.
+    /// consumes is the limit, however fast the source writes into the buffers: its measured
+    /// rate, or before a busy stretch long enough to measure, what it consumed on average
+    /// since the first PING (less than its rate, if it waited for data at first: the safe
+    /// side); before any answer, the source's rate (a return path that carries no answers
+    /// must not hold the switchover back). Once it
+    /// keeps up, the source's rate, but not below the rate the destination showed when it was
+    /// behind: a source with little left to send writes slowly, and that says nothing of the
+    /// link.
     pub(crate) fn bandwidth(&self, bw: f64) -> f64 {
-        match self.rate {
-            Some(r) if self.behind() => r,
-            Some(r) => r.max(bw),
-            None => bw,
+        match (self.rate, self.last) {
+            (Some(r), Some((_, _, true))) => r,
+            (Some(r), _) => r.max(bw),
+            (None, Some((_, at, true))) => {
+                let secs = self
+                    .first
+                    .map_or(0.0, |f| at.saturating_duration_since(f).as_secs_f64());
+                if secs > 0.0 {
+                    (self.acked as f64 / secs).min(bw)
+                } else {
+                    0.0
+                }
+            }
+            (None, _) => bw,
         }
-    }
-
-    /// Whether the destination was still behind at its last answer.
-    fn behind(&self) -> bool {
-        self.last.is_some_and(|(_, _, behind)| behind)
     }
 
     /// The destination's rate of consumption (bytes/s), once measured.
@@ -415,6 +428,23 @@ mod tests {
             100e6,
             "an idle source says nothing of the link"
         );
+    }
+
+    #[test]
+    fn before_its_rate_is_measured_a_destination_behind_is_taken_at_its_average() {
+        let t0 = Instant::now();
+        let ms = |n| t0 + Duration::from_millis(n);
+        let mut b = Backlog::default();
+        // The buffers took 40 MB at once: the source's rate says 4 GB/s.
+        let p1 = b.ping(20_000_000, t0);
+        b.ping(40_000_000, ms(10));
+        assert_eq!(b.bandwidth(4e9), 4e9, "nothing answered: the source's rate");
+        // The first answer, 200 ms later, with the second PING still waiting: 100 MB/s on
+        // average, not the 4 GB/s the source wrote at.
+        b.answered(p1, ms(200));
+        assert_eq!(b.rate, None);
+        assert_eq!(b.bandwidth(4e9), 100e6);
+        assert_eq!(b.bandwidth(50e6), 50e6, "never above the writes'");
     }
 
     #[test]
