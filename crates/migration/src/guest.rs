@@ -229,14 +229,14 @@ impl<'a> GuestRegion<'a> {
         }
         // SAFETY: `base + head` is 8-aligned and `words * 8` bytes from it are in range.
         let wbase = unsafe { base.add(head) } as *const u64;
-        // A cache line (8 words) per test: one branch per 64 bytes instead of per word. A
-        // branch per word made the scan's speed depend on where the loop happened to land in
-        // the binary (4.5 or 6.5 ms for 64 MiB between otherwise unrelated builds).
         // A page of data is mostly told by its first word: look at it alone first.
         // SAFETY: as below, word 0 is inside the range when words > 0.
         if words > 0 && unsafe { std::ptr::read_volatile(wbase) } != 0 {
             return false;
         }
+        // Then a cache line (8 words) per test: one branch per 64 bytes instead of per word.
+        // A branch per word made the scan's speed depend on where the loop happened to land
+        // in the binary (4.5 or 6.5 ms for 64 MiB between otherwise unrelated builds).
         let lines = words / 8;
         for l in 0..lines {
             let mut acc = 0u64;
@@ -521,7 +521,8 @@ mod tests {
         assert!(!r.is_zero(3, 4096));
         r.write(3 + 4095, &[0]);
         // Every byte of unaligned heads, whole cache lines, words after the last line and
-        // tails (235 = 3 + 3 lines of 64 + 5 words + 0; from 3: a 5-byte head).
+        // tails: 235 bytes from 0 are 3 lines, 5 words and a 3-byte tail; from 3 they start
+        // with a 5-byte head; 7 bytes are a head alone.
         for start in [0u64, 3, 8] {
             for len in [4096usize, 235, 64, 7] {
                 assert!(r.is_zero(start, len));
