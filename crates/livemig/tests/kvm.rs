@@ -225,8 +225,7 @@ fn kvm_guest_with_virtio_blk_moves_in_postcopy() {
     a.wait_migration(&["active"]);
     a.ok("migrate-start-postcopy", json!({}));
     a.wait_migration(&["postcopy-active", "completed"]);
-    let bitmap_at_switch = a.ok("query-block", json!({}))[0]["inserted"]["dirty-bitmaps"][0]
-        ["count"]
+    let bitmap_at_switch = a.bitmap_info("b0")["count"]
         .as_u64()
         .expect("the source's bitmap");
     a.wait_completed();
@@ -256,7 +255,7 @@ fn kvm_guest_with_virtio_blk_moves_in_postcopy() {
     assert!(d["written"].as_u64().unwrap_or(0) > 0, "{d}");
     // The bitmap arrived after the switch: everything the source had marked, and the
     // destination's own writes on top.
-    let at_b = b.ok("query-block", json!({}))[0]["inserted"]["dirty-bitmaps"][0]["count"]
+    let at_b = b.bitmap_info("b0")["count"]
         .as_u64()
         .expect("the destination's bitmap");
     assert!(
