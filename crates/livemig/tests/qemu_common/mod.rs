@@ -21,6 +21,8 @@ use wire::section::{
 use wire::vmstate::{vmdesc_json, DeviceDesc, FieldKind, VmsdDesc};
 use wire::StreamWriter;
 
+pub mod secure;
+
 /// Guest RAM of every machine in these tests (`-m 32M`): small, so a migration takes
 /// milliseconds unless a test throttles it.
 pub const RAM: u64 = 32 << 20;
