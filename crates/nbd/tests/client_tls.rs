@@ -4,17 +4,15 @@
 //! wrong hostname, a wrong CA, credentials that do not exist or are for the server end — fails
 //! `blockdev-add` with an error that says which. Certificates are made by the test.
 
-use block::{BlockLayer, BlockNode};
+use block::BlockLayer;
 use nbd::NbdServer;
-use serde_json::{json, Value};
+use serde_json::json;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 use testkit::pki::{Ca, Subject};
 
 mod support;
-use support::{tls_server, SIZE};
+use support::{against_qemu_nbd, nbd_node, tls_server, SIZE};
 
 /// Client and server credentials from one CA, and a client's from another.
 fn pki(dir: &Path) {
@@ -42,20 +40,6 @@ fn objects(dir: &Path) -> Arc<tls::Objects> {
         .unwrap();
     }
     o
-}
-
-fn nbd_node(
-    layer: &BlockLayer,
-    name: &str,
-    port: u16,
-    extra: Value,
-) -> Result<Arc<BlockNode>, String> {
-    let mut o = json!({"driver": "nbd", "node-name": name, "export": "disk",
-        "server": {"type": "inet", "host": "127.0.0.1", "port": port.to_string()}});
-    for (k, v) in extra.as_object().unwrap() {
-        o[k] = v.clone();
-    }
-    layer.blockdev_add(&o).map_err(|e| e.to_string())
 }
 
 /// Starts our server on an ephemeral port, with `tls` credentials or none, exporting a raw
@@ -134,108 +118,27 @@ fn nbd_driver_over_tls_and_its_refusals() {
     plain.stop().unwrap();
 }
 
-struct Killed(Child);
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 #[test]
 fn nbd_driver_over_tls_to_qemu_nbd() {
     if !testkit::require(
         "nbd_driver_over_tls_to_qemu_nbd",
-        testkit::programs(&["qemu-nbd", "qemu-img"]),
+        testkit::programs(&["qemu-nbd", "qemu-img", "qemu-io"]),
     ) {
         return;
     }
     let tmp = testkit::tempdir();
     let dir = tmp.path();
     pki(dir);
-    let img = dir.join("q.qcow2");
-    let ok = Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2", img.to_str().unwrap(), "4M"])
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok);
-    let port = free_port();
-    let child = Command::new("qemu-nbd")
-        .args([
-            "--object",
-            &format!(
-                "tls-creds-x509,id=t0,endpoint=server,dir={}",
-                dir.join("srv").display()
-            ),
-            "--tls-creds",
-            "t0",
-            "-f",
-            "qcow2",
-            "-x",
-            "disk",
-            "-b",
-            "127.0.0.1",
-            "-p",
-            &port.to_string(),
-            "--persistent",
-            "--shared=4",
-            img.to_str().unwrap(),
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let _qemu_nbd = Killed(child);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "qemu-nbd did not listen");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-
-    let objects = objects(dir);
-    nbd::register_driver(objects);
-    let layer = BlockLayer::new();
-    let n = nbd_node(&layer, "q0", port, json!({"tls-creds": "cli"})).unwrap();
-    assert_eq!(n.size().unwrap(), SIZE);
-    n.write_at(65536, &[0xa5; 4096]).unwrap();
-    n.flush().unwrap();
-    let mut back = vec![0u8; 4096];
-    n.read_at(65536, &mut back).unwrap();
-    assert!(back.iter().all(|&b| b == 0xa5));
-    // QEMU's server without credentials on our side: it requires TLS.
-    let e = nbd_node(&layer, "q1", port, json!({})).unwrap_err();
-    assert!(
-        e.contains("TLS negotiation required before option 7 (go)"),
-        "{e}"
+    let creds = format!(
+        "tls-creds-x509,id=t0,endpoint=server,dir={}",
+        dir.join("srv").display()
     );
-    drop(n);
-    layer.blockdev_del("q0").unwrap();
-    drop(_qemu_nbd);
-
-    // What the node wrote is in the image, as QEMU reads it.
-    let out = Command::new("qemu-io")
-        .args([
-            "-f",
-            "qcow2",
-            "-c",
-            "read -P 0xa5 64k 4k",
-            img.to_str().unwrap(),
-        ])
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success() && !text.contains("Pattern verification failed"),
-        "{text}"
-    );
+    against_qemu_nbd(dir, "qcow2", &creds, objects(dir), 0xa5, |layer, port| {
+        // QEMU's server without credentials on our side: it requires TLS.
+        let e = nbd_node(layer, "q1", port, json!({})).unwrap_err();
+        assert!(
+            e.contains("TLS negotiation required before option 7 (go)"),
+            "{e}"
+        );
+    });
 }

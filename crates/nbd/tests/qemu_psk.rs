@@ -6,15 +6,12 @@
 //! * our `nbd` block driver with PSK client credentials against `qemu-nbd --tls-creds`: data
 //!   both ways, as QEMU reads the image afterwards; a wrong key fails the open clearly.
 
-use block::{BlockLayer, BlockNode};
-use serde_json::{json, Value};
+use serde_json::json;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 mod support;
-use support::{tls_server, tool};
+use support::{against_qemu_nbd, nbd_node, tls_server, tool};
 
 const KEY: &str = "a1b2c3d4e5f60718293a4b5c6d7e8f90a1b2c3d4e5f60718293a4b5c6d7e8f90";
 const WRONG: &str = "a1b2c3d4e5f60718293a4b5c6d7e8f90a1b2c3d4e5f60718293a4b5c6d7e8f91";
@@ -92,28 +89,6 @@ fn qemu_io_over_psk_to_our_server() {
     server.stop().unwrap();
 }
 
-struct Killed(Child);
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn nbd_node(
-    layer: &BlockLayer,
-    name: &str,
-    port: u16,
-    extra: Value,
-) -> Result<Arc<BlockNode>, String> {
-    let mut o = json!({"driver": "nbd", "node-name": name, "export": "disk",
-        "server": {"type": "inet", "host": "127.0.0.1", "port": port.to_string()}});
-    for (k, v) in extra.as_object().unwrap() {
-        o[k] = v.clone();
-    }
-    layer.blockdev_add(&o).map_err(|e| e.to_string())
-}
-
 #[test]
 fn nbd_driver_over_psk_to_qemu_nbd() {
     if !testkit::require(
@@ -127,48 +102,6 @@ fn nbd_driver_over_psk_to_qemu_nbd() {
     let srv = keys(dir, "srv", &format!("qemu:{KEY}\n"));
     let cli = keys(dir, "cli", &format!("qemu:{KEY}\n"));
     let bad = keys(dir, "bad", &format!("qemu:{WRONG}\n"));
-    let img = dir.join("q.raw");
-    let ok = Command::new("qemu-img")
-        .args(["create", "-q", "-f", "raw", img.to_str().unwrap(), "4M"])
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok);
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let child = Command::new("qemu-nbd")
-        .args([
-            "--object",
-            &format!("tls-creds-psk,id=t0,endpoint=server,dir={srv}"),
-            "--tls-creds",
-            "t0",
-            "-f",
-            "raw",
-            "-x",
-            "disk",
-            "-b",
-            "127.0.0.1",
-            "-p",
-            &port.to_string(),
-            "--persistent",
-            "--shared=4",
-            img.to_str().unwrap(),
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let qemu_nbd = Killed(child);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "qemu-nbd did not listen");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-
     let objects = Arc::new(tls::Objects::new());
     objects
         .object_add_cmdline(&format!("tls-creds-psk,id=cli,endpoint=client,dir={cli}"))
@@ -176,38 +109,12 @@ fn nbd_driver_over_psk_to_qemu_nbd() {
     objects
         .object_add_cmdline(&format!("tls-creds-psk,id=bad,endpoint=client,dir={bad}"))
         .unwrap();
-    nbd::register_driver(objects);
-    let layer = BlockLayer::new();
-    let n = nbd_node(&layer, "q0", port, json!({"tls-creds": "cli"})).unwrap();
-    assert_eq!(n.size().unwrap(), 4 << 20);
-    n.write_at(65536, &[0x96; 4096]).unwrap();
-    n.flush().unwrap();
-    let mut back = vec![0u8; 4096];
-    n.read_at(65536, &mut back).unwrap();
-    assert!(back.iter().all(|&b| b == 0x96));
-
-    let e = nbd_node(&layer, "q1", port, json!({"tls-creds": "bad"})).unwrap_err();
-    assert!(
-        e.contains("TLS handshake failed: the peer closed the connection during the handshake: it refused this side's pre-shared key"),
-        "{e}"
-    );
-    drop(n);
-    layer.blockdev_del("q0").unwrap();
-    drop(qemu_nbd);
-
-    // What the node wrote is in the image, as QEMU reads it.
-    let (ok, text) = tool(
-        "qemu-io",
-        &[
-            "-f",
-            "raw",
-            "-c",
-            "read -P 0x96 64k 4k",
-            img.to_str().unwrap(),
-        ],
-    );
-    assert!(
-        ok && !text.contains("Pattern verification failed"),
-        "{text}"
-    );
+    let creds = format!("tls-creds-psk,id=t0,endpoint=server,dir={srv}");
+    against_qemu_nbd(dir, "raw", &creds, objects, 0x96, |layer, port| {
+        let e = nbd_node(layer, "q1", port, json!({"tls-creds": "bad"})).unwrap_err();
+        assert!(
+            e.contains("TLS handshake failed: the peer closed the connection during the handshake: it refused this side's pre-shared key"),
+            "{e}"
+        );
+    });
 }
