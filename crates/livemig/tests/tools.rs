@@ -6,6 +6,7 @@ mod common;
 
 use common::*;
 use serde_json::{json, Value};
+use std::path::Path;
 use std::process::Command;
 
 #[test]
@@ -402,6 +403,46 @@ fn tools_end_quietly_when_their_reader_goes_away() {
     }
 }
 
+/// `bench --ram 32M --runs 1` with `flag DIR`: with `good`, over each of `transports`, with two
+/// multifd channels and `--verify`, the run succeeds and says both ends loaded `kind` from
+/// `good`; with `bad`, it fails with `refusal` on stderr.
+fn bench_secured(
+    flag: &str,
+    kind: &str,
+    good: &Path,
+    transports: &[&str],
+    bad: &Path,
+    refusal: &str,
+) {
+    let good_arg = good.display().to_string();
+    for transport in transports {
+        let (code, out, err) = run_livemig(&[
+            "bench",
+            "--ram",
+            "32M",
+            "--runs",
+            "1",
+            "--transport",
+            transport,
+            "--multifd",
+            "2",
+            "--verify",
+            flag,
+            &good_arg,
+        ]);
+        assert_eq!(code, 0, "{transport}: stdout:\n{out}\nstderr:\n{err}");
+        assert!(
+            out.contains(&format!("TLS: {kind} from {good_arg} on both ends")),
+            "{out}"
+        );
+    }
+
+    let bad_arg = bad.display().to_string();
+    let (code, out, err) = run_livemig(&["bench", "--ram", "32M", "--runs", "1", flag, &bad_arg]);
+    assert_ne!(code, 0, "stdout:\n{out}\nstderr:\n{err}");
+    assert!(err.contains(refusal), "{err}");
+}
+
 /// `bench --tls-creds DIR`: both ends load their credentials from DIR and every channel
 /// (here the main one and two multifd channels) is a TLS session — a server certificate
 /// that does not name 127.0.0.1 fails the run with the source's hostname check, so TLS is
@@ -414,44 +455,19 @@ fn bench_over_tls() {
     let good = dir.path().join("good");
     ca.write_server(&good, &Subject::new("dest", &["127.0.0.1"]));
     ca.write_client(&good, &Subject::new("source", &[]));
-    let good_arg = good.display().to_string();
-    let (code, out, err) = run_livemig(&[
-        "bench",
-        "--ram",
-        "32M",
-        "--runs",
-        "1",
-        "--multifd",
-        "2",
-        "--verify",
-        "--tls-creds",
-        &good_arg,
-    ]);
-    assert_eq!(code, 0, "stdout:\n{out}\nstderr:\n{err}");
-    assert!(
-        out.contains(&format!("TLS: tls-creds-x509 from {good_arg} on both ends")),
-        "{out}"
-    );
-
     let other = dir.path().join("other");
     ca.write_server(&other, &Subject::new("dest", &["other.example.org"]));
     ca.write_client(&other, &Subject::new("source", &[]));
-    let other_arg = other.display().to_string();
-    let (code, out, err) = run_livemig(&[
-        "bench",
-        "--ram",
-        "32M",
-        "--runs",
-        "1",
+    bench_secured(
         "--tls-creds",
-        &other_arg,
-    ]);
-    assert_ne!(code, 0, "stdout:\n{out}\nstderr:\n{err}");
-    assert!(
-        err.contains("Certificate does not match the hostname 127.0.0.1"),
-        "{err}"
+        "tls-creds-x509",
+        &good,
+        &["tcp"],
+        &other,
+        "Certificate does not match the hostname 127.0.0.1",
     );
 
+    let good_arg = good.display().to_string();
     let (code, _, err) = run_livemig(&["bench", "--transport", "unix", "--tls-creds", &good_arg]);
     assert_ne!(code, 0);
     assert!(err.contains("--tls-creds needs --transport tcp"), "{err}");
@@ -471,47 +487,18 @@ fn bench_over_tls_psk() {
         "qemu:9a8b7c6d5e4f30211203f4e5d6c7b8a99a8b7c6d5e4f30211203f4e5d6c7b8a9\n",
     )
     .unwrap();
-    let good_arg = good.display().to_string();
-    for transport in ["tcp", "unix"] {
-        let (code, out, err) = run_livemig(&[
-            "bench",
-            "--ram",
-            "32M",
-            "--runs",
-            "1",
-            "--transport",
-            transport,
-            "--multifd",
-            "2",
-            "--verify",
-            "--tls-psk",
-            &good_arg,
-        ]);
-        assert_eq!(code, 0, "{transport}: stdout:\n{out}\nstderr:\n{err}");
-        assert!(
-            out.contains(&format!("TLS: tls-creds-psk from {good_arg} on both ends")),
-            "{out}"
-        );
-    }
-
     let other = dir.path().join("other");
     std::fs::create_dir_all(&other).unwrap();
     std::fs::write(other.join("keys.psk"), "admin:00112233\n").unwrap();
-    let other_arg = other.display().to_string();
-    let (code, out, err) = run_livemig(&[
-        "bench",
-        "--ram",
-        "32M",
-        "--runs",
-        "1",
+    bench_secured(
         "--tls-psk",
-        &other_arg,
-    ]);
-    assert_ne!(code, 0, "stdout:\n{out}\nstderr:\n{err}");
-    assert!(
-        err.contains(&format!(
-            "Username qemu not found in PSK file {other_arg}/keys.psk"
-        )),
-        "{err}"
+        "tls-creds-psk",
+        &good,
+        &["tcp", "unix"],
+        &other,
+        &format!(
+            "Username qemu not found in PSK file {}/keys.psk",
+            other.display()
+        ),
     );
 }
