@@ -854,6 +854,18 @@ fn second_migration(dir: &Path, src: &mut Lm, before: &Snapshot, channels: u64) 
     assert_image_clean(&dst_img);
 }
 
+/// One `#[test]` per cell, named as the cell: `name => the call that runs it;`.
+macro_rules! cells {
+    ($($name:ident => $run:expr;)*) => {
+        $(
+            #[test]
+            fn $name() {
+                $run;
+            }
+        )*
+    };
+}
+
 fn run_cell(phase: Phase, fault: Fault) {
     run_cell_with(phase, fault, 0);
 }
@@ -906,64 +918,19 @@ fn run_cell_with(phase: Phase, fault: Fault, channels: u64) {
     );
 }
 
-#[test]
-fn setup_cancel() {
-    run_cell(Phase::Setup, Fault::Cancel);
-}
-
-#[test]
-fn setup_kill_destination() {
-    run_cell(Phase::Setup, Fault::KillDestination);
-}
-
-#[test]
-fn setup_cut_connection() {
-    run_cell(Phase::Setup, Fault::CutConnection);
-}
-
-#[test]
-fn active_cancel() {
-    run_cell(Phase::Active, Fault::Cancel);
-}
-
-#[test]
-fn active_kill_destination() {
-    run_cell(Phase::Active, Fault::KillDestination);
-}
-
-#[test]
-fn active_cut_connection() {
-    run_cell(Phase::Active, Fault::CutConnection);
-}
-
-#[test]
-fn pre_switchover_cancel() {
-    run_cell(Phase::PreSwitchover, Fault::Cancel);
-}
-
-#[test]
-fn pre_switchover_kill_destination() {
-    run_cell(Phase::PreSwitchover, Fault::KillDestination);
-}
-
-#[test]
-fn pre_switchover_cut_connection() {
-    run_cell(Phase::PreSwitchover, Fault::CutConnection);
-}
-
-#[test]
-fn active_stall() {
-    run_cell(Phase::Active, Fault::Stall);
-}
-
-#[test]
-fn device_blocked_stall() {
-    run_cell(Phase::DeviceBlocked, Fault::Stall);
-}
-
-#[test]
-fn active_flip() {
-    run_cell(Phase::Active, Fault::Flip);
+cells! {
+    setup_cancel => run_cell(Phase::Setup, Fault::Cancel);
+    setup_kill_destination => run_cell(Phase::Setup, Fault::KillDestination);
+    setup_cut_connection => run_cell(Phase::Setup, Fault::CutConnection);
+    active_cancel => run_cell(Phase::Active, Fault::Cancel);
+    active_kill_destination => run_cell(Phase::Active, Fault::KillDestination);
+    active_cut_connection => run_cell(Phase::Active, Fault::CutConnection);
+    pre_switchover_cancel => run_cell(Phase::PreSwitchover, Fault::Cancel);
+    pre_switchover_kill_destination => run_cell(Phase::PreSwitchover, Fault::KillDestination);
+    pre_switchover_cut_connection => run_cell(Phase::PreSwitchover, Fault::CutConnection);
+    active_stall => run_cell(Phase::Active, Fault::Stall);
+    device_blocked_stall => run_cell(Phase::DeviceBlocked, Fault::Stall);
+    active_flip => run_cell(Phase::Active, Fault::Flip);
 }
 
 /// The flip cell with `x-livemig-integrity` off (the default, and QEMU's behaviour): the
@@ -1015,34 +982,13 @@ fn flip_without_integrity_completes_with_the_flipped_page() {
     quit(src);
 }
 
-#[test]
-fn device_blocked_cancel() {
-    run_cell(Phase::DeviceBlocked, Fault::Cancel);
-}
-
-#[test]
-fn device_blocked_kill_destination() {
-    run_cell(Phase::DeviceBlocked, Fault::KillDestination);
-}
-
-#[test]
-fn device_blocked_cut_connection() {
-    run_cell(Phase::DeviceBlocked, Fault::CutConnection);
-}
-
-#[test]
-fn device_cancel() {
-    run_cell(Phase::Device, Fault::Cancel);
-}
-
-#[test]
-fn device_kill_destination() {
-    run_cell(Phase::Device, Fault::KillDestination);
-}
-
-#[test]
-fn device_cut_connection() {
-    run_cell(Phase::Device, Fault::CutConnection);
+cells! {
+    device_blocked_cancel => run_cell(Phase::DeviceBlocked, Fault::Cancel);
+    device_blocked_kill_destination => run_cell(Phase::DeviceBlocked, Fault::KillDestination);
+    device_blocked_cut_connection => run_cell(Phase::DeviceBlocked, Fault::CutConnection);
+    device_cancel => run_cell(Phase::Device, Fault::Cancel);
+    device_kill_destination => run_cell(Phase::Device, Fault::KillDestination);
+    device_cut_connection => run_cell(Phase::Device, Fault::CutConnection);
 }
 
 // ---- Multifd (issue 12): the same story with four channels open, the link cut whole or one
@@ -1053,74 +999,21 @@ fn device_cut_connection() {
 /// Channels of the multifd cells.
 const CHANNELS: u64 = 4;
 
-#[test]
-fn multifd_active_cut_connection() {
-    run_cell_with(Phase::Active, Fault::CutConnection, CHANNELS);
-}
-
-#[test]
-fn multifd_active_cut_channel() {
-    run_cell_with(Phase::Active, Fault::CutChannel, CHANNELS);
-}
-
-#[test]
-fn multifd_pre_switchover_cut_connection() {
-    run_cell_with(Phase::PreSwitchover, Fault::CutConnection, CHANNELS);
-}
-
-#[test]
-fn multifd_pre_switchover_cut_channel() {
-    run_cell_with(Phase::PreSwitchover, Fault::CutChannel, CHANNELS);
-}
-
-#[test]
-fn device_paused_cancel() {
-    run_cell(Phase::DevicePaused, Fault::Cancel);
-}
-
-#[test]
-fn multifd_device_paused_cancel() {
-    run_cell_with(Phase::DevicePaused, Fault::Cancel, CHANNELS);
-}
-
-#[test]
-fn device_paused_kill_destination() {
-    run_cell(Phase::DevicePaused, Fault::KillDestination);
-}
-
-#[test]
-fn device_paused_cut_connection() {
-    run_cell(Phase::DevicePaused, Fault::CutConnection);
-}
-
-#[test]
-fn multifd_device_paused_kill_destination() {
-    run_cell_with(Phase::DevicePaused, Fault::KillDestination, CHANNELS);
-}
-
-#[test]
-fn multifd_device_paused_cut_connection() {
-    run_cell_with(Phase::DevicePaused, Fault::CutConnection, CHANNELS);
-}
-
-#[test]
-fn multifd_device_paused_cut_channel() {
-    run_cell_with(Phase::DevicePaused, Fault::CutChannel, CHANNELS);
-}
-
-#[test]
-fn multifd_device_kill_destination() {
-    run_cell_with(Phase::Device, Fault::KillDestination, CHANNELS);
-}
-
-#[test]
-fn multifd_device_cut_connection() {
-    run_cell_with(Phase::Device, Fault::CutConnection, CHANNELS);
-}
-
-#[test]
-fn multifd_device_cut_channel() {
-    run_cell_with(Phase::Device, Fault::CutChannel, CHANNELS);
+cells! {
+    multifd_active_cut_connection => run_cell_with(Phase::Active, Fault::CutConnection, CHANNELS);
+    multifd_active_cut_channel => run_cell_with(Phase::Active, Fault::CutChannel, CHANNELS);
+    multifd_pre_switchover_cut_connection => run_cell_with(Phase::PreSwitchover, Fault::CutConnection, CHANNELS);
+    multifd_pre_switchover_cut_channel => run_cell_with(Phase::PreSwitchover, Fault::CutChannel, CHANNELS);
+    device_paused_cancel => run_cell(Phase::DevicePaused, Fault::Cancel);
+    multifd_device_paused_cancel => run_cell_with(Phase::DevicePaused, Fault::Cancel, CHANNELS);
+    device_paused_kill_destination => run_cell(Phase::DevicePaused, Fault::KillDestination);
+    device_paused_cut_connection => run_cell(Phase::DevicePaused, Fault::CutConnection);
+    multifd_device_paused_kill_destination => run_cell_with(Phase::DevicePaused, Fault::KillDestination, CHANNELS);
+    multifd_device_paused_cut_connection => run_cell_with(Phase::DevicePaused, Fault::CutConnection, CHANNELS);
+    multifd_device_paused_cut_channel => run_cell_with(Phase::DevicePaused, Fault::CutChannel, CHANNELS);
+    multifd_device_kill_destination => run_cell_with(Phase::Device, Fault::KillDestination, CHANNELS);
+    multifd_device_cut_connection => run_cell_with(Phase::Device, Fault::CutConnection, CHANNELS);
+    multifd_device_cut_channel => run_cell_with(Phase::Device, Fault::CutChannel, CHANNELS);
 }
 
 // ---- Postcopy (issue 10) ----
@@ -1283,24 +1176,11 @@ fn run_postcopy_cell(fault: PostcopyFault) {
     }
 }
 
-#[test]
-fn postcopy_cut_connection() {
-    run_postcopy_cell(PostcopyFault::Cut);
-}
-
-#[test]
-fn postcopy_kill_source() {
-    run_postcopy_cell(PostcopyFault::KillSource);
-}
-
-#[test]
-fn postcopy_kill_destination() {
-    run_postcopy_cell(PostcopyFault::KillDestination);
-}
-
-#[test]
-fn postcopy_cancel() {
-    run_postcopy_cell(PostcopyFault::Cancel);
+cells! {
+    postcopy_cut_connection => run_postcopy_cell(PostcopyFault::Cut);
+    postcopy_kill_source => run_postcopy_cell(PostcopyFault::KillSource);
+    postcopy_kill_destination => run_postcopy_cell(PostcopyFault::KillDestination);
+    postcopy_cancel => run_postcopy_cell(PostcopyFault::Cancel);
 }
 
 // ---- Bitmap-only postcopy (issue 10) ----
@@ -1448,14 +1328,9 @@ fn run_bitmap_only_cell(fault: BitmapOnlyFault) {
     }
 }
 
-#[test]
-fn bitmap_only_postcopy_kill_source() {
-    run_bitmap_only_cell(BitmapOnlyFault::KillSource);
-}
-
-#[test]
-fn bitmap_only_postcopy_kill_destination() {
-    run_bitmap_only_cell(BitmapOnlyFault::KillDestination);
+cells! {
+    bitmap_only_postcopy_kill_source => run_bitmap_only_cell(BitmapOnlyFault::KillSource);
+    bitmap_only_postcopy_kill_destination => run_bitmap_only_cell(BitmapOnlyFault::KillDestination);
 }
 
 /// The destination quits during a bitmap-only postcopy (QEMU's iotest
