@@ -21,8 +21,8 @@ use std::io::{self, IoSlice, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use testkit::pki::{Ca, Subject};
-use tls::{Endpoint, TlsCreds, X509Options};
+
+mod support;
 
 const RECORD: usize = 16384;
 const BATCH: usize = 256 * 1024;
@@ -123,23 +123,7 @@ impl Write for Half {
 
 fn session(c: &mut Criterion) {
     let tmp = tempfile::tempdir().unwrap();
-    let ca = Ca::new("bench CA");
-    ca.write_server(
-        &tmp.path().join("s"),
-        &Subject::new("bench", &["127.0.0.1"]),
-    );
-    ca.write_client(&tmp.path().join("c"), &Subject::new("bench-client", &[]));
-    let load = |sub: &str, endpoint| {
-        TlsCreds::load_x509(X509Options {
-            dir: Some(tmp.path().join(sub).display().to_string()),
-            endpoint,
-            verify_peer: true,
-            sanity_check: true,
-        })
-        .unwrap()
-    };
-    let server = load("s", Endpoint::Server);
-    let client = load("c", Endpoint::Client);
+    let (server, client) = support::x509_pair(tmp.path());
 
     let (a, b) = UnixStream::pair().unwrap();
     let memory = Arc::new(AtomicBool::new(false));

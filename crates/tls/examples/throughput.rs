@@ -13,8 +13,10 @@
 use std::io::{IoSlice, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::time::Instant;
-use testkit::pki::{Ca, Subject};
-use tls::{Endpoint, PskOptions, TlsCreds, X509Options};
+use tls::{Endpoint, PskOptions, TlsCreds};
+
+#[path = "../benches/support/mod.rs"]
+mod support;
 
 const CHUNK: usize = 256 * 1024;
 
@@ -83,23 +85,7 @@ fn main() {
     let gib: u64 = args.next().and_then(|s| s.parse().ok()).unwrap_or(4);
     let rounds: u32 = args.next().and_then(|s| s.parse().ok()).unwrap_or(3);
     let tmp = tempfile::tempdir().expect("tmp");
-    let ca = Ca::new("bench CA");
-    ca.write_server(
-        &tmp.path().join("s"),
-        &Subject::new("bench", &["127.0.0.1"]),
-    );
-    ca.write_client(&tmp.path().join("c"), &Subject::new("bench-client", &[]));
-    let load = |sub: &str, endpoint| {
-        TlsCreds::load_x509(X509Options {
-            dir: Some(tmp.path().join(sub).display().to_string()),
-            endpoint,
-            verify_peer: true,
-            sanity_check: true,
-        })
-        .expect("creds")
-    };
-    let server = load("s", Endpoint::Server);
-    let client = load("c", Endpoint::Client);
+    let (server, client) = support::x509_pair(tmp.path());
     let psk_dir = tmp.path().join("k");
     std::fs::create_dir_all(&psk_dir).expect("mkdir");
     std::fs::write(
