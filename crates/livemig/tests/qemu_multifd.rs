@@ -51,11 +51,6 @@ fn multifd(q: &mut QmpClient, compression: &str) {
     );
 }
 
-fn completed(s: &Value, d: &Value, step: &str, src: &str, dst: &str) {
-    assert_eq!(s["status"], "completed", "{step}: source {s}\n{src}");
-    assert_eq!(d["status"], "completed", "{step}: destination {d}\n{dst}");
-}
-
 fn multifd_bytes(s: &Value) -> u64 {
     s["ram"]["multifd-bytes"].as_u64().unwrap_or(0)
 }
@@ -84,7 +79,7 @@ fn chain(test: &str, transport: Transport, compression: &str) {
     let mut l1_q = l1.qmp();
     multifd(&mut l1_q, compression);
     let (s, d) = migrate(&mut qa_q, &mut l1_q, &uri);
-    completed(&s, &d, "QEMU -> livemig", &qa.log(), &l1.log());
+    assert_completed("QEMU -> livemig", &s, &qa, &d, &l1);
     assert!(
         multifd_bytes(&s) > A_LEN as u64,
         "QEMU used its channels: {s}"
@@ -116,7 +111,7 @@ fn chain(test: &str, transport: Transport, compression: &str) {
     let mut qb_q = qb.qmp();
     multifd(&mut qb_q, compression);
     let (s, d) = migrate(&mut l1_q, &mut qb_q, &uri);
-    completed(&s, &d, "livemig -> QEMU", &l1.log(), &qb.log());
+    assert_completed("livemig -> QEMU", &s, &l1, &d, &qb);
     let pages = s["ram"]["normal"].as_u64().unwrap_or(0);
     assert!(pages >= (A_LEN / 4096) as u64, "{s}");
     if compression == "none" {
@@ -156,28 +151,11 @@ fn chain(test: &str, transport: Transport, compression: &str) {
     qb_q.ok("migrate-set-parameters", json!({"max-bandwidth": 1 << 20}));
     qb_q.ok("migrate", json!({ "uri": connect_uri(&mut l2_q, &uri) }));
     // Pattern A's first pages go out first; once 1 MiB is through, they have been sent.
-    loop {
-        let st = qb_q.ok("query-migrate", json!({}));
-        let status = st["status"].as_str().unwrap_or_default();
-        assert!(
-            status == "setup" || status == "active",
-            "B finished before the reset: {st}"
-        );
-        if st["ram"]["transferred"].as_u64().unwrap_or(0) > 1 << 20 {
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    wait_under_way(&mut qb_q, 1 << 20, "the reset");
     qb_q.ok("system_reset", json!({}));
     let s = wait(&mut qb_q, &["completed", "failed", "cancelled"]);
     let d = wait(&mut l2_q, &["completed", "failed"]);
-    completed(
-        &s,
-        &d,
-        "QEMU -> livemig with system_reset",
-        &qb.log(),
-        &l2.log(),
-    );
+    assert_completed("QEMU -> livemig with system_reset", &s, &qb, &d, &l2);
     let normal = s["ram"]["normal"].as_u64().unwrap_or(0);
     assert!(
         normal >= (A_LEN / 4096) as u64 + 64,

@@ -52,20 +52,7 @@ fn postcopy(
     );
     let uri = connect_uri(dst, uri);
     src.ok("migrate", json!({ "uri": uri }));
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let st = src.ok("query-migrate", json!({}));
-        let status = st["status"].as_str().unwrap_or_default();
-        assert!(
-            status == "setup" || status == "active",
-            "{name}: the migration ended before postcopy: {st}"
-        );
-        if st["ram"]["transferred"].as_u64().unwrap_or(0) > 1 << 20 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "{name}: no progress: {st}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_under_way(src, 1 << 20, &format!("{name}'s postcopy"));
     src.ok("migrate-start-postcopy", json!({}));
     let d = wait(dst, &["postcopy-active", "completed", "failed"]);
     assert_eq!(d["status"], "postcopy-active", "{name}: destination {d}");
@@ -91,13 +78,7 @@ fn chain(test: &str, transport: Transport, preempt: bool) {
     let mut l1_q = l1.qmp();
     postcopy_caps(&mut l1_q, preempt);
     let (s, d, during) = postcopy(&mut qa_q, &mut l1_q, &uri, dir, "l1");
-    assert_eq!(s["status"], "completed", "QEMU source: {s}\n{}", qa.log());
-    assert_eq!(
-        d["status"],
-        "completed",
-        "livemig destination: {d}\n{}",
-        l1.log()
-    );
+    assert_completed("QEMU -> livemig", &s, &qa, &d, &l1);
     assert!(
         s["ram"]["postcopy-requests"].as_u64().unwrap_or(0) > 0,
         "livemig asked QEMU for pages: {s}"
@@ -127,18 +108,7 @@ fn chain(test: &str, transport: Transport, preempt: bool) {
     let mut qb_q = qb.qmp();
     postcopy_caps(&mut qb_q, preempt);
     let (s, d, during) = postcopy(&mut l1_q, &mut qb_q, &uri, dir, "qb");
-    assert_eq!(
-        s["status"],
-        "completed",
-        "livemig source: {s}\n{}",
-        l1.log()
-    );
-    assert_eq!(
-        d["status"],
-        "completed",
-        "QEMU destination: {d}\n{}",
-        qb.log()
-    );
+    assert_completed("livemig -> QEMU", &s, &l1, &d, &qb);
     assert!(
         s["ram"]["postcopy-requests"].as_u64().unwrap_or(0) > 0,
         "QEMU asked livemig for pages: {s}"
@@ -217,15 +187,7 @@ fn postcopy_with_recoveries(
     );
     let uri = connect_uri(dst, uri);
     src.ok("migrate", json!({ "uri": uri }));
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while src.ok("query-migrate", json!({}))["ram"]["transferred"]
-        .as_u64()
-        .unwrap_or(0)
-        < 1 << 20
-    {
-        assert!(Instant::now() < deadline, "{name}: no progress");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_under_way(src, 1 << 20, &format!("{name}'s postcopy"));
     src.ok("migrate-start-postcopy", json!({}));
     let d = wait(dst, &["postcopy-active", "completed", "failed"]);
     assert_eq!(d["status"], "postcopy-active", "{name}: destination {d}");
@@ -283,13 +245,7 @@ fn recovery_both_ways(test: &str, transport: Transport) {
     let mut l1_q = l1.qmp();
     postcopy_caps(&mut l1_q, false);
     let (s, d) = postcopy_with_recoveries(&mut qa_q, &mut l1_q, &uri, transport, dir, "l1");
-    assert_eq!(s["status"], "completed", "QEMU source: {s}\n{}", qa.log());
-    assert_eq!(
-        d["status"],
-        "completed",
-        "livemig destination: {d}\n{}",
-        l1.log()
-    );
+    assert_completed("QEMU -> livemig", &s, &qa, &d, &l1);
     let ram_qa = ram(&mut qa_q, dir, "qa");
     assert_eq!(&ram_qa[..A_LEN], &pat_a[..]);
     assert_same_ram(
@@ -304,18 +260,7 @@ fn recovery_both_ways(test: &str, transport: Transport) {
     let mut qb_q = qb.qmp();
     postcopy_caps(&mut qb_q, false);
     let (s, d) = postcopy_with_recoveries(&mut l1_q, &mut qb_q, &uri, transport, dir, "qb");
-    assert_eq!(
-        s["status"],
-        "completed",
-        "livemig source: {s}\n{}",
-        l1.log()
-    );
-    assert_eq!(
-        d["status"],
-        "completed",
-        "QEMU destination: {d}\n{}",
-        qb.log()
-    );
+    assert_completed("livemig -> QEMU", &s, &l1, &d, &qb);
     assert_same_ram(
         &ram_qa,
         &ram(&mut qb_q, dir, "qb"),
@@ -453,6 +398,73 @@ fn bitmaps_in_postcopy(
 
 const DISK: u64 = 4 << 30;
 
+/// The ends of [`bitmaps_qemu_to_livemig`].
+struct IntoLivemig {
+    qa: testkit::VmProcess,
+    qa_q: QmpClient,
+    l1: testkit::VmProcess,
+    l1_q: QmpClient,
+    /// Pattern A, loaded at 0 in QEMU A.
+    pat_a: Vec<u8>,
+}
+
+/// QEMU A (pattern A of `seed` at 0, `d0`) → livemig L1 (`d0`) over unix, with
+/// [`bitmaps_in_postcopy`]: both end `completed`, L1 without warnings.
+fn bitmaps_qemu_to_livemig(dir: &Path, seed: u8, ram_postcopy: bool) -> IntoLivemig {
+    let a_file = dir.join("a.bin");
+    let pat_a = pattern_file(&a_file, A_LEN, seed);
+    let mut qa_args = loader(&a_file, 0);
+    qa_args.extend(null_co("d0", DISK));
+    let qa = qemu(dir, "qa", &qa_args);
+    let mut qa_q = qa.qmp();
+    let uri = Transport::Unix.uri(dir, "mig1");
+    let mut l_args = strings(&["-incoming", &uri]);
+    l_args.extend(null_co("d0", DISK));
+    let l1 = livemig(dir, "l1", &l_args);
+    let mut l1_q = l1.qmp();
+    let (s, d) = bitmaps_in_postcopy(
+        &mut qa_q,
+        &mut l1_q,
+        &uri,
+        dir,
+        "qemu->livemig",
+        ram_postcopy,
+    );
+    assert_completed("QEMU -> livemig", &s, &qa, &d, &l1);
+    assert!(warnings(&d).is_empty(), "{d}");
+    IntoLivemig {
+        qa,
+        qa_q,
+        l1,
+        l1_q,
+        pat_a,
+    }
+}
+
+/// livemig `l1` → a new QEMU B (`d0`) over `transport`, with [`bitmaps_in_postcopy`]: both
+/// end `completed` (a failure shows both logs) and B's RAM is `ram_l1`.
+fn bitmaps_livemig_to_qemu(
+    dir: &Path,
+    l1: &testkit::VmProcess,
+    l1_q: &mut QmpClient,
+    transport: Transport,
+    ram_l1: &[u8],
+    ram_postcopy: bool,
+) {
+    let uri = transport.uri(dir, "mig2");
+    let mut q_args = strings(&["-incoming", &uri]);
+    q_args.extend(null_co("d0", DISK));
+    let qb = qemu(dir, "qb", &q_args);
+    let mut qb_q = qb.qmp();
+    let uri = connect_uri(&mut qb_q, &uri);
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        bitmaps_in_postcopy(l1_q, &mut qb_q, &uri, dir, "livemig->qemu", ram_postcopy)
+    }));
+    let (s, d) = r.unwrap_or_else(|_| panic!("QEMU:\n{}\nlivemig:\n{}", qb.log(), l1.log()));
+    assert_completed("livemig -> QEMU", &s, l1, &d, &qb);
+    assert_same_ram(ram_l1, &ram(&mut qb_q, dir, "qb"), "livemig -> QEMU");
+}
+
 /// QEMU 7.2 → livemig: QEMU sends its bitmaps after the switch. (Before, livemig dropped
 /// every bitmap still to come when the guest started.)
 #[test]
@@ -461,28 +473,9 @@ fn qemu_postcopy_dirty_bitmaps_into_livemig() {
         return;
     };
     let dir = tmp.path();
-    let a_file = dir.join("a.bin");
-    let pat_a = pattern_file(&a_file, A_LEN, 31);
-    let mut qa_args = loader(&a_file, 0);
-    qa_args.extend(null_co("d0", DISK));
-    let qa = qemu(dir, "qa", &qa_args);
-    let mut qa_q = qa.qmp();
-    let uri = Transport::Unix.uri(dir, "mig");
-    let mut l_args = strings(&["-incoming", &uri]);
-    l_args.extend(null_co("d0", DISK));
-    let l1 = livemig(dir, "l1", &l_args);
-    let mut l1_q = l1.qmp();
-    let (s, d) = bitmaps_in_postcopy(&mut qa_q, &mut l1_q, &uri, dir, "qemu->livemig", true);
-    assert_eq!(s["status"], "completed", "QEMU source: {s}\n{}", qa.log());
-    assert_eq!(
-        d["status"],
-        "completed",
-        "livemig destination: {d}\n{}",
-        l1.log()
-    );
-    assert!(warnings(&d).is_empty(), "{d}");
-    assert_eq!(&ram(&mut qa_q, dir, "qa")[..A_LEN], &pat_a[..]);
-    quit_cleanly(l1, l1_q);
+    let mut h = bitmaps_qemu_to_livemig(dir, 31, true);
+    assert_eq!(&ram(&mut h.qa_q, dir, "qa")[..A_LEN], &h.pat_a[..]);
+    quit_cleanly(h.l1, h.l1_q);
 }
 
 /// livemig → QEMU 7.2: livemig sends the bitmaps after the switch as QEMU's source does
@@ -496,29 +489,8 @@ fn livemig_postcopy_dirty_bitmaps_into_qemu() {
     let dir = tmp.path();
     let l1 = livemig(dir, "l1", &null_co("d0", DISK));
     let mut l1_q = l1.qmp();
-    let uri = Transport::Unix.uri(dir, "mig");
-    let mut q_args = strings(&["-incoming", &uri]);
-    q_args.extend(null_co("d0", DISK));
-    let qb = qemu(dir, "qb", &q_args);
-    let mut qb_q = qb.qmp();
     let ram_l1 = ram(&mut l1_q, dir, "l1");
-    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        bitmaps_in_postcopy(&mut l1_q, &mut qb_q, &uri, dir, "livemig->qemu", true)
-    }));
-    let (s, d) = r.unwrap_or_else(|_| panic!("QEMU:\n{}\nlivemig:\n{}", qb.log(), l1.log()));
-    assert_eq!(
-        s["status"],
-        "completed",
-        "livemig source: {s}\n{}",
-        l1.log()
-    );
-    assert_eq!(
-        d["status"],
-        "completed",
-        "QEMU destination: {d}\n{}",
-        qb.log()
-    );
-    assert_same_ram(&ram_l1, &ram(&mut qb_q, dir, "qb"), "livemig -> QEMU");
+    bitmaps_livemig_to_qemu(dir, &l1, &mut l1_q, Transport::Unix, &ram_l1, true);
     quit_cleanly(l1, l1_q);
 }
 
@@ -534,60 +506,19 @@ fn qemu_bitmap_only_postcopy_both_ways() {
         return;
     };
     let dir = tmp.path();
-    let a_file = dir.join("a.bin");
-    let pat_a = pattern_file(&a_file, A_LEN, 37);
-    let mut qa_args = loader(&a_file, 0);
-    qa_args.extend(null_co("d0", DISK));
-    let qa = qemu(dir, "qa", &qa_args);
-    let mut qa_q = qa.qmp();
-    let uri = Transport::Unix.uri(dir, "mig1");
-    let mut l_args = strings(&["-incoming", &uri]);
-    l_args.extend(null_co("d0", DISK));
-    let l1 = livemig(dir, "l1", &l_args);
-    let mut l1_q = l1.qmp();
-    let (s, d) = bitmaps_in_postcopy(&mut qa_q, &mut l1_q, &uri, dir, "qemu->livemig", false);
-    assert_eq!(s["status"], "completed", "QEMU source: {s}\n{}", qa.log());
-    assert_eq!(
-        d["status"],
-        "completed",
-        "livemig destination: {d}\n{}",
-        l1.log()
-    );
-    assert!(warnings(&d).is_empty(), "{d}");
-    let ram_l1 = ram(&mut l1_q, dir, "l1");
-    assert_eq!(&ram_l1[..A_LEN], &pat_a[..]);
-    assert_same_ram(&ram(&mut qa_q, dir, "qa"), &ram_l1, "QEMU -> livemig");
-    drop(qa);
+    let mut h = bitmaps_qemu_to_livemig(dir, 37, false);
+    let ram_l1 = ram(&mut h.l1_q, dir, "l1");
+    assert_eq!(&ram_l1[..A_LEN], &h.pat_a[..]);
+    assert_same_ram(&ram(&mut h.qa_q, dir, "qa"), &ram_l1, "QEMU -> livemig");
+    drop(h.qa);
 
     // livemig (the destination above, its bitmaps now its own) → QEMU over TCP.
     for b in ["b0", "b1", "want"] {
-        l1_q.ok(
+        h.l1_q.ok(
             "block-dirty-bitmap-remove",
             json!({"node": "d0", "name": b}),
         );
     }
-    let uri = Transport::Tcp.uri(dir, "mig2");
-    let mut q_args = strings(&["-incoming", &uri]);
-    q_args.extend(null_co("d0", DISK));
-    let qb = qemu(dir, "qb", &q_args);
-    let mut qb_q = qb.qmp();
-    let uri = connect_uri(&mut qb_q, &uri);
-    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        bitmaps_in_postcopy(&mut l1_q, &mut qb_q, &uri, dir, "livemig->qemu", false)
-    }));
-    let (s, d) = r.unwrap_or_else(|_| panic!("QEMU:\n{}\nlivemig:\n{}", qb.log(), l1.log()));
-    assert_eq!(
-        s["status"],
-        "completed",
-        "livemig source: {s}\n{}",
-        l1.log()
-    );
-    assert_eq!(
-        d["status"],
-        "completed",
-        "QEMU destination: {d}\n{}",
-        qb.log()
-    );
-    assert_same_ram(&ram_l1, &ram(&mut qb_q, dir, "qb"), "livemig -> QEMU");
-    quit_cleanly(l1, l1_q);
+    bitmaps_livemig_to_qemu(dir, &h.l1, &mut h.l1_q, Transport::Tcp, &ram_l1, false);
+    quit_cleanly(h.l1, h.l1_q);
 }

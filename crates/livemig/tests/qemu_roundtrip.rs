@@ -48,11 +48,6 @@ fn same_bitmaps(a: &mut QmpClient, b: &mut QmpClient, names: &[(&str, &str)], st
     }
 }
 
-fn assert_completed(src: &serde_json::Value, dst: &serde_json::Value, step: &str) {
-    assert_eq!(src["status"], "completed", "{step}: source {src}");
-    assert_eq!(dst["status"], "completed", "{step}: destination {dst}");
-}
-
 fn chain(test: &str, transport: Transport, return_path: bool) {
     let Some(tmp) = setup(test) else { return };
     let dir = tmp.path();
@@ -84,7 +79,7 @@ fn chain(test: &str, transport: Transport, return_path: bool) {
     let mut l1_q = l1.qmp();
     caps(&mut l1_q, return_path);
     let (s, d) = migrate(&mut qa_q, &mut l1_q, &uri);
-    assert_completed(&s, &d, "QEMU -> livemig");
+    assert_completed("QEMU -> livemig", &s, &qa, &d, &l1);
     let ram_qa = ram(&mut qa_q, dir, "qa");
     let ram_l1 = ram(&mut l1_q, dir, "l1");
     assert_eq!(
@@ -124,7 +119,7 @@ fn chain(test: &str, transport: Transport, return_path: bool) {
     let mut qb_q = qb.qmp();
     caps(&mut qb_q, return_path);
     let (s, d) = migrate(&mut l1_q, &mut qb_q, &uri);
-    assert_completed(&s, &d, "livemig -> QEMU");
+    assert_completed("livemig -> QEMU", &s, &l1, &d, &qb);
     let ram_qb = ram(&mut qb_q, dir, "qb");
     assert_same_ram(&ram_l1, &ram_qb, "livemig -> QEMU");
     let all = [("node0", "bm0"), ("disk1", "bm1"), ("node0", "bm2")];
@@ -148,22 +143,11 @@ fn chain(test: &str, transport: Transport, return_path: bool) {
     qb_q.ok("migrate-set-parameters", json!({"max-bandwidth": 1 << 20}));
     qb_q.ok("migrate", json!({ "uri": connect_uri(&mut l2_q, &uri) }));
     // Pattern A's first pages go out first; once 1 MiB is through, they have been sent.
-    loop {
-        let st = qb_q.ok("query-migrate", json!({}));
-        let status = st["status"].as_str().unwrap_or_default();
-        assert!(
-            status == "setup" || status == "active",
-            "B finished before the reset: {st}"
-        );
-        if st["ram"]["transferred"].as_u64().unwrap_or(0) > 1 << 20 {
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    wait_under_way(&mut qb_q, 1 << 20, "the reset");
     qb_q.ok("system_reset", json!({}));
     let s = wait(&mut qb_q, &["completed", "failed", "cancelled"]);
     let d = wait(&mut l2_q, &["completed", "failed"]);
-    assert_completed(&s, &d, "QEMU -> livemig with system_reset");
+    assert_completed("QEMU -> livemig with system_reset", &s, &qb, &d, &l2);
     // 512 pages of A, then both loader ranges (64 pages each) again: the 64 pages at 0 were
     // sent twice.
     let normal = s["ram"]["normal"].as_u64().unwrap_or(0);

@@ -297,6 +297,42 @@ pub fn migrate(src: &mut QmpClient, dst: &mut QmpClient, uri: &str) -> (Value, V
     (s, d)
 }
 
+/// Asserts that both ends of the migration `step` completed: `s` is the source's
+/// `query-migrate` reply, `d` the destination's; a failure shows the reply and that end's log.
+pub fn assert_completed(step: &str, s: &Value, src: &VmProcess, d: &Value, dst: &VmProcess) {
+    assert_eq!(
+        s["status"],
+        "completed",
+        "{step}: source {s}\n{}",
+        src.log()
+    );
+    assert_eq!(
+        d["status"],
+        "completed",
+        "{step}: destination {d}\n{}",
+        dst.log()
+    );
+}
+
+/// Waits (30 s at most) until more than `bytes` of the migration from `src` went through; it
+/// must still be `setup` or `active` meanwhile — `step` names what it must not end before.
+pub fn wait_under_way(src: &mut QmpClient, bytes: u64, step: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let st = src.ok("query-migrate", json!({}));
+        let status = st["status"].as_str().unwrap_or_default();
+        assert!(
+            status == "setup" || status == "active",
+            "the migration ended before {step}: {st}"
+        );
+        if st["ram"]["transferred"].as_u64().unwrap_or(0) > bytes {
+            return;
+        }
+        assert!(Instant::now() < deadline, "no progress before {step}: {st}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// Starts a QEMU 7.2 destination for a stream file (`-incoming defer`, capability
 /// `dirty-bitmaps`, `prepare` for anything else, then `migrate-incoming exec:cat FILE`) with
 /// the given disks. QEMU exits on any load error; see [`qemu_outcome`].

@@ -172,13 +172,7 @@ pub fn chain(c: &Chain) -> Option<ChainEnd> {
     );
     let (s, d) = migrate(&mut qa_q, &mut l_q, "tcp:127.0.0.1:0");
     check_channels(&s, c.multifd, "QEMU -> livemig");
-    assert_eq!(s["status"], "completed", "QEMU source: {s}\n{}", qa.log());
-    assert_eq!(
-        d["status"],
-        "completed",
-        "livemig destination: {d}\n{}",
-        l.log()
-    );
+    assert_completed("QEMU -> livemig", &s, &qa, &d, &l);
     let ram_a = ram(&mut qa_q, dir, "qa");
     assert_eq!(&ram_a[..pat.len()], &pat[..]);
     let ram_l = ram(&mut l_q, dir, "l");
@@ -202,13 +196,7 @@ pub fn chain(c: &Chain) -> Option<ChainEnd> {
     let (mut b, uri) = qemu_destination(dir, "qb", &extra, params, c.multifd);
     let (s, d) = migrate(&mut l_q, &mut b.q, &uri);
     check_channels(&s, c.multifd, "livemig -> QEMU");
-    assert_eq!(s["status"], "completed", "livemig source: {s}\n{}", l.log());
-    assert_eq!(
-        d["status"],
-        "completed",
-        "QEMU destination: {d}\n{}",
-        b.p.log()
-    );
+    assert_completed("livemig -> QEMU", &s, &l, &d, &b.p);
     let ram_b = ram(&mut b.q, dir, "qb");
     assert_same_ram(&ram_l, &ram_b, &format!("livemig -> QEMU over {}", c.over));
     Some(ChainEnd { tmp, l, l_q })
