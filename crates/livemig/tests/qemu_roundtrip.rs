@@ -140,31 +140,19 @@ fn chain(test: &str, transport: Transport, return_path: bool) {
     let l2 = livemig(dir, "l2", &args);
     let mut l2_q = l2.qmp();
     caps(&mut l2_q, return_path);
-    qb_q.ok("migrate-set-parameters", json!({"max-bandwidth": 1 << 20}));
-    qb_q.ok("migrate", json!({ "uri": connect_uri(&mut l2_q, &uri) }));
-    // Pattern A's first pages go out first; once 1 MiB is through, they have been sent.
-    wait_under_way(&mut qb_q, 1 << 20, "the reset");
-    qb_q.ok("system_reset", json!({}));
-    let s = wait(&mut qb_q, &["completed", "failed", "cancelled"]);
-    let d = wait(&mut l2_q, &["completed", "failed"]);
-    assert_completed("QEMU -> livemig with system_reset", &s, &qb, &d, &l2);
+    let (s, ram_qb2) = migrate_across_reset(
+        dir,
+        (&qb, &mut qb_q),
+        (&l2, &mut l2_q),
+        &uri,
+        &pat_b,
+        B_ADDR2,
+    );
     // 512 pages of A, then both loader ranges (64 pages each) again: the 64 pages at 0 were
     // sent twice.
     let normal = s["ram"]["normal"].as_u64().unwrap_or(0);
     assert!(normal >= 512 + 64 + 64, "pages were not sent again: {s}");
-    let ram_qb2 = ram(&mut qb_q, dir, "qb2");
     let ram_l2 = ram(&mut l2_q, dir, "l2");
-    assert_eq!(
-        &ram_qb2[..B_LEN],
-        &pat_b[..],
-        "reset did not rewrite the first range"
-    );
-    let at = B_ADDR2 as usize;
-    assert_eq!(
-        &ram_qb2[at..at + B_LEN],
-        &pat_b[..],
-        "reset did not rewrite the second range"
-    );
     assert_eq!(
         &ram_qb2[B_LEN..A_LEN],
         &pat_a[B_LEN..],

@@ -333,6 +333,42 @@ pub fn wait_under_way(src: &mut QmpClient, bytes: u64, step: &str) {
     }
 }
 
+/// The last hop of the chains: QEMU `qb` (with `-device loader`s of `pat_b` at 0 and at
+/// `addr2`) into livemig `l2`, listening on `uri`, throttled to 1 MiB/s, and `system_reset` on
+/// QEMU once 1 MiB went through — its loaders write the two ranges again, and QEMU must send
+/// those pages again. Both ends complete, and QEMU's RAM holds `pat_b` in both ranges
+/// afterwards. Returns QEMU's `query-migrate` reply and its RAM.
+pub fn migrate_across_reset(
+    dir: &Path,
+    (qb, qb_q): (&VmProcess, &mut QmpClient),
+    (l2, l2_q): (&VmProcess, &mut QmpClient),
+    uri: &str,
+    pat_b: &[u8],
+    addr2: u64,
+) -> (Value, Vec<u8>) {
+    qb_q.ok("migrate-set-parameters", json!({"max-bandwidth": 1 << 20}));
+    qb_q.ok("migrate", json!({ "uri": connect_uri(l2_q, uri) }));
+    // The first pages go out first; once 1 MiB is through, they have been sent.
+    wait_under_way(qb_q, 1 << 20, "the reset");
+    qb_q.ok("system_reset", json!({}));
+    let s = wait(qb_q, &["completed", "failed", "cancelled"]);
+    let d = wait(l2_q, &["completed", "failed"]);
+    assert_completed("QEMU -> livemig with system_reset", &s, qb, &d, l2);
+    let ram_qb2 = ram(qb_q, dir, "qb2");
+    assert_eq!(
+        &ram_qb2[..pat_b.len()],
+        pat_b,
+        "reset did not rewrite the first range"
+    );
+    let at = addr2 as usize;
+    assert_eq!(
+        &ram_qb2[at..at + pat_b.len()],
+        pat_b,
+        "reset did not rewrite the second range"
+    );
+    (s, ram_qb2)
+}
+
 /// Starts a QEMU 7.2 destination for a stream file (`-incoming defer`, capability
 /// `dirty-bitmaps`, `prepare` for anything else, then `migrate-incoming exec:cat FILE`) with
 /// the given disks. QEMU exits on any load error; see [`qemu_outcome`].
