@@ -118,6 +118,62 @@ fn assert_failed_cleanly(d: &Loaded, bitmap: &str, node: &str, reason: &str) {
     );
 }
 
+/// QEMU 7.2, as the destination of `stream` (with `disks`, and `prepare` before the
+/// incoming migration), ends as `how`, its log saying `says`.
+fn qemu_ends(
+    dir: &Path,
+    stream: &Path,
+    disks: &[String],
+    prepare: impl FnOnce(&mut QmpClient),
+    how: Ended,
+    says: &str,
+) {
+    let (ended, log) = qemu_outcome(dir, "qemu-dst", stream, disks, prepare);
+    assert_eq!(ended, how, "{log}");
+    assert!(log.contains(says), "{log}");
+}
+
+/// QEMU's stream of `bm0` (node0) and `bm1` (node1) with `bm0`'s START granularity patched to
+/// each of `values`: livemig completes, `bm1` arrives, `bm0` is dropped with
+/// `reason(value)` and not created. QEMU 7.2, given the stream patched to `qemu.0`, ends as
+/// `qemu.1`, its log saying `qemu.2`.
+fn patched_granularity(
+    test: &str,
+    values: &[u32],
+    reason: impl Fn(u32) -> String,
+    qemu: (u32, Ended, &str),
+) {
+    let Some(tmp) = setup(test) else {
+        return;
+    };
+    let dir = tmp.path();
+    let nodes = [("node0", MIB64), ("node1", MIB64)];
+    let mut src = qemu_source(dir, &nodes, &[("node0", "bm0"), ("node1", "bm1")]);
+    let capture = std::fs::read(src.capture(dir, "good.mig")).unwrap();
+    let at = start_chunk_granularity(&capture, "node0", "bm0");
+    assert_eq!(capture[at..at + 4], 65536u32.to_be_bytes());
+    let (qemu_value, qemu_how, qemu_says) = qemu;
+    let mut qemu_how = Some(qemu_how);
+    for &value in values {
+        let mut patched = capture.clone();
+        patched[at..at + 4].copy_from_slice(&value.to_be_bytes());
+        let path = dir.join(format!("gran-{value}.mig"));
+        std::fs::write(&path, &patched).unwrap();
+        let name = format!("dst-{value}");
+        let mut d = run_into_livemig(dir, &name, &path, &disks(&nodes), |_| {});
+        assert_completed_with(&mut src.q, &mut d, dir, &[("node1", "bm1")]);
+        assert_dropped(&d.status, "bm0", "node0", &reason(value));
+        assert_eq!(bitmap_names(&mut d.q, "node0"), Vec::<String>::new());
+        quit_cleanly(d.p, d.q);
+
+        if value == qemu_value {
+            let how = qemu_how.take().expect("one QEMU run");
+            qemu_ends(dir, &path, &disks(&nodes), |_| {}, how, qemu_says);
+        }
+    }
+    assert!(qemu_how.is_none(), "{qemu_value} is not among {values:?}");
+}
+
 #[test]
 fn qemu_seed_000_destination_node_smaller() {
     let Some(tmp) = setup("qemu_seed_000_destination_node_smaller") else {
@@ -161,9 +217,14 @@ fn qemu_seed_000_destination_node_smaller() {
     // QEMU 7.2 as the destination of the same stream aborts:
     // "util/hbitmap.c:647: serialization_chunk: Assertion `(last >> hb->granularity) <
     // hb->size' failed." (QEMU issue #2650).
-    let (how, log) = qemu_outcome(dir, "qemu-dst", &capture, &dst_disks, |_| {});
-    assert_eq!(how, Ended::Signal(SIGABRT), "{log}");
-    assert!(log.contains("serialization_chunk: Assertion"), "{log}");
+    qemu_ends(
+        dir,
+        &capture,
+        &dst_disks,
+        |_| {},
+        Ended::Signal(SIGABRT),
+        "serialization_chunk: Assertion",
+    );
 }
 
 #[test]
@@ -189,41 +250,26 @@ fn qemu_source_size_not_a_multiple_of_64_granules() {
 
     // QEMU 7.2: "util/hbitmap.c:649: serialization_chunk: Assertion `(count & (gran - 1)) ==
     // 0' failed."
-    let (how, log) = qemu_outcome(dir, "qemu-dst", &capture, &dst_disks, |_| {});
-    assert_eq!(how, Ended::Signal(SIGABRT), "{log}");
-    assert!(log.contains("(count & (gran - 1)) == 0"), "{log}");
+    qemu_ends(
+        dir,
+        &capture,
+        &dst_disks,
+        |_| {},
+        Ended::Signal(SIGABRT),
+        "(count & (gran - 1)) == 0",
+    );
 }
 
 #[test]
 fn qemu_bad_granularity_in_start() {
-    let Some(tmp) = setup("qemu_bad_granularity_in_start") else {
-        return;
-    };
-    let dir = tmp.path();
-    let nodes = [("node0", MIB64), ("node1", MIB64)];
-    let mut src = qemu_source(dir, &nodes, &[("node0", "bm0"), ("node1", "bm1")]);
-    let capture = std::fs::read(src.capture(dir, "good.mig")).unwrap();
-    let at = start_chunk_granularity(&capture, "node0", "bm0");
-    assert_eq!(capture[at..at + 4], 65536u32.to_be_bytes());
-    for bad in [65535u32, 256, 0] {
-        let mut patched = capture.clone();
-        patched[at..at + 4].copy_from_slice(&bad.to_be_bytes());
-        let path = dir.join(format!("gran-{bad}.mig"));
-        std::fs::write(&path, &patched).unwrap();
-        let mut d = run_into_livemig(dir, &format!("dst-{bad}"), &path, &disks(&nodes), |_| {});
-        assert_completed_with(&mut src.q, &mut d, dir, &[("node1", "bm1")]);
-        assert_dropped(&d.status, "bm0", "node0", &format!("granularity {bad}"));
-        assert_eq!(bitmap_names(&mut d.q, "node0"), Vec::<String>::new());
-        quit_cleanly(d.p, d.q);
-
-        // QEMU 7.2: "block/dirty-bitmap.c:105: bdrv_create_dirty_bitmap: Assertion
-        // `is_power_of_2(granularity) && granularity >= BDRV_SECTOR_SIZE' failed."
-        if bad == 65535 {
-            let (how, log) = qemu_outcome(dir, "qemu-dst", &path, &disks(&nodes), |_| {});
-            assert_eq!(how, Ended::Signal(SIGABRT), "{log}");
-            assert!(log.contains("is_power_of_2(granularity)"), "{log}");
-        }
-    }
+    // QEMU 7.2: "block/dirty-bitmap.c:105: bdrv_create_dirty_bitmap: Assertion
+    // `is_power_of_2(granularity) && granularity >= BDRV_SECTOR_SIZE' failed."
+    patched_granularity(
+        "qemu_bad_granularity_in_start",
+        &[65535, 256, 0],
+        |bad| format!("granularity {bad}"),
+        (65535, Ended::Signal(SIGABRT), "is_power_of_2(granularity)"),
+    );
 }
 
 /// A START chunk that declares another power-of-two granularity than the bitmap whose bits
@@ -234,45 +280,16 @@ fn qemu_bad_granularity_in_start() {
 /// patch the buffer does fit is the migration crate's property test.)
 #[test]
 fn qemu_granularity_that_does_not_match_the_bits() {
-    let Some(tmp) = setup("qemu_granularity_that_does_not_match_the_bits") else {
-        return;
-    };
-    let dir = tmp.path();
-    let nodes = [("node0", MIB64), ("node1", MIB64)];
-    let mut src = qemu_source(dir, &nodes, &[("node0", "bm0"), ("node1", "bm1")]);
-    let capture = std::fs::read(src.capture(dir, "good.mig")).unwrap();
-    let at = start_chunk_granularity(&capture, "node0", "bm0");
-    assert_eq!(capture[at..at + 4], 65536u32.to_be_bytes());
-    for declared in [131072u32, 32768, 1 << 20] {
-        let mut patched = capture.clone();
-        patched[at..at + 4].copy_from_slice(&declared.to_be_bytes());
-        let path = dir.join(format!("gran-{declared}.mig"));
-        std::fs::write(&path, &patched).unwrap();
-        let name = format!("dst-{declared}");
-        let mut d = run_into_livemig(dir, &name, &path, &disks(&nodes), |_| {});
-        assert_completed_with(&mut src.q, &mut d, dir, &[("node1", "bm1")]);
-        assert_dropped(
-            &d.status,
-            "bm0",
-            "node0",
-            "Migrated bitmap granularity doesn't match the destination bitmap 'bm0' granularity",
-        );
-        assert_eq!(bitmap_names(&mut d.q, "node0"), Vec::<String>::new());
-        quit_cleanly(d.p, d.q);
-
-        // QEMU 7.2 reports the same words, drops every incoming bitmap (its "cancel"), and
-        // carries on with the migration.
-        if declared == 131072 {
-            let (how, log) = qemu_outcome(dir, "qemu-dst", &path, &disks(&nodes), |_| {});
-            assert_eq!(how, Ended::Running, "{log}");
-            assert!(
-                log.contains(
-                    "Migrated bitmap granularity doesn't match the destination bitmap 'bm0' granularity"
-                ),
-                "{log}"
-            );
-        }
-    }
+    const SAYS: &str =
+        "Migrated bitmap granularity doesn't match the destination bitmap 'bm0' granularity";
+    // QEMU 7.2 reports the same words, drops every incoming bitmap (its "cancel"), and
+    // carries on with the migration.
+    patched_granularity(
+        "qemu_granularity_that_does_not_match_the_bits",
+        &[131072, 32768, 1 << 20],
+        |_| SAYS.to_string(),
+        (131072, Ended::Running, SAYS),
+    );
 }
 
 #[test]
@@ -299,9 +316,14 @@ fn qemu_duplicate_bitmap_name_fails_cleanly() {
 
     // QEMU 7.2 fails and exits the same way: "Bitmap with the same name ('bm1')
     // already exists on destination", "load of migration failed: Invalid argument", status 1.
-    let (how, log) = qemu_outcome(dir, "qemu-dst", &capture, &disks(&nodes), existing);
-    assert_eq!(how, Ended::Exit(1), "{log}");
-    assert!(log.contains("already exists on destination"), "{log}");
+    qemu_ends(
+        dir,
+        &capture,
+        &disks(&nodes),
+        existing,
+        Ended::Exit(1),
+        "already exists on destination",
+    );
 }
 
 #[test]
@@ -372,11 +394,13 @@ fn qemu_reserved_start_flags_fail_cleanly() {
 
     // QEMU 7.2: "Unknown flags in migrated dirty bitmap header: 9", "error while loading
     // state for instance 0x0 of device 'dirty-bitmap'", exit status 1.
-    let (how, log) = qemu_outcome(dir, "qemu-dst", &path, &disks(&nodes), |_| {});
-    assert_eq!(how, Ended::Exit(1), "{log}");
-    assert!(
-        log.contains("Unknown flags in migrated dirty bitmap header: 9"),
-        "{log}"
+    qemu_ends(
+        dir,
+        &path,
+        &disks(&nodes),
+        |_| {},
+        Ended::Exit(1),
+        "Unknown flags in migrated dirty bitmap header: 9",
     );
 }
 
@@ -448,9 +472,14 @@ fn qemu_bits_outside_the_node_drop_the_bitmap() {
 
     // QEMU 7.2 aborts on the chunk past the end: "serialization_chunk: Assertion `(last >>
     // hb->granularity) < hb->size' failed."
-    let (how, log) = qemu_outcome(dir, "qemu-dst", &stream, &nodes, |_| {});
-    assert_eq!(how, Ended::Signal(SIGABRT), "{log}");
-    assert!(log.contains("serialization_chunk: Assertion"), "{log}");
+    qemu_ends(
+        dir,
+        &stream,
+        &nodes,
+        |_| {},
+        Ended::Signal(SIGABRT),
+        "serialization_chunk: Assertion",
+    );
 }
 
 #[test]
@@ -482,10 +511,12 @@ fn qemu_oversized_buffer_fails_cleanly() {
     assert_failed_cleanly(&d, "bm-big", "node1", "too large");
 
     // QEMU 7.2: "Bitmap migration stream buffer allocation request is too large", exit 1.
-    let (how, log) = qemu_outcome(dir, "qemu-dst", &stream, &nodes, |_| {});
-    assert_eq!(how, Ended::Exit(1), "{log}");
-    assert!(
-        log.contains("buffer allocation request is too large"),
-        "{log}"
+    qemu_ends(
+        dir,
+        &stream,
+        &nodes,
+        |_| {},
+        Ended::Exit(1),
+        "buffer allocation request is too large",
     );
 }
