@@ -35,6 +35,28 @@ fn postcopy_caps(q: &mut QmpClient, preempt: bool) {
     );
 }
 
+/// Starts a migration `src` → `dst` (listening on `uri`) throttled to 1 MiB/s, switches to
+/// postcopy (at `postcopy_bandwidth` bytes/s) once 1 MiB went through; the destination is
+/// `postcopy-active`.
+fn start_postcopy(
+    src: &mut QmpClient,
+    dst: &mut QmpClient,
+    uri: &str,
+    name: &str,
+    postcopy_bandwidth: u64,
+) {
+    src.ok(
+        "migrate-set-parameters",
+        json!({"max-bandwidth": 1 << 20, "max-postcopy-bandwidth": postcopy_bandwidth}),
+    );
+    let uri = connect_uri(dst, uri);
+    src.ok("migrate", json!({ "uri": uri }));
+    wait_under_way(src, 1 << 20, &format!("{name}'s postcopy"));
+    src.ok("migrate-start-postcopy", json!({}));
+    let d = wait(dst, &["postcopy-active", "completed", "failed"]);
+    assert_eq!(d["status"], "postcopy-active", "{name}: destination {d}");
+}
+
 /// Starts a throttled migration `src` → `dst`, switches to postcopy once 1 MiB went through,
 /// reads the destination's whole RAM while it is in postcopy (pulling pages), and waits for
 /// both ends. Returns (source, destination) `query-migrate` replies and the RAM read during
@@ -46,16 +68,7 @@ fn postcopy(
     dir: &Path,
     name: &str,
 ) -> (Value, Value, Vec<u8>) {
-    src.ok(
-        "migrate-set-parameters",
-        json!({"max-bandwidth": 1 << 20, "max-postcopy-bandwidth": 1 << 20}),
-    );
-    let uri = connect_uri(dst, uri);
-    src.ok("migrate", json!({ "uri": uri }));
-    wait_under_way(src, 1 << 20, &format!("{name}'s postcopy"));
-    src.ok("migrate-start-postcopy", json!({}));
-    let d = wait(dst, &["postcopy-active", "completed", "failed"]);
-    assert_eq!(d["status"], "postcopy-active", "{name}: destination {d}");
+    start_postcopy(src, dst, uri, name, 1 << 20);
     // Most of RAM is still on the source: reading it faults page after page.
     let during = ram(dst, dir, &format!("{name}-during"));
     let s = wait(src, &["completed", "failed", "cancelled"]);
@@ -63,13 +76,20 @@ fn postcopy(
     (s, d, during)
 }
 
-fn chain(test: &str, transport: Transport, preempt: bool) {
-    let Some(tmp) = setup(test) else { return };
-    let dir = tmp.path();
-    let a_file = dir.join("a.bin");
-    let pat_a = pattern_file(&a_file, A_LEN, 11);
+/// QEMU "A" with pattern A of `seed` at 0, and livemig "L1" listening on `transport`, both
+/// with the postcopy capabilities (`preempt` or not): the first hop of a chain.
+struct FirstHop {
+    pat_a: Vec<u8>,
+    qa: testkit::VmProcess,
+    qa_q: QmpClient,
+    l1: testkit::VmProcess,
+    l1_q: QmpClient,
+    uri: String,
+}
 
-    // 1. QEMU A -> livemig L1.
+fn first_hop(dir: &Path, seed: u8, transport: Transport, preempt: bool) -> FirstHop {
+    let a_file = dir.join("a.bin");
+    let pat_a = pattern_file(&a_file, A_LEN, seed);
     let qa = qemu(dir, "qa", &loader(&a_file, 0));
     let mut qa_q = qa.qmp();
     postcopy_caps(&mut qa_q, preempt);
@@ -77,6 +97,43 @@ fn chain(test: &str, transport: Transport, preempt: bool) {
     let l1 = livemig(dir, "l1", &strings(&["-incoming", &uri]));
     let mut l1_q = l1.qmp();
     postcopy_caps(&mut l1_q, preempt);
+    FirstHop {
+        pat_a,
+        qa,
+        qa_q,
+        l1,
+        l1_q,
+        uri,
+    }
+}
+
+/// QEMU "B" listening on `transport` with the postcopy capabilities: the second hop's
+/// destination, and its URI.
+fn qemu_b(
+    dir: &Path,
+    transport: Transport,
+    preempt: bool,
+) -> (testkit::VmProcess, QmpClient, String) {
+    let uri = transport.uri(dir, "mig2");
+    let qb = qemu(dir, "qb", &strings(&["-incoming", &uri]));
+    let mut qb_q = qb.qmp();
+    postcopy_caps(&mut qb_q, preempt);
+    (qb, qb_q, uri)
+}
+
+fn chain(test: &str, transport: Transport, preempt: bool) {
+    let Some(tmp) = setup(test) else { return };
+    let dir = tmp.path();
+
+    // 1. QEMU A -> livemig L1.
+    let FirstHop {
+        pat_a,
+        qa,
+        mut qa_q,
+        l1,
+        mut l1_q,
+        uri,
+    } = first_hop(dir, 11, transport, preempt);
     let (s, d, during) = postcopy(&mut qa_q, &mut l1_q, &uri, dir, "l1");
     assert_completed("QEMU -> livemig", &s, &qa, &d, &l1);
     assert!(
@@ -103,10 +160,7 @@ fn chain(test: &str, transport: Transport, preempt: bool) {
     drop(qa);
 
     // 2. livemig L1 -> QEMU B.
-    let uri = transport.uri(dir, "mig2");
-    let qb = qemu(dir, "qb", &strings(&["-incoming", &uri]));
-    let mut qb_q = qb.qmp();
-    postcopy_caps(&mut qb_q, preempt);
+    let (qb, mut qb_q, uri) = qemu_b(dir, transport, preempt);
     let (s, d, during) = postcopy(&mut l1_q, &mut qb_q, &uri, dir, "qb");
     assert_completed("livemig -> QEMU", &s, &l1, &d, &qb);
     assert!(
@@ -181,16 +235,7 @@ fn postcopy_with_recoveries(
     dir: &Path,
     name: &str,
 ) -> (Value, Value) {
-    src.ok(
-        "migrate-set-parameters",
-        json!({"max-bandwidth": 1 << 20, "max-postcopy-bandwidth": 64 << 10}),
-    );
-    let uri = connect_uri(dst, uri);
-    src.ok("migrate", json!({ "uri": uri }));
-    wait_under_way(src, 1 << 20, &format!("{name}'s postcopy"));
-    src.ok("migrate-start-postcopy", json!({}));
-    let d = wait(dst, &["postcopy-active", "completed", "failed"]);
-    assert_eq!(d["status"], "postcopy-active", "{name}: destination {d}");
+    start_postcopy(src, dst, uri, name, 64 << 10);
     let s = wait(src, &["postcopy-active", "completed", "failed"]);
     assert_eq!(s["status"], "postcopy-active", "{name}: source {s}");
     let rec = |n: u32| transport.uri(dir, &format!("{name}-rec{n}"));
@@ -234,16 +279,14 @@ fn recovery_both_ways(test: &str, transport: Transport) {
         return;
     };
     let dir = tmp.path();
-    let a_file = dir.join("a.bin");
-    let pat_a = pattern_file(&a_file, A_LEN, 23);
-
-    let qa = qemu(dir, "qa", &loader(&a_file, 0));
-    let mut qa_q = qa.qmp();
-    postcopy_caps(&mut qa_q, false);
-    let uri = transport.uri(dir, "mig1");
-    let l1 = livemig(dir, "l1", &strings(&["-incoming", &uri]));
-    let mut l1_q = l1.qmp();
-    postcopy_caps(&mut l1_q, false);
+    let FirstHop {
+        pat_a,
+        qa,
+        mut qa_q,
+        l1,
+        mut l1_q,
+        uri,
+    } = first_hop(dir, 23, transport, false);
     let (s, d) = postcopy_with_recoveries(&mut qa_q, &mut l1_q, &uri, transport, dir, "l1");
     assert_completed("QEMU -> livemig", &s, &qa, &d, &l1);
     let ram_qa = ram(&mut qa_q, dir, "qa");
@@ -255,10 +298,7 @@ fn recovery_both_ways(test: &str, transport: Transport) {
     );
     drop(qa);
 
-    let uri = transport.uri(dir, "mig2");
-    let qb = qemu(dir, "qb", &strings(&["-incoming", &uri]));
-    let mut qb_q = qb.qmp();
-    postcopy_caps(&mut qb_q, false);
+    let (qb, mut qb_q, uri) = qemu_b(dir, transport, false);
     let (s, d) = postcopy_with_recoveries(&mut l1_q, &mut qb_q, &uri, transport, dir, "qb");
     assert_completed("livemig -> QEMU", &s, &l1, &d, &qb);
     assert_same_ram(
