@@ -404,10 +404,16 @@ fn tcp_addrs(host: &str, port: u16) -> Result<Vec<std::net::SocketAddr>, Migrati
 fn socket_connection(s: Stream, outgoing: bool) -> Result<Connection, MigrationError> {
     let other = s.try_clone().map_err(|e| MigrationError::io("socket", e))?;
     let h = s.try_clone().map_err(|e| MigrationError::io("socket", e))?;
-    let (w, r) = if outgoing { (s, other) } else { (other, s) };
+    // The source reads its return path from the socket the stream goes out on: a quiet
+    // reader, or every acknowledgement of the stream would wake the return-path thread.
+    let (w, r): (Stream, BoxRead) = if outgoing {
+        (s, Box::new(net::QuietReader::new(other)))
+    } else {
+        (other, Box::new(s))
+    };
     Ok(Connection {
         writer: Some(Box::new(w)),
-        reader: Some(Box::new(r)),
+        reader: Some(r),
         shutdown: ShutdownHandle::new(ShutdownTarget::Socket(h)),
         child: None,
     })

@@ -9,6 +9,8 @@
 //!   [`Address::listen`] on.
 //! * [`Stream`]: a connected socket of either family (`Read`, `Write` with vectored writes,
 //!   clones, shutdown, timeouts).
+//! * [`QuietReader`]: the reading side of a socket whose other direction carries bulk data
+//!   (the source's return path), woken only by data.
 //! * [`Listener`]: a listening socket of either family; a unix one removes its file when
 //!   dropped.
 //! * [`zerocopy`]: `MSG_ZEROCOPY` sends with completion accounting, and [`sockopt`]: a limit on
@@ -31,4 +33,4 @@ pub mod zerocopy;
 
 pub use address::{resolve, Address};
 pub use listener::Listener;
-pub use stream::{connect_retry, Stream};
+pub use stream::{connect_retry, QuietReader, Stream};
