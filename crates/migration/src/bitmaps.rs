@@ -240,12 +240,7 @@ impl BitmapSaver {
         if node.is_some() && bitmap.is_none() {
             bitmap = Some(b.alias.clone());
         }
-        Chunk {
-            node,
-            bitmap,
-            payload,
-            eos: false,
-        }
+        Chunk::new((node, bitmap), payload)
     }
 
     /// The START section's body: a START chunk per bitmap, then EOS.
@@ -985,12 +980,7 @@ mod tests {
     }
 
     fn chunk(node: &str, bitmap: &str, payload: ChunkPayload) -> Chunk {
-        Chunk {
-            node: Some(node.into()),
-            bitmap: Some(bitmap.into()),
-            payload,
-            eos: false,
-        }
+        Chunk::new((Some(node.into()), Some(bitmap.into())), payload)
     }
 
     fn start(node: &str, bitmap: &str, flags: u8) -> Chunk {

@@ -105,6 +105,17 @@ pub struct Chunk {
 }
 
 impl Chunk {
+    /// A chunk with `payload` and no EOS, its names as [`NameTracker::encode`] gives them
+    /// (`None` where the previous chunk's name stands).
+    pub fn new((node, bitmap): (Option<String>, Option<String>), payload: ChunkPayload) -> Self {
+        Chunk {
+            node,
+            bitmap,
+            payload,
+            eos: false,
+        }
+    }
+
     /// The EOS-only chunk that ends every section body.
     pub fn eos() -> Self {
         Chunk {
@@ -368,15 +379,11 @@ mod tests {
     }
 
     fn start(node: Option<&str>, bitmap: &str, flags: u8) -> Chunk {
-        Chunk {
-            node: node.map(Into::into),
-            bitmap: Some(bitmap.into()),
-            payload: ChunkPayload::Start {
-                granularity: 65536,
-                flags,
-            },
-            eos: false,
-        }
+        let payload = ChunkPayload::Start {
+            granularity: 65536,
+            flags,
+        };
+        Chunk::new((node.map(Into::into), Some(bitmap.into())), payload)
     }
 
     #[test]
@@ -406,38 +413,24 @@ mod tests {
             Chunk::eos(),
         ];
         let end_section = vec![
-            Chunk {
-                node: None,
-                bitmap: Some("bm-disabled".into()),
-                payload: ChunkPayload::Bits {
+            Chunk::new(
+                (None, Some("bm-disabled".into())),
+                ChunkPayload::Bits {
                     start_sector: 0,
                     nr_sectors: 131072,
                     data: BitsData::Zeroes,
                 },
-                eos: false,
-            },
-            Chunk {
-                node: None,
-                bitmap: Some("bitmap0".into()),
-                payload: ChunkPayload::Bits {
+            ),
+            Chunk::new(
+                (None, Some("bitmap0".into())),
+                ChunkPayload::Bits {
                     start_sector: 0,
                     nr_sectors: 131072,
                     data: BitsData::Buffer(data),
                 },
-                eos: false,
-            },
-            Chunk {
-                node: None,
-                bitmap: Some("bm-disabled".into()),
-                payload: ChunkPayload::Complete,
-                eos: false,
-            },
-            Chunk {
-                node: None,
-                bitmap: Some("bitmap0".into()),
-                payload: ChunkPayload::Complete,
-                eos: false,
-            },
+            ),
+            Chunk::new((None, Some("bm-disabled".into())), ChunkPayload::Complete),
+            Chunk::new((None, Some("bitmap0".into())), ChunkPayload::Complete),
             Chunk::eos(),
         ];
         let flags: Vec<u32> = start_section

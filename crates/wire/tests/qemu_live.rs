@@ -138,16 +138,7 @@ fn write_stream(path: &Path) {
         granularity: 65536,
         flags: 0,
     };
-    write_chunk(
-        &mut w,
-        &Chunk {
-            node,
-            bitmap,
-            payload: start,
-            eos: false,
-        },
-    )
-    .unwrap();
+    write_chunk(&mut w, &Chunk::new((node, bitmap), start)).unwrap();
     write_chunk(&mut w, &Chunk::eos()).unwrap();
     write_footer(&mut w, 3).unwrap();
     write_part(&mut w, 2).unwrap();
@@ -182,26 +173,8 @@ fn write_stream(path: &Path) {
         nr_sectors: 131072,
         data: BitsData::Buffer(buf),
     };
-    write_chunk(
-        &mut w,
-        &Chunk {
-            node,
-            bitmap,
-            payload: bits,
-            eos: false,
-        },
-    )
-    .unwrap();
-    write_chunk(
-        &mut w,
-        &Chunk {
-            node: None,
-            bitmap: None,
-            payload: ChunkPayload::Complete,
-            eos: false,
-        },
-    )
-    .unwrap();
+    write_chunk(&mut w, &Chunk::new((node, bitmap), bits)).unwrap();
+    write_chunk(&mut w, &Chunk::new((None, None), ChunkPayload::Complete)).unwrap();
     write_chunk(&mut w, &Chunk::eos()).unwrap();
     write_footer(&mut w, 3).unwrap();
     write_full(&mut w, 5, "timer", 0, 2).unwrap();

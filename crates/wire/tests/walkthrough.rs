@@ -105,15 +105,13 @@ fn build() -> Vec<u8> {
     let (node, bitmap) = names.encode("vda", "bitmap0");
     write_chunk(
         &mut w,
-        &Chunk {
-            node,
-            bitmap,
-            payload: ChunkPayload::Start {
+        &Chunk::new(
+            (node, bitmap),
+            ChunkPayload::Start {
                 granularity: 65536,
                 flags: 3,
             },
-            eos: false,
-        },
+        ),
     )
     .unwrap();
     write_chunk(&mut w, &Chunk::eos()).unwrap();
@@ -146,26 +144,8 @@ fn build() -> Vec<u8> {
         nr_sectors: 131072,
         data: BitsData::Buffer(buf),
     };
-    write_chunk(
-        &mut w,
-        &Chunk {
-            node,
-            bitmap,
-            payload: bits,
-            eos: false,
-        },
-    )
-    .unwrap();
-    write_chunk(
-        &mut w,
-        &Chunk {
-            node: None,
-            bitmap: None,
-            payload: ChunkPayload::Complete,
-            eos: false,
-        },
-    )
-    .unwrap();
+    write_chunk(&mut w, &Chunk::new((node, bitmap), bits)).unwrap();
+    write_chunk(&mut w, &Chunk::new((None, None), ChunkPayload::Complete)).unwrap();
     write_chunk(&mut w, &Chunk::eos()).unwrap();
     write_footer(&mut w, 3).unwrap();
     // FULL timer, FULL globalstate.

@@ -548,36 +548,27 @@ fn sectors_per_chunk(granularity: u32) -> u64 {
 
 /// A START chunk naming both node and bitmap.
 pub fn start(node: &str, bitmap: &str, granularity: u32, flags: u8) -> Chunk {
-    Chunk {
-        node: Some(node.into()),
-        bitmap: Some(bitmap.into()),
-        payload: ChunkPayload::Start { granularity, flags },
-        eos: false,
-    }
+    named(node, bitmap, ChunkPayload::Start { granularity, flags })
 }
 
 /// A BITS chunk naming both node and bitmap.
 pub fn bits(node: &str, bitmap: &str, start_sector: u64, nr_sectors: u32, data: BitsData) -> Chunk {
-    Chunk {
-        node: Some(node.into()),
-        bitmap: Some(bitmap.into()),
-        payload: ChunkPayload::Bits {
-            start_sector,
-            nr_sectors,
-            data,
-        },
-        eos: false,
-    }
+    let payload = ChunkPayload::Bits {
+        start_sector,
+        nr_sectors,
+        data,
+    };
+    named(node, bitmap, payload)
 }
 
 /// A COMPLETE chunk naming both node and bitmap.
 pub fn complete(node: &str, bitmap: &str) -> Chunk {
-    Chunk {
-        node: Some(node.into()),
-        bitmap: Some(bitmap.into()),
-        payload: ChunkPayload::Complete,
-        eos: false,
-    }
+    named(node, bitmap, ChunkPayload::Complete)
+}
+
+/// A chunk with `payload` naming both node and bitmap.
+fn named(node: &str, bitmap: &str, payload: ChunkPayload) -> Chunk {
+    Chunk::new((Some(node.into()), Some(bitmap.into())), payload)
 }
 
 /// The BITS chunks QEMU would send for a bitmap of `granularity` on a node of `size` bytes
