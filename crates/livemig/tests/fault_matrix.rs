@@ -67,7 +67,7 @@ mod faults;
 use common::*;
 use faults::*;
 use serde_json::{json, Value};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 use testkit::relay::{Fault as LinkFault, Plan, Relay as LinkRelay, Target};
 
@@ -234,22 +234,6 @@ fn qemu_io_ok(lm: &mut Lm, cmd: &str, expect: &str) {
     assert!(out.starts_with(expect), "{}: qemu-io {cmd}: {out}", lm.name);
 }
 
-/// Waits until the guest has written its fill and stopped writing.
-fn wait_idle(lm: &mut Lm) {
-    let deadline = Instant::now() + TIMEOUT;
-    let mut last = None;
-    loop {
-        let r = lm.ok("x-livemig-query-vm", json!({}));
-        let written = r["pages-written"].as_u64().unwrap_or_default();
-        if written >= FILL_PAGES16 && last == Some(written) {
-            return;
-        }
-        assert!(Instant::now() < deadline, "{}: still writing: {r}", lm.name);
-        last = Some(written);
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 /// `livemig vm` on `img`. The first start creates `pq` and writes the data; a restart finds
 /// the persistent bitmaps in the image and only re-creates the transient `tb` and `tz` (the
 /// write to `d0` sets only bits the persistent ones already have).
@@ -273,7 +257,7 @@ fn start_source(dir: &Path, name: &str, img: &Path, first: bool, channels: u64) 
             FILL,
         ],
     );
-    wait_idle(&mut lm);
+    lm.wait_idle_after(FILL_PAGES16);
     if first {
         lm.ok(
             "block-dirty-bitmap-add",
@@ -358,6 +342,41 @@ fn start_destination(
     lm.set_params(mapping());
     multifd(&mut lm, channels);
     lm
+}
+
+/// A fresh source image `src.qcow2` in `dir` with the persistent bitmaps `pb` and `pn` (64 KiB
+/// granules) made by `qemu-img`.
+fn source_image(dir: &Path) -> PathBuf {
+    let img = dir.join("src.qcow2");
+    create_qcow2(&img, DISK_SIZE, &[("pb", 65536), ("pn", 65536)]);
+    img
+}
+
+/// A source on a fresh [`source_image`] (its first start) with its snapshot, and a
+/// destination on an image of its own listening on the unix socket `target` (`paused` as
+/// for [`start_destination`]).
+struct Pair {
+    img: PathBuf,
+    src: Lm,
+    before: Snapshot,
+    target: PathBuf,
+    dst: Lm,
+}
+
+fn pair(dir: &Path, paused: bool) -> Pair {
+    let img = source_image(dir);
+    let mut src = start_source(dir, "src", &img, true, 0);
+    let before = snapshot(&mut src);
+    let target = dir.join("mig.sock");
+    let uri = format!("unix:{}", target.display());
+    let dst = start_destination(dir, "dst", &uri, paused, None, 0);
+    Pair {
+        img,
+        src,
+        before,
+        target,
+        dst,
+    }
 }
 
 /// `quit`, and the process exits with status 0.
@@ -882,8 +901,7 @@ fn run_cell_with(phase: Phase, fault: Fault, channels: u64) {
         return;
     }
     let dir = tempdir();
-    let img = dir.path().join("src.qcow2");
-    create_qcow2(&img, DISK_SIZE, &[("pb", 65536), ("pn", 65536)]);
+    let img = source_image(dir.path());
 
     // Round 1: the fault, then quit — the image keeps everything.
     let mut src = start_source(dir.path(), "src1", &img, true, channels);
@@ -942,19 +960,13 @@ fn flip_without_integrity_completes_with_the_flipped_page() {
         return;
     }
     let dir = tempdir();
-    let img = dir.path().join("src.qcow2");
-    create_qcow2(&img, DISK_SIZE, &[("pb", 65536), ("pn", 65536)]);
-    let mut src = start_source(dir.path(), "src", &img, true, 0);
-    let before = snapshot(&mut src);
-    let target = dir.path().join("dst.sock");
-    let mut dst = start_destination(
-        dir.path(),
-        "dst",
-        &format!("unix:{}", target.display()),
-        true,
-        None,
-        0,
-    );
+    let Pair {
+        img: _,
+        mut src,
+        before,
+        target,
+        mut dst,
+    } = pair(dir.path(), true);
     let relay = LinkRelay::unix(
         &dir.path().join("relay.sock"),
         Target::Unix(target),
@@ -1068,21 +1080,15 @@ fn run_postcopy_cell(fault: PostcopyFault) {
         return;
     }
     let dir = tempdir();
-    let img = dir.path().join("src.qcow2");
-    create_qcow2(&img, DISK_SIZE, &[("pb", 65536), ("pn", 65536)]);
-    let mut src = start_source(dir.path(), "src", &img, true, 0);
-    let before = snapshot(&mut src);
-    let target = dir.path().join("mig.sock");
+    let Pair {
+        img,
+        mut src,
+        before,
+        target,
+        mut dst,
+    } = pair(dir.path(), false);
     let relay_path = dir.path().join("relay.sock");
     let relay = Relay::start(&relay_path, &target);
-    let mut dst = start_destination(
-        dir.path(),
-        "dst",
-        &format!("unix:{}", target.display()),
-        false,
-        None,
-        0,
-    );
     for lm in [&mut src, &mut dst] {
         lm.caps_on(&["postcopy-ram"]);
     }
@@ -1204,19 +1210,13 @@ fn run_bitmap_only_cell(fault: BitmapOnlyFault) {
         return;
     }
     let dir = tempdir();
-    let img = dir.path().join("src.qcow2");
-    create_qcow2(&img, DISK_SIZE, &[("pb", 65536), ("pn", 65536)]);
-    let mut src = start_source(dir.path(), "src", &img, true, 0);
-    let before = snapshot(&mut src);
-    let target = dir.path().join("mig.sock");
-    let mut dst = start_destination(
-        dir.path(),
-        "dst",
-        &format!("unix:{}", target.display()),
-        false,
-        None,
-        0,
-    );
+    let Pair {
+        img,
+        mut src,
+        before,
+        target,
+        mut dst,
+    } = pair(dir.path(), false);
     src.set_params(json!({"max-bandwidth": 32 << 20, "downtime-limit": 10,
                           "max-postcopy-bandwidth": 64 << 10}));
     src.migrate(&format!("unix:{}", target.display()));

@@ -26,7 +26,7 @@ use faults::*;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use serde_json::{json, Value};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// Where the migration is when the source is told to quit.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -60,21 +60,6 @@ const FILL_PAGES16: u64 = (16 << 20) / 4096;
 const DISK_SIZE: u64 = 64 << 20;
 const READS: &[&str] = &["read -P 0x5a 0 1M"];
 
-fn wait_idle(lm: &mut Lm) {
-    let deadline = Instant::now() + TIMEOUT;
-    let mut last = None;
-    loop {
-        let r = lm.ok("x-livemig-query-vm", json!({}));
-        let written = r["pages-written"].as_u64().unwrap_or_default();
-        if written >= FILL_PAGES16 && last == Some(written) {
-            return;
-        }
-        assert!(Instant::now() < deadline, "{}: still writing: {r}", lm.name);
-        last = Some(written);
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 fn guest_args(blockdev: &str) -> Vec<&str> {
     vec!["-m", "32M", "-smp", "1", "-blockdev", blockdev]
 }
@@ -97,7 +82,7 @@ fn run_cell(phase: Phase, how: How) {
     let mut args = guest_args(&blockdev);
     args.extend(["-workload", FILL]);
     let mut src = Lm::start(dir, "src", &args);
-    wait_idle(&mut src);
+    src.wait_idle_after(FILL_PAGES16);
     let out = src.qemu_io("write -P 0x5a 0 1M");
     assert!(out.starts_with("wrote 1048576/1048576"), "{out}");
     let (sha, info) = pb(&mut src);

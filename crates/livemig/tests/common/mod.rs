@@ -274,12 +274,18 @@ impl Lm {
 
     /// Waits until an [`IDLE`] workload has filled its pages and stopped writing.
     pub fn wait_idle(&mut self) {
+        self.wait_idle_after(FILL_PAGES);
+    }
+
+    /// Waits until a workload without a hot set has written its `fill_pages` and stopped
+    /// writing.
+    pub fn wait_idle_after(&mut self, fill_pages: u64) {
         let deadline = Instant::now() + TIMEOUT;
         let mut last = None;
         loop {
             let r = self.ok("x-livemig-query-vm", json!({}));
             let written = r["pages-written"].as_u64().unwrap_or_default();
-            if written >= FILL_PAGES && last == Some(written) {
+            if written >= fill_pages && last == Some(written) {
                 return;
             }
             assert!(
