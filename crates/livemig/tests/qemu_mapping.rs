@@ -7,7 +7,7 @@ mod qemu_common;
 use qemu_common::*;
 use serde_json::{json, Value};
 use std::path::Path;
-use testkit::QmpClient;
+use testkit::{QmpClient, VmProcess};
 
 /// Sets `mapping` on both ends and asserts they reply the same way.
 fn same_reply(qemu: &mut QmpClient, lm: &mut QmpClient, args: Value) -> Value {
@@ -199,6 +199,51 @@ fn marker_ram(dir: &Path) -> (Loaded, Vec<(u64, Vec<u8>)>) {
     (l, pages)
 }
 
+/// A mapped migration: the source's and the destination's `block-bitmap-mapping`, the
+/// destination's disks, and what makes the source's bitmaps.
+struct Mapped {
+    src_map: Value,
+    dst_map: Value,
+    dst_disks: Vec<String>,
+    bitmaps: fn(&mut QmpClient),
+}
+
+/// The source `s` gets `m`'s bitmaps and source mapping; a destination started by `start`
+/// (QEMU or livemig) on `m`'s disks, listening on `transport`, gets the destination mapping;
+/// then `s` migrates to it (capability `return-path` on both ends when asked). Returns the
+/// destination and both `query-migrate` replies.
+fn migrate_mapped(
+    dir: &Path,
+    s: &mut QmpClient,
+    m: Mapped,
+    transport: Transport,
+    return_path: bool,
+    start: fn(&Path, &str, &[String]) -> VmProcess,
+) -> (VmProcess, QmpClient, Value, Value) {
+    (m.bitmaps)(s);
+    caps(s, return_path);
+    s.ok("migrate-set-parameters", mapping(m.src_map));
+    let uri = transport.uri(dir, "mig");
+    let mut args = m.dst_disks;
+    args.extend(strings(&["-incoming", &uri]));
+    let dp = start(dir, "dst", &args);
+    let mut d = dp.qmp();
+    caps(&mut d, return_path);
+    d.ok("migrate-set-parameters", mapping(m.dst_map));
+    let (ss, ds) = migrate(s, &mut d, &uri);
+    (dp, d, ss, ds)
+}
+
+/// The mapping of [`src_map`] and [`dst_map`] over [`dirty_source`]'s bitmaps.
+fn one_mapped() -> Mapped {
+    Mapped {
+        src_map: src_map(),
+        dst_map: dst_map(),
+        dst_disks: dst_disks(),
+        bitmaps: dirty_source,
+    }
+}
+
 #[test]
 fn qemu_mapping_qemu_to_livemig() {
     let Some(tmp) = setup("qemu_mapping_qemu_to_livemig") else {
@@ -211,17 +256,8 @@ fn qemu_mapping_qemu_to_livemig() {
     args.extend(loader(&pat, 0));
     let sp = qemu(dir, "src", &args);
     let mut s = sp.qmp();
-    dirty_source(&mut s);
-    caps(&mut s, true);
-    s.ok("migrate-set-parameters", mapping(src_map()));
-    let uri = Transport::Unix.uri(dir, "mig");
-    let mut args = dst_disks();
-    args.extend(strings(&["-incoming", &uri]));
-    let dp = livemig(dir, "dst", &args);
-    let mut d = dp.qmp();
-    caps(&mut d, true);
-    d.ok("migrate-set-parameters", mapping(dst_map()));
-    let (ss, ds) = migrate(&mut s, &mut d, &uri);
+    let (dp, mut d, ss, ds) =
+        migrate_mapped(dir, &mut s, one_mapped(), Transport::Unix, true, livemig);
     assert_eq!(ss["status"], "completed", "{ss}");
     assert_eq!(ds["status"], "completed", "{ds}");
     assert!(warnings(&ds).is_empty(), "{ds}");
@@ -238,17 +274,7 @@ fn qemu_mapping_livemig_to_qemu() {
     let dir = tmp.path();
     let (src, pages) = marker_ram(dir);
     let mut s = src.q;
-    dirty_source(&mut s);
-    caps(&mut s, true);
-    s.ok("migrate-set-parameters", mapping(src_map()));
-    let uri = Transport::Tcp.uri(dir, "mig");
-    let mut args = dst_disks();
-    args.extend(strings(&["-incoming", &uri]));
-    let dp = qemu(dir, "dst", &args);
-    let mut d = dp.qmp();
-    caps(&mut d, true);
-    d.ok("migrate-set-parameters", mapping(dst_map()));
-    let (ss, ds) = migrate(&mut s, &mut d, &uri);
+    let (dp, mut d, ss, ds) = migrate_mapped(dir, &mut s, one_mapped(), Transport::Tcp, true, qemu);
     assert_eq!(ss["status"], "completed", "{ss}");
     assert_eq!(ds["status"], "completed", "{ds}\n{}", dp.log());
     check_mapped(&mut s, &mut d);
@@ -282,30 +308,31 @@ fn three_bitmaps(q: &mut QmpClient) {
     }
 }
 
+/// The mapping of [`three_node_maps`] over [`three_bitmaps`].
+fn three_mapped() -> Mapped {
+    let (src_map, dst_map, dst_disks) = three_node_maps();
+    Mapped {
+        src_map,
+        dst_map,
+        dst_disks,
+        bitmaps: three_bitmaps,
+    }
+}
+
 #[test]
 fn qemu_mapping_unknown_aliases_qemu_to_livemig() {
     let Some(tmp) = setup("qemu_mapping_unknown_aliases_qemu_to_livemig") else {
         return;
     };
     let dir = tmp.path();
-    let (src_map, dst_map, disks) = three_node_maps();
     let pat = dir.join("pat.bin");
     pattern_file(&pat, 128 << 10, 9);
-    let mut args = disks.clone();
+    let mut args = three_node_maps().2;
     args.extend(loader(&pat, 4 << 20));
     let sp = qemu(dir, "src", &args);
     let mut s = sp.qmp();
-    three_bitmaps(&mut s);
-    caps(&mut s, false);
-    s.ok("migrate-set-parameters", mapping(src_map));
-    let uri = Transport::Unix.uri(dir, "mig");
-    let mut args = disks;
-    args.extend(strings(&["-incoming", &uri]));
-    let dp = livemig(dir, "dst", &args);
-    let mut d = dp.qmp();
-    caps(&mut d, false);
-    d.ok("migrate-set-parameters", mapping(dst_map));
-    let (ss, ds) = migrate(&mut s, &mut d, &uri);
+    let (dp, mut d, ss, ds) =
+        migrate_mapped(dir, &mut s, three_mapped(), Transport::Unix, false, livemig);
     assert_eq!(ss["status"], "completed", "{ss}");
     // RAM completes; the two bitmaps with unknown aliases are dropped, with the reason; the
     // third arrives. (QEMU as destination drops all three: its "cancel" ends the whole
@@ -327,7 +354,7 @@ fn qemu_mapping_unknown_aliases_livemig_to_qemu() {
         return;
     };
     let dir = tmp.path();
-    let (src_map, dst_map, disks) = three_node_maps();
+    let disks = three_node_maps().2;
     let pages = marker_pages();
     let stream = write_stream(
         &dir.join("ram.mig"),
@@ -338,17 +365,8 @@ fn qemu_mapping_unknown_aliases_livemig_to_qemu() {
     );
     let src = run_into_livemig(dir, "src", &stream, &disks, |_| {});
     let mut s = src.q;
-    three_bitmaps(&mut s);
-    caps(&mut s, true);
-    s.ok("migrate-set-parameters", mapping(src_map));
-    let uri = Transport::Tcp.uri(dir, "mig");
-    let mut args = disks;
-    args.extend(strings(&["-incoming", &uri]));
-    let dp = qemu(dir, "dst", &args);
-    let mut d = dp.qmp();
-    caps(&mut d, true);
-    d.ok("migrate-set-parameters", mapping(dst_map));
-    let (ss, ds) = migrate(&mut s, &mut d, &uri);
+    let (dp, mut d, ss, ds) =
+        migrate_mapped(dir, &mut s, three_mapped(), Transport::Tcp, true, qemu);
     // QEMU 7.2 reports "Unknown bitmap alias 'bits-a' on node 'node0' (alias 'disk-a')",
     // cancels the incoming bitmap migration (every bitmap, the well-mapped bm2 included) and
     // completes the migration.
