@@ -10,7 +10,7 @@ use nix::errno::Errno;
 use serde_json::json;
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -41,6 +41,14 @@ fn export(server: &NbdServer, l: &BlockLayer, name: &str, writable: bool, bitmap
             },
         )
         .unwrap();
+}
+
+/// Our server listening on `dir/nbd.sock`: the socket's path and the server.
+fn unix_server(dir: &Path) -> (PathBuf, NbdServer) {
+    let sock = dir.join("nbd.sock");
+    let server = NbdServer::new();
+    server.start(&SocketAddress::Unix(sock.clone()), 0).unwrap();
+    (sock, server)
 }
 
 fn connect(addr: &SocketAddress, export: &str, ctx: Option<&str>) -> NbdClient {
@@ -167,9 +175,7 @@ fn raw_request_error(
 fn error_codes_are_qemus() {
     let dir = tempfile::tempdir().unwrap();
     let l = layer_with_file(dir.path());
-    let sock = dir.path().join("nbd.sock");
-    let server = NbdServer::new();
-    server.start(&SocketAddress::Unix(sock.clone()), 0).unwrap();
+    let (sock, server) = unix_server(dir.path());
     export(&server, &l, "rw", true, None);
     server
         .add(
@@ -239,9 +245,7 @@ fn dirty_bitmap_and_allocation_contexts() {
     let node = l.node("d0").unwrap();
     node.write_at(0, &[1u8; 10]).unwrap();
     node.write_at(3 * 65536 + 5, &[1u8; 70000]).unwrap();
-    let sock = dir.path().join("nbd.sock");
-    let server = NbdServer::new();
-    server.start(&SocketAddress::Unix(sock.clone()), 0).unwrap();
+    let (sock, server) = unix_server(dir.path());
     // Read-only export of an enabled bitmap: refused, as QEMU refuses it.
     let e = server
         .add(
@@ -324,9 +328,7 @@ fn bitmap_of_another_node() {
     other.write_at(2 * 65536, &[1u8; 512]).unwrap();
     // The exported node's own writes do not show in another node's bitmap.
     l.node("d0").unwrap().write_at(0, &[1u8; 512]).unwrap();
-    let sock = dir.path().join("nbd.sock");
-    let server = NbdServer::new();
-    server.start(&SocketAddress::Unix(sock.clone()), 0).unwrap();
+    let (sock, server) = unix_server(dir.path());
     let config = ExportConfig {
         id: "disk".into(),
         name: "disk".into(),
@@ -377,9 +379,7 @@ fn bitmap_of_another_node() {
 fn negotiation_errors_and_listing() {
     let dir = tempfile::tempdir().unwrap();
     let l = layer_with_file(dir.path());
-    let sock = dir.path().join("nbd.sock");
-    let server = NbdServer::new();
-    server.start(&SocketAddress::Unix(sock.clone()), 0).unwrap();
+    let (sock, server) = unix_server(dir.path());
     export(&server, &l, "disk", true, None);
     let e = NbdClient::connect(
         &SocketAddress::Unix(sock.clone()),
@@ -459,9 +459,7 @@ fn negotiation_errors_and_listing() {
 fn hostile_clients_do_not_hurt_the_server() {
     let dir = tempfile::tempdir().unwrap();
     let l = layer_with_file(dir.path());
-    let sock = dir.path().join("nbd.sock");
-    let server = NbdServer::new();
-    server.start(&SocketAddress::Unix(sock.clone()), 0).unwrap();
+    let (sock, server) = unix_server(dir.path());
     export(&server, &l, "disk", true, None);
     let garbage: Vec<Vec<u8>> = vec![
         vec![],
@@ -517,9 +515,7 @@ fn blockdev_add_nbd_driver_reaches_the_export() {
     nbd::register_driver(Arc::new(tls::Objects::new()));
     let dir = tempfile::tempdir().unwrap();
     let l = layer_with_file(dir.path());
-    let sock = dir.path().join("nbd.sock");
-    let server = NbdServer::new();
-    server.start(&SocketAddress::Unix(sock.clone()), 0).unwrap();
+    let (sock, server) = unix_server(dir.path());
     export(&server, &l, "disk", true, None);
     let client_layer = BlockLayer::new();
     let n = client_layer
@@ -576,9 +572,7 @@ fn exporting_an_incoming_node_activates_it_for_writes() {
         .unwrap();
     let node = l.node("d0").unwrap();
     assert!(node.is_inactive());
-    let sock = dir.path().join("nbd.sock");
-    let server = NbdServer::new();
-    server.start(&SocketAddress::Unix(sock.clone()), 0).unwrap();
+    let (sock, server) = unix_server(dir.path());
     export(&server, &l, "disk", true, None);
     assert!(!node.is_inactive());
     let mut c = connect(&SocketAddress::Unix(sock), "disk", None);
@@ -662,9 +656,7 @@ mod fuzz {
         ) {
             let dir = tempfile::tempdir().unwrap();
             let l = layer_with_file(dir.path());
-            let sock = dir.path().join("nbd.sock");
-            let server = NbdServer::new();
-            server.start(&SocketAddress::Unix(sock.clone()), 0).unwrap();
+            let (sock, server) = unix_server(dir.path());
             export(&server, &l, "disk", true, None);
             let mut s = UnixStream::connect(&sock).unwrap();
             s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
