@@ -21,32 +21,16 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use testkit::pki::{Ca, Subject};
+use testkit::pki::{source_dn_option, Ca, Creds, Subject};
 use testkit::relay::{Plan, Relay, Target};
 
 const CAPS: &[&str] = &["events", "dirty-bitmaps", "return-path", "multifd"];
-
-/// The source certificate's subject as GnuTLS prints it (what `tls-authz` matches).
-const SOURCE_DN: &str = "O=livemig test,CN=source.example.org";
-
-/// `srv/` (server credentials for 127.0.0.1) and `cli/` (client credentials) under `dir`,
-/// both from `ca`.
-fn pki(dir: &Path, ca: &Ca) {
-    ca.write_server(
-        &dir.join("srv"),
-        &Subject::new("dest.example.org", &["127.0.0.1"]),
-    );
-    ca.write_client(&dir.join("cli"), &Subject::new("source.example.org", &[]));
-}
 
 /// `-object tls-creds-x509,id=tls0,...` for the credentials in `dir/sub`.
 fn creds(dir: &Path, sub: &str, endpoint: &str) -> Vec<String> {
     vec![
         "-object".into(),
-        format!(
-            "tls-creds-x509,id=tls0,dir={},endpoint={endpoint}",
-            dir.join(sub).display()
-        ),
+        Creds::X509.object("tls0", dir, sub, endpoint),
     ]
 }
 
@@ -82,7 +66,7 @@ fn destination(dir: &Path, name: &str, sub: Option<&str>, channels: u64) -> (Lm,
         extra.push("-object".into());
         extra.push(format!(
             "authz-simple,id=auth0,identity={}",
-            SOURCE_DN.replace(',', ",,")
+            source_dn_option()
         ));
     }
     let mut dst = start(dir, name, &["-incoming", "tcp:127.0.0.1:0", "-S"], &extra);
@@ -113,7 +97,7 @@ fn source_failed_and_runs(src: &mut Lm, want: &str) {
 fn multifd_over_tls_with_three_channels() {
     let dir = tempdir();
     let dir = dir.path();
-    pki(dir, &Ca::new("livemig test CA"));
+    Creds::X509.write(dir);
     let (mut dst, addr) = destination(dir, "dst", Some("srv"), 3);
     let mut src = source(dir, "cli", BUSY, 3);
     src.wait_filled();
@@ -177,8 +161,7 @@ impl Impostor {
 fn multifd_tls_channel_refusals_are_clear_on_both_ends() {
     let dir = tempdir();
     let dir = dir.path();
-    let ca = Ca::new("livemig test CA");
-    pki(dir, &ca);
+    Creds::X509.write(dir);
     // A destination whose certificate another CA signed.
     Ca::new("another CA").write_server(
         &dir.join("other-srv"),

@@ -863,34 +863,19 @@ fn pair_exp() -> HashMap<&'static str, Seen> {
     runs
 }
 
-/// The source's subject as GnuTLS prints it (what `tls-authz` matches).
-const SOURCE_DN: &str = "O=livemig test,CN=source.example.org";
-
 /// `-M none` guests migrated over TCP with and without TLS credentials, host names and
 /// authorization.
 fn tls_exp() -> HashMap<&'static str, Seen> {
     let dir = tempdir();
     let d = dir.path();
-    let ca = testkit::pki::Ca::new("livemig walk CA");
-    ca.write_server(
-        &d.join("srv"),
-        &testkit::pki::Subject::new("dest.example.org", &["127.0.0.1", "dest.example.org"]),
-    );
-    ca.write_client(
-        &d.join("cli"),
-        &testkit::pki::Subject::new("source.example.org", &[]),
-    );
-    let creds = |sub: &str, endpoint: &str| {
-        format!(
-            "tls-creds-x509,id=tls0,dir={},endpoint={endpoint}",
-            d.join(sub).display()
-        )
-    };
+    testkit::pki::Creds::X509.write(d);
+    let creds =
+        |sub: &str, endpoint: &str| testkit::pki::Creds::X509.object("tls0", d, sub, endpoint);
     let (ccreds, screds) = (creds("cli", "client"), creds("srv", "server"));
     let other = "authz-simple,id=other,identity=O=livemig test,,CN=other.example.org";
     let mine = format!(
         "authz-simple,id=mine,identity={}",
-        SOURCE_DN.replace(',', ",,")
+        testkit::pki::source_dn_option()
     );
     let mut src = Lm::start(
         d,

@@ -7,20 +7,9 @@ mod common;
 #[allow(dead_code)] // the fault matrix uses the rest
 mod faults;
 
+use common::postcopy::*;
 use common::*;
-use serde_json::{json, Value};
-
-const CAPS: &[&str] = &["events", "postcopy-ram"];
-
-/// A busy source, capabilities set, precopy slowed down so that most of RAM is still to send
-/// when postcopy starts.
-fn slow_source(dir: &std::path::Path) -> Lm {
-    let mut src = Lm::source(dir, "src", BUSY);
-    src.caps_on(CAPS);
-    src.wait_filled();
-    src.set_params(json!({"max-bandwidth": 4 << 20}));
-    src
-}
+use serde_json::json;
 
 #[test]
 fn postcopy_stop_point_matches_the_source() {
@@ -307,22 +296,6 @@ fn preempt_over_tcp() {
         |dst| format!("tcp:127.0.0.1:{}", dst.incoming_port()),
         "tcp:127.0.0.1:0",
     );
-}
-
-/// Waits until `lm`'s migration is `postcopy-paused` and returns its `query-migrate`.
-fn paused(lm: &mut Lm) -> Value {
-    let q = lm.wait_migration(&["postcopy-paused", "failed", "completed"]);
-    assert_eq!(q["status"], "postcopy-paused", "{}: {q}", lm.name);
-    q
-}
-
-/// `migrate-recover` on the destination, `migrate ... resume=true` on the source, and both
-/// back to `postcopy-active`.
-fn recover(src: &mut Lm, dst: &mut Lm, uri: &str) {
-    dst.ok("migrate-recover", json!({ "uri": uri }));
-    src.ok("migrate", json!({ "uri": uri, "resume": true }));
-    src.wait_migration(&["postcopy-active", "completed"]);
-    dst.wait_migration(&["postcopy-active", "completed"]);
 }
 
 /// Recovery (issue 10): a cut link, `migrate-pause` on the source and on the destination —

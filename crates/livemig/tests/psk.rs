@@ -17,14 +17,11 @@ use testkit::pki::{Ca, Subject};
 
 const CAPS: &[&str] = &["events", "dirty-bitmaps", "return-path", "multifd"];
 
-const KEY: &str = "4f1c2a9e0b7d6e5f4a3b2c1d0e9f8a7b6c5d4e3f2a1b0c9d8e7f6a5b4c3d2e1f";
+const KEY: &str = testkit::pki::PSK_KEY;
 
 /// `dir/sub/keys.psk` with `lines`.
 fn keys(dir: &Path, sub: &str, lines: &str) -> String {
-    let d = dir.join(sub);
-    std::fs::create_dir_all(&d).unwrap();
-    std::fs::write(d.join("keys.psk"), lines).unwrap();
-    d.display().to_string()
+    testkit::pki::write_psk(&dir.join(sub), lines)
 }
 
 fn start(dir: &Path, name: &str, base: &[&str], extra: &[String]) -> Lm {

@@ -77,7 +77,8 @@ pub(crate) struct Job {
     pub caps: Capabilities,
     pub uri: MigrationUri,
     pub stats: Arc<OutgoingStats>,
-    /// `tls-creds`, `tls-hostname`, `tls-authz` as they were when `migrate` ran.
+    /// `tls-creds`, `tls-hostname`, `tls-authz` as they were when `migrate` ran (a postcopy
+    /// recovery reads them again when it connects).
     pub tls: crate::secure::TlsParams,
     /// Where the credentials are looked up.
     pub objects: Arc<tls::Objects>,
@@ -1094,17 +1095,23 @@ impl Outgoing {
         preempt: Option<&PreemptSender>,
     ) -> Result<mpsc::Receiver<RpEvent>, MigrationError> {
         let (shared, generation) = (self.job.shared.clone(), self.job.generation);
+        // TLS as the parameters are now, not as they were at `migrate`: QEMU 7.2 decides
+        // whether a resumed channel is upgraded, and with which credentials and host name,
+        // when it connects (`migration_channel_connect`), and so does its destination when
+        // `migrate-recover`'s listener accepts. A `tls-creds` set while paused secures the
+        // recovery; the destination, reading its own at that point, expects the same.
+        let tls = shared.lock().params.tls();
         let conn = connect(uri)?;
         shared.attach_resumed_channel(generation, &conn.shutdown);
         conn.shutdown.set_stall_timeout(false, true, self.stall);
-        let mut conn = crate::secure::secure_outgoing(conn, uri, &self.job.tls, &self.job.objects)?;
+        let mut conn = crate::secure::secure_outgoing(conn, uri, &tls, &self.job.objects)?;
         let preempt_conn = match preempt {
             Some(_) => {
                 let p = connect(uri)?;
                 Some(crate::secure::secure_outgoing(
                     p,
                     uri,
-                    &self.job.tls,
+                    &tls,
                     &self.job.objects,
                 )?)
             }

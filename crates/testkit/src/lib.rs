@@ -8,6 +8,7 @@
 
 pub mod pki;
 pub mod relay;
+pub mod tls_wire;
 
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};

@@ -1,7 +1,9 @@
 //! Test certificates, made when a test runs (no key is ever committed): a CA, and server and
 //! client certificates it signs, written into directories with QEMU's file names
 //! (`ca-cert.pem`, `server-cert.pem`, `server-key.pem`, `client-cert.pem`,
-//! `client-key.pem`), so that both livemig's `tls-creds-x509` and QEMU's read them.
+//! `client-key.pem`), so that both livemig's `tls-creds-x509` and QEMU's read them; and
+//! pre-shared keys in QEMU's `keys.psk` format for `tls-creds-psk`. [`Creds`] writes a
+//! matching pair of either kind for a source and a destination.
 
 use rcgen::{
     date_time_ymd, BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa,
@@ -117,6 +119,16 @@ impl Ca {
         write(dir, "server-key.pem", &i.key_pem);
     }
 
+    /// Writes a destination's credentials into `dir/srv` (for `dest.example.org` and
+    /// 127.0.0.1) and a source's into `dir/cli` (`source.example.org`, [`SOURCE_DN`]).
+    pub fn write_pair(&self, dir: &Path) {
+        self.write_server(
+            &dir.join("srv"),
+            &Subject::new("dest.example.org", &["dest.example.org", "127.0.0.1"]),
+        );
+        self.write_client(&dir.join("cli"), &Subject::new("source.example.org", &[]));
+    }
+
     /// Writes `ca-cert.pem`, `client-cert.pem` and `client-key.pem` into `dir`.
     pub fn write_client(&self, dir: &Path, subject: &Subject) {
         let i = self.issue(subject, false);
@@ -129,4 +141,81 @@ impl Ca {
 fn write(dir: &Path, name: &str, text: &str) {
     std::fs::create_dir_all(dir).expect("mkdir");
     std::fs::write(dir.join(name), text).expect("write");
+}
+
+/// The subject of [`Creds::write`]'s client certificate as GnuTLS prints it (what a
+/// destination's `tls-authz` matches).
+pub const SOURCE_DN: &str = "O=livemig test,CN=source.example.org";
+
+/// The source's subject as an `authz-simple` object takes it (`,` doubled in an `-object`
+/// option).
+pub fn source_dn_option() -> String {
+    SOURCE_DN.replace(',', ",,")
+}
+
+/// The key [`Creds::Psk`] writes on both ends (user `qemu`, QEMU's default username).
+pub const PSK_KEY: &str = "4f1c2a9e0b7d6e5f4a3b2c1d0e9f8a7b6c5d4e3f2a1b0c9d8e7f6a5b4c3d2e1f";
+
+/// Writes `dir/keys.psk` with `lines` (`username:hexkey` each); returns `dir`.
+pub fn write_psk(dir: &Path, lines: &str) -> String {
+    write(dir, "keys.psk", lines);
+    dir.display().to_string()
+}
+
+/// A kind of TLS credentials for a migration's two ends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Creds {
+    /// `tls-creds-x509`: a CA, a server certificate for `dest.example.org` and 127.0.0.1,
+    /// a client certificate for `source.example.org` ([`SOURCE_DN`]).
+    X509,
+    /// `tls-creds-psk`: [`PSK_KEY`] for user `qemu` on both ends.
+    Psk,
+}
+
+impl Creds {
+    /// Writes the server's credentials into `dir/srv` and the client's into `dir/cli`.
+    pub fn write(self, dir: &Path) {
+        match self {
+            Creds::X509 => Ca::new("livemig test CA").write_pair(dir),
+            Creds::Psk => {
+                let line = format!("qemu:{PSK_KEY}\n");
+                write_psk(&dir.join("srv"), &line);
+                write_psk(&dir.join("cli"), &line);
+            }
+        }
+    }
+
+    /// The `-object` option of credentials `id` from `dir/sub` for `endpoint` (`server` or
+    /// `client`).
+    pub fn object(self, id: &str, dir: &Path, sub: &str, endpoint: &str) -> String {
+        let ty = match self {
+            Creds::X509 => "tls-creds-x509",
+            Creds::Psk => "tls-creds-psk",
+        };
+        format!(
+            "{ty},id={id},dir={},endpoint={endpoint}",
+            dir.join(sub).display()
+        )
+    }
+
+    /// The destination's `-object`s: server credentials `tls0` from `dir/srv` and `authz0`,
+    /// an `authz-simple` that admits the source (its certificate's name, or the PSK
+    /// username), for `tls-authz`.
+    pub fn server_objects(self, dir: &Path) -> Vec<String> {
+        let identity = match self {
+            Creds::X509 => source_dn_option(),
+            Creds::Psk => "qemu".into(),
+        };
+        vec![
+            "-object".into(),
+            self.object("tls0", dir, "srv", "server"),
+            "-object".into(),
+            format!("authz-simple,id=authz0,identity={identity}"),
+        ]
+    }
+
+    /// The source's `-object`: client credentials `tls0` from `dir/cli`.
+    pub fn client_objects(self, dir: &Path) -> Vec<String> {
+        vec!["-object".into(), self.object("tls0", dir, "cli", "client")]
+    }
 }

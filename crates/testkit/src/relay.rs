@@ -28,6 +28,9 @@
 //! what it wrote.
 //!
 //! Everything the relay did is recorded ([`Relay::report`]), so a test can say what it broke.
+//! A [`Plan::recording`] relay also keeps every byte it carried, per connection and
+//! direction ([`Relay::recorded`]), so a test can look at what was on the wire (with
+//! [`crate::tls_wire`]: TLS records and nothing else).
 
 use net::Listener;
 use std::io::{Read, Write};
@@ -77,6 +80,8 @@ pub struct Plan {
     /// Bytes per second the forward directions of all connections carry together (`None`:
     /// as fast as the sockets go).
     pub rate: Option<u64>,
+    /// Keep every byte carried, per connection and direction ([`Relay::recorded`]).
+    pub record: bool,
 }
 
 impl Default for Plan {
@@ -86,6 +91,7 @@ impl Default for Plan {
             bound: Duration::from_secs(60),
             divert: None,
             rate: None,
+            record: false,
         }
     }
 }
@@ -120,6 +126,12 @@ impl Plan {
     /// [`Plan::rate`]).
     pub fn throttled(mut self, bytes_per_sec: u64) -> Plan {
         self.rate = Some(bytes_per_sec.max(1));
+        self
+    }
+
+    /// Keeping every byte carried (see [`Plan::record`]).
+    pub fn recording(mut self) -> Plan {
+        self.record = true;
         self
     }
 
@@ -202,6 +214,17 @@ struct State {
     cut: bool,
     /// The relay is being dropped.
     closing: bool,
+    /// With [`Plan::record`]: what each connection carried, by index.
+    recorded: Vec<Recorded>,
+}
+
+/// What one relayed connection carried (with [`Plan::record`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Recorded {
+    /// Every byte forwarded from the connecting side (the source) to the target.
+    pub forward: Vec<u8>,
+    /// Every byte carried back from the target to the connecting side.
+    pub back: Vec<u8>,
 }
 
 struct Shared {
@@ -231,6 +254,23 @@ impl Shared {
             done
         };
         std::thread::sleep(done.saturating_duration_since(Instant::now()));
+    }
+
+    /// With [`Plan::record`]: appends `bytes` to what connection `index` carried.
+    fn record(&self, index: usize, forward: bool, bytes: &[u8]) {
+        if !self.plan.record || bytes.is_empty() {
+            return;
+        }
+        let mut st = self.lock();
+        if st.recorded.len() <= index {
+            st.recorded.resize_with(index + 1, Recorded::default);
+        }
+        let r = &mut st.recorded[index];
+        if forward {
+            r.forward.extend_from_slice(bytes);
+        } else {
+            r.back.extend_from_slice(bytes);
+        }
     }
 
     fn cut_locked(&self, st: &mut State) {
@@ -327,6 +367,15 @@ impl Relay {
     /// What happened so far.
     pub fn report(&self) -> Report {
         self.shared.lock().report.clone()
+    }
+
+    /// With [`Plan::recording`]: what every connection carried so far, by the order the
+    /// relay accepted them (0 is the first).
+    pub fn recorded(&self) -> Vec<Recorded> {
+        let st = self.shared.lock();
+        let mut all = st.recorded.clone();
+        all.resize_with(st.report.connections, Recorded::default);
+        all
     }
 
     /// Stalls every connection now (see [`Fault::Stall`]).
@@ -468,6 +517,7 @@ fn pump_back(mut from: Sock, mut to: Sock, sh: &Shared, index: usize) {
         if !sh.wait_unstalled() || to.write_all(&buf[..n]).is_err() {
             break;
         }
+        sh.record(index, false, &buf[..n]);
         if first {
             sh.lock().report.returned += n as u64;
             sh.cond.notify_all();
@@ -601,6 +651,7 @@ fn pump_forward(mut from: Sock, mut to: Sock, sh: &Shared, index: usize) {
             }
             return;
         }
+        sh.record(index, true, &out);
         if first {
             let mut st = sh.lock();
             st.report.forwarded += out.len() as u64;
@@ -639,7 +690,7 @@ mod tests {
         let relay = Relay::unix(
             &dir.path().join("r"),
             Target::Unix(t),
-            Plan::one(Fault::Flip { at: 5, mask: 0x80 }),
+            Plan::one(Fault::Flip { at: 5, mask: 0x80 }).recording(),
         );
         let mut c = UnixStream::connect(dir.path().join("r")).unwrap();
         let sent = data(200_000);
@@ -652,6 +703,11 @@ mod tests {
         let r = relay.wait(Duration::from_secs(10), "end", |r| r.sender_done);
         assert_eq!(r.flipped, vec![(5, sent[5], sent[5] ^ 0x80)]);
         assert_eq!(r.forwarded, 200_000);
+        // What went on the wire, as the receiver got it.
+        let rec = relay.recorded();
+        assert_eq!(rec.len(), 1);
+        assert_eq!(rec[0].forward, want);
+        assert!(rec[0].back.is_empty());
     }
 
     #[test]

@@ -7,6 +7,8 @@
 //! fast on a loaded 2-core CI machine and a hang fails the test with what was seen.
 #![allow(dead_code)] // each test binary uses a different subset
 
+pub mod postcopy;
+
 use nix::sys::socket::{
     bind, listen, socket, AddressFamily, Backlog, SockFlag, SockType, UnixAddr,
 };

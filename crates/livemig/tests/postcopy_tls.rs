@@ -1,0 +1,273 @@
+//! Postcopy over TLS between two `livemig vm` processes: every channel a postcopy opens — the
+//! main channel with its return path, the `postcopy-preempt` channel, and the new main
+//! channel and preempt channel of a recovery after a cut — is a TLS session, with x509
+//! certificates and with pre-shared keys alike. (QEMU 7.2 does the same: its preempt channel
+//! is upgraded to TLS as the main one is, `postcopy_preempt_send_channel_new`, and a
+//! recovery's channels come through the same connect and accept paths as a new migration's.)
+//!
+//! Every connection runs through testkit's relay, which keeps what it carried; the tests
+//! walk each direction of each connection as TLS records (`testkit::tls_wire`) — a stream
+//! header, a page or a return-path message in the clear would not parse as one — and look
+//! for what the plaintext would carry: the stream's `QEVM` magic and the header every guest
+//! page starts with.
+
+mod common;
+
+use common::postcopy::*;
+use common::*;
+use serde_json::json;
+use std::path::Path;
+use testkit::pki::Creds;
+use testkit::relay::{Plan, Recorded, Relay, Target};
+use testkit::tls_wire;
+
+/// The first bytes of every page the workload writes (its magic, little-endian).
+const PAGE_MAGIC: [u8; 8] = vm::workload::PAGE_MAGIC.to_le_bytes();
+
+/// A destination with server credentials of kind `creds` (written under `dir`) in use when
+/// `tls` (with `tls-authz` admitting the source), postcopy and preempt on, running its guest
+/// as soon as postcopy starts, listening on a TCP port of its own; and a relay to it that
+/// keeps what it carries.
+fn destination(dir: &Path, creds: Creds, tls: bool) -> (Lm, Relay) {
+    creds.write(dir);
+    let mut a: Vec<String> = GUEST.iter().map(|s| s.to_string()).collect();
+    a.extend(creds.server_objects(dir));
+    a.extend(["-incoming".into(), "tcp:127.0.0.1:0".into()]);
+    let a: Vec<&str> = a.iter().map(String::as_str).collect();
+    let mut dst = Lm::start(dir, "dst", &a);
+    dst.caps_on(CAPS);
+    dst.caps_on(&["postcopy-preempt"]);
+    if tls {
+        dst.set_params(json!({"tls-creds": "tls0", "tls-authz": "authz0"}));
+    }
+    let relay = relay_to(&mut dst);
+    (dst, relay)
+}
+
+/// A recording relay to the port `dst` listens on (its migration's, or its recovery's).
+fn relay_to(dst: &mut Lm) -> Relay {
+    let port = dst.incoming_port();
+    Relay::tcp(
+        Target::Tcp(([127, 0, 0, 1], port).into()),
+        Plan::none().recording(),
+    )
+}
+
+/// A source with client credentials of kind `creds` (in use when `tls`), preempt on, in
+/// postcopy through `relay` with the background push held to 256 KiB/s, and its
+/// destination's guest running on pages it asked for on the preempt channel.
+fn in_postcopy(dir: &Path, creds: Creds, tls: bool, dst: &mut Lm, relay: &Relay) -> Lm {
+    let mut src = slow_source_with(dir, &creds.client_objects(dir));
+    src.caps_on(&["postcopy-preempt"]);
+    src.set_params(json!({"max-postcopy-bandwidth": 256 << 10}));
+    if tls {
+        src.set_params(json!({"tls-creds": "tls0"}));
+    }
+    src.migrate(&relay.uri);
+    src.wait_migration(&["active"]);
+    src.ok("migrate-start-postcopy", json!({}));
+    src.wait_migration(&["postcopy-active"]);
+    dst.wait_migration(&["postcopy-active"]);
+    let at_switch = dst.steps();
+    dst.wait_steps_beyond(&at_switch);
+    wait_preempt_pages_beyond(&mut src, 0);
+    src
+}
+
+/// Waits until the source has sent more than `n` pages on the preempt channel; returns how
+/// many.
+fn wait_preempt_pages_beyond(src: &mut Lm, n: u64) -> u64 {
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    loop {
+        let sent = preempt_pages(src);
+        if sent > n {
+            return sent;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no page went on the preempt channel beyond {n}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
+/// Lets the push go, waits for both ends to complete, and checks the destination's RAM page
+/// by page (with its guest stopped).
+fn complete_and_verify(src: &mut Lm, dst: &mut Lm) {
+    src.set_params(json!({"max-postcopy-bandwidth": 0}));
+    dst.wait_completed();
+    src.wait_completed();
+    dst.ok("stop", json!({}));
+    let v = dst.verify_ram();
+    assert_eq!(v["corrupt"], 0, "destination RAM: {v}");
+    assert!(v["valid"].as_u64().unwrap_or(0) >= FILL_PAGES, "{v}");
+}
+
+/// Checks that every direction of every connection `relay` carried is TLS records and
+/// nothing else, and that none of it is a guest page or a stream header in the clear.
+/// `cut`: the relay cut the connections, which may then end inside a record. Returns what
+/// each connection carried towards the destination.
+fn assert_all_tls(
+    what: &str,
+    relay: &Relay,
+    connections: usize,
+    cut: bool,
+) -> Vec<tls_wire::Records> {
+    let recorded: Vec<Recorded> = relay.recorded();
+    assert_eq!(recorded.len(), connections, "{what}: connections");
+    let mut forward = Vec::new();
+    for (i, r) in recorded.iter().enumerate() {
+        for (dir, bytes) in [("to the destination", &r.forward), ("back", &r.back)] {
+            let w = tls_wire::walk(bytes)
+                .unwrap_or_else(|e| panic!("{what}, connection {i} {dir}: {e}"));
+            assert_eq!(
+                w.first_type,
+                Some(22),
+                "{what}, connection {i} {dir}: begins with a handshake: {w:?}"
+            );
+            assert!(
+                w.application_data > 0,
+                "{what}, connection {i} {dir}: {w:?}"
+            );
+            if !cut {
+                assert_eq!(w.tail, 0, "{what}, connection {i} {dir}: {w:?}");
+            }
+            for (needle, name) in [(&PAGE_MAGIC[..], "a guest page"), (b"QEVM", "QEVM")] {
+                assert_eq!(
+                    tls_wire::find(bytes, needle),
+                    None,
+                    "{what}, connection {i} {dir}: {name} in the clear"
+                );
+            }
+            if dir == "to the destination" {
+                forward.push(w);
+            }
+        }
+    }
+    forward
+}
+
+/// Postcopy with preempt over TLS: the guest pulls pages on the preempt channel, the
+/// migration completes with RAM that verifies, and the main channel (with its return path)
+/// and the preempt channel each carried TLS records only — the preempt channel at least
+/// the pages sent on it.
+fn preempt_over_tls(creds: Creds) {
+    let dir = tempdir();
+    let dir = dir.path();
+    let (mut dst, relay) = destination(dir, creds, true);
+    let mut src = in_postcopy(dir, creds, true, &mut dst, &relay);
+    complete_and_verify(&mut src, &mut dst);
+    let sent = preempt_pages(&mut src);
+    assert!(sent > 0, "pages went on the preempt channel");
+    assert_eq!(preempt_pages(&mut dst), sent, "and all were read there");
+    let fwd = assert_all_tls("postcopy", &relay, 2, false);
+    assert!(
+        fwd[1].application_bytes >= sent * 4096,
+        "the preempt channel carried its {sent} pages encrypted: {:?}",
+        fwd[1]
+    );
+    assert!(
+        fwd[0].application_bytes + fwd[1].application_bytes >= FILL_PAGES * 4096,
+        "RAM went through the TLS sessions: {fwd:?}"
+    );
+}
+
+#[test]
+fn postcopy_preempt_over_x509_is_tls_on_every_channel() {
+    preempt_over_tls(Creds::X509);
+}
+
+#[test]
+fn postcopy_preempt_over_psk_is_tls_on_every_channel() {
+    preempt_over_tls(Creds::Psk);
+}
+
+/// A link cut in `postcopy-active` over TLS pauses both ends; `migrate-recover` and
+/// `migrate resume=true` recover over TLS: the recovery's main channel (RECV_BITMAP and the
+/// received maps on its return path, RESUME, RESUME_ACK) and its new preempt channel are
+/// TLS sessions, and the guest's reads after the recovery pull pages on the new preempt
+/// channel. RAM verifies at the end.
+fn cut_and_recover_over_tls(creds: Creds) {
+    let dir = tempdir();
+    let dir = dir.path();
+    let (mut dst, relay) = destination(dir, creds, true);
+    let mut src = in_postcopy(dir, creds, true, &mut dst, &relay);
+
+    relay.cut();
+    paused(&mut src);
+    paused(&mut dst);
+    assert_eq!(dst.status(), "running", "the destination's guest runs on");
+    let before = preempt_pages(&mut src);
+    dst.ok("migrate-recover", json!({"uri": "tcp:127.0.0.1:0"}));
+    let relay2 = relay_to(&mut dst);
+    resume(&mut src, &mut dst, &relay2.uri);
+    // Reading all of RAM while the push trickles asks for every page still missing: they
+    // come on the recovery's preempt channel.
+    let v = dst.verify_ram();
+    assert_eq!(v["corrupt"], 0, "destination RAM during postcopy: {v}");
+    let after = wait_preempt_pages_beyond(&mut src, before);
+    complete_and_verify(&mut src, &mut dst);
+    let events = src.migration_events_until("completed");
+    assert_eq!(
+        events.iter().filter(|e| *e == "postcopy-recover").count(),
+        1,
+        "{events:?}"
+    );
+
+    assert_all_tls("before the cut", &relay, 2, true);
+    let fwd = assert_all_tls("after the recovery", &relay2, 2, false);
+    // Each page record is at least its 8-byte address; most of the 32 MiB the guest filled
+    // was still on the source (a 256 KiB/s push), and those pages are data, not zeros.
+    assert!(
+        fwd[1].application_bytes >= ((after - before) * 8).max(1 << 20),
+        "the recovery's preempt channel carried its {} pages encrypted: {:?}",
+        after - before,
+        fwd[1]
+    );
+}
+
+#[test]
+fn postcopy_preempt_over_x509_recovers_from_a_cut_over_tls() {
+    cut_and_recover_over_tls(Creds::X509);
+}
+
+#[test]
+fn postcopy_preempt_over_psk_recovers_from_a_cut_over_tls() {
+    cut_and_recover_over_tls(Creds::Psk);
+}
+
+/// TLS parameters set while postcopy is paused apply to the recovery's channels, as in QEMU
+/// 7.2 (which reads `tls-creds` when `migrate ... resume=true` connects, and when
+/// `migrate-recover`'s listener accepts): a migration that began in the clear is encrypted
+/// from its recovery on. (The source used to keep the parameters it started with: it
+/// resumed in the clear, and the destination, which asked for TLS, refused it.)
+#[test]
+fn tls_set_while_paused_secures_the_recovery() {
+    let dir = tempdir();
+    let dir = dir.path();
+    let creds = Creds::X509;
+    let (mut dst, relay) = destination(dir, creds, false);
+    let mut src = in_postcopy(dir, creds, false, &mut dst, &relay);
+    // In the clear so far: the guest's pages are there to be read.
+    let clear = relay.recorded();
+    assert!(
+        tls_wire::find(&clear[0].forward, b"QEVM") == Some(0),
+        "the first migration is in the clear"
+    );
+    src.ok("migrate-pause", json!({}));
+    paused(&mut src);
+    paused(&mut dst);
+    dst.set_params(json!({"tls-creds": "tls0", "tls-authz": "authz0"}));
+    src.set_params(json!({"tls-creds": "tls0"}));
+    let before = preempt_pages(&mut src);
+    dst.ok("migrate-recover", json!({"uri": "tcp:127.0.0.1:0"}));
+    let relay2 = relay_to(&mut dst);
+    resume(&mut src, &mut dst, &relay2.uri);
+    let q = src.ok("query-migrate", json!({}));
+    assert_eq!(q["status"], "postcopy-active", "{q}");
+    let v = dst.verify_ram();
+    assert_eq!(v["corrupt"], 0, "destination RAM during postcopy: {v}");
+    wait_preempt_pages_beyond(&mut src, before);
+    complete_and_verify(&mut src, &mut dst);
+    assert_all_tls("after the recovery", &relay2, 2, false);
+}
