@@ -18,7 +18,7 @@ use common::*;
 use serde_json::json;
 use std::path::Path;
 use testkit::pki::Creds;
-use testkit::relay::{Plan, Recorded, Relay, Target};
+use testkit::relay::{Plan, Relay, Target};
 use testkit::tls_wire;
 
 /// The first bytes of every page the workload writes (its magic, little-endian).
@@ -103,48 +103,23 @@ fn complete_and_verify(src: &mut Lm, dst: &mut Lm) {
     assert!(v["valid"].as_u64().unwrap_or(0) >= FILL_PAGES, "{v}");
 }
 
-/// Checks that every direction of every connection `relay` carried is TLS records and
-/// nothing else, and that none of it is a guest page or a stream header in the clear.
-/// `cut`: the relay cut the connections, which may then end inside a record. Returns what
-/// each connection carried towards the destination.
+/// Checks that `relay` carried `connections` connections, both directions of each TLS
+/// records only, with no guest page and no stream header in the clear
+/// (`tls_wire::assert_all_tls`); returns what each carried towards the destination.
 fn assert_all_tls(
     what: &str,
     relay: &Relay,
     connections: usize,
     cut: bool,
 ) -> Vec<tls_wire::Records> {
-    let recorded: Vec<Recorded> = relay.recorded();
+    let recorded = relay.recorded();
     assert_eq!(recorded.len(), connections, "{what}: connections");
-    let mut forward = Vec::new();
-    for (i, r) in recorded.iter().enumerate() {
-        for (dir, bytes) in [("to the destination", &r.forward), ("back", &r.back)] {
-            let w = tls_wire::walk(bytes)
-                .unwrap_or_else(|e| panic!("{what}, connection {i} {dir}: {e}"));
-            assert_eq!(
-                w.first_type,
-                Some(22),
-                "{what}, connection {i} {dir}: begins with a handshake: {w:?}"
-            );
-            assert!(
-                w.application_data > 0,
-                "{what}, connection {i} {dir}: {w:?}"
-            );
-            if !cut {
-                assert_eq!(w.tail, 0, "{what}, connection {i} {dir}: {w:?}");
-            }
-            for (needle, name) in [(&PAGE_MAGIC[..], "a guest page"), (b"QEVM", "QEVM")] {
-                assert_eq!(
-                    tls_wire::find(bytes, needle),
-                    None,
-                    "{what}, connection {i} {dir}: {name} in the clear"
-                );
-            }
-            if dir == "to the destination" {
-                forward.push(w);
-            }
-        }
-    }
-    forward
+    tls_wire::assert_all_tls(
+        what,
+        &recorded,
+        cut,
+        &[("a guest page", &PAGE_MAGIC), ("QEVM", b"QEVM")],
+    )
 }
 
 /// Postcopy with preempt over TLS: the guest pulls pages on the preempt channel, the

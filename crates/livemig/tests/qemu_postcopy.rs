@@ -12,6 +12,12 @@
 //! The same chains run with `postcopy-preempt` on every end: QEMU 7.2 opens the preempt
 //! channel at setup as a second connection, and requested pages travel on it (counted by
 //! livemig's `x-livemig-postcopy` on either end).
+//!
+//! And over TLS (x509 and PSK, TCP), with preempt, as QEMU 7.2 runs it: every channel —
+//! main with its return path, preempt, and those of each recovery — a TLS session, whichever
+//! end is QEMU. Each connection then goes through a recording relay, and both directions of
+//! every one are TLS records only, with neither the stream's magic nor the guest's pattern
+//! in the clear (`testkit::tls_wire`).
 
 mod qemu_common;
 
@@ -19,10 +25,84 @@ use qemu_common::*;
 use serde_json::{json, Value};
 use std::path::Path;
 use std::time::{Duration, Instant};
-use testkit::QmpClient;
+use testkit::pki::Creds;
+use testkit::relay::{Plan, Relay, Target};
+use testkit::{tls_wire, QmpClient};
 
 /// Bytes of pattern A at guest address 0.
 const A_LEN: usize = 4 << 20;
+
+/// TLS credentials on every process of a chain (written once under the test's directory):
+/// `tls-srv` for when it is a destination, `tls-cli` for when it is a source.
+fn tls_args(dir: &Path, tls: Option<Creds>) -> Vec<String> {
+    let Some(c) = tls else { return Vec::new() };
+    vec![
+        "-object".into(),
+        c.object("tls-srv", dir, "srv", "server"),
+        "-object".into(),
+        c.object("tls-cli", dir, "cli", "client"),
+    ]
+}
+
+/// With `tls`: `tls-creds` for the next migration on `q`, as its `source` or destination.
+fn use_tls(q: &mut QmpClient, tls: Option<Creds>, source: bool) {
+    if tls.is_some() {
+        let id = if source { "tls-cli" } else { "tls-srv" };
+        q.ok("migrate-set-parameters", json!({ "tls-creds": id }));
+    }
+}
+
+/// The connections of one migration, when they are to be looked at (over TLS): each URI the
+/// source connects to (the migration's, each recovery's) is then a recording relay in front
+/// of the destination's TCP port.
+struct Wire {
+    record: bool,
+    relays: Vec<Relay>,
+}
+
+impl Wire {
+    fn new(tls: Option<Creds>) -> Wire {
+        Wire {
+            record: tls.is_some(),
+            relays: Vec::new(),
+        }
+    }
+
+    /// The URI the source connects to for destination address `uri` (`tcp:HOST:PORT`).
+    fn route(&mut self, uri: &str) -> String {
+        if !self.record {
+            return uri.to_string();
+        }
+        let addr = uri
+            .strip_prefix("tcp:")
+            .and_then(|a| a.parse().ok())
+            .unwrap_or_else(|| panic!("a recorded migration goes over TCP: {uri}"));
+        let relay = Relay::tcp(Target::Tcp(addr), Plan::none().recording());
+        let routed = relay.uri.clone();
+        self.relays.push(relay);
+        routed
+    }
+
+    /// Every connection was TLS (`connections` per relay; the last relay's ended cleanly,
+    /// the others by a pause), with neither the stream's magic nor a stretch of the guest's
+    /// `pattern` in the clear.
+    fn check(&self, what: &str, connections: usize, pattern: &[u8]) {
+        if !self.record {
+            return;
+        }
+        let clear: [(&str, &[u8]); 2] = [
+            ("QEVM", b"QEVM"),
+            ("the guest's pattern", &pattern[5 * 4096..5 * 4096 + 64]),
+        ];
+        for (i, relay) in self.relays.iter().enumerate() {
+            let rec = relay.recorded();
+            let what = format!("{what}, channels {i}");
+            assert_eq!(rec.len(), connections, "{what}: connections");
+            let last = i + 1 == self.relays.len();
+            tls_wire::assert_all_tls(&what, &rec, !last, &clear);
+        }
+    }
+}
 
 fn postcopy_caps(q: &mut QmpClient, preempt: bool) {
     q.ok(
@@ -35,13 +115,14 @@ fn postcopy_caps(q: &mut QmpClient, preempt: bool) {
     );
 }
 
-/// Starts a migration `src` → `dst` (listening on `uri`) throttled to 1 MiB/s, switches to
-/// postcopy (at `postcopy_bandwidth` bytes/s) once 1 MiB went through; the destination is
-/// `postcopy-active`.
+/// Starts a migration `src` → `dst` (listening on `uri`, reached through `wire`) throttled
+/// to 1 MiB/s, switches to postcopy (at `postcopy_bandwidth` bytes/s) once 1 MiB went
+/// through; the destination is `postcopy-active`.
 fn start_postcopy(
     src: &mut QmpClient,
     dst: &mut QmpClient,
     uri: &str,
+    wire: &mut Wire,
     name: &str,
     postcopy_bandwidth: u64,
 ) {
@@ -49,7 +130,7 @@ fn start_postcopy(
         "migrate-set-parameters",
         json!({"max-bandwidth": 1 << 20, "max-postcopy-bandwidth": postcopy_bandwidth}),
     );
-    let uri = connect_uri(dst, uri);
+    let uri = wire.route(&connect_uri(dst, uri));
     src.ok("migrate", json!({ "uri": uri }));
     wait_under_way(src, 1 << 20, &format!("{name}'s postcopy"));
     src.ok("migrate-start-postcopy", json!({}));
@@ -65,10 +146,11 @@ fn postcopy(
     src: &mut QmpClient,
     dst: &mut QmpClient,
     uri: &str,
+    wire: &mut Wire,
     dir: &Path,
     name: &str,
 ) -> (Value, Value, Vec<u8>) {
-    start_postcopy(src, dst, uri, name, 1 << 20);
+    start_postcopy(src, dst, uri, wire, name, 1 << 20);
     // Most of RAM is still on the source: reading it faults page after page.
     let during = ram(dst, dir, &format!("{name}-during"));
     let s = wait(src, &["completed", "failed", "cancelled"]);
@@ -77,7 +159,8 @@ fn postcopy(
 }
 
 /// QEMU "A" with pattern A of `seed` at 0, and livemig "L1" listening on `transport`, both
-/// with the postcopy capabilities (`preempt` or not): the first hop of a chain.
+/// with the postcopy capabilities (`preempt` or not) and, with `tls`, credentials of that
+/// kind on both (written under `dir`) and in use: the first hop of a chain.
 struct FirstHop {
     pat_a: Vec<u8>,
     qa: testkit::VmProcess,
@@ -87,16 +170,31 @@ struct FirstHop {
     uri: String,
 }
 
-fn first_hop(dir: &Path, seed: u8, transport: Transport, preempt: bool) -> FirstHop {
+fn first_hop(
+    dir: &Path,
+    seed: u8,
+    transport: Transport,
+    preempt: bool,
+    tls: Option<Creds>,
+) -> FirstHop {
     let a_file = dir.join("a.bin");
     let pat_a = pattern_file(&a_file, A_LEN, seed);
-    let qa = qemu(dir, "qa", &loader(&a_file, 0));
+    if let Some(c) = tls {
+        c.write(dir);
+    }
+    let mut args = loader(&a_file, 0);
+    args.extend(tls_args(dir, tls));
+    let qa = qemu(dir, "qa", &args);
     let mut qa_q = qa.qmp();
     postcopy_caps(&mut qa_q, preempt);
+    use_tls(&mut qa_q, tls, true);
     let uri = transport.uri(dir, "mig1");
-    let l1 = livemig(dir, "l1", &strings(&["-incoming", &uri]));
+    let mut args = strings(&["-incoming", &uri]);
+    args.extend(tls_args(dir, tls));
+    let l1 = livemig(dir, "l1", &args);
     let mut l1_q = l1.qmp();
     postcopy_caps(&mut l1_q, preempt);
+    use_tls(&mut l1_q, tls, false);
     FirstHop {
         pat_a,
         qa,
@@ -107,22 +205,36 @@ fn first_hop(dir: &Path, seed: u8, transport: Transport, preempt: bool) -> First
     }
 }
 
-/// QEMU "B" listening on `transport` with the postcopy capabilities: the second hop's
-/// destination, and its URI.
+/// QEMU "B" listening on `transport` with the postcopy capabilities and, with `tls`, the
+/// server credentials of [`first_hop`] in use: the second hop's destination, and its URI.
+/// `l1_q`, its source, takes its client credentials.
 fn qemu_b(
     dir: &Path,
     transport: Transport,
     preempt: bool,
+    tls: Option<Creds>,
+    l1_q: &mut QmpClient,
 ) -> (testkit::VmProcess, QmpClient, String) {
     let uri = transport.uri(dir, "mig2");
-    let qb = qemu(dir, "qb", &strings(&["-incoming", &uri]));
+    let mut args = strings(&["-incoming", &uri]);
+    args.extend(tls_args(dir, tls));
+    let qb = qemu(dir, "qb", &args);
     let mut qb_q = qb.qmp();
     postcopy_caps(&mut qb_q, preempt);
+    use_tls(&mut qb_q, tls, false);
+    use_tls(l1_q, tls, true);
     (qb, qb_q, uri)
 }
 
 fn chain(test: &str, transport: Transport, preempt: bool) {
+    chain_with(test, transport, preempt, None);
+}
+
+/// [`chain`], with `tls` credentials on every end when given (over TCP; every connection
+/// recorded and checked).
+fn chain_with(test: &str, transport: Transport, preempt: bool, tls: Option<Creds>) {
     let Some(tmp) = setup(test) else { return };
+    let channels = if preempt { 2 } else { 1 };
     let dir = tmp.path();
 
     // 1. QEMU A -> livemig L1.
@@ -133,8 +245,9 @@ fn chain(test: &str, transport: Transport, preempt: bool) {
         l1,
         mut l1_q,
         uri,
-    } = first_hop(dir, 11, transport, preempt);
-    let (s, d, during) = postcopy(&mut qa_q, &mut l1_q, &uri, dir, "l1");
+    } = first_hop(dir, 11, transport, preempt, tls);
+    let mut wire = Wire::new(tls);
+    let (s, d, during) = postcopy(&mut qa_q, &mut l1_q, &uri, &mut wire, dir, "l1");
     assert_completed("QEMU -> livemig", &s, &qa, &d, &l1);
     assert!(
         s["ram"]["postcopy-requests"].as_u64().unwrap_or(0) > 0,
@@ -157,11 +270,13 @@ fn chain(test: &str, transport: Transport, preempt: bool) {
     assert_same_ram(&ram_qa, &during, "QEMU -> livemig, read during postcopy");
     assert_same_ram(&ram_qa, &ram(&mut l1_q, dir, "l1"), "QEMU -> livemig");
     assert_eq!(l1_q.ok("query-status", json!({}))["status"], "running");
+    wire.check("QEMU -> livemig", channels, &pat_a);
     drop(qa);
 
     // 2. livemig L1 -> QEMU B.
-    let (qb, mut qb_q, uri) = qemu_b(dir, transport, preempt);
-    let (s, d, during) = postcopy(&mut l1_q, &mut qb_q, &uri, dir, "qb");
+    let (qb, mut qb_q, uri) = qemu_b(dir, transport, preempt, tls, &mut l1_q);
+    let mut wire = Wire::new(tls);
+    let (s, d, during) = postcopy(&mut l1_q, &mut qb_q, &uri, &mut wire, dir, "qb");
     assert_completed("livemig -> QEMU", &s, &l1, &d, &qb);
     assert!(
         s["ram"]["postcopy-requests"].as_u64().unwrap_or(0) > 0,
@@ -179,6 +294,7 @@ fn chain(test: &str, transport: Transport, preempt: bool) {
     assert_same_ram(&ram_qa, &ram(&mut qb_q, dir, "qb"), "livemig -> QEMU");
     assert_eq!(qb_q.ok("query-status", json!({}))["status"], "running");
     assert_eq!(l1_q.ok("query-status", json!({}))["status"], "postmigrate");
+    wire.check("livemig -> QEMU", channels, &pat_a);
     quit_cleanly(l1, l1_q);
 }
 
@@ -206,6 +322,30 @@ fn qemu_postcopy_preempt_chain_over_tcp() {
     chain("qemu_postcopy_preempt_chain_over_tcp", Transport::Tcp, true);
 }
 
+/// Postcopy with preempt over TLS (x509), QEMU → livemig → QEMU: QEMU 7.2 upgrades its
+/// preempt channel to TLS as it does its main channel, and so does livemig; each takes the
+/// other's sessions on every channel, and nothing crosses in the clear.
+#[test]
+fn qemu_postcopy_preempt_chain_over_x509() {
+    chain_with(
+        "qemu_postcopy_preempt_chain_over_x509",
+        Transport::Tcp,
+        true,
+        Some(Creds::X509),
+    );
+}
+
+/// The same with pre-shared keys (GnuTLS's PSK against livemig's OpenSSL sessions).
+#[test]
+fn qemu_postcopy_preempt_chain_over_psk() {
+    chain_with(
+        "qemu_postcopy_preempt_chain_over_psk",
+        Transport::Tcp,
+        true,
+        Some(Creds::Psk),
+    );
+}
+
 /// Waits until `q` is `postcopy-paused`.
 fn paused(q: &mut QmpClient, who: &str) {
     let st = wait(q, &["postcopy-paused", "completed", "failed"]);
@@ -215,9 +355,9 @@ fn paused(q: &mut QmpClient, who: &str) {
 /// `migrate-recover` on `dst`, `migrate ... resume=true` on `src`, both `postcopy-active`.
 /// A TCP `uri` with port 0 has the destination bind a port of its own, read back from its
 /// `socket-address` (QEMU 7.2 lists the recovery listener first, livemig reports it).
-fn recover(src: &mut QmpClient, dst: &mut QmpClient, uri: &str) {
+fn recover(src: &mut QmpClient, dst: &mut QmpClient, uri: &str, wire: &mut Wire) {
     dst.ok("migrate-recover", json!({ "uri": uri }));
-    let uri = connect_uri(dst, uri);
+    let uri = wire.route(&connect_uri(dst, uri));
     src.ok("migrate", json!({ "uri": uri, "resume": true }));
     let s = wait(src, &["postcopy-active", "completed", "failed"]);
     assert_ne!(s["status"], "failed", "source after resume: {s}");
@@ -232,10 +372,11 @@ fn postcopy_with_recoveries(
     dst: &mut QmpClient,
     uri: &str,
     transport: Transport,
+    wire: &mut Wire,
     dir: &Path,
     name: &str,
 ) -> (Value, Value) {
-    start_postcopy(src, dst, uri, name, 64 << 10);
+    start_postcopy(src, dst, uri, wire, name, 64 << 10);
     let s = wait(src, &["postcopy-active", "completed", "failed"]);
     assert_eq!(s["status"], "postcopy-active", "{name}: source {s}");
     let rec = |n: u32| transport.uri(dir, &format!("{name}-rec{n}"));
@@ -243,12 +384,12 @@ fn postcopy_with_recoveries(
     src.ok("migrate-pause", json!({}));
     paused(src, "source");
     paused(dst, "destination");
-    recover(src, dst, &rec(1));
+    recover(src, dst, &rec(1), wire);
 
     dst.ok("migrate-pause", json!({}));
     paused(dst, "destination");
     paused(src, "source");
-    recover(src, dst, &rec(2));
+    recover(src, dst, &rec(2), wire);
     // Reading all of RAM pulls every missing page through the recovered channels.
     let _ = ram(dst, dir, &format!("{name}-after"));
     src.ok(
@@ -275,9 +416,17 @@ fn qemu_postcopy_recovery_both_ways_over_tcp() {
 }
 
 fn recovery_both_ways(test: &str, transport: Transport) {
+    recovery_both_ways_with(test, transport, false, None);
+}
+
+/// [`recovery_both_ways`] with `preempt`, and with `tls` credentials on every end when given
+/// (over TCP; every connection of the migration and of each recovery recorded and
+/// checked).
+fn recovery_both_ways_with(test: &str, transport: Transport, preempt: bool, tls: Option<Creds>) {
     let Some(tmp) = setup(test) else {
         return;
     };
+    let channels = if preempt { 2 } else { 1 };
     let dir = tmp.path();
     let FirstHop {
         pat_a,
@@ -286,8 +435,10 @@ fn recovery_both_ways(test: &str, transport: Transport) {
         l1,
         mut l1_q,
         uri,
-    } = first_hop(dir, 23, transport, false);
-    let (s, d) = postcopy_with_recoveries(&mut qa_q, &mut l1_q, &uri, transport, dir, "l1");
+    } = first_hop(dir, 23, transport, preempt, tls);
+    let mut wire = Wire::new(tls);
+    let (s, d) =
+        postcopy_with_recoveries(&mut qa_q, &mut l1_q, &uri, transport, &mut wire, dir, "l1");
     assert_completed("QEMU -> livemig", &s, &qa, &d, &l1);
     let ram_qa = ram(&mut qa_q, dir, "qa");
     assert_eq!(&ram_qa[..A_LEN], &pat_a[..]);
@@ -296,17 +447,36 @@ fn recovery_both_ways(test: &str, transport: Transport) {
         &ram(&mut l1_q, dir, "l1"),
         "QEMU -> livemig, recovered twice",
     );
+    wire.check("QEMU -> livemig", channels, &pat_a);
     drop(qa);
 
-    let (qb, mut qb_q, uri) = qemu_b(dir, transport, false);
-    let (s, d) = postcopy_with_recoveries(&mut l1_q, &mut qb_q, &uri, transport, dir, "qb");
+    let (qb, mut qb_q, uri) = qemu_b(dir, transport, preempt, tls, &mut l1_q);
+    let mut wire = Wire::new(tls);
+    let (s, d) =
+        postcopy_with_recoveries(&mut l1_q, &mut qb_q, &uri, transport, &mut wire, dir, "qb");
     assert_completed("livemig -> QEMU", &s, &l1, &d, &qb);
     assert_same_ram(
         &ram_qa,
         &ram(&mut qb_q, dir, "qb"),
         "livemig -> QEMU, recovered twice",
     );
+    wire.check("livemig -> QEMU", channels, &pat_a);
     quit_cleanly(l1, l1_q);
+}
+
+/// Recovery with preempt over TLS (x509), QEMU 7.2 at either end: each pause drops every
+/// channel, and each recovery's main channel (with its return path) and new preempt channel
+/// are TLS sessions again — QEMU's `migrate ... resume=true` connects through its TLS
+/// upgrade and sets its preempt channel up anew, its `migrate-recover` listener takes only
+/// TLS. RAM identical at every step.
+#[test]
+fn qemu_postcopy_preempt_recovery_over_x509_both_ways() {
+    recovery_both_ways_with(
+        "qemu_postcopy_preempt_recovery_over_x509_both_ways",
+        Transport::Tcp,
+        true,
+        Some(Creds::X509),
+    );
 }
 
 /// Dirty bitmaps in postcopy (issue 10, seed 001) from `src` to `dst` (one of them QEMU

@@ -103,6 +103,49 @@ pub fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
     hay.windows(needle.len()).position(|w| w == needle)
 }
 
+/// Checks that both directions of every connection in `recorded` (a recording relay's) are
+/// TLS records and nothing else — each beginning with a handshake record and carrying
+/// application data — and that none contains any of the `clear` byte strings (what the
+/// plaintext would carry, by name). `cut`: the connections were cut, so each may end inside
+/// a record. Panics naming the connection and direction; returns what each connection
+/// carried towards the target.
+pub fn assert_all_tls(
+    what: &str,
+    recorded: &[crate::relay::Recorded],
+    cut: bool,
+    clear: &[(&str, &[u8])],
+) -> Vec<Records> {
+    let mut forward = Vec::new();
+    for (i, r) in recorded.iter().enumerate() {
+        for (dir, bytes) in [("forward", &r.forward), ("back", &r.back)] {
+            let w = walk(bytes).unwrap_or_else(|e| panic!("{what}, connection {i} {dir}: {e}"));
+            assert_eq!(
+                w.first_type,
+                Some(HANDSHAKE),
+                "{what}, connection {i} {dir}: begins with a handshake: {w:?}"
+            );
+            assert!(
+                w.application_data > 0,
+                "{what}, connection {i} {dir}: {w:?}"
+            );
+            if !cut {
+                assert_eq!(w.tail, 0, "{what}, connection {i} {dir}: {w:?}");
+            }
+            for (name, needle) in clear {
+                assert_eq!(
+                    find(bytes, needle),
+                    None,
+                    "{what}, connection {i} {dir}: {name} in the clear"
+                );
+            }
+            if dir == "forward" {
+                forward.push(w);
+            }
+        }
+    }
+    forward
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
