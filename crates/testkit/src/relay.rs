@@ -678,21 +678,32 @@ mod tests {
         })
     }
 
+    /// A relay with `plan` from a unix socket to a [`sink`], and a client connected to it:
+    /// the directory they live in, what the sink will have read, the relay, the client.
+    fn through(
+        plan: Plan,
+    ) -> (
+        tempfile::TempDir,
+        std::thread::JoinHandle<Vec<u8>>,
+        Relay,
+        UnixStream,
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let t = dir.path().join("t");
+        let got = sink(&t);
+        let relay = Relay::unix(&dir.path().join("r"), Target::Unix(t), plan);
+        let c = UnixStream::connect(dir.path().join("r")).unwrap();
+        (dir, got, relay, c)
+    }
+
     fn data(n: usize) -> Vec<u8> {
         (0..n).map(|i| (i * 7 + 3) as u8).collect()
     }
 
     #[test]
     fn forwards_flips_and_reports() {
-        let dir = tempfile::tempdir().unwrap();
-        let t = dir.path().join("t");
-        let got = sink(&t);
-        let relay = Relay::unix(
-            &dir.path().join("r"),
-            Target::Unix(t),
-            Plan::one(Fault::Flip { at: 5, mask: 0x80 }).recording(),
-        );
-        let mut c = UnixStream::connect(dir.path().join("r")).unwrap();
+        let (_dir, got, relay, mut c) =
+            through(Plan::one(Fault::Flip { at: 5, mask: 0x80 }).recording());
         let sent = data(200_000);
         c.write_all(&sent).unwrap();
         c.shutdown(Shutdown::Write).unwrap();
@@ -712,15 +723,7 @@ mod tests {
 
     #[test]
     fn cut_before_end_holds_back_the_tail() {
-        let dir = tempfile::tempdir().unwrap();
-        let t = dir.path().join("t");
-        let got = sink(&t);
-        let _relay = Relay::unix(
-            &dir.path().join("r"),
-            Target::Unix(t),
-            Plan::one(Fault::CutBeforeEnd { window: 1000 }),
-        );
-        let mut c = UnixStream::connect(dir.path().join("r")).unwrap();
+        let (_dir, got, _relay, mut c) = through(Plan::one(Fault::CutBeforeEnd { window: 1000 }));
         c.write_all(&data(100_000)).unwrap();
         c.shutdown(Shutdown::Write).unwrap();
         assert_eq!(got.join().unwrap(), data(100_000)[..99_000].to_vec());
@@ -728,15 +731,8 @@ mod tests {
 
     #[test]
     fn a_stall_blocks_the_sender_and_ends_in_a_cut_at_the_bound() {
-        let dir = tempfile::tempdir().unwrap();
-        let t = dir.path().join("t");
-        let got = sink(&t);
-        let relay = Relay::unix(
-            &dir.path().join("r"),
-            Target::Unix(t),
-            Plan::one(Fault::Stall { at: 4096 }).bounded(Duration::from_millis(500)),
-        );
-        let mut c = UnixStream::connect(dir.path().join("r")).unwrap();
+        let (_dir, got, relay, mut c) =
+            through(Plan::one(Fault::Stall { at: 4096 }).bounded(Duration::from_millis(500)));
         c.set_write_timeout(Some(Duration::from_millis(200)))
             .unwrap();
         let started = Instant::now();
@@ -757,15 +753,7 @@ mod tests {
 
     #[test]
     fn a_throttled_relay_carries_no_more_than_its_rate() {
-        let dir = tempfile::tempdir().unwrap();
-        let t = dir.path().join("t");
-        let got = sink(&t);
-        let _relay = Relay::unix(
-            &dir.path().join("r"),
-            Target::Unix(t),
-            Plan::none().throttled(1 << 20),
-        );
-        let mut c = UnixStream::connect(dir.path().join("r")).unwrap();
+        let (_dir, got, _relay, mut c) = through(Plan::none().throttled(1 << 20));
         let started = Instant::now();
         c.write_all(&data(300_000)).unwrap();
         c.shutdown(Shutdown::Write).unwrap();
