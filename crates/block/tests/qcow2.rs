@@ -12,6 +12,7 @@ use serde_json::{json, Value};
 use std::path::Path;
 use std::process::{Command, Output};
 use std::time::Duration;
+use testkit::rng::SplitMix;
 use testkit::{QmpClient, VmProcess};
 
 fn have_qemu(test: &str) -> bool {
@@ -134,29 +135,9 @@ fn open(l: &BlockLayer, path: &Path, node: &str) -> std::sync::Arc<block::BlockN
         .unwrap_or_else(|e| panic!("open {}: {e}", path.display()))
 }
 
-/// splitmix64, so a failing seed can be replayed.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        if n == 0 {
-            0
-        } else {
-            self.next() % n
-        }
-    }
-}
-
 /// Random writes, write-zeroes (with and without unmap) and discards on `node`, mirrored into
 /// `model` (discarded ranges: whole clusters read as zeroes on a v3 image).
-fn random_io(node: &block::BlockNode, model: &mut [u8], cs: u64, rng: &mut Rng, ops: usize) {
+fn random_io(node: &block::BlockNode, model: &mut [u8], cs: u64, rng: &mut SplitMix, ops: usize) {
     let size = model.len() as u64;
     for i in 0..ops {
         let off = match rng.below(4) {
@@ -228,7 +209,7 @@ fn our_writes_pass_qemu_img_check_and_read_back_in_qemu() {
             )
             .unwrap();
         let mut model = vec![0u8; size as usize];
-        let mut rng = Rng(cs);
+        let mut rng = SplitMix(cs);
         if v2 {
             // Discarded clusters of a version 2 image fall through to the backing file (here:
             // zeroes), as the model says; only the zero flag differs, which v2 lacks.
@@ -459,9 +440,9 @@ fn bitmaps_we_wrote_load_in_qemu_as_we_see_them() {
     l.block_dirty_bitmap_add("d0", "transient", Some(65536), None, None)
         .unwrap();
     let mut model = vec![0u8; 6 << 20];
-    random_io(&node, &mut model, 4096, &mut Rng(7), 150);
+    random_io(&node, &mut model, 4096, &mut SplitMix(7), 150);
     l.block_dirty_bitmap_enable("d0", "off").unwrap();
-    random_io(&node, &mut model, 4096, &mut Rng(8), 20);
+    random_io(&node, &mut model, 4096, &mut SplitMix(8), 20);
     l.block_dirty_bitmap_disable("d0", "off").unwrap();
     let ours: Vec<BitmapView> = our_view(&l, "d0")
         .into_iter()
@@ -955,7 +936,7 @@ fn backing_files_read_through_and_copy_on_write() {
         );
         // Partial writes copy the rest of the cluster from the backing file; zeroes and
         // discards hide it.
-        random_io(&node, &mut model, 65536, &mut Rng(11), 120);
+        random_io(&node, &mut model, 65536, &mut SplitMix(11), 120);
         assert!(read_all(&node, 4 << 20) == model, "{fmt}: after writes");
         drop(node);
         l.close_all().unwrap();
@@ -1113,14 +1094,14 @@ fn damaged_images_never_panic() {
     qemu_io(&base, &["write -P 1 0 300k", "write -P 2 1M 5000"]);
     let good = std::fs::read(&base).unwrap();
     let img = dir.path().join("x.qcow2");
-    let mut rng = Rng(99);
+    let mut rng = SplitMix(99);
     let mut opened = 0;
     for iter in 0..80 {
         let mut bytes = good.clone();
         // Damage a few bytes of the metadata area (header, tables, directory).
         for _ in 0..1 + rng.below(4) {
             let at = rng.below(bytes.len().min(0x20000) as u64) as usize;
-            bytes[at] = rng.next() as u8;
+            bytes[at] = rng.next_u64() as u8;
         }
         std::fs::write(&img, &bytes).unwrap();
         let l = BlockLayer::new();

@@ -10,27 +10,8 @@
 use block::BlockLayer;
 use serde_json::{json, Value};
 use std::time::Duration;
+use testkit::rng::SplitMix;
 use testkit::{QmpClient, VmProcess};
-
-/// splitmix64: a small seeded generator, so a failing seed can be replayed.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        if n == 0 {
-            0
-        } else {
-            self.next() % n
-        }
-    }
-}
 
 /// Runs a block command as the monitor does; `None` for a command the block layer lacks.
 fn dispatch(
@@ -67,7 +48,7 @@ fn bitmap_count(nodes: &Value, node: &str, bitmap: &str) -> u64 {
 /// One random qemu-io command within (and now and then just past) a node of `size` bytes:
 /// every write-like request qemu-io can make (plain and patterned writes, FUA, write-zeroes with
 /// and without unmap and no-fallback, discard).
-fn random_op(rng: &mut Rng, size: u64, with_discard: bool) -> String {
+fn random_op(rng: &mut SplitMix, size: u64, with_discard: bool) -> String {
     let off = match rng.below(6) {
         0 => 0,
         1 => size.saturating_sub(rng.below(4096) + 1),
@@ -277,7 +258,7 @@ fn same_ops_give_same_bitmaps_as_qemu() {
         .collect();
     runs.push((100, &nodes[1]));
     for (seed, node) in runs {
-        let mut rng = Rng(seed);
+        let mut rng = SplitMix(seed);
         let with_discard = !node.images.is_empty() || seed == 100;
         for i in 0..16 {
             // Toggle one bitmap now and then, so disabled bitmaps are exercised too.

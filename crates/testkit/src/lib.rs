@@ -1,5 +1,6 @@
 //! Test support shared by the workspace's integration tests: the rule for skipping tests whose
-//! tools are missing, a QEMU process with a QMP socket, and a small blocking QMP client.
+//! tools are missing, a QEMU process with a QMP socket, a small blocking QMP client, and a
+//! seeded generator (`rng`).
 //!
 //! The skip rule matters in CI: `.ci/run` installs QEMU, so there a missing tool is a broken
 //! machine, not a reason to skip. When the `CI` environment variable is set, [`require`] fails
@@ -8,6 +9,7 @@
 
 pub mod pki;
 pub mod relay;
+pub mod rng;
 pub mod tls_wire;
 
 use serde_json::{json, Value};

@@ -137,12 +137,12 @@ impl Plan {
 
     /// `n` bit flips at offsets drawn from `seed` inside `range` (one bit each), sorted.
     pub fn flips(seed: u64, range: std::ops::Range<u64>, n: usize) -> Plan {
-        let mut rng = SplitMix(seed);
+        let mut rng = crate::rng::SplitMix(seed);
         let len = range.end.saturating_sub(range.start).max(1);
         let mut faults: Vec<Fault> = (0..n)
             .map(|_| Fault::Flip {
-                at: range.start + rng.next() % len,
-                mask: 1 << (rng.next() % 8),
+                at: range.start + rng.next_u64() % len,
+                mask: 1 << (rng.next_u64() % 8),
             })
             .collect();
         faults.sort_by_key(|f| match f {
@@ -157,22 +157,9 @@ impl Plan {
 
     /// A fault of kind `make(offset)` at an offset drawn from `seed` inside `range`.
     pub fn seeded(seed: u64, range: std::ops::Range<u64>, make: impl Fn(u64) -> Fault) -> Plan {
-        let mut rng = SplitMix(seed);
+        let mut rng = crate::rng::SplitMix(seed);
         let len = range.end.saturating_sub(range.start).max(1);
-        Plan::one(make(range.start + rng.next() % len))
-    }
-}
-
-/// SplitMix64: a tiny seeded generator, so a failing seed can be replayed.
-struct SplitMix(u64);
-
-impl SplitMix {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
+        Plan::one(make(range.start + rng.next_u64() % len))
     }
 }
 
