@@ -30,6 +30,16 @@ fn qemu_img(args: &[&str]) -> bool {
         .unwrap_or(false)
 }
 
+/// `qemu-img create -f qcow2 IMG 1M`, over the qcow2 `backing` file if given.
+fn create_qcow2(img: &Path, backing: Option<&str>) {
+    let mut args = vec!["create", "-f", "qcow2"];
+    if let Some(b) = backing {
+        args.extend(["-b", b, "-F", "qcow2"]);
+    }
+    args.extend([img.to_str().unwrap(), "1M"]);
+    assert!(qemu_img(&args), "qemu-img {args:?}");
+}
+
 fn lm(dir: &Path, name: &str, args: &[&str]) -> (VmProcess, QmpClient) {
     let args: Vec<String> = ["vm", "-nodefaults", "-display", "none", "-accel", "qtest"]
         .iter()
@@ -168,24 +178,8 @@ fn drive_is_found_by_its_id_and_names_its_backing_node() {
     let dir = testkit::tempdir();
     let base = dir.path().join("base.qcow2");
     let top = dir.path().join("top.qcow2");
-    assert!(qemu_img(&[
-        "create",
-        "-f",
-        "qcow2",
-        base.to_str().unwrap(),
-        "1M"
-    ]));
-    assert!(qemu_img(&[
-        "create",
-        "-f",
-        "qcow2",
-        "-b",
-        base.to_str().unwrap(),
-        "-F",
-        "qcow2",
-        top.to_str().unwrap(),
-        "1M"
-    ]));
+    create_qcow2(&base, None);
+    create_qcow2(&top, Some(base.to_str().unwrap()));
     let drive = format!(
         "if=virtio,id=drive0,file={},format=qcow2,cache=writeback,aio=threads,backing.node-name=base",
         top.display()
@@ -222,25 +216,9 @@ fn blockdev_implied_driver_and_json_backing_names_open() {
     let dir = testkit::tempdir();
     let base = dir.path().join("base.qcow2");
     let top = dir.path().join("top.qcow2");
-    assert!(qemu_img(&[
-        "create",
-        "-f",
-        "qcow2",
-        base.to_str().unwrap(),
-        "1M"
-    ]));
+    create_qcow2(&base, None);
     let backing = json!({"driver": "qcow2", "file": {"driver": "file", "filename": base}});
-    assert!(qemu_img(&[
-        "create",
-        "-f",
-        "qcow2",
-        "-b",
-        &format!("json:{backing}"),
-        "-F",
-        "qcow2",
-        top.to_str().unwrap(),
-        "1M"
-    ]));
+    create_qcow2(&top, Some(&format!("json:{backing}")));
     let file = format!("file,filename={},node-name=top-file", top.display());
     let (_p, mut q) = lm(
         dir.path(),
@@ -278,13 +256,7 @@ fn bitmap_on_a_drive_migrates_under_the_drive_name() {
     let dir = testkit::tempdir();
     let (a, b) = (dir.path().join("a.qcow2"), dir.path().join("b.qcow2"));
     for img in [&a, &b] {
-        assert!(qemu_img(&[
-            "create",
-            "-f",
-            "qcow2",
-            img.to_str().unwrap(),
-            "1M"
-        ]));
+        create_qcow2(img, None);
     }
     let mig = dir.path().join("mig");
     let drive = |img: &Path| {
