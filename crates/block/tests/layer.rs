@@ -6,6 +6,7 @@ use block::driver::{BlockDriver, FilenameInfo, LoadedBitmap, PersistentBitmapSto
 use block::{BlockError, BlockLayer, MergeSource, NodeFlags};
 use hbitmap::HBitmap;
 use serde_json::{json, Map, Value};
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 /// Runs a block command as the monitor does; `None` for a command the block layer lacks.
@@ -58,14 +59,20 @@ fn bitmaps_of(l: &BlockLayer, node: &str) -> Vec<Value> {
         .unwrap_or_default()
 }
 
-#[test]
-fn blockdev_add_errors_are_qemus() {
-    let dir = tempfile::tempdir().unwrap();
-    let img = dir.path().join("img.raw");
+/// A sparse 1 MiB file `name` in `dir`.
+fn raw_image(dir: &Path, name: &str) -> PathBuf {
+    let img = dir.join(name);
     std::fs::File::create(&img)
         .unwrap()
         .set_len(1 << 20)
         .unwrap();
+    img
+}
+
+#[test]
+fn blockdev_add_errors_are_qemus() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = raw_image(dir.path(), "img.raw");
     let img = img.to_str().unwrap();
     let l = null_layer();
     let cases = [
@@ -109,11 +116,7 @@ fn blockdev_add_errors_are_qemus() {
 #[test]
 fn blockdev_del_refusals_and_implicit_children() {
     let dir = tempfile::tempdir().unwrap();
-    let img = dir.path().join("img.raw");
-    std::fs::File::create(&img)
-        .unwrap()
-        .set_len(1 << 20)
-        .unwrap();
+    let img = raw_image(dir.path(), "img.raw");
     let l = null_layer();
     ok(
         &l,
@@ -981,11 +984,7 @@ fn migration_style_transfer_through_the_typed_api() {
 #[test]
 fn an_inactivated_raw_image_behind_a_device_can_be_taken_over() {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("disk.raw");
-    std::fs::File::create(&path)
-        .unwrap()
-        .set_len(1 << 20)
-        .unwrap();
+    let path = raw_image(dir.path(), "disk.raw");
     let spec = json!({
         "driver": "raw", "node-name": "d0",
         "file": {"driver": "file", "filename": path.display().to_string()}
