@@ -75,6 +75,38 @@ fn sha(b: &BlockLayer, name: &str) -> String {
     b.x_debug_block_dirty_bitmap_sha256("d0", name).unwrap()
 }
 
+/// Waits (a minute at most) for `src`'s outgoing migration to end: it must have completed.
+fn outgoing_completed(src: &Side, what: &str) {
+    let st = src.mig.wait_outgoing(
+        &[
+            MigrationStatus::Completed,
+            MigrationStatus::Failed,
+            MigrationStatus::Cancelled,
+        ],
+        Duration::from_secs(60),
+    );
+    assert_eq!(
+        st,
+        MigrationStatus::Completed,
+        "{what}: source {:?}",
+        src.mig.query()
+    );
+}
+
+/// Waits (a minute at most) for `dst`'s incoming migration to end: it must have completed.
+fn incoming_completed(dst: &Side, what: &str) {
+    let st = dst.mig.wait_incoming(
+        &[MigrationStatus::Completed, MigrationStatus::Failed],
+        Duration::from_secs(60),
+    );
+    assert_eq!(
+        st,
+        MigrationStatus::Completed,
+        "{what}: destination {:?}",
+        dst.mig.query()
+    );
+}
+
 /// Migrates `src` to `dst` over `uri` (the destination listens on `listen`) and checks what a
 /// user would check: both ends completed, RAM and bitmaps identical at the stop point, the
 /// vCPUs' state carried over, and the destination's guest carrying on from there.
@@ -90,30 +122,8 @@ fn migrate_and_check(src: &Side, dst: &Side, listen: &str, uri: &str) {
         None => uri.to_string(),
     };
     src.mig.migrate(&uri).unwrap();
-    let st = src.mig.wait_outgoing(
-        &[
-            MigrationStatus::Completed,
-            MigrationStatus::Failed,
-            MigrationStatus::Cancelled,
-        ],
-        Duration::from_secs(60),
-    );
-    assert_eq!(
-        st,
-        MigrationStatus::Completed,
-        "source: {:?}",
-        src.mig.query()
-    );
-    let st = dst.mig.wait_incoming(
-        &[MigrationStatus::Completed, MigrationStatus::Failed],
-        Duration::from_secs(60),
-    );
-    assert_eq!(
-        st,
-        MigrationStatus::Completed,
-        "destination: {:?}",
-        dst.mig.query()
-    );
+    outgoing_completed(src, &uri);
+    incoming_completed(dst, listen);
 
     assert_eq!(src.vm.as_ref().runstate_for_test(), RunState::PostMigrate);
     // -S on the destination: paused, so the stop point can be compared.
@@ -213,24 +223,11 @@ fn migrates_over_exec_and_file() {
     migration::machine::Machine::start(src.vm.as_ref());
     std::thread::sleep(Duration::from_millis(50));
     src.mig.migrate(&format!("exec:cat > {f}")).unwrap();
-    let st = src.mig.wait_outgoing(
-        &[MigrationStatus::Completed, MigrationStatus::Failed],
-        Duration::from_secs(60),
-    );
-    assert_eq!(st, MigrationStatus::Completed, "{:?}", src.mig.query());
+    outgoing_completed(&src, "exec");
     for listen in [format!("file:{f}"), format!("exec:cat {f}")] {
         let dst = side(true, MachineType::Livemig, WorkloadConfig::default());
         dst.mig.incoming(&listen, false).unwrap();
-        let st = dst.mig.wait_incoming(
-            &[MigrationStatus::Completed, MigrationStatus::Failed],
-            Duration::from_secs(60),
-        );
-        assert_eq!(
-            st,
-            MigrationStatus::Completed,
-            "{listen}: {:?}",
-            dst.mig.query()
-        );
+        incoming_completed(&dst, &listen);
         assert_eq!(src.vm.ram_checksum(), dst.vm.ram_checksum(), "{listen}");
         assert_eq!(sha(&src.block, "b0"), sha(&dst.block, "b0"), "{listen}");
         assert_eq!(src.vm.vcpu_steps(), dst.vm.vcpu_steps(), "{listen}");
@@ -252,24 +249,8 @@ fn m_none_machine_migrates_ram_and_bitmaps() {
     block::qemu_io::run(&src.block, "d0", "write 1M 4k").unwrap();
     dst.mig.incoming(&format!("unix:{path}"), false).unwrap();
     src.mig.migrate(&format!("unix:{path}")).unwrap();
-    assert_eq!(
-        src.mig.wait_outgoing(
-            &[MigrationStatus::Completed, MigrationStatus::Failed],
-            Duration::from_secs(30)
-        ),
-        MigrationStatus::Completed,
-        "{:?}",
-        src.mig.query()
-    );
-    assert_eq!(
-        dst.mig.wait_incoming(
-            &[MigrationStatus::Completed, MigrationStatus::Failed],
-            Duration::from_secs(30)
-        ),
-        MigrationStatus::Completed,
-        "{:?}",
-        dst.mig.query()
-    );
+    outgoing_completed(&src, "unix");
+    incoming_completed(&dst, "unix");
     assert_eq!(sha(&src.block, "b0"), sha(&dst.block, "b0"));
     let info = dst.block.query_named_block_nodes(false);
     assert!(info.to_string().contains("\"count\":131072"), "{info}");
@@ -320,15 +301,7 @@ fn cancel_while_connect_hangs_ends_at_once_and_a_new_migration_works() {
     let ok = dir.path().join("ok.sock").display().to_string();
     dst.mig.incoming(&format!("unix:{ok}"), false).unwrap();
     src.mig.migrate(&format!("unix:{ok}")).unwrap();
-    assert_eq!(
-        src.mig.wait_outgoing(
-            &[MigrationStatus::Completed, MigrationStatus::Failed],
-            Duration::from_secs(60)
-        ),
-        MigrationStatus::Completed,
-        "{:?}",
-        src.mig.query()
-    );
+    outgoing_completed(&src, "unix");
     let names: Vec<String> = src
         .events
         .snapshot()
@@ -367,15 +340,7 @@ fn device_load_rebuilds_the_memory_map_once() {
     let before = dst.vm.core().memmap.stats().rebuilds;
     dst.mig.incoming(&format!("unix:{path}"), false).unwrap();
     src.mig.migrate(&format!("unix:{path}")).unwrap();
-    assert_eq!(
-        dst.mig.wait_incoming(
-            &[MigrationStatus::Completed, MigrationStatus::Failed],
-            Duration::from_secs(30)
-        ),
-        MigrationStatus::Completed,
-        "{:?}",
-        dst.mig.query()
-    );
+    incoming_completed(&dst, "unix");
     assert_eq!(windows(&dst), windows(&src));
     // Eight windows moved, one flat-view rebuild (seed 003).
     assert_eq!(dst.vm.core().memmap.stats().rebuilds, before + 1);
