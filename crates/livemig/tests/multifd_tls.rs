@@ -79,20 +79,6 @@ fn destination(dir: &Path, name: &str, sub: Option<&str>, channels: u64) -> (Lm,
     (dst, SocketAddr::from(([127, 0, 0, 1], port)))
 }
 
-/// The migration ended `failed`; returns its error.
-fn failed(lm: &mut Lm) -> String {
-    let r = lm.wait_migration(&["failed", "completed", "cancelled"]);
-    assert_eq!(r["status"], "failed", "{}: {r}\n{}", lm.name, lm.proc.log());
-    r["error-desc"].as_str().unwrap_or_default().to_string()
-}
-
-/// The source's attempt failed with an error containing `want`, and its guest runs on.
-fn source_failed_and_runs(src: &mut Lm, want: &str) {
-    let e = failed(src);
-    assert!(e.contains(want), "source: '{e}' lacks '{want}'");
-    assert_eq!(src.status(), "running", "the source runs on");
-}
-
 #[test]
 fn multifd_over_tls_with_three_channels() {
     let dir = tempdir();
@@ -184,14 +170,14 @@ fn multifd_tls_channel_refusals_are_clear_on_both_ends() {
     let (mut other, other_addr) = destination(dir, "other1", Some("other-srv"), 1);
     let relay = via(addr, other_addr);
     src.migrate(&relay.uri);
-    source_failed_and_runs(&mut src, "The certificate hasn't got a known issuer");
-    let e = failed(&mut dst);
+    src.failed_and_runs("The certificate hasn't got a known issuer");
+    let e = dst.migration_failed();
     assert!(
         e.contains("the main channel closed before every multifd channel connected"),
         "destination: {e}"
     );
     assert_ne!(dst.status(), "running");
-    let e = failed(&mut other);
+    let e = other.migration_failed();
     assert!(e.starts_with("TLS handshake failed"), "the other peer: {e}");
     drop((relay, dst, other));
 
@@ -203,8 +189,8 @@ fn multifd_tls_channel_refusals_are_clear_on_both_ends() {
     plain.set_caps(&[("multifd", false)]);
     let relay = via(addr, plain_addr);
     src.migrate(&relay.uri);
-    source_failed_and_runs(&mut src, "TLS handshake failed");
-    let e = failed(&mut dst);
+    src.failed_and_runs("TLS handshake failed");
+    let e = dst.migration_failed();
     assert!(
         e.contains("the main channel closed before every multifd channel connected"),
         "destination: {e}"
@@ -236,14 +222,14 @@ fn multifd_tls_channel_refusals_are_clear_on_both_ends() {
     });
     let relay = via(addr, impostor.addr);
     src.migrate(&relay.uri);
-    let e = failed(&mut dst);
+    let e = dst.migration_failed();
     assert!(
         e.contains("TLS handshake failed: the peer does not speak TLS"),
         "destination: {e}"
     );
     assert_ne!(dst.status(), "running");
     // The destination gave up on the main channel: the source fails and runs on.
-    let e = failed(&mut src);
+    let e = src.migration_failed();
     assert!(!e.is_empty());
     assert_eq!(src.status(), "running", "the source runs on");
     impostor.saw_tls_records(1);

@@ -76,20 +76,6 @@ fn server_psk(dir: &str) -> String {
     format!("tls-creds-psk,id=tls0,endpoint=server,dir={dir}")
 }
 
-/// The migration ended `failed`; returns its error.
-fn failed(lm: &mut Lm) -> String {
-    let r = lm.wait_migration(&["failed", "completed", "cancelled"]);
-    assert_eq!(r["status"], "failed", "{}: {r}\n{}", lm.name, lm.proc.log());
-    r["error-desc"].as_str().unwrap_or_default().to_string()
-}
-
-/// The source's attempt failed with an error containing `want`, and its guest runs on.
-fn source_failed_and_runs(src: &mut Lm, want: &str) {
-    let e = failed(src);
-    assert!(e.contains(want), "source: '{e}' lacks '{want}'");
-    assert_eq!(src.status(), "running", "the source runs on");
-}
-
 fn migrates_whole(channels: u64) {
     let dir = tempdir();
     let dir = dir.path();
@@ -159,8 +145,8 @@ fn psk_refusals_are_clear_on_both_ends() {
     );
     single(&mut dst);
     src.migrate(&uri);
-    source_failed_and_runs(&mut src, "the peer refused this side's pre-shared key");
-    let e = failed(&mut dst);
+    src.failed_and_runs("the peer refused this side's pre-shared key");
+    let e = dst.migration_failed();
     assert!(
         e.starts_with("TLS handshake failed: the pre-shared key of username qemu does not match"),
         "destination: {e}"
@@ -189,15 +175,18 @@ fn psk_refusals_are_clear_on_both_ends() {
     );
     single(&mut dst);
     src.migrate(&uri);
-    source_failed_and_runs(&mut src, "the peer refused the handshake");
-    assert_eq!(failed(&mut dst), "TLS PSK authz check for admin is denied");
+    src.failed_and_runs("the peer refused the handshake");
+    assert_eq!(
+        dst.migration_failed(),
+        "TLS PSK authz check for admin is denied"
+    );
     drop(dst);
 
     // 3. A plaintext destination.
     let (mut dst, uri) = destination(dir, "d-plain", &[], json!({}), 1);
     single(&mut dst);
     src.migrate(&uri);
-    source_failed_and_runs(&mut src, "TLS handshake failed");
+    src.failed_and_runs("TLS handshake failed");
     // It read a TLS ClientHello where a stream header should be.
     let e = dst.wait_load_failed();
     assert!(e.contains("Not a migration stream"), "destination: {e}");
@@ -216,11 +205,8 @@ fn psk_refusals_are_clear_on_both_ends() {
     let (mut dst, uri) = destination(dir, "d-x509", &[x509], json!({"tls-creds": "tls0"}), 1);
     single(&mut dst);
     src.migrate(&uri);
-    source_failed_and_runs(
-        &mut src,
-        "The server presented a certificate instead of using the pre-shared key",
-    );
-    let e = failed(&mut dst);
+    src.failed_and_runs("The server presented a certificate instead of using the pre-shared key");
+    let e = dst.migration_failed();
     assert!(!e.is_empty());
     assert_ne!(dst.status(), "running");
     drop(dst);

@@ -124,6 +124,27 @@ impl Lm {
         self.qmp.err(cmd, args)
     }
 
+    /// Waits for the migration to end: it must have `failed`. Returns its error.
+    pub fn migration_failed(&mut self) -> String {
+        let r = self.wait_migration(&["failed", "completed", "cancelled"]);
+        assert_eq!(
+            r["status"],
+            "failed",
+            "{}: {r}\n{}",
+            self.name,
+            self.proc.log()
+        );
+        r["error-desc"].as_str().unwrap_or_default().to_string()
+    }
+
+    /// A source's attempt [failed](Self::migration_failed) with an error containing `want`,
+    /// and its guest runs on.
+    pub fn failed_and_runs(&mut self, want: &str) {
+        let e = self.migration_failed();
+        assert!(e.contains(want), "source: '{e}' lacks '{want}'");
+        assert_eq!(self.status(), "running", "the source runs on");
+    }
+
     /// `query-status`'s `status`, checking that `running` agrees with it.
     pub fn status(&mut self) -> String {
         let r = self.ok("query-status", json!({}));
