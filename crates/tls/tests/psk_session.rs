@@ -7,7 +7,7 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::Arc;
 use tls::authz::Authz;
-use tls::{accept, connect, Endpoint, PskOptions, TlsCreds, TlsError};
+use tls::{accept, connect, Endpoint, PskOptions, TlsCreds, TlsError, TlsStreams};
 
 const KEY: &str = "0123456789abcdef0123456789abcdef";
 
@@ -27,6 +27,27 @@ fn keys(lines: &str) -> tempfile::TempDir {
     d
 }
 
+/// One end of [`run`]: writes `data` through `st` (on a thread of its own) while it reads as
+/// many bytes, which must be `data` too (what the other end wrote); `who` names the end.
+fn exchange(
+    st: TlsStreams<UnixStream, UnixStream>,
+    data: &[u8],
+    who: &str,
+) -> Result<(), TlsError> {
+    let (mut rd, mut wr) = (st.reader, st.writer);
+    std::thread::scope(|s| {
+        s.spawn(move || {
+            wr.write_all(data).unwrap();
+            wr.flush().unwrap();
+        });
+        let mut got = vec![0u8; data.len()];
+        rd.read_exact(&mut got)
+            .map_err(|e| TlsError::Handshake(e.to_string()))?;
+        assert!(got == *data, "{who} received other bytes");
+        Ok(())
+    })
+}
+
 /// Runs a server session on a thread and a client session here, each sending `n` bytes to the
 /// other at once and reading the other's; returns what each end saw (the server's with the
 /// peer name it learnt).
@@ -38,7 +59,6 @@ fn run(
 ) -> (Result<String, TlsError>, Result<String, TlsError>) {
     let (a, b) = UnixStream::pair().unwrap();
     let data: Vec<u8> = (0..n).map(|i| (i * 7 + i / 4096) as u8).collect();
-    let io = |e: std::io::Error| TlsError::Handshake(e.to_string());
     std::thread::scope(|scope| {
         let data = &data;
         let s = scope.spawn(move || {
@@ -46,32 +66,14 @@ fn run(
             let st = accept(server, authz.map(Arc::new), r, a)?;
             let peer = st.peer_dn().unwrap_or("-").to_string();
             let protocol = st.protocol().to_string();
-            let (mut rd, mut wr) = (st.reader, st.writer);
-            std::thread::scope(|s2| {
-                s2.spawn(move || {
-                    wr.write_all(data).unwrap();
-                    wr.flush().unwrap();
-                });
-                let mut got = vec![0u8; data.len()];
-                rd.read_exact(&mut got).map_err(io)?;
-                assert!(got == *data, "server received other bytes");
-                Ok(format!("{peer} {protocol}"))
-            })
+            exchange(st, data, "server")?;
+            Ok(format!("{peer} {protocol}"))
         });
         let c = (|| {
             let r = b.try_clone().unwrap();
             let st = connect(client, Some("ignored.example.org"), r, b)?;
-            let (mut rd, mut wr) = (st.reader, st.writer);
-            std::thread::scope(|s2| {
-                s2.spawn(move || {
-                    wr.write_all(data).unwrap();
-                    wr.flush().unwrap();
-                });
-                let mut got = vec![0u8; data.len()];
-                rd.read_exact(&mut got).map_err(io)?;
-                assert!(got == *data, "client received other bytes");
-                Ok("ok".to_string())
-            })
+            exchange(st, data, "client")?;
+            Ok("ok".to_string())
         })();
         (s.join().unwrap(), c)
     })
