@@ -9,7 +9,7 @@ use common::TIMEOUT;
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
-use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
+use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::mpsc::{channel, Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant};
 use testkit::QmpClient;
@@ -80,23 +80,22 @@ impl StdioQmp {
     }
 
     /// Stdout reaches its end (no more lines) within the timeout.
-    fn expect_eof(&mut self) {
+    /// stdout ends with no line more, and the process exits with status 0.
+    fn ends_cleanly(&mut self) {
         match self.lines.recv_timeout(TIMEOUT) {
             Err(RecvTimeoutError::Disconnected) => {}
             Ok(line) => panic!("{}: unexpected line {line:?}", self.name),
             Err(RecvTimeoutError::Timeout) => panic!("{}: stdout stays open", self.name),
         }
-    }
-
-    fn wait_exit(&mut self) -> ExitStatus {
         let deadline = Instant::now() + TIMEOUT;
-        loop {
+        let status = loop {
             if let Some(s) = self.child.try_wait().unwrap() {
-                return s;
+                break s;
             }
             assert!(Instant::now() < deadline, "{} did not exit", self.name);
             std::thread::sleep(Duration::from_millis(20));
-        }
+        };
+        assert!(status.success(), "{}: {status}", self.name);
     }
 }
 
@@ -130,9 +129,7 @@ fn session(program: &Path) -> Vec<Value> {
     // The event comes before the reply, as QEMU's qmp_quit emits it before returning.
     seen.push(q.cmd(json!({"execute": "quit", "id": "bye"})));
     seen.push(q.next());
-    q.expect_eof();
-    let status = q.wait_exit();
-    assert!(status.success(), "{}: {status}", q.name);
+    q.ends_cleanly();
     seen.into_iter().map(scrub).collect()
 }
 
@@ -176,9 +173,7 @@ fn stdin_closed(program: &Path) -> Vec<Value> {
     assert!(q.child.try_wait().unwrap().is_none(), "{} exited", q.name);
     other.ok("quit", json!({}));
     seen.push(q.next());
-    q.expect_eof();
-    let status = q.wait_exit();
-    assert!(status.success(), "{}: {status}", q.name);
+    q.ends_cleanly();
     seen.into_iter().map(scrub).collect()
 }
 
