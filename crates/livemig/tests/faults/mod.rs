@@ -201,19 +201,22 @@ impl Proxy {
         }
     }
 
-    /// Waits until the stream stopped at the `ram` END section; returns its offset.
-    pub fn wait_stalled(&self, timeout: Duration) -> u64 {
+    /// Waits (`timeout` at most, else fails saying `what` did not happen) until `ready` finds
+    /// what it waits for in the proxy's state.
+    fn wait_for<T>(
+        &self,
+        timeout: Duration,
+        what: &str,
+        mut ready: impl FnMut(&ProxyState) -> Option<T>,
+    ) -> T {
         let deadline = Instant::now() + timeout;
         let mut st = self.shared.lock();
         loop {
-            if let Some(at) = st.stalled_at {
-                return at;
-            }
-            if let Some(e) = &st.error {
-                panic!("the proxy could not follow the stream: {e}");
+            if let Some(v) = ready(&st) {
+                return v;
             }
             let left = deadline.saturating_duration_since(Instant::now());
-            assert!(!left.is_zero(), "the stream never reached the switchover");
+            assert!(!left.is_zero(), "{what}");
             st = self
                 .shared
                 .cond
@@ -223,21 +226,24 @@ impl Proxy {
         }
     }
 
+    /// Waits until the stream stopped at the `ram` END section; returns its offset.
+    pub fn wait_stalled(&self, timeout: Duration) -> u64 {
+        self.wait_for(timeout, "the stream never reached the switchover", |st| {
+            if st.stalled_at.is_none() {
+                if let Some(e) = &st.error {
+                    panic!("the proxy could not follow the stream: {e}");
+                }
+            }
+            st.stalled_at
+        })
+    }
+
     /// With [`Stall::Hold`]: waits until the source has sent its whole stream (and closed its
     /// side), so it now waits for the destination's verdict.
     pub fn wait_source_done(&self, timeout: Duration) {
-        let deadline = Instant::now() + timeout;
-        let mut st = self.shared.lock();
-        while !st.source_done {
-            let left = deadline.saturating_duration_since(Instant::now());
-            assert!(!left.is_zero(), "the source did not finish its stream");
-            st = self
-                .shared
-                .cond
-                .wait_timeout(st, left)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
-        }
+        self.wait_for(timeout, "the source did not finish its stream", |st| {
+            st.source_done.then_some(())
+        })
     }
 
     /// Bytes the source sent after the stall, held back.
