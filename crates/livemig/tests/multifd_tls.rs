@@ -184,8 +184,8 @@ fn multifd_tls_channel_refusals_are_clear_on_both_ends() {
     // 2. The channel reaches a plaintext destination.
     let (mut dst, addr) = destination(dir, "dst2", Some("srv"), 1);
     let (mut plain, plain_addr) = destination(dir, "plain2", None, 1);
-    // Without multifd it reads the stream at once (with it, it would wait for its channels
-    // as the source waits for its answer, until the stall bound).
+    // Without multifd it reads the stream at once and fails on the hello as a stream
+    // header (with it, it would see the same hello while it waits for its channels).
     plain.set_caps(&[("multifd", false)]);
     let relay = via(addr, plain_addr);
     src.migrate(&relay.uri);

@@ -246,3 +246,153 @@ fn tls_set_while_paused_secures_the_recovery() {
     complete_and_verify(&mut src, &mut dst);
     assert_all_tls("after the recovery", &relay2, 2, false);
 }
+
+/// A recovery whose two ends disagree about TLS is refused by both, clearly, and nothing
+/// goes in the clear: a destination that asks for TLS refuses a source that resumes without
+/// it (and the source says the destination speaks TLS), a source that resumes with TLS
+/// refuses a destination without it. Each end stays `postcopy-paused`, and once both agree
+/// the recovery completes.
+#[test]
+fn a_recovery_that_disagrees_about_tls_is_refused_by_both_ends() {
+    let dir = tempdir();
+    let dir = dir.path();
+    let creds = Creds::X509;
+    let (mut dst, relay) = destination(dir, creds, false);
+    let mut src = in_postcopy(dir, creds, false, &mut dst, &relay);
+    src.ok("migrate-pause", json!({}));
+    paused(&mut src);
+    paused(&mut dst);
+
+    // 1. The destination asks for TLS, the source resumes in the clear.
+    dst.set_params(json!({"tls-creds": "tls0"}));
+    dst.ok("migrate-recover", json!({"uri": "tcp:127.0.0.1:0"}));
+    let port = dst.incoming_port();
+    src.ok(
+        "migrate",
+        json!({"uri": format!("tcp:127.0.0.1:{port}"), "resume": true}),
+    );
+    let q = paused_with(&mut src, "resume failed");
+    let e = q["error-desc"].as_str().unwrap_or_default();
+    assert!(
+        e.contains("the destination speaks TLS"),
+        "the source says why: {e}"
+    );
+    let q = paused_with(&mut dst, "recovery connection failed");
+    let e = q["error-desc"].as_str().unwrap_or_default();
+    assert!(
+        e.contains("does not speak TLS"),
+        "the destination says why: {e}"
+    );
+
+    // 2. The source resumes with TLS, the destination listens in the clear.
+    dst.set_params(json!({"tls-creds": ""}));
+    src.set_params(json!({"tls-creds": "tls0"}));
+    dst.ok("migrate-recover", json!({"uri": "tcp:127.0.0.1:0"}));
+    let port = dst.incoming_port();
+    src.ok(
+        "migrate",
+        json!({"uri": format!("tcp:127.0.0.1:{port}"), "resume": true}),
+    );
+    paused_with(&mut src, "resume failed: TLS handshake failed");
+    let e = loop {
+        let q = paused_with(&mut dst, "recovery connection failed");
+        let e = q["error-desc"].as_str().unwrap_or_default().to_string();
+        if !e.contains("does not speak TLS") {
+            break e;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    assert!(
+        e.contains("the source speaks TLS"),
+        "the destination says why: {e}"
+    );
+
+    // 3. Both with TLS: the recovery goes through, encrypted.
+    dst.set_params(json!({"tls-creds": "tls0", "tls-authz": "authz0"}));
+    dst.ok("migrate-recover", json!({"uri": "tcp:127.0.0.1:0"}));
+    let relay2 = relay_to(&mut dst);
+    resume(&mut src, &mut dst, &relay2.uri);
+    complete_and_verify(&mut src, &mut dst);
+    assert_all_tls("after the recovery", &relay2, 2, false);
+}
+
+/// Waits until `lm` is `postcopy-paused` with an `error-desc` containing `what`; returns its
+/// `query-migrate`.
+fn paused_with(lm: &mut Lm, what: &str) -> serde_json::Value {
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    loop {
+        let q = paused(lm);
+        if q["error-desc"].as_str().unwrap_or_default().contains(what) {
+            return q;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{}: no '{what}' in {q}",
+            lm.name
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// With preempt, a migration whose ends disagree about TLS fails on both, at once and with
+/// what is wrong, and the source runs on: the destination waits for its second (preempt)
+/// connection before it reads the stream, so a plaintext destination used to wait there while
+/// the TLS source waited for an answer to its hello — both stuck until the stall bound
+/// (30 s). Now the plaintext destination sees the hello on the main channel (and says so),
+/// and a TLS one refuses the plaintext source's stream header.
+#[test]
+fn preempt_with_tls_on_one_end_only_fails_at_once_on_both() {
+    let dir = tempdir();
+    let dir = dir.path();
+    let creds = Creds::X509;
+    creds.write(dir);
+    let mut src = slow_source_with(dir, &creds.client_objects(dir));
+    src.caps_on(&["postcopy-preempt"]);
+    let destination = |name: &str, tls: bool| {
+        let mut a: Vec<String> = GUEST.iter().map(|s| s.to_string()).collect();
+        a.extend(creds.server_objects(dir));
+        a.extend(["-incoming".into(), "tcp:127.0.0.1:0".into()]);
+        let a: Vec<&str> = a.iter().map(String::as_str).collect();
+        let mut dst = Lm::start(dir, name, &a);
+        dst.caps_on(CAPS);
+        dst.caps_on(&["postcopy-preempt"]);
+        if tls {
+            dst.set_params(json!({"tls-creds": "tls0"}));
+        }
+        let port = dst.incoming_port();
+        (dst, format!("tcp:127.0.0.1:{port}"))
+    };
+    let quick = std::time::Duration::from_secs(10);
+
+    // 1. A TLS source, a plaintext destination.
+    src.set_params(json!({"tls-creds": "tls0"}));
+    let (mut dst, uri) = destination("plain", false);
+    let t0 = std::time::Instant::now();
+    src.migrate(&uri);
+    let q = src.wait_migration(&["failed", "completed"]);
+    assert_eq!(q["status"], "failed", "{q}");
+    let e = q["error-desc"].as_str().unwrap_or_default();
+    assert!(e.contains("TLS handshake failed"), "source: {e}");
+    let e = dst.wait_migration(&["failed"])["error-desc"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(e.contains("the source speaks TLS"), "destination: {e}");
+    assert!(t0.elapsed() < quick, "took {:?}", t0.elapsed());
+    assert_eq!(src.status(), "running", "the source runs on");
+
+    // 2. A plaintext source, a TLS destination.
+    src.set_params(json!({"tls-creds": ""}));
+    let (mut dst, uri) = destination("tls", true);
+    let t0 = std::time::Instant::now();
+    src.migrate(&uri);
+    let q = src.wait_migration(&["failed", "completed"]);
+    assert_eq!(q["status"], "failed", "{q}");
+    let e = dst.wait_migration(&["failed"])["error-desc"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(e.contains("does not speak TLS"), "destination: {e}");
+    assert!(t0.elapsed() < quick, "took {:?}", t0.elapsed());
+    assert_eq!(src.status(), "running", "the source runs on");
+}

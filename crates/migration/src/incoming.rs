@@ -1199,10 +1199,17 @@ pub(crate) fn run(job: Job) {
     if caps.has(Capability::PostcopyPreempt) {
         // QEMU 7.2's source opens the preempt channel right after the main one, and the
         // destination waits for it before loading anything (`migration_has_all_channels`).
-        let preempt = job
-            .listener
-            .accept()
-            .and_then(|c| crate::secure::secure_incoming(c, &tls_params, &job.objects));
+        // Watched while waiting: a source that cannot open it (a TLS hello on a side
+        // without TLS, a closed main channel) fails the wait instead of leaving both ends
+        // waiting on each other.
+        let preempt = crate::channel_wait::wait_for_preempt(
+            &job.listener,
+            &shutdown,
+            stall,
+            !tls_params.enabled(),
+        )
+        .and_then(|()| job.listener.accept())
+        .and_then(|c| crate::secure::secure_incoming(c, &tls_params, &job.objects));
         match preempt {
             Ok(mut p) => match p.reader.take() {
                 Some(reader) => loader.set_preempt_channel(reader, p.shutdown.clone()),
@@ -1236,6 +1243,7 @@ pub(crate) fn run(job: Job) {
                             l,
                             main_fd.as_ref().map(std::os::fd::AsFd::as_fd),
                             stall,
+                            !tls_params.enabled(),
                         )?;
                     }
                     let c = job.listener.accept()?;

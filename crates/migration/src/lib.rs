@@ -25,6 +25,7 @@
 
 pub mod bitmaps;
 pub mod caps;
+mod channel_wait;
 pub mod engine;
 pub mod error;
 pub mod events;

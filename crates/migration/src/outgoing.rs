@@ -1659,6 +1659,23 @@ impl RpCtx {
     }
 }
 
+/// What the source adds to a return-path error that is a TLS record: a destination that
+/// asks for TLS (its `tls-creds`) answers a source without it with a TLS alert.
+const TLS_PEER_HINT: &str = ": that is a TLS record: the destination speaks TLS, and this side \
+                             has no tls-creds (both ends need them)";
+
+/// Whether the return path's first bytes were a TLS record header (content type 21 or 22,
+/// version 3.x) rather than a message: the destination runs TLS on a channel this side
+/// opened in the clear.
+fn speaks_tls(e: &wire::WireError) -> bool {
+    match e.kind {
+        wire::WireErrorKind::RpUnknownMessage { ty, .. } => {
+            e.offset == 0 && matches!(ty.to_be_bytes(), [0x15 | 0x16, 3])
+        }
+        _ => false,
+    }
+}
+
 fn spawn_return_path(
     reader: BoxRead,
     ctx: Arc<RpCtx>,
@@ -1709,7 +1726,11 @@ fn spawn_return_path(
                         Ok(())
                     }
                     Err(e) => {
-                        let _ = tx.send(RpEvent::Closed(format!("RP: {e}")));
+                        let mut why = format!("RP: {e}");
+                        if speaks_tls(&e) {
+                            why.push_str(TLS_PEER_HINT);
+                        }
+                        let _ = tx.send(RpEvent::Closed(why));
                         return;
                     }
                 };

@@ -25,7 +25,7 @@ use std::os::fd::BorrowedFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use wire::multifd::{Compression, InitPacket, PacketHeader, INIT_LEN, PACKET_HEADER_LEN};
 
 #[derive(Default)]
@@ -135,18 +135,12 @@ pub struct Receiver {
 /// Accepts the next connection, registers it for cancellation and secures it (TLS).
 pub type Accept<'a> = &'a mut dyn FnMut() -> Result<Connection, MigrationError>;
 
-/// `POLLRDHUP` (Linux): the peer shut its sending side (or the socket was shut here). nix
-/// does not name it; its value is the kernel's (`0x2000`).
-fn rdhup() -> PollFlags {
-    PollFlags::from_bits_retain(0x2000)
-}
-
 /// Whether the peer of socket `fd` closed its side (or the connection broke), without
 /// waiting.
 pub(crate) fn hung_up(fd: BorrowedFd<'_>) -> bool {
-    let mut fds = [PollFd::new(fd, rdhup())];
+    let mut fds = [PollFd::new(fd, crate::channel_wait::rdhup())];
     match poll(&mut fds, PollTimeout::ZERO) {
-        // See `wait_for_channel` for `None`. POLLERR alone is not taken: with zero copy it
+        // `None` is POLLRDHUP (see `channel_wait`). POLLERR alone is not taken: with zero copy it
         // only says that completions wait on the error queue.
         Ok(n) if n > 0 => fds
             .first()
@@ -155,78 +149,36 @@ pub(crate) fn hung_up(fd: BorrowedFd<'_>) -> bool {
     }
 }
 
-/// Waits until `listener` has the next channel to accept. Gives up, with an error, when the
-/// source hangs up the main channel (or it is shut down here: a cancel) before the channel
-/// comes — a source whose channel failed (a refused certificate, a peer that does not speak
-/// TLS) or a cut link — or when `bound` (`x-livemig-stall-timeout`) passes without one;
-/// without this an `accept` would keep the destination in `setup` for good.
+/// Waits until `listener` has the next channel to accept (`crate::channel_wait`). Gives up,
+/// with an error, when the source hangs up the main channel (or it is shut down here: a
+/// cancel) before the channel comes — a source whose channel failed (a refused
+/// certificate, a peer that does not speak TLS) or a cut link —, when `plain` (this side
+/// has no TLS) and the source began the main channel with a TLS hello, or when `bound`
+/// (`x-livemig-stall-timeout`) passes without one; without this an `accept` would keep the
+/// destination in `setup` for good.
 pub fn wait_for_channel(
     listener: BorrowedFd<'_>,
     main: Option<BorrowedFd<'_>>,
     bound: Option<Duration>,
+    plain: bool,
 ) -> Result<(), MigrationError> {
-    let deadline = bound.map(|b| Instant::now() + b);
-    loop {
-        let mut fds = vec![PollFd::new(listener, PollFlags::POLLIN)];
-        if let Some(m) = main {
-            fds.push(PollFd::new(m, rdhup()));
+    use crate::channel_wait::NoChannel;
+    crate::channel_wait::wait_for_channel(listener, main, bound, plain).map_err(|e| match e {
+        NoChannel::Io(e) => MigrationError::io("cannot wait for a multifd channel", e),
+        NoChannel::MainClosed => MigrationError::Load(
+            "multifd: the main channel closed before every multifd channel connected \
+             (the source failed to open one)"
+                .into(),
+        ),
+        NoChannel::TimedOut(b) => MigrationError::Load(format!(
+            "multifd: no multifd channel connected within {} ms of the main channel \
+             (x-livemig-stall-timeout)",
+            b.as_millis()
+        )),
+        NoChannel::SourceSpeaksTls => {
+            MigrationError::Load(crate::channel_wait::SOURCE_SPEAKS_TLS.into())
         }
-        let timeout = match deadline {
-            None => PollTimeout::NONE,
-            Some(d) => {
-                let left = d.saturating_duration_since(Instant::now());
-                PollTimeout::try_from(left.as_millis().min(i32::MAX as u128) as i32)
-                    .unwrap_or(PollTimeout::MAX)
-            }
-        };
-        match poll(&mut fds, timeout) {
-            Ok(_) => {}
-            Err(nix::errno::Errno::EINTR) => continue,
-            Err(e) => {
-                return Err(MigrationError::io(
-                    "cannot wait for a multifd channel",
-                    std::io::Error::from(e),
-                ))
-            }
-        }
-        // A channel waiting to be accepted comes first: a source that sent its whole stream
-        // (a small or well-compressed guest) shuts the main channel's sending side after
-        // every channel connected, which reads as a hang-up too.
-        let listener_ready = |fds: &[PollFd<'_>]| {
-            fds.first()
-                .and_then(|l| l.revents())
-                .is_some_and(|r| !r.is_empty())
-        };
-        if listener_ready(&fds) {
-            return Ok(());
-        }
-        // nix reads back only the flags it names: `None` is POLLRDHUP (the one unnamed flag
-        // asked for; the kernel adds only POLLERR, POLLHUP and POLLNVAL, which it names).
-        let gone = PollFlags::POLLHUP | PollFlags::POLLERR | PollFlags::POLLNVAL;
-        if fds
-            .get(1)
-            .is_some_and(|m| m.revents().is_none_or(|r| r.intersects(gone)))
-        {
-            // The source connects every channel before it ends the stream; give a
-            // connection that is on its way a moment to arrive before calling it a failure.
-            let mut l = [PollFd::new(listener, PollFlags::POLLIN)];
-            if matches!(poll(&mut l, PollTimeout::from(200u8)), Ok(n) if n > 0) {
-                return Ok(());
-            }
-            return Err(MigrationError::Load(
-                "multifd: the main channel closed before every multifd channel connected \
-                 (the source failed to open one)"
-                    .into(),
-            ));
-        }
-        if deadline.is_some_and(|d| Instant::now() >= d) {
-            return Err(MigrationError::Load(format!(
-                "multifd: no multifd channel connected within {} ms of the main channel \
-                 (x-livemig-stall-timeout)",
-                bound.unwrap_or_default().as_millis()
-            )));
-        }
-    }
+    })
 }
 
 impl Receiver {

@@ -109,6 +109,13 @@ pub fn wait_for_recovery(
                 ));
             };
             let pre = if preempt {
+                // Watched while waiting, as at setup (`channel_wait`).
+                crate::channel_wait::wait_for_preempt(
+                    &listener,
+                    &conn.shutdown,
+                    stall,
+                    !tls.enabled(),
+                )?;
                 let mut p = accept()?;
                 // The preempt channel may then stay quiet for as long as no page is asked
                 // for: its bound ends with the handshake, as at setup.
