@@ -69,6 +69,44 @@ impl std::fmt::Debug for Digest {
     }
 }
 
+/// The digest run a [`StreamReader`] or [`StreamWriter`] carries: started and finished by the
+/// sections, fed with every byte while it runs. The state is boxed and kept between runs: it
+/// is large, and a run starts per batch.
+#[derive(Debug, Default)]
+pub(crate) struct DigestRun {
+    digest: Option<Box<Digest>>,
+    /// A run is going.
+    running: bool,
+}
+
+impl DigestRun {
+    /// Starts a run, dropping any run in progress.
+    pub(crate) fn start(&mut self) {
+        match self.digest.as_mut() {
+            Some(d) => d.reset(),
+            None => self.digest = Some(Box::default()),
+        }
+        self.running = true;
+    }
+
+    /// Ends the run and gives its value (`None` if no run was going).
+    pub(crate) fn finish(&mut self) -> Option<u64> {
+        if !std::mem::replace(&mut self.running, false) {
+            return None;
+        }
+        self.digest.as_ref().map(|d| d.value())
+    }
+
+    /// The digest, while a run is going.
+    #[inline]
+    pub(crate) fn running(&mut self) -> Option<&mut Digest> {
+        match self.digest.as_mut() {
+            Some(d) if self.running => Some(d),
+            _ => None,
+        }
+    }
+}
+
 /// The one-shot digest of `bytes` (what a run over exactly these bytes yields).
 pub fn digest_of(bytes: &[u8]) -> u64 {
     xxhash_rust::xxh3::xxh3_64(bytes)

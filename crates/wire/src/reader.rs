@@ -5,7 +5,7 @@
 //! where it happened. Payloads that end up in guest memory go through [`StreamReader::read_into`],
 //! which reads straight into the caller's buffer instead of through the lookahead buffer.
 
-use crate::digest::Digest;
+use crate::digest::{Digest, DigestRun};
 use crate::error::{Result, SectionContext, WireError, WireErrorKind};
 use std::io::{ErrorKind, IoSliceMut, Read};
 
@@ -70,10 +70,7 @@ pub struct StreamReader<R> {
     section: Option<SectionContext>,
     options: ReaderOptions,
     /// The running integrity digest ([`crate::digest`]): every byte consumed goes into it.
-    /// Boxed and kept between runs: the state is large, and a run starts per batch.
-    digest: Option<Box<Digest>>,
-    /// A run is going.
-    digesting: bool,
+    digest: DigestRun,
 }
 
 impl<R: Read> StreamReader<R> {
@@ -93,8 +90,7 @@ impl<R: Read> StreamReader<R> {
             eof: false,
             section: None,
             options: ReaderOptions::default(),
-            digest: None,
-            digesting: false,
+            digest: DigestRun::default(),
         }
     }
 
@@ -131,33 +127,20 @@ impl<R: Read> StreamReader<R> {
     /// Starts a run of the integrity digest (dropping any run in progress): every byte
     /// consumed from now on goes into it, until [`StreamReader::digest_finish`].
     pub fn digest_start(&mut self) {
-        match self.digest.as_mut() {
-            Some(d) => d.reset(),
-            None => self.digest = Some(Box::default()),
-        }
-        self.digesting = true;
+        self.digest.start();
     }
 
     /// Ends the run and gives its value (`None` if no run was going).
     pub fn digest_finish(&mut self) -> Option<u64> {
-        if !std::mem::replace(&mut self.digesting, false) {
-            return None;
-        }
-        self.digest.as_ref().map(|d| d.value())
+        self.digest.finish()
     }
 
     fn running_digest(&mut self) -> Option<&mut Digest> {
-        match self.digest.as_mut() {
-            Some(d) if self.digesting => Some(d),
-            _ => None,
-        }
+        self.digest.running()
     }
 
     fn digest_update(&mut self, bytes_at: std::ops::Range<usize>) {
-        if !self.digesting {
-            return;
-        }
-        if let (Some(d), Some(b)) = (self.digest.as_mut(), self.buf.get(bytes_at)) {
+        if let (Some(d), Some(b)) = (self.digest.running(), self.buf.get(bytes_at)) {
             d.update(b);
         }
     }

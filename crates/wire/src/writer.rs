@@ -6,7 +6,7 @@
 //! they leave with the buffered bytes in as few `writev` calls as the kernel allows, without
 //! being copied.
 
-use crate::digest::Digest;
+use crate::digest::{Digest, DigestRun};
 use crate::error::{Result, WireError, WireErrorKind};
 use std::io::{ErrorKind, IoSlice, Write};
 
@@ -23,10 +23,7 @@ pub struct StreamWriter<W: Write> {
     capacity: usize,
     written: u64,
     /// The running integrity digest ([`crate::digest`]): every byte written goes into it.
-    /// Boxed and kept between runs: the state is large, and a run starts per batch.
-    digest: Option<Box<Digest>>,
-    /// A run is going.
-    digesting: bool,
+    digest: DigestRun,
 }
 
 impl<W: Write> StreamWriter<W> {
@@ -43,8 +40,7 @@ impl<W: Write> StreamWriter<W> {
             buf: Vec::with_capacity(capacity),
             capacity,
             written: 0,
-            digest: None,
-            digesting: false,
+            digest: DigestRun::default(),
         }
     }
 
@@ -59,26 +55,16 @@ impl<W: Write> StreamWriter<W> {
     /// digested when they are handed over, so a caller whose slices may change before the
     /// kernel copies them (guest pages of a running guest) must hand over a copy.
     pub fn digest_start(&mut self) {
-        match self.digest.as_mut() {
-            Some(d) => d.reset(),
-            None => self.digest = Some(Box::default()),
-        }
-        self.digesting = true;
+        self.digest.start();
     }
 
     /// Ends the run and gives its value (`None` if no run was going).
     pub fn digest_finish(&mut self) -> Option<u64> {
-        if !std::mem::replace(&mut self.digesting, false) {
-            return None;
-        }
-        self.digest.as_ref().map(|d| d.value())
+        self.digest.finish()
     }
 
     fn running_digest(&mut self) -> Option<&mut Digest> {
-        match self.digest.as_mut() {
-            Some(d) if self.digesting => Some(d),
-            _ => None,
-        }
+        self.digest.running()
     }
 
     /// Bytes waiting in the buffer.
