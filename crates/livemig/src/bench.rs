@@ -109,7 +109,7 @@ fn bench(args: BenchArgs) -> Result<i32, Closed> {
                     )?;
                 } else if let Some(p) = &o.postcopy {
                     outln!(
-                        "{:>4} {:>10} {:>10} {:>10} {:>12.2} {:>7}   requests {} ({} in flight) latency p50 {} us p99 {} us, blocktime {:.2} ms (vCPUs {:?} us)",
+                        "{:>4} {:>10} {:>10} {:>10} {:>12.2} {:>7}   requests {} ({} in flight) latency p50 {} us p99 {} us (asking {}/{}, answer {}/{}, placing {}/{}), blocktime {:.2} ms (vCPUs {:?} us)",
                         i + 1,
                         o.total_ms,
                         o.downtime_ms,
@@ -120,6 +120,12 @@ fn bench(args: BenchArgs) -> Result<i32, Closed> {
                         p["source"]["requested-in-flight"],
                         p["latency-median-us"],
                         p["latency-p99-us"],
+                        p["latency-asking-median-us"],
+                        p["latency-asking-p99-us"],
+                        p["latency-answer-median-us"],
+                        p["latency-answer-p99-us"],
+                        p["latency-placing-median-us"],
+                        p["latency-placing-p99-us"],
                         p["blocktime-ns"].as_u64().unwrap_or(0) as f64 / 1e6,
                         p["vcpu-blocktime-ns"]
                             .as_array()
@@ -158,9 +164,12 @@ fn bench(args: BenchArgs) -> Result<i32, Closed> {
     };
     if sc.postcopy && !json_out {
         outln!(
-            "median postcopy: latency p50 {:.0} us, p99 {:.0} us, blocktime {:.2} ms",
+            "median postcopy: latency p50 {:.0} us, p99 {:.0} us (p50 asking {:.0} us, answer {:.0} us, placing {:.0} us), blocktime {:.2} ms",
             pc("latency-median-us"),
             pc("latency-p99-us"),
+            pc("latency-asking-median-us"),
+            pc("latency-answer-median-us"),
+            pc("latency-placing-median-us"),
             pc("blocktime-ns") / 1e6
         )?;
     }

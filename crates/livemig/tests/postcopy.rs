@@ -123,8 +123,21 @@ fn the_destination_guest_runs_on_pages_it_pulls() {
         .map(|a| a.iter().filter_map(|v| v.as_u64()).sum())
         .unwrap_or(0);
     assert!(ns > 0, "the vCPUs waited for pages: {q}");
-    assert!(x["latency-count"].as_u64().unwrap_or(0) > 0, "{q}");
+    let count = x["latency-count"].as_u64().unwrap_or(0);
+    assert!(count > 0, "{q}");
     assert!(x["latency-median-us"].as_u64().unwrap_or(0) > 0, "{q}");
+    // The latency's three stages: the requests that went out before their page came have one
+    // sample in each, and asking for and placing a page both take time.
+    let split = x["latency-asking-count"].as_u64().unwrap_or(0);
+    assert!(split > 0 && split <= count, "{q}");
+    for stage in ["asking", "answer", "placing"] {
+        assert_eq!(x[format!("latency-{stage}-count")], split, "{stage}: {q}");
+        let med = x[format!("latency-{stage}-median-us")]
+            .as_u64()
+            .unwrap_or(0);
+        let p99 = x[format!("latency-{stage}-p99-us")].as_u64().unwrap_or(0);
+        assert!(med > 0 && med <= p99, "{stage}: {q}");
+    }
 }
 
 #[test]

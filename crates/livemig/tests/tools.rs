@@ -238,7 +238,7 @@ fn demo_migrates_and_verifies() {
 }
 
 /// `livemig bench --postcopy --json`: each run reports the destination's page requests, their
-/// fault -> placement latency and blocktime; `--verify` checks the destination's RAM page by
+/// fault -> placement latency (whole and in stages) and blocktime; `--verify` checks the destination's RAM page by
 /// page and that its guest ran on.
 #[test]
 fn bench_postcopy_reports_page_request_latency() {
@@ -265,6 +265,9 @@ fn bench_postcopy_reports_page_request_latency() {
         "latency-count",
         "latency-median-us",
         "latency-p99-us",
+        "latency-asking-median-us",
+        "latency-answer-median-us",
+        "latency-placing-median-us",
         "blocktime-ns",
     ] {
         assert!(p[k].is_u64(), "{k}: {run}");

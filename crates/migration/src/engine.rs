@@ -30,7 +30,8 @@ use std::time::Duration;
 
 /// The destination's postcopy fields of `query-migrate`: QEMU's `postcopy-blocktime` and
 /// `postcopy-vcpu-blocktime` (milliseconds, with capability `postcopy-blocktime`), and
-/// livemig's `x-livemig-postcopy` (page requests and their fault → placement latency).
+/// livemig's `x-livemig-postcopy` (page requests and their fault → placement latency, whole
+/// and in its three stages).
 fn postcopy_info(m: &mut Map<String, Value>, pc: &crate::postcopy::PostcopyRam) {
     let mut x = Map::new();
     if let Some(bt) = pc.blocktime() {
@@ -46,6 +47,20 @@ fn postcopy_info(m: &mut Map<String, Value>, pc: &crate::postcopy::PostcopyRam) 
     x.insert("latency-p99-us".into(), json!(h.quantile_us(0.99)));
     x.insert("latency-mean-ns".into(), json!(h.mean_ns()));
     x.insert("latency-max-ns".into(), json!(h.max_ns()));
+    // Where the time went (`postcopy::requests`): asking, the answer, placing.
+    let st = pc.requests().stages();
+    for (name, h) in [
+        ("asking", &st.asking),
+        ("answer", &st.answer),
+        ("placing", &st.placing),
+    ] {
+        x.insert(format!("latency-{name}-count"), json!(h.count()));
+        x.insert(
+            format!("latency-{name}-median-us"),
+            json!(h.quantile_us(0.5)),
+        );
+        x.insert(format!("latency-{name}-p99-us"), json!(h.quantile_us(0.99)));
+    }
     let st = &pc.stats;
     x.insert(
         "pages-copied".into(),

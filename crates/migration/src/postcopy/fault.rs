@@ -26,6 +26,7 @@ use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::Instant;
 use userfaultfd::EventBuffer;
 use wire::return_path::{write_recv_bitmap_dump, write_rp_message, RpMessage};
 use wire::{StreamWriter, WireError};
@@ -213,6 +214,8 @@ fn broken(ctl: &Ctl, rp: &mut Option<RpWriter>, e: WireError) {
 fn run(ram: &PostcopyRam, ctl: &Ctl, mut rp: Option<RpWriter>) -> Option<RpWriter> {
     let mut events = EventBuffer::new(FAULT_BATCH);
     let mut faults: Vec<Fault> = Vec::with_capacity(FAULT_BATCH);
+    // The pages this batch of faults asked for, marked sent once the write is through.
+    let mut asked: Vec<(usize, u64)> = Vec::with_capacity(FAULT_BATCH);
     loop {
         let (uffd_ready, ctl_ready) = {
             let mut fds = vec![PollFd::new(ctl.wake.as_fd(), PollFlags::POLLIN)];
@@ -255,13 +258,13 @@ fn run(ram: &PostcopyRam, ctl: &Ctl, mut rp: Option<RpWriter>) -> Option<RpWrite
                 log::error!("postcopy_ram_fault_thread: {e}");
                 return rp;
             }
-            let mut wrote = false;
+            asked.clear();
             for f in &faults {
                 match ram.on_fault(f.addr, f.tid) {
                     Ok(FaultOutcome::Request { block, offset }) => {
                         if let Some(w) = rp.as_mut() {
                             match w.request(ram, block, offset) {
-                                Ok(()) => wrote = true,
+                                Ok(()) => asked.push((block, offset / PAGE_SIZE)),
                                 Err(e) => broken(ctl, &mut rp, e),
                             }
                         }
@@ -270,9 +273,11 @@ fn run(ram: &PostcopyRam, ctl: &Ctl, mut rp: Option<RpWriter>) -> Option<RpWrite
                     Err(e) => log::error!("{e}"),
                 }
             }
-            if wrote {
-                if let Some(Err(e)) = rp.as_mut().map(|w| w.flush()) {
-                    broken(ctl, &mut rp, e);
+            if !asked.is_empty() {
+                match rp.as_mut().map(|w| w.flush()) {
+                    Some(Ok(())) => ram.requests().sent(&asked, Instant::now()),
+                    Some(Err(e)) => broken(ctl, &mut rp, e),
+                    None => {}
                 }
             }
         }
@@ -302,12 +307,17 @@ fn control(ram: &PostcopyRam, ctl: &Ctl, rp: &mut Option<RpWriter>, c: Control) 
             None => Ok(()),
         },
         Control::ResendPending => match rp.as_mut() {
-            Some(w) => ram
-                .requests()
-                .pending()
-                .into_iter()
-                .try_for_each(|(b, page)| w.request(ram, b, page * PAGE_SIZE))
-                .and_then(|()| w.flush()),
+            Some(w) => {
+                let pending = ram.requests().pending();
+                let r = pending
+                    .iter()
+                    .try_for_each(|&(b, page)| w.request(ram, b, page * PAGE_SIZE))
+                    .and_then(|()| w.flush());
+                if r.is_ok() {
+                    ram.requests().sent(&pending, Instant::now());
+                }
+                r
+            }
             None => Ok(()),
         },
     };

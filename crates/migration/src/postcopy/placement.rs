@@ -321,6 +321,7 @@ impl PostcopyRam {
         pages: u64,
         data: Option<&[u8]>,
     ) -> Result<u64, PostcopyError> {
+        let begun = Instant::now();
         let b = self.check_run(block, offset, pages)?;
         let fd = || {
             self.uffd.as_ref().ok_or_else(|| {
@@ -354,7 +355,7 @@ impl PostcopyRam {
             match step {
                 RunStep::Placed(n) => {
                     let n = n as u64;
-                    self.after_placement(block, b, first + i, n, data.is_none());
+                    self.after_placement(block, b, first + i, n, data.is_none(), begun);
                     placed += n;
                     i += n;
                 }
@@ -369,7 +370,15 @@ impl PostcopyRam {
         Ok(placed)
     }
 
-    fn after_placement(&self, bi: usize, b: &PostcopyBlock, first: u64, n: u64, zero: bool) {
+    fn after_placement(
+        &self,
+        bi: usize,
+        b: &PostcopyBlock,
+        first: u64,
+        n: u64,
+        zero: bool,
+        begun: Instant,
+    ) {
         b.received.set_range(first, n);
         if zero {
             self.stats.zeroed.fetch_add(n, Ordering::Relaxed);
@@ -377,7 +386,8 @@ impl PostcopyRam {
             self.stats.copied.fetch_add(n, Ordering::Relaxed);
         }
         self.stats.placements.fetch_add(1, Ordering::Relaxed);
-        self.requests.placed_range(bi, first, n, Instant::now());
+        self.requests
+            .placed_range(bi, first, n, begun, Instant::now());
         if let Some(bt) = &self.blocktime {
             bt.end_range(
                 b.range.base_addr() as u64 + first * PAGE_SIZE,

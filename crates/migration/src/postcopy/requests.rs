@@ -5,6 +5,12 @@
 //! placement, what a blocked vCPU waits). After a recovery, everything still pending is asked
 //! for again (the source lost its queue with the old connection).
 //!
+//! Each sample is also split in three stages, so a slow request says where it was slow:
+//! *asking* (fault → the request written to the return path: the fault thread), *answer*
+//! (request written → placement begins: the source, both sockets, and the destination's
+//! reader) and *placing* (the ioctl, the received map, the wake-up). A request whose page
+//! came before the request went out (the background push was faster) has no split.
+//!
 //! One mutex guards the map; it is held for an insert or a remove, never across I/O or an
 //! access to guest memory.
 
@@ -107,11 +113,47 @@ impl LatencyHistogram {
     }
 }
 
+/// A page asked for: when it first faulted, and when its request last went out.
+#[derive(Clone, Copy)]
+struct Pending {
+    fault: Instant,
+    sent: Option<Instant>,
+}
+
+/// The three stages of a request's latency (see the module's documentation).
+#[derive(Debug, Clone, Default)]
+pub struct Stages {
+    /// Fault → request written.
+    pub asking: LatencyHistogram,
+    /// Request written → placement begins.
+    pub answer: LatencyHistogram,
+    /// Placement begins → placed.
+    pub placing: LatencyHistogram,
+}
+
 #[derive(Default)]
 struct Inner {
-    pending: HashMap<(usize, u64), Instant>,
+    pending: HashMap<(usize, u64), Pending>,
     latency: LatencyHistogram,
+    stages: Stages,
     requests: u64,
+}
+
+impl Inner {
+    /// Completes the request for `key`, if there is one: `begun` is when its placement began,
+    /// `now` when it ended.
+    fn complete(&mut self, key: (usize, u64), begun: Instant, now: Instant) -> Option<Duration> {
+        let p = self.pending.remove(&key)?;
+        let d = now.saturating_duration_since(p.fault);
+        self.latency.record(d);
+        if let Some(sent) = p.sent.filter(|s| *s <= begun) {
+            let st = &mut self.stages;
+            st.asking.record(sent.saturating_duration_since(p.fault));
+            st.answer.record(begun.saturating_duration_since(sent));
+            st.placing.record(now.saturating_duration_since(begun));
+        }
+        Some(d)
+    }
 }
 
 /// The pending requests of one incoming postcopy migration.
@@ -131,7 +173,13 @@ impl Requests {
         if i.pending.contains_key(&(block, page)) {
             return FaultAction::AlreadyRequested;
         }
-        i.pending.insert((block, page), now);
+        i.pending.insert(
+            (block, page),
+            Pending {
+                fault: now,
+                sent: None,
+            },
+        );
         i.requests += 1;
         FaultAction::Request
     }
@@ -141,20 +189,34 @@ impl Requests {
         self.lock().pending.remove(&(block, page));
     }
 
-    /// Page `page` of `block` was placed at `now`: returns how long it was waited for, if it
-    /// had been requested, and records that as a latency sample.
-    pub fn placed(&self, block: usize, page: u64, now: Instant) -> Option<Duration> {
+    /// The requests for `pages` (block, page) were written to the return path at `now`
+    /// (again, after a recovery: the last write counts).
+    pub fn sent(&self, pages: &[(usize, u64)], now: Instant) {
         let mut i = self.lock();
-        let since = i.pending.remove(&(block, page))?;
-        let d = now.saturating_duration_since(since);
-        i.latency.record(d);
-        Some(d)
+        for k in pages {
+            if let Some(p) = i.pending.get_mut(k) {
+                p.sent = Some(now);
+            }
+        }
     }
 
-    /// Pages `first..first+count` of `block` were placed at `now` (one run): completes the
-    /// requests among them, under one lock hold, walking whichever is shorter — the run or the
-    /// pending requests (usually none).
-    pub fn placed_range(&self, block: usize, first: u64, count: u64, now: Instant) {
+    /// Page `page` of `block` was placed at `now`, by a placement begun at `begun`: returns
+    /// how long it was waited for, if it had been requested, and records that as a latency
+    /// sample.
+    pub fn placed(
+        &self,
+        block: usize,
+        page: u64,
+        begun: Instant,
+        now: Instant,
+    ) -> Option<Duration> {
+        self.lock().complete((block, page), begun, now)
+    }
+
+    /// Pages `first..first+count` of `block` were placed at `now` (one run, whose placement
+    /// began at `begun`): completes the requests among them, under one lock hold, walking
+    /// whichever is shorter — the run or the pending requests (usually none).
+    pub fn placed_range(&self, block: usize, first: u64, count: u64, begun: Instant, now: Instant) {
         let mut i = self.lock();
         if i.pending.is_empty() {
             return;
@@ -173,17 +235,14 @@ impl Requests {
                 .collect()
         };
         for k in done {
-            if let Some(since) = i.pending.remove(&k) {
-                let d = now.saturating_duration_since(since);
-                i.latency.record(d);
-            }
+            i.complete(k, begun, now);
         }
     }
 
     /// Every page still pending, oldest first.
     pub fn pending(&self) -> Vec<(usize, u64)> {
         let i = self.lock();
-        let mut v: Vec<_> = i.pending.iter().map(|(k, t)| (*t, *k)).collect();
+        let mut v: Vec<_> = i.pending.iter().map(|(k, p)| (p.fault, *k)).collect();
         v.sort();
         v.into_iter().map(|(_, k)| k).collect()
     }
@@ -196,6 +255,11 @@ impl Requests {
     /// A copy of the fault → placement latency histogram.
     pub fn latency(&self) -> LatencyHistogram {
         self.lock().latency.clone()
+    }
+
+    /// A copy of the latency's three stages.
+    pub fn stages(&self) -> Stages {
+        self.lock().stages.clone()
     }
 }
 
@@ -215,11 +279,13 @@ mod tests {
             FaultAction::Request
         );
         assert_eq!(r.pending(), vec![(0, 5), (1, 5), (0, 6)]);
+        let at = t0 + Duration::from_micros(25);
+        assert_eq!(r.placed(0, 5, at, at), Some(Duration::from_micros(25)));
         assert_eq!(
-            r.placed(0, 5, t0 + Duration::from_micros(25)),
-            Some(Duration::from_micros(25))
+            r.placed(0, 5, t0, t0),
+            None,
+            "placed twice: only one sample"
         );
-        assert_eq!(r.placed(0, 5, t0), None, "placed twice: only one sample");
         r.withdraw(1, 5);
         assert_eq!(r.pending(), vec![(0, 6)]);
         assert_eq!(r.requests(), 3);
@@ -238,13 +304,47 @@ mod tests {
             assert_eq!(r.fault(b, p, t0), FaultAction::Request);
         }
         // A short run (walked page by page), then a long one (the pending map is walked).
-        r.placed_range(0, 0, 10, t0 + Duration::from_micros(5));
+        let at = |us| t0 + Duration::from_micros(us);
+        r.placed_range(0, 0, 10, at(5), at(5));
         assert_eq!(r.pending(), vec![(0, 10), (0, 100), (1, 4)]);
-        r.placed_range(0, 10, 1000, t0 + Duration::from_micros(7));
+        r.placed_range(0, 10, 1000, at(7), at(7));
         assert_eq!(r.pending(), vec![(1, 4)]);
         assert_eq!(r.latency().count(), 3);
-        r.placed_range(1, 0, 4, t0);
+        r.placed_range(1, 0, 4, t0, t0);
         assert_eq!(r.pending(), vec![(1, 4)], "the run ends before page 4");
+    }
+
+    #[test]
+    fn each_sample_is_split_into_asking_answer_and_placing() {
+        let r = Requests::default();
+        let t0 = Instant::now();
+        let at = |us| t0 + Duration::from_micros(us);
+        for p in [1, 2, 3] {
+            assert_eq!(r.fault(0, p, t0), FaultAction::Request);
+        }
+        r.sent(&[(0, 1), (0, 2)], at(6));
+        // Re-sent after a recovery: the last write counts; a page not pending is ignored.
+        r.sent(&[(0, 2), (0, 9)], at(10));
+        r.placed_range(0, 1, 1, at(40), at(43));
+        r.placed_range(0, 2, 1, at(70), at(90));
+        // Page 3's request never went out (placed first by the background push): a latency
+        // sample without a split.
+        r.placed_range(0, 3, 1, at(50), at(52));
+        assert_eq!(r.latency().count(), 3);
+        let st = r.stages();
+        for h in [&st.asking, &st.answer, &st.placing] {
+            assert_eq!(h.count(), 2);
+        }
+        assert_eq!(
+            st.asking.quantile_us(0.0),
+            7,
+            "6 µs in the 1 µs bucket [6, 7)"
+        );
+        assert_eq!(st.asking.quantile_us(1.0), 11);
+        assert_eq!(st.answer.quantile_us(0.0), 35);
+        assert_eq!(st.answer.quantile_us(1.0), 61);
+        assert_eq!(st.placing.quantile_us(0.0), 4);
+        assert_eq!(st.placing.quantile_us(1.0), 21);
     }
 
     #[test]
