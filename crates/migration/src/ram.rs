@@ -105,6 +105,15 @@ pub struct RamSaver {
     arena: Vec<u8>,
 }
 
+/// Page `page` of `block`, straight from guest memory, for a vectored write.
+#[inline]
+pub(crate) fn page_slice(block: &dyn RamBlock, page: u64) -> Result<IoSlice<'_>, MigrationError> {
+    block
+        .region()
+        .io_slice(page * PAGE_SIZE, PAGE_SIZE as usize)
+        .ok_or_else(|| MigrationError::Other(format!("page {page} outside RAM block")))
+}
+
 fn bitmap_words(pages: u64) -> usize {
     pages.div_ceil(64) as usize
 }
@@ -361,13 +370,7 @@ impl RamSaver {
             } else if let Some(copy) = copy {
                 IoSlice::new(copy)
             } else {
-                self.blocks[bi]
-                    .block
-                    .region()
-                    .io_slice(page * PAGE_SIZE, PAGE_SIZE as usize)
-                    .ok_or_else(|| {
-                        MigrationError::Other(format!("page {page} outside RAM block"))
-                    })?
+                page_slice(&*self.blocks[bi].block, page)?
             };
             n += 2;
         }

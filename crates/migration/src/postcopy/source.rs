@@ -16,7 +16,7 @@
 use crate::error::MigrationError;
 use crate::guest::{RamBlock, PAGE_SIZE};
 use crate::machine::Writer;
-use crate::ram::RamCounters;
+use crate::ram::{page_slice, RamCounters};
 use crate::transport::ShutdownHandle;
 use std::io::IoSlice;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -249,13 +249,7 @@ impl PageWriter {
                 iov[n + 1] = if zero {
                     IoSlice::new(&FILL)
                 } else {
-                    ram.blocks[bi]
-                        .block
-                        .region()
-                        .io_slice(page * PAGE_SIZE, PAGE_SIZE as usize)
-                        .ok_or_else(|| {
-                            MigrationError::Other(format!("page {page} outside RAM block"))
-                        })?
+                    page_slice(&*ram.blocks[bi].block, page)?
                 };
                 n += 2;
             }
