@@ -114,7 +114,10 @@ def livemig_run(binary, ram, hot, transport, preempt, accel):
     return {"total-ms": run["total-ms"], "downtime-ms": run["downtime-ms"],
             "requests": reqs, "blocktime-ms": bt,
             "blocktime-per-request-us": bt * 1000 / reqs if reqs else 0,
-            "latency-median-us": p["latency-median-us"], "latency-p99-us": p["latency-p99-us"]}
+            "latency-median-us": p["latency-median-us"], "latency-p99-us": p["latency-p99-us"],
+            "asking-median-us": p["latency-asking-median-us"],
+            "answer-median-us": p["latency-answer-median-us"],
+            "placing-median-us": p["latency-placing-median-us"]}
 
 
 def main():
@@ -149,12 +152,14 @@ def main():
           f"{' with postcopy-preempt' if a.preempt else ''}, "
           f"medians of {a.rounds} interleaved rounds")
     print("| | total | downtime | requests | blocktime | blocktime / request "
-          "| latency p50 / p99 |")
-    print("|---|---|---|---|---|---|---|")
+          "| latency p50 / p99 | p50 asking / answer / placing |")
+    print("|---|---|---|---|---|---|---|---|")
     for who, name in (("livemig", f"livemig bench --postcopy --accel {a.accel}"),
                       ("qemu", f"QEMU 7.2 -> QEMU 7.2 (-accel {a.accel})")):
-        lat = (f"{med(who, 'latency-median-us'):.0f} µs / {med(who, 'latency-p99-us'):.0f} µs"
-               if who == "livemig" else "not reported")
+        lat = (f"{med(who, 'latency-median-us'):.0f} µs / {med(who, 'latency-p99-us'):.0f} µs "
+               f"| {med(who, 'asking-median-us'):.0f} / {med(who, 'answer-median-us'):.0f} / "
+               f"{med(who, 'placing-median-us'):.0f} µs"
+               if who == "livemig" else "not reported | not reported")
         print(f"| {name} | {med(who, 'total-ms'):.0f} ms | {med(who, 'downtime-ms'):.0f} ms "
               f"| {med(who, 'requests'):.0f} | {med(who, 'blocktime-ms'):.1f} ms "
               f"| {med(who, 'blocktime-per-request-us'):.0f} µs | {lat} |")
