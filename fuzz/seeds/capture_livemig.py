@@ -10,7 +10,9 @@ SPEC is a comma-separated list of NAME:GRANULARITY[:disabled] bitmaps to add on 
 workload (default `fill=8192,hot=4096,dirty-rate=200,disk=node0,disk-every=4,seed=7`) runs
 for half a second before the migration.
 """
-import argparse, json, os, socket, subprocess, tempfile, time
+import argparse, json, os, tempfile, time
+
+import capture
 
 ap = argparse.ArgumentParser()
 ap.add_argument("livemig")
@@ -27,44 +29,12 @@ args = [a.livemig, "vm", "-M", a.machine, "-m", "1M", "-name", "seed",
         "-qmp", f"unix:{sock},server=on,wait=off"]
 if a.machine == "livemig":
     args += ["-smp", "1", "-workload", a.workload]
-p = subprocess.Popen(args, stdout=subprocess.DEVNULL)
-for _ in range(200):
-    try:
-        s = socket.socket(socket.AF_UNIX); s.connect(sock); break
-    except OSError:
-        time.sleep(0.05)
-else:
-    raise SystemExit("livemig's monitor did not come up")
-f = s.makefile("rw")
-f.readline()
-
-def cmd(c, **kw):
-    f.write(json.dumps({"execute": c, "arguments": kw}) + "\n"); f.flush()
-    while True:
-        m = json.loads(f.readline())
-        if "event" not in m:
-            break
-    if "error" in m:
-        raise SystemExit(f"{c}: {m}")
-    return m["return"]
-
-cmd("qmp_capabilities")
-for spec in filter(None, a.bitmaps.split(",")):
-    name, gran, *rest = spec.split(":")
-    cmd("block-dirty-bitmap-add", node="node0", name=name, granularity=int(gran),
-        disabled="disabled" in rest)
-for w in ["write 0 64k", "write 320k 4k", "write 1M 64k", "write 63M 4k"]:
-    cmd("human-monitor-command", **{"command-line": f'qemu-io node0 "{w}"'})
+p, cmd = capture.start(args, sock, "livemig")
+capture.dirty_bitmaps(cmd, a.bitmaps)
 cmd("migrate-set-capabilities", capabilities=[{"capability": "dirty-bitmaps", "state": True}])
 if a.machine == "livemig":
     time.sleep(0.5)
-cmd("migrate", uri=f"exec:cat > {out}")
-for _ in range(400):
-    st = cmd("query-migrate")
-    if st.get("status") in ("completed", "failed"):
-        break
-    time.sleep(0.05)
-print(out, st.get("status"))
+capture.migrate_to(cmd, out)
 try:
     cmd("quit")
 except (SystemExit, json.JSONDecodeError, OSError):

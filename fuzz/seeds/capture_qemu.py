@@ -9,7 +9,9 @@ the stream_loader harness builds), capability `dirty-bitmaps`, and migrates to
 add on node0 (default `bitmap0:65536`); each gets a few writes through qemu-io first. With
 --pages, RAM is a memory-backend-file with three non-zero pages.
 """
-import argparse, json, os, socket, subprocess, tempfile, time
+import argparse, os, tempfile
+
+import capture
 
 ap = argparse.ArgumentParser()
 ap.add_argument("out")
@@ -29,44 +31,12 @@ if a.pages:
             f.seek(off); f.write(val)
     args[2] = "none,memory-backend=ram"
     args += ["-object", f"memory-backend-file,id=ram,size=1M,mem-path={d}/ramfile,share=off"]
-p = subprocess.Popen(args, stdout=subprocess.DEVNULL)
-for _ in range(200):
-    try:
-        s = socket.socket(socket.AF_UNIX); s.connect(sock); break
-    except OSError:
-        time.sleep(0.05)
-else:
-    raise SystemExit("QEMU's monitor did not come up")
-f = s.makefile("rw")
-f.readline()
-
-def cmd(c, **kw):
-    f.write(json.dumps({"execute": c, "arguments": kw}) + "\n"); f.flush()
-    while True:
-        m = json.loads(f.readline())
-        if "event" not in m:
-            break
-    if "error" in m:
-        raise SystemExit(f"{c}: {m}")
-    return m["return"]
-
-cmd("qmp_capabilities")
-for spec in filter(None, a.bitmaps.split(",")):
-    name, gran, *rest = spec.split(":")
-    cmd("block-dirty-bitmap-add", node="node0", name=name, granularity=int(gran),
-        disabled="disabled" in rest)
-for w in ["write 0 64k", "write 320k 4k", "write 1M 64k", "write 63M 4k"]:
-    cmd("human-monitor-command", **{"command-line": f'qemu-io node0 "{w}"'})
+p, cmd = capture.start(args, sock, "QEMU")
+capture.dirty_bitmaps(cmd, a.bitmaps)
 caps = [{"capability": "dirty-bitmaps", "state": True}]
 cmd("migrate-set-capabilities", capabilities=caps)
 # With dirty bitmaps QEMU sends empty PART sections until it decides to switch over; a low
 # bandwidth keeps them to a few hundred (unlimited, or a long downtime limit, gives 20000).
 cmd("migrate-set-parameters", **{"max-bandwidth": 100000})
-cmd("migrate", uri=f"exec:cat > {out}")
-for _ in range(400):
-    st = cmd("query-migrate")
-    if st.get("status") in ("completed", "failed"):
-        break
-    time.sleep(0.05)
-print(out, st.get("status"))
+capture.migrate_to(cmd, out)
 cmd("quit"); p.wait()
