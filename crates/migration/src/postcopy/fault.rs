@@ -214,7 +214,7 @@ fn broken(ctl: &Ctl, rp: &mut Option<RpWriter>, e: WireError) {
 fn run(ram: &PostcopyRam, ctl: &Ctl, mut rp: Option<RpWriter>) -> Option<RpWriter> {
     let mut events = EventBuffer::new(FAULT_BATCH);
     let mut faults: Vec<Fault> = Vec::with_capacity(FAULT_BATCH);
-    // The pages this batch of faults asked for, marked sent once the write is through.
+    // The pages this batch of faults asks for (their requests' send time is noted).
     let mut asked: Vec<(usize, u64)> = Vec::with_capacity(FAULT_BATCH);
     loop {
         let (uffd_ready, ctl_ready) = {
@@ -274,10 +274,10 @@ fn run(ram: &PostcopyRam, ctl: &Ctl, mut rp: Option<RpWriter>) -> Option<RpWrite
                 }
             }
             if !asked.is_empty() {
-                match rp.as_mut().map(|w| w.flush()) {
-                    Some(Ok(())) => ram.requests().sent(&asked, Instant::now()),
-                    Some(Err(e)) => broken(ctl, &mut rp, e),
-                    None => {}
+                // Marked before the write: the answer may be placed before the write returns.
+                ram.requests().sent(&asked, Instant::now());
+                if let Some(Err(e)) = rp.as_mut().map(|w| w.flush()) {
+                    broken(ctl, &mut rp, e);
                 }
             }
         }
@@ -309,14 +309,13 @@ fn control(ram: &PostcopyRam, ctl: &Ctl, rp: &mut Option<RpWriter>, c: Control) 
         Control::ResendPending => match rp.as_mut() {
             Some(w) => {
                 let pending = ram.requests().pending();
-                let r = pending
+                pending
                     .iter()
                     .try_for_each(|&(b, page)| w.request(ram, b, page * PAGE_SIZE))
-                    .and_then(|()| w.flush());
-                if r.is_ok() {
-                    ram.requests().sent(&pending, Instant::now());
-                }
-                r
+                    .and_then(|()| {
+                        ram.requests().sent(&pending, Instant::now());
+                        w.flush()
+                    })
             }
             None => Ok(()),
         },

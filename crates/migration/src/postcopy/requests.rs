@@ -6,8 +6,8 @@
 //! for again (the source lost its queue with the old connection).
 //!
 //! Each sample is also split in three stages, so a slow request says where it was slow:
-//! *asking* (fault → the request written to the return path: the fault thread), *answer*
-//! (request written → placement begins: the source, both sockets, and the destination's
+//! *asking* (fault → the request handed to the return path's socket: the fault thread),
+//! *answer* (→ placement begins: the write, the source, both sockets and the destination's
 //! reader) and *placing* (the ioctl, the received map, the wake-up). A request whose page
 //! came before the request went out (the background push was faster) has no split.
 //!
@@ -123,9 +123,9 @@ struct Pending {
 /// The three stages of a request's latency (see the module's documentation).
 #[derive(Debug, Clone, Default)]
 pub struct Stages {
-    /// Fault → request written.
+    /// Fault → request handed to the socket.
     pub asking: LatencyHistogram,
-    /// Request written → placement begins.
+    /// Request handed to the socket → placement begins.
     pub answer: LatencyHistogram,
     /// Placement begins → placed.
     pub placing: LatencyHistogram,
@@ -189,7 +189,7 @@ impl Requests {
         self.lock().pending.remove(&(block, page));
     }
 
-    /// The requests for `pages` (block, page) were written to the return path at `now`
+    /// The requests for `pages` (block, page) are being written to the return path at `now`
     /// (again, after a recovery: the last write counts).
     pub fn sent(&self, pages: &[(usize, u64)], now: Instant) {
         let mut i = self.lock();
