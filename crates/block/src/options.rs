@@ -392,6 +392,28 @@ fn build(m: &Map<String, Value>) -> BlockdevOptions {
 }
 
 impl BlockdevOptions {
+    /// Options of `driver` with only a node name and the driver's own members: every common
+    /// member unset (inherited from the parent, or the default), as for a node the layer opens
+    /// itself.
+    pub(crate) fn plain(
+        driver: String,
+        node_name: Option<String>,
+        driver_options: DriverOptions,
+    ) -> Self {
+        BlockdevOptions {
+            driver,
+            node_name,
+            discard_unmap: None,
+            cache_direct: None,
+            cache_no_flush: None,
+            read_only: None,
+            auto_read_only: None,
+            force_share: None,
+            detect_zeroes: None,
+            driver_options,
+        }
+    }
+
     /// Checks `blockdev-add` arguments against the schema, with QEMU's messages.
     pub fn from_json(v: &Value) -> Result<Self, BlockError> {
         check_options(v, "")?;

@@ -543,22 +543,13 @@ impl BlockLayer {
                 }
             }
         };
-        let file_ref = BlockdevRef::Definition(Box::new(BlockdevOptions {
-            driver: "file".into(),
-            node_name: None,
-            discard_unmap: None,
-            cache_direct: None,
-            cache_no_flush: None,
-            read_only: None,
-            auto_read_only: None,
-            force_share: None,
-            detect_zeroes: None,
-            driver_options: DriverOptions::File {
-                filename: path,
-                locking: None,
-                aio: None,
-            },
-        }));
+        let file = DriverOptions::File {
+            filename: path,
+            locking: None,
+            aio: None,
+        };
+        let file_ref =
+            BlockdevRef::Definition(Box::new(BlockdevOptions::plain("file".into(), None, file)));
         let driver_options = match format.as_str() {
             "qcow2" => DriverOptions::Qcow2 {
                 file: file_ref,
@@ -573,18 +564,7 @@ impl BlockLayer {
             },
             other => return Err(BlockError::Driver(format!("Unknown driver '{other}'"))),
         };
-        let opts = BlockdevOptions {
-            driver: format,
-            node_name,
-            discard_unmap: None,
-            cache_direct: None,
-            cache_no_flush: None,
-            read_only: None,
-            auto_read_only: None,
-            force_share: None,
-            detect_zeroes: None,
-            driver_options,
-        };
+        let opts = BlockdevOptions::plain(format, node_name, driver_options);
         self.open_node(g, pending, &opts, inherit, false)
     }
 
