@@ -4,6 +4,7 @@
  * for the copy out of the socket), then made visible in a userfaultfd-registered mapping.
  *
  *   copy      anonymous RAM (livemig's today): memcpy into a staging buffer, UFFDIO_COPY the run
+ *   ioctl     as copy without the memcpy: UFFDIO_COPY alone, from a staging buffer already warm
  *   minor     memfd-backed RAM, a second (unregistered) mapping of it written directly, then
  *             UFFDIO_CONTINUE maps the run into the registered view (minor faults, no 2nd copy);
  *             the written pages are allocated by the writes
@@ -12,7 +13,7 @@
  *
  * Build and run (root or vm.unprivileged_userfaultfd=1; kernel >= 6.8 for move):
  *   cc -O2 -o /tmp/uffd_place scripts/models/uffd_place.c
- *   for m in copy minor prefill move; do /tmp/uffd_place $m; done
+ *   for m in copy ioctl minor prefill move; do /tmp/uffd_place $m; done
  */
 #define _GNU_SOURCE
 #include <fcntl.h>
@@ -56,10 +57,11 @@ static void die(const char *what)
 int main(int argc, char **argv)
 {
 	const char *m = argc > 1 ? argv[1] : "copy";
-	int copy = !strcmp(m, "copy"), minor = !strcmp(m, "minor"), prefill = !strcmp(m, "prefill"),
+	int ioctl_only = !strcmp(m, "ioctl");
+	int copy = !strcmp(m, "copy") || ioctl_only, minor = !strcmp(m, "minor"), prefill = !strcmp(m, "prefill"),
 	    move = !strcmp(m, "move");
 	if (!(copy || minor || prefill || move)) {
-		fprintf(stderr, "usage: %s copy|minor|prefill|move\n", argv[0]);
+		fprintf(stderr, "usage: %s copy|ioctl|minor|prefill|move\n", argv[0]);
 		return 2;
 	}
 	int shmem = minor || prefill;
@@ -96,7 +98,10 @@ int main(int argc, char **argv)
 	for (size_t o = 0; o < RAM; o += RUN) {
 		char *from = src + (o % SRC);
 		if (copy) {
-			memcpy(stage, from, RUN);
+			if (!ioctl_only)
+				memcpy(stage, from, RUN);
+			else if (o == 0)
+				memset(stage, 7, RUN);
 			struct uffdio_copy c = { .dst = (unsigned long)guest + o, .src = (unsigned long)stage, .len = RUN };
 			if (ioctl(uffd, UFFDIO_COPY, &c))
 				die("UFFDIO_COPY");
