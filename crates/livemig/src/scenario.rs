@@ -473,12 +473,6 @@ impl Pair {
                 s == d,
             ));
         }
-        let steps = |v: &Value| -> Vec<u64> {
-            v["vcpus"]
-                .as_array()
-                .map(|a| a.iter().filter_map(|c| c["steps"].as_u64()).collect())
-                .unwrap_or_default()
-        };
         let sv = steps(&self.src_qmp.call("x-livemig-query-vm", json!({}))?);
         let dv = steps(&self.dst_qmp.call("x-livemig-query-vm", json!({}))?);
         checks.push((
@@ -506,17 +500,19 @@ impl Pair {
     }
 }
 
+/// Each vCPU's steps in an `x-livemig-query-vm` reply.
+fn steps(v: &Value) -> Vec<u64> {
+    v["vcpus"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|c| c["steps"].as_u64()).collect())
+        .unwrap_or_default()
+}
+
 impl Pair {
     /// After a postcopy the destination's guest has run on: its RAM must verify page by page,
     /// its vCPUs must have gone past the source's stop point, and the source must be stopped.
     fn verify_postcopy(&mut self) -> Result<Vec<(String, String, bool)>, String> {
         let mut checks = Vec::new();
-        let steps = |v: &Value| -> Vec<u64> {
-            v["vcpus"]
-                .as_array()
-                .map(|a| a.iter().filter_map(|c| c["steps"].as_u64()).collect())
-                .unwrap_or_default()
-        };
         let sv = steps(&self.src_qmp.call("x-livemig-query-vm", json!({}))?);
         // Pages are checked with the guest stopped: a page read while a vCPU rewrites it
         // would look torn.
