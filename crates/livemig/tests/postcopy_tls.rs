@@ -396,3 +396,74 @@ fn preempt_with_tls_on_one_end_only_fails_at_once_on_both() {
     assert!(t0.elapsed() < quick, "took {:?}", t0.elapsed());
     assert_eq!(src.status(), "running", "the source runs on");
 }
+
+/// A TLS source whose peer accepts and never answers its hello (a destination without TLS
+/// that waits for another channel, a stuck process) gives up after the stall bound
+/// (`x-livemig-stall-timeout`) instead of waiting in `setup` for good — and so does a
+/// `migrate ... resume=true` in the same spot, which stays `postcopy-paused`, ready for the
+/// next attempt. (The handshake's reads were not bounded: both waited for good.)
+#[test]
+fn a_tls_handshake_without_an_answer_ends_at_the_stall_bound() {
+    let dir = tempdir();
+    let dir = dir.path();
+    let creds = Creds::X509;
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let silent_uri = format!("tcp:{}", silent.local_addr().unwrap());
+    // Accepts every connection and keeps it, saying nothing.
+    let held = std::thread::spawn(move || {
+        let mut held = Vec::new();
+        silent.set_nonblocking(true).unwrap();
+        let until = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while std::time::Instant::now() < until {
+            match silent.accept() {
+                Ok((c, _)) => held.push(c),
+                Err(_) => std::thread::sleep(std::time::Duration::from_millis(20)),
+            }
+            if held.len() >= 2 {
+                std::thread::sleep(std::time::Duration::from_secs(20));
+                break;
+            }
+        }
+    });
+    let bound = std::time::Duration::from_millis(1500);
+
+    // 1. A new migration.
+    let (mut dst, relay) = destination(dir, creds, true);
+    let mut src = slow_source_with(dir, &creds.client_objects(dir));
+    src.caps_on(&["postcopy-preempt"]);
+    src.set_params(
+        json!({"tls-creds": "tls0", "x-livemig-stall-timeout": bound.as_millis() as u64}),
+    );
+    let t0 = std::time::Instant::now();
+    src.migrate(&silent_uri);
+    let q = src.wait_migration(&["failed", "completed"]);
+    assert_eq!(q["status"], "failed", "{q}");
+    let e = q["error-desc"].as_str().unwrap_or_default();
+    assert!(
+        e.contains("TLS handshake failed") && e.contains("no answer within 1500 ms"),
+        "source: {e}"
+    );
+    assert!(t0.elapsed() < bound * 4, "took {:?}", t0.elapsed());
+    assert_eq!(src.status(), "running", "the source runs on");
+
+    // 2. A resume.
+    src.set_params(json!({"max-postcopy-bandwidth": 256 << 10}));
+    src.migrate(&relay.uri);
+    src.wait_migration(&["active"]);
+    src.ok("migrate-start-postcopy", json!({}));
+    src.wait_migration(&["postcopy-active"]);
+    dst.wait_migration(&["postcopy-active"]);
+    src.ok("migrate-pause", json!({}));
+    paused(&mut src);
+    paused(&mut dst);
+    let t0 = std::time::Instant::now();
+    src.ok("migrate", json!({"uri": silent_uri, "resume": true}));
+    paused_with(&mut src, "TLS handshake failed");
+    assert!(t0.elapsed() < bound * 4, "took {:?}", t0.elapsed());
+    // And the real recovery goes through.
+    dst.ok("migrate-recover", json!({"uri": "tcp:127.0.0.1:0"}));
+    let relay2 = relay_to(&mut dst);
+    resume(&mut src, &mut dst, &relay2.uri);
+    complete_and_verify(&mut src, &mut dst);
+    drop(held);
+}

@@ -240,7 +240,8 @@ impl Outgoing {
         // A write that moves nothing for the bound fails (the guest then resumes).
         conn.shutdown.set_stall_timeout(false, true, stall);
         // The handshake runs with the channel attached, so a cancel ends it too.
-        let mut conn = crate::secure::secure_outgoing(conn, &job.uri, &job.tls, &job.objects)?;
+        let mut conn =
+            crate::secure::secure_outgoing(conn, &job.uri, &job.tls, &job.objects, stall)?;
         let stream = conn.writer.take().ok_or_else(|| {
             MigrationError::Other("the transport has no outgoing direction".into())
         })?;
@@ -260,7 +261,7 @@ impl Outgoing {
                 ));
             }
             let p = connect(&job.uri)?;
-            let p = crate::secure::secure_outgoing(p, &job.uri, &job.tls, &job.objects)?;
+            let p = crate::secure::secure_outgoing(p, &job.uri, &job.tls, &job.objects, stall)?;
             self.preempt_conn = Some(p);
         }
         self.w = Some(StreamWriter::with_capacity(stream, 256 * 1024));
@@ -305,7 +306,7 @@ impl Outgoing {
             // As the main channel: a write that moves nothing for the bound fails; and so
             // does a TLS handshake whose peer never answers.
             conn.shutdown.set_stall_timeout(tls.enabled(), true, stall);
-            crate::secure::secure_outgoing(conn, &uri, &tls, &objects)
+            crate::secure::secure_outgoing(conn, &uri, &tls, &objects, stall)
         });
         let (shared, generation) = (job.shared.clone(), job.generation);
         let cancelled: crate::multifd::send::Cancelled =
@@ -1104,7 +1105,8 @@ impl Outgoing {
         let conn = connect(uri)?;
         shared.attach_resumed_channel(generation, &conn.shutdown);
         conn.shutdown.set_stall_timeout(false, true, self.stall);
-        let mut conn = crate::secure::secure_outgoing(conn, uri, &tls, &self.job.objects)?;
+        let mut conn =
+            crate::secure::secure_outgoing(conn, uri, &tls, &self.job.objects, self.stall)?;
         let preempt_conn = match preempt {
             Some(_) => {
                 let p = connect(uri)?;
@@ -1113,6 +1115,7 @@ impl Outgoing {
                     uri,
                     &tls,
                     &self.job.objects,
+                    self.stall,
                 )?)
             }
             None => None,

@@ -54,12 +54,17 @@ fn both_directions(conn: &mut Connection) -> Result<(BoxRead, BoxWrite), Migrati
     }
 }
 
-/// Wraps the source's channel in a TLS client session when `tls-creds` is set.
+/// Wraps the source's channel in a TLS client session when `tls-creds` is set. The
+/// handshake waits at most `stall` (`x-livemig-stall-timeout`) for each answer: a peer that
+/// accepts and never answers — a destination without TLS waiting for another channel before
+/// it reads, as QEMU 7.2's does — fails the channel instead of holding the source in
+/// `setup` (or a resume) for good; the channel's reads are unbounded again afterwards.
 pub fn secure_outgoing(
     mut conn: Connection,
     uri: &MigrationUri,
     params: &TlsParams,
     objects: &Arc<Objects>,
+    stall: Option<std::time::Duration>,
 ) -> Result<Connection, MigrationError> {
     if !params.enabled() {
         return Ok(conn);
@@ -76,7 +81,23 @@ pub fn secure_outgoing(
     };
     let socket = conn.shutdown.socket();
     let (r, w) = both_directions(&mut conn)?;
-    let mut streams = tls::connect(&creds, hostname, r, w).map_err(err)?;
+    let bounded = stall.is_some() && conn.shutdown.set_read_bound(stall);
+    let began = std::time::Instant::now();
+    let mut streams = tls::connect(&creds, hostname, r, w).map_err(|e| {
+        let e = err(e);
+        match (bounded, stall) {
+            // Only a wait that ran out of time takes this long.
+            (true, Some(b)) if began.elapsed() >= b => MigrationError::Other(format!(
+                "{e} (no answer within {} ms: x-livemig-stall-timeout; does the destination \
+                 use tls-creds too?)",
+                b.as_millis()
+            )),
+            _ => e,
+        }
+    })?;
+    if bounded {
+        conn.shutdown.set_read_bound(None);
+    }
     if let Some(fd) = socket {
         let _ = streams.writer.set_socket(fd);
     }

@@ -194,6 +194,20 @@ impl ShutdownHandle {
         }
     }
 
+    /// Bounds how long one read on a socket may wait without a byte (`SO_RCVTIMEO` alone;
+    /// `None` waits forever), leaving the write bound and the kernel's TCP bounds of
+    /// [`ShutdownHandle::set_stall_timeout`] as they are: for a wait that ends, such as a TLS
+    /// handshake on a channel that is read without a bound afterwards. Returns whether the
+    /// channel took it.
+    pub fn set_read_bound(&self, t: Option<Duration>) -> bool {
+        let guard = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let t = t.filter(|d| !d.is_zero());
+        match &*guard {
+            ShutdownTarget::Socket(s) => s.set_read_timeout(t).is_ok(),
+            _ => false,
+        }
+    }
+
     /// Bounds how long one read (`read`) or one write (`write`) on a socket may wait without
     /// moving a byte (`SO_RCVTIMEO` / `SO_SNDTIMEO`; `None` waits forever): a stalled peer then
     /// fails the call with `WouldBlock` instead of blocking it for good. A slow peer is not a
