@@ -8,8 +8,8 @@
 //! Every connection runs through testkit's relay, which keeps what it carried; the tests
 //! walk each direction of each connection as TLS records (`testkit::tls_wire`) — a stream
 //! header, a page or a return-path message in the clear would not parse as one — and look
-//! for what the plaintext would carry: the stream's `QEVM` magic and the header every guest
-//! page starts with.
+//! for what the plaintext would carry: the stream's file header (`QEVM`, version 3) and the
+//! header every guest page starts with.
 
 mod common;
 
@@ -118,7 +118,10 @@ fn assert_all_tls(
         what,
         &recorded,
         cut,
-        &[("a guest page", &PAGE_MAGIC), ("QEVM", b"QEVM")],
+        &[
+            ("a guest page", &PAGE_MAGIC),
+            ("a stream header", tls_wire::STREAM_HEADER),
+        ],
     )
 }
 
@@ -226,7 +229,7 @@ fn tls_set_while_paused_secures_the_recovery() {
     // In the clear so far: the guest's pages are there to be read.
     let clear = relay.recorded();
     assert!(
-        tls_wire::find(&clear[0].forward, b"QEVM") == Some(0),
+        tls_wire::find(&clear[0].forward, tls_wire::STREAM_HEADER) == Some(0),
         "the first migration is in the clear"
     );
     src.ok("migrate-pause", json!({}));

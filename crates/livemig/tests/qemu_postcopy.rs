@@ -16,7 +16,7 @@
 //! And over TLS (x509 and PSK, TCP), with preempt, as QEMU 7.2 runs it: every channel —
 //! main with its return path, preempt, and those of each recovery — a TLS session, whichever
 //! end is QEMU. Each connection then goes through a recording relay, and both directions of
-//! every one are TLS records only, with neither the stream's magic nor the guest's pattern
+//! every one are TLS records only, with neither the stream's file header nor the guest's pattern
 //! in the clear (`testkit::tls_wire`).
 
 mod qemu_common;
@@ -84,14 +84,14 @@ impl Wire {
     }
 
     /// Every connection was TLS (`connections` per relay; the last relay's ended cleanly,
-    /// the others by a pause), with neither the stream's magic nor a stretch of the guest's
+    /// the others by a pause), with neither the stream's file header nor a stretch of the guest's
     /// `pattern` in the clear.
     fn check(&self, what: &str, connections: usize, pattern: &[u8]) {
         if !self.record {
             return;
         }
         let clear: [(&str, &[u8]); 2] = [
-            ("QEVM", b"QEVM"),
+            ("a stream header", tls_wire::STREAM_HEADER),
             ("the guest's pattern", &pattern[5 * 4096..5 * 4096 + 64]),
         ];
         for (i, relay) in self.relays.iter().enumerate() {
