@@ -732,3 +732,83 @@ fn qemu_bitmap_only_postcopy_both_ways() {
     bitmaps_livemig_to_qemu(dir, &h.l1, &mut h.l1_q, Transport::Tcp, &ram_l1, false);
     quit_cleanly(h.l1, h.l1_q);
 }
+
+/// A postcopy `src` → `dst` with preempt, begun in the clear, paused from the source; x509
+/// credentials are then added (`object-add`) and set on both ends, and the recovery (through
+/// a recording relay) runs over TLS on every channel; the destination's RAM is read (pulling
+/// pages through the recovered channels) and both complete; the guest's `pattern` never
+/// crossed in the clear after the recovery. Returns both final `query-migrate` replies.
+fn tls_set_while_paused(
+    src: &mut QmpClient,
+    dst: &mut QmpClient,
+    uri: &str,
+    dir: &Path,
+    name: &str,
+    pattern: &[u8],
+) -> (Value, Value) {
+    start_postcopy(src, dst, uri, &mut Wire::new(None), name, 64 << 10);
+    let s = wait(src, &["postcopy-active", "completed", "failed"]);
+    assert_eq!(s["status"], "postcopy-active", "{name}: source {s}");
+    src.ok("migrate-pause", json!({}));
+    paused(src, "source");
+    paused(dst, "destination");
+    for (q, id, sub, endpoint) in [
+        (&mut *src, "tls-cli", "cli", "client"),
+        (&mut *dst, "tls-srv", "srv", "server"),
+    ] {
+        q.ok(
+            "object-add",
+            json!({"qom-type": "tls-creds-x509", "id": id, "endpoint": endpoint,
+                   "dir": dir.join(sub).display().to_string()}),
+        );
+    }
+    use_tls(src, Some(Creds::X509), true);
+    use_tls(dst, Some(Creds::X509), false);
+    let mut wire = Wire::new(Some(Creds::X509));
+    recover(src, dst, "tcp:127.0.0.1:0", &mut wire);
+    let _ = ram(dst, dir, &format!("{name}-after"));
+    src.ok(
+        "migrate-set-parameters",
+        json!({"max-postcopy-bandwidth": 1u64 << 30}),
+    );
+    let s = wait(src, &["completed", "failed", "cancelled"]);
+    let d = wait(dst, &["completed", "failed"]);
+    wire.check(&format!("{name}'s recovery"), 2, pattern);
+    (s, d)
+}
+
+/// QEMU 7.2 decides whether a channel is TLS when it connects or accepts it, from the
+/// parameters as they are then: `tls-creds` set while postcopy is paused secures the
+/// recovery. QEMU → livemig and livemig → QEMU, each begun in the clear and recovered over
+/// TLS — livemig resumes and listens the same way.
+#[test]
+fn qemu_tls_set_while_paused_secures_the_recovery_both_ways() {
+    let Some(tmp) = setup("qemu_tls_set_while_paused_secures_the_recovery_both_ways") else {
+        return;
+    };
+    let dir = tmp.path();
+    Creds::X509.write(dir);
+    let FirstHop {
+        pat_a,
+        qa,
+        mut qa_q,
+        l1,
+        mut l1_q,
+        uri,
+    } = first_hop(dir, 29, Transport::Tcp, true, None);
+    let (s, d) = tls_set_while_paused(&mut qa_q, &mut l1_q, &uri, dir, "l1", &pat_a);
+    assert_completed("QEMU -> livemig", &s, &qa, &d, &l1);
+    let ram_qa = ram(&mut qa_q, dir, "qa");
+    assert_eq!(&ram_qa[..A_LEN], &pat_a[..]);
+    assert_same_ram(&ram_qa, &ram(&mut l1_q, dir, "l1"), "QEMU -> livemig");
+    drop(qa);
+
+    let (qb, mut qb_q, uri) = qemu_b(dir, Transport::Tcp, true, None, &mut l1_q);
+    // L1 was the destination: its credentials are the server's; the client's come now.
+    l1_q.ok("migrate-set-parameters", json!({"tls-creds": ""}));
+    l1_q.ok("object-del", json!({"id": "tls-srv"}));
+    let (s, d) = tls_set_while_paused(&mut l1_q, &mut qb_q, &uri, dir, "qb", &pat_a);
+    assert_completed("livemig -> QEMU", &s, &l1, &d, &qb);
+    assert_same_ram(&ram_qa, &ram(&mut qb_q, dir, "qb"), "livemig -> QEMU");
+    quit_cleanly(l1, l1_q);
+}
