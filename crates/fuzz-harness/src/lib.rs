@@ -10,14 +10,27 @@
 //! | harness | drives | checks afterwards |
 //! |---|---|---|
 //! | [`stream::run`] | `migration::incoming::StreamLoader` over a whole stream, into a reference VM (`-M none` and `-M livemig`) with a null-co disk and capability `dirty-bitmaps` | a failed load leaves no incoming bitmap and nothing busy, disks inactive, the guest not started; a completed load leaves only finished bitmaps, disks active; the device-load batch is closed |
+//! | [`postcopy::run`] | the same loader as a postcopy destination (`-M none`): `postcopy-ram` with a real userfaultfd and an optional preempt channel, and bitmap-only postcopy (`dirty-bitmaps` alone) | [`stream::run`]'s checks (a handled RUN may have started the guest and taken the disks); guest RAM left registered with no userfaultfd; mapped pages are exactly the received ones; no postcopy thread or userfaultfd left |
 //! | [`bitmaps::run`] | `migration::bitmaps::BitmapLoader` on dirty-bitmap section bodies, then `before_vm_start` (or `cancel` after an error) | every bitmap left on a node existed before, untouched, or is one whose START and COMPLETE were both in the input, with the START's granularity and flags |
 //! | [`qmp::run`] | `qmp::parse_all`, the streaming parser fed in pieces, and a QMP server session over a socket pair | chunking does not change the result; every value serializes to ASCII and parses back equal; one reply per input, in order, with its `id`, before negotiation only `qmp_capabilities` |
 #![forbid(unsafe_code)]
 
 pub mod bitmaps;
 pub mod invariants;
+pub mod postcopy;
 pub mod qmp;
 pub mod stream;
+
+use std::sync::{Mutex, MutexGuard};
+
+/// Held by every run of a stream loader ([`stream`], [`postcopy`]), so that in a test process
+/// that replays several corpora at once only one loader runs at a time, and a check on the
+/// whole process (threads left behind, userfaultfds left open) sees only its own run.
+static LOADERS: Mutex<()> = Mutex::new(());
+
+fn exclusive() -> MutexGuard<'static, ()> {
+    LOADERS.lock().unwrap_or_else(|p| p.into_inner())
+}
 
 /// Where the cargo-fuzz corpora live, relative to the workspace root (`fuzz/corpus/<target>`).
 pub const CORPUS_DIR: &str = "fuzz/corpus";

@@ -139,6 +139,7 @@ fn check_runnable(vm: &Vm, context: &str) {
 
 /// Loads `data` into one fresh destination of `machine` and checks the invariants.
 pub fn run_on(machine: MachineType, data: &[u8]) -> Outcome {
+    let _one_at_a_time = crate::exclusive();
     let (vm, layer, events) = destination(machine);
     let before = invariants::snapshot(&layer);
     let mut caps = Capabilities::default();
@@ -149,79 +150,19 @@ pub fn run_on(machine: MachineType, data: &[u8]) -> Outcome {
     let mut r: Reader = StreamReader::new(input);
     let return_path: BoxWrite = Box::new(std::io::sink());
     let mut loader = StreamLoader::new(vm.clone(), &caps, &params, Some(return_path));
-    let result = loader
-        .load_header(&mut r)
-        .and_then(|()| loader.load_body(&mut r))
-        .and_then(|()| loader.finish(true));
-    if result.is_err() {
-        loader.abandon();
-    }
-    let result = result.map_err(|e| e.to_string());
+    let result = load(&mut loader, &mut r);
     let context = format!("-M {machine:?}, result {result:?}");
 
-    if let Err(e) = &result {
-        assert!(!e.trim().is_empty(), "{context}: an error without text");
-    }
-    for w in &loader.warnings {
-        assert!(!w.trim().is_empty(), "{context}: a warning without text");
-    }
-    assert_eq!(
-        vm.runstate(),
-        RunState::InMigrate,
-        "{context}: the loader changed the run state"
+    let bitmaps_created = check_after_load(
+        &vm,
+        &layer,
+        &events,
+        &before,
+        &result,
+        &loader.warnings,
+        loader.postcopy_ran(),
+        &context,
     );
-    let emitted = events.snapshot();
-    assert!(
-        emitted.is_empty(),
-        "{context}: the loader emitted events: {emitted:?}"
-    );
-    // A batch left open would defer this change instead of rebuilding the view at once.
-    let memmap = &vm.core().memmap;
-    let rebuilds = memmap.stats().rebuilds;
-    assert!(
-        memmap.set_address("ram", Some(1 << 40)),
-        "{context}: no ram region"
-    );
-    assert_eq!(
-        memmap.stats().rebuilds,
-        rebuilds + 1,
-        "{context}: the device-load batch of the memory map was left open"
-    );
-
-    let after = invariants::snapshot(&layer);
-    let inactive: Vec<String> = layer
-        .nodes()
-        .iter()
-        .filter(|n| n.is_inactive())
-        .map(|n| n.name().to_string())
-        .collect();
-    let bitmaps_created = match &result {
-        Ok(()) => {
-            assert!(
-                inactive.is_empty(),
-                "{context}: disks still inactive after a completed load: {inactive:?}"
-            );
-            invariants::assert_completed_load_sane(&layer, &before, &after, &context);
-            invariants::created(&before, &after)
-        }
-        Err(_) => {
-            assert_eq!(
-                inactive.len(),
-                layer.nodes().len(),
-                "{context}: a failed load activated disks"
-            );
-            invariants::assert_failed_load_clean(&before, &after, &context);
-            Vec::new()
-        }
-    };
-    for n in layer.nodes() {
-        assert_eq!(
-            n.in_flight(),
-            0,
-            "{context}: I/O left in flight on '{}'",
-            n.name()
-        );
-    }
     if result.is_ok() {
         check_runnable(&vm, &context);
     }
@@ -236,4 +177,135 @@ pub fn run_on(machine: MachineType, data: &[u8]) -> Outcome {
     drop(loader);
     vm.shutdown();
     outcome
+}
+
+/// Loads a stream as the engine's incoming thread does: header, body, then what follows a
+/// completed load (`finish_postcopy` after a postcopy RUN, else `finish` with the disks
+/// activated), or `abandon` after an error.
+pub(crate) fn load(loader: &mut StreamLoader, r: &mut Reader) -> Result<(), String> {
+    let result = loader
+        .load_header(r)
+        .and_then(|()| loader.load_body(r))
+        .and_then(|()| {
+            if loader.postcopy_ran() {
+                loader.finish_postcopy();
+                Ok(())
+            } else {
+                loader.finish(true)
+            }
+        });
+    if result.is_err() {
+        loader.abandon();
+    }
+    result.map_err(|e| e.to_string())
+}
+
+/// The checks every harness that drives [`StreamLoader`] makes after a load (module doc);
+/// returns the bitmaps a completed load created. `postcopy_ran`: a postcopy RUN was handled,
+/// which activated the disks and started the guest (or set the source's run state) — even
+/// if the listen thread failed afterwards.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn check_after_load(
+    vm: &Vm,
+    layer: &BlockLayer,
+    events: &RecordedEvents,
+    before: &[BitmapState],
+    result: &Result<(), String>,
+    warnings: &[String],
+    postcopy_ran: bool,
+    context: &str,
+) -> Vec<BitmapState> {
+    if let Err(e) = result {
+        assert!(!e.trim().is_empty(), "{context}: an error without text");
+    }
+    for w in warnings {
+        assert!(!w.trim().is_empty(), "{context}: a warning without text");
+    }
+    let emitted = events.snapshot();
+    let state = vm.runstate();
+    if postcopy_ran {
+        // RUN started the guest (RESUME) or gave it the source's run state.
+        let resumed = state == RunState::Running;
+        let expected: Vec<(String, Option<serde_json::Value>)> = if resumed {
+            vec![("RESUME".into(), None)]
+        } else {
+            Vec::new()
+        };
+        assert_eq!(
+            emitted, expected,
+            "{context}: RUN left the run state {state:?} with these events"
+        );
+        assert_ne!(
+            state,
+            RunState::InMigrate,
+            "{context}: RUN was handled but the run state is still inmigrate"
+        );
+    } else {
+        assert_eq!(
+            state,
+            RunState::InMigrate,
+            "{context}: the loader changed the run state"
+        );
+        assert!(
+            emitted.is_empty(),
+            "{context}: the loader emitted events: {emitted:?}"
+        );
+    }
+    // A batch left open would defer this change instead of rebuilding the view at once.
+    let memmap = &vm.core().memmap;
+    let rebuilds = memmap.stats().rebuilds;
+    assert!(
+        memmap.set_address("ram", Some(1 << 40)),
+        "{context}: no ram region"
+    );
+    assert_eq!(
+        memmap.stats().rebuilds,
+        rebuilds + 1,
+        "{context}: the device-load batch of the memory map was left open"
+    );
+
+    let after = invariants::snapshot(layer);
+    let inactive: Vec<String> = layer
+        .nodes()
+        .iter()
+        .filter(|n| n.is_inactive())
+        .map(|n| n.name().to_string())
+        .collect();
+    let bitmaps_created = match result {
+        Ok(()) => {
+            assert!(
+                inactive.is_empty(),
+                "{context}: disks still inactive after a completed load: {inactive:?}"
+            );
+            invariants::assert_completed_load_sane(layer, before, &after, context);
+            invariants::created(before, &after)
+        }
+        Err(_) if postcopy_ran => {
+            // The guest ran here: RUN took the disks, and they stay taken.
+            assert!(
+                inactive.is_empty(),
+                "{context}: disks inactive after a postcopy RUN: {inactive:?}"
+            );
+            invariants::assert_failed_load_clean(before, &after, context);
+            Vec::new()
+        }
+        Err(_) => {
+            assert_eq!(
+                inactive.len(),
+                layer.nodes().len(),
+                "{context}: a failed load activated disks"
+            );
+            invariants::assert_failed_load_clean(before, &after, context);
+            Vec::new()
+        }
+    };
+    for n in layer.nodes() {
+        assert_eq!(
+            n.in_flight(),
+            0,
+            "{context}: I/O left in flight on '{}'",
+            n.name()
+        );
+    }
+    bitmaps_created
 }

@@ -9,6 +9,7 @@
 //!
 //! Besides "no invariant broken", the named real streams must load as a user expects.
 
+use fuzz_harness::postcopy::{self, Variant};
 use fuzz_harness::{bitmaps, qmp, stream};
 use std::path::{Path, PathBuf};
 use vm::MachineType;
@@ -40,9 +41,20 @@ fn read(kind: &str, target: &str, name: &str) -> Vec<u8> {
 
 /// Runs `harness` on every seed and corpus file of `target`; returns how many ran.
 fn replay(target: &str, harness: impl Fn(&[u8])) -> usize {
+    replay_capped(target, usize::MAX, harness)
+}
+
+/// Runs `harness` on every seed of `target` and on at most `cap` of its corpus files, spread
+/// evenly over the sorted list; returns how many ran.
+fn replay_capped(target: &str, cap: usize, harness: impl Fn(&[u8])) -> usize {
     let mut n = 0;
     for kind in ["seeds", "corpus"] {
-        for p in files(kind, target) {
+        let mut all = files(kind, target);
+        if kind == "corpus" && all.len() > cap {
+            let step = all.len().div_ceil(cap);
+            all = all.into_iter().step_by(step).collect();
+        }
+        for p in all {
             let data = std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
             // Printed before the run, so a failure names its input.
             println!("{}", p.display());
@@ -59,6 +71,27 @@ fn stream_loader_corpus_keeps_every_invariant() {
         stream::run(d);
     });
     assert!(n >= 7, "only {n} stream inputs");
+}
+
+/// Of the grown `postcopy` corpus, this many files are replayed (every seed is): each input
+/// costs two destinations, a userfaultfd and a few threads, and the whole suite must stay
+/// quick.
+const POSTCOPY_CORPUS_CAP: usize = 300;
+
+/// Says once why the `postcopy-ram` destination is skipped, if it is.
+fn note_userfaultfd() {
+    if let Some(why) = postcopy::userfaultfd_unavailable() {
+        println!("skipping the postcopy-ram destination (no userfaultfd here): {why}");
+    }
+}
+
+#[test]
+fn postcopy_corpus_keeps_every_invariant() {
+    note_userfaultfd();
+    let n = replay_capped("postcopy", POSTCOPY_CORPUS_CAP, |d| {
+        postcopy::run(d);
+    });
+    assert!(n >= 6, "only {n} postcopy inputs");
 }
 
 #[test]
@@ -211,4 +244,85 @@ fn qmp_session_reports_errors_before_negotiation() {
         "Expecting capabilities negotiation with 'qmp_capabilities'"
     );
     assert!(replies[1].get("error").is_some(), "{:?}", replies[1]);
+}
+
+/// The `postcopy-ram` outcome of `out`, or `None` (said why) where there is no userfaultfd.
+fn ram_outcome(out: &[postcopy::Outcome]) -> Option<&postcopy::Outcome> {
+    note_userfaultfd();
+    out.iter().find(|o| o.variant == Variant::Ram)
+}
+
+fn bitmap_only_outcome(out: &[postcopy::Outcome]) -> &postcopy::Outcome {
+    out.iter()
+        .find(|o| o.variant == Variant::BitmapOnly)
+        .expect("the bitmap-only destination always runs")
+}
+
+#[test]
+fn qemu_postcopy_stream_places_every_page() {
+    let data = read("seeds", "postcopy", "qemu-none-1m-pages-ram-bitmap.mig");
+    let out = postcopy::run(&data);
+    let plain = bitmap_only_outcome(&out);
+    let err = plain
+        .result
+        .as_ref()
+        .expect_err("16-byte ADVISE without postcopy-ram");
+    assert_eq!(err, "RAM postcopy is disabled but have 16 byte advise");
+    let Some(o) = ram_outcome(&out) else { return };
+    assert_eq!(o.result, Ok(()), "warnings: {:?}", o.warnings);
+    assert!(o.postcopy_ran);
+    assert_eq!(o.pages_received, 256);
+    // Most of RAM was still dirty at the switch: discarded, then placed after LISTEN.
+    assert!(o.pages_placed > 200, "{o:?}");
+    assert_eq!(o.bitmaps_created.len(), 1);
+    assert_eq!(o.bitmaps_created[0].count, 4 * 65536);
+}
+
+#[test]
+fn bitmap_only_postcopy_streams_need_postcopy_ram_off() {
+    for name in [
+        "qemu-none-1m-bitmap-only-2bitmaps.mig",
+        "livemig-none-1m-bitmap-only-2bitmaps.mig",
+    ] {
+        let out = postcopy::run(&read("seeds", "postcopy", name));
+        let o = bitmap_only_outcome(&out);
+        assert_eq!(o.result, Ok(()), "{name}: warnings: {:?}", o.warnings);
+        assert!(o.postcopy_ran, "{name}");
+        assert_eq!(o.bitmaps_created.len(), 2, "{name}");
+        if let Some(r) = ram_outcome(&out) {
+            assert_eq!(
+                r.result,
+                Err("RAM postcopy is enabled but have 0 byte advise".into()),
+                "{name}"
+            );
+        }
+    }
+}
+
+#[test]
+fn preempt_channel_pages_are_placed() {
+    for name in [
+        "qemu-none-1m-pages-ram-preempt-pages.mig",
+        "livemig-none-1m-ram-bitmap-preempt-pages.mig",
+    ] {
+        let out = postcopy::run(&read("seeds", "postcopy", name));
+        let Some(o) = ram_outcome(&out) else { return };
+        assert_eq!(o.result, Ok(()), "{name}: warnings: {:?}", o.warnings);
+        assert_eq!(o.preempt_pages, 3, "{name}");
+        assert_eq!(o.pages_received, 256, "{name}");
+    }
+}
+
+#[test]
+fn postcopy_stream_cut_after_run_fails_cleanly() {
+    let data = read("seeds", "postcopy", "qemu-none-1m-pages-ram-bitmap.mig");
+    // Cut inside the pages pushed after RUN: the listen thread hits the end of the channel
+    // with pages still missing.
+    let cut = &data[..data.len() - 4000];
+    let out = postcopy::run(cut);
+    let Some(o) = ram_outcome(&out) else { return };
+    assert!(o.result.is_err(), "{o:?}");
+    assert!(o.postcopy_ran);
+    assert!(o.pages_received < 256, "{o:?}");
+    assert!(o.bitmaps_created.is_empty());
 }

@@ -650,14 +650,22 @@ impl StreamLoader {
         Ok(Flow::Done)
     }
 
+    /// Guest RAM in postcopy, from a 16-byte ADVISE on (none in a bitmap-only postcopy): its
+    /// received maps and host ranges, for checks after a load (the fuzz harness compares
+    /// them with what the kernel has mapped).
+    pub fn postcopy_ram(&self) -> Option<&Arc<PostcopyRam>> {
+        self.postcopy.as_ref()
+    }
+
     /// Whether the guest was started by a postcopy RUN (the engine must not start it again).
     pub fn postcopy_ran(&self) -> bool {
         self.postcopy_ran
     }
 
     /// Gives the loader the `postcopy-preempt` channel: requested pages arrive on it in
-    /// postcopy, placed by a thread of their own.
-    pub(crate) fn set_preempt_channel(
+    /// postcopy, placed by a thread of their own. Public so that fuzzing can drive that
+    /// channel without sockets (the engine passes the second accepted connection).
+    pub fn set_preempt_channel(
         &mut self,
         reader: crate::transport::BoxRead,
         shutdown: ShutdownHandle,
