@@ -847,6 +847,20 @@ impl Listen<'_> {
     }
 
     fn run(mut self, preempt: Option<(Reader, ShutdownHandle)>) -> Result<Ended, MigrationError> {
+        let ended = self.run_channels(preempt);
+        // A failed load lets go of the preempt channel too: its thread would otherwise stay
+        // blocked on the socket, holding guest RAM and the userfaultfd, until the source
+        // closed it. (After EOF `finish_channels` has joined it already.)
+        if let Some(p) = self.preempt.take() {
+            p.stop();
+        }
+        ended
+    }
+
+    fn run_channels(
+        &mut self,
+        preempt: Option<(Reader, ShutdownHandle)>,
+    ) -> Result<Ended, MigrationError> {
         self.start_preempt(preempt)?;
         loop {
             let e = match self.load_to_eof() {
