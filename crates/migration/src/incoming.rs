@@ -493,7 +493,7 @@ impl StreamLoader {
     /// from now on) while this thread loads the rest of the package — the device state —
     /// and, at RUN, activates the disks and starts the guest. Returns when the listen thread
     /// has read EOF.
-    fn listen_and_run(&mut self, r: &mut Reader, mut pr: Reader) -> Result<Flow, MigrationError> {
+    fn listen_and_run(&mut self, r: &mut Reader, pr: Reader) -> Result<Flow, MigrationError> {
         let pc = match self.postcopy.clone() {
             Some(pc) => pc,
             // A bitmap-only postcopy (0-byte ADVISE, no postcopy-ram): all of RAM is here;
@@ -515,6 +515,25 @@ impl StreamLoader {
         };
         let pe = |e: crate::postcopy::PostcopyError| MigrationError::Load(e.to_string());
         pc.register().map_err(pe)?;
+        let flow = self.listen_registered(r, pr, &pc);
+        if flow.is_err() {
+            // Guest RAM leaves userfaultfd on every failure: a vCPU waiting for a page that
+            // will never come reads zeros and can be stopped (the VM is failed or shutting
+            // down), and nothing that reads guest RAM later waits on a userfaultfd no thread
+            // serves any more.
+            pc.unregister();
+        }
+        flow
+    }
+
+    /// [`Self::listen_and_run`] once guest RAM is registered (the caller unregisters it if
+    /// this fails).
+    fn listen_registered(
+        &mut self,
+        r: &mut Reader,
+        mut pr: Reader,
+        pc: &Arc<PostcopyRam>,
+    ) -> Result<Flow, MigrationError> {
         self.ram.start_listening();
         // (A source that never opened the return path — QEMU's bitmap-only postcopy without
         // `return-path` — gets nothing on it, not even SHUT.)
@@ -566,7 +585,7 @@ impl StreamLoader {
                 sections,
                 open_sections,
                 fault: fault_ref,
-                pc: &pc,
+                pc,
                 engine: engine.as_ref(),
                 objects,
                 ran: &ran,
@@ -624,13 +643,7 @@ impl StreamLoader {
         };
         let main = main.and(ended);
         self.postcopy_ran = main.is_ok();
-        if main.is_err() || listen.is_err() {
-            // Guest RAM leaves userfaultfd: a vCPU waiting for a page that will never come
-            // reads zeros and can be stopped (the VM is failed or shutting down).
-            pc.unregister();
-        }
-        main?;
-        if listen? == Ended::Eof {
+        if main.and(listen)? == Ended::Eof {
             // The pages' section must have ended before EOF, as in precopy.
             check_sections_ended(&self.open_sections)?;
         }
