@@ -78,9 +78,7 @@ pub(super) fn negotiate(
             // QEMU's rules before TLS: STARTTLS, or ABORT, or nothing.
             match option {
                 opt::STARTTLS if !data.is_empty() => {
-                    return Err(ProtoError::Protocol(
-                        "option 'starttls' has unexpected length".into(),
-                    ));
+                    return Err(ProtoError::Protocol(unexpected_length(option)));
                 }
                 opt::STARTTLS => {
                     c.option_error(option, rep::ACK, "")?;
@@ -129,11 +127,7 @@ pub(super) fn negotiate(
             }
             opt::LIST => {
                 if !data.is_empty() {
-                    c.option_error(
-                        option,
-                        rep::ERR_INVALID,
-                        &format!("option '{}' has unexpected length", opt::name(option)),
-                    )?;
+                    c.option_error(option, rep::ERR_INVALID, &unexpected_length(option))?;
                     continue;
                 }
                 for e in server.exports() {
@@ -148,11 +142,7 @@ pub(super) fn negotiate(
                 c.option_error(option, rep::ACK, "")?;
             }
             opt::STARTTLS if !data.is_empty() => {
-                c.option_error(
-                    option,
-                    rep::ERR_INVALID,
-                    &format!("option '{}' has unexpected length", opt::name(option)),
-                )?;
+                c.option_error(option, rep::ERR_INVALID, &unexpected_length(option))?;
             }
             opt::STARTTLS if c.tls => {
                 c.option_error(option, rep::ERR_INVALID, "TLS already enabled")?;
@@ -166,11 +156,7 @@ pub(super) fn negotiate(
             },
             opt::STRUCTURED_REPLY => {
                 if !data.is_empty() {
-                    c.option_error(
-                        option,
-                        rep::ERR_INVALID,
-                        &format!("option '{}' has unexpected length", opt::name(option)),
-                    )?;
+                    c.option_error(option, rep::ERR_INVALID, &unexpected_length(option))?;
                 } else if neg.structured {
                     c.option_error(
                         option,
@@ -247,10 +233,7 @@ fn handle_info(
         let name = cur.string(proto::MAX_STRING_SIZE)?;
         let n = cur.u16()?;
         if cur.remaining() != usize::from(n) * 2 {
-            return Err(ProtoError::Protocol(format!(
-                "option '{}' has unexpected length",
-                opt::name(option)
-            )));
+            return Err(ProtoError::Protocol(unexpected_length(option)));
         }
         let mut reqs = Vec::with_capacity(usize::from(n));
         for _ in 0..n {
@@ -337,10 +320,7 @@ fn handle_meta(
             queries.push(cur.string(proto::MAX_STRING_SIZE)?);
         }
         if cur.remaining() != 0 {
-            return Err(ProtoError::Protocol(format!(
-                "option '{}' has unexpected length",
-                opt::name(option)
-            )));
+            return Err(ProtoError::Protocol(unexpected_length(option)));
         }
         Ok((name, queries))
     })();
@@ -392,4 +372,9 @@ fn handle_meta(
         neg.dirty_bitmap = bitmap;
     }
     c.option_error(option, rep::ACK, "")
+}
+
+/// QEMU's message for an option whose data does not have the length the option needs.
+fn unexpected_length(option: u32) -> String {
+    format!("option '{}' has unexpected length", opt::name(option))
 }
