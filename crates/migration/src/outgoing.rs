@@ -601,11 +601,7 @@ impl Outgoing {
         let written = self.downtime_start.map_or(0, |(_, b)| b);
 
         let (w, ram, bitmaps) = self.stream()?;
-        write_end(w, RAM_SECTION_ID)?;
-        ram.sync();
-        ram.send(w, u64::MAX, None)?;
-        ram.end_section(w)?;
-        write_footer(w, RAM_SECTION_ID)?;
+        write_ram_end(w, ram)?;
         let total_multifd = stats.multifd.bytes.load(Ordering::Relaxed);
         if let Some(b) = bitmaps {
             write_end(w, BITMAP_SECTION_ID)?;
@@ -752,11 +748,7 @@ impl Outgoing {
             // not postcopiable, so its END goes out now with every page still dirty, as at a
             // switchover; no discard, no PINGs. Only the bitmaps follow the switch.
             let (w, ram, _) = self.stream()?;
-            write_end(w, RAM_SECTION_ID)?;
-            ram.sync();
-            ram.send(w, u64::MAX, None)?;
-            ram.end_section(w)?;
-            write_footer(w, RAM_SECTION_ID)?;
+            write_ram_end(w, ram)?;
         }
         // The package: the destination reads it whole before loading it, so that its main
         // channel is free for the pages device loading may fault on.
@@ -1341,6 +1333,17 @@ impl Outgoing {
         };
         job.shared.finish_outgoing(job.generation, outcome);
     }
+}
+
+/// The RAM section's END with the guest stopped: the last dirty log collected and every page
+/// still dirty sent.
+fn write_ram_end(w: &mut Writer, ram: &mut RamSaver) -> Result<(), MigrationError> {
+    write_end(w, RAM_SECTION_ID)?;
+    ram.sync();
+    ram.send(w, u64::MAX, None)?;
+    ram.end_section(w)?;
+    write_footer(w, RAM_SECTION_ID)?;
+    Ok(())
 }
 
 fn sent_pages(stats: &OutgoingStats) -> u64 {
