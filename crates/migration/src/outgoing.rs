@@ -130,6 +130,9 @@ pub(crate) struct Outgoing {
     written_base: u64,
     /// `ram.transferred` when postcopy began (`postcopy-bytes` counts from there).
     postcopy_base: u64,
+    /// The link failed while the postcopy package was going out: the destination may run the
+    /// guest already, so [`Outgoing::postcopy_run`] pauses on it first, as on any lost link.
+    lost_at_switch: Option<MigrationError>,
     /// `x-livemig-stall-timeout` as it was at `migrate`: the longest a write, or the wait for
     /// the destination's verdict, may go without the channel moving.
     stall: Option<Duration>,
@@ -174,6 +177,7 @@ impl Outgoing {
             rp_ctx: Arc::default(),
             written_base: 0,
             postcopy_base: 0,
+            lost_at_switch: None,
             stall: None,
             handover: None,
             multifd: None,
@@ -765,11 +769,25 @@ impl Outgoing {
         // Last point where the source can take the guest back (QEMU's `restart_block`).
         self.undo.handed_over = true;
         let (w, _, _) = self.stream()?;
-        write_command(w, &Command::Packaged(buf.take()))?;
-        if ram_postcopy {
-            write_command(w, &Command::Ping(4))?;
+        let sent = write_command(w, &Command::Packaged(buf.take()))
+            .and_then(|()| {
+                if ram_postcopy {
+                    write_command(w, &Command::Ping(4))
+                } else {
+                    Ok(())
+                }
+            })
+            .and_then(|()| w.flush());
+        if let Err(e) = sent {
+            if !ram_postcopy {
+                return Err(e.into());
+            }
+            // Some or all of the package may be on the destination, which then runs the
+            // guest: failing here would leave its RAM split with nothing to resume. The
+            // push pauses on this first (`migrate-pause`, a cut), and a recovery goes on.
+            self.lost_at_switch = Some(e.into());
+            return Ok(());
         }
-        w.flush()?;
         let written = w.bytes_written();
         stats.transferred.store(written, Ordering::Relaxed);
         if let Some((t, b)) = self.downtime_start {
@@ -806,7 +824,11 @@ impl Outgoing {
             );
         }
         loop {
-            let e = match self.postcopy_push(&src, preempt.as_deref(), &rp) {
+            let pushed = match self.lost_at_switch.take() {
+                Some(e) => Err(e),
+                None => self.postcopy_push(&src, preempt.as_deref(), &rp),
+            };
+            let e = match pushed {
                 Ok(()) => break,
                 Err(e) => e,
             };
