@@ -130,9 +130,6 @@ pub(crate) struct Outgoing {
     written_base: u64,
     /// `ram.transferred` when postcopy began (`postcopy-bytes` counts from there).
     postcopy_base: u64,
-    /// The link failed while the postcopy package was going out: the destination may run the
-    /// guest already, so [`Outgoing::postcopy_run`] pauses on it first, as on any lost link.
-    lost_at_switch: Option<MigrationError>,
     /// `x-livemig-stall-timeout` as it was at `migrate`: the longest a write, or the wait for
     /// the destination's verdict, may go without the channel moving.
     stall: Option<Duration>,
@@ -177,7 +174,6 @@ impl Outgoing {
             rp_ctx: Arc::default(),
             written_base: 0,
             postcopy_base: 0,
-            lost_at_switch: None,
             stall: None,
             handover: None,
             multifd: None,
@@ -191,8 +187,8 @@ impl Outgoing {
         match self.iterate()? {
             Next::Switchover => self.switchover()?,
             Next::Postcopy => {
-                self.postcopy_switch()?;
-                self.postcopy_run()?;
+                let lost = self.postcopy_switch()?;
+                self.postcopy_run(lost)?;
             }
         }
         self.complete()
@@ -696,8 +692,9 @@ impl Outgoing {
     /// what cannot follow the switch (the dirty bitmaps, for now), tell the destination which
     /// pages to throw away (still dirty here), then the device state wrapped in a package
     /// with LISTEN before it and RUN after it — all of it in `postcopy-active`, entered as
-    /// [`Outgoing::stop_guest`] says.
-    fn postcopy_switch(&mut self) -> Result<(), MigrationError> {
+    /// [`Outgoing::stop_guest`] says. Returns the error of a link lost while the package
+    /// went out, which [`Outgoing::postcopy_run`] pauses on.
+    fn postcopy_switch(&mut self) -> Result<Option<MigrationError>, MigrationError> {
         let (shared, machine, stats) = (
             self.job.shared.clone(),
             self.job.machine.clone(),
@@ -785,8 +782,7 @@ impl Outgoing {
             // Some or all of the package may be on the destination, which then runs the
             // guest: failing here would leave its RAM split with nothing to resume. The
             // push pauses on this first (`migrate-pause`, a cut), and a recovery goes on.
-            self.lost_at_switch = Some(e.into());
-            return Ok(());
+            return Ok(Some(e.into()));
         }
         let written = w.bytes_written();
         stats.transferred.store(written, Ordering::Relaxed);
@@ -795,15 +791,17 @@ impl Outgoing {
             // QEMU measures postcopy's downtime up to the package.
             shared.lock().out.downtime_ms = Some(t.elapsed().as_millis() as u64);
         }
-        Ok(())
+        Ok(None)
     }
 
     /// Phase 4b, postcopy: the pages the destination asks for first, the rest in the
     /// background at `max-postcopy-bandwidth`, then END, EOF and the destination's SHUT
     /// ([`Outgoing::postcopy_push`]). A failure of the link (or `migrate-pause`) pauses
     /// instead of failing: both ends keep everything, and `migrate ... resume=true` resumes
-    /// ([`Outgoing::postcopy_pause`]); repeated cuts recover repeatedly.
-    fn postcopy_run(&mut self) -> Result<(), MigrationError> {
+    /// ([`Outgoing::postcopy_pause`]); repeated cuts recover repeatedly. `lost`: the link was
+    /// lost while the package went out (the destination may run the guest already): pause on
+    /// it first, as on any lost link.
+    fn postcopy_run(&mut self, mut lost: Option<MigrationError>) -> Result<(), MigrationError> {
         if !self.job.caps.has(Capability::PostcopyRam) {
             return self.bitmaps_push();
         }
@@ -824,7 +822,7 @@ impl Outgoing {
             );
         }
         loop {
-            let pushed = match self.lost_at_switch.take() {
+            let pushed = match lost.take() {
                 Some(e) => Err(e),
                 None => self.postcopy_push(&src, preempt.as_deref(), &rp),
             };
