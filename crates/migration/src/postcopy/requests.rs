@@ -142,17 +142,17 @@ struct Inner {
 impl Inner {
     /// Completes the request for `key`, if there is one: `begun` is when its placement began,
     /// `now` when it ended.
-    fn complete(&mut self, key: (usize, u64), begun: Instant, now: Instant) -> Option<Duration> {
-        let p = self.pending.remove(&key)?;
-        let d = now.saturating_duration_since(p.fault);
-        self.latency.record(d);
+    fn complete(&mut self, key: (usize, u64), begun: Instant, now: Instant) {
+        let Some(p) = self.pending.remove(&key) else {
+            return;
+        };
+        self.latency.record(now.saturating_duration_since(p.fault));
         if let Some(sent) = p.sent.filter(|s| *s <= begun) {
             let st = &mut self.stages;
             st.asking.record(sent.saturating_duration_since(p.fault));
             st.answer.record(begun.saturating_duration_since(sent));
             st.placing.record(now.saturating_duration_since(begun));
         }
-        Some(d)
     }
 }
 
@@ -198,19 +198,6 @@ impl Requests {
                 p.sent = Some(now);
             }
         }
-    }
-
-    /// Page `page` of `block` was placed at `now`, by a placement begun at `begun`: returns
-    /// how long it was waited for, if it had been requested, and records that as a latency
-    /// sample.
-    pub fn placed(
-        &self,
-        block: usize,
-        page: u64,
-        begun: Instant,
-        now: Instant,
-    ) -> Option<Duration> {
-        self.lock().complete((block, page), begun, now)
     }
 
     /// Pages `first..first+count` of `block` were placed at `now` (one run, whose placement
@@ -280,12 +267,10 @@ mod tests {
         );
         assert_eq!(r.pending(), vec![(0, 5), (1, 5), (0, 6)]);
         let at = t0 + Duration::from_micros(25);
-        assert_eq!(r.placed(0, 5, at, at), Some(Duration::from_micros(25)));
-        assert_eq!(
-            r.placed(0, 5, t0, t0),
-            None,
-            "placed twice: only one sample"
-        );
+        r.placed_range(0, 5, 1, at, at);
+        assert_eq!(r.latency().max_ns(), 25_000);
+        r.placed_range(0, 5, 1, t0, t0);
+        assert_eq!(r.latency().count(), 1, "placed twice: only one sample");
         r.withdraw(1, 5);
         assert_eq!(r.pending(), vec![(0, 6)]);
         assert_eq!(r.requests(), 3);
