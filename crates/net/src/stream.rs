@@ -259,6 +259,14 @@ mod tests {
             .unwrap()
     }
 
+    /// Whether the thread whose `/proc/.../stat` is at `stat` sleeps (state `S`).
+    fn sleeping(stat: &str) -> bool {
+        let s = std::fs::read_to_string(stat).unwrap();
+        // The state follows the command name, which is in parentheses and may hold spaces.
+        s.rsplit_once(") ")
+            .is_some_and(|(_, rest)| rest.starts_with('S'))
+    }
+
     /// A TCP connection on loopback: (this side, the peer).
     fn tcp_pair() -> (Stream, Stream) {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -274,25 +282,41 @@ mod tests {
     fn a_quiet_reader_sleeps_through_the_other_directions_traffic() {
         let (a, mut b) = tcp_pair();
         let mut r = QuietReader::new(a.try_clone().unwrap());
+        let (tid_tx, tid_rx) = std::sync::mpsc::channel();
         let reader = std::thread::spawn(move || {
+            tid_tx.send(nix::unistd::gettid()).unwrap();
             let before = switches();
             let mut m = [0u8; 5];
             r.read_exact(&mut m).unwrap();
             (m, switches() - before)
         });
+        // The traffic starts once the reader sleeps in its wait. Any read takes the socket's
+        // lock, which the writer holds through each send: a reader that starts beside the
+        // writer sleeps on that lock, which is not what this test counts.
+        let stat = format!("/proc/self/task/{}/stat", tid_rx.recv().unwrap());
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !sleeping(&stat) {
+            assert!(Instant::now() < deadline, "the reader never went to sleep");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        // The peer reads slower than the writer writes, so the writer keeps waiting for send
+        // space, and each acknowledgement that frees some wakes whoever sleeps on the socket
+        // without saying for which direction.
+        const TOTAL: usize = 64 << 20;
         let drain = {
             let mut b = b.try_clone().unwrap();
             std::thread::spawn(move || {
                 let mut buf = vec![0u8; 1 << 16];
                 let mut n = 0usize;
-                while n < 256 << 20 {
+                while n < TOTAL {
                     n += b.read(&mut buf).unwrap();
+                    std::thread::sleep(Duration::from_micros(20));
                 }
             })
         };
         let mut w = a;
         let chunk = vec![7u8; 128 << 10];
-        for _ in 0..(256 << 20) / chunk.len() {
+        for _ in 0..TOTAL / chunk.len() {
             w.write_all(&chunk).unwrap();
         }
         drain.join().unwrap();
