@@ -17,6 +17,7 @@
 //!   functions, `query-block` and `query-named-block-nodes`.
 //! * [`qmp`] — the same commands from JSON arguments, checked like QEMU's QAPI visitor.
 //! * [`options`] — `BlockdevOptions` and the `-blockdev` keyval parser.
+//! * [`probe`] — QEMU's image format probing (a `-drive` or `drive-mirror` without a format).
 //! * [`qemu_io`] — the `qemu-io` subset tests drive through `human-monitor-command`.
 //!
 //! # Threads and locks
@@ -73,6 +74,7 @@ pub mod layer;
 pub mod node;
 pub mod options;
 pub mod perm;
+pub mod probe;
 pub mod qemu_io;
 pub mod qmp;
 

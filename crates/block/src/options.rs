@@ -173,6 +173,10 @@ pub enum DriverOptions {
         offset: Option<i64>,
         /// `size` of the window.
         size: Option<i64>,
+        /// The format was probed, not given (no QMP member: QEMU's `bs->probed`, set when a
+        /// `-drive` or `drive-mirror` names no format): the first sector may not be rewritten
+        /// into another format.
+        probed: bool,
     },
     /// `qcow2`.
     Qcow2 {
@@ -370,6 +374,7 @@ fn build(m: &Map<String, Value>) -> BlockdevOptions {
             },
             offset: get_i64(m, "offset"),
             size: get_i64(m, "size"),
+            probed: false,
         },
         _ => DriverOptions::Null {
             size: get_i64(m, "size"),
@@ -701,7 +706,8 @@ pub struct DriveSpec {
     /// `if=`.
     pub interface: DriveInterface,
     /// The format node as `blockdev-add` arguments, without a `node-name` unless the option
-    /// gave one (the layer generates QEMU's `#blockNNN` then).
+    /// gave one (the layer generates QEMU's `#blockNNN` then), and without `driver` when the
+    /// option named no format (the layer probes it).
     pub options: Value,
     /// `backing.node-name=NAME` without a backing definition: the name of the node opened
     /// over the backing file the image names.
@@ -773,12 +779,8 @@ pub fn parse_drive(arg: &str, index: usize) -> Result<DriveSpec, BlockError> {
         Some(format) => {
             m.insert("driver".into(), Value::String(format));
         }
-        None if m.contains_key("driver") => {}
-        None => {
-            return Err(BlockError::Unsupported(
-                "-drive: format= is required here: livemig does not probe image formats".into(),
-            ))
-        }
+        // Neither: the block layer probes the image (`BlockLayer::drive_add`).
+        None => {}
     }
     if let Some(ro) = take_from(&mut m, "readonly")? {
         m.insert("read-only".into(), Value::String(ro));
@@ -876,8 +878,9 @@ mod tests {
         assert_eq!(d.options["file"]["filename"], json!("/tmp/x.qcow2"));
         let e = parse_drive("file=/x,driver=qcow2,format=raw,if=none", 0).unwrap_err();
         assert_eq!(e.to_string(), "Cannot specify both 'driver' and 'format'");
-        let e = parse_drive("file=/x,if=none", 0).unwrap_err();
-        assert!(e.to_string().contains("format= is required"), "{e}");
+        // Neither: no driver, for the layer to probe.
+        let d = parse_drive("file=/x,if=none", 0).unwrap();
+        assert_eq!(d.options.get("driver"), None);
     }
 
     #[test]
@@ -934,6 +937,7 @@ mod tests {
                 file: BlockdevRef::Definition(c),
                 offset: Some(512),
                 size: None,
+                probed: false,
             } => {
                 assert_eq!(
                     c.driver_options,

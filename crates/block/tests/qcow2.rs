@@ -1362,3 +1362,121 @@ fn snapshots_put_an_overlay_on_top() {
     assert_eq!(blk[0]["device"], "disk0", "{blk}");
     assert_eq!(blk[0]["inserted"]["node-name"], "t0", "{blk}");
 }
+
+/// `-drive` without `format=` probes the image as QEMU 7.2 does: a qcow2 image by its header
+/// (its backing chain read through it), anything without a known header as raw — whose first
+/// sector then cannot be rewritten into another format's header (`EPERM`, QEMU's
+/// `raw_co_pwritev`) while any other write goes through; an image of a format livemig does not
+/// open is refused by name, not opened as raw.
+#[test]
+fn drives_without_a_format_are_probed() {
+    if !have_qemu("drives_without_a_format_are_probed") {
+        return;
+    }
+    let dir = tmp();
+    let base = dir.path().join("base.qcow2");
+    let top = dir.path().join("top.qcow2");
+    let raw = dir.path().join("disk.img");
+    let qed = dir.path().join("disk.qed");
+    create(&base, "1M", &[]);
+    qemu_io(&base, &["write -P 0x11 0 64k"]);
+    create(
+        &top,
+        "1M",
+        &[&format!(
+            "backing_file={},backing_fmt=qcow2",
+            base.display()
+        )],
+    );
+    ok(
+        "qemu-img",
+        &["create", "-f", "raw", raw.to_str().unwrap(), "1M"],
+    );
+    ok(
+        "qemu-img",
+        &["create", "-f", "qed", qed.to_str().unwrap(), "1M"],
+    );
+    let l = BlockLayer::new();
+    let drive = |id: &str, file: &Path| {
+        block::parse_drive(&format!("if=none,id={id},file={}", file.display()), 0).unwrap()
+    };
+
+    let q = l.drive_add(&drive("q", &top)).unwrap();
+    assert_eq!(q.driver_name(), "qcow2");
+    let mut buf = vec![0u8; 4096];
+    q.read_at(0, &mut buf).unwrap();
+    assert!(
+        buf.iter().all(|&b| b == 0x11),
+        "read through the backing file"
+    );
+
+    let r = l.drive_add(&drive("r", &raw)).unwrap();
+    assert_eq!(r.driver_name(), "raw");
+    let mut header = vec![0u8; 512];
+    header[..8].copy_from_slice(b"QFI\xfb\0\0\0\x03");
+    assert_eq!(
+        r.write_at(0, &header).unwrap_err().to_string(),
+        "Operation not permitted"
+    );
+    // Four bytes into the first sector are enough when they complete a header.
+    assert_eq!(
+        r.write_at(0, b"QFI\xfb").map_err(|e| e.to_string()),
+        Ok(()),
+        "version 0 is no qcow2 header"
+    );
+    assert_eq!(
+        r.write_at(4, b"\0\0\0\x02").unwrap_err().to_string(),
+        "Operation not permitted"
+    );
+    r.write_at(0, &[0x5au8; 4096]).unwrap();
+    r.write_at(512, &header).unwrap();
+    let mut back = vec![0u8; 1024];
+    r.read_at(0, &mut back).unwrap();
+    assert!(back[..512].iter().all(|&b| b == 0x5a));
+    assert_eq!(&back[512..520], b"QFI\xfb\0\0\0\x03");
+    // A raw image named as raw has no such restriction.
+    let named = l
+        .drive_add(
+            &block::parse_drive(
+                &format!("if=none,id=n,format=raw,file={}", raw.display()),
+                0,
+            )
+            .unwrap(),
+        )
+        .unwrap_err();
+    assert!(
+        named.to_string().contains("lock"),
+        "the probed drive holds the image: {named}"
+    );
+
+    let e = l.drive_add(&drive("e", &qed)).unwrap_err().to_string();
+    assert_eq!(
+        e,
+        format!(
+            "Could not open '{}': its format was probed as 'qed', which livemig does not \
+             open (it opens qcow2 and raw)",
+            qed.display()
+        )
+    );
+    assert!(l.lookup_bs(Some("e"), None).is_err());
+}
+
+/// A raw image named as `format=raw` may get any first sector (QEMU restricts only probed
+/// images).
+#[test]
+fn a_named_raw_format_may_write_any_first_sector() {
+    let dir = tmp();
+    let raw = dir.path().join("disk.img");
+    std::fs::write(&raw, vec![0u8; 1 << 20]).unwrap();
+    let l = BlockLayer::new();
+    let r = l
+        .drive_add(
+            &block::parse_drive(
+                &format!("if=none,id=n,format=raw,file={}", raw.display()),
+                0,
+            )
+            .unwrap(),
+        )
+        .unwrap();
+    r.write_at(0, b"QFI\xfb\0\0\0\x03").unwrap();
+}

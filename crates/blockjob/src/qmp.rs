@@ -332,19 +332,21 @@ const NBD_DEFAULT_PORT: u16 = 10809;
 /// The `BlockdevOptions` of `drive-mirror`'s `target` (a filename, or an `nbd`, `nbd+tcp` or
 /// `nbd+unix` URI as QEMU's NBD driver parses it) opened as `format`.
 fn target_options(target: &str, format: Option<&str>) -> Result<Value, QmpError> {
-    let Some(format) = format else {
-        return Err(other(
-            "drive-mirror without 'format' is not supported: format probing is not built",
-        ));
-    };
     let Some((scheme, rest)) = target.split_once("://") else {
+        // Without a format the block layer probes the image, as QEMU's `bdrv_open` does.
         return match format {
-            "raw" | "qcow2" => Ok(json!({
-                "driver": format,
+            None => Ok(json!({"file": {"driver": "file", "filename": target}})),
+            Some(f @ ("raw" | "qcow2")) => Ok(json!({
+                "driver": f,
                 "file": {"driver": "file", "filename": target},
             })),
-            f => Err(other(format!("Unknown driver '{f}'"))),
+            Some(f) => Err(other(format!("Unknown driver '{f}'"))),
         };
+    };
+    let Some(format) = format else {
+        return Err(other(
+            "drive-mirror to an NBD URI without 'format' is not supported: give format=raw",
+        ));
     };
     if !matches!(scheme, "nbd" | "nbd+tcp" | "nbd+unix") {
         return Err(other(format!("Unknown protocol '{scheme}'")));
@@ -487,7 +489,12 @@ mod tests {
         assert!(e.to_string().contains("use format=raw"), "{e}");
         let e = target_options("ftp://h/e", Some("raw")).unwrap_err();
         assert!(e.to_string().contains("Unknown protocol 'ftp'"), "{e}");
-        let e = target_options("/img/a", None).unwrap_err();
+        // A file without a format is probed by the layer; an NBD export is not.
+        assert_eq!(
+            target_options("/img/a", None).unwrap(),
+            json!({"file": {"driver": "file", "filename": "/img/a"}})
+        );
+        let e = target_options("nbd://h/e", None).unwrap_err();
         assert!(e.to_string().contains("without 'format'"), "{e}");
     }
 }

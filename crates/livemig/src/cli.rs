@@ -14,7 +14,7 @@
 //! | `-accel tcg\|kvm[,dirty-ring-size=N]`, `-enable-kvm` | the vCPUs: software threads (`tcg`, the default) or KVM vCPUs running the workload as guest code |
 //! | `-accel qtest` | QEMU's qtest accelerator: vCPUs that never execute, so only QMP (and qtest) change the VM |
 //! | `-M help`, `-device help`, `-drive format=help` | the machines, devices and block drivers, in QEMU's format |
-//! | `-drive if=virtio\|none,file=,format=,id=,...` | QEMU's legacy disk option: a BlockBackend named `id` over the format and protocol nodes (`block::parse_drive`); `if=virtio` (the `livemig` machine's default, as QEMU's `block_default_type`) is the virtio-blk disk |
+//! | `-drive if=virtio\|none,file=,format=,id=,...` | QEMU's legacy disk option: a BlockBackend named `id` over the format and protocol nodes (`block::parse_drive`); `if=virtio` (the `livemig` machine's default, as QEMU's `block_default_type`) is the virtio-blk disk; without `format=` the image's format is probed as QEMU probes it (`block::probe`) |
 //! | `-chardev socket,id=ID,path=\|host=,port=\|fd=...`, `-mon chardev=ID,mode=control` | a QMP monitor on a socket livemig connects to, listens on or inherits (`crate::chardev`) |
 //! | `-qtest unix:path=P\|chardev:ID` | the qtest protocol's connection; its commands are refused as QEMU refuses unknown ones (`crate::qtest`) |
 //! | `-blockdev`, `-object`, `-qmp`, `-incoming`, `-S`, `-mem-prealloc` | as QEMU's |

@@ -301,3 +301,73 @@ fn bitmap_on_a_drive_migrates_under_the_drive_name() {
     );
     assert_eq!(got["sha256"], sha, "{got}");
 }
+
+/// `-drive` without `format=` (iotest 156's `_launch_qemu -drive if=none,id=source,file=IMG`):
+/// livemig probes the image as QEMU 7.2 does — qcow2 by its header, raw otherwise with QEMU's
+/// warning on stderr — and QEMU started the same way shows the same formats and the same
+/// warning.
+#[test]
+fn drives_without_a_format_are_probed_as_qemu_probes_them() {
+    if !testkit::require(
+        "drives_without_a_format_are_probed_as_qemu_probes_them",
+        testkit::programs(&["qemu-img", "qemu-system-x86_64"]),
+    ) {
+        return;
+    }
+    let dir = testkit::tempdir();
+    let top = dir.path().join("top.qcow2");
+    let raw = dir.path().join("disk.img");
+    create_qcow2(&top, None);
+    assert!(qemu_img(&[
+        "create",
+        "-f",
+        "raw",
+        raw.to_str().unwrap(),
+        "1M"
+    ]));
+    let drives: Vec<String> = [("q", &top), ("r", &raw)]
+        .iter()
+        .flat_map(|(id, f)| {
+            [
+                "-drive".to_string(),
+                format!("if=none,id={id},file={}", f.display()),
+            ]
+        })
+        .collect();
+    let formats = |q: &mut QmpClient| -> Vec<(String, String)> {
+        q.ok("query-block", json!({}))
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| {
+                (
+                    b["device"].as_str().unwrap().to_string(),
+                    b["inserted"]["drv"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect()
+    };
+    let warning = format!(
+        "WARNING: Image format was not specified for '{}' and probing guessed raw.\n         \
+         Automatically detecting the format is dangerous for raw images, write operations on \
+         block 0 will be restricted.\n         Specify the 'raw' format explicitly to remove \
+         the restrictions.\n",
+        raw.display()
+    );
+    let want = vec![
+        ("q".to_string(), "qcow2".to_string()),
+        ("r".into(), "raw".into()),
+    ];
+
+    let args: Vec<&str> = drives.iter().map(String::as_str).collect();
+    {
+        let (p, mut q) = lm(dir.path(), "vm", &args);
+        assert_eq!(formats(&mut q), want);
+        assert_eq!(p.log().matches(&warning).count(), 1, "{}", p.log());
+    }
+
+    let qemu = VmProcess::qemu_none(dir.path(), "qemu", &drives).unwrap();
+    let mut qq = qemu.qmp();
+    assert_eq!(formats(&mut qq), want);
+    assert_eq!(qemu.log().matches(&warning).count(), 1, "{}", qemu.log());
+}

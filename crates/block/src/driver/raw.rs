@@ -19,6 +19,8 @@ pub struct RawDriver {
     offset: u64,
     size: Option<u64>,
     key: u64,
+    /// Found by probing (QEMU's `bs->probed`): see [`RawDriver::set_probed`].
+    probed: bool,
 }
 
 impl RawDriver {
@@ -55,7 +57,44 @@ impl RawDriver {
             offset,
             size,
             key: new_user_key(),
+            probed: false,
         })
+    }
+
+    /// Marks the image as found by probing rather than named (QEMU's `bs->probed`): a write
+    /// that would make its first sector probe as another format fails with `EPERM`, so the
+    /// guest cannot turn the disk into an image that opens differently next time
+    /// (`raw_co_pwritev`).
+    pub fn set_probed(&mut self) {
+        self.probed = true;
+    }
+
+    /// QEMU's check on a write into the first sector of a probed image: the sector as the
+    /// write leaves it must still probe as raw.
+    fn check_first_sector(&self, offset: u64, buf: &[u8]) -> Result<(), BlockError> {
+        let probe = crate::probe::PROBE_BUF_SIZE as u64;
+        if !self.probed || offset >= probe || buf.is_empty() {
+            return Ok(());
+        }
+        let mut sector = vec![0u8; crate::probe::PROBE_BUF_SIZE];
+        let covered = (probe - offset).min(buf.len() as u64) as usize;
+        if offset > 0 || covered < sector.len() {
+            // The rest of the sector as it is (QEMU aligns such a write to 512 bytes first).
+            let have = self.length()?.min(probe) as usize;
+            if let Some(part) = sector.get_mut(..have) {
+                self.child
+                    .child_read_at(self.adjust(0, have as u64)?, part)?;
+            }
+        }
+        let at = offset as usize;
+        if let (Some(dst), Some(src)) = (sector.get_mut(at..at + covered), buf.get(..covered)) {
+            dst.copy_from_slice(src);
+        }
+        if crate::probe::still_raw(&sector) {
+            Ok(())
+        } else {
+            Err(BlockError::Io(Errno::EPERM))
+        }
     }
 
     /// The child node.
@@ -101,6 +140,7 @@ impl BlockDriver for RawDriver {
 
     fn write_at(&self, offset: u64, buf: &[u8]) -> Result<(), BlockError> {
         let off = self.adjust(offset, buf.len() as u64)?;
+        self.check_first_sector(offset, buf)?;
         self.child.child_write_at(off, buf)
     }
 

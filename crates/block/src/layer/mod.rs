@@ -213,12 +213,13 @@ impl BlockLayer {
     /// BlockBackend, named by the drive's `id`, here; an `if=virtio` one gets it when the
     /// machine attaches its disk device under that name ([`BlockLayer::attach_device`]).
     /// Either way QMP commands find the disk by the `id`. Like QEMU's, the node belongs to
-    /// the backend, not to the monitor (`blockdev-del` refuses it).
+    /// the backend, not to the monitor (`blockdev-del` refuses it). Without `format=` the
+    /// format is probed ([`crate::probe`]).
     pub fn drive_add(
         &self,
         spec: &crate::options::DriveSpec,
     ) -> Result<Arc<BlockNode>, BlockError> {
-        let mut opts = BlockdevOptions::from_json(&spec.options)?;
+        let mut opts = self.probed_options(&spec.options)?;
         opts.check_supported()?;
         if let Some(name) = &spec.backing_node_name {
             match &mut opts.driver_options {
@@ -283,11 +284,12 @@ impl BlockLayer {
     /// one user alone, outside the graph: QEMU's anonymous node of `drive-mirror`'s target,
     /// which lives as long as the job that opened it. It gets a generated `#blockNNN` name,
     /// no lookup or query finds it, and it is closed when its last reference is dropped.
+    /// Options without `driver` have the format probed ([`crate::probe`]).
     pub fn open_detached(&self, options: &Value) -> Result<Arc<BlockNode>, BlockError> {
         if let Some(r) = crate::extension::open_registered(self, options, true) {
             return r;
         }
-        let opts = BlockdevOptions::from_json(options)?;
+        let opts = self.probed_options(options)?;
         if opts.node_name.is_some() {
             return Err(BlockError::Unsupported(
                 "node-name is not supported for a node outside the graph".into(),
@@ -408,11 +410,36 @@ impl BlockLayer {
         };
         let name = self.assign_name(g, pending, opts.node_name.as_deref())?;
         let driver: Box<dyn BlockDriver> = match (&opts.driver_options, child) {
-            (DriverOptions::Raw { offset, size, .. }, Some(child)) => Box::new(RawDriver::open(
-                child,
-                non_negative(*offset, "offset")?,
-                non_negative(*size, "size")?,
-            )?),
+            (
+                DriverOptions::Raw {
+                    offset,
+                    size,
+                    probed,
+                    ..
+                },
+                Some(child),
+            ) => {
+                let mut d = RawDriver::open(
+                    child.clone(),
+                    non_negative(*offset, "offset")?,
+                    non_negative(*size, "size")?,
+                )?;
+                if *probed {
+                    d.set_probed();
+                    if !flags.read_only {
+                        // QEMU's warning (`raw_open`), printed as it prints it.
+                        log::info!(
+                            "WARNING: Image format was not specified for '{}' and probing \
+                             guessed raw.\n         Automatically detecting the format is \
+                             dangerous for raw images, write operations on block 0 will be \
+                             restricted.\n         Specify the 'raw' format explicitly to \
+                             remove the restrictions.",
+                            crate::driver::display_filename(&child.driver().filename())
+                        );
+                    }
+                }
+                Box::new(d)
+            }
             (DriverOptions::Qcow2 { backing, .. }, Some(child)) => {
                 let mut d = Qcow2Driver::open(
                     child.clone(),
@@ -496,8 +523,76 @@ impl BlockLayer {
         Ok(node)
     }
 
+    /// A probed format livemig opens (`qcow2`, `raw`), or a refusal naming the format QEMU
+    /// would have opened the image as.
+    fn openable_probed(format: &'static str, filename: &str) -> Result<&'static str, BlockError> {
+        match format {
+            "qcow2" | "raw" => Ok(format),
+            other => Err(BlockError::Unsupported(format!(
+                "Could not open '{filename}': its format was probed as '{other}', which \
+                 livemig does not open (it opens qcow2 and raw)"
+            ))),
+        }
+    }
+
+    /// QEMU's `bdrv_open` of options without `driver` (a `-drive` or `drive-mirror` that names
+    /// no format): opens the image `file` describes on its own, read-only, reads its first
+    /// sector and fills in the probed format (`find_image_format`: an empty image is raw; a
+    /// failed read is QEMU's "Could not read image for determining its format"). A probed
+    /// raw node keeps its first sector raw ([`RawDriver::set_probed`]). Options that name a
+    /// driver are returned as they are.
+    fn with_probed_format(&self, options: &Value) -> Result<Value, BlockError> {
+        let Some(m) = options.as_object().filter(|m| !m.contains_key("driver")) else {
+            return Ok(options.clone());
+        };
+        let image = match m.get("file") {
+            Some(Value::String(name)) => self.lookup_bs(None, Some(name))?,
+            Some(Value::Object(f)) => {
+                let mut f = f.clone();
+                f.insert("read-only".into(), Value::Bool(true));
+                // QEMU probes through the protocol node it then keeps; this one is closed
+                // again, so its generated name is given back and the names that follow are
+                // QEMU's.
+                let names = self.read().auto_names;
+                let node = self.open_detached(&Value::Object(f));
+                self.write().auto_names = names;
+                node?
+            }
+            _ => return Err(BlockError::MissingParameter("driver".into())),
+        };
+        let filename = crate::driver::display_filename(&image.driver().filename());
+        let size = image.size()?;
+        let found = if size == 0 {
+            "raw"
+        } else {
+            let mut head = vec![0u8; size.min(crate::probe::PROBE_BUF_SIZE as u64) as usize];
+            image.read_at(0, &mut head).map_err(|e| {
+                BlockError::Driver(format!(
+                    "Could not read image for determining its format: {e}"
+                ))
+            })?;
+            crate::probe::probe(&head, Some(&filename))
+        };
+        drop(image);
+        let format = Self::openable_probed(found, &filename)?;
+        let mut m = m.clone();
+        m.insert("driver".into(), Value::String(format.into()));
+        Ok(Value::Object(m))
+    }
+
+    /// [`BlockdevOptions`] of options that may lack `driver` (see
+    /// [`BlockLayer::with_probed_format`]).
+    fn probed_options(&self, options: &Value) -> Result<BlockdevOptions, BlockError> {
+        let probed = options.get("driver").is_none();
+        let mut opts = BlockdevOptions::from_json(&self.with_probed_format(options)?)?;
+        if let DriverOptions::Raw { probed: p, .. } = &mut opts.driver_options {
+            *p = probed;
+        }
+        Ok(opts)
+    }
+
     /// Opens the backing file an image names: relative to the image's directory, in the format
-    /// the image records, or probed (qcow2 magic, else raw) when it records none.
+    /// the image records, or probed ([`crate::probe`]) when it records none.
     fn open_backing_file(
         &self,
         g: &mut Graph,
@@ -527,20 +622,18 @@ impl BlockLayer {
             },
             _ => file.to_string(),
         };
-        let format = match format {
-            Some(f) => f.to_string(),
+        let (format, probed) = match format {
+            Some(f) => (f.to_string(), false),
             None => {
-                let mut magic = [0u8; 4];
-                let probe = std::fs::File::open(&path).and_then(|f| {
-                    use std::os::unix::fs::FileExt;
-                    f.read_at(&mut magic, 0)
-                });
-                match probe {
-                    Ok(4) if u32::from_be_bytes(magic) == crate::driver::qcow2::header::MAGIC => {
-                        "qcow2".to_string()
-                    }
-                    _ => "raw".to_string(),
-                }
+                let mut head = [0u8; crate::probe::PROBE_BUF_SIZE];
+                let n = std::fs::File::open(&path)
+                    .and_then(|f| {
+                        use std::os::unix::fs::FileExt;
+                        f.read_at(&mut head, 0)
+                    })
+                    .unwrap_or(0);
+                let found = crate::probe::probe(head.get(..n).unwrap_or_default(), Some(&path));
+                (Self::openable_probed(found, &path)?.to_string(), true)
             }
         };
         let file = DriverOptions::File {
@@ -561,6 +654,7 @@ impl BlockLayer {
                 file: file_ref,
                 offset: None,
                 size: None,
+                probed,
             },
             other => return Err(BlockError::Driver(format!("Unknown driver '{other}'"))),
         };

@@ -166,7 +166,9 @@ impl BlockLayer {
                 None
             }
             (
-                DriverOptions::Raw { file, offset, size },
+                DriverOptions::Raw {
+                    file, offset, size, ..
+                },
                 DriverOptions::Raw {
                     offset: o0,
                     size: s0,
