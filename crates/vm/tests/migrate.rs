@@ -357,23 +357,23 @@ fn device_load_rebuilds_the_memory_map_once() {
 
 #[test]
 fn a_destination_gone_during_pre_switchover_fails_the_migration_at_once() {
-    use std::io::Read;
+    use testkit::relay::{Plan, Relay, Target};
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("fake.sock");
-    // A destination that takes the stream but never answers, then disappears.
-    let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
-    let (close_tx, close_rx) = std::sync::mpsc::channel::<()>();
-    let fake = std::thread::spawn(move || {
-        let (s, _) = listener.accept().unwrap();
-        let mut r = s.try_clone().unwrap();
-        let reader = std::thread::spawn(move || {
-            let mut buf = vec![0u8; 1 << 16];
-            while matches!(r.read(&mut buf), Ok(n) if n > 0) {}
-        });
-        close_rx.recv().unwrap();
-        s.shutdown(std::net::Shutdown::Both).unwrap();
-        reader.join().unwrap();
-    });
+    let dst_path = dir.path().join("dst.sock");
+    // A real destination, which answers the source's PINGs as QEMU's does, behind a link that
+    // goes in pre-switchover. (A fake that only drained the stream and answered nothing held
+    // the switchover back whenever the source's bandwidth window closed over its idle passes:
+    // all it sent then counts as not consumed yet until the destination has been silent for
+    // x-livemig-stall-timeout, 30 s: under CPU load the test timed out in `active`.)
+    let dst = side(true, MachineType::Livemig, WorkloadConfig::default());
+    dst.mig
+        .incoming(&format!("unix:{}", dst_path.display()), false)
+        .unwrap();
+    let relay = Relay::unix(
+        &dir.path().join("relay.sock"),
+        Target::Unix(dst_path),
+        Plan::none(),
+    );
     let src = side(
         false,
         MachineType::Livemig,
@@ -389,15 +389,15 @@ fn a_destination_gone_during_pre_switchover_fails_the_migration_at_once() {
             (Capability::PauseBeforeSwitchover, true),
         ])
         .unwrap();
-    src.mig
-        .migrate(&format!("unix:{}", path.display()))
-        .unwrap();
+    src.mig.migrate(&relay.uri).unwrap();
     assert_eq!(
         src.mig
             .wait_outgoing(&[MigrationStatus::PreSwitchover], Duration::from_secs(30)),
-        MigrationStatus::PreSwitchover
+        MigrationStatus::PreSwitchover,
+        "{}",
+        src.mig.query()
     );
-    close_tx.send(()).unwrap();
+    relay.cut();
     // No migrate-continue: the source notices by itself.
     let st = src
         .mig
@@ -412,6 +412,6 @@ fn a_destination_gone_during_pre_switchover_fails_the_migration_at_once() {
         src.mig.query()
     );
     assert_eq!(src.vm.as_ref().runstate_for_test(), RunState::Running);
-    fake.join().unwrap();
     src.vm.shutdown();
+    dst.vm.shutdown();
 }
