@@ -8,8 +8,9 @@
 //! fallback) and `-s source_file` for write are refused with a message of ours.
 //!
 //! [`run`] returns everything qemu-io would print, including its own failures ("write failed:
-//! Input/output error", parse errors, "Block node is read-only"); it is an `Err` only when the
-//! node does not exist, which QEMU's HMP reports as `Error: <desc>`. The timing line has
+//! Input/output error", parse errors, "Block node is read-only"), split by where QEMU prints
+//! it ([`Output`]: standard output, standard error or the monitor); it is an `Err` only when
+//! the node does not exist, which QEMU's HMP reports as `Error: <desc>`. The timing line has
 //! qemu-io's shape with our own measurement. `read -v` dumps at most the first 1 MiB.
 
 use crate::error::BlockError;
@@ -279,9 +280,39 @@ fn check_range(node: &BlockNode, offset: u64, len: u64) -> Result<(), BlockError
     Ok(())
 }
 
+/// What one qemu-io command printed, by where QEMU 7.2's HMP `qemu-io` sends it: qemu-io's
+/// `printf`s go to the process's standard output (not to the monitor: the HMP reply is empty),
+/// getopt's complaints, "command not found" and a bad argument count to standard error, and
+/// `error_report`s (a permission qemu-io could not take: "Block node is read-only") to the
+/// monitor.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Output {
+    /// For the process's standard output.
+    pub stdout: String,
+    /// For the process's standard error.
+    pub stderr: String,
+    /// For the monitor (the HMP reply), with `\n` line ends.
+    pub monitor: String,
+}
+
+impl Output {
+    fn stdout(text: String) -> Output {
+        Output {
+            stdout: text,
+            ..Output::default()
+        }
+    }
+
+    /// Everything printed, in the order qemu-io prints it (standard error first: getopt
+    /// complains before the usage is printed).
+    pub fn text(&self) -> String {
+        format!("{}{}{}", self.stderr, self.monitor, self.stdout)
+    }
+}
+
 /// Runs one qemu-io command line on `node_name` (a device or node name) and returns what
 /// qemu-io prints. `Err` only when there is no such node.
-pub fn run(layer: &BlockLayer, node_name: &str, cmdline: &str) -> Result<String, BlockError> {
+pub fn run(layer: &BlockLayer, node_name: &str, cmdline: &str) -> Result<Output, BlockError> {
     let node = layer
         .lookup_bs(Some(node_name), Some(node_name))
         .map_err(|_| BlockError::CannotFind {
@@ -292,32 +323,58 @@ pub fn run(layer: &BlockLayer, node_name: &str, cmdline: &str) -> Result<String,
 }
 
 /// [`run`] on a node already looked up.
-pub fn run_on(node: &BlockNode, cmdline: &str) -> String {
+pub fn run_on(node: &BlockNode, cmdline: &str) -> Output {
     let argv: Vec<&str> = cmdline.split(' ').filter(|s| !s.is_empty()).collect();
     let Some((&cmd, args)) = argv.split_first() else {
-        return String::new();
+        return Output::default();
     };
     let (name, writes) = match cmd {
         "read" | "r" => ("read", false),
         "write" | "w" => ("write", true),
         "discard" | "d" => ("discard", true),
-        _ => return format!("command \"{cmd}\" not found\n"),
+        _ => {
+            return Output {
+                stderr: format!("command \"{cmd}\" not found\n"),
+                ..Output::default()
+            }
+        }
     };
     if args.len() < 2 {
-        return format!(
-            "bad argument count {} to {cmd}, expected at least 2 arguments\n",
-            args.len()
-        );
+        return Output {
+            stderr: format!(
+                "bad argument count {} to {cmd}, expected at least 2 arguments\n",
+                args.len()
+            ),
+            ..Output::default()
+        };
     }
     if writes && !node.writable() {
-        return "Block node is read-only\n".to_string();
+        return Output {
+            monitor: "Block node is read-only\n".to_string(),
+            ..Output::default()
+        };
     }
     let r = match name {
         "read" => read_cmd(node, cmd, args),
         "write" => write_cmd(node, cmd, args),
         _ => discard_cmd(node, cmd, args),
     };
-    r.unwrap_or_else(|text| text)
+    let text = r.unwrap_or_else(|text| text);
+    // getopt's complaint (glibc prints it on stderr), then qemu-io's usage on stdout.
+    let getopt_error = [
+        format!("{cmd}: invalid option -- "),
+        format!("{cmd}: option requires an argument -- "),
+    ]
+    .iter()
+    .any(|p| text.starts_with(p.as_str()));
+    match text.split_once('\n') {
+        Some((first, rest)) if getopt_error => Output {
+            stderr: format!("{first}\n"),
+            stdout: rest.to_string(),
+            ..Output::default()
+        },
+        _ => Output::stdout(text),
+    }
 }
 
 fn write_cmd(node: &BlockNode, cmd: &str, args: &[&str]) -> Result<String, String> {
@@ -613,7 +670,7 @@ mod tests {
     #[test]
     fn outputs_match_qemu_io() {
         let l = layer();
-        let run = |c: &str| run(&l, "node0", c).unwrap();
+        let run = |c: &str| run(&l, "node0", c).unwrap().text();
         let out = run("write 0 64k");
         assert_eq!(first_line(&out), "wrote 65536/65536 bytes at offset 0");
         let second = out.lines().nth(1).unwrap();
@@ -714,10 +771,51 @@ mod tests {
         );
     }
 
+    /// Where QEMU 7.2 prints each kind of output (checked against `human-monitor-command`
+    /// on QEMU: the reply, its stdout and its stderr).
+    #[test]
+    fn output_goes_where_qemu_prints_it() {
+        let l = layer();
+        let run = |c: &str| run(&l, "node0", c).unwrap();
+        let out = run("write -P 1 0 512");
+        assert!(out.stdout.starts_with("wrote 512/512 bytes at offset 0\n"));
+        assert_eq!((out.stderr.as_str(), out.monitor.as_str()), ("", ""));
+        assert_eq!(
+            run("write -X 0 512"),
+            Output {
+                stderr: "write: invalid option -- 'X'\n".into(),
+                stdout: format!("{WRITE_USAGE}\n"),
+                monitor: String::new(),
+            }
+        );
+        assert_eq!(
+            run("write 0"),
+            Output {
+                stderr: "bad argument count 1 to write, expected at least 2 arguments\n".into(),
+                ..Output::default()
+            }
+        );
+        assert_eq!(
+            run("bogus"),
+            Output {
+                stderr: "command \"bogus\" not found\n".into(),
+                ..Output::default()
+            }
+        );
+        let out = run("read -P 2 0 512");
+        assert!(out
+            .stdout
+            .starts_with("Pattern verification failed at offset 0, 512 bytes\nread 512/512"));
+        assert_eq!(
+            run("write 0 1x").stdout,
+            "Parsing error: non-numeric argument, or extraneous/unrecognized suffix -- 1x\n"
+        );
+    }
+
     #[test]
     fn read_verifies_patterns() {
         let l = layer();
-        let run = |c: &str| run(&l, "node0", c).unwrap();
+        let run = |c: &str| run(&l, "node0", c).unwrap().text();
         // read-zeroes=on: reads are zeroes whatever was written.
         assert_eq!(
             first_line(&run("read -P 0 0 512")),
@@ -755,7 +853,7 @@ mod tests {
             &json!({"driver": "null-co", "node-name": "big", "size": 4 << 20, "read-zeroes": true}),
         )
         .unwrap();
-        let big = super::run(&l, "big", "read -v 0 2M").unwrap();
+        let big = super::run(&l, "big", "read -v 0 2M").unwrap().text();
         assert_eq!(big.lines().count(), 65536 + 3);
         assert_eq!(
             big.lines().nth(65536).unwrap(),
@@ -770,7 +868,7 @@ mod tests {
         let l = BlockLayer::new();
         l.blockdev_add(&json!({"driver": "null-co", "node-name": "n", "size": 4096}))
             .unwrap();
-        let out = run(&l, "n", "read -P 0xab 0 512").unwrap();
+        let out = run(&l, "n", "read -P 0xab 0 512").unwrap().text();
         assert_eq!(first_line(&out), "read 512/512 bytes at offset 0");
     }
 
@@ -782,15 +880,15 @@ mod tests {
             "Cannot find device='' nor node-name='zz'"
         );
         assert_eq!(
-            run(&l, "ro", "write 0 512").unwrap(),
+            run(&l, "ro", "write 0 512").unwrap().text(),
             "Block node is read-only\n"
         );
         assert_eq!(
-            run(&l, "ro", "discard 0 512").unwrap(),
+            run(&l, "ro", "discard 0 512").unwrap().text(),
             "Block node is read-only\n"
         );
         assert_eq!(
-            first_line(&run(&l, "ro", "read 0 512").unwrap()),
+            first_line(&run(&l, "ro", "read 0 512").unwrap().text()),
             "read 512/512 bytes at offset 0"
         );
     }

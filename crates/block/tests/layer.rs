@@ -383,7 +383,9 @@ fn busy_readonly_and_inconsistent_states() {
     assert_eq!(err(&l, "block-dirty-bitmap-clear", nb1.clone()), ro);
     assert_eq!(err(&l, "block-dirty-bitmap-remove", nb1.clone()), ro);
     assert_eq!(
-        block::qemu_io::run(&l, "node0", "write 0 512").unwrap(),
+        block::qemu_io::run(&l, "node0", "write 0 512")
+            .unwrap()
+            .text(),
         "write failed: Operation not permitted\n"
     );
     node.bitmaps().find_mut("b1").unwrap().set_readonly(false);
@@ -561,7 +563,7 @@ fn raw_over_file_marks_both_nodes_and_discards_only_with_unmap() {
         l.block_dirty_bitmap_add(n, "b0", Some(512), None, None)
             .unwrap();
     }
-    let io = |n: &str, c: &str| block::qemu_io::run(&l, n, c).unwrap();
+    let io = |n: &str, c: &str| block::qemu_io::run(&l, n, c).unwrap().text();
     let count = |n: &str| l.node(n).unwrap().bitmaps().find("b0").unwrap().count();
     io("r1", "discard 70000 1");
     assert_eq!((count("r1"), count("f1")), (512, 512));
@@ -632,7 +634,7 @@ fn read_write_raw_over_read_only_file_is_not_writable() {
     l.blockdev_add(&json!({"driver": "raw", "node-name": "r5", "file": "f4"}))
         .unwrap();
     assert_eq!(
-        block::qemu_io::run(&l, "r5", "write 0 512").unwrap(),
+        block::qemu_io::run(&l, "r5", "write 0 512").unwrap().text(),
         "Block node is read-only\n"
     );
     assert_eq!(ok(&l, "query-named-block-nodes", json!({}))[0]["ro"], false);

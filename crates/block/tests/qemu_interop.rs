@@ -276,7 +276,7 @@ fn same_ops_give_same_bitmaps_as_qemu() {
             let op = random_op(&mut rng, node.size, with_discard);
             let reply = qmp.hmp(&format!("qemu-io {} \"{op}\"", node.name));
             assert_eq!(reply, "", "QEMU's HMP reply to {op}");
-            let out = block::qemu_io::run(&ours, node.name, &op).unwrap();
+            let out = block::qemu_io::run(&ours, node.name, &op).unwrap().text();
             our_lines.push(format!(
                 "{} {op}: {}",
                 node.name,

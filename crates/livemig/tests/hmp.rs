@@ -232,3 +232,66 @@ fn incoming_query_migrate_reports_the_bound_port_as_qemu() {
         let _ = p.wait_exit(TIMEOUT);
     }
 }
+
+/// The timing line of qemu-io (`64 KiB, 1 ops; 00.00 sec (...)`) is a measurement; the rest
+/// of what it prints must be QEMU's.
+fn without_timings(log: &str) -> Vec<String> {
+    log.lines()
+        .map(|l| match l.split_once(" ops; ") {
+            Some((head, _)) => format!("{head} ops; TIMING"),
+            None => l.to_string(),
+        })
+        .filter(|l| !l.starts_with("livemig: ") && !l.starts_with("qemu-system-x86_64: "))
+        .collect()
+}
+
+/// `human-monitor-command "qemu-io DEV \"CMD\""` as QEMU 7.2 answers it: qemu-io's output goes
+/// to the process's standard output and the reply is empty; getopt's complaints, an unknown
+/// command and a bad argument count go to standard error; a missing node is `Error: ...` in the
+/// reply, mistakes in the HMP arguments are HMP's messages. Before, livemig put qemu-io's output
+/// in the reply, printed a missing node without `Error: `, and accepted and ignored `-q`.
+#[test]
+fn qemu_io_prints_where_qemu_prints() {
+    if !testkit::require("qemu_io_prints_where_qemu_prints", testkit::qemu()) {
+        return;
+    }
+    let dir = testkit::tempdir();
+    let img = |n: &str| {
+        let p = dir.path().join(n);
+        std::fs::write(&p, vec![0u8; 1 << 20]).unwrap();
+        p
+    };
+    let (a, b) = (img("a.img"), img("b.img"));
+    let drive = |p: &Path| format!("if=none,id=d0,format=raw,file={}", p.display());
+    let (da, db) = (drive(&a), drive(&b));
+    let (mut qp, mut q) = qemu(dir.path(), &["-drive", &da]);
+    let (mut lp, mut l) = livemig(dir.path(), &["-drive", &db]);
+    for line in [
+        r#"qemu-io d0 "write -P 3 128k 128k""#,
+        r#"qemu-io d0 "read -P 3 128k 64k""#,
+        r#"qemu-io d0 "read -P 4 128k 512""#,
+        r#"qemu-io d0 "write -z 0 4k""#,
+        r#"qemu-io d0 "write -X 0 512""#,
+        r#"qemu-io d0 "write 0""#,
+        r#"qemu-io d0 "bogus 0 1""#,
+        r#"qemu-io d0 "write 0 1x""#,
+        r#"qemu-io zz "read 0 1""#,
+        r#"qemu-io -q d0 "read 0 1""#,
+        r#"qemu-io d0"#,
+        r#"qemu-io"#,
+        r#"qemu-io d0 "read 0 1" more"#,
+    ] {
+        same(&mut q, &mut l, line);
+    }
+    // -d names a guest device; livemig refuses it rather than reading the name as a drive's.
+    let r = hmp(&mut l, r#"qemu-io -d d0 "read 0 1""#);
+    assert!(r.starts_with("Error: qemu-io -d"), "{r}");
+    for (p, c) in [(&mut qp, &mut q), (&mut lp, &mut l)] {
+        c.ok("quit", json!({}));
+        assert_eq!(p.wait_exit(TIMEOUT), Some(0));
+    }
+    let (theirs, ours) = (without_timings(&qp.log()), without_timings(&lp.log()));
+    assert!(theirs.iter().any(|l| l.starts_with("wrote 131072/131072")));
+    assert_eq!(ours, theirs);
+    assert_eq!(std::fs::read(&a).unwrap(), std::fs::read(&b).unwrap());
+}

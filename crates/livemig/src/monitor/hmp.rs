@@ -3,6 +3,11 @@
 //! byte for byte (`info status`, `info name`, `info migrate`, `info migrate_capabilities`,
 //! `info migrate_parameters`, `qemu-io`) and its replies to mistakes.
 //!
+//! `qemu-io [-d] DEVICE "COMMAND"` runs `block::qemu_io` on a drive or node and prints as
+//! QEMU's does: qemu-io's output on the process's standard output (the reply is empty),
+//! getopt's complaints on standard error, a missing node as `Error: ...` in the reply; `-d`
+//! (a guest device's qdev id) is refused.
+//!
 //! The commands that change the migration (`migrate_set_capability`, `migrate_set_parameter`,
 //! `migrate [-d] [-r] URI`, `migrate_start_postcopy`) build the arguments of the QMP command
 //! QEMU's handler calls and dispatch them to the migration's own command set, so they act —
@@ -593,16 +598,29 @@ fn hmp_info(app: &App, line: &str) -> String {
             .map(|n| format!("{n}\r\n"))
             .unwrap_or_default(),
         ["qemu-io", rest @ ..] => {
-            let mut rest: Vec<&str> = rest.to_vec();
-            while rest.first().is_some_and(|a| *a == "-d" || *a == "-q") {
-                rest.remove(0);
-            }
-            match rest.as_slice() {
+            // QEMU's argument types for it: `qdev:-d,device:B,command:s`.
+            let usage = |why: &str| {
+                format!("qemu-io: {why}\r\nTry \"help qemu-io\" for more information\r\n")
+            };
+            let (qdev, rest) = match rest {
+                ["-d", rest @ ..] => (true, rest),
+                [flag, ..] if flag.starts_with('-') && flag.len() > 1 => {
+                    return usage(&format!("unsupported option {flag}"))
+                }
+                _ => (false, rest),
+            };
+            match rest {
+                [] => usage("block device name expected"),
+                [_] => usage("string expected"),
+                [_, _, _, ..] => usage("extraneous characters at the end of line"),
+                // A device's qdev id would name its BlockBackend (QEMU's `blk_by_qdev_id`).
+                [_, _] if qdev => "Error: qemu-io -d (a guest device's qdev id) is not \
+                                   supported by livemig: name the drive or the node\r\n"
+                    .into(),
                 [node, cmd] => match block::qemu_io::run(&app.block, node, cmd) {
-                    Ok(out) => out.replace('\n', "\r\n"),
-                    Err(e) => format!("{e}\r\n"),
+                    Ok(out) => print_qemu_io(out),
+                    Err(e) => format!("Error: {e}\r\n"),
                 },
-                _ => "qemu-io: usage: qemu-io [-d] [-q] device \"command\"\r\n".into(),
             }
         }
         ["info"] => INFO_HELP
@@ -617,6 +635,26 @@ fn hmp_info(app: &App, line: &str) -> String {
         [] => String::new(),
         [cmd, ..] => format!("unknown command: '{cmd}'\r\n"),
     }
+}
+
+/// Prints what a `qemu-io` command printed where QEMU 7.2 prints it — qemu-io's own output on
+/// the process's standard output, getopt's complaints on standard error, flushed before the
+/// command's reply is written (so a `-qmp stdio` reader sees them first, as from QEMU) — and
+/// returns what goes to the monitor.
+fn print_qemu_io(out: block::qemu_io::Output) -> String {
+    // A closed stdout or stderr is not worth failing the command for (QEMU's printf ignores
+    // it too).
+    if !out.stderr.is_empty() {
+        let mut e = std::io::stderr().lock();
+        let _ = e.write_all(out.stderr.as_bytes());
+        let _ = e.flush();
+    }
+    if !out.stdout.is_empty() {
+        let mut o = std::io::stdout().lock();
+        let _ = o.write_all(out.stdout.as_bytes());
+        let _ = o.flush();
+    }
+    out.monitor.replace('\n', "\r\n")
 }
 
 /// The `info` subcommands this monitor has, with QEMU 7.2's help lines.

@@ -400,13 +400,21 @@ impl Lm {
         }
     }
 
-    /// Runs `qemu-io d0 "CMD"` through the human monitor; returns its output.
+    /// Runs `qemu-io d0 "CMD"` through the human monitor; returns the reply followed by what
+    /// the process printed meanwhile (qemu-io prints on the process's standard output, as
+    /// QEMU's does, and the reply comes after it).
     pub fn qemu_io(&mut self, cmd: &str) -> String {
+        let before = self.proc.log().len();
         let out = self.ok(
             "human-monitor-command",
             json!({ "command-line": format!("qemu-io d0 \"{cmd}\"") }),
         );
-        out.as_str().unwrap_or_default().to_string()
+        let log = self.proc.log();
+        format!(
+            "{}{}",
+            out.as_str().unwrap_or_default(),
+            log.get(before..).unwrap_or_default()
+        )
     }
 
     /// Takes the queued events up to and including the first one for which `pred` holds,
