@@ -44,14 +44,32 @@ pub struct MirrorConfig {
     pub granularity: u32,
     /// Largest piece copied at once.
     pub buf_size: u64,
+    /// `auto-finalize`: false leaves a job that finished its work `pending` until
+    /// `job-finalize`.
+    pub auto_finalize: bool,
+    /// `auto-dismiss`: false leaves a job that ended `concluded`, with its error if any, until
+    /// `job-dismiss`.
+    pub auto_dismiss: bool,
 }
 
 /// A refused job command; texts and classes are QEMU 7.2's.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum JobError {
-    /// No job of that id (class `DeviceNotActive`).
+    /// No job of that id (class `DeviceNotActive`), as the `block-job-*` commands say it.
     #[error("Block job '{0}' not found")]
     NotFound(String),
+    /// No job of that id, as the generic `job-*` commands say it (class `GenericError`).
+    #[error("Job not found")]
+    JobNotFound,
+    /// `block-job-pause` or `job-pause` on a job the user paused already.
+    #[error("Job is already paused")]
+    AlreadyPaused,
+    /// `block-job-resume` or `job-resume` on a job the user did not pause.
+    #[error("Can't resume a job that was not paused")]
+    NotPaused,
+    /// `block-job-complete` or `job-complete` on a ready job whose cancel was requested.
+    #[error("The active block job '{0}' cannot be completed")]
+    CannotComplete(String),
     /// A verb the job's state does not accept.
     #[error("Job '{id}' in state '{state}' cannot accept command verb '{verb}'")]
     BadVerb {
@@ -106,8 +124,12 @@ pub enum Status {
     Created,
     /// Copying.
     Running,
+    /// Paused by the user while running.
+    Paused,
     /// Source and target in sync; waiting for complete or cancel.
     Ready,
+    /// Paused by the user while ready.
+    Standby,
     /// Finishing successfully.
     Waiting,
     /// Finished successfully, about to conclude.
@@ -126,12 +148,65 @@ impl Status {
         match self {
             Status::Created => "created",
             Status::Running => "running",
+            Status::Paused => "paused",
             Status::Ready => "ready",
+            Status::Standby => "standby",
             Status::Waiting => "waiting",
             Status::Pending => "pending",
             Status::Aborting => "aborting",
             Status::Concluded => "concluded",
             Status::Null => "null",
+        }
+    }
+}
+
+/// What a user asks of a job (QEMU's `JobVerb`), each allowed in some states only.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verb {
+    /// `block-job-cancel`, `job-cancel`.
+    Cancel,
+    /// `block-job-pause`, `job-pause`.
+    Pause,
+    /// `block-job-resume`, `job-resume`.
+    Resume,
+    /// `block-job-set-speed`.
+    SetSpeed,
+    /// `block-job-complete`, `job-complete`.
+    Complete,
+    /// `block-job-finalize`, `job-finalize`.
+    Finalize,
+    /// `block-job-dismiss`, `job-dismiss`.
+    Dismiss,
+}
+
+impl Verb {
+    /// The QAPI name, as errors quote it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Verb::Cancel => "cancel",
+            Verb::Pause => "pause",
+            Verb::Resume => "resume",
+            Verb::SetSpeed => "set-speed",
+            Verb::Complete => "complete",
+            Verb::Finalize => "finalize",
+            Verb::Dismiss => "dismiss",
+        }
+    }
+
+    /// QEMU 7.2's `JobVerbTable`: whether a job in `status` takes the verb.
+    pub fn allowed(self, status: Status) -> bool {
+        use Status::*;
+        match self {
+            Verb::Cancel => matches!(
+                status,
+                Created | Running | Paused | Ready | Standby | Waiting | Pending
+            ),
+            Verb::Pause | Verb::Resume | Verb::SetSpeed => {
+                matches!(status, Created | Running | Paused | Ready | Standby)
+            }
+            Verb::Complete => matches!(status, Ready | Standby),
+            Verb::Finalize => status == Pending,
+            Verb::Dismiss => status == Concluded,
         }
     }
 }
@@ -147,6 +222,27 @@ struct JobState {
     /// `block-job-cancel` was called; `Some(true)` with `force`.
     cancel: Option<bool>,
     complete: bool,
+    /// Paused by `block-job-pause` / `job-pause` (the job stops at its next pause point).
+    user_paused: bool,
+    /// `job-finalize` was called on the pending job.
+    finalize: bool,
+    /// Why the job failed or that it was cancelled, once it is aborting: queries show it
+    /// until the job is dismissed.
+    error: Option<String>,
+}
+
+impl JobState {
+    fn check(&self, id: &str, verb: Verb) -> Result<(), JobError> {
+        if verb.allowed(self.status) {
+            Ok(())
+        } else {
+            Err(JobError::BadVerb {
+                id: id.to_string(),
+                state: self.status.as_str(),
+                verb: verb.as_str(),
+            })
+        }
+    }
 }
 
 /// One block job.
@@ -154,6 +250,8 @@ pub struct Job {
     id: String,
     source: Arc<BlockNode>,
     target: Arc<BlockNode>,
+    auto_finalize: bool,
+    auto_dismiss: bool,
     state: Mutex<JobState>,
     wake: Condvar,
 }
@@ -177,34 +275,46 @@ impl Job {
     pub fn status(&self) -> Status {
         lock(&self.state).status
     }
+    /// Whether the user paused the job (and did not resume it yet).
+    pub fn user_paused(&self) -> bool {
+        lock(&self.state).user_paused
+    }
     /// `BlockJobInfo` as `query-block-jobs` shows it.
     pub fn info(&self) -> Value {
         let s = lock(&self.state);
-        json!({
-            "auto-finalize": true,
+        let mut v = json!({
+            "auto-finalize": self.auto_finalize,
             "io-status": "ok",
             "device": self.id,
-            "auto-dismiss": true,
+            "auto-dismiss": self.auto_dismiss,
             "busy": s.busy,
             "len": s.len,
             "offset": s.offset,
             "status": s.status.as_str(),
-            "paused": false,
+            "paused": s.user_paused,
             "speed": s.speed,
-            "ready": s.status == Status::Ready,
+            "ready": matches!(s.status, Status::Ready | Status::Standby),
             "type": "mirror",
-        })
+        });
+        if let (Some(e), Some(m)) = (&s.error, v.as_object_mut()) {
+            m.insert("error".into(), json!(e));
+        }
+        v
     }
     /// `JobInfo` as `query-jobs` shows it.
     pub fn job_info(&self) -> Value {
         let s = lock(&self.state);
-        json!({
+        let mut v = json!({
             "id": self.id,
             "type": "mirror",
             "status": s.status.as_str(),
             "current-progress": s.offset,
             "total-progress": s.len,
-        })
+        });
+        if let (Some(e), Some(m)) = (&s.error, v.as_object_mut()) {
+            m.insert("error".into(), json!(e));
+        }
+        v
     }
 }
 
@@ -241,13 +351,19 @@ impl JobManager {
         lock(&self.jobs).clone()
     }
 
-    /// The job called `id`.
+    /// The job called `id`, for the `block-job-*` commands.
     pub fn find(&self, id: &str) -> Result<Arc<Job>, JobError> {
+        self.find_job(id)
+            .map_err(|_| JobError::NotFound(id.to_string()))
+    }
+
+    /// The job called `id`, for the generic `job-*` commands (which say so differently).
+    pub fn find_job(&self, id: &str) -> Result<Arc<Job>, JobError> {
         lock(&self.jobs)
             .iter()
             .find(|j| j.id == id)
             .cloned()
-            .ok_or_else(|| JobError::NotFound(id.to_string()))
+            .ok_or(JobError::JobNotFound)
     }
 
     fn emit(&self, name: &str, data: Value) {
@@ -333,6 +449,8 @@ impl JobManager {
             id: cfg.id.clone(),
             source: cfg.source.clone(),
             target: cfg.target.clone(),
+            auto_finalize: cfg.auto_finalize,
+            auto_dismiss: cfg.auto_dismiss,
             state: Mutex::new(JobState {
                 status: Status::Created,
                 offset: 0,
@@ -341,6 +459,9 @@ impl JobManager {
                 busy: false,
                 cancel: None,
                 complete: false,
+                user_paused: false,
+                finalize: false,
+                error: None,
             }),
             wake: Condvar::new(),
         });
@@ -372,8 +493,7 @@ impl JobManager {
             .name(format!("mirror-{}", cfg.id))
             .spawn(move || {
                 let outcome = run_mirror(&mgr, &j, &cfg);
-                drop(claims);
-                mgr.finish(&j, outcome);
+                mgr.finish(&j, outcome, claims);
             });
         if let Err(e) = spawned {
             lock(&self.jobs).retain(|x| !Arc::ptr_eq(x, &job));
@@ -382,78 +502,167 @@ impl JobManager {
         Ok(job)
     }
 
-    fn finish(&self, job: &Job, outcome: Outcome) {
+    /// The end of a job whose work is over, as QEMU's `job_completed`: a job that succeeded
+    /// waits `pending` for `job-finalize` without `auto-finalize` (a forced cancel aborts it
+    /// there), then its event, the release of its nodes (`claims`), `concluded`, and `null`
+    /// unless it waits for `job-dismiss` (without `auto-dismiss`).
+    fn finish(&self, job: &Job, outcome: Outcome, claims: Vec<NodeClaim>) {
+        let outcome = match outcome {
+            Outcome::Completed if !job.auto_finalize => {
+                {
+                    let _jobs = lock(&self.jobs);
+                    self.set_status(job, Status::Waiting);
+                    self.set_status(job, Status::Pending);
+                    self.emit("BLOCK_JOB_PENDING", json!({"type": "mirror", "id": job.id}));
+                }
+                let mut s = lock(&job.state);
+                while !s.finalize && s.cancel != Some(true) {
+                    s = job.wake.wait(s).unwrap_or_else(PoisonError::into_inner);
+                }
+                if s.finalize {
+                    Outcome::Finalized
+                } else {
+                    Outcome::Cancelled
+                }
+            }
+            o => o,
+        };
         // The whole end — events, status changes, removal from the list — happens under the
         // jobs lock, so a query sees the job either running or gone: a client that has seen
         // BLOCK_JOB_COMPLETED never finds it still listed (QEMU does all of this in one
         // main-loop step). Lock order: jobs, then a job's state.
         let mut jobs = lock(&self.jobs);
+        // Whoever has seen the job's end event may use its nodes again.
+        drop(claims);
         match outcome {
             Outcome::Completed => {
                 self.set_status(job, Status::Waiting);
                 self.set_status(job, Status::Pending);
                 self.block_event("BLOCK_JOB_COMPLETED", job, None);
             }
+            Outcome::Finalized => self.block_event("BLOCK_JOB_COMPLETED", job, None),
             Outcome::Cancelled => {
+                lock(&job.state).error = Some(CANCELLED.to_string());
                 self.set_status(job, Status::Aborting);
                 self.block_event("BLOCK_JOB_CANCELLED", job, None);
             }
             Outcome::Failed(e) => {
+                lock(&job.state).error = Some(e.clone());
                 self.set_status(job, Status::Aborting);
                 self.block_event("BLOCK_JOB_COMPLETED", job, Some(e));
             }
         }
         self.set_status(job, Status::Concluded);
-        jobs.retain(|j| !std::ptr::eq(Arc::as_ptr(j), job));
-        self.set_status(job, Status::Null);
+        if job.auto_dismiss {
+            jobs.retain(|j| !std::ptr::eq(Arc::as_ptr(j), job));
+            self.set_status(job, Status::Null);
+        }
     }
 
-    /// `block-job-cancel`.
-    pub fn cancel(&self, id: &str, force: bool) -> Result<(), JobError> {
-        let job = self.find(id)?;
+    /// `block-job-cancel` (`force` as given) and `job-cancel` (always forced). A running job
+    /// stops and is cancelled; a ready mirror cancelled without `force` completes instead,
+    /// leaving the target a consistent copy; a pending job takes only a forced cancel.
+    pub fn cancel_job(&self, job: &Job, force: bool) -> Result<(), JobError> {
         let mut s = lock(&job.state);
-        match s.status {
-            Status::Created | Status::Running | Status::Ready => {}
-            other => {
-                return Err(JobError::BadVerb {
-                    id: id.to_string(),
-                    state: other.as_str(),
-                    verb: "cancel",
-                })
-            }
+        s.check(&job.id, Verb::Cancel)?;
+        if s.status == Status::Pending && !force {
+            // QEMU ignores a soft cancel of a job whose work is over.
+            return Ok(());
         }
+        // A cancel resumes a job the user paused.
+        s.user_paused = false;
         s.cancel = Some(force || s.cancel == Some(true));
         job.wake.notify_all();
         Ok(())
     }
 
-    /// `block-job-complete`: only a ready job accepts it.
-    pub fn complete(&self, id: &str) -> Result<(), JobError> {
-        let job = self.find(id)?;
+    /// `block-job-cancel`.
+    pub fn cancel(&self, id: &str, force: bool) -> Result<(), JobError> {
+        self.cancel_job(&*self.find(id)?, force)
+    }
+
+    /// `block-job-pause`, `job-pause`: the job stops at its next pause point, `paused` (or
+    /// `standby` when ready), until resumed.
+    pub fn pause(&self, job: &Job) -> Result<(), JobError> {
         let mut s = lock(&job.state);
-        if s.status != Status::Ready || s.cancel.is_some() {
-            return Err(JobError::BadVerb {
-                id: id.to_string(),
-                state: s.status.as_str(),
-                verb: "complete",
-            });
+        s.check(&job.id, Verb::Pause)?;
+        if s.user_paused {
+            return Err(JobError::AlreadyPaused);
+        }
+        s.user_paused = true;
+        job.wake.notify_all();
+        Ok(())
+    }
+
+    /// `block-job-resume`, `job-resume`.
+    pub fn resume(&self, job: &Job) -> Result<(), JobError> {
+        let mut s = lock(&job.state);
+        if !s.user_paused {
+            return Err(JobError::NotPaused);
+        }
+        s.check(&job.id, Verb::Resume)?;
+        s.user_paused = false;
+        job.wake.notify_all();
+        Ok(())
+    }
+
+    /// `block-job-complete`, `job-complete`: only a ready job (or one paused while ready,
+    /// which completes once resumed) accepts it.
+    pub fn complete_job(&self, job: &Job) -> Result<(), JobError> {
+        let mut s = lock(&job.state);
+        s.check(&job.id, Verb::Complete)?;
+        if s.cancel.is_some() {
+            return Err(JobError::CannotComplete(job.id.clone()));
         }
         s.complete = true;
         job.wake.notify_all();
         Ok(())
     }
 
-    /// `block-job-set-speed`.
-    pub fn set_speed(&self, id: &str, speed: u64) -> Result<(), JobError> {
+    /// `block-job-complete`.
+    pub fn complete(&self, id: &str) -> Result<(), JobError> {
+        self.complete_job(&*self.find(id)?)
+    }
+
+    /// `block-job-finalize`, `job-finalize`: a pending job ends.
+    pub fn finalize(&self, job: &Job) -> Result<(), JobError> {
+        let mut s = lock(&job.state);
+        s.check(&job.id, Verb::Finalize)?;
+        s.finalize = true;
+        job.wake.notify_all();
+        Ok(())
+    }
+
+    /// `block-job-dismiss`, `job-dismiss`: a concluded job goes away.
+    pub fn dismiss(&self, job: &Job) -> Result<(), JobError> {
+        let mut jobs = lock(&self.jobs);
+        lock(&job.state).check(&job.id, Verb::Dismiss)?;
+        jobs.retain(|j| !std::ptr::eq(Arc::as_ptr(j), job));
+        self.set_status(job, Status::Null);
+        Ok(())
+    }
+
+    /// `block-job-set-speed`: the verb is checked before the value, as in QEMU.
+    pub fn set_speed(&self, id: &str, speed: i64) -> Result<(), JobError> {
         let job = self.find(id)?;
-        lock(&job.state).speed = speed;
+        let mut s = lock(&job.state);
+        s.check(&job.id, Verb::SetSpeed)?;
+        s.speed = u64::try_from(speed).map_err(|_| {
+            JobError::Other("Parameter 'speed' expects a non-negative value".into())
+        })?;
         job.wake.notify_all();
         Ok(())
     }
 }
 
+/// The error a cancelled job shows until it is dismissed (QEMU's `strerror(ECANCELED)`).
+const CANCELLED: &str = "Operation canceled";
+
 enum Outcome {
+    /// The work is done (a mirror: in sync when completed or cancelled while ready).
     Completed,
+    /// Done, and finalized by the user after waiting `pending`.
+    Finalized,
     Cancelled,
     Failed(String),
 }
@@ -518,6 +727,32 @@ impl Drop for DirtyBitmap<'_> {
     }
 }
 
+/// QEMU's `job_pause_point`: a job the user paused stops here, `paused` (`standby` when
+/// ready), until it is resumed or cancelled, then goes back to the state it was in.
+fn pause_point(mgr: &JobManager, job: &Job) {
+    let was = {
+        let s = lock(&job.state);
+        if !s.user_paused || s.cancel == Some(true) {
+            return;
+        }
+        s.status
+    };
+    let parked = if was == Status::Ready {
+        Status::Standby
+    } else {
+        Status::Paused
+    };
+    mgr.set_status(job, parked);
+    {
+        let mut s = lock(&job.state);
+        s.busy = false;
+        while s.user_paused && s.cancel != Some(true) {
+            s = job.wake.wait(s).unwrap_or_else(PoisonError::into_inner);
+        }
+    }
+    mgr.set_status(job, was);
+}
+
 fn run_mirror(mgr: &JobManager, job: &Job, cfg: &MirrorConfig) -> Outcome {
     let (src_len, tgt_len) = match (cfg.source.size(), cfg.target.size()) {
         (Ok(s), Ok(t)) => (s, t),
@@ -547,6 +782,7 @@ fn run_mirror(mgr: &JobManager, job: &Job, cfg: &MirrorConfig) -> Outcome {
     let mut copied_since_speed = 0u64;
     let mut speed_epoch = started;
     loop {
+        pause_point(mgr, job);
         // Decide what to do under the job's lock, then act without it.
         let (cancel, complete, ready, speed) = {
             let s = lock(&job.state);
@@ -681,6 +917,8 @@ mod tests {
             speed: 0,
             granularity: DEFAULT_GRANULARITY,
             buf_size: DEFAULT_BUF_SIZE,
+            auto_finalize: true,
+            auto_dismiss: true,
         }
     }
 
@@ -872,6 +1110,185 @@ mod tests {
         assert_eq!(ready["offset"], 64 << 20);
         assert_eq!(ready["speed"], 0);
         m.cancel("j0", true).unwrap();
+        wait_for(&rx, "BLOCK_JOB_CANCELLED");
+    }
+
+    /// The statuses of `id`'s JOB_STATUS_CHANGE events until one is `until`.
+    fn statuses_until(rx: &mpsc::Receiver<(String, Value)>, until: &str) -> Vec<String> {
+        let mut out = Vec::new();
+        loop {
+            let d = wait_for(rx, "JOB_STATUS_CHANGE");
+            let st = d["status"].as_str().unwrap().to_string();
+            out.push(st.clone());
+            if st == until {
+                return out;
+            }
+        }
+    }
+
+    #[test]
+    fn a_paused_job_stops_copying_until_resumed_and_pauses_as_standby_when_ready() {
+        let l = layer_with(64 << 20);
+        let (m, rx) = manager(&l);
+        let mut c = cfg(&l, "j0", SyncMode::Full);
+        c.speed = 1 << 20;
+        c.buf_size = 256 << 10;
+        m.start_mirror(c).unwrap();
+        let j = m.find("j0").unwrap();
+        m.pause(&j).unwrap();
+        assert_eq!(
+            m.pause(&j).unwrap_err().to_string(),
+            "Job is already paused"
+        );
+        assert_eq!(
+            statuses_until(&rx, "paused"),
+            ["created", "running", "paused"]
+        );
+        let info = j.info();
+        assert_eq!(
+            (info["paused"].clone(), info["busy"].clone()),
+            (json!(true), json!(false))
+        );
+        let off = info["offset"].as_u64().unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        assert_eq!(
+            j.info()["offset"].as_u64().unwrap(),
+            off,
+            "a paused job copied"
+        );
+        // A paused job still takes a new speed.
+        m.set_speed("j0", 0).unwrap();
+        m.resume(&j).unwrap();
+        assert_eq!(
+            m.resume(&j).unwrap_err().to_string(),
+            "Can't resume a job that was not paused"
+        );
+        wait_for(&rx, "BLOCK_JOB_READY");
+        m.pause(&j).unwrap();
+        // (`ready`'s own status change went by before BLOCK_JOB_READY.)
+        assert_eq!(statuses_until(&rx, "standby"), ["standby"]);
+        assert_eq!(j.info()["ready"], true);
+        // A job paused while ready takes complete, and completes once resumed.
+        m.complete("j0").unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+        assert_eq!(j.status(), Status::Standby);
+        m.resume(&j).unwrap();
+        assert_eq!(
+            statuses_until(&rx, "null"),
+            ["ready", "waiting", "pending", "concluded", "null"]
+        );
+    }
+
+    #[test]
+    fn without_auto_finalize_a_done_job_waits_pending_holding_its_nodes() {
+        let l = layer_with(8 << 20);
+        let (m, rx) = manager(&l);
+        let mut c = cfg(&l, "j0", SyncMode::Full);
+        c.auto_finalize = false;
+        m.start_mirror(c).unwrap();
+        wait_for(&rx, "BLOCK_JOB_READY");
+        let j = m.find("j0").unwrap();
+        assert_eq!(
+            m.finalize(&j).unwrap_err().to_string(),
+            "Job 'j0' in state 'ready' cannot accept command verb 'finalize'"
+        );
+        m.complete("j0").unwrap();
+        assert_eq!(
+            wait_for(&rx, "BLOCK_JOB_PENDING"),
+            json!({"type": "mirror", "id": "j0"})
+        );
+        assert_eq!(j.status(), Status::Pending);
+        assert_eq!(j.info()["auto-finalize"], false);
+        assert!(
+            l.inactivate_all().is_err(),
+            "a pending job let its target go"
+        );
+        // A soft cancel of a job whose work is over does nothing.
+        m.cancel("j0", false).unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(j.status(), Status::Pending);
+        m.finalize(&j).unwrap();
+        let done = wait_for(&rx, "BLOCK_JOB_COMPLETED");
+        assert!(done.get("error").is_none());
+        assert_eq!(statuses_until(&rx, "null"), ["concluded", "null"]);
+        assert!(m.jobs().is_empty());
+        l.inactivate_all().unwrap();
+    }
+
+    #[test]
+    fn a_forced_cancel_aborts_a_pending_job() {
+        let l = layer_with(8 << 20);
+        let (m, rx) = manager(&l);
+        let mut c = cfg(&l, "j0", SyncMode::Full);
+        c.auto_finalize = false;
+        c.auto_dismiss = false;
+        m.start_mirror(c).unwrap();
+        wait_for(&rx, "BLOCK_JOB_READY");
+        m.complete("j0").unwrap();
+        wait_for(&rx, "BLOCK_JOB_PENDING");
+        let j = m.find("j0").unwrap();
+        m.cancel_job(&j, true).unwrap();
+        assert_eq!(statuses_until(&rx, "concluded"), ["aborting", "concluded"]);
+        assert_eq!(j.job_info()["error"], "Operation canceled");
+    }
+
+    #[test]
+    fn without_auto_dismiss_an_ended_job_stays_concluded_with_its_error_until_dismissed() {
+        let l = Arc::new(BlockLayer::new());
+        l.blockdev_add(&json!({"driver": "null-co", "node-name": "src", "size": 64 << 20}))
+            .unwrap();
+        l.blockdev_add(&json!({"driver": "null-co", "node-name": "tgt", "size": 32 << 20}))
+            .unwrap();
+        let (m, rx) = manager(&l);
+        let mut c = cfg(&l, "j0", SyncMode::Full);
+        c.auto_dismiss = false;
+        m.start_mirror(c).unwrap();
+        assert_eq!(
+            statuses_until(&rx, "concluded"),
+            ["created", "running", "aborting", "concluded"]
+        );
+        let j = m.find("j0").unwrap();
+        let why = "Source and target image have different sizes";
+        assert_eq!(j.job_info()["error"], why);
+        assert_eq!(j.info()["error"], why);
+        assert_eq!(j.info()["auto-dismiss"], false);
+        for (verb, r) in [
+            ("cancel", m.cancel_job(&j, true)),
+            ("pause", m.pause(&j)),
+            ("complete", m.complete_job(&j)),
+            ("set-speed", m.set_speed("j0", 1)),
+        ] {
+            assert_eq!(
+                r.unwrap_err().to_string(),
+                format!("Job 'j0' in state 'concluded' cannot accept command verb '{verb}'")
+            );
+        }
+        // Its nodes are free once it ended; its id is not.
+        l.inactivate_all().unwrap();
+        assert_eq!(
+            m.check_id("j0", &l.node("src").unwrap(), &l.node("tgt").unwrap())
+                .unwrap_err()
+                .to_string(),
+            "Job ID 'j0' already in use"
+        );
+        m.dismiss(&j).unwrap();
+        assert_eq!(statuses_until(&rx, "null"), ["null"]);
+        assert!(m.jobs().is_empty());
+        assert_eq!(m.find_job("j0").unwrap_err().to_string(), "Job not found");
+    }
+
+    #[test]
+    fn a_cancel_resumes_a_paused_job() {
+        let l = layer_with(64 << 20);
+        let (m, rx) = manager(&l);
+        let mut c = cfg(&l, "j0", SyncMode::Full);
+        c.speed = 1 << 20;
+        m.start_mirror(c).unwrap();
+        let j = m.find("j0").unwrap();
+        m.pause(&j).unwrap();
+        statuses_until(&rx, "paused");
+        m.cancel_job(&j, false).unwrap();
+        assert!(!j.user_paused());
         wait_for(&rx, "BLOCK_JOB_CANCELLED");
     }
 }

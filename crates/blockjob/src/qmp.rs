@@ -1,7 +1,9 @@
-//! The block job QMP commands — `blockdev-mirror`, `drive-mirror`, `query-block-jobs`, `query-jobs`,
-//! `block-job-cancel`, `block-job-complete`, `block-job-set-speed` — as one [`CommandSet`],
-//! with arguments checked by [`qmp::Args`] in QEMU 7.2's order. [`JobError`]s meet QMP's
-//! classes here, in one `From` impl.
+//! The block job QMP commands — `blockdev-mirror`, `drive-mirror`, `query-block-jobs`,
+//! `query-jobs`, the `block-job-*` verbs (by device: cancel, complete, set-speed, pause,
+//! resume, finalize, dismiss) and the generic `job-*` ones (by id: cancel, complete, pause,
+//! resume, finalize, dismiss) — as one [`CommandSet`], with arguments checked by
+//! [`qmp::Args`] in QEMU 7.2's order. [`JobError`]s meet QMP's classes here, in one `From`
+//! impl.
 
 use crate::mirror::{
     JobError, JobManager, MirrorConfig, SyncMode, DEFAULT_BUF_SIZE, DEFAULT_GRANULARITY,
@@ -19,6 +21,16 @@ pub const COMMANDS: &[&str] = &[
     "block-job-cancel",
     "block-job-complete",
     "block-job-set-speed",
+    "block-job-pause",
+    "block-job-resume",
+    "block-job-finalize",
+    "block-job-dismiss",
+    "job-cancel",
+    "job-complete",
+    "job-pause",
+    "job-resume",
+    "job-finalize",
+    "job-dismiss",
 ];
 
 /// QEMU's classes: a job that does not exist is `DeviceNotActive` (`No active block job` in
@@ -75,7 +87,13 @@ impl CommandSet for JobCommands {
                 let device = a.req_str("device")?;
                 let force = a.opt_bool("force")?.unwrap_or(false);
                 a.finish()?;
-                mgr.cancel(&device, force)?;
+                let job = mgr.find(&device)?;
+                if job.user_paused() && !force {
+                    return Err(other(format!(
+                        "The block job for device '{device}' is currently paused"
+                    )));
+                }
+                mgr.cancel_job(&job, force)?;
             }
             "block-job-complete" => {
                 let device = a.req_str("device")?;
@@ -86,10 +104,42 @@ impl CommandSet for JobCommands {
                 let device = a.req_str("device")?;
                 let speed = a.req_int::<i64>("speed")?;
                 a.finish()?;
+                mgr.set_speed(&device, speed)?;
+            }
+            "block-job-pause" | "block-job-resume" => {
+                let device = a.req_str("device")?;
+                a.finish()?;
                 let job = mgr.find(&device)?;
-                let speed = u64::try_from(speed)
-                    .map_err(|_| other("Parameter 'speed' expects a non-negative value"))?;
-                mgr.set_speed(job.id(), speed)?;
+                if name == "block-job-pause" {
+                    mgr.pause(&job)?;
+                } else {
+                    mgr.resume(&job)?;
+                }
+            }
+            "block-job-finalize" | "block-job-dismiss" => {
+                let id = a.req_str("id")?;
+                a.finish()?;
+                let job = mgr.find(&id)?;
+                if name == "block-job-finalize" {
+                    mgr.finalize(&job)?;
+                } else {
+                    mgr.dismiss(&job)?;
+                }
+            }
+            "job-cancel" | "job-complete" | "job-pause" | "job-resume" | "job-finalize"
+            | "job-dismiss" => {
+                let id = a.req_str("id")?;
+                a.finish()?;
+                let job = mgr.find_job(&id)?;
+                match name {
+                    // job-cancel always forces: a ready mirror is cancelled, not completed.
+                    "job-cancel" => mgr.cancel_job(&job, true)?,
+                    "job-complete" => mgr.complete_job(&job)?,
+                    "job-pause" => mgr.pause(&job)?,
+                    "job-resume" => mgr.resume(&job)?,
+                    "job-finalize" => mgr.finalize(&job)?,
+                    _ => mgr.dismiss(&job)?,
+                }
             }
             _ => return Err(QmpError::unknown_command(name)),
         }
@@ -214,8 +264,8 @@ fn start_mirror(mgr: &Arc<JobManager>, c: Common) -> Result<(), QmpError> {
         return Err(other("copy-mode=write-blocking is not supported"));
     }
     // The job reports an I/O error and fails with it, which is QEMU's `report`, the default
-    // of both; the other policies (stop and pause the job, ignore, stop on ENOSPC) need a
-    // job that can be paused and resumed, which this one is not.
+    // of both; the other policies (stop: pause the job with the failed request to retry on
+    // resume; ignore; stop on ENOSPC) are not built.
     for (name, policy) in [
         ("on-source-error", &on_source_error),
         ("on-target-error", &on_target_error),
@@ -225,11 +275,6 @@ fn start_mirror(mgr: &Arc<JobManager>, c: Common) -> Result<(), QmpError> {
                 "{name}={p} is not supported: only 'report' (the job fails on an I/O error)"
             )));
         }
-    }
-    if auto_finalize == Some(false) || auto_dismiss == Some(false) {
-        return Err(other(
-            "auto-finalize=false and auto-dismiss=false are not supported",
-        ));
     }
     // Without job-id, QEMU uses the name of the device (BlockBackend) the node is attached
     // to, which is empty for a node without one: an invalid id.
@@ -258,6 +303,8 @@ fn start_mirror(mgr: &Arc<JobManager>, c: Common) -> Result<(), QmpError> {
         speed,
         granularity,
         buf_size,
+        auto_finalize: auto_finalize.unwrap_or(true),
+        auto_dismiss: auto_dismiss.unwrap_or(true),
     })?;
     Ok(())
 }

@@ -118,17 +118,24 @@ fn images(dir: &Path) -> (PathBuf, PathBuf, Vec<u8>) {
 }
 
 /// Source (busy guest writing to its disk) and destination (incoming, paused), with the
-/// destination's disk exported and the source mirroring into it, ready.
+/// destination's disk exported and the source mirroring into it, ready. The mirror is
+/// started as libvirt starts it for a storage migration: `auto-finalize` on, `auto-dismiss`
+/// off (libvirt reads the ended job's error, then dismisses it).
 fn set_up(dir: &Path, src_img: &Path, dst_img: &Path) -> (Vm, Vm, String) {
     let mig = format!("unix:{}", dir.join("mig.sock").display());
     let mut dst = Vm::start(dir, "dst", dst_img, &["-incoming", &mig, "-S"]);
-    let src = mirroring_source(dir, src_img, &mut dst);
+    let src = mirroring_source(
+        dir,
+        src_img,
+        &mut dst,
+        json!({"auto-finalize": true, "auto-dismiss": false}),
+    );
     (src, dst, mig)
 }
 
 /// A source (busy guest writing to its disk) mirroring into the disk `exporter` exports over
-/// NBD, the mirror ready.
-fn mirroring_source(dir: &Path, src_img: &Path, exporter: &mut Vm) -> Vm {
+/// NBD, the mirror (`blockdev-mirror` with `extra` arguments) ready.
+fn mirroring_source(dir: &Path, src_img: &Path, exporter: &mut Vm, extra: Value) -> Vm {
     let dst = exporter;
     let mut src = Vm::start(
         dir,
@@ -150,10 +157,11 @@ fn mirroring_source(dir: &Path, src_img: &Path, exporter: &mut Vm) -> Vm {
         json!({"driver": "nbd", "node-name": "remote", "export": "d0",
                "server": {"type": "unix", "path": nbd_sock.to_str().unwrap()}}),
     );
-    src.ok(
-        "blockdev-mirror",
-        json!({"job-id": "m0", "device": "d0", "target": "remote", "sync": "full"}),
-    );
+    let mut mirror = json!({"job-id": "m0", "device": "d0", "target": "remote", "sync": "full"});
+    for (k, v) in extra.as_object().unwrap() {
+        mirror[k] = v.clone();
+    }
+    src.ok("blockdev-mirror", mirror);
     let ready = src.event("BLOCK_JOB_READY");
     assert_eq!(ready["data"]["device"], "m0");
     assert_eq!(ready["data"]["type"], "mirror");
@@ -182,6 +190,11 @@ fn storage_migrates_over_nbd_with_mirror_ended_at_switchover() {
     assert_eq!(done["data"]["device"], "m0");
     assert!(done["data"].get("error").is_none(), "{done}");
     assert_eq!(done["data"]["offset"], done["data"]["len"]);
+    // Concluded, without an error, until dismissed.
+    let jobs = src.ok("query-jobs", json!({}));
+    assert_eq!(jobs[0]["status"], "concluded", "{jobs}");
+    assert!(jobs[0].get("error").is_none(), "{jobs}");
+    src.ok("job-dismiss", json!({"id": "m0"}));
     assert_eq!(src.ok("query-block-jobs", json!({})), json!([]));
     src.ok("migrate-continue", json!({"state": "pre-switchover"}));
     let r = src.wait_migration(&["completed", "failed"]);
@@ -220,7 +233,7 @@ fn a_mirror_still_writing_at_switchover_fails_the_migration_cleanly() {
     // The mirror's target is exported by a process of its own: the migration's destination,
     // whose load fails, exits (as QEMU's does), and the mirror must live on without it.
     let mut exporter = Vm::start(dir.path(), "nbd", &dst_img, &["-S"]);
-    let mut src = mirroring_source(dir.path(), &src_img, &mut exporter);
+    let mut src = mirroring_source(dir.path(), &src_img, &mut exporter, json!({}));
     let spare = dir.path().join("spare.img");
     std::fs::write(&spare, vec![0u8; DISK_SIZE]).unwrap();
     let mig = format!("unix:{}", dir.path().join("mig.sock").display());

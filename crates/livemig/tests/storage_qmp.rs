@@ -468,3 +468,167 @@ fn mirror_commands_and_events_match_qemu() {
     assert!(qe.iter().any(|e| e["event"] == "BLOCK_JOB_CANCELLED"));
     both(&mut q, &mut l, "query-jobs", json!({}));
 }
+
+/// Waits for `id`'s JOB_STATUS_CHANGE to `status`.
+fn wait_status(q: &mut QmpClient, id: &str, status: &str) {
+    let (i, st) = (id.to_string(), status.to_string());
+    q.wait_event(TIMEOUT, move |e| {
+        e["event"] == "JOB_STATUS_CHANGE"
+            && e["data"]["id"] == i.as_str()
+            && e["data"]["status"] == st.as_str()
+    })
+    .unwrap_or_else(|| panic!("{id} never {status}"));
+}
+
+/// A query's jobs without the fields that depend on how far each implementation copied.
+fn jobs_without_progress(q: &mut QmpClient, l: &mut QmpClient, cmd: &str) -> Value {
+    let strip = |mut v: Value| {
+        for j in v["return"].as_array_mut().into_iter().flatten() {
+            for k in ["offset", "len", "current-progress", "total-progress"] {
+                j.as_object_mut().unwrap().remove(k);
+            }
+        }
+        v
+    };
+    let a = strip(outcome(q, cmd, &json!({})));
+    let b = strip(outcome(l, cmd, &json!({})));
+    assert_eq!(b, a, "{cmd}: livemig differs from QEMU");
+    a
+}
+
+#[test]
+fn job_verbs_match_qemu() {
+    if !testkit::require("job_verbs_match_qemu", testkit::qemu()) {
+        return;
+    }
+    let dir = testkit::tempdir();
+    let qp = VmProcess::qemu_none(dir.path(), "qemu", &[]).unwrap();
+    let mut q = qp.qmp();
+    let (_lp, mut l) = livemig(dir.path());
+    for name in ["src", "tgt"] {
+        both(
+            &mut q,
+            &mut l,
+            "blockdev-add",
+            json!({"driver": "null-co", "node-name": name, "size": 64 << 20, "read-zeroes": true}),
+        );
+    }
+    for (cmd, args) in [
+        ("block-job-pause", json!({"device": "nope"})),
+        ("block-job-resume", json!({"device": "nope"})),
+        ("block-job-finalize", json!({"id": "nope"})),
+        ("block-job-dismiss", json!({"id": "nope"})),
+        ("block-job-pause", json!({})),
+        ("block-job-finalize", json!({"device": "nope"})),
+        ("job-pause", json!({"id": "nope"})),
+        ("job-resume", json!({"id": "nope"})),
+        ("job-cancel", json!({"id": "nope"})),
+        ("job-complete", json!({"id": "nope"})),
+        ("job-finalize", json!({"id": "nope"})),
+        ("job-dismiss", json!({"id": "nope"})),
+        ("job-dismiss", json!({"id": 1})),
+    ] {
+        both(&mut q, &mut l, cmd, args);
+    }
+    // A slow job (1 B/s), left pending and concluded for the user.
+    both(
+        &mut q,
+        &mut l,
+        "blockdev-mirror",
+        json!({"job-id": "j0", "device": "src", "target": "tgt", "sync": "full", "speed": 1,
+               "auto-finalize": false, "auto-dismiss": false}),
+    );
+    for (cmd, args) in [
+        ("block-job-resume", json!({"device": "j0"})),
+        ("block-job-complete", json!({"device": "j0"})),
+        ("block-job-finalize", json!({"id": "j0"})),
+        ("job-dismiss", json!({"id": "j0"})),
+        ("block-job-pause", json!({"device": "j0"})),
+    ] {
+        both(&mut q, &mut l, cmd, args);
+    }
+    wait_status(&mut q, "j0", "paused");
+    wait_status(&mut l, "j0", "paused");
+    for (cmd, args) in [
+        ("block-job-pause", json!({"device": "j0"})),
+        ("job-pause", json!({"id": "j0"})),
+        ("block-job-cancel", json!({"device": "j0"})),
+        ("job-complete", json!({"id": "j0"})),
+    ] {
+        both(&mut q, &mut l, cmd, args);
+    }
+    jobs_without_progress(&mut q, &mut l, "query-jobs");
+    let paused = jobs_without_progress(&mut q, &mut l, "query-block-jobs");
+    assert_eq!(paused["return"][0]["status"], "paused");
+    assert_eq!(paused["return"][0]["paused"], true);
+    both(
+        &mut q,
+        &mut l,
+        "block-job-set-speed",
+        json!({"device": "j0", "speed": 0}),
+    );
+    both(&mut q, &mut l, "job-resume", json!({"id": "j0"}));
+    wait_ready(&mut q, "j0");
+    wait_ready(&mut l, "j0");
+    // Paused while ready: standby, where complete is taken and waits for the resume.
+    both(&mut q, &mut l, "job-pause", json!({"id": "j0"}));
+    wait_status(&mut q, "j0", "standby");
+    wait_status(&mut l, "j0", "standby");
+    jobs_without_progress(&mut q, &mut l, "query-block-jobs");
+    both(
+        &mut q,
+        &mut l,
+        "block-job-complete",
+        json!({"device": "j0"}),
+    );
+    both(&mut q, &mut l, "block-job-resume", json!({"device": "j0"}));
+    for c in [&mut q, &mut l] {
+        c.wait_event(TIMEOUT, |e| e["event"] == "BLOCK_JOB_PENDING")
+            .expect("no BLOCK_JOB_PENDING");
+    }
+    let pending = jobs_without_progress(&mut q, &mut l, "query-jobs");
+    assert_eq!(pending["return"][0]["status"], "pending");
+    for (cmd, args) in [
+        ("job-complete", json!({"id": "j0"})),
+        ("job-pause", json!({"id": "j0"})),
+        ("block-job-set-speed", json!({"device": "j0", "speed": 1})),
+        ("job-dismiss", json!({"id": "j0"})),
+        ("block-job-finalize", json!({"id": "j0"})),
+    ] {
+        both(&mut q, &mut l, cmd, args);
+    }
+    wait_status(&mut q, "j0", "concluded");
+    wait_status(&mut l, "j0", "concluded");
+    let concluded = jobs_without_progress(&mut q, &mut l, "query-block-jobs");
+    assert_eq!(concluded["return"][0]["status"], "concluded");
+    for (cmd, args) in [
+        ("block-job-cancel", json!({"device": "j0"})),
+        ("job-finalize", json!({"id": "j0"})),
+        ("block-job-dismiss", json!({"id": "j0"})),
+    ] {
+        both(&mut q, &mut l, cmd, args);
+    }
+    assert_eq!(job_events(&mut l, "j0"), job_events(&mut q, "j0"));
+    both(&mut q, &mut l, "query-jobs", json!({}));
+
+    // job-cancel forces: a ready mirror is cancelled, and a concluded job keeps the error
+    // until it is dismissed.
+    both(
+        &mut q,
+        &mut l,
+        "blockdev-mirror",
+        json!({"job-id": "j1", "device": "src", "target": "tgt", "sync": "full",
+               "auto-dismiss": false}),
+    );
+    wait_ready(&mut q, "j1");
+    wait_ready(&mut l, "j1");
+    both(&mut q, &mut l, "job-cancel", json!({"id": "j1"}));
+    wait_status(&mut q, "j1", "concluded");
+    wait_status(&mut l, "j1", "concluded");
+    let cancelled = jobs_without_progress(&mut q, &mut l, "query-jobs");
+    assert_eq!(cancelled["return"][0]["error"], "Operation canceled");
+    jobs_without_progress(&mut q, &mut l, "query-block-jobs");
+    both(&mut q, &mut l, "job-dismiss", json!({"id": "j1"}));
+    assert_eq!(job_events(&mut l, "j1"), job_events(&mut q, "j1"));
+    both(&mut q, &mut l, "query-block-jobs", json!({}));
+}
