@@ -12,6 +12,7 @@ use std::io::{Read, Write};
 use std::path::Path;
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 /// What the monitor tests type, mistakes included; `x-colo` is left out (livemig's QMP refuses
@@ -131,6 +132,8 @@ struct Hmp {
     child: Child,
     stdin: ChildStdin,
     out: Arc<Mutex<String>>,
+    /// The thread that collects stdout into `out`; it ends at the end of the output.
+    reader: JoinHandle<()>,
     name: &'static str,
 }
 
@@ -147,7 +150,7 @@ impl Hmp {
         let mut stdout = child.stdout.take().unwrap();
         let out = Arc::new(Mutex::new(String::new()));
         let o = out.clone();
-        std::thread::spawn(move || {
+        let reader = std::thread::spawn(move || {
             let mut buf = [0u8; 4096];
             while let Ok(n) = stdout.read(&mut buf) {
                 if n == 0 {
@@ -162,6 +165,7 @@ impl Hmp {
             child,
             stdin,
             out,
+            reader,
             name,
         };
         h.wait_for("(qemu) ");
@@ -211,7 +215,18 @@ impl Hmp {
             std::thread::sleep(Duration::from_millis(20));
         };
         assert!(status.success(), "{}: {status}", self.name);
-        std::thread::sleep(Duration::from_millis(100));
+        // All it wrote is in `out` once the reader has seen the end of its output. (A fixed
+        // 100 ms sleep here assumed the reader had got there, which a loaded machine need not
+        // give it.)
+        while !self.reader.is_finished() {
+            assert!(
+                Instant::now() < deadline,
+                "{}: its output did not end",
+                self.name
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.reader.join().unwrap();
         let o = self.out.lock().unwrap().clone();
         assert!(o.ends_with("quit\x1b[K\r\n"), "{}: {o:?}", self.name);
     }
@@ -234,9 +249,20 @@ fn postcopy_through_the_stdio_monitor() {
     assert_eq!(src.cmd("migrate_set_parameter max-bandwidth 4k"), "");
     assert_eq!(src.cmd("migrate_set_capability postcopy-ram on"), "");
     assert_eq!(src.cmd(&format!("migrate -d {uri}")), "");
-    assert!(src
-        .cmd("info migrate")
-        .contains("Migration status: active\r\n"));
+    // `migrate -d` returns with the migration in `setup`; it goes `active` once connected,
+    // which a loaded machine may take a while to get to.
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        let info = src.cmd("info migrate");
+        if info.contains("Migration status: active\r\n") {
+            break;
+        }
+        assert!(
+            info.contains("Migration status: setup\r\n") && Instant::now() < deadline,
+            "{info}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     assert_eq!(src.cmd("migrate_start_postcopy"), "");
     let deadline = Instant::now() + TIMEOUT;
     loop {
