@@ -72,19 +72,41 @@ fn session(program: &Path, pre: &[&str]) -> String {
         .stderr(Stdio::null())
         .spawn()
         .expect("spawn");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(TYPED.as_bytes())
-        .unwrap();
-    let mut out = String::new();
-    child
-        .stdout
-        .take()
-        .unwrap()
-        .read_to_string(&mut out)
-        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<Vec<u8>>();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = stdout.read(&mut buf) {
+            if n == 0 || tx.send(buf[..n].to_vec()).is_err() {
+                break;
+            }
+        }
+    });
+    // A line at a time, each once the monitor has prompted for it, as a person types (and as
+    // iotest 181 sends its commands). Typed all at once, the lines outran the echo: QEMU 7.2
+    // queues monitor output its stdout does not take at once, and exits on `quit` without
+    // writing what is still queued, so on a loaded machine its session came out cut short.
+    let mut out = Vec::new();
+    let deadline = Instant::now() + TIMEOUT;
+    for (typed, line) in TYPED.lines().enumerate() {
+        const PROMPT: &[u8] = b"(qemu) ";
+        while out.windows(PROMPT.len()).filter(|w| *w == PROMPT).count() <= typed {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(chunk) => out.extend(chunk),
+                Err(e) => panic!(
+                    "{program:?}: no prompt for {line:?} ({e}): {}",
+                    String::from_utf8_lossy(&out)
+                ),
+            }
+        }
+        writeln!(stdin, "{line}").unwrap();
+    }
+    drop(stdin);
+    // The rest, up to the end of the output.
+    out.extend(rx.iter().flatten());
+    let out = String::from_utf8(out).expect("UTF-8");
     let deadline = Instant::now() + TIMEOUT;
     let status = loop {
         if let Some(s) = child.try_wait().unwrap() {
