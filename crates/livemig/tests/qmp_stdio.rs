@@ -69,8 +69,10 @@ impl StdioQmp {
 
     fn send(&mut self, msg: Value) {
         let stdin = self.stdin.as_mut().expect("stdin open");
-        writeln!(stdin, "{msg}").unwrap();
-        stdin.flush().unwrap();
+        // One write for the whole line: the monitor acts on a message once its JSON is whole,
+        // and `writeln!` writes a `Value` piece by piece, so after `quit` the newline, written
+        // on its own, could find the process gone (EPIPE on a loaded machine).
+        stdin.write_all(format!("{msg}\n").as_bytes()).unwrap();
     }
 
     /// Sends `msg` and returns the next line.
