@@ -2,6 +2,7 @@
 """Records the channels of a real postcopy migration, as seeds for the `postcopy` fuzz target.
 
     capture_postcopy.py SRC DST OUT [--mode ram|bitmaps] [--bitmaps SPEC] [--preempt] [--pages]
+                        [--return-path RP] [--machine none|livemig]
 
 SRC and DST are `qemu` (QEMU 7.2's qemu-system-x86_64) or the path of a `livemig` binary. Both
 run `-M none -m 1M` with a null-co node `node0` of 64 MiB (the destination the harness builds).
@@ -22,6 +23,11 @@ switch, postcopy's bandwidth is unlimited. OUT is the main channel's bytes; with
 file is the main channel, then the preempt channel's bytes, then their length as a
 little-endian u32 and `PRMT` (the harness's input format, `fuzz_harness::postcopy`). The
 VMs are started and their bitmaps made through `capture.py`.
+
+--return-path RP also keeps what the destination sent back on the main channel (the
+`return_path` fuzz target's input). --machine livemig (livemig at both ends) runs `-M livemig`
+guests, whose vCPUs fault on pages postcopy has not sent yet: the return path then carries
+real page requests.
 """
 import argparse, json, os, socket, struct, tempfile, threading, time
 
@@ -35,6 +41,8 @@ ap.add_argument("--mode", choices=["ram", "bitmaps"], default="ram")
 ap.add_argument("--bitmaps", default="bitmap0:65536")
 ap.add_argument("--preempt", action="store_true")
 ap.add_argument("--pages", action="store_true")
+ap.add_argument("--return-path")
+ap.add_argument("--machine", choices=["none", "livemig"], default="none")
 a = ap.parse_args()
 out = os.path.abspath(a.out)
 d = tempfile.mkdtemp(prefix="capture-pc-")
@@ -54,7 +62,7 @@ def start(which, name, extra):
             args[2] = "none,memory-backend=ram"
             args += ["-object", f"memory-backend-file,id=ram,size=1M,mem-path={d}/ramfile,share=off"]
     else:
-        args = [which, "vm", "-M", "none", "-m", "1M", "-name", name]
+        args = [which, "vm", "-M", a.machine, "-m", "1M", "-name", name]
     args += ["-blockdev", "driver=null-co,node-name=node0,size=67108864",
              "-qmp", f"unix:{sock},server=on,wait=off"] + extra
     return start_vm(args, sock, name)
@@ -83,6 +91,7 @@ lsn = socket.socket(socket.AF_UNIX)
 lsn.bind(relay_sock)
 lsn.listen(4)
 recorded = []
+returned = []
 
 
 def pump(src, dst, keep):
@@ -117,10 +126,11 @@ def accept_loop():
                 u.connect(dst_sock); break
             except OSError:
                 time.sleep(0.02)
-        keep = []
+        keep, back = [], []
         recorded.append(keep)
+        returned.append(back)
         threading.Thread(target=pump, args=(c, u, keep), daemon=True).start()
-        threading.Thread(target=pump, args=(u, c, None), daemon=True).start()
+        threading.Thread(target=pump, args=(u, c, back), daemon=True).start()
 
 
 threading.Thread(target=accept_loop, daemon=True).start()
@@ -150,6 +160,9 @@ if a.preempt:
     data = main + pre + struct.pack("<I", len(pre)) + b"PRMT"
 with open(out, "wb") as f:
     f.write(data)
+if a.return_path:
+    with open(a.return_path, "wb") as f:
+        f.write(b"".join(returned[0]) if returned else b"")
 for cmd, p in ((scmd, sp), (dcmd, dp)):
     try:
         cmd("quit")

@@ -12,6 +12,7 @@
 //! | [`stream::run`] | `migration::incoming::StreamLoader` over a whole stream, into a reference VM (`-M none` and `-M livemig`) with a null-co disk and capability `dirty-bitmaps` | a failed load leaves no incoming bitmap and nothing busy, disks inactive, the guest not started; a completed load leaves only finished bitmaps, disks active; the device-load batch is closed |
 //! | [`postcopy::run`] | the same loader as a postcopy destination (`-M none`): `postcopy-ram` with a real userfaultfd and an optional preempt channel, and bitmap-only postcopy (`dirty-bitmaps` alone) | [`stream::run`]'s checks (a handled RUN may have started the guest and taken the disks); guest RAM left registered with no userfaultfd; mapped pages are exactly the received ones; no postcopy thread or userfaultfd left |
 //! | [`bitmaps::run`] | `migration::bitmaps::BitmapLoader` on dirty-bitmap section bodies, then `before_vm_start` (or `cancel` after an error) | every bitmap left on a node existed before, untouched, or is one whose START and COMPLETE were both in the input, with the START's granularity and flags |
+//! | [`return_path::run`] | the source's return-path thread (`migration::return_path`) before postcopy, in postcopy with and without preempt (page requests answered), and in a recovery's handshake | one terminal event, clean errors; requests inside a block and only after the switch; every page sent was requested, still to send, sent once with the guest's bytes, none lost; received maps end at the block's end; no `migration-rp` thread left |
 //! | [`qmp::run`] | `qmp::parse_all`, the streaming parser fed in pieces, and a QMP server session over a socket pair | chunking does not change the result; every value serializes to ASCII and parses back equal; one reply per input, in order, with its `id`, before negotiation only `qmp_capabilities` |
 #![forbid(unsafe_code)]
 
@@ -19,6 +20,7 @@ pub mod bitmaps;
 pub mod invariants;
 pub mod postcopy;
 pub mod qmp;
+pub mod return_path;
 pub mod stream;
 
 use std::sync::{Mutex, MutexGuard};

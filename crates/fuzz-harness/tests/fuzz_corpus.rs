@@ -10,7 +10,9 @@
 //! Besides "no invariant broken", the named real streams must load as a user expects.
 
 use fuzz_harness::postcopy::{self, Variant};
+use fuzz_harness::return_path::{self, Phase};
 use fuzz_harness::{bitmaps, qmp, stream};
+use migration::return_path::RpEvent;
 use std::path::{Path, PathBuf};
 use vm::MachineType;
 
@@ -326,4 +328,95 @@ fn postcopy_stream_cut_after_run_fails_cleanly() {
     assert!(o.postcopy_ran);
     assert!(o.pages_received < 256, "{o:?}");
     assert!(o.bitmaps_created.is_empty());
+}
+
+#[test]
+fn return_path_corpus_keeps_every_invariant() {
+    let n = replay("return_path", |d| {
+        return_path::run(d);
+    });
+    assert!(n >= 13, "only {n} return-path inputs");
+}
+
+fn phase(out: &[return_path::Outcome], p: Phase) -> &return_path::Outcome {
+    out.iter().find(|o| o.phase == p).expect("every phase runs")
+}
+
+#[test]
+fn qemu_return_path_is_pongs_then_shut() {
+    let out = return_path::run(&read("seeds", "return_path", "qemu-none-1m-postcopy.rp"));
+    let pre = phase(&out, Phase::Precopy);
+    assert_eq!(pre.events, [RpEvent::Shut(0)]);
+    assert_eq!(
+        pre.last_answer, None,
+        "QEMU's postcopy PINGs are not the backlog's"
+    );
+    let post = phase(&out, Phase::Postcopy);
+    assert_eq!(
+        post.result,
+        Err("the destination ended the migration (SHUT 0) during postcopy".into())
+    );
+}
+
+#[test]
+fn livemig_backlog_pongs_are_recorded() {
+    let out = return_path::run(&read(
+        "seeds",
+        "return_path",
+        "livemig-to-qemu-postcopy-preempt.rp",
+    ));
+    assert_eq!(phase(&out, Phase::Precopy).last_answer, Some(0x8000_0003));
+}
+
+#[test]
+fn requested_pages_are_sent_once_on_either_channel() {
+    let out = return_path::run(&read("seeds", "return_path", "postcopy-requests.rp"));
+    // 2 + 1 + 1 pages of `ram`, 1 of `rom`, the last page of `ram`; page 0 went in precopy.
+    for p in [Phase::Postcopy, Phase::Preempt] {
+        let o = phase(&out, p);
+        assert_eq!(o.pages_sent, 6, "{p:?}: {o:?}");
+        assert_eq!(o.events.last(), Some(&RpEvent::Shut(0)), "{p:?}");
+    }
+    let pre = phase(&out, Phase::Precopy);
+    assert_eq!(
+        pre.events,
+        [RpEvent::Failed("RP: page request before postcopy".into())]
+    );
+}
+
+#[test]
+fn recovery_takes_received_maps_then_resume_ack() {
+    let out = return_path::run(&read("seeds", "return_path", "recovery.rp"));
+    let o = phase(&out, Phase::Recovery);
+    assert_eq!(o.result, Ok(()), "{o:?}");
+    assert_eq!(o.recovered, (2, true));
+    let bad = return_path::run(&read("seeds", "return_path", "recovery-bad-size.rp"));
+    let o = phase(&bad, Phase::Recovery);
+    let err = o.result.as_ref().expect_err("a map of 128 pages for 256");
+    assert!(err.contains("bitmap size mismatch"), "{err}");
+}
+
+#[test]
+fn bad_requests_fail_with_qemus_words() {
+    for (name, want) in [
+        (
+            "request-unknown-block.rp",
+            "migrate_handle_rp_req_pages: invalid block name 'pc.ram'",
+        ),
+        (
+            "request-misaligned.rp",
+            "migrate_handle_rp_req_pages: Misaligned page request, start: 800 len: 4096",
+        ),
+        (
+            "request-overrun.rp",
+            "ram_save_queue_pages request overrun, start=ff000 len=2000 blen=100000",
+        ),
+    ] {
+        let out = return_path::run(&read("seeds", "return_path", name));
+        for p in [Phase::Postcopy, Phase::Preempt] {
+            let o = phase(&out, p);
+            assert_eq!(o.result, Err(want.to_string()), "{name} {p:?}");
+            assert_eq!(o.pages_sent, 0, "{name} {p:?}");
+        }
+    }
 }

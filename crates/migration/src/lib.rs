@@ -12,6 +12,7 @@
 //! | [`state`] | the state machine: the shared state, checked transitions, `MIGRATION` events |
 //! | [`outgoing`] / [`incoming`] | the source's migration thread / the destination's loader |
 //! | [`ram`] | the `ram` section |
+//! | [`return_path`] | the source's return-path thread: verdict, PONGs, page requests, recovery messages |
 //! | [`multifd`] | the multifd channels: pages beside the main stream, compression, zero copy |
 //! | [`bitmaps`] | the `dirty-bitmap` section |
 //! | [`globalstate`] | the `globalstate` section |
@@ -40,6 +41,7 @@ mod policy;
 pub mod postcopy;
 pub mod qmp;
 pub mod ram;
+pub mod return_path;
 pub mod runstate;
 pub mod secure;
 pub mod state;

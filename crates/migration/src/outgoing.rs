@@ -33,27 +33,27 @@ use crate::engine::OutgoingStats;
 use crate::error::MigrationError;
 use crate::globalstate::GlobalState;
 use crate::machine::{DeviceState, Machine, Writer};
-use crate::policy::{AutoConverge, Backlog, Convergence, Meter, BACKLOG_PING};
+use crate::policy::{AutoConverge, Backlog, Convergence, Meter};
 use crate::postcopy::source::{Cursor, PageWriter, PreemptSender, SourceRam};
 use crate::ram::{RamSaver, SendOutcome, RAM_IDSTR, RAM_VERSION};
+use crate::return_path::{drain_requests, spawn as spawn_return_path, RpCtx, RpEvent};
 use crate::runstate::RunState;
 use crate::state::{Generation, Outcome, Shared};
 use crate::status::MigrationStatus;
-use crate::transport::{connect, connect_with, BoxRead, Connection, MigrationUri};
+use crate::transport::{connect, connect_with, Connection, MigrationUri};
 use serde_json::json;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use wire::command::{write_command, Command};
 use wire::config::{write_configuration, Configuration};
-use wire::return_path::{read_rp_message, RpMessage};
 use wire::section::{
     write_end, write_eof, write_file_header, write_footer, write_full, write_part, write_start,
     write_vmdesc,
 };
 use wire::vmstate::{vmdesc_json, DeviceDesc};
-use wire::{StreamReader, StreamWriter};
+use wire::StreamWriter;
 
 /// Longest a precopy round runs before the engine looks at the state again.
 const ROUND: Duration = Duration::from_millis(50);
@@ -1437,56 +1437,6 @@ impl std::io::Write for SharedBuf {
     }
 }
 
-/// Collects the page requests the return path has delivered, waiting up to `wait` for the
-/// first one. The destination going away in postcopy is an error (recovery is not built yet).
-fn drain_requests(
-    rp: &mpsc::Receiver<RpEvent>,
-    pending: &mut Vec<(usize, u64, u64)>,
-    wait: Duration,
-) -> Result<(), MigrationError> {
-    let mut first = true;
-    loop {
-        let ev = if first && !wait.is_zero() {
-            match rp.recv_timeout(wait) {
-                Ok(ev) => Ok(ev),
-                Err(mpsc::RecvTimeoutError::Timeout) => return Ok(()),
-                Err(mpsc::RecvTimeoutError::Disconnected) => Err(()),
-            }
-        } else {
-            match rp.try_recv() {
-                Ok(ev) => Ok(ev),
-                Err(mpsc::TryRecvError::Empty) => return Ok(()),
-                Err(mpsc::TryRecvError::Disconnected) => Err(()),
-            }
-        };
-        first = false;
-        match ev {
-            Ok(RpEvent::Request { block, first, end }) => pending.push((block, first, end)),
-            Ok(RpEvent::Failed(why)) => return Err(MigrationError::Other(why)),
-            Ok(RpEvent::RecvBitmap { .. } | RpEvent::ResumeAck(_)) => {
-                return Err(MigrationError::Other(
-                    "RP: recovery message outside a recovery".into(),
-                ))
-            }
-            Ok(RpEvent::Shut(n)) => {
-                return Err(MigrationError::Other(format!(
-                    "the destination ended the migration (SHUT {n}) during postcopy"
-                )))
-            }
-            Ok(RpEvent::Closed(why)) => {
-                return Err(MigrationError::Other(format!(
-                    "the destination went away during postcopy ({why})"
-                )))
-            }
-            Err(()) => {
-                return Err(MigrationError::Other(
-                    "the return path ended during postcopy".into(),
-                ))
-            }
-        }
-    }
-}
-
 /// Waits in `pre-switchover` until `migrate-continue` or a cancel; with `keepalive`, sends a
 /// PING on the stream at that interval (the destination answers on the return path).
 /// Multifd channels carry nothing while the source waits, so a connection of theirs that
@@ -1580,195 +1530,6 @@ pub(crate) const HANDOVER_EVENT: &str = "X_LIVEMIG_HANDOVER";
 
 /// The value of the keepalive PINGs sent in `pre-switchover`.
 const KEEPALIVE_PING: u32 = 0x6b61;
-
-/// Messages from the return-path thread.
-enum RpEvent {
-    Shut(u32),
-    Closed(String),
-    /// A postcopy page request (checked): pages `first..end` of block number `block`, for
-    /// `migration-out` to send (without preempt).
-    Request {
-        block: usize,
-        first: u64,
-        end: u64,
-    },
-    /// The return-path thread could not do its part (a bad request, a broken preempt
-    /// channel).
-    Failed(String),
-    /// Recovery: the destination's received map of block number `block`, turned into the
-    /// pages still to send.
-    RecvBitmap {
-        block: usize,
-        dirty: Vec<u64>,
-    },
-    /// Recovery: RESUME_ACK with its value.
-    ResumeAck(u32),
-}
-
-/// What the return-path thread shares with `migration-out`: the answers to the [`Backlog`]
-/// PINGs, and from the postcopy switch on what serving page requests needs.
-#[derive(Default)]
-struct RpCtx {
-    /// The pages still to send (requests are checked against it).
-    src: OnceLock<Arc<SourceRam>>,
-    /// With `postcopy-preempt`: where requested pages go, written by the return-path thread.
-    preempt: OnceLock<Arc<PreemptSender>>,
-    /// The last answer to a [`Backlog`] PING, and when it arrived.
-    answered: Mutex<Option<(u32, Instant)>>,
-}
-
-impl RpCtx {
-    /// Gives `backlog` the last answer to its PINGs, if one came.
-    fn take_answer(&self, backlog: &mut Backlog) {
-        let last = *self.answered.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((v, at)) = last {
-            backlog.answered(v, at);
-        }
-    }
-
-    /// RECV_BITMAP's dump for `ramblock` (`ram_dirty_bitmap_reload`): read whole, checked
-    /// against the block, and turned into the pages the destination lacks.
-    fn recv_bitmap(
-        &self,
-        r: &mut StreamReader<BoxRead>,
-        ramblock: &str,
-    ) -> Result<(usize, Vec<u64>), String> {
-        let src = self
-            .src
-            .get()
-            .ok_or_else(|| "RP: RECV_BITMAP before postcopy".to_string())?;
-        let (bi, pages) = src
-            .blocks()
-            .enumerate()
-            .find(|(_, (n, _))| *n == ramblock)
-            .map(|(i, (_, p))| (i, p))
-            .ok_or_else(|| format!("RP: RECV_BITMAP for unknown block '{ramblock}'"))?;
-        let limit = crate::postcopy::received::dump_len(pages);
-        let dump = wire::return_path::read_recv_bitmap_dump(r, ramblock, limit)
-            .map_err(|e| format!("RP: {e}"))?;
-        let dirty = crate::postcopy::received::dirty_from_dump(ramblock, pages, &dump)
-            .map_err(|e| e.to_string())?;
-        Ok((bi, dirty))
-    }
-
-    /// A request for `len` bytes at `offset` of `block`: checked, then answered on the
-    /// preempt channel or handed to `migration-out`. Err ends the thread.
-    fn request(
-        &self,
-        tx: &mpsc::Sender<RpEvent>,
-        block: &str,
-        offset: u64,
-        len: u64,
-    ) -> Result<(), String> {
-        let src = self
-            .src
-            .get()
-            .ok_or_else(|| "RP: page request before postcopy".to_string())?;
-        let (bi, first, end) = src.resolve_request(block, offset, len)?;
-        src.counters()
-            .postcopy_requests
-            .fetch_add(1, Ordering::Relaxed);
-        match self.preempt.get() {
-            Some(p) => p
-                .answer(bi, first, end)
-                .map(|_| ())
-                .map_err(|e| format!("postcopy preempt channel: {e}")),
-            None => {
-                let _ = tx.send(RpEvent::Request {
-                    block: bi,
-                    first,
-                    end,
-                });
-                Ok(())
-            }
-        }
-    }
-}
-
-/// What the source adds to a return-path error that is a TLS record: a destination that
-/// asks for TLS (its `tls-creds`) answers a source without it with a TLS alert.
-const TLS_PEER_HINT: &str = ": that is a TLS record: the destination speaks TLS, and this side \
-                             has no tls-creds (both ends need them)";
-
-/// Whether the return path's first bytes were a TLS record header (content type 21 or 22,
-/// version 3.x) rather than a message: the destination runs TLS on a channel this side
-/// opened in the clear.
-fn speaks_tls(e: &wire::WireError) -> bool {
-    match e.kind {
-        wire::WireErrorKind::RpUnknownMessage { ty, .. } => {
-            e.offset == 0 && matches!(ty.to_be_bytes(), [0x15 | 0x16, 3])
-        }
-        _ => false,
-    }
-}
-
-fn spawn_return_path(
-    reader: BoxRead,
-    ctx: Arc<RpCtx>,
-) -> Result<mpsc::Receiver<RpEvent>, MigrationError> {
-    let (tx, rx) = mpsc::channel();
-    std::thread::Builder::new()
-        .name("migration-rp".into())
-        .spawn(move || {
-            let mut r = StreamReader::new(reader);
-            // The block of the last REQ_PAGES_ID: REQ_PAGES names none.
-            let mut block: Option<String> = None;
-            loop {
-                let result = match read_rp_message(&mut r) {
-                    Ok(RpMessage::Shut(st)) => {
-                        let _ = tx.send(RpEvent::Shut(st));
-                        return;
-                    }
-                    Ok(RpMessage::Pong(v)) if v & BACKLOG_PING != 0 => {
-                        *ctx.answered.lock().unwrap_or_else(|p| p.into_inner()) =
-                            Some((v, Instant::now()));
-                        Ok(())
-                    }
-                    Ok(RpMessage::Pong(_)) | Ok(RpMessage::SwitchoverAck) => Ok(()),
-                    Ok(RpMessage::ReqPagesId {
-                        start,
-                        len,
-                        ramblock,
-                    }) => {
-                        let r = ctx.request(&tx, &ramblock, start, u64::from(len));
-                        block = Some(ramblock);
-                        r
-                    }
-                    Ok(RpMessage::ReqPages { start, len }) => match &block {
-                        Some(b) => ctx.request(&tx, b, start, u64::from(len)),
-                        None => Err("RP: REQ_PAGES before any REQ_PAGES_ID".into()),
-                    },
-                    Ok(RpMessage::RecvBitmap { ramblock }) => {
-                        match ctx.recv_bitmap(&mut r, &ramblock) {
-                            Ok((block, dirty)) => {
-                                let _ = tx.send(RpEvent::RecvBitmap { block, dirty });
-                                Ok(())
-                            }
-                            Err(e) => Err(e),
-                        }
-                    }
-                    Ok(RpMessage::ResumeAck(v)) => {
-                        let _ = tx.send(RpEvent::ResumeAck(v));
-                        Ok(())
-                    }
-                    Err(e) => {
-                        let mut why = format!("RP: {e}");
-                        if speaks_tls(&e) {
-                            why.push_str(TLS_PEER_HINT);
-                        }
-                        let _ = tx.send(RpEvent::Closed(why));
-                        return;
-                    }
-                };
-                if let Err(why) = result {
-                    let _ = tx.send(RpEvent::Failed(why));
-                    return;
-                }
-            }
-        })
-        .map_err(|e| MigrationError::io("cannot start the return-path thread", e))?;
-    Ok(rx)
-}
 
 /// The next return-path event during a recovery handshake (`None` of the channel means the
 /// destination went away again).
