@@ -34,6 +34,7 @@ passing=(
     qcow2:migrate-bitmaps-postcopy-test
     qcow2:181
     qcow2:194
+    qcow2:156
     raw:migration-permissions
 )
 # Tests of the issue's list that do not pass yet, each with what livemig lacks; `--all` runs

@@ -11,8 +11,15 @@
 //! (nothing dirty and no write in flight), flush the target and end with
 //! `BLOCK_JOB_COMPLETED`: the target then holds the source's contents as of that moment.
 //! `block-job-cancel` before ready, or with `force`, ends with `BLOCK_JOB_CANCELLED`.
-//! Unlike QEMU, completion does not replace the source node by the target in the graph
-//! (there is no pivot): devices keep using the source.
+//! `sync=top` copies only what the source node itself holds (not its backing chain).
+//!
+//! When it ends well, as QEMU's `mirror_exit_common`: a `drive-mirror` target, opened without
+//! its backing chain, gets it opened now (`MIRROR_OPEN_BACKING_CHAIN`: with `mode=existing`
+//! the chain may be copied into place while the job runs); and after `block-job-complete`
+//! (not a cancel of a ready job) the source's BlockBackend moves onto the target — the pivot,
+//! [`block::BlockLayer::replace_node`] — and a source nobody uses any more is closed. What
+//! livemig cannot move yet (a guest device, which holds its node; a parent node; an export)
+//! makes `block-job-complete` fail with a message saying so, before anything changes.
 //!
 //! # Threads and locks
 //!
@@ -38,4 +45,4 @@
 pub mod mirror;
 pub mod qmp;
 
-pub use mirror::{JobError, JobManager, MirrorConfig, SyncMode};
+pub use mirror::{Hold, JobError, JobManager, MirrorConfig, SyncMode};

@@ -21,7 +21,8 @@ const IDLE_POLL: Duration = Duration::from_millis(5);
 pub enum SyncMode {
     /// Copy everything.
     Full,
-    /// Copy the top image (without a backing chain, everything).
+    /// Copy what the source node itself holds, not what its backing chain does (a source
+    /// without a backing node: everything).
     Top,
     /// Copy only what is written from now on.
     None,
@@ -50,6 +51,9 @@ pub struct MirrorConfig {
     /// `auto-dismiss`: false leaves a job that ended `concluded`, with its error if any, until
     /// `job-dismiss`.
     pub auto_dismiss: bool,
+    /// Open the target's backing chain when the job ends well (QEMU's
+    /// `MIRROR_OPEN_BACKING_CHAIN`: `drive-mirror` opens its target without it).
+    pub open_backing_chain: bool,
 }
 
 /// A refused job command; texts and classes are QEMU 7.2's.
@@ -229,6 +233,11 @@ struct JobState {
     /// Why the job failed or that it was cancelled, once it is aborting: queries show it
     /// until the job is dismissed.
     error: Option<String>,
+    /// The job's dirty bitmap exists (the command may return).
+    initialized: bool,
+    /// The job waits before it copies anything: until the command's reply is out (see
+    /// [`JobManager::start_mirror_held`]).
+    held: bool,
 }
 
 impl JobState {
@@ -252,6 +261,7 @@ pub struct Job {
     target: Arc<BlockNode>,
     auto_finalize: bool,
     auto_dismiss: bool,
+    open_backing_chain: bool,
     state: Mutex<JobState>,
     wake: Condvar,
 }
@@ -266,7 +276,25 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
+/// Keeps a job from copying while it exists (see [`JobManager::start_mirror_held`]); the
+/// job goes on when it is dropped, whether or not the command's reply could be sent.
+#[derive(Debug)]
+pub struct Hold(Arc<Job>);
+
+impl Drop for Hold {
+    fn drop(&mut self) {
+        lock(&self.0.state).held = false;
+        self.0.wake.notify_all();
+    }
+}
+
 impl Job {
+    /// The job's [`Hold`]: dropping it lets a job started with
+    /// [`JobManager::start_mirror_held`] go on.
+    pub fn hold(self: &Arc<Self>) -> Hold {
+        Hold(self.clone())
+    }
+
     /// Job id.
     pub fn id(&self) -> &str {
         &self.id
@@ -443,6 +471,17 @@ impl JobManager {
 
     /// `blockdev-mirror`: starts a mirror job on its own thread.
     pub fn start_mirror(self: &Arc<Self>, cfg: MirrorConfig) -> Result<Arc<Job>, JobError> {
+        let job = self.start_mirror_held(cfg)?;
+        drop(job.hold());
+        Ok(job)
+    }
+
+    /// [`JobManager::start_mirror`] for a QMP command: the job is set up (its dirty bitmap
+    /// tracks writes from now on) but copies nothing — and so sends no event beyond
+    /// `created` and `running` — until the returned [`Hold`] is dropped, which the command
+    /// does once its reply is out, as QEMU's job coroutine runs only after the command has
+    /// returned.
+    pub fn start_mirror_held(self: &Arc<Self>, cfg: MirrorConfig) -> Result<Arc<Job>, JobError> {
         self.check_nodes(&cfg.source, &cfg.target)?;
         self.check_id(&cfg.id, &cfg.source, &cfg.target)?;
         let job = Arc::new(Job {
@@ -451,6 +490,7 @@ impl JobManager {
             target: cfg.target.clone(),
             auto_finalize: cfg.auto_finalize,
             auto_dismiss: cfg.auto_dismiss,
+            open_backing_chain: cfg.open_backing_chain,
             state: Mutex::new(JobState {
                 status: Status::Created,
                 offset: 0,
@@ -462,10 +502,12 @@ impl JobManager {
                 user_paused: false,
                 finalize: false,
                 error: None,
+                initialized: false,
+                held: true,
             }),
             wake: Condvar::new(),
         });
-        let holder = format!("block job '{}'", cfg.id);
+        let holder = holder(&cfg.id);
         let claims = vec![
             NodeClaim::new(
                 &cfg.source,
@@ -499,6 +541,11 @@ impl JobManager {
             lock(&self.jobs).retain(|x| !Arc::ptr_eq(x, &job));
             return Err(JobError::Other(format!("Could not start job thread: {e}")));
         }
+        let mut s = lock(&job.state);
+        while !s.initialized {
+            s = job.wake.wait(s).unwrap_or_else(PoisonError::into_inner);
+        }
+        drop(s);
         Ok(job)
     }
 
@@ -535,12 +582,23 @@ impl JobManager {
         // Whoever has seen the job's end event may use its nodes again.
         drop(claims);
         match outcome {
-            Outcome::Completed => {
-                self.set_status(job, Status::Waiting);
-                self.set_status(job, Status::Pending);
-                self.block_event("BLOCK_JOB_COMPLETED", job, None);
+            Outcome::Completed | Outcome::Finalized => {
+                if matches!(outcome, Outcome::Completed) {
+                    self.set_status(job, Status::Waiting);
+                    self.set_status(job, Status::Pending);
+                }
+                // QEMU's `mirror_exit_common` (the job's `prepare`, run when it is
+                // finalized): the target's backing chain, then the pivot.
+                match self.exit_graph_changes(job) {
+                    Ok(()) => self.block_event("BLOCK_JOB_COMPLETED", job, None),
+                    Err(e) => {
+                        let e = e.to_string();
+                        lock(&job.state).error = Some(e.clone());
+                        self.set_status(job, Status::Aborting);
+                        self.block_event("BLOCK_JOB_COMPLETED", job, Some(e));
+                    }
+                }
             }
-            Outcome::Finalized => self.block_event("BLOCK_JOB_COMPLETED", job, None),
             Outcome::Cancelled => {
                 lock(&job.state).error = Some(CANCELLED.to_string());
                 self.set_status(job, Status::Aborting);
@@ -557,6 +615,23 @@ impl JobManager {
             jobs.retain(|j| !std::ptr::eq(Arc::as_ptr(j), job));
             self.set_status(job, Status::Null);
         }
+    }
+
+    /// What a mirror that ends well changes in the graph (QEMU's `mirror_exit_common`): the
+    /// target's backing chain is opened if the job was asked to (a failure is reported, as
+    /// QEMU's `error_report`, and changes nothing else); after `block-job-complete` — not
+    /// after a cancel of a ready job — the source's users move to the target.
+    fn exit_graph_changes(&self, job: &Job) -> Result<(), BlockError> {
+        if job.open_backing_chain {
+            if let Err(e) = self.layer.open_backing_chain(&job.target) {
+                log::error!("{e}");
+            }
+        }
+        if lock(&job.state).complete {
+            self.layer
+                .replace_node(&job.source, &job.target, &holder(&job.id))?;
+        }
+        Ok(())
     }
 
     /// `block-job-cancel` (`force` as given) and `job-cancel` (always forced). A running job
@@ -614,6 +689,9 @@ impl JobManager {
         if s.cancel.is_some() {
             return Err(JobError::CannotComplete(job.id.clone()));
         }
+        // The pivot must be possible before the command is accepted.
+        self.layer
+            .check_replace(&job.source, &job.target, &holder(&job.id))?;
         s.complete = true;
         job.wake.notify_all();
         Ok(())
@@ -657,6 +735,10 @@ impl JobManager {
 
 /// The error a cancelled job shows until it is dismissed (QEMU's `strerror(ECANCELED)`).
 const CANCELLED: &str = "Operation canceled";
+/// How a job names itself as the holder of its node claims.
+fn holder(id: &str) -> String {
+    format!("block job '{id}'")
+}
 
 enum Outcome {
     /// The work is done (a mirror: in sync when completed or cancelled while ready).
@@ -754,6 +836,25 @@ fn pause_point(mgr: &JobManager, job: &Job) {
 }
 
 fn run_mirror(mgr: &JobManager, job: &Job, cfg: &MirrorConfig) -> Outcome {
+    // QEMU's `mirror_start_job`, within the command: the dirty bitmap exists before the
+    // command returns, so no write after it is missed. The rest is `mirror_run`, which QEMU
+    // starts once the command has returned.
+    let created = cfg.source.create_bitmap(cfg.granularity, None);
+    {
+        let mut s = lock(&job.state);
+        s.initialized = true;
+        job.wake.notify_all();
+        while s.held {
+            s = job.wake.wait(s).unwrap_or_else(PoisonError::into_inner);
+        }
+    }
+    let bitmap = match created {
+        Ok(id) => DirtyBitmap {
+            node: &cfg.source,
+            id,
+        },
+        Err(e) => return Outcome::Failed(e.to_string()),
+    };
     let (src_len, tgt_len) = match (cfg.source.size(), cfg.target.size()) {
         (Ok(s), Ok(t)) => (s, t),
         (Err(e), _) | (_, Err(e)) => return Outcome::Failed(e.to_string()),
@@ -761,16 +862,33 @@ fn run_mirror(mgr: &JobManager, job: &Job, cfg: &MirrorConfig) -> Outcome {
     if src_len != tgt_len {
         return Outcome::Failed("Source and target image have different sizes".into());
     }
-    let id = match cfg.source.create_bitmap(cfg.granularity, None) {
-        Ok(id) => id,
-        Err(e) => return Outcome::Failed(e.to_string()),
-    };
-    let bitmap = DirtyBitmap {
-        node: &cfg.source,
-        id,
-    };
-    if cfg.sync != SyncMode::None {
-        bitmap.mark(0, src_len);
+    let has_backing = cfg
+        .source
+        .driver()
+        .children()
+        .iter()
+        .any(|(role, _)| *role == "backing");
+    match cfg.sync {
+        SyncMode::None => {}
+        // QEMU's `mirror_dirty_init` with a base: what the source itself holds.
+        SyncMode::Top if has_backing => {
+            let mut offset = 0;
+            while offset < src_len {
+                let (allocated, n) = match cfg
+                    .source
+                    .driver()
+                    .allocated_in_top(offset, src_len - offset)
+                {
+                    Ok(a) => a,
+                    Err(e) => return Outcome::Failed(e.to_string()),
+                };
+                if allocated {
+                    bitmap.mark(offset, n);
+                }
+                offset += n.max(1);
+            }
+        }
+        SyncMode::Top | SyncMode::Full => bitmap.mark(0, src_len),
     }
     lock(&job.state).len = bitmap.count();
     // The buffer holds whole granules: at least one, at most 64 MiB.
@@ -919,6 +1037,7 @@ mod tests {
             buf_size: DEFAULT_BUF_SIZE,
             auto_finalize: true,
             auto_dismiss: true,
+            open_backing_chain: false,
         }
     }
 
@@ -1006,6 +1125,89 @@ mod tests {
             m.check_nodes(&src, &tgt).unwrap_err().to_string(),
             "Need a root block node"
         );
+        m.cancel("j0", true).unwrap();
+        wait_for(&rx, "BLOCK_JOB_CANCELLED");
+    }
+
+    /// `block-job-complete` moves the drive onto the target (QEMU's pivot) and closes the
+    /// source node nobody uses any more; `block-job-cancel` of a ready job leaves the drive
+    /// where it was. Before, completion never pivoted.
+    #[test]
+    fn complete_moves_the_drive_to_the_target_and_cancel_after_ready_does_not() {
+        let l = Arc::new(BlockLayer::new());
+        l.drive_add(&block::DriveSpec {
+            id: "d".into(),
+            interface: block::DriveInterface::None,
+            options: json!({"driver": "null-co", "node-name": "src", "size": 8 << 20,
+                            "read-zeroes": true}),
+            backing_node_name: None,
+        })
+        .unwrap();
+        for t in ["tgt", "tgt2"] {
+            l.blockdev_add(
+                &json!({"driver": "null-co", "node-name": t, "size": 8 << 20, "read-zeroes": true}),
+            )
+            .unwrap();
+        }
+        let (m, rx) = manager(&l);
+        m.start_mirror(cfg(&l, "j0", SyncMode::Full)).unwrap();
+        wait_for(&rx, "BLOCK_JOB_READY");
+        m.cancel("j0", false).unwrap();
+        wait_for(&rx, "BLOCK_JOB_COMPLETED");
+        assert_eq!(l.lookup_bs(Some("d"), None).unwrap().name(), "src");
+
+        let mut c = cfg(&l, "j1", SyncMode::Full);
+        c.target = l.node("tgt2").unwrap();
+        m.start_mirror(c).unwrap();
+        wait_for(&rx, "BLOCK_JOB_READY");
+        m.complete("j1").unwrap();
+        let done = wait_for(&rx, "BLOCK_JOB_COMPLETED");
+        assert!(done.get("error").is_none(), "{done}");
+        assert_eq!(l.lookup_bs(Some("d"), None).unwrap().name(), "tgt2");
+        assert!(l.node("src").is_none(), "the old source is still open");
+        assert!(l.node("tgt").is_some());
+    }
+
+    /// A job started for a QMP command copies nothing, and reports nothing beyond `created`
+    /// and `running`, until its hold is dropped (after the command's reply), but tracks writes
+    /// from the start. Before, a quick job could report `ready` ahead of the reply.
+    #[test]
+    fn a_held_job_waits_for_its_release_and_misses_no_write() {
+        let l = layer_with(8 << 20);
+        let (m, rx) = manager(&l);
+        let job = m.start_mirror_held(cfg(&l, "j0", SyncMode::None)).unwrap();
+        let hold = job.hold();
+        l.node("src").unwrap().write_at(4096, b"x").unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        let seen: Vec<Value> = rx.try_iter().map(|(_, d)| d["status"].clone()).collect();
+        assert_eq!(seen, [json!("created"), json!("running")]);
+        assert_eq!(job.status(), Status::Running);
+        drop(hold);
+        let ready = wait_for(&rx, "BLOCK_JOB_READY");
+        assert_eq!(
+            ready["len"], 65536,
+            "the write before the release is copied: {ready}"
+        );
+        m.cancel("j0", true).unwrap();
+        wait_for(&rx, "BLOCK_JOB_CANCELLED");
+    }
+
+    /// A pivot livemig cannot make (the source has a guest device, which holds the node it
+    /// was given) is refused by `block-job-complete` itself, saying so; the job stays ready.
+    #[test]
+    fn complete_refuses_to_move_a_guest_device() {
+        let l = layer_with(8 << 20);
+        l.attach_device("src", "", "/machine/peripheral/vd0/virtio-backend")
+            .unwrap();
+        let (m, rx) = manager(&l);
+        m.start_mirror(cfg(&l, "j0", SyncMode::Full)).unwrap();
+        wait_for(&rx, "BLOCK_JOB_READY");
+        assert_eq!(
+            m.complete("j0").unwrap_err().to_string(),
+            "livemig cannot yet move the guest device /machine/peripheral/vd0/virtio-backend of \
+             'src' onto the mirror's target"
+        );
+        assert_eq!(m.find("j0").unwrap().status(), Status::Ready);
         m.cancel("j0", true).unwrap();
         wait_for(&rx, "BLOCK_JOB_CANCELLED");
     }

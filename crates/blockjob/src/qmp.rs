@@ -6,7 +6,7 @@
 //! impl.
 
 use crate::mirror::{
-    JobError, JobManager, MirrorConfig, SyncMode, DEFAULT_BUF_SIZE, DEFAULT_GRANULARITY,
+    Hold, JobError, JobManager, MirrorConfig, SyncMode, DEFAULT_BUF_SIZE, DEFAULT_GRANULARITY,
 };
 use qmp::{Args, CommandSet, QmpError, Reply};
 use serde_json::{json, Value};
@@ -71,8 +71,16 @@ impl CommandSet for JobCommands {
     fn dispatch(&self, name: &str, mut a: Args) -> Result<Reply, QmpError> {
         let mgr = &self.jobs;
         match name {
-            "blockdev-mirror" => blockdev_mirror(mgr, a)?,
-            "drive-mirror" => drive_mirror(mgr, a)?,
+            // The job copies once the reply is out (QEMU's job coroutine runs after the
+            // command), so its later events follow the reply.
+            "blockdev-mirror" => {
+                let hold = blockdev_mirror(mgr, a)?;
+                return Ok(Reply::empty().after_flush(move || drop(hold)));
+            }
+            "drive-mirror" => {
+                let hold = drive_mirror(mgr, a)?;
+                return Ok(Reply::empty().after_flush(move || drop(hold)));
+            }
             "query-block-jobs" => {
                 a.finish()?;
                 let jobs = mgr.jobs().iter().map(|j| j.info()).collect();
@@ -147,7 +155,7 @@ impl CommandSet for JobCommands {
     }
 }
 
-fn blockdev_mirror(mgr: &Arc<JobManager>, mut a: Args) -> Result<(), QmpError> {
+fn blockdev_mirror(mgr: &Arc<JobManager>, mut a: Args) -> Result<Hold, QmpError> {
     let job_id = a.opt_str("job-id")?;
     let device = a.req_str("device")?;
     let target = a.req_str("target")?;
@@ -187,6 +195,7 @@ fn blockdev_mirror(mgr: &Arc<JobManager>, mut a: Args) -> Result<(), QmpError> {
             copy_mode,
             auto_finalize,
             auto_dismiss,
+            open_backing_chain: false,
         },
     )
 }
@@ -207,9 +216,12 @@ struct Common {
     copy_mode: Option<String>,
     auto_finalize: Option<bool>,
     auto_dismiss: Option<bool>,
+    /// QEMU's `backing_mode`: `MIRROR_OPEN_BACKING_CHAIN` (`drive-mirror`) or
+    /// `MIRROR_LEAVE_BACKING_CHAIN` (`blockdev-mirror`).
+    open_backing_chain: bool,
 }
 
-fn start_mirror(mgr: &Arc<JobManager>, c: Common) -> Result<(), QmpError> {
+fn start_mirror(mgr: &Arc<JobManager>, c: Common) -> Result<Hold, QmpError> {
     let Common {
         job_id,
         source,
@@ -224,6 +236,7 @@ fn start_mirror(mgr: &Arc<JobManager>, c: Common) -> Result<(), QmpError> {
         copy_mode,
         auto_finalize,
         auto_dismiss,
+        open_backing_chain,
     } = c;
     let layer = mgr.layer();
     mgr.check_nodes(&source, &target_node)?;
@@ -257,7 +270,7 @@ fn start_mirror(mgr: &Arc<JobManager>, c: Common) -> Result<(), QmpError> {
     // What this implementation does not do, refused rather than ignored.
     if replaces.is_some() {
         return Err(other(
-            "replaces is not supported: mirror completion does not pivot",
+            "replaces is not supported: completion replaces the source node itself",
         ));
     }
     if copy_mode.as_deref() == Some("write-blocking") {
@@ -295,7 +308,7 @@ fn start_mirror(mgr: &Arc<JobManager>, c: Common) -> Result<(), QmpError> {
         }
         Some(s) => s as u64,
     };
-    mgr.start_mirror(MirrorConfig {
+    let job = mgr.start_mirror_held(MirrorConfig {
         id,
         source,
         target: target_node,
@@ -305,14 +318,15 @@ fn start_mirror(mgr: &Arc<JobManager>, c: Common) -> Result<(), QmpError> {
         buf_size,
         auto_finalize: auto_finalize.unwrap_or(true),
         auto_dismiss: auto_dismiss.unwrap_or(true),
+        open_backing_chain,
     })?;
-    Ok(())
+    Ok(job.hold())
 }
 
 /// `drive-mirror`: the legacy form of `blockdev-mirror`, whose target is a filename or an NBD
 /// URI the command opens itself (QEMU's `qmp_drive_mirror`). The target node is outside the
 /// graph and belongs to the job: it is closed when the job ends.
-fn drive_mirror(mgr: &Arc<JobManager>, mut a: Args) -> Result<(), QmpError> {
+fn drive_mirror(mgr: &Arc<JobManager>, mut a: Args) -> Result<Hold, QmpError> {
     let job_id = a.opt_str("job-id")?;
     let device = a.req_str("device")?;
     let target = a.req_str("target")?;
@@ -352,7 +366,10 @@ fn drive_mirror(mgr: &Arc<JobManager>, mut a: Args) -> Result<(), QmpError> {
         ));
     }
     let options = target_options(&target, format.as_deref())?;
-    let target_node = layer.open_detached(&options)?;
+    // QEMU opens the target without its backing chain (`BDRV_O_NO_BACKING`): with
+    // `mode=existing` the chain may not exist yet (it is copied over while the job runs) and is
+    // opened when the job ends.
+    let target_node = layer.open_detached(&options, true)?;
     start_mirror(
         mgr,
         Common {
@@ -369,6 +386,7 @@ fn drive_mirror(mgr: &Arc<JobManager>, mut a: Args) -> Result<(), QmpError> {
             copy_mode,
             auto_finalize,
             auto_dismiss,
+            open_backing_chain: true,
         },
     )
 }

@@ -632,3 +632,226 @@ fn job_verbs_match_qemu() {
     assert_eq!(job_events(&mut l, "j1"), job_events(&mut q, "j1"));
     both(&mut q, &mut l, "query-block-jobs", json!({}));
 }
+
+/// Runs `prog` with `args`, which must succeed.
+fn run_ok(prog: &str, args: &[&str]) {
+    let out = std::process::Command::new(prog)
+        .args(args)
+        .output()
+        .expect("run");
+    assert!(
+        out.status.success(),
+        "{prog} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// One side's images for the oVirt-like storage migration of QEMU's iotest 156: a chain
+/// `t.qcow2.backing <- t.qcow2` with data in both, started as `-drive if=none,id=source`
+/// without a format.
+fn chain_156(dir: &Path) -> String {
+    std::fs::create_dir_all(dir).unwrap();
+    let p = |s: &str| dir.join(s).to_str().unwrap().to_string();
+    run_ok(
+        "qemu-img",
+        &["create", "-f", "qcow2", &p("t.qcow2.backing"), "1M"],
+    );
+    run_ok(
+        "qemu-img",
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-b",
+            &p("t.qcow2.backing"),
+            "-F",
+            "qcow2",
+            &p("t.qcow2"),
+            "1M",
+        ],
+    );
+    run_ok(
+        "qemu-io",
+        &["-c", "write -P 1 0 256k", &p("t.qcow2.backing")],
+    );
+    run_ok("qemu-io", &["-c", "write -P 2 64k 192k", &p("t.qcow2")]);
+    format!("if=none,id=source,file={}", p("t.qcow2"))
+}
+
+/// The timing line of qemu-io is a measurement; the rest of what it prints must be QEMU's.
+fn printed(log: &str) -> Vec<String> {
+    log.lines()
+        .filter(|l| !l.starts_with("livemig: ") && !l.starts_with("qemu-system-x86_64: "))
+        .map(|l| match l.split_once(" ops; ") {
+            Some((head, _)) => format!("{head} ops; TIMING"),
+            None => l.to_string(),
+        })
+        .collect()
+}
+
+/// `drive-mirror sync=top mode=existing` onto an overlay whose backing chain is copied in
+/// place only while the job runs (QEMU's iotest 156), side by side with QEMU 7.2: the target
+/// is opened without its backing chain, only what the source's top image holds is copied
+/// (`BLOCK_JOB_READY` counts 128 KiB, not the whole disk), `block-job-complete` opens the
+/// target's chain and moves the drive onto the target (`query-block` names it), and the drive
+/// then reads through the target's chain after the source images are gone; the target image
+/// holds everything. Before, livemig opened the target's chain at once (the command failed:
+/// the chain did not exist yet), copied the whole disk for `sync=top`, and left the drive on
+/// the source after `block-job-complete`; and the job could report `ready` before the
+/// command's reply.
+#[test]
+fn drive_mirror_top_pivots_onto_the_targets_chain_as_qemu() {
+    if !testkit::require(
+        "drive_mirror_top_pivots_onto_the_targets_chain_as_qemu",
+        testkit::qemu(),
+    ) {
+        return;
+    }
+    let dir = testkit::tempdir();
+    let (qd, ld) = (dir.path().join("q"), dir.path().join("l"));
+    let (qdrive, ldrive) = (chain_156(&qd), chain_156(&ld));
+    let mut qp = VmProcess::qemu_none(dir.path(), "qemu", &["-drive".into(), qdrive]).unwrap();
+    let mut q = qp.qmp();
+    let Lm {
+        proc: mut lp,
+        qmp: mut l,
+        ..
+    } = Lm::start(
+        dir.path(),
+        "lm",
+        &["-M", "none", "-m", "16M", "-drive", &ldrive],
+    );
+    let sides = [(&qd, &mut q), (&ld, &mut l)];
+    let mut events = Vec::new();
+    let mut blocks = Vec::new();
+    for (d, c) in sides {
+        let p = |s: &str| d.join(s).to_str().unwrap().to_string();
+        run_ok(
+            "qemu-img",
+            &[
+                "create",
+                "-f",
+                "qcow2",
+                "-u",
+                "-b",
+                &p("t.qcow2"),
+                "-F",
+                "qcow2",
+                &p("t.qcow2.overlay"),
+                "1M",
+            ],
+        );
+        c.ok(
+            "blockdev-snapshot-sync",
+            json!({"device": "source", "snapshot-file": p("t.qcow2.overlay"),
+                   "format": "qcow2", "mode": "existing"}),
+        );
+        assert_eq!(c.hmp(r#"qemu-io source "write -P 3 128k 128k""#), "");
+        run_ok(
+            "qemu-img",
+            &[
+                "create",
+                "-f",
+                "qcow2",
+                "-u",
+                "-b",
+                &p("t.qcow2.target"),
+                "-F",
+                "qcow2",
+                &p("t.qcow2.target.overlay"),
+                "1M",
+            ],
+        );
+        c.events.clear();
+        c.ok(
+            "drive-mirror",
+            json!({"device": "source", "target": p("t.qcow2.target.overlay"),
+                   "mode": "existing", "sync": "top"}),
+        );
+        // The job runs once the reply is out: before it, only its creation is reported.
+        let before: Vec<&Value> = c.events.iter().map(|e| &e["data"]["status"]).collect();
+        assert_eq!(before, [&json!("created"), &json!("running")]);
+        let ready = c
+            .wait_event(TIMEOUT, |e| e["event"] == "BLOCK_JOB_READY")
+            .expect("ready");
+        assert_eq!(ready["data"]["len"], 131072, "{ready}");
+        assert_eq!(c.hmp(r#"qemu-io source "write -P 4 192k 64k""#), "");
+        std::fs::copy(p("t.qcow2.backing"), p("t.qcow2.target.backing")).unwrap();
+        std::fs::copy(p("t.qcow2"), p("t.qcow2.target")).unwrap();
+        run_ok(
+            "qemu-img",
+            &[
+                "rebase",
+                "-u",
+                "-b",
+                &p("t.qcow2.target.backing"),
+                "-F",
+                "qcow2",
+                &p("t.qcow2.target"),
+            ],
+        );
+        c.ok("block-job-complete", json!({"device": "source"}));
+        events.push(job_events(c, "source"));
+        let b = c.ok("query-block", json!({}));
+        let prefix = format!("{}/", d.display());
+        blocks.push(json!({
+            "file": b[0]["inserted"]["file"].as_str().unwrap().replace(&prefix, ""),
+            "backing_file": b[0]["inserted"]["backing_file"].as_str().unwrap().replace(&prefix, ""),
+        }));
+        for f in ["t.qcow2", "t.qcow2.backing", "t.qcow2.overlay"] {
+            std::fs::remove_file(p(f)).unwrap();
+        }
+        for r in [
+            "read -P 1 0k 64k",
+            "read -P 2 64k 64k",
+            "read -P 3 128k 64k",
+            "read -P 4 192k 64k",
+        ] {
+            assert_eq!(c.hmp(&format!("qemu-io source \"{r}\"")), "");
+        }
+        c.ok("quit", json!({}));
+    }
+    assert_eq!(events[1], events[0]);
+    assert_eq!(blocks[1], blocks[0]);
+    assert_eq!(
+        blocks[0],
+        json!({"file": "t.qcow2.target.overlay", "backing_file": "t.qcow2.target"})
+    );
+    assert_eq!(qp.wait_exit(TIMEOUT), Some(0));
+    assert_eq!(lp.wait_exit(TIMEOUT), Some(0));
+    let (theirs, ours) = (printed(&qp.log()), printed(&lp.log()));
+    assert_eq!(ours, theirs);
+    assert!(
+        !ours
+            .iter()
+            .any(|l| l.contains("Pattern verification failed")),
+        "{ours:?}"
+    );
+    assert_eq!(
+        ours.iter()
+            .filter(|l| l.starts_with("read 65536/65536"))
+            .count(),
+        4
+    );
+    // The target image alone holds what the drive had.
+    for d in [&qd, &ld] {
+        let img = d.join("t.qcow2.target.overlay");
+        for r in [
+            "read -P 1 0k 64k",
+            "read -P 2 64k 64k",
+            "read -P 3 128k 64k",
+            "read -P 4 192k 64k",
+        ] {
+            let out = std::process::Command::new("qemu-io")
+                .args(["-c", r, img.to_str().unwrap()])
+                .output()
+                .unwrap();
+            let text = String::from_utf8_lossy(&out.stdout);
+            assert!(
+                text.starts_with("read 65536/65536"),
+                "{}: {r}: {text}",
+                img.display()
+            );
+        }
+    }
+}

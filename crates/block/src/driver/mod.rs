@@ -183,6 +183,20 @@ pub trait BlockDriver: Send + Sync {
         let _ = read_only;
         Err(BlockError::ReopenUnsupported)
     }
+    /// The backing file the image names, with its format if recorded (`None` for formats
+    /// without backing files): what QEMU's `bdrv_open_backing_file` opens for an image opened
+    /// without its backing chain.
+    fn backing_file_name(&self) -> Option<(String, Option<String>)> {
+        None
+    }
+    /// Whether the bytes at `offset` belong to this node itself rather than to its backing
+    /// node (QEMU's `bdrv_is_allocated` on one layer: data and zero clusters are, clusters
+    /// left to the backing file are not), and for how many bytes from `offset` (at least one,
+    /// at most `len`) that answer holds. Formats without backing files own every byte.
+    fn allocated_in_top(&self, offset: u64, len: u64) -> Result<(bool, u64), BlockError> {
+        let _ = offset;
+        Ok((true, len))
+    }
     /// `blockdev-snapshot`: makes `node` this image's backing node, asking of it what a
     /// backing child asks given `parents`, the node's own users' request. Only formats with
     /// backing files can; the others refuse with QEMU's message.

@@ -20,12 +20,15 @@
 //! # Rooms
 //!
 //! This module is the graph: nodes, names, `blockdev-add` / `blockdev-del`, lookups and
-//! devices. `reopen` holds `blockdev-reopen`; `snapshot` `blockdev-snapshot(-sync)`;
+//! devices. `reopen` holds `blockdev-reopen`; `snapshot` `blockdev-snapshot(-sync)`; `pivot`
+//! what a mirror's end changes (the target's backing chain opened late, the BlockBackend
+//! moved to the target);
 //! `activation` inactivation, activation and close of the whole graph; `commands` the
 //! QMP-shaped bitmap commands and the `query-*` replies.
 
 mod activation;
 mod commands;
+mod pivot;
 mod reopen;
 mod snapshot;
 
@@ -284,12 +287,27 @@ impl BlockLayer {
     /// one user alone, outside the graph: QEMU's anonymous node of `drive-mirror`'s target,
     /// which lives as long as the job that opened it. It gets a generated `#blockNNN` name,
     /// no lookup or query finds it, and it is closed when its last reference is dropped.
-    /// Options without `driver` have the format probed ([`crate::probe`]).
-    pub fn open_detached(&self, options: &Value) -> Result<Arc<BlockNode>, BlockError> {
+    /// Options without `driver` have the format probed ([`crate::probe`]). With `no_backing`
+    /// an image's backing file is not opened (QEMU's `BDRV_O_NO_BACKING`:
+    /// [`BlockLayer::open_backing_chain`] opens it later).
+    pub fn open_detached(
+        &self,
+        options: &Value,
+        no_backing: bool,
+    ) -> Result<Arc<BlockNode>, BlockError> {
         if let Some(r) = crate::extension::open_registered(self, options, true) {
             return r;
         }
-        let opts = self.probed_options(options)?;
+        let mut opts = self.probed_options(options)?;
+        if let DriverOptions::Qcow2 {
+            backing: backing @ None,
+            ..
+        } = &mut opts.driver_options
+        {
+            if no_backing {
+                *backing = Some(BackingRef::Null);
+            }
+        }
         if opts.node_name.is_some() {
             return Err(BlockError::Unsupported(
                 "node-name is not supported for a node outside the graph".into(),
@@ -554,7 +572,7 @@ impl BlockLayer {
                 // again, so its generated name is given back and the names that follow are
                 // QEMU's.
                 let names = self.read().auto_names;
-                let node = self.open_detached(&Value::Object(f));
+                let node = self.open_detached(&Value::Object(f), false);
                 self.write().auto_names = names;
                 node?
             }

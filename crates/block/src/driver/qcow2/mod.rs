@@ -471,6 +471,34 @@ impl BlockDriver for Qcow2Driver {
 
     /// `blockdev-snapshot`: the node becomes this image's backing node (nothing is written to
     /// the header, as in QEMU).
+    fn backing_file_name(&self) -> Option<(String, Option<String>)> {
+        self.backing_file()
+    }
+
+    fn allocated_in_top(&self, offset: u64, len: u64) -> Result<(bool, u64), BlockError> {
+        let mut st = self.lock();
+        let size = Self::size_of(&st);
+        let cs = st.meta.cs;
+        let mut answer: Option<bool> = None;
+        let mut n = 0u64;
+        for (pos, piece) in Self::pieces(cs, offset, len) {
+            // Past the end nothing is allocated (QEMU reports it as unallocated zeroes).
+            let here = if pos >= size {
+                false
+            } else {
+                let e = st.meta.l2_entry(pos)?;
+                !matches!(st.meta.mapping(e)?, Mapping::Unallocated)
+            };
+            match answer {
+                None => answer = Some(here),
+                Some(a) if a != here => break,
+                Some(_) => {}
+            }
+            n += piece;
+        }
+        Ok((answer.unwrap_or(true), n.max(1).min(len.max(1))))
+    }
+
     fn attach_backing(&self, node: Arc<BlockNode>, parents: Perm) -> Result<(), BlockError> {
         if self.backing_node().is_some() {
             return Err(err("The overlay already has a backing image"));
