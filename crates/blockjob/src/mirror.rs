@@ -1192,6 +1192,37 @@ mod tests {
         wait_for(&rx, "BLOCK_JOB_CANCELLED");
     }
 
+    /// Without `auto-finalize` the pivot is part of `job-finalize` (QEMU's `prepare`): the
+    /// drive stays on the source while the job waits `pending`.
+    #[test]
+    fn without_auto_finalize_the_pivot_waits_for_finalize() {
+        let l = Arc::new(BlockLayer::new());
+        l.drive_add(&block::DriveSpec {
+            id: "d".into(),
+            interface: block::DriveInterface::None,
+            options: json!({"driver": "null-co", "node-name": "src", "size": 8 << 20,
+                            "read-zeroes": true}),
+            backing_node_name: None,
+        })
+        .unwrap();
+        l.blockdev_add(
+            &json!({"driver": "null-co", "node-name": "tgt", "size": 8 << 20, "read-zeroes": true}),
+        )
+        .unwrap();
+        let (m, rx) = manager(&l);
+        let mut c = cfg(&l, "j0", SyncMode::Full);
+        c.auto_finalize = false;
+        m.start_mirror(c).unwrap();
+        wait_for(&rx, "BLOCK_JOB_READY");
+        m.complete("j0").unwrap();
+        wait_for(&rx, "BLOCK_JOB_PENDING");
+        assert_eq!(l.lookup_bs(Some("d"), None).unwrap().name(), "src");
+        m.finalize(&m.find("j0").unwrap()).unwrap();
+        let done = wait_for(&rx, "BLOCK_JOB_COMPLETED");
+        assert!(done.get("error").is_none(), "{done}");
+        assert_eq!(l.lookup_bs(Some("d"), None).unwrap().name(), "tgt");
+    }
+
     /// A pivot livemig cannot make (the source has a guest device, which holds the node it
     /// was given) is refused by `block-job-complete` itself, saying so; the job stays ready.
     #[test]
