@@ -13,11 +13,13 @@
 //! | [`postcopy::run`] | the same loader as a postcopy destination (`-M none`): `postcopy-ram` with a real userfaultfd and an optional preempt channel, and bitmap-only postcopy (`dirty-bitmaps` alone) | [`stream::run`]'s checks (a handled RUN may have started the guest and taken the disks); guest RAM left registered with no userfaultfd; mapped pages are exactly the received ones; no postcopy thread or userfaultfd left |
 //! | [`bitmaps::run`] | `migration::bitmaps::BitmapLoader` on dirty-bitmap section bodies, then `before_vm_start` (or `cancel` after an error) | every bitmap left on a node existed before, untouched, or is one whose START and COMPLETE were both in the input, with the START's granularity and flags |
 //! | [`return_path::run`] | the source's return-path thread (`migration::return_path`) before postcopy, in postcopy with and without preempt (page requests answered), and in a recovery's handshake | one terminal event, clean errors; requests inside a block and only after the switch; every page sent was requested, still to send, sent once with the guest's bytes, none lost; received maps end at the block's end; no `migration-rp` thread left |
+//! | [`multifd::run`] | the destination's multifd channels (`migration::multifd::recv::Receiver`): handshakes, packets raw, zlib or zstd into guest RAM, the loader's sync points, `finish` | clean errors naming an existing channel; guest RAM written only in pages the headers name; no more pages or sync rounds than the input has; no channel thread left |
 //! | [`qmp::run`] | `qmp::parse_all`, the streaming parser fed in pieces, and a QMP server session over a socket pair | chunking does not change the result; every value serializes to ASCII and parses back equal; one reply per input, in order, with its `id`, before negotiation only `qmp_capabilities` |
 #![forbid(unsafe_code)]
 
 pub mod bitmaps;
 pub mod invariants;
+pub mod multifd;
 pub mod postcopy;
 pub mod qmp;
 pub mod return_path;

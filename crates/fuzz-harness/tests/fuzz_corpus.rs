@@ -11,7 +11,7 @@
 
 use fuzz_harness::postcopy::{self, Variant};
 use fuzz_harness::return_path::{self, Phase};
-use fuzz_harness::{bitmaps, qmp, stream};
+use fuzz_harness::{bitmaps, multifd, qmp, stream};
 use migration::return_path::RpEvent;
 use std::path::{Path, PathBuf};
 use vm::MachineType;
@@ -419,4 +419,45 @@ fn bad_requests_fail_with_qemus_words() {
             assert_eq!(o.pages_sent, 0, "{name} {p:?}");
         }
     }
+}
+
+#[test]
+fn multifd_corpus_keeps_every_invariant() {
+    let n = replay("multifd", |d| {
+        multifd::run(d);
+    });
+    assert!(n >= 6, "only {n} multifd inputs");
+}
+
+#[test]
+fn qemu_multifd_channels_load_their_pages() {
+    // QEMU 7.2's source: a non-zero page every 0x5000 bytes (52 of them), over two channels,
+    // compressed; one sync round per RAM section of the stream (setup, one pass, complete).
+    for name in ["qemu-none-1m-2ch-zlib.mfd", "qemu-none-1m-2ch-zstd.mfd"] {
+        let out = multifd::run(&read("seeds", "multifd", name));
+        assert_eq!(out.accept, Ok(()), "{name}");
+        assert_eq!(out.channel_error, None, "{name}");
+        assert_eq!(out.pages, 52, "{name}");
+        assert_eq!(out.pages_written, 52, "{name}");
+        assert!(out.rounds >= 2, "{name}: {out:?}");
+    }
+    let out = multifd::run(&read("seeds", "multifd", "qemu-none-1m-2ch-none.mfd"));
+    assert_eq!((out.pages, out.pages_written), (4, 4), "{out:?}");
+}
+
+#[test]
+fn a_missing_multifd_channel_fails_the_accept() {
+    let data = read("seeds", "multifd", "qemu-to-livemig-none-1m-4ch-zstd.mfd");
+    let (compression, channels, parts) = multifd::split(&data);
+    assert_eq!(
+        (compression, channels, parts.len()),
+        (migration::multifd::Compression::Zstd, 4, 4)
+    );
+    let three: Vec<Vec<u8>> = parts[..3].iter().map(|p| p.to_vec()).collect();
+    let mut cut = multifd::join(compression, &three);
+    // Still four channels announced.
+    cut[0] |= 3 << 2;
+    let out = multifd::run(&cut);
+    let e = out.accept.expect_err("three channels of four");
+    assert!(e.starts_with("multifd: the main channel closed"), "{e}");
 }
