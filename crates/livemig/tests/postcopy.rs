@@ -469,3 +469,36 @@ fn a_silent_recovery_connection_is_dropped_after_the_stall_bound() {
     let v = dst.verify_ram();
     assert_eq!(v["corrupt"], 0, "destination RAM: {v}");
 }
+
+/// Postcopy over a socketpair passed to both monitors (`getfd`, `fd:`), as libvirt passes its
+/// tunnel: page requests travel back on the passed socket.
+#[test]
+fn postcopy_over_a_passed_socket() {
+    use std::os::fd::AsFd;
+    let dir = tempdir();
+    let mut a = GUEST.to_vec();
+    a.extend(["-incoming", "defer", "-S"]);
+    let mut dst = Lm::start(dir.path(), "dst", &a);
+    dst.caps_on(CAPS);
+    let mut src = slow_source(dir.path());
+    let (x, y) = std::os::unix::net::UnixStream::pair().unwrap();
+    for (lm, end) in [(&mut src, &x), (&mut dst, &y)] {
+        let r = lm
+            .qmp
+            .execute_with_fd("getfd", json!({"fdname": "tunnel"}), end.as_fd())
+            .unwrap();
+        assert_eq!(r["return"], json!({}), "{r}");
+    }
+    drop((x, y));
+    dst.ok("migrate-incoming", json!({"uri": "fd:tunnel"}));
+    src.migrate("fd:tunnel");
+    src.wait_migration(&["active"]);
+    src.ok("migrate-start-postcopy", json!({}));
+    // The destination is paused (-S): the pages come from the background push, and the
+    // source ends on the destination's SHUT, which comes back on the passed socket.
+    let v = check_stop_point(&mut src, &mut dst, &[]);
+    assert!(v["valid"].as_u64().unwrap_or(0) >= FILL_PAGES, "{v}");
+    let q = src.ok("query-migrate", json!({}));
+    assert!(q["ram"]["postcopy-bytes"].as_u64().unwrap_or(0) > 0, "{q}");
+    check_carries_on(&mut dst);
+}

@@ -243,6 +243,9 @@ impl Migration {
         if self.machine.runstate() == crate::runstate::RunState::PostMigrate {
             return Err(MigrationError::PausedAfterMigration);
         }
+        // QEMU takes an `fd:` descriptor once the migration has begun: a missing one fails
+        // the command and the migration both (the thread fails on the error the URI keeps).
+        let claimed = parsed.claim_fd(false);
         let generation = self.shared.begin_outgoing(&mut inner)?;
         let job = outgoing::Job {
             generation,
@@ -259,7 +262,7 @@ impl Migration {
             .name("migration-out".into())
             .spawn(move || outgoing::run(job))
             .map_err(|e| MigrationError::io("cannot start the migration thread", e))?;
-        Ok(())
+        claimed
     }
 
     /// `migrate_cancel`: cancels a running outgoing migration; a no-op otherwise.
@@ -319,6 +322,7 @@ impl Migration {
     /// connects to `uri` (where the destination's `migrate-recover` listens) and resumes.
     pub fn resume(&self, uri: &str) -> Result<(), MigrationError> {
         let parsed = MigrationUri::parse(uri)?;
+        parsed.claim_fd(false)?;
         self.shared.request_resume(parsed)
     }
 
@@ -326,6 +330,7 @@ impl Migration {
     /// source's `migrate ... resume=true`.
     pub fn recover(&self, uri: &str) -> Result<(), MigrationError> {
         let parsed = MigrationUri::parse(uri)?;
+        parsed.claim_fd(true)?;
         self.shared.request_recover(|| Listener::bind(&parsed))
     }
 
@@ -353,7 +358,7 @@ impl Migration {
             .events
             .emit("MIGRATION", Some(serde_json::json!({"status": "setup"})));
         // QEMU 7.2 words an unknown scheme on the incoming side differently from `migrate`.
-        if !["tcp:", "unix:", "exec:", "file:"]
+        if !["tcp:", "unix:", "exec:", "file:", "fd:"]
             .iter()
             .any(|scheme| uri.starts_with(scheme))
         {
@@ -362,6 +367,7 @@ impl Migration {
             )));
         }
         let parsed = MigrationUri::parse(uri)?;
+        parsed.claim_fd(true)?;
         let listener = Listener::bind(&parsed)?;
         if let (MigrationUri::Tcp { host, .. }, Some(port)) = (&parsed, listener.local_port()) {
             inner.inc.port = Some((host.clone(), port));

@@ -220,7 +220,7 @@ impl Outgoing {
         // one — over `exec:` the command's stdout, as in QEMU 7.2 — and opened by default
         // over sockets (`x-livemig-auto-return-path`), so the source learns the destination's
         // verdict before it gives the guest up.
-        if postcopy && !job.uri.is_socket() {
+        if postcopy && !job.uri.is_socket_channel() {
             // Postcopy cannot work without page requests (QEMU's words); livemig takes them
             // over sockets only.
             return Err(MigrationError::Other(
@@ -234,7 +234,7 @@ impl Outgoing {
                 "Unable to open return-path: a file: migration carries nothing back (capability 'return-path')".into(),
             ));
         }
-        let use_rp = asked || (auto_rp && job.uri.is_socket());
+        let use_rp = asked || (auto_rp && job.uri.is_socket_channel());
         let conn = connect_with(&job.uri, use_rp)?;
         job.shared.attach_channel(job.generation, &conn.shutdown)?;
         // A write that moves nothing for the bound fails (the guest then resumes).
@@ -1622,8 +1622,9 @@ fn failure_text(uri: &MigrationUri, e: &MigrationError, stall: Option<Duration>)
         if let wire::WireErrorKind::Io(io) = &w.kind {
             let channel = match uri {
                 MigrationUri::Tcp { .. } | MigrationUri::Unix(_) => "socket",
+                MigrationUri::Fd(p) if p.is_socket() => "socket",
                 MigrationUri::Exec(_) => "command",
-                MigrationUri::File { .. } => "file",
+                MigrationUri::File { .. } | MigrationUri::Fd(_) => "file",
             };
             return format!(
                 "Unable to write to {channel}: {}",

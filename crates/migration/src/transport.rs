@@ -23,10 +23,10 @@ use net::Stream;
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::net::Shutdown;
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -51,7 +51,68 @@ pub enum MigrationUri {
         /// Where the stream starts in the file.
         offset: u64,
     },
+    /// `fd:NAME`: a descriptor the client passed to the monitor (`getfd`); on the incoming
+    /// side also `fd:N`, a descriptor inherited by number. Claimed by [`MigrationUri::claim_fd`]
+    /// while the command runs, as QEMU takes it from the monitor that runs the command.
+    Fd(PassedFd),
 }
+
+/// The descriptor of an `fd:` URI, once claimed: a connected socket (which carries a return
+/// path) or anything else that reads or writes (a pipe, a file).
+#[derive(Clone)]
+pub struct PassedFd {
+    name: String,
+    claimed: Arc<Mutex<Result<Option<OwnedFd>, String>>>,
+    socket: Arc<AtomicBool>,
+}
+
+impl PassedFd {
+    fn new(name: &str) -> PassedFd {
+        PassedFd {
+            name: name.to_string(),
+            claimed: Arc::new(Mutex::new(Ok(None))),
+            socket: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    /// What the URI names (a `getfd` name or a number).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Whether the descriptor is a socket (known once claimed).
+    pub fn is_socket(&self) -> bool {
+        self.socket.load(Ordering::Relaxed)
+    }
+
+    /// Takes the descriptor, once: a second connection over the same `fd:` has nothing to use.
+    fn take(&self) -> Result<OwnedFd, MigrationError> {
+        let mut c = self.claimed.lock().unwrap_or_else(|p| p.into_inner());
+        match &mut *c {
+            Err(e) => Err(MigrationError::Other(e.clone())),
+            Ok(fd) => fd.take().ok_or_else(|| {
+                MigrationError::Other(format!(
+                    "the descriptor of fd:{} was used already",
+                    self.name
+                ))
+            }),
+        }
+    }
+}
+
+impl std::fmt::Debug for PassedFd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "fd:{}", self.name)
+    }
+}
+
+impl PartialEq for PassedFd {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.claimed, &other.claimed)
+    }
+}
+
+impl Eq for PassedFd {}
 
 impl MigrationUri {
     /// Parses a URI, with QEMU's message for one it does not know.
@@ -118,19 +179,71 @@ impl MigrationUri {
                 offset,
             });
         }
+        if let Some(name) = uri.strip_prefix("fd:") {
+            return Ok(MigrationUri::Fd(PassedFd::new(name)));
+        }
         Err(invalid())
+    }
+
+    /// Takes the descriptor of an `fd:` URI from the monitor running the command, as QEMU's
+    /// `fd_start_outgoing_migration` (a `getfd` name only) and `fd_start_incoming_migration`
+    /// (a name, or a number: a descriptor the process inherited) do. Other URIs have nothing
+    /// to claim. On failure the URI keeps the error, so a connection over it fails with it.
+    pub fn claim_fd(&self, incoming: bool) -> Result<(), MigrationError> {
+        let MigrationUri::Fd(p) = self else {
+            return Ok(());
+        };
+        let name = p.name.as_str();
+        let digit = name.starts_with(|c: char| c.is_ascii_digit());
+        let got = match qmp::fds::current() {
+            Some(fds) if !(incoming && digit) => fds.take(name),
+            // QEMU's `monitor_fd_param`: a number, or anything at all outside a monitor
+            // (`-incoming fd:N` on the command line).
+            _ if incoming => name
+                .parse::<i32>()
+                .map_err(|_| format!("Invalid file descriptor number '{name}'"))
+                .and_then(|n| net::fdpass::adopt_inherited(n, false)),
+            _ => Err(format!("File descriptor named '{name}' has not been found")),
+        };
+        let mut c = p.claimed.lock().unwrap_or_else(|e| e.into_inner());
+        match got {
+            Ok(fd) => {
+                let socket = nix::sys::socket::getsockopt(&fd, nix::sys::socket::sockopt::SockType)
+                    .is_ok_and(|t| t == nix::sys::socket::SockType::Stream);
+                p.socket.store(socket, Ordering::Relaxed);
+                *c = Ok(Some(fd));
+                Ok(())
+            }
+            Err(e) => {
+                *c = Err(e.clone());
+                Err(MigrationError::Other(e))
+            }
+        }
     }
 
     /// Whether a connection over this transport can carry a return path (sockets; `exec:`
     /// through the command's other pipe).
     pub fn has_return_path(&self) -> bool {
-        !matches!(self, MigrationUri::File { .. })
+        match self {
+            MigrationUri::File { .. } => false,
+            MigrationUri::Fd(p) => p.is_socket(),
+            _ => true,
+        }
     }
 
-    /// Whether the transport is a socket: several channels to one address (postcopy-preempt),
-    /// and a return path that needs nothing from a command.
+    /// Whether the transport is a socket address: several channels to one address
+    /// (postcopy-preempt, multifd), and a return path that needs nothing from a command.
     pub fn is_socket(&self) -> bool {
         matches!(self, MigrationUri::Tcp { .. } | MigrationUri::Unix(_))
+    }
+
+    /// Whether the one channel is a socket (an address, or an `fd:` that is one): a return
+    /// path that needs nothing from a command, so postcopy's page requests can travel.
+    pub fn is_socket_channel(&self) -> bool {
+        match self {
+            MigrationUri::Fd(p) => p.is_socket(),
+            _ => self.is_socket(),
+        }
     }
 }
 
@@ -407,6 +520,20 @@ impl Connection {
 /// How the error of an `exec:` command that outlived the stall bound begins.
 pub const EXEC_TIMEOUT: &str = "the exec command did not exit within";
 
+/// A passed socket as a stream of its family.
+fn fd_stream(fd: OwnedFd) -> Result<Stream, MigrationError> {
+    use nix::sys::socket::{getsockname, AddressFamily, SockaddrLike, SockaddrStorage};
+    let family = getsockname::<SockaddrStorage>(fd.as_raw_fd())
+        .map_err(|e| MigrationError::io("getsockname", std::io::Error::from(e)))?
+        .family();
+    Ok(match family {
+        Some(AddressFamily::Inet | AddressFamily::Inet6) => {
+            Stream::from(std::net::TcpStream::from(fd))
+        }
+        _ => Stream::from(std::os::unix::net::UnixStream::from(fd)),
+    })
+}
+
 fn tcp_addrs(host: &str, port: u16) -> Result<Vec<std::net::SocketAddr>, MigrationError> {
     net::resolve(host, port)
         .map_err(|e| MigrationError::io(format!("address resolution failed for {host}:{port}"), e))
@@ -486,6 +613,18 @@ pub fn connect_with(uri: &MigrationUri, return_path: bool) -> Result<Connection,
                 child: Some(child),
             })
         }
+        MigrationUri::Fd(p) => {
+            let fd = p.take()?;
+            if p.is_socket() {
+                return socket_connection(fd_stream(fd)?, true);
+            }
+            Ok(Connection {
+                writer: Some(Box::new(File::from(fd))),
+                reader: None,
+                shutdown: ShutdownHandle::default(),
+                child: None,
+            })
+        }
         MigrationUri::File { path, offset } => {
             let mut f = std::fs::OpenOptions::new()
                 .write(true)
@@ -516,6 +655,8 @@ pub enum Listener {
     Exec(String),
     /// A file holding the stream.
     File(String, u64),
+    /// The descriptor of an `fd:` URI: the stream is already there.
+    Fd(PassedFd),
 }
 
 impl Listener {
@@ -535,6 +676,7 @@ impl Listener {
             }
             MigrationUri::Exec(cmd) => Ok(Listener::Exec(cmd.clone())),
             MigrationUri::File { path, offset } => Ok(Listener::File(path.clone(), *offset)),
+            MigrationUri::Fd(p) => Ok(Listener::Fd(p.clone())),
         }
     }
 
@@ -597,6 +739,18 @@ impl Listener {
                     )),
                     shutdown: ShutdownHandle::new(ShutdownTarget::Child(child.clone(), bound)),
                     child: Some(child),
+                })
+            }
+            Listener::Fd(p) => {
+                let fd = p.take()?;
+                if p.is_socket() {
+                    return socket_connection(fd_stream(fd)?, false);
+                }
+                Ok(Connection {
+                    writer: None,
+                    reader: Some(Box::new(File::from(fd))),
+                    shutdown: ShutdownHandle::default(),
+                    child: None,
                 })
             }
             Listener::File(path, offset) => {

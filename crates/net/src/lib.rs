@@ -15,6 +15,8 @@
 //!   dropped.
 //! * [`zerocopy`]: `MSG_ZEROCOPY` sends with completion accounting, and [`sockopt`]: a limit on
 //!   a TCP socket's unsent data (the crate's `unsafe`: `setsockopt`s that `nix` does not wrap).
+//! * [`fdpass`]: descriptors passed beside bytes (`SCM_RIGHTS`) and inherited by number (the
+//!   crate's other `unsafe`: owning a descriptor the kernel hands over by number).
 //!
 //! What the addresses look like on a command line or in QMP (`tcp:HOST:PORT`, QAPI's
 //! `SocketAddress`, `-chardev socket,path=...`) is the business of the crate that takes them;
@@ -26,6 +28,7 @@
 )]
 
 mod address;
+pub mod fdpass;
 mod listener;
 pub mod sockopt;
 mod stream;

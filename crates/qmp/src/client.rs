@@ -118,6 +118,26 @@ impl Client {
     /// whole reply (`{"return": ..}` or `{"error": ..}`), queueing events that arrive before
     /// it.
     pub fn execute(&mut self, cmd: &str, args: Value) -> io::Result<Value> {
+        self.execute_with(cmd, args, None)
+    }
+
+    /// [`Client::execute`] with `fd` passed beside the command (`SCM_RIGHTS`), as for
+    /// `getfd`: only over a unix socket.
+    pub fn execute_with_fd(
+        &mut self,
+        cmd: &str,
+        args: Value,
+        fd: std::os::fd::BorrowedFd<'_>,
+    ) -> io::Result<Value> {
+        self.execute_with(cmd, args, Some(fd))
+    }
+
+    fn execute_with(
+        &mut self,
+        cmd: &str,
+        args: Value,
+        fd: Option<std::os::fd::BorrowedFd<'_>>,
+    ) -> io::Result<Value> {
         let msg = if args.as_object().is_some_and(|o| o.is_empty()) {
             json!({ "execute": cmd })
         } else {
@@ -125,7 +145,18 @@ impl Client {
         };
         let mut text = msg.to_string();
         text.push('\n');
-        self.writer.write_all(text.as_bytes())?;
+        match (fd, &self.writer) {
+            (None, _) => self.writer.write_all(text.as_bytes())?,
+            (Some(fd), Stream::Unix(u)) => {
+                // The descriptor goes with the first byte; the rest follows as usual.
+                let n = net::fdpass::send_with_fd(u, text.as_bytes(), fd)?;
+                self.writer
+                    .write_all(text.as_bytes().get(n..).unwrap_or_default())?;
+            }
+            (Some(_), Stream::Tcp(_)) => {
+                return Err(io::Error::other("descriptors pass over unix sockets only"))
+            }
+        }
         loop {
             let m = self.read_message()?;
             if m.get("event").is_some() {

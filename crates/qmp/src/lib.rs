@@ -24,8 +24,9 @@
 //!
 //! Modules: [`client`] (the blocking client), [`json`] (the streaming parser and the serializer), [`args`] (argument checking),
 //! [`commands`] (command sets and the monitor's table), [`dispatch`] (the seam between server
-//! and commands), [`server`] (sockets, threads, events, shutdown), [`option`] (QEMU's `-qmp`
-//! option syntax), [`error`] (QMP error classes).
+//! and commands), [`server`] (sockets, threads, events, shutdown), [`fds`] (descriptors
+//! passed to a monitor: `getfd`, `closefd`, and the current monitor's for commands that take
+//! one by name), [`option`] (QEMU's `-qmp` option syntax), [`error`] (QMP error classes).
 // A library does not print: it logs (`log`), and the binary decides where that goes.
 #![cfg_attr(not(test), deny(clippy::print_stderr, clippy::print_stdout))]
 #![forbid(unsafe_code)]
@@ -35,6 +36,7 @@ pub mod client;
 pub mod commands;
 pub mod dispatch;
 pub mod error;
+pub mod fds;
 pub mod json;
 pub mod option;
 pub mod server;

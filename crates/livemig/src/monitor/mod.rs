@@ -6,8 +6,9 @@
 //! | migration | `migrate*`, `query-migrate*` | `migration::qmp` |
 //! | block layer | `blockdev-*`, `block-dirty-bitmap-*`, `query-block`, ... | `block::qmp` |
 //! | NBD server | `nbd-server-*`, `block-export-*`, `query-block-exports` | `nbd::qmp` |
-//! | block jobs | `blockdev-mirror`, `block-job-*`, `query-*jobs` | `blockjob::qmp` |
+//! | block jobs | `blockdev-mirror`, `drive-mirror`, `block-job-*`, `job-*`, `query-*jobs` | `blockjob::qmp` |
 //! | objects | `object-add`, `object-del` (TLS credentials, authz) | `tls::qmp` |
+//! | passed descriptors | `getfd`, `closefd` (for `migrate fd:NAME`) | `qmp::fds` |
 //! | livemig's own | `x-livemig-*` | [`x`] |
 //! | human monitor | `human-monitor-command` | [`hmp`] |
 //!
@@ -68,6 +69,7 @@ impl Monitor {
             .add(nbd)
             .add(blockjob::qmp::JobCommands::new(jobs))
             .add(tls::qmp::ObjectCommands::new(app.objects.clone()))
+            .add(qmp::fds::FdCommands)
             .add(x::LivemigCommands::new(app.clone()))
             .add(hmp::HmpCommands::new(app));
         let _ = self.sets.set(sets);

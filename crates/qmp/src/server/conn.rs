@@ -51,6 +51,9 @@ pub(super) struct Conn {
     /// Set once the client has negotiated, after its `qmp_capabilities` reply was queued.
     pub(super) command_mode: AtomicBool,
     pub(super) max_pending: usize,
+    /// The descriptors the client passed (`getfd`); its commands run with them as the
+    /// current monitor's.
+    pub(super) fds: Arc<crate::fds::MonitorFds>,
 }
 
 impl Conn {
@@ -180,7 +183,7 @@ pub(super) fn reader_loop(
             Err(_) => break,
         };
         for parsed in parser.feed(buf.get(..n).unwrap_or_default()) {
-            let out = session.handle(parsed);
+            let out = crate::fds::with_monitor(&conn.fds, || session.handle(parsed));
             let alive = conn.push_reply(out.line, out.after);
             if session.mode() != Mode::Negotiation {
                 // After the reply is queued, so no event can precede it.

@@ -414,7 +414,7 @@ impl Server {
         if self.inner.closed.load(Ordering::Acquire) {
             return Err(io::Error::other("QMP server is closed"));
         }
-        self.attach(None, input, output)
+        self.attach(None, input, output, Arc::default())
     }
 
     fn serve(&self, stream: Stream) -> io::Result<()> {
@@ -430,13 +430,25 @@ impl Server {
             refuse(&stream, max);
             return Err(io::Error::other("too many monitor clients"));
         }
-        let reader = stream.try_clone()?;
-        self.attach(Some(stream.try_clone()?), reader, stream)
+        let fds = Arc::new(crate::fds::MonitorFds::default());
+        // A unix socket may carry descriptors beside the bytes (`getfd`).
+        let reader: Box<dyn Read + Send> = match stream.try_clone()? {
+            Stream::Unix(u) => Box::new(crate::fds::FdReader::new(u, fds.clone())),
+            tcp => Box::new(tcp),
+        };
+        self.attach(Some(stream.try_clone()?), reader, stream, fds)
     }
 
     /// Registers a connection reading from `input` and writing to `output` and starts its
-    /// threads; `socket` is what shuts it down, when it is one.
-    fn attach<R, W>(&self, socket: Option<Stream>, input: R, output: W) -> io::Result<()>
+    /// threads; `socket` is what shuts it down, when it is one, and `fds` the descriptors the
+    /// client passes to it.
+    fn attach<R, W>(
+        &self,
+        socket: Option<Stream>,
+        input: R,
+        output: W,
+        fds: Arc<crate::fds::MonitorFds>,
+    ) -> io::Result<()>
     where
         R: Read + Send + 'static,
         W: Write + Send + 'static,
@@ -455,6 +467,7 @@ impl Server {
             changed: Condvar::new(),
             command_mode: AtomicBool::new(false),
             max_pending: inner.config.max_pending_bytes,
+            fds,
         });
         conn.push_reply(session.greeting(), None);
         lock(&inner.hub.conns).insert(id, conn.clone());
