@@ -371,3 +371,39 @@ fn drives_without_a_format_are_probed_as_qemu_probes_them() {
     assert_eq!(formats(&mut qq), want);
     assert_eq!(qemu.log().matches(&warning).count(), 1, "{}", qemu.log());
 }
+
+/// `qemu-io -d DEVICE` (iotests' `hmp_qemu_io(..., qdev=True)`) names the guest device by its
+/// QOM path or id, as QEMU's `blk_by_qdev_id` resolves it: the write through the virtio disk
+/// reads back through its drive. Before, `-d` was accepted and ignored (the name was looked up
+/// as a drive's).
+#[test]
+fn qemu_io_d_names_the_guest_device() {
+    let dir = testkit::tempdir();
+    let img = dir.path().join("disk.img");
+    std::fs::write(&img, vec![0u8; 1 << 20]).unwrap();
+    let drive = format!("if=virtio,id=drive0,file={},format=raw", img.display());
+    let (p, mut q) = lm(dir.path(), "vm", &["-drive", &drive]);
+    let dev = "/machine/peripheral-anon/livemig-disk";
+    let before = p.log().len();
+    assert_eq!(
+        q.hmp(&format!(r#"qemu-io -d {dev} "write -P 0x5a 0 4k""#)),
+        ""
+    );
+    assert_eq!(q.hmp(r#"qemu-io drive0 "read -P 0x5a 0 4k""#), "");
+    assert_eq!(
+        q.hmp(r#"qemu-io -d drive0 "read 0 4k""#),
+        "Error: Device 'drive0' not found\r\n"
+    );
+    let log = p.log();
+    let printed: Vec<&str> = log[before..]
+        .lines()
+        .filter(|l| !l.contains(" ops; "))
+        .collect();
+    assert_eq!(
+        printed,
+        [
+            "wrote 4096/4096 bytes at offset 0",
+            "read 4096/4096 bytes at offset 0"
+        ]
+    );
+}

@@ -778,6 +778,16 @@ impl BlockLayer {
         Ok(e.node.clone())
     }
 
+    /// The node the guest device at QOM path `qdev` uses (QEMU's `blk_by_qdev_id` once the
+    /// path is resolved), if a device there has one.
+    pub fn device_node(&self, qdev: &str) -> Option<Arc<BlockNode>> {
+        self.read()
+            .entries
+            .iter()
+            .find(|e| e.device.as_ref().is_some_and(|d| d.qdev == qdev))
+            .map(|e| e.node.clone())
+    }
+
     /// Detaches the device with this QOM path; returns whether one was attached.
     pub fn detach_device(&self, qdev: &str) -> bool {
         let mut g = self.write();

@@ -5,8 +5,8 @@
 //!
 //! `qemu-io [-d] DEVICE "COMMAND"` runs `block::qemu_io` on a drive or node and prints as
 //! QEMU's does: qemu-io's output on the process's standard output (the reply is empty),
-//! getopt's complaints on standard error, a missing node as `Error: ...` in the reply; `-d`
-//! (a guest device's qdev id) is refused.
+//! getopt's complaints on standard error, a missing node as `Error: ...` in the reply; with
+//! `-d` DEVICE is a guest device's id or QOM path.
 //!
 //! The commands that change the migration (`migrate_set_capability`, `migrate_set_parameter`,
 //! `migrate [-d] [-r] URI`, `migrate_start_postcopy`) build the arguments of the QMP command
@@ -613,10 +613,19 @@ fn hmp_info(app: &App, line: &str) -> String {
                 [] => usage("block device name expected"),
                 [_] => usage("string expected"),
                 [_, _, _, ..] => usage("extraneous characters at the end of line"),
-                // A device's qdev id would name its BlockBackend (QEMU's `blk_by_qdev_id`).
-                [_, _] if qdev => "Error: qemu-io -d (a guest device's qdev id) is not \
-                                   supported by livemig: name the drive or the node\r\n"
-                    .into(),
+                // A guest device's id or QOM path names its BlockBackend (QEMU's
+                // `blk_by_qdev_id`: an id is resolved under /machine/peripheral).
+                [dev, cmd] if qdev => {
+                    let path = if dev.starts_with('/') {
+                        dev.to_string()
+                    } else {
+                        format!("/machine/peripheral/{dev}")
+                    };
+                    match app.block.device_node(&path) {
+                        Some(node) => print_qemu_io(block::qemu_io::run_on(&node, cmd)),
+                        None => format!("Error: Device '{dev}' not found\r\n"),
+                    }
+                }
                 [node, cmd] => match block::qemu_io::run(&app.block, node, cmd) {
                     Ok(out) => print_qemu_io(out),
                     Err(e) => format!("Error: {e}\r\n"),
