@@ -286,3 +286,30 @@ fn a_destination_whose_load_fails_exits_with_status_1() {
     let _ = dst.qmp.execute("quit", json!({}));
     assert_eq!(dst.proc.wait_exit(TIMEOUT), Some(0), "{}", dst.proc.log());
 }
+
+/// A stream that fails at once ends the process, but the client that started it with
+/// `migrate-incoming` has its reply first: QEMU answers before its load runs. (The reply was
+/// sometimes lost under load: the load failed and the process exited before the reply was
+/// queued.)
+#[test]
+fn migrate_incoming_is_answered_before_a_failing_load_exits() {
+    let dir = tempdir();
+    let bad = dir.path().join("bad.mig");
+    std::fs::write(&bad, b"QEVN\0\0\0\x03").unwrap();
+    for i in 0..20 {
+        let mut dst = Lm::start(
+            dir.path(),
+            &format!("dst{i}"),
+            &["-M", "none", "-incoming", "defer"],
+        );
+        let r = dst
+            .qmp
+            .execute(
+                "migrate-incoming",
+                json!({"uri": format!("file:{}", bad.display())}),
+            )
+            .unwrap_or_else(|e| panic!("run {i}: no reply to migrate-incoming: {e}"));
+        assert_eq!(r["return"], json!({}), "run {i}: {r}");
+        assert_eq!(dst.proc.wait_exit(TIMEOUT), Some(1), "{}", dst.proc.log());
+    }
+}

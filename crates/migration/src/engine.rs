@@ -342,6 +342,26 @@ impl Migration {
     /// `-incoming URI` at start-up, or `migrate-incoming` after `-incoming defer`: binds the
     /// address now and loads the stream on a thread.
     pub fn incoming(&self, uri: &str, from_qmp: bool) -> Result<(), MigrationError> {
+        self.start_incoming(uri, from_qmp, None)
+    }
+
+    /// `migrate-incoming` from a monitor: as [`Migration::incoming`], but the stream is read
+    /// only once the returned gate is opened — after the command's reply went out, as in
+    /// QEMU, whose load runs in the main loop after the command returns. A stream that fails
+    /// at once ends the process (a failed load exits with status 1), and the client must have
+    /// had its reply first.
+    pub fn incoming_gated(&self, uri: &str) -> Result<StartGate, MigrationError> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.start_incoming(uri, true, Some(rx))?;
+        Ok(StartGate(tx))
+    }
+
+    fn start_incoming(
+        &self,
+        uri: &str,
+        from_qmp: bool,
+        gate: Option<std::sync::mpsc::Receiver<()>>,
+    ) -> Result<(), MigrationError> {
         let mut inner = self.shared.lock();
         // QEMU checks the VM's state before it looks at the URI.
         if from_qmp {
@@ -383,7 +403,13 @@ impl Migration {
         drop(inner);
         std::thread::Builder::new()
             .name("migration-in".into())
-            .spawn(move || incoming::run(job))
+            .spawn(move || {
+                if let Some(gate) = gate {
+                    // Opened, or dropped unopened: either way the reply's fate is settled.
+                    let _ = gate.recv();
+                }
+                incoming::run(job)
+            })
             .map_err(|e| MigrationError::io("cannot start the incoming migration thread", e))?;
         Ok(())
     }
@@ -659,5 +685,16 @@ mod tests {
         // Turning it off is always fine.
         m.set_capabilities(&[(Capability::AutoConverge, false)])
             .unwrap();
+    }
+}
+
+/// Lets an incoming migration started by [`Migration::incoming_gated`] read its stream.
+#[derive(Debug)]
+pub struct StartGate(std::sync::mpsc::Sender<()>);
+
+impl StartGate {
+    /// Opens the gate.
+    pub fn open(self) {
+        let _ = self.0.send(());
     }
 }

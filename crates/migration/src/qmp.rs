@@ -112,7 +112,8 @@ impl CommandSet for MigrationCommands {
             "migrate-incoming" => {
                 let uri = a.req_str("uri")?;
                 a.finish()?;
-                mig.incoming(&uri, true)?;
+                let gate = mig.incoming_gated(&uri)?;
+                return Ok(Reply::new(json!({})).after_flush(move || gate.open()));
             }
             "migrate_cancel" => {
                 a.finish()?;
