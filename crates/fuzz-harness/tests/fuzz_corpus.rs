@@ -11,7 +11,7 @@
 
 use fuzz_harness::postcopy::{self, Variant};
 use fuzz_harness::return_path::{self, Phase};
-use fuzz_harness::{bitmaps, multifd, qmp, stream};
+use fuzz_harness::{bitmaps, multifd, nbd_client, qmp, stream};
 use migration::return_path::RpEvent;
 use std::path::{Path, PathBuf};
 use vm::MachineType;
@@ -460,4 +460,36 @@ fn a_missing_multifd_channel_fails_the_accept() {
     let out = multifd::run(&cut);
     let e = out.accept.expect_err("three channels of four");
     assert!(e.starts_with("multifd: the main channel closed"), "{e}");
+}
+
+#[test]
+fn nbd_client_corpus_keeps_every_invariant() {
+    let n = replay("nbd_client", |d| {
+        nbd_client::run(d);
+    });
+    assert!(n >= 4, "only {n} NBD client inputs");
+}
+
+#[test]
+fn qemu_nbd_replies_serve_every_request() {
+    for (name, extents, sent) in [
+        // read, read, write, write-zeroes, trim, flush, DISC
+        ("qemu-nbd-plain.nbd", 0, 7),
+        ("qemu-nbd-meta-allocation.nbd", 5, 8),
+        ("qemu-nbd-meta-bitmap.nbd", 3, 8),
+        // A read-only export: no writes are sent (the client refuses them itself).
+        ("qemu-nbd-read-only.nbd", 0, 4),
+    ] {
+        let out = nbd_client::run(&read("seeds", "nbd_client", name));
+        assert_eq!(out.connected, Ok(()), "{name}");
+        assert_eq!(out.size, 1 << 20, "{name}");
+        assert_eq!(out.extents, extents, "{name}: {out:?}");
+        assert_eq!(out.sent, sent, "{name}: {out:?}");
+        let failed: Vec<_> = out.requests.iter().filter(|r| r.is_err()).collect();
+        if name.contains("read-only") {
+            assert_eq!(failed.len(), 3, "{name}: {out:?}");
+        } else {
+            assert!(failed.is_empty(), "{name}: {out:?}");
+        }
+    }
 }

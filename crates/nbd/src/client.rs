@@ -104,6 +104,13 @@ impl NbdClient {
             what: "connect",
             source,
         })?;
+        Self::over(s, opts)
+    }
+
+    /// Negotiates `opts` on `s`, a stream already connected to a server (what
+    /// [`connect`](Self::connect) does once connected; the fuzzing harness hands it one end of
+    /// a socket pair).
+    pub fn over(s: Stream, opts: &ConnectOptions) -> Result<Self, ProtoError> {
         let io = |source| ProtoError::Io {
             what: "socket",
             source,
