@@ -32,6 +32,10 @@ impl From<ClientError> for String {
     }
 }
 
+/// How long [`Client::connect_to`] waits for the greeting and the negotiation on one
+/// connection before it connects again.
+pub const GREETING_WAIT: Duration = Duration::from_secs(5);
+
 /// A negotiated QMP connection.
 pub struct Client {
     reader: BufReader<Stream>,
@@ -58,8 +62,28 @@ impl Client {
     /// expected), and that second opening puts the monitor back into negotiation. Replies
     /// skip repeated greetings, and a probe (`query-version`) shows whether negotiation held;
     /// if not, it is negotiated again (three tries).
+    ///
+    /// A server that accepted the connection but says nothing for [`GREETING_WAIT`] (QEMU
+    /// under load was seen holding a connection silent) is left, and connected to again,
+    /// until `timeout` has passed.
     pub fn connect_to(addr: &Address, timeout: Duration) -> io::Result<Client> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match Client::connect_once(addr, left.max(Duration::from_millis(1))) {
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) && Instant::now() < deadline => {}
+                r => return r,
+            }
+        }
+    }
+
+    fn connect_once(addr: &Address, timeout: Duration) -> io::Result<Client> {
         let stream = addr.connect_retry(timeout)?;
+        stream.set_read_timeout(Some(GREETING_WAIT.min(timeout)))?;
         let writer = stream.try_clone()?;
         let mut c = Client {
             reader: BufReader::new(stream),
@@ -81,6 +105,7 @@ impl Client {
             }
             let probe = c.execute("query-version", json!({}))?;
             if probe.get("return").is_some() {
+                c.set_read_timeout(None)?;
                 return Ok(c);
             }
             last = probe;
@@ -221,5 +246,50 @@ impl Client {
         }
         let _ = self.reader.get_ref().set_read_timeout(self.read_timeout);
         found
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{BufRead, Write};
+    use std::os::unix::net::UnixListener;
+
+    /// A server that holds its first client silent and answers the second: the client leaves
+    /// the silent connection after [`GREETING_WAIT`] and negotiates on a new one.
+    #[test]
+    fn a_server_silent_after_accepting_is_connected_to_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("qmp.sock");
+        let l = UnixListener::bind(&path).unwrap();
+        let server = std::thread::spawn(move || {
+            let (silent, _) = l.accept().unwrap();
+            let (s, _) = l.accept().unwrap();
+            let mut w = s.try_clone().unwrap();
+            w.write_all(b"{\"QMP\": {\"version\": {}, \"capabilities\": []}}\r\n")
+                .unwrap();
+            for line in std::io::BufReader::new(s).lines() {
+                let Ok(line) = line else { break };
+                let id = serde_json::from_str::<Value>(&line).unwrap();
+                let reply = match id["execute"].as_str() {
+                    Some("query-version") => "{\"return\": {\"qemu\": {}}}\r\n",
+                    _ => "{\"return\": {}}\r\n",
+                };
+                w.write_all(reply.as_bytes()).unwrap();
+            }
+            drop(silent);
+        });
+        let (tx, rx) = std::sync::mpsc::channel();
+        let p = path.clone();
+        std::thread::spawn(move || {
+            let _ = tx.send(Client::connect(&p, Duration::from_secs(30)).map(|_| ()));
+        });
+        let t0 = Instant::now();
+        let r = rx
+            .recv_timeout(GREETING_WAIT * 3)
+            .expect("connect_to still waits on the silent connection");
+        assert!(r.is_ok(), "{r:?}");
+        assert!(t0.elapsed() >= GREETING_WAIT, "{:?}", t0.elapsed());
+        drop(server);
     }
 }
