@@ -14,6 +14,21 @@ fn livemig(dir: &Path) -> (VmProcess, QmpClient) {
     (proc, qmp)
 }
 
+/// QEMU 7.2 and livemig, both `-M none`, in one scratch directory: (the directory, the two
+/// processes, which must outlive the test, QEMU's monitor, livemig's).
+fn side_by_side() -> (
+    tempfile::TempDir,
+    (VmProcess, VmProcess),
+    QmpClient,
+    QmpClient,
+) {
+    let dir = testkit::tempdir();
+    let qp = VmProcess::qemu_none(dir.path(), "qemu", &[]).unwrap();
+    let q = qp.qmp();
+    let (lp, l) = livemig(dir.path());
+    (dir, (qp, lp), q, l)
+}
+
 /// The part of a reply that must match: the return value, or the error's class and text.
 fn outcome(q: &mut QmpClient, cmd: &str, args: &Value) -> Value {
     let r = q.execute(cmd, args.clone()).unwrap();
@@ -64,10 +79,7 @@ fn nbd_server_commands_match_qemu() {
     if !testkit::require("nbd_server_commands_match_qemu", testkit::qemu()) {
         return;
     }
-    let dir = testkit::tempdir();
-    let qp = VmProcess::qemu_none(dir.path(), "qemu", &[]).unwrap();
-    let mut q = qp.qmp();
-    let (_lp, mut l) = livemig(dir.path());
+    let (dir, _procs, mut q, mut l) = side_by_side();
     for (name, ro) in [("d0", false), ("ro", true)] {
         both(
             &mut q,
@@ -274,10 +286,7 @@ fn mirror_commands_and_events_match_qemu() {
     if !testkit::require("mirror_commands_and_events_match_qemu", testkit::qemu()) {
         return;
     }
-    let dir = testkit::tempdir();
-    let qp = VmProcess::qemu_none(dir.path(), "qemu", &[]).unwrap();
-    let mut q = qp.qmp();
-    let (_lp, mut l) = livemig(dir.path());
+    let (_dir, _procs, mut q, mut l) = side_by_side();
     for (name, size) in [("src", 64 << 20), ("tgt", 64 << 20), ("small", 32 << 20)] {
         both(
             &mut q,
@@ -501,10 +510,7 @@ fn job_verbs_match_qemu() {
     if !testkit::require("job_verbs_match_qemu", testkit::qemu()) {
         return;
     }
-    let dir = testkit::tempdir();
-    let qp = VmProcess::qemu_none(dir.path(), "qemu", &[]).unwrap();
-    let mut q = qp.qmp();
-    let (_lp, mut l) = livemig(dir.path());
+    let (_dir, _procs, mut q, mut l) = side_by_side();
     for name in ["src", "tgt"] {
         both(
             &mut q,
