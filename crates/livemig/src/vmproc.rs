@@ -266,7 +266,7 @@ pub fn run(mut args: VmArgs) -> Result<(), String> {
     match args.incoming.as_deref() {
         Some("defer") => mig.incoming_defer(),
         Some(uri) => mig
-            .incoming(uri, false)
+            .incoming(uri)
             .map_err(|e| format!("-incoming {uri}: {e}"))?,
         None => {}
     }

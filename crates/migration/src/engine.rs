@@ -339,32 +339,31 @@ impl Migration {
         self.shared.lock().inc.mode = IncomingMode::Deferred;
     }
 
-    /// `-incoming URI` at start-up, or `migrate-incoming` after `-incoming defer`: binds the
-    /// address now and loads the stream on a thread.
-    pub fn incoming(&self, uri: &str, from_qmp: bool) -> Result<(), MigrationError> {
-        self.start_incoming(uri, from_qmp, None)
+    /// `-incoming URI` at start-up: binds the address now and loads the stream on a thread.
+    pub fn incoming(&self, uri: &str) -> Result<(), MigrationError> {
+        self.start_incoming(uri, None)
     }
 
-    /// `migrate-incoming` from a monitor: as [`Migration::incoming`], but the stream is read
-    /// only once the returned gate is opened — after the command's reply went out, as in
-    /// QEMU, whose load runs in the main loop after the command returns. A stream that fails
-    /// at once ends the process (a failed load exits with status 1), and the client must have
-    /// had its reply first.
+    /// `migrate-incoming` from a monitor, after `-incoming defer`: as [`Migration::incoming`],
+    /// but the stream is read only once the returned gate is opened — after the command's
+    /// reply went out, as in QEMU, whose load runs in the main loop after the command returns.
+    /// A stream that fails at once ends the process (a failed load exits with status 1), and
+    /// the client must have had its reply first.
     pub fn incoming_gated(&self, uri: &str) -> Result<StartGate, MigrationError> {
         let (tx, rx) = std::sync::mpsc::channel();
-        self.start_incoming(uri, true, Some(rx))?;
+        self.start_incoming(uri, Some(rx))?;
         Ok(StartGate(tx))
     }
 
+    /// Starts an incoming migration; with a `gate`, one a monitor asked for.
     fn start_incoming(
         &self,
         uri: &str,
-        from_qmp: bool,
         gate: Option<std::sync::mpsc::Receiver<()>>,
     ) -> Result<(), MigrationError> {
         let mut inner = self.shared.lock();
         // QEMU checks the VM's state before it looks at the URI.
-        if from_qmp {
+        if gate.is_some() {
             match inner.inc.mode {
                 IncomingMode::None => return Err(MigrationError::NoIncoming),
                 IncomingMode::Started => return Err(MigrationError::IncomingAlreadyStarted),

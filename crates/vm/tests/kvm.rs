@@ -245,7 +245,7 @@ fn device_load_commits_memslots_once_and_the_guest_runs_on() {
     );
     let dir = tempfile::tempdir().unwrap();
     let uri = format!("unix:{}", dir.path().join("m.sock").display());
-    dst.mig.incoming(&uri, false).unwrap();
+    dst.mig.incoming(&uri).unwrap();
     src.mig.migrate(&uri).unwrap();
     let done = [MigrationStatus::Completed, MigrationStatus::Failed];
     assert_eq!(

@@ -116,7 +116,7 @@ fn migrate_and_check(src: &Side, dst: &Side, listen: &str, uri: &str) {
         .unwrap();
     src.vm.as_ref().start_for_test();
     std::thread::sleep(Duration::from_millis(100));
-    dst.mig.incoming(listen, false).unwrap();
+    dst.mig.incoming(listen).unwrap();
     let uri = match dst.mig.incoming_port() {
         Some(p) => uri.replace("PORT", &p.to_string()),
         None => uri.to_string(),
@@ -226,7 +226,7 @@ fn migrates_over_exec_and_file() {
     outgoing_completed(&src, "exec");
     for listen in [format!("file:{f}"), format!("exec:cat {f}")] {
         let dst = side(true, MachineType::Livemig, WorkloadConfig::default());
-        dst.mig.incoming(&listen, false).unwrap();
+        dst.mig.incoming(&listen).unwrap();
         incoming_completed(&dst, &listen);
         assert_eq!(src.vm.ram_checksum(), dst.vm.ram_checksum(), "{listen}");
         assert_eq!(sha(&src.block, "b0"), sha(&dst.block, "b0"), "{listen}");
@@ -247,7 +247,7 @@ fn m_none_machine_migrates_ram_and_bitmaps() {
         .unwrap();
     block::qemu_io::run(&src.block, "d0", "write 0 64k").unwrap();
     block::qemu_io::run(&src.block, "d0", "write 1M 4k").unwrap();
-    dst.mig.incoming(&format!("unix:{path}"), false).unwrap();
+    dst.mig.incoming(&format!("unix:{path}")).unwrap();
     src.mig.migrate(&format!("unix:{path}")).unwrap();
     outgoing_completed(&src, "unix");
     incoming_completed(&dst, "unix");
@@ -299,7 +299,7 @@ fn cancel_while_connect_hangs_ends_at_once_and_a_new_migration_works() {
 
     let dst = side(true, MachineType::Livemig, WorkloadConfig::default());
     let ok = dir.path().join("ok.sock").display().to_string();
-    dst.mig.incoming(&format!("unix:{ok}"), false).unwrap();
+    dst.mig.incoming(&format!("unix:{ok}")).unwrap();
     src.mig.migrate(&format!("unix:{ok}")).unwrap();
     outgoing_completed(&src, "unix");
     let names: Vec<String> = src
@@ -338,7 +338,7 @@ fn device_load_rebuilds_the_memory_map_once() {
     assert!(windows(&dst).iter().all(Option::is_none));
     assert!(windows(&src).iter().all(Option::is_some));
     let before = dst.vm.core().memmap.stats().rebuilds;
-    dst.mig.incoming(&format!("unix:{path}"), false).unwrap();
+    dst.mig.incoming(&format!("unix:{path}")).unwrap();
     src.mig.migrate(&format!("unix:{path}")).unwrap();
     incoming_completed(&dst, "unix");
     assert_eq!(windows(&dst), windows(&src));
@@ -367,7 +367,7 @@ fn a_destination_gone_during_pre_switchover_fails_the_migration_at_once() {
     // x-livemig-stall-timeout, 30 s: under CPU load the test timed out in `active`.)
     let dst = side(true, MachineType::Livemig, WorkloadConfig::default());
     dst.mig
-        .incoming(&format!("unix:{}", dst_path.display()), false)
+        .incoming(&format!("unix:{}", dst_path.display()))
         .unwrap();
     let relay = Relay::unix(
         &dir.path().join("relay.sock"),

@@ -209,7 +209,7 @@ fn main() {
     src.run_until(10_000);
     let sock = std::env::temp_dir().join(format!("kvm-embed-{}.sock", std::process::id()));
     let uri = format!("unix:{}", sock.display());
-    m_dst.incoming(&uri, false).expect("incoming");
+    m_dst.incoming(&uri).expect("incoming");
     m_src.migrate(&uri).expect("migrate");
     let end = [MigrationStatus::Completed, MigrationStatus::Failed, MigrationStatus::Cancelled];
     assert_eq!(m_src.wait_outgoing(&end, Duration::from_secs(60)), MigrationStatus::Completed);

@@ -109,7 +109,7 @@ pub fn cb(vm: &Vm, id: u32, field: u64) -> u64 {
 /// Migrates `src` into `dst` over the unix socket `sock`; both must complete.
 pub fn migrate_sides(src: &Side, dst: &Side, sock: &Path) {
     let uri = format!("unix:{}", sock.display());
-    dst.mig.incoming(&uri, false).unwrap();
+    dst.mig.incoming(&uri).unwrap();
     src.mig.migrate(&uri).unwrap();
     let done = [
         MigrationStatus::Completed,
