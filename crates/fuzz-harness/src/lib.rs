@@ -38,5 +38,35 @@ fn exclusive() -> MutexGuard<'static, ()> {
     LOADERS.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// The names of this process's threads that `select` picks (from `/proc/self/task`).
+fn threads(select: impl Fn(&str) -> bool) -> Vec<String> {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return Vec::new();
+    };
+    tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("comm")).ok())
+        .map(|c| c.trim().to_string())
+        .filter(|c| select(c))
+        .collect()
+}
+
+/// Waits until `left()` finds nothing (polling every `poll`), at most 2 s: a thread that was
+/// joined may still show in /proc for a moment. Then panics, saying `what` was left and
+/// listing it.
+fn wait_gone(context: &str, what: &str, poll: std::time::Duration, left: impl Fn() -> Vec<String>) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    loop {
+        let l = left();
+        if l.is_empty() {
+            return;
+        }
+        if std::time::Instant::now() > deadline {
+            panic!("{context}: {what}: {l:?}");
+        }
+        std::thread::sleep(poll);
+    }
+}
+
 /// Where the cargo-fuzz corpora live, relative to the workspace root (`fuzz/corpus/<target>`).
 pub const CORPUS_DIR: &str = "fuzz/corpus";

@@ -28,7 +28,7 @@ use migration::MigrationError;
 use std::collections::BTreeSet;
 use std::io::Cursor;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::{Bytes, GuestAddress, GuestRegionMmap, MemoryRegionAddress, MmapRegion};
 use wire::multifd::{PacketHeader, INIT_LEN, PACKET_HEADER_LEN};
@@ -313,27 +313,12 @@ fn mapped_pages(region: &GuestRegionMmap<AtomicBitmap>, ctx: &str) -> Vec<u64> {
         .collect()
 }
 
-/// No `multifdrecv_*` thread is left (one that was joined may show in /proc for a moment).
+/// No `multifdrecv_*` thread is left.
 fn check_threads_ended(ctx: &str) {
-    let deadline = Instant::now() + Duration::from_secs(2);
-    loop {
-        let left = std::fs::read_dir("/proc/self/task")
-            .map(|tasks| {
-                tasks
-                    .flatten()
-                    .filter(|t| {
-                        std::fs::read_to_string(t.path().join("comm"))
-                            .is_ok_and(|c| c.starts_with("multifdrecv_"))
-                    })
-                    .count()
-            })
-            .unwrap_or(0);
-        if left == 0 {
-            return;
-        }
-        if Instant::now() > deadline {
-            panic!("{ctx}: {left} multifd channel thread(s) left after finish");
-        }
-        std::thread::sleep(Duration::from_micros(20));
-    }
+    crate::wait_gone(
+        ctx,
+        "multifd channel threads left after finish",
+        Duration::from_micros(20),
+        || crate::threads(|c| c.starts_with("multifdrecv_")),
+    );
 }

@@ -48,7 +48,7 @@ use migration::postcopy::PostcopyRam;
 use migration::transport::{BoxRead, BoxWrite, ShutdownHandle};
 use std::io::{Cursor, Read, Seek, SeekFrom};
 use std::sync::OnceLock;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use vm::MachineType;
 use wire::StreamReader;
 
@@ -262,34 +262,22 @@ fn check_placed_is_received(pc: &PostcopyRam, failed: bool, context: &str) -> u6
     received
 }
 
-/// Once the loader is gone no postcopy thread runs and no userfaultfd is open. (A thread that
-/// was joined may still show in /proc for a moment: wait up to 2 s for it to go.)
+/// Once the loader is gone no postcopy thread runs and no userfaultfd is open.
 fn check_nothing_left(context: &str) {
-    let deadline = Instant::now() + Duration::from_secs(2);
-    loop {
-        let left = leftovers();
-        if left.is_empty() {
-            return;
-        }
-        if Instant::now() > deadline {
-            panic!("{context}: left behind after the load: {left:?}");
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    crate::wait_gone(
+        context,
+        "left behind after the load",
+        Duration::from_millis(5),
+        leftovers,
+    );
 }
 
 /// The postcopy threads and userfaultfds of this process.
 fn leftovers() -> Vec<String> {
-    let mut left = Vec::new();
-    if let Ok(tasks) = std::fs::read_dir("/proc/self/task") {
-        for t in tasks.flatten() {
-            if let Ok(comm) = std::fs::read_to_string(t.path().join("comm")) {
-                if comm.starts_with("postcopy-") {
-                    left.push(format!("thread {}", comm.trim()));
-                }
-            }
-        }
-    }
+    let mut left: Vec<String> = crate::threads(|c| c.starts_with("postcopy-"))
+        .into_iter()
+        .map(|c| format!("thread {c}"))
+        .collect();
     if let Ok(fds) = std::fs::read_dir("/proc/self/fd") {
         for f in fds.flatten() {
             if let Ok(l) = std::fs::read_link(f.path()) {

@@ -43,7 +43,7 @@ use std::collections::BTreeSet;
 use std::io::{Cursor, Write};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::{Bytes, GuestAddress, GuestRegionMmap, MemoryRegionAddress, MmapRegion};
 use wire::ram::{read_ram_record, RamRecord};
@@ -558,27 +558,12 @@ fn recover(
     }
 }
 
-/// No `migration-rp` thread is left (one that ended may show in /proc for a moment).
+/// No `migration-rp` thread is left.
 fn check_thread_ended(ctx: &str) {
-    let deadline = Instant::now() + Duration::from_secs(2);
-    loop {
-        let left = std::fs::read_dir("/proc/self/task")
-            .map(|tasks| {
-                tasks
-                    .flatten()
-                    .filter(|t| {
-                        std::fs::read_to_string(t.path().join("comm"))
-                            .is_ok_and(|c| c.trim() == "migration-rp")
-                    })
-                    .count()
-            })
-            .unwrap_or(0);
-        if left == 0 {
-            return;
-        }
-        if Instant::now() > deadline {
-            panic!("{ctx}: {left} migration-rp thread(s) left after the return path ended");
-        }
-        std::thread::sleep(Duration::from_micros(20));
-    }
+    crate::wait_gone(
+        ctx,
+        "migration-rp threads left after the return path ended",
+        Duration::from_micros(20),
+        || crate::threads(|c| c == "migration-rp"),
+    );
 }
