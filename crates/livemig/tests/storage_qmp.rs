@@ -652,6 +652,17 @@ fn run_ok(prog: &str, args: &[&str]) {
     );
 }
 
+/// `qemu-img create` of a 1 MiB qcow2 `overlay` over the qcow2 `backing`; `unchecked` is
+/// `-u`, for a backing file that does not exist yet.
+fn qcow2_over(backing: &str, overlay: &str, unchecked: bool) {
+    let mut args = vec!["create", "-f", "qcow2"];
+    if unchecked {
+        args.push("-u");
+    }
+    args.extend(["-b", backing, "-F", "qcow2", overlay, "1M"]);
+    run_ok("qemu-img", &args);
+}
+
 /// One side's images for the oVirt-like storage migration of QEMU's iotest 156: a chain
 /// `t.qcow2.backing <- t.qcow2` with data in both, started as `-drive if=none,id=source`
 /// without a format.
@@ -662,20 +673,7 @@ fn chain_156(dir: &Path) -> String {
         "qemu-img",
         &["create", "-f", "qcow2", &p("t.qcow2.backing"), "1M"],
     );
-    run_ok(
-        "qemu-img",
-        &[
-            "create",
-            "-f",
-            "qcow2",
-            "-b",
-            &p("t.qcow2.backing"),
-            "-F",
-            "qcow2",
-            &p("t.qcow2"),
-            "1M",
-        ],
-    );
+    qcow2_over(&p("t.qcow2.backing"), &p("t.qcow2"), false);
     run_ok(
         "qemu-io",
         &["-c", "write -P 1 0 256k", &p("t.qcow2.backing")],
@@ -732,42 +730,14 @@ fn drive_mirror_top_pivots_onto_the_targets_chain_as_qemu() {
     let mut blocks = Vec::new();
     for (d, c) in sides {
         let p = |s: &str| d.join(s).to_str().unwrap().to_string();
-        run_ok(
-            "qemu-img",
-            &[
-                "create",
-                "-f",
-                "qcow2",
-                "-u",
-                "-b",
-                &p("t.qcow2"),
-                "-F",
-                "qcow2",
-                &p("t.qcow2.overlay"),
-                "1M",
-            ],
-        );
+        qcow2_over(&p("t.qcow2"), &p("t.qcow2.overlay"), true);
         c.ok(
             "blockdev-snapshot-sync",
             json!({"device": "source", "snapshot-file": p("t.qcow2.overlay"),
                    "format": "qcow2", "mode": "existing"}),
         );
         assert_eq!(c.hmp(r#"qemu-io source "write -P 3 128k 128k""#), "");
-        run_ok(
-            "qemu-img",
-            &[
-                "create",
-                "-f",
-                "qcow2",
-                "-u",
-                "-b",
-                &p("t.qcow2.target"),
-                "-F",
-                "qcow2",
-                &p("t.qcow2.target.overlay"),
-                "1M",
-            ],
-        );
+        qcow2_over(&p("t.qcow2.target"), &p("t.qcow2.target.overlay"), true);
         c.events.clear();
         c.ok(
             "drive-mirror",
