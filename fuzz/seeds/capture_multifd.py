@@ -14,9 +14,9 @@ a recording relay in front of it, which forwards both ways and keeps what the so
 each connection. OUT is the harness's input (`fuzz_harness::multifd`): the configuration byte,
 then the bytes of every connection but the first (the main channel), separated by `MFDC`.
 """
-import argparse, os, socket, tempfile, threading, time
+import argparse, os, tempfile
 
-from capture import start as start_vm
+from capture import Relay, quit_all, start as start_vm, wait_ended
 
 ap = argparse.ArgumentParser()
 ap.add_argument("src")
@@ -58,62 +58,11 @@ for cmd in (dcmd, scmd):
 dst_sock = f"{d}/dst.sock"
 dcmd("migrate-incoming", uri=f"unix:{dst_sock}")
 
-relay_sock = f"{d}/relay.sock"
-lsn = socket.socket(socket.AF_UNIX)
-lsn.bind(relay_sock)
-lsn.listen(16)
-recorded = []
-
-
-def pump(src, dst, keep):
-    while True:
-        try:
-            b = src.recv(65536)
-        except OSError:
-            b = b""
-        if not b:
-            try:
-                dst.shutdown(socket.SHUT_WR)
-            except OSError:
-                pass
-            return
-        if keep is not None:
-            keep.append(b)
-        try:
-            dst.sendall(b)
-        except OSError:
-            return
-
-
-def accept_loop():
-    while True:
-        try:
-            c, _ = lsn.accept()
-        except OSError:
-            return
-        u = socket.socket(socket.AF_UNIX)
-        for _ in range(100):
-            try:
-                u.connect(dst_sock); break
-            except OSError:
-                time.sleep(0.02)
-        keep = []
-        recorded.append(keep)
-        threading.Thread(target=pump, args=(c, u, keep), daemon=True).start()
-        threading.Thread(target=pump, args=(u, c, None), daemon=True).start()
-
-
-threading.Thread(target=accept_loop, daemon=True).start()
-scmd("migrate", uri=f"unix:{relay_sock}")
-for _ in range(600):
-    st = scmd("query-migrate")
-    dst = dcmd("query-migrate")
-    if st.get("status") in ("completed", "failed") and dst.get("status") in ("completed", "failed"):
-        break
-    time.sleep(0.05)
-time.sleep(0.2)
+relay = Relay(f"{d}/relay.sock", dst_sock, 16)
+scmd("migrate", uri=f"unix:{relay.path}")
+st, dst = wait_ended(scmd, dcmd)
 print(out, "source", st.get("status"), "destination", dst.get("status"), dst.get("error-desc", ""))
-channels = [b"".join(k) for k in recorded[1:]]
+channels = [b"".join(k) for k in relay.sent[1:]]
 cfg = {"none": 0, "zlib": 1, "zstd": 2}[a.compression] | (max(1, min(len(channels), 4)) - 1) << 2
 data = bytes([cfg]) + b"MFDC".join(channels)
 for i, c in enumerate(channels):
@@ -121,9 +70,4 @@ for i, c in enumerate(channels):
         raise SystemExit(f"channel {i} contains the separator: pick other pages")
 with open(out, "wb") as f:
     f.write(data)
-for cmd, p in ((scmd, sp), (dcmd, dp)):
-    try:
-        cmd("quit")
-    except (SystemExit, ValueError, OSError):
-        pass
-    p.wait()
+quit_all((sp, scmd), (dp, dcmd))

@@ -29,9 +29,9 @@ VMs are started and their bitmaps made through `capture.py`.
 guests, whose vCPUs fault on pages postcopy has not sent yet: the return path then carries
 real page requests.
 """
-import argparse, json, os, socket, struct, tempfile, threading, time
+import argparse, os, struct, tempfile, time
 
-from capture import dirty_bitmaps, start as start_vm
+from capture import Relay, dirty_bitmaps, quit_all, start as start_vm, wait_ended
 
 ap = argparse.ArgumentParser()
 ap.add_argument("src")
@@ -86,86 +86,28 @@ dcmd("migrate-incoming", uri=f"unix:{dst_sock}")
 
 # The relay: every connection the source opens is forwarded to the destination, in order
 # (main first, then preempt), and what the source sends on it is kept.
-relay_sock = f"{d}/relay.sock"
-lsn = socket.socket(socket.AF_UNIX)
-lsn.bind(relay_sock)
-lsn.listen(4)
-recorded = []
-returned = []
-
-
-def pump(src, dst, keep):
-    while True:
-        try:
-            b = src.recv(65536)
-        except OSError:
-            b = b""
-        if not b:
-            try:
-                dst.shutdown(socket.SHUT_WR)
-            except OSError:
-                pass
-            return
-        if keep is not None:
-            keep.append(b)
-        try:
-            dst.sendall(b)
-        except OSError:
-            return
-
-
-def accept_loop():
-    while True:
-        try:
-            c, _ = lsn.accept()
-        except OSError:
-            return
-        u = socket.socket(socket.AF_UNIX)
-        for _ in range(100):
-            try:
-                u.connect(dst_sock); break
-            except OSError:
-                time.sleep(0.02)
-        keep, back = [], []
-        recorded.append(keep)
-        returned.append(back)
-        threading.Thread(target=pump, args=(c, u, keep), daemon=True).start()
-        threading.Thread(target=pump, args=(u, c, back), daemon=True).start()
-
-
-threading.Thread(target=accept_loop, daemon=True).start()
+relay = Relay(f"{d}/relay.sock", dst_sock, 4)
 
 dirty_bitmaps(scmd, a.bitmaps)
 scmd("migrate-set-capabilities", capabilities=caps)
 scmd("migrate-set-parameters", **{"max-bandwidth": 1000, "downtime-limit": 1})
-scmd("migrate", uri=f"unix:{relay_sock}")
+scmd("migrate", uri=f"unix:{relay.path}")
 for _ in range(200):
     if scmd("query-migrate").get("status") == "active":
         break
     time.sleep(0.02)
 time.sleep(0.3)
 scmd("migrate-start-postcopy")
-for _ in range(600):
-    st = scmd("query-migrate")
-    dst = dcmd("query-migrate")
-    if st.get("status") in ("completed", "failed") and dst.get("status") in ("completed", "failed"):
-        break
-    time.sleep(0.05)
-time.sleep(0.2)
+st, dst = wait_ended(scmd, dcmd)
 print(out, "source", st.get("status"), "destination", dst.get("status"), dst.get("error-desc", ""))
-main = b"".join(recorded[0]) if recorded else b""
+main = relay.sent_bytes(0)
 data = main
 if a.preempt:
-    pre = b"".join(recorded[1]) if len(recorded) > 1 else b""
+    pre = relay.sent_bytes(1)
     data = main + pre + struct.pack("<I", len(pre)) + b"PRMT"
 with open(out, "wb") as f:
     f.write(data)
 if a.return_path:
     with open(a.return_path, "wb") as f:
-        f.write(b"".join(returned[0]) if returned else b"")
-for cmd, p in ((scmd, sp), (dcmd, dp)):
-    try:
-        cmd("quit")
-    except (SystemExit, json.JSONDecodeError, OSError):
-        pass
-    p.wait()
+        f.write(relay.returned_bytes(0))
+quit_all((sp, scmd), (dp, dcmd))
