@@ -7,6 +7,7 @@ mod qemu_common;
 
 use qemu_common::*;
 use serde_json::{json, Value};
+use std::io::Write;
 use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
 use testkit::QmpClient;
@@ -35,6 +36,23 @@ fn both(q: &mut QmpClient, l: &mut QmpClient, cmd: &str, args: Value, with_fd: b
     let b = run(l);
     assert_eq!(b, a, "{cmd} {args}: livemig differs from QEMU");
     a
+}
+
+/// A socketpair whose first end cannot take another byte until the second is read: a
+/// migration sent into it stays active.
+fn full_pair() -> (UnixStream, UnixStream) {
+    let (x, y) = UnixStream::pair().unwrap();
+    x.set_nonblocking(true).unwrap();
+    let chunk = [0u8; 65536];
+    loop {
+        match (&x).write(&chunk) {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+            Err(e) => panic!("filling a socketpair: {e}"),
+        }
+    }
+    x.set_nonblocking(false).unwrap();
+    (x, y)
 }
 
 /// Passes one end of a new socketpair to `src` and the other to `dst`, both named `name`.
@@ -75,9 +93,11 @@ fn getfd_closefd_and_fd_uris_answer_as_qemu() {
     // The missing descriptor failed the migration, too.
     let (a, b) = (wait(&mut q, &["failed"]), wait(&mut l, &["failed"]));
     assert_eq!(b["status"], a["status"]);
-    // A descriptor is taken by the migration that names it: a second one finds none.
-    let (x, _y) = UnixStream::pair().unwrap();
+    // A descriptor is taken by the migration that names it: a second one finds none. Each
+    // migration writes into a socket whose buffer is already full, so it is still running when
+    // it is cancelled (the 32 MiB of zero pages fit in an empty one before the cancel comes).
     for c in [&mut q, &mut l] {
+        let (x, _y) = full_pair();
         c.execute_with_fd("getfd", json!({"fdname": "m"}), x.as_fd())
             .unwrap();
         c.ok("migrate", json!({"uri": "fd:m"}));
