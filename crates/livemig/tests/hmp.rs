@@ -127,6 +127,9 @@ fn info_commands_read_as_in_qemu() {
         labels(&theirs),
         "{ours:?}\n{theirs:?}"
     );
+    // Timing decides the rest: `pages-per-second`, for one, stays 0 only while the migration
+    // lasts less than the 100 ms window both measure it over (QEMU's, delayed 300 ms by its
+    // `exec:` command, reports thousands).
     for (k, v) in &theirs {
         let fixed = !matches!(
             k.as_str(),
@@ -137,6 +140,7 @@ fn info_commands_read_as_in_qemu() {
                 | "transferred ram"
                 | "precopy ram"
                 | "dirty sync count"
+                | "pages-per-second"
         );
         if fixed {
             let o = &ours.iter().find(|(ok, _)| ok == k).unwrap().1;
