@@ -304,8 +304,12 @@ fn tee_relay(listen: &Path, target: std::path::PathBuf) -> Arc<Mutex<Vec<u8>>> {
 }
 
 /// A postcopy-ram migration `src` → relay → `dst` (`-M none`, 32 MiB): precopy throttled to
-/// 1 MiB/s, `migrate-start-postcopy` after the first MiB, the destination's RAM read while in
+/// 1 MiB/s, `migrate-start-postcopy` after the first MiB, the destination's RAM read once in
 /// postcopy (pulling pages); both must complete. Returns the main channel's bytes.
+///
+/// That the destination went `postcopy-active` is read from its `MIGRATION` events: its
+/// postcopy lasts under a second here, and a poll of `query-migrate` from a test thread held
+/// off the CPU that long saw `completed` instead.
 fn postcopy_through_tee(
     src: &mut testkit::QmpClient,
     dst: &mut testkit::QmpClient,
@@ -318,6 +322,10 @@ fn postcopy_through_tee(
             json!({"capabilities": [{"capability": "postcopy-ram", "state": true}]}),
         );
     }
+    dst.ok(
+        "migrate-set-capabilities",
+        json!({"capabilities": [{"capability": "events", "state": true}]}),
+    );
     let relay = dir.join(format!("{name}-relay.sock"));
     let copy = tee_relay(&relay, dir.join(format!("{name}.sock")));
     src.ok(
@@ -338,8 +346,15 @@ fn postcopy_through_tee(
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
     src.ok("migrate-start-postcopy", json!({}));
-    let d = wait(dst, &["postcopy-active", "completed", "failed"]);
-    assert_eq!(d["status"], "postcopy-active", "{name}: {d}");
+    let ended = |e: &Value| {
+        e["event"] == "MIGRATION"
+            && ["postcopy-active", "completed", "failed"]
+                .contains(&e["data"]["status"].as_str().unwrap_or_default())
+    };
+    let d = dst
+        .wait_event(std::time::Duration::from_secs(60), ended)
+        .unwrap_or_else(|| panic!("{name}: the destination did not leave precopy"));
+    assert_eq!(d["data"]["status"], "postcopy-active", "{name}: {d}");
     let _ = ram(dst, dir, &format!("{name}-during"));
     let s = wait(src, &["completed", "failed"]);
     assert_eq!(s["status"], "completed", "{name}: source {s}");
