@@ -220,7 +220,10 @@ fn kvm_guest_with_virtio_blk_moves_in_postcopy() {
         lm.caps_on(&["dirty-bitmaps", "events", "postcopy-ram"]);
     }
     b.caps_on(&["postcopy-blocktime"]);
-    a.set_params(json!({"max-postcopy-bandwidth": 4 << 20}));
+    // Precopy held to 4 MiB/s, below what the hot set dirties: it stays `active` until the
+    // switch is asked for. (Unthrottled, it converged and completed within ~200 ms, and a test
+    // thread held off the CPU that long found no `active` to switch from.)
+    a.set_params(json!({"max-bandwidth": 4 << 20, "max-postcopy-bandwidth": 4 << 20}));
     a.migrate(&format!("unix:{sock}"));
     a.wait_migration(&["active"]);
     a.ok("migrate-start-postcopy", json!({}));
