@@ -21,6 +21,12 @@
 //! livemig cannot move yet (a guest device, which holds its node; a parent node; an export)
 //! makes `block-job-complete` fail with a message saying so, before anything changes.
 //!
+//! A failed read of the source or write of the target goes to `on-source-error` or
+//! `on-target-error` ([`OnError`]), as QEMU 7.2's `block_job_error_action`: `BLOCK_JOB_ERROR`
+//! with the action; the failed area stays dirty; `report` fails the job, `stop` pauses it as
+//! a user pause with `io-status` saying why until it is resumed, `enospc` stops on ENOSPC
+//! only, `ignore` goes on (and, as QEMU's, never converges while the error lasts).
+//!
 //! # Threads and locks
 //!
 //! A job is one thread. It takes the source's bitmap lock only to pick and clear the next
@@ -28,7 +34,7 @@
 //! runs it holds a write claim on the target ([`block::extension::NodeClaim`]), so
 //! [`block::BlockLayer::inactivate_all`] — a migration's switchover — fails cleanly instead
 //! of pulling the image from under a job that is still writing; the source keeps running.
-//! If the target stops accepting writes anyway, the job ends with the error.
+//! If the target stops accepting writes anyway, the job's `on-target-error` policy decides.
 // A library does not print: it logs (`log`), and the binary decides where that goes.
 #![cfg_attr(not(test), deny(clippy::print_stderr, clippy::print_stdout))]
 #![forbid(unsafe_code)]
@@ -45,4 +51,6 @@
 pub mod mirror;
 pub mod qmp;
 
-pub use mirror::{Hold, JobError, JobManager, MirrorConfig, SyncMode};
+pub use mirror::{
+    ErrorAction, Hold, IoStatus, JobError, JobManager, MirrorConfig, OnError, SyncMode,
+};

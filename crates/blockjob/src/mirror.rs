@@ -2,6 +2,7 @@
 
 use block::extension::NodeClaim;
 use block::{BitmapId, BlockError, BlockLayer, BlockNode};
+use nix::errno::Errno;
 use serde_json::{json, Value};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
@@ -26,6 +27,81 @@ pub enum SyncMode {
     Top,
     /// Copy only what is written from now on.
     None,
+}
+
+/// QAPI's `BlockdevOnError`: what a job does when one of its reads (`on-source-error`) or
+/// writes (`on-target-error`) fails, as QEMU 7.2's `block_job_error_action` decides it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnError {
+    /// The job fails with the error (the default).
+    Report,
+    /// The job goes on; the failed area stays dirty and is copied again later.
+    Ignore,
+    /// The job pauses as if the user had paused it; the failed area stays dirty and is
+    /// retried once `block-job-resume` resumes it.
+    Stop,
+    /// `Stop` when the error is ENOSPC, `Report` otherwise.
+    Enospc,
+    /// For a job, the same as `Enospc` (QEMU's `block_job_error_action` treats them alike).
+    Auto,
+}
+
+impl OnError {
+    /// What to do about a request that failed with `errno`.
+    pub fn action(self, errno: Errno) -> ErrorAction {
+        match self {
+            OnError::Report => ErrorAction::Report,
+            OnError::Ignore => ErrorAction::Ignore,
+            OnError::Stop => ErrorAction::Stop,
+            OnError::Enospc | OnError::Auto if errno == Errno::ENOSPC => ErrorAction::Stop,
+            OnError::Enospc | OnError::Auto => ErrorAction::Report,
+        }
+    }
+}
+
+/// QAPI's `BlockErrorAction`, as `BLOCK_JOB_ERROR` names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorAction {
+    /// The job fails.
+    Report,
+    /// The job goes on.
+    Ignore,
+    /// The job pauses until resumed.
+    Stop,
+}
+
+impl ErrorAction {
+    /// The QAPI name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorAction::Report => "report",
+            ErrorAction::Ignore => "ignore",
+            ErrorAction::Stop => "stop",
+        }
+    }
+}
+
+/// QAPI's `BlockDeviceIoStatus` of a job (`io-status` in `query-block-jobs`): set by an error
+/// that stopped the job, back to `ok` when the job is resumed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IoStatus {
+    /// No error stopped the job.
+    Ok,
+    /// An error other than ENOSPC stopped it.
+    Failed,
+    /// ENOSPC stopped it.
+    Nospace,
+}
+
+impl IoStatus {
+    /// The QAPI name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            IoStatus::Ok => "ok",
+            IoStatus::Failed => "failed",
+            IoStatus::Nospace => "nospace",
+        }
+    }
 }
 
 /// A mirror's parameters, checked.
@@ -54,6 +130,10 @@ pub struct MirrorConfig {
     /// Open the target's backing chain when the job ends well (QEMU's
     /// `MIRROR_OPEN_BACKING_CHAIN`: `drive-mirror` opens its target without it).
     pub open_backing_chain: bool,
+    /// `on-source-error`: what a failed read of the source does.
+    pub on_source_error: OnError,
+    /// `on-target-error`: what a failed write or flush of the target does.
+    pub on_target_error: OnError,
 }
 
 /// A refused job command; texts and classes are QEMU 7.2's.
@@ -226,8 +306,11 @@ struct JobState {
     /// `block-job-cancel` was called; `Some(true)` with `force`.
     cancel: Option<bool>,
     complete: bool,
-    /// Paused by `block-job-pause` / `job-pause` (the job stops at its next pause point).
+    /// Paused by `block-job-pause` / `job-pause`, or by an error whose action was `stop`
+    /// (the job stops at its next pause point).
     user_paused: bool,
+    /// `io-status`: set by an error that stopped the job, reset when it is resumed.
+    io_status: IoStatus,
     /// `job-finalize` was called on the pending job.
     finalize: bool,
     /// Why the job failed or that it was cancelled, once it is aborting: queries show it
@@ -312,7 +395,7 @@ impl Job {
         let s = lock(&self.state);
         let mut v = json!({
             "auto-finalize": self.auto_finalize,
-            "io-status": "ok",
+            "io-status": s.io_status.as_str(),
             "device": self.id,
             "auto-dismiss": self.auto_dismiss,
             "busy": s.busy,
@@ -422,6 +505,49 @@ impl JobManager {
         self.emit(name, data);
     }
 
+    /// QEMU's `block_job_error_action` for a read of the source (`read`) or a write or flush
+    /// of the target that failed with `e`: the action `cfg`'s policy picks, announced by
+    /// `BLOCK_JOB_ERROR`; for `stop`, a pause the user sees as theirs (`block-job-resume`
+    /// ends it, and the job retries the area) and an `io-status` that says why.
+    fn error_action(
+        &self,
+        job: &Job,
+        cfg: &MirrorConfig,
+        read: bool,
+        e: &BlockError,
+    ) -> ErrorAction {
+        let errno = match e {
+            BlockError::Io(n) => *n,
+            _ => Errno::EIO,
+        };
+        let policy = if read {
+            cfg.on_source_error
+        } else {
+            cfg.on_target_error
+        };
+        let action = policy.action(errno);
+        self.emit(
+            "BLOCK_JOB_ERROR",
+            json!({
+                "device": job.id,
+                "operation": if read { "read" } else { "write" },
+                "action": action.as_str(),
+            }),
+        );
+        if action == ErrorAction::Stop {
+            let mut s = lock(&job.state);
+            s.user_paused = true;
+            if s.io_status == IoStatus::Ok {
+                s.io_status = if errno == Errno::ENOSPC {
+                    IoStatus::Nospace
+                } else {
+                    IoStatus::Failed
+                };
+            }
+        }
+        action
+    }
+
     /// QEMU's checks of the nodes, made first: the source must not already be mirrored (QEMU
     /// has put a filter node above it), the target must not be another job's.
     pub fn check_nodes(&self, source: &BlockNode, target: &BlockNode) -> Result<(), JobError> {
@@ -500,6 +626,7 @@ impl JobManager {
                 cancel: None,
                 complete: false,
                 user_paused: false,
+                io_status: IoStatus::Ok,
                 finalize: false,
                 error: None,
                 initialized: false,
@@ -644,8 +771,9 @@ impl JobManager {
             // QEMU ignores a soft cancel of a job whose work is over.
             return Ok(());
         }
-        // A cancel resumes a job the user paused.
+        // A cancel resumes a job the user (or an error) paused, as a resume would.
         s.user_paused = false;
+        s.io_status = IoStatus::Ok;
         s.cancel = Some(force || s.cancel == Some(true));
         job.wake.notify_all();
         Ok(())
@@ -677,6 +805,7 @@ impl JobManager {
         }
         s.check(&job.id, Verb::Resume)?;
         s.user_paused = false;
+        s.io_status = IoStatus::Ok;
         job.wake.notify_all();
         Ok(())
     }
@@ -931,6 +1060,14 @@ fn run_mirror(mgr: &JobManager, job: &Job, cfg: &MirrorConfig) -> Outcome {
         };
         let Some((offset, len)) = area else {
             if !ready {
+                // QEMU flushes the target before it calls the job ready; a failed flush is a
+                // failed write of the target.
+                if let Err(e) = cfg.target.flush() {
+                    if mgr.error_action(job, cfg, false, &e) == ErrorAction::Report {
+                        return Outcome::Failed(e.to_string());
+                    }
+                    continue;
+                }
                 mgr.set_status(job, Status::Ready);
                 mgr.block_event("BLOCK_JOB_READY", job, None);
                 continue;
@@ -940,7 +1077,10 @@ fn run_mirror(mgr: &JobManager, job: &Job, cfg: &MirrorConfig) -> Outcome {
                 // marking, then look once more.
                 if cfg.source.in_flight() == 0 && bitmap.count() == 0 {
                     if let Err(e) = cfg.target.flush() {
-                        return Outcome::Failed(e.to_string());
+                        if mgr.error_action(job, cfg, false, &e) == ErrorAction::Report {
+                            return Outcome::Failed(e.to_string());
+                        }
+                        continue;
                     }
                     return Outcome::Completed;
                 }
@@ -960,9 +1100,14 @@ fn run_mirror(mgr: &JobManager, job: &Job, cfg: &MirrorConfig) -> Outcome {
             None => return Outcome::Failed("internal: area larger than the buffer".into()),
         };
         let r = match cfg.source.read_at(offset, piece) {
-            Err(e) => Err(("read", e)),
-            Ok(()) => cfg.target.write_at(offset, piece).map_err(|e| ("write", e)),
+            Err(e) => Err((true, e)),
+            Ok(()) => cfg.target.write_at(offset, piece).map_err(|e| (false, e)),
         };
+        // A failed area stays dirty, whatever the policy: it is copied again later (ignore),
+        // once the job is resumed (stop), or not at all because the job fails (report).
+        if r.is_err() {
+            bitmap.mark(offset, len);
+        }
         let remaining = bitmap.count();
         {
             let mut s = lock(&job.state);
@@ -972,18 +1117,15 @@ fn run_mirror(mgr: &JobManager, job: &Job, cfg: &MirrorConfig) -> Outcome {
             }
             s.len = s.offset.saturating_add(remaining);
         }
-        if let Err((operation, e)) = r {
-            bitmap.mark(offset, len);
-            // on-source-error / on-target-error `report` (the default): QEMU reports the
-            // error, then the job fails with it.
-            mgr.emit(
-                "BLOCK_JOB_ERROR",
-                json!({"device": job.id, "operation": operation, "action": "report"}),
-            );
-            return Outcome::Failed(e.to_string());
-        }
-        copied_since_speed = copied_since_speed.saturating_add(len);
         cursor = offset.saturating_add(len);
+        match r {
+            Ok(()) => copied_since_speed = copied_since_speed.saturating_add(len),
+            Err((read, e)) => {
+                if mgr.error_action(job, cfg, read, &e) == ErrorAction::Report {
+                    return Outcome::Failed(e.to_string());
+                }
+            }
+        }
     }
 }
 
@@ -1038,6 +1180,8 @@ mod tests {
             auto_finalize: true,
             auto_dismiss: true,
             open_backing_chain: false,
+            on_source_error: OnError::Report,
+            on_target_error: OnError::Report,
         }
     }
 
@@ -1533,5 +1677,338 @@ mod tests {
         m.cancel_job(&j, false).unwrap();
         assert!(!j.user_paused());
         wait_for(&rx, "BLOCK_JOB_CANCELLED");
+    }
+
+    /// Reads (`read`) or writes touching `[start, end)` fail with `errno`, `times` more times
+    /// (`u32::MAX`: until cleared).
+    struct Fault {
+        read: bool,
+        errno: Errno,
+        start: u64,
+        end: u64,
+        times: u32,
+    }
+
+    /// A disk in memory whose reads or writes fail with an errno on request: the way a test
+    /// makes a source unreadable or a target full.
+    #[derive(Default)]
+    struct Faults {
+        data: Mutex<Vec<u8>>,
+        fail: Mutex<Option<Fault>>,
+    }
+
+    impl Faults {
+        fn set(&self, read: bool, errno: Errno, start: u64, end: u64, times: u32) {
+            *lock(&self.fail) = Some(Fault {
+                read,
+                errno,
+                start,
+                end,
+                times,
+            });
+        }
+        fn clear(&self) {
+            *lock(&self.fail) = None;
+        }
+        fn check(&self, read: bool, offset: u64, len: u64) -> Result<(), BlockError> {
+            let mut f = lock(&self.fail);
+            if let Some(f) = f.as_mut() {
+                if f.read == read && offset < f.end && offset + len > f.start && f.times > 0 {
+                    if f.times != u32::MAX {
+                        f.times -= 1;
+                    }
+                    return Err(BlockError::Io(f.errno));
+                }
+            }
+            Ok(())
+        }
+    }
+
+    struct FaultyDisk(Arc<Faults>);
+
+    impl block::driver::BlockDriver for FaultyDisk {
+        fn format_name(&self) -> &'static str {
+            "faulty"
+        }
+        fn length(&self) -> Result<u64, BlockError> {
+            Ok(lock(&self.0.data).len() as u64)
+        }
+        fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), BlockError> {
+            self.0.check(true, offset, buf.len() as u64)?;
+            let o = offset as usize;
+            buf.copy_from_slice(&lock(&self.0.data)[o..o + buf.len()]);
+            Ok(())
+        }
+        fn write_at(&self, offset: u64, buf: &[u8]) -> Result<(), BlockError> {
+            self.0.check(false, offset, buf.len() as u64)?;
+            let o = offset as usize;
+            lock(&self.0.data)[o..o + buf.len()].copy_from_slice(buf);
+            Ok(())
+        }
+        fn write_zeroes(&self, offset: u64, len: u64, _: bool) -> Result<(), BlockError> {
+            self.write_at(offset, &vec![0; len as usize])
+        }
+        fn supports_discard(&self) -> bool {
+            false
+        }
+        fn discard(&self, _: u64, _: u64) -> Result<(), BlockError> {
+            Ok(())
+        }
+        fn flush(&self) -> Result<(), BlockError> {
+            Ok(())
+        }
+        fn truncate(&self, _: u64) -> Result<(), BlockError> {
+            Err(BlockError::ResizeUnsupported)
+        }
+        fn info(&self) -> Option<block::driver::DriverInfo> {
+            None
+        }
+        fn allocated_size(&self) -> u64 {
+            0
+        }
+        fn children(&self) -> Vec<(&'static str, Arc<BlockNode>)> {
+            Vec::new()
+        }
+        fn filename(&self) -> block::driver::FilenameInfo {
+            block::driver::FilenameInfo {
+                exact: None,
+                options: serde_json::Map::new(),
+            }
+        }
+    }
+
+    const FAULTY_SIZE: usize = 4 << 20;
+
+    /// `src` (a pattern) and `tgt` (zeroes), both [`FaultyDisk`]s of 4 MiB, and their faults.
+    fn faulty_layer() -> (Arc<BlockLayer>, Arc<Faults>, Arc<Faults>) {
+        let l = Arc::new(BlockLayer::new());
+        let src = Arc::new(Faults::default());
+        *lock(&src.data) = (0..FAULTY_SIZE).map(|i| (i * 7 % 251) as u8).collect();
+        let tgt = Arc::new(Faults::default());
+        *lock(&tgt.data) = vec![0; FAULTY_SIZE];
+        for (name, f) in [("src", &src), ("tgt", &tgt)] {
+            l.insert_node(name, Box::new(FaultyDisk(f.clone())), Default::default())
+                .unwrap();
+        }
+        (l, src, tgt)
+    }
+
+    /// The job's `query-block-jobs` fields a pause by an error changes.
+    fn pause_fields(j: &Job) -> Value {
+        let i = j.info();
+        json!({"io-status": i["io-status"], "status": i["status"], "paused": i["paused"],
+               "busy": i["busy"], "ready": i["ready"]})
+    }
+
+    /// `stop` (and `enospc` on ENOSPC): the error is announced with `action: "stop"`, the job
+    /// pauses as a user pause with `io-status` saying why, copies nothing more, and a resume
+    /// resets `io-status` and retries the area, so the target ends equal to the source.
+    #[test]
+    fn stop_pauses_the_job_until_resumed_and_the_area_is_copied_again() {
+        for (policy, errno, io_status) in [
+            (OnError::Enospc, Errno::ENOSPC, "nospace"),
+            (OnError::Stop, Errno::ENOSPC, "nospace"),
+            (OnError::Stop, Errno::EIO, "failed"),
+            (OnError::Auto, Errno::ENOSPC, "nospace"),
+        ] {
+            let (l, src, tgt) = faulty_layer();
+            tgt.set(false, errno, 2 << 20, 3 << 20, u32::MAX);
+            let (m, rx) = manager(&l);
+            let mut c = cfg(&l, "j0", SyncMode::Full);
+            c.on_target_error = policy;
+            c.buf_size = 256 << 10;
+            m.start_mirror(c).unwrap();
+            let e = wait_for(&rx, "BLOCK_JOB_ERROR");
+            assert_eq!(
+                e,
+                json!({"device": "j0", "operation": "write", "action": "stop"}),
+                "{policy:?} {errno}"
+            );
+            assert_eq!(statuses_until(&rx, "paused"), ["paused"]);
+            let j = m.find("j0").unwrap();
+            assert_eq!(
+                pause_fields(&j),
+                json!({"io-status": io_status, "status": "paused", "paused": true,
+                       "busy": false, "ready": false})
+            );
+            assert!(j.user_paused());
+            assert_eq!(m.pause(&j).unwrap_err(), JobError::AlreadyPaused);
+            let off = j.info()["offset"].as_u64().unwrap();
+            assert_eq!(off, 2 << 20, "{policy:?}: copied past the failed area");
+            std::thread::sleep(Duration::from_millis(100));
+            assert_eq!(
+                j.info()["offset"].as_u64().unwrap(),
+                off,
+                "a stopped job copied"
+            );
+            // The target has room again; the resume retries the area.
+            tgt.clear();
+            m.resume(&j).unwrap();
+            assert_eq!(j.info()["io-status"], "ok");
+            wait_for(&rx, "BLOCK_JOB_READY");
+            m.complete("j0").unwrap();
+            let done = wait_for(&rx, "BLOCK_JOB_COMPLETED");
+            assert!(done.get("error").is_none(), "{done}");
+            assert!(
+                *lock(&tgt.data) == *lock(&src.data),
+                "{policy:?}: target differs"
+            );
+        }
+    }
+
+    /// A read error of the source with `on-source-error=stop`: `operation: "read"`,
+    /// `io-status` `failed`; a job paused by an error takes a forced cancel (which clears
+    /// the pause and the status, as QEMU's resume does).
+    #[test]
+    fn a_source_read_error_stops_the_job_and_a_forced_cancel_ends_it() {
+        let (l, src, _tgt) = faulty_layer();
+        src.set(true, Errno::EIO, 1 << 20, (1 << 20) + 1, u32::MAX);
+        let (m, rx) = manager(&l);
+        let mut c = cfg(&l, "j0", SyncMode::Full);
+        c.on_source_error = OnError::Stop;
+        // A target error policy does not apply to reads.
+        c.on_target_error = OnError::Ignore;
+        m.start_mirror(c).unwrap();
+        assert_eq!(
+            wait_for(&rx, "BLOCK_JOB_ERROR"),
+            json!({"device": "j0", "operation": "read", "action": "stop"})
+        );
+        assert_eq!(statuses_until(&rx, "paused"), ["paused"]);
+        let j = m.find("j0").unwrap();
+        assert_eq!(j.info()["io-status"], "failed");
+        assert_eq!(
+            m.complete("j0").unwrap_err().to_string(),
+            "Job 'j0' in state 'paused' cannot accept command verb 'complete'"
+        );
+        m.cancel_job(&j, true).unwrap();
+        assert_eq!(j.info()["io-status"], "ok");
+        assert_eq!(
+            statuses_until(&rx, "null"),
+            ["running", "aborting", "concluded", "null"]
+        );
+    }
+
+    /// `enospc` stops on ENOSPC only: any other error is reported, and the job fails with
+    /// it; `report` fails on ENOSPC too. `io-status` stays `ok` for a reported error.
+    #[test]
+    fn enospc_reports_other_errors_and_report_fails_on_enospc() {
+        for (policy, errno, why) in [
+            (OnError::Enospc, Errno::EIO, "Input/output error"),
+            (OnError::Auto, Errno::EPERM, "Operation not permitted"),
+            (OnError::Report, Errno::ENOSPC, "No space left on device"),
+        ] {
+            let (l, _src, tgt) = faulty_layer();
+            tgt.set(false, errno, 0, 1, u32::MAX);
+            let (m, rx) = manager(&l);
+            let mut c = cfg(&l, "j0", SyncMode::Full);
+            c.on_target_error = policy;
+            c.auto_dismiss = false;
+            m.start_mirror(c).unwrap();
+            assert_eq!(
+                wait_for(&rx, "BLOCK_JOB_ERROR"),
+                json!({"device": "j0", "operation": "write", "action": "report"})
+            );
+            assert_eq!(wait_for(&rx, "BLOCK_JOB_COMPLETED")["error"], why);
+            let j = m.find("j0").unwrap();
+            assert_eq!(
+                pause_fields(&j),
+                json!({"io-status": "ok", "status": "concluded", "paused": false,
+                       "busy": false, "ready": false})
+            );
+        }
+    }
+
+    /// `ignore`: each failure is announced with `action: "ignore"` and the job goes on; the
+    /// failed area stays dirty and is copied once it can be, so the job still becomes ready
+    /// and the target equals the source.
+    #[test]
+    fn ignore_goes_on_and_copies_the_failed_area_later() {
+        let (l, src, tgt) = faulty_layer();
+        tgt.set(false, Errno::EIO, 1 << 20, 2 << 20, 3);
+        let (m, rx) = manager(&l);
+        let mut c = cfg(&l, "j0", SyncMode::Full);
+        c.on_target_error = OnError::Ignore;
+        c.buf_size = 256 << 10;
+        m.start_mirror(c).unwrap();
+        let mut errors = Vec::new();
+        loop {
+            let (n, d) = rx.recv_timeout(Duration::from_secs(10)).unwrap();
+            match n.as_str() {
+                "BLOCK_JOB_ERROR" => errors.push(d),
+                "BLOCK_JOB_READY" => break,
+                "JOB_STATUS_CHANGE" => assert_ne!(d["status"], "paused", "{d}"),
+                _ => {}
+            }
+        }
+        assert_eq!(
+            errors,
+            vec![json!({"device": "j0", "operation": "write", "action": "ignore"}); 3]
+        );
+        let j = m.find("j0").unwrap();
+        assert_eq!(j.info()["io-status"], "ok");
+        assert_eq!(j.info()["offset"], FAULTY_SIZE);
+        m.complete("j0").unwrap();
+        assert!(wait_for(&rx, "BLOCK_JOB_COMPLETED").get("error").is_none());
+        assert!(*lock(&tgt.data) == *lock(&src.data));
+    }
+
+    /// `ignore` with an error that never goes away: like QEMU, the job retries the area for
+    /// ever, announcing each failure, never ready; a cancel still ends it.
+    #[test]
+    fn ignore_with_a_lasting_error_never_converges_and_cancel_ends_it() {
+        let (l, src, _tgt) = faulty_layer();
+        src.set(true, Errno::EIO, 0, 1, u32::MAX);
+        let (m, rx) = manager(&l);
+        let mut c = cfg(&l, "j0", SyncMode::Full);
+        c.on_source_error = OnError::Ignore;
+        m.start_mirror(c).unwrap();
+        for _ in 0..5 {
+            assert_eq!(
+                wait_for(&rx, "BLOCK_JOB_ERROR"),
+                json!({"device": "j0", "operation": "read", "action": "ignore"})
+            );
+        }
+        let j = m.find("j0").unwrap();
+        assert_eq!(j.status(), Status::Running);
+        // The failed area (one buffer) stays dirty.
+        let i = j.info();
+        assert_eq!(
+            i["len"].as_u64().unwrap() - i["offset"].as_u64().unwrap(),
+            DEFAULT_BUF_SIZE
+        );
+        m.cancel("j0", false).unwrap();
+        wait_for(&rx, "BLOCK_JOB_CANCELLED");
+    }
+
+    /// An error while ready with `stop`: the job parks `standby`, still ready; complete is
+    /// accepted there and takes effect once the job is resumed and the area copied.
+    #[test]
+    fn a_stop_while_ready_parks_standby_and_completes_after_resume() {
+        let (l, src, tgt) = faulty_layer();
+        let (m, rx) = manager(&l);
+        let mut c = cfg(&l, "j0", SyncMode::Full);
+        c.on_target_error = OnError::Stop;
+        m.start_mirror(c).unwrap();
+        wait_for(&rx, "BLOCK_JOB_READY");
+        tgt.set(false, Errno::ENOSPC, 0, FAULTY_SIZE as u64, u32::MAX);
+        l.node("src").unwrap().write_at(4096, b"new").unwrap();
+        assert_eq!(
+            wait_for(&rx, "BLOCK_JOB_ERROR"),
+            json!({"device": "j0", "operation": "write", "action": "stop"})
+        );
+        assert_eq!(statuses_until(&rx, "standby"), ["standby"]);
+        let j = m.find("j0").unwrap();
+        assert_eq!(
+            pause_fields(&j),
+            json!({"io-status": "nospace", "status": "standby", "paused": true,
+                   "busy": false, "ready": true})
+        );
+        m.complete("j0").unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(j.status(), Status::Standby);
+        tgt.clear();
+        m.resume(&j).unwrap();
+        assert!(wait_for(&rx, "BLOCK_JOB_COMPLETED").get("error").is_none());
+        assert!(*lock(&tgt.data) == *lock(&src.data));
     }
 }

@@ -6,9 +6,10 @@
 //! impl.
 
 use crate::mirror::{
-    Hold, JobError, JobManager, MirrorConfig, SyncMode, DEFAULT_BUF_SIZE, DEFAULT_GRANULARITY,
+    Hold, JobError, JobManager, MirrorConfig, OnError, SyncMode, DEFAULT_BUF_SIZE,
+    DEFAULT_GRANULARITY,
 };
-use qmp::{Args, CommandSet, QmpError, Reply};
+use qmp::{Args, CommandSet, QapiEnum, QmpError, Reply};
 use serde_json::{json, Value};
 use std::sync::Arc;
 
@@ -44,8 +45,25 @@ impl From<JobError> for QmpError {
     }
 }
 
-/// QAPI's `BlockdevOnError`.
-const ON_ERROR: &[&str] = &["report", "ignore", "enospc", "stop", "auto"];
+impl QapiEnum for OnError {
+    const ALL: &'static [Self] = &[
+        OnError::Report,
+        OnError::Ignore,
+        OnError::Enospc,
+        OnError::Stop,
+        OnError::Auto,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            OnError::Report => "report",
+            OnError::Ignore => "ignore",
+            OnError::Enospc => "enospc",
+            OnError::Stop => "stop",
+            OnError::Auto => "auto",
+        }
+    }
+}
 
 fn other(s: impl Into<String>) -> QmpError {
     QmpError::generic(s)
@@ -164,8 +182,8 @@ fn blockdev_mirror(mgr: &Arc<JobManager>, mut a: Args) -> Result<Hold, QmpError>
     let speed = a.opt_int::<i64>("speed")?;
     let granularity = a.opt_int::<u32>("granularity")?;
     let buf_size = a.opt_int::<i64>("buf-size")?;
-    let on_source_error = a.opt_enum("on-source-error", ON_ERROR)?;
-    let on_target_error = a.opt_enum("on-target-error", ON_ERROR)?;
+    let on_source_error = a.opt_qapi_enum::<OnError>("on-source-error")?;
+    let on_target_error = a.opt_qapi_enum::<OnError>("on-target-error")?;
     let filter = a.opt_str("filter-node-name")?;
     let copy_mode = a.opt_enum("copy-mode", &["background", "write-blocking"])?;
     let auto_finalize = a.opt_bool("auto-finalize")?;
@@ -211,8 +229,8 @@ struct Common {
     speed: Option<i64>,
     granularity: Option<u32>,
     buf_size: Option<i64>,
-    on_source_error: Option<String>,
-    on_target_error: Option<String>,
+    on_source_error: Option<OnError>,
+    on_target_error: Option<OnError>,
     copy_mode: Option<String>,
     auto_finalize: Option<bool>,
     auto_dismiss: Option<bool>,
@@ -276,19 +294,6 @@ fn start_mirror(mgr: &Arc<JobManager>, c: Common) -> Result<Hold, QmpError> {
     if copy_mode.as_deref() == Some("write-blocking") {
         return Err(other("copy-mode=write-blocking is not supported"));
     }
-    // The job reports an I/O error and fails with it, which is QEMU's `report`, the default
-    // of both; the other policies (stop: pause the job with the failed request to retry on
-    // resume; ignore; stop on ENOSPC) are not built.
-    for (name, policy) in [
-        ("on-source-error", &on_source_error),
-        ("on-target-error", &on_target_error),
-    ] {
-        if let Some(p) = policy.as_deref().filter(|p| *p != "report") {
-            return Err(other(format!(
-                "{name}={p} is not supported: only 'report' (the job fails on an I/O error)"
-            )));
-        }
-    }
     // Without job-id, QEMU uses the name of the device (BlockBackend) the node is attached
     // to, which is empty for a node without one: an invalid id.
     let id = job_id.unwrap_or_else(|| {
@@ -319,6 +324,9 @@ fn start_mirror(mgr: &Arc<JobManager>, c: Common) -> Result<Hold, QmpError> {
         auto_finalize: auto_finalize.unwrap_or(true),
         auto_dismiss: auto_dismiss.unwrap_or(true),
         open_backing_chain,
+        // QEMU's default for both.
+        on_source_error: on_source_error.unwrap_or(OnError::Report),
+        on_target_error: on_target_error.unwrap_or(OnError::Report),
     })?;
     Ok(job.hold())
 }
@@ -338,8 +346,8 @@ fn drive_mirror(mgr: &Arc<JobManager>, mut a: Args) -> Result<Hold, QmpError> {
     let speed = a.opt_int::<i64>("speed")?;
     let granularity = a.opt_int::<u32>("granularity")?;
     let buf_size = a.opt_int::<i64>("buf-size")?;
-    let on_source_error = a.opt_enum("on-source-error", ON_ERROR)?;
-    let on_target_error = a.opt_enum("on-target-error", ON_ERROR)?;
+    let on_source_error = a.opt_qapi_enum::<OnError>("on-source-error")?;
+    let on_target_error = a.opt_qapi_enum::<OnError>("on-target-error")?;
     let unmap = a.opt_bool("unmap")?;
     let copy_mode = a.opt_enum("copy-mode", &["background", "write-blocking"])?;
     let auto_finalize = a.opt_bool("auto-finalize")?;
@@ -478,10 +486,10 @@ mod tests {
         cmds.dispatch("blockdev-mirror", Args::new(map))
     }
 
-    /// Only `report` is what the job does; every other error policy is refused by name, not
-    /// accepted and then acted on as `report`.
+    /// Every `BlockdevOnError` is a policy the job acts on; a name outside the enum is refused
+    /// by QAPI's check, naming the parameter.
     #[test]
-    fn error_policies_other_than_report_are_refused() {
+    fn error_policies_are_taken_and_others_refused() {
         let layer = Arc::new(BlockLayer::new());
         for node in ["src", "tgt"] {
             layer
@@ -490,27 +498,28 @@ mod tests {
         }
         let cmds = JobCommands::new(JobManager::new(layer, Arc::new(|_: &str, _: Value| {})));
         for which in ["on-source-error", "on-target-error"] {
-            for policy in ["ignore", "enospc", "stop", "auto"] {
-                let e = mirror(&cmds, json!({ which: policy })).unwrap_err();
-                assert!(
-                    e.to_string()
-                        .contains(&format!("{which}={policy} is not supported")),
-                    "{which}={policy}: {e}"
-                );
-            }
-            let e = mirror(&cmds, json!({ which: "bogus" })).unwrap_err();
+            let e = mirror(&cmds, json!({"job-id": "m", which: "bogus"})).unwrap_err();
             assert!(e.to_string().contains(which), "{e}");
         }
         assert!(
             cmds.jobs.jobs().is_empty(),
             "a refused mirror started a job"
         );
-        mirror(
-            &cmds,
-            json!({"job-id": "m", "on-source-error": "report", "on-target-error": "report"}),
-        )
-        .unwrap();
-        assert_eq!(cmds.jobs.jobs().len(), 1);
+        for (i, policy) in ["report", "ignore", "enospc", "stop", "auto"]
+            .iter()
+            .enumerate()
+        {
+            let id = format!("m{i}");
+            mirror(
+                &cmds,
+                json!({"job-id": id, "on-source-error": policy, "on-target-error": policy}),
+            )
+            .unwrap();
+            cmds.jobs.cancel(&id, true).unwrap();
+            while cmds.jobs.find(&id).is_ok() {
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+        }
     }
 
     /// drive-mirror's targets as QEMU's NBD driver reads them: the export is the path, the

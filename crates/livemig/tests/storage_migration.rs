@@ -311,10 +311,6 @@ fn drive_mirror_opens_an_nbd_uri_target_and_drops_it_with_the_job() {
         ),
         (json!({"target": "http://h/x"}), "Unknown protocol 'http'"),
         (json!({"target": "nbd+unix:///d0"}), "Invalid URI"),
-        (
-            json!({"on-target-error": "stop"}),
-            "on-target-error=stop is not supported",
-        ),
         (json!({"replaces": "d0"}), "replaces is not supported"),
     ] {
         let a = args(extra.clone());

@@ -831,3 +831,210 @@ fn drive_mirror_top_pivots_onto_the_targets_chain_as_qemu() {
         }
     }
 }
+
+/// A `tmpfs` of `size` mounted on `dir` for one test, unmounted (lazily: a process may still
+/// hold a file there) when dropped.
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    /// The mount, or why it could not be made (not root, no mount permission).
+    fn mount(dir: &Path, size: &str) -> Result<Tmpfs, String> {
+        std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
+        let out = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir)
+            .output()
+            .map_err(|e| format!("cannot run mount: {e}"))?;
+        if !out.status.success() {
+            return Err(String::from_utf8_lossy(&out.stderr).trim().to_string());
+        }
+        Ok(Tmpfs(dir.to_path_buf()))
+    }
+
+    fn resize(&self, size: &str) {
+        let dir = self.0.to_str().unwrap();
+        run_ok("mount", &["-o", &format!("remount,size={size}"), dir]);
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// `id`'s job events, stripped of how far each implementation had copied, up to and
+/// including the first one `last` accepts.
+fn job_events_until(q: &mut QmpClient, id: &str, last: impl Fn(&Value) -> bool) -> Vec<Value> {
+    let mut out = Vec::new();
+    loop {
+        let i = id.to_string();
+        let e = q
+            .wait_event(TIMEOUT, move |e| {
+                let ev = e["event"].as_str().unwrap_or_default();
+                (ev.starts_with("BLOCK_JOB") || ev == "JOB_STATUS_CHANGE")
+                    && (e["data"]["id"] == i.as_str() || e["data"]["device"] == i.as_str())
+            })
+            .unwrap_or_else(|| panic!("job {id}: no further event; saw {out:?}"));
+        let mut data = e["data"].clone();
+        for k in ["len", "offset"] {
+            data.as_object_mut().unwrap().remove(k);
+        }
+        let ev = json!({"event": e["event"], "data": data});
+        let done = last(&ev);
+        out.push(ev);
+        if done {
+            return out;
+        }
+    }
+}
+
+fn status_is(status: &'static str) -> impl Fn(&Value) -> bool {
+    move |e| e["event"] == "JOB_STATUS_CHANGE" && e["data"]["status"] == status
+}
+
+/// A mirror onto a raw image on a `tmpfs` too small for it, with `on-target-error=enospc`
+/// and `stop`: the job pauses with `io-status` `nospace` once the file system is full;
+/// after the `tmpfs` is grown, `block-job-resume` resumes it, it becomes ready, completes,
+/// and the target holds the source's bytes. With `ignore` it retries until the `tmpfs` is
+/// grown, then the same; with `report` it fails with the error. Every reply, every query
+/// (but the progress) and every event as QEMU 7.2's in the same scenario.
+#[test]
+fn a_full_target_stops_the_mirror_until_resumed_as_qemu() {
+    const T: &str = "a_full_target_stops_the_mirror_until_resumed_as_qemu";
+    if !testkit::require(T, testkit::qemu()) {
+        return;
+    }
+    let (dir, _procs, mut q, mut l) = side_by_side();
+    let size = 8usize << 20;
+    let src = dir.path().join("src.raw");
+    let data: Vec<u8> = (0..size).map(|i| (i * 7 % 251) as u8 | 1).collect();
+    std::fs::write(&src, &data).unwrap();
+    both(
+        &mut q,
+        &mut l,
+        "blockdev-add",
+        json!({"driver": "raw", "node-name": "src",
+               "file": {"driver": "file", "filename": src.to_str().unwrap()}}),
+    );
+    for (n, policy) in ["enospc", "stop", "ignore", "report"]
+        .into_iter()
+        .enumerate()
+    {
+        // One small tmpfs each: 3 MiB for an 8 MiB target.
+        let mut mounts = Vec::new();
+        for who in ["qemu", "lm"] {
+            match Tmpfs::mount(&dir.path().join(format!("fs-{who}-{n}")), "3m") {
+                Ok(m) => mounts.push(m),
+                Err(why) => {
+                    println!("SKIP {T}: cannot mount a tmpfs ({why}); needs root");
+                    return;
+                }
+            }
+        }
+        let tgt = format!("t{n}");
+        for (c, m) in [(&mut q, &mounts[0]), (&mut l, &mounts[1])] {
+            let file = m.0.join("tgt.raw");
+            std::fs::File::create(&file)
+                .unwrap()
+                .set_len(size as u64)
+                .unwrap();
+            c.ok(
+                "blockdev-add",
+                json!({"driver": "raw", "node-name": tgt,
+                       "file": {"driver": "file", "filename": file.to_str().unwrap()}}),
+            );
+        }
+        let id = format!("j{n}");
+        // One buffer of one granule: QEMU has one request in flight, so one fails when the
+        // file system is full (with more, each one that fails has its BLOCK_JOB_ERROR, as
+        // many as were in flight).
+        both(
+            &mut q,
+            &mut l,
+            "blockdev-mirror",
+            json!({"job-id": id, "device": "src", "target": tgt, "sync": "full",
+                   "on-target-error": policy, "auto-dismiss": false,
+                   "granularity": 65536, "buf-size": 65536}),
+        );
+        if policy == "report" {
+            let lm = job_events_until(&mut l, &id, status_is("concluded"));
+            let qemu = job_events_until(&mut q, &id, status_is("concluded"));
+            assert_eq!(lm, qemu, "{policy}: livemig's events differ from QEMU's");
+            let failed = jobs_without_progress(&mut q, &mut l, "query-block-jobs");
+            assert_eq!(failed["return"][0]["error"], "No space left on device");
+            assert_eq!(failed["return"][0]["io-status"], "ok");
+            both(&mut q, &mut l, "job-dismiss", json!({"id": id}));
+            continue;
+        }
+        if policy == "ignore" {
+            // The job retries the area, announcing every failure, until the file system has
+            // room: how many times depends on the speed of each, so repeats count once.
+            let error = |e: &Value| e["event"] == "BLOCK_JOB_ERROR";
+            let mut lm = job_events_until(&mut l, &id, error);
+            let mut qemu = job_events_until(&mut q, &id, error);
+            for m in &mounts {
+                m.resize("16m");
+            }
+            let ready = |e: &Value| e["event"] == "BLOCK_JOB_READY";
+            lm.extend(job_events_until(&mut l, &id, ready));
+            qemu.extend(job_events_until(&mut q, &id, ready));
+            lm.dedup();
+            qemu.dedup();
+            assert_eq!(lm, qemu, "{policy}: livemig's events differ from QEMU's");
+            assert!(
+                qemu.contains(&json!({"event": "BLOCK_JOB_ERROR",
+                    "data": {"device": id, "operation": "write", "action": "ignore"}})),
+                "{qemu:?}"
+            );
+        } else {
+            let lm = job_events_until(&mut l, &id, status_is("paused"));
+            let qemu = job_events_until(&mut q, &id, status_is("paused"));
+            assert_eq!(lm, qemu, "{policy}: livemig's events differ from QEMU's");
+            assert!(
+                qemu.contains(&json!({"event": "BLOCK_JOB_ERROR",
+                    "data": {"device": id, "operation": "write", "action": "stop"}})),
+                "{qemu:?}"
+            );
+            let paused = jobs_without_progress(&mut q, &mut l, "query-block-jobs");
+            assert_eq!(paused["return"][0]["io-status"], "nospace", "{paused}");
+            jobs_without_progress(&mut q, &mut l, "query-jobs");
+            // What the user may and may not do with a job an error paused.
+            for (cmd, args) in [
+                ("block-job-pause", json!({"device": id})),
+                ("block-job-complete", json!({"device": id})),
+                ("block-job-cancel", json!({"device": id})),
+                ("block-job-set-speed", json!({"device": id, "speed": 0})),
+            ] {
+                both(&mut q, &mut l, cmd, args);
+            }
+            for m in &mounts {
+                m.resize("16m");
+            }
+            both(&mut q, &mut l, "block-job-resume", json!({"device": id}));
+            let lm = job_events_until(&mut l, &id, |e| e["event"] == "BLOCK_JOB_READY");
+            let qemu = job_events_until(&mut q, &id, |e| e["event"] == "BLOCK_JOB_READY");
+            assert_eq!(lm, qemu, "{policy}: livemig's events differ from QEMU's");
+        }
+        let ready = jobs_without_progress(&mut q, &mut l, "query-block-jobs");
+        assert_eq!(ready["return"][0]["io-status"], "ok", "{ready}");
+        both(&mut q, &mut l, "block-job-complete", json!({"device": id}));
+        let lm = job_events_until(&mut l, &id, status_is("concluded"));
+        let qemu = job_events_until(&mut q, &id, status_is("concluded"));
+        assert_eq!(lm, qemu, "{policy}: livemig's events differ from QEMU's");
+        both(&mut q, &mut l, "job-dismiss", json!({"id": id}));
+        for m in &mounts {
+            let got = std::fs::read(m.0.join("tgt.raw")).unwrap();
+            assert!(
+                got == data,
+                "{policy}: {} differs from the source",
+                m.0.display()
+            );
+        }
+        // Completion pivoted nothing (the source has no device) but the target is ours.
+        both(&mut q, &mut l, "blockdev-del", json!({"node-name": tgt}));
+    }
+}
