@@ -1038,3 +1038,141 @@ fn a_full_target_stops_the_mirror_until_resumed_as_qemu() {
         both(&mut q, &mut l, "blockdev-del", json!({"node-name": tgt}));
     }
 }
+
+/// A `qemu-nbd` serving `image` as export `src` on `sock`, with reads of the sector at 2 MiB
+/// failing (`blkdebug`): QEMU 7.2's server then drops the connection, so every later request
+/// of the client fails too (`EIO`). Killed when dropped, if it has not exited.
+struct FailingNbd(std::process::Child);
+
+impl FailingNbd {
+    fn start(image: &Path, sock: &Path) -> FailingNbd {
+        let opts = format!(
+            "driver=raw,file.driver=blkdebug,file.image.filename={},\
+             file.inject-error.0.event=read_aio,file.inject-error.0.iotype=read,\
+             file.inject-error.0.errno=5,file.inject-error.0.sector=4096",
+            image.display()
+        );
+        let child = std::process::Command::new("qemu-nbd")
+            .arg("-k")
+            .arg(sock)
+            .args(["-x", "src", "--image-opts", &opts])
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("cannot start qemu-nbd");
+        let deadline = std::time::Instant::now() + TIMEOUT;
+        while !sock.exists() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "qemu-nbd never listened"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        FailingNbd(child)
+    }
+}
+
+impl Drop for FailingNbd {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A mirror whose source (an NBD export) fails to read, side by side with QEMU 7.2: with
+/// `on-source-error=stop` the job pauses (`operation: "read"`, `io-status` `failed`), a
+/// resume retries and stops again (the server is gone), and `job-cancel` ends it; with
+/// `ignore` it retries until cancelled; with `enospc` (not ENOSPC) and `report` it fails.
+/// Same replies, queries and events (repeats of the same `ignore` event counted once).
+#[test]
+fn a_source_read_error_acts_on_the_policy_as_qemu() {
+    const T: &str = "a_source_read_error_acts_on_the_policy_as_qemu";
+    if !testkit::require(T, testkit::programs(&["qemu-system-x86_64", "qemu-nbd"])) {
+        return;
+    }
+    let (dir, _procs, mut q, mut l) = side_by_side();
+    let size = 4usize << 20;
+    let image = dir.path().join("src.raw");
+    let data: Vec<u8> = (0..size).map(|i| (i * 7 % 251) as u8 | 1).collect();
+    std::fs::write(&image, &data).unwrap();
+    for (n, policy) in ["stop", "ignore", "enospc", "report"]
+        .into_iter()
+        .enumerate()
+    {
+        let (src, tgt, id) = (format!("s{n}"), format!("t{n}"), format!("j{n}"));
+        let mut servers = Vec::new();
+        for (c, who) in [(&mut q, "qemu"), (&mut l, "lm")] {
+            let sock = dir.path().join(format!("nbd-{who}-{n}.sock"));
+            servers.push(FailingNbd::start(&image, &sock));
+            c.ok(
+                "blockdev-add",
+                json!({"driver": "nbd", "node-name": src, "export": "src",
+                       "server": {"type": "unix", "path": sock.to_str().unwrap()}}),
+            );
+        }
+        both(
+            &mut q,
+            &mut l,
+            "blockdev-add",
+            json!({"driver": "null-co", "node-name": tgt, "size": size, "read-zeroes": true}),
+        );
+        // One request in flight in QEMU too (one granule per buffer), so one fails.
+        both(
+            &mut q,
+            &mut l,
+            "blockdev-mirror",
+            json!({"job-id": id, "device": src, "target": tgt, "sync": "full",
+                   "on-source-error": policy, "on-target-error": "stop",
+                   "auto-dismiss": false, "granularity": 65536, "buf-size": 65536}),
+        );
+        let error = |action: &str| {
+            json!({"event": "BLOCK_JOB_ERROR",
+                   "data": {"device": id, "operation": "read", "action": action}})
+        };
+        match policy {
+            "stop" => {
+                let lm = job_events_until(&mut l, &id, status_is("paused"));
+                let qemu = job_events_until(&mut q, &id, status_is("paused"));
+                assert_eq!(lm, qemu, "{policy}: livemig's events differ from QEMU's");
+                assert!(qemu.contains(&error("stop")), "{qemu:?}");
+                let paused = jobs_without_progress(&mut q, &mut l, "query-block-jobs");
+                assert_eq!(paused["return"][0]["io-status"], "failed", "{paused}");
+                both(&mut q, &mut l, "block-job-resume", json!({"device": id}));
+                let lm = job_events_until(&mut l, &id, status_is("paused"));
+                let qemu = job_events_until(&mut q, &id, status_is("paused"));
+                assert_eq!(lm, qemu, "{policy}: livemig's events differ from QEMU's");
+                assert_eq!(qemu[1], error("stop"), "{qemu:?}");
+                jobs_without_progress(&mut q, &mut l, "query-block-jobs");
+                both(&mut q, &mut l, "block-job-cancel", json!({"device": id}));
+                both(&mut q, &mut l, "job-cancel", json!({"id": id}));
+            }
+            "ignore" => {
+                let lm = job_events_until(&mut l, &id, |e| e["event"] == "BLOCK_JOB_ERROR");
+                let qemu = job_events_until(&mut q, &id, |e| e["event"] == "BLOCK_JOB_ERROR");
+                assert_eq!(lm, qemu, "{policy}: livemig's events differ from QEMU's");
+                assert_eq!(qemu.last(), Some(&error("ignore")));
+                let running = jobs_without_progress(&mut q, &mut l, "query-block-jobs");
+                assert_eq!(running["return"][0]["status"], "running", "{running}");
+                assert_eq!(running["return"][0]["io-status"], "ok", "{running}");
+                both(&mut q, &mut l, "job-cancel", json!({"id": id}));
+            }
+            _ => {}
+        }
+        let mut lm = job_events_until(&mut l, &id, status_is("concluded"));
+        let mut qemu = job_events_until(&mut q, &id, status_is("concluded"));
+        lm.dedup();
+        qemu.dedup();
+        assert_eq!(lm, qemu, "{policy}: livemig's events differ from QEMU's");
+        let ended = jobs_without_progress(&mut q, &mut l, "query-block-jobs");
+        let why = if matches!(policy, "stop" | "ignore") {
+            "Operation canceled"
+        } else {
+            assert!(qemu.contains(&error("report")), "{qemu:?}");
+            "Input/output error"
+        };
+        assert_eq!(ended["return"][0]["error"], why, "{ended}");
+        both(&mut q, &mut l, "job-dismiss", json!({"id": id}));
+        for node in [&src, &tgt] {
+            both(&mut q, &mut l, "blockdev-del", json!({"node-name": node}));
+        }
+    }
+}
