@@ -1176,3 +1176,117 @@ fn a_source_read_error_acts_on_the_policy_as_qemu() {
         }
     }
 }
+
+/// A ready mirror whose target's file system fills up (`sync=none`, a guest write copied to
+/// a sparse target on a full `tmpfs`), with `on-target-error=stop`: the job parks `standby`,
+/// still ready, with `io-status` `nospace`; `block-job-complete` is taken there and acts once
+/// the file system has room and the job is resumed. Side by side with QEMU 7.2: same
+/// replies, queries and events, and both targets hold the write.
+#[test]
+fn a_ready_mirror_stopped_by_a_full_target_completes_after_resume_as_qemu() {
+    const T: &str = "a_ready_mirror_stopped_by_a_full_target_completes_after_resume_as_qemu";
+    if !testkit::require(T, testkit::qemu()) {
+        return;
+    }
+    let (dir, _procs, mut q, mut l) = side_by_side();
+    let size = 8usize << 20;
+    let mut mounts = Vec::new();
+    for who in ["qemu", "lm"] {
+        match Tmpfs::mount(&dir.path().join(format!("fs-{who}")), "2m") {
+            Ok(m) => mounts.push(m),
+            Err(why) => {
+                println!("SKIP {T}: cannot mount a tmpfs ({why}); needs root");
+                return;
+            }
+        }
+    }
+    for (c, (m, who)) in [(&mut q, (&mounts[0], "qemu")), (&mut l, (&mounts[1], "lm"))] {
+        let src = dir.path().join(format!("src-{who}.raw"));
+        std::fs::write(&src, vec![1u8; size]).unwrap();
+        c.ok(
+            "blockdev-add",
+            json!({"driver": "raw", "node-name": "src",
+                   "file": {"driver": "file", "filename": src.to_str().unwrap()}}),
+        );
+        let tgt = m.0.join("tgt.raw");
+        std::fs::File::create(&tgt)
+            .unwrap()
+            .set_len(size as u64)
+            .unwrap();
+        c.ok(
+            "blockdev-add",
+            json!({"driver": "raw", "node-name": "tgt",
+                   "file": {"driver": "file", "filename": tgt.to_str().unwrap()}}),
+        );
+    }
+    both(
+        &mut q,
+        &mut l,
+        "blockdev-mirror",
+        json!({"job-id": "j0", "device": "src", "target": "tgt", "sync": "none",
+               "on-target-error": "stop", "granularity": 65536, "buf-size": 65536}),
+    );
+    let ready = |e: &Value| e["event"] == "BLOCK_JOB_READY";
+    let lm = job_events_until(&mut l, "j0", ready);
+    let qemu = job_events_until(&mut q, "j0", ready);
+    assert_eq!(lm, qemu, "livemig's events differ from QEMU's");
+    // Fill each file system, then write to the source: the copy of the write finds no room.
+    for m in &mounts {
+        let _ = std::fs::write(m.0.join("filler"), vec![0xffu8; 2 << 20]);
+    }
+    // (QEMU prints qemu-io's report on its standard output, not in the reply.)
+    both(
+        &mut q,
+        &mut l,
+        "human-monitor-command",
+        json!({"command-line": "qemu-io src \"write -P 0x55 1M 64k\""}),
+    );
+    // QEMU's qemu-io first drains the node, which parks the job for a moment (standby, then
+    // ready again); livemig's qemu-io does not drain.
+    let drained = |e: &Value| e["event"] == "JOB_STATUS_CHANGE" && e["data"]["status"] == "ready";
+    let drain = job_events_until(&mut q, "j0", drained);
+    assert_eq!(
+        drain,
+        [
+            json!({"event": "JOB_STATUS_CHANGE", "data": {"status": "standby", "id": "j0"}}),
+            json!({"event": "JOB_STATUS_CHANGE", "data": {"status": "ready", "id": "j0"}}),
+        ]
+    );
+    let lm = job_events_until(&mut l, "j0", status_is("standby"));
+    let qemu = job_events_until(&mut q, "j0", status_is("standby"));
+    assert_eq!(lm, qemu, "livemig's events differ from QEMU's");
+    assert_eq!(
+        qemu[0],
+        json!({"event": "BLOCK_JOB_ERROR",
+               "data": {"device": "j0", "operation": "write", "action": "stop"}})
+    );
+    let stopped = jobs_without_progress(&mut q, &mut l, "query-block-jobs");
+    assert_eq!(
+        (
+            &stopped["return"][0]["io-status"],
+            &stopped["return"][0]["ready"]
+        ),
+        (&json!("nospace"), &json!(true)),
+        "{stopped}"
+    );
+    both(
+        &mut q,
+        &mut l,
+        "block-job-complete",
+        json!({"device": "j0"}),
+    );
+    both(&mut q, &mut l, "block-job-cancel", json!({"device": "j0"}));
+    for m in &mounts {
+        std::fs::remove_file(m.0.join("filler")).unwrap();
+    }
+    both(&mut q, &mut l, "block-job-resume", json!({"device": "j0"}));
+    let lm = job_events_until(&mut l, "j0", status_is("null"));
+    let qemu = job_events_until(&mut q, "j0", status_is("null"));
+    assert_eq!(lm, qemu, "livemig's events differ from QEMU's");
+    let mut want = vec![0u8; size];
+    want[1 << 20..(1 << 20) + (64 << 10)].fill(0x55);
+    for m in &mounts {
+        let got = std::fs::read(m.0.join("tgt.raw")).unwrap();
+        assert!(got == want, "{} does not hold the write", m.0.display());
+    }
+}
