@@ -233,6 +233,16 @@ fn error_codes_are_qemus() {
         err::EINVAL
     );
     assert_eq!(raw_request_error(&sock, "rw", cmd::FLUSH, 0, 0, 0, &[]), 0);
+    // QEMU 7.2 checks the range of every command, FLUSH's too (found by the nbd_server fuzz
+    // target: a FLUSH at 2 GiB was answered with success).
+    assert_eq!(
+        raw_request_error(&sock, "rw", cmd::FLUSH, 0, 1 << 31, 0, &[]),
+        err::EINVAL
+    );
+    assert_eq!(
+        raw_request_error(&sock, "ro", cmd::FLUSH, 0, SIZE, 1, &[]),
+        err::EINVAL
+    );
     server.stop().unwrap();
 }
 

@@ -510,31 +510,57 @@ fn accept_loop(inner: Arc<Inner>, listener: Arc<Listener>, max_connections: u32)
             let _ = stream.shutdown(std::net::Shutdown::Both);
             continue;
         }
-        let id = inner.next_client.fetch_add(1, Ordering::SeqCst);
-        let Ok(handle) = stream.try_clone() else {
-            continue;
-        };
-        lock(&inner.clients).push((id, handle));
         inner.connections.fetch_add(1, Ordering::SeqCst);
         let server = NbdServer {
             inner: inner.clone(),
         };
+        let id = inner.next_client.fetch_add(1, Ordering::SeqCst);
         let spawned = std::thread::Builder::new()
             .name(format!("nbd-client-{id}"))
             .spawn(move || {
-                let r = serve_client(&server, id, stream);
-                if let Err(e) = r {
+                if let Err(e) = server.serve_as(id, stream) {
                     if !server.inner.stopping.load(Ordering::SeqCst) {
                         log::warn!("nbd: client {id}: {e}");
                     }
                 }
-                lock(&server.inner.clients).retain(|(c, _)| *c != id);
                 server.inner.connections.fetch_sub(1, Ordering::SeqCst);
             });
         if spawned.is_err() {
-            lock(&inner.clients).retain(|(c, _)| *c != id);
             inner.connections.fetch_sub(1, Ordering::SeqCst);
         }
+    }
+}
+
+impl NbdServer {
+    /// Serves one client already connected on `stream`: the handshake, the options, then its
+    /// requests one at a time, until it disconnects or breaks the protocol (the error says
+    /// how). Returns when the client is done; `nbd-server-stop` and the hard removal of the
+    /// export it uses shut its socket down, which ends the call too. The listener runs this on
+    /// a thread per connection; a caller that accepts or is handed connections of its own
+    /// (an inherited socket, one end of a socket pair) serves them the same way, on a thread
+    /// it chooses. Nothing is left open when it returns.
+    pub fn serve(&self, stream: Stream) -> Result<(), ProtoError> {
+        let id = self.inner.next_client.fetch_add(1, Ordering::SeqCst);
+        self.serve_as(id, stream)
+    }
+
+    /// [`NbdServer::serve`] for client `id`: registered, so that `nbd-server-stop` can shut
+    /// it down, while it is served.
+    fn serve_as(&self, id: u64, stream: Stream) -> Result<(), ProtoError> {
+        let handle = stream.try_clone().map_err(|source| ProtoError::Io {
+            what: "socket",
+            source,
+        })?;
+        lock(&self.inner.clients).push((id, handle));
+        // Registered before looking: an `nbd-server-stop` that raced the registration either
+        // is seen here or finds this client in the list and shuts it down.
+        let r = if self.inner.stopping.load(Ordering::SeqCst) {
+            Ok(())
+        } else {
+            serve_client(self, id, stream)
+        };
+        lock(&self.inner.clients).retain(|(c, _)| *c != id);
+        r
     }
 }
 

@@ -6,6 +6,7 @@ use super::negotiation::Negotiated;
 use super::{Conn, Export, MAX_EXTENTS, META_ID_BASE_ALLOCATION, META_ID_DIRTY_BITMAP};
 use crate::proto::{self, cflag, chunk, cmd, err, state, ProtoError, Request};
 use block::BlockError;
+use std::io::Read;
 use std::sync::atomic::Ordering;
 
 /// A request's failure: the NBD error and the message a structured reply carries.
@@ -71,8 +72,23 @@ pub(super) fn transmission(
                 )?;
                 continue;
             }
-            buf.resize(req.len as usize, 0);
-            proto::read_exact(&mut c.r, &mut buf, "write payload")?;
+            // The buffer grows with what arrives, not with what the header announced: a
+            // client that announces 32 MiB and sends a few bytes costs a few bytes.
+            buf.clear();
+            let want = u64::from(req.len);
+            let got = (&mut c.r)
+                .take(want)
+                .read_to_end(&mut buf)
+                .map_err(|source| ProtoError::Io {
+                    what: "write payload",
+                    source,
+                })?;
+            if got as u64 != want {
+                return Err(ProtoError::Io {
+                    what: "write payload",
+                    source: std::io::ErrorKind::UnexpectedEof.into(),
+                });
+            }
         }
         match handle_request(export, neg, c, &req, &mut buf) {
             Ok(()) => {}
@@ -159,21 +175,10 @@ fn handle_request(
     req: &Request,
     buf: &mut Vec<u8>,
 ) -> Result<(), Handled> {
-    let mut valid = cflag::FUA;
-    match req.kind {
-        cmd::READ if neg.structured => valid |= cflag::DF,
-        cmd::WRITE_ZEROES => valid |= cflag::NO_HOLE,
-        cmd::BLOCK_STATUS => valid |= cflag::REQ_ONE,
-        cmd::READ | cmd::WRITE | cmd::FLUSH | cmd::TRIM | cmd::CACHE => {}
-        other => {
-            return Err(ReqError::new(
-                err::EINVAL,
-                format!("invalid request type ({other}) received"),
-            )
-            .into())
-        }
-    }
-    if req.kind == cmd::READ && req.len > proto::MAX_BUFFER_SIZE {
+    // QEMU 7.2's checks, in its order (nbd_co_receive_request, then nbd_handle_request):
+    // the buffer size, the read-only export, the bounds (of every command, FLUSH included),
+    // the flags, and last the type.
+    if matches!(req.kind, cmd::READ | cmd::WRITE | cmd::CACHE) && req.len > proto::MAX_BUFFER_SIZE {
         return Err(ReqError::new(
             err::EINVAL,
             format!(
@@ -187,8 +192,13 @@ fn handle_request(
     if !export.config.writable && matches!(req.kind, cmd::WRITE | cmd::WRITE_ZEROES | cmd::TRIM) {
         return Err(ReqError::new(err::EPERM, "Export is read-only").into());
     }
-    if req.kind != cmd::FLUSH {
-        check_bounds(export, req)?;
+    check_bounds(export, req)?;
+    let mut valid = cflag::FUA;
+    match req.kind {
+        cmd::READ if neg.structured => valid |= cflag::DF,
+        cmd::WRITE_ZEROES => valid |= cflag::NO_HOLE,
+        cmd::BLOCK_STATUS => valid |= cflag::REQ_ONE,
+        _ => {}
     }
     if req.flags & !valid != 0 {
         return Err(ReqError::new(
@@ -198,6 +208,22 @@ fn handle_request(
                 cmd::name(req.kind),
                 req.flags
             ),
+        )
+        .into());
+    }
+    if !matches!(
+        req.kind,
+        cmd::READ
+            | cmd::WRITE
+            | cmd::FLUSH
+            | cmd::TRIM
+            | cmd::CACHE
+            | cmd::WRITE_ZEROES
+            | cmd::BLOCK_STATUS
+    ) {
+        return Err(ReqError::new(
+            err::EINVAL,
+            format!("invalid request type ({}) received", req.kind),
         )
         .into());
     }
