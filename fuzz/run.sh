@@ -25,7 +25,7 @@ secs=${1:-600}
 shift || true
 targets=("$@")
 if [ ${#targets[@]} -eq 0 ]; then
-    targets=(stream_loader bitmap_section qmp postcopy return_path multifd nbd_client)
+    targets=(stream_loader bitmap_section qmp postcopy return_path multifd nbd_client nbd_server)
 fi
 export CARGO_TARGET_DIR=${FUZZ_TARGET_DIR:-$root/target-fuzz}
 export RUSTC_BOOTSTRAP=1
@@ -33,7 +33,7 @@ san=${FUZZ_SANITIZER:-none}
 
 max_len() {
     case "$1" in
-        stream_loader | postcopy | multifd) echo 65536 ;;
+        stream_loader | postcopy | multifd | nbd_server) echo 65536 ;;
         bitmap_section | nbd_client) echo 32768 ;;
         return_path) echo 4096 ;;
         *) echo 8192 ;;

@@ -15,6 +15,7 @@
 //! | [`return_path::run`] | the source's return-path thread (`migration::return_path`) before postcopy, in postcopy with and without preempt (page requests answered), and in a recovery's handshake | one terminal event, clean errors; requests inside a block and only after the switch; every page sent was requested, still to send, sent once with the guest's bytes, none lost; received maps end at the block's end; no `migration-rp` thread left |
 //! | [`multifd::run`] | the destination's multifd channels (`migration::multifd::recv::Receiver`): handshakes, packets raw, zlib or zstd into guest RAM, the loader's sync points, `finish` | clean errors naming an existing channel; guest RAM written only in pages the headers name; no more pages or sync rounds than the input has; no channel thread left |
 //! | [`nbd_client::run`] | `nbd::NbdClient` against a server sending arbitrary bytes: negotiation (option replies, meta context, `GO`'s infos), then the block driver's requests with their simple or structured replies | clean errors, a broken client dropped; what the client sent is well formed: known options, distinct handles, ranges inside the announced export, no writes to a read-only one; nothing waits |
+//! | [`nbd_server::run`] | `nbd::NbdServer::serve` on a socket pair, the input being what a client sends: handshake, options, then requests, against a writable export with an enabled dirty bitmap and a read-only one with a disabled bitmap | the server ends within a bound, leaving no thread or descriptor; every option and request answered as the protocol says, disconnects only where the client broke the framing; reads and block status agree with a model of the disk and its bitmap, and so does the disk afterwards |
 //! | [`qmp::run`] | `qmp::parse_all`, the streaming parser fed in pieces, and a QMP server session over a socket pair | chunking does not change the result; every value serializes to ASCII and parses back equal; one reply per input, in order, with its `id`, before negotiation only `qmp_capabilities` |
 #![forbid(unsafe_code)]
 
@@ -22,6 +23,7 @@ pub mod bitmaps;
 pub mod invariants;
 pub mod multifd;
 pub mod nbd_client;
+pub mod nbd_server;
 pub mod postcopy;
 pub mod qmp;
 pub mod return_path;

@@ -11,7 +11,7 @@
 
 use fuzz_harness::postcopy::{self, Variant};
 use fuzz_harness::return_path::{self, Phase};
-use fuzz_harness::{bitmaps, multifd, nbd_client, qmp, stream};
+use fuzz_harness::{bitmaps, multifd, nbd_client, nbd_server, qmp, stream};
 use migration::return_path::RpEvent;
 use std::path::{Path, PathBuf};
 use vm::MachineType;
@@ -492,4 +492,139 @@ fn qemu_nbd_replies_serve_every_request() {
             assert!(failed.is_empty(), "{name}: {out:?}");
         }
     }
+}
+
+#[test]
+fn nbd_server_corpus_keeps_every_invariant() {
+    let n = replay("nbd_server", |d| {
+        nbd_server::run(d);
+    });
+    assert!(n >= 25, "only {n} NBD server inputs");
+}
+
+/// The offsets `extents` (from `at`) say are dirty, as ranges.
+fn dirty_ranges(at: u64, extents: &[(u32, u32)]) -> Vec<(u64, u64)> {
+    let mut v = Vec::new();
+    let mut pos = at;
+    for (len, flags) in extents {
+        if flags & nbd::proto::state::DIRTY != 0 {
+            v.push((pos, pos + u64::from(*len)));
+        }
+        pos += u64::from(*len);
+    }
+    v
+}
+
+#[test]
+fn qemu_nbd_list_sees_both_exports() {
+    let out = nbd_server::run(&read("seeds", "nbd_server", "qemu-nbd-list.nbd"));
+    assert_eq!(
+        out.listed,
+        ["ro", "node0"],
+        "newest first, as QEMU lists them"
+    );
+    assert_eq!(out.export, None, "--list only looks");
+    assert_eq!(out.result, Ok(()));
+}
+
+#[test]
+fn qemu_img_map_reads_the_exported_dirty_bitmaps() {
+    // b0: the granules of node0 written before the export (64 KiB each, at 0, 320k, 768k).
+    let out = nbd_server::run(&read(
+        "seeds",
+        "nbd_server",
+        "qemu-img-map-dirty-bitmap-b0.nbd",
+    ));
+    assert_eq!(out.export.as_deref(), Some("node0"));
+    let mut dirty = Vec::new();
+    for st in &out.extents {
+        assert_eq!(st.context, "qemu:dirty-bitmap:b0", "{out:?}");
+        dirty.extend(dirty_ranges(st.offset, &st.extents));
+    }
+    assert!(!dirty.is_empty(), "{out:?}");
+    assert_eq!(
+        dirty,
+        [
+            (0, 64 << 10),
+            (320 << 10, 384 << 10),
+            (768 << 10, 832 << 10)
+        ]
+    );
+    // b1 on the read-only export: 4 KiB granules 1, 2, 100, 255.
+    let out = nbd_server::run(&read(
+        "seeds",
+        "nbd_server",
+        "qemu-img-map-dirty-bitmap-b1.nbd",
+    ));
+    assert_eq!(out.export.as_deref(), Some("ro"));
+    let mut dirty = Vec::new();
+    for st in &out.extents {
+        assert_eq!(st.context, "qemu:dirty-bitmap:b1", "{out:?}");
+        dirty.extend(dirty_ranges(st.offset, &st.extents));
+    }
+    assert_eq!(
+        dirty,
+        [
+            (4096, 3 * 4096),
+            (100 * 4096, 101 * 4096),
+            (255 * 4096, 256 * 4096)
+        ]
+    );
+}
+
+#[test]
+fn qemu_drive_mirror_writes_the_whole_export() {
+    let out = nbd_server::run(&read("seeds", "nbd_server", "qemu-drive-mirror.nbd"));
+    assert_eq!(out.export.as_deref(), Some("node0"));
+    assert!(out.structured);
+    assert_eq!(out.result, Ok(()));
+    let kinds = |k: u16| out.requests.iter().filter(|(kind, _)| *kind == k).count();
+    use nbd::proto::cmd;
+    assert!(
+        kinds(cmd::WRITE) >= 3 && kinds(cmd::WRITE_ZEROES) >= 1,
+        "{:?}",
+        out.requests
+    );
+    assert!(
+        out.requests.iter().all(|(_, e)| *e == 0),
+        "{:?}",
+        out.requests
+    );
+}
+
+#[test]
+fn qemu_io_session_is_answered_in_full() {
+    for (name, export, min) in [
+        ("qemu-io-rw.nbd", "node0", 9),
+        ("qemu-io-ro.nbd", "ro", 2),
+        ("qemu-img-convert-to.nbd", "node0", 3),
+    ] {
+        let out = nbd_server::run(&read("seeds", "nbd_server", name));
+        assert_eq!(out.export.as_deref(), Some(export), "{name}");
+        assert_eq!(out.result, Ok(()), "{name}");
+        assert!(out.requests.len() >= min, "{name}: {:?}", out.requests);
+        assert!(
+            out.requests.iter().all(|(_, e)| *e == 0),
+            "{name}: {:?}",
+            out.requests
+        );
+    }
+}
+
+#[test]
+fn refused_requests_get_qemus_errors() {
+    use nbd::proto::{cmd, err};
+    let out = nbd_server::run(&read("seeds", "nbd_server", "bitmap-on-ro.nbd"));
+    assert_eq!(
+        out.requests,
+        [
+            (cmd::BLOCK_STATUS, 0),
+            (cmd::BLOCK_STATUS, 0),
+            (cmd::TRIM, err::EPERM),
+            (cmd::WRITE_ZEROES, err::EPERM),
+            (cmd::WRITE, err::EPERM)
+        ]
+    );
+    let out = nbd_server::run(&read("seeds", "nbd_server", "flush-past-the-end.nbd"));
+    assert_eq!(out.requests.last(), Some(&(cmd::FLUSH, err::EINVAL)));
 }
