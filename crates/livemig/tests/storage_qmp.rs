@@ -1290,3 +1290,116 @@ fn a_ready_mirror_stopped_by_a_full_target_completes_after_resume_as_qemu() {
         assert!(got == want, "{} does not hold the write", m.0.display());
     }
 }
+
+/// `qemu-img` `args`' exit code and output.
+fn qemu_img(args: &[&str]) -> (i32, String) {
+    let out = std::process::Command::new("qemu-img")
+        .args(args)
+        .output()
+        .expect("cannot run qemu-img");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr),
+    )
+}
+
+/// The full-`tmpfs` scenario with a qcow2 target, whose clusters are allocated as the copy
+/// goes: the write that finds no room fails (ENOSPC), the job stops as QEMU 7.2's does, and
+/// once resumed after the `tmpfs` has grown it completes with a target that `qemu-img compare`
+/// finds equal to the source and `qemu-img check` finds as QEMU's own target.
+#[test]
+fn a_full_qcow2_target_stops_the_mirror_until_resumed_as_qemu() {
+    const T: &str = "a_full_qcow2_target_stops_the_mirror_until_resumed_as_qemu";
+    if !testkit::require(T, testkit::qemu()) {
+        return;
+    }
+    let (dir, _procs, mut q, mut l) = side_by_side();
+    let size = 8usize << 20;
+    let src = dir.path().join("src.raw");
+    let data: Vec<u8> = (0..size).map(|i| (i * 7 % 251) as u8 | 1).collect();
+    std::fs::write(&src, &data).unwrap();
+    both(
+        &mut q,
+        &mut l,
+        "blockdev-add",
+        json!({"driver": "raw", "node-name": "src",
+               "file": {"driver": "file", "filename": src.to_str().unwrap()}}),
+    );
+    let mut mounts = Vec::new();
+    for who in ["qemu", "lm"] {
+        match Tmpfs::mount(&dir.path().join(format!("fs-{who}")), "3m") {
+            Ok(m) => mounts.push(m),
+            Err(why) => {
+                println!("SKIP {T}: cannot mount a tmpfs ({why}); needs root");
+                return;
+            }
+        }
+    }
+    let images: Vec<String> = mounts
+        .iter()
+        .map(|m| m.0.join("tgt.qcow2").to_str().unwrap().to_string())
+        .collect();
+    for (c, img) in [(&mut q, &images[0]), (&mut l, &images[1])] {
+        run_ok("qemu-img", &["create", "-q", "-f", "qcow2", img, "8M"]);
+        c.ok(
+            "blockdev-add",
+            json!({"driver": "qcow2", "node-name": "tgt",
+                   "file": {"driver": "file", "filename": img}}),
+        );
+    }
+    both(
+        &mut q,
+        &mut l,
+        "blockdev-mirror",
+        json!({"job-id": "j0", "device": "src", "target": "tgt", "sync": "full",
+               "on-target-error": "stop", "granularity": 65536, "buf-size": 65536}),
+    );
+    let lm = job_events_until(&mut l, "j0", status_is("paused"));
+    let qemu = job_events_until(&mut q, "j0", status_is("paused"));
+    assert_eq!(lm, qemu, "livemig's events differ from QEMU's");
+    assert!(
+        qemu.contains(&json!({"event": "BLOCK_JOB_ERROR",
+            "data": {"device": "j0", "operation": "write", "action": "stop"}})),
+        "{qemu:?}"
+    );
+    let paused = jobs_without_progress(&mut q, &mut l, "query-block-jobs");
+    assert_eq!(paused["return"][0]["io-status"], "nospace", "{paused}");
+    for m in &mounts {
+        m.resize("16m");
+    }
+    both(&mut q, &mut l, "block-job-resume", json!({"device": "j0"}));
+    let ready = |e: &Value| e["event"] == "BLOCK_JOB_READY";
+    let lm = job_events_until(&mut l, "j0", ready);
+    let qemu = job_events_until(&mut q, "j0", ready);
+    assert_eq!(lm, qemu, "livemig's events differ from QEMU's");
+    both(
+        &mut q,
+        &mut l,
+        "block-job-complete",
+        json!({"device": "j0"}),
+    );
+    let lm = job_events_until(&mut l, "j0", status_is("null"));
+    let qemu = job_events_until(&mut q, "j0", status_is("null"));
+    assert_eq!(lm, qemu, "livemig's events differ from QEMU's");
+    // Completion moved nothing (no device on the source); close the targets to check them.
+    both(&mut q, &mut l, "blockdev-del", json!({"node-name": "tgt"}));
+    let checks: Vec<(i32, String)> = images
+        .iter()
+        .map(|img| {
+            let (code, out) = qemu_img(
+                &["compare", "-f", "raw", "-F", "qcow2"]
+                    .iter()
+                    .copied()
+                    .chain([src.to_str().unwrap(), img.as_str()])
+                    .collect::<Vec<_>>(),
+            );
+            assert_eq!(code, 0, "{img} differs from the source: {out}");
+            let (code, out) = qemu_img(&["check", "-f", "qcow2", img]);
+            (code, out.replace(img.as_str(), "IMG"))
+        })
+        .collect();
+    assert_eq!(
+        checks[1], checks[0],
+        "livemig's target checks unlike QEMU's"
+    );
+}

@@ -92,7 +92,15 @@ impl Qcow2Driver {
             return meta.set_l2(table, i, host | OFLAG_COPIED);
         }
         let new = meta.alloc_clusters(1)?;
-        self.file.child_write_at(new, data)?;
+        if let Err(e) = self.file.child_write_at(new, data) {
+            // Nothing references the new cluster yet: give it back, as QEMU's
+            // `qcow2_alloc_cluster_abort` does, or every failed write (a full file system)
+            // leaks one. The next allocation takes it again.
+            if let Err(f) = meta.free_now(new, meta.cs) {
+                log::warn!("qcow2: cannot free cluster {new:#x} after a failed write: {f}");
+            }
+            return Err(e);
+        }
         meta.set_l2(table, i, new | OFLAG_COPIED)?;
         // A shared or compressed cluster loses this reference.
         meta.free_entry_later(e);
