@@ -1695,6 +1695,8 @@ mod tests {
     struct Faults {
         data: Mutex<Vec<u8>>,
         fail: Mutex<Option<Fault>>,
+        /// Flushes fail with this errno until cleared.
+        flush_fails: Mutex<Option<Errno>>,
     }
 
     impl Faults {
@@ -1755,7 +1757,10 @@ mod tests {
             Ok(())
         }
         fn flush(&self) -> Result<(), BlockError> {
-            Ok(())
+            match *lock(&self.0.flush_fails) {
+                Some(e) => Err(BlockError::Io(e)),
+                None => Ok(()),
+            }
         }
         fn truncate(&self, _: u64) -> Result<(), BlockError> {
             Err(BlockError::ResizeUnsupported)
@@ -2010,5 +2015,46 @@ mod tests {
         m.resume(&j).unwrap();
         assert!(wait_for(&rx, "BLOCK_JOB_COMPLETED").get("error").is_none());
         assert!(*lock(&tgt.data) == *lock(&src.data));
+    }
+
+    /// The target is flushed before the job is called ready, as QEMU does, and a flush that
+    /// fails is a failed write for `on-target-error`: with `stop` the job pauses before ready
+    /// and flushes again once resumed; with `report` it fails.
+    #[test]
+    fn a_failed_flush_goes_to_the_target_error_policy() {
+        for policy in [OnError::Stop, OnError::Report] {
+            let (l, src, tgt) = faulty_layer();
+            *lock(&tgt.flush_fails) = Some(Errno::EIO);
+            let (m, rx) = manager(&l);
+            let mut c = cfg(&l, "j0", SyncMode::Full);
+            c.on_target_error = policy;
+            m.start_mirror(c).unwrap();
+            let action = if policy == OnError::Stop {
+                "stop"
+            } else {
+                "report"
+            };
+            assert_eq!(
+                wait_for(&rx, "BLOCK_JOB_ERROR"),
+                json!({"device": "j0", "operation": "write", "action": action})
+            );
+            if policy == OnError::Report {
+                assert_eq!(
+                    wait_for(&rx, "BLOCK_JOB_COMPLETED")["error"],
+                    "Input/output error"
+                );
+                continue;
+            }
+            assert_eq!(statuses_until(&rx, "paused"), ["paused"]);
+            let j = m.find("j0").unwrap();
+            assert_eq!(j.info()["io-status"], "failed");
+            assert_eq!(j.info()["offset"], FAULTY_SIZE, "everything was copied");
+            *lock(&tgt.flush_fails) = None;
+            m.resume(&j).unwrap();
+            wait_for(&rx, "BLOCK_JOB_READY");
+            m.complete("j0").unwrap();
+            assert!(wait_for(&rx, "BLOCK_JOB_COMPLETED").get("error").is_none());
+            assert!(*lock(&tgt.data) == *lock(&src.data));
+        }
     }
 }
