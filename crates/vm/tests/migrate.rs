@@ -107,6 +107,24 @@ fn incoming_completed(dst: &Side, what: &str) {
     );
 }
 
+/// Waits (30 s at most) until every vCPU of `vm` has taken more steps than in `before`. (A
+/// fixed 100 ms sleep assumed every vCPU thread had run by then, which a loaded machine need
+/// not grant.)
+fn wait_steps_beyond(vm: &Vm, before: &[u64]) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let now = vm.vcpu_steps();
+        if now.len() == before.len() && now.iter().zip(before).all(|(a, b)| a > b) {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the guest does not run: steps {before:?} -> {now:?}"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 /// Migrates `src` to `dst` over `uri` (the destination listens on `listen`) and checks what a
 /// user would check: both ends completed, RAM and bitmaps identical at the stop point, the
 /// vCPUs' state carried over, and the destination's guest carrying on from there.
@@ -115,7 +133,8 @@ fn migrate_and_check(src: &Side, dst: &Side, listen: &str, uri: &str) {
         .block_dirty_bitmap_add("d0", "b0", Some(65536), None, None)
         .unwrap();
     src.vm.as_ref().start_for_test();
-    std::thread::sleep(Duration::from_millis(100));
+    // The guest has written pages before the migration starts (`normal` pages to send).
+    wait_steps_beyond(&src.vm, &[0, 0]);
     dst.mig.incoming(listen).unwrap();
     let uri = match dst.mig.incoming_port() {
         Some(p) => uri.replace("PORT", &p.to_string()),
@@ -148,12 +167,7 @@ fn migrate_and_check(src: &Side, dst: &Side, listen: &str, uri: &str) {
     // The guest carries on at the destination from where it stopped.
     let before = dst.vm.vcpu_steps();
     dst.vm.as_ref().start_for_test();
-    std::thread::sleep(Duration::from_millis(100));
-    let after = dst.vm.vcpu_steps();
-    assert!(
-        after.iter().zip(&before).all(|(a, b)| a > b),
-        "{before:?} -> {after:?}"
-    );
+    wait_steps_beyond(&dst.vm, &before);
     dst.vm.shutdown();
     src.vm.shutdown();
 }
