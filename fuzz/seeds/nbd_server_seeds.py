@@ -4,8 +4,9 @@ option paths QEMU's tools never take, and requests they never send.
 
     nbd_server_seeds.py OUTDIR
 
-Each file is what a client sends to the harness's server (`fuzz_harness::nbd_server`: exports
-`node0`, writable, bitmap `b0`, and `ro`, read-only, bitmap `b1`, both 1 MiB).
+Each file is what a client sends to the harness's servers (`fuzz_harness::nbd_server`: exports
+`node0`, writable, bitmap `b0`, and `ro`, read-only, bitmap `b1`, both 1 MiB; and a server with
+TLS configured, which refuses everything before STARTTLS).
 """
 import os, struct, sys
 
@@ -91,6 +92,8 @@ seeds = {
     + req(STATUS, 0, 4096) + req(READ, 0, 16, DF) + req(DISC),
     "write-payload-cut": flags(3) + go() + req(WRITE, 0, 4096, 0, b"short"),
     "request-bad-magic": flags(3) + go() + req(FLUSH) + b"\0" * 28,
+    # What the harness's server with TLS configured refuses before STARTTLS, then ABORT.
+    "before-tls-abort": flags(3) + go() + option(STRUCTURED) + option(LIST) + option(ABORT),
 }
 
 out = sys.argv[1]

@@ -13,6 +13,10 @@
 //!
 //! Both are put back to their first contents and bitmaps before each input. The input is
 //! exactly what a client sends, so recorded sessions of QEMU's tools are seeds as they are.
+//! Each input is also served by a second server, started with `tls-creds` (a PSK) and no
+//! export, which must refuse every option before `STARTTLS` as QEMU's does (`ERR_TLS_REQD`;
+//! `EXPORT_NAME` and a malformed `STARTTLS` end the session; `STARTTLS` is acknowledged, and
+//! the handshake the input cannot complete ends it).
 //!
 //! Afterwards the harness decodes both directions on its own (it does not reuse the server's
 //! parsing) and checks:
@@ -79,6 +83,8 @@ fn pattern(export: usize) -> &'static [u8] {
 
 struct Fixture {
     server: NbdServer,
+    /// A server with `tls-creds` (PSK) and no export: what it does before TLS is fuzzed.
+    tls: NbdServer,
     nodes: [Arc<BlockNode>; 2],
     /// Whether `node0` may differ from its first contents (a previous input wrote to it).
     touched: bool,
@@ -154,8 +160,35 @@ impl Fixture {
             nodes.push(node);
         }
         let [rw, ro]: [Arc<BlockNode>; 2] = nodes.try_into().expect("two nodes");
+        // The key file is read at each handshake: one directory for every process, the same
+        // contents written each time.
+        let psk = dir.join("livemig-fuzz-nbd-psk");
+        let _ = std::fs::create_dir_all(&psk);
+        let tmp = psk.join(format!("keys.psk.{}", std::process::id()));
+        std::fs::write(&tmp, "qemu:00112233445566778899aabbccddeeff\n").expect("harness: psk");
+        std::fs::rename(&tmp, psk.join("keys.psk")).expect("harness: psk");
+        let objects = Arc::new(tls::Objects::new());
+        objects
+            .object_add_cmdline(&format!(
+                "tls-creds-psk,id=t0,endpoint=server,dir={}",
+                psk.display()
+            ))
+            .expect("harness: tls-creds-psk");
+        let tls = NbdServer::new();
+        tls.set_tls_objects(objects);
+        tls.start_with_tls(
+            &SocketAddress::Inet {
+                host: "127.0.0.1".into(),
+                port: "0".into(),
+            },
+            0,
+            Some("t0"),
+            None,
+        )
+        .expect("harness: nbd-server-start with tls-creds");
         Fixture {
             server,
+            tls,
             nodes: [rw, ro],
             touched: false,
             _layer: layer,
@@ -219,6 +252,9 @@ pub struct Outcome {
     pub extents: Vec<Status>,
     /// Bytes the server sent.
     pub replied: usize,
+    /// The same input to a server with TLS configured: each option it answered before TLS,
+    /// with the reply's type.
+    pub tls: Vec<(u32, u32)>,
 }
 
 /// Most bytes of the server's replies the harness keeps and decodes: reads of the whole export
@@ -244,6 +280,57 @@ pub fn run(data: &[u8]) -> Outcome {
 pub fn run_observed(data: &[u8], serving: fn(bool)) -> Outcome {
     let mut fx = fixture();
     fx.reset();
+    let (result, replies, whole) = session(&fx.server, data, serving);
+    let (tls_result, tls_replies, _) = session(&fx.tls, data, serving);
+    let tls = before_tls(data, &tls_replies, &tls_result);
+    if !whole {
+        // Too much to keep: the model and the decoding are skipped, node0 is restored.
+        fx.touched = true;
+        return Outcome {
+            result,
+            options: Vec::new(),
+            listed: Vec::new(),
+            contexts: Vec::new(),
+            export: None,
+            structured: false,
+            requests: Vec::new(),
+            extents: Vec::new(),
+            replied: MAX_REPLIES,
+            tls,
+        };
+    }
+    let mut model = Model::new();
+    let out = Session {
+        c: Bytes::new(data),
+        s: Bytes::new(&replies),
+        model: &mut model,
+        out: Outcome {
+            result,
+            options: Vec::new(),
+            listed: Vec::new(),
+            contexts: Vec::new(),
+            export: None,
+            structured: false,
+            requests: Vec::new(),
+            extents: Vec::new(),
+            replied: replies.len(),
+            tls,
+        },
+    }
+    .check();
+    fx.touched = model.touched;
+    model.check_disk(&fx.nodes[0]);
+    out
+}
+
+/// Serves `data` on one end of a socket pair, reading the replies on the other, and checks
+/// that the server ends in time and leaves nothing behind: `serve`'s result, the replies, and
+/// whether they were kept whole ([`MAX_REPLIES`]).
+fn session(
+    server: &NbdServer,
+    data: &[u8],
+    serving: fn(bool),
+) -> (Result<(), String>, Vec<u8>, bool) {
     let (srv, cli) = UnixStream::pair().expect("harness: socket pair");
     let ino = std::fs::metadata(format!("/proc/self/fd/{}", srv.as_raw_fd()))
         .expect("harness: stat socket")
@@ -280,7 +367,7 @@ pub fn run_observed(data: &[u8], serving: fn(bool)) -> Outcome {
         let _ = rtx.send((got, whole));
     });
     let (stx, srx) = std::sync::mpsc::channel();
-    let server = fx.server.clone();
+    let server = server.clone();
     // Unnamed: the threads the server itself starts are the `nbd-` ones.
     let serve_thread = std::thread::spawn(move || {
         serving(true);
@@ -316,42 +403,67 @@ pub fn run_observed(data: &[u8], serving: fn(bool)) -> Outcome {
     if let Err(e) = &result {
         assert!(!e.is_empty(), "an empty error");
     }
-    if !whole {
-        // Too much to keep: the model and the decoding are skipped, node0 is restored.
-        fx.touched = true;
-        return Outcome {
-            result,
-            options: Vec::new(),
-            listed: Vec::new(),
-            contexts: Vec::new(),
-            export: None,
-            structured: false,
-            requests: Vec::new(),
-            extents: Vec::new(),
-            replied: MAX_REPLIES,
+    (result, replies, whole)
+}
+
+/// Checks what a server with TLS configured answered before any TLS (QEMU's rules: every
+/// option but `STARTTLS` refused with `ERR_TLS_REQD`, `ABORT` then the end, `EXPORT_NAME` the
+/// end, `STARTTLS` acknowledged and then a handshake the input cannot complete); returns each
+/// option with its reply's type.
+fn before_tls(data: &[u8], replies: &[u8], result: &Result<(), String>) -> Vec<(u32, u32)> {
+    let mut c = Bytes::new(data);
+    let mut s = Bytes::new(replies);
+    let mut got = Vec::new();
+    assert_eq!(s.u64(), Some(NBDMAGIC), "TLS greeting: NBDMAGIC");
+    assert_eq!(s.u64(), Some(IHAVEOPT), "TLS greeting: IHAVEOPT");
+    assert!(s.u16().is_some(), "TLS greeting: flags");
+    let fixed = match c.u32() {
+        Some(f) if f & !3 == 0 => f & 1 != 0,
+        _ => {
+            assert_eq!(
+                s.left(),
+                0,
+                "TLS: the server went on after the client's flags"
+            );
+            return got;
+        }
+    };
+    loop {
+        let header = (c.u64(), c.u32(), c.u32());
+        let (Some(IHAVEOPT), Some(o), Some(len)) = header else {
+            break;
         };
+        let Some(d) = (len <= proto::MAX_OPTION_LENGTH)
+            .then(|| c.take(len as usize))
+            .flatten()
+        else {
+            break;
+        };
+        if o == opt::EXPORT_NAME || !fixed || (o == opt::STARTTLS && !d.is_empty()) {
+            assert!(
+                result.is_err(),
+                "TLS: option {o} before TLS did not end the session"
+            );
+            break;
+        }
+        assert_eq!(s.u64(), Some(REP_MAGIC), "TLS: reply to option {o}");
+        assert_eq!(s.u32(), Some(o), "TLS: a reply echoes its option");
+        let kind = s.u32().expect("TLS: reply type");
+        let n = s.u32().expect("TLS: reply length");
+        s.take(n as usize).expect("TLS: reply data");
+        got.push((o, kind));
+        if o == opt::STARTTLS {
+            assert_eq!(kind, rep::ACK, "TLS: STARTTLS");
+            // The rest is the handshake's: the server's own TLS records, if any.
+            return got;
+        }
+        assert_eq!(kind, rep::ERR_TLS_REQD, "TLS: option {o} before TLS");
+        if o == opt::ABORT {
+            break;
+        }
     }
-    let mut model = Model::new();
-    let out = Session {
-        c: Bytes::new(data),
-        s: Bytes::new(&replies),
-        model: &mut model,
-        out: Outcome {
-            result,
-            options: Vec::new(),
-            listed: Vec::new(),
-            contexts: Vec::new(),
-            export: None,
-            structured: false,
-            requests: Vec::new(),
-            extents: Vec::new(),
-            replied: replies.len(),
-        },
-    }
-    .check();
-    fx.touched = model.touched;
-    model.check_disk(&fx.nodes[0]);
-    out
+    assert_eq!(s.left(), 0, "TLS: the server sent more than its replies");
+    got
 }
 
 /// Descriptors of this process open on the socket with inode `ino`.

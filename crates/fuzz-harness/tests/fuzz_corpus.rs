@@ -628,3 +628,29 @@ fn refused_requests_get_qemus_errors() {
     let out = nbd_server::run(&read("seeds", "nbd_server", "flush-past-the-end.nbd"));
     assert_eq!(out.requests.last(), Some(&(cmd::FLUSH, err::EINVAL)));
 }
+
+#[test]
+fn a_tls_server_refuses_every_option_before_starttls() {
+    use nbd::proto::{opt, rep};
+    let out = nbd_server::run(&read("seeds", "nbd_server", "before-tls-abort.nbd"));
+    assert_eq!(
+        out.tls,
+        [
+            (opt::GO, rep::ERR_TLS_REQD),
+            (opt::STRUCTURED_REPLY, rep::ERR_TLS_REQD),
+            (opt::LIST, rep::ERR_TLS_REQD),
+            (opt::ABORT, rep::ERR_TLS_REQD)
+        ]
+    );
+    // The same options to the plain server: GO enters transmission.
+    assert_eq!(out.export.as_deref(), Some("node0"));
+    let out = nbd_server::run(&read("seeds", "nbd_server", "options-then-abort.nbd"));
+    assert_eq!(
+        out.tls,
+        [
+            (opt::LIST, rep::ERR_TLS_REQD),
+            (opt::LIST, rep::ERR_TLS_REQD),
+            (opt::STARTTLS, rep::ACK)
+        ]
+    );
+}
