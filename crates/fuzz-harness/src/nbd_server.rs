@@ -26,8 +26,9 @@
 //!   the contents of `LIST`, `INFO`/`GO` and the meta-context replies are the exports', and
 //!   `GO`/`EXPORT_NAME` of an export enters transmission with its size and flags;
 //! - the server disconnects only where the client broke the framing (bad magic, a payload cut
-//!   short, an option too long, an unknown export by `EXPORT_NAME`, no fixed newstyle), asked
-//!   to (`ABORT`, `DISC`), or ended;
+//!   short, an option too long, an unknown export by `EXPORT_NAME`, no fixed newstyle, a write
+//!   over the maximum buffer size, after its error reply), asked to (`ABORT`, `DISC`), or
+//!   ended;
 //! - every request gets one reply with its handle, simple or structured as negotiated; a
 //!   request outside the export, with flags its command does not take, of an unknown type,
 //!   writing to the read-only export, or a block status nothing was negotiated for fails;
@@ -941,6 +942,25 @@ impl<'a> Session<'a> {
                 return;
             }
             let mut payload: &[u8] = &[];
+            if kind == cmd::WRITE && len > proto::MAX_BUFFER_SIZE {
+                // Refused unread (QEMU's rule): the reply, then the end.
+                let r = Req {
+                    flags,
+                    kind,
+                    handle,
+                    offset,
+                    len,
+                };
+                let err = self.reply(e, &r, active, true);
+                assert!(err != 0, "a write over the maximum buffer size succeeded");
+                self.out.requests.push((kind, err));
+                self.ended("a write over the maximum buffer size");
+                assert!(
+                    self.out.result.is_err(),
+                    "an oversized write did not end the session"
+                );
+                return;
+            }
             if kind == cmd::WRITE {
                 let Some(p) = self.c.take(len as usize) else {
                     self.ended("a write's payload cut short");
@@ -995,9 +1015,6 @@ impl<'a> Session<'a> {
         );
         if !known {
             return Some("an unknown request type");
-        }
-        if r.kind == cmd::WRITE && r.len > proto::MAX_BUFFER_SIZE {
-            return Some("a write over the maximum buffer size");
         }
         if e == 1 && matches!(r.kind, cmd::WRITE | cmd::WRITE_ZEROES | cmd::TRIM) {
             return Some("a write to the read-only export");

@@ -343,19 +343,6 @@ pub fn read_vec(
     Ok(v)
 }
 
-/// Reads and throws away `len` bytes (a payload the reader will not use).
-pub fn skip(r: &mut impl Read, len: u64, what: &'static str) -> Result<(), ProtoError> {
-    let copied = io::copy(&mut r.by_ref().take(len), &mut io::sink())
-        .map_err(|source| ProtoError::Io { what, source })?;
-    if copied != len {
-        return Err(ProtoError::Io {
-            what,
-            source: io::Error::from(io::ErrorKind::UnexpectedEof),
-        });
-    }
-    Ok(())
-}
-
 /// A cursor over a received payload: every read is checked against what is left.
 #[derive(Debug)]
 pub struct Cursor<'a> {

@@ -53,10 +53,12 @@ pub(super) fn transmission(
             return Ok(());
         }
         // A write's payload follows its header whatever we think of the request: read it
-        // first so the stream stays in step (an oversized one is skipped, then refused).
+        // first so the stream stays in step (an oversized one is refused unread, and the
+        // client disconnected).
         if req.kind == cmd::WRITE {
             if req.len > proto::MAX_BUFFER_SIZE {
-                proto::skip(&mut c.r, u64::from(req.len), "write payload")?;
+                // Refused before its payload is read, which leaves the stream out of step: as
+                // QEMU 7.2's server, answer, then disconnect.
                 send_error(
                     c,
                     neg,
@@ -70,7 +72,9 @@ pub(super) fn transmission(
                         ),
                     ),
                 )?;
-                continue;
+                return Err(ProtoError::Protocol(
+                    "Request handling failed in intermediate state".into(),
+                ));
             }
             // The buffer grows with what arrives, not with what the header announced: a
             // client that announces 32 MiB and sends a few bytes costs a few bytes.
