@@ -1403,3 +1403,247 @@ fn a_full_qcow2_target_stops_the_mirror_until_resumed_as_qemu() {
         "livemig's target checks unlike QEMU's"
     );
 }
+
+/// A `qemu-nbd` serving the raw `image` as export `src` on `sock` to up to four clients at
+/// once, until killed (when dropped).
+struct PlainNbd(std::process::Child);
+
+impl PlainNbd {
+    fn start(image: &Path, sock: &Path) -> PlainNbd {
+        let _ = std::fs::remove_file(sock);
+        let child = std::process::Command::new("qemu-nbd")
+            .arg("-k")
+            .arg(sock)
+            .args(["-t", "-e", "4", "-x", "src", "-f", "raw"])
+            .arg(image)
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("cannot start qemu-nbd");
+        let deadline = std::time::Instant::now() + TIMEOUT;
+        while !sock.exists() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "qemu-nbd never listened"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        PlainNbd(child)
+    }
+
+    /// The server is killed (`SIGKILL`: its clients' next requests find the socket closed).
+    fn kill(mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for PlainNbd {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The lines `qemu-io` printed (to the process's standard output), its timing lines cut to
+/// what is not a measurement; the processes' own messages left out.
+fn qemu_io_lines(log: &str) -> Vec<String> {
+    log.lines()
+        .filter(|l| !l.starts_with("livemig: ") && !l.starts_with("qemu-system-x86_64: "))
+        .map(|l| match l.split_once(" ops; ") {
+            Some((head, _)) => format!("{head} ops; TIMING"),
+            None => l.to_string(),
+        })
+        .collect()
+}
+
+/// An `nbd` node whose server (`qemu-nbd`) is killed and started again on the same socket,
+/// side by side with QEMU 7.2 (`qemu-io` reads through HMP; what they print is compared once
+/// both processes quit, since QEMU's standard output is a file's, flushed at exit):
+/// - `reconnect-delay` 0 (node `d0`): a read while the server is down fails (`EIO`), so does
+///   the next (its reconnect attempt does not wait, it starts the connecting in the
+///   background); a read after the server is back succeeds;
+/// - `reconnect-delay` 2 (node `d1`): a read issued while the server is down waits and
+///   succeeds once it is back half a second later; with the server down for good, a read
+///   fails after the 2 s, the next fails at once, and once the server is back reads succeed.
+///
+/// Before, livemig's node failed every request after the first break, forever.
+#[test]
+fn an_nbd_node_reconnects_as_qemu() {
+    const T: &str = "an_nbd_node_reconnects_as_qemu";
+    if !testkit::require(T, testkit::programs(&["qemu-system-x86_64", "qemu-nbd"])) {
+        return;
+    }
+    let (dir, (mut qp, mut lp), mut q, mut l) = side_by_side();
+    let image = dir.path().join("src.raw");
+    std::fs::write(&image, vec![1u8; 1 << 20]).unwrap();
+    let socks = [dir.path().join("q.sock"), dir.path().join("l.sock")];
+    let mut servers: Vec<PlainNbd> = socks.iter().map(|s| PlainNbd::start(&image, s)).collect();
+    for (c, sock) in [(&mut q, &socks[0]), (&mut l, &socks[1])] {
+        for (node, delay) in [("d0", 0), ("d1", 2)] {
+            c.ok(
+                "blockdev-add",
+                json!({"driver": "nbd", "node-name": node, "export": "src",
+                       "reconnect-delay": delay,
+                       "server": {"type": "unix", "path": sock.to_str().unwrap()}}),
+            );
+        }
+    }
+    let read = |c: &mut QmpClient, node: &str| {
+        let t = std::time::Instant::now();
+        let r = c.hmp(&format!("qemu-io {node} \"read -P 1 0 4k\""));
+        assert_eq!(r, "", "qemu-io {node}");
+        t.elapsed()
+    };
+    let restart = |servers: &mut Vec<PlainNbd>| {
+        for s in servers.drain(..) {
+            s.kill();
+        }
+    };
+    let both_read =
+        |q: &mut QmpClient, l: &mut QmpClient, node: &str| (read(q, node), read(l, node));
+    // reconnect-delay 0.
+    both_read(&mut q, &mut l, "d0");
+    restart(&mut servers);
+    both_read(&mut q, &mut l, "d0");
+    both_read(&mut q, &mut l, "d0");
+    servers = socks.iter().map(|s| PlainNbd::start(&image, s)).collect();
+    std::thread::sleep(std::time::Duration::from_millis(2500));
+    both_read(&mut q, &mut l, "d0");
+    // reconnect-delay 2: back within the delay, for each process in turn.
+    restart(&mut servers);
+    for (c, sock) in [(&mut q, &socks[0]), (&mut l, &socks[1])] {
+        let (image, sock) = (image.clone(), sock.clone());
+        let back = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(500));
+            PlainNbd::start(&image, &sock)
+        });
+        let took = read(c, "d1");
+        servers.push(back.join().unwrap());
+        assert!(took >= std::time::Duration::from_millis(400), "{took:?}");
+    }
+    // Down for longer than the delay.
+    restart(&mut servers);
+    let (a, b) = both_read(&mut q, &mut l, "d1");
+    for t in [a, b] {
+        assert!(t >= std::time::Duration::from_millis(1900), "{a:?} {b:?}");
+    }
+    let (a, b) = both_read(&mut q, &mut l, "d1");
+    for t in [a, b] {
+        assert!(t < std::time::Duration::from_millis(1000), "{a:?} {b:?}");
+    }
+    servers = socks.iter().map(|s| PlainNbd::start(&image, s)).collect();
+    std::thread::sleep(std::time::Duration::from_millis(3500));
+    both_read(&mut q, &mut l, "d1");
+    for (p, c) in [(&mut qp, &mut q), (&mut lp, &mut l)] {
+        c.ok("quit", json!({}));
+        assert_eq!(p.wait_exit(TIMEOUT), Some(0));
+    }
+    let (theirs, ours) = (qemu_io_lines(&qp.log()), qemu_io_lines(&lp.log()));
+    let ok = |n: usize| {
+        theirs
+            .get(n)
+            .is_some_and(|l| l.starts_with("read 4096/4096"))
+    };
+    let failed = |n: usize| {
+        theirs
+            .get(n)
+            .is_some_and(|l| l == "read failed: Input/output error")
+    };
+    // d0: read, two failures, read; d1: read; failure, failure, read.
+    assert!(
+        ok(0) && failed(2) && failed(3) && ok(4) && ok(6) && failed(8) && failed(9) && ok(10),
+        "{theirs:#?}"
+    );
+    assert_eq!(ours, theirs);
+    drop(servers);
+}
+
+/// `open-timeout`, side by side with QEMU 7.2: a `blockdev-add` to a socket nobody listens
+/// on yet succeeds when the server comes up within the timeout (the node then reads); past
+/// the timeout it fails with the last attempt's error; without one, it fails at once. Values
+/// out of range are refused with QEMU's messages. Before, livemig accepted the member and
+/// made one attempt.
+#[test]
+fn an_nbd_open_waits_for_the_server_up_to_open_timeout_as_qemu() {
+    const T: &str = "an_nbd_open_waits_for_the_server_up_to_open_timeout_as_qemu";
+    if !testkit::require(T, testkit::programs(&["qemu-system-x86_64", "qemu-nbd"])) {
+        return;
+    }
+    let (dir, (mut qp, mut lp), mut q, mut l) = side_by_side();
+    let image = dir.path().join("src.raw");
+    std::fs::write(&image, vec![1u8; 1 << 20]).unwrap();
+    let mut servers = Vec::new();
+    for (c, who) in [(&mut q, "q"), (&mut l, "l")] {
+        let sock = dir.path().join(format!("{who}.sock"));
+        let (im, so) = (image.clone(), sock.clone());
+        let up = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(300));
+            PlainNbd::start(&im, &so)
+        });
+        let t = std::time::Instant::now();
+        c.ok(
+            "blockdev-add",
+            json!({"driver": "nbd", "node-name": "d0", "export": "src", "open-timeout": 10,
+                   "server": {"type": "unix", "path": sock.to_str().unwrap()}}),
+        );
+        assert!(
+            t.elapsed() >= std::time::Duration::from_millis(250),
+            "{who}"
+        );
+        servers.push(up.join().unwrap());
+        assert_eq!(c.hmp("qemu-io d0 \"read -P 1 0 4k\""), "");
+    }
+    let none = dir.path().join("none.sock");
+    let server = json!({"type": "unix", "path": none.to_str().unwrap()});
+    for timeout in [0, 1] {
+        let mut took = Vec::new();
+        for c in [&mut q, &mut l] {
+            let t = std::time::Instant::now();
+            let r = outcome(
+                c,
+                "blockdev-add",
+                &json!({"driver": "nbd", "node-name": "d1", "export": "src",
+                        "open-timeout": timeout, "server": server}),
+            );
+            took.push(t.elapsed());
+            assert_eq!(
+                r["error"],
+                format!(
+                    "Failed to connect to '{}': No such file or directory",
+                    none.display()
+                ),
+            );
+        }
+        for t in &took {
+            if timeout == 0 {
+                assert!(*t < std::time::Duration::from_millis(900), "{took:?}");
+            } else {
+                assert!(*t >= std::time::Duration::from_millis(900), "{took:?}");
+            }
+        }
+    }
+    for (key, value) in [
+        ("open-timeout", json!(-1)),
+        ("open-timeout", json!(4294967296u64)),
+        ("open-timeout", json!("x")),
+        ("reconnect-delay", json!(1.5)),
+        ("reconnect-delay", json!(true)),
+        ("reconnect-delay", json!(-1)),
+    ] {
+        let mut args = json!({"driver": "nbd", "node-name": "d2", "export": "src",
+                              "server": server});
+        args[key] = value;
+        both(&mut q, &mut l, "blockdev-add", args);
+    }
+    for (p, c) in [(&mut qp, &mut q), (&mut lp, &mut l)] {
+        c.ok("quit", json!({}));
+        assert_eq!(p.wait_exit(TIMEOUT), Some(0));
+    }
+    let (theirs, ours) = (qemu_io_lines(&qp.log()), qemu_io_lines(&lp.log()));
+    assert!(theirs
+        .iter()
+        .all(|l| l.starts_with("read 4096/4096") || l.contains("ops;")));
+    assert_eq!(theirs.len(), 2, "{theirs:?}");
+    assert_eq!(ours, theirs);
+    drop(servers);
+}

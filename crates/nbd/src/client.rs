@@ -3,7 +3,9 @@
 //! `nbd` block driver that `blockdev-add` opens through the block layer's driver registry.
 //!
 //! Requests are sent one at a time on one connection (the connection's mutex is held for the
-//! request and its reply, which is the driver's own lock and waits only for the server).
+//! request and its reply, which is the driver's own lock and waits only for the server, or,
+//! while the connection is being made again, for as long as `reconnect-delay` allows).
+//! Reconnection, `reconnect-delay` and `open-timeout` are QEMU 7.2's: see the `reconnect` module.
 //! Everything the server sends is checked: magic numbers, cookies, chunk lengths against the
 //! request, offsets inside the requested range.
 //!
@@ -14,6 +16,7 @@
 
 use crate::address::SocketAddress;
 use crate::proto::{self, cflag, chunk, cmd, info, opt, rep, tflag, Cursor, ProtoError, Request};
+use crate::reconnect::{Breakage, Conn, ConnectFn, Connector, Link, Wait};
 use block::driver::{BlockDriver, DriverInfo, FilenameInfo};
 use block::{BlockError, BlockLayer, BlockNode};
 use net::Stream;
@@ -22,6 +25,7 @@ use serde_json::{json, Map, Value};
 use std::io::{BufReader, BufWriter, Read, Write};
 use std::os::fd::AsFd;
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 /// Largest option reply the client accepts.
 const MAX_OPTION_REPLY: u64 = 64 << 10;
@@ -71,9 +75,9 @@ pub struct NbdClient {
     flags: u16,
     structured: bool,
     max_block: u32,
-    /// The connection broke or the server broke the protocol: it is out of step and must not
-    /// be used again.
-    broken: bool,
+    /// The connection broke (`Io`) or the server broke the protocol (`Fatal`): it is out of
+    /// step and must not be used again.
+    broken: Option<Breakage>,
     meta_context_id: Option<u32>,
     next_handle: u64,
 }
@@ -125,7 +129,7 @@ impl NbdClient {
             flags: 0,
             structured: false,
             max_block: proto::MAX_BUFFER_SIZE,
-            broken: false,
+            broken: None,
             meta_context_id: None,
             next_handle: 1,
         };
@@ -669,7 +673,7 @@ impl NbdClient {
     }
 
     /// Turns a reply into the request's result; a broken connection marks the client unusable
-    /// and fails with `EIO`, as QEMU's driver does without `reconnect-delay`.
+    /// (how it broke tells the driver whether to reconnect) and fails with `EIO`.
     fn finish(
         &mut self,
         r: Result<Result<(), (u32, String)>, ProtoError>,
@@ -679,8 +683,11 @@ impl NbdClient {
             Ok(Err((code, _msg))) => {
                 Err(BlockError::Io(Errno::from_raw(proto::nbd_to_errno(code))))
             }
-            Err(_) => {
-                self.broken = true;
+            Err(e) => {
+                self.broken = Some(match e {
+                    ProtoError::Io { .. } => Breakage::Io,
+                    _ => Breakage::Fatal,
+                });
                 Err(BlockError::Io(Errno::EIO))
             }
         }
@@ -688,7 +695,7 @@ impl NbdClient {
 
     /// Whether the connection is unusable.
     pub fn is_broken(&self) -> bool {
-        self.broken
+        self.broken.is_some()
     }
 
     /// Sends `NBD_CMD_DISC`.
@@ -698,9 +705,49 @@ impl NbdClient {
     }
 }
 
+impl Conn for NbdClient {
+    fn breakage(&self) -> Option<Breakage> {
+        self.broken
+    }
+    fn close(self) {
+        self.disconnect();
+    }
+}
+
+/// How the `nbd` driver times its connections (`BlockdevOptionsNbd`'s members of that name).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Timing {
+    /// `reconnect-delay`: how long requests wait for a broken connection to be made again
+    /// before they fail (zero: they do not wait).
+    pub reconnect_delay: Duration,
+    /// `open-timeout`: how long the open retries its first connection (zero: one attempt).
+    pub open_timeout: Duration,
+}
+
+/// QEMU's first pause between connection attempts.
+const RETRY_PAUSE: Duration = Duration::from_secs(1);
+
+/// QEMU's text for a failed connect: the address as QEMU writes it and the system's error.
+fn connect_error(addr: &SocketAddress, e: &ProtoError) -> String {
+    let at = match addr {
+        SocketAddress::Unix(p) => p.display().to_string(),
+        SocketAddress::Inet { host, port } => format!("{host}:{port}"),
+    };
+    match e {
+        ProtoError::Io {
+            what: "connect",
+            source,
+        } => match source.raw_os_error() {
+            Some(n) => format!("Failed to connect to '{at}': {}", Errno::from_raw(n).desc()),
+            None => format!("Failed to connect to '{at}': {source}"),
+        },
+        e => format!("Failed to connect to '{at}': {e}"),
+    }
+}
+
 /// The `nbd` block driver: a node whose bytes live in a remote export.
 pub struct NbdDriver {
-    conn: Mutex<Option<NbdClient>>,
+    conn: Mutex<Link<NbdClient>>,
     size: u64,
     addr: SocketAddress,
     export: String,
@@ -720,26 +767,61 @@ impl std::fmt::Debug for NbdDriver {
 
 impl NbdDriver {
     /// Connects to `export` at `addr`, inside TLS when `tls` gives client credentials (and
-    /// the name the server's certificate must carry).
+    /// the name the server's certificate must carry), with QEMU's defaults for the timing
+    /// (one attempt; requests do not wait for a reconnect).
     pub fn open(
         addr: SocketAddress,
         export: &str,
         read_only: bool,
         tls: Option<(Arc<tls::TlsCreds>, Option<String>)>,
     ) -> Result<Self, BlockError> {
+        Self::open_timed(addr, export, read_only, tls, Timing::default())
+    }
+
+    /// [`open`](Self::open) with `reconnect-delay` and `open-timeout` as `timing` says.
+    pub fn open_timed(
+        addr: SocketAddress,
+        export: &str,
+        read_only: bool,
+        tls: Option<(Arc<tls::TlsCreds>, Option<String>)>,
+        timing: Timing,
+    ) -> Result<Self, BlockError> {
         let opts = ConnectOptions {
             export: export.to_string(),
             meta_context: None,
             tls,
         };
-        let c = NbdClient::connect(&addr, &opts)
-            .map_err(|e| BlockError::Driver(format!("Failed to connect to '{addr}': {e}")))?;
-        if !read_only && c.flags() & tflag::READ_ONLY != 0 {
-            return Err(BlockError::Driver("NBD export is read-only".to_string()));
+        let at = addr.clone();
+        let connect: ConnectFn<NbdClient> =
+            Arc::new(move || NbdClient::connect(&at, &opts).map_err(|e| connect_error(&at, &e)));
+        let connector = Connector::new(connect, RETRY_PAUSE);
+        let wait = if timing.open_timeout.is_zero() {
+            Wait::Done
+        } else {
+            connector.enable_retry();
+            Wait::Until(Instant::now() + timing.open_timeout)
+        };
+        let c = connector.establish(wait).map_err(BlockError::Driver)?;
+        // As QEMU's nbd_handle_updated_info, at the open and at every reconnect.
+        let check = move |c: &NbdClient| {
+            if !read_only && c.flags() & tflag::READ_ONLY != 0 {
+                Err("NBD export is read-only".to_string())
+            } else {
+                Ok(())
+            }
+        };
+        if let Err(e) = check(&c) {
+            c.disconnect();
+            return Err(BlockError::Driver(e));
         }
         Ok(NbdDriver {
             size: c.size(),
-            conn: Mutex::new(Some(c)),
+            conn: Mutex::new(Link::new(
+                c,
+                timing.reconnect_delay,
+                connector,
+                Box::new(check),
+            )),
             addr,
             export: export.to_string(),
             read_only,
@@ -821,22 +903,41 @@ impl NbdDriver {
                 "x-dirty-bitmap is not supported by this nbd driver".into(),
             ));
         }
-        let mut d = Self::open(addr, &export, read_only, tls)?;
+        let seconds = |key: &str| -> Result<Duration, BlockError> {
+            let n = match m.get(key) {
+                None => return Ok(Duration::ZERO),
+                Some(Value::Number(n)) => n.as_u64().or_else(|| n.as_i64().map(|_| u64::MAX)),
+                Some(Value::String(s)) => block::options::parse_c_u64(s),
+                Some(_) => None,
+            };
+            let n = n.ok_or_else(|| BlockError::InvalidParameterValue {
+                name: key.into(),
+                expected: "uint64".into(),
+            })?;
+            let n = u32::try_from(n).map_err(|_| BlockError::InvalidParameterValue {
+                name: key.into(),
+                expected: "uint32_t".into(),
+            })?;
+            Ok(Duration::from_secs(u64::from(n)))
+        };
+        let timing = Timing {
+            reconnect_delay: seconds("reconnect-delay")?,
+            open_timeout: seconds("open-timeout")?,
+        };
+        let mut d = Self::open_timed(addr, &export, read_only, tls, timing)?;
         d.tls_ids = creds_id.map(|c| (c, hostname));
         Ok(d)
     }
 
     fn with<R>(
         &self,
-        f: impl FnOnce(&mut NbdClient) -> Result<R, BlockError>,
+        f: impl FnMut(&mut NbdClient) -> Result<R, BlockError>,
     ) -> Result<R, BlockError> {
-        let mut g = self.conn.lock().unwrap_or_else(PoisonError::into_inner);
-        let c = g.as_mut().ok_or(BlockError::Io(Errno::EIO))?;
-        let r = f(c);
-        if c.is_broken() {
-            *g = None;
-        }
-        r
+        // A request that met a broken connection may run again on the next one.
+        self.conn
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .run(f)
     }
 }
 

@@ -15,7 +15,7 @@
 //! requires); the client (the `nbd` driver) takes `tls-creds`/`tls-hostname` as QEMU's does.
 //!
 //! Not implemented: `NBD_OPT_EXTENDED_HEADERS`, `qemu:allocation-depth`, real
-//! allocation in `base:allocation` (every extent reads as data), reconnection.
+//! allocation in `base:allocation` (every extent reads as data).
 // A library does not print: it logs (`log`), and the binary decides where that goes.
 #![cfg_attr(not(test), deny(clippy::print_stderr, clippy::print_stdout))]
 #![forbid(unsafe_code)]
@@ -28,8 +28,9 @@ pub mod address;
 pub mod client;
 pub mod proto;
 pub mod qmp;
+mod reconnect;
 pub mod server;
 
 pub use address::SocketAddress;
-pub use client::{register_driver, NbdClient, NbdDriver};
+pub use client::{register_driver, NbdClient, NbdDriver, Timing};
 pub use server::{ExportConfig, ExportError, NbdServer};
