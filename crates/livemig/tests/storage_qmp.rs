@@ -1647,3 +1647,46 @@ fn an_nbd_open_waits_for_the_server_up_to_open_timeout_as_qemu() {
     assert_eq!(ours, theirs);
     drop(servers);
 }
+
+/// `base` with the members of `extra` added.
+fn with(base: Value, extra: Value) -> Value {
+    let mut o = base;
+    for (k, v) in extra.as_object().unwrap() {
+        o[k] = v.clone();
+    }
+    o
+}
+
+/// The deprecated `loaded` member of the TLS credentials: QEMU 7.2's schema takes it, but the
+/// property has no setter, so object-add fails with any value. livemig took it and dropped it.
+#[test]
+fn tls_creds_loaded_is_refused_as_qemu() {
+    if !testkit::require("tls_creds_loaded_is_refused_as_qemu", testkit::qemu()) {
+        return;
+    }
+    let (_dir, _procs, mut q, mut l) = side_by_side();
+    for (qom_type, extra) in [
+        ("tls-creds-psk", json!({"endpoint": "server"})),
+        ("tls-creds-x509", json!({})),
+    ] {
+        for loaded in [true, false] {
+            let args = with(
+                json!({"qom-type": qom_type, "id": "t0", "dir": "/nonexistent",
+                       "loaded": loaded}),
+                extra.clone(),
+            );
+            let r = both(&mut q, &mut l, "object-add", args);
+            assert_eq!(
+                r["error"],
+                format!("Property '{qom_type}.loaded' is not writable")
+            );
+        }
+    }
+    // The id is checked first.
+    both(
+        &mut q,
+        &mut l,
+        "object-add",
+        json!({"qom-type": "tls-creds-x509", "id": "0t", "loaded": true}),
+    );
+}

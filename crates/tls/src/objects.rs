@@ -224,6 +224,21 @@ const PRIORITY_REFUSED: &str = "Property 'priority' is not supported by livemig:
                                 priority string, and livemig's TLS negotiates TLS 1.3/1.2 with \
                                 its own safe defaults";
 
+/// QEMU 7.2's schema still has the deprecated `loaded` member, but the property behind it has
+/// no setter: `user_creatable_add_type` refuses any value once the id has passed
+/// `id_wellformed` and before it looks for a duplicate. Refused the same way here.
+fn refuse_loaded(qom_type: &str, id: &str, loaded: Option<bool>) -> Result<(), QmpError> {
+    if loaded.is_none() {
+        return Ok(());
+    }
+    if !id_wellformed(id) {
+        return Err(generic("Parameter 'id' expects an identifier"));
+    }
+    Err(generic(format!(
+        "Property '{qom_type}.loaded' is not writable"
+    )))
+}
+
 /// Checks the properties (QAPI's visit), then the id and duplicates (`precheck`), then
 /// completes the object (loads files) — QEMU's order.
 fn build(
@@ -238,10 +253,11 @@ fn build(
             let dir = args.opt_str("dir")?;
             let endpoint = args.opt_enum("endpoint", &Endpoint::NAMES)?;
             let priority = args.opt_str("priority")?;
-            let _loaded = args.opt_bool("loaded")?;
+            let loaded = args.opt_bool("loaded")?;
             let sanity = args.opt_bool("sanity-check")?;
             let passwordid = args.opt_str("passwordid")?;
             args.finish()?;
+            refuse_loaded(qom_type, id, loaded)?;
             precheck(())?;
             if priority.is_some() {
                 return Err(generic(PRIORITY_REFUSED));
@@ -272,9 +288,10 @@ fn build(
             let dir = args.opt_str("dir")?;
             let endpoint = args.opt_enum("endpoint", &Endpoint::NAMES)?;
             let priority = args.opt_str("priority")?;
-            let _loaded = args.opt_bool("loaded")?;
+            let loaded = args.opt_bool("loaded")?;
             let username = args.opt_str("username")?;
             args.finish()?;
+            refuse_loaded(qom_type, id, loaded)?;
             precheck(())?;
             if priority.is_some() {
                 return Err(generic(PRIORITY_REFUSED));
