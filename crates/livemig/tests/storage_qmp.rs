@@ -1648,6 +1648,27 @@ fn an_nbd_open_waits_for_the_server_up_to_open_timeout_as_qemu() {
     drop(servers);
 }
 
+/// `cmd` with `args`: QEMU 7.2 acts on it (and returns `{}`); livemig, which does not build
+/// what it asks for, refuses it with `msg` rather than take it and do nothing.
+fn refused_where_qemu_acts(
+    q: &mut QmpClient,
+    l: &mut QmpClient,
+    cmd: &str,
+    args: Value,
+    msg: &str,
+) {
+    assert_eq!(
+        outcome(q, cmd, &args),
+        json!({"return": {}}),
+        "QEMU {cmd} {args}"
+    );
+    assert_eq!(
+        outcome(l, cmd, &args),
+        json!({"error": msg, "class": "GenericError"}),
+        "{cmd} {args}"
+    );
+}
+
 /// `base` with the members of `extra` added.
 fn with(base: Value, extra: Value) -> Value {
     let mut o = base;
@@ -1689,4 +1710,64 @@ fn tls_creds_loaded_is_refused_as_qemu() {
         "object-add",
         json!({"qom-type": "tls-creds-x509", "id": "0t", "loaded": true}),
     );
+}
+
+/// blockdev-add members livemig took and dropped: `pr-manager` (no such manager can exist
+/// here, so the reply is QEMU's), and what QEMU's qcow2 and file drivers act on that livemig's
+/// do not (refused by name; the values livemig acts like QEMU on are still taken).
+#[test]
+fn blockdev_add_refuses_what_the_block_layer_does_not_build() {
+    if !testkit::require(
+        "blockdev_add_refuses_what_the_block_layer_does_not_build",
+        testkit::qemu(),
+    ) {
+        return;
+    }
+    let (dir, _procs, mut q, mut l) = side_by_side();
+    let img = dir.path().join("a.qcow2");
+    run_ok(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", img.to_str().unwrap(), "1M"],
+    );
+    let raw = dir.path().join("b.raw");
+    std::fs::write(&raw, vec![0u8; 1 << 20]).unwrap();
+    let (img, raw) = (img.to_str().unwrap(), raw.to_str().unwrap());
+    let r = both(
+        &mut q,
+        &mut l,
+        "blockdev-add",
+        json!({"driver": "file", "node-name": "f0", "filename": raw, "pr-manager": "pr0"}),
+    );
+    assert_eq!(
+        r["error"],
+        "No persistent reservation manager with id 'pr0'"
+    );
+
+    let mut n = 0;
+    let mut node = |extra: Value| {
+        n += 1;
+        with(
+            json!({"driver": "qcow2", "node-name": format!("q{n}"),
+                   "file": {"driver": "file", "filename": img, "locking": "off"}}),
+            extra,
+        )
+    };
+    let refusals = [
+        (json!({"pass-discard-request": true}), "pass-discard-request=on is not supported by this block layer (a discard frees qcow2 clusters, and is not passed to the image file)"),
+        (json!({"pass-discard-other": true}), "pass-discard-other=on is not supported by this block layer (freed qcow2 clusters are not discarded in the image file)"),
+        (json!({"overlap-check": "all"}), "overlap-check=all is not supported by this block layer (it makes no metadata overlap checks: overlap-check=none)"),
+        (json!({"overlap-check": "cached"}), "overlap-check=cached is not supported by this block layer (it makes no metadata overlap checks: overlap-check=none)"),
+        (json!({"file": {"driver": "file", "filename": img, "locking": "off", "x-check-cache-dropped": true}}), "x-check-cache-dropped=on is not supported by this block layer (it has no page-cache residency check)"),
+    ];
+    for (extra, msg) in refusals {
+        refused_where_qemu_acts(&mut q, &mut l, "blockdev-add", node(extra), msg);
+    }
+    for extra in [
+        json!({"pass-discard-request": false, "pass-discard-other": false,
+               "pass-discard-snapshot": true, "overlap-check": "none"}),
+        json!({"file": {"driver": "file", "filename": img, "locking": "off",
+                        "x-check-cache-dropped": false}}),
+    ] {
+        both(&mut q, &mut l, "blockdev-add", node(extra));
+    }
 }
