@@ -1771,3 +1771,60 @@ fn blockdev_add_refuses_what_the_block_layer_does_not_build() {
         both(&mut q, &mut l, "blockdev-add", node(extra));
     }
 }
+
+/// block-export-add members livemig took and dropped: `iothread` (livemig has none, so the
+/// reply is QEMU's), `writethrough` and `allocation-depth` (refused by name when on).
+#[test]
+fn block_export_add_refuses_what_the_nbd_server_does_not_build() {
+    if !testkit::require(
+        "block_export_add_refuses_what_the_nbd_server_does_not_build",
+        testkit::qemu(),
+    ) {
+        return;
+    }
+    let (dir, _procs, mut q, mut l) = side_by_side();
+    both(
+        &mut q,
+        &mut l,
+        "blockdev-add",
+        json!({"driver": "null-co", "node-name": "d0", "size": 1 << 20}),
+    );
+    for (c, who) in [(&mut q, "q"), (&mut l, "l")] {
+        let p = dir.path().join(format!("{who}-nbd.sock"));
+        let r = c.execute(
+            "nbd-server-start",
+            json!({"addr": {"type": "unix", "data": {"path": p.to_str().unwrap()}}}),
+        );
+        assert!(r.unwrap().get("return").is_some());
+    }
+    let export = |extra: Value| with(json!({"type": "nbd", "id": "e0", "node-name": "d0"}), extra);
+    for fixed in [false, true] {
+        let r = both(
+            &mut q,
+            &mut l,
+            "block-export-add",
+            export(json!({"iothread": "io0", "fixed-iothread": fixed})),
+        );
+        assert_eq!(r["error"], "iothread \"io0\" not found");
+    }
+    for (extra, msg) in [
+        (json!({"writethrough": true}), "block-export-add: 'writethrough' is not supported by livemig (its exports keep the node's write cache; flush or FUA requests make writes durable)"),
+        (json!({"allocation-depth": true}), "block-export-add: 'allocation-depth' is not supported by livemig (its NBD server has no qemu:allocation-depth metadata context)"),
+    ] {
+        refused_where_qemu_acts(&mut q, &mut l, "block-export-add", export(extra), msg);
+        // Only QEMU made the export.
+        assert_eq!(
+            outcome(&mut q, "block-export-del", &json!({"id": "e0"})),
+            json!({"return": {}})
+        );
+        q.wait_event(TIMEOUT, |e| e["event"] == "BLOCK_EXPORT_DELETED")
+            .expect("BLOCK_EXPORT_DELETED");
+    }
+    both(
+        &mut q,
+        &mut l,
+        "block-export-add",
+        export(json!({"writethrough": false, "allocation-depth": false,
+                      "fixed-iothread": true})),
+    );
+}

@@ -138,12 +138,14 @@ fn block_export_add(server: &NbdServer, layer: &BlockLayer, mut a: Args) -> Resu
     let id = a.req_str("id")?;
     let node_name = a.req_str("node-name")?;
     let writable = a.opt_bool("writable")?.unwrap_or(false);
-    let _ = a.opt_bool("writethrough")?;
-    let _ = a.opt_str("iothread")?;
-    let _ = a.opt_bool("fixed-iothread")?;
+    let writethrough = a.opt_bool("writethrough")?.unwrap_or(false);
+    let iothread = a.opt_str("iothread")?;
+    // Without `iothread` QEMU reads `fixed-iothread` for nothing; with one, the command fails
+    // below before it matters.
+    let _fixed_iothread = a.opt_bool("fixed-iothread")?;
     let name = a.opt_str("name")?;
     let description = a.opt_str("description")?;
-    let _ = a.opt_bool("allocation-depth")?;
+    let allocation_depth = a.opt_bool("allocation-depth")?.unwrap_or(false);
     let bitmaps = a
         .opt_list("bitmaps")?
         .unwrap_or_default()
@@ -160,6 +162,23 @@ fn block_export_add(server: &NbdServer, layer: &BlockLayer, mut a: Args) -> Resu
         return Err(QmpError::generic("NBD server not running"));
     }
     let node = layer.lookup_bs(Some(&node_name), Some(&node_name))?;
+    if let Some(t) = iothread {
+        // livemig has no iothread objects (object-add refuses the type), so every name is one
+        // QEMU's `blk_exp_add` would not find either.
+        return Err(QmpError::generic(format!("iothread \"{t}\" not found")));
+    }
+    if writethrough {
+        return Err(QmpError::generic(
+            "block-export-add: 'writethrough' is not supported by livemig (its exports \
+             keep the node's write cache; flush or FUA requests make writes durable)",
+        ));
+    }
+    if allocation_depth {
+        return Err(QmpError::generic(
+            "block-export-add: 'allocation-depth' is not supported by livemig (its NBD \
+             server has no qemu:allocation-depth metadata context)",
+        ));
+    }
     // QAPI's BlockDirtyBitmapOrStr: a bitmap of the exported node, or of any node.
     let (bitmap_owner, bitmap) = match bitmaps.into_iter().next() {
         None => (None, None),
