@@ -36,6 +36,10 @@ impl From<ClientError> for String {
 /// connection before it connects again.
 pub const GREETING_WAIT: Duration = Duration::from_secs(5);
 
+/// How long [`Client::connect_to`] waits before connecting again to a server that closed the
+/// connection during negotiation.
+const CLOSED_RETRY: Duration = Duration::from_millis(50);
+
 /// A negotiated QMP connection.
 pub struct Client {
     reader: BufReader<Stream>,
@@ -65,7 +69,9 @@ impl Client {
     ///
     /// A server that accepted the connection but says nothing for [`GREETING_WAIT`] (QEMU
     /// under load was seen holding a connection silent) is left, and connected to again,
-    /// until `timeout` has passed.
+    /// until `timeout` has passed. So is one that closes the connection before negotiation
+    /// is done (QEMU 7.2 under load was seen closing the connection made after such a
+    /// silent one): no command has run on it, so connecting again repeats nothing.
     pub fn connect_to(addr: &Address, timeout: Duration) -> io::Result<Client> {
         let deadline = Instant::now() + timeout;
         loop {
@@ -76,6 +82,14 @@ impl Client {
                         e.kind(),
                         io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
                     ) && Instant::now() < deadline => {}
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::UnexpectedEof | io::ErrorKind::ConnectionReset
+                    ) && Instant::now() + CLOSED_RETRY < deadline =>
+                {
+                    std::thread::sleep(CLOSED_RETRY);
+                }
                 r => return r,
             }
         }
@@ -255,6 +269,22 @@ mod tests {
     use std::io::{BufRead, Write};
     use std::os::unix::net::UnixListener;
 
+    /// Greets `s` and answers every command on it until it closes.
+    fn serve(s: std::os::unix::net::UnixStream) {
+        let mut w = s.try_clone().unwrap();
+        w.write_all(b"{\"QMP\": {\"version\": {}, \"capabilities\": []}}\r\n")
+            .unwrap();
+        for line in std::io::BufReader::new(s).lines() {
+            let Ok(line) = line else { break };
+            let id = serde_json::from_str::<Value>(&line).unwrap();
+            let reply = match id["execute"].as_str() {
+                Some("query-version") => "{\"return\": {\"qemu\": {}}}\r\n",
+                _ => "{\"return\": {}}\r\n",
+            };
+            w.write_all(reply.as_bytes()).unwrap();
+        }
+    }
+
     /// A server that holds its first client silent and answers the second: the client leaves
     /// the silent connection after [`GREETING_WAIT`] and negotiates on a new one.
     #[test]
@@ -265,18 +295,7 @@ mod tests {
         let server = std::thread::spawn(move || {
             let (silent, _) = l.accept().unwrap();
             let (s, _) = l.accept().unwrap();
-            let mut w = s.try_clone().unwrap();
-            w.write_all(b"{\"QMP\": {\"version\": {}, \"capabilities\": []}}\r\n")
-                .unwrap();
-            for line in std::io::BufReader::new(s).lines() {
-                let Ok(line) = line else { break };
-                let id = serde_json::from_str::<Value>(&line).unwrap();
-                let reply = match id["execute"].as_str() {
-                    Some("query-version") => "{\"return\": {\"qemu\": {}}}\r\n",
-                    _ => "{\"return\": {}}\r\n",
-                };
-                w.write_all(reply.as_bytes()).unwrap();
-            }
+            serve(s);
             drop(silent);
         });
         let (tx, rx) = std::sync::mpsc::channel();
@@ -291,5 +310,23 @@ mod tests {
         assert!(r.is_ok(), "{r:?}");
         assert!(t0.elapsed() >= GREETING_WAIT, "{:?}", t0.elapsed());
         drop(server);
+    }
+
+    /// A server that closes its first client before the greeting and answers the second: the
+    /// client connects again instead of failing with "the QMP connection closed".
+    #[test]
+    fn a_server_closing_before_the_greeting_is_connected_to_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("qmp.sock");
+        let l = UnixListener::bind(&path).unwrap();
+        let server = std::thread::spawn(move || {
+            drop(l.accept().unwrap());
+            let (s, _) = l.accept().unwrap();
+            serve(s);
+        });
+        let c = Client::connect(&path, Duration::from_secs(10));
+        assert!(c.is_ok(), "{:?}", c.err());
+        drop(c);
+        server.join().unwrap();
     }
 }
