@@ -49,6 +49,7 @@ fn parse_socket(opt: &str, parts: &[String], implied: Option<&str>) -> Result<Ch
     let mut fd = None;
     let mut server = false;
     let mut wait = true;
+    let mut wait_given = false;
     for (i, p) in parts.iter().enumerate() {
         if p.is_empty() {
             continue;
@@ -69,9 +70,19 @@ fn parse_socket(opt: &str, parts: &[String], implied: Option<&str>) -> Result<Ch
             "port" => port = Some(v.to_string()),
             "fd" => fd = Some(v.to_string()),
             "server" => server = parse_bool(opt, k, v)?,
-            "wait" => wait = parse_bool(opt, k, v)?,
+            "wait" => {
+                wait = parse_bool(opt, k, v)?;
+                wait_given = true;
+            }
             _ => return Err(format!("{opt}: Invalid parameter '{k}'")),
         }
+    }
+    // QEMU's `qmp_chardev_validate_socket`: a connecting socket has nothing to wait for, and
+    // `wait` of any value is refused rather than dropped.
+    if wait_given && !server {
+        return Err(format!(
+            "{opt}: 'wait' option is incompatible with socket in client connect mode"
+        ));
     }
     let id = id.unwrap_or_default();
     let endpoint = match (path, host, fd) {

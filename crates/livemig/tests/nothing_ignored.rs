@@ -68,6 +68,70 @@ fn options_that_are_not_built_are_refused() {
     }
 }
 
+/// Socket options QEMU 7.2 refuses (`qmp_chardev_validate_socket`, `qemu_chr_parse_socket`)
+/// and livemig once took and dropped: `wait` on a connecting socket, `delay` with `nodelay`.
+/// QEMU is run with each command line too, and must print the same words.
+#[test]
+fn socket_options_qemu_refuses_are_refused_with_its_words() {
+    let dir = tempdir();
+    let sock = dir.path().join("s.sock");
+    let sock = sock.display();
+    let cases: Vec<(Vec<String>, String)> = [
+        (
+            "-qmp",
+            format!("unix:{sock},wait=off"),
+            "'wait' option is incompatible with socket in client connect mode",
+        ),
+        (
+            "-qmp",
+            format!("unix:{sock},server=off,wait=on"),
+            "'wait' option is incompatible with socket in client connect mode",
+        ),
+        (
+            "-qmp",
+            format!("unix:{sock},server=on,wait=off,delay=on,nodelay=on"),
+            "'delay' and 'nodelay' are mutually exclusive",
+        ),
+        (
+            "-chardev",
+            format!("socket,id=c0,path={sock},wait=off"),
+            "'wait' option is incompatible with socket in client connect mode",
+        ),
+        (
+            "-chardev",
+            format!("socket,id=c0,path={sock},server=off,wait=on"),
+            "'wait' option is incompatible with socket in client connect mode",
+        ),
+    ]
+    .into_iter()
+    .map(|(o, v, m)| {
+        let mut args = vec![o.to_string(), v.clone()];
+        if o == "-chardev" {
+            args.extend(["-mon".to_string(), "c0".to_string()]);
+        }
+        (args, format!("{o} {v}: {m}"))
+    })
+    .collect();
+    for (args, msg) in &cases {
+        let a: Vec<&str> = args.iter().map(String::as_str).collect();
+        refused(dir.path(), &a, msg);
+        if testkit::qemu().is_none() {
+            let out = std::process::Command::new("qemu-system-x86_64")
+                .args(["-M", "none", "-nodefaults", "-display", "none"])
+                .args(&a)
+                .output()
+                .expect("qemu-system-x86_64");
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(1), "QEMU {args:?}: {err}");
+            assert_eq!(
+                err.lines().last().unwrap_or_default(),
+                format!("qemu-system-x86_64: {msg}"),
+                "QEMU {args:?}"
+            );
+        }
+    }
+}
+
 /// Resident memory of a process, in bytes (`VmRSS`).
 fn rss(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");

@@ -49,6 +49,13 @@ pub enum QmpOptionError {
     /// A boolean option with a value other than on/off (QEMU's wording).
     #[error("Parameter '{0}' expects 'on' or 'off'")]
     BadBool(String),
+    /// `wait` given to a connecting socket, where it has nothing to wait for (QEMU's
+    /// `qmp_chardev_validate_socket` refuses it, whatever its value).
+    #[error("'wait' option is incompatible with socket in client connect mode")]
+    WaitInClientMode,
+    /// Both spellings of the same option (QEMU's `qemu_chr_parse_socket`).
+    #[error("'delay' and 'nodelay' are mutually exclusive")]
+    DelayAndNodelay,
 }
 
 /// Splits a value in QEMU's option syntax at single commas; `,,` stands for a literal comma.
@@ -116,6 +123,7 @@ impl FromStr for QmpOption {
             wait: true,
             nodelay: false,
         };
+        let (mut wait_given, mut delay_given, mut nodelay_given) = (false, false, false);
         for part in parts {
             let (name, value) = match part.split_once('=') {
                 Some((n, v)) => (n.to_string(), parse_bool(n, v)?),
@@ -127,12 +135,27 @@ impl FromStr for QmpOption {
             };
             match name.as_str() {
                 "server" => opt.server = value,
-                "wait" => opt.wait = value,
-                "nodelay" => opt.nodelay = value,
+                "wait" => {
+                    opt.wait = value;
+                    wait_given = true;
+                }
+                "nodelay" => {
+                    opt.nodelay = value;
+                    nodelay_given = true;
+                }
                 // `nodelay` spelled as the negation of `delay`.
-                "delay" => opt.nodelay = !value,
+                "delay" => {
+                    opt.nodelay = !value;
+                    delay_given = true;
+                }
                 _ => return Err(QmpOptionError::UnknownParameter(name)),
             }
+        }
+        if delay_given && nodelay_given {
+            return Err(QmpOptionError::DelayAndNodelay);
+        }
+        if wait_given && !opt.server {
+            return Err(QmpOptionError::WaitInClientMode);
         }
         Ok(opt)
     }
@@ -209,6 +232,18 @@ mod tests {
         assert_eq!(
             QmpOption::parse("unix:/x,server=maybe"),
             Err(BadBool("server".into()))
+        );
+        // QEMU refuses these rather than take one and drop the other.
+        for v in [
+            "unix:/x,wait=off",
+            "unix:/x,server=off,wait=on",
+            "tcp:h:1,nowait",
+        ] {
+            assert_eq!(QmpOption::parse(v), Err(WaitInClientMode), "{v}");
+        }
+        assert_eq!(
+            QmpOption::parse("unix:/x,server=on,wait=off,delay=on,nodelay=on"),
+            Err(DelayAndNodelay)
         );
         assert_eq!(
             QmpOption::parse("unix:/x,server=maybe")
