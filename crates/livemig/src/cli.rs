@@ -100,6 +100,8 @@ pub struct VmArgs {
     pub accel: Accel,
     /// `-device virtio-blk,drive=NODE`: the node.
     pub virtio_blk: Option<String>,
+    /// `-device virtio-blk,...,id=ID`: the device's id.
+    pub virtio_blk_id: Option<String>,
     /// `-device help`: list the devices and exit.
     pub device_help: bool,
     /// `-blockdev`, each as given (keyval or JSON).
@@ -151,6 +153,7 @@ impl Default for VmArgs {
             vcpus: 1,
             accel: Accel::Tcg,
             virtio_blk: None,
+            virtio_blk_id: None,
             device_help: false,
             blockdevs: Vec::new(),
             objects: Vec::new(),
@@ -309,10 +312,15 @@ fn parse_device(v: &str, a: &mut VmArgs) -> Result<(), String> {
         ));
     }
     let mut drive = None;
+    let mut id = None;
     for (k, val) in parts {
         match k {
             "drive" => drive = Some(val.to_string()),
-            "id" => {}
+            // QemuOpts checks the id before the device is created.
+            "id" if !qmp::id_wellformed(val) => {
+                return Err(format!("-device {v}: Parameter 'id' expects an identifier"))
+            }
+            "id" => id = Some(val.to_string()),
             _ => {
                 return Err(format!(
                     "-device {v}: Property 'virtio-blk-device.{k}' not found"
@@ -329,6 +337,7 @@ fn parse_device(v: &str, a: &mut VmArgs) -> Result<(), String> {
         ));
     }
     a.virtio_blk = Some(drive);
+    a.virtio_blk_id = id;
     Ok(())
 }
 
@@ -671,6 +680,11 @@ mod tests {
     fn devices_parse_as_qemu_parses_them() {
         let a = parse_vm_args(&args("-device virtio-blk,drive=d0,id=disk0")).unwrap();
         assert_eq!(a.virtio_blk.as_deref(), Some("d0"));
+        assert_eq!(a.virtio_blk_id.as_deref(), Some("disk0"));
+        assert_eq!(
+            parse_vm_args(&args("-device virtio-blk,drive=d0,id=0d")).unwrap_err(),
+            "-device virtio-blk,drive=d0,id=0d: Parameter 'id' expects an identifier"
+        );
         assert_eq!(a.workload_disk.as_deref(), Some("d0"));
         assert_eq!(a.workload.disk_every, 64);
         assert!(parse_vm_args(&args("-device help")).unwrap().device_help);

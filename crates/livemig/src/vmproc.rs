@@ -249,6 +249,7 @@ pub fn run(mut args: VmArgs) -> Result<(), String> {
         accel: args.accel,
         virtio_blk: args.virtio_blk.is_some(),
         virtio_blk_backend,
+        virtio_blk_id: args.virtio_blk_id.clone(),
     };
     let vm = Vm::new(config, block.clone(), sink.clone())?;
     let mig = Arc::new(Migration::new(

@@ -407,3 +407,63 @@ fn qemu_io_d_names_the_guest_device() {
         ]
     );
 }
+
+/// `-device virtio-blk,drive=NODE,id=ID`: QEMU reports the id as the BlockBackend's `qdev`
+/// (`blk_get_attached_dev_id` prefers it to the QOM path) and `qemu-io -d` finds the disk by
+/// the id or by `/machine/peripheral/ID`. livemig took the id and dropped it: the disk was
+/// `/machine/peripheral-anon/livemig-disk` and `-d vd0` found nothing. Side by side with
+/// QEMU 7.2's `microvm`, whose virtio-mmio bus takes the same device.
+#[test]
+fn a_devices_id_names_its_disk_as_in_qemu() {
+    let dir = testkit::tempdir();
+    let disk = [
+        "-blockdev",
+        "driver=null-co,node-name=d0,size=1048576",
+        "-device",
+    ];
+    let (_lp, mut l) = lm(
+        dir.path(),
+        "vm",
+        &[&disk[..], &["virtio-blk,drive=d0,id=vd0"]].concat(),
+    );
+    let mut seen = vec![(
+        "livemig",
+        [
+            json!(l.ok("query-block", json!({}))[0]["qdev"]),
+            json!(l.hmp(r#"qemu-io -d vd0 "read 0 512""#)),
+            json!(l.hmp(r#"qemu-io -d /machine/peripheral/vd0 "read 0 512""#)),
+            json!(l.hmp(r#"qemu-io -d vd1 "read 0 512""#)),
+        ],
+    )];
+    if testkit::qemu().is_none() {
+        let args: Vec<String> = ["-M", "microvm", "-S", "-nodefaults", "-display", "none"]
+            .iter()
+            .chain(&disk)
+            .chain(&["virtio-blk-device,drive=d0,id=vd0"])
+            .map(|s| s.to_string())
+            .collect();
+        let qp = VmProcess::spawn("qemu-system-x86_64", &args, dir.path(), "qemu").unwrap();
+        let mut q = qp.qmp();
+        seen.push((
+            "QEMU",
+            [
+                json!(q.ok("query-block", json!({}))[0]["qdev"]),
+                json!(q.hmp(r#"qemu-io -d vd0 "read 0 512""#)),
+                json!(q.hmp(r#"qemu-io -d /machine/peripheral/vd0 "read 0 512""#)),
+                json!(q.hmp(r#"qemu-io -d vd1 "read 0 512""#)),
+            ],
+        ));
+    }
+    for (who, s) in seen {
+        assert_eq!(
+            s,
+            [
+                json!("vd0"),
+                json!(""),
+                json!(""),
+                json!("Error: Device 'vd1' not found\r\n")
+            ],
+            "{who}"
+        );
+    }
+}

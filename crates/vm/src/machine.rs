@@ -116,6 +116,10 @@ pub struct VmConfig {
     /// if=virtio,id=NAME`: QMP commands find the disk by it); empty for `-device
     /// virtio-blk,drive=NODE`, which names the node itself.
     pub virtio_blk_backend: String,
+    /// `-device virtio-blk,...,id=ID`: the device's id. QEMU reports a device's id, when it
+    /// has one, as the `qdev` of its BlockBackend (`blk_get_attached_dev_id`), and HMP's
+    /// `qemu-io -d ID` finds the disk by it; a device without one is known by its QOM path.
+    pub virtio_blk_id: Option<String>,
 }
 
 impl Default for VmConfig {
@@ -134,6 +138,7 @@ impl Default for VmConfig {
             accel: Accel::Tcg,
             virtio_blk: false,
             virtio_blk_backend: String::new(),
+            virtio_blk_id: None,
         }
     }
 }
@@ -433,7 +438,10 @@ impl Vm {
                 .attach_device(
                     node,
                     &config.virtio_blk_backend,
-                    "/machine/peripheral-anon/livemig-disk",
+                    config
+                        .virtio_blk_id
+                        .as_deref()
+                        .unwrap_or("/machine/peripheral-anon/livemig-disk"),
                 )
                 .map_err(|e| format!("disk {node}: {e}"))?;
         }

@@ -614,14 +614,21 @@ fn hmp_info(app: &App, line: &str) -> String {
                 [_] => usage("string expected"),
                 [_, _, _, ..] => usage("extraneous characters at the end of line"),
                 // A guest device's id or QOM path names its BlockBackend (QEMU's
-                // `blk_by_qdev_id`: an id is resolved under /machine/peripheral).
+                // `blk_by_qdev_id`: an id is resolved under /machine/peripheral). A device
+                // with an id is attached under that id (its `qdev`), one without under its
+                // path.
                 [dev, cmd] if qdev => {
-                    let path = if dev.starts_with('/') {
-                        dev.to_string()
-                    } else {
-                        format!("/machine/peripheral/{dev}")
+                    let id = match dev.strip_prefix("/machine/peripheral/") {
+                        Some(id) if !id.contains('/') => Some(id),
+                        Some(_) => None,
+                        None if dev.starts_with('/') => None,
+                        None => Some(*dev),
                     };
-                    match app.block.device_node(&path) {
+                    let node = match id {
+                        Some(id) => app.block.device_node(id),
+                        None => app.block.device_node(dev),
+                    };
+                    match node {
                         Some(node) => print_qemu_io(block::qemu_io::run_on(&node, cmd)),
                         None => format!("Error: Device '{dev}' not found\r\n"),
                     }
