@@ -775,7 +775,14 @@ impl JobManager {
         s.user_paused = false;
         s.io_status = IoStatus::Ok;
         s.cancel = Some(force || s.cancel == Some(true));
+        // As QEMU's mirror_cancel: before ready any cancel is forced, and a forced one stops
+        // the target's requests from waiting (an nbd target waiting to reconnect).
+        let forced = force || !matches!(s.status, Status::Ready | Status::Standby);
         job.wake.notify_all();
+        drop(s);
+        if forced {
+            job.target.driver().cancel_in_flight();
+        }
         Ok(())
     }
 

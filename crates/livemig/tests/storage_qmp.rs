@@ -1828,3 +1828,70 @@ fn block_export_add_refuses_what_the_nbd_server_does_not_build() {
                       "fixed-iothread": true})),
     );
 }
+
+/// A mirror onto an `nbd` target with `reconnect-delay` 60 whose server (`qemu-nbd`) is
+/// killed mid-copy: livemig's copy waits for the server; `job-cancel` ends the job at once,
+/// as QEMU 7.2's `mirror_cancel` does (it makes the target's requests stop waiting,
+/// `bdrv_cancel_in_flight`). QEMU beside it ends at once too and gives the same replies, but
+/// its events differ (see below), so only the ending is compared. Before, livemig's cancel
+/// waited for the 60 s to run out (the test's 30 s wait for the job's end failed).
+#[test]
+fn a_mirror_waiting_for_its_nbd_target_to_reconnect_is_cancelled_at_once_as_qemu() {
+    const T: &str = "a_mirror_waiting_for_its_nbd_target_to_reconnect_is_cancelled_at_once_as_qemu";
+    if !testkit::require(T, testkit::programs(&["qemu-system-x86_64", "qemu-nbd"])) {
+        return;
+    }
+    let (dir, _procs, mut q, mut l) = side_by_side();
+    let size = 64u64 << 20;
+    let mut servers = Vec::new();
+    for (c, who) in [(&mut q, "q"), (&mut l, "l")] {
+        let image = dir.path().join(format!("{who}.raw"));
+        std::fs::File::create(&image)
+            .unwrap()
+            .set_len(size)
+            .unwrap();
+        let sock = dir.path().join(format!("{who}.sock"));
+        servers.push(PlainNbd::start(&image, &sock));
+        c.ok(
+            "blockdev-add",
+            json!({"driver": "nbd", "node-name": "t0", "export": "src", "reconnect-delay": 60,
+                   "server": {"type": "unix", "path": sock.to_str().unwrap()}}),
+        );
+    }
+    both(
+        &mut q,
+        &mut l,
+        "blockdev-add",
+        json!({"driver": "null-co", "node-name": "s0", "size": size}),
+    );
+    both(
+        &mut q,
+        &mut l,
+        "blockdev-mirror",
+        json!({"job-id": "j0", "device": "s0", "target": "t0", "sync": "full",
+               "speed": 1 << 20, "granularity": 65536, "buf-size": 65536}),
+    );
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    for s in servers.drain(..) {
+        s.kill();
+    }
+    // Long enough for the next copy to meet the dead socket and wait.
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    both(&mut q, &mut l, "job-cancel", json!({"id": "j0"}));
+    let t = std::time::Instant::now();
+    let qemu = job_events(&mut q, "j0");
+    let lm = job_events(&mut l, "j0");
+    assert!(
+        t.elapsed() < std::time::Duration::from_secs(10),
+        "{:?}",
+        t.elapsed()
+    );
+    // Both ended (job_events waits for the `null` status). The events differ: QEMU's copy
+    // had not met the dead socket (its progress went on after the kill, not understood yet),
+    // livemig's write failed when cancelled (BLOCK_JOB_ERROR, then an error).
+    assert!(
+        qemu.iter().any(|e| e["event"] == "BLOCK_JOB_CANCELLED"),
+        "{qemu:?}"
+    );
+    assert_eq!(lm.last(), qemu.last());
+}

@@ -16,7 +16,7 @@
 
 use crate::address::SocketAddress;
 use crate::proto::{self, cflag, chunk, cmd, info, opt, rep, tflag, Cursor, ProtoError, Request};
-use crate::reconnect::{Breakage, Conn, ConnectFn, Connector, Link, Wait};
+use crate::reconnect::{Breakage, Canceller, Conn, ConnectFn, Connector, Link, Wait};
 use block::driver::{BlockDriver, DriverInfo, FilenameInfo};
 use block::{BlockError, BlockLayer, BlockNode};
 use net::Stream;
@@ -748,6 +748,8 @@ fn connect_error(addr: &SocketAddress, e: &ProtoError) -> String {
 /// The `nbd` block driver: a node whose bytes live in a remote export.
 pub struct NbdDriver {
     conn: Mutex<Link<NbdClient>>,
+    /// Stops a request's wait for a reconnect without the lock it holds.
+    canceller: Canceller,
     size: u64,
     addr: SocketAddress,
     export: String,
@@ -814,14 +816,12 @@ impl NbdDriver {
             c.disconnect();
             return Err(BlockError::Driver(e));
         }
+        let link_size = c.size();
+        let link = Link::new(c, timing.reconnect_delay, connector, Box::new(check));
         Ok(NbdDriver {
-            size: c.size(),
-            conn: Mutex::new(Link::new(
-                c,
-                timing.reconnect_delay,
-                connector,
-                Box::new(check),
-            )),
+            size: link_size,
+            canceller: link.canceller(),
+            conn: Mutex::new(link),
             addr,
             export: export.to_string(),
             read_only,
@@ -965,6 +965,9 @@ impl BlockDriver for NbdDriver {
     }
     fn flush(&self) -> Result<(), BlockError> {
         self.with(|c| c.flush_export())
+    }
+    fn cancel_in_flight(&self) {
+        self.canceller.cancel();
     }
     fn truncate(&self, _size: u64) -> Result<(), BlockError> {
         Err(BlockError::ResizeUnsupported)

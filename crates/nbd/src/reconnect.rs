@@ -73,6 +73,21 @@ struct Attempts<C> {
     ready: Option<C>,
     /// The last attempt's error.
     err: Option<String>,
+    /// How many times waits were cancelled ([`Canceller::cancel`]).
+    cancels: u64,
+}
+
+/// Stops a node's requests from waiting for a reconnect, from outside the lock they hold
+/// (QEMU's `nbd_cancel_in_flight`).
+#[derive(Clone)]
+pub(crate) struct Canceller(Arc<dyn Fn() + Send + Sync>);
+
+impl Canceller {
+    /// The request waiting (if any) fails now, and so do later ones until a reconnect
+    /// succeeds or the connection breaks again.
+    pub(crate) fn cancel(&self) {
+        (self.0)();
+    }
 }
 
 /// The background connection thread of one node (QEMU's `NBDClientConnection`).
@@ -100,6 +115,7 @@ impl<C: Conn> Connector<C> {
                     detached: false,
                     ready: None,
                     err: None,
+                    cancels: 0,
                 }),
                 Condvar::new(),
             )),
@@ -110,6 +126,20 @@ impl<C: Conn> Connector<C> {
     /// From now on the thread tries until it connects.
     pub(crate) fn enable_retry(&self) {
         lock(&self.shared.0).retry = true;
+    }
+
+    /// A handle that cancels waits.
+    pub(crate) fn canceller(&self) -> Canceller {
+        let shared = Arc::clone(&self.shared);
+        Canceller(Arc::new(move || {
+            let (m, cv) = &*shared;
+            lock(m).cancels += 1;
+            cv.notify_all();
+        }))
+    }
+
+    fn cancels(&self) -> u64 {
+        lock(&self.shared.0).cancels
     }
 
     /// A connection: one the thread made already, else the thread is started (unless it
@@ -141,7 +171,11 @@ impl<C: Conn> Connector<C> {
             Wait::Until(d) => Some(d),
             Wait::Done => None,
         };
+        let cancels = a.cancels;
         while a.running {
+            if a.cancels != cancels {
+                return Err("Connection attempt cancelled".into());
+            }
             match deadline {
                 None => a = cv.wait(a).unwrap_or_else(PoisonError::into_inner),
                 Some(d) => {
@@ -253,6 +287,9 @@ pub(crate) struct Link<C: Conn> {
     connector: Connector<C>,
     /// Whether a new connection suits the node (QEMU's `nbd_handle_updated_info`).
     check: CheckFn<C>,
+    /// The connector's cancel count when the connection last broke: a cancel since then
+    /// stops the waiting.
+    cancels: u64,
 }
 
 impl<C: Conn> Link<C> {
@@ -270,6 +307,7 @@ impl<C: Conn> Link<C> {
             delay,
             connector,
             check,
+            cancels: 0,
         }
     }
 
@@ -300,7 +338,10 @@ impl<C: Conn> Link<C> {
                     self.drop_connection(State::ConnectingNoWait);
                     return r;
                 }
-                Some(Breakage::Io) => self.drop_connection(State::ConnectingWait(None)),
+                Some(Breakage::Io) => {
+                    self.cancels = self.connector.cancels();
+                    self.drop_connection(State::ConnectingWait(None));
+                }
             }
         }
     }
@@ -312,6 +353,11 @@ impl<C: Conn> Link<C> {
 
     /// One reconnect attempt, waiting or not as the state says.
     fn attempt(&mut self) {
+        if matches!(self.state, State::ConnectingWait(_))
+            && self.connector.cancels() != self.cancels
+        {
+            self.state = State::ConnectingNoWait;
+        }
         let wait = match self.state {
             State::ConnectingWait(deadline) => {
                 let d = deadline.unwrap_or_else(|| Instant::now() + self.delay);
@@ -332,10 +378,16 @@ impl<C: Conn> Link<C> {
             Err(e) => log::debug!("nbd: reconnect attempt failed: {e}"),
         }
         if let State::ConnectingWait(Some(d)) = self.state {
-            if Instant::now() >= d {
+            if Instant::now() >= d || self.connector.cancels() != self.cancels {
                 self.state = State::ConnectingNoWait;
             }
         }
+    }
+
+    /// A handle that stops the waiting from outside (the caller of [`run`](Self::run) holds
+    /// the link).
+    pub(crate) fn canceller(&self) -> Canceller {
+        self.connector.canceller()
     }
 
     /// The connection, if the link has one (to end it politely when the node closes).
@@ -489,6 +541,37 @@ mod tests {
         let t = Instant::now();
         assert!(eio(request(&mut l, Some((2, Breakage::Io)))));
         assert!(t.elapsed() >= delay);
+    }
+
+    #[test]
+    fn a_cancel_stops_the_wait_until_the_next_breakage() {
+        let s = Arc::new(Server::default());
+        let mut l = link(&s, Duration::from_secs(30));
+        let cancel = l.canceller();
+        s.up.store(false, Ordering::SeqCst);
+        let canceller = std::thread::spawn(move || {
+            std::thread::sleep(PAUSE * 5);
+            cancel.cancel();
+        });
+        let t = Instant::now();
+        assert!(eio(request(&mut l, Some((1, Breakage::Io)))));
+        assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
+        canceller.join().unwrap();
+        // Later requests do not wait either.
+        let t = Instant::now();
+        assert!(eio(request(&mut l, None)));
+        assert!(t.elapsed() < Duration::from_secs(10));
+        s.up.store(true, Ordering::SeqCst);
+        assert_eq!(eventually(&mut l), 2);
+        // Connected again: the next breakage waits, for a server back a moment later.
+        s.up.store(false, Ordering::SeqCst);
+        let s2 = Arc::clone(&s);
+        let back = std::thread::spawn(move || {
+            std::thread::sleep(PAUSE * 5);
+            s2.up.store(true, Ordering::SeqCst);
+        });
+        assert_eq!(request(&mut l, Some((2, Breakage::Io))).unwrap(), 3);
+        back.join().unwrap();
     }
 
     #[test]

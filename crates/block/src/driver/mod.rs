@@ -137,6 +137,10 @@ pub trait BlockDriver: Send + Sync {
     fn flush_to_os(&self) -> Result<(), BlockError> {
         Ok(())
     }
+    /// Stops what requests in flight wait for (QEMU's `bdrv_cancel_in_flight`, which a forced
+    /// cancel of a mirror calls on its target, so the cancel is not held up): an `nbd` node
+    /// waiting to reconnect fails them at once. Most drivers have nothing to stop.
+    fn cancel_in_flight(&self) {}
     /// Changes the length.
     fn truncate(&self, size: u64) -> Result<(), BlockError>;
     /// `bdrv_get_info`, or `None` where QEMU's driver has no such callback.

@@ -189,6 +189,11 @@ impl BlockDriver for RawDriver {
         vec![("file", self.child.clone())]
     }
 
+    fn cancel_in_flight(&self) {
+        // As QEMU's raw_cancel_in_flight: the requests are the file's.
+        self.child.driver().cancel_in_flight();
+    }
+
     fn set_perm(&self, perm: Perm, _ctx: PermContext) -> Result<(), BlockError> {
         // A plain raw node is a filter; a window is a data child that must not be resized.
         let child = if self.offset != 0 || self.size.is_some() {
