@@ -258,6 +258,25 @@ pub struct Outcome {
     pub tls: Vec<(u32, u32)>,
 }
 
+impl Outcome {
+    /// A session's outcome before its replies are decoded: what `serve` returned, how many
+    /// bytes it replied, and what the TLS server answered.
+    fn undecoded(result: Result<(), String>, replied: usize, tls: Vec<(u32, u32)>) -> Self {
+        Outcome {
+            result,
+            options: Vec::new(),
+            listed: Vec::new(),
+            contexts: Vec::new(),
+            export: None,
+            structured: false,
+            requests: Vec::new(),
+            extents: Vec::new(),
+            replied,
+            tls,
+        }
+    }
+}
+
 /// Most bytes of the server's replies the harness keeps and decodes: reads of the whole export
 /// are 28 bytes of input for 1 MiB of output, so an input can ask for gigabytes. Past this, the
 /// replies are read and dropped, and only what does not need them is checked.
@@ -287,36 +306,14 @@ pub fn run_observed(data: &[u8], serving: fn(bool)) -> Outcome {
     if !whole {
         // Too much to keep: the model and the decoding are skipped, node0 is restored.
         fx.touched = true;
-        return Outcome {
-            result,
-            options: Vec::new(),
-            listed: Vec::new(),
-            contexts: Vec::new(),
-            export: None,
-            structured: false,
-            requests: Vec::new(),
-            extents: Vec::new(),
-            replied: MAX_REPLIES,
-            tls,
-        };
+        return Outcome::undecoded(result, MAX_REPLIES, tls);
     }
     let mut model = Model::new();
     let out = Session {
         c: Bytes::new(data),
         s: Bytes::new(&replies),
         model: &mut model,
-        out: Outcome {
-            result,
-            options: Vec::new(),
-            listed: Vec::new(),
-            contexts: Vec::new(),
-            export: None,
-            structured: false,
-            requests: Vec::new(),
-            extents: Vec::new(),
-            replied: replies.len(),
-            tls,
-        },
+        out: Outcome::undecoded(result, replies.len(), tls),
     }
     .check();
     fx.touched = model.touched;

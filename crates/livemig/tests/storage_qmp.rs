@@ -1444,18 +1444,6 @@ impl Drop for PlainNbd {
     }
 }
 
-/// The lines `qemu-io` printed (to the process's standard output), its timing lines cut to
-/// what is not a measurement; the processes' own messages left out.
-fn qemu_io_lines(log: &str) -> Vec<String> {
-    log.lines()
-        .filter(|l| !l.starts_with("livemig: ") && !l.starts_with("qemu-system-x86_64: "))
-        .map(|l| match l.split_once(" ops; ") {
-            Some((head, _)) => format!("{head} ops; TIMING"),
-            None => l.to_string(),
-        })
-        .collect()
-}
-
 /// An `nbd` node whose server (`qemu-nbd`) is killed and started again on the same socket,
 /// side by side with QEMU 7.2 (`qemu-io` reads through HMP; what they print is compared once
 /// both processes quit, since QEMU's standard output is a file's, flushed at exit):
@@ -1538,7 +1526,7 @@ fn an_nbd_node_reconnects_as_qemu() {
         c.ok("quit", json!({}));
         assert_eq!(p.wait_exit(TIMEOUT), Some(0));
     }
-    let (theirs, ours) = (qemu_io_lines(&qp.log()), qemu_io_lines(&lp.log()));
+    let (theirs, ours) = (printed(&qp.log()), printed(&lp.log()));
     let ok = |n: usize| {
         theirs
             .get(n)
@@ -1639,7 +1627,7 @@ fn an_nbd_open_waits_for_the_server_up_to_open_timeout_as_qemu() {
         c.ok("quit", json!({}));
         assert_eq!(p.wait_exit(TIMEOUT), Some(0));
     }
-    let (theirs, ours) = (qemu_io_lines(&qp.log()), qemu_io_lines(&lp.log()));
+    let (theirs, ours) = (printed(&qp.log()), printed(&lp.log()));
     assert!(theirs
         .iter()
         .all(|l| l.starts_with("read 4096/4096") || l.contains("ops;")));
