@@ -1168,6 +1168,11 @@ fn load_package_rest(
     Ok(())
 }
 
+/// How long the multifd channels of a completed load are read on, waiting for the source to
+/// close them (`multifd::recv::Receiver::finish_after_load`); the source closes them as it
+/// cleans up, at once unless it is starved.
+const DRAIN_BOUND: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// The event a destination emits for each dirty bitmap it dropped from a migration that
 /// completed: `{"node": NODE, "name": BITMAP, "reason": WHY}` (livemig's own; QEMU only
 /// prints an error).
@@ -1350,8 +1355,9 @@ pub(crate) fn run(job: Job) {
             loader.finish(!late || (autostart && runstate == RunState::Running))
         });
     // A channel's error is the cause when the main stream failed too (the channel shut the
-    // main one down to stop the load). The channels end here either way: after a complete
-    // load every page they carried is in guest memory (the last sync point came before EOF).
+    // main one down to stop the load). After a complete load every page the channels carried
+    // is in guest memory (the last sync point came before EOF); they are read on, in the
+    // background, until the source closes them (QEMU's sender may write once more).
     let (result, multifd_pages) = match multifd {
         Some(rx) => {
             let result = match (result, rx.error()) {
@@ -1359,7 +1365,11 @@ pub(crate) fn run(job: Job) {
                 (r, _) => r,
             };
             let pages = rx.sync_point().pages();
-            rx.finish();
+            if result.is_ok() {
+                rx.finish_after_load(DRAIN_BOUND);
+            } else {
+                rx.finish();
+            }
             (result, pages)
         }
         None => (result, 0),

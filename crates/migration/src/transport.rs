@@ -542,7 +542,7 @@ fn tcp_addrs(host: &str, port: u16) -> Result<Vec<std::net::SocketAddr>, Migrati
 /// A socket channel: the stream, a second handle for the other direction and a third for
 /// the shutdown handle. `outgoing` says which way the first handle points (source: the
 /// stream goes out on it).
-fn socket_connection(s: Stream, outgoing: bool) -> Result<Connection, MigrationError> {
+pub(crate) fn socket_connection(s: Stream, outgoing: bool) -> Result<Connection, MigrationError> {
     let other = s.try_clone().map_err(|e| MigrationError::io("socket", e))?;
     let h = s.try_clone().map_err(|e| MigrationError::io("socket", e))?;
     // The source reads its return path from the socket the stream goes out on: a quiet

@@ -12,6 +12,13 @@
 //! A channel that fails (a bad packet, a channel that ends while the loader waits for it)
 //! records its error, wakes the loader and shuts the main channel down, so the migration fails
 //! with the channel's error rather than waiting for data that will not come.
+//!
+//! After a complete load the channels are read on until the source closes them
+//! ([`Receiver::finish_after_load`]): QEMU 7.2's sender can write one more, empty packet on a
+//! channel after its last SYNC (a channel given pages and the SYNC before its thread ran sends
+//! both in one packet, then a second for the second job), possibly after the main stream's EOF.
+//! Shutting the channel at once made that write fail, and a source still finishing then
+//! failed the migration ("Unable to write to socket: Broken pipe") that had completed here.
 
 use super::codec::{Decompressor, MAX_COMPRESSED};
 use super::{channel_error, MultifdConfig, UUID};
@@ -40,6 +47,8 @@ struct SyncState {
     error: Option<String>,
     /// The load is over (or failed): channels stop waiting.
     quit: bool,
+    /// The load completed: channels read on until the source closes them, placing nothing.
+    draining: bool,
 }
 
 /// Where the channels and the loader meet at every sync point.
@@ -101,6 +110,13 @@ impl SyncPoint {
     fn fail(&self, error: String) {
         let mut st = self.lock();
         if st.quit {
+            return;
+        }
+        if st.draining {
+            // The load completed: what breaks a channel now changes nothing.
+            log::debug!("incoming migration after the load: {error}");
+            st.ended += 1;
+            self.cond.notify_all();
             return;
         }
         if st.error.is_none() {
@@ -265,9 +281,46 @@ impl Receiver {
         self.sync.lock().error.clone()
     }
 
-    /// Ends the channels (the load is over, or failed): waiting threads are released, the
-    /// channels shut down, the threads joined.
+    /// Ends the channels (the load failed, or its outcome does not matter): waiting threads
+    /// are released, the channels shut down, the threads joined.
     pub fn finish(mut self) {
+        self.stop();
+    }
+
+    /// Ends the channels of a load that completed: they are read on (nothing more is placed
+    /// in guest memory) until the source closes each, at most `bound`, then shut down. Runs in
+    /// a thread of its own, so the destination does not wait for the source's cleanup.
+    pub fn finish_after_load(self, bound: Duration) {
+        {
+            let mut st = self.sync.lock();
+            st.draining = true;
+            self.sync.cond.notify_all();
+        }
+        // Without a thread, dropping the receiver stops the channels at once.
+        let _ = std::thread::Builder::new()
+            .name("multifd-drain".into())
+            .spawn(move || {
+                let mut rx = self;
+                rx.drain(bound);
+            });
+    }
+
+    fn drain(&mut self, bound: Duration) {
+        let deadline = std::time::Instant::now() + bound;
+        let mut st = self.sync.lock();
+        while st.ended < self.sync.channels {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            st = self
+                .sync
+                .cond
+                .wait_timeout(st, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        drop(st);
         self.stop();
     }
 
@@ -348,6 +401,15 @@ impl Channel {
             header.decode_from(&buf, at).map_err(|e| e.to_string())?;
             at += PACKET_HEADER_LEN as u64;
             let pages = header.offsets().len();
+            if pages > 0 && self.sync.lock().draining {
+                // The guest may already run on this memory: a page after the last SYNC has
+                // no place (QEMU 7.2's sender never sends one).
+                log::warn!(
+                    "multifd channel {}: a packet with {pages} pages after the load ended, not loaded",
+                    self.id
+                );
+                return Ok(());
+            }
             if pages > 0 {
                 let flags = header.flags & wire::multifd::FLAG_COMPRESSION_MASK;
                 if flags != self.compression.flag() {
@@ -399,5 +461,93 @@ impl Channel {
                 return Ok(());
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::guest::MmapRamBlock;
+    use crate::multifd::MultifdConfig;
+    use std::io::Write;
+    use std::os::unix::net::UnixStream;
+    use vm_memory::bitmap::AtomicBitmap;
+    use vm_memory::{Bytes, GuestAddress, GuestRegionMmap, MemoryRegionAddress, MmapRegion};
+    use wire::multifd::{encode_packet, PacketFields, FLAG_SYNC};
+
+    /// One packet header: `offsets` in block `ram` (pages follow it, raw), `flags`.
+    fn packet(flags: u32, offsets: &[u64]) -> Vec<u8> {
+        let mut b = [0u8; PACKET_HEADER_LEN];
+        encode_packet(
+            &mut b,
+            &PacketFields {
+                flags,
+                packet_num: 0,
+                next_packet_size: (offsets.len() as u64 * PAGE_SIZE) as u32,
+                ramblock: if offsets.is_empty() { "" } else { "ram" },
+                offsets,
+            },
+        )
+        .unwrap();
+        b.to_vec()
+    }
+
+    /// A load over one channel that completed (its SYNC came, the loader passed it): the
+    /// channel is still read afterwards, so QEMU 7.2's late empty packet finds a reader
+    /// instead of a shut socket ("Broken pipe" failed such a source before), and a packet
+    /// with pages after the end is not placed in guest memory.
+    #[test]
+    fn a_completed_loads_channels_are_read_on_and_place_nothing() {
+        let mapping = MmapRegion::<AtomicBitmap>::new(16 * PAGE_SIZE as usize).unwrap();
+        let region = Arc::new(GuestRegionMmap::new(mapping, GuestAddress(0)).unwrap());
+        let block: Arc<dyn RamBlock> = Arc::new(MmapRamBlock::new("ram", region.clone()).unwrap());
+        let (ours, mut src) = UnixStream::pair().unwrap();
+        let mut conn =
+            Some(crate::transport::socket_connection(net::Stream::Unix(ours), false).unwrap());
+        let config = MultifdConfig {
+            channels: 1,
+            compression: Compression::None,
+            zlib_level: 1,
+            zstd_level: 1,
+            zero_copy: false,
+        };
+        src.write_all(&InitPacket { uuid: UUID, id: 0 }.encode())
+            .unwrap();
+        src.write_all(&packet(FLAG_SYNC, &[])).unwrap();
+        let mut accept = || conn.take().ok_or(MigrationError::Cancelled);
+        let rx =
+            Receiver::accept(&config, &mut accept, vec![block], ShutdownHandle::default()).unwrap();
+        rx.sync_point().sync_main().unwrap();
+        rx.finish_after_load(Duration::from_secs(10));
+
+        // The source's cleanup comes a moment later: its writes still land.
+        std::thread::sleep(Duration::from_millis(200));
+        src.write_all(&packet(0, &[])).unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+        src.write_all(&packet(0, &[PAGE_SIZE])).unwrap();
+        src.write_all(&[0xaa; PAGE_SIZE as usize]).unwrap();
+        // The channel ends at that packet; what was sent is not placed.
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        let mut b = [0u8; 1];
+        loop {
+            // The receiver closes its end once the channel's thread is done.
+            src.set_read_timeout(Some(Duration::from_millis(50)))
+                .unwrap();
+            match (&src).read(&mut b) {
+                Ok(0) => break,
+                _ if std::time::Instant::now() > deadline => {
+                    panic!("the channel was not closed after the packet with pages")
+                }
+                _ => {}
+            }
+        }
+        let mut page = [0u8; PAGE_SIZE as usize];
+        region
+            .read_slice(&mut page, MemoryRegionAddress(PAGE_SIZE))
+            .unwrap();
+        assert!(
+            page.iter().all(|&x| x == 0),
+            "a page sent after the load was placed"
+        );
     }
 }
