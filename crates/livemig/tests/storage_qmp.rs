@@ -905,6 +905,43 @@ fn status_is(status: &'static str) -> impl Fn(&Value) -> bool {
     move |e| e["event"] == "JOB_STATUS_CHANGE" && e["data"]["status"] == status
 }
 
+/// One `tmpfs` of `size` each for QEMU and livemig (`fs-qemu{suffix}`, `fs-lm{suffix}` in
+/// `dir`); `None`, after printing why test `t` is skipped, where none can be mounted.
+fn tmpfs_pair(dir: &Path, suffix: &str, size: &str, t: &str) -> Option<Vec<Tmpfs>> {
+    let mut mounts = Vec::new();
+    for who in ["qemu", "lm"] {
+        match Tmpfs::mount(&dir.join(format!("fs-{who}{suffix}")), size) {
+            Ok(m) => mounts.push(m),
+            Err(why) => {
+                println!("SKIP {t}: cannot mount a tmpfs ({why}); needs root");
+                return None;
+            }
+        }
+    }
+    Some(mounts)
+}
+
+/// A raw image of `size` patterned bytes in `dir`, added as node `src` to both; returns its
+/// path and bytes.
+fn raw_source(
+    dir: &Path,
+    q: &mut QmpClient,
+    l: &mut QmpClient,
+    size: usize,
+) -> (std::path::PathBuf, Vec<u8>) {
+    let src = dir.join("src.raw");
+    let data: Vec<u8> = (0..size).map(|i| (i * 7 % 251) as u8 | 1).collect();
+    std::fs::write(&src, &data).unwrap();
+    both(
+        q,
+        l,
+        "blockdev-add",
+        json!({"driver": "raw", "node-name": "src",
+               "file": {"driver": "file", "filename": src.to_str().unwrap()}}),
+    );
+    (src, data)
+}
+
 /// A mirror onto a raw image on a `tmpfs` too small for it, with `on-target-error=enospc`
 /// and `stop`: the job pauses with `io-status` `nospace` once the file system is full;
 /// after the `tmpfs` is grown, `block-job-resume` resumes it, it becomes ready, completes,
@@ -919,31 +956,15 @@ fn a_full_target_stops_the_mirror_until_resumed_as_qemu() {
     }
     let (dir, _procs, mut q, mut l) = side_by_side();
     let size = 8usize << 20;
-    let src = dir.path().join("src.raw");
-    let data: Vec<u8> = (0..size).map(|i| (i * 7 % 251) as u8 | 1).collect();
-    std::fs::write(&src, &data).unwrap();
-    both(
-        &mut q,
-        &mut l,
-        "blockdev-add",
-        json!({"driver": "raw", "node-name": "src",
-               "file": {"driver": "file", "filename": src.to_str().unwrap()}}),
-    );
+    let (_, data) = raw_source(dir.path(), &mut q, &mut l, size);
     for (n, policy) in ["enospc", "stop", "ignore", "report"]
         .into_iter()
         .enumerate()
     {
         // One small tmpfs each: 3 MiB for an 8 MiB target.
-        let mut mounts = Vec::new();
-        for who in ["qemu", "lm"] {
-            match Tmpfs::mount(&dir.path().join(format!("fs-{who}-{n}")), "3m") {
-                Ok(m) => mounts.push(m),
-                Err(why) => {
-                    println!("SKIP {T}: cannot mount a tmpfs ({why}); needs root");
-                    return;
-                }
-            }
-        }
+        let Some(mounts) = tmpfs_pair(dir.path(), &format!("-{n}"), "3m", T) else {
+            return;
+        };
         let tgt = format!("t{n}");
         for (c, m) in [(&mut q, &mounts[0]), (&mut l, &mounts[1])] {
             let file = m.0.join("tgt.raw");
@@ -1201,16 +1222,9 @@ fn a_ready_mirror_stopped_by_a_full_target_completes_after_resume_as_qemu() {
     }
     let (dir, _procs, mut q, mut l) = side_by_side();
     let size = 8usize << 20;
-    let mut mounts = Vec::new();
-    for who in ["qemu", "lm"] {
-        match Tmpfs::mount(&dir.path().join(format!("fs-{who}")), "2m") {
-            Ok(m) => mounts.push(m),
-            Err(why) => {
-                println!("SKIP {T}: cannot mount a tmpfs ({why}); needs root");
-                return;
-            }
-        }
-    }
+    let Some(mounts) = tmpfs_pair(dir.path(), "", "2m", T) else {
+        return;
+    };
     for (c, (m, who)) in [(&mut q, (&mounts[0], "qemu")), (&mut l, (&mounts[1], "lm"))] {
         let src = dir.path().join(format!("src-{who}.raw"));
         std::fs::write(&src, vec![1u8; size]).unwrap();
@@ -1326,26 +1340,10 @@ fn a_full_qcow2_target_stops_the_mirror_until_resumed_as_qemu() {
     }
     let (dir, _procs, mut q, mut l) = side_by_side();
     let size = 8usize << 20;
-    let src = dir.path().join("src.raw");
-    let data: Vec<u8> = (0..size).map(|i| (i * 7 % 251) as u8 | 1).collect();
-    std::fs::write(&src, &data).unwrap();
-    both(
-        &mut q,
-        &mut l,
-        "blockdev-add",
-        json!({"driver": "raw", "node-name": "src",
-               "file": {"driver": "file", "filename": src.to_str().unwrap()}}),
-    );
-    let mut mounts = Vec::new();
-    for who in ["qemu", "lm"] {
-        match Tmpfs::mount(&dir.path().join(format!("fs-{who}")), "3m") {
-            Ok(m) => mounts.push(m),
-            Err(why) => {
-                println!("SKIP {T}: cannot mount a tmpfs ({why}); needs root");
-                return;
-            }
-        }
-    }
+    let (src, _) = raw_source(dir.path(), &mut q, &mut l, size);
+    let Some(mounts) = tmpfs_pair(dir.path(), "", "3m", T) else {
+        return;
+    };
     let images: Vec<String> = mounts
         .iter()
         .map(|m| m.0.join("tgt.qcow2").to_str().unwrap().to_string())
