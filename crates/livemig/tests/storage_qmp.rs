@@ -1069,23 +1069,17 @@ fn a_full_target_stops_the_mirror_until_resumed_as_qemu() {
     }
 }
 
-/// A `qemu-nbd` serving `image` as export `src` on `sock`, with reads of the sector at 2 MiB
-/// failing (`blkdebug`): QEMU 7.2's server then drops the connection, so every later request
-/// of the client fails too (`EIO`). Killed when dropped, if it has not exited.
-struct FailingNbd(std::process::Child);
+/// A `qemu-nbd` serving export `src` on `sock`; killed when dropped, if it has not exited.
+struct QemuNbd(std::process::Child);
 
-impl FailingNbd {
-    fn start(image: &Path, sock: &Path) -> FailingNbd {
-        let opts = format!(
-            "driver=raw,file.driver=blkdebug,file.image.filename={},\
-             file.inject-error.0.event=read_aio,file.inject-error.0.iotype=read,\
-             file.inject-error.0.errno=5,file.inject-error.0.sector=4096",
-            image.display()
-        );
+impl QemuNbd {
+    /// `qemu-nbd -k SOCK -x src ARGS`, once it listens.
+    fn start(sock: &Path, args: &[&str]) -> QemuNbd {
         let child = std::process::Command::new("qemu-nbd")
             .arg("-k")
             .arg(sock)
-            .args(["-x", "src", "--image-opts", &opts])
+            .args(["-x", "src"])
+            .args(args)
             .stderr(std::process::Stdio::null())
             .spawn()
             .expect("cannot start qemu-nbd");
@@ -1097,11 +1091,36 @@ impl FailingNbd {
             );
             std::thread::sleep(std::time::Duration::from_millis(10));
         }
-        FailingNbd(child)
+        QemuNbd(child)
+    }
+
+    /// Serves `image` with reads of the sector at 2 MiB failing (`blkdebug`): QEMU 7.2's server
+    /// then drops the connection, so every later request of the client fails too (`EIO`).
+    fn failing(image: &Path, sock: &Path) -> QemuNbd {
+        let opts = format!(
+            "driver=raw,file.driver=blkdebug,file.image.filename={},\
+             file.inject-error.0.event=read_aio,file.inject-error.0.iotype=read,\
+             file.inject-error.0.errno=5,file.inject-error.0.sector=4096",
+            image.display()
+        );
+        QemuNbd::start(sock, &["--image-opts", &opts])
+    }
+
+    /// Serves the raw `image` to up to four clients at once, until killed.
+    fn plain(image: &Path, sock: &Path) -> QemuNbd {
+        let _ = std::fs::remove_file(sock);
+        let image = image.to_str().unwrap();
+        QemuNbd::start(sock, &["-t", "-e", "4", "-f", "raw", image])
+    }
+
+    /// The server is killed (`SIGKILL`: its clients' next requests find the socket closed).
+    fn kill(mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
     }
 }
 
-impl Drop for FailingNbd {
+impl Drop for QemuNbd {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
@@ -1132,7 +1151,7 @@ fn a_source_read_error_acts_on_the_policy_as_qemu() {
         let mut servers = Vec::new();
         for (c, who) in [(&mut q, "qemu"), (&mut l, "lm")] {
             let sock = dir.path().join(format!("nbd-{who}-{n}.sock"));
-            servers.push(FailingNbd::start(&image, &sock));
+            servers.push(QemuNbd::failing(&image, &sock));
             c.ok(
                 "blockdev-add",
                 json!({"driver": "nbd", "node-name": src, "export": "src",
@@ -1413,46 +1432,6 @@ fn a_full_qcow2_target_stops_the_mirror_until_resumed_as_qemu() {
     );
 }
 
-/// A `qemu-nbd` serving the raw `image` as export `src` on `sock` to up to four clients at
-/// once, until killed (when dropped).
-struct PlainNbd(std::process::Child);
-
-impl PlainNbd {
-    fn start(image: &Path, sock: &Path) -> PlainNbd {
-        let _ = std::fs::remove_file(sock);
-        let child = std::process::Command::new("qemu-nbd")
-            .arg("-k")
-            .arg(sock)
-            .args(["-t", "-e", "4", "-x", "src", "-f", "raw"])
-            .arg(image)
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("cannot start qemu-nbd");
-        let deadline = std::time::Instant::now() + TIMEOUT;
-        while !sock.exists() {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "qemu-nbd never listened"
-            );
-            std::thread::sleep(std::time::Duration::from_millis(10));
-        }
-        PlainNbd(child)
-    }
-
-    /// The server is killed (`SIGKILL`: its clients' next requests find the socket closed).
-    fn kill(mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-impl Drop for PlainNbd {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// An `nbd` node whose server (`qemu-nbd`) is killed and started again on the same socket,
 /// side by side with QEMU 7.2 (`qemu-io` reads through HMP; what they print is compared once
 /// both processes quit, since QEMU's standard output is a file's, flushed at exit):
@@ -1474,7 +1453,7 @@ fn an_nbd_node_reconnects_as_qemu() {
     let image = dir.path().join("src.raw");
     std::fs::write(&image, vec![1u8; 1 << 20]).unwrap();
     let socks = [dir.path().join("q.sock"), dir.path().join("l.sock")];
-    let mut servers: Vec<PlainNbd> = socks.iter().map(|s| PlainNbd::start(&image, s)).collect();
+    let mut servers: Vec<QemuNbd> = socks.iter().map(|s| QemuNbd::plain(&image, s)).collect();
     for (c, sock) in [(&mut q, &socks[0]), (&mut l, &socks[1])] {
         for (node, delay) in [("d0", 0), ("d1", 2)] {
             c.ok(
@@ -1491,7 +1470,7 @@ fn an_nbd_node_reconnects_as_qemu() {
         assert_eq!(r, "", "qemu-io {node}");
         t.elapsed()
     };
-    let restart = |servers: &mut Vec<PlainNbd>| {
+    let restart = |servers: &mut Vec<QemuNbd>| {
         for s in servers.drain(..) {
             s.kill();
         }
@@ -1503,7 +1482,7 @@ fn an_nbd_node_reconnects_as_qemu() {
     restart(&mut servers);
     both_read(&mut q, &mut l, "d0");
     both_read(&mut q, &mut l, "d0");
-    servers = socks.iter().map(|s| PlainNbd::start(&image, s)).collect();
+    servers = socks.iter().map(|s| QemuNbd::plain(&image, s)).collect();
     std::thread::sleep(std::time::Duration::from_millis(2500));
     both_read(&mut q, &mut l, "d0");
     // reconnect-delay 2: back within the delay, for each process in turn.
@@ -1512,7 +1491,7 @@ fn an_nbd_node_reconnects_as_qemu() {
         let (image, sock) = (image.clone(), sock.clone());
         let back = std::thread::spawn(move || {
             std::thread::sleep(std::time::Duration::from_millis(500));
-            PlainNbd::start(&image, &sock)
+            QemuNbd::plain(&image, &sock)
         });
         let took = read(c, "d1");
         servers.push(back.join().unwrap());
@@ -1528,7 +1507,7 @@ fn an_nbd_node_reconnects_as_qemu() {
     for t in [a, b] {
         assert!(t < std::time::Duration::from_millis(1000), "{a:?} {b:?}");
     }
-    servers = socks.iter().map(|s| PlainNbd::start(&image, s)).collect();
+    servers = socks.iter().map(|s| QemuNbd::plain(&image, s)).collect();
     std::thread::sleep(std::time::Duration::from_millis(3500));
     both_read(&mut q, &mut l, "d1");
     for (p, c) in [(&mut qp, &mut q), (&mut lp, &mut l)] {
@@ -1575,7 +1554,7 @@ fn an_nbd_open_waits_for_the_server_up_to_open_timeout_as_qemu() {
         let (im, so) = (image.clone(), sock.clone());
         let up = std::thread::spawn(move || {
             std::thread::sleep(std::time::Duration::from_millis(300));
-            PlainNbd::start(&im, &so)
+            QemuNbd::plain(&im, &so)
         });
         let t = std::time::Instant::now();
         c.ok(
@@ -1848,7 +1827,7 @@ fn a_mirror_waiting_for_its_nbd_target_to_reconnect_is_cancelled_at_once_as_qemu
             .set_len(size)
             .unwrap();
         let sock = dir.path().join(format!("{who}.sock"));
-        servers.push(PlainNbd::start(&image, &sock));
+        servers.push(QemuNbd::plain(&image, &sock));
         c.ok(
             "blockdev-add",
             json!({"driver": "nbd", "node-name": "t0", "export": "src", "reconnect-delay": 60,
