@@ -524,8 +524,11 @@ mod tests {
         std::thread::sleep(Duration::from_millis(200));
         src.write_all(&packet(0, &[])).unwrap();
         std::thread::sleep(Duration::from_millis(100));
-        src.write_all(&packet(0, &[PAGE_SIZE])).unwrap();
-        src.write_all(&[0xaa; PAGE_SIZE as usize]).unwrap();
+        // Header and page in one write: the receiver closes the channel once it has read the
+        // header, and a second write could find it closed.
+        let mut late = packet(0, &[PAGE_SIZE]);
+        late.extend_from_slice(&[0xaa; PAGE_SIZE as usize]);
+        src.write_all(&late).unwrap();
         // The channel ends at that packet; what was sent is not placed.
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
         let mut b = [0u8; 1];
