@@ -29,7 +29,7 @@ use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use std::collections::HashMap;
 use std::io::Read;
 use std::os::fd::BorrowedFd;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -47,8 +47,6 @@ struct SyncState {
     error: Option<String>,
     /// The load is over (or failed): channels stop waiting.
     quit: bool,
-    /// The load completed: channels read on until the source closes them, placing nothing.
-    draining: bool,
 }
 
 /// Where the channels and the loader meet at every sync point.
@@ -58,6 +56,9 @@ pub struct SyncPoint {
     cond: Condvar,
     /// Pages the channels have loaded.
     pages: AtomicU64,
+    /// The load completed: channels read on until the source closes them, placing nothing.
+    /// Read for every packet, so an atomic rather than the lock the channels share.
+    draining: AtomicBool,
     /// The main channel: shut down when a channel fails, so the loader stops waiting.
     main: ShutdownHandle,
 }
@@ -112,7 +113,7 @@ impl SyncPoint {
         if st.quit {
             return;
         }
-        if st.draining {
+        if self.draining.load(Ordering::Acquire) {
             // The load completed: what breaks a channel now changes nothing.
             log::debug!("incoming migration after the load: {error}");
             st.ended += 1;
@@ -212,6 +213,7 @@ impl Receiver {
             state: Mutex::new(SyncState::default()),
             cond: Condvar::new(),
             pages: AtomicU64::new(0),
+            draining: AtomicBool::new(false),
             main,
         });
         let blocks: Arc<HashMap<String, Arc<dyn RamBlock>>> = Arc::new(
@@ -291,11 +293,7 @@ impl Receiver {
     /// in guest memory) until the source closes each, at most `bound`, then shut down. Runs in
     /// a thread of its own, so the destination does not wait for the source's cleanup.
     pub fn finish_after_load(self, bound: Duration) {
-        {
-            let mut st = self.sync.lock();
-            st.draining = true;
-            self.sync.cond.notify_all();
-        }
+        self.sync.draining.store(true, Ordering::Release);
         // Without a thread, dropping the receiver stops the channels at once.
         let _ = std::thread::Builder::new()
             .name("multifd-drain".into())
@@ -401,7 +399,7 @@ impl Channel {
             header.decode_from(&buf, at).map_err(|e| e.to_string())?;
             at += PACKET_HEADER_LEN as u64;
             let pages = header.offsets().len();
-            if pages > 0 && self.sync.lock().draining {
+            if pages > 0 && self.sync.draining.load(Ordering::Acquire) {
                 // The guest may already run on this memory: a page after the last SYNC has
                 // no place (QEMU 7.2's sender never sends one).
                 log::warn!(
